@@ -1,0 +1,9 @@
+"""Invoking functions: the wasmtime engine, instance pools, limits and the guest ABIs."""
+
+from __future__ import annotations
+
+from wasminfer.manifest import Manifest
+from wasminfer.runtime.host import DeployedFunction, Host, InvokeResult, ModuleInfo
+from wasminfer.runtime.logs import LogBuffer, LogLine
+
+__all__ = ["DeployedFunction", "Host", "InvokeResult", "LogBuffer", "LogLine", "Manifest", "ModuleInfo"]

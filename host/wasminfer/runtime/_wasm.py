@@ -1,0 +1,597 @@
+"""The one module that talks to wasmtime.
+
+It narrows wasmtime-py to what wasminfer uses: one `Engine` per process with epoch interruption
+(advanced by a ticker thread), compiled modules cached on disk, `InstancePre` so a new instance is
+a fresh `Store` plus an instantiate, and host imports and guest calls through the C API's
+*unchecked* entry points (`wasmtime_linker_define_func_unchecked`, `wasmtime_func_call_unchecked`).
+wasmtime-py's safe paths cost ~17 µs per crossing; these cost ~1.5 µs. What the safe paths check
+for us we check ourselves, once, at compile time: every export we call has the exact signature we
+call it with (`CompiledModule.require_func`).
+
+Two rules keep the unchecked paths safe:
+- A host import never lets a Python exception escape into ctypes (which would print it and return
+  0, i.e. "no trap"): every callback catches `BaseException` and returns a trap. The exception
+  itself is kept in the per-call state (`CallState.fault`), never in a module global, because many
+  threads call guests at once.
+- Per-call state lives in a thread-local that is set around each guest call: an instance runs on
+  one thread at a time, and host imports run on the thread that called the guest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+from wasmtime import _bindings as bindings
+from wasmtime import _ffi as ffi
+
+WASMTIME_VERSION = "50.0.1"
+TICK_S = 0.001  # epoch tick: timeouts fire within ~1-2 ms of their deadline
+WASM_PAGE = 65536
+
+_I32 = wasmtime.ValType.i32()
+_I64 = wasmtime.ValType.i64()
+_VALTYPES = {"i32": _I32, "i64": _I64}
+_U32 = 0xFFFFFFFF
+# The raw ctypes functions behind wasmtime._ffi's wrappers: one Python frame less per crossing.
+_call_unchecked = bindings._wasmtime_func_call_unchecked
+_set_epoch_deadline = bindings._wasmtime_context_set_epoch_deadline
+# Host callbacks take plain addresses (c_void_p): ctypes builds no pointer objects per crossing.
+_RawCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_size_t)
+_caller_context = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
+    ("wasmtime_caller_context", bindings.dll)
+)
+# Our own handle on wasmtime_memory_data returning a plain address (wasmtime-py's returns a pointer
+# object, and its restype is shared with wasmtime-py, so it is not ours to change).
+_memory_data = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)(
+    ("wasmtime_memory_data", bindings.dll)
+)
+_memory_data_size = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)(
+    ("wasmtime_memory_data_size", bindings.dll)
+)
+
+_EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
+_EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
+
+
+class WasmTrap(Exception):
+    """The guest trapped. `kind` is one of: timeout, stack_overflow, unreachable, memory, host, other."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class WasmLinkError(Exception):
+    """A module cannot be compiled, linked or instantiated (bad bytes, unknown imports, limits)."""
+
+
+class GuestFault(Exception):
+    """Raised by a host import to trap the guest; the message becomes the trap's message."""
+
+
+_TRAP_KINDS = {
+    ffi.wasmtime_trap_code_enum.WASMTIME_TRAP_CODE_INTERRUPT.value: "timeout",
+    ffi.wasmtime_trap_code_enum.WASMTIME_TRAP_CODE_STACK_OVERFLOW.value: "stack_overflow",
+    ffi.wasmtime_trap_code_enum.WASMTIME_TRAP_CODE_UNREACHABLE_CODE_REACHED.value: "unreachable",
+    ffi.wasmtime_trap_code_enum.WASMTIME_TRAP_CODE_MEMORY_OUT_OF_BOUNDS.value: "memory",
+}
+
+
+# --- per-call state -------------------------------------------------------------------------------
+class CallState:
+    """What a host import needs about the invocation it serves. Subclassed by each ABI."""
+
+    fault: BaseException | None = None
+
+
+_tls = threading.local()
+
+
+class GuestMemory:
+    """Bounds-checked access to an instance's linear memory.
+
+    Inside a host import it is bound to the `caller` (the context is looked up only on first use);
+    outside, to the store's context.
+    """
+
+    __slots__ = ("_caller", "_ctx", "_mem")
+
+    def __init__(self, ctx: Any, mem_ref: Any, caller: Any = None) -> None:
+        self._ctx = ctx
+        self._caller = caller
+        self._mem = mem_ref
+
+    def _context(self) -> Any:
+        if self._ctx is None:
+            if self._mem is None:
+                raise GuestFault("the module exports no memory")
+            self._ctx = _caller_context(self._caller)
+        return self._ctx
+
+    def _base(self, ptr: int, length: int) -> int:
+        if length < 0 or ptr < 0:
+            raise GuestFault(f"negative pointer or length ({ptr}, {length})")
+        ctx = self._context()
+        size = _memory_data_size(ctx, self._mem)
+        if ptr + length > size:
+            raise GuestFault(f"range [{ptr}, {ptr + length}) is outside guest memory of {size} bytes")
+        return _memory_data(ctx, self._mem) + ptr  # type: ignore[no-any-return]
+
+    def read(self, ptr: int, length: int) -> bytes:
+        addr = self._base(ptr, length)
+        return ctypes.string_at(addr, length) if length else b""
+
+    def write(self, ptr: int, data: bytes) -> None:
+        addr = self._base(ptr, len(data))
+        if data:
+            ctypes.memmove(addr, data, len(data))
+
+    def write_u32(self, ptr: int, value: int) -> None:
+        self.write(ptr, (value & _U32).to_bytes(4, "little"))
+
+    def size(self) -> int:
+        return int(_memory_data_size(self._context(), self._mem))
+
+
+# --- host imports ---------------------------------------------------------------------------------
+HostImpl = Callable[..., int | None]
+
+
+@dataclass(frozen=True)
+class HostFunc:
+    """A host import: `impl(state, memory, *i32_args) -> int | None`, called with the guest's args."""
+
+    module: str
+    name: str
+    params: tuple[str, ...]
+    results: tuple[str, ...]
+    impl: HostImpl
+
+
+def _new_trap(message: str) -> int:
+    data = message.encode("utf-8", "replace")[:4096]
+    trap = ffi.wasmtime_trap_new(ctypes.create_string_buffer(data), len(data))
+    return int(ctypes.cast(trap, ctypes.c_void_p).value or 0)
+
+
+def _make_callback(hf: HostFunc) -> Any:
+    nparams = len(hf.params)
+    has_result = bool(hf.results)
+    impl = hf.impl
+    # Each `wasmtime_val_raw_t` slot is 16 bytes with the value in its low bytes (little-endian).
+    # A ctypes array laid over the slots reads them without a foreign call per crossing (ctypes'
+    # string_at/memmove are foreign calls of ~0.7 µs each). i32 values are unsigned here (pointers
+    # and lengths); i64 values are signed.
+    slots = (ctypes.c_uint32 * (4 * max(nparams, 1)))
+    slots64 = (ctypes.c_int64 * (2 * max(nparams, 1)))
+    kinds = [(i, p == "i64") for i, p in enumerate(hf.params)]
+    any64 = any(k for _, k in kinds)
+    result_slot = ctypes.c_int64
+
+    def callback(_env: Any, caller: Any, args: Any, _nargs: int) -> int:
+        state = _tls.state
+        try:
+            memory = GuestMemory(None, _tls.instance._mem_ref, caller)
+            if not nparams:
+                result = impl(state, memory)
+            elif not any64:
+                raw = slots.from_address(args)
+                result = impl(state, memory, *[raw[4 * i] for i in range(nparams)])
+            else:
+                raw = slots.from_address(args)
+                raw64 = slots64.from_address(args)
+                result = impl(state, memory, *[raw64[2 * i] if is64 else raw[4 * i] for i, is64 in kinds])
+            if has_result:
+                result_slot.from_address(args).value = result or 0
+            return 0
+        except BaseException as exc:  # noqa: BLE001 - must never escape into ctypes
+            if state is not None and state.fault is None:
+                state.fault = exc
+            message = str(exc) if isinstance(exc, GuestFault) else f"host import {hf.name} failed: {exc!r}"
+            return _new_trap(message)
+
+    return _RawCallback(callback)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _no_finalizer(_env: Any) -> None:
+    return None
+
+
+# --- engine ---------------------------------------------------------------------------------------
+class WasmEngine:
+    """One per process: the wasmtime `Engine`, its epoch ticker, the linker and the compile cache.
+
+    Idempotent `close()`; a context manager.
+    """
+
+    def __init__(self, host_funcs: Sequence[HostFunc], cache_dir: Path | None = None) -> None:
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        config.cranelift_opt_level = "speed"
+        config.wasm_threads = False
+        config.shared_memory = False
+        # Small virtual reservations: thousands of instances must fit in the address space and
+        # in vm.max_map_count; bounds checks are explicit instead (a few % on guest code).
+        config.memory_reservation = 64 << 20
+        config.memory_guard_size = 64 << 10
+        config.max_wasm_stack = 512 << 10
+        self.fingerprint = hashlib.sha256(
+            f"wasmtime={WASMTIME_VERSION};opt=speed;res=64M;guard=64K;stack=512K".encode()
+        ).hexdigest()[:16]
+        self.engine = wasmtime.Engine(config)
+        self.cache_dir = cache_dir
+        if cache_dir is not None:
+            (cache_dir / "modules").mkdir(parents=True, exist_ok=True)
+
+        self.linker = wasmtime.Linker(self.engine)
+        self.linker.define_wasi()
+        self._callbacks: list[Any] = []  # keep ctypes callbacks alive for the engine's lifetime
+        self.host_modules = {hf.module for hf in host_funcs} | {"wasi_snapshot_preview1"}
+        self.host_imports = {(hf.module, hf.name): hf for hf in host_funcs}
+        for hf in host_funcs:
+            self._define(hf)
+
+        self._closed = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="wasminfer-epoch", daemon=True)
+        self._ticker.start()
+
+    def _define(self, hf: HostFunc) -> None:
+        ty = wasmtime.FuncType([_VALTYPES[p] for p in hf.params], [_VALTYPES[r] for r in hf.results])
+        cb = _make_callback(hf)
+        self._callbacks.append((cb, ty))
+        mod = hf.module.encode()
+        name = hf.name.encode()
+        err = ffi.wasmtime_linker_define_func_unchecked(
+            self.linker.ptr(),
+            ctypes.create_string_buffer(mod), len(mod),
+            ctypes.create_string_buffer(name), len(name),
+            ty.ptr(), ctypes.cast(cb, ffi.wasmtime_func_unchecked_callback_t), None, _no_finalizer,
+        )
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(err)
+
+    def _tick(self) -> None:
+        # One epoch per elapsed millisecond of wall-clock time, however late the thread wakes
+        # (a sleep of 1 ms takes ~1.1 ms here), so deadlines are in real milliseconds.
+        start = time.monotonic()
+        ticks = 0
+        while not self._closed.wait(TICK_S):
+            due = int((time.monotonic() - start) / TICK_S)
+            while ticks < due:
+                self.engine.increment_epoch()
+                ticks += 1
+
+    @staticmethod
+    def ticks_for(timeout_ms: int) -> int:
+        return max(1, int(timeout_ms / (TICK_S * 1000)) + 1)
+
+    def compile(self, wasm: bytes, sha256: str | None = None) -> CompiledModule:
+        """Compiles (or loads from the disk cache) a core module.
+
+        Raises `WasmLinkError` if the bytes are not a valid module or use a feature the engine
+        refuses.
+        """
+        sha = sha256 or hashlib.sha256(wasm).hexdigest()
+        cached = self._cache_path(sha)
+        module: wasmtime.Module | None = None
+        from_cache = False
+        if cached is not None and cached.exists():
+            try:
+                module = wasmtime.Module.deserialize_file(self.engine, str(cached))
+                from_cache = True
+            except wasmtime.WasmtimeError:
+                cached.unlink(missing_ok=True)  # stale or corrupt artefact: recompile
+        if module is None:
+            try:
+                module = wasmtime.Module(self.engine, wasm)
+            except wasmtime.WasmtimeError as exc:
+                raise WasmLinkError(_first_line(str(exc))) from None
+            if cached is not None:
+                _atomic_write(cached, bytes(module.serialize()))
+        return CompiledModule(self, module, sha, from_cache)
+
+    def is_cached(self, sha256: str) -> bool:
+        path = self._cache_path(sha256)
+        return path is not None and path.exists()
+
+    def _cache_path(self, sha: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / "modules" / f"{sha}-{self.fingerprint}.cwasm"
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def __enter__(self) -> WasmEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _first_line(text: str) -> str:
+    """The informative part of a wasmtime error: what follows 'Caused by:', without backtraces."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if "Caused by:" in lines:
+        lines = lines[lines.index("Caused by:") + 1:]
+    lines = [ln for ln in lines if not ln.startswith(("error while executing", "wasm backtrace"))
+             and not ln[:1].isdigit()]
+    return "; ".join(lines[:3]) if lines else "invalid module"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class ExternInfo:
+    module: str
+    name: str
+    kind: str  # func | memory | table | global
+    params: tuple[str, ...] = ()
+    results: tuple[str, ...] = ()
+    min_pages: int = 0
+
+
+def _extern_info(module: str, name: str, ty: Any) -> ExternInfo:
+    if isinstance(ty, wasmtime.FuncType):
+        return ExternInfo(module, name, "func", tuple(str(p) for p in ty.params),
+                          tuple(str(r) for r in ty.results))
+    if isinstance(ty, wasmtime.MemoryType):
+        return ExternInfo(module, name, "memory", min_pages=int(ty.limits.min))
+    if isinstance(ty, wasmtime.TableType):
+        return ExternInfo(module, name, "table")
+    return ExternInfo(module, name, "global")
+
+
+class CompiledModule:
+    """A compiled core module plus its `InstancePre` (imports resolved once)."""
+
+    def __init__(self, engine: WasmEngine, module: wasmtime.Module, sha256: str, from_cache: bool) -> None:
+        self.engine = engine
+        self.module = module
+        self.sha256 = sha256
+        self.from_cache = from_cache
+        self.imports = [_extern_info(i.module, i.name or "", i.type) for i in module.imports]
+        self.exports = {e.name: _extern_info("", e.name, e.type) for e in module.exports}
+        self._pre: wasmtime.InstancePre | None = None
+
+    def unknown_imports(self) -> list[str]:
+        """Imports the host does not provide, as `module.name` strings."""
+        out = []
+        for imp in self.imports:
+            if imp.module == "wasi_snapshot_preview1":
+                continue
+            hf = self.engine.host_imports.get((imp.module, imp.name))
+            if hf is None or imp.kind != "func" or imp.params != hf.params or imp.results != hf.results:
+                out.append(f"{imp.module}.{imp.name}")
+        return out
+
+    def require_func(self, name: str, params: tuple[str, ...], results: tuple[str, ...]) -> None:
+        """Raises `WasmLinkError` unless the module exports `name` with exactly this signature.
+
+        This is what makes the unchecked call path safe.
+        """
+        ext = self.exports.get(name)
+        if ext is None or ext.kind != "func":
+            raise WasmLinkError(f"missing export function {name!r}")
+        if ext.params != params or ext.results != results:
+            raise WasmLinkError(
+                f"export {name!r} has type {list(ext.params)} -> {list(ext.results)}, "
+                f"expected {list(params)} -> {list(results)}"
+            )
+
+    def initial_memory_bytes(self) -> int:
+        mem = self.exports.get("memory")
+        return (mem.min_pages if mem else 0) * WASM_PAGE
+
+    def pre(self) -> wasmtime.InstancePre:
+        if self._pre is None:
+            try:
+                self._pre = self.engine.linker.instantiate_pre(self.module)
+            except wasmtime.WasmtimeError as exc:
+                raise WasmLinkError(_first_line(str(exc))) from None
+        return self._pre
+
+    def instantiate(
+        self,
+        *,
+        memory_bytes: int,
+        timeout_ms: int,
+        calls: Sequence[tuple[str, int]] = (),
+        output: Callable[[str, bytes], None] | None = None,
+        wasi: WasiOptions | None = None,
+    ) -> WasmInstance:
+        return WasmInstance(self, memory_bytes, timeout_ms, calls, output, wasi or WasiOptions())
+
+
+@dataclass
+class WasiOptions:
+    """What a WASI context sees. The default is deny-all: no args, env, files or stdin."""
+
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    stdin_path: str | None = None
+    preopens: list[tuple[str, str]] = field(default_factory=list)  # (host dir, guest path), read-only
+
+
+class WasmInstance:
+    """One live instance in its own `Store`, with its memory limit. Idempotent `close()`."""
+
+    def __init__(
+        self,
+        compiled: CompiledModule,
+        memory_bytes: int,
+        timeout_ms: int,
+        calls: Sequence[tuple[str, int]],
+        output: Callable[[str, bytes], None] | None,
+        wasi_options: WasiOptions,
+    ) -> None:
+        engine = compiled.engine
+        self.compiled = compiled
+        self.memory_limit = memory_bytes
+        self.store = wasmtime.Store(engine.engine)
+        self.store.set_limits(memory_size=memory_bytes, table_elements=100_000, instances=4,
+                              tables=4, memories=1)
+        self.store.set_epoch_deadline(engine.ticks_for(timeout_ms))
+        wasi = wasmtime.WasiConfig()
+        if output is not None:
+            wasi.stdout_custom = lambda data: output("stdout", data)
+            wasi.stderr_custom = lambda data: output("stderr", data)
+        if wasi_options.args:
+            wasi.argv = wasi_options.args
+        if wasi_options.env:
+            wasi.env = list(wasi_options.env.items())
+        if wasi_options.stdin_path:
+            wasi.stdin_file = wasi_options.stdin_path
+        for host_dir, guest_dir in wasi_options.preopens:
+            wasi.preopen_dir(host_dir, guest_dir, fs_mutable=False) if _preopen_has_mutable() \
+                else wasi.preopen_dir(host_dir, guest_dir)
+        self.store.set_wasi(wasi)
+        self._ctx = self.store._context()
+        self.closed = False
+        try:
+            instance = compiled.pre().instantiate(self.store)
+        except wasmtime.Trap as trap:
+            raise _to_wasm_trap(trap.trap_code, trap.message) from None
+        except wasmtime.WasmtimeError as exc:
+            raise WasmLinkError(_first_line(str(exc))) from None
+        self._instance = instance
+        self._funcs: dict[str, Any] = {}
+        self._mem: Any = None
+        mem = self._export(instance, "memory")
+        if mem is not None and mem.kind == _EXTERN_MEMORY:
+            self._mem = mem.of.memory
+        self._mem_ref = ctypes.addressof(self._mem) if self._mem is not None else None
+        self._args = (ffi.wasmtime_val_raw_t * 8)()
+        self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        self._trap_ref = ctypes.byref(self._trap)
+        for name, _ in calls:
+            ext = self._export(instance, name)
+            if ext is not None and ext.kind == _EXTERN_FUNC:
+                self._funcs[name] = ext.of.func
+        self._func_refs = {name: ctypes.byref(f) for name, f in self._funcs.items()}
+
+    def _export(self, instance: wasmtime.Instance, name: str) -> Any:
+        item = ffi.wasmtime_extern_t()
+        raw = name.encode()
+        ok = ffi.wasmtime_instance_export_get(
+            self._ctx, ctypes.byref(instance._instance), ctypes.create_string_buffer(raw), len(raw),
+            ctypes.byref(item),
+        )
+        return item if ok else None
+
+    def has(self, name: str) -> bool:
+        return name in self._funcs
+
+    def call(self, name: str, args: Sequence[int], state: CallState, timeout_ms: int | None = None,
+             nresults: int = 1) -> int:
+        """Calls export `name` (whose signature `require_func` checked) with i32 args.
+
+        With `timeout_ms`, the epoch deadline is reset to that many ms from now (otherwise the
+        deadline of the previous call keeps running: one deadline covers a whole invocation).
+        Returns the first i32 result (0 if none). Raises `WasmTrap` if the guest traps or times out;
+        `state.fault` then holds the host-side exception that caused it, if any.
+        """
+        func_ref = self._func_refs.get(name)
+        if func_ref is None:
+            raise WasmLinkError(f"missing export function {name!r}")
+        buf = self._args
+        for i, a in enumerate(args):
+            buf[i].i32 = a
+        if timeout_ms is not None:
+            _set_epoch_deadline(self._ctx, self.compiled.engine.ticks_for(timeout_ms))
+        tls = _tls
+        tls.state = state
+        tls.instance = self
+        try:
+            err = _call_unchecked(self._ctx, func_ref, buf, max(len(args), nresults), self._trap_ref)
+        finally:
+            tls.state = None
+            tls.instance = None
+        if err or self._trap:
+            self._raise_trap(err, state)
+        return int(buf[0].i32) if nresults else 0
+
+    def _raise_trap(self, err: Any, state: CallState) -> None:
+        message = ""
+        code = None
+        if err:
+            message = str(wasmtime.WasmtimeError._from_ptr(err))
+        if self._trap:
+            trap = wasmtime.Trap._from_ptr(self._trap)
+            self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+            self._trap_ref = ctypes.byref(self._trap)
+            code = trap.trap_code
+            message = trap.message
+        if state.fault is not None:
+            raise WasmTrap("host", str(state.fault))
+        raise _to_wasm_trap(code, message)
+
+    # direct memory access from the host side, outside import calls
+    def memory(self) -> GuestMemory:
+        if self._mem_ref is None:
+            raise WasmLinkError("module exports no memory")
+        return GuestMemory(self._ctx, self._mem_ref)
+
+    def memory_size(self) -> int:
+        return 0 if self._mem_ref is None else int(_memory_data_size(self._ctx, self._mem_ref))
+
+    def at_memory_limit(self) -> bool:
+        """True when the next `memory.grow` of even one page would be refused by the limit."""
+        return self.memory_size() + WASM_PAGE > self.memory_limit
+
+    def near_memory_limit(self) -> bool:
+        """True when memory is within 1/8 of its limit.
+
+        wasmtime's C API does not tell when the limiter refused a `memory.grow`, and allocators
+        grow in chunks, so a guest that failed for lack of memory usually stops short of the exact
+        limit. A failure this close to the limit is reported as a memory-limit failure.
+        """
+        return self.memory_size() + max(WASM_PAGE, self.memory_limit // 8) > self.memory_limit
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._funcs.clear()
+            self._func_refs.clear()
+            self.store.close()
+
+
+def _preopen_has_mutable() -> bool:
+    import inspect
+
+    return "fs_mutable" in inspect.signature(wasmtime.WasiConfig.preopen_dir).parameters
+
+
+def _to_wasm_trap(code: Any, message: str) -> WasmTrap:
+    value = getattr(code, "value", None)
+    kind = _TRAP_KINDS.get(value, "other") if value is not None else "other"
+    return WasmTrap(kind, _first_line(message))
+
+
+def now_ns() -> int:
+    return time.perf_counter_ns()

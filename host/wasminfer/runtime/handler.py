@@ -1,0 +1,309 @@
+"""The handler ABI v1 (guest-sdk/ABI.md): the `wasminfer` host imports and one invocation.
+
+Host imports here never touch wasmtime: they get a `GuestMemory` whose every access is bounds-
+checked (a bad pointer raises `GuestFault`, which traps the guest) and a per-call
+`InvocationState`. Limit violations are raised as their own `WasminferError`; `_wasm` turns any
+exception into a trap and keeps it in `state.fault`, and `invoke` raises it after the call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+import numpy as np
+
+from wasminfer.errors import (
+    GuestError,
+    GuestTrap,
+    InferenceFailed,
+    InferLimitExceeded,
+    InvalidTensor,
+    LogLimitExceeded,
+    MemoryLimitExceeded,
+    ModelNotAllowed,
+    ModelNotFound,
+    OutputLimitExceeded,
+    TensorTooLarge,
+    Timeout,
+    WasminferError,
+)
+from wasminfer.manifest import Manifest
+from wasminfer.models.codec import decode_tensors, encode_tensors
+from wasminfer.runtime._wasm import (
+    CallState,
+    CompiledModule,
+    GuestFault,
+    GuestMemory,
+    HostFunc,
+    WasmInstance,
+    WasmLinkError,
+    WasmTrap,
+)
+from wasminfer.runtime.logs import LEVELS, LogBuffer
+
+ABI_MARKER = "wasminfer_abi_v1"
+EXPORT_ALLOC = "wasminfer_alloc"
+EXPORT_HANDLE = "wasminfer_handle"
+CALLS = ((EXPORT_ALLOC, 1), (EXPORT_HANDLE, 4))
+
+E_INVALID_ARGUMENT = 1
+E_NOT_FOUND = 2
+E_NOT_ALLOWED = 3
+E_INVALID_TENSOR = 4
+E_RUNTIME = 5
+E_TOO_SMALL = 6
+E_NO_RESULT = 7
+E_LIMIT = 8
+
+MAX_MESSAGE = 4096
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+InferFn = Callable[[str, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class InvocationState(CallState):
+    """Everything one invocation of one function needs in its host imports."""
+
+    def __init__(self, function: str, manifest: Manifest, infer: InferFn, logs: LogBuffer,
+                 invocation_id: str) -> None:
+        self.function = function
+        self.manifest = manifest
+        self.infer = infer
+        self.logs = logs
+        self.invocation_id = invocation_id
+        self.fault: BaseException | None = None
+        self.output: bytes | None = None
+        self.content_type = DEFAULT_CONTENT_TYPE
+        self.error_message: str | None = None
+        self.pending: bytes | None = None
+        self.last_error = b""
+        self.infer_error: WasminferError | None = None  # the last infer failure, cleared by a success
+        self.limit_error: WasminferError | None = None  # a limit hit: fails the invocation whatever the guest does
+        self.infer_calls = 0
+        self.infer_ns = 0
+        self.log_bytes = 0
+        self.discard = False  # the instance must not be reused (trap, timeout, limit)
+
+
+def _fail(state: InvocationState, code: int, error: WasminferError) -> int:
+    state.infer_error = error
+    state.last_error = error.message.encode()
+    return -code
+
+
+def _infer(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: int, in_ptr: int,
+           in_len: int, out_ptr: int, out_cap: int) -> int:
+    name_raw = mem.read(model_ptr, model_len)
+    data = mem.read(in_ptr, in_len)
+    mem.read(out_ptr, 0)
+    if out_cap and out_ptr + out_cap > mem.size():
+        raise GuestFault(f"infer: output buffer [{out_ptr}, {out_ptr + out_cap}) is outside guest memory")
+    state.pending = None
+    m = state.manifest
+    state.infer_calls += 1
+    if state.infer_calls > m.max_infer_calls:
+        err = InferLimitExceeded(
+            f"function {state.function!r} called infer more than {m.max_infer_calls} times in one "
+            "invocation (manifest key 'max_infer_calls')"
+        )
+        state.limit_error = state.limit_error or err
+        return _fail(state, E_LIMIT, err)
+    try:
+        model = name_raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _fail(state, E_INVALID_ARGUMENT, InvalidTensor("infer: the model name is not valid UTF-8"))
+    if not m.allows(model):
+        return _fail(state, E_NOT_ALLOWED, ModelNotAllowed(state.function, model))
+    try:
+        inputs = decode_tensors(data, max_tensor_bytes=m.max_tensor_bytes)
+    except TensorTooLarge as exc:
+        return _fail(state, E_LIMIT, exc)
+    except InvalidTensor as exc:
+        return _fail(state, E_INVALID_ARGUMENT, exc)
+    t0 = time.perf_counter_ns()
+    try:
+        outputs = state.infer(model, inputs)
+    except ModelNotFound as exc:
+        return _fail(state, E_NOT_FOUND, exc)
+    except InvalidTensor as exc:
+        return _fail(state, E_INVALID_TENSOR, exc)
+    except InferenceFailed as exc:
+        return _fail(state, E_RUNTIME, exc)
+    finally:
+        state.infer_ns += time.perf_counter_ns() - t0
+    encoded = encode_tensors(outputs)
+    state.infer_error = None
+    if len(encoded) <= out_cap:
+        mem.write(out_ptr, encoded)
+    else:
+        state.pending = encoded
+    return len(encoded)
+
+
+def _infer_result(state: InvocationState, mem: GuestMemory, out_ptr: int, out_cap: int) -> int:
+    pending = state.pending
+    if pending is None:
+        state.last_error = b"infer_result: no pending result"
+        return -E_NO_RESULT
+    if len(pending) > out_cap:
+        mem.read(out_ptr, min(out_cap, 0))
+        state.last_error = f"infer_result: buffer of {out_cap} bytes, result has {len(pending)}".encode()
+        return -E_TOO_SMALL
+    mem.write(out_ptr, pending)
+    state.pending = None
+    return len(pending)
+
+
+def _last_error(state: InvocationState, mem: GuestMemory, buf: int, cap: int) -> int:
+    msg = state.last_error
+    if cap:
+        mem.write(buf, msg[:cap])
+    return len(msg)
+
+
+def _output(state: InvocationState, mem: GuestMemory, body_ptr: int, body_len: int, ct_ptr: int,
+            ct_len: int) -> int:
+    limit = state.manifest.max_output_bytes
+    if body_len > limit:
+        err = OutputLimitExceeded(
+            f"function {state.function!r} produced {body_len} bytes of output, more than its limit of "
+            f"{limit} (manifest key 'max_output_bytes')"
+        )
+        state.limit_error = err
+        raise err
+    body = mem.read(body_ptr, body_len)
+    ctype = mem.read(ct_ptr, min(ct_len, 1024)).decode("utf-8", "replace").strip()
+    state.output = body
+    state.content_type = ctype or DEFAULT_CONTENT_TYPE
+    return 0
+
+
+def _error(state: InvocationState, mem: GuestMemory, msg_ptr: int, msg_len: int) -> None:
+    state.error_message = mem.read(msg_ptr, min(msg_len, MAX_MESSAGE)).decode("utf-8", "replace")
+
+
+def _log(state: InvocationState, mem: GuestMemory, level: int, msg_ptr: int, msg_len: int) -> None:
+    raw = mem.read(msg_ptr, msg_len)
+    state.log_bytes += len(raw)
+    limit = state.manifest.max_log_bytes
+    if state.log_bytes > limit:
+        err = LogLimitExceeded(
+            f"function {state.function!r} logged more than {limit} bytes in one invocation "
+            "(manifest key 'max_log_bytes')"
+        )
+        state.limit_error = err
+        raise err
+    lvl = LEVELS[level] if 0 <= level < len(LEVELS) else "info"
+    state.logs.append("log", raw[:MAX_MESSAGE].decode("utf-8", "replace"), lvl, state.invocation_id)
+
+
+HOST_FUNCS = (
+    HostFunc("wasminfer", "infer", ("i32",) * 6, ("i32",), _infer),
+    HostFunc("wasminfer", "infer_result", ("i32",) * 2, ("i32",), _infer_result),
+    HostFunc("wasminfer", "last_error", ("i32",) * 2, ("i32",), _last_error),
+    HostFunc("wasminfer", "output", ("i32",) * 4, ("i32",), _output),
+    HostFunc("wasminfer", "error", ("i32",) * 2, (), _error),
+    HostFunc("wasminfer", "log", ("i32",) * 3, (), _log),
+)
+
+
+def is_handler(compiled: CompiledModule) -> bool:
+    return ABI_MARKER in compiled.exports or EXPORT_HANDLE in compiled.exports
+
+
+def validate(compiled: CompiledModule) -> None:
+    """Raises `WasmLinkError` unless the module follows handler ABI v1."""
+    if "memory" not in compiled.exports or compiled.exports["memory"].kind != "memory":
+        raise WasmLinkError("a handler module must export its 'memory'")
+    compiled.require_func(EXPORT_ALLOC, ("i32",), ("i32",))
+    compiled.require_func(EXPORT_HANDLE, ("i32",) * 4, ("i32",))
+    if "_initialize" in compiled.exports:
+        compiled.require_func("_initialize", (), ())
+
+
+def instantiate(compiled: CompiledModule, manifest: Manifest, state: CallState,
+                output: Callable[[str, bytes], None] | None) -> WasmInstance:
+    inst = compiled.instantiate(
+        memory_bytes=manifest.memory_mb << 20,
+        timeout_ms=manifest.timeout_ms,
+        calls=CALLS + (("_initialize", 0),),
+        output=output,
+    )
+    if inst.has("_initialize"):
+        try:
+            inst.call("_initialize", (), state, manifest.timeout_ms, nresults=0)
+        except BaseException:
+            inst.close()
+            raise
+    return inst
+
+
+def invoke(inst: WasmInstance, body: bytes, content_type: str, state: InvocationState) -> bool:
+    """Runs one request through `wasminfer_handle`. Returns whether the instance may be reused.
+
+    Raises the precise `WasminferError` for every failure (see ABI.md); the instance is then not
+    reusable if the failure was a trap, a timeout, or a memory limit.
+    """
+    m = state.manifest
+    ctype = content_type.encode("utf-8", "replace")
+    total = len(body) + len(ctype)
+    try:
+        ptr = inst.call(EXPORT_ALLOC, (total,), state, m.timeout_ms)
+        if ptr == 0 and total > 0:
+            raise MemoryLimitExceeded(
+                f"function {state.function!r} could not allocate {total} bytes for the request within "
+                f"its memory limit of {m.memory_mb} MiB (manifest key 'memory_mb')"
+            )
+        mem = inst.memory()
+        try:
+            mem.write(ptr & 0xFFFFFFFF, body)
+            mem.write((ptr & 0xFFFFFFFF) + len(body), ctype)
+        except GuestFault as exc:
+            raise GuestTrap(f"wasminfer_alloc returned an invalid pointer: {exc}") from None
+        status = inst.call(EXPORT_HANDLE, (ptr, len(body), ptr + len(body), len(ctype)), state)
+    except WasmTrap as trap:
+        state.discard = True
+        raise _trap_error(trap, inst, state) from None
+    except MemoryLimitExceeded:
+        state.discard = True
+        raise
+    if state.limit_error is not None:
+        state.discard = True
+        raise state.limit_error
+    if status != 0:
+        if inst.near_memory_limit():
+            state.discard = True
+            raise MemoryLimitExceeded(
+                f"function {state.function!r} failed (status {status}) with its memory at the limit of "
+                f"{m.memory_mb} MiB (manifest key 'memory_mb')"
+                + (f": {state.error_message}" if state.error_message else "")
+            )
+        if state.infer_error is not None:
+            raise state.infer_error
+        raise GuestError(state.error_message or f"function {state.function!r} returned status {status}")
+    state.discard = inst.at_memory_limit()
+    return not state.discard
+
+
+def _trap_error(trap: WasmTrap, inst: WasmInstance, state: InvocationState) -> WasminferError:
+    m = state.manifest
+    if trap.kind == "timeout":
+        return Timeout(
+            f"function {state.function!r} exceeded its timeout of {m.timeout_ms} ms (manifest key 'timeout_ms')"
+        )
+    if state.fault is not None:
+        if isinstance(state.fault, WasminferError):
+            return state.fault
+        if isinstance(state.fault, GuestFault):
+            return GuestTrap(f"function {state.function!r} trapped: {state.fault}")
+        return GuestTrap(f"function {state.function!r} trapped in a host import: {state.fault!r}")
+    if inst.near_memory_limit():
+        return MemoryLimitExceeded(
+            f"function {state.function!r} trapped ({trap.message}) with its memory at the limit of "
+            f"{m.memory_mb} MiB (manifest key 'memory_mb')"
+        )
+    what = "stack overflow" if trap.kind == "stack_overflow" else trap.message
+    return GuestTrap(f"function {state.function!r} trapped: {what}")
+
+
+__all__ = ["HOST_FUNCS", "InvocationState", "invoke", "instantiate", "is_handler", "validate"]

@@ -1,0 +1,372 @@
+"""`Host`: the in-process API of one wasminfer host (what the gateway and the replicas call).
+
+Deploy models and functions, invoke functions with bytes, read logs and stats. One `Host` holds
+one `WasmEngine` (compiled modules cached on disk), one `ModelRegistry` (one ONNX Runtime session
+per model), and per function an `InstancePool` of warm instances. `invoke` is synchronous and
+thread-safe: callers run it on worker threads (Wasm and ONNX Runtime both run without the GIL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wasminfer.errors import (
+    Conflict,
+    FunctionNotFound,
+    InvalidManifest,
+    InvalidModule,
+    ModelNotFound,
+    WasminferError,
+)
+from wasminfer.manifest import Manifest
+from wasminfer.models import ModelInfo, ModelRegistry
+from wasminfer.runtime import handler
+from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance, WasmLinkError, WasmTrap
+from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter
+from wasminfer.runtime.pool import InstancePool
+
+HOST_FUNCS = list(handler.HOST_FUNCS)
+
+
+@dataclass
+class InvokeResult:
+    body: bytes
+    content_type: str
+    queue_us: float  # waiting for a free instance
+    start_us: float  # creating an instance (0 when a warm one was reused)
+    run_us: float  # running the guest, including its infer calls
+    infer_us: float  # inside ModelRegistry.infer
+    cold: bool
+    invocation_id: str
+
+    def server_timing(self) -> str:
+        return (f"queue;dur={self.queue_us / 1000:.3f}, start;dur={self.start_us / 1000:.3f}, "
+                f"run;dur={self.run_us / 1000:.3f}, infer;dur={self.infer_us / 1000:.3f}")
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What inspection of uploaded bytes found: ABI, imports, exports, sizes."""
+
+    sha256: str
+    abi: str
+    imports: list[str]
+    exports: list[str]
+    size_bytes: int
+    initial_memory_bytes: int
+    uses_wasi_nn: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "abi": self.abi, "imports": self.imports, "exports": self.exports,
+                "size_bytes": self.size_bytes, "initial_memory_bytes": self.initial_memory_bytes,
+                "uses_wasi_nn": self.uses_wasi_nn}
+
+
+class _Instance:
+    """A pooled instance and its captured stdout/stderr."""
+
+    __slots__ = ("wasm", "stdout", "stderr")
+
+    def __init__(self, wasm: WasmInstance, stdout: StreamSplitter, stderr: StreamSplitter) -> None:
+        self.wasm = wasm
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+@dataclass
+class Counters:
+    invocations: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    cold_starts: int = 0
+    run_us_total: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"invocations": self.invocations, "errors": dict(self.errors), "cold_starts": self.cold_starts,
+                "run_us_total": round(self.run_us_total, 1)}
+
+
+class DeployedFunction:
+    def __init__(self, host: Host, name: str, compiled: CompiledModule, manifest: Manifest, abi: str,
+                 logs: LogBuffer, version: str) -> None:
+        self.host = host
+        self.name = name
+        self.compiled = compiled
+        self.manifest = manifest
+        self.abi = abi
+        self.logs = logs
+        self.version = version
+        self.deployed_at = time.time()
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self.pool: InstancePool[_Instance] = InstancePool(
+            name, self._create, self._destroy,
+            max_instances=manifest.max_instances, max_queue=manifest.max_queue,
+        )
+
+    def _create(self) -> _Instance:
+        out = StreamSplitter(self.logs, "stdout", "info")
+        err = StreamSplitter(self.logs, "stderr", "warn")
+
+        def write(stream: str, data: bytes) -> None:
+            (out if stream == "stdout" else err).write(data)
+
+        state = handler.InvocationState(self.name, self.manifest, self.host.models.infer, self.logs, "init")
+        try:
+            wasm = handler.instantiate(self.compiled, self.manifest, state, write)
+        except WasmTrap as trap:
+            raise handler._trap_error(trap, _NoInstance(), state) from None
+        return _Instance(wasm, out, err)
+
+    @staticmethod
+    def _destroy(inst: _Instance) -> None:
+        inst.stdout.flush()
+        inst.stderr.flush()
+        inst.wasm.close()
+
+    def count(self, error: WasminferError | None, cold: bool, run_us: float) -> None:
+        with self._lock:
+            c = self.counters
+            c.invocations += 1
+            c.cold_starts += int(cold)
+            c.run_us_total += run_us
+            if error is not None:
+                c.errors[error.code] = c.errors.get(error.code, 0) + 1
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "abi": self.abi,
+            "manifest": self.manifest.to_dict(),
+            "deployed_at": self.deployed_at,
+            "counters": self.counters.to_dict(),
+            "instances": self.pool.stats(),
+            "module": {"sha256": self.compiled.sha256, "from_cache": self.compiled.from_cache},
+        }
+
+
+class _NoInstance:
+    """Stands in for an instance that failed during creation (its memory state is unknown)."""
+
+    def at_memory_limit(self) -> bool:
+        return False
+
+    def near_memory_limit(self) -> bool:
+        return False
+
+
+class Host:
+    """One wasminfer host: models, functions, instances. Idempotent `close()`; a context manager."""
+
+    def __init__(self, cache_dir: Path | None = None, *, models: ModelRegistry | None = None,
+                 log_capacity: int = 2000) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.engine = WasmEngine(HOST_FUNCS, self.cache_dir)
+        self.models = models if models is not None else ModelRegistry()
+        self._functions: dict[str, DeployedFunction] = {}
+        self._logs: dict[str, LogBuffer] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._log_capacity = log_capacity
+        self._closed = False
+
+    # --- models -------------------------------------------------------------------------------
+    def deploy_model(self, name: str, model: bytes | Path, **options: Any) -> ModelInfo:
+        """Loads (or replaces) a model. Raises `InvalidModel` if ONNX Runtime cannot load it."""
+        return self.models.load(name, model, **options)
+
+    def remove_model(self, name: str) -> None:
+        """Raises `Conflict` while a deployed function's manifest names the model."""
+        users = [f.name for f in self._functions.values() if name in f.manifest.models]
+        if users:
+            raise Conflict(f"model {name!r} is used by function(s) {', '.join(sorted(users))}; "
+                           "remove it from their manifests or delete them first")
+        self.models.unload(name)
+
+    # --- functions ----------------------------------------------------------------------------
+    def inspect(self, wasm: bytes) -> tuple[ModuleInfo, CompiledModule]:
+        """Compiles and classifies a module. Raises `InvalidModule` with the reason."""
+        if wasm[:4] != b"\0asm":
+            raise InvalidModule("not a WebAssembly binary (missing the \\0asm magic)")
+        if wasm[4:8] != b"\x01\x00\x00\x00":
+            raise InvalidModule(
+                "a WebAssembly component (or an unknown binary version): components are not supported "
+                "by this host yet; upload a core module"
+            )
+        sha = hashlib.sha256(wasm).hexdigest()
+        try:
+            compiled = self.engine.compile(wasm, sha)
+        except WasmLinkError as exc:
+            raise InvalidModule(f"invalid WebAssembly module: {exc}") from None
+        unknown = compiled.unknown_imports()
+        if unknown:
+            raise InvalidModule(
+                "the module imports what this host does not provide: " + ", ".join(unknown[:10])
+                + ("…" if len(unknown) > 10 else "")
+                + " (available: the 'wasminfer' handler imports and wasi_snapshot_preview1)"
+            )
+        if handler.is_handler(compiled):
+            try:
+                handler.validate(compiled)
+            except WasmLinkError as exc:
+                raise InvalidModule(f"not a valid handler module (ABI v1): {exc}") from None
+            abi = "handler"
+        else:
+            raise InvalidModule(
+                "not a wasminfer function: export 'wasminfer_handle' and 'wasminfer_alloc' "
+                "(handler ABI v1, see guest-sdk/ABI.md)"
+            )
+        info = ModuleInfo(
+            sha256=sha, abi=abi,
+            imports=[f"{i.module}.{i.name}" for i in compiled.imports],
+            exports=sorted(compiled.exports),
+            size_bytes=len(wasm),
+            initial_memory_bytes=compiled.initial_memory_bytes(),
+        )
+        return info, compiled
+
+    def deploy_function(self, name: str, wasm: bytes, manifest: Manifest | Mapping[str, Any] | None = None,
+                        *, prewarm: int | None = None) -> dict[str, Any]:
+        """Validates, compiles and deploys (or replaces) a function; returns its description.
+
+        Raises `InvalidModule` (not a module, unknown imports, wrong exports, traps while
+        initialising), `InvalidManifest` (limits the module cannot meet) or `ModelNotFound` (the
+        manifest names a model that is not deployed). A failed deploy leaves the previous version
+        serving.
+        """
+        m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest or {})
+        info, compiled = self.inspect(wasm)
+        if m.abi not in ("auto", info.abi):
+            raise InvalidManifest(f"manifest key 'abi' says {m.abi!r}, but the module is a {info.abi!r} module")
+        if info.initial_memory_bytes > m.memory_mb << 20:
+            raise InvalidManifest(
+                f"the module needs {info.initial_memory_bytes / (1 << 20):.2f} MiB of initial memory, more "
+                f"than manifest key 'memory_mb' allows ({m.memory_mb}); raise it or link with a smaller "
+                "--initial-memory"
+            )
+        for model in m.models:
+            if model not in self.models:
+                raise ModelNotFound(model)
+        with self._lock:
+            logs = self._logs.setdefault(name, LogBuffer(self._log_capacity))
+        fn = DeployedFunction(self, name, compiled, m, info.abi, logs, info.sha256)
+        try:
+            fn.pool.prewarm(max(1, m.min_instances) if prewarm is None else prewarm)
+        except WasminferError as exc:
+            fn.pool.close()
+            raise InvalidModule(f"the module failed to start: {exc.message}") from None
+        except WasmLinkError as exc:
+            fn.pool.close()
+            raise InvalidModule(f"the module failed to instantiate: {exc}") from None
+        with self._lock:
+            old = self._functions.get(name)
+            self._functions[name] = fn
+        if old is not None:
+            old.pool.close()
+        logs.append("host", f"deployed version {info.sha256[:12]} ({info.abi} ABI)", "info")
+        return fn.describe()
+
+    def remove_function(self, name: str) -> None:
+        """Raises `FunctionNotFound`."""
+        with self._lock:
+            fn = self._functions.pop(name, None)
+            self._logs.pop(name, None)
+        if fn is None:
+            raise FunctionNotFound(name)
+        fn.pool.close()
+
+    def function(self, name: str) -> DeployedFunction:
+        fn = self._functions.get(name)
+        if fn is None:
+            raise FunctionNotFound(name)
+        return fn
+
+    def functions(self) -> list[DeployedFunction]:
+        return list(self._functions.values())
+
+    def invoke(self, name: str, body: bytes, content_type: str = "application/octet-stream") -> InvokeResult:
+        """Runs one request through function `name`.
+
+        Raises `FunctionNotFound`, `TooManyRequests` (all instances busy and the queue full),
+        `Timeout`, and the `GuestError` family (guest error status, trap, limits), or the infer
+        error the guest failed on (`ModelNotAllowed`, `InvalidTensor`, …).
+        """
+        fn = self.function(name)
+        m = fn.manifest
+        invocation_id = f"{next(self._ids):x}"
+        t0 = time.perf_counter_ns()
+        inst, cold = fn.pool.acquire(timeout_s=m.timeout_ms / 1000)
+        t1 = time.perf_counter_ns()
+        state = handler.InvocationState(name, m, self.models.infer, fn.logs, invocation_id)
+        inst.stdout.invocation = inst.stderr.invocation = invocation_id
+        healthy = False
+        error: WasminferError | None = None
+        try:
+            healthy = handler.invoke(inst.wasm, body, content_type, state)
+        except WasminferError as exc:
+            error = exc
+            healthy = not state.discard and not inst.wasm.at_memory_limit()
+            raise
+        except BaseException:
+            healthy = False
+            raise
+        finally:
+            t2 = time.perf_counter_ns()
+            inst.stdout.flush()
+            inst.stderr.flush()
+            fn.pool.release(inst, healthy)
+            run_us = (t2 - t1) / 1000
+            fn.count(error, cold, run_us)
+            if error is not None:
+                fn.logs.append("host", f"invocation failed: {error.code}: {error.message}", "error",
+                               invocation_id)
+        start_us = 0.0
+        queue_us = (t1 - t0) / 1000
+        if cold:
+            start_us, queue_us = queue_us, 0.0
+        return InvokeResult(
+            body=state.output or b"", content_type=state.content_type, queue_us=queue_us, start_us=start_us,
+            run_us=run_us, infer_us=state.infer_ns / 1000, cold=cold, invocation_id=invocation_id,
+        )
+
+    def logs(self, name: str, n: int = 200, since: float | None = None) -> list[LogLine]:
+        buf = self._logs.get(name)
+        if buf is None:
+            raise FunctionNotFound(name)
+        return buf.tail(n, since)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "functions": {f.name: f.describe() for f in self.functions()},
+            "models": [m.to_dict() for m in self.models.list()],
+        }
+
+    def reap_idle(self) -> int:
+        """Destroys instances idle past their function's `idle_timeout_s` (keeping `min_instances`)."""
+        return sum(f.pool.reap_idle(f.manifest.idle_timeout_s, f.manifest.min_instances)
+                   for f in self.functions())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            fns = list(self._functions.values())
+            self._functions.clear()
+        for f in fns:
+            f.pool.close()
+        self.engine.close()
+        self.models.close()
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

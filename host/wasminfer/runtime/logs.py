@@ -1,0 +1,85 @@
+"""Per-function log buffers: guest stdout/stderr, `wasminfer.log` lines and host-side events."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+LEVELS = ("debug", "info", "warn", "error")
+MAX_LINE = 4096
+
+
+@dataclass(frozen=True)
+class LogLine:
+    ts: float
+    stream: str  # stdout | stderr | log | host
+    level: str
+    message: str
+    invocation: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ts": self.ts, "stream": self.stream, "level": self.level, "message": self.message,
+                "invocation": self.invocation}
+
+
+class LogBuffer:
+    """A bounded ring of recent lines of one function. Thread-safe.
+
+    Output streams are split into lines; a partial line waits (per stream and instance) for its end
+    or for `flush`.
+    """
+
+    def __init__(self, capacity: int = 2000) -> None:
+        self._lines: deque[LogLine] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def append(self, stream: str, message: str, level: str = "info", invocation: str | None = None) -> None:
+        if len(message) > MAX_LINE:
+            message = message[:MAX_LINE] + "…"
+        line = LogLine(time.time(), stream, level, message, invocation)
+        with self._lock:
+            if len(self._lines) == self._lines.maxlen:
+                self.dropped += 1
+            self._lines.append(line)
+
+    def tail(self, n: int = 200, since: float | None = None) -> list[LogLine]:
+        with self._lock:
+            lines = list(self._lines)
+        if since is not None:
+            lines = [ln for ln in lines if ln.ts > since]
+        return lines[-n:] if n > 0 else []
+
+    def clear(self) -> None:
+        with self._lock:
+            self._lines.clear()
+
+
+class StreamSplitter:
+    """Turns chunks written to a guest's stdout/stderr into log lines."""
+
+    def __init__(self, buffer: LogBuffer, stream: str, level: str) -> None:
+        self.buffer = buffer
+        self.stream = stream
+        self.level = level
+        self._partial = b""
+        self.invocation: str | None = None
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> None:
+        self.bytes_written += len(data)
+        data = self._partial + data
+        *lines, self._partial = data.split(b"\n")
+        for raw in lines:
+            self.buffer.append(self.stream, raw.decode("utf-8", "replace"), self.level, self.invocation)
+        if len(self._partial) > MAX_LINE:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._partial:
+            self.buffer.append(self.stream, self._partial.decode("utf-8", "replace"), self.level,
+                               self.invocation)
+            self._partial = b""

@@ -1,0 +1,206 @@
+"""`InstancePool`: the warm instances of one function version inside this host.
+
+Reuses idle instances (most recently used first: its memory is the likeliest to be in cache),
+creates new ones on demand up to `max_instances`, queues callers beyond that up to `max_queue`
+(past it: a fast `TooManyRequests`), and throws away every instance its user marks unhealthy.
+Creation happens outside the lock, so a slow instantiate never blocks releases.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from wasminfer.errors import TooManyRequests, Unavailable
+
+T = TypeVar("T")
+
+
+class _Waiter:
+    __slots__ = ("event", "instance", "done", "closed")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.instance: object | None = None
+        self.done = False
+        self.closed = False
+
+
+class InstancePool(Generic[T]):
+    def __init__(
+        self,
+        name: str,
+        create: Callable[[], T],
+        destroy: Callable[[T], None],
+        *,
+        max_instances: int,
+        max_queue: int = 256,
+    ) -> None:
+        self.name = name
+        self._create = create
+        self._destroy = destroy
+        self.max_instances = max_instances
+        self.max_queue = max_queue
+        self._idle: list[tuple[T, float]] = []  # (instance, released at), LIFO
+        self._live = 0
+        self._busy = 0
+        self._waiters: deque[_Waiter] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self.created_total = 0
+        self.discarded_total = 0
+        self.reaped_total = 0
+
+    def acquire(self, timeout_s: float) -> tuple[T, bool]:
+        """Returns `(instance, created)`; `created` is True for a cold start.
+
+        Callers that find every instance busy wait in FIFO order and are handed instances directly
+        as they are released (no barging: tail latency stays bounded under contention).
+        Raises `TooManyRequests` if `max_queue` callers already wait or none frees up within
+        `timeout_s`, `Unavailable` if the pool is closed, and whatever `create` raises.
+        """
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"function {self.name!r} is being replaced or removed; retry")
+            if self._idle:
+                inst, _ = self._idle.pop()
+                self._busy += 1
+                return inst, False
+            if self._live < self.max_instances:
+                self._live += 1
+                self._busy += 1
+                waiter = None
+            else:
+                if len(self._waiters) >= self.max_queue:
+                    raise TooManyRequests(
+                        f"function {self.name!r}: all {self.max_instances} instances busy and "
+                        f"{len(self._waiters)} requests queued (manifest keys 'max_instances', 'max_queue')"
+                    )
+                waiter = _Waiter()
+                self._waiters.append(waiter)
+        if waiter is not None:
+            waiter.event.wait(timeout_s)
+            with self._cond:
+                if not waiter.done:
+                    self._waiters.remove(waiter)
+                    raise TooManyRequests(
+                        f"function {self.name!r}: no instance became free within {timeout_s:.1f} s "
+                        f"(all {self.max_instances} busy; manifest key 'max_instances')"
+                    )
+                if waiter.closed:
+                    raise Unavailable(f"function {self.name!r} is being replaced or removed; retry")
+                if waiter.instance is not None:
+                    return waiter.instance, False
+                # else: a slot was freed by a discarded instance; it was counted for us
+        try:
+            inst = self._create()
+        except BaseException:
+            with self._cond:
+                self._live -= 1
+                self._busy -= 1
+                self._wake_for_slot()
+            raise
+        with self._cond:
+            self.created_total += 1
+        return inst, True
+
+    def _wake_for_slot(self) -> None:
+        """A live slot became free: give it to the first waiter (it creates its own instance)."""
+        if self._waiters and self._live < self.max_instances:
+            w = self._waiters.popleft()
+            self._live += 1
+            self._busy += 1
+            w.done = True
+            w.event.set()
+
+    def release(self, inst: T, healthy: bool) -> None:
+        with self._cond:
+            self._busy -= 1
+            if healthy and not self._closed:
+                if self._waiters:
+                    w = self._waiters.popleft()
+                    w.instance = inst
+                    w.done = True
+                    self._busy += 1
+                    w.event.set()
+                else:
+                    self._idle.append((inst, time.monotonic()))
+                return
+            self._live -= 1
+            self.discarded_total += 0 if self._closed else 1
+            if not self._closed:
+                self._wake_for_slot()
+        self._destroy(inst)
+
+    def prewarm(self, count: int) -> int:
+        """Creates idle instances until `count` are live (bounded by `max_instances`)."""
+        made = 0
+        while True:
+            with self._cond:
+                if self._closed or self._live >= min(count, self.max_instances):
+                    return made
+                self._live += 1
+            try:
+                inst = self._create()
+            except BaseException:
+                with self._cond:
+                    self._live -= 1
+                raise
+            self.release_new(inst)
+            made += 1
+
+    def release_new(self, inst: T) -> None:
+        """Adds a freshly created (pre-warmed) instance, counted live by the caller, to the pool."""
+        with self._cond:
+            self.created_total += 1
+            self._busy += 1
+        self.release(inst, True)
+
+    def reap_idle(self, idle_s: float, keep: int = 0) -> int:
+        """Destroys instances idle for longer than `idle_s`, keeping at least `keep` live."""
+        now = time.monotonic()
+        victims: list[T] = []
+        with self._cond:
+            survivors = []
+            # oldest first: the LIFO list keeps the least recently used at the front
+            for inst, at in self._idle:
+                if now - at > idle_s and self._live - len(victims) > keep:
+                    victims.append(inst)
+                else:
+                    survivors.append((inst, at))
+            self._idle = survivors
+            self._live -= len(victims)
+            self.reaped_total += len(victims)
+        for inst in victims:
+            self._destroy(inst)
+        return len(victims)
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "live": self._live,
+                "idle": len(self._idle),
+                "busy": self._busy,
+                "waiting": len(self._waiters),
+                "max_instances": self.max_instances,
+                "created_total": self.created_total,
+                "discarded_total": self.discarded_total,
+                "reaped_total": self.reaped_total,
+            }
+
+    def close(self) -> None:
+        """Destroys idle instances now; busy ones are destroyed when released. Idempotent."""
+        with self._cond:
+            self._closed = True
+            victims = [inst for inst, _ in self._idle]
+            self._idle.clear()
+            self._live -= len(victims)
+            while self._waiters:
+                w = self._waiters.popleft()
+                w.done = w.closed = True
+                w.event.set()
+        for inst in victims:
+            self._destroy(inst)

@@ -1,0 +1,261 @@
+"""The host runtime against a hand-written hostile guest: ABI paths, limits in pairs, isolation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wasminfer.errors import (
+    FunctionNotFound,
+    GuestError,
+    GuestTrap,
+    InvalidManifest,
+    InvalidModule,
+    MemoryLimitExceeded,
+    ModelNotAllowed,
+    ModelNotFound,
+    OutputLimitExceeded,
+    Timeout,
+)
+from wasminfer.models import decode_tensors, encode_tensors
+from wasminfer.runtime import Host, Manifest
+
+
+@pytest.fixture
+def host(tmp_path: Path, add_model: bytes, hostile_wasm: bytes) -> Host:
+    h = Host(cache_dir=tmp_path)
+    h.deploy_model("add", add_model)
+    h.deploy_function("hostile", hostile_wasm, Manifest(models=("add",), memory_mb=4, timeout_ms=200,
+                                                        max_instances=4, max_output_bytes=8 << 20))
+    yield h
+    h.close()
+
+
+def test_echo_returns_body_and_content_type(host: Host) -> None:
+    r = host.invoke("hostile", b"echo me", "text/plain")
+    assert r.body == b"echo me"
+    assert r.content_type == "text/plain"
+    assert r.run_us > 0
+
+
+def test_warm_instance_is_reused(host: Host) -> None:
+    first = host.invoke("hostile", b"c").body[0]
+    second = host.invoke("hostile", b"c").body[0]
+    assert second == first + 1  # same instance, its globals persisted
+
+
+def test_infer_round_trip_through_guest(host: Host) -> None:
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.ones((2, 3), dtype=np.float32)
+    r = host.invoke("hostile", b"i" + encode_tensors({"a": a, "b": b}))
+    out = decode_tensors(r.body)
+    np.testing.assert_array_equal(out["y"], a + b)
+    assert r.infer_us > 0
+
+
+def test_small_output_buffer_uses_infer_result_without_second_run(host: Host) -> None:
+    calls = []
+    real = host.models.infer
+
+    def counting(name, inputs):  # type: ignore[no-untyped-def]
+        calls.append(name)
+        return real(name, inputs)
+
+    host.models.infer = counting  # type: ignore[method-assign]
+    a = np.ones((1, 3), dtype=np.float32)
+    r = host.invoke("hostile", b"j" + encode_tensors({"a": a, "b": a}))
+    np.testing.assert_array_equal(decode_tensors(r.body)["y"], a + a)
+    assert calls == ["add"]
+
+
+def test_guest_error_status_carries_message_and_keeps_instance(host: Host) -> None:
+    before = host.invoke("hostile", b"c").body[0]
+    with pytest.raises(GuestError, match="bad things happened") as info:
+        host.invoke("hostile", b"s")
+    assert type(info.value) is GuestError
+    assert host.invoke("hostile", b"c").body[0] == before + 2  # not discarded
+
+
+def test_trap_discards_instance_and_others_keep_serving(host: Host) -> None:
+    host.invoke("hostile", b"c")
+    with pytest.raises(GuestTrap, match="unreachable"):
+        host.invoke("hostile", b"t")
+    assert host.invoke("hostile", b"c").body[0] == 1  # a fresh instance
+    assert host.function("hostile").pool.stats()["discarded_total"] == 1
+
+
+def test_bad_pointer_in_host_import_traps_guest_not_host(host: Host) -> None:
+    with pytest.raises(GuestTrap, match="outside guest memory"):
+        host.invoke("hostile", b"b")
+    assert host.invoke("hostile", b"echo").body == b"echo"
+
+
+def test_stack_overflow_is_a_trap(host: Host) -> None:
+    with pytest.raises(GuestTrap, match="stack overflow"):
+        host.invoke("hostile", b"r")
+    assert host.invoke("hostile", b"e").body == b"e"
+
+
+# --- limits, obeyed and violated ----------------------------------------------------------------
+def test_timeout_obeyed(host: Host) -> None:
+    assert host.invoke("hostile", b"e").body == b"e"  # well within 200 ms
+
+
+def test_timeout_violated_stops_loop_near_deadline(host: Host) -> None:
+    t = time.monotonic()
+    with pytest.raises(Timeout, match="timeout of 200 ms"):
+        host.invoke("hostile", b"l")
+    elapsed = time.monotonic() - t
+    assert elapsed < 2.0  # not a timing assertion on speed: only that the loop was stopped
+    assert host.invoke("hostile", b"e").body == b"e"
+
+
+def test_memory_limit_obeyed(host: Host) -> None:
+    # 3 MiB of body fits in a 4 MiB instance
+    body = b"e" + b"x" * (3 << 20)
+    assert len(host.invoke("hostile", body).body) == len(body)
+
+
+def test_memory_limit_violated_by_request(host: Host) -> None:
+    with pytest.raises(MemoryLimitExceeded, match="memory_mb"):
+        host.invoke("hostile", b"e" + b"x" * (5 << 20))
+    assert host.invoke("hostile", b"e").body == b"e"
+
+
+def test_memory_limit_violated_by_growth(host: Host) -> None:
+    with pytest.raises(MemoryLimitExceeded, match="4 MiB"):
+        host.invoke("hostile", b"m")
+    assert host.invoke("hostile", b"c").body[0] == 1  # discarded, fresh instance
+
+
+def test_output_limit_obeyed_and_violated(host: Host, hostile_wasm: bytes) -> None:
+    host.deploy_function("small-out", hostile_wasm, Manifest(models=("add",), max_output_bytes=10))
+    assert host.invoke("small-out", b"e123456789").body == b"e123456789"
+    with pytest.raises(OutputLimitExceeded, match="max_output_bytes"):
+        host.invoke("small-out", b"e1234567890")
+    with pytest.raises(OutputLimitExceeded):
+        host.invoke("small-out", b"o")
+
+
+# --- models: allowlist, unknown, bad tensors ----------------------------------------------------
+def test_model_not_allowed_names_manifest_key(host: Host, hostile_wasm: bytes) -> None:
+    host.deploy_function("no-models", hostile_wasm, Manifest())
+    a = np.ones((1, 3), dtype=np.float32)
+    with pytest.raises(ModelNotAllowed, match="'models'"):
+        host.invoke("no-models", b"i" + encode_tensors({"a": a, "b": a}))
+
+
+def test_unknown_model(host: Host, hostile_wasm: bytes) -> None:
+    host.deploy_function("wants-missing", hostile_wasm, Manifest(models=("add",)))
+    host_models = host.models
+    assert "no-such-model" not in host_models
+    with pytest.raises(ModelNotAllowed):  # not in the manifest: refused before existence is checked
+        host.invoke("wants-missing", b"n" + encode_tensors({"a": np.ones((1, 3), np.float32)}))
+
+
+def test_deploy_with_missing_model_refused(host: Host, hostile_wasm: bytes) -> None:
+    with pytest.raises(ModelNotFound):
+        host.deploy_function("x", hostile_wasm, Manifest(models=("nope",)))
+
+
+def test_wrong_shape_and_dtype_are_invalid_tensor(host: Host) -> None:
+    from wasminfer.errors import InvalidTensor
+
+    bad_shape = encode_tensors({"a": np.ones((1, 4), np.float32), "b": np.ones((1, 4), np.float32)})
+    with pytest.raises(InvalidTensor, match="'a'"):
+        host.invoke("hostile", b"i" + bad_shape)
+    bad_dtype = encode_tensors({"a": np.ones((1, 3), np.float64), "b": np.ones((1, 3), np.float32)})
+    with pytest.raises(InvalidTensor, match="float32"):
+        host.invoke("hostile", b"i" + bad_dtype)
+    with pytest.raises(InvalidTensor):
+        host.invoke("hostile", b"i" + b"\xff\x00garbage")
+
+
+# --- uploads ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("blob,match", [
+    (b"not wasm at all", "magic"),
+    (b"\0asm\x01\x00\x00\x00\x01\x05", "invalid WebAssembly"),
+    (b"\0asm\x0d\x00\x01\x00", "component"),
+])
+def test_bad_uploads_rejected(host: Host, blob: bytes, match: str) -> None:
+    with pytest.raises(InvalidModule, match=match):
+        host.deploy_function("bad", blob)
+    with pytest.raises(FunctionNotFound):
+        host.function("bad")
+
+
+def test_unknown_import_rejected(host: Host) -> None:
+    import wasmtime
+
+    wasm = wasmtime.wat2wasm('(module (import "env" "system" (func)) (memory (export "memory") 1))')
+    with pytest.raises(InvalidModule, match="env.system"):
+        host.deploy_function("bad", bytes(wasm))
+
+
+def test_wrong_export_signature_rejected(host: Host) -> None:
+    import wasmtime
+
+    wasm = wasmtime.wat2wasm(
+        '(module (memory (export "memory") 1) (func (export "wasminfer_abi_v1"))'
+        ' (func (export "wasminfer_alloc") (param i64) (result i32) i32.const 0)'
+        ' (func (export "wasminfer_handle") (param i32 i32 i32 i32) (result i32) i32.const 0))'
+    )
+    with pytest.raises(InvalidModule, match="wasminfer_alloc"):
+        host.deploy_function("bad", bytes(wasm))
+
+
+def test_initial_memory_over_limit_rejected_at_upload(host: Host, hostile_wasm: bytes) -> None:
+    import wasmtime
+
+    wasm = wasmtime.wat2wasm((Path(__file__).parent / "guests" / "hostile.wat").read_text()
+                             .replace('(memory (export "memory") 2)', '(memory (export "memory") 40)'))
+    with pytest.raises(InvalidManifest, match="memory_mb"):
+        host.deploy_function("big", bytes(wasm), Manifest(memory_mb=1))
+
+
+def test_failed_redeploy_keeps_previous_version(host: Host) -> None:
+    with pytest.raises(InvalidModule):
+        host.deploy_function("hostile", b"garbage")
+    assert host.invoke("hostile", b"e").body == b"e"
+
+
+def test_restart_loads_compiled_module_from_disk_cache(tmp_path: Path, hostile_wasm: bytes) -> None:
+    with Host(cache_dir=tmp_path) as h1:
+        h1.deploy_function("f", hostile_wasm)
+        assert h1.function("f").compiled.from_cache is False
+    with Host(cache_dir=tmp_path) as h2:
+        h2.deploy_function("f", hostile_wasm)
+        assert h2.function("f").compiled.from_cache is True
+        assert h2.invoke("f", b"e").body == b"e"
+
+
+# --- concurrency --------------------------------------------------------------------------------
+def test_concurrent_invocations_get_their_own_answers(host: Host) -> None:
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(50):
+                a = np.full((1, 3), k * 1000 + i, dtype=np.float32)
+                out = decode_tensors(host.invoke("hostile", b"i" + encode_tensors({"a": a, "b": a})).body)
+                assert out["y"][0, 0] == 2 * (k * 1000 + i)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert host.function("hostile").pool.stats()["live"] <= 4
+
+
+def test_logs_capture_guest_log_lines(host: Host) -> None:
+    host.invoke("hostile", b"g")
+    lines = host.logs("hostile")
+    assert any(ln.stream == "log" and ln.level == "warn" and ln.message == "hello from the guest" for ln in lines)
