@@ -41,6 +41,7 @@ from wasminfer.runtime._wasm import (
 )
 from wasminfer.runtime.logs import LEVELS, LogBuffer
 
+NAME = "handler"
 ABI_MARKER = "wasminfer_abi_v1"
 EXPORT_ALLOC = "wasminfer_alloc"
 EXPORT_HANDLE = "wasminfer_handle"
@@ -207,7 +208,7 @@ HOST_FUNCS = (
 )
 
 
-def is_handler(compiled: CompiledModule) -> bool:
+def detect(compiled: CompiledModule) -> bool:
     return ABI_MARKER in compiled.exports or EXPORT_HANDLE in compiled.exports
 
 
@@ -306,4 +307,4 @@ def _trap_error(trap: WasmTrap, inst: WasmInstance, state: InvocationState) -> W
     return GuestTrap(f"function {state.function!r} trapped: {what}")
 
 
-__all__ = ["HOST_FUNCS", "InvocationState", "invoke", "instantiate", "is_handler", "validate"]
+__all__ = ["HOST_FUNCS", "InvocationState", "NAME", "detect", "invoke", "instantiate", "validate"]

@@ -32,7 +32,11 @@ from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance, Wa
 from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter
 from wasminfer.runtime.pool import InstancePool
 
-HOST_FUNCS = list(handler.HOST_FUNCS)
+# The ABIs of core modules, in detection order. Each is a module with NAME, HOST_FUNCS,
+# detect(compiled), validate(compiled), instantiate(compiled, manifest, state, output) and
+# invoke(instance, body, content_type, state) -> reusable.
+CORE_ABIS: list[Any] = [handler]
+HOST_FUNCS = [hf for abi in CORE_ABIS for hf in abi.HOST_FUNCS]
 
 
 @dataclass
@@ -93,13 +97,14 @@ class Counters:
 
 
 class DeployedFunction:
-    def __init__(self, host: Host, name: str, compiled: CompiledModule, manifest: Manifest, abi: str,
+    def __init__(self, host: Host, name: str, compiled: CompiledModule, manifest: Manifest, abi: Any,
                  logs: LogBuffer, version: str) -> None:
         self.host = host
         self.name = name
         self.compiled = compiled
         self.manifest = manifest
-        self.abi = abi
+        self.abi_impl = abi
+        self.abi: str = abi.NAME
         self.logs = logs
         self.version = version
         self.deployed_at = time.time()
@@ -119,7 +124,7 @@ class DeployedFunction:
 
         state = handler.InvocationState(self.name, self.manifest, self.host.models.infer, self.logs, "init")
         try:
-            wasm = handler.instantiate(self.compiled, self.manifest, state, write)
+            wasm = self.abi_impl.instantiate(self.compiled, self.manifest, state, write)
         except WasmTrap as trap:
             raise handler._trap_error(trap, _NoInstance(), state) from None
         return _Instance(wasm, out, err)
@@ -212,25 +217,30 @@ class Host:
                 + ("…" if len(unknown) > 10 else "")
                 + " (available: the 'wasminfer' handler imports and wasi_snapshot_preview1)"
             )
-        if handler.is_handler(compiled):
-            try:
-                handler.validate(compiled)
-            except WasmLinkError as exc:
-                raise InvalidModule(f"not a valid handler module (ABI v1): {exc}") from None
-            abi = "handler"
-        else:
-            raise InvalidModule(
-                "not a wasminfer function: export 'wasminfer_handle' and 'wasminfer_alloc' "
-                "(handler ABI v1, see guest-sdk/ABI.md)"
-            )
+        abi = self.detect_abi(compiled)
         info = ModuleInfo(
-            sha256=sha, abi=abi,
+            sha256=sha, abi=abi.NAME,
             imports=[f"{i.module}.{i.name}" for i in compiled.imports],
             exports=sorted(compiled.exports),
             size_bytes=len(wasm),
             initial_memory_bytes=compiled.initial_memory_bytes(),
         )
         return info, compiled
+
+    @staticmethod
+    def detect_abi(compiled: CompiledModule) -> Any:
+        """The ABI module of a core module. Raises `InvalidModule` if it follows none or breaks one."""
+        for abi in CORE_ABIS:
+            if abi.detect(compiled):
+                try:
+                    abi.validate(compiled)
+                except WasmLinkError as exc:
+                    raise InvalidModule(f"not a valid {abi.NAME} module: {exc}") from None
+                return abi
+        raise InvalidModule(
+            "not a wasminfer function: export 'wasminfer_handle' and 'wasminfer_alloc' "
+            "(handler ABI v1, see guest-sdk/ABI.md)"
+        )
 
     def deploy_function(self, name: str, wasm: bytes, manifest: Manifest | Mapping[str, Any] | None = None,
                         *, prewarm: int | None = None) -> dict[str, Any]:
@@ -243,6 +253,7 @@ class Host:
         """
         m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest or {})
         info, compiled = self.inspect(wasm)
+        abi = self.detect_abi(compiled)
         if m.abi not in ("auto", info.abi):
             raise InvalidManifest(f"manifest key 'abi' says {m.abi!r}, but the module is a {info.abi!r} module")
         if info.initial_memory_bytes > m.memory_mb << 20:
@@ -256,7 +267,7 @@ class Host:
                 raise ModelNotFound(model)
         with self._lock:
             logs = self._logs.setdefault(name, LogBuffer(self._log_capacity))
-        fn = DeployedFunction(self, name, compiled, m, info.abi, logs, info.sha256)
+        fn = DeployedFunction(self, name, compiled, m, abi, logs, info.sha256)
         try:
             fn.pool.prewarm(max(1, m.min_instances) if prewarm is None else prewarm)
         except WasminferError as exc:
@@ -309,7 +320,7 @@ class Host:
         healthy = False
         error: WasminferError | None = None
         try:
-            healthy = handler.invoke(inst.wasm, body, content_type, state)
+            healthy = fn.abi_impl.invoke(inst.wasm, body, content_type, state)
         except WasminferError as exc:
             error = exc
             healthy = not state.discard and not inst.wasm.at_memory_limit()
