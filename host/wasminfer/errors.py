@@ -107,6 +107,16 @@ class UnsupportedMediaType(WasminferError):
     status, code = 415, "unsupported_media_type"
 
 
+class GuestRejected(WasminferError):
+    """The function rejected its input: its handler returned an HTTP client-error status (400-499)."""
+
+    code = "rejected_by_function"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class InvalidTensor(WasminferError):
     """A tensor given to a model has the wrong name, dtype or shape, or does not decode."""
 
@@ -128,6 +138,12 @@ class TooManyRequests(WasminferError):
 
 class Unavailable(WasminferError):
     status, code = 503, "unavailable"
+
+
+class ServerUnreachable(Unavailable):
+    """`wasminfer.Client` could not reach the server (raised by the client, never sent by a server)."""
+
+    code = "unreachable"
 
 
 # --- 500 / 504: the guest failed ----------------------------------------------------------------

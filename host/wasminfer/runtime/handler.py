@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
+
 import numpy as np
 
 from wasminfer.errors import (
     GuestError,
+    GuestRejected,
     GuestTrap,
     InferenceFailed,
     InferLimitExceeded,
@@ -28,6 +31,7 @@ from wasminfer.errors import (
     WasminferError,
 )
 from wasminfer.manifest import Manifest
+from wasminfer.models import ModelRegistry
 from wasminfer.models.codec import decode_tensors, encode_tensors
 from wasminfer.runtime._wasm import (
     CallState,
@@ -66,10 +70,11 @@ class InvocationState(CallState):
     """Everything one invocation of one function needs in its host imports."""
 
     def __init__(self, function: str, manifest: Manifest, infer: InferFn, logs: LogBuffer,
-                 invocation_id: str) -> None:
+                 invocation_id: str, models: ModelRegistry | None = None) -> None:
         self.function = function
         self.manifest = manifest
         self.infer = infer
+        self.models = models  # the host's registry, for what `infer` does not tell (wasi-nn's model specs)
         self.logs = logs
         self.invocation_id = invocation_id
         self.fault: BaseException | None = None
@@ -79,11 +84,14 @@ class InvocationState(CallState):
         self.pending: bytes | None = None
         self.last_error = b""
         self.infer_error: WasminferError | None = None  # the last infer failure, cleared by a success
-        self.limit_error: WasminferError | None = None  # a limit hit: fails the invocation whatever the guest does
+        # a limit hit: fails the invocation whatever the guest does
+        self.limit_error: WasminferError | None = None
         self.infer_calls = 0
         self.infer_ns = 0
         self.log_bytes = 0
         self.discard = False  # the instance must not be reused (trap, timeout, limit)
+        self.nn_error: str | None = None  # the last failed wasi-nn call, cleared by a successful compute
+        self.nn_errors = 0  # failed wasi-nn calls (the first few are logged)
 
 
 def _fail(state: InvocationState, code: int, error: WasminferError) -> int:
@@ -281,16 +289,26 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
             )
         if state.infer_error is not None:
             raise state.infer_error
+        if 400 <= status <= 499:
+            message = state.error_message or f"function {state.function!r} rejected the request"
+            raise GuestRejected(status, message)
         raise GuestError(state.error_message or f"function {state.function!r} returned status {status}")
     state.discard = inst.at_memory_limit()
     return not state.discard
 
 
-def _trap_error(trap: WasmTrap, inst: WasmInstance, state: InvocationState) -> WasminferError:
+class MemoryProbe(Protocol):
+    """What `_trap_error` asks of the instance that trapped (a stand-in where none was made)."""
+
+    def near_memory_limit(self) -> bool: ...
+
+
+def _trap_error(trap: WasmTrap, inst: MemoryProbe, state: InvocationState) -> WasminferError:
     m = state.manifest
     if trap.kind == "timeout":
         return Timeout(
-            f"function {state.function!r} exceeded its timeout of {m.timeout_ms} ms (manifest key 'timeout_ms')"
+            f"function {state.function!r} exceeded its timeout of {m.timeout_ms} ms "
+            "(manifest key 'timeout_ms')"
         )
     if state.fault is not None:
         if isinstance(state.fault, WasminferError):

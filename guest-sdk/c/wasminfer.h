@@ -1,0 +1,719 @@
+/*
+ * wasminfer.h — the C (and Zig) guest SDK for the wasminfer handler ABI v1 (guest-sdk/ABI.md).
+ *
+ * One header, nothing to link: every function is `static inline`; the three exports come from
+ * one macro, used in exactly one .c file of the function.
+ *
+ *     #include "wasminfer.h"
+ *
+ *     static int handle(const wasminfer_request *req) {
+ *         if (!wasminfer_media_type_is(req->content_type, "application/json"))
+ *             return wasminfer_fail(WASMINFER_UNSUPPORTED_MEDIA_TYPE, "send application/json, not '%s'", req->content_type);
+ *         float x[4] = {1, 2, 3, 4};
+ *         wasminfer_tensor in = {.name = "x", .dtype = WASMINFER_F32, .ndim = 2, .dims = {1, 4},
+ *                                .data = x, .nbytes = sizeof x};
+ *         wasminfer_outputs out;
+ *         int rc = wasminfer_infer("my-model", &in, 1, &out);
+ *         if (rc) return rc;                          // passes the infer error (and its status) on
+ *         const wasminfer_tensor *y = wasminfer_outputs_get(&out, "y");
+ *         ...
+ *         wasminfer_outputs_free(&out);
+ *         return wasminfer_output_str("{\"ok\": true}", "application/json");
+ *     }
+ *     WASMINFER_HANDLER(handle)
+ *
+ * Build: `wasminfer build DIR -o fn.wasm` (or `python -m ziglang cc -target wasm32-wasi
+ * -mexec-model=reactor -I guest-sdk/c ...`, see host/wasminfer/toolchain.py for the flags).
+ *
+ * API in brief (functions that can fail for a data reason return NULL or a static message):
+ *   request     wasminfer_request {body, body_len, content_type (NUL-terminated), content_type_len};
+ *               the body is the handler's to modify; the SDK frees it after the handler returns.
+ *               wasminfer_media_type_is(ctype, "image/png"), wasminfer_media_type_param(ctype, "width", buf, cap)
+ *   response    wasminfer_output(body, len, ctype), wasminfer_output_str(s, ctype), wasminfer_output_buf(&b, ctype)
+ *   failure     return wasminfer_fail(status, fmt, ...)   sets the error message, returns status;
+ *               statuses 1..8 mean "an infer error passed on" (ABI.md); 400..499 reject the input with that
+ *               HTTP status (WASMINFER_BAD_REQUEST, ..._UNSUPPORTED_MEDIA_TYPE); WASMINFER_FAILED for your own
+ *   logging     wasminfer_log(WASMINFER_INFO, fmt, ...), wasminfer_log_str(level, msg)
+ *   inference   wasminfer_infer(model, inputs, n, &outputs) -> 0 | WASMINFER_E_*; the error message is set.
+ *               wasminfer_outputs_get(&outputs, name), wasminfer_outputs_free(&outputs)
+ *               Output data is aligned for its dtype; output names are NOT NUL-terminated (name_len).
+ *   tensors     wasminfer_tensor {name, name_len (0 = strlen), dtype, ndim, dims[], data, nbytes}
+ *               dtypes are the RFC 8746 typed-array tags: WASMINFER_F32 == 85 etc.; WASMINFER_BOOL == WASMINFER_U8.
+ *   CBOR        wasminfer_cbor_size / wasminfer_cbor_encode / wasminfer_cbor_decode (in place, bounds-checked;
+ *               text tensors are rejected)
+ *   buffers     wasminfer_buf (growable; sticky out-of-memory flag): _append, _printf, _free
+ *   JSON        writer: wasminfer_json_str, wasminfer_json_num, wasminfer_json_f32_array (into a wasminfer_buf)
+ *               reader: wasminfer_json_member (top-level object member), wasminfer_json_numbers (array of numbers)
+ *   low level   wasminfer_dispatch(handler, buf, body_len, ctype, ctype_len) and wasminfer_alloc_request(size),
+ *               for Zig, which writes its own exports: see guest-sdk/zig/wasminfer_imports.zig (Zig 0.17
+ *               translates this header with translate-c; the variadic helpers do not translate).
+ *
+ * Memory: zig's malloc rounds blocks up to powers of two and never merges freed blocks; size the
+ * manifest's memory_mb as ABI.md ("Building") explains.
+ *
+ * Compiled natively (not __wasm__) the imports are plain extern declarations and the exports plain
+ * functions, so the codec can be unit-tested with a host compiler.
+ */
+#ifndef WASMINFER_H
+#define WASMINFER_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- constants ------------------------------------------------------------------------------ */
+
+/* Error codes of `infer` / `infer_result` (returned negated by the host; positive here). */
+#define WASMINFER_E_INVALID_ARGUMENT 1
+#define WASMINFER_E_NOT_FOUND 2
+#define WASMINFER_E_NOT_ALLOWED 3
+#define WASMINFER_E_INVALID_TENSOR 4
+#define WASMINFER_E_RUNTIME 5
+#define WASMINFER_E_TOO_SMALL 6
+#define WASMINFER_E_NO_RESULT 7
+#define WASMINFER_E_LIMIT 8
+/* SDK statuses for handler failures, outside 1..8 (those pass an infer error on, see ABI.md). */
+#define WASMINFER_FAILED 100    /* the handler's own failure (a bug, an unexpected model answer, ...) */
+/* The handler rejecting its input: the caller gets this HTTP status (ABI.md, "One invocation"). */
+#define WASMINFER_BAD_REQUEST 400
+#define WASMINFER_PAYLOAD_TOO_LARGE 413
+#define WASMINFER_UNSUPPORTED_MEDIA_TYPE 415
+#define WASMINFER_UNPROCESSABLE 422
+#define WASMINFER_E_NOMEM 101   /* the guest ran out of memory */
+#define WASMINFER_E_DECODE 102  /* the host's answer did not decode (or holds text tensors) */
+
+/* Log levels. */
+#define WASMINFER_DEBUG 0
+#define WASMINFER_INFO 1
+#define WASMINFER_WARN 2
+#define WASMINFER_ERROR 3
+
+/* dtypes = RFC 8746 typed-array tags (little-endian forms). */
+enum {
+    WASMINFER_U8 = 64, WASMINFER_U16 = 69, WASMINFER_U32 = 70, WASMINFER_U64 = 71,
+    WASMINFER_I8 = 72, WASMINFER_I16 = 77, WASMINFER_I32 = 78, WASMINFER_I64 = 79,
+    WASMINFER_F16 = 84, WASMINFER_F32 = 85, WASMINFER_F64 = 86,
+    WASMINFER_BOOL = WASMINFER_U8, /* 0/1 bytes; the host casts where the model wants bool */
+};
+
+#ifndef WASMINFER_MAX_DIMS
+#define WASMINFER_MAX_DIMS 8
+#endif
+#ifndef WASMINFER_MAX_TENSORS
+#define WASMINFER_MAX_TENSORS 16 /* outputs per infer call */
+#endif
+#ifndef WASMINFER_INFER_BUF
+#define WASMINFER_INFER_BUF 4096 /* first output buffer; grown to the exact size when too small */
+#endif
+#define WASMINFER_MSG_MAX 1024   /* error and log messages formatted by the SDK */
+
+/* ---- host imports --------------------------------------------------------------------------- */
+
+#ifdef __wasm__
+#define WASMINFER_IMPORT(name) __attribute__((import_module("wasminfer"), import_name(name)))
+#define WASMINFER_EXPORT(name) __attribute__((export_name(name)))
+#else
+#define WASMINFER_IMPORT(name)
+#define WASMINFER_EXPORT(name)
+#endif
+
+WASMINFER_IMPORT("infer")
+int32_t wasminfer__infer(const char *model, size_t model_len, const uint8_t *in, size_t in_len,
+                         uint8_t *out, size_t out_cap);
+WASMINFER_IMPORT("infer_result") int32_t wasminfer__infer_result(uint8_t *out, size_t out_cap);
+WASMINFER_IMPORT("last_error") int32_t wasminfer__last_error(char *buf, size_t cap);
+WASMINFER_IMPORT("output")
+int32_t wasminfer__output(const void *body, size_t body_len, const char *ctype, size_t ctype_len);
+WASMINFER_IMPORT("error") void wasminfer__error(const char *msg, size_t msg_len);
+WASMINFER_IMPORT("log") void wasminfer__log(int32_t level, const char *msg, size_t msg_len);
+
+/* ---- types ---------------------------------------------------------------------------------- */
+
+typedef struct wasminfer_request {
+    uint8_t *body;            /* the handler may modify it; freed by the SDK after the handler */
+    size_t body_len;
+    const char *content_type; /* NUL-terminated, "" when the caller sent none */
+    size_t content_type_len;
+} wasminfer_request;
+
+typedef int (*wasminfer_handler)(const wasminfer_request *req);
+
+typedef struct wasminfer_tensor {
+    const char *name; /* inputs: NUL-terminated (name_len 0); decoded: NOT terminated, use name_len */
+    size_t name_len;
+    int dtype;        /* WASMINFER_U8 ... WASMINFER_F64 */
+    int ndim;         /* 0 for a scalar */
+    int64_t dims[WASMINFER_MAX_DIMS];
+    void *data;       /* row-major, little-endian */
+    size_t nbytes;    /* product(dims) * element size */
+} wasminfer_tensor;
+
+typedef struct wasminfer_outputs {
+    size_t count;
+    wasminfer_tensor tensors[WASMINFER_MAX_TENSORS];
+    uint8_t *buf_; /* owns the memory every tensor points into */
+} wasminfer_outputs;
+
+typedef struct wasminfer_buf {
+    char *data; /* not NUL-terminated; `len` bytes */
+    size_t len, cap;
+    int oom;    /* set once an append failed; every later append is a no-op */
+} wasminfer_buf;
+
+/* ---- messages: error, log ------------------------------------------------------------------- */
+
+static inline void wasminfer_error(const char *msg) { wasminfer__error(msg, strlen(msg)); }
+
+/* Sets the error message and returns `status` (never 0), for `return wasminfer_fail_str(...)`. */
+static inline int wasminfer_fail_str(int status, const char *msg) {
+    wasminfer_error(msg);
+    return status ? status : WASMINFER_FAILED;
+}
+
+static inline int wasminfer_fail(int status, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static inline int wasminfer_fail(int status, const char *fmt, ...) {
+    char msg[WASMINFER_MSG_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return wasminfer_fail_str(status, msg);
+}
+
+static inline void wasminfer_log_str(int level, const char *msg) { wasminfer__log(level, msg, strlen(msg)); }
+
+static inline void wasminfer_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static inline void wasminfer_log(int level, const char *fmt, ...) {
+    char msg[WASMINFER_MSG_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    wasminfer_log_str(level, msg);
+}
+
+/* ---- growable buffer ------------------------------------------------------------------------ */
+
+static inline int wasminfer_buf_reserve(wasminfer_buf *b, size_t extra) {
+    if (b->oom) return 0;
+    if (extra <= b->cap - b->len) return 1;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap - b->len < extra) {
+        if (cap > SIZE_MAX / 2) { b->oom = 1; return 0; }
+        cap *= 2;
+    }
+    char *p = (char *)realloc(b->data, cap);
+    if (!p) { b->oom = 1; return 0; }
+    b->data = p;
+    b->cap = cap;
+    return 1;
+}
+
+static inline void wasminfer_buf_append(wasminfer_buf *b, const void *p, size_t n) {
+    if (n && wasminfer_buf_reserve(b, n)) { memcpy(b->data + b->len, p, n); b->len += n; }
+}
+
+static inline void wasminfer_buf_puts(wasminfer_buf *b, const char *s) { wasminfer_buf_append(b, s, strlen(s)); }
+
+static inline void wasminfer_buf_printf(wasminfer_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static inline void wasminfer_buf_printf(wasminfer_buf *b, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || !wasminfer_buf_reserve(b, (size_t)n + 1)) return;
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+static inline void wasminfer_buf_free(wasminfer_buf *b) {
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+    b->oom = 0;
+}
+
+/* ---- response ------------------------------------------------------------------------------- */
+
+static inline int wasminfer_output(const void *body, size_t len, const char *ctype) {
+    return wasminfer__output(body, len, ctype, strlen(ctype));
+}
+
+static inline int wasminfer_output_str(const char *body, const char *ctype) {
+    return wasminfer_output(body, strlen(body), ctype);
+}
+
+/* Sends the buffer (or fails with WASMINFER_E_NOMEM if building it ran out of memory); keeps it. */
+static inline int wasminfer_output_buf(const wasminfer_buf *b, const char *ctype) {
+    if (b->oom) return wasminfer_fail_str(WASMINFER_E_NOMEM, "out of memory while building the response");
+    return wasminfer_output(b->data ? b->data : "", b->len, ctype);
+}
+
+/* ---- content types -------------------------------------------------------------------------- */
+
+static inline int wasminfer__lower(int c) { return c >= 'A' && c <= 'Z' ? c + 32 : c; }
+static inline int wasminfer__space(int c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
+
+/* 1 if the media type of `ctype` (before any ';' parameters) is `type`, ignoring case and spaces. */
+static inline int wasminfer_media_type_is(const char *ctype, const char *type) {
+    while (wasminfer__space(*ctype)) ctype++;
+    size_t n = strlen(type), i;
+    for (i = 0; i < n; i++)
+        if (wasminfer__lower((unsigned char)ctype[i]) != wasminfer__lower((unsigned char)type[i])) return 0;
+    for (ctype += n; wasminfer__space(*ctype); ctype++) {}
+    return *ctype == '\0' || *ctype == ';';
+}
+
+/* Copies the value of parameter `name` (e.g. "width" in "image/x-raw-rgb; width=320") into
+ * `val[0..cap)` (NUL-terminated, quotes removed). Returns 1 if found and it fit, else 0. */
+static inline int wasminfer_media_type_param(const char *ctype, const char *name, char *val, size_t cap) {
+    size_t n = strlen(name);
+    const char *p = strchr(ctype, ';');
+    while (p) {
+        p++;
+        while (wasminfer__space(*p)) p++;
+        size_t i = 0;
+        while (i < n && p[i] && wasminfer__lower((unsigned char)p[i]) == wasminfer__lower((unsigned char)name[i])) i++;
+        const char *q = p + i;
+        while (wasminfer__space(*q)) q++;
+        if (i == n && *q == '=') {
+            q++;
+            while (wasminfer__space(*q)) q++;
+            int quoted = *q == '"';
+            q += quoted;
+            size_t len = 0;
+            while (q[len] && (quoted ? q[len] != '"' : q[len] != ';' && !wasminfer__space(q[len]))) len++;
+            if (len >= cap) return 0;
+            memcpy(val, q, len);
+            val[len] = '\0';
+            return 1;
+        }
+        p = strchr(p, ';');
+    }
+    return 0;
+}
+
+/* ---- CBOR: named tensors (ABI.md, "Tensor encoding") ---------------------------------------- */
+
+/* Element size of a dtype, 0 if the dtype is not one of ABI.md's typed-array tags. */
+static inline size_t wasminfer_dtype_size(int dtype) {
+    switch (dtype) {
+    case WASMINFER_U8: case WASMINFER_I8: return 1;
+    case WASMINFER_U16: case WASMINFER_I16: case WASMINFER_F16: return 2;
+    case WASMINFER_U32: case WASMINFER_I32: case WASMINFER_F32: return 4;
+    case WASMINFER_U64: case WASMINFER_I64: case WASMINFER_F64: return 8;
+    default: return 0;
+    }
+}
+
+static inline size_t wasminfer__name_len(const wasminfer_tensor *t) {
+    return t->name_len ? t->name_len : strlen(t->name);
+}
+
+static inline size_t wasminfer__head_size(uint64_t v) {
+    return v < 24 ? 1 : v <= 0xff ? 2 : v <= 0xffff ? 3 : v <= 0xffffffffu ? 5 : 9;
+}
+
+static inline uint8_t *wasminfer__head(uint8_t *p, int major, uint64_t v) {
+    size_t n = wasminfer__head_size(v), i;
+    static const uint8_t ai[10] = {0, 0, 24, 25, 0, 26, 0, 0, 0, 27};
+    *p++ = (uint8_t)(major << 5 | (n == 1 ? v : ai[n]));
+    for (i = n - 1; i > 0; i--) *p++ = (uint8_t)(v >> (8 * (i - 1)));
+    return p;
+}
+
+/* Checks one tensor's shape against its byte length; NULL or why not. */
+static inline const char *wasminfer__check(const wasminfer_tensor *t, size_t nbytes) {
+    size_t esize = wasminfer_dtype_size(t->dtype);
+    if (!esize) return "unsupported dtype";
+    if (t->ndim < 0 || t->ndim > WASMINFER_MAX_DIMS) return "too many dimensions";
+    uint64_t count = 1;
+    int zero = 0, overflow = 0, i;
+    for (i = 0; i < t->ndim; i++) {
+        uint64_t d = (uint64_t)t->dims[i];
+        if (t->dims[i] < 0) return "negative dimension";
+        if (d == 0) zero = 1;
+        else if (count > UINT64_MAX / d) overflow = 1;
+        else count *= d;
+    }
+    if (zero) count = 0;
+    else if (overflow || count > UINT64_MAX / esize) return "byte length does not match the shape";
+    return count * esize == nbytes ? NULL : "byte length does not match the shape";
+}
+
+/* NULL if every tensor can be encoded, else why tensor *bad (the first bad one) cannot. */
+static inline const char *wasminfer__check_inputs(const wasminfer_tensor *t, size_t n, size_t *bad) {
+    for (*bad = 0; *bad < n; (*bad)++, t++) {
+        if (!t->name) return "tensor without a name";
+        if (t->nbytes && !t->data) return "tensor without data";
+        const char *why = wasminfer__check(t, t->nbytes);
+        if (why) return why;
+    }
+    return NULL;
+}
+
+/* Bytes that wasminfer_cbor_encode will write; 0 if a tensor is invalid. */
+static inline size_t wasminfer_cbor_size(const wasminfer_tensor *t, size_t n) {
+    size_t size = wasminfer__head_size(n), i;
+    int d;
+    if (wasminfer__check_inputs(t, n, &i)) return 0;
+    for (i = 0; i < n; i++, t++) {
+        size_t name_len = wasminfer__name_len(t);
+        size += wasminfer__head_size(name_len) + name_len + 2 + 1 + wasminfer__head_size((uint64_t)t->ndim);
+        for (d = 0; d < t->ndim; d++) size += wasminfer__head_size((uint64_t)t->dims[d]);
+        size += 2 + wasminfer__head_size(t->nbytes) + t->nbytes;
+    }
+    return size;
+}
+
+/* Encodes `n` tensors as one CBOR map into out[0..cap); sets *len. NULL or why not. */
+static inline const char *wasminfer_cbor_encode(const wasminfer_tensor *t, size_t n, uint8_t *out, size_t cap,
+                                                size_t *len) {
+    size_t i;
+    int d;
+    const char *why = wasminfer__check_inputs(t, n, &i);
+    if (why) return why;
+    if (wasminfer_cbor_size(t, n) > cap) return "buffer too small";
+    uint8_t *p = wasminfer__head(out, 5, n);
+    for (i = 0; i < n; i++, t++) {
+        size_t name_len = wasminfer__name_len(t);
+        p = wasminfer__head(p, 3, name_len);
+        memcpy(p, t->name, name_len);
+        p = wasminfer__head(p + name_len, 6, 40);
+        p = wasminfer__head(p, 4, 2);
+        p = wasminfer__head(p, 4, (uint64_t)t->ndim);
+        for (d = 0; d < t->ndim; d++) p = wasminfer__head(p, 0, (uint64_t)t->dims[d]);
+        p = wasminfer__head(p, 6, (uint64_t)t->dtype);
+        p = wasminfer__head(p, 2, t->nbytes);
+        if (t->nbytes) memcpy(p, t->data, t->nbytes);
+        p += t->nbytes;
+    }
+    *len = (size_t)(p - out);
+    return NULL;
+}
+
+/* Reads one CBOR head of major type `major` from [*p, end): its argument into *v. 0 on failure. */
+static inline int wasminfer__read_head(uint8_t **p, const uint8_t *end, int major, uint64_t *v) {
+    if (*p >= end || (**p >> 5) != major) return 0;
+    unsigned ai = **p & 31, n = ai < 24 ? 0 : ai == 24 ? 1 : ai == 25 ? 2 : ai == 26 ? 4 : ai == 27 ? 8 : 9;
+    if (n == 9 || (size_t)(end - *p) - 1 < n) return 0; /* reserved, indefinite length, or truncated */
+    uint64_t x = n ? 0 : ai;
+    unsigned i;
+    for (i = 1; i <= n; i++) x = x << 8 | (*p)[i];
+    *p += 1 + n;
+    *v = x;
+    return 1;
+}
+
+/* Decodes a CBOR map of named tensors from buf[0..len) into out[0..cap) and sets *count.
+ * IN PLACE: names and data point into `buf`, and payloads are moved (by at most 7 bytes, over
+ * their own already-read CBOR heads) so that each tensor's data is aligned for its dtype; `buf`
+ * is no longer valid CBOR afterwards. Never reads or writes outside buf[0..len).
+ * Returns NULL, or why the input was rejected. */
+static inline const char *wasminfer_cbor_decode(uint8_t *buf, size_t len, wasminfer_tensor *out, size_t cap,
+                                                size_t *count) {
+    uint8_t *p = buf;
+    const uint8_t *end = buf + len;
+    uint64_t n, v, i, d;
+    *count = 0;
+    if (!wasminfer__read_head(&p, end, 5, &n)) return "expected a definite-length map of named tensors";
+    if (n > cap) return "too many tensors";
+    for (i = 0; i < n; i++) {
+        wasminfer_tensor *t = &out[i];
+        memset(t, 0, sizeof *t);
+        if (!wasminfer__read_head(&p, end, 3, &v)) {
+            return p < end && (*p >> 5) == 3 ? "truncated tensor name" : "expected a text tensor name";
+        }
+        if (v > (uint64_t)(end - p)) return "truncated tensor name";
+        t->name = (const char *)p;
+        t->name_len = (size_t)v;
+        p += (size_t)v;
+        if (!wasminfer__read_head(&p, end, 6, &v) || v != 40) return "expected tag 40 (multi-dimensional array)";
+        if (!wasminfer__read_head(&p, end, 4, &v) || v != 2) return "expected [dims, data]";
+        if (!wasminfer__read_head(&p, end, 4, &v)) return "expected an array of dims";
+        if (v > WASMINFER_MAX_DIMS) return "too many dimensions";
+        t->ndim = (int)v;
+        for (d = 0; d < v; d++) {
+            uint64_t dim;
+            if (!wasminfer__read_head(&p, end, 0, &dim) || dim > INT64_MAX) return "expected an unsigned dim";
+            t->dims[d] = (int64_t)dim;
+        }
+        if (p < end && (*p >> 5) == 4) return "text tensors are not supported by the C SDK";
+        if (!wasminfer__read_head(&p, end, 6, &v) || !wasminfer_dtype_size((int)(v > 255 ? 0 : v)))
+            return "expected a little-endian typed-array tag";
+        t->dtype = (int)v;
+        if (!wasminfer__read_head(&p, end, 2, &v)) return "expected a byte string of tensor data";
+        if (v > (uint64_t)(end - p)) return "truncated tensor data";
+        if (wasminfer__check(t, (size_t)v)) return "byte length does not match the shape";
+        t->nbytes = (size_t)v;
+        /* Align: the move stays inside this tensor's heads, which are at least 7 bytes long
+         * (D8 28, 82, the dims array, D8 tag, the byte-string head); the name lies before them. */
+        size_t align = wasminfer_dtype_size(t->dtype), shift = (uintptr_t)p & (align - 1);
+        if (shift && t->nbytes) memmove(p - shift, p, t->nbytes);
+        t->data = p - shift;
+        p += (size_t)v;
+        *count = (size_t)i + 1;
+    }
+    if (p != end) { *count = 0; return "trailing bytes after the tensor map"; }
+    return NULL;
+}
+
+/* ---- inference ------------------------------------------------------------------------------ */
+
+/* Copies the host's last infer error into msg[0..cap) (NUL-terminated); returns its full length. */
+static inline size_t wasminfer_last_error(char *msg, size_t cap) {
+    int32_t n = wasminfer__last_error(msg, cap ? cap - 1 : 0);
+    if (cap) msg[n < 0 ? 0 : (size_t)n < cap - 1 ? (size_t)n : cap - 1] = '\0';
+    return n < 0 ? 0 : (size_t)n;
+}
+
+static inline void wasminfer_outputs_free(wasminfer_outputs *out) {
+    free(out->buf_);
+    out->buf_ = NULL;
+    out->count = 0;
+}
+
+/* Runs `model` on `n` input tensors. On success (0) `out` holds the outputs; free them with
+ * wasminfer_outputs_free. On failure returns a WASMINFER_E_* status with the error message set
+ * (return it from the handler to pass the infer error on) and `out` holds nothing.
+ * (Messages are built with snprintf, not wasminfer_fail: Zig cannot translate variadic definitions.) */
+static inline int wasminfer_infer(const char *model, const wasminfer_tensor *inputs, size_t n,
+                                  wasminfer_outputs *out) {
+    static size_t hint = WASMINFER_INFER_BUF; /* the largest answer so far: usually right first time */
+    char msg[WASMINFER_MSG_MAX], host_msg[WASMINFER_MSG_MAX / 2];
+    size_t in_len = wasminfer_cbor_size(inputs, n), bad;
+    const char *why = wasminfer__check_inputs(inputs, n, &bad);
+    out->count = 0;
+    out->buf_ = NULL;
+    if (why) {
+        snprintf(msg, sizeof msg, "infer(%s): input %zu: %s", model, bad, why);
+        return wasminfer_fail_str(WASMINFER_E_INVALID_ARGUMENT, msg);
+    }
+    uint8_t *in = (uint8_t *)malloc(in_len), *buf = (uint8_t *)malloc(hint);
+    if (!in || !buf) {
+        free(in);
+        free(buf);
+        snprintf(msg, sizeof msg, "infer(%s): out of memory for %zu bytes of input", model, in_len);
+        return wasminfer_fail_str(WASMINFER_E_NOMEM, msg);
+    }
+    wasminfer_cbor_encode(inputs, n, in, in_len, &in_len);
+    int32_t rc = wasminfer__infer(model, strlen(model), in, in_len, buf, hint);
+    free(in);
+    if (rc >= 0 && (size_t)rc > hint) { /* the host kept the result: fetch it, the model ran once */
+        size_t need = (size_t)rc;
+        free(buf);
+        if (!(buf = (uint8_t *)malloc(need))) {
+            snprintf(msg, sizeof msg, "infer(%s): out of memory for %zu bytes of output", model, need);
+            return wasminfer_fail_str(WASMINFER_E_NOMEM, msg);
+        }
+        hint = need;
+        rc = wasminfer__infer_result(buf, need);
+    }
+    if (rc < 0) {
+        free(buf);
+        if (!wasminfer_last_error(host_msg, sizeof host_msg)) snprintf(host_msg, sizeof host_msg, "error %d", -rc);
+        snprintf(msg, sizeof msg, "infer(%s): %s", model, host_msg);
+        return wasminfer_fail_str(rc >= -255 ? (int)-rc : WASMINFER_E_RUNTIME, msg);
+    }
+    why = wasminfer_cbor_decode(buf, (size_t)rc, out->tensors, WASMINFER_MAX_TENSORS, &out->count);
+    if (why) {
+        free(buf);
+        out->count = 0;
+        snprintf(msg, sizeof msg, "infer(%s): cannot decode the outputs: %s", model, why);
+        return wasminfer_fail_str(WASMINFER_E_DECODE, msg);
+    }
+    out->buf_ = buf;
+    return 0;
+}
+
+/* The output tensor called `name`, or NULL. */
+static inline const wasminfer_tensor *wasminfer_outputs_get(const wasminfer_outputs *out, const char *name) {
+    size_t n = strlen(name), i;
+    for (i = 0; i < out->count; i++)
+        if (out->tensors[i].name_len == n && memcmp(out->tensors[i].name, name, n) == 0) return &out->tensors[i];
+    return NULL;
+}
+
+/* Number of elements of a tensor. */
+static inline size_t wasminfer_tensor_count(const wasminfer_tensor *t) {
+    size_t esize = wasminfer_dtype_size(t->dtype);
+    return esize ? t->nbytes / esize : 0;
+}
+
+/* ---- JSON ----------------------------------------------------------------------------------- */
+
+/* Appends `s` as a JSON string (quoted, escaped). */
+static inline void wasminfer_json_str(wasminfer_buf *b, const char *s) {
+    wasminfer_buf_append(b, "\"", 1);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') { char e[2] = {'\\', (char)c}; wasminfer_buf_append(b, e, 2); }
+        else if (c < 0x20) {
+            char e[6] = {'\\', 'u', '0', '0', "0123456789abcdef"[c >> 4], "0123456789abcdef"[c & 15]};
+            wasminfer_buf_append(b, e, 6);
+        }
+        else wasminfer_buf_append(b, s, 1);
+    }
+    wasminfer_buf_append(b, "\"", 1);
+}
+
+/* Appends a number: 9 significant digits (enough to round-trip a float32); NaN/inf become null. */
+static inline void wasminfer_json_num(wasminfer_buf *b, double x) {
+    char text[32];
+    if (x != x || x - x != 0) wasminfer_buf_puts(b, "null");
+    else wasminfer_buf_append(b, text, (size_t)snprintf(text, sizeof text, "%.9g", x));
+}
+
+static inline void wasminfer_json_f32_array(wasminfer_buf *b, const float *x, size_t n) {
+    size_t i;
+    wasminfer_buf_append(b, "[", 1);
+    for (i = 0; i < n; i++) {
+        if (i) wasminfer_buf_append(b, ", ", 2);
+        wasminfer_json_num(b, x[i]);
+    }
+    wasminfer_buf_append(b, "]", 1);
+}
+
+static inline const char *wasminfer__json_ws(const char *p, const char *end) {
+    while (p < end && wasminfer__space(*p)) p++;
+    return p;
+}
+
+/* Skips a JSON string starting at the opening quote; returns the position after it, NULL if unterminated. */
+static inline const char *wasminfer__json_string_end(const char *p, const char *end) {
+    for (p++; p < end; p++) {
+        if (*p == '"') return p + 1;
+        if (*p == '\\' && ++p == end) break; /* skip the escaped character */
+    }
+    return NULL;
+}
+
+/* Finds member `key` of the top-level JSON object in json[0..len) (keys compared as written,
+ * without unescaping). Returns 1 and sets val[0..*val_len) to its raw value; 0 if absent; -1 if the
+ * text is not an object. The value itself is not validated: parse it with the readers below. */
+static inline int wasminfer_json_member(const char *json, size_t len, const char *key, const char **val,
+                                        size_t *val_len) {
+    const char *p = wasminfer__json_ws(json, json + len), *end = json + len;
+    size_t klen = strlen(key);
+    if (p == end || *p != '{') return -1;
+    p = wasminfer__json_ws(p + 1, end);
+    if (p < end && *p == '}') return 0;
+    for (;;) {
+        if (p == end || *p != '"') return -1;
+        const char *k = p + 1, *kend = wasminfer__json_string_end(p, end);
+        if (!kend) return -1;
+        p = wasminfer__json_ws(kend, end);
+        if (p == end || *p != ':') return -1;
+        const char *v = p = wasminfer__json_ws(p + 1, end);
+        int depth = 0;
+        while (p < end && (depth > 0 || (*p != ',' && *p != '}'))) {
+            if (*p == '"') { p = wasminfer__json_string_end(p, end); if (!p) return -1; continue; }
+            if (*p == '[' || *p == '{') depth++;
+            else if (*p == ']' || *p == '}') depth--;
+            if (depth < 0) return -1;
+            p++;
+        }
+        if (p == end || p == v) return -1;
+        const char *vend = p;
+        while (vend > v && wasminfer__space(vend[-1])) vend--;
+        if ((size_t)(kend - 1 - k) == klen && memcmp(k, key, klen) == 0) {
+            *val = v;
+            *val_len = (size_t)(vend - v);
+            return 1;
+        }
+        if (*p == '}') return 0;
+        p = wasminfer__json_ws(p + 1, end);
+    }
+}
+
+/* Parses one JSON number at [*p, end) into *x (strict JSON grammar, finite); 0 if there is none. */
+static inline int wasminfer__json_number(const char **p, const char *end, double *x) {
+    const char *s = *p, *q = s;
+    char tmp[64];
+#define WASMINFER__DIGITS(q) while (q < end && *q >= '0' && *q <= '9') q++
+    if (q < end && *q == '-') q++;
+    if (q < end && *q == '0') q++;
+    else if (q < end && *q >= '1' && *q <= '9') { WASMINFER__DIGITS(q); }
+    else return 0;
+    if (q < end && *q == '.') {
+        const char *f = ++q;
+        WASMINFER__DIGITS(q);
+        if (q == f) return 0;
+    }
+    if (q < end && (*q == 'e' || *q == 'E')) {
+        q++;
+        if (q < end && (*q == '+' || *q == '-')) q++;
+        const char *e = q;
+        WASMINFER__DIGITS(q);
+        if (q == e) return 0;
+    }
+#undef WASMINFER__DIGITS
+    if ((size_t)(q - s) >= sizeof tmp) return 0;
+    memcpy(tmp, s, (size_t)(q - s));
+    tmp[q - s] = '\0';
+    *x = strtod(tmp, NULL);
+    if (*x - *x != 0) return 0; /* overflowed to infinity */
+    *p = q;
+    return 1;
+}
+
+/* Parses `[n, n, ...]` (a JSON array of numbers, whitespace around) from s[0..len) into
+ * out[0..cap) and sets *count. Returns NULL, or why the text was rejected. */
+static inline const char *wasminfer_json_numbers(const char *s, size_t len, double *out, size_t cap,
+                                                 size_t *count) {
+    const char *p = wasminfer__json_ws(s, s + len), *end = s + len;
+    *count = 0;
+    if (p == end || *p != '[') return "expected a JSON array of numbers";
+    p = wasminfer__json_ws(p + 1, end);
+    if (p < end && *p == ']') return wasminfer__json_ws(p + 1, end) == end ? NULL : "trailing text after the array";
+    for (;;) {
+        double x;
+        if (!wasminfer__json_number(&p, end, &x)) return "expected a JSON array of numbers";
+        if (*count == cap) return "too many numbers";
+        out[(*count)++] = x;
+        p = wasminfer__json_ws(p, end);
+        if (p < end && *p == ',') { p = wasminfer__json_ws(p + 1, end); continue; }
+        if (p < end && *p == ']') break;
+        return "expected ',' or ']' in the array";
+    }
+    return wasminfer__json_ws(p + 1, end) == end ? NULL : "trailing text after the array";
+}
+
+/* ---- the handler glue ----------------------------------------------------------------------- */
+
+/* wasminfer_alloc: one byte more than asked, so that the content type can be NUL-terminated. */
+static inline void *wasminfer_alloc_request(size_t size) { return size == SIZE_MAX ? NULL : malloc(size + 1); }
+
+/* wasminfer_handle: runs the handler on the buffer from wasminfer_alloc_request, then frees it. */
+static inline int wasminfer_dispatch(wasminfer_handler handler, uint8_t *buf, size_t body_len, char *ctype,
+                                     size_t ctype_len) {
+    wasminfer_request req = {buf, body_len, "", 0};
+    if (buf && ctype == (char *)buf + body_len) {
+        ctype[ctype_len] = '\0';
+        req.content_type = ctype;
+        req.content_type_len = ctype_len;
+    }
+    int status = handler(&req);
+    free(buf);
+    return status;
+}
+
+/* Defines the module's exports around `handler` (int handler(const wasminfer_request *)). Use it
+ * in exactly one .c file of the function. */
+#define WASMINFER_HANDLER(handler)                                                                  \
+    WASMINFER_EXPORT("wasminfer_abi_v1") void wasminfer_abi_v1(void) {}                            \
+    WASMINFER_EXPORT("wasminfer_alloc") void *wasminfer_alloc(size_t size) {                       \
+        return wasminfer_alloc_request(size);                                                       \
+    }                                                                                               \
+    WASMINFER_EXPORT("wasminfer_handle")                                                            \
+    int wasminfer_handle(uint8_t *body, size_t body_len, char *ctype, size_t ctype_len) {           \
+        return wasminfer_dispatch(handler, body, body_len, ctype, ctype_len);                       \
+    }
+
+#endif /* WASMINFER_H */

@@ -1,0 +1,41 @@
+"""The one module that touches the bindings componentize-py generates (`wit_world`).
+
+Inside a component, `wit_world` exists and every call goes to the host. In plain Python (tests,
+trying a function out before building it) it does not: `infer` then goes to the backend that
+`wasminfer_guest.local` installs, and log lines to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import wit_world.exports as wit_exports
+    from componentize_py_types import Err
+    from wit_world.exports import handler as wit_handler
+    from wit_world.imports import inference as wit_inference
+    from wit_world.imports import logging as wit_logging
+    from wit_world.imports import types as wit_types
+
+    IN_COMPONENT = True
+except ImportError:  # plain Python
+    IN_COMPONENT = False
+    wit_exports = wit_handler = wit_inference = wit_logging = wit_types = None
+    Err = None
+
+# plain Python only: `(model, {name: Tensor}) -> {name: Tensor}`, set by wasminfer_guest.local
+local_infer: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
+
+LEVELS = ("debug", "info", "warn", "error")
+
+
+def log(level: str, message: str) -> None:
+    if IN_COMPONENT:
+        wit_logging.log(_LEVEL_CASES[level], message)
+    else:
+        print(f"[{level}] {message}", file=sys.stderr)
+
+
+_LEVEL_CASES = {name: getattr(wit_logging.Level, name.upper()) for name in LEVELS} if IN_COMPONENT else {}

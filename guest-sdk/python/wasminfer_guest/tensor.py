@@ -1,0 +1,169 @@
+"""`Tensor`: a dtype, a shape and row-major data, without numpy (the guest has none).
+
+Numeric data is kept as little-endian bytes, the form it crosses the host boundary in; `values()`
+and `tolist()` turn it into Python numbers with the `array` module (float16 through `struct`).
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# dtype -> (array typecode, element size); float16 has no typecode (struct's "e"), bool is one byte.
+_CODES = {
+    "uint8": ("B", 1), "int8": ("b", 1), "uint16": ("H", 2), "int16": ("h", 2),
+    "uint32": ("I", 4), "int32": ("i", 4), "uint64": ("Q", 8), "int64": ("q", 8),
+    "float16": ("", 2), "float32": ("f", 4), "float64": ("d", 8), "bool": ("B", 1),
+}  # fmt: skip
+DTYPES = (*_CODES, "string")
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+class Tensor:
+    """A tensor: `dtype` (one of `DTYPES`), `shape` (a tuple, empty for a scalar) and `data`
+    (little-endian bytes for numbers and bool, a list of str for dtype "string").
+
+    Build one with `Tensor.of(values, dtype)` (nested lists or a flat sequence plus `shape`),
+    `Tensor.from_bytes` or `Tensor.text`; read it with `values()` (flat), `tolist()` (nested) or
+    `item()` (one element).
+    """
+
+    __slots__ = ("dtype", "shape", "data")
+
+    def __init__(self, dtype: str, shape: Sequence[int], data: bytes | list[str]) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPES)}")
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"negative dimension in shape {shape}")
+        count = _prod(shape)
+        if dtype == "string":
+            if not isinstance(data, list) or len(data) != count:
+                raise ValueError(f"a string tensor of shape {list(shape)} needs a list of {count} str")
+        elif not isinstance(data, bytes | bytearray) or len(data) != count * _CODES[dtype][1]:
+            raise ValueError(f"a {dtype} tensor of shape {list(shape)} needs {count * _CODES[dtype][1]} bytes")
+        self.dtype = dtype
+        self.shape = shape
+        self.data = bytes(data) if isinstance(data, bytearray) else data
+
+    @classmethod
+    def of(cls, values: Any, dtype: str = "float32", shape: Sequence[int] | None = None) -> Tensor:
+        """A tensor of `values`: nested lists (their nesting gives the shape) or a flat sequence
+        with `shape`. Raises `ValueError` for ragged lists or a count that does not fit `shape`."""
+        flat, found = _flatten(values)
+        shape = tuple(shape) if shape is not None else found
+        if _prod(shape) != len(flat):
+            raise ValueError(f"{len(flat)} values do not fill shape {list(shape)}")
+        if dtype == "string":
+            return cls(dtype, shape, [str(v) for v in flat])
+        return cls(dtype, shape, _pack(dtype, flat))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, dtype: str, shape: Sequence[int]) -> Tensor:
+        """A numeric tensor over little-endian `data` (not copied)."""
+        return cls(dtype, shape, data)
+
+    @classmethod
+    def text(cls, strings: Sequence[str], shape: Sequence[int] | None = None) -> Tensor:
+        """A string tensor (ONNX `tensor(string)`); 1-D unless `shape` says otherwise."""
+        return cls("string", shape if shape is not None else (len(strings),), list(strings))
+
+    @property
+    def size(self) -> int:
+        return _prod(self.shape)
+
+    def values(self) -> Sequence[Any]:
+        """Every element, flat, in row-major order (an `array.array` for numbers, a list otherwise)."""
+        if self.dtype == "string":
+            return list(self.data)
+        code, size = _CODES[self.dtype]
+        if not code:  # float16
+            return list(struct.unpack(f"<{len(self.data) // 2}e", self.data))
+        out = array.array(code, self.data)
+        if _BIG_ENDIAN and size > 1:
+            out.byteswap()
+        if self.dtype == "bool":
+            return [bool(v) for v in out]
+        return out
+
+    def tolist(self) -> Any:
+        """The elements as nested lists of the tensor's shape (a bare value for a scalar)."""
+        flat = list(self.values())
+        if not self.shape:
+            return flat[0]
+        return _nest(flat, self.shape)
+
+    def item(self, *index: int) -> Any:
+        """One element by its index (`t.item(0, 3)`), or the only one of a scalar or 1-element tensor."""
+        if not index:
+            if self.size != 1:
+                raise ValueError(f"item() of a tensor of shape {list(self.shape)} needs an index")
+            return self.values()[0]
+        if len(index) != len(self.shape):
+            raise IndexError(f"index {index} for shape {list(self.shape)}")
+        flat = 0
+        for i, d in zip(index, self.shape, strict=True):
+            if not 0 <= i < d:
+                raise IndexError(f"index {index} out of shape {list(self.shape)}")
+            flat = flat * d + i
+        return self.values()[flat]
+
+    def reshape(self, *shape: int) -> Tensor:
+        """The same data under another shape of the same size."""
+        if _prod(shape) != self.size:
+            raise ValueError(f"cannot reshape {list(self.shape)} to {list(shape)}")
+        return Tensor(self.dtype, shape, self.data)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Tensor) and self.dtype == other.dtype and self.shape == other.shape
+                and self.data == other.data)
+
+    def __repr__(self) -> str:
+        preview = list(self.values())[:6]
+        more = ", …" if self.size > 6 else ""
+        return f"Tensor({self.dtype}, shape={list(self.shape)}, [{', '.join(map(repr, preview))}{more}])"
+
+
+def _prod(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _flatten(values: Any) -> tuple[list[Any], tuple[int, ...]]:
+    if isinstance(values, Tensor):
+        return list(values.values()), values.shape
+    if not isinstance(values, list | tuple | array.array):
+        return [values], ()
+    if not values or not isinstance(values[0], list | tuple):
+        return list(values), (len(values),)
+    rows = [_flatten(v) for v in values]
+    inner = rows[0][1]
+    if any(shape != inner for _, shape in rows):
+        raise ValueError("ragged nested lists: every row must have the same shape")
+    return [x for flat, _ in rows for x in flat], (len(values), *inner)
+
+
+def _pack(dtype: str, flat: list[Any]) -> bytes:
+    code, size = _CODES[dtype]
+    if not code:
+        return struct.pack(f"<{len(flat)}e", *flat)
+    if dtype == "bool":
+        flat = [1 if v else 0 for v in flat]
+    elif code in "fd":
+        flat = [float(v) for v in flat]
+    packed = array.array(code, flat)  # raises OverflowError for out-of-range integers
+    if _BIG_ENDIAN and size > 1:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _nest(flat: list[Any], shape: tuple[int, ...]) -> list[Any]:
+    if len(shape) == 1:
+        return flat
+    step = len(flat) // shape[0] if shape[0] else 0
+    return [_nest(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]

@@ -1,0 +1,239 @@
+"""Building guest functions from source: C → wasm32-wasi handler modules with `zig cc`.
+
+Owns the compiler command line (the flags that make a module fit a small `memory_mb`) and the
+on-disk build cache. The compiler is `ziglang` from PyPI, run as `python -m ziglang cc`, so a fresh
+`pip install wasminfer[examples]` can build every example function.
+
+The language is picked from the sources found (`_LANGUAGES`) and each has a builder in `_BUILDERS`;
+Python functions (componentize-py, against guest-sdk/wit/) plug in at `_build_python`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["BuildError", "build", "default_cache_dir", "guest_sdk_dir"]
+
+Progress = Callable[[str], None]
+
+# Bump when the command line or the cache layout changes in a way the cache key does not capture.
+_RECIPE = "wasminfer-build-1"
+_PAGE = 64 << 10
+_COMPILE_TIMEOUT_S = 900  # the very first zig run on a machine builds wasi-libc (~30 s, more when slow)
+_LANGUAGES = {".c": "c", ".py": "python"}  # source suffix → language, in order of preference
+
+
+class BuildError(Exception):
+    """A function could not be built. `stderr` holds the compiler's output, when there was one."""
+
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(f"{message}\n{stderr}".rstrip() if stderr else message)
+        self.message = message
+        self.stderr = stderr
+
+
+def guest_sdk_dir() -> Path:
+    """The `guest-sdk` folder: `$WASMINFER_GUEST_SDK`, else the one in this package's source tree.
+
+    Raises `BuildError` if it does not hold `c/wasminfer.h`.
+    """
+    env = os.environ.get("WASMINFER_GUEST_SDK")
+    sdk = Path(env) if env else Path(__file__).resolve().parents[2] / "guest-sdk"
+    if not (sdk / "c" / "wasminfer.h").is_file():
+        raise BuildError(f"guest SDK not found at {sdk} (set WASMINFER_GUEST_SDK to the guest-sdk folder)")
+    return sdk
+
+
+def default_cache_dir() -> Path:
+    """`$WASMINFER_CACHE/build`, else `~/.cache/wasminfer/build`."""
+    root = os.environ.get("WASMINFER_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "wasminfer") / "build"
+
+
+@dataclass(frozen=True)
+class _Sources:
+    language: str
+    root: Path  # the function folder (or the single file's folder): on the include path
+    files: tuple[Path, ...]  # compiled
+    extra: tuple[Path, ...]  # not compiled but part of the cache key (headers)
+
+
+@dataclass(frozen=True)
+class _Flags:
+    opt: str
+    initial_memory: int | None
+    stack_size: int
+    exec_model: str = "reactor"  # reactor: handler modules; command: WASI programs with `_start`
+
+    def key(self) -> str:
+        key = f"{self.opt} initial-memory={self.initial_memory} stack-size={self.stack_size}"
+        # reactor builds keep the cache keys they had before the option existed
+        return key if self.exec_model == "reactor" else f"{key} exec-model={self.exec_model}"
+
+
+def _find_sources(source: Path) -> _Sources:
+    if source.is_file():
+        if source.suffix not in _LANGUAGES:
+            raise BuildError(f"cannot build {source}: expected one of {', '.join(_LANGUAGES)}")
+        return _Sources(_LANGUAGES[source.suffix], source.parent, (source,), ())
+    if not source.is_dir():
+        raise BuildError(f"cannot build {source}: no such file or folder")
+    for suffix, language in _LANGUAGES.items():
+        files = tuple(sorted(source.glob(f"*{suffix}")))
+        if files:
+            extra = tuple(sorted(source.glob("*.h"))) if language == "c" else ()
+            return _Sources(language, source, files, extra)
+    raise BuildError(f"cannot build {source}: it holds no {' or '.join(_LANGUAGES)} files")
+
+
+def _zig_version() -> str:
+    try:
+        return importlib.metadata.version("ziglang")
+    except importlib.metadata.PackageNotFoundError:
+        raise BuildError("the C toolchain is missing: pip install ziglang==0.17.1") from None
+
+
+def _c_command(src: _Sources, out: Path, sdk: Path, flags: _Flags) -> list[str]:
+    # zig's default stack is 16 MiB, hence its 16 MiB initial memory: more than a small memory_mb
+    # allows at instantiation. With a small stack and no --initial-memory, the linker sizes the
+    # initial memory to hold just the stack and the static data.
+    memory = [] if flags.initial_memory is None else [f"-Wl,--initial-memory={flags.initial_memory}"]
+    return [
+        sys.executable, "-m", "ziglang", "cc",
+        "-target", "wasm32-wasi",
+        # reactor: a library with exports and no _start, instances are reused (handler modules);
+        # command: a program whose `_start` runs `main` once per instance (WASI command functions).
+        f"-mexec-model={flags.exec_model}",
+        flags.opt,
+        "-I", str(sdk / "c"),
+        "-I", str(src.root),
+        f"-Wl,-z,stack-size={flags.stack_size}",
+        *memory,
+        "-s",  # no debug info: ~50 KiB instead of ~1 MiB
+        *(str(f) for f in src.files),
+        "-o", str(out),
+    ]  # fmt: skip
+
+
+def _build_c(src: _Sources, out: Path, sdk: Path, flags: _Flags, progress: Progress) -> None:
+    cmd = _c_command(src, out, sdk, flags)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise BuildError(f"compiling {src.root.name} took longer than {_COMPILE_TIMEOUT_S} s") from e
+    if proc.returncode != 0 or not out.is_file():
+        raise BuildError(f"compiling {src.root.name} failed (zig cc exit {proc.returncode})", proc.stderr)
+    if proc.stderr.strip():
+        progress(f"compiler warnings:\n{proc.stderr.rstrip()}")
+
+
+def _build_python(src: _Sources, out: Path, sdk: Path, flags: _Flags, progress: Progress) -> None:
+    # The hook for componentize-py: a component built against the world in guest-sdk/wit/.
+    raise BuildError(f"cannot build {src.root}: Python functions are not supported by `build` yet")
+
+
+_BUILDERS: dict[str, Callable[[_Sources, Path, Path, _Flags, Progress], None]] = {
+    "c": _build_c,
+    "python": _build_python,
+}
+
+
+def _cache_key(src: _Sources, sdk: Path, flags: _Flags) -> str:
+    h = hashlib.sha256()
+
+    def part(label: str, data: bytes) -> None:
+        h.update(label.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+
+    part("recipe", _RECIPE.encode())
+    part("language", src.language.encode())
+    part("zig", _zig_version().encode())
+    part("flags", flags.key().encode())
+    for f in (*src.files, *src.extra):
+        part("source:" + f.name, f.read_bytes())
+    for f in sorted((sdk / "c").glob("*.h")):
+        part("sdk:" + f.name, f.read_bytes())
+    return h.hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build(
+    source: Path,
+    out: Path | None = None,
+    *,
+    cache_dir: Path | None = None,
+    opt: str = "-O2",
+    initial_memory: int | None = None,
+    stack_size: int = 64 << 10,
+    progress: Progress | None = None,
+    exec_model: str = "reactor",
+) -> Path:
+    """Compiles a function — one `.c` file, or every `.c` file of a folder — to a handler module.
+
+    `exec_model="command"` builds a WASI command instead (C only): a program whose `main` runs once
+    per invocation through `_start` (guest-sdk/WASI-NN.md).
+
+    `initial_memory` is the module's memory at instantiation, a multiple of 64 KiB that must hold
+    the stack and the static data and fit the function's `memory_mb`. The default (None) lets the
+    linker pick the smallest such size (128 KiB for the examples). Larger is only waste: the heap
+    grows beyond it (zig's malloc takes every block from `memory.grow`).
+
+    Results are cached in `cache_dir` (default `default_cache_dir()`), keyed by the sources, the SDK
+    headers, the flags and the zig version. A `manifest.json` in the folder is ignored. Returns
+    `out` if given (written atomically), else the cached module's path.
+
+    Raises `BuildError` if the sources or the SDK are missing, the toolchain is not installed, or the
+    compiler fails (the exception carries its stderr), or a command build of non-C sources;
+    `ValueError` for impossible sizes or an unknown `exec_model`.
+    """
+    report = progress or (lambda _msg: None)
+    if stack_size % 16 or stack_size <= 0:
+        raise ValueError(f"stack_size must be a positive multiple of 16, not {stack_size}")
+    if initial_memory is not None and (initial_memory % _PAGE or initial_memory <= stack_size):
+        raise ValueError(
+            f"initial_memory must be a multiple of 64 KiB above stack_size, not {initial_memory}"
+        )
+    if exec_model not in ("reactor", "command"):
+        raise ValueError(f"exec_model must be 'reactor' or 'command', not {exec_model!r}")
+    source = Path(source)
+    src = _find_sources(source)
+    if exec_model != "reactor" and src.language != "c":
+        raise BuildError(f"cannot build {source} as a WASI command: only C sources build as commands")
+    sdk = guest_sdk_dir()
+    flags = _Flags(opt, initial_memory, stack_size, exec_model)
+    cached = (cache_dir or default_cache_dir()) / f"{_cache_key(src, sdk, flags)}.wasm"
+    if cached.is_file():
+        report(f"{source.name}: up to date ({cached.stat().st_size} bytes, cached)")
+    else:
+        report(
+            f"{source.name}: compiling {len(src.files)} {src.language} file(s) with zig cc {_zig_version()}"
+        )
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="wasminfer-build-") as tmp:
+            wasm = Path(tmp) / "out.wasm"
+            _BUILDERS[src.language](src, wasm, sdk, flags, report)
+            _write_atomically(cached, wasm.read_bytes())
+        report(f"{source.name}: built {cached.stat().st_size} bytes in {time.perf_counter() - start:.1f} s")
+    if out is None:
+        return cached
+    _write_atomically(Path(out), cached.read_bytes())
+    return Path(out)

@@ -1,0 +1,140 @@
+/* Native driver for tests/test_guest_sdk_c.py: exercises the codec of guest-sdk/c/wasminfer.h.
+ *
+ *   decode   stdin: records (u32 little-endian length + CBOR bytes); stdout: one line per record,
+ *            "ok <n>" then per tensor "<hex name> <dtype> <dims,comma,separated> <hex data> <aligned>",
+ *            or "error <reason>"
+ *   encode   stdin: lines "<name> <dtype> <dims|-> <hex data|->", then a line "end";
+ *            stdout: the CBOR bytes of one map (repeat for several maps)
+ *   numbers  stdin: records; stdout per record: "ok <n> <%.17g ...>" or "error <reason>"
+ *   member   stdin: records "key\0json"; stdout per record: "<rc> <raw value>"
+ *   jsonstr  stdin: records; stdout per record: the JSON string written for the record's text
+ */
+#include "wasminfer.h"
+
+/* The host imports are not linked natively; the codec does not call them. */
+
+static int read_record(uint8_t **buf, size_t *len) {
+    uint8_t h[4];
+    if (fread(h, 1, 4, stdin) != 4) return 0;
+    *len = (size_t)h[0] | (size_t)h[1] << 8 | (size_t)h[2] << 16 | (size_t)h[3] << 24;
+    *buf = (uint8_t *)malloc(*len ? *len : 1); /* exactly sized, so AddressSanitizer sees overreads */
+    if (!*buf || fread(*buf, 1, *len, stdin) != *len) exit(2);
+    return 1;
+}
+
+static int hexval(int c) { return c <= '9' ? c - '0' : (c | 32) - 'a' + 10; }
+
+static void decode(void) {
+    uint8_t *buf;
+    size_t len;
+    while (read_record(&buf, &len)) {
+        wasminfer_tensor t[WASMINFER_MAX_TENSORS];
+        size_t n, i, j;
+        const char *why = wasminfer_cbor_decode(buf, len, t, WASMINFER_MAX_TENSORS, &n);
+        if (why) {
+            printf("error %s\n", why);
+        } else {
+            printf("ok %zu\n", n);
+            for (i = 0; i < n; i++) {
+                for (j = 0; j < t[i].name_len; j++) printf("%02x", (uint8_t)t[i].name[j]);
+                printf("%s %d ", t[i].name_len ? "" : "-", t[i].dtype);
+                for (j = 0; j < (size_t)t[i].ndim; j++) printf(j ? ",%lld" : "%lld", (long long)t[i].dims[j]);
+                printf(t[i].ndim ? " " : "- ");
+                for (j = 0; j < t[i].nbytes; j++) printf("%02x", ((uint8_t *)t[i].data)[j]);
+                printf(t[i].nbytes ? " " : "- ");
+                printf("%d\n", (uintptr_t)t[i].data % wasminfer_dtype_size(t[i].dtype) == 0);
+            }
+        }
+        free(buf);
+    }
+}
+
+static void encode(void) {
+    char line[1 << 16];
+    wasminfer_tensor t[WASMINFER_MAX_TENSORS];
+    char names[WASMINFER_MAX_TENSORS][64];
+    uint8_t data[WASMINFER_MAX_TENSORS][4096];
+    size_t n = 0;
+    while (fgets(line, sizeof line, stdin)) {
+        if (strncmp(line, "end", 3) == 0) {
+            size_t size = wasminfer_cbor_size(t, n), len = 0;
+            uint8_t *out = (uint8_t *)malloc(size ? size : 1);
+            const char *why = wasminfer_cbor_encode(t, n, out, size, &len);
+            if (why || len != size) { fprintf(stderr, "encode: %s\n", why ? why : "size mismatch"); exit(1); }
+            fwrite(out, 1, len, stdout);
+            free(out);
+            n = 0;
+            continue;
+        }
+        char dims[256], hex[1 << 14];
+        wasminfer_tensor *x = &t[n];
+        memset(x, 0, sizeof *x);
+        if (sscanf(line, "%63s %d %255s %16383s", names[n], &x->dtype, dims, hex) != 4) exit(3);
+        x->name = names[n];
+        if (strcmp(dims, "-") != 0)
+            for (char *d = strtok(dims, ","); d; d = strtok(NULL, ",")) x->dims[x->ndim++] = atoll(d);
+        if (strcmp(hex, "-") != 0)
+            for (size_t j = 0; hex[2 * j]; j++)
+                data[n][x->nbytes++] = (uint8_t)(hexval(hex[2 * j]) << 4 | hexval(hex[2 * j + 1]));
+        x->data = data[n];
+        n++;
+    }
+}
+
+static void numbers(void) {
+    uint8_t *buf;
+    size_t len, n, i;
+    double out[128];
+    while (read_record(&buf, &len)) {
+        const char *why = wasminfer_json_numbers((const char *)buf, len, out, 128, &n);
+        if (why) printf("error %s\n", why);
+        else {
+            printf("ok %zu", n);
+            for (i = 0; i < n; i++) printf(" %.17g", out[i]);
+            printf("\n");
+        }
+        free(buf);
+    }
+}
+
+static void member(void) {
+    uint8_t *buf;
+    size_t len, vlen = 0;
+    while (read_record(&buf, &len)) {
+        const char *key = (const char *)buf, *val = "";
+        size_t klen = strlen(key);
+        int rc = wasminfer_json_member(key + klen + 1, len - klen - 1, key, &val, &vlen);
+        printf("%d %.*s\n", rc, rc == 1 ? (int)vlen : 0, val);
+        free(buf);
+    }
+}
+
+static void jsonstr(void) {
+    uint8_t *buf;
+    size_t len;
+    while (read_record(&buf, &len)) {
+        char *s = (char *)malloc(len + 1);
+        memcpy(s, buf, len);
+        s[len] = '\0';
+        wasminfer_buf b = {0};
+        wasminfer_json_str(&b, s);
+        wasminfer_buf_puts(&b, " ");
+        wasminfer_json_num(&b, 0.1f);
+        fwrite(b.data, 1, b.len, stdout);
+        printf("\n");
+        wasminfer_buf_free(&b);
+        free(s);
+        free(buf);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) return 2;
+    if (!strcmp(argv[1], "decode")) decode();
+    else if (!strcmp(argv[1], "encode")) encode();
+    else if (!strcmp(argv[1], "numbers")) numbers();
+    else if (!strcmp(argv[1], "member")) member();
+    else if (!strcmp(argv[1], "jsonstr")) jsonstr();
+    else return 2;
+    return 0;
+}
