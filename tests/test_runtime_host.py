@@ -126,6 +126,14 @@ def test_memory_limit_violated_by_request(host: Host) -> None:
     assert host.invoke("hostile", b"e").body == b"e"
 
 
+def test_request_refused_by_a_warm_instance_is_retried_on_a_fresh_one(host: Host) -> None:
+    host.invoke("hostile", b"c")
+    body = b"e" + b"y" * 4241
+    r = host.invoke("hostile", body, "")
+    assert r.body == body and r.cold
+    assert host.function("hostile").pool.stats()["discarded_total"] == 1
+
+
 def test_memory_limit_violated_by_growth(host: Host) -> None:
     with pytest.raises(MemoryLimitExceeded, match="4 MiB"):
         host.invoke("hostile", b"m")

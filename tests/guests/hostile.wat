@@ -7,6 +7,7 @@
 ;;   j infer into a 4-byte buffer, then fetch the result with infer_result
 ;;   r recurse until the stack overflows                 n infer with an unknown model name
 ;;   c count: return how many requests this instance has served (as one byte)
+;; A warm instance's wasminfer_alloc refuses exactly 4242 bytes (a fragmented heap, simulated).
 (module
   (import "wasminfer" "output" (func $output (param i32 i32 i32 i32) (result i32)))
   (import "wasminfer" "error" (func $error (param i32 i32)))
@@ -24,6 +25,9 @@
   (func (export "wasminfer_abi_v1"))
   (func $alloc (export "wasminfer_alloc") (param $n i32) (result i32)
     (local $p i32)
+    ;; a warm instance refuses exactly 4242 bytes: stands in for a fragmented heap
+    (if (i32.and (i32.gt_u (global.get $served) (i32.const 0)) (i32.eq (local.get $n) (i32.const 4242)))
+      (then (return (i32.const 0))))
     (global.set $heap (i32.const 4096))
     (local.set $p (global.get $heap))
     ;; grow memory if needed

@@ -90,6 +90,7 @@ class InvocationState(CallState):
         self.infer_ns = 0
         self.log_bytes = 0
         self.discard = False  # the instance must not be reused (trap, timeout, limit)
+        self.alloc_failed = False  # the request buffer could not be allocated (before the handler ran)
         self.nn_error: str | None = None  # the last failed wasi-nn call, cleared by a successful compute
         self.nn_errors = 0  # failed wasi-nn calls (the first few are logged)
 
@@ -259,6 +260,7 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
     try:
         ptr = inst.call(EXPORT_ALLOC, (total,), state, m.timeout_ms)
         if ptr == 0 and total > 0:
+            state.alloc_failed = True
             raise MemoryLimitExceeded(
                 f"function {state.function!r} could not allocate {total} bytes for the request within "
                 f"its memory limit of {m.memory_mb} MiB (manifest key 'memory_mb')"
