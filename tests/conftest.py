@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +45,21 @@ def wasm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tensors(**arrays: np.ndarray) -> dict[str, np.ndarray]:
     return dict(arrays)
+
+
+@pytest.fixture(scope="session")
+def build_guest(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., bytes]:
+    """`build_guest("nn_probe.c", exec_model="command")`: a C guest of tests/guests/ built with the
+    toolchain from source, once per session (a session cache folder: every session compiles)."""
+    from wasminfer import toolchain
+
+    cache = tmp_path_factory.mktemp("guest-builds")
+    built: dict[tuple[str, str], bytes] = {}
+
+    def build(name: str, exec_model: str = "reactor") -> bytes:
+        if (name, exec_model) not in built:
+            path = toolchain.build(GUESTS / name, cache_dir=cache, exec_model=exec_model)
+            built[name, exec_model] = path.read_bytes()
+        return built[name, exec_model]
+
+    return build

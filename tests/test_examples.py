@@ -27,19 +27,21 @@ from wasminfer.runtime import Host, Manifest
 pytestmark = pytest.mark.slow  # the first zig run on a machine builds wasi-libc (~30 s)
 
 DATA = Path(__file__).resolve().parent / "data"
+# The C examples; the Python ones (components, slow to build) are tested in test_python_guest.py.
+C_EXAMPLES = [ex for ex in EXAMPLES if ex.language == "c"]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     cache = tmp_path_factory.mktemp("build")
-    return {ex.name: toolchain.build(ex.folder, cache_dir=cache).read_bytes() for ex in EXAMPLES}
+    return {ex.name: toolchain.build(ex.folder, cache_dir=cache).read_bytes() for ex in C_EXAMPLES}
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory, built: dict[str, bytes]) -> Iterator[Host]:
     model_cache = tmp_path_factory.mktemp("models")
     with Host(cache_dir=tmp_path_factory.mktemp("host")) as h:
-        for ex in EXAMPLES:  # what `wasminfer serve --examples` does
+        for ex in C_EXAMPLES:  # what `wasminfer serve --examples` does
             for model in ex.models:
                 h.deploy_model(model.name, model.make(model_cache))
             h.deploy_function(ex.name, built[ex.name], Manifest.from_dict(ex.manifest()))
@@ -54,9 +56,10 @@ def invoke_json(host: Host, function: str, body: bytes, content_type: str) -> di
 
 
 def test_every_example_has_its_files_and_a_valid_manifest() -> None:
-    assert [ex.name for ex in EXAMPLES] == ["digits", "image-classify"]
+    assert [ex.name for ex in EXAMPLES] == ["digits", "image-classify", "text-classify"]
     for ex in EXAMPLES:
-        for name in ("main.c", "manifest.json", "README.md"):
+        source = "main.c" if ex.language == "c" else "app.py"
+        for name in (source, "manifest.json", "README.md"):
             assert (ex.folder / name).is_file(), ex.folder / name
         manifest = Manifest.from_dict(ex.manifest())
         assert list(manifest.models) == [m.name for m in ex.models]

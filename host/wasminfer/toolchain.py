@@ -1,11 +1,11 @@
-"""Building guest functions from source: C → wasm32-wasi handler modules with `zig cc`.
+"""Building guest functions from source: C → wasm32-wasi handler modules with `zig cc`, Python →
+components with componentize-py (against the WIT world in guest-sdk/wit/, with guest-sdk/python/).
 
 Owns the compiler command line (the flags that make a module fit a small `memory_mb`) and the
 on-disk build cache. The compiler is `ziglang` from PyPI, run as `python -m ziglang cc`, so a fresh
 `pip install wasminfer[examples]` can build every example function.
 
-The language is picked from the sources found (`_LANGUAGES`) and each has a builder in `_BUILDERS`;
-Python functions (componentize-py, against guest-sdk/wit/) plug in at `_build_python`.
+The language is picked from the sources found (`_LANGUAGES`) and each has a builder in `_BUILDERS`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,7 +91,7 @@ def _find_sources(source: Path) -> _Sources:
     for suffix, language in _LANGUAGES.items():
         files = tuple(sorted(source.glob(f"*{suffix}")))
         if files:
-            extra = tuple(sorted(source.glob("*.h"))) if language == "c" else ()
+            extra = tuple(sorted(source.glob("*.h"))) if language == "c" else _python_extra(source, files)
             return _Sources(language, source, files, extra)
     raise BuildError(f"cannot build {source}: it holds no {' or '.join(_LANGUAGES)} files")
 
@@ -136,9 +137,91 @@ def _build_c(src: _Sources, out: Path, sdk: Path, flags: _Flags, progress: Progr
         progress(f"compiler warnings:\n{proc.stderr.rstrip()}")
 
 
+def _componentize_py_version() -> str:
+    try:
+        return importlib.metadata.version("componentize-py")
+    except importlib.metadata.PackageNotFoundError:
+        raise BuildError("the Python toolchain is missing: pip install componentize-py==0.25.1") from None
+
+
+def _python_extra(folder: Path, files: tuple[Path, ...]) -> tuple[Path, ...]:
+    """Every other file of a Python function's folder (its modules in subfolders, its data files such
+    as a vocabulary): they go into the component and into the cache key."""
+    skip = {"manifest.json", "README.md"}
+    found = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if (path.is_file() and path not in files and rel.name not in skip and path.suffix != ".pyc"
+                and not any(part.startswith(".") or part == "__pycache__" for part in rel.parts)):
+            found.append(path)
+    return tuple(found)
+
+
+def _python_module(src: _Sources) -> str:
+    """The module that holds the `@handler`: the file built, else app.py or main.py of the folder."""
+    names = [f.stem for f in src.files]
+    if len(names) == 1:
+        return names[0]
+    for name in ("app", "main"):
+        if name in names:
+            return name
+    raise BuildError(f"cannot build {src.root}: which module holds the @handler? name it app.py")
+
+
+# The entry module componentize-py snapshots: the function's module, then the SDK's preparation.
+_PY_ENTRY = """\
+import {module}
+import wasminfer_guest.export
+from wasminfer_guest.export import Handler  # the export componentize-py looks up
+
+wasminfer_guest.export.prepare({module})
+"""
+
+
 def _build_python(src: _Sources, out: Path, sdk: Path, flags: _Flags, progress: Progress) -> None:
-    # The hook for componentize-py: a component built against the world in guest-sdk/wit/.
-    raise BuildError(f"cannot build {src.root}: Python functions are not supported by `build` yet")
+    """componentize-py against the WIT world in guest-sdk/wit, with the SDK in guest-sdk/python.
+
+    The function's files are staged alone in a temporary folder and componentize-py sees an empty
+    virtualenv: the component holds what the cache key covers, never whatever the build machine
+    has installed (pure-Python dependencies go into the function's folder).
+    """
+    module = _python_module(src)
+    with tempfile.TemporaryDirectory(prefix="wasminfer-py-") as tmp_name:
+        tmp = Path(tmp_name)
+        app, entry, venv = tmp / "app", tmp / "entry", tmp / "venv"
+        for f in (*src.files, *src.extra):
+            target = app / f.relative_to(src.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+        entry.mkdir()
+        (entry / "wasminfer_main.py").write_text(_PY_ENTRY.format(module=module))
+        (venv / "lib" / "python3" / "site-packages").mkdir(parents=True)
+        cmd = [
+            sys.executable, "-c", "import componentize_py; componentize_py.script()",
+            "-d", str(sdk / "wit"), "-w", "function", "componentize", "wasminfer_main",
+            "-p", str(entry), "-p", str(app), "-p", str(sdk / "python"), "-o", str(out),
+        ]  # fmt: skip
+        env = {**os.environ, "VIRTUAL_ENV": str(venv)}
+        env.pop("PYTHONPATH", None)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+        start = time.monotonic()
+        try:
+            while True:
+                try:
+                    output, _ = proc.communicate(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    elapsed = time.monotonic() - start
+                    if elapsed > _COMPILE_TIMEOUT_S:
+                        raise BuildError(f"componentize-py took longer than {_COMPILE_TIMEOUT_S} s") from None
+                    progress(f"{src.root.name}: componentize-py still running ({elapsed:.0f} s)")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        text = output.decode("utf-8", "replace")
+    if proc.returncode != 0 or not out.is_file():
+        raise BuildError(f"building {src.root.name} failed (componentize-py exit {proc.returncode})", text)
 
 
 _BUILDERS: dict[str, Callable[[_Sources, Path, Path, _Flags, Progress], None]] = {
@@ -155,7 +238,13 @@ def _cache_key(src: _Sources, sdk: Path, flags: _Flags) -> str:
 
     part("recipe", _RECIPE.encode())
     part("language", src.language.encode())
-    part("zig", _zig_version().encode())
+    if src.language == "python":
+        part("componentize-py", _componentize_py_version().encode())
+        part("layout", "\0".join(str(f.relative_to(src.root)) for f in (*src.files, *src.extra)).encode())
+        for f in sorted((sdk / "python").rglob("*.py")) + sorted((sdk / "wit").glob("*.wit")):
+            part("sdk:" + str(f.relative_to(sdk)), f.read_bytes())
+    else:
+        part("zig", _zig_version().encode())
     part("flags", flags.key().encode())
     for f in (*src.files, *src.extra):
         part("source:" + f.name, f.read_bytes())
@@ -187,7 +276,9 @@ def build(
     progress: Progress | None = None,
     exec_model: str = "reactor",
 ) -> Path:
-    """Compiles a function — one `.c` file, or every `.c` file of a folder — to a handler module.
+    """Compiles a function — one `.c` file, or every `.c` file of a folder — to a handler module;
+    or a Python function — one `.py` file, or a folder with `app.py` (its other files, such as data
+    files, go along) — to a component (the memory and stack options do not apply to it).
 
     `exec_model="command"` builds a WASI command instead (C only): a program whose `main` runs once
     per invocation through `_start` (guest-sdk/WASI-NN.md).
@@ -198,8 +289,9 @@ def build(
     grows beyond it (zig's malloc takes every block from `memory.grow`).
 
     Results are cached in `cache_dir` (default `default_cache_dir()`), keyed by the sources, the SDK
-    headers, the flags and the zig version. A `manifest.json` in the folder is ignored. Returns
-    `out` if given (written atomically), else the cached module's path.
+    (C headers; for Python the SDK and the WIT world), the flags and the toolchain's version. A
+    `manifest.json` in the folder is ignored. Returns `out` if given (written atomically), else the
+    cached module's path.
 
     Raises `BuildError` if the sources or the SDK are missing, the toolchain is not installed, or the
     compiler fails (the exception carries its stderr), or a command build of non-C sources;
@@ -224,9 +316,9 @@ def build(
     if cached.is_file():
         report(f"{source.name}: up to date ({cached.stat().st_size} bytes, cached)")
     else:
-        report(
-            f"{source.name}: compiling {len(src.files)} {src.language} file(s) with zig cc {_zig_version()}"
-        )
+        tool = (f"componentize-py {_componentize_py_version()} (embeds CPython: 10-30 s)"
+                if src.language == "python" else f"zig cc {_zig_version()}")
+        report(f"{source.name}: compiling {len(src.files)} {src.language} file(s) with {tool}")
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="wasminfer-build-") as tmp:
             wasm = Path(tmp) / "out.wasm"

@@ -42,7 +42,7 @@ def infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
             raise TypeError(f"input {name!r} is {type(tensor).__name__}, not a wasminfer_guest.Tensor")
     if not b.IN_COMPONENT:
         if b.local_infer is None:
-            raise RuntimeError("infer() outside a component: install a backend with wasminfer_guest.local.use()")
+            raise RuntimeError("infer() outside a component needs a backend: wasminfer_guest.local.use()")
         return b.local_infer(model, dict(inputs))
     try:
         outputs = b.wit_inference.infer(model, [_to_wit(name, t) for name, t in inputs.items()])
@@ -58,7 +58,10 @@ def _to_wit(name: str, t: Tensor) -> Any:
 
 
 def _from_wit(t: Any) -> Tensor:
-    return Tensor(t.dtype.name.lower(), t.shape, t.data.value)
+    return Tensor._trusted(_DTYPE_NAMES[t.dtype], t.shape, t.data.value)
+
+
+_DTYPE_NAMES = {d: d.name.lower() for d in b.wit_types.Dtype} if b.IN_COMPONENT else {}
 
 
 def _kind(case: Any) -> str:

@@ -44,10 +44,18 @@ class Tensor:
             if not isinstance(data, list) or len(data) != count:
                 raise ValueError(f"a string tensor of shape {list(shape)} needs a list of {count} str")
         elif not isinstance(data, bytes | bytearray) or len(data) != count * _CODES[dtype][1]:
-            raise ValueError(f"a {dtype} tensor of shape {list(shape)} needs {count * _CODES[dtype][1]} bytes")
+            need = count * _CODES[dtype][1]
+            raise ValueError(f"a {dtype} tensor of shape {list(shape)} needs {need} bytes of data")
         self.dtype = dtype
         self.shape = shape
         self.data = bytes(data) if isinstance(data, bytearray) else data
+
+    @classmethod
+    def _trusted(cls, dtype: str, shape: Sequence[int], data: bytes | list[str]) -> Tensor:
+        """A tensor from parts the host already checked (infer's outputs): no validation."""
+        t = cls.__new__(cls)
+        t.dtype, t.shape, t.data = dtype, tuple(shape), data
+        return t
 
     @classmethod
     def of(cls, values: Any, dtype: str = "float32", shape: Sequence[int] | None = None) -> Tensor:
@@ -140,7 +148,12 @@ def _flatten(values: Any) -> tuple[list[Any], tuple[int, ...]]:
     if not isinstance(values, list | tuple | array.array):
         return [values], ()
     if not values or not isinstance(values[0], list | tuple):
-        return list(values), (len(values),)
+        return (values if isinstance(values, list) else list(values)), (len(values),)
+    width = len(values[0])
+    if all(type(row) in (list, tuple) and len(row) == width for row in values) and not any(
+        isinstance(x, list | tuple) for row in values for x in row[:1]
+    ):  # the common case, a matrix: one pass
+        return [x for row in values for x in row], (len(values), width)
     rows = [_flatten(v) for v in values]
     inner = rows[0][1]
     if any(shape != inner for _, shape in rows):
@@ -154,9 +167,8 @@ def _pack(dtype: str, flat: list[Any]) -> bytes:
         return struct.pack(f"<{len(flat)}e", *flat)
     if dtype == "bool":
         flat = [1 if v else 0 for v in flat]
-    elif code in "fd":
-        flat = [float(v) for v in flat]
-    packed = array.array(code, flat)  # raises OverflowError for out-of-range integers
+    # array takes ints for floats; it raises TypeError for floats as ints, OverflowError out of range
+    packed = array.array(code, flat)
     if _BIG_ENDIAN and size > 1:
         packed.byteswap()
     return packed.tobytes()

@@ -1,14 +1,18 @@
-"""Models: the registry of ONNX Runtime sessions (one per model) and the tensor codec.
+"""Models: the registry of ONNX Runtime sessions (one per model), their dynamic batching, and the
+tensor codec.
 
 Never imports wasmtime or starlette: the runtime and the gateway build on this layer.
 """
 
 from __future__ import annotations
 
+from wasminfer.models.batching import BatchingConfig, BatchingStats
 from wasminfer.models.codec import decode_tensors, encode_tensors, tensors_from_json, tensors_to_json
 from wasminfer.models.registry import ModelInfo, ModelRegistry, ModelStats, TensorSpec
 
 __all__ = [
+    "BatchingConfig",
+    "BatchingStats",
     "ModelInfo",
     "ModelRegistry",
     "ModelStats",

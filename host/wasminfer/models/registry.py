@@ -39,6 +39,7 @@ small that Python, not ORT, dominates its cost. ORT's default is the one choice 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import hashlib
 import re
 import threading
@@ -55,6 +56,7 @@ import psutil
 from google.protobuf.message import DecodeError, Message
 
 from wasminfer.errors import (
+    BadRequest,
     InferenceFailed,
     InvalidModel,
     InvalidName,
@@ -62,9 +64,20 @@ from wasminfer.errors import (
     ModelNotFound,
     Unavailable,
 )
+from wasminfer.models.batching import (
+    MAX_BATCH_SIZE_LIMIT,
+    MAX_CONCURRENT_BATCHES_LIMIT,
+    MAX_QUEUE_DELAY_US_LIMIT,
+    BatchCounters,
+    Batcher,
+    BatchingConfig,
+    BatchingStats,
+    default_slots,
+)
 
 __all__ = [
     "ALLOWED_DOMAINS",
+    "MAX_THREADS",
     "DEFAULT_INTER_OP_THREADS",
     "DEFAULT_INTRA_OP_THREADS",
     "ModelInfo",
@@ -76,6 +89,8 @@ __all__ = [
 DEFAULT_INTRA_OP_THREADS = 1
 # Only used by ORT's parallel execution mode, which the registry does not enable (see _session).
 DEFAULT_INTER_OP_THREADS = 1
+#: The most intra-/inter-op threads a model may ask for.
+MAX_THREADS = 64
 
 #: Operator domains a model may use: standard ONNX, ONNX-ML, and ORT's own contrib ops.
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -123,6 +138,7 @@ class TensorSpec:
 class ModelInfo:
     """What the registry knows about a loaded model.
 
+    `batching` is the model's dynamic batching, None when each call runs on its own.
     `resident_bytes` is an estimate: the growth of the process' RSS while ORT created the session.
     It misses memory ORT allocates at the first runs (its arena) and is skewed by whatever else the
     process allocates or frees meanwhile (other loads, requests).
@@ -138,8 +154,10 @@ class ModelInfo:
     metadata: dict[str, str]
     intra_op_threads: int
     inter_op_threads: int
+    batching: BatchingConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        batching = self.batching
         return {
             "name": self.name,
             "sha256": self.sha256,
@@ -151,6 +169,9 @@ class ModelInfo:
             "metadata": dict(self.metadata),
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": self.inter_op_threads,
+            "max_batch_size": batching.max_batch_size if batching else None,
+            "max_queue_delay_us": batching.max_queue_delay_us if batching else None,
+            "max_concurrent_batches": batching.max_concurrent_batches if batching else None,
         }
 
 
@@ -158,10 +179,12 @@ class ModelInfo:
 class ModelStats:
     """Counters of one model since it was first loaded (they survive reloads, reset on unload).
 
-    `runs` counts successful runs and `run_seconds_total` their time in `session.run`; `errors`
-    counts runs ORT failed (`InferenceFailed`), `rejected` calls refused before running because an
-    input did not match the model (`InvalidTensor`). `last_used` is a `time.monotonic()` value,
-    None before the first call.
+    `runs` counts successful `session.run` calls and `run_seconds_total` their time in it;
+    `inferences` counts the `infer` calls answered (more than `runs` when calls share batched runs);
+    `errors` counts calls ORT failed (`InferenceFailed`), `rejected` calls refused before running
+    because an input did not match the model (`InvalidTensor`). The rates are over the last 10
+    seconds. `last_used` is a `time.monotonic()` value, None before the first call. `batching`:
+    the batcher's counters, None for a model that does not batch.
     """
 
     runs: int
@@ -169,22 +192,79 @@ class ModelStats:
     rejected: int
     run_seconds_total: float
     last_used: float | None
+    inferences: int = 0
+    runs_per_second: float = 0.0
+    inferences_per_second: float = 0.0
+    batching: BatchingStats | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runs": self.runs,
+            "inferences": self.inferences,
+            "errors": self.errors,
+            "rejected": self.rejected,
+            "run_seconds_total": self.run_seconds_total,
+            "runs_per_second": self.runs_per_second,
+            "inferences_per_second": self.inferences_per_second,
+            "last_used": self.last_used,
+            "batching": self.batching.to_dict() if self.batching else None,
+        }
 
 
 # --- internals ----------------------------------------------------------------------------------
+class _Rate:
+    """Events per second over a sliding window of whole seconds (a ring of per-second counts)."""
+
+    __slots__ = ("counts", "seconds")
+    WINDOW = 10
+
+    def __init__(self) -> None:
+        self.counts = [0] * self.WINDOW
+        self.seconds = [-1] * self.WINDOW
+
+    def add(self, now: float, n: int = 1) -> None:
+        second = int(now)
+        slot = second % self.WINDOW
+        if self.seconds[slot] != second:
+            self.seconds[slot] = second
+            self.counts[slot] = 0
+        self.counts[slot] += n
+
+    def per_second(self, now: float) -> float:
+        second = int(now)
+        recent = sum(c for c, s in zip(self.counts, self.seconds, strict=True) if second - s < self.WINDOW)
+        return recent / (self.WINDOW - 1 + (now - second))  # the current second only partly elapsed
+
+
 class _Counters:
     # A lock of its own, held for a few additions (never around run): `+=` on attributes is not
     # atomic across threads.
-    __slots__ = ("lock", "runs", "errors", "rejected", "run_ns", "last_used")
+    __slots__ = (
+        "lock", "runs", "inferences", "errors", "rejected", "run_ns", "last_used", "run_rate",
+        "inference_rate", "batching",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.runs = self.errors = self.rejected = self.run_ns = 0
+        self.runs = self.inferences = self.errors = self.rejected = self.run_ns = 0
         self.last_used: float | None = None
+        self.run_rate = _Rate()
+        self.inference_rate = _Rate()
+        # Made on the first load with batching; kept (monotonic) across reloads like the rest.
+        self.batching: BatchCounters | None = None
 
-    def snapshot(self) -> ModelStats:
+    def snapshot(self, batcher: Batcher | None) -> ModelStats:
+        now = time.monotonic()
         with self.lock:
-            return ModelStats(self.runs, self.errors, self.rejected, self.run_ns / 1e9, self.last_used)
+            stats = ModelStats(
+                self.runs, self.errors, self.rejected, self.run_ns / 1e9, self.last_used,
+                inferences=self.inferences,
+                runs_per_second=self.run_rate.per_second(now),
+                inferences_per_second=self.inference_rate.per_second(now),
+            )  # fmt: skip
+        if batcher is None:
+            return stats
+        return dataclasses.replace(stats, batching=batcher.stats())
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +284,19 @@ class _Model:
     checks: dict[str, _InputCheck]
     output_names: list[str]
     counters: _Counters = field(default_factory=_Counters)
+    batcher: Batcher | None = None
+
+    def timed_run(self, feed: Mapping[str, np.ndarray]) -> list[Any]:
+        """`session.run`, counted as a run when it succeeds (the batcher's way in)."""
+        started = time.perf_counter_ns()
+        results: list[Any] = self.session.run(self.output_names, feed)
+        elapsed = time.perf_counter_ns() - started
+        counters = self.counters
+        with counters.lock:
+            counters.runs += 1
+            counters.run_ns += elapsed
+            counters.run_rate.add(time.monotonic())
+        return results
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -230,16 +323,28 @@ class ModelRegistry:
         *,
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
+        batching: BatchingConfig | None = None,
+        max_batch_size: int | None = None,
+        max_queue_delay_us: int | None = None,
+        max_concurrent_batches: int | None = None,
     ) -> ModelInfo:
         """Validate `model` (ONNX bytes, or a file to read them from) and serve it as `name`.
 
         Loading a name that is already loaded replaces its session atomically: calls in flight
         finish on the old session, later calls use the new one.
 
+        Dynamic batching (see `wasminfer.models.batching`) is on with `batching=BatchingConfig(...)`
+        or, the form for HTTP query parameters, `max_batch_size` >= 2 (0 or 1: off) and optionally
+        `max_queue_delay_us` (default 2000) and `max_concurrent_batches` (default: the cores a run
+        can use; 0: always wait for a full batch or the delay). It needs a dynamic first dimension
+        on every input and output, and asserts that the model treats rows independently (row i of
+        every output depends only on row i of the inputs), which the registry cannot check.
+
         Raises `InvalidName` for a bad name, `InvalidModel` if the bytes are not an ONNX model ORT
         can load, keep tensor data outside the model (external data), use an operator domain other
         than `ALLOWED_DOMAINS` (or a function defined in the model), or have inputs or outputs that
-        are not plain tensors; `Unavailable` after `close()`.
+        are not plain tensors; `BadRequest` for an option out of range or batching asked of a model
+        without a batch dimension (naming the input or output); `Unavailable` after `close()`.
         """
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidName("model", str(name))
@@ -249,10 +354,9 @@ class ModelRegistry:
             data = bytes(model)
         else:
             raise TypeError(f"model must be bytes or a Path, not {type(model).__name__}")
-        intra = DEFAULT_INTRA_OP_THREADS if intra_op_threads is None else intra_op_threads
-        inter = DEFAULT_INTER_OP_THREADS if inter_op_threads is None else inter_op_threads
-        if intra < 0 or inter < 0:
-            raise ValueError("thread counts must be >= 0 (0: ORT's default, one per core)")
+        intra = _int_option("intra_op_threads", intra_op_threads, DEFAULT_INTRA_OP_THREADS, 0, MAX_THREADS)
+        inter = _int_option("inter_op_threads", inter_op_threads, DEFAULT_INTER_OP_THREADS, 0, MAX_THREADS)
+        batching = _batching_config(batching, max_batch_size, max_queue_delay_us, max_concurrent_batches)
 
         started = time.perf_counter()
         proto = _parse(data)
@@ -272,6 +376,13 @@ class ModelRegistry:
 
         inputs = [_spec(arg, declared_rank, "input") for arg in session.get_inputs()]
         outputs = [_spec(arg, declared_rank, "output") for arg in session.get_outputs()]
+        if batching is not None:
+            problem = _no_batch_dimension(inputs, outputs)
+            if problem:
+                raise BadRequest(
+                    f"model {name!r} cannot batch: {problem}; batching needs a dynamic first (batch) "
+                    "dimension on every input and output (load it without max_batch_size)"
+                )
         info = ModelInfo(
             name=name,
             sha256=hashlib.sha256(data).hexdigest(),
@@ -283,6 +394,7 @@ class ModelRegistry:
             metadata=metadata,
             intra_op_threads=intra,
             inter_op_threads=inter,
+            batching=batching,
         )
         loaded = _Model(
             info=info,
@@ -296,21 +408,41 @@ class ModelRegistry:
             previous = self._models.get(name)
             if previous is not None:  # counters are per name: monotonic across reloads
                 loaded.counters = previous.counters
+            if batching is not None:
+                if loaded.counters.batching is None:
+                    loaded.counters.batching = BatchCounters()
+                slots = batching.max_concurrent_batches
+                loaded.batcher = Batcher(
+                    batching,
+                    loaded.timed_run,
+                    loaded.counters.batching,
+                    slots=default_slots(intra) if slots is None else slots,
+                )
             self._models = {**self._models, name: loaded}
+        if previous is not None and previous.batcher is not None:
+            previous.batcher.close()  # its waiting requests run now, on the old session
         return info
 
     def unload(self, name: str) -> None:
-        """Stop serving `name`; calls in flight finish. Raises `ModelNotFound` if it is not loaded."""
+        """Stop serving `name`; calls in flight finish (requests waiting in its batcher run at once).
+        Raises `ModelNotFound` if it is not loaded."""
         with self._lock:
-            if name not in self._models:
+            model = self._models.get(name)
+            if model is None:
                 raise ModelNotFound(name)
             self._models = {key: value for key, value in self._models.items() if key != name}
+        if model.batcher is not None:
+            model.batcher.close()
 
     def close(self) -> None:
-        """Drop every model (idempotent). Sessions are freed once calls in flight return."""
+        """Drop every model (idempotent). Sessions are freed once calls in flight return; requests
+        waiting in a batcher run at once."""
         with self._lock:
             self._closed = True
-            self._models = {}
+            models, self._models = self._models, {}
+        for model in models.values():
+            if model.batcher is not None:
+                model.batcher.close()
 
     def __enter__(self) -> ModelRegistry:
         return self
@@ -323,6 +455,9 @@ class ModelRegistry:
         """Run model `name` on named input arrays; returns every output by name.
 
         uint8 arrays are accepted (and cast) for bool inputs, the form bool takes on the wire.
+        On a batching model the call may wait up to its `max_queue_delay_us` to share a run with
+        others; outputs are then views into the batch's outputs.
+
         Raises `ModelNotFound`; `InvalidTensor` for a missing or unexpected input name, a dtype
         other than the model's, or a shape that does not fit the model's (with the expected shape in
         the message); `InferenceFailed` if ONNX Runtime fails.
@@ -338,6 +473,8 @@ class ModelRegistry:
                 counters.rejected += 1
                 counters.last_used = time.monotonic()
             raise
+        if model.batcher is not None:
+            return self._infer_batched(name, model, model.batcher, feed)
         started = time.perf_counter_ns()
         try:
             results = model.session.run(model.output_names, feed)
@@ -347,10 +484,38 @@ class ModelRegistry:
                 counters.last_used = time.monotonic()
             raise InferenceFailed(f"model {name!r} failed: {exc}") from exc
         elapsed = time.perf_counter_ns() - started
+        now = time.monotonic()
         with counters.lock:
             counters.runs += 1
+            counters.inferences += 1
             counters.run_ns += elapsed
-            counters.last_used = time.monotonic()
+            counters.last_used = now
+            counters.run_rate.add(now)
+            counters.inference_rate.add(now)
+        return dict(zip(model.output_names, results, strict=True))
+
+    def _infer_batched(
+        self, name: str, model: _Model, batcher: Batcher, feed: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        counters = model.counters
+        try:
+            rows = batcher.rows_of(feed)
+            if rows is None:
+                results = batcher.run_alone(feed)
+            else:
+                # Stackable along axis 0: same dtypes, same dims after the first.
+                signature = tuple((array.dtype, array.shape[1:]) for array in feed.values())
+                results = batcher.submit(feed, rows, signature)
+        except Exception as exc:  # ORT's exception types share no base but Exception
+            with counters.lock:
+                counters.errors += 1
+                counters.last_used = time.monotonic()
+            raise InferenceFailed(f"model {name!r} failed: {exc}") from exc
+        now = time.monotonic()
+        with counters.lock:
+            counters.inferences += 1
+            counters.last_used = now
+            counters.inference_rate.add(now)
         return dict(zip(model.output_names, results, strict=True))
 
     # -- inspection -------------------------------------------------------------------------------
@@ -362,11 +527,12 @@ class ModelRegistry:
         return model.info
 
     def stats(self, name: str) -> ModelStats:
-        """A snapshot of the counters of `name` (for metrics). Raises `ModelNotFound`."""
+        """A snapshot of the counters of `name` (for metrics), with its batcher's (batch size and
+        queue delay histograms) in `.batching`. Raises `ModelNotFound`."""
         model = self._models.get(name)
         if model is None:
             raise ModelNotFound(name)
-        return model.counters.snapshot()
+        return model.counters.snapshot(model.batcher)
 
     def __contains__(self, name: object) -> bool:
         return name in self._models
@@ -381,6 +547,67 @@ class ModelRegistry:
         """Every loaded model, sorted by name."""
         models = self._models
         return [models[name].info for name in sorted(models)]
+
+
+# --- load options -------------------------------------------------------------------------------
+def _int_option(name: str, value: object, default: int, low: int, high: int) -> int:
+    if value is None:
+        return default
+    if type(value) is not int or not low <= value <= high:  # bool is an int, and not a count
+        raise BadRequest(f"{name} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def _batching_config(
+    batching: BatchingConfig | None,
+    max_batch_size: int | None,
+    max_queue_delay_us: int | None,
+    max_concurrent_batches: int | None,
+) -> BatchingConfig | None:
+    knobs = {"max_queue_delay_us": max_queue_delay_us, "max_concurrent_batches": max_concurrent_batches}
+    if batching is not None:
+        if max_batch_size is not None or any(v is not None for v in knobs.values()):
+            raise BadRequest(f"give batching= or {', '.join(['max_batch_size', *knobs])}, not both")
+        if not isinstance(batching, BatchingConfig):
+            raise TypeError(f"batching must be a BatchingConfig, not {type(batching).__name__}")
+        return batching
+    defaults = BatchingConfig()
+    size = _int_option("max_batch_size", max_batch_size, 0, 0, MAX_BATCH_SIZE_LIMIT)
+    delay = _int_option(
+        "max_queue_delay_us", max_queue_delay_us, defaults.max_queue_delay_us, 0, MAX_QUEUE_DELAY_US_LIMIT
+    )
+    slots = None
+    if max_concurrent_batches is not None:
+        slots = _int_option(
+            "max_concurrent_batches", max_concurrent_batches, 0, 0, MAX_CONCURRENT_BATCHES_LIMIT
+        )
+    if size < 2:
+        given = [name for name, value in knobs.items() if value is not None]
+        if given and max_batch_size is None:
+            raise BadRequest(f"{given[0]} needs max_batch_size (2 or more) to turn batching on")
+        return None  # 0 or 1: one request per run
+    return BatchingConfig(size, delay, slots)
+
+
+def _no_batch_dimension(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str | None:
+    """Why the model has no batch dimension to stack requests along, or None if it has one."""
+    symbols: dict[str, str] = {}
+    for kind, specs in (("input", inputs), ("output", outputs)):
+        for spec in specs:
+            if spec.shape is None:
+                return f"{kind} {spec.name!r} does not declare its shape"
+            if not spec.shape:
+                return f"{kind} {spec.name!r} is a scalar"
+            first = spec.shape[0]
+            if isinstance(first, int) and first >= 0:
+                return f"{kind} {spec.name!r} has a fixed first dimension ({first})"
+            if kind == "input" and isinstance(first, str):
+                symbols[spec.name] = first
+    if len(set(symbols.values())) > 1:
+        # Different named first dimensions may differ in size: stacking could misalign rows.
+        shown = ", ".join(f"{name!r} ({symbol})" for name, symbol in symbols.items())
+        return f"the inputs' first dimensions have different names: {shown}"
+    return None
 
 
 # --- validation of uploads ----------------------------------------------------------------------

@@ -20,9 +20,10 @@ Two rules keep the unchecked paths safe:
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
+import itertools
 import os
-import struct
 import tempfile
 import threading
 import time
@@ -60,6 +61,19 @@ _memory_data = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_
 _memory_data_size = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)(
     ("wasmtime_memory_data_size", bindings.dll)
 )
+# Guest stdout/stderr go through one C callback of ours and *no finalizer*, not through wasmtime-py's
+# `stdout_custom`: that one registers a Python finalizer, which wasmtime runs on one of its tokio
+# threads whenever it drops the stream, possibly after the store closed; one running while the
+# interpreter exits aborts the process ("panic in a function that cannot unwind", seen in about one
+# exit in three after guests had written output). The write callback itself runs only while a guest
+# is inside fd_write, which waits for it.
+_OutputCallback = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_set_stdout_custom, _set_stderr_custom = (
+    ctypes.CFUNCTYPE(None, ctypes.c_void_p, _OutputCallback, ctypes.c_void_p, ctypes.c_void_p)(
+        (name, bindings.dll)  # type: ignore[attr-defined]
+    )
+    for name in ("wasi_config_set_stdout_custom", "wasi_config_set_stderr_custom")
+)
 
 _EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
@@ -82,6 +96,14 @@ class GuestFault(Exception):
     """Raised by a host import to trap the guest; the message becomes the trap's message."""
 
 
+class WasmExit(Exception):
+    """The guest called WASI `proc_exit(status)` (wasmtime reports it as an error with an exit status)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"exited with status {status}")
+        self.status = status
+
+
 _TRAP_KINDS = {
     ffi.wasmtime_trap_code_enum.WASMTIME_TRAP_CODE_INTERRUPT.value: "timeout",
     ffi.wasmtime_trap_code_enum.WASMTIME_TRAP_CODE_STACK_OVERFLOW.value: "stack_overflow",
@@ -92,9 +114,14 @@ _TRAP_KINDS = {
 
 # --- per-call state -------------------------------------------------------------------------------
 class CallState:
-    """What a host import needs about the invocation it serves. Subclassed by each ABI."""
+    """What a host import needs about the invocation it serves. Subclassed by each ABI.
+
+    `instance` is the instance the guest call runs in (set by `WasmInstance.call`): host imports
+    reach per-instance state through `state.instance.host_state`.
+    """
 
     fault: BaseException | None = None
+    instance: WasmInstance | None = None
 
 
 _tls = threading.local()
@@ -145,9 +172,16 @@ class GuestMemory:
     def size(self) -> int:
         return int(_memory_data_size(self._context(), self._mem))
 
+    def exported(self) -> bool:
+        """Whether the module exports a memory at all (every other method traps without one)."""
+        return self._mem is not None
+
 
 # --- host imports ---------------------------------------------------------------------------------
 HostImpl = Callable[..., int | None]
+# Receives what the guest writes to stdout/stderr: `(stream, data)`. Returning a negative errno
+# fails the guest's write with it (None: the whole write succeeded).
+OutputFn = Callable[[str, bytes], int | None]
 
 
 @dataclass(frozen=True)
@@ -211,6 +245,42 @@ def _no_finalizer(_env: Any) -> None:
     return None
 
 
+_output_sinks: dict[int, Callable[[bytes], int | None]] = {}  # by the id passed as the callback's data
+_output_ids = itertools.count(1)
+
+
+@_OutputCallback  # type: ignore[untyped-decorator]
+def _write_output(sink_id: int | None, buf: int, size: int) -> int:
+    try:
+        sink = _output_sinks.get(sink_id or 0)
+        if sink is None:
+            return -errno.EBADF
+        result = sink(ctypes.string_at(buf, size) if size else b"")
+        return size if result is None else result
+    except BaseException:  # noqa: BLE001 - must never escape into ctypes
+        return -errno.EIO
+
+
+def capture_output(wasi: wasmtime.WasiConfig, output: OutputFn) -> tuple[int, ...]:
+    """Sends what the guest writes to stdout/stderr to `output(stream, data)`.
+
+    Use instead of `WasiConfig.stdout_custom` (see `_OutputCallback`). Returns the handles to give to
+    `release_output` once the store is closed.
+    """
+    out_id, err_id = next(_output_ids), next(_output_ids)
+    _output_sinks[out_id] = lambda data: output("stdout", data)
+    _output_sinks[err_id] = lambda data: output("stderr", data)
+    config = ctypes.cast(wasi.ptr(), ctypes.c_void_p)
+    _set_stdout_custom(config, _write_output, out_id, None)
+    _set_stderr_custom(config, _write_output, err_id, None)
+    return out_id, err_id
+
+
+def release_output(handles: Sequence[int]) -> None:
+    for handle in handles:
+        _output_sinks.pop(handle, None)
+
+
 # --- engine ---------------------------------------------------------------------------------------
 class WasmEngine:
     """One per process: the wasmtime `Engine`, its epoch ticker, the linker and the compile cache.
@@ -229,8 +299,9 @@ class WasmEngine:
         config.memory_reservation = 64 << 20
         config.memory_guard_size = 64 << 10
         config.max_wasm_stack = 512 << 10
+        config.wasm_component_model = True  # Python functions are components (runtime/_component.py)
         self.fingerprint = hashlib.sha256(
-            f"wasmtime={WASMTIME_VERSION};opt=speed;res=64M;guard=64K;stack=512K".encode()
+            f"wasmtime={WASMTIME_VERSION};opt=speed;res=64M;guard=64K;stack=512K;cm".encode()
         ).hexdigest()[:16]
         self.engine = wasmtime.Engine(config)
         self.cache_dir = cache_dir
@@ -422,7 +493,7 @@ class CompiledModule:
         memory_bytes: int,
         timeout_ms: int,
         calls: Sequence[tuple[str, int]] = (),
-        output: Callable[[str, bytes], None] | None = None,
+        output: OutputFn | None = None,
         wasi: WasiOptions | None = None,
     ) -> WasmInstance:
         return WasmInstance(self, memory_bytes, timeout_ms, calls, output, wasi or WasiOptions())
@@ -435,6 +506,7 @@ class WasiOptions:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     stdin_path: str | None = None
+    stdin_bytes: bytes | None = None  # instead of stdin_path: copied into the WASI context
     preopens: list[tuple[str, str]] = field(default_factory=list)  # (host dir, guest path), read-only
 
 
@@ -447,7 +519,7 @@ class WasmInstance:
         memory_bytes: int,
         timeout_ms: int,
         calls: Sequence[tuple[str, int]],
-        output: Callable[[str, bytes], None] | None,
+        output: OutputFn | None,
         wasi_options: WasiOptions,
     ) -> None:
         engine = compiled.engine
@@ -458,26 +530,35 @@ class WasmInstance:
                               tables=4, memories=1)
         self.store.set_epoch_deadline(engine.ticks_for(timeout_ms))
         wasi = wasmtime.WasiConfig()
-        if output is not None:
-            wasi.stdout_custom = lambda data: output("stdout", data)
-            wasi.stderr_custom = lambda data: output("stderr", data)
+        self._output_ids = capture_output(wasi, output) if output is not None else ()
         if wasi_options.args:
             wasi.argv = wasi_options.args
         if wasi_options.env:
             wasi.env = list(wasi_options.env.items())
         if wasi_options.stdin_path:
             wasi.stdin_file = wasi_options.stdin_path
+        elif wasi_options.stdin_bytes:
+            vec = ffi.wasm_byte_vec_t()
+            ffi.wasm_byte_vec_new(ctypes.byref(vec), len(wasi_options.stdin_bytes),
+                                  ctypes.cast(ctypes.c_char_p(wasi_options.stdin_bytes),
+                                              ctypes.POINTER(ctypes.c_ubyte)))
+            ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))  # takes the vector
         for host_dir, guest_dir in wasi_options.preopens:
             wasi.preopen_dir(host_dir, guest_dir, fs_mutable=False) if _preopen_has_mutable() \
                 else wasi.preopen_dir(host_dir, guest_dir)
         self.store.set_wasi(wasi)
         self._ctx = self.store._context()
         self.closed = False
+        # Per-instance state of host interfaces (e.g. wasi-nn graph handles), keyed by interface and
+        # created lazily by them; values with a `close()` are closed with the instance.
+        self.host_state: dict[str, Any] = {}
         try:
             instance = compiled.pre().instantiate(self.store)
         except wasmtime.Trap as trap:
+            self._drop_outputs()
             raise _to_wasm_trap(trap.trap_code, trap.message) from None
         except wasmtime.WasmtimeError as exc:
+            self._drop_outputs()
             raise WasmLinkError(_first_line(str(exc))) from None
         self._instance = instance
         self._funcs: dict[str, Any] = {}
@@ -527,6 +608,7 @@ class WasmInstance:
         tls = _tls
         tls.state = state
         tls.instance = self
+        state.instance = self
         try:
             err = _call_unchecked(self._ctx, func_ref, buf, max(len(args), nresults), self._trap_ref)
         finally:
@@ -540,7 +622,10 @@ class WasmInstance:
         message = ""
         code = None
         if err:
-            message = str(wasmtime.WasmtimeError._from_ptr(err))
+            error = wasmtime.WasmtimeError._from_ptr(err)
+            if isinstance(error, wasmtime.ExitTrap):
+                raise WasmExit(error.code)
+            message = str(error)
         if self._trap:
             trap = wasmtime.Trap._from_ptr(self._trap)
             self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
@@ -578,7 +663,17 @@ class WasmInstance:
             self.closed = True
             self._funcs.clear()
             self._func_refs.clear()
+            host_state, self.host_state = self.host_state, {}
+            for value in host_state.values():
+                close = getattr(value, "close", None)
+                if close is not None:
+                    close()
             self.store.close()
+            self._drop_outputs()
+
+    def _drop_outputs(self) -> None:
+        release_output(self._output_ids)
+        self._output_ids = ()
 
 
 def _preopen_has_mutable() -> bool:

@@ -22,12 +22,13 @@ from wasminfer.errors import (
     FunctionNotFound,
     InvalidManifest,
     InvalidModule,
+    MemoryLimitExceeded,
     ModelNotFound,
     WasminferError,
 )
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo, ModelRegistry
-from wasminfer.runtime import handler
+from wasminfer.runtime import command, component, handler, wasi_nn
 from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance, WasmLinkError, WasmTrap
 from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter
 from wasminfer.runtime.pool import InstancePool
@@ -35,8 +36,9 @@ from wasminfer.runtime.pool import InstancePool
 # The ABIs of core modules, in detection order. Each is a module with NAME, HOST_FUNCS,
 # detect(compiled), validate(compiled), instantiate(compiled, manifest, state, output) and
 # invoke(instance, body, content_type, state) -> reusable.
-CORE_ABIS: list[Any] = [handler]
-HOST_FUNCS = [hf for abi in CORE_ABIS for hf in abi.HOST_FUNCS]
+CORE_ABIS: list[Any] = [handler, command]
+# wasi_ephemeral_nn is no ABI of its own: handler and command modules may both import it.
+HOST_FUNCS = [hf for abi in CORE_ABIS for hf in abi.HOST_FUNCS] + list(wasi_nn.HOST_FUNCS)
 
 
 @dataclass
@@ -122,7 +124,8 @@ class DeployedFunction:
         def write(stream: str, data: bytes) -> None:
             (out if stream == "stdout" else err).write(data)
 
-        state = handler.InvocationState(self.name, self.manifest, self.host.models.infer, self.logs, "init")
+        state = handler.InvocationState(self.name, self.manifest, self.host.models.infer, self.logs, "init",
+                                        self.host.models)
         try:
             wasm = self.abi_impl.instantiate(self.compiled, self.manifest, state, write)
         except WasmTrap as trap:
@@ -153,7 +156,8 @@ class DeployedFunction:
             "deployed_at": self.deployed_at,
             "counters": self.counters.to_dict(),
             "instances": self.pool.stats(),
-            "module": {"sha256": self.compiled.sha256, "from_cache": self.compiled.from_cache},
+            "module": {"sha256": self.compiled.sha256, "from_cache": self.compiled.from_cache,
+                       "uses_wasi_nn": wasi_nn.uses_wasi_nn(self.compiled.imports)},
         }
 
 
@@ -197,13 +201,19 @@ class Host:
 
     # --- functions ----------------------------------------------------------------------------
     def inspect(self, wasm: bytes) -> tuple[ModuleInfo, CompiledModule]:
-        """Compiles and classifies a module. Raises `InvalidModule` with the reason."""
+        """Compiles and classifies a module or component. Raises `InvalidModule` with the reason."""
         if wasm[:4] != b"\0asm":
             raise InvalidModule("not a WebAssembly binary (missing the \\0asm magic)")
+        if wasm[4:8] == component.BINARY_VERSION:  # the component ABI (Python functions)
+            sha = hashlib.sha256(wasm).hexdigest()
+            comp = component.compile_component(self.engine, wasm, sha)
+            return ModuleInfo(
+                sha256=sha, abi=component.NAME, imports=[i.module for i in comp.imports],
+                exports=sorted(comp.exports), size_bytes=len(wasm), initial_memory_bytes=0,
+            ), comp  # type: ignore[return-value]
         if wasm[4:8] != b"\x01\x00\x00\x00":
             raise InvalidModule(
-                "a WebAssembly component (or an unknown binary version): components are not supported "
-                "by this host yet; upload a core module"
+                "an unknown WebAssembly binary version: upload a core module (version 1) or a component"
             )
         sha = hashlib.sha256(wasm).hexdigest()
         try:
@@ -215,7 +225,8 @@ class Host:
             raise InvalidModule(
                 "the module imports what this host does not provide: " + ", ".join(unknown[:10])
                 + ("…" if len(unknown) > 10 else "")
-                + " (available: the 'wasminfer' handler imports and wasi_snapshot_preview1)"
+                + " (available: the 'wasminfer' handler imports, wasi_snapshot_preview1 and "
+                "wasi_ephemeral_nn, see guest-sdk/WASI-NN.md)"
             )
         abi = self.detect_abi(compiled)
         info = ModuleInfo(
@@ -224,12 +235,15 @@ class Host:
             exports=sorted(compiled.exports),
             size_bytes=len(wasm),
             initial_memory_bytes=compiled.initial_memory_bytes(),
+            uses_wasi_nn=wasi_nn.uses_wasi_nn(compiled.imports),
         )
         return info, compiled
 
     @staticmethod
     def detect_abi(compiled: CompiledModule) -> Any:
         """The ABI module of a core module. Raises `InvalidModule` if it follows none or breaks one."""
+        if component.detect(compiled):  # checked at compile time
+            return component
         for abi in CORE_ABIS:
             if abi.detect(compiled):
                 try:
@@ -239,7 +253,7 @@ class Host:
                 return abi
         raise InvalidModule(
             "not a wasminfer function: export 'wasminfer_handle' and 'wasminfer_alloc' "
-            "(handler ABI v1, see guest-sdk/ABI.md)"
+            "(handler ABI v1, see guest-sdk/ABI.md), or '_start' (a WASI command, see guest-sdk/WASI-NN.md)"
         )
 
     def deploy_function(self, name: str, wasm: bytes, manifest: Manifest | Mapping[str, Any] | None = None,
@@ -255,7 +269,9 @@ class Host:
         info, compiled = self.inspect(wasm)
         abi = self.detect_abi(compiled)
         if m.abi not in ("auto", info.abi):
-            raise InvalidManifest(f"manifest key 'abi' says {m.abi!r}, but the module is a {info.abi!r} module")
+            raise InvalidManifest(
+                f"manifest key 'abi' says {m.abi!r}, but the module is a {info.abi!r} module"
+            )
         if info.initial_memory_bytes > m.memory_mb << 20:
             raise InvalidManifest(
                 f"the module needs {info.initial_memory_bytes / (1 << 20):.2f} MiB of initial memory, more "
@@ -310,12 +326,23 @@ class Host:
         error the guest failed on (`ModelNotAllowed`, `InvalidTensor`, …).
         """
         fn = self.function(name)
+        try:
+            return self._invoke_once(fn, name, body, content_type)
+        except MemoryLimitExceeded as exc:
+            # A warm instance's heap may be too fragmented for a body a fresh instance takes (zig's
+            # wasm malloc never merges freed blocks): the request never reached the handler, so it
+            # is retried once; its instance was discarded.
+            if not getattr(exc, "alloc_failed_warm", False):
+                raise
+            return self._invoke_once(fn, name, body, content_type)
+
+    def _invoke_once(self, fn: DeployedFunction, name: str, body: bytes, content_type: str) -> InvokeResult:
         m = fn.manifest
         invocation_id = f"{next(self._ids):x}"
         t0 = time.perf_counter_ns()
         inst, cold = fn.pool.acquire(timeout_s=m.timeout_ms / 1000)
         t1 = time.perf_counter_ns()
-        state = handler.InvocationState(name, m, self.models.infer, fn.logs, invocation_id)
+        state = handler.InvocationState(name, m, self.models.infer, fn.logs, invocation_id, self.models)
         inst.stdout.invocation = inst.stderr.invocation = invocation_id
         healthy = False
         error: WasminferError | None = None
@@ -324,6 +351,8 @@ class Host:
         except WasminferError as exc:
             error = exc
             healthy = not state.discard and not inst.wasm.at_memory_limit()
+            if state.alloc_failed and not cold:
+                exc.alloc_failed_warm = True  # type: ignore[attr-defined]
             raise
         except BaseException:
             healthy = False

@@ -183,9 +183,10 @@ class Store:
             return [row[0] for row in rows]
 
     def has_keys(self) -> bool:
-        """Whether any tenant has an unrevoked API key (a gateway with none allows everything)."""
+        """Whether any API key was ever created, revoked ones included (a gateway with none allows
+        everything; revoking the last key must lock the server, not open it)."""
         with self._db.read() as conn:
-            return conn.execute("SELECT 1 FROM api_keys WHERE revoked = 0 LIMIT 1").fetchone() is not None
+            return conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
 
     # --- functions -------------------------------------------------------------------------------
     def put_function(

@@ -1,0 +1,24 @@
+"""wasminfer's guest SDK for Python: write a function, build it into a Wasm component with
+`wasminfer build`, deploy it, invoke it. See guest-sdk/python/README.md.
+
+    from wasminfer_guest import Request, Response, Tensor, handler, infer
+
+    @handler
+    def handle(request: Request) -> Response:
+        x = Tensor.of([request.json()["pixels"]], "float32")
+        out = infer("digits", {"input": x})
+        return Response.json({"label": out["label"].item(0)})
+
+One module per capability: `tensor` (Tensor), `inference` (infer, InferError), `log`, `http`
+(Request, Response), `cbor`, `export` (@handler), `local` (running a function in plain Python).
+"""
+
+from wasminfer_guest import log
+from wasminfer_guest.export import handler
+from wasminfer_guest.http import Reject, Request, Response
+from wasminfer_guest.inference import InferError, infer
+from wasminfer_guest.tensor import DTYPES, Tensor
+
+__version__ = "0.1.0"  # the WIT world it targets: wasminfer:function@0.1.0
+
+__all__ = ["DTYPES", "InferError", "Reject", "Request", "Response", "Tensor", "handler", "infer", "log"]

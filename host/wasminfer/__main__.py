@@ -1,0 +1,5 @@
+"""`python -m wasminfer`: the `wasminfer` command."""
+
+from wasminfer.cli import main
+
+main()

@@ -1,0 +1,80 @@
+"""`create_app`: the whole HTTP stack in one function — routes and the scope each needs, middleware,
+exception handlers, startup."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from wasminfer.gateway import routes_functions as functions
+from wasminfer.gateway import routes_models as models
+from wasminfer.gateway import routes_system as system
+from wasminfer.gateway.auth import ADMIN, INVOKE, READ, scoped
+from wasminfer.gateway.errors import EXCEPTION_HANDLERS
+from wasminfer.gateway.metrics import Metrics
+from wasminfer.gateway.settings import Settings
+from wasminfer.gateway.state import AppState
+from wasminfer.service import Platform
+
+
+def create_app(platform: Platform, settings: Settings | None = None) -> Starlette:
+    """The gateway over `platform`. At startup it loads the store (`platform.start()`) on a worker
+    thread without waiting for it: `/healthz` answers at once, `/readyz` and the API answer 503 until
+    the load is done. The caller owns `platform` and closes it after the server stops."""
+    settings = settings or Settings()
+    state = AppState(
+        platform=platform,
+        settings=settings,
+        metrics=Metrics(platform),
+        invoke_limiter=anyio.CapacityLimiter(settings.invoke_threads),
+        admin_limiter=anyio.CapacityLimiter(settings.admin_threads),
+    )
+
+    routes = [
+        Route("/v1/functions", scoped(READ, functions.list_functions), methods=["GET"]),
+        Route("/v1/functions/{name}", scoped(ADMIN, functions.put_function), methods=["PUT"]),
+        Route("/v1/functions/{name}", scoped(READ, functions.get_function), methods=["GET"]),
+        Route("/v1/functions/{name}", scoped(ADMIN, functions.delete_function), methods=["DELETE"]),
+        Route("/v1/functions/{name}/versions", scoped(READ, functions.list_versions), methods=["GET"]),
+        Route("/v1/functions/{name}/rollback", scoped(ADMIN, functions.rollback), methods=["POST"]),
+        Route("/v1/functions/{name}/invoke", scoped(INVOKE, functions.invoke), methods=["POST"]),
+        Route("/v1/functions/{name}/logs", scoped(READ, functions.logs), methods=["GET"]),
+        Route("/v1/models", scoped(READ, models.list_models), methods=["GET"]),
+        Route("/v1/models/{name}", scoped(ADMIN, models.put_model), methods=["PUT"]),
+        Route("/v1/models/{name}", scoped(READ, models.get_model), methods=["GET"]),
+        Route("/v1/models/{name}", scoped(ADMIN, models.delete_model), methods=["DELETE"]),
+        Route("/healthz", system.healthz, methods=["GET"]),
+        Route("/readyz", system.readyz, methods=["GET"]),
+        Route("/metrics", scoped(READ, system.metrics), methods=["GET"]),
+        Route("/openapi.json", system.openapi, methods=["GET"]),
+        Route("/docs", system.docs, methods=["GET"]),
+    ]
+    # No middleware: auth is per route (above) and body limits per handler, so an invocation pays for
+    # nothing it does not use. Starlette adds its own two around this: ServerErrorMiddleware (the 500
+    # handler) and ExceptionMiddleware (the other handlers).
+    middleware: list[Middleware] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tasks:
+            if not platform.ready:
+                tasks.start_soon(_load, platform)
+            yield
+            # Shutting down while the store still loads: the load finishes first (threads cannot be
+            # interrupted), then the owner closes the platform.
+
+    app = Starlette(
+        routes=routes, middleware=middleware, exception_handlers=dict(EXCEPTION_HANDLERS), lifespan=lifespan
+    )
+    app.state.wasminfer = state
+    return app
+
+
+async def _load(platform: Platform) -> None:
+    await anyio.to_thread.run_sync(platform.start)

@@ -1,0 +1,152 @@
+"""Prometheus metrics of one app, in a `CollectorRegistry` of its own (two apps in one process, as in
+the tests, never share counters).
+
+Counted per request by the invoke route: invocations by function and outcome (`ok` or the error
+code), end-to-end latency and guest run time, cold starts. Read from the platform at scrape time:
+live/busy/idle instances per function, and per model its load time and resident bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from wasminfer.service import Platform
+
+# From 100 µs (a warm invoke of a small function) to 10 s (the default timeout).
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Metrics:
+    def __init__(self, platform: Platform) -> None:
+        # The `_created` series (a timestamp per counter) double the output and nothing reads them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("tenant", "function")
+        self.invocations = Counter(
+            "wasminfer_invocations",
+            "Invocations by function and outcome ('ok' or the error code)",
+            (*labels, "outcome"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "wasminfer_invocation_seconds",
+            "Invocation latency inside the gateway (body read to response)",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.run = Histogram(
+            "wasminfer_guest_run_seconds",
+            "Time the guest ran, including its infer calls (successes)",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cold_starts = Counter(
+            "wasminfer_cold_starts",
+            "Invocations that had to create an instance",
+            labels,
+            registry=self.registry,
+        )
+        self.registry.register(_PlatformCollector(platform))
+        # The labelled children of successful invocations, per (tenant, function): `labels()` takes a
+        # lock and builds a tuple on every call, a cost on the hot path.
+        self._ok: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+
+    def invoked(
+        self,
+        tenant: str,
+        function: str,
+        outcome: str,
+        seconds: float,
+        run_s: float | None = None,
+        cold: bool = False,
+    ) -> None:
+        if outcome == "ok" and run_s is not None:
+            children = self._ok.get((tenant, function))
+            if children is None:
+                children = self._ok[(tenant, function)] = (
+                    self.invocations.labels(tenant, function, "ok"),
+                    self.latency.labels(tenant, function),
+                    self.run.labels(tenant, function),
+                )
+            count, latency, run = children
+            count.inc()
+            latency.observe(seconds)
+            run.observe(run_s)
+            if cold:
+                self.cold_starts.labels(tenant, function).inc()
+            return
+        self.invocations.labels(tenant, function, outcome).inc()
+        self.latency.labels(tenant, function).observe(seconds)
+        if run_s is not None:
+            self.run.labels(tenant, function).observe(run_s)
+        if cold:
+            self.cold_starts.labels(tenant, function).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _PlatformCollector(Collector):
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+
+    def collect(self) -> Iterator[Metric]:
+        ready = GaugeMetricFamily("wasminfer_ready", "1 once the store is loaded and the server serves")
+        ready.add_metric([], 1.0 if self.platform.ready else 0.0)
+        yield ready
+        instances = GaugeMetricFamily(
+            "wasminfer_instances",
+            "Live Wasm instances by function and state",
+            labels=["tenant", "function", "state"],
+        )
+        load = GaugeMetricFamily(
+            "wasminfer_model_load_seconds", "Time the model took to load", labels=["tenant", "model"]
+        )
+        resident = GaugeMetricFamily(
+            "wasminfer_model_resident_bytes",
+            "Estimated memory of the model's ONNX Runtime session",
+            labels=["tenant", "model"],
+        )
+        for tenant, stats in self.platform.stats().items():
+            for name, fn in stats["functions"].items():
+                pool = fn["instances"]
+                for state in ("live", "busy", "idle"):
+                    instances.add_metric([tenant, name, state], float(pool[state]))
+            for model in stats["models"]:
+                load.add_metric([tenant, model["name"]], float(model["load_seconds"]))
+                resident.add_metric([tenant, model["name"]], float(model["resident_bytes"]))
+        yield instances
+        yield load
+        yield resident

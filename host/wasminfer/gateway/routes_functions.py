@@ -1,0 +1,182 @@
+"""`/v1/functions`: upload (immutable versions), read, delete, roll back, invoke, logs."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import anyio.to_thread
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from wasminfer.errors import BadRequest, FunctionNotFound, InvalidManifest, WasminferError
+from wasminfer.gateway.bodies import limited_stream, read_body, require_media_type
+from wasminfer.gateway.state import app_state, principal, run_admin
+from wasminfer.manifest import Manifest
+
+WASM = "application/wasm"
+MULTIPART = "multipart/form-data"
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+MAX_LOG_LINES = 10_000
+# A guest picks its response's content type; only a plain header value may reach the client (no
+# CR/LF, nothing outside printable ASCII): anything else would corrupt or split the response.
+_SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
+
+
+async def put_function(request: Request) -> Response:
+    st, who = app_state(request), principal(request)
+    name = request.path_params["name"]
+    kind = require_media_type(request, (WASM, MULTIPART), "function upload")
+    if kind == WASM:
+        wasm = await read_body(request, st.settings.max_wasm_bytes, "wasm module")
+        query: dict[str, list[str]] = {}
+        for key, value in request.query_params.multi_items():
+            query.setdefault(key, []).append(value)
+        manifest = Manifest.from_query(query)
+    else:
+        if request.query_params:
+            raise BadRequest(
+                "with multipart/form-data the manifest goes in the 'manifest' part, not in query parameters"
+            )
+        wasm, manifest = await _read_multipart(request, st.settings.max_wasm_bytes)
+    result = await run_admin(request, st.platform.put_function, name, wasm, manifest, tenant=who.tenant)
+    return JSONResponse(result, status_code=201 if result["created"] else 200)
+
+
+async def _read_multipart(request: Request, limit: int) -> tuple[bytes, Manifest]:
+    # The limit covers the whole body: the module, the manifest and the multipart framing.
+    parser = MultiPartParser(
+        request.headers,
+        limited_stream(request, limit, "function upload"),
+        max_files=1,
+        max_fields=1,
+        max_part_size=1 << 20,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise BadRequest(f"malformed multipart/form-data body: {exc.message}") from None
+    try:
+        unknown = sorted(set(form.keys()) - {"wasm", "manifest"})
+        if unknown:
+            raise BadRequest(f"unexpected part(s) {', '.join(unknown)}: send 'wasm' and 'manifest'")
+        part = form.get("wasm")
+        if not isinstance(part, UploadFile):
+            raise BadRequest(
+                "the 'wasm' part is missing or not a file part (give it a filename, "
+                "e.g. curl -F wasm=@fn.wasm)"
+            )
+        wasm = await part.read()
+        text = form.get("manifest")
+        if isinstance(text, UploadFile):
+            text = (await text.read()).decode("utf-8", "replace")
+        try:
+            data: Any = json.loads(text) if text else {}
+        except ValueError as exc:
+            raise InvalidManifest(f"the 'manifest' part is not JSON: {exc}") from None
+        return wasm, Manifest.from_dict(data)
+    finally:
+        await form.close()
+
+
+async def list_functions(request: Request) -> Response:
+    st, who = app_state(request), principal(request)
+    functions = await run_admin(request, st.platform.list_functions, tenant=who.tenant)
+    return JSONResponse({"functions": functions})
+
+
+async def get_function(request: Request) -> Response:
+    st, who = app_state(request), principal(request)
+    view = await run_admin(request, st.platform.get_function, request.path_params["name"], tenant=who.tenant)
+    return JSONResponse(view)
+
+
+async def delete_function(request: Request) -> Response:
+    st, who = app_state(request), principal(request)
+    await run_admin(request, st.platform.delete_function, request.path_params["name"], tenant=who.tenant)
+    return Response(status_code=204)
+
+
+async def list_versions(request: Request) -> Response:
+    st, who = app_state(request), principal(request)
+    versions = await run_admin(request, st.platform.versions, request.path_params["name"], tenant=who.tenant)
+    return JSONResponse({"versions": versions})
+
+
+async def rollback(request: Request) -> Response:
+    st, who = app_state(request), principal(request)
+    raw = request.query_params.get("version")
+    version = _int_param("version", raw, 1, 1 << 62) if raw is not None else None
+    view = await run_admin(
+        request, st.platform.rollback, request.path_params["name"], version, tenant=who.tenant
+    )
+    return JSONResponse(view)
+
+
+async def invoke(request: Request) -> Response:
+    started = time.perf_counter()
+    st, who = app_state(request), principal(request)
+    name = request.path_params["name"]
+    body = await read_body(request, st.settings.max_invoke_bytes, "request body")
+    content_type = request.headers.get("content-type") or DEFAULT_CONTENT_TYPE
+    platform = st.platform
+    try:
+        result = await anyio.to_thread.run_sync(
+            lambda: platform.invoke(name, body, content_type, tenant=who.tenant), limiter=st.invoke_limiter
+        )
+    except FunctionNotFound:
+        raise  # not counted per function: any name would become a metric label
+    except WasminferError as exc:
+        st.metrics.invoked(who.tenant, name, exc.code, time.perf_counter() - started)
+        raise
+    except Exception:
+        st.metrics.invoked(who.tenant, name, "internal", time.perf_counter() - started)
+        raise
+    elapsed = time.perf_counter() - started
+    st.metrics.invoked(who.tenant, name, "ok", elapsed, result.run_us / 1e6, result.cold)
+    ctype = result.content_type
+    if not _SAFE_HEADER_VALUE.fullmatch(ctype):
+        ctype = DEFAULT_CONTENT_TYPE
+    return Response(
+        result.body,
+        headers={
+            "content-type": ctype,
+            "server-timing": f"{result.server_timing()}, total;dur={elapsed * 1000:.3f}",
+            "x-invocation-id": result.invocation_id,
+        },
+    )
+
+
+async def logs(request: Request) -> Response:
+    st, who = app_state(request), principal(request)
+    params = request.query_params
+    n = _int_param("n", params.get("n"), 0, MAX_LOG_LINES) if "n" in params else 200
+    since = _float_param("since", params["since"]) if "since" in params else None
+    lines = await run_admin(
+        request, st.platform.logs, request.path_params["name"], n, since, tenant=who.tenant
+    )
+    return JSONResponse({"lines": [line.to_dict() for line in lines]})
+
+
+def _int_param(key: str, raw: str | None, lo: int, hi: int) -> int:
+    try:
+        value = int(raw or "")
+    except ValueError:
+        raise BadRequest(f"query parameter {key!r} must be an integer, got {raw!r:.40}") from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"query parameter {key!r} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float_param(key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {key!r} must be a number, got {raw!r:.40}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise BadRequest(f"query parameter {key!r} must be a finite number")
+    return value

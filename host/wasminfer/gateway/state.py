@@ -1,0 +1,45 @@
+"""`AppState`: what every request shares, built once by `create_app` (the platform, the settings,
+the metrics, the worker-thread limiters), and how a handler reaches it and runs platform calls."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+from starlette.requests import Request
+
+from wasminfer.gateway.metrics import Metrics
+from wasminfer.gateway.settings import Settings
+from wasminfer.service import Platform, Principal
+
+T = TypeVar("T")
+
+
+@dataclass
+class AppState:
+    platform: Platform
+    settings: Settings
+    metrics: Metrics
+    invoke_limiter: anyio.CapacityLimiter
+    admin_limiter: anyio.CapacityLimiter
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.app.state.wasminfer
+    return state
+
+
+def principal(request: Request) -> Principal:
+    """The caller, as `auth.scoped` found it."""
+    who: Principal = request.state.principal
+    return who
+
+
+async def run_admin(request: Request, func: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Runs a blocking platform call (a deploy, a read) on the admin worker threads."""
+    limiter = app_state(request).admin_limiter
+    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs), limiter=limiter)

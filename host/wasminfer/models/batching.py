@@ -1,0 +1,438 @@
+"""Dynamic batching: concurrent `infer` calls on one model stacked into one `session.run`.
+
+A model opts in at load (`BatchingConfig(max_batch_size, max_queue_delay_us)`, Triton's and Ray
+Serve's knobs). Requests of compatible shape -- the same dtypes and the same dimensions after the
+first, the batch dimension -- queue together; each queue's rows are concatenated along axis 0, run
+once, and the outputs are split back by each request's row count. The registry sends here only
+requests it has validated, so a bad input never enters a batch.
+
+**Leader/follower, no batcher thread.** Callers are plain threads (one per Wasm invocation) that
+block in `infer`. The first caller to find a queue without a leader becomes its leader: it waits for
+the batch to form, runs it on its own thread and hands every follower its slice; followers sleep on a
+lock of their own until then. Against a batcher thread per model this saves one thread hand-off per
+batch, needs no thread to start or stop, and lets several batches of one model run at once (ORT
+allows concurrent `run`). Measured against a batcher thread (`bench/batching.py --compare-runner`,
+see the numbers in `bench/results/batching.json` under `runner_comparison`).
+
+**When to wait.** A leader runs at once while the model has a free *run slot* (fewer batches in
+flight than `slots`, by default the cores a run of one intra-op thread can use): waiting then could
+only add latency. Only while every slot is busy does it wait -- until its queue holds
+`max_batch_size` rows, a slot frees up, or its oldest request has waited `max_queue_delay_us`, which
+it never exceeds (a closed batcher waits for nothing). So at low load a request runs alone
+immediately, and under load batches grow to what arrives during one run. Waiting for a full batch at
+any load, as a fixed delay does, would cost each of 8 callers the whole delay when 32 never come.
+
+**Failures stay with their requests.** When a run of two or more requests fails, or an output does
+not have the batch's row count along axis 0 (the model is not row-wise after all), every request of
+it is run again alone, each on its own caller's thread; only those that fail alone get an error.
+
+Exactness: a row's result can depend on the batch it runs in when ORT picks a different kernel for
+one row. ORT 1.32's `LinearClassifier` (scikit-learn's linear models via skl2onnx) multiplies a
+single row through MLAS's M=1 path, which rounds differently from the M>=2 kernel: its
+probabilities differ from a solo run by up to 1 ulp (labels agree); between batches of two or more
+rows they are identical. Convolutions, `MatMul` and `Gemm` with constant weights give identical bits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BATCH_SIZE_BUCKETS",
+    "MAX_CONCURRENT_BATCHES_LIMIT",
+    "MAX_BATCH_SIZE_LIMIT",
+    "MAX_QUEUE_DELAY_US_LIMIT",
+    "QUEUE_DELAY_BUCKETS",
+    "BatchingConfig",
+    "BatchingStats",
+    "default_slots",
+]
+
+MAX_BATCH_SIZE_LIMIT = 1024
+MAX_QUEUE_DELAY_US_LIMIT = 1_000_000
+MAX_CONCURRENT_BATCHES_LIMIT = 256
+
+#: Upper bounds of the batch size histogram (rows per batched run); fixed, so that a reload with
+#: another `max_batch_size` keeps the series of a model comparable.
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, math.inf)
+#: Upper bounds of the queue delay histogram, in seconds (Prometheus' unit).
+QUEUE_DELAY_BUCKETS: tuple[float, ...] = (
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
+    math.inf,
+)  # fmt: skip
+
+Outputs = list[Any]  # what session.run returns: one array per output, in the model's order
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """Dynamic batching of one model.
+
+    `max_batch_size`: the most rows (along the first dimension, summed over the requests) one
+    batched run takes, 2..1024. `max_queue_delay_us`: the longest a request waits for others to join
+    its batch, 0..1 000 000 µs. `max_concurrent_batches`: the run slots -- batches of the model in
+    flight before a new one waits to grow; None (the default) for the cores a run can use, 0 to
+    always wait for a full batch or the delay, as Triton and Ray Serve do.
+    """
+
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 2000
+    max_concurrent_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        # ValueError: a Python caller's mistake. The registry checks HTTP-borne values itself first.
+        for name, value, low, high in (
+            ("max_batch_size", self.max_batch_size, 2, MAX_BATCH_SIZE_LIMIT),
+            ("max_queue_delay_us", self.max_queue_delay_us, 0, MAX_QUEUE_DELAY_US_LIMIT),
+            ("max_concurrent_batches", self.max_concurrent_batches, 0, MAX_CONCURRENT_BATCHES_LIMIT),
+        ):
+            if value is None and name == "max_concurrent_batches":
+                continue
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer from {low} to {high}, not {value!r}")
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "max_concurrent_batches": self.max_concurrent_batches,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingStats:
+    """Counters of a batching model since it was first loaded (they survive reloads).
+
+    `batches` counts batched runs (a lone request's run included), `batched_requests` the requests
+    that went through a queue, `unbatched_requests` those that could not (no rows, more rows than
+    `max_batch_size`, inputs disagreeing on their row count) and ran alone. `fallback_batches`
+    counts runs of several requests that failed or gave outputs that could not be split, after
+    which each request was rerun alone.
+
+    The histograms are cumulative, ready for a Prometheus histogram: `(upper bound, count of
+    observations <= bound)` pairs ending with `inf`. `batch_size_*` observe rows per batched run;
+    `queue_delay_*` the seconds each request waited between joining its queue and its batch
+    starting to run.
+    """
+
+    max_batch_size: int
+    max_queue_delay_us: int
+    batches: int
+    batched_requests: int
+    unbatched_requests: int
+    fallback_batches: int
+    batch_size_buckets: tuple[tuple[float, int], ...]
+    batch_size_sum: int
+    queue_delay_buckets: tuple[tuple[float, int], ...]
+    queue_delay_seconds_sum: float
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.batch_size_sum / self.batches if self.batches else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        def buckets(pairs: tuple[tuple[float, int], ...]) -> list[list[Any]]:
+            return [["+Inf" if math.isinf(le) else le, n] for le, n in pairs]
+
+        return {
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "batches": self.batches,
+            "batched_requests": self.batched_requests,
+            "unbatched_requests": self.unbatched_requests,
+            "fallback_batches": self.fallback_batches,
+            "mean_batch_size": self.mean_batch_size,
+            "batch_size_buckets": buckets(self.batch_size_buckets),
+            "batch_size_sum": self.batch_size_sum,
+            "queue_delay_buckets": buckets(self.queue_delay_buckets),
+            "queue_delay_seconds_sum": self.queue_delay_seconds_sum,
+        }
+
+
+def default_slots(intra_op_threads: int) -> int:
+    """Batched runs of one model allowed in flight before leaders start waiting: the cores this
+    process may use, divided by the threads one run takes (0: ORT's pool of one per core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // intra_op_threads) if intra_op_threads > 0 else 1
+
+
+# --- counters (per model name; they outlive a reload's new batcher) --------------------------------
+class BatchCounters:
+    """Mutated only under the lock of the batcher that records into it."""
+
+    __slots__ = (
+        "batches", "batched_requests", "unbatched_requests", "fallback_batches",
+        "size_counts", "size_sum", "delay_counts", "delay_sum", "lock",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.batches = self.batched_requests = self.unbatched_requests = self.fallback_batches = 0
+        self.size_counts = [0] * len(BATCH_SIZE_BUCKETS)
+        self.delay_counts = [0] * len(QUEUE_DELAY_BUCKETS)
+        self.size_sum = 0
+        self.delay_sum = 0.0
+        # Shared by every batcher of the name (a reload's new one and the old one draining).
+        self.lock = threading.Lock()
+
+    def snapshot(self, config: BatchingConfig) -> BatchingStats:
+        with self.lock:
+            return BatchingStats(
+                max_batch_size=config.max_batch_size,
+                max_queue_delay_us=config.max_queue_delay_us,
+                batches=self.batches,
+                batched_requests=self.batched_requests,
+                unbatched_requests=self.unbatched_requests,
+                fallback_batches=self.fallback_batches,
+                batch_size_buckets=_cumulative(BATCH_SIZE_BUCKETS, self.size_counts),
+                batch_size_sum=self.size_sum,
+                queue_delay_buckets=_cumulative(QUEUE_DELAY_BUCKETS, self.delay_counts),
+                queue_delay_seconds_sum=self.delay_sum,
+            )
+
+
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> tuple[tuple[float, int], ...]:
+    total, pairs = 0, []
+    for bound, n in zip(bounds, counts, strict=True):
+        total += n
+        pairs.append((bound, total))
+    return tuple(pairs)
+
+
+# --- the batcher ------------------------------------------------------------------------------------
+_WAITING, _LEAD, _DONE, _FAILED, _ALONE = range(5)
+# Queues (one per signature) are kept while idle, saving a Condition per batch; past this many
+# the idle ones are dropped.
+_MAX_IDLE_QUEUES = 64
+
+
+class _Request:
+    __slots__ = ("feed", "rows", "enqueued", "wake", "state", "outputs", "error")
+
+    def __init__(self, feed: Feed, rows: int) -> None:
+        self.feed = feed
+        self.rows = rows
+        self.enqueued = time.monotonic()
+        # A bare lock, taken now and released by whoever answers: the cheapest wait CPython has.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.state = _WAITING
+        self.outputs: Outputs = []
+        self.error: BaseException | None = None
+
+
+class _Queue:
+    """Requests of one signature; `leading` while one of them is the leader."""
+
+    __slots__ = ("pending", "rows", "leading", "cond")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.pending: list[_Request] = []
+        self.rows = 0
+        self.leading = False
+        self.cond = threading.Condition(lock)
+
+
+class Batcher:
+    """The batcher of one loaded model (`ModelRegistry` makes one per batching model).
+
+    `run(feed)` is the model's `session.run` (raising what ORT raises); it is called from the
+    callers' threads, never under the batcher's lock. `slots` is the resolved
+    `config.max_concurrent_batches`.
+    """
+
+    def __init__(
+        self, config: BatchingConfig, run: Callable[[Feed], Outputs], counters: BatchCounters, *, slots: int
+    ) -> None:
+        self.config = config
+        self._run = run
+        self._counters = counters
+        self._max_rows = config.max_batch_size
+        self._delay = config.max_queue_delay_us / 1e6
+        self._slots = slots
+        self._lock = counters.lock
+        self._queues: dict[Hashable, _Queue] = {}
+        self._in_flight = 0
+        self._waiting_leaders = 0
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop waiting (idempotent): leaders run what they hold at once, later requests run alone."""
+        with self._lock:
+            self._closed = True
+            for queue in self._queues.values():
+                queue.cond.notify_all()
+
+    def stats(self) -> BatchingStats:
+        return self._counters.snapshot(self.config)
+
+    def rows_of(self, feed: Feed) -> int | None:
+        """The request's row count if it can join a batch: every input has the same first dimension,
+        of 1..max_batch_size rows."""
+        rows = None
+        for array in feed.values():
+            n = array.shape[0]
+            if rows is None:
+                rows = n
+            elif n != rows:
+                return None
+        return rows if rows is not None and 0 < rows <= self._max_rows else None
+
+    def run_alone(self, feed: Feed) -> Outputs:
+        """A request that cannot join a batch."""
+        with self._lock:
+            self._counters.unbatched_requests += 1
+        return self._run(feed)
+
+    def submit(self, feed: Feed, rows: int, signature: Hashable) -> Outputs:
+        """Run `feed` (`rows` rows, see `rows_of`) in a batch with others of the same `signature`.
+
+        Raises what `run` raises for this request alone.
+        """
+        request = _Request(feed, rows)
+        with self._lock:
+            if self._closed:
+                queue = None
+            else:
+                queue = self._queues.get(signature)
+                if queue is None:
+                    if len(self._queues) >= _MAX_IDLE_QUEUES:
+                        self._prune()
+                    queue = self._queues[signature] = _Queue(self._lock)
+                queue.pending.append(request)
+                queue.rows += rows
+                if not queue.leading:
+                    queue.leading = True
+                    request.state = _LEAD
+                elif queue.rows >= self._max_rows:
+                    queue.cond.notify()
+        if queue is None:
+            return self.run_alone(feed)
+        if request.state != _LEAD:
+            request.wake.acquire()  # until answered, or made the leader of what is left
+        if request.state == _LEAD:
+            assert queue is not None
+            self._lead(queue, request)
+        if request.state == _DONE:
+            return request.outputs
+        if request.state == _FAILED:
+            assert request.error is not None
+            raise request.error
+        return self._run(feed)  # _ALONE: its batch failed; try it on its own
+
+    # -- the leader ----------------------------------------------------------------------------------
+    def _lead(self, queue: _Queue, me: _Request) -> None:
+        with self._lock:
+            try:
+                while queue.rows < self._max_rows and not self._closed and self._in_flight >= self._slots:
+                    remaining = queue.pending[0].enqueued + self._delay - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._waiting_leaders += 1
+                    try:
+                        queue.cond.wait(remaining)
+                    finally:
+                        self._waiting_leaders -= 1
+            except BaseException:
+                # Interrupted while waiting (KeyboardInterrupt on the main thread): leave the queue
+                # and hand it to the next request, so that nobody waits on a leader that is gone.
+                queue.pending.remove(me)
+                queue.rows -= me.rows
+                self._hand_over(queue)
+                raise
+            # FIFO: the leader's request is always the oldest, so it is always in its own batch.
+            batch, rows, taken = [], 0, 0
+            for request in queue.pending:
+                if rows + request.rows > self._max_rows:
+                    break
+                rows += request.rows
+                taken += 1
+            batch = queue.pending[:taken]
+            del queue.pending[:taken]
+            queue.rows -= rows
+            self._in_flight += 1
+            self._hand_over(queue)
+            self._record(batch, rows)
+        try:
+            self._run_batch(batch, rows)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self._waiting_leaders:  # a slot is free: leaders waiting for one may go
+                    for waiting in self._queues.values():
+                        if waiting.leading:
+                            waiting.cond.notify()
+            for request in batch:
+                if request is not me:
+                    request.wake.release()
+
+    def _hand_over(self, queue: _Queue) -> None:
+        """Under the lock: make the oldest request left the leader of `queue`."""
+        if queue.pending:
+            queue.pending[0].state = _LEAD
+            queue.pending[0].wake.release()
+        else:
+            queue.leading = False
+
+    def _prune(self) -> None:
+        """Under the lock: forget idle queues (a model fed many shapes would otherwise keep one each)."""
+        for signature, queue in list(self._queues.items()):
+            if not queue.leading:
+                del self._queues[signature]
+
+    def _record(self, batch: list[_Request], rows: int) -> None:
+        counters = self._counters
+        counters.batches += 1
+        counters.batched_requests += len(batch)
+        counters.size_sum += rows
+        counters.size_counts[bisect.bisect_left(BATCH_SIZE_BUCKETS, rows)] += 1
+        now = time.monotonic()
+        for request in batch:
+            waited = now - request.enqueued
+            counters.delay_sum += waited
+            counters.delay_counts[bisect.bisect_left(QUEUE_DELAY_BUCKETS, waited)] += 1
+
+    def _run_batch(self, batch: list[_Request], rows: int) -> None:
+        """Answer every request of `batch`: outputs, its own error, or _ALONE to rerun it alone."""
+        if len(batch) == 1:  # nothing to stack: exactly the unbatched run
+            (request,) = batch
+            try:
+                request.outputs = self._run(request.feed)
+                request.state = _DONE
+            except BaseException as exc:
+                request.error = exc
+                request.state = _FAILED
+            return
+        try:
+            names = batch[0].feed.keys()
+            feed = {name: np.concatenate([r.feed[name] for r in batch]) for name in names}
+            outputs = self._run(feed)
+            if not all(isinstance(out, np.ndarray) and out.ndim and len(out) == rows for out in outputs):
+                raise _Unsplittable
+        except BaseException:
+            # The failing request(s) cannot be told from the others: each reruns alone, on its own
+            # caller's thread (in parallel), and only the bad ones fail.
+            with self._lock:
+                self._counters.fallback_batches += 1
+            for request in batch:
+                request.state = _ALONE
+            return
+        start = 0
+        for request in batch:
+            end = start + request.rows
+            request.outputs = [out[start:end] for out in outputs]
+            request.state = _DONE
+            start = end
+
+
+class _Unsplittable(Exception):
+    """An output of a batched run does not have one row per input row along axis 0."""

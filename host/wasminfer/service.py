@@ -1,0 +1,550 @@
+"""`Platform`: the embedded default host replica joined with the durable store.
+
+What the gateway (and the CLI's `serve`) talk to. It owns the order of every write: a function or
+model is validated by the host first (compiled, prewarmed, loaded), then persisted; if persisting
+fails the host goes back to what the store says. At start it redeploys everything the store holds,
+with no re-upload, and compiled modules come from the host's disk cache (no recompile).
+
+Tenancy: every method takes `tenant` (default `"default"`). Each tenant gets a `Host` of its own, so
+its functions *and its models* live in their own namespace: a guest calls `infer("digits")` by a
+bare name, and the runtime resolves that name in its host's one `ModelRegistry`; two tenants with a
+model named `digits` therefore need two registries. Within a tenant, every function still shares
+one ONNX Runtime session per model.
+
+Threads: every method blocks (SQLite, compiling, loading models, running guests); the gateway calls
+them on worker threads. Deploys, deletes and rollbacks are serialised by one lock (they are rare);
+`invoke` never takes it. Never imports starlette.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wasminfer.errors import (
+    BadRequest,
+    Conflict,
+    FunctionNotFound,
+    ModelNotFound,
+    Unavailable,
+    WasminferError,
+)
+from wasminfer.manifest import Manifest
+from wasminfer.runtime import DeployedFunction, Host, InvokeResult, LogLine
+from wasminfer.store import DEFAULT_TENANT, FunctionVersion, ModelRecord, Store, validate_name
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "SCOPES",
+    "ConfiguredKey",
+    "InvokeResult",
+    "LogLine",
+    "Platform",
+    "Principal",
+    "parse_keys",
+]
+
+log = logging.getLogger("wasminfer")
+
+#: `admin` may do everything; `invoke` may invoke functions; `read` may list and read (functions,
+#: models, logs, metrics) without changing anything.
+SCOPES = ("admin", "invoke", "read")
+
+Progress = Callable[[str], None]
+
+
+# --- API keys and who is calling ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: a tenant and the scopes its key grants."""
+
+    tenant: str
+    scopes: frozenset[str]
+    key_id: str | None = None  # the store key's public id, None for a configured key or open access
+
+    def allows(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+
+@dataclass(frozen=True)
+class ConfiguredKey:
+    """An API key given on the command line or in `WASMINFER_API_KEYS` (never stored)."""
+
+    key: str
+    scopes: frozenset[str]
+    tenant: str = DEFAULT_TENANT
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"ConfiguredKey(key='…', scopes={sorted(self.scopes)}, tenant={self.tenant!r})"
+
+
+def parse_keys(specs: str | Iterable[str]) -> list[ConfiguredKey]:
+    """Parses `key:scope1+scope2[:tenant]` entries (a comma-separated string, or several).
+
+    Raises `BadRequest` naming the bad entry (without the secret) for a missing key, an unknown
+    scope or an invalid tenant name.
+    """
+    entries = [specs] if isinstance(specs, str) else list(specs)
+    keys: list[ConfiguredKey] = []
+    for n, entry in enumerate(e.strip() for text in entries for e in text.split(",")):
+        if not entry:
+            continue
+        parts = entry.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+            raise BadRequest(f"API key entry {n + 1}: expected KEY:SCOPE[+SCOPE…][:TENANT]")
+        scopes = frozenset(s for s in parts[1].split("+") if s)
+        unknown = sorted(scopes - set(SCOPES))
+        if unknown:
+            raise BadRequest(
+                f"API key entry {n + 1}: unknown scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}"
+            )
+        tenant = parts[2] if len(parts) == 3 else DEFAULT_TENANT
+        keys.append(ConfiguredKey(parts[0], scopes, validate_name("tenant", tenant)))
+    return keys
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# --- what the platform hands out ------------------------------------------------------------------
+@dataclass
+class LoadReport:
+    """What `Platform.start` redeployed from the store, and what it could not."""
+
+    models: int = 0
+    functions: int = 0
+    from_cache: int = 0  # functions whose compiled module came from the disk cache
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "models": self.models,
+            "functions": self.functions,
+            "from_cache": self.from_cache,
+            "failures": list(self.failures),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _model_info(info: Any) -> dict[str, Any]:
+    """The stable part of a `ModelInfo` (what the store keeps; load time and RSS vary per load)."""
+    return {
+        "inputs": [s.to_dict() for s in info.inputs],
+        "outputs": [s.to_dict() for s in info.outputs],
+        "metadata": dict(info.metadata),
+    }
+
+
+def _module_info(fn: DeployedFunction) -> dict[str, Any]:
+    """Imports, exports and initial memory of a deployed module or component (what `inspect` saw)."""
+    compiled = fn.compiled
+    info: dict[str, Any] = {
+        "imports": [f"{i.module}.{i.name}" if i.name else i.module for i in compiled.imports],
+        "exports": sorted(compiled.exports),
+    }
+    initial_memory = getattr(compiled, "initial_memory_bytes", None)  # core modules only
+    if callable(initial_memory):
+        info["initial_memory_bytes"] = initial_memory()
+    return info
+
+
+class Platform:
+    """The store and this process' hosts, kept in step. Idempotent `close()`; a context manager.
+
+    `start()` must run (once) before the platform serves; until it has finished, `ready` is False
+    and every method but `authenticate` raises `Unavailable`.
+    """
+
+    def __init__(
+        self, data_dir: str | Path, *, keys: Iterable[ConfiguredKey] = (), log_capacity: int = 2000
+    ) -> None:
+        """Opens the store in `data_dir` (cheap; `start` loads it). Raises what `Store` raises."""
+        self.data_dir = Path(data_dir)
+        self.store = Store(self.data_dir)
+        self.cache_dir = self.data_dir / "cache"
+        self._keys = {_key_hash(k.key): k for k in keys}
+        self._hosts: dict[str, Host] = {}
+        self._log_capacity = log_capacity
+        self._lock = threading.RLock()  # deploys, deletes, rollbacks, start, close
+        self._ready = threading.Event()
+        self._closed = False
+        self.load_report: LoadReport | None = None
+        #: No key anywhere: every request acts as the default tenant's admin (loopback only).
+        self.open_access = not self._keys and not self.store.has_keys()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self, progress: Progress | None = None) -> LoadReport:
+        """Redeploys every stored model and the current version of every stored function.
+
+        An item that fails to load is logged and listed in the report; the rest still serve.
+        Idempotent: a second call returns the first report.
+        """
+        report_progress = progress or (lambda _msg: None)
+        with self._lock:
+            if self.load_report is not None:
+                return self.load_report
+            if self._closed:
+                raise Unavailable("the platform is closed")
+            started = time.perf_counter()
+            report = LoadReport()
+            for tenant in self.store.tenants():
+                host = self._ensure_host(tenant)
+                for rec in self.store.list_models(tenant=tenant):
+                    report_progress(f"loading model {tenant}/{rec.name} v{rec.version}")
+                    try:
+                        host.deploy_model(rec.name, self.store.blobs.get(rec.sha256))
+                        report.models += 1
+                    except (WasminferError, OSError) as exc:
+                        self._failed(report, f"model {tenant}/{rec.name} v{rec.version}", exc)
+                for fv in self.store.list_functions(tenant=tenant):
+                    report_progress(f"deploying function {tenant}/{fv.name} v{fv.version}")
+                    try:
+                        wasm = self.store.blobs.get(fv.sha256)
+                        host.deploy_function(fv.name, wasm, Manifest.from_dict(fv.manifest))
+                        report.functions += 1
+                        report.from_cache += int(host.function(fv.name).compiled.from_cache)
+                    except (WasminferError, OSError) as exc:
+                        self._failed(report, f"function {tenant}/{fv.name} v{fv.version}", exc)
+            report.seconds = time.perf_counter() - started
+            self.load_report = report
+            self._ready.set()
+            log.info(
+                "loaded %d model(s) and %d function(s) (%d compiled modules from cache) in %.2f s",
+                report.models,
+                report.functions,
+                report.from_cache,
+                report.seconds,
+            )
+            return report
+
+    @staticmethod
+    def _failed(report: LoadReport, what: str, exc: BaseException) -> None:
+        message = exc.message if isinstance(exc, WasminferError) else str(exc)
+        report.failures.append(f"{what}: {message}")
+        log.error("could not load %s from the store: %s", what, message)
+
+    def close(self) -> None:
+        """Closes every host and the store. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._ready.clear()
+            hosts = list(self._hosts.values())
+            self._hosts.clear()
+        for host in hosts:
+            host.close()
+        self.store.close()
+
+    def __enter__(self) -> Platform:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_ready(self) -> None:
+        if not self._ready.is_set():
+            if self._closed:
+                raise Unavailable("the server is shutting down")
+            raise Unavailable("the server is starting: loading functions and models from the store")
+
+    def _ensure_host(self, tenant: str) -> Host:
+        host = self._hosts.get(tenant)
+        if host is None:
+            with self._lock:
+                host = self._hosts.get(tenant)
+                if host is None:
+                    host = Host(cache_dir=self.cache_dir, log_capacity=self._log_capacity)
+                    self._hosts = {**self._hosts, tenant: host}  # copy-on-write: readers take no lock
+        return host
+
+    def host(self, tenant: str = DEFAULT_TENANT) -> Host:
+        """The host serving `tenant`. Raises `KeyError` if the tenant has nothing deployed."""
+        return self._hosts[tenant]
+
+    def hosts(self) -> dict[str, Host]:
+        """Every tenant's host (a snapshot)."""
+        return dict(self._hosts)
+
+    # --- auth ---------------------------------------------------------------------------------------
+    def authenticate(self, key: str) -> Principal | None:
+        """The principal of an API key (configured or stored), None if it is unknown or revoked."""
+        configured = self._keys.get(_key_hash(key))
+        if configured is not None and hmac.compare_digest(configured.key, key):
+            return Principal(configured.tenant, configured.scopes)
+        found = self.store.verify_key(key)
+        if found is None:
+            return None
+        tenant, scopes = found
+        return Principal(tenant, frozenset(scopes), key_id=key.split("_")[1])
+
+    def add_key(self, scopes: Iterable[str], *, tenant: str = DEFAULT_TENANT) -> str:
+        """Creates a stored API key and returns it (shown once). From then on keys are required.
+        Raises `BadRequest` for an unknown scope, `InvalidName` for a bad tenant."""
+        scopes = list(scopes)
+        unknown = sorted(set(scopes) - set(SCOPES))
+        if unknown or not scopes:
+            raise BadRequest(f"unknown or missing scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}")
+        key = self.store.add_key(scopes, tenant=tenant)
+        self.open_access = False
+        return key
+
+    # --- models -------------------------------------------------------------------------------------
+    def put_model(self, name: str, data: bytes, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        """Loads `data` as model `name` (ONNX Runtime validates it), then stores it as a new version.
+
+        Returns the model's view with `created` (False when the bytes equal the latest version).
+        Raises `InvalidName`, `InvalidModel`; on a store failure the host goes back to the stored
+        version (or drops the model) and the error propagates.
+        """
+        validate_name("tenant", tenant)
+        validate_name("model", name)
+        self._check_ready()
+        with self._lock:
+            host = self._ensure_host(tenant)
+            info = host.deploy_model(name, data)
+            try:
+                rec = self.store.put_model(name, data, _model_info(info), tenant=tenant)
+            except BaseException:
+                self._restore_model(host, name, tenant)
+                raise
+        return {**self._model_view(rec, host), "created": rec.created}
+
+    def _restore_model(self, host: Host, name: str, tenant: str) -> None:
+        try:
+            rec = self.store.get_model(name, tenant=tenant)
+            host.deploy_model(name, self.store.blobs.get(rec.sha256))
+        except ModelNotFound:
+            if not any(name in f.manifest.models for f in host.functions()):
+                host.models.unload(name)
+        except Exception:  # the original error matters more; this one is only logged
+            log.exception("could not restore model %s/%s after a failed store write", tenant, name)
+
+    def _model_view(self, rec: ModelRecord, host: Host | None) -> dict[str, Any]:
+        view = rec.to_dict()
+        view.update({k: v for k, v in rec.info.items() if k in ("inputs", "outputs", "metadata")})
+        view["loaded"] = host is not None and rec.name in host.models
+        if host is not None and rec.name in host.models:
+            live = host.models.get(rec.name)
+            view["load_seconds"] = round(live.load_seconds, 6)
+            view["resident_bytes"] = live.resident_bytes
+            view["users"] = sorted(f.name for f in host.functions() if rec.name in f.manifest.models)
+        return view
+
+    def list_models(self, *, tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
+        """The latest version of every model of `tenant`, by name."""
+        self._check_ready()
+        host = self._hosts.get(tenant)
+        return [self._model_view(rec, host) for rec in self.store.list_models(tenant=tenant)]
+
+    def get_model(self, name: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        """Raises `InvalidName`, `ModelNotFound`."""
+        self._check_ready()
+        rec = self.store.get_model(name, tenant=tenant)
+        view = self._model_view(rec, self._hosts.get(tenant))
+        view["versions"] = [
+            {
+                "version": r.version,
+                "sha256": r.sha256,
+                "size": r.size,
+                "created_at": r.to_dict()["created_at"],
+            }
+            for r in self.store.list_model_versions(name, tenant=tenant)
+        ]
+        return view
+
+    def delete_model(self, name: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Raises `InvalidName`, `ModelNotFound`, `Conflict` while a deployed or stored function's
+        manifest names the model (then nothing changes)."""
+        validate_name("model", name)
+        self._check_ready()
+        with self._lock:
+            host = self._hosts.get(tenant)
+            users = sorted(f.name for f in host.functions() if name in f.manifest.models) if host else []
+            if users:
+                raise Conflict(
+                    f"model {name!r} is used by function(s) {', '.join(repr(u) for u in users)}: deploy "
+                    "them without it in their manifest key 'models', or delete them, first"
+                )
+            self.store.delete_model(name, tenant=tenant)
+            if host is not None and name in host.models:
+                host.remove_model(name)
+
+    # --- functions ----------------------------------------------------------------------------------
+    def put_function(
+        self,
+        name: str,
+        wasm: bytes,
+        manifest: Manifest | Mapping[str, Any] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
+    ) -> dict[str, Any]:
+        """Validates, compiles and prewarms `wasm` in the host, then stores it as a new version.
+
+        Returns the version's view with `created` (False if it equals the current version) and the
+        detected `abi`. Raises `InvalidName`, `InvalidManifest`, `InvalidModule`, `ModelNotFound`
+        (the manifest names a model this tenant has not deployed). A failed deploy leaves the
+        previous version serving; a failed store write puts it back in the host.
+        """
+        validate_name("tenant", tenant)
+        validate_name("function", name)
+        m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest or {})
+        self._check_ready()
+        with self._lock:
+            host = self._ensure_host(tenant)
+            host.deploy_function(name, wasm, m)
+            try:
+                fn = host.function(name)
+                fv = self.store.put_function(name, wasm, m.to_dict(), fn.abi, _module_info(fn), tenant=tenant)
+            except BaseException:
+                self._restore_function(host, name, tenant)
+                raise
+            return {**self._function_view(fv, host), "created": fv.created}
+
+    def _restore_function(self, host: Host, name: str, tenant: str) -> None:
+        try:
+            fv = self.store.get_function(name, tenant=tenant)
+            host.deploy_function(name, self.store.blobs.get(fv.sha256), Manifest.from_dict(fv.manifest))
+        except FunctionNotFound:
+            host.remove_function(name)
+        except Exception:
+            log.exception("could not restore function %s/%s after a failed store write", tenant, name)
+
+    def _function_view(self, fv: FunctionVersion, host: Host | None) -> dict[str, Any]:
+        view = fv.to_dict()
+        fn = _deployed(host, fv.name)
+        view["loaded"] = fn is not None and fn.version == fv.sha256
+        if fn is not None:
+            live = fn.describe()
+            view.update(counters=live["counters"], instances=live["instances"], module=live["module"])
+        return view
+
+    def list_functions(self, *, tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
+        """The current version of every function of `tenant`, by name, with live counters."""
+        self._check_ready()
+        host = self._hosts.get(tenant)
+        return [self._function_view(fv, host) for fv in self.store.list_functions(tenant=tenant)]
+
+    def get_function(self, name: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        """The current version, every version, counters and instances. Raises `FunctionNotFound`."""
+        self._check_ready()
+        versions = self.store.list_versions(name, tenant=tenant)
+        current = next(v for v in versions if v.is_current)
+        view = self._function_view(current, self._hosts.get(tenant))
+        view["versions"] = [_version_summary(v) for v in versions]
+        return view
+
+    def versions(self, name: str, *, tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
+        """Every version of `name`, oldest first. Raises `FunctionNotFound`."""
+        self._check_ready()
+        return [v.to_dict() for v in self.store.list_versions(name, tenant=tenant)]
+
+    def delete_function(self, name: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Deletes every version and stops serving it. Raises `InvalidName`, `FunctionNotFound`."""
+        self._check_ready()
+        with self._lock:
+            self.store.delete_function(name, tenant=tenant)
+            host = self._hosts.get(tenant)
+            if _deployed(host, name) is not None:
+                assert host is not None
+                host.remove_function(name)
+
+    def rollback(
+        self, name: str, version: int | None = None, *, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        """Makes `version` (default: the one before the current) current, in the host first.
+
+        Raises `BadRequest` (version < 1), `FunctionNotFound` (no such function or version),
+        `Conflict` (no earlier version), and what deploying that version raises (e.g.
+        `ModelNotFound` if a model it names was deleted since); then nothing changes.
+        """
+        self._check_ready()
+        if version is not None and version < 1:
+            raise BadRequest(f"a version is a positive integer, not {version}")
+        with self._lock:
+            versions = self.store.list_versions(name, tenant=tenant)
+            current = next(v for v in versions if v.is_current)
+            if version is None:
+                earlier = [v for v in versions if v.version < current.version]
+                if not earlier:
+                    raise Conflict(
+                        f"function {name!r} has no version before {current.version} to roll back to"
+                    )
+                target = earlier[-1]
+            else:
+                matching = [v for v in versions if v.version == version]
+                if not matching:
+                    raise FunctionNotFound(name, str(version))
+                target = matching[0]
+            host = self._ensure_host(tenant)
+            if target.version != current.version or _deployed(host, name) is None:
+                host.deploy_function(
+                    name, self.store.blobs.get(target.sha256), Manifest.from_dict(target.manifest)
+                )
+            try:
+                fv = self.store.rollback(name, target.version, tenant=tenant)
+            except BaseException:
+                self._restore_function(host, name, tenant)
+                raise
+            return self._function_view(fv, host)
+
+    # --- invocations --------------------------------------------------------------------------------
+    def invoke(
+        self,
+        name: str,
+        body: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        tenant: str = DEFAULT_TENANT,
+    ) -> InvokeResult:
+        """Runs one request through function `name` of `tenant` (see `Host.invoke` for the errors).
+        Raises `Unavailable` before `start` has finished."""
+        if not self._ready.is_set():
+            self._check_ready()
+        host = self._hosts.get(tenant)
+        if host is None:
+            raise FunctionNotFound(name)
+        return host.invoke(name, body, content_type)
+
+    def logs(
+        self, name: str, n: int = 200, since: float | None = None, *, tenant: str = DEFAULT_TENANT
+    ) -> list[LogLine]:
+        """The last `n` log lines of `name` newer than `since` (Unix time). Raises `FunctionNotFound`."""
+        self._check_ready()
+        host = self._hosts.get(tenant)
+        if _deployed(host, name) is None:
+            self.store.get_function(name, tenant=tenant)  # raises FunctionNotFound if it does not exist
+            return []  # stored but not loaded (it failed to load at start: see the report)
+        assert host is not None
+        return host.logs(name, n, since)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """`Host.stats()` of every tenant's host, by tenant (for metrics)."""
+        return {tenant: host.stats() for tenant, host in self._hosts.items()}
+
+
+def _deployed(host: Host | None, name: str) -> DeployedFunction | None:
+    if host is None:
+        return None
+    try:
+        return host.function(name)
+    except FunctionNotFound:
+        return None
+
+
+def _version_summary(v: FunctionVersion) -> dict[str, Any]:
+    d = v.to_dict()
+    return {k: d[k] for k in ("version", "sha256", "size", "abi", "created_at", "is_current")}
