@@ -173,6 +173,9 @@ class Platform:
         self.cache_dir = self.data_dir / "cache"
         self._keys = {_key_hash(k.key): k for k in keys}
         self._hosts: dict[str, Host] = {}
+        # One wasmtime engine per process (one epoch ticker, one compile cache), shared by the
+        # tenants' hosts; each tenant gets its own host so its models live in its own registry.
+        self._engine = Host.new_engine(self.cache_dir)
         self._log_capacity = log_capacity
         self._lock = threading.RLock()  # deploys, deletes, rollbacks, start, close
         self._ready = threading.Event()
@@ -247,6 +250,7 @@ class Platform:
             self._hosts.clear()
         for host in hosts:
             host.close()
+        self._engine.close()
         self.store.close()
 
     def __enter__(self) -> Platform:
@@ -267,7 +271,8 @@ class Platform:
             with self._lock:
                 host = self._hosts.get(tenant)
                 if host is None:
-                    host = Host(cache_dir=self.cache_dir, log_capacity=self._log_capacity)
+                    host = Host(cache_dir=self.cache_dir, log_capacity=self._log_capacity,
+                                engine=self._engine)
                     self._hosts = {**self._hosts, tenant: host}  # copy-on-write: readers take no lock
         return host
 

@@ -175,9 +175,12 @@ class Host:
     """One wasminfer host: models, functions, instances. Idempotent `close()`; a context manager."""
 
     def __init__(self, cache_dir: Path | None = None, *, models: ModelRegistry | None = None,
-                 log_capacity: int = 2000) -> None:
+                 log_capacity: int = 2000, engine: WasmEngine | None = None) -> None:
+        """`engine`: share one engine (and its epoch ticker and compile cache) between hosts of one
+        process, e.g. one host per tenant; made with `Host.new_engine`, closed by its owner."""
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.engine = WasmEngine(HOST_FUNCS, self.cache_dir)
+        self._owns_engine = engine is None
+        self.engine = engine if engine is not None else self.new_engine(self.cache_dir)
         self.models = models if models is not None else ModelRegistry()
         self._functions: dict[str, DeployedFunction] = {}
         self._logs: dict[str, LogBuffer] = {}
@@ -185,6 +188,11 @@ class Host:
         self._ids = itertools.count(1)
         self._log_capacity = log_capacity
         self._closed = False
+
+    @staticmethod
+    def new_engine(cache_dir: Path | None = None) -> WasmEngine:
+        """An engine with every host interface (handler ABI, WASI-NN) linked in."""
+        return WasmEngine(HOST_FUNCS, Path(cache_dir) if cache_dir is not None else None)
 
     # --- models -------------------------------------------------------------------------------
     def deploy_model(self, name: str, model: bytes | Path, **options: Any) -> ModelInfo:
@@ -402,7 +410,8 @@ class Host:
             self._functions.clear()
         for f in fns:
             f.pool.close()
-        self.engine.close()
+        if self._owns_engine:
+            self.engine.close()
         self.models.close()
 
     def __enter__(self) -> Host:
