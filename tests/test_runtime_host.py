@@ -266,4 +266,5 @@ def test_concurrent_invocations_get_their_own_answers(host: Host) -> None:
 def test_logs_capture_guest_log_lines(host: Host) -> None:
     host.invoke("hostile", b"g")
     lines = host.logs("hostile")
-    assert any(ln.stream == "log" and ln.level == "warn" and ln.message == "hello from the guest" for ln in lines)
+    assert any(ln.stream == "log" and ln.level == "warn" and ln.message == "hello from the guest"
+               for ln in lines)

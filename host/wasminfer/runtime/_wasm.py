@@ -44,6 +44,7 @@ _I32 = wasmtime.ValType.i32()
 _I64 = wasmtime.ValType.i64()
 _VALTYPES = {"i32": _I32, "i64": _I64}
 _U32 = 0xFFFFFFFF
+_DLL = bindings.dll  # type: ignore[attr-defined]
 # The raw ctypes functions behind wasmtime._ffi's wrappers: one Python frame less per crossing.
 _call_unchecked = bindings._wasmtime_func_call_unchecked
 _set_epoch_deadline = bindings._wasmtime_context_set_epoch_deadline
@@ -51,15 +52,15 @@ _set_epoch_deadline = bindings._wasmtime_context_set_epoch_deadline
 _RawCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_size_t)
 _caller_context = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
-    ("wasmtime_caller_context", bindings.dll)
+    ("wasmtime_caller_context", _DLL)
 )
 # Our own handle on wasmtime_memory_data returning a plain address (wasmtime-py's returns a pointer
 # object, and its restype is shared with wasmtime-py, so it is not ours to change).
 _memory_data = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)(
-    ("wasmtime_memory_data", bindings.dll)
+    ("wasmtime_memory_data", _DLL)
 )
 _memory_data_size = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)(
-    ("wasmtime_memory_data_size", bindings.dll)
+    ("wasmtime_memory_data_size", _DLL)
 )
 # Guest stdout/stderr go through one C callback of ours and *no finalizer*, not through wasmtime-py's
 # `stdout_custom`: that one registers a Python finalizer, which wasmtime runs on one of its tokio
@@ -70,7 +71,7 @@ _memory_data_size = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_
 _OutputCallback = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _set_stdout_custom, _set_stderr_custom = (
     ctypes.CFUNCTYPE(None, ctypes.c_void_p, _OutputCallback, ctypes.c_void_p, ctypes.c_void_p)(
-        (name, bindings.dll)  # type: ignore[attr-defined]
+        (name, _DLL)
     )
     for name in ("wasi_config_set_stdout_custom", "wasi_config_set_stderr_custom")
 )
@@ -240,7 +241,7 @@ def _make_callback(hf: HostFunc) -> Any:
     return _RawCallback(callback)
 
 
-@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # type: ignore[untyped-decorator]
 def _no_finalizer(_env: Any) -> None:
     return None
 

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from wasminfer.errors import TooManyRequests, Unavailable
 
@@ -93,7 +93,7 @@ class InstancePool(Generic[T]):
                 if waiter.closed:
                     raise Unavailable(f"function {self.name!r} is being replaced or removed; retry")
                 if waiter.instance is not None:
-                    return waiter.instance, False
+                    return cast(T, waiter.instance), False
                 # else: a slot was freed by a discarded instance; it was counted for us
         try:
             inst = self._create()
