@@ -27,6 +27,48 @@ build-functions:
 bench-micro:
     {{python}} bench/micro.py
 
+# The same for Python guests (componentize-py components): bench/results/python_guest.json.
+bench-python:
+    {{python}} bench/python_guest.py
+
 # HTTP gateway benchmark: invocations/s and latency over loopback vs in-process.
 bench-gateway:
     {{python}} bench/gateway.py
+
+# Async bulk jobs vs sync requests: 10,000 digits items; sync p99 idle and during a bulk job: bench/results/async.json.
+bench-async *ARGS:
+    {{python}} bench/async_jobs.py {{ARGS}}
+
+# Dynamic batching: throughput and p50/p99 with and without it at concurrency 1, 8, 32: bench/results/batching.json.
+bench-batching *ARGS:
+    {{python}} bench/batching.py {{ARGS}}
+
+# Hybrid scaling: a step load (low, high, low) against digits with up to 2 host replicas, and 1 vs 2
+# replicas at concurrency 16: bench/results/scaling.json and scaling.png. Needs the `bench` extra.
+bench-scaling *ARGS:
+    {{python}} bench/scaling.py {{ARGS}}
+
+# Long fuzzing (schemathesis on /openapi.json, request parsing, wasi-nn structs): bench/results/hardening.json.
+fuzz EXAMPLES="2000":
+    {{python}} bench/hardening.py fuzz --examples {{EXAMPLES}}
+
+# SIGKILL the server during uploads and deploys, restart, check the store: ROUNDS rounds (hardening.json).
+crash ROUNDS="50":
+    {{python}} bench/hardening.py crash --rounds {{ROUNDS}}
+
+# 5x the capacity of a function, open loop: refusals, admitted p99, RSS, recovery (hardening.json).
+overload SECONDS="20":
+    {{python}} bench/hardening.py overload --seconds {{SECONDS}}
+
+# Steady load for 10 minutes: RSS growth and error count (hardening.json).
+soak SECONDS="600":
+    {{python}} bench/hardening.py soak --seconds {{SECONDS}}
+
+# All of the hardening runs above, in one go (~30 minutes).
+hardening:
+    {{python}} bench/hardening.py all
+
+# The benchmark suite against the baselines (coldstart, density, throughput, overhead; `--quick`,
+# or name scenarios): tables on stdout, bench/results/, bench/RESULTS.md. Needs the `bench` extra.
+bench *ARGS:
+    {{python}} bench/run.py {{ARGS}}

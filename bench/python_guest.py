@@ -15,6 +15,8 @@ echoed). Figures, as bench/micro.py measures them for handler modules:
 - py_invoke_overhead_us_p50: `Host.invoke` of the digits port minus the model's own `session.run` on
   the same input (medians, side by side). It includes the guest's own Python work (parsing and
   writing JSON in CPython compiled to Wasm); `py_echo_invoke_us_p50` is the floor without any.
+- py_payload_us_per_kib: what a KiB of body costs, in and out (a 64 KiB echo minus a 1-byte one):
+  bodies and tensors cross as `list<u8>`, one component value per byte.
 
 The component is compiled once into the engine cache (`$WASMINFER_CACHE/engine`; 10-30 s the first
 time) and the build is cached by content hash, so reruns start in seconds.
@@ -146,6 +148,10 @@ def main() -> None:
             run.append((time.perf_counter_ns() - t) / 1000)
         echo = timed(lambda: host.invoke("py-digits", b"x", "text/plain"), args.n)
         overhead = p50(inv) - p50(run)
+        # bulk data: a 64 KiB body in and out, each byte a component value of its own both ways
+        big = b"x" * (64 << 10)
+        echo_64k = timed(lambda: host.invoke("py-digits", big, "application/octet-stream"),
+                         max(50, args.n // 20))
 
         text: dict[str, float] = {}
         text_samples: list[float] = []
@@ -177,6 +183,8 @@ def main() -> None:
         "py_infer_us_p50": round(p50(infer_us), 1),
         "session_run_us_p50": round(p50(run), 1),
         "py_echo_invoke_us_p50": round(p50(echo), 1),
+        "py_echo_64kib_us_p50": round(p50(echo_64k), 1),
+        "py_payload_us_per_kib": round((p50(echo_64k) - p50(echo)) / 64, 1),  # in and out
         **text,
         "component_bytes": len(wasm),
         "build_s": round(build_s, 1),
@@ -184,7 +192,8 @@ def main() -> None:
         "compiled_from_cache": desc["module"]["from_cache"],
         "targets": TARGETS,
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "wasmtime": "50.0.1",
-                    "componentize_py": "0.25.1", "date": time.strftime("%Y-%m-%d")},
+                    "componentize_py": "0.25.1", "date": time.strftime("%Y-%m-%d"),
+                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},  # a shared machine: see it
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS / "python_guest.json.tmp"

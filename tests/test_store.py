@@ -80,12 +80,12 @@ def test_default_data_dir_is_dot_wasminfer(tmp_path: Path, monkeypatch: pytest.M
 def test_a_new_migration_adds_a_table_and_keeps_data(tmp_path: Path) -> None:
     with Store(tmp_path) as s:
         s.put_function("f", WASM, {}, "handler")
-    jobs = ("CREATE TABLE jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL)",)
-    db = Database(tmp_path / "store.db", (*MIGRATIONS, jobs))
+    later = ("CREATE TABLE later_things (id TEXT PRIMARY KEY, state TEXT NOT NULL)",)
+    db = Database(tmp_path / "store.db", (*MIGRATIONS, later))
     try:
         assert db.schema_version() == SCHEMA_VERSION + 1
         with db.write() as conn:
-            conn.execute("INSERT INTO jobs VALUES ('j1', 'queued')")
+            conn.execute("INSERT INTO later_things VALUES ('j1', 'queued')")
     finally:
         db.close()
     # Code that knows only the older migrations refuses the newer file rather than misreading it.

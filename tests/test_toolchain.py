@@ -128,9 +128,10 @@ def test_what_cannot_be_built(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(BuildError, match="expected one of .c, .py"):
         toolchain.build(tmp_path / "notes.txt", cache_dir=tmp_path)
-    (tmp_path / "py").mkdir()
-    (tmp_path / "py" / "app.py").write_text("")
-    with pytest.raises(BuildError, match="Python functions are not supported"):
+    (tmp_path / "py").mkdir()  # Python builds: tests/test_python_guest.py
+    (tmp_path / "py" / "one.py").write_text("")
+    (tmp_path / "py" / "two.py").write_text("")
+    with pytest.raises(BuildError, match="which module holds the @handler"):
         toolchain.build(tmp_path / "py", cache_dir=tmp_path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -118,13 +119,49 @@ def serve(
     loop: Annotated[
         str, typer.Option(help="Event loop: auto (uvloop if installed), asyncio, uvloop.")
     ] = "auto",
+    min_replicas: Annotated[int, typer.Option(help="Host replicas to keep (this process counts).")] = 1,
+    max_replicas: Annotated[
+        int,
+        typer.Option(
+            help="Most host replicas; above 1 the autoscaler adds worker processes (Ray actors with --ray)."
+        ),
+    ] = 1,
+    scaling: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scaling", help="A scaling knob KEY=VALUE (docs/scaling.md), e.g. replica_up_window_s=2."
+        ),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run the host replicas beyond this process as Ray actors (docs/ray.md): 'auto' (the "
+            "cluster this machine belongs to, or $RAY_ADDRESS), a head's HOST:PORT, ray://…, or 'local'.",
+        ),
+    ] = None,
 ) -> None:
     """Run the server: the HTTP gateway over the embedded host and the store in DATA."""
     import uvicorn
 
     from wasminfer.gateway import create_app
+    from wasminfer.scaling import ScalingConfig
     from wasminfer.service import Platform, parse_keys
 
+    scaling_config = ScalingConfig.from_options(
+        scaling or [],
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        backend="ray" if ray else None,
+        ray_address=ray,
+    )
+    if scaling_config.backend == "ray" and scaling_config.max_replicas <= int(scaling_config.primary_replica):
+        raise BadRequest(
+            f"--ray: with --max-replicas {scaling_config.max_replicas} every request runs in this process "
+            "and nothing on Ray; give --max-replicas N (N above 1, or --scaling primary_replica=false)"
+        )
+
+    _log_to_stderr(log_level)
     specs = list(key or [])
     if os.environ.get("WASMINFER_API_KEYS"):
         specs.append(os.environ["WASMINFER_API_KEYS"])
@@ -156,7 +193,7 @@ def serve(
             _print_example_requests(platform, host, port)
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(platform),
+                create_app(platform, scaling=scaling_config),
                 host=host,
                 port=port,
                 log_level=log_level,
@@ -166,9 +203,51 @@ def serve(
                 timeout_graceful_shutdown=10,
             )
         )
+        # uvicorn finishes what is in flight on SIGTERM, then raises the signal again with the handler
+        # it found: this no-op lets the platform close below, and the exit status be 0.
+        signal.signal(signal.SIGTERM, lambda *_: None)
         server.run()
     finally:
         platform.close()
+
+
+def _log_to_stderr(level: str) -> None:
+    """The `wasminfer` loggers (scaling decisions, store loads, replicas) next to uvicorn's lines."""
+    import logging
+
+    logger = logging.getLogger("wasminfer")
+    logger.setLevel(getattr(logging, level.upper(), logging.INFO))
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+@app.command(hidden=True)
+def worker(
+    data: Annotated[Path, typer.Option(help="The gateway's data folder.")],
+    socket: Annotated[Path | None, typer.Option(help="Unix socket to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Or a port on 127.0.0.1.")] = None,
+    parent: Annotated[int | None, typer.Option(help="Exit when this process is gone.")] = None,
+    threads: Annotated[int, typer.Option(help="Worker threads for invocations.")] = 64,
+    id_: Annotated[str, typer.Option("--id", help="The replica's name in logs.")] = "local",
+    scaling: Annotated[list[str] | None, typer.Option("--scaling", help="KEY=VALUE")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
+) -> None:
+    """A host replica process (started by `serve --max-replicas N`, not by hand)."""
+    from wasminfer.replicas.worker import serve_worker
+    from wasminfer.scaling import ScalingConfig
+
+    serve_worker(
+        data,
+        socket_path=socket,
+        port=port,
+        parent=parent,
+        threads=threads,
+        config=ScalingConfig.from_options(scaling or []),
+        replica_id=id_,
+        log_level=log_level,
+    )
 
 
 def _deploy_examples(platform: Platform) -> None:
@@ -376,6 +455,13 @@ def invoke(
         str | None, typer.Option("--content-type", "-t", help="Request content type.")
     ] = None,
     timing: Annotated[bool, typer.Option(help="Print the Server-Timing on stderr.")] = False,
+    async_: Annotated[
+        bool,
+        typer.Option("--async", help="Run it as a job: print the job id (see `wasminfer jobs`)."),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option(help="With --async: wait for the job, then print its output.")
+    ] = False,
     url: Url = DEFAULT_URL,
     key: Key = None,
 ) -> None:
@@ -392,12 +478,176 @@ def invoke(
         or "application/octet-stream"
     )
     with _client(url, key) as client:
-        result = client.invoke(name, body, ctype)
+        if async_:
+            job = client.invoke_async(name, body, ctype)
+            if not wait:
+                out.print(job["id"], highlight=False)
+                err.print(f"queued; follow it with: wasminfer jobs {job['id']} --wait", highlight=False)
+                return
+            _follow(client, job["id"])
+            result = client.job_result(job["id"])
+        else:
+            result = client.invoke(name, body, ctype)
     sys.stdout.buffer.write(result.body)
     sys.stdout.buffer.flush()
     if timing:
         parts = ", ".join(f"{k} {v:.3f} ms" for k, v in result.server_timing.items())
         err.print(f"\n[{result.invocation_id}] {result.content_type}: {parts}", highlight=False)
+
+
+# --- batch, jobs ----------------------------------------------------------------------------------
+@app.command()
+def batch(
+    name: Annotated[str, typer.Argument(help="The function.")],
+    file: Annotated[
+        Path,
+        typer.Argument(help="The inputs: JSON Lines (one request body per line) or, .cbor, a CBOR array."),
+    ],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the results (JSON Lines) here, not stdout.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Wait for the results with a progress bar (--no-wait: print the job id).")
+    ] = True,
+    item_content_type: Annotated[
+        str | None, typer.Option(help="Content type of CBOR byte-string items.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Submitting again with this key returns the first job.")
+    ] = None,
+    webhook: Annotated[str | None, typer.Option(help="URL to POST the job to when it finishes.")] = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+) -> None:
+    """Invoke a function on every input of FILE as one job, then print one result per input."""
+    ctype = "application/cbor" if file.suffix.lower() == ".cbor" else "application/jsonl"
+    with _client(url, key) as client:
+        job = client.batch(
+            name,
+            file,
+            ctype,
+            item_content_type=item_content_type,
+            idempotency_key=idempotency_key,
+            webhook=webhook,
+        )
+        if not wait:
+            out.print(job["id"], highlight=False)
+            err.print(f"{job['items']['total']} items queued; follow: wasminfer jobs {job['id']} --wait")
+            return
+        view = _follow(client, job["id"])
+        _write_results(client, job["id"], output)
+    _summary(view)
+
+
+@app.command()
+def jobs(
+    job_id: Annotated[str | None, typer.Argument(help="A job: show it (default: list your jobs).")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar until it ends.")] = False,
+    result: Annotated[
+        bool, typer.Option(help="Print its result: the output, or a batch's JSON Lines.")
+    ] = False,
+    cancel: Annotated[
+        bool, typer.Option(help="Cancel what has not started (a finished job: delete it).")
+    ] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="With --result: write here.")] = None,
+    status: Annotated[str | None, typer.Option(help="List only jobs in this status.")] = None,
+    limit: Annotated[int, typer.Option(help="List at most this many.")] = 20,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+) -> None:
+    """List your jobs with their progress; or show, follow, cancel one, or print its result."""
+    with _client(url, key) as client:
+        if job_id is None:
+            _jobs_table(client.jobs(status=status, limit=limit))
+            return
+        if cancel:
+            view = client.cancel_job(job_id)
+            err.print(f"deleted job {job_id}" if view is None else f"job {job_id}: {view['status']}")
+            return
+        view = _follow(client, job_id) if wait else client.job(job_id)
+        if result:
+            if view["kind"] == "batch":
+                _write_results(client, job_id, output)
+            else:
+                body = client.job_result(job_id).body
+                if output is not None:
+                    output.write_bytes(body)
+                else:
+                    sys.stdout.buffer.write(body)
+                    sys.stdout.buffer.flush()
+        elif not wait:
+            out.print_json(data=view)
+    if wait:
+        _summary(view)
+
+
+def _follow(client: Client, job_id: str) -> dict[str, Any]:
+    """Waits for the job with a progress bar on stderr; returns its last view."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task(f"job {job_id}", total=None, note="")
+
+        def update(view: dict[str, Any]) -> None:
+            items = view["items"]
+            note = f"{view['status']}" + (f", {items['failed']} failed" if items["failed"] else "")
+            bar.update(task, total=items["total"], completed=items["done"], note=note)
+
+        return client.wait_job(job_id, progress=update)
+
+
+def _write_results(client: Client, job_id: str, output: Path | None) -> None:
+    lines = (
+        json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in client.job_results(job_id)
+    )
+    if output is None:
+        for line in lines:
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        return
+    with output.open("w") as f:
+        f.writelines(lines)
+
+
+def _summary(view: dict[str, Any]) -> None:
+    items, timings = view["items"], view["timings"]
+    run = timings.get("run_s")
+    rate = f", {items['done'] / run:,.0f} items/s" if run else ""
+    err.print(
+        f"job {view['id']}: {view['status']}; {items['succeeded']} of {items['total']} succeeded, "
+        f"{items['failed']} failed (queued {timings['queued_s']:.2f} s, ran {run or 0:.2f} s{rate})",
+        highlight=False,
+    )
+    if view.get("error"):
+        err.print(f"error: {view['error']['code']}: {view['error']['message']}", highlight=False)
+
+
+def _jobs_table(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="jobs", title_justify="left")
+    for column in ("id", "function", "kind", "status", "progress", "failed", "created", "ran"):
+        table.add_column(column, justify="right" if column in ("progress", "failed", "ran") else "left")
+    for j in rows:
+        items = j["items"]
+        pct = f"{100 * items['done'] / items['total']:.0f}%" if items["total"] else "-"
+        run = j["timings"].get("run_s")
+        table.add_row(
+            j["id"],
+            j["function"],
+            j["kind"],
+            j["status"],
+            f"{items['done']}/{items['total']} {pct}",
+            str(items["failed"]),
+            _when(j["created_at"]),
+            f"{run:.2f} s" if run is not None else "-",
+        )
+    out.print(table)
 
 
 @app.command("ls")

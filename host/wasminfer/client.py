@@ -9,7 +9,8 @@ server's error as the `wasminfer.errors` type it was on the server, rebuilt from
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from wasminfer.errors import ServerUnreachable, TooManyRequests, WasminferError
 from wasminfer.manifest import Manifest
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+JSONL = "application/jsonl"  # batch bodies and results
 
 __all__ = ["DEFAULT_URL", "Client", "Invocation", "error_from_response"]
 
@@ -234,3 +236,137 @@ class Client:
             params["since"] = repr(since)
         result: list[dict[str, Any]] = self._json("GET", f"/v1/functions/{name}/logs", params=params)["lines"]
         return result
+
+    # --- jobs: asynchronous and bulk invocation -----------------------------------------------------
+    def invoke_async(
+        self,
+        name: str,
+        body: bytes = b"",
+        content_type: str = "application/octet-stream",
+        *,
+        idempotency_key: str | None = None,
+        webhook: str | None = None,
+        ttl_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Submits one invocation as a job (`Prefer: respond-async`); returns the job's view (`id`,
+        `status`, …). Its output comes later from `job_result` (see `wait_job`)."""
+        headers = {"content-type": content_type, "prefer": "respond-async"}
+        result: dict[str, Any] = self._request(
+            "POST",
+            f"/v1/functions/{name}/invoke",
+            content=body,
+            headers={**headers, **_job_headers(idempotency_key)},
+            params=_job_params(webhook, ttl_s),
+        ).json()
+        return result
+
+    def batch(
+        self,
+        name: str,
+        items: bytes | Path | Iterable[Any],
+        content_type: str = JSONL,
+        *,
+        item_content_type: str | None = None,
+        idempotency_key: str | None = None,
+        webhook: str | None = None,
+        ttl_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Submits a bulk invocation: a JSON Lines (or, with `content_type="application/cbor"`, a
+        CBOR array) body as bytes or a file, or an iterable of JSON values sent as JSON Lines.
+        Returns the job's view; per-item results come from `job_results`."""
+        if isinstance(items, Path):
+            data = items.read_bytes()
+        elif isinstance(items, bytes | bytearray):
+            data = bytes(items)
+        else:
+            data = b"".join(json.dumps(item, separators=(",", ":")).encode() + b"\n" for item in items)
+            content_type = JSONL
+        params = _job_params(webhook, ttl_s)
+        if item_content_type is not None:
+            params["item_content_type"] = item_content_type
+        result: dict[str, Any] = self._request(
+            "POST",
+            f"/v1/functions/{name}/batch",
+            content=data,
+            headers={"content-type": content_type, **_job_headers(idempotency_key)},
+            params=params,
+        ).json()
+        return result
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", f"/v1/jobs/{job_id}")
+        return result
+
+    def jobs(
+        self, *, status: str | None = None, function: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """The caller's jobs, newest first."""
+        params = {"limit": str(limit)}
+        params.update({k: v for k, v in (("status", status), ("function", function)) if v is not None})
+        result: list[dict[str, Any]] = self._json("GET", "/v1/jobs", params=params)["jobs"]
+        return result
+
+    def cancel_job(self, job_id: str) -> dict[str, Any] | None:
+        """Cancels a job that has not finished (returns its view), or deletes a finished one
+        (returns None). Raises `Conflict` for an invoke job that has started."""
+        r = self._request("DELETE", f"/v1/jobs/{job_id}")
+        if r.status_code == 204:
+            return None
+        result: dict[str, Any] = r.json()
+        return result
+
+    def wait_job(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Polls the job until it has finished (succeeded, failed or cancelled) and returns its
+        view; `progress` is called with every view seen. Raises `TimeoutError` after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = 0.02
+        while True:
+            view = self.job(job_id)
+            if progress is not None:
+                progress(view)
+            if view["status"] in ("succeeded", "failed", "cancelled"):
+                return view
+            if deadline is not None and time.monotonic() + wait > deadline:
+                raise TimeoutError(f"job {job_id} is still {view['status']} after {timeout} s")
+            time.sleep(wait)
+            wait = min(poll_s, wait * 2)
+
+    def job_result(self, job_id: str) -> Invocation:
+        """The output of a succeeded invoke job. Raises `JobNotFinished` (409) before it has
+        finished, and a failed job's error (as the synchronous call would have raised it)."""
+        r = self._request("GET", f"/v1/jobs/{job_id}/result")
+        return Invocation(r.content, r.headers.get("content-type", ""), job_id)
+
+    def job_results(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """The results of a batch job's finished items, in order, streamed: `{"index", "status",
+        "content_type", "output" | "output_b64"}` or `{"index", "status", "error"}`."""
+        try:
+            with self._http.stream("GET", f"{self.url}/v1/jobs/{job_id}/result", headers=self._headers) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise error_from_response(r)
+                for line in r.iter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach the wasminfer server at {self.url}: {exc}") from None
+
+
+def _job_headers(idempotency_key: str | None) -> dict[str, str]:
+    return {"idempotency-key": idempotency_key} if idempotency_key is not None else {}
+
+
+def _job_params(webhook: str | None, ttl_s: float | None) -> dict[str, str]:
+    params: dict[str, str] = {}
+    if webhook is not None:
+        params["webhook"] = webhook
+    if ttl_s is not None:
+        params["ttl_s"] = repr(ttl_s)
+    return params

@@ -94,9 +94,28 @@ class ModelNotFound(NotFound):
         super().__init__(f"model {name!r} does not exist")
 
 
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id!r:.80} does not exist (or its results expired)")
+
+
 # --- 409 / 413 / 415 / 422 ----------------------------------------------------------------------
 class Conflict(WasminferError):
     status, code = 409, "conflict"
+
+
+class JobNotFinished(Conflict):
+    """A job's result was asked for before the job finished."""
+
+    code = "job_not_finished"
+
+
+class IdempotencyKeyReused(WasminferError):
+    """An `Idempotency-Key` came back with a different request than the one it was first used for."""
+
+    status, code = 422, "idempotency_key_reused"
 
 
 class PayloadTooLarge(WasminferError):

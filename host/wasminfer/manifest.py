@@ -33,6 +33,8 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "max_infer_calls": (0, 100_000),
     "max_tensor_bytes": (0, 1 << 30),
     "idle_timeout_s": (0, 86_400),
+    "prewarm_instances": (0, 100_000),
+    "target_utilization_pct": (1, 100),
 }
 
 
@@ -48,18 +50,30 @@ class Manifest:
     timeout_ms: int = 10_000
     min_instances: int = 0
     max_instances: int = 64
-    max_concurrency: int = 0  # 0: bounded by max_instances only
+    # In flight at once across every replica of the server (the router queues the rest, up to
+    # max_queue, then answers 429); 0: bounded by max_instances per host only.
+    max_concurrency: int = 0
     max_queue: int = 256
     max_output_bytes: int = 16 << 20
     max_log_bytes: int = 64 << 10
     max_infer_calls: int = 64
     max_tensor_bytes: int = 64 << 20
     idle_timeout_s: int = 300
+    # Instances made when a host takes the function (deploy, a new replica), ahead of its first
+    # requests; a deploy always makes at least one (it proves the module starts). Reaped like any
+    # idle instance after idle_timeout_s, down to min_instances.
+    prewarm_instances: int = 1
+    # The instance autoscaler keeps this percentage of warm instances busy (Knative's target
+    # utilisation: an instance runs one request at a time, so the rest is headroom for a burst).
+    target_utilization_pct: int = 70
     env: tuple[tuple[str, str], ...] = ()
     args: tuple[str, ...] = ()
     mount_body: str | None = None  # command ABI: guest path where the body appears read-only
     content_type: str | None = None  # command ABI: the response's content type (else octet-stream)
     allow_guest_models: bool = False  # wasi-nn `load` with model bytes from the guest
+    # Running a request twice is harmless: one lost with its replica (a Ray actor or its node died
+    # while running it) is sent once more to another replica instead of failing with a 503.
+    idempotent: bool = False
     abi: str = "auto"
 
     @classmethod
@@ -103,7 +117,7 @@ class Manifest:
                 ):
                     raise InvalidManifest("manifest key 'content_type' must be a media type, e.g. text/plain")
                 kw[key] = value
-            elif key == "allow_guest_models":
+            elif key in ("allow_guest_models", "idempotent"):
                 kw[key] = _bool(key, value)
             elif key == "abi":
                 if value not in ABIS:
@@ -112,6 +126,8 @@ class Manifest:
         m = cls(**kw)
         if m.min_instances > m.max_instances:
             raise InvalidManifest("manifest key 'min_instances' exceeds 'max_instances'")
+        if m.prewarm_instances > m.max_instances:
+            raise InvalidManifest("manifest key 'prewarm_instances' exceeds 'max_instances'")
         return m
 
     @classmethod

@@ -48,6 +48,7 @@ __all__ = [
     "LogLine",
     "Platform",
     "Principal",
+    "deployment_digest",
     "parse_keys",
 ]
 
@@ -189,11 +190,13 @@ class Platform:
     def ready(self) -> bool:
         return self._ready.is_set()
 
-    def start(self, progress: Progress | None = None) -> LoadReport:
+    def start(self, progress: Progress | None = None, *, load: bool = True) -> LoadReport:
         """Redeploys every stored model and the current version of every stored function.
 
         An item that fails to load is logged and listed in the report; the rest still serve.
-        Idempotent: a second call returns the first report.
+        Idempotent: a second call returns the first report. `load=False` loads nothing (a host
+        replica process: it takes each function from the store when the first request for it
+        comes, see `sync`).
         """
         report_progress = progress or (lambda _msg: None)
         with self._lock:
@@ -203,7 +206,7 @@ class Platform:
                 raise Unavailable("the platform is closed")
             started = time.perf_counter()
             report = LoadReport()
-            for tenant in self.store.tenants():
+            for tenant in self.store.tenants() if load else []:
                 host = self._ensure_host(tenant)
                 for rec in self.store.list_models(tenant=tenant):
                     report_progress(f"loading model {tenant}/{rec.name} v{rec.version}")
@@ -408,6 +411,9 @@ class Platform:
         validate_name("function", name)
         m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest or {})
         self._check_ready()
+        # Compile (into the disk cache) before taking the deploy lock: a module slow to compile then
+        # holds up no other deploy; the deploy below finds it in the cache.
+        self._ensure_host(tenant).inspect(wasm)
         with self._lock:
             host = self._ensure_host(tenant)
             host.deploy_function(name, wasm, m)
@@ -524,6 +530,45 @@ class Platform:
             raise FunctionNotFound(name)
         return host.invoke(name, body, content_type)
 
+    # --- host replicas --------------------------------------------------------------------------------
+    def deployed(self, name: str, *, tenant: str = DEFAULT_TENANT) -> DeployedFunction:
+        """The function as this platform serves it (what the router reads: manifest, digest).
+        Raises `FunctionNotFound`, `Unavailable` before `start` has finished."""
+        if not self._ready.is_set():
+            self._check_ready()
+        host = self._hosts.get(tenant)
+        if host is None:
+            raise FunctionNotFound(name)
+        return host.function(name)
+
+    def sync(self, name: str, deployment: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Makes this platform serve the `deployment` (a `deployment_digest`) of function `name`: if
+        its copy is missing or differs, it reloads the function's current version, and the models
+        its manifest names, from the store. How a host replica process learns of deploys made by
+        the gateway's process: lazily, by the digest each routed request carries.
+
+        Raises `FunctionNotFound` (deleted from the store meanwhile), and what a deploy raises.
+        """
+        host = self._hosts.get(tenant)
+        fn = _deployed(host, name)
+        if fn is not None and deployment_digest(fn) == deployment:
+            return
+        with self._lock:
+            self._check_ready()
+            host = self._ensure_host(tenant)
+            fn = _deployed(host, name)
+            if fn is not None and deployment_digest(fn) == deployment:
+                return
+            fv = self.store.get_function(name, tenant=tenant)
+            manifest = Manifest.from_dict(fv.manifest)
+            for model in manifest.models:
+                rec = self.store.get_model(model, tenant=tenant)
+                if model not in host.models or host.models.get(model).sha256 != rec.sha256:
+                    host.deploy_model(model, self.store.blobs.get(rec.sha256))
+            if fn is None or fn.version != fv.sha256 or fn.manifest != manifest:
+                host.deploy_function(name, self.store.blobs.get(fv.sha256), manifest)
+            log.info("replica: synced %s/%s to version %d from the store", tenant, name, fv.version)
+
     def logs(
         self, name: str, n: int = 200, since: float | None = None, *, tenant: str = DEFAULT_TENANT
     ) -> list[LogLine]:
@@ -539,6 +584,20 @@ class Platform:
     def stats(self) -> dict[str, dict[str, Any]]:
         """`Host.stats()` of every tenant's host, by tenant (for metrics)."""
         return {tenant: host.stats() for tenant, host in self._hosts.items()}
+
+
+def deployment_digest(fn: DeployedFunction) -> str:
+    """What a host replica compares to know that its copy of a function is the one the gateway
+    serves: the module and manifest (`DeployedFunction.digest`) and the sha256 of every model the
+    manifest names (a model replaced under the same name changes it too)."""
+    models = fn.host.models
+    parts = [fn.digest]
+    for model in fn.manifest.models:
+        try:
+            parts.append(models.get(model).sha256[:12])
+        except ModelNotFound:
+            parts.append("-")
+    return ".".join(parts)
 
 
 def _deployed(host: Host | None, name: str) -> DeployedFunction | None:

@@ -201,7 +201,8 @@ def _build_python(src: _Sources, out: Path, sdk: Path, flags: _Flags, progress: 
             "-d", str(sdk / "wit"), "-w", "function", "componentize", "wasminfer_main",
             "-p", str(entry), "-p", str(app), "-p", str(sdk / "python"), "-o", str(out),
         ]  # fmt: skip
-        env = {**os.environ, "VIRTUAL_ENV": str(venv)}
+        # No Rust backtraces in what the author reads: the Python traceback says what failed.
+        env = {**os.environ, "VIRTUAL_ENV": str(venv), "RUST_BACKTRACE": "0", "RUST_LIB_BACKTRACE": "0"}
         env.pop("PYTHONPATH", None)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp)
         start = time.monotonic()

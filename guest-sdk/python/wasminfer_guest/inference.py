@@ -54,7 +54,7 @@ def infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _to_wit(name: str, t: Tensor) -> Any:
     types = b.wit_types
     data = types.TensorData_Text(t.data) if t.dtype == "string" else types.TensorData_Raw(t.data)
-    return types.Tensor(name=name, dtype=types.Dtype[t.dtype.upper()], shape=list(t.shape), data=data)
+    return types.Tensor(name=name, dtype=_WIT_DTYPES[t.dtype], shape=list(t.shape), data=data)
 
 
 def _from_wit(t: Any) -> Tensor:
@@ -62,6 +62,7 @@ def _from_wit(t: Any) -> Tensor:
 
 
 _DTYPE_NAMES = {d: d.name.lower() for d in b.wit_types.Dtype} if b.IN_COMPONENT else {}
+_WIT_DTYPES = {name: d for d, name in _DTYPE_NAMES.items()}
 
 
 def _kind(case: Any) -> str:

@@ -61,6 +61,10 @@ class Tensor:
     def of(cls, values: Any, dtype: str = "float32", shape: Sequence[int] | None = None) -> Tensor:
         """A tensor of `values`: nested lists (their nesting gives the shape) or a flat sequence
         with `shape`. Raises `ValueError` for ragged lists or a count that does not fit `shape`."""
+        if shape is None and type(values) is list and values and type(values[0]) is list:
+            packed = _pack_matrix(dtype, values)  # the common case, in one C loop per row
+            if packed is not None:
+                return cls._trusted(dtype, (len(values), len(values[0])), packed)
         flat, found = _flatten(values)
         shape = tuple(shape) if shape is not None else found
         if _prod(shape) != len(flat):
@@ -159,6 +163,26 @@ def _flatten(values: Any) -> tuple[list[Any], tuple[int, ...]]:
     if any(shape != inner for _, shape in rows):
         raise ValueError("ragged nested lists: every row must have the same shape")
     return [x for flat, _ in rows for x in flat], (len(values), *inner)
+
+
+def _pack_matrix(dtype: str, rows: list[Any]) -> bytes | None:
+    """The bytes of a list of equally long lists of numbers; None if `rows` is anything else (the
+    general path then says what is wrong)."""
+    code, size = _CODES.get(dtype, ("", 0))
+    width = len(rows[0])
+    if not code or dtype == "bool" or (width and type(rows[0][0]) in (list, tuple)):
+        return None
+    packed = array.array(code)
+    for row in rows:
+        if type(row) is not list or len(row) != width:
+            return None
+        try:
+            packed.extend(row)
+        except TypeError:  # a nested list further down, or a non-number: the general path explains
+            return None
+    if _BIG_ENDIAN and size > 1:
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def _pack(dtype: str, flat: list[Any]) -> bytes:

@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from wasminfer.gateway import routes_functions as functions
+from wasminfer.gateway import routes_jobs as jobs
 from wasminfer.gateway import routes_models as models
 from wasminfer.gateway import routes_system as system
 from wasminfer.gateway.auth import ADMIN, INVOKE, READ, scoped
@@ -20,20 +21,42 @@ from wasminfer.gateway.errors import EXCEPTION_HANDLERS
 from wasminfer.gateway.metrics import Metrics
 from wasminfer.gateway.settings import Settings
 from wasminfer.gateway.state import AppState
+from wasminfer.jobs import JobService, JobSettings
+from wasminfer.replicas import Fleet, ReplicaBackend
+from wasminfer.scaling import ScalingConfig
 from wasminfer.service import Platform
 
 
-def create_app(platform: Platform, settings: Settings | None = None) -> Starlette:
+def create_app(
+    platform: Platform,
+    settings: Settings | None = None,
+    *,
+    scaling: ScalingConfig | None = None,
+    backend: ReplicaBackend | None = None,
+    job_settings: JobSettings | None = None,
+) -> Starlette:
     """The gateway over `platform`. At startup it loads the store (`platform.start()`) on a worker
     thread without waiting for it: `/healthz` answers at once, `/readyz` and the API answer 503 until
-    the load is done. The caller owns `platform` and closes it after the server stops."""
+    the load is done. The caller owns `platform` and closes it after the server stops.
+
+    Invocations go to the host replicas of a `Fleet` made with `scaling` (default: the gateway's
+    own process only) and `backend` (default: worker processes, when `scaling` allows more replicas);
+    the fleet's autoscalers run from startup to shutdown, and shutdown drains its replicas.
+
+    Asynchronous and bulk invocations run on this process' host in the capacity synchronous ones
+    leave (`wasminfer.jobs`, tuned by `job_settings`, default `JobSettings.from_env()`), from
+    startup to shutdown, which lets started chunks of work finish."""
     settings = settings or Settings()
+    invoke_limiter = anyio.CapacityLimiter(settings.invoke_threads)
+    fleet = Fleet(platform, scaling, backend=backend, limiter=invoke_limiter, threads=settings.invoke_threads)
     state = AppState(
         platform=platform,
         settings=settings,
-        metrics=Metrics(platform),
-        invoke_limiter=anyio.CapacityLimiter(settings.invoke_threads),
+        metrics=Metrics(platform, fleet),
+        invoke_limiter=invoke_limiter,
         admin_limiter=anyio.CapacityLimiter(settings.admin_threads),
+        fleet=fleet,
+        jobs=JobService(platform, job_settings),
     )
 
     routes = [
@@ -45,6 +68,12 @@ def create_app(platform: Platform, settings: Settings | None = None) -> Starlett
         Route("/v1/functions/{name}/rollback", scoped(ADMIN, functions.rollback), methods=["POST"]),
         Route("/v1/functions/{name}/invoke", scoped(INVOKE, functions.invoke), methods=["POST"]),
         Route("/v1/functions/{name}/logs", scoped(READ, functions.logs), methods=["GET"]),
+        Route("/v1/functions/{name}/batch", scoped(INVOKE, jobs.batch), methods=["POST"]),
+        # Jobs hold invocation outputs: the scope that may invoke may read them (`read` may not).
+        Route("/v1/jobs", scoped(INVOKE, jobs.list_jobs), methods=["GET"]),
+        Route("/v1/jobs/{id}", scoped(INVOKE, jobs.get_job), methods=["GET"]),
+        Route("/v1/jobs/{id}", scoped(INVOKE, jobs.delete_job), methods=["DELETE"]),
+        Route("/v1/jobs/{id}/result", scoped(INVOKE, jobs.job_result), methods=["GET"]),
         Route("/v1/models", scoped(READ, models.list_models), methods=["GET"]),
         Route("/v1/models/{name}", scoped(ADMIN, models.put_model), methods=["PUT"]),
         Route("/v1/models/{name}", scoped(READ, models.get_model), methods=["GET"]),
@@ -52,6 +81,7 @@ def create_app(platform: Platform, settings: Settings | None = None) -> Starlett
         Route("/healthz", system.healthz, methods=["GET"]),
         Route("/readyz", system.readyz, methods=["GET"]),
         Route("/metrics", scoped(READ, system.metrics), methods=["GET"]),
+        Route("/v1/scaling", scoped(READ, system.scaling), methods=["GET"]),
         Route("/openapi.json", system.openapi, methods=["GET"]),
         Route("/docs", system.docs, methods=["GET"]),
     ]
@@ -65,7 +95,14 @@ def create_app(platform: Platform, settings: Settings | None = None) -> Starlett
         async with anyio.create_task_group() as tasks:
             if not platform.ready:
                 tasks.start_soon(_load, platform)
-            yield
+            await fleet.start()
+            state.jobs.start()
+            try:
+                yield
+            finally:
+                await anyio.to_thread.run_sync(state.jobs.close)  # started chunks finish first
+                # uvicorn has finished the requests in flight; now the replicas drain and stop.
+                await fleet.aclose()
             # Shutting down while the store still loads: the load finishes first (threads cannot be
             # interrupted), then the owner closes the platform.
 

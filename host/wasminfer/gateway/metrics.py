@@ -19,9 +19,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from wasminfer.replicas import Fleet
 from wasminfer.service import Platform
 
 # From 100 µs (a warm invoke of a small function) to 10 s (the default timeout).
@@ -46,7 +47,7 @@ LATENCY_BUCKETS = (
 
 
 class Metrics:
-    def __init__(self, platform: Platform) -> None:
+    def __init__(self, platform: Platform, fleet: Fleet | None = None) -> None:
         # The `_created` series (a timestamp per counter) double the output and nothing reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
@@ -78,6 +79,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_PlatformCollector(platform))
+        if fleet is not None:
+            self.registry.register(_FleetCollector(fleet))
         # The labelled children of successful invocations, per (tenant, function): `labels()` takes a
         # lock and builds a tuple on every call, a cost on the hot path.
         self._ok: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
@@ -150,3 +153,64 @@ class _PlatformCollector(Collector):
         yield instances
         yield load
         yield resident
+
+
+class _FleetCollector(Collector):
+    """The host replicas and both autoscalers, as of the fleet's last tick."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.fleet.snapshot()
+        replicas = GaugeMetricFamily("wasminfer_replicas", "Host replicas by state", labels=["state"])
+        for state in ("starting", "serving", "draining"):
+            n = sum(r["state"] == state for r in snap["replicas"])
+            replicas.add_metric([state], float(snap["starting"] if state == "starting" else n))
+        yield replicas
+        outstanding = GaugeMetricFamily(
+            "wasminfer_replica_outstanding",
+            "Requests routed to a replica and not answered yet",
+            labels=["replica"],
+        )
+        cpu = GaugeMetricFamily(
+            "wasminfer_replica_cpu_cores", "CPU of a replica's process", labels=["replica"]
+        )
+        instances = GaugeMetricFamily(
+            "wasminfer_replica_instances",
+            "Instances of a function in a replica: live, busy, idle, and what its autoscaler wants (desired)",
+            labels=["replica", "tenant", "function", "state"],
+        )
+        for r in snap["replicas"]:
+            outstanding.add_metric([r["id"]], float(r["outstanding"]))
+            cpu.add_metric([r["id"]], float(r["cpu"]))
+            for key, pool in r["functions"].items():
+                tenant, _, function = key.partition("/")
+                for state in ("live", "busy", "idle", "desired"):
+                    if pool.get(state) is not None:
+                        instances.add_metric([r["id"], tenant, function, state], float(pool[state]))
+        yield outstanding
+        yield cpu
+        yield instances
+        queue = GaugeMetricFamily(
+            "wasminfer_queue_delay_p90_seconds",
+            "p90 of what requests waited (threads, instances, the hop to a replica) over the last tick",
+        )
+        queue.add_metric([], snap["load"]["queue_ms_p90"] / 1000)
+        yield queue
+        decisions = CounterMetricFamily(
+            "wasminfer_scaling_decisions",
+            "Scaling decisions by scope and direction",
+            labels=["scope", "direction"],
+        )
+        for (scope, direction), n in sorted(self.fleet.decisions.counts.items()):
+            decisions.add_metric([scope, direction], float(n))
+        yield decisions
+        rejected = CounterMetricFamily(
+            "wasminfer_admission_rejected",
+            "Requests refused with 429 by the router, by limit",
+            labels=["limit"],
+        )
+        for reason, n in sorted(snap["rejected"].items()):
+            rejected.add_metric([reason], float(n))
+        yield rejected

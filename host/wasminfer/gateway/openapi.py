@@ -21,7 +21,8 @@ _ERROR_STATUSES = {
     "409": "Conflicts with what is deployed (model in use, nothing to roll back to)",
     "413": "Body larger than the server's limit",
     "415": "Wrong Content-Type for an upload",
-    "422": "A tensor does not match the model (`invalid_tensor`, `tensor_too_large`)",
+    "422": "A tensor does not match the model (`invalid_tensor`, `tensor_too_large`), or an "
+    "`Idempotency-Key` came back with another request (`idempotency_key_reused`)",
     "429": "All instances busy and the queue full; retry after `Retry-After` seconds",
     "500": "The guest failed (`guest_error`, `guest_trap`, a limit) or an internal error",
     "503": "Starting up (store not loaded yet) or the function is being replaced",
@@ -100,6 +101,46 @@ _MANIFEST_QUERY = [
         "min_instances", "instances kept warm (default 0; one is prewarmed at deploy)", {"type": "integer"}
     ),
 ]
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+# The options of both ways to submit a job (asynchronous invoke, batch).
+_JOB_OPTIONS = [
+    _header(
+        "Idempotency-Key",
+        "the same key and request again return the first job (202, "
+        "`Idempotent-Replayed: true`) instead of a second one; another request with it is 422",
+    ),
+    _query(
+        "webhook",
+        "URL POSTed the job's view when it finishes (hosts the server allows only)",
+        {"type": "string"},
+    ),
+    _query("ttl_s", "seconds the finished job and its results are kept (default: a day)", {"type": "number"}),
+]
+_JOB_ACCEPTED = {
+    "202": {
+        "description": "Accepted: the job, durable; poll `Location` (or wait for the webhook)",
+        "headers": {"Location": {"schema": {"type": "string"}, "description": "/v1/jobs/{id}"}},
+        "content": {JSON: {"schema": {"$ref": "#/components/schemas/Job"}}},
+    }
+}
+_JOB_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "the job's id",
+    "schema": {"type": "string", "pattern": "^[0-9a-z]{26}$"},
+}
 
 
 @functools.cache
@@ -201,11 +242,21 @@ def openapi_document() -> dict[str, Any]:
                             },
                         },
                         "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
-                    }
+                    },
+                    **_JOB_ACCEPTED,
                 },
-                "401 403 404 413 422 429 500 503 504",
-                description="The body and its Content-Type go to the function as they are.",
-                parameters=[fn],
+                "400 401 403 404 413 422 429 500 503 504",
+                description="The body and its Content-Type go to the function as they are. With "
+                "`Prefer: respond-async` or `?async=1` the invocation becomes a job: 202 at once, "
+                "the function's answer later from `GET /v1/jobs/{id}/result`. Jobs are durable "
+                "(they run after a restart) and run at least once; they use the capacity "
+                "synchronous invocations leave.",
+                parameters=[
+                    fn,
+                    _query("async", "1: run as a job (as `Prefer: respond-async`)", {"type": "string"}),
+                    _header("Prefer", "`respond-async`: run as a job"),
+                    *_JOB_OPTIONS,
+                ],
                 body={
                     "required": False,
                     "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
@@ -228,6 +279,96 @@ def openapi_document() -> dict[str, Any]:
                     _query("since", "only lines after this Unix time", {"type": "number"}),
                 ],
             ),
+        },
+        "/v1/functions/{name}/batch": {
+            "post": _op(
+                "Invoke a function on many inputs: one job, one result per item",
+                "invoke",
+                _JOB_ACCEPTED,
+                "400 401 403 404 413 415 422 503",
+                description="JSON Lines (`application/jsonl`, `application/x-ndjson`): each line goes "
+                "to the function as `application/json`. CBOR (`application/cbor`): one array; a byte "
+                "string item goes as `item_content_type` (default application/octet-stream), a text "
+                "string as text/plain, anything else as `application/cbor`. A failed item is reported "
+                "in its result line; it does not fail the job.",
+                parameters=[
+                    fn,
+                    _query(
+                        "item_content_type", "the content type of CBOR byte-string items", {"type": "string"}
+                    ),
+                    *_JOB_OPTIONS,
+                ],
+                body={
+                    "required": True,
+                    "content": {
+                        "application/jsonl": {"schema": {"type": "string"}},
+                        "application/cbor": {"schema": {"type": "array"}},
+                    },
+                },
+            ),
+        },
+        "/v1/jobs": {
+            "get": _op(
+                "The caller's jobs, newest first",
+                "invoke",
+                _ok("200", "The jobs", "JobList"),
+                "400 401 403",
+                parameters=[
+                    _query(
+                        "status",
+                        "only jobs in this status",
+                        {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+                    ),
+                    _query("function", "only jobs of this function", {"type": "string"}),
+                    _query(
+                        "limit",
+                        "at most this many (default 50)",
+                        {"type": "integer", "minimum": 1, "maximum": 1000},
+                    ),
+                    _query("before", "only jobs older than this job id (paging)", {"type": "string"}),
+                ],
+            )
+        },
+        "/v1/jobs/{id}": {
+            "get": _op(
+                "A job: status, progress, timings, error",
+                "invoke",
+                _ok("200", "The job", "Job"),
+                "401 403 404",
+                parameters=[_JOB_ID],
+            ),
+            "delete": _op(
+                "Cancel a job (what has not started), or delete a finished one and its results",
+                "invoke",
+                {**_ok("200", "Cancelled: the job", "Job"), "204": {"description": "Deleted"}},
+                "401 403 404 409",
+                description="409 for an invoke job that has started. A batch's chunks that have "
+                "started finish and keep their results.",
+                parameters=[_JOB_ID],
+            ),
+        },
+        "/v1/jobs/{id}/result": {
+            "get": _op(
+                "A job's result",
+                "invoke",
+                {
+                    "200": {
+                        "description": "An invoke job: the function's output with its content type (a "
+                        "failed one answers the error a synchronous call would have). A batch: JSON "
+                        "Lines, `{index, status, content_type, output | output_b64}` or `{index, "
+                        "status, error}` per finished item, in order (partial while it runs; "
+                        "`X-Job-Status` says)",
+                        "headers": {"X-Job-Status": {"schema": {"type": "string"}}},
+                        "content": {
+                            "*/*": {"schema": {"type": "string", "format": "binary"}},
+                            "application/jsonl": {"schema": {"type": "string"}},
+                        },
+                    }
+                },
+                "401 403 404 409 422 500 504",
+                description="409 `job_not_finished` while an invoke job is queued or running.",
+                parameters=[_JOB_ID],
+            )
         },
         "/v1/models": {
             "get": _op(
@@ -291,6 +432,16 @@ def openapi_document() -> dict[str, Any]:
                 "401 403",
             )
         },
+        "/v1/scaling": {
+            "get": _op(
+                "Host replicas, instances per function per replica, recent scaling decisions",
+                "read",
+                _ok("200", "The fleet as of the autoscaler's last tick", "Scaling"),
+                "401 403",
+                description="Functions and instance decisions of the caller's tenant only. "
+                "See docs/scaling.md.",
+            )
+        },
         "/openapi.json": {"get": _op("This document", None, _ok("200", "OpenAPI 3.1"), "")},
         "/docs": {
             "get": _op(
@@ -336,12 +487,15 @@ def openapi_document() -> dict[str, Any]:
                         "max_infer_calls",
                         "max_tensor_bytes",
                         "idle_timeout_s",
+                        "prewarm_instances",
+                        "target_utilization_pct",
                     )
                 },
                 "env": {"type": "object", "additionalProperties": {"type": "string"}},
                 "args": {"type": "array", "items": {"type": "string"}},
                 "mount_body": {"type": ["string", "null"]},
                 "allow_guest_models": {"type": "boolean"},
+                "idempotent": {"type": "boolean"},
                 "abi": {"enum": ["auto", "handler", "command", "component"]},
             },
         },
@@ -411,6 +565,78 @@ def openapi_document() -> dict[str, Any]:
             "type": "object",
             "properties": {"models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}},
         },
+        "Scaling": {
+            "type": "object",
+            "properties": {
+                "serving": {"type": "integer"},
+                "starting": {"type": "integer"},
+                "min_replicas": {"type": "integer"},
+                "max_replicas": {"type": "integer"},
+                "backend": {"type": ["string", "null"]},
+                "replicas": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "id": {"type": "string"},
+                            "kind": {"enum": ["in-process", "local"]},
+                            "state": {"enum": ["starting", "serving", "draining", "stopped"]},
+                            "outstanding": {"type": "integer"},
+                            "cpu": {"type": "number"},
+                            "functions": {"type": "object", "additionalProperties": obj},
+                        },
+                    },
+                },
+                "load": obj,
+                "rejected": obj,
+                "decisions": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "at": {"type": "number"},
+                            "scope": {"enum": ["instances", "replicas"]},
+                            "subject": {"type": "string"},
+                            "before": {"type": "integer"},
+                            "after": {"type": "integer"},
+                            "direction": {"enum": ["up", "down", "hold"]},
+                            "reason": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        },
+        "Job": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "function": {"type": "string"},
+                "kind": {"enum": ["invoke", "batch"]},
+                "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+                "items": {
+                    "type": "object",
+                    "properties": {k: {"type": "integer"} for k in ("total", "done", "succeeded", "failed")},
+                },
+                **{
+                    k: {"type": ["string", "null"], "format": "date-time"}
+                    for k in ("created_at", "started_at", "finished_at", "expires_at")
+                },
+                "timings": {
+                    "type": "object",
+                    "properties": {"queued_s": {"type": "number"}, "run_s": {"type": ["number", "null"]}},
+                },
+                "attempts": {"type": "integer", "description": "times it was taken up again after a restart"},
+                "location": {"type": "string"},
+                "result": {"type": "string"},
+                "error": obj,
+                "webhook": obj,
+                "idempotency_key": {"type": "string"},
+            },
+        },
+        "JobList": {
+            "type": "object",
+            "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}},
+        },
         "LogLines": {
             "type": "object",
             "properties": {
@@ -462,6 +688,8 @@ _CURL = {
         "/v1/models/{name}",
     ): "curl -X PUT {base}/v1/models/NAME -H 'content-type: application/octet-stream' "
     "--data-binary @model.onnx",
+    ("post", "/v1/functions/{name}/batch"): "curl -X POST {base}/v1/functions/NAME/batch "
+    "-H 'content-type: application/jsonl' --data-binary @inputs.jsonl",
     ("post", "/v1/functions/{name}/invoke"): "curl -X POST {base}/v1/functions/NAME/invoke "
     "-H 'content-type: application/json' -d @request.json",
 }

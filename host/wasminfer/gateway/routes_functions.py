@@ -7,13 +7,13 @@ import re
 import time
 from typing import Any
 
-import anyio.to_thread
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from wasminfer.errors import BadRequest, FunctionNotFound, InvalidManifest, WasminferError
+from wasminfer.gateway import routes_jobs as jobs
 from wasminfer.gateway.bodies import limited_stream, read_body, require_media_type
 from wasminfer.gateway.state import app_state, principal, run_admin
 from wasminfer.manifest import Manifest
@@ -118,16 +118,25 @@ async def rollback(request: Request) -> Response:
 
 
 async def invoke(request: Request) -> Response:
+    if jobs.wants_async(request):
+        return await jobs.invoke_async(request)
+    # Synchronous invocations come first: while one is in flight, async work starts no new items.
+    gate = app_state(request).jobs.gate
+    gate.enter()
+    try:
+        return await _invoke_sync(request)
+    finally:
+        gate.exit()
+
+
+async def _invoke_sync(request: Request) -> Response:
     started = time.perf_counter()
     st, who = app_state(request), principal(request)
     name = request.path_params["name"]
     body = await read_body(request, st.settings.max_invoke_bytes, "request body")
     content_type = request.headers.get("content-type") or DEFAULT_CONTENT_TYPE
-    platform = st.platform
     try:
-        result = await anyio.to_thread.run_sync(
-            lambda: platform.invoke(name, body, content_type, tenant=who.tenant), limiter=st.invoke_limiter
-        )
+        result = await st.fleet.invoke(who.tenant, name, body, content_type)
     except FunctionNotFound:
         raise  # not counted per function: any name would become a metric label
     except WasminferError as exc:

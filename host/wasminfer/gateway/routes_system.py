@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from wasminfer.gateway.errors import error_body
 from wasminfer.gateway.openapi import docs_page, openapi_document
-from wasminfer.gateway.state import app_state
+from wasminfer.gateway.state import app_state, principal
+from wasminfer.service import DEFAULT_TENANT
 
 
 async def healthz(request: Request) -> Response:
@@ -22,12 +25,33 @@ async def readyz(request: Request) -> Response:
     if not platform.ready or report is None:
         body = error_body("unavailable", "starting: loading functions and models from the store")
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
-    return JSONResponse({"status": "ready", "loaded": report.to_dict()})
+    loaded = report.to_dict()
+    if loaded["failures"] and not platform.open_access:
+        # Unauthenticated: what failed names tenants and functions; the server log has it.
+        loaded["failures"] = [f"{len(loaded['failures'])} item(s) failed to load: see the server log"]
+    return JSONResponse({"status": "ready", "loaded": loaded})
 
 
 async def metrics(request: Request) -> Response:
+    """Every tenant's series for the default tenant (the operator's), only its own for another."""
     body, content_type = app_state(request).metrics.render()
+    tenant = principal(request).tenant
+    if tenant != DEFAULT_TENANT:
+        own = tenant.encode()
+        body = b"\n".join(
+            line for line in body.split(b"\n")
+            if line.startswith(b"#") or (m := _TENANT_LABEL.search(line)) is None or m.group(1) == own
+        )
     return Response(body, headers={"content-type": content_type})
+
+
+_TENANT_LABEL = re.compile(rb'[{,]tenant="([^"]*)"')
+
+
+async def scaling(request: Request) -> Response:
+    """Host replicas with their instances per function, the fleet's load, recent scaling decisions
+    (the caller's tenant's functions only)."""
+    return JSONResponse(app_state(request).fleet.snapshot(principal(request).tenant))
 
 
 async def openapi(request: Request) -> Response:

@@ -15,6 +15,7 @@ class Settings:
     max_wasm_bytes: int = 64 * MiB  # PUT /v1/functions/{name}
     max_model_bytes: int = 512 * MiB  # PUT /v1/models/{name}
     max_invoke_bytes: int = 16 * MiB  # POST /v1/functions/{name}/invoke
+    max_batch_bytes: int = 256 * MiB  # POST /v1/functions/{name}/batch (read whole, then parsed)
     # Invocations run on worker threads (Wasm and ONNX Runtime release the GIL); more than this many
     # at once wait for a thread. Sized for a host, not for a function (functions have max_instances).
     invoke_threads: int = 64
@@ -27,6 +28,7 @@ class Settings:
             "max_wasm_bytes",
             "max_model_bytes",
             "max_invoke_bytes",
+            "max_batch_bytes",
             "invoke_threads",
             "admin_threads",
         ):

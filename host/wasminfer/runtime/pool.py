@@ -53,6 +53,25 @@ class InstancePool(Generic[T]):
         self.created_total = 0
         self.discarded_total = 0
         self.reaped_total = 0
+        # The integral of demand (busy + waiting callers) over time: what the instance autoscaler
+        # reads, exact between its ticks however short the invocations are.
+        self._demand_area = 0.0
+        self._demand_at = time.monotonic()
+
+    def _account(self) -> None:
+        """Adds the demand since the last change to its integral. Call under the lock, before a
+        change of `_busy` or `_waiters`."""
+        now = time.monotonic()
+        self._demand_area += (self._busy + len(self._waiters)) * (now - self._demand_at)
+        self._demand_at = now
+
+    def demand(self) -> tuple[float, float]:
+        """`(integral, at)`: the integral of demand (requests running or waiting here) over time in
+        request-seconds, as of `at` (`time.monotonic()`). The difference of two readings' integrals
+        over the difference of their times is the average concurrency in between."""
+        with self._cond:
+            self._account()
+            return self._demand_area, self._demand_at
 
     def acquire(self, timeout_s: float) -> tuple[T, bool]:
         """Returns `(instance, created)`; `created` is True for a cold start.
@@ -65,6 +84,7 @@ class InstancePool(Generic[T]):
         with self._cond:
             if self._closed:
                 raise Unavailable(f"function {self.name!r} is being replaced or removed; retry")
+            self._account()
             if self._idle:
                 inst, _ = self._idle.pop()
                 self._busy += 1
@@ -85,6 +105,7 @@ class InstancePool(Generic[T]):
             waiter.event.wait(timeout_s)
             with self._cond:
                 if not waiter.done:
+                    self._account()
                     self._waiters.remove(waiter)
                     raise TooManyRequests(
                         f"function {self.name!r}: no instance became free within {timeout_s:.1f} s "
@@ -99,6 +120,7 @@ class InstancePool(Generic[T]):
             inst = self._create()
         except BaseException:
             with self._cond:
+                self._account()
                 self._live -= 1
                 self._busy -= 1
                 self._wake_for_slot()
@@ -118,6 +140,7 @@ class InstancePool(Generic[T]):
 
     def release(self, inst: T, healthy: bool) -> None:
         with self._cond:
+            self._account()
             self._busy -= 1
             if healthy and not self._closed:
                 if self._waiters:
@@ -156,6 +179,7 @@ class InstancePool(Generic[T]):
         """Adds a freshly created (pre-warmed) instance, counted live by the caller, to the pool."""
         with self._cond:
             self.created_total += 1
+            self._account()
             self._busy += 1
         self.release(inst, True)
 
@@ -198,6 +222,7 @@ class InstancePool(Generic[T]):
             victims = [inst for inst, _ in self._idle]
             self._idle.clear()
             self._live -= len(victims)
+            self._account()
             while self._waiters:
                 w = self._waiters.popleft()
                 w.done = w.closed = True

@@ -166,6 +166,11 @@ class Store:
     def closed(self) -> bool:
         return self._db.closed
 
+    @property
+    def db(self) -> Database:
+        """The SQLite database, for the modules that keep tables of their own in it (`wasminfer.jobs`)."""
+        return self._db
+
     def __enter__(self) -> Store:
         return self
 

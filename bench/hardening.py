@@ -1,0 +1,383 @@
+"""Hardening runs against a real server (`wasminfer serve` on 127.0.0.1): overload, soak, and the
+long fuzz and crash runs, collected into bench/results/hardening.json.
+
+    python bench/hardening.py overload [--seconds 20] [--factor 5]   (just overload)
+    python bench/hardening.py soak [--seconds 600]                    (just soak)
+    python bench/hardening.py fuzz [--examples 2000]                  (just fuzz)
+    python bench/hardening.py crash [--rounds 50]                     (just crash)
+    python bench/hardening.py all                                     (just hardening)
+
+Each subcommand merges its numbers into the JSON file (keys `fuzz_cases`, `crash_rounds`,
+`crash_losses`, `overload_p99_ms`, `soak_rss_growth_pct`, and the details of each run).
+
+Overload: one function whose capacity is set by its manifest (2 instances, a queue of 4, each call
+spinning ~40 ms of CPU). Its capacity is measured closed-loop, then it gets an open-loop load of
+`factor` times that for `seconds`. Reported: how fast refusals (429/503) come, the p99 of admitted
+requests (inside the server, from its Server-Timing header, and as the client saw it), the server's
+RSS before/during/after, and whether it serves normally once the load stops.
+tests/test_overload.py runs the same with a few seconds of load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "hardening.json"
+
+# A handler that spins for the u32 count of iterations in its body, then answers "ok".
+SPIN_WAT = """(module
+  (import "wasminfer" "output" (func $output (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "ok")
+  (func (export "wasminfer_abi_v1"))
+  (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "wasminfer_handle") (param $b i32) (param $bl i32) (param i32 i32) (result i32)
+    (local $i i32)
+    (local.set $i (i32.load (local.get $b)))
+    (block $done (loop $spin
+      (br_if $done (i32.eqz (local.get $i)))
+      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (br $spin)))
+    (call $output (i32.const 16) (i32.const 2) (i32.const 0) (i32.const 0))))"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def rss_bytes(self) -> int:
+        return int(psutil.Process(self.proc.pid).memory_info().rss)
+
+
+@contextmanager
+def server(data: Path, *args: str) -> Iterator[Server]:
+    """`wasminfer serve` on a free loopback port, ready; stopped (SIGINT, then SIGKILL) after."""
+    port = free_port()
+    log = (data.parent / f"server-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wasminfer", "serve", "--data", str(data), "--port", str(port),
+         "--log-level", "warning", *args],
+        stdout=log, stderr=log, cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {(data.parent / log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server never became ready")
+            time.sleep(0.05)
+        yield Server(url, proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def deploy_spin(url: str, *, name: str = "spin", max_instances: int = 2, max_queue: int = 4,
+                timeout_ms: int = 2000) -> None:
+    import wasmtime
+
+    wasm = bytes(wasmtime.wat2wasm(SPIN_WAT))
+    q = f"memory_mb=1&timeout_ms={timeout_ms}&max_instances={max_instances}&max_queue={max_queue}"
+    r = httpx.put(f"{url}/v1/functions/{name}?{q}", content=wasm,
+                  headers={"content-type": "application/wasm"}, timeout=60)
+    r.raise_for_status()
+
+
+def spin_body(iterations: int) -> bytes:
+    return int(iterations).to_bytes(4, "little")
+
+
+def iterations_for(url: str, ms: float, name: str = "spin") -> int:
+    """Iterations of the spin loop that take about `ms` on this machine."""
+    n = 1_000_000
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for _ in range(3):
+            t = time.perf_counter()
+            http.post(f"/v1/functions/{name}/invoke", content=spin_body(n)).raise_for_status()
+            took_ms = (time.perf_counter() - t) * 1000
+            n = max(1000, int(n * ms / max(took_ms, 0.1)))
+    return min(n, 2**32 - 1)
+
+
+# --- load ----------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    at: float  # seconds since the load started
+    status: int  # 0: no answer (connection error or client timeout)
+    latency_s: float  # as the client saw it (includes the load generator's own delays)
+    server_s: float | None = None  # inside the server (its Server-Timing `total`), admitted requests
+
+
+async def _one(http: httpx.AsyncClient, path: str, body: bytes, started: float, out: list[Sample]) -> None:
+    t = time.perf_counter()
+    server_s = None
+    try:
+        r = await http.post(path, content=body)
+        status = r.status_code
+        timing = r.headers.get("server-timing", "")
+        if "total;dur=" in timing:
+            server_s = float(timing.rsplit("total;dur=", 1)[1].split(",")[0]) / 1000
+    except httpx.HTTPError:
+        status = 0
+    out.append(Sample(t - started, status, time.perf_counter() - t, server_s))
+
+
+async def open_loop(url: str, path: str, body: bytes, rate: float, seconds: float,
+                    connections: int = 512) -> list[Sample]:
+    """Requests at a fixed `rate` per second for `seconds`, whatever the answers (open loop)."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    out: list[Sample] = []
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
+        started = time.perf_counter()
+        tasks = []
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_one(http, path, body, started, out)))
+        await asyncio.gather(*tasks)
+    return out
+
+
+async def closed_loop(url: str, path: str, body: bytes, clients: int, seconds: float) -> list[Sample]:
+    """`clients` clients, each sending its next request when the last one is answered."""
+    out: list[Sample] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        started = time.perf_counter()
+
+        async def client() -> None:
+            while time.perf_counter() - started < seconds:
+                await _one(http, path, body, started, out)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def overload(seconds: float = 20.0, factor: float = 5.0, service_ms: float = 40.0,
+             work: Path | None = None, calibrate_s: float = 4.0, after_s: float = 2.0) -> dict[str, Any]:
+    """Capacity of a 2-instance function, then `factor` times that offered open-loop; see the module doc."""
+    with tempfile.TemporaryDirectory(dir=work) as tmp, server(Path(tmp) / "data") as srv:
+        deploy_spin(srv.url)
+        body = spin_body(iterations_for(srv.url, service_ms))
+        path = "/v1/functions/spin/invoke"
+        base = asyncio.run(closed_loop(srv.url, path, body, clients=2, seconds=calibrate_s))
+        ok = [s for s in base if s.status == 200]
+        capacity = len(ok) / calibrate_s
+        base_p99 = pct([s.latency_s for s in ok], 0.99)
+        rss_before = srv.rss_bytes()
+        rss_peak = rss_before
+        samples: list[Sample] = []
+
+        async def load_and_watch() -> None:
+            nonlocal rss_peak, samples
+            task = asyncio.create_task(open_loop(srv.url, path, body, capacity * factor, seconds))
+            while not task.done():
+                rss_peak = max(rss_peak, srv.rss_bytes())
+                await asyncio.sleep(0.1)
+            samples = await task
+
+        asyncio.run(load_and_watch())
+        after = asyncio.run(closed_loop(srv.url, path, body, clients=1, seconds=after_s))
+        rss_after = srv.rss_bytes()
+    admitted = [s.latency_s for s in samples if s.status == 200]
+    refused = [s.latency_s for s in samples if s.status in (429, 503)]
+    in_server = [s.server_s for s in samples if s.status == 200 and s.server_s is not None]
+    other = sorted({s.status for s in samples} - {200, 429, 503})
+    return {
+        "seconds": seconds,
+        "service_ms": service_ms,
+        "capacity_rps": round(capacity, 1),
+        "offered_rps": round(len(samples) / seconds, 1),
+        "factor": round(len(samples) / seconds / capacity, 2) if capacity else None,
+        "requests": len(samples),
+        "admitted": len(admitted),
+        "refused": len(refused),
+        "other_statuses": other,
+        "other": sum(1 for s in samples if s.status not in (200, 429, 503)),
+        "admitted_rps": round(len(admitted) / seconds, 1),
+        "baseline_p99_ms": round(base_p99 * 1000, 1),
+        "admitted_p50_ms": round(pct(admitted, 0.5) * 1000, 1),
+        "admitted_p99_ms": round(pct(admitted, 0.99) * 1000, 1),
+        "admitted_server_p99_ms": round(pct(in_server, 0.99) * 1000, 1),
+        "refused_p50_ms": round(pct(refused, 0.5) * 1000, 1),
+        "refused_p99_ms": round(pct(refused, 0.99) * 1000, 1),
+        "rss_before_mb": round(rss_before / 2**20, 1),
+        "rss_peak_mb": round(rss_peak / 2**20, 1),
+        "rss_after_mb": round(rss_after / 2**20, 1),
+        "after_ok": sum(1 for s in after if s.status == 200),
+        "after_errors": sum(1 for s in after if s.status != 200),
+        "after_p50_ms": round(pct([s.latency_s for s in after if s.status == 200], 0.5) * 1000, 1),
+    }
+
+
+def soak(seconds: float = 600.0, load: float = 0.5, service_ms: float = 5.0, work: Path | None = None,
+         progress: bool = True, calibrate_s: float = 3.0) -> dict[str, Any]:
+    """Steady open-loop load at `load` times the measured capacity for `seconds`, on a spin function and
+    an echo function; the server's RSS every few seconds. Growth is measured from the end of the
+    first tenth (after warm-up: instances, arenas, caches) to the end."""
+    import wasmtime
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp, server(Path(tmp) / "data") as srv:
+        deploy_spin(srv.url, max_instances=4, max_queue=64)
+        hostile = bytes(wasmtime.wat2wasm((ROOT / "tests" / "guests" / "hostile.wat").read_text()))
+        httpx.put(f"{srv.url}/v1/functions/echo?memory_mb=4&max_instances=4", content=hostile,
+                  headers={"content-type": "application/wasm"}, timeout=60).raise_for_status()
+        body = spin_body(iterations_for(srv.url, service_ms))
+        base = asyncio.run(closed_loop(srv.url, "/v1/functions/spin/invoke", body, clients=4,
+                                       seconds=calibrate_s))
+        capacity = sum(1 for s in base if s.status == 200) / calibrate_s
+        rate = max(5.0, capacity * load)
+        rss: list[tuple[float, int]] = []
+        samples: list[Sample] = []
+
+        async def run() -> None:
+            nonlocal samples
+            half = rate / 2
+            spin = asyncio.create_task(open_loop(srv.url, "/v1/functions/spin/invoke", body, half, seconds))
+            echo = asyncio.create_task(open_loop(srv.url, "/v1/functions/echo/invoke", b"e" + b"x" * 1000,
+                                                 half, seconds))
+            started = time.monotonic()
+            while not (spin.done() and echo.done()):
+                rss.append((time.monotonic() - started, srv.rss_bytes()))
+                if progress and len(rss) % 12 == 1:
+                    print(f"soak: {rss[-1][0]:.0f}/{seconds:.0f} s, RSS {rss[-1][1] / 2**20:.1f} MiB",
+                          file=sys.stderr)
+                await asyncio.sleep(5 if seconds > 60 else 0.5)
+            samples = (await spin) + (await echo)
+
+        asyncio.run(run())
+    warm = [r for t, r in rss if t >= seconds / 10] or [r for _, r in rss]
+    start_rss, end_rss = warm[0], statistics.median(r for _, r in rss[-3:])
+    errors = [s for s in samples if s.status != 200]
+    return {
+        "seconds": seconds,
+        "rate_rps": round(rate, 1),
+        "capacity_rps": round(capacity, 1),
+        "requests": len(samples),
+        "errors": len(errors),
+        "error_statuses": sorted({s.status for s in errors}),
+        "p99_ms": round(pct([s.latency_s for s in samples if s.status == 200], 0.99) * 1000, 1),
+        "rss_start_mb": round(start_rss / 2**20, 1),
+        "rss_end_mb": round(end_rss / 2**20, 1),
+        "rss_max_mb": round(max(r for _, r in rss) / 2**20, 1),
+        "rss_growth_pct": round((end_rss - start_rss) / start_rss * 100, 2),
+        "rss_series_mb": [(round(t, 1), round(r / 2**20, 1)) for t, r in rss],
+    }
+
+
+# --- the long fuzz and crash runs (the test files, longer) ---------------------------------------------
+def _pytest(test: str, env: dict[str, str]) -> None:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-s",
+           "-o", "addopts=", "--timeout=7200", test]
+    subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, check=True)
+
+
+def fuzz(examples: int = 2000) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        _pytest("tests/test_fuzz.py", {"WASMINFER_FUZZ_EXAMPLES": str(examples),
+                                       "WASMINFER_FUZZ_REPORT": report.name})
+        return {"examples_per_test": examples, **json.loads(Path(report.name).read_text())}
+
+
+def crash(rounds: int = 50) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        _pytest("tests/test_server_crash.py", {"WASMINFER_CRASH_ROUNDS": str(rounds),
+                                               "WASMINFER_CRASH_REPORT": report.name})
+        result: dict[str, Any] = json.loads(Path(report.name).read_text())
+        return result
+
+
+def merge(results: dict[str, Any]) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    doc.update(results)
+    doc["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("overload")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--factor", type=float, default=5.0)
+    p = sub.add_parser("soak")
+    p.add_argument("--seconds", type=float, default=600.0)
+    p = sub.add_parser("fuzz")
+    p.add_argument("--examples", type=int, default=2000)
+    p = sub.add_parser("crash")
+    p.add_argument("--rounds", type=int, default=50)
+    sub.add_parser("all")
+    args = parser.parse_args()
+    out: dict[str, Any] = {}
+    if args.what in ("fuzz", "all"):
+        f = fuzz(getattr(args, "examples", 2000))
+        out.update(fuzz_cases=f["total"], fuzz=f)
+    if args.what in ("crash", "all"):
+        c = crash(getattr(args, "rounds", 50))
+        out.update(crash_rounds=c["rounds"], crash_losses=c["losses"], crash=c)
+    if args.what in ("overload", "all"):
+        o = overload(getattr(args, "seconds", 20.0), getattr(args, "factor", 5.0))
+        # inside the server (Server-Timing): what it controls; the client's view is in the details
+        out.update(overload_p99_ms=o["admitted_server_p99_ms"], overload=o)
+    if args.what in ("soak", "all"):
+        s = soak(getattr(args, "seconds", 600.0))
+        out.update(soak_rss_growth_pct=s["rss_growth_pct"], soak_errors=s["errors"], soak=s)
+    merge(out)
+    print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=1))
+    for key in ("overload", "soak"):
+        if key in out:
+            print(key, json.dumps({k: v for k, v in out[key].items() if k != "rss_series_mb"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

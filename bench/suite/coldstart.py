@@ -1,0 +1,172 @@
+"""Scenario `coldstart`: time to the first answer when nothing is running yet.
+
+- `baseline`: a new container-per-function process: interpreter start, imports, its own model
+  load, the first (cold) run, over HTTP (`systems.baseline_cold_start`).
+- (a) `new_instance`: a deployed function whose pool is empty (its instances reaped): the request
+  makes a fresh instance (a Store and an instantiation of the precompiled module) and runs on it.
+- (b) `new_function`: a function never seen before — a module with a fresh nonce, so nothing is in
+  the compile cache — deployed next to its already loaded model, then its first request:
+  compile + instantiate + first answer. `new_function_request` is that first request alone (the
+  deploy, like the baseline's image build, done before any request arrives).
+- (c) `new_function_new_model`: (b) plus loading the model into a host that does not have it.
+
+(a), (b), (c) run in-process on a `Host` (the runtime isolated: no HTTP, no store); (b) and (c) are
+also measured through the gateway (`*_http`: PUT the model, PUT the function, POST the first
+request, with the store's durable writes), which is what a user waits for. Every figure is the
+median of repetitions; speedups divide the baseline's median by wasminfer's.
+
+The Python function (text-classifier, a component) is left out: compiling its 18 MB component takes
+~30 s (cached by content hash afterwards), a cost bench/python_guest.py reports.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from suite import systems, workloads
+from suite.common import Context, check_agreement, progress, write_result
+
+FIGURES = (
+    "new_instance",
+    "new_function",
+    "new_function_request",
+    "new_function_new_model",
+    "new_function_http",
+    "new_function_new_model_http",
+)
+
+
+def reps(ctx: Context) -> int:
+    return 3 if ctx.quick else 7
+
+
+def applicable(ctx: Context) -> list[str]:
+    return [n for n in ctx.workloads if (workloads.WORKLOADS[n].source / "main.c").is_file()]
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    from wasminfer.manifest import Manifest
+    from wasminfer.runtime import Host
+
+    results: dict[str, Any] = {}
+    n = reps(ctx)
+    for name in applicable(ctx):
+        w = workloads.WORKLOADS[name]
+        model_path, wasm, body = ctx.model_path(name), ctx.wasm(name), w.body()
+        reference = w.handler(workloads.session(model_path))(body, w.content_type)
+        manifest = Manifest.from_dict(w.manifest())
+        samples: dict[str, list[float]] = {k: [] for k in ("baseline", *FIGURES, "warm")}
+
+        progress(f"coldstart {name}: baseline process starts ×{n}")
+        for _ in range(n):
+            seconds, answer = systems.baseline_cold_start(name, model_path)
+            check_agreement("the baseline", name, answer, reference)
+            samples["baseline"].append(seconds)
+
+        progress(f"coldstart {name}: wasminfer in-process (a), (b), (c) ×{n}")
+        engine = Host.new_engine(None)
+        try:
+            with Host(engine=engine) as host:
+                host.deploy_model(name, model_path.read_bytes())
+                host.deploy_function(w.function, wasm, manifest)
+                fn = host.function(w.function)
+                for _ in range(5):
+                    host.invoke(w.function, body, w.content_type)
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    host.invoke(w.function, body, w.content_type)
+                    samples["warm"].append(time.perf_counter() - t0)
+                    fn.pool.reap_idle(-1, 0)  # (a): no idle instance left
+                    t0 = time.perf_counter()
+                    r = host.invoke(w.function, body, w.content_type)
+                    samples["new_instance"].append(time.perf_counter() - t0)
+                    assert r.cold, "the pool still had an instance"
+                    check_agreement("wasminfer", name, r.body, reference)
+                for i in range(n):  # (b)
+                    fresh = systems.unique_module(wasm)
+                    t0 = time.perf_counter()
+                    host.deploy_function(f"{w.function}-new-{i}", fresh, manifest)
+                    t1 = time.perf_counter()
+                    r = host.invoke(f"{w.function}-new-{i}", body, w.content_type)
+                    t2 = time.perf_counter()
+                    check_agreement("wasminfer", name, r.body, reference)
+                    samples["new_function"].append(t2 - t0)
+                    samples["new_function_request"].append(t2 - t1)
+                    host.remove_function(f"{w.function}-new-{i}")
+            for _ in range(n):  # (c): a host (a tenant's, sharing the engine) without the model
+                model, fresh = systems.unique_model(model_path.read_bytes()), systems.unique_module(wasm)
+                with Host(engine=engine) as host:
+                    t0 = time.perf_counter()
+                    host.deploy_model(name, model)
+                    host.deploy_function(w.function, fresh, manifest)
+                    r = host.invoke(w.function, body, w.content_type)
+                    samples["new_function_new_model"].append(time.perf_counter() - t0)
+                    check_agreement("wasminfer", name, r.body, reference)
+        finally:
+            engine.close()
+
+        progress(f"coldstart {name}: wasminfer through the gateway (b), (c) ×{n}")
+        with systems.WasminferServer(ctx.work / f"coldstart-{name}" / "data") as server:
+            client = server.client
+            client.put_model(name, model_path.read_bytes())
+            for i in range(n):
+                fname = f"{w.function}-new-{i}"
+                fresh = systems.unique_module(wasm)
+                t0 = time.perf_counter()
+                client.put_function(fname, fresh, manifest)
+                answer = client.invoke(fname, body, w.content_type).body
+                samples["new_function_http"].append(time.perf_counter() - t0)
+                check_agreement("wasminfer", name, answer, reference)
+                client.delete_function(fname)
+            for _ in range(n):
+                model, fresh = systems.unique_model(model_path.read_bytes()), systems.unique_module(wasm)
+                client.delete_model(name)
+                t0 = time.perf_counter()
+                client.put_model(name, model)
+                client.put_function(w.function, fresh, manifest)
+                answer = client.invoke(w.function, body, w.content_type).body
+                samples["new_function_new_model_http"].append(time.perf_counter() - t0)
+                check_agreement("wasminfer", name, answer, reference)
+                client.delete_function(w.function)
+
+        med = {k: systems.median(v) for k, v in samples.items()}
+        base = med["baseline"]
+        results[name] = {
+            "median_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
+            "speedup": {k: round(base / med[k], 1) for k in FIGURES},
+            # what starting costs on top of a warm answer (the model's run is in every figure)
+            "start_overhead_ms": {k: round((med[k] - med["warm"]) * 1e3, 3) for k in ("baseline", *FIGURES)},
+            "samples_ms": {k: [round(x * 1e3, 3) for x in v] for k, v in samples.items()},
+        }
+        progress(
+            f"coldstart {name}: baseline {base * 1e3:.1f} ms, (a) {med['new_instance'] * 1e3:.2f} ms, "
+            f"(b) {med['new_function'] * 1e3:.1f} ms, (c) {med['new_function_new_model'] * 1e3:.1f} ms"
+        )
+    result = {"repetitions": n, "workloads": results}
+    write_result(ctx, "coldstart", result)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    cols = ("baseline", "warm", *FIGURES)
+    heads = {
+        "baseline": "baseline",
+        "warm": "warm",
+        "new_instance": "(a) inst",
+        "new_function": "(b) fn",
+        "new_function_request": "(b) req",
+        "new_function_new_model": "(c) fn+model",
+        "new_function_http": "(b) http",
+        "new_function_new_model_http": "(c) http",
+    }
+    lines = [
+        "time to first answer, ms (median)",
+        f"{'workload':<18}" + "".join(f"{heads[c]:>13}" for c in cols),
+    ]
+    for name, r in result["workloads"].items():
+        lines.append(f"{name:<18}" + "".join(f"{r['median_ms'][c]:>13.3f}" for c in cols))
+    lines.append("speedup over the baseline's cold start (×)")
+    for name, r in result["workloads"].items():
+        lines.append(f"{name:<18}{'':>26}" + "".join(f"{r['speedup'][c]:>13.1f}" for c in FIGURES))
+    return "\n".join(lines)

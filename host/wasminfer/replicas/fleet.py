@@ -1,0 +1,435 @@
+"""`Fleet`: the host replicas behind one gateway — routing, admission, draining, and the replica
+autoscaler that grows and shrinks them.
+
+Routing: least outstanding requests by the power of two choices (two replicas drawn at random, the
+one with fewer requests in flight wins), where a replica that does not hold the function loaded yet
+counts `cold_penalty` requests more (the gateway's own process holds every function; a worker holds
+what was routed or warmed to it). The request carries the function's deployment digest, so a
+replica with a stale copy reloads it from the store first.
+
+Admission, fast and before any work: a function's manifest `max_concurrency` bounds its requests in
+flight across the fleet (the rest wait in FIFO order up to `max_queue`, then 429); each replica
+takes at most its threads plus `host_max_queue` requests (past that on every replica: 429). Inside
+a host the pool bounds each function again (`max_instances`, `max_queue`). Every 429 says
+`Retry-After`.
+
+Draining: a replica leaving is taken out of the routing first, then stopped once the requests it
+has are answered; so is every replica when the fleet closes (after the gateway's graceful shutdown
+finished what was in flight). Everything here runs on the gateway's event loop: picking a replica
+and counting the request on it happen with no `await` between, so a replica is never stopped with
+a request on its way to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from typing import Any
+
+import anyio
+
+from wasminfer.errors import TooManyRequests, Unavailable, WasminferError
+from wasminfer.manifest import Manifest
+from wasminfer.replicas.base import NotDelivered, Replica, ReplicaBackend, WarmSpec
+from wasminfer.replicas.inprocess import InProcessBackend
+from wasminfer.replicas.instances import InstanceController
+from wasminfer.runtime import InvokeResult
+from wasminfer.scaling import MONOTONIC, Clock, DecisionLog, ReplicaAutoscaler, ReplicaLoad, ScalingConfig
+from wasminfer.service import Platform, deployment_digest
+
+log = logging.getLogger("wasminfer.scaling")
+
+Key = tuple[str, str]  # (tenant, function)
+
+
+class _Gate:
+    """A function's `max_concurrency` across the fleet, with a FIFO queue of `max_queue`."""
+
+    __slots__ = ("active", "waiters")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, name: str, m: Manifest) -> None:
+        if self.active < m.max_concurrency and not self.waiters:
+            self.active += 1
+            return
+        if len(self.waiters) >= m.max_queue:
+            raise TooManyRequests(
+                f"function {name!r}: {self.active} requests in flight (manifest key 'max_concurrency' "
+                f"{m.max_concurrency}) and {len(self.waiters)} queued ('max_queue' {m.max_queue})"
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), m.timeout_ms / 1000)
+        except TimeoutError:
+            if waiter.done():  # handed over just as the wait ended: it is ours
+                return
+            waiter.cancel()
+            self.waiters.remove(waiter)
+            raise TooManyRequests(
+                f"function {name!r}: no slot within its timeout of {m.timeout_ms} ms (manifest key "
+                f"'max_concurrency' {m.max_concurrency})"
+            ) from None
+        except asyncio.CancelledError:  # the client went away
+            if waiter.done():
+                self.release()
+            else:
+                waiter.cancel()
+                self.waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the next in line: `active` stays
+                return
+        self.active -= 1
+
+
+class Fleet:
+    """The replicas behind a gateway. `start()` and `aclose()` run on the gateway's event loop."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        config: ScalingConfig | None = None,
+        *,
+        backend: ReplicaBackend | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        threads: int = 64,
+        clock: Clock = MONOTONIC,
+    ) -> None:
+        """`backend` makes the replicas beyond the gateway's own process (default: `LocalBackend`,
+        or `RayBackend` for `config.backend` "ray", when `config.max_replicas` allows any);
+        `limiter` bounds the gateway's own worker threads."""
+        self.platform = platform
+        self.config = config = config or ScalingConfig()
+        self.decisions = DecisionLog()
+        self.instances = InstanceController(platform, config.instance_policy(), self.decisions, "primary")
+        self._primary: InProcessBackend | None = None
+        extra = config.max_replicas - (1 if config.primary_replica else 0)
+        if backend is None and extra > 0 and config.backend == "ray":
+            from wasminfer.replicas.ray_backend import RayBackend  # imports Ray only when it is used
+
+            backend = RayBackend(platform, config, threads=threads)
+        elif backend is None and extra > 0:
+            from wasminfer.replicas.local import LocalBackend
+
+            backend = LocalBackend(platform.data_dir, config, threads=threads)
+        self.backend = backend
+        self.autoscaler = ReplicaAutoscaler(config.replica_policy(), clock)
+        self.replicas: list[Replica] = []  # every replica: starting, serving, draining
+        self._serving: list[Replica] = []  # the ones requests go to (replaced, never mutated)
+        self._gates: dict[Key, _Gate] = {}
+        self._waits_us: list[float] = []  # queueing delays of this tick's requests
+        self._hot: collections.Counter[Key] = collections.Counter()  # this tick's requests per function
+        self._starting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.last_load = ReplicaLoad(0)
+        self.rejected: collections.Counter[str] = collections.Counter()  # 429s by reason
+        if config.primary_replica:  # serves from the start, even before `start()` (no I/O to make)
+            self._primary = InProcessBackend(
+                platform,
+                limiter or anyio.CapacityLimiter(threads),
+                self.instances,
+                host_max_queue=config.host_max_queue,
+            )
+            self._serve(self._primary.replica())
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Starts the instance autoscaler, the primary replica and the control loop (which starts
+        the other `min_replicas`)."""
+        self.instances.start()
+        self._loop_task = asyncio.create_task(self._control_loop(), name="wasminfer-replicas")
+
+    async def aclose(self) -> None:
+        """Stops scaling, drains every replica (waits for what is in flight) and stops them."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._serving = []
+        await asyncio.gather(*(self._stop(r) for r in list(self.replicas)), return_exceptions=True)
+        if self.backend is not None:
+            await self.backend.aclose()
+        await anyio.to_thread.run_sync(self.instances.close)
+
+    # --- requests -----------------------------------------------------------------------------------
+    async def invoke(self, tenant: str, name: str, body: bytes, content_type: str) -> InvokeResult:
+        """Runs one invocation on a replica. Raises what `Platform.invoke` raises; `TooManyRequests`
+        past admission; `Unavailable` with no replica serving, or one lost with the request."""
+        fn = self.platform.deployed(name, tenant=tenant)
+        m = fn.manifest
+        key = (tenant, name)
+        if not m.max_concurrency:
+            return await self._route(key, fn, body, content_type)
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate()
+        try:
+            await gate.acquire(name, m)
+        except TooManyRequests:
+            self.rejected["max_concurrency"] += 1
+            raise
+        try:
+            return await self._route(key, fn, body, content_type)
+        finally:
+            gate.release()
+
+    async def _route(self, key: Key, fn: Any, body: bytes, content_type: str) -> InvokeResult:
+        tenant, name = key
+        tried: Replica | None = None
+        while True:
+            replica = self._pick(key, tried)
+            replica.outstanding += 1
+            started = time.perf_counter()
+            try:
+                deployment = "" if replica.holds_all else deployment_digest(fn)
+                result = await replica.backend.route(replica, tenant, name, deployment, body, content_type)
+            except NotDelivered:
+                if tried is not None or len(self._serving) < 2:
+                    raise
+                tried = replica  # it never got the request: once more, elsewhere
+                continue
+            except TooManyRequests:
+                self._waits_us.append((time.perf_counter() - started) * 1e6)  # saturated: counts
+                raise
+            finally:
+                replica.outstanding -= 1
+            elapsed_us = (time.perf_counter() - started) * 1e6
+            # Everything but running: thread hand-off, waiting for an instance, the hop to a replica.
+            self._waits_us.append(max(0.0, elapsed_us - result.run_us - result.start_us))
+            self._hot[key] += 1
+            if not replica.holds_all:
+                replica.warm.add(key)
+            return result
+
+    def _pick(self, key: Key, avoid: Replica | None = None) -> Replica:
+        serving = self._serving
+        n = len(serving)
+        if n == 1 and avoid is None:
+            only = serving[0]
+            if only.outstanding < only.capacity:
+                return only
+            raise self._host_full()
+        if avoid is not None:
+            serving = [r for r in serving if r is not avoid]
+            n = len(serving)
+        if n == 0:
+            raise Unavailable("no host replica is serving yet; retry")
+        if n == 1:
+            a = b = serving[0]
+        else:
+            i = random.randrange(n)
+            j = random.randrange(n - 1)
+            a, b = serving[i], serving[j + (j >= i)]
+        penalty = self.config.cold_penalty
+        score_a = a.outstanding + (0 if a.holds(key) else penalty)
+        score_b = b.outstanding + (0 if b.holds(key) else penalty)
+        first, second = (a, b) if score_a <= score_b else (b, a)
+        if first.outstanding < first.capacity:
+            return first
+        if second.outstanding < second.capacity:
+            return second
+        for r in serving:
+            if r.outstanding < r.capacity:
+                return r
+        raise self._host_full()
+
+    def _host_full(self) -> TooManyRequests:
+        self.rejected["host_queue"] += 1
+        return TooManyRequests(
+            "every host replica is at its limit of requests (its worker threads plus the host queue, "
+            f"scaling key 'host_max_queue' {self.config.host_max_queue}); retry"
+        )
+
+    # --- the replica autoscaler ---------------------------------------------------------------------
+    async def _control_loop(self) -> None:
+        tick = self.config.replica_tick_s
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                await self.tick()
+            except Exception:  # a bug must not stop scaling for good
+                log.exception("replica autoscaler tick failed")
+
+    async def tick(self) -> None:
+        """One round: read every replica, feed the autoscaler, act on its decision."""
+        waits, self._waits_us = self._waits_us, []
+        hot, self._hot = self._hot, collections.Counter()
+        for replica in list(self.replicas):
+            if replica.state in ("serving", "draining"):
+                replica.stats = await replica.backend.stats(replica)
+                if not replica.stats.alive:
+                    self._lost(replica)
+        serving = self._serving
+        cpu = sum(r.stats.cpu for r in serving) / len(serving) if serving else 0.0
+        load = ReplicaLoad(
+            replicas=len(serving),
+            starting=self._starting,
+            queue_ms=_p90(waits) / 1000,
+            cpu=cpu,
+            requests=len(waits),
+        )
+        self.last_load = load
+        if self._closed or not self.platform.ready:
+            return
+        decision = self.autoscaler.observe(load)
+        if decision.delta > 0 and self.backend is not None:
+            self._starting += 1
+            n = len(serving)
+            self.decisions.record("replicas", "replicas", n, n + 1, decision.reason)
+            self._spawn(self._add(self._warm_specs(hot)))
+        elif decision.delta < 0:
+            victims = [r for r in serving if not r.holds_all]
+            if victims:
+                victim = max(victims, key=lambda r: r.created_at)  # the newest goes first
+                n = len(serving)
+                self.decisions.record(
+                    "replicas", "replicas", n, n - 1, f"{decision.reason}; draining {victim.id}"
+                )
+                self._spawn(self._drain(victim))
+
+    def _warm_specs(self, hot: collections.Counter[Key]) -> list[WarmSpec]:
+        specs: list[WarmSpec] = []
+        for (tenant, name), _ in hot.most_common(self.config.warm_functions):
+            try:
+                specs.append((tenant, name, deployment_digest(self.platform.deployed(name, tenant=tenant))))
+            except WasminferError:
+                continue  # deleted meanwhile
+        return specs
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _add(self, warm: list[WarmSpec]) -> None:
+        assert self.backend is not None
+        try:
+            replica = await self.backend.start(warm)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, WasminferError) else repr(exc)
+            log.error("could not start a replica: %s", message)
+            n = len(self._serving)
+            self.decisions.record(
+                "replicas", "replicas", n + 1, n, f"the new replica failed to start: {message}"
+            )
+            return
+        finally:
+            self._starting -= 1
+        if self._closed:
+            await self._stop(replica)
+            return
+        self._serve(replica)
+
+    def _serve(self, replica: Replica) -> None:
+        replica.state = "serving"
+        replica.serving_at = time.time()
+        self.replicas.append(replica)
+        self._serving = [*self._serving, replica]
+        self.autoscaler.reset()
+
+    async def _drain(self, replica: Replica) -> None:
+        replica.state = "draining"
+        self._serving = [r for r in self._serving if r is not replica]
+        while replica.outstanding:
+            await asyncio.sleep(0.01)
+        await self._stop(replica)
+
+    async def _stop(self, replica: Replica) -> None:
+        replica.state = "draining"
+        while replica.outstanding:
+            await asyncio.sleep(0.01)
+        try:
+            await replica.backend.stop(replica)
+        finally:
+            replica.state = "stopped"
+            if replica in self.replicas:
+                self.replicas.remove(replica)
+
+    def _lost(self, replica: Replica) -> None:
+        n = len(self._serving)
+        self._serving = [r for r in self._serving if r is not replica]
+        if replica in self.replicas:
+            self.replicas.remove(replica)
+        replica.state = "stopped"
+        self.decisions.record(
+            "replicas",
+            "replicas",
+            n,
+            len(self._serving),
+            f"replica {replica.id} exited (status {replica.stats.exit_code}); its requests in flight failed",
+        )
+        self._spawn(replica.backend.stop(replica))
+
+    # --- what /v1/scaling shows ---------------------------------------------------------------------
+    def snapshot(self, tenant: str | None = None) -> dict[str, Any]:
+        """Replicas with their instances per function, the last tick's load, recent decisions;
+        with `tenant`, only that tenant's functions and instance decisions."""
+
+        def mine(subject: str) -> bool:
+            return tenant is None or subject.startswith(f"{tenant}/")
+
+        replicas = []
+        decisions = [d.to_dict() for d in self.decisions.recent()]
+        for r in self.replicas:
+            replicas.append(
+                {
+                    "id": r.id,
+                    "kind": r.kind,
+                    "state": r.state,
+                    "pid": r.pid,
+                    "outstanding": r.outstanding,
+                    "cpu": round(r.stats.cpu, 3),
+                    "created_at": round(r.created_at, 3),
+                    "serving_at": None if r.serving_at is None else round(r.serving_at, 3),
+                    "functions": {k: v for k, v in r.stats.functions.items() if mine(k)},
+                }
+            )
+            decisions += r.stats.decisions
+        load = self.last_load
+        return {
+            "serving": len(self._serving),
+            "starting": self._starting,
+            "min_replicas": self.config.min_replicas,
+            "max_replicas": self.config.max_replicas,
+            "backend": None if self.backend is None else self.backend.kind,
+            "replicas": replicas,
+            "load": {
+                "queue_ms_p90": round(load.queue_ms, 3),
+                "cpu": round(load.cpu, 3),
+                "requests": load.requests,
+            },
+            "rejected": dict(self.rejected),
+            "decisions": sorted(
+                (d for d in decisions if d["scope"] == "replicas" or mine(d["subject"])),
+                key=lambda d: d["at"],
+            )[-100:],
+        }
+
+
+def _p90(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    values.sort()
+    return values[min(len(values) - 1, int(0.9 * len(values)))]

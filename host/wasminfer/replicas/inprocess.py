@@ -1,0 +1,71 @@
+"""The in-process backend: the gateway's own `Platform` as replica `primary` (no hop at all).
+
+It holds every deployed function warm (a deploy prewarms it here first), so the router never needs
+to send it a deployment digest. Its invocations run on the gateway's worker threads.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import anyio
+import anyio.to_thread
+import psutil
+
+from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmSpec
+from wasminfer.replicas.instances import InstanceController, instance_stats
+from wasminfer.runtime import InvokeResult
+from wasminfer.service import Platform
+
+
+class InProcessBackend(ReplicaBackend):
+    kind = "in-process"
+
+    def __init__(
+        self,
+        platform: Platform,
+        limiter: anyio.CapacityLimiter,
+        instances: InstanceController | None = None,
+        *,
+        host_max_queue: int = 256,
+    ) -> None:
+        self.platform = platform
+        self.limiter = limiter
+        self.instances = instances
+        self.host_max_queue = host_max_queue
+        self._process = psutil.Process()
+        self._replica: Replica | None = None
+
+    async def start(self, warm: Sequence[WarmSpec] = ()) -> Replica:
+        return self.replica()
+
+    def replica(self) -> Replica:
+        """The one replica of this backend (made at the first call; no I/O)."""
+        if self._replica is not None:
+            return self._replica
+        self._process.cpu_percent(None)  # the first reading only starts the measurement
+        self._replica = Replica(
+            "primary",
+            self,
+            pid=self._process.pid,
+            capacity=int(self.limiter.total_tokens) + self.host_max_queue,
+            holds_all=True,
+        )
+        return self._replica
+
+    async def stop(self, replica: Replica) -> None:
+        """Nothing to stop: the gateway's owner closes the platform."""
+
+    async def route(
+        self, replica: Replica, tenant: str, name: str, deployment: str, body: bytes, content_type: str
+    ) -> InvokeResult:
+        call = functools.partial(self.platform.invoke, name, body, content_type, tenant=tenant)
+        return await anyio.to_thread.run_sync(call, limiter=self.limiter)
+
+    async def stats(self, replica: Replica) -> ReplicaStats:
+        return ReplicaStats(
+            cpu=self._process.cpu_percent(None) / 100,
+            functions=instance_stats(self.platform, self.instances),
+            decisions=[],  # the primary's instance decisions are in the fleet's own log
+        )

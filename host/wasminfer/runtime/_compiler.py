@@ -1,0 +1,272 @@
+"""Compiling uploaded Wasm in a child process, with a time and a memory limit.
+
+Compiling is the one thing a Wasm upload makes the host do that epoch interruption cannot stop:
+Cranelift runs to the end, on every core, inside the caller's process. A few hundred KiB are enough
+to make it slow (measured here on 2 cores: 100 000 empty functions, 0.4 MB, 20 s; 1 000 functions
+declaring 50 000 locals each, 8 KB, 9 s; a million functions fit in 4 MB), and memory grows with
+it. So every compile runs in a worker process of its own (`python _compiler.py`): niced, under an
+address-space limit, killed at `timeout_s`. It writes the compiled artefact to the path the caller
+gives (the compile cache), atomically; the caller then loads it with `deserialize_file`, which is
+what a cache hit does anyway.
+
+Workers stay alive between compiles (starting one costs an interpreter and `import wasmtime`), one
+per compile in flight; a worker that timed out or died is replaced by a fresh one on next use.
+
+This file runs as a script in the worker, so it imports nothing of wasminfer: `engine_config` lives
+here, and `_wasm.py` builds the host's engine from it (a compiled artefact loads only into an engine
+of the same configuration).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+#: Wall-clock limit of one compile (`WASMINFER_COMPILE_TIMEOUT_S`). A componentize-py component (it
+#: embeds CPython, ~18 MB) takes 10-20 s here; core modules of real guests take milliseconds.
+DEFAULT_TIMEOUT_S = float(os.environ.get("WASMINFER_COMPILE_TIMEOUT_S", "120"))
+#: Address-space limit of a worker (`WASMINFER_COMPILE_MEMORY_MB`): past it the compile fails.
+DEFAULT_MEMORY_BYTES = int(os.environ.get("WASMINFER_COMPILE_MEMORY_MB", "6144")) << 20
+#: Workers kept idle between compiles.
+MAX_IDLE_WORKERS = 2
+_NICE = 10  # compiles yield the cores to invocations
+
+
+def engine_config() -> wasmtime.Config:
+    """The configuration of every engine of wasminfer (see `_wasm.WasmEngine`)."""
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    config.cranelift_opt_level = "speed"
+    config.wasm_threads = False
+    config.shared_memory = False
+    # Small virtual reservations: thousands of instances must fit in the address space and
+    # in vm.max_map_count; bounds checks are explicit instead (a few % on guest code).
+    config.memory_reservation = 64 << 20
+    config.memory_guard_size = 64 << 10
+    config.max_wasm_stack = 512 << 10
+    config.wasm_component_model = True  # Python functions are components (runtime/_component.py)
+    return config
+
+
+#: What `engine_config` sets, for the names of cached artefacts.
+CONFIG_FINGERPRINT = "opt=speed;res=64M;guard=64K;stack=512K;cm"
+
+
+class CompileError(Exception):
+    """The bytes do not compile: invalid, refused by the engine, too slow or too big to compile."""
+
+
+# --- the worker (this file run as a script) ---------------------------------------------------------
+def _worker_main(memory_bytes: int) -> None:
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    except (ImportError, ValueError, OSError):
+        pass  # not on this platform: the time limit still holds
+    try:
+        os.nice(_NICE)
+    except OSError:
+        pass
+    engine = wasmtime.Engine(engine_config())
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        header = stdin.readline()
+        if not header:
+            return
+        job = json.loads(header)
+        wasm = stdin.read(job["size"])
+        try:
+            _compile_to(engine, job["kind"], wasm, Path(job["out"]))
+            reply: dict[str, Any] = {"ok": True}
+        except wasmtime.WasmtimeError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        except MemoryError:
+            reply = {"ok": False, "error": "compiling it needs more memory than the host allows"}
+        stdout.write(json.dumps(reply).encode() + b"\n")
+        stdout.flush()
+
+
+def _compile_to(engine: wasmtime.Engine, kind: str, wasm: bytes, out: Path) -> None:
+    if kind == "component":
+        from wasmtime import component
+
+        artefact = bytes(component.Component(engine, wasm).serialize())
+    else:
+        artefact = bytes(wasmtime.Module(engine, wasm).serialize())
+    tmp = _partial(out, os.getpid())
+    with open(tmp, "wb") as f:
+        f.write(artefact)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+
+
+# --- the client (in the host) -----------------------------------------------------------------------
+class _Worker:
+    def __init__(self, memory_bytes: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, str(memory_bytes)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        self.memory_bytes = memory_bytes
+
+    def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float) -> None:
+        proc = self.proc
+        assert proc.stdin is not None and proc.stdout is not None
+        header = json.dumps({"kind": kind, "out": str(out), "size": len(wasm)}).encode() + b"\n"
+        deadline = time.monotonic() + timeout_s
+        try:
+            proc.stdin.write(header)
+            proc.stdin.write(wasm)
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise _WorkerDied() from None
+        fd = proc.stdout.fileno()
+        line = b""
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise _WorkerTimedOut()
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise _WorkerDied()
+            line += chunk
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise CompileError(reply["error"])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.close()  # EOF: the worker returns
+            self.proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self.kill()
+
+
+class _WorkerTimedOut(Exception):
+    pass
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+class Compiler:
+    """Compiles in worker processes. Thread-safe; one per process (`compiler()`)."""
+
+    def __init__(self, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+        self.memory_bytes = memory_bytes
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self.started = 0  # workers started (for tests: a worker is reused)
+
+    def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Compiles `wasm` (a core module, or a component if `kind == "component"`) and writes the
+        serialised artefact to `out`, atomically.
+
+        Raises `CompileError` if the bytes do not compile, if compiling takes longer than
+        `timeout_s`, or if the worker runs out of memory or dies.
+        """
+        worker = self._take()
+        try:
+            worker.compile(kind, wasm, out, timeout_s)
+        except _WorkerTimedOut:
+            worker.kill()
+            _partial(out, worker.proc.pid).unlink(missing_ok=True)
+            raise CompileError(
+                f"compiling it took longer than the host's limit of {timeout_s:g} s "
+                "(WASMINFER_COMPILE_TIMEOUT_S); a module this slow to compile is refused"
+            ) from None
+        except _WorkerDied:
+            worker.kill()
+            _partial(out, worker.proc.pid).unlink(missing_ok=True)
+            raise CompileError(
+                "the compiler ran out of memory or crashed on it (the host allows "
+                f"{self.memory_bytes >> 20} MiB per compile, WASMINFER_COMPILE_MEMORY_MB)"
+            ) from None
+        except CompileError:
+            self._give_back(worker)  # the bytes were bad, not the worker
+            raise
+        except BaseException:
+            worker.kill()  # the protocol state is unknown
+            _partial(out, worker.proc.pid).unlink(missing_ok=True)
+            raise
+        self._give_back(worker)
+
+    def _take(self) -> _Worker:
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.proc.poll() is None:
+                    return worker
+                worker.kill()
+            self.started += 1
+        return _Worker(self.memory_bytes)
+
+    def _give_back(self, worker: _Worker) -> None:
+        with self._lock:
+            if len(self._idle) < MAX_IDLE_WORKERS:
+                self._idle.append(worker)
+                return
+        worker.close()
+
+    def close(self) -> None:
+        """Stops the idle workers (a later compile starts new ones)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.close()
+
+
+def _partial(out: Path, pid: int) -> Path:
+    """Where worker `pid` writes `out` before renaming it (two workers may compile one module)."""
+    return out.with_name(f".tmp-{pid}-{out.name}")
+
+
+_compiler: Compiler | None = None
+_compiler_lock = threading.Lock()
+
+
+def compiler() -> Compiler:
+    """The process' compiler (its workers are shared by every engine: they all have one config)."""
+    global _compiler
+    with _compiler_lock:
+        if _compiler is None:
+            _compiler = Compiler()
+            _at_exit(_compiler.close)
+        return _compiler
+
+
+def _at_exit(fn: Callable[[], None]) -> None:
+    import atexit
+
+    atexit.register(fn)
+
+
+if __name__ == "__main__":
+    _worker_main(int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MEMORY_BYTES)

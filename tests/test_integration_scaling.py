@@ -1,0 +1,244 @@
+"""Hybrid scaling on a real server: `wasminfer serve --max-replicas 2` on 127.0.0.1, with small
+windows. A load step makes the instances rise first and then a second replica (a worker process)
+start; when the load stops the fleet drains back to one replica; not one request fails. And SIGTERM
+of the server finishes every invocation in flight, also those forwarded to a worker."""
+
+from __future__ import annotations
+
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import wasmtime
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A guest that sleeps for the milliseconds its body holds (u32 LE; WASI poll_oneoff on the monotonic
+# clock), then answers "ok": a request of a known length that takes no CPU, so the timings of these
+# tests do not depend on what else the machine runs.
+SLEEP_WAT = r"""
+(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasminfer" "output" (func $output (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "ok")
+  (data (i32.const 32) "text/plain")
+  (func (export "wasminfer_abi_v1"))
+  (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "wasminfer_handle") (param $b i32) (param $bl i32) (param $c i32) (param $cl i32) (result i32)
+    ;; one clock subscription at 256: userdata 0, tag 0 (clock), id 1 (monotonic), timeout in ns
+    (i64.store (i32.const 256) (i64.const 0))
+    (i32.store8 (i32.const 264) (i32.const 0))
+    (i32.store (i32.const 272) (i32.const 1))
+    (i64.store (i32.const 280) (i64.mul (i64.extend_i32_u (i32.load (local.get $b))) (i64.const 1000000)))
+    (i64.store (i32.const 288) (i64.const 0))
+    (i32.store16 (i32.const 296) (i32.const 0))
+    (drop (call $poll (i32.const 256) (i32.const 512) (i32.const 1) (i32.const 600)))
+    (drop (call $output (i32.const 16) (i32.const 2) (i32.const 32) (i32.const 10)))
+    (i32.const 0)))
+"""
+
+
+SCALING = {
+    "replica_tick_s": 0.25,
+    "replica_up_window_s": 1.0,
+    "replica_down_window_s": 2.0,
+    "replica_up_queue_ms": 5,
+    "replica_up_cpu": 5,  # CPU is not what this test saturates (the queue is)
+    "instance_tick_s": 0.25,
+    "instance_stable_window_s": 2,
+    "instance_panic_window_s": 0.5,
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def server(data: Path, log: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wasminfer", "serve", "--data", str(data), "--port", str(port), *args],
+            stdout=out,
+            stderr=out,
+            cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"the server exited:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"the server never became ready:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def deploy_sleep(url: str, **manifest: int) -> None:
+    wasm = bytes(wasmtime.wat2wasm(SLEEP_WAT))
+    query = "&".join(f"{k}={v}" for k, v in {"memory_mb": 1, "timeout_ms": 60000, **manifest}.items())
+    r = httpx.put(
+        f"{url}/v1/functions/sleep?{query}", content=wasm, headers={"content-type": "application/wasm"}
+    )
+    assert r.status_code == 201, r.text
+
+
+def sleeps(ms: int) -> bytes:
+    return struct.pack("<I", ms)
+
+
+class Load:
+    """`concurrency` clients invoking in a loop, each on its own keep-alive connection."""
+
+    def __init__(self, url: str, body: bytes, concurrency: int) -> None:
+        self.url, self.body = url, body
+        self.ok = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(concurrency)]
+        for t in self._threads:
+            t.start()
+
+    def _client(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.post("/v1/functions/sleep/invoke", content=self.body)
+                except httpx.HTTPError as exc:
+                    self.failed.append(repr(exc))
+                    continue
+                if r.status_code == 200 and r.content == b"ok":
+                    self.ok += 1
+                else:
+                    self.failed.append(f"{r.status_code} {r.text[:200]}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def scaling(url: str) -> dict[str, Any]:
+    data: dict[str, Any] = httpx.get(f"{url}/v1/scaling", timeout=5).json()
+    return data
+
+
+def wait_for(url: str, predicate: Any, timeout: float, what: str) -> tuple[float, dict[str, Any]]:
+    started = time.monotonic()
+    while True:
+        snap = scaling(url)
+        if predicate(snap):
+            return time.monotonic() - started, snap
+        assert time.monotonic() - started < timeout, f"{what} did not happen within {timeout} s: {snap}"
+        time.sleep(0.05)
+
+
+def live(snap: dict[str, Any], replica: str = "primary") -> int:
+    for r in snap["replicas"]:
+        if r["id"] == replica:
+            return int(r["functions"].get("default/sleep", {}).get("live", 0))
+    return 0
+
+
+def test_load_step_adds_instances_then_a_replica_and_drains_back(tmp_path: Path) -> None:
+    options = [a for k, v in SCALING.items() for a in ("--scaling", f"{k}={v}")]
+    log = tmp_path / "server.log"
+    with server(tmp_path / "data", log, "--max-replicas", "2", "--log-level", "info", *options) as (url, _):
+        deploy_sleep(url, max_instances=2, idle_timeout_s=1)
+        body = sleeps(20)
+        _, idle = wait_for(url, lambda s: s["serving"] == 1 and live(s) <= 1, 15, "an idle server")
+        assert idle["backend"] == "local"
+
+        load = Load(url, body, concurrency=8)  # 8 at once against 2 instances: requests queue
+        try:
+            t_instances, _ = wait_for(url, lambda s: live(s) == 2, 10, "a second instance")
+            t_replica, grown = wait_for(url, lambda s: s["serving"] == 2, 20, "a second replica")
+            worker = next(r for r in grown["replicas"] if r["kind"] == "local")
+            assert worker["pid"] and worker["state"] == "serving"
+            # the new replica takes a share of the load (it was warmed with the function)
+            wait_for(url, lambda s: live(s, worker["id"]) >= 1, 10, "instances on the new replica")
+            time.sleep(1.0)
+        finally:
+            load.stop()
+        assert t_instances < t_replica, "instances must rise before a replica is added"
+
+        t_drain, after = wait_for(url, lambda s: s["serving"] == 1 and len(s["replicas"]) == 1, 20, "drain")
+        assert [r["id"] for r in after["replicas"]] == ["primary"]
+        assert load.failed == [] and load.ok > 50
+        decisions = [(d["scope"], d["direction"], d["reason"]) for d in after["decisions"]]
+        assert any(s == "replicas" and d == "up" and "saturated" in r for s, d, r in decisions), decisions
+        assert any(s == "replicas" and d == "down" and "calm" in r for s, d, r in decisions), decisions
+        assert any(s == "instances" for s, _, _ in decisions), decisions
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'wasminfer_scaling_decisions_total{direction="up",scope="replicas"} 1.0' in metrics
+        assert 'wasminfer_replicas{state="serving"} 1.0' in metrics
+    text = log.read_text()
+    assert "replicas replicas: 1 -> 2 (saturated" in text  # decisions are in the log
+    assert "Traceback" not in text
+
+
+def test_sigterm_finishes_the_invocations_in_flight(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    args = ["--min-replicas", "2", "--max-replicas", "2"]
+    args += ["--scaling", "replica_tick_s=0.2", "--scaling", "cold_penalty=0"]  # spread evenly
+    with server(tmp_path / "data", log, *args) as (url, proc):
+        deploy_sleep(url, max_instances=16)
+        wait_for(url, lambda s: s["serving"] == 2, 20, "two replicas")
+        body = sleeps(1500)
+        results: list[int] = []
+        together = threading.Barrier(6)
+
+        def call() -> None:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                client.get("/healthz")  # connected first: then all six requests go out at once
+                together.wait()
+                results.append(client.post("/v1/functions/sleep/invoke", content=body).status_code)
+
+        clients = [threading.Thread(target=call) for _ in range(6)]
+        for t in clients:
+            t.start()
+        wait_for(
+            url,
+            lambda s: (
+                sum(r["outstanding"] for r in s["replicas"]) == 6
+                and all(r["outstanding"] > 0 for r in s["replicas"])
+            ),
+            10,
+            "six requests in flight, on both replicas",
+        )
+        proc.send_signal(signal.SIGTERM)
+        for t in clients:
+            t.join()
+        assert proc.wait(timeout=30) == 0
+    assert results == [200] * 6
+    assert "Traceback" not in log.read_text()

@@ -1,0 +1,484 @@
+"""Host replicas: the fleet's routing, admission and draining over a fake backend; the instance
+controller over a real platform; replicas learning of deploys from the store; a real worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from wasminfer.errors import FunctionNotFound, GuestError, TooManyRequests, Unavailable
+from wasminfer.manifest import Manifest
+from wasminfer.replicas import (
+    Fleet,
+    InstanceController,
+    LocalBackend,
+    NotDelivered,
+    Replica,
+    ReplicaBackend,
+    ReplicaStats,
+    WarmSpec,
+)
+from wasminfer.runtime import InvokeResult
+from wasminfer.scaling import DecisionLog, FakeClock, InstancePolicy, ScalingConfig
+from wasminfer.service import Platform, deployment_digest
+
+T = TypeVar("T")
+MANIFEST = Manifest(models=("add",), memory_mb=4, timeout_ms=2000, max_instances=8)
+
+
+def run(coro: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await coro()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def platform(tmp_path: Path, add_model: bytes, hostile_wasm: bytes) -> Iterator[Platform]:
+    p = Platform(tmp_path / "data")
+    p.start()
+    p.put_model("add", add_model)
+    p.put_function("hostile", hostile_wasm, MANIFEST)
+    yield p
+    p.close()
+
+
+class FakeBackend(ReplicaBackend):
+    """Replicas that answer after `delay_s` (echoing the body), as told."""
+
+    kind = "fake"
+
+    def __init__(self, capacity: int = 100) -> None:
+        self.capacity = capacity
+        self.count = 0
+        self.started: list[tuple[str, list[WarmSpec]]] = []
+        self.stopped: list[tuple[str, int]] = []  # (id, outstanding when stopped)
+        self.routed: list[tuple[str, str]] = []  # (replica, deployment)
+        self.delay_s = 0.0
+        self.hold: asyncio.Event | None = None
+        self.undeliverable: set[str] = set()
+        self.dead: set[str] = set()
+        self.cpu = 0.0
+
+    async def start(self, warm: Sequence[WarmSpec] = ()) -> Replica:
+        self.count += 1
+        replica = Replica(f"fake-{self.count}", self, capacity=self.capacity)
+        replica.warm.update((t, n) for t, n, _ in warm)
+        self.started.append((replica.id, list(warm)))
+        return replica
+
+    async def stop(self, replica: Replica) -> None:
+        self.stopped.append((replica.id, replica.outstanding))
+
+    async def route(
+        self, replica: Replica, tenant: str, name: str, deployment: str, body: bytes, content_type: str
+    ) -> InvokeResult:
+        if replica.id in self.undeliverable:
+            raise NotDelivered(f"{replica.id} is unreachable")
+        self.routed.append((replica.id, deployment))
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return InvokeResult(body, content_type, 0.0, 0.0, 5.0, 0.0, False, replica.id)
+
+    async def stats(self, replica: Replica) -> ReplicaStats:
+        return ReplicaStats(alive=replica.id not in self.dead, cpu=self.cpu, exit_code=9)
+
+
+def fleet_of(platform: Platform, backend: FakeBackend, n: int, **config: Any) -> Fleet:
+    options = {"primary_replica": False, "min_replicas": 1, "max_replicas": 4, **config}
+    fleet = Fleet(platform, ScalingConfig.from_mapping(options), backend=backend)
+    return fleet
+
+
+async def add_replicas(fleet: Fleet, backend: FakeBackend, n: int) -> list[Replica]:
+    replicas = [await backend.start() for _ in range(n)]
+    for r in replicas:
+        fleet._serve(r)
+    return replicas
+
+
+# --- routing -------------------------------------------------------------------------------------------
+def test_least_outstanding_by_two_choices(platform: Platform) -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        fleet = fleet_of(platform, backend, 2)
+        a, b = await add_replicas(fleet, backend, 2)
+        a.warm.add(("default", "hostile"))
+        b.warm.add(("default", "hostile"))
+        a.outstanding = 5  # busy elsewhere
+        for _ in range(20):
+            await fleet.invoke("default", "hostile", b"eping", "text/plain")
+        assert {rid for rid, _ in backend.routed} == {b.id}
+        a.outstanding = 0
+        backend.hold = asyncio.Event()
+        tasks = [asyncio.create_task(fleet.invoke("default", "hostile", b"e", "t")) for _ in range(10)]
+        await asyncio.sleep(0.01)
+        assert (a.outstanding, b.outstanding) == (5, 5)  # concurrent requests spread evenly
+        backend.hold.set()
+        await asyncio.gather(*tasks)
+        assert a.outstanding == b.outstanding == 0
+
+    run(main)
+
+
+def test_a_replica_holding_the_function_is_preferred_and_gets_the_digest(platform: Platform) -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        fleet = fleet_of(platform, backend, 2, cold_penalty=4)
+        warm, cold = await add_replicas(fleet, backend, 2)
+        warm.warm.add(("default", "hostile"))
+        warm.outstanding = 3  # still better than a cold start (3 < 0 + 4)
+        await fleet.invoke("default", "hostile", b"e", "t")
+        digest = deployment_digest(platform.deployed("hostile"))
+        assert backend.routed == [(warm.id, digest)]
+        warm.outstanding = 5  # now the cold one wins, and holds the function from then on
+        await fleet.invoke("default", "hostile", b"e", "t")
+        assert backend.routed[-1][0] == cold.id and ("default", "hostile") in cold.warm
+
+    run(main)
+
+
+def test_unknown_function_is_not_routed(platform: Platform) -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        fleet = fleet_of(platform, backend, 1)
+        await add_replicas(fleet, backend, 1)
+        with pytest.raises(FunctionNotFound):
+            await fleet.invoke("default", "nope", b"", "t")
+        assert backend.routed == []
+
+    run(main)
+
+
+def test_an_unreachable_replica_is_skipped_once(platform: Platform) -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        fleet = fleet_of(platform, backend, 2)
+        a, b = await add_replicas(fleet, backend, 2)
+        backend.undeliverable.add(a.id)
+        for _ in range(10):
+            assert (await fleet.invoke("default", "hostile", b"e", "t")).invocation_id == b.id
+        backend.undeliverable.add(b.id)
+        with pytest.raises(Unavailable):
+            await fleet.invoke("default", "hostile", b"e", "t")
+        assert a.outstanding == b.outstanding == 0
+
+    run(main)
+
+
+def test_primary_replica_serves_in_process_with_no_digest(platform: Platform) -> None:
+    async def main() -> None:
+        fleet = Fleet(platform)  # the default: the gateway's own process only, no backend
+        assert fleet.backend is None and [r.id for r in fleet.replicas] == ["primary"]
+        result = await fleet.invoke("default", "hostile", b"ehello", "text/plain")
+        assert result.body == b"ehello" and result.content_type == "text/plain"
+        with pytest.raises(GuestError, match="bad things happened"):
+            await fleet.invoke("default", "hostile", b"s", "t")
+        await fleet.aclose()
+
+    run(main)
+
+
+# --- admission ------------------------------------------------------------------------------------------
+def test_max_concurrency_queues_then_rejects_with_retry_after(
+    platform: Platform, hostile_wasm: bytes
+) -> None:
+    platform.put_function(
+        "limited", hostile_wasm, MANIFEST.replace(max_concurrency=2, max_queue=1, timeout_ms=5000)
+    )
+
+    async def main() -> None:
+        backend = FakeBackend()
+        fleet = fleet_of(platform, backend, 2)
+        await add_replicas(fleet, backend, 2)
+        backend.hold = asyncio.Event()
+        running = [asyncio.create_task(fleet.invoke("default", "limited", b"e", "t")) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert len(backend.routed) == 2  # the third waits its turn in the function's queue
+        with pytest.raises(TooManyRequests, match="max_concurrency") as info:
+            await fleet.invoke("default", "limited", b"e", "t")
+        assert info.value.retry_after_s >= 1 and fleet.rejected["max_concurrency"] == 1
+        # other functions are not held back by it
+        backend.hold.set()
+        await asyncio.gather(*running)
+        assert len(backend.routed) == 3
+        gate = fleet._gates[("default", "limited")]
+        assert gate.active == 0 and not gate.waiters
+
+    run(main)
+
+
+def test_a_client_that_goes_away_while_queued_frees_its_place(
+    platform: Platform, hostile_wasm: bytes
+) -> None:
+    platform.put_function("one", hostile_wasm, MANIFEST.replace(max_concurrency=1, max_queue=4))
+
+    async def main() -> None:
+        backend = FakeBackend()
+        fleet = fleet_of(platform, backend, 1)
+        await add_replicas(fleet, backend, 1)
+        backend.hold = asyncio.Event()
+        first = asyncio.create_task(fleet.invoke("default", "one", b"e", "t"))
+        queued = asyncio.create_task(fleet.invoke("default", "one", b"e", "t"))
+        await asyncio.sleep(0.01)
+        queued.cancel()
+        await asyncio.sleep(0.01)
+        backend.hold.set()
+        await first
+        await fleet.invoke("default", "one", b"e", "t")  # the slot came back
+        gate = fleet._gates[("default", "one")]
+        assert gate.active == 0 and not gate.waiters
+
+    run(main)
+
+
+def test_every_host_at_its_limit_is_a_fast_429(platform: Platform) -> None:
+    async def main() -> None:
+        backend = FakeBackend(capacity=2)
+        fleet = fleet_of(platform, backend, 2)
+        await add_replicas(fleet, backend, 2)
+        backend.hold = asyncio.Event()
+        held = [asyncio.create_task(fleet.invoke("default", "hostile", b"e", "t")) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(TooManyRequests, match="host_max_queue"):
+            await fleet.invoke("default", "hostile", b"e", "t")
+        assert time.perf_counter() - started < 0.05
+        backend.hold.set()
+        await asyncio.gather(*held)
+        assert fleet.rejected["host_queue"] == 1
+
+    run(main)
+
+
+# --- the replica autoscaler loop, draining -------------------------------------------------------------
+def test_saturation_adds_a_warmed_replica_and_calm_drains_it_without_losing_requests(
+    platform: Platform,
+) -> None:
+    options = {
+        "primary_replica": False, "min_replicas": 1, "max_replicas": 2, "replica_tick_s": 1.0,
+        "replica_up_window_s": 2.0,
+        "replica_down_window_s": 3.0, "replica_up_queue_ms": 10.0, "replica_down_queue_ms": 2.0,
+    }  # fmt: skip
+
+    async def main() -> None:
+        clock = FakeClock()
+        backend = FakeBackend()
+        fleet = Fleet(platform, ScalingConfig.from_mapping(options), backend=backend, clock=clock)
+        (first,) = await add_replicas(fleet, backend, 1)
+
+        async def tick(load: int) -> None:
+            await asyncio.gather(*(fleet.invoke("default", "hostile", b"e", "t") for _ in range(load)))
+            clock.advance(1.0)
+            await fleet.tick()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+
+        backend.delay_s = 0.015  # every request waits 15 ms: over the 10 ms threshold
+        await tick(8)
+        assert len(backend.started) == 1  # only the one made above
+        await tick(8)  # the 2 s window is full of saturation
+        assert len(backend.started) == 2
+        rid, warm = backend.started[1]
+        assert warm == [("default", "hostile", deployment_digest(platform.deployed("hostile")))]
+        assert [r.id for r in fleet._serving] == [first.id, rid]
+        up = fleet.decisions.recent()[-1]
+        assert (up.scope, up.before, up.after) == ("replicas", 1, 2) and "saturated" in up.reason
+
+        # calm now, but a request is in flight on the new replica when it is chosen to drain
+        backend.delay_s = 0.0
+        new = fleet._serving[1]
+        backend.hold = asyncio.Event()
+        first.outstanding += 100  # steer the next request to the new replica
+        in_flight = asyncio.create_task(fleet.invoke("default", "hostile", b"elate", "t"))
+        await asyncio.sleep(0.01)
+        first.outstanding -= 100
+        assert new.outstanding == 1
+        for _ in range(3):
+            clock.advance(1.0)
+            await fleet.tick()
+        await asyncio.sleep(0.05)
+        assert new.state == "draining" and new not in fleet._serving and backend.stopped == []
+        backend.hold.set()
+        assert (await in_flight).body == b"elate"  # finished where it ran
+        await asyncio.sleep(0.05)
+        assert backend.stopped == [(rid, 0)] and new.state == "stopped"
+        down = fleet.decisions.recent()[-1]
+        assert (down.before, down.after) == (2, 1) and f"draining {rid}" in down.reason
+        snap = fleet.snapshot("default")
+        assert snap["serving"] == 1 and [r["id"] for r in snap["replicas"]] == [first.id]
+        await fleet.aclose()
+
+    run(main)
+
+
+def test_a_replica_that_dies_is_dropped_and_replaced_up_to_min(platform: Platform) -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        clock = FakeClock()
+        fleet = Fleet(
+            platform,
+            ScalingConfig.from_mapping({"primary_replica": False, "min_replicas": 1, "max_replicas": 2}),
+            backend=backend,
+            clock=clock,
+        )
+        await fleet.tick()  # below min_replicas: starts one
+        await asyncio.sleep(0)
+        assert [r.id for r in fleet._serving] == ["fake-1"]
+        backend.dead.add("fake-1")
+        await fleet.tick()
+        await asyncio.sleep(0)
+        assert [r.id for r in fleet._serving] == ["fake-2"]
+        reasons = [d.reason for d in fleet.decisions.recent()]
+        assert any("fake-1 exited" in r for r in reasons)
+        await fleet.aclose()
+        assert [rid for rid, _ in backend.stopped] == ["fake-1", "fake-2"]
+
+    run(main)
+
+
+def test_close_drains_every_replica(platform: Platform) -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        fleet = fleet_of(platform, backend, 2)
+        a, b = await add_replicas(fleet, backend, 2)
+        backend.hold = asyncio.Event()
+        flying = [asyncio.create_task(fleet.invoke("default", "hostile", b"e", "t")) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        closing = asyncio.create_task(fleet.aclose())
+        await asyncio.sleep(0.02)
+        assert backend.stopped == []  # waits for the requests in flight
+        backend.hold.set()
+        await closing
+        assert all(r.body == b"e" for r in await asyncio.gather(*flying))
+        assert sorted(backend.stopped) == [(a.id, 0), (b.id, 0)]
+
+    run(main)
+
+
+# --- the instance controller -----------------------------------------------------------------------
+def test_instance_controller_prewarms_ahead_of_demand_and_reaps_down_to_min(
+    platform: Platform, hostile_wasm: bytes
+) -> None:
+    platform.put_function(
+        "elastic", hostile_wasm, MANIFEST.replace(min_instances=1, idle_timeout_s=0, max_instances=16)
+    )
+    pool = platform.host().function("elastic").pool
+    clock = FakeClock()
+    decisions = DecisionLog()
+    policy = InstancePolicy(tick_s=1.0, stable_window_s=4.0, panic_window_s=2.0)
+    controller = InstanceController(platform, policy, decisions, "primary", clock)
+    held = [pool.acquire(1.0)[0] for _ in range(4)]  # 4 requests in flight for the whole tick
+    controller.tick()  # starts tracking
+    time.sleep(0.05)  # the demand integral runs on the real clock
+    clock.advance(1.0)
+    controller.tick()
+    stats = pool.stats()
+    assert (stats["live"], stats["idle"]) == (6, 2)  # ceil(4 / 0.7) = 6: headroom, pre-warmed
+    up = [d for d in decisions.recent() if d.subject == "default/elastic@primary"][-1]
+    assert (up.before, up.after) == (4, 6) and "4.00 concurrent" in up.reason and "pre-warmed 2" in up.reason
+    for inst in held:
+        pool.release(inst, True)
+    for _ in range(30):  # idle: the stable window empties, panic ends, the reaper takes them
+        clock.advance(1.0)
+        controller.tick()
+    assert pool.stats()["live"] == 1  # min_instances
+    assert "reaped" in decisions.recent()[-1].reason
+    assert controller.snapshot()[("default", "elastic")]["desired"] == 1
+
+
+def test_scale_to_zero_keeps_the_module_and_models(platform: Platform, hostile_wasm: bytes) -> None:
+    platform.put_function("zero", hostile_wasm, MANIFEST.replace(idle_timeout_s=0))
+    clock = FakeClock()
+    controller = InstanceController(platform, InstancePolicy(1.0, 2.0, 1.0), DecisionLog(), clock=clock)
+    for _ in range(4):
+        controller.tick()
+        clock.advance(1.0)
+    assert platform.host().function("zero").pool.stats()["live"] == 0
+    assert platform.invoke("zero", b"eback").body == b"eback"  # instantiated in microseconds
+    assert "add" in platform.host().models
+
+
+# --- replicas learn of deploys from the store ------------------------------------------------------
+def test_a_replica_platform_syncs_to_the_digest_it_is_sent(
+    tmp_path: Path, platform: Platform, hostile_wasm: bytes, add_model: bytes
+) -> None:
+    replica = Platform(platform.data_dir)
+    replica.start(load=False)
+    try:
+        digest = deployment_digest(platform.deployed("hostile"))
+        replica.sync("hostile", digest)
+        assert deployment_digest(replica.deployed("hostile")) == digest
+        assert replica.invoke("hostile", b"eone").body == b"eone"
+        # a new manifest: a new digest; the replica reloads only what changed
+        platform.put_function("hostile", hostile_wasm, MANIFEST.replace(max_instances=3))
+        new = deployment_digest(platform.deployed("hostile"))
+        assert new != digest
+        replica.sync("hostile", new)
+        assert replica.deployed("hostile").manifest.max_instances == 3
+        assert deployment_digest(replica.deployed("hostile")) == new
+        # the same model name with other weights: the digest changes too
+        import onnx
+
+        model = onnx.load_from_string(add_model)
+        model.doc_string = "v2"
+        platform.put_model("add", model.SerializeToString())
+        newer = deployment_digest(platform.deployed("hostile"))
+        assert newer != new
+        replica.sync("hostile", newer)
+        assert deployment_digest(replica.deployed("hostile")) == newer
+        platform.delete_function("hostile")
+        with pytest.raises(FunctionNotFound):
+            replica.sync("hostile", "anything-else")
+    finally:
+        replica.close()
+
+
+# --- a real worker process --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_local_backend_runs_a_worker_process(platform: Platform, hostile_wasm: bytes) -> None:
+    platform.put_function(
+        "busy", hostile_wasm, MANIFEST.replace(max_instances=1, max_queue=0, timeout_ms=300)
+    )
+
+    async def main() -> None:
+        backend = LocalBackend(platform.data_dir, ScalingConfig(max_replicas=2), threads=4)
+        digest = deployment_digest(platform.deployed("hostile"))
+        replica = await backend.start([("default", "hostile", digest)])
+        try:
+            assert replica.pid and ("default", "hostile") in replica.warm
+            stats = await backend.stats(replica)
+            assert stats.alive and stats.functions["default/hostile"]["live"] >= 1  # warmed before use
+            result = await backend.route(replica, "default", "hostile", digest, b"ehi", "text/plain")
+            assert result.body == b"ehi" and result.content_type == "text/plain" and result.run_us > 0
+            assert result.invocation_id.startswith(f"{replica.id}.")
+            with pytest.raises(GuestError, match="bad things happened") as info:
+                await backend.route(replica, "default", "hostile", digest, b"s", "t")
+            assert info.value.status == 500 and info.value.code == "guest_error"
+            # a function it has never seen: loaded from the store by its digest
+            busy = deployment_digest(platform.deployed("busy"))
+            slow = asyncio.create_task(backend.route(replica, "default", "busy", busy, b"l", "t"))
+            await asyncio.sleep(0.1)
+            with pytest.raises(TooManyRequests) as busy_error:
+                await backend.route(replica, "default", "busy", busy, b"e", "t")
+            assert busy_error.value.retry_after_s >= 1
+            with pytest.raises(Exception, match="timeout_ms"):
+                await slow
+            many = await asyncio.gather(
+                *(backend.route(replica, "default", "hostile", digest, b"e%d" % i, "t") for i in range(20))
+            )
+            assert [r.body for r in many] == [b"e%d" % i for i in range(20)]
+        finally:
+            await backend.stop(replica)
+            await backend.aclose()
+        assert replica.handle.process.returncode == 0  # a graceful exit on SIGTERM
+        assert not (await backend.stats(replica)).alive
+
+    run(main)

@@ -1,0 +1,198 @@
+"""Sandbox limits as obeyed/violated pairs, against a hand-written guest (tests/guests/limits.wat).
+
+Each limit is driven just under and just past its bound, and after every violation the host keeps
+serving. Pairs that live elsewhere: linear memory, output size and the timeout of handler modules in
+test_runtime_host.py; the same limits for command modules in test_command.py and for Python
+components in test_python_guest.py.
+"""
+
+from __future__ import annotations
+
+import statistics
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import wasmtime
+
+from wasminfer.errors import (
+    GuestTrap,
+    InferLimitExceeded,
+    InvalidModule,
+    LogLimitExceeded,
+    TensorTooLarge,
+    Timeout,
+)
+from wasminfer.models import decode_tensors, encode_tensors
+from wasminfer.runtime import Host, Manifest
+from wasminfer.runtime._wasm import MAX_TABLE_ELEMENTS
+
+GUESTS = Path(__file__).resolve().parent / "guests"
+LIMITS = dict(models=("add",), memory_mb=8, timeout_ms=2000, max_instances=2)
+
+
+@pytest.fixture(scope="module")
+def limits_wasm() -> bytes:
+    return bytes(wasmtime.wat2wasm((GUESTS / "limits.wat").read_text()))
+
+
+@pytest.fixture
+def host(tmp_path: Path, add_model: bytes, limits_wasm: bytes) -> Host:
+    h = Host(cache_dir=tmp_path)
+    h.deploy_model("add", add_model)
+    h.deploy_function("limits", limits_wasm, Manifest(**LIMITS))  # type: ignore[arg-type]
+    yield h
+    h.close()
+
+
+def request(op: str, n: int = 0, payload: bytes = b"") -> bytes:
+    return op.encode() + struct.pack("<I", n) + payload
+
+
+def still_serving(host: Host, name: str = "limits") -> None:
+    assert host.invoke(name, request("e", 0, b"alive")).body == b"alive"
+
+
+# --- stack ------------------------------------------------------------------------------------------
+def test_stack_depth_obeyed(host: Host) -> None:
+    assert host.invoke("limits", request("r", 1000)).body == b"ok"
+
+
+def test_stack_depth_violated(host: Host) -> None:
+    with pytest.raises(GuestTrap, match="stack overflow"):
+        host.invoke("limits", request("r", 10_000_000))
+    still_serving(host)
+
+
+# --- table growth -----------------------------------------------------------------------------------
+def table_grow(host: Host, n: int) -> int:
+    return int(struct.unpack("<i", host.invoke("limits", request("t", n)).body)[0])
+
+
+def test_table_growth_obeyed(host: Host) -> None:
+    assert table_grow(host, 50_000) == 1  # the old size: granted
+
+
+def test_table_growth_violated(host: Host) -> None:
+    limit = MAX_TABLE_ELEMENTS
+    assert table_grow(host, limit) == -1  # 1 + limit entries: refused, the guest sees -1
+    assert table_grow(host, limit - 1) == 1  # up to the limit exactly: granted
+    still_serving(host)
+
+
+def test_declared_table_over_the_limit_is_refused_at_upload(host: Host) -> None:
+    wat = (GUESTS / "limits.wat").read_text().replace("(table $t 1 funcref)", "(table $t 5000000 funcref)")
+    with pytest.raises(InvalidModule, match="failed to (start|instantiate)"):
+        host.deploy_function("huge-table", bytes(wasmtime.wat2wasm(wat)), Manifest(**LIMITS))  # type: ignore[arg-type]
+    assert "huge-table" not in {f.name for f in host.functions()}
+
+
+def test_declared_memory_over_the_limit_is_refused_at_upload(host: Host) -> None:
+    wat = (GUESTS / "limits.wat").read_text().replace('(memory (export "memory") 2)',
+                                                      '(memory (export "memory") 65536)')
+    from wasminfer.errors import InvalidManifest
+
+    with pytest.raises(InvalidManifest, match="memory_mb"):
+        host.deploy_function("huge-memory", bytes(wasmtime.wat2wasm(wat)), Manifest(**LIMITS))  # type: ignore[arg-type]
+
+
+# --- log volume -------------------------------------------------------------------------------------
+def test_log_volume_obeyed(host: Host, limits_wasm: bytes) -> None:
+    host.deploy_function("logs", limits_wasm, Manifest(**{**LIMITS, "max_log_bytes": 1000}))  # type: ignore[arg-type]
+    assert host.invoke("logs", request("l", 10)).body == b"ok"  # exactly 1000 bytes
+    assert sum(1 for line in host.logs("logs") if line.stream == "log") == 10
+
+
+def test_log_volume_violated(host: Host, limits_wasm: bytes) -> None:
+    host.deploy_function("logs", limits_wasm, Manifest(**{**LIMITS, "max_log_bytes": 1000}))  # type: ignore[arg-type]
+    with pytest.raises(LogLimitExceeded, match="max_log_bytes"):
+        host.invoke("logs", request("l", 11))
+    assert sum(1 for line in host.logs("logs") if line.stream == "log") == 10  # the 11th never landed
+    still_serving(host, "logs")
+
+
+def test_log_volume_is_per_invocation(host: Host, limits_wasm: bytes) -> None:
+    host.deploy_function("logs", limits_wasm, Manifest(**{**LIMITS, "max_log_bytes": 1000}))  # type: ignore[arg-type]
+    for _ in range(3):
+        assert host.invoke("logs", request("l", 10)).body == b"ok"
+
+
+# --- infer calls and tensor sizes -------------------------------------------------------------------
+def add_request(calls: int, rows: int = 1) -> bytes:
+    a = np.ones((rows, 3), dtype=np.float32)
+    return request("i", calls, encode_tensors({"a": a, "b": a}))
+
+
+def test_infer_calls_obeyed(host: Host, limits_wasm: bytes) -> None:
+    host.deploy_function("calls", limits_wasm, Manifest(**{**LIMITS, "max_infer_calls": 5}))  # type: ignore[arg-type]
+    out = decode_tensors(host.invoke("calls", add_request(5)).body)
+    np.testing.assert_array_equal(out["y"], np.full((1, 3), 2, np.float32))
+
+
+def test_infer_calls_violated(host: Host, limits_wasm: bytes) -> None:
+    host.deploy_function("calls", limits_wasm, Manifest(**{**LIMITS, "max_infer_calls": 5}))  # type: ignore[arg-type]
+    calls = []
+    real = host.models.infer
+    host.models.infer = lambda name, inputs: calls.append(name) or real(name, inputs)  # type: ignore[method-assign]
+    with pytest.raises(InferLimitExceeded, match="max_infer_calls"):
+        host.invoke("calls", add_request(6))
+    assert len(calls) == 5  # the 6th never reached the model
+    still_serving(host, "calls")
+
+
+def test_tensor_size_obeyed(host: Host, limits_wasm: bytes) -> None:
+    # 8 rows x 3 float32 = 96 bytes per tensor
+    host.deploy_function("tensors", limits_wasm, Manifest(**{**LIMITS, "max_tensor_bytes": 96}))  # type: ignore[arg-type]
+    assert decode_tensors(host.invoke("tensors", add_request(1, rows=8)).body)["y"].shape == (8, 3)
+
+
+def test_tensor_size_violated(host: Host, limits_wasm: bytes) -> None:
+    host.deploy_function("tensors", limits_wasm, Manifest(**{**LIMITS, "max_tensor_bytes": 96}))  # type: ignore[arg-type]
+    with pytest.raises(TensorTooLarge, match="limit is 96"):
+        host.invoke("tensors", add_request(1, rows=9))
+    still_serving(host, "tensors")
+
+
+# --- wall clock: an infinite loop stops near its deadline, and others keep being served -------------
+def test_infinite_loop_stops_within_a_few_ms_of_its_deadline(tmp_path: Path, hostile_wasm: bytes) -> None:
+    with Host(cache_dir=tmp_path) as h:
+        h.deploy_function("loop", hostile_wasm, Manifest(memory_mb=4, timeout_ms=50, max_instances=2))
+        overshoots = []
+        for _ in range(5):
+            t = time.perf_counter()
+            with pytest.raises(Timeout):
+                h.invoke("loop", b"l")
+            overshoots.append((time.perf_counter() - t) * 1000 - 50)
+        # The epoch ticks every ms; the median is robust to a scheduler hiccup on a loaded machine.
+        assert statistics.median(overshoots) < 25, overshoots
+        assert min(overshoots) > -1, overshoots  # never early
+
+
+def test_other_invocations_are_served_while_one_loops(tmp_path: Path, hostile_wasm: bytes) -> None:
+    with Host(cache_dir=tmp_path) as h:
+        h.deploy_function("f", hostile_wasm, Manifest(memory_mb=4, timeout_ms=1500, max_instances=2))
+        errors: list[BaseException] = []
+
+        def loop() -> None:
+            try:
+                h.invoke("f", b"l")
+            except Timeout:
+                pass
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        looping = threading.Thread(target=loop)
+        looping.start()
+        time.sleep(0.05)
+        latencies = []
+        for _ in range(20):
+            t = time.perf_counter()
+            assert h.invoke("f", b"eok").body == b"eok"
+            latencies.append(time.perf_counter() - t)
+        assert looping.is_alive()  # the echoes ran while the loop was still running
+        looping.join()
+        assert not errors
+        assert statistics.median(latencies) < 0.05, latencies
