@@ -72,3 +72,7 @@ hardening:
 # or name scenarios): tables on stdout, bench/results/, bench/RESULTS.md. Needs the `bench` extra.
 bench *ARGS:
     {{python}} bench/run.py {{ARGS}}
+
+# 1, 2, 4 replicas as Ray actors vs local workers vs in-process, and the Ray hop: bench/results/ray.json.
+bench-ray *ARGS:
+    {{python}} bench/ray_replicas.py {{ARGS}}

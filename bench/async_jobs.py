@@ -17,10 +17,10 @@ The digits example (built from source, its model made in code), behind a real se
    requests (each round's are in the JSON too).
 
 The digits model is loaded with dynamic batching (`--max-batch-size`, default 32; 0: off), so
-concurrent infer calls can be stacked into batched runs (the JSON does not say how full they got:
-the model's batching stats are not served over HTTP). On a 2-core machine the generator,
-the server's event loop and its workers share the cores. Writes `bench/results/async.json` (and
-`async.png` if matplotlib is there).
+concurrent infer calls can be stacked into batched runs; the server writes the job runner's and
+the model's batching counters (cumulative over the run) when it stops: `server_stats` in the
+JSON. On a 2-core machine the generator, the server's event loop and its workers share the cores.
+Writes `bench/results/async.json` (and `async.png` if matplotlib is there).
 """
 
 from __future__ import annotations
@@ -88,7 +88,13 @@ def serve(data: Path, port: int, wasm: Path, max_batch_size: int) -> None:
         uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     finally:
         # What the job runner and the sync gate counted, for the report.
-        (data.parent / "job-stats.json").write_text(json.dumps(app.state.wasminfer.jobs.stats()))
+        stats: dict[str, Any] = {"jobs": app.state.wasminfer.jobs.stats()}
+        batching = platform.host().models.stats("digits").batching
+        if batching is not None:  # cumulative over the whole run: sync and bulk phases together
+            stats["digits_batching"] = {
+                k: v for k, v in batching.to_dict().items() if not k.endswith(("buckets", "sum"))
+            }
+        (data.parent / "job-stats.json").write_text(json.dumps(stats))
         platform.close()
 
 
@@ -283,6 +289,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "async.json")
     args = parser.parse_args()
 
+    load_at_start = os.getloadavg()
     from wasminfer import examples, toolchain
 
     if shutil.which("wrk") is None:
@@ -390,9 +397,11 @@ def main() -> None:
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform_module.python_version(),
+            # Other processes on a shared machine: 1-, 5-, 15-minute load averages.
+            "load_average_at_start": load_at_start,
             "load_average_at_end": os.getloadavg(),
         },
-        "server_job_stats": server_stats,
+        "server_stats": server_stats,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

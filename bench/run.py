@@ -1,7 +1,7 @@
 """The benchmark suite: wasminfer against the limit, the container-per-function baseline and Ray
 Serve (`just bench`; bench/README.md says what each scenario measures and how).
 
-    python bench/run.py                       # every scenario (~15-20 min on 2 cores)
+    python bench/run.py                       # every scenario (~20 min on 2 idle cores)
     python bench/run.py --quick               # every scenario, short (~5 min)
     python bench/run.py throughput coldstart  # some of them
     python bench/run.py --report              # only rebuild RESULTS.md, plots, summary.json

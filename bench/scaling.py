@@ -10,7 +10,7 @@ scale-down window is shortened, so that the run ends in minutes).
    `p99_ms_after`, `requests_failed` — and `scaling.png` (load, instances, replicas, p99 over time).
 2. `--compare` (on by default): invocations/s at concurrency 16 with 1 and 2 replicas, and with or
    without the gateway's own process serving as a replica, rounds interleaved (`wrk` if installed).
-3. `--bursts`: the instance autoscaler's windows against bursts of load (1 s on, 4 s off): cold
+3. `--bursts`: the instance autoscaler's windows against bursts of load (1 s on, 7 s off): cold
    starts per burst and instances kept between bursts, for the default policy and a thesis-like one
    (one reading every 5 s, no panic window).
 
@@ -47,8 +47,10 @@ from wasminfer.manifest import Manifest
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 PATH = "/v1/functions/digits/invoke"
-STEP = [(0.0, 1), (10.0, 16), (40.0, 1)]  # (from second, concurrency)
-STEP_END = 75.0
+# (from second, clients, think time in ms between a client's requests): low is one client pausing
+# 5 ms between requests (~150/s, a small share of the machine); high is 16 clients back to back.
+STEP = [(0.0, 1, 5.0), (10.0, 16, 0.0), (40.0, 1, 5.0)]
+STEP_END = 90.0
 BENCH_SCALING = ["--scaling", "replica_down_window_s=10"]
 
 
@@ -123,8 +125,11 @@ _LENGTH = re.compile(rb"(?i)content-length: *(\d+)")
 _START = re.compile(rb"start;dur=([0-9.]+)")
 
 
-async def _generate(port: int, body: bytes, schedule: list[tuple[float, int]], end: float) -> dict[str, Any]:
-    """Runs the schedule; returns every request as [sent at (s from t0), latency s, status, start ms]."""
+async def _generate(
+    port: int, body: bytes, schedule: list[tuple[float, int, float]], end: float
+) -> dict[str, Any]:
+    """Runs the schedule of (from second, clients, think ms); returns every request as [sent at
+    (s from t0), latency s, status, start ms (Server-Timing: > 0 when it made an instance)]."""
     request = (
         f"POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\n\r\n"
@@ -133,20 +138,27 @@ async def _generate(port: int, body: bytes, schedule: list[tuple[float, int]], e
     t0 = time.perf_counter()
     wall0 = time.time()
 
-    def concurrency(t: float) -> int:
-        return next(c for start, c in reversed(schedule) if t >= start)
+    def phase(t: float) -> tuple[int, float]:
+        return next((c, think) for start, c, think in reversed(schedule) if t >= start)
 
     async def connection(i: int) -> None:
         perf = time.perf_counter
         reader: asyncio.StreamReader | None = None
         writer: asyncio.StreamWriter | None = None
+        last = perf()
         while True:
             now = perf() - t0
             if now >= end:
                 break
-            if concurrency(now) <= i:
+            clients, think_ms = phase(now)
+            if clients <= i:
                 await asyncio.sleep(0.005)
                 continue
+            if think_ms:
+                await asyncio.sleep(think_ms / 1000)
+            if writer is not None and perf() - last > 4.0:
+                writer.close()  # the server closes keep-alive connections idle for 5 s: a new one
+                reader = writer = None
             try:
                 if writer is None:
                     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -154,6 +166,7 @@ async def _generate(port: int, body: bytes, schedule: list[tuple[float, int]], e
                 sent = perf()
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
+                last = perf()
                 m = _LENGTH.search(head)
                 await reader.readexactly(int(m.group(1)) if m else 0)
                 done = perf()
@@ -170,12 +183,14 @@ async def _generate(port: int, body: bytes, schedule: list[tuple[float, int]], e
         if writer is not None:
             writer.close()
 
-    top = max(c for _, c in schedule)
+    top = max(c for _, c, _ in schedule)
     await asyncio.gather(*(connection(i) for i in range(top)))
     return {"t0_wall": wall0, "records": records}
 
 
-def run_generator(port: int, body: bytes, schedule: list[tuple[float, int]], end: float, out: Path) -> Any:
+def run_generator(
+    port: int, body: bytes, schedule: list[tuple[float, int, float]], end: float, out: Path
+) -> Any:
     """Starts the generator in its own process (it would share the sampler's GIL otherwise)."""
     spec = json.dumps(
         {"port": port, "body": body.decode(), "schedule": schedule, "end": end, "out": str(out)}
@@ -201,6 +216,7 @@ def sample_until(port: int, stop: threading.Event, samples: list[dict[str, Any]]
                     "starting": snap["starting"],
                     "instances": instances,
                     "queue_ms_p90": snap["load"]["queue_ms_p90"],
+                    "cpu": snap["load"]["cpu"],
                     "decisions": snap["decisions"],
                 }
             )
@@ -218,13 +234,14 @@ def step_load(work: Path, wasm: bytes, model: bytes, manifest: Manifest, body: b
     proc = start_server(work / "step-data", port, work / "step.log", args)
     samples: list[dict[str, Any]] = []
     try:
-        deploy(port, wasm, model, manifest)
+        # idle instances go after 5 s (the default is 300 s), so the plot shows them reaped
+        deploy(port, wasm, model, manifest.replace(idle_timeout_s=5))
         stop = threading.Event()
         sampler = threading.Thread(target=sample_until, args=(port, stop, samples))
         sampler.start()
         out = work / "step-records.json"
         print(
-            f"step load: concurrency {' -> '.join(str(c) for _, c in STEP)} over {STEP_END:.0f} s …",
+            f"step load: clients {' -> '.join(str(c) for _, c, _ in STEP)} over {STEP_END:.0f} s …",
             file=sys.stderr,
         )
         gen = run_generator(port, body, STEP, STEP_END, out)
@@ -287,6 +304,8 @@ def _series(records: list[Any], samples: list[dict[str, Any]], t0: float) -> dic
         "per_s": [len(bins[s]) for s in seconds],
         "p99_ms": [round(pct(bins[s], 0.99), 2) for s in seconds],
         "sample_at": [round(s["at"] - t0, 2) for s in samples],
+        "queue_ms_p90": [s["queue_ms_p90"] for s in samples],
+        "cpu": [s["cpu"] for s in samples],
         "serving": [s["serving"] for s in samples],
         "instances": [s["instances"] for s in samples],
     }
@@ -303,13 +322,37 @@ CONFIGS = {
 }  # fmt: skip
 
 
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds used so far by the server's process, and by its worker processes together."""
+    import psutil
+
+    server = psutil.Process(pid)
+    own = server.cpu_times()
+    workers = 0.0
+    for child in server.children(recursive=True):
+        try:
+            t = child.cpu_times()
+            workers += t.user + t.system
+        except psutil.Error:
+            pass
+    return own.user + own.system, workers
+
+
 def _wrk(port: int, body: bytes, concurrency: int, duration: float, work: Path) -> dict[str, float]:
     script = work / "post.lua"
     script.write_text(
         f'wrk.method = "POST"\nwrk.body = {json.dumps(body.decode())}\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
     )
-    cmd = ["wrk", "-t2", f"-c{concurrency}", f"-d{round(duration)}s", "--latency", "-s", str(script)]
+    cmd = [
+        "wrk",
+        f"-t{min(2, concurrency)}",
+        f"-c{concurrency}",
+        f"-d{round(duration)}s",
+        "--latency",
+        "-s",
+        str(script),
+    ]
     out = subprocess.run(
         [*cmd, f"http://127.0.0.1:{port}{PATH}"], capture_output=True, text=True, check=True
     ).stdout
@@ -333,7 +376,7 @@ def _wrk(port: int, body: bytes, concurrency: int, duration: float, work: Path) 
 
 def _asyncio_fixed(port: int, body: bytes, concurrency: int, duration: float, work: Path) -> dict[str, float]:
     out = work / "fixed.json"
-    run_generator(port, body, [(0.0, concurrency)], duration, out).wait()
+    run_generator(port, body, [(0.0, concurrency, 0.0)], duration, out).wait()
     records = json.loads(out.read_text())["records"]
     ok = [r[1] * 1e3 for r in records if r[2] == 200]
     return {
@@ -357,12 +400,23 @@ def compare(work: Path, wasm: bytes, model: bytes, manifest: Manifest, body: byt
                 deploy(port, wasm, model, manifest)
                 wait_serving(port, 2 if "2 replicas" in name else 1)
                 load(port, body, concurrency, 2.0, work)  # warm-up: instances, connections, caches
+                gateway, workers = _cpu_seconds(proc.pid)
                 run = load(port, body, concurrency, duration, work)
+                gateway2, workers2 = _cpu_seconds(proc.pid)
+                requests = run["per_s"] * duration
+                # CPU per request is what caps throughput on 2 cores, and it is much less noisy on a
+                # shared machine than throughput itself
+                run["gateway_cpu_ms_per_request"] = (gateway2 - gateway) * 1e3 / requests
+                run["workers_cpu_ms_per_request"] = (workers2 - workers) * 1e3 / requests
+                # one client: what the hop to a worker adds to an invocation's latency
+                run["p50_ms_one_client"] = load(port, body, 1, 3.0, work)["p50_ms"]
             finally:
                 stop_server(proc)
             runs[name].append(run)
             print(
-                f"  round {r + 1}: {name:<48} {run['per_s']:7.0f}/s  p99 {run['p99_ms']:7.1f} ms",
+                f"  round {r + 1}: {name:<48} {run['per_s']:7.0f}/s  p99 {run['p99_ms']:7.1f} ms  "
+                f"CPU ms/request: gateway {run['gateway_cpu_ms_per_request']:.3f}, "
+                f"workers {run['workers_cpu_ms_per_request']:.3f}",
                 file=sys.stderr,
             )
     summary = {
@@ -372,6 +426,13 @@ def compare(work: Path, wasm: bytes, model: bytes, manifest: Manifest, body: byt
             "p99_ms_median": round(statistics.median(x["p99_ms"] for x in rs), 2),
             "per_s_rounds": [round(x["per_s"], 1) for x in rs],
             "errors": sum(int(x["errors"]) for x in rs),
+            "p50_ms_one_client_median": round(statistics.median(x["p50_ms_one_client"] for x in rs), 3),
+            "gateway_cpu_ms_per_request": round(
+                statistics.median(x["gateway_cpu_ms_per_request"] for x in rs), 3
+            ),
+            "workers_cpu_ms_per_request": round(
+                statistics.median(x["workers_cpu_ms_per_request"] for x in rs), 3
+            ),
         }
         for name, rs in runs.items()
     }
@@ -394,10 +455,13 @@ POLICIES = {
 }  # fmt: skip
 
 
+BURSTS, PERIOD = 5, 8.0
+
+
 def bursts(work: Path, wasm: bytes, model: bytes, manifest: Manifest, body: bytes) -> dict[str, Any]:
-    schedule: list[tuple[float, int]] = []
-    for k in range(8):
-        schedule += [(k * 5.0, 16), (k * 5.0 + 1.0, 0)]
+    schedule: list[tuple[float, int, float]] = []
+    for k in range(BURSTS):
+        schedule += [(k * PERIOD, 16, 0.0), (k * PERIOD + 1.0, 0, 0.0)]
     out: dict[str, Any] = {}
     # idle instances are reaped after 2 s (not the default 300 s) so that the windows, not the idle
     # timeout, decide what stays warm between bursts
@@ -414,17 +478,21 @@ def bursts(work: Path, wasm: bytes, model: bytes, manifest: Manifest, body: byte
             sampler = threading.Thread(target=sample_until, args=(port, stop, samples))
             sampler.start()
             path = work / "burst.json"
-            run_generator(port, body, schedule, 40.0, path).wait()
+            run_generator(port, body, schedule, BURSTS * PERIOD, path).wait()
             stop.set()
             sampler.join()
         finally:
             stop_server(proc)
         data = json.loads(path.read_text())
         ok = [r for r in data["records"] if r[2] == 200]
-        per_burst = [sum(1 for r in ok if k * 5 <= r[0] < k * 5 + 1 and r[3] > 0) for k in range(8)]
+        per_burst = [
+            sum(1 for r in ok if k * PERIOD <= r[0] < k * PERIOD + 1 and r[3] > 0) for k in range(BURSTS)
+        ]
         t0 = data["t0_wall"]
         between = [
-            s["instances"].get("primary", 0) for s in samples if (s["at"] - t0) % 5 > 3.0 and s["at"] - t0 > 5
+            s["instances"].get("primary", 0)
+            for s in samples
+            if (s["at"] - t0) % PERIOD > PERIOD - 1 and s["at"] - t0 > PERIOD
         ]
         out[name] = {
             "cold_starts_per_burst": per_burst,
@@ -452,8 +520,8 @@ def plot(step: dict[str, Any], path: Path) -> None:
         4, 1, figsize=(9, 9), sharex=True, gridspec_kw={"height_ratios": [1.2, 1, 0.7, 1.2]}
     )
     ax = axes[0]
-    ax.step([t for t, _ in STEP] + [STEP_END], [c for _, c in STEP] + [STEP[-1][1]], where="post", color="k",
-            label="clients (concurrency)")  # fmt: skip
+    ax.step([t for t, _, _ in STEP] + [STEP_END], [c for _, c, _ in STEP] + [STEP[-1][1]], where="post",
+            color="k", label="clients")  # fmt: skip
     ax.set_ylabel("concurrency")
     ax2 = ax.twinx()
     ax2.plot(s["second"], s["per_s"], color="tab:blue", lw=1, label="invocations/s")
@@ -518,36 +586,47 @@ def main() -> None:
     print("building functions/digits …", file=sys.stderr)
     wasm, model, manifest, body = digits()
     path = RESULTS / "scaling.json"
+    RESULTS.mkdir(exist_ok=True)
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+
+    def save() -> None:  # after every part: a later part that fails loses nothing
+        results["machine"] = {
+            "cpus": os.cpu_count(),
+            "python": platform_module.python_version(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+    def load_average() -> list[float]:
+        return [round(x, 2) for x in os.getloadavg()]
+
     with tempfile.TemporaryDirectory(prefix="wasminfer-bench-scaling-") as tmp:
         work = Path(tmp)
         if not args.no_step:
+            before = load_average()
             step = step_load(work, wasm, model, manifest, body)
-            RESULTS.mkdir(exist_ok=True)
             plot(step, RESULTS / "scaling.png")
-            step.pop("_series")
             results.update(step)
+            results["series"] = results.pop("_series")
             results["step"] = {
                 "schedule": STEP,
                 "end_s": STEP_END,
                 "server_args": ["--max-replicas", "2", *BENCH_SCALING],
+                "load_average_before_after": [before, load_average()],
             }
+            save()
         if not args.no_compare:
             print(f"1 vs 2 replicas at concurrency {args.concurrency} …", file=sys.stderr)
+            before = load_average()
             results["replicas_throughput"] = compare(
                 work, wasm, model, manifest, body, args.rounds, args.duration, args.concurrency
             )
+            results["replicas_throughput"]["load_average_before_after"] = [before, load_average()]
+            save()
         if args.bursts:
             print("instance autoscaler policies against bursts …", file=sys.stderr)
             results["instance_policies"] = bursts(work, wasm, model, manifest, body)
-    results["machine"] = {
-        "cpus": os.cpu_count(),
-        "python": platform_module.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-    }
-    RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+            save()
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict | list)}, indent=2))
     print(f"wrote {path}", file=sys.stderr)
 

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import wasmtime
 
-from wasminfer.errors import BadRequest, Unavailable
+from wasminfer.errors import BadRequest, GuestError, Unavailable
 from wasminfer.manifest import Manifest
 from wasminfer.models.codec import decode_tensors, encode_tensors
 from wasminfer.replicas import Fleet, Replica
@@ -82,6 +82,18 @@ def _loopback_only() -> bool:
     return [name for _, name in socket.if_nameindex()] == ["lo"]
 
 
+def _unshare() -> list[str] | None:
+    """The command that makes a network namespace here: as root, or as this user's root in a user
+    namespace of its own; None where neither can."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return None
+    if os.geteuid() == 0:
+        return ["unshare", "--net"]
+    command = ["unshare", "--user", "--map-root-user", "--net"]
+    probe = subprocess.run([*command, "true"], capture_output=True, check=False)
+    return command if probe.returncode == 0 else None
+
+
 # --- outside: re-run this module where only loopback exists -------------------------------------------
 @pytest.mark.ray
 @pytest.mark.timeout(900)
@@ -89,15 +101,17 @@ def test_in_a_loopback_only_network_namespace() -> None:
     pytest.importorskip("ray")
     if _loopback_only():
         pytest.skip("already in a loopback-only network namespace: the cluster tests run here directly")
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+    unshare = _unshare()
+    if unshare is None:
         pytest.skip(
-            "the Ray cluster tests need a network namespace with only loopback up (unshare -n, as "
-            "root): Ray binds to the external interface otherwise"
+            "the Ray cluster tests need a network namespace with only loopback up (unshare -n as root, "
+            "or unshare -rn where user namespaces are allowed): Ray binds to the external interface "
+            "otherwise"
         )
     ray_tmp = tempfile.mkdtemp(prefix="wir-")  # short: Ray's unix sockets live under it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
     command = [
-        "unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+        *unshare, "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
         sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
         "-m", "ray", "--durations=0",
     ]  # fmt: skip
@@ -289,8 +303,24 @@ def test_a_redeploy_reaches_replicas_on_both_paths(
             assert result.body == b"ehlo"
             stats = await r.backend.stats(r)
             assert stats.alive and "default/once" in stats.functions
+            # What the guest fails with comes back as the error it is, from either path.
+            with pytest.raises(GuestError, match="bad things happened"):
+                await r.backend.route(r, "default", "once", digest, b"s", "t")
+        assert [r.handle.synced for r in fleet._serving if not r.handle.shared_store] == [
+            {("default", "once"): digest}
+        ]
 
     run(platform, main, min_replicas=2, max_replicas=2)
+
+
+@pytest.mark.ray
+def test_a_replica_no_node_can_place_fails_to_start_naming_the_knob(cluster: Any, platform: Platform) -> None:
+    async def main(fleet: Fleet) -> None:
+        assert fleet.backend is not None
+        with pytest.raises(Unavailable, match="ray_num_cpus"):
+            await fleet.backend.start()
+
+    run(platform, main, min_replicas=1, max_replicas=1, ray_num_cpus=64.0, ray_start_timeout_s=1.0)
 
 
 def _digest(platform: Platform, name: str) -> str:

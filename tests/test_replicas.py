@@ -91,7 +91,7 @@ class FakeBackend(ReplicaBackend):
         return ReplicaStats(alive=replica.id not in self.dead, cpu=self.cpu, exit_code=9)
 
 
-def fleet_of(platform: Platform, backend: FakeBackend, n: int, **config: Any) -> Fleet:
+def fleet_of(platform: Platform, backend: FakeBackend, n: int = 0, **config: Any) -> Fleet:
     options = {"primary_replica": False, "min_replicas": 1, "max_replicas": 4, **config}
     fleet = Fleet(platform, ScalingConfig.from_mapping(options), backend=backend)
     return fleet
@@ -141,6 +141,24 @@ def test_a_replica_holding_the_function_is_preferred_and_gets_the_digest(platfor
         warm.outstanding = 5  # now the cold one wins, and holds the function from then on
         await fleet.invoke("default", "hostile", b"e", "t")
         assert backend.routed[-1][0] == cold.id and ("default", "hostile") in cold.warm
+
+    run(main)
+
+
+def test_at_low_load_the_gateways_own_process_serves(platform: Platform) -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        fleet = fleet_of(platform, backend, 2, hop_penalty=1)
+        here, there = await add_replicas(fleet, backend, 2)
+        here.local = True
+        here.warm.add(("default", "hostile"))
+        there.warm.add(("default", "hostile"))
+        for _ in range(20):  # one client: never over the hop
+            await fleet.invoke("default", "hostile", b"e", "t")
+        assert {rid for rid, _ in backend.routed} == {here.id}
+        here.outstanding = 2  # busier by more than the hop: the other replica takes it
+        await fleet.invoke("default", "hostile", b"e", "t")
+        assert backend.routed[-1][0] == there.id
 
     run(main)
 

@@ -70,15 +70,32 @@ def test_a_step_panics_within_a_tick_and_scales_to_the_burst() -> None:
     clock.advance(1.0)
     scaler.observe(12.0)  # a step from 1 to 12 concurrent
     d = scaler.decide(live=1)
-    # the 4 s panic window (12+1+1+1)/4 = 3.75 wants 4 >= 2 x 1 live: panic, at the very first tick;
-    # the stable window alone (20 s) would have wanted 2
-    assert d.panic and d.desired == 4
-    assert "panic" in d.reason
+    # the 4 s panic window (12+1+1+1)/4 = 3.75 wants 4 >= 2 x 1 live: panic, at the very first tick
+    # (the 20 s stable window alone would want 2); and 12 were there at once: 12 are kept warm
+    assert d.panic and d.desired == 12
+    assert "panic: 3.75 concurrent" in d.reason and "12 at once" in d.reason
     for _ in range(3):
         clock.advance(1.0)
         scaler.observe(12.0)
         d = scaler.decide(live=d.desired)
     assert d.desired == 12 and d.panic
+
+
+def test_bursts_shorter_than_a_tick_keep_their_peak_warm() -> None:
+    clock = FakeClock()
+    scaler = InstanceAutoscaler(Bounds(0, 64, target=0.7), POLICY, clock)
+    # 16 requests at once for a few ms every 5 s: an average of 0.2 over its tick
+    load = [(0.2, 16) if i % 5 == 0 else (0.0, 0) for i in range(30)]
+    desired = []
+    for concurrency, peak in load:
+        clock.advance(1.0)
+        scaler.observe(concurrency, peak)
+        desired.append(scaler.decide(16).desired)
+    assert min(desired) == 16  # KPA on the averages alone would want 1: every burst a cold start
+    for _ in range(21):  # no burst for a stable window: the peak leaves it
+        clock.advance(1.0)
+        scaler.observe(0.0, 0)
+    assert scaler.decide(16).desired == 0
 
 
 def test_panic_never_scales_down_and_ends_after_a_stable_window() -> None:
@@ -198,10 +215,25 @@ def test_no_flapping_when_one_fewer_replica_would_be_hot() -> None:
     scaler = ReplicaAutoscaler(RPOLICY, clock)
     # two replicas at 0.3 cores each: one alone would run at 0.6 > down_cpu 0.5, so both stay
     assert feed(scaler, clock, [ReplicaLoad(2, queue_ms=0.5, cpu=0.3)] * 60) == []
-    # one tick of queueing resets the calm window
-    loads = [ReplicaLoad(2, queue_ms=0.5, cpu=0.1)] * 8 + [ReplicaLoad(2, queue_ms=5.0, cpu=0.1)]
-    loads += [ReplicaLoad(2, queue_ms=0.5, cpu=0.1)] * 9
-    assert feed(scaler, clock, loads) == []
+    # two ticks of queueing in the 10 s window hold it back, until they leave the window
+    calm = ReplicaLoad(2, queue_ms=0.5, cpu=0.1, concurrency=0.5)
+    queued = ReplicaLoad(2, queue_ms=5.0, cpu=0.1, concurrency=4.0)
+    decisions = feed(scaler, clock, [calm] * 4 + [queued] * 2 + [calm] * 10)
+    assert [(i, d) for i, d, _ in decisions] == [(14, -1)]  # 9 of the last 10 ticks calm
+    # one stray spike alone does not: calm 9 ticks in 10 is calm
+    scaler.reset()
+    decisions = feed(scaler, clock, [calm] * 4 + [queued] + [calm] * 5)
+    assert [(i, d) for i, d, _ in decisions] == [(9, -1)]
+
+
+def test_an_idle_fleet_is_calm_whatever_its_jitter() -> None:
+    clock = FakeClock()
+    scaler = ReplicaAutoscaler(RPOLICY, clock)
+    # 3 ms p90 "queueing" of thread wake-ups, with 0.3 requests in flight in the whole fleet
+    jitter = ReplicaLoad(2, queue_ms=3.0, cpu=0.1, concurrency=0.3)
+    assert [(i, d) for i, d, _ in feed(scaler, clock, [jitter] * 10)] == [(9, -1)]
+    busy = ReplicaLoad(2, queue_ms=3.0, cpu=0.1, concurrency=2.5)  # 2.5 in flight on one replica
+    assert feed(scaler, clock, [busy] * 30) == []
 
 
 def test_max_replicas_is_a_ceiling_and_min_a_floor() -> None:

@@ -1,12 +1,18 @@
 """Closed-loop HTTP load: `concurrency` keep-alive connections, each sending its next request when
-the last answer arrives, for a fixed time. The same generator drives every system over loopback.
+the last answer arrives. The same generator drives every system over loopback.
+
+Throughput is counted in a window: the connections run for `warmup` seconds, then the answers that
+arrive during the next `duration` seconds are counted, on the same connections. A separate warm-up
+run would leave up to `concurrency` requests still computing in the server when the measurement
+starts (a server does not cancel work whose client left), and counting from a cold start would miss
+the first round trip — for a ResNet-50 at concurrency 64, over a second. Latency percentiles are
+the generator's over the whole run.
 
 `wrk` (C; `apt-get install wrk`) is the default when it is on PATH, as in bench/gateway.py: it
-takes a few percent of a core at these rates, so on a 2-core machine the systems keep nearly all
-the CPU. Without it, an asyncio generator (hand-written HTTP/1.1 on asyncio streams, one coroutine
-per connection, about 4x cheaper per request than httpx) stands in; it costs the server more CPU
-at high rates, the same for every system. The request body goes to wrk through a file read by a Lua
-script, so binary bodies (PPM images) pass unchanged.
+takes a few percent of a core at these rates. Its Lua script reads the body from a file (binary
+bodies pass unchanged) and counts the window's answers with a monotonic clock (LuaJIT's FFI).
+Without wrk, an asyncio generator (hand-written HTTP/1.1 on asyncio streams, one coroutine per
+connection, about 4x cheaper per request than httpx) stands in; it costs more CPU at high rates.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+WARMUP_S = 1.0  # from the start of a run to the start of its counting window
 
 
 @dataclass
@@ -55,10 +62,11 @@ def run(
     concurrency: int,
     duration: float,
     generator: str | None = None,
-    warmup: float = 1.0,
+    warmup: float = WARMUP_S,
 ) -> Load:
-    """Drives `url` (http://127.0.0.1:PORT/path) with POSTs of `body` and returns what came back.
-    Non-2xx answers and broken connections count as errors. Raises `RuntimeError` if wrk fails."""
+    """Drives `url` (http://127.0.0.1:PORT/path) with POSTs of `body` and returns the answers counted
+    in the window. Non-2xx answers and broken connections count as errors. Raises `RuntimeError` if
+    wrk fails."""
     generator = generator or default_generator()
     if generator == "wrk":
         return _wrk(url, body, content_type, concurrency, duration, warmup)
@@ -70,27 +78,65 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+_WRK_SCRIPT = """\
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct {{ long tv_sec; long tv_nsec; }} bench_timespec;
+int clock_gettime(int clock, bench_timespec *ts);
+]]
+local ts = ffi.new("bench_timespec")
+local function now()
+  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
+local f = assert(io.open("{body}", "rb"))
+wrk.body = f:read("*a")
+f:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "{content_type}"
+
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+
+function init(args)
+  window_start = now() + {warmup}
+  window_end = window_start + {duration}
+  counted, failed = 0, 0
+end
+
+function response(status, headers, body)
+  local t = now()
+  if t >= window_start and t < window_end then
+    counted = counted + 1
+    if status >= 300 then failed = failed + 1 end
+  end
+end
+
+function done(summary, latency, requests)
+  local c, e = 0, 0
+  for _, thread in ipairs(threads) do
+    c = c + thread:get("counted")
+    e = e + thread:get("failed")
+  end
+  io.write(string.format("WINDOW %d %d\\n", c, e))
+end
+"""
+
+
 def _wrk(url: str, body: bytes, content_type: str, concurrency: int, duration: float, warmup: float) -> Load:
     with tempfile.TemporaryDirectory(prefix="wasminfer-wrk-") as tmp:
         body_file, script = Path(tmp) / "body", Path(tmp) / "post.lua"
         body_file.write_bytes(body)
         script.write_text(
-            f'local f = assert(io.open("{body_file}", "rb"))\n'
-            'wrk.body = f:read("*a")\nf:close()\n'
-            'wrk.method = "POST"\n'
-            f'wrk.headers["Content-Type"] = "{content_type}"\n'
+            _WRK_SCRIPT.format(body=body_file, content_type=content_type, warmup=warmup, duration=duration)
         )
         threads = min(2, concurrency)
-        base = ["wrk", f"-t{threads}", f"-c{concurrency}", "--timeout", "30s", "-s", str(script)]
-        if warmup > 0:
-            subprocess.run([*base, f"-d{max(1, round(warmup))}s", url], capture_output=True, check=True)
+        total = warmup + duration + 0.5  # wrk's -d takes whole seconds
+        cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{int(total + 0.999)}s", "--timeout", "60s",
+               "--latency", "-s", str(script), url]  # fmt: skip
         cpu = _children_cpu()
-        proc = subprocess.run(
-            [*base, f"-d{max(1, round(duration))}s", "--latency", url],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         cpu = _children_cpu() - cpu
     out = proc.stdout
     if proc.returncode != 0:
@@ -100,15 +146,23 @@ def _wrk(url: str, body: bytes, content_type: str, concurrency: int, duration: f
         m = re.search(rf"^\s*{label}%\s+([0-9.]+)(us|ms|s)\s*$", out, re.M)
         return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
-    done = re.search(r"(\d+) requests in ([0-9.]+)(ms|s|m)", out)
-    if done is None:
-        raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    seconds = float(done.group(2)) * {"ms": 1e-3, "s": 1.0, "m": 60.0}[done.group(3)]
-    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    window = re.search(r"^WINDOW (\d+) (\d+)$", out, re.M)
+    if window is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}\n{proc.stderr}")
+    errors = int(window.group(2))
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if socket_errors:
         errors += sum(int(n) for n in socket_errors.groups())
-    return Load(concurrency, int(done.group(1)), seconds, latency("50"), latency("99"), errors, "wrk", cpu)
+    return Load(
+        concurrency,
+        int(window.group(1)),
+        duration,
+        latency("50"),
+        latency("99"),
+        errors,
+        "wrk",
+        cpu * duration / total,  # wrk's CPU over the whole run, prorated to the window
+    )
 
 
 async def _asyncio(
@@ -123,43 +177,36 @@ async def _asyncio(
         f"content-length: {len(body)}\r\n\r\n"
     ).encode() + body
     latencies: list[float] = []
-    errors = 0
+    counted = errors = 0
+    start = time.perf_counter()
+    window_start, window_end = start + warmup, start + warmup + duration
 
-    async def connection(deadline: float) -> None:
-        nonlocal errors
+    async def connection() -> None:
+        nonlocal counted, errors
         reader, writer = await asyncio.open_connection(host, port)
         perf = time.perf_counter
         try:
             while True:
                 t0 = perf()
+                if t0 >= window_end:
+                    return
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = re.search(rb"(?i)content-length: *(\d+)", head)
                 await reader.readexactly(int(length.group(1)) if length else 0)
                 t1 = perf()
-                errors += not head.startswith(b"HTTP/1.1 2")
                 latencies.append(t1 - t0)
-                if t1 > deadline:
-                    return
+                if window_start <= t1 < window_end:
+                    counted += 1
+                    errors += not head.startswith(b"HTTP/1.1 2")
         finally:
             writer.close()
 
-    if warmup > 0:
-        await asyncio.gather(*(connection(time.perf_counter() + warmup) for _ in range(concurrency)))
-        latencies.clear()
-        errors = 0
     cpu = time.process_time()
-    started = time.perf_counter()
-    await asyncio.gather(*(connection(started + duration) for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    cpu = time.process_time() - cpu
     s = sorted(latencies)
+    p50, p99 = s[len(s) // 2] * 1e3, s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3
     return Load(
-        concurrency,
-        len(s),
-        elapsed,
-        s[len(s) // 2] * 1e3,
-        s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3,
-        errors,
-        "asyncio",
-        time.process_time() - cpu,
+        concurrency, counted, duration, p50, p99, errors, "asyncio", cpu * duration / (warmup + duration)
     )

@@ -35,7 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # bench/: the `suite` package
 
-from suite import loadgen, workloads  # noqa: E402
+from suite import loadgen, systems, workloads  # noqa: E402
 
 
 def _deployment(serve: Any, workload: str, model: str, replicas: int) -> Any:
@@ -114,9 +114,13 @@ def main() -> None:
         me = psutil.Process()
         for c in args.concurrency:
             procs = [me, *me.children(recursive=True)]  # Ray's processes: raylet, GCS, proxy, replicas
-            cpu0 = sum(_cpu(p) for p in procs)
+            _settle(procs)
+            # these processes alone: the load generator is a child of this one too
+            window = systems.CpuWindow(
+                [p.pid for p in procs], loadgen.WARMUP_S, args.duration, recursive=False
+            )
             load = loadgen.run(url, w.body(), w.content_type, c, args.duration, args.generator)
-            cpu = sum(_cpu(p) for p in procs) - cpu0
+            cpu = window.result()
             result["runs"].append(
                 {"workload": name, "deploy_s": round(deploy_s, 2), **load.to_dict(), "cpu_s": round(cpu, 3)}
             )
@@ -132,6 +136,17 @@ def main() -> None:
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _settle(procs: list[Any], quiet_cores: float = 0.3, timeout: float = 15.0) -> None:
+    """Waits until Ray's processes are nearly idle (what the last run left computing is done). Ray's
+    own processes tick along at a few percent of a core each, hence the higher threshold."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = sum(_cpu(p) for p in procs)
+        time.sleep(0.2)
+        if (sum(_cpu(p) for p in procs) - before) / 0.2 < quiet_cores:
+            return
 
 
 def _cpu(p: Any) -> float:

@@ -331,7 +331,10 @@ def results_md(s: dict[str, Any], results: Path) -> str:
         f"{m.get('load_average_at_end', '?')} when one ended), and the load generator, the servers and the "
         "limit share its 2 cores. Absolute figures are noisy (±20% or worse, p99 most of all); the ratios "
         "compare systems measured back to back in one run (rotating order, medians of rounds at "
-        "concurrency 16), which is what the targets are set on.",
+        "concurrency 16), which is what the targets are set on. Under such load a system's throughput "
+        "also depends on its share of the cores, and the scheduler gives more of them to a system with "
+        "more runnable threads (`cores` in the tables: the CPU each system actually got); CPU per "
+        "invocation does not depend on that share, so the throughput section gives both ratios.",
         "",
         "## Targets",
         "",
@@ -404,10 +407,25 @@ def results_md(s: dict[str, Any], results: Path) -> str:
             for k, v in tp["ratios"].items()
             if not k.endswith("_rounds")
         ]
+        eff_rows = [
+            [
+                k.replace("vs_", "wasminfer / "),
+                *[_fmt(v.get(n)) if v.get(n) is not None else "–" for n in _names(tp)],
+            ]
+            for k, v in tp.get("efficiency", {}).items()
+        ]
+        rounds = tp["ratios"].get("vs_limit_rounds", {})
         parts += [
-            "Ratios of invocations/s at concurrency 16 (median of the rounds' ratios):",
+            "Ratios of invocations/s at concurrency 16 (median of the rounds' ratios; by round, against "
+            "the limit: " + "; ".join(f"{n} {v}" for n, v in rounds.items()) + "):",
             "",
             _md_table(["", *_names(tp)], ratio_rows),
+            "",
+            "Ratios of invocations per CPU-second at concurrency 16 (the other system's CPU ms per "
+            "invocation over wasminfer's): how the systems compare when each gets the same share of "
+            "the cores, which on this shared machine they do not (see the caveat):",
+            "",
+            _md_table(["", *_names(tp)], eff_rows),
             "",
         ]
         ray = tp.get("ray") or {}

@@ -45,28 +45,68 @@ def free_port() -> int:
         return port
 
 
-def tree(pids: Iterable[int]) -> list[psutil.Process]:
-    procs: list[psutil.Process] = []
+def tree(pids: Iterable[int], recursive: bool = True) -> list[psutil.Process]:
+    """The processes and (if `recursive`) their descendants, each once."""
+    procs: dict[int, psutil.Process] = {}
     for pid in pids:
         try:
             p = psutil.Process(pid)
-            procs.append(p)
-            procs.extend(p.children(recursive=True))
+            procs[p.pid] = p
+            for child in p.children(recursive=True) if recursive else ():
+                procs[child.pid] = child
         except psutil.NoSuchProcess:
             pass
-    return procs
+    return list(procs.values())
 
 
-def cpu_seconds(pids: Iterable[int]) -> float:
-    """User + system CPU of the processes and their children so far (threads included)."""
+def cpu_seconds(pids: Iterable[int], recursive: bool = True) -> float:
+    """User + system CPU of the processes (and their descendants) so far, threads included."""
     total = 0.0
-    for p in tree(pids):
+    for p in tree(pids, recursive):
         try:
             t = p.cpu_times()
             total += t.user + t.system
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+class CpuWindow:
+    """The CPU seconds processes use during a window that starts `start_in` seconds from now and
+    lasts `length` (the load generator's counting window), sampled on a thread of its own."""
+
+    def __init__(self, pids: Iterable[int], start_in: float, length: float, recursive: bool = True) -> None:
+        self._pids = list(pids)
+        self._recursive = recursive
+        self._samples: list[float] = []
+        t0 = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._run, args=(t0 + start_in, t0 + start_in + length), daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, *at: float) -> None:
+        for t in at:
+            time.sleep(max(0.0, t - time.monotonic()))
+            self._samples.append(cpu_seconds(self._pids, self._recursive))
+
+    def result(self) -> float:
+        self._thread.join()
+        return self._samples[1] - self._samples[0]
+
+
+def settle(pids: Iterable[int], quiet_cores: float = 0.1, timeout: float = 15.0) -> float:
+    """Waits until the processes use less than `quiet_cores` of CPU (the requests of the last run
+    that were still computing when its client stopped are done), at most `timeout` seconds.
+    Returns the seconds waited."""
+    pids = list(pids)
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = cpu_seconds(pids)
+        time.sleep(0.2)
+        if (cpu_seconds(pids) - before) / 0.2 < quiet_cores:
+            break
+    return time.monotonic() - start
 
 
 def pss_bytes(pids: Iterable[int]) -> int:

@@ -52,6 +52,8 @@ def _measure(
     ctx: Context,
 ) -> dict[str, Any]:
     w = workloads.WORKLOADS[name]
+    # Every system starts from quiet servers: what the last run left computing is finished first.
+    systems.settle(server.pids + baseline.pids)
     load_average = round(os.getloadavg()[0], 2)
     if system == "limit":
         # Every configuration, every round, for half the time each; the best one counts. Taking the
@@ -79,9 +81,9 @@ def _measure(
         }
     url = server.invoke_url(w.function) if system == "wasminfer" else baseline.url
     pids = server.pids if system == "wasminfer" else baseline.pids
-    cpu0 = systems.cpu_seconds(pids)
+    window = systems.CpuWindow(pids, loadgen.WARMUP_S, dur)
     load = loadgen.run(url, w.body(), w.content_type, c, dur, gen)
-    return _row(system, name, load, systems.cpu_seconds(pids) - cpu0) | {"load_average": load_average}
+    return _row(system, name, load, window.result()) | {"load_average": load_average}
 
 
 def _row(system: str, workload: str, load: loadgen.Load, cpu: float, **extra: Any) -> dict[str, Any]:

@@ -413,10 +413,10 @@ class Platform:
         self._check_ready()
         # Compile (into the disk cache) before taking the deploy lock: a module slow to compile then
         # holds up no other deploy; the deploy below finds it in the cache.
-        self._ensure_host(tenant).inspect(wasm)
+        inspected = self._ensure_host(tenant).inspect(wasm)
         with self._lock:
             host = self._ensure_host(tenant)
-            host.deploy_function(name, wasm, m)
+            host.deploy_function(name, wasm, m, inspected=inspected)
             try:
                 fn = host.function(name)
                 fv = self.store.put_function(name, wasm, m.to_dict(), fn.abi, _module_info(fn), tenant=tenant)

@@ -18,7 +18,7 @@ from wasminfer.gateway import routes_models as models
 from wasminfer.gateway import routes_system as system
 from wasminfer.gateway.auth import ADMIN, INVOKE, READ, scoped
 from wasminfer.gateway.errors import EXCEPTION_HANDLERS
-from wasminfer.gateway.metrics import Metrics
+from wasminfer.gateway.metrics import JobsCollector, Metrics
 from wasminfer.gateway.settings import Settings
 from wasminfer.gateway.state import AppState
 from wasminfer.jobs import JobService, JobSettings
@@ -58,6 +58,7 @@ def create_app(
         fleet=fleet,
         jobs=JobService(platform, job_settings),
     )
+    state.metrics.registry.register(JobsCollector(state.jobs))
 
     routes = [
         Route("/v1/functions", scoped(READ, functions.list_functions), methods=["GET"]),

@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from wasminfer.jobs import JobService
 from wasminfer.replicas import Fleet
 from wasminfer.service import Platform
 
@@ -214,3 +215,33 @@ class _FleetCollector(Collector):
         for reason, n in sorted(snap["rejected"].items()):
             rejected.add_metric([reason], float(n))
         yield rejected
+
+
+class JobsCollector(Collector):
+    """Asynchronous work (`wasminfer.jobs`): items run, what waits, how often it gave way to
+    synchronous invocations. Registered by `create_app`."""
+
+    def __init__(self, jobs: JobService) -> None:
+        self.jobs = jobs
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.jobs.stats()
+        items = CounterMetricFamily(
+            "wasminfer_job_items", "Items of jobs run, by outcome ('ok' or 'failed')", labels=["outcome"]
+        )
+        items.add_metric(["ok"], float(stats["items_total"] - stats["items_failed_total"]))
+        items.add_metric(["failed"], float(stats["items_failed_total"]))
+        yield items
+        for name, key, doc in (
+            ("wasminfer_jobs_active", "active_jobs", "Queued or running jobs the runner holds"),
+            ("wasminfer_job_items_queued", "queued_items", "Items of claimed chunks waiting for a worker"),
+            ("wasminfer_job_items_in_flight", "items_in_flight", "Items of jobs running now"),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], float(stats[key]))
+            yield gauge
+        yields = CounterMetricFamily(
+            "wasminfer_job_sync_yields", "Times an async worker waited for synchronous invocations"
+        )
+        yields.add_metric([], float(stats["async_yields_total"]))
+        yield yields

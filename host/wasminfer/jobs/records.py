@@ -62,7 +62,9 @@ class Job:
     def to_dict(self, live_done: int = 0, live_failed: int = 0) -> dict[str, Any]:
         """The API form. `live_done` / `live_failed`: items finished in memory but not committed
         yet (the runner's progress between commits), added to the committed counts."""
-        done, failed = self.items_done + live_done, self.items_failed + live_failed
+        # A chunk is counted live until the runner forgets it, just after its commit: clamp.
+        done = min(self.items_total, self.items_done + live_done)
+        failed = min(done, self.items_failed + live_failed)
         view: dict[str, Any] = {
             "id": self.id,
             "function": self.function,

@@ -49,6 +49,7 @@ log = logging.getLogger("wasminfer.jobs")
 MAX_UNAVAILABLE_RETRIES = 50
 BUSY_BACKOFF_S = 0.002
 BLOCKED_POLL_S = 0.002  # how often a worker looks again when every function with work is full
+BACKOFF_S = 0.5  # the control thread's pause after a failed store operation
 
 
 class _Chunk:
@@ -113,6 +114,7 @@ class JobRunner:
         self._withdrawn: dict[str, float] = {}
         self._completed: deque[_Chunk] = deque()
         self._discover = True
+        self._backoff = False  # a store operation failed: pause before the next turn
         self._state = "new"  # new → running → draining → closed
         self._in_flight = 0
         self._threads: list[threading.Thread] = []
@@ -360,8 +362,7 @@ class JobRunner:
                 else:
                     stop = False
             if stop:
-                for chunk in completed:
-                    self._commit(chunk)
+                self._commit(completed)
                 return
             with self._lock:
                 completed = list(self._completed)
@@ -372,10 +373,8 @@ class JobRunner:
                     a.refill = False
                 discover = running and (self._discover or now >= next_poll)
                 self._discover = False
-            for chunk in completed:
-                self._commit(chunk)
-            for active in refill:
-                self._claim(active)
+            self._commit(completed)
+            self._claim(refill)
             if discover:
                 self._discover_jobs()
                 next_poll = now + self._settings.poll_s
@@ -384,7 +383,10 @@ class JobRunner:
                 next_sweep = now + self._settings.sweep_s
             with self._lock:
                 idle = not (self._completed or self._discover or any(a.refill for a in self._active.values()))
-                if idle and self._state == "running":
+                if self._backoff:
+                    self._backoff = False
+                    self._events.wait(BACKOFF_S)
+                elif idle and self._state == "running":
                     self._events.wait(max(0.0, min(next_poll, next_sweep) - time.monotonic()))
                 elif idle:
                     self._events.wait(0.05)
@@ -393,8 +395,8 @@ class JobRunner:
         try:
             jobs = self._store.active()
             pending = self._store.pending_webhooks()
-        except WasminferError as exc:
-            log.warning("jobs: could not list queued jobs: %s", exc.message)
+        except Exception as exc:
+            log.warning("jobs: could not list queued jobs: %s", exc)
             return
         with self._lock:
             cutoff = time.monotonic() - 60.0
@@ -407,52 +409,71 @@ class JobRunner:
         for job in pending:
             self._on_finished(job)
 
-    def _claim(self, active: _ActiveJob) -> None:
-        job_id = active.job.id
-        try:
-            claimed = self._store.claim(job_id)
-        except (WasminferError, OSError) as exc:
-            log.warning("jobs: could not claim a chunk of %s: %s", job_id, exc)
+    def _claim(self, actives: list[_ActiveJob]) -> None:
+        """Claims the next chunk of each job, in one transaction."""
+        if not actives:
             return
+        try:
+            claimed = self._store.claim_many([a.job.id for a in actives])
+        except Exception as exc:  # the store is busy, the disk failed: again after a pause
+            log.warning("jobs: could not claim chunks: %s", exc)
+            with self._lock:
+                for active in actives:
+                    active.refill = True
+                self._backoff = True
+            return
+        release: list[ClaimedChunk] = []
         with self._lock:
-            if claimed is not None and (active.withdrawn or self._state != "running"):
-                release = claimed
-            else:
-                release = None
-                if claimed is None:
+            for active in actives:
+                chunk_claimed = claimed.get(active.job.id)
+                if chunk_claimed is not None and (active.withdrawn or self._state != "running"):
+                    release.append(chunk_claimed)
+                elif chunk_claimed is None:
                     active.more = False
                     if not active.chunks:
                         self._forget(active)  # finished, or cancelled elsewhere
                 else:
-                    chunk = _Chunk(active, claimed)
+                    chunk = _Chunk(active, chunk_claimed)
                     active.chunks[chunk.seq] = chunk
-                    self._queue.push(
-                        active.lane,
-                        [_Item(chunk, pos, body, ctype) for pos, (body, ctype) in enumerate(claimed.items)],
-                    )
+                    items = [
+                        _Item(chunk, n, body, ctype) for n, (body, ctype) in enumerate(chunk_claimed.items)
+                    ]
+                    self._queue.push(active.lane, items)
                     active.refill = self._wants_chunk(active)
-                    self._work.notify(len(claimed.items))
-        if release is not None:
-            self._store.release(job_id, [release.seq])
+                    self._work.notify(len(items))
+        for chunk_claimed in release:
+            try:
+                self._store.release(chunk_claimed.job_id, [chunk_claimed.seq])
+            except Exception as exc:  # it stays claimed until the next start's recovery
+                log.warning("jobs: could not give back a chunk of %s: %s", chunk_claimed.job_id, exc)
 
-    def _commit(self, chunk: _Chunk) -> None:
-        active = chunk.job
-        results = [r for r in chunk.results if r is not None]
+    def _commit(self, chunks: list[_Chunk]) -> None:
+        """Stores the results of finished chunks, in one transaction."""
+        if not chunks:
+            return
         try:
-            job = self._store.complete(active.job.id, chunk.seq, results)
-        except (WasminferError, OSError) as exc:
-            log.warning("jobs: could not store results of %s chunk %d: %s", active.job.id, chunk.seq, exc)
+            jobs = self._store.complete_many(
+                [(c.job.job.id, c.seq, [r for r in c.results if r is not None]) for c in chunks]
+            )
+        except Exception as exc:  # the store is busy, the disk failed: again after a pause
+            log.warning("jobs: could not store the results of %d chunk(s): %s", len(chunks), exc)
             with self._lock:
                 if self._state != "closed":
-                    self._completed.append(chunk)  # again at the next turn
+                    self._completed.extend(chunks)
+                    self._backoff = True
             return
+        finished = []
         with self._lock:
-            active.chunks.pop(chunk.seq, None)
-            if job is None or (job.finished and not active.chunks):
-                self._forget(active)
-            elif active.more and self._wants_chunk(active):
-                active.refill = True
-        if job is not None and job.finished and job.webhook_state == "pending":
+            for chunk, job in zip(chunks, jobs, strict=True):
+                active = chunk.job
+                active.chunks.pop(chunk.seq, None)
+                if job is None or (job.finished and not active.chunks):
+                    self._forget(active)
+                elif active.more and self._wants_chunk(active):
+                    active.refill = True
+                if job is not None and job.finished and job.webhook_state == "pending":
+                    finished.append(job)
+        for job in finished:
             self._on_finished(job)
 
     def _forget(self, active: _ActiveJob) -> None:
@@ -463,7 +484,7 @@ class JobRunner:
     def _sweep(self) -> None:
         try:
             removed = self._store.sweep()
-        except (WasminferError, OSError) as exc:
+        except Exception as exc:
             log.warning("jobs: could not delete expired jobs: %s", exc)
             return
         if removed:

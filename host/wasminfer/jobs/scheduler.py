@@ -49,6 +49,7 @@ class SyncGate:
         self._cond = threading.Condition(threading.Lock())
         self._sync = 0
         self._async = 0
+        self._cap = 1  # the `cap` of the last `acquire`
         self._quiet_at = 0.0  # monotonic time from which the last sync invocation no longer holds
         self._last_sync = -1e9  # monotonic time the last sync invocation ended
         self._closed = False
@@ -67,7 +68,9 @@ class SyncGate:
             if self._sync == 0:
                 self._last_sync = time.monotonic()
                 self._quiet_at = self._last_sync + self.hold_s
-                self._cond.notify_all()  # waiting workers now wait only until _quiet_at
+                # Only as many workers as may run next wake (to wait out the hold): waking them all
+                # would have them fight for the GIL while this request's response is being sent.
+                self._cond.notify(self.recent_cap)
 
     @contextmanager
     def sync(self) -> Any:
@@ -97,6 +100,7 @@ class SyncGate:
         """Waits until one more async item may run and takes its slot; False once closed."""
         with self._cond:
             waited = False
+            self._cap = cap
             while not self._closed:
                 allowed, wait = self.allowance(cap)
                 if self._async < allowed:
@@ -104,13 +108,17 @@ class SyncGate:
                     self.yields_total += waited
                     return True
                 waited = True
-                self._cond.wait(wait if wait > 0 else None)
+                # wait 0: only a sync exit changes the allowance (it notifies); the timeout is a net.
+                self._cond.wait(wait if wait > 0 else 0.05)
             return False
 
     def release(self) -> None:
         with self._cond:
             self._async -= 1
-            self._cond.notify()
+            # The releasing worker takes its slot again at once; wake another only if there is room
+            # for both (waking one per item to find no room would cost a thread switch per item).
+            if self._async + 1 < self.allowance(self._cap)[0]:
+                self._cond.notify()
 
     def close(self) -> None:
         with self._cond:

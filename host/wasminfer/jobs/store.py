@@ -280,27 +280,40 @@ class JobStore:
     def claim(self, job_id: str) -> ClaimedChunk | None:
         """Marks the job's next queued chunk running and returns it with its items; None when it
         has none left (or the job was cancelled)."""
+        return self.claim_many([job_id])[job_id]
+
+    def claim_many(self, job_ids: Collection[str]) -> dict[str, ClaimedChunk | None]:
+        """`claim` for several jobs in one transaction (one fsync, however many jobs)."""
         now = time.time()
+        rows: dict[str, tuple[int, int, bytes | None] | None] = {}
         with self.db.write() as conn:
-            row = conn.execute(
-                "SELECT c.seq, c.first_item, c.input FROM job_chunks c JOIN jobs j ON j.id = c.job_id "
-                "WHERE c.job_id = ? AND c.state = 'queued' AND j.status IN ('queued', 'running') "
-                "ORDER BY c.seq LIMIT 1",
-                (job_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            conn.execute(
-                "UPDATE job_chunks SET state = 'running' WHERE job_id = ? AND seq = ?", (job_id, row[0])
-            )
-            conn.execute(
-                "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?) WHERE id = ?",
-                (now, job_id),
-            )
-        seq, first, data = row
-        if data is None:
-            data = (self.folder(job_id) / f"in-{seq}").read_bytes()
-        return ClaimedChunk(job_id, seq, first, decode_items(data))
+            for job_id in job_ids:
+                row = conn.execute(
+                    "SELECT c.seq, c.first_item, c.input FROM job_chunks c JOIN jobs j ON j.id = c.job_id "
+                    "WHERE c.job_id = ? AND c.state = 'queued' AND j.status IN ('queued', 'running') "
+                    "ORDER BY c.seq LIMIT 1",
+                    (job_id,),
+                ).fetchone()
+                rows[job_id] = None if row is None else (row[0], row[1], row[2])
+                if row is None:
+                    continue
+                conn.execute(
+                    "UPDATE job_chunks SET state = 'running' WHERE job_id = ? AND seq = ?", (job_id, row[0])
+                )
+                conn.execute(
+                    "UPDATE jobs SET status = 'running', started_at = coalesce(started_at, ?) WHERE id = ?",
+                    (now, job_id),
+                )
+        claimed: dict[str, ClaimedChunk | None] = {}
+        for job_id, found in rows.items():
+            if found is None:
+                claimed[job_id] = None
+                continue
+            seq, first, data = found
+            if data is None:
+                data = (self.folder(job_id) / f"in-{seq}").read_bytes()
+            claimed[job_id] = ClaimedChunk(job_id, seq, first, decode_items(data))
+        return claimed
 
     def release(self, job_id: str, seqs: Collection[int]) -> None:
         """Puts claimed chunks none of whose items started back to queued (no attempt is counted)."""
@@ -314,45 +327,54 @@ class JobStore:
         """Stores a chunk's results and marks it done; the job succeeds (or, an invoke job whose
         one invocation failed, fails) with its last chunk. Returns the job after the change, None
         if it no longer exists (deleted meanwhile)."""
-        data = encode_results(results)
-        failed = sum(1 for r in results if r[3] is not None)
-        inline: bytes | None = data
-        if len(data) > self.inline_bytes:
-            folder = self.folder(job_id)
-            makedirs_durable(folder)
-            _write_synced(folder / f"out-{seq}", data)
-            _fsync_dir(folder)
-            inline = None
+        return self.complete_many([(job_id, seq, results)])[0]
+
+    def complete_many(self, chunks: list[tuple[str, int, list[Result]]]) -> list[Job | None]:
+        """`complete` for several `(job id, seq, results)` in one transaction; large results are
+        written and fsynced first."""
+        staged = []
+        for job_id, seq, results in chunks:
+            data = encode_results(results)
+            inline: bytes | None = data
+            if len(data) > self.inline_bytes:
+                folder = self.folder(job_id)
+                makedirs_durable(folder)
+                _write_synced(folder / f"out-{seq}", data)
+                _fsync_dir(folder)
+                inline = None
+            staged.append((job_id, seq, results, inline, sum(1 for r in results if r[3] is not None)))
         now = time.time()
+        jobs: list[Job | None] = []
         with self.db.write() as conn:
-            changed = conn.execute(
-                "UPDATE job_chunks SET state = 'done', output = ?, failed = ? "
-                "WHERE job_id = ? AND seq = ? AND state = 'running'",
-                (inline, failed, job_id, seq),
-            ).rowcount
-            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                return None
-            if not changed:  # not ours any more (recovered by another runner): change nothing
-                return _job(row)
-            error = None
-            if row["kind"] == "invoke" and failed:
-                status, _, _, code, message = results[0]
-                error = json.dumps({"status": status, "code": code, "message": message})
-            conn.execute(
-                "UPDATE jobs SET items_done = items_done + ?, items_failed = items_failed + ?, "
-                "chunks_open = chunks_open - 1, error = coalesce(?, error) WHERE id = ?",
-                (len(results), failed, error, job_id),
-            )
-            conn.execute(
-                "UPDATE jobs SET status = CASE WHEN error IS NULL THEN 'succeeded' ELSE 'failed' END, "
-                "finished_at = ?, expires_at = ? + ttl_s, "
-                "webhook_state = CASE WHEN webhook IS NULL THEN NULL ELSE 'pending' END "
-                "WHERE id = ? AND chunks_open = 0 AND status IN ('queued', 'running')",
-                (now, now, job_id),
-            )
-            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _job(row)
+            for job_id, seq, results, inline, failed in staged:
+                changed = conn.execute(
+                    "UPDATE job_chunks SET state = 'done', output = ?, failed = ? "
+                    "WHERE job_id = ? AND seq = ? AND state = 'running'",
+                    (inline, failed, job_id, seq),
+                ).rowcount
+                row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None or not changed:  # deleted, or not ours any more: change nothing
+                    jobs.append(None if row is None else _job(row))
+                    continue
+                error = None
+                if row["kind"] == "invoke" and failed:
+                    status, _, _, code, message = results[0]
+                    error = json.dumps({"status": status, "code": code, "message": message})
+                conn.execute(
+                    "UPDATE jobs SET items_done = items_done + ?, items_failed = items_failed + ?, "
+                    "chunks_open = chunks_open - 1, error = coalesce(?, error) WHERE id = ?",
+                    (len(results), failed, error, job_id),
+                )
+                conn.execute(
+                    "UPDATE jobs SET status = CASE WHEN error IS NULL THEN 'succeeded' ELSE 'failed' END, "
+                    "finished_at = ?, expires_at = ? + ttl_s, "
+                    "webhook_state = CASE WHEN webhook IS NULL THEN NULL ELSE 'pending' END "
+                    "WHERE id = ? AND chunks_open = 0 AND status IN ('queued', 'running')",
+                    (now, now, job_id),
+                )
+                row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                jobs.append(_job(row))
+        return jobs
 
     # --- cancelling, deleting, expiring -----------------------------------------------------------
     def cancel(self, job_id: str, tenant: str, withdrawn: Collection[int] = ()) -> Job:

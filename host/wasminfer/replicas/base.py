@@ -49,6 +49,7 @@ class Replica:
     pid: int | None = None
     capacity: int = 320  # requests at once (its worker threads + its host queue); past it: 429
     holds_all: bool = False  # serves every deployed function warm (the gateway's own process)
+    local: bool = False  # runs in the gateway's process: no hop
     state: str = "starting"  # starting | serving | draining | stopped
     outstanding: int = 0  # requests routed to it and not answered yet
     warm: set[tuple[str, str]] = field(default_factory=set)  # (tenant, function) it holds loaded

@@ -4,7 +4,9 @@ autoscaler that grows and shrinks them.
 Routing: least outstanding requests by the power of two choices (two replicas drawn at random, the
 one with fewer requests in flight wins), where a replica that does not hold the function loaded yet
 counts `cold_penalty` requests more (the gateway's own process holds every function; a worker holds
-what was routed or warmed to it). The request carries the function's deployment digest, so a
+what was routed or warmed to it), and one a hop away `hop_penalty` more (at low load the gateway's
+own process serves everything: a tie sent half the requests of one client over the hop, doubling
+its p50 latency). The request carries the function's deployment digest, so a
 replica with a stale copy reloads it from the store first.
 
 Admission, fast and before any work: a function's manifest `max_concurrency` bounds its requests in
@@ -37,7 +39,7 @@ from wasminfer.errors import TooManyRequests, Unavailable, WasminferError
 from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import NotDelivered, Replica, ReplicaBackend, WarmSpec
 from wasminfer.replicas.inprocess import InProcessBackend
-from wasminfer.replicas.instances import InstanceController
+from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.runtime import InvokeResult
 from wasminfer.scaling import MONOTONIC, Clock, DecisionLog, ReplicaAutoscaler, ReplicaLoad, ScalingConfig
 from wasminfer.service import Platform, deployment_digest
@@ -131,6 +133,8 @@ class Fleet:
         self._serving: list[Replica] = []  # the ones requests go to (replaced, never mutated)
         self._gates: dict[Key, _Gate] = {}
         self._waits_us: list[float] = []  # queueing delays of this tick's requests
+        self._in_flight_s = 0.0  # the time this tick's requests took, summed: / tick = concurrency
+        self._tick_at = time.monotonic()
         self._hot: collections.Counter[Key] = collections.Counter()  # this tick's requests per function
         self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -206,7 +210,8 @@ class Fleet:
                 deployment = "" if replica.holds_all else deployment_digest(fn)
                 result = await replica.backend.route(replica, tenant, name, deployment, body, content_type)
             except NotDelivered:
-                if tried is not None or len(self._serving) < 2:
+                # (`replica` may have left the serving list meanwhile: a lost one that had the request)
+                if tried is not None or not any(r is not replica for r in self._serving):
                     raise
                 tried = replica  # it never got the request: once more, elsewhere
                 continue
@@ -216,6 +221,7 @@ class Fleet:
             finally:
                 replica.outstanding -= 1
             elapsed_us = (time.perf_counter() - started) * 1e6
+            self._in_flight_s += elapsed_us / 1e6
             # Everything but running: thread hand-off, waiting for an instance, the hop to a replica.
             self._waits_us.append(max(0.0, elapsed_us - result.run_us - result.start_us))
             self._hot[key] += 1
@@ -242,9 +248,9 @@ class Fleet:
             i = random.randrange(n)
             j = random.randrange(n - 1)
             a, b = serving[i], serving[j + (j >= i)]
-        penalty = self.config.cold_penalty
-        score_a = a.outstanding + (0 if a.holds(key) else penalty)
-        score_b = b.outstanding + (0 if b.holds(key) else penalty)
+        cold, hop = self.config.cold_penalty, self.config.hop_penalty
+        score_a = a.outstanding + (0 if a.holds(key) else cold) + (0 if a.local else hop)
+        score_b = b.outstanding + (0 if b.holds(key) else cold) + (0 if b.local else hop)
         first, second = (a, b) if score_a <= score_b else (b, a)
         if first.outstanding < first.capacity:
             return first
@@ -276,6 +282,9 @@ class Fleet:
         """One round: read every replica, feed the autoscaler, act on its decision."""
         waits, self._waits_us = self._waits_us, []
         hot, self._hot = self._hot, collections.Counter()
+        in_flight_s, self._in_flight_s = self._in_flight_s, 0.0
+        now = time.monotonic()
+        elapsed, self._tick_at = now - self._tick_at, now
         for replica in list(self.replicas):
             if replica.state in ("serving", "draining"):
                 replica.stats = await replica.backend.stats(replica)
@@ -289,6 +298,7 @@ class Fleet:
             queue_ms=_p90(waits) / 1000,
             cpu=cpu,
             requests=len(waits),
+            concurrency=in_flight_s / elapsed if elapsed > 0 else 0.0,
         )
         self.last_load = load
         if self._closed or not self.platform.ready:
@@ -390,6 +400,10 @@ class Fleet:
         def mine(subject: str) -> bool:
             return tenant is None or subject.startswith(f"{tenant}/")
 
+        def functions(r: Replica) -> dict[str, Any]:
+            # this process' own pools are read now; other replicas' as of the last tick
+            return instance_stats(self.platform, self.instances) if r.holds_all else r.stats.functions
+
         replicas = []
         decisions = [d.to_dict() for d in self.decisions.recent()]
         for r in self.replicas:
@@ -403,7 +417,7 @@ class Fleet:
                     "cpu": round(r.stats.cpu, 3),
                     "created_at": round(r.created_at, 3),
                     "serving_at": None if r.serving_at is None else round(r.serving_at, 3),
-                    "functions": {k: v for k, v in r.stats.functions.items() if mine(k)},
+                    "functions": {k: v for k, v in functions(r).items() if mine(k)},
                 }
             )
             decisions += r.stats.decisions
@@ -417,6 +431,7 @@ class Fleet:
             "replicas": replicas,
             "load": {
                 "queue_ms_p90": round(load.queue_ms, 3),
+                "in_flight": round(load.concurrency, 3),
                 "cpu": round(load.cpu, 3),
                 "requests": load.requests,
             },

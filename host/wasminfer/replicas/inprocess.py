@@ -51,6 +51,7 @@ class InProcessBackend(ReplicaBackend):
             pid=self._process.pid,
             capacity=int(self.limiter.total_tokens) + self.host_max_queue,
             holds_all=True,
+            local=True,
         )
         return self._replica
 

@@ -81,7 +81,7 @@ class InstanceController:
                 for fn in host.functions():
                     key = (tenant, fn.name)
                     seen.add(key)
-                    area, now = fn.pool.demand()
+                    area, now, peak = fn.pool.demand()
                     tracked = self._tracked.get(key)
                     if tracked is None or tracked.fn is not fn:  # new, or redeployed: start afresh
                         scaler = InstanceAutoscaler(bounds(fn.manifest), self.policy, self._clock)
@@ -90,7 +90,7 @@ class InstanceController:
                     elapsed = now - tracked.at
                     if elapsed <= 0:
                         continue
-                    tracked.scaler.observe((area - tracked.area) / elapsed)
+                    tracked.scaler.observe((area - tracked.area) / elapsed, peak)
                     tracked.area, tracked.at = area, now
                     self._apply(tenant, tracked)
             for key in set(self._tracked) - seen:

@@ -50,7 +50,9 @@ from wasminfer.runtime._wasm import (
     WasmTrap,
     _first_line,
     _no_finalizer,
+    capture_output,
     compile_in_worker,
+    release_output,
 )
 
 _Val = ffi.wasmtime_component_val_t
@@ -539,7 +541,8 @@ class ComponentLinker:
         """Compiles (or loads from the disk cache) a component. Compiling a componentize-py
         component takes 10-20 s (it embeds CPython); loading a cached one takes a few ms.
 
-        Raises `WasmLinkError` if the bytes are not a valid component.
+        Raises `WasmLinkError` if the bytes are not a valid component, or do not compile within the
+        engine's `compile_timeout_s`.
         """
         sha = sha256 or hashlib.sha256(wasm).hexdigest()
         path = self._cache_path(sha)
@@ -677,9 +680,8 @@ class ComponentInstance:
                               instances=_MAX_INSTANCES, tables=_MAX_TABLES, memories=_MAX_MEMORIES)
         self.store.set_epoch_deadline(WasmEngine.ticks_for(timeout_ms))
         wasi = wasmtime.WasiConfig()  # deny-all: no args, env, files, network; stdin empty
-        if output is not None:
-            wasi.stdout_custom = lambda data: output("stdout", data)
-            wasi.stderr_custom = lambda data: output("stderr", data)
+        # not WasiConfig.stdout_custom: see `_wasm.capture_output`
+        self._output_ids = capture_output(wasi, output) if output is not None else ()
         self.store.set_wasi(wasi)
         self._ctx = self.store._context()
         self._ctx_addr = ctypes.cast(self._ctx, ctypes.c_void_p).value
@@ -756,6 +758,7 @@ class ComponentInstance:
             self.closed = True
             self._funcs = {}
             self.store.close()
+            release_output(self._output_ids)
 
 
 def _take_error(err: int) -> wasmtime.WasmtimeError:

@@ -271,7 +271,8 @@ class Host:
         )
 
     def deploy_function(self, name: str, wasm: bytes, manifest: Manifest | Mapping[str, Any] | None = None,
-                        *, prewarm: int | None = None) -> dict[str, Any]:
+                        *, prewarm: int | None = None,
+                        inspected: tuple[ModuleInfo, Any] | None = None) -> dict[str, Any]:
         """Validates, compiles and deploys (or replaces) a function; returns its description.
 
         Raises `InvalidModule` (not a module, unknown imports, wrong exports, traps while
@@ -280,7 +281,7 @@ class Host:
         serving.
         """
         m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest or {})
-        info, compiled = self.inspect(wasm)
+        info, compiled = inspected if inspected is not None else self.inspect(wasm)
         abi = self.detect_abi(compiled)
         if m.abi not in ("auto", info.abi):
             raise InvalidManifest(

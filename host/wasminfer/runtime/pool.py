@@ -57,21 +57,27 @@ class InstancePool(Generic[T]):
         # reads, exact between its ticks however short the invocations are.
         self._demand_area = 0.0
         self._demand_at = time.monotonic()
+        self._demand_peak = 0  # the most at once since the last `demand()`
 
     def _account(self) -> None:
         """Adds the demand since the last change to its integral. Call under the lock, before a
         change of `_busy` or `_waiters`."""
         now = time.monotonic()
-        self._demand_area += (self._busy + len(self._waiters)) * (now - self._demand_at)
+        demand = self._busy + len(self._waiters)
+        self._demand_area += demand * (now - self._demand_at)
         self._demand_at = now
+        if demand > self._demand_peak:
+            self._demand_peak = demand
 
-    def demand(self) -> tuple[float, float]:
-        """`(integral, at)`: the integral of demand (requests running or waiting here) over time in
-        request-seconds, as of `at` (`time.monotonic()`). The difference of two readings' integrals
-        over the difference of their times is the average concurrency in between."""
+    def demand(self) -> tuple[float, float, int]:
+        """`(integral, at, peak)`: the integral of demand (requests running or waiting here) over
+        time in request-seconds, as of `at` (`time.monotonic()`), and the most requests there were at
+        once since the previous call. The difference of two readings' integrals over the difference
+        of their times is the average concurrency in between."""
         with self._cond:
             self._account()
-            return self._demand_area, self._demand_at
+            peak, self._demand_peak = self._demand_peak, self._busy + len(self._waiters)
+            return self._demand_area, self._demand_at, peak
 
     def acquire(self, timeout_s: float) -> tuple[T, bool]:
         """Returns `(instance, created)`; `created` is True for a cold start.

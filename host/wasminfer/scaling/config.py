@@ -32,10 +32,11 @@ class ScalingConfig:
     replica_tick_s: float = 1.0
     replica_up_window_s: float = 5.0
     replica_down_window_s: float = 60.0
-    replica_up_queue_ms: float = 10.0
+    replica_up_queue_ms: float = 5.0
     replica_up_cpu: float = 0.9
     replica_down_queue_ms: float = 2.0
     replica_down_cpu: float = 0.5
+    replica_down_concurrency: float = 1.0
     # The instance autoscaler of every host (InstancePolicy).
     instance_tick_s: float = 0.5
     instance_stable_window_s: float = 30.0
@@ -44,8 +45,10 @@ class ScalingConfig:
     # Admission: requests a host replica may hold beyond those running on its worker threads;
     # past it (on every replica) a fast 429.
     host_max_queue: int = 256
-    # Routing: a replica that does not hold the function yet counts as this many requests more.
+    # Routing: a replica that does not hold the function yet counts as this many requests more, and
+    # one in another process (a hop away) this many more: at low load the gateway's process serves.
     cold_penalty: int = 4
+    hop_penalty: int = 1
     # A replica started for load gets the hottest functions loaded before it takes requests.
     warm_functions: int = 8
     # The ray backend (docs/ray.md): the cluster ("auto", host:port, "ray://…", "local"), the
@@ -83,6 +86,7 @@ class ScalingConfig:
             up_cpu=self.replica_up_cpu,
             down_queue_ms=self.replica_down_queue_ms,
             down_cpu=self.replica_down_cpu,
+            down_concurrency=self.replica_down_concurrency,
         )
 
     def instance_policy(self) -> InstancePolicy:

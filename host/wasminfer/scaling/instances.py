@@ -11,6 +11,14 @@ of one request per instance (an instance runs one request at a time; the rest is
   live; desired then follows the panic window and never goes down while panicking; left once the
   panic condition has not held for a whole stable window.
 
+One addition to KPA: desired is never under the *peak* concurrency of the stable window (the most
+requests that were in the pool at once). An invocation holds its instance for ~0.1 ms of a request
+that spends milliseconds in HTTP, so under bursts the average concurrency is a small fraction of the
+peak, and KPA on averages let the idle reaper take the burst's instances between bursts: every burst
+made its instances again (bench/scaling.py --bursts: 8-15 cold starts per burst of 16 clients;
+with the peak, none after the first). An idle instance costs tens of KiB; keeping the recent peak
+warm is cheap.
+
 The result is clamped to the manifest's `min_instances`..`max_instances`. Pure logic: no threads,
 no pools, no time of its own (`clock`); `wasminfer.replicas.instances` applies it to a host.
 
@@ -76,6 +84,7 @@ class InstanceAutoscaler:
         self._clock = clock
         self._stable = Window(self.policy.stable_window_s)
         self._panic = Window(self.policy.panic_window_s)
+        self._peak = Window(self.policy.stable_window_s)
         self._panic_since: float | None = None  # last time the panic condition held
         self._panic_max = 0
 
@@ -83,12 +92,14 @@ class InstanceAutoscaler:
     def panicking(self) -> bool:
         return self._panic_since is not None
 
-    def observe(self, concurrency: float) -> None:
-        """The function's average concurrency (running + waiting) over the tick that just ended."""
+    def observe(self, concurrency: float, peak: float | None = None) -> None:
+        """The function's average concurrency (running + waiting) over the tick that just ended, and
+        the most requests at once during it (default: the average)."""
         now = self._clock()
         value = max(0.0, concurrency)
         self._stable.add(now, value)
         self._panic.add(now, value)
+        self._peak.add(now, max(value, peak or 0.0))
 
     def decide(self, live: int) -> InstanceDecision:
         """The instances wanted now, given `live` instances (busy or idle) in the pool."""
@@ -117,6 +128,10 @@ class InstanceAutoscaler:
                 f"stable: {stable:.2f} concurrent over {p.stable_window_s:g} s wants {want_stable} "
                 f"instance(s) at {b.target:.0%} each"
             )
+        peak = math.ceil(self._peak.max(now) - 1e-9)
+        if peak > desired:
+            desired = peak
+            reason += f"; {peak} at once within {p.stable_window_s:g} s: kept warm"
         clamped = b.clamp(desired)
         if clamped != desired:
             reason += (
