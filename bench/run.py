@@ -14,6 +14,7 @@ there (so scenarios can be rerun one at a time).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -65,6 +66,10 @@ def main() -> None:
         for name in scenarios:
             module = __import__(f"suite.{name}", fromlist=["run", "table"])
             t0 = time.monotonic()
+            ctx.started = {
+                "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+            }
             result = module.run(ctx)
             print(f"\n== {name} ({time.monotonic() - t0:.0f} s) ==")
             print(module.table(result))

@@ -33,6 +33,7 @@ class Context:
     generator: str | None = None
     results: Path = RESULTS
     skipped: dict[str, str] = field(default_factory=dict)  # workload -> why it cannot run here
+    started: dict[str, object] = field(default_factory=dict)  # the running scenario's start: date, load
     _models: dict[str, Path] = field(default_factory=dict)
     _wasm: dict[str, bytes] = field(default_factory=dict)
 
@@ -79,7 +80,6 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "wasmtime": getattr(wasmtime, "__version__", "50.0.1"),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -92,6 +92,8 @@ def write_result(ctx: Context, scenario: str, data: dict[str, Any]) -> Path:
         **data,
         "workloads_left_out": ctx.skipped,
     }
+    data["machine"]["started"] = ctx.started.get("date")
+    data["machine"]["load_average_at_start"] = ctx.started.get("load_average")
     data["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     path = ctx.results / f"{scenario}.json"
     tmp = path.with_suffix(".json.tmp")

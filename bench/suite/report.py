@@ -326,11 +326,23 @@ def results_md(s: dict[str, Any], results: Path) -> str:
         f"wasmtime {m.get('wasmtime', '?')}. **Date**: {m.get('date', '?')}."
         + (" **A `--quick` run** (short runs, fewer concurrencies and functions)." if s.get("quick") else ""),
         "",
-        "**Caveat**: the machine is a 2-core VM shared with other engineers' test runs "
-        f"(load average {m.get('load_average_at_start', '?')} when a scenario started, "
-        f"{m.get('load_average_at_end', '?')} when one ended), and the load generator, the servers and the "
-        "limit share its 2 cores. Absolute figures are noisy (±20% or worse, p99 most of all); the ratios "
-        "compare systems measured back to back in one run (rotating order, medians of rounds at "
+        "**Caveat**: the machine is a 2-core VM shared with other engineers' test runs, and the load "
+        "generator, the servers and the limit share its 2 cores too. Its load average (runnable "
+        "threads, 1 minute) for each scenario, at start → end: "
+        + "; ".join(
+            f"`{d['scenario']}` (finished {d['machine']['date']}) "
+            f"{_load1(d['machine'].get('load_average_at_start'))} → "
+            f"{_load1(d['machine'].get('load_average_at_end'))}"
+            for d in (tp, cs, dn, oh)
+            if d
+        )
+        + (
+            f"; during the throughput runs {min(loads):.1f}–{max(loads):.1f}"
+            if (loads := [r["load_average"] for r in (tp or {}).get("runs", []) if r.get("load_average")])
+            else ""
+        )
+        + ". Absolute figures are noisy (±20% or worse, p99 most of all); the ratios compare systems "
+        "measured back to back within one scenario run (rotating order, medians of rounds at "
         "concurrency 16), which is what the targets are set on. Under such load a system's throughput "
         "also depends on its share of the cores, and the scheduler gives more of them to a system with "
         "more runnable threads (`cores` in the tables: the CPU each system actually got); CPU per "
@@ -549,6 +561,10 @@ def results_md(s: dict[str, Any], results: Path) -> str:
     return "\n".join(parts)
 
 
+def _load1(x: Any) -> str:
+    return f"{x[0]:.1f}" if isinstance(x, list) and x else "?"
+
+
 def _names(tp: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(r["workload"] for r in tp["summary"]))
 
@@ -596,7 +612,9 @@ def why_missed(s: dict[str, Any], results: Path) -> str:
             out.append(
                 f"{head} {ms['new_function']:.1f} ms against the baseline's {ms['baseline']:.0f} ms, of "
                 f"which the first request {ms['new_function_request']:.2f} ms: the rest is compiling a "
-                "module no cache has seen (Cranelift, optimising) and instantiating it. The baseline's "
+                "module no cache has seen (Cranelift, optimising, in the host's niced compile worker "
+                "process, which on a busy machine waits behind everything else) and instantiating it. "
+                "The baseline's "
                 "figure leaves out its own build (image build and push), so the comparison is strict; "
                 "counted from the first request of a deployed function, as for the baseline, the "
                 f"speedup is {sp['new_function_request']:.0f}×. What would close it: a fast compiler tier "
