@@ -68,8 +68,7 @@ soak SECONDS="600":
 hardening:
     {{python}} bench/hardening.py all
 
-# The benchmark suite against the baselines (coldstart, density, throughput, overhead; `--quick`,
-# or name scenarios): tables on stdout, bench/results/, bench/RESULTS.md. Needs the `bench` extra.
+# wasminfer vs the limit, container-per-function, Ray Serve (`--quick`, or name scenarios): bench/RESULTS.md.
 bench *ARGS:
     {{python}} bench/run.py {{ARGS}}
 
