@@ -41,7 +41,7 @@ bench-async *ARGS:
 
 # Dynamic batching: throughput and p50/p99 with and without it at concurrency 1, 8, 32: bench/results/batching.json.
 bench-batching *ARGS:
-    {{python}} bench/batching.py {{ARGS}}
+    {{python}} bench/batching.py --compare-runner --compare-slots {{ARGS}}
 
 # Hybrid scaling: a step load (low, high, low) against digits with up to 2 host replicas, and 1 vs 2
 # replicas at concurrency 16: bench/results/scaling.json and scaling.png. Needs the `bench` extra.

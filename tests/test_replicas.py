@@ -91,7 +91,8 @@ class FakeBackend(ReplicaBackend):
         return ReplicaStats(alive=replica.id not in self.dead, cpu=self.cpu, exit_code=9)
 
 
-def fleet_of(platform: Platform, backend: FakeBackend, n: int = 0, **config: Any) -> Fleet:
+def fleet_of(platform: Platform, backend: FakeBackend, **config: Any) -> Fleet:
+    """A fleet of no replica of its own (add them with `add_replicas`), up to 4."""
     options = {"primary_replica": False, "min_replicas": 1, "max_replicas": 4, **config}
     fleet = Fleet(platform, ScalingConfig.from_mapping(options), backend=backend)
     return fleet
@@ -108,7 +109,7 @@ async def add_replicas(fleet: Fleet, backend: FakeBackend, n: int) -> list[Repli
 def test_least_outstanding_by_two_choices(platform: Platform) -> None:
     async def main() -> None:
         backend = FakeBackend()
-        fleet = fleet_of(platform, backend, 2)
+        fleet = fleet_of(platform, backend)
         a, b = await add_replicas(fleet, backend, 2)
         a.warm.add(("default", "hostile"))
         b.warm.add(("default", "hostile"))
@@ -131,7 +132,7 @@ def test_least_outstanding_by_two_choices(platform: Platform) -> None:
 def test_a_replica_holding_the_function_is_preferred_and_gets_the_digest(platform: Platform) -> None:
     async def main() -> None:
         backend = FakeBackend()
-        fleet = fleet_of(platform, backend, 2, cold_penalty=4)
+        fleet = fleet_of(platform, backend, cold_penalty=4)
         warm, cold = await add_replicas(fleet, backend, 2)
         warm.warm.add(("default", "hostile"))
         warm.outstanding = 3  # still better than a cold start (3 < 0 + 4)
@@ -148,7 +149,7 @@ def test_a_replica_holding_the_function_is_preferred_and_gets_the_digest(platfor
 def test_at_low_load_the_gateways_own_process_serves(platform: Platform) -> None:
     async def main() -> None:
         backend = FakeBackend()
-        fleet = fleet_of(platform, backend, 2, hop_penalty=1)
+        fleet = fleet_of(platform, backend, hop_penalty=1)
         here, there = await add_replicas(fleet, backend, 2)
         here.local = True
         here.warm.add(("default", "hostile"))
@@ -166,7 +167,7 @@ def test_at_low_load_the_gateways_own_process_serves(platform: Platform) -> None
 def test_unknown_function_is_not_routed(platform: Platform) -> None:
     async def main() -> None:
         backend = FakeBackend()
-        fleet = fleet_of(platform, backend, 1)
+        fleet = fleet_of(platform, backend)
         await add_replicas(fleet, backend, 1)
         with pytest.raises(FunctionNotFound):
             await fleet.invoke("default", "nope", b"", "t")
@@ -178,7 +179,7 @@ def test_unknown_function_is_not_routed(platform: Platform) -> None:
 def test_an_unreachable_replica_is_skipped_once(platform: Platform) -> None:
     async def main() -> None:
         backend = FakeBackend()
-        fleet = fleet_of(platform, backend, 2)
+        fleet = fleet_of(platform, backend)
         a, b = await add_replicas(fleet, backend, 2)
         backend.undeliverable.add(a.id)
         for _ in range(10):
@@ -214,7 +215,7 @@ def test_max_concurrency_queues_then_rejects_with_retry_after(
 
     async def main() -> None:
         backend = FakeBackend()
-        fleet = fleet_of(platform, backend, 2)
+        fleet = fleet_of(platform, backend)
         await add_replicas(fleet, backend, 2)
         backend.hold = asyncio.Event()
         running = [asyncio.create_task(fleet.invoke("default", "limited", b"e", "t")) for _ in range(3)]
@@ -240,7 +241,7 @@ def test_a_client_that_goes_away_while_queued_frees_its_place(
 
     async def main() -> None:
         backend = FakeBackend()
-        fleet = fleet_of(platform, backend, 1)
+        fleet = fleet_of(platform, backend)
         await add_replicas(fleet, backend, 1)
         backend.hold = asyncio.Event()
         first = asyncio.create_task(fleet.invoke("default", "one", b"e", "t"))
@@ -260,7 +261,7 @@ def test_a_client_that_goes_away_while_queued_frees_its_place(
 def test_every_host_at_its_limit_is_a_fast_429(platform: Platform) -> None:
     async def main() -> None:
         backend = FakeBackend(capacity=2)
-        fleet = fleet_of(platform, backend, 2)
+        fleet = fleet_of(platform, backend)
         await add_replicas(fleet, backend, 2)
         backend.hold = asyncio.Event()
         held = [asyncio.create_task(fleet.invoke("default", "hostile", b"e", "t")) for _ in range(4)]
@@ -365,7 +366,7 @@ def test_a_replica_that_dies_is_dropped_and_replaced_up_to_min(platform: Platfor
 def test_close_drains_every_replica(platform: Platform) -> None:
     async def main() -> None:
         backend = FakeBackend()
-        fleet = fleet_of(platform, backend, 2)
+        fleet = fleet_of(platform, backend)
         a, b = await add_replicas(fleet, backend, 2)
         backend.hold = asyncio.Event()
         flying = [asyncio.create_task(fleet.invoke("default", "hostile", b"e", "t")) for _ in range(4)]
@@ -500,3 +501,43 @@ def test_local_backend_runs_a_worker_process(platform: Platform, hostile_wasm: b
         assert not (await backend.stats(replica)).alive
 
     run(main)
+
+
+# --- through the gateway ----------------------------------------------------------------------------
+def test_scaling_route_shows_the_callers_functions_and_metrics_count_429s(
+    platform: Platform, hostile_wasm: bytes
+) -> None:
+    from starlette.testclient import TestClient
+
+    from wasminfer.gateway import create_app
+
+    platform.put_function("other", hostile_wasm, MANIFEST, tenant="acme")
+    platform.put_function(
+        "one", hostile_wasm, MANIFEST.replace(max_concurrency=1, max_queue=0, timeout_ms=1500)
+    )
+    with TestClient(create_app(platform), raise_server_exceptions=False) as client:
+        snap = client.get("/v1/scaling").json()
+        assert snap["serving"] == 1 and snap["backend"] is None
+        (primary,) = snap["replicas"]
+        assert primary["id"] == "primary" and primary["kind"] == "in-process"
+        assert set(primary["functions"]) == {"default/hostile", "default/one"}  # not acme's
+        assert primary["functions"]["default/hostile"]["live"] >= 1
+
+        import threading
+
+        slow: list[int] = []
+        looping = threading.Thread(
+            target=lambda: slow.append(client.post("/v1/functions/one/invoke", content=b"l").status_code)
+        )
+        looping.start()
+        deadline = time.monotonic() + 2
+        while platform.host().function("one").pool.stats()["busy"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        r = client.post("/v1/functions/one/invoke", content=b"e")
+        looping.join()
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "max_concurrency" in r.json()["error"]["message"]
+        assert slow == [504]
+        metrics = client.get("/metrics").text
+        assert 'wasminfer_admission_rejected_total{limit="max_concurrency"} 1.0' in metrics
+        assert 'wasminfer_replicas{state="serving"} 1.0' in metrics

@@ -100,6 +100,12 @@ _MANIFEST_QUERY = [
     _query(
         "min_instances", "instances kept warm (default 0; one is prewarmed at deploy)", {"type": "integer"}
     ),
+    _query(
+        "max_concurrency",
+        "requests in flight at once across every host replica; past it they queue up to max_queue, "
+        "then 429 (default 0: no limit but max_instances per host; docs/scaling.md)",
+        {"type": "integer"},
+    ),
 ]
 
 

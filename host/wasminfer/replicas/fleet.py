@@ -331,7 +331,12 @@ class Fleet:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("replica task failed", exc_info=task.exception())
 
     async def _add(self, warm: list[WarmSpec]) -> None:
         assert self.backend is not None

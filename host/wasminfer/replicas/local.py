@@ -49,11 +49,11 @@ _TIMING = TIMING_HEADER.encode()
 class _Connections:
     """Keep-alive HTTP/1.1 to one replica's unix socket, written by hand on asyncio streams.
 
-    httpx cost ~1 ms of the gateway's CPU per forwarded request here (602 invocations/s at
-    concurrency 1 against 2009/s with this client, the worker being the same; bench/scaling.py
-    --compare): on a machine whose limit is the gateway's GIL, that decides whether a second
-    replica helps at all. The peer is always our own worker (uvicorn), which answers with a
-    Content-Length and no chunking, so the client needs nothing more.
+    httpx cost ~1 ms of the gateway's CPU per forwarded request here (the same worker answered
+    602 invocations/s at concurrency 1 through httpx, 2009/s through a bare asyncio client like
+    this one; docs/scaling.md): on a machine whose limit is the gateway's GIL, that decides whether
+    a second replica helps at all. The peer is always our own worker (uvicorn), which answers with
+    a Content-Length and no chunking, so the client needs nothing more.
     """
 
     def __init__(self, path: Path) -> None:

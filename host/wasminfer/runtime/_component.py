@@ -14,7 +14,7 @@ types; wasmtime type-checks every value again at the call, so a mismatch is an e
 unsafety.
 
 The C API has only this dynamic value form: every byte of a `list<u8>` is a 32-byte value of its own
-(here a strided copy), and wasmtime converts and lowers them one by one (~0.1 µs per byte each way,
+(here a strided copy), and wasmtime converts and lowers them one by one (~0.06 µs per byte each way,
 `bench/python_guest.py`). It also bounds what one call copies out of a component ("hostcall fuel":
 about 2 Mi list elements); past it the call fails (`WasmTrap` kind `transfer`).
 
