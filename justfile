@@ -43,8 +43,7 @@ bench-async *ARGS:
 bench-batching *ARGS:
     {{python}} bench/batching.py --compare-runner --compare-slots {{ARGS}}
 
-# Hybrid scaling: a step load (low, high, low) against digits with up to 2 host replicas, and 1 vs 2
-# replicas at concurrency 16: bench/results/scaling.json and scaling.png. Needs the `bench` extra.
+# Hybrid scaling (digits, up to 2 host replicas): a step load, and 1 vs 2 replicas: bench/results/scaling.json, .png.
 bench-scaling *ARGS:
     {{python}} bench/scaling.py {{ARGS}}
 

@@ -511,7 +511,7 @@ def test_scaling_route_shows_the_callers_functions_and_metrics_count_429s(
 
     from wasminfer.gateway import create_app
 
-    platform.put_function("other", hostile_wasm, MANIFEST, tenant="acme")
+    platform.put_function("other", hostile_wasm, Manifest(memory_mb=4), tenant="acme")
     platform.put_function(
         "one", hostile_wasm, MANIFEST.replace(max_concurrency=1, max_queue=0, timeout_ms=1500)
     )
