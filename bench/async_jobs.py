@@ -172,9 +172,13 @@ def wrk(port: int, items_file: Path, concurrency: int, duration: float) -> dict[
 
 
 # --- the paced latency probe ----------------------------------------------------------------------
-async def _probe(port: int, bodies: list[bytes], rate: float, seconds: float) -> list[float]:
+async def _probe(
+    port: int, bodies: list[bytes], rate: float, seconds: float
+) -> tuple[list[float], list[float]]:
+    """Round-trip latencies, and the server's own time (its Server-Timing `total`), in seconds."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     latencies: list[float] = []
+    server: list[float] = []
     start = time.perf_counter()
     try:
         for k in range(int(rate * seconds)):
@@ -194,21 +198,28 @@ async def _probe(port: int, bodies: list[bytes], rate: float, seconds: float) ->
             latencies.append(time.perf_counter() - t0)
             if not head.startswith(b"HTTP/1.1 200"):
                 raise RuntimeError(f"probe request failed: {head[:80]!r}")
+            total = re.search(rb"total;dur=([\d.]+)", head)
+            if total:
+                server.append(float(total.group(1)) / 1e3)
     finally:
         writer.close()
-    return latencies
+    return latencies, server
 
 
-def probe(port: int, bodies: list[bytes], rate: float, seconds: float) -> list[float]:
+def probe(port: int, bodies: list[bytes], rate: float, seconds: float) -> tuple[list[float], list[float]]:
     return asyncio.run(_probe(port, bodies, rate, seconds))
 
 
-def summary(latencies: list[float]) -> dict[str, Any]:
+def summary(latencies: tuple[list[float], list[float]]) -> dict[str, Any]:
+    trip, server = latencies
     return {
-        "requests": len(latencies),
-        "p50_ms": round(pct(latencies, 0.50) * 1e3, 3),
-        "p99_ms": round(pct(latencies, 0.99) * 1e3, 3),
-        "max_ms": round(max(latencies) * 1e3, 3),
+        "requests": len(trip),
+        "p50_ms": round(pct(trip, 0.50) * 1e3, 3),
+        "p99_ms": round(pct(trip, 0.99) * 1e3, 3),
+        "max_ms": round(max(trip) * 1e3, 3),
+        # The gateway's own time (Server-Timing `total`): without the client's share of the delays.
+        "server_p50_ms": round(pct(server, 0.50) * 1e3, 3) if server else None,
+        "server_p99_ms": round(pct(server, 0.99) * 1e3, 3) if server else None,
     }
 
 
@@ -282,8 +293,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="digits model batching (0: off)")
     parser.add_argument("--workers", type=int, default=None, help="async workers (default: the server's)")
     parser.add_argument("--rate", type=float, default=100.0, help="probe requests/s")
-    parser.add_argument("--probe-s", type=float, default=10.0, help="seconds per probe")
-    parser.add_argument("--rounds", type=int, default=3, help="idle/during-bulk probe pairs")
+    parser.add_argument("--probe-s", type=float, default=5.0, help="seconds per probe")
+    parser.add_argument("--rounds", type=int, default=6, help="idle/during-bulk probe pairs")
     parser.add_argument("--sync-s", type=float, default=5.0, help="seconds per sync concurrency")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--output", type=Path, default=RESULTS / "async.json")
@@ -334,8 +345,8 @@ def main() -> None:
                 reps = -(-n_during // args.items)
                 # Idle and during-bulk probes alternate, so that both see the same machine (other
                 # processes' load drifts over minutes on a shared one).
-                idle_all: list[float] = []
-                during_all: list[float] = []
+                idle_all: tuple[list[float], list[float]] = ([], [])
+                during_all: tuple[list[float], list[float]] = ([], [])
                 rounds = []
                 for r in range(args.rounds):
                     progress(f"round {r + 1}/{args.rounds}: probe on the idle server, {args.rate:g}/s")
@@ -357,8 +368,9 @@ def main() -> None:
                     during_round["bulk_items_per_s"] = round((after["items"]["done"] - before) / (t1 - t0), 1)
                     during_round["bulk_outlasted_probe"] = after["status"] == "running"
                     rounds.append({"idle": summary(lat_idle), "during_bulk": during_round})
-                    idle_all += lat_idle
-                    during_all += lat_during
+                    for pooled, lat in ((idle_all, lat_idle), (during_all, lat_during)):
+                        pooled[0].extend(lat[0])
+                        pooled[1].extend(lat[1])
                     time.sleep(1.0)  # the cancelled job's started chunks finish
                 idle, during = summary(idle_all), summary(during_all)
                 during["bulk_items_per_s"] = round(
@@ -377,6 +389,8 @@ def main() -> None:
         "sync_p99_ms_idle": idle["p99_ms"],
         "sync_p99_ms_during_bulk": during["p99_ms"],
         "p99_ratio_during_over_idle": round(during["p99_ms"] / idle["p99_ms"], 2),
+        "server_p99_ms_idle": idle["server_p99_ms"],
+        "server_p99_ms_during_bulk": during["server_p99_ms"],
         "target_ratio": TARGET_RATIO,
         "bulk_over_sync": round(bulk_stats["bulk_items_per_s"] / best["items_per_s"], 2),
         "bulk": bulk_stats,
@@ -413,6 +427,8 @@ def main() -> None:
     print(f"{'sync p99 idle, ms':<34}{idle['p99_ms']:>10.2f}")
     ratio = result["p99_ratio_during_over_idle"]
     print(f"{'sync p99 during bulk, ms':<34}{during['p99_ms']:>10.2f}  ({ratio}x idle)")
+    server = f"{idle['server_p99_ms']:>10.2f} / {during['server_p99_ms']:.2f}"
+    print(f"{'server-side p99 idle / during, ms':<34}{server}")
     print(f"{'bulk items/s during the probe':<34}{during['bulk_items_per_s']:>10,.0f}")
     print(f"label mismatches: {mismatched}; wrote {args.output}")
 
