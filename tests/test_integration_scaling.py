@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +19,11 @@ import httpx
 import pytest
 import wasmtime
 
+from live_server import live_server
+
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
+
 
 # A guest that sleeps for the milliseconds its body holds (u32 LE; WASI poll_oneoff on the monotonic
 # clock), then answers "ok": a request of a known length that takes no CPU, so the timings of these
@@ -62,46 +63,10 @@ SCALING = {
 }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def server(data: Path, log: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wasminfer", "serve", "--data", str(data), "--port", str(port), *args],
-            stdout=out,
-            stderr=out,
-            cwd=ROOT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"the server exited:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"the server never became ready:\n{log.read_text()}"
-            time.sleep(0.1)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with live_server(data, log, *args) as running:
+        yield running
 
 
 def deploy_sleep(url: str, **manifest: int) -> None:

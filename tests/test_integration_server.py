@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,16 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from live_server import free_port, live_server
+
 pytestmark = pytest.mark.integration
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -47,33 +41,8 @@ def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[b
 
 @contextmanager
 def server(data: Path, port: int, log: Path) -> Iterator[str]:
-    url = f"http://127.0.0.1:{port}"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wasminfer", "serve", "--data", str(data), "--port", str(port)],
-            stdout=out,
-            stderr=out,
-            cwd=ROOT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"the server exited:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"the server never became ready:\n{log.read_text()}"
-            time.sleep(0.1)
+    with live_server(data, log, port=port, stop_timeout_s=20) as (url, _):
         yield url
-    finally:
-        proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_build_deploy_invoke_restart(tmp_path: Path) -> None:

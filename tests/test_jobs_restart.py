@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,51 +21,21 @@ import cbor2
 import httpx
 import pytest
 
+from live_server import live_server
+
 pytestmark = pytest.mark.integration
+
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = "models=add&memory_mb=4&timeout_ms=300&max_instances=4"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def server(data: Path, log: Path, *, kill: bool = False, **env: str) -> Iterator[str]:
     """A server on a free port; stopped with SIGINT (graceful) or, `kill`, SIGKILL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wasminfer", "serve", "--data", str(data), "--port", str(port)],
-            stdout=out,
-            stderr=out,
-            cwd=ROOT,
-            env={**os.environ, **env},
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"the server exited:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"the server never became ready:\n{log.read_text()}"
-            time.sleep(0.05)
+    stop = signal.SIGKILL if kill else signal.SIGINT
+    with live_server(data, log, env=env, stop=stop, stop_timeout_s=20) as (url, _):
         yield url
-    finally:
-        proc.send_signal(signal.SIGKILL if kill else signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:

@@ -17,9 +17,7 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,12 +29,13 @@ import httpx
 import pytest
 import wasmtime
 
+from live_server import live_server
 from wasminfer.store import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROUNDS = int(os.environ.get("WASMINFER_CRASH_ROUNDS", "8"))
-ROOT = Path(__file__).resolve().parents[1]
+
 TAG = b"TAG-000000000000"  # replaced in the module's bytes: one distinct module per upload
 TAGGED_WAT = f"""(module
   (import "wasminfer" "output" (func $output (param i32 i32 i32 i32) (result i32)))
@@ -61,39 +60,10 @@ def add_model(tag: str) -> bytes:
     return model.SerializeToString()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def server(data: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wasminfer", "serve", "--data", str(data), "--port", str(port),
-             "--log-level", "warning"],
-            stdout=out, stderr=out, cwd=ROOT,
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"the server never became ready:\n{log.read_text()[-3000:]}"
-            time.sleep(0.05)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    with live_server(data, log, "--log-level", "warning", ready_timeout_s=90, stop=signal.SIGKILL) as running:
+        yield running
 
 
 class Workload:
