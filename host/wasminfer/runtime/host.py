@@ -40,6 +40,7 @@ from wasminfer.runtime.pool import InstancePool
 CORE_ABIS: list[Any] = [handler, command]
 # wasi_ephemeral_nn is no ABI of its own: handler and command modules may both import it.
 HOST_FUNCS = [hf for abi in CORE_ABIS for hf in abi.HOST_FUNCS] + list(wasi_nn.HOST_FUNCS)
+ABIS_BY_NAME: dict[str, Any] = {abi.NAME: abi for abi in (*CORE_ABIS, component)}
 
 
 @dataclass
@@ -282,7 +283,7 @@ class Host:
         """
         m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest or {})
         info, compiled = inspected if inspected is not None else self.inspect(wasm)
-        abi = self.detect_abi(compiled)
+        abi = ABIS_BY_NAME[info.abi]  # detected and validated by inspect
         if m.abi not in ("auto", info.abi):
             raise InvalidManifest(
                 f"manifest key 'abi' says {m.abi!r}, but the module is a {info.abi!r} module"
