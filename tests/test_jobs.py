@@ -245,13 +245,17 @@ def test_cancel_a_queued_job_then_delete_it(paused: TestClient) -> None:
 def test_cancel_stops_what_has_not_started(platform: Platform, add_model: bytes, hostile_wasm: bytes) -> None:
     settings = JobSettings(workers=1, chunk_items=1, poll_s=0.05)
     for c in app_client(platform, add_model, hostile_wasm, settings):
+        # `l` loops until the timeout: 3 s here, so the one job worker is surely busy with it while
+        # the invoke job is submitted and cancelled (a 300 ms loop could end first on a loaded machine).
+        slow = QUERY.replace("timeout_ms=300", "timeout_ms=3000")
+        assert c.put(f"/v1/functions/hostile?{slow}", content=hostile_wasm, headers=WASM).status_code == 201
         runner = c.app.state.wasminfer.jobs.runner  # type: ignore[attr-defined]
-        batch = submit_batch(c, [b"l", b"e1", b"e2", b"e3", b"e4"]).json()  # `l` runs 300 ms
-        invoke = c.post("/v1/functions/hostile/invoke?async=1", content=b"e").json()
+        batch = submit_batch(c, [b"l", b"e1", b"e2", b"e3", b"e4"]).json()
         deadline = time.monotonic() + 10
-        while runner.stats()["items_in_flight"] == 0:
+        while runner.stats()["items_in_flight"] == 0:  # the batch's first item, `l`, runs
             assert time.monotonic() < deadline
             time.sleep(0.005)
+        invoke = c.post("/v1/functions/hostile/invoke?async=1", content=b"e").json()
         assert c.delete(invoke["location"]).json()["status"] == "cancelled"  # not started yet
         cancelled = c.delete(batch["location"]).json()
         assert cancelled["status"] == "cancelled"
