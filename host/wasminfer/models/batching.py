@@ -256,13 +256,15 @@ class _Request:
 class _Queue:
     """Requests of one signature; `leading` while one of them is the leader."""
 
-    __slots__ = ("pending", "rows", "leading", "cond")
+    __slots__ = ("pending", "rows", "leading", "cond", "expect")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.pending: list[_Request] = []
         self.rows = 0
         self.leading = False
         self.cond = threading.Condition(lock)
+        # Rows the next batch waits for (within the delay): as many as the last batch took.
+        self.expect = 1
 
 
 class Batcher:
@@ -343,20 +345,19 @@ class Batcher:
     def _enqueue(self, feed: Feed, rows: int) -> _Request | None:
         """Under the lock: queue the request (as its queue's leader if it has none), or take a run
         slot for it and return None when one is free and no request of its signature waits."""
-        queue = None
-        if self._leaders:  # else no queue has anyone in it: skip the signature
-            queue = self._queues.get(_signature(feed))
-        if (queue is None or not queue.leading) and self._in_flight < self._slots:
+        signature = _signature(feed)
+        queue = self._queues.get(signature)
+        if (
+            (queue is None or (not queue.leading and queue.expect <= rows))
+            and self._in_flight < self._slots
+        ):
             self._in_flight += 1
             self._record_alone(rows)
             return None
         if queue is None:
-            signature = _signature(feed)
-            queue = self._queues.get(signature)
-            if queue is None:
-                if len(self._queues) >= _MAX_IDLE_QUEUES:
-                    self._prune()
-                queue = self._queues[signature] = _Queue(self._lock)
+            if len(self._queues) >= _MAX_IDLE_QUEUES:
+                self._prune()
+            queue = self._queues[signature] = _Queue(self._lock)
         request = _Request(feed, rows, queue)
         queue.pending.append(request)
         queue.rows += rows
@@ -364,7 +365,7 @@ class Batcher:
             queue.leading = True
             self._leaders += 1
             request.state = _LEAD
-        elif queue.rows >= self._max_rows:
+        elif queue.rows >= self._max_rows or (queue.rows >= queue.expect and self._in_flight < self._slots):
             queue.cond.notify()
         return request
 
@@ -373,7 +374,11 @@ class Batcher:
         queue = me.queue
         with self._lock:
             try:
-                while queue.rows < self._max_rows and not self._closed and self._in_flight >= self._slots:
+                while (
+                    queue.rows < self._max_rows
+                    and not self._closed
+                    and (self._in_flight >= self._slots or queue.rows < queue.expect)
+                ):
                     remaining = queue.pending[0].enqueued + self._delay - time.monotonic()
                     if remaining <= 0:
                         break
@@ -399,6 +404,7 @@ class Batcher:
             batch = queue.pending[:taken]
             del queue.pending[:taken]
             queue.rows -= rows
+            queue.expect = rows
             self._in_flight += 1
             self._hand_over(queue)
             self._record(batch, rows)

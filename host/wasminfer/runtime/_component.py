@@ -52,6 +52,7 @@ from wasminfer.runtime._wasm import (
     _no_finalizer,
     capture_output,
     compile_in_worker,
+    held,
     release_output,
 )
 
@@ -74,21 +75,24 @@ _K_RESULT = ffi.WASMTIME_COMPONENT_RESULT.value
 
 
 def _c(name: str, restype: Any, *argtypes: Any) -> Any:
-    """Our own prototype of a C API function, taking plain addresses (no ctypes pointer objects)."""
+    """Our own prototype of a C API function that runs guest code, taking plain addresses (no ctypes
+    pointer objects); it releases the GIL for the call."""
     return ctypes.CFUNCTYPE(restype, *argtypes)((name, bindings.dll))  # type: ignore[attr-defined]
 
 
 _vp, _sz = ctypes.c_void_p, ctypes.c_size_t
-_byte_vec_new = _c("wasm_byte_vec_new", None, _vp, _sz, ctypes.c_char_p)
-_vallist_new_uninit = _c("wasmtime_component_vallist_new_uninit", None, _vp, _sz)
-_vallist_new = _c("wasmtime_component_vallist_new", None, _vp, _sz, _vp)  # copies n values from ptr
-_valrecord_new_uninit = _c("wasmtime_component_valrecord_new_uninit", None, _vp, _sz)
-_val_new = _c("wasmtime_component_val_new", _vp, _vp)
-_val_delete = _c("wasmtime_component_val_delete", None, _vp)
-_error_new = _c("wasmtime_error_new", _vp, ctypes.c_char_p)
+# Host-side value plumbing keeps the GIL (`held`: nanoseconds, no guest code, no blocking).
+_byte_vec_new = held("wasm_byte_vec_new", None, _vp, _sz, ctypes.c_char_p)
+_vallist_new_uninit = held("wasmtime_component_vallist_new_uninit", None, _vp, _sz)
+_vallist_new = held("wasmtime_component_vallist_new", None, _vp, _sz, _vp)  # copies n values from ptr
+_valrecord_new_uninit = held("wasmtime_component_valrecord_new_uninit", None, _vp, _sz)
+_val_new = held("wasmtime_component_val_new", _vp, _vp)
+_val_delete = held("wasmtime_component_val_delete", None, _vp)
+_error_new = held("wasmtime_error_new", _vp, ctypes.c_char_p)
+# The call and its post-return run guest code.
 _func_call = _c("wasmtime_component_func_call", _vp, _vp, _vp, _vp, _sz, _vp, _sz)
 _post_return = _c("wasmtime_component_func_post_return", _vp, _vp, _vp)
-_set_epoch_deadline = bindings._wasmtime_context_set_epoch_deadline
+_set_epoch_deadline = held("wasmtime_context_set_epoch_deadline", None, _vp, ctypes.c_uint64)
 # (env, context, type, args, nargs, results, nresults) -> error or NULL
 _Callback = ctypes.CFUNCTYPE(_sz, _vp, _vp, _vp, _vp, _sz, _vp, _sz)
 

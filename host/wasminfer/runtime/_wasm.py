@@ -53,21 +53,29 @@ _U32 = 0xFFFFFFFF
 _DLL = bindings.dll  # type: ignore[attr-defined]
 # The raw ctypes functions behind wasmtime._ffi's wrappers: one Python frame less per crossing.
 _call_unchecked = bindings._wasmtime_func_call_unchecked
-_set_epoch_deadline = bindings._wasmtime_context_set_epoch_deadline
+
+
+def held(name: str, restype: Any, *argtypes: Any) -> Any:
+    """Our own prototype of a C API function that keeps the GIL through the call (`PYFUNCTYPE`).
+
+    Only for calls that return in nanoseconds and never run guest code nor block: ctypes' usual
+    prototypes release the GIL around every call, and under concurrency each release is a hand-off
+    to another thread and a wait to get it back -- at 2 callers, `Host.invoke` of the digits example
+    spent more than half its CPU in those context switches. Calls into the guest keep releasing it
+    (a guest that loops must not stop the process, and its epoch ticker, until its deadline).
+    """
+    return ctypes.PYFUNCTYPE(restype, *argtypes)((name, _DLL))
+
+
+_set_epoch_deadline = held("wasmtime_context_set_epoch_deadline", None, ctypes.c_void_p, ctypes.c_uint64)
 # Host callbacks take plain addresses (c_void_p): ctypes builds no pointer objects per crossing.
 _RawCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_size_t)
-_caller_context = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
-    ("wasmtime_caller_context", _DLL)
-)
+_caller_context = held("wasmtime_caller_context", ctypes.c_void_p, ctypes.c_void_p)
 # Our own handle on wasmtime_memory_data returning a plain address (wasmtime-py's returns a pointer
 # object, and its restype is shared with wasmtime-py, so it is not ours to change).
-_memory_data = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)(
-    ("wasmtime_memory_data", _DLL)
-)
-_memory_data_size = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)(
-    ("wasmtime_memory_data_size", _DLL)
-)
+_memory_data = held("wasmtime_memory_data", ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)
+_memory_data_size = held("wasmtime_memory_data_size", ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)
 # Guest stdout/stderr go through one C callback of ours and *no finalizer*, not through wasmtime-py's
 # `stdout_custom`: that one registers a Python finalizer, which wasmtime runs on one of its tokio
 # threads whenever it drops the stream, possibly after the store closed; one running while the
