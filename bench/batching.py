@@ -11,7 +11,8 @@ batching and with it (`max_batch_size` 32, `max_queue_delay_us` 2000, default ru
 
 Also, where the runtime is available, `Host.invoke` of the digits example function (built from
 functions/digits with the toolchain) from the same threads; with `--compare-runner`, the
-leader/follower batcher against a variant with batcher threads; with `--compare-slots`, run slots
+leader/follower batcher against a variant with batcher threads; with `--compare-policy`, the share
+rule against running a batch as soon as a run slot is free; with `--compare-slots`, run slots
 (`max_concurrent_batches`) 0, 1, 2 and 4.
 
 The machine this was written on has 2 vCPUs shared with other work, whose load swings throughput
@@ -38,7 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,8 +325,9 @@ class ThreadRunnerBatcher(batching_module.Batcher):
         for t in self._workers:
             t.start()
 
-    def submit(self, feed: dict[str, np.ndarray], rows: int, signature: Hashable) -> Any:
-        request = batching_module._Request(feed, rows, None)
+    def infer(self, feed: dict[str, np.ndarray]) -> Any:
+        rows = next(iter(feed.values())).shape[0]  # the bench's feeds: one input, or equal rows
+        request = batching_module._Request(feed, rows, None)  # type: ignore[arg-type]
         with self._ready:
             self._pending.append(request)
             self._ready.notify()
@@ -388,6 +390,50 @@ def compare_runner(model: Model, rounds: int, log: Callable[[str], None]) -> dic
                 )
         finally:
             threaded.batcher.close()
+    return results
+
+
+# --- when a batch runs: its share of the requests inside, or as soon as a slot is free ----------------
+class FreeSlotBatcher(batching_module.Batcher):
+    """The rule the share rule replaced: a batch runs as soon as a run slot is free (its share is
+    always one request), so batches only grow out of what arrives while every slot is busy."""
+
+    def _share(self) -> int:
+        return 1
+
+
+def compare_policy(model: Model, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Unbatched, the share rule and the free-slot rule side by side (alternating rounds)."""
+    results: dict[str, Any] = {}
+    with ModelRegistry() as registry:
+        registry.load("unbatched", model.data)
+        registry.load("share", model.data, batching=CONFIG)
+        registry.load("free-slot", model.data, batching=CONFIG)
+        variant = registry._models["free-slot"]  # noqa: SLF001 - swapping in the variant
+        variant.batcher = FreeSlotBatcher(
+            CONFIG, variant.timed_run, batching_module.BatchCounters(), slots=batching_module.default_slots(1)
+        )
+        names = ["unbatched", "share", "free-slot"]
+        for concurrency in (8, 32):
+            measured: dict[str, list[Round]] = {name: [] for name in names}
+            for _ in range(rounds):
+                for name in names:
+                    call = lambda i, n=name: registry.infer(n, model.rows[i % len(model.rows)])  # noqa: E731
+                    measured[name].append(closed_loop(call, concurrency, model.seconds))
+            row: dict[str, Any] = {}
+            for name in names[1:]:
+                pair = compare({"unbatched": measured["unbatched"], name: measured[name]}, other=name)
+                row[name] = {**pair[name], "speedup": pair["speedup"]}
+            row["unbatched"] = summarise(measured["unbatched"])
+            results[f"c{concurrency}"] = row
+            log(
+                f"  {model.name:<10} c={concurrency:<3} "
+                + " | ".join(
+                    f"{name} {row[name]['throughput_rps']:>8.0f}/s p99 {row[name]['p99_ms']:>7.3f}"
+                    + (f" x{row[name]['speedup']:.2f}" if name != "unbatched" else "")
+                    for name in names
+                )
+            )
     return results
 
 
@@ -479,6 +525,8 @@ def main() -> None:
     parser.add_argument("--no-invoke", action="store_true", help="skip the Host.invoke part")
     parser.add_argument("--compare-runner", action="store_true", help="leader/follower vs batcher threads")
     parser.add_argument("--compare-slots", action="store_true", help="max_concurrent_batches 0, 1, 2, 4")
+    parser.add_argument("--compare-policy", action="store_true", help="share rule vs free-slot rule")
+    parser.add_argument("--only", help="comma-separated models to run (digits,dense,cnn); default all")
     parser.add_argument("--out", type=Path, default=RESULTS / "batching.json")
     args = parser.parse_args()
 
@@ -488,7 +536,7 @@ def main() -> None:
     load_before = os.getloadavg()
     started = time.time()
     results: dict[str, Any] = {"models": {}}
-    all_models = models(args.quick)
+    all_models = [m for m in models(args.quick) if not args.only or m.name in args.only.split(",")]
     for model in all_models:
         results["models"][model.name] = bench_model(model, args.rounds, log)
     if not args.no_invoke:
@@ -508,6 +556,11 @@ def main() -> None:
         results["slots_comparison"] = {
             m.name: compare_slots(m, args.rounds, log) for m in all_models if m.name != "cnn"
         }
+    if args.compare_policy:
+        results["policy_comparison"] = {m.name: compare_policy(m, args.rounds, log) for m in all_models}
+    if args.only:  # a partial run: print it, keep the results file of the last full run
+        print(json.dumps(results, indent=2))
+        return
 
     digits, cnn, dense = (results["models"][n] for n in ("digits", "cnn", "dense"))
     summary = {

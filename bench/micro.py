@@ -73,7 +73,8 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=2000, help="instances for the memory figure")
     args = ap.parse_args()
 
-    wasm = toolchain.build(examples.functions_dir() / "digits", progress=lambda m: print(m, file=sys.stderr)).read_bytes()
+    progress = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    wasm = toolchain.build(examples.functions_dir() / "digits", progress=progress).read_bytes()
     model = examples.digits_model()
     _, x_test, _, _ = examples.digits_split()
     sample = [float(v) for v in x_test[0]]

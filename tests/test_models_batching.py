@@ -522,7 +522,7 @@ def test_batching_options_and_their_errors(registry: ModelRegistry, add_model: b
     assert (as_json["max_batch_size"], as_json["max_queue_delay_us"]) == (16, 500)
     assert as_json["max_concurrent_batches"] is None and as_json["intra_op_threads"] == 1
     assert registry.load("a", add_model, max_batch_size=8).batching == BatchingConfig(8, 2000)
-    assert registry.load("a", add_model, max_batch_size=1, max_queue_delay_us=10).batching is None
+    assert registry.load("a", add_model, max_batch_size=1).batching is None
     assert registry.load("a", add_model, max_batch_size=0).batching is None
     assert registry.load("a", add_model).to_dict()["max_batch_size"] is None
 
@@ -533,6 +533,7 @@ def test_batching_options_and_their_errors(registry: ModelRegistry, add_model: b
         ({"max_batch_size": 8, "max_queue_delay_us": -1}, "max_queue_delay_us must be an integer from 0"),
         ({"max_queue_delay_us": 100}, "max_queue_delay_us needs max_batch_size"),
         ({"max_concurrent_batches": 2}, "max_concurrent_batches needs max_batch_size"),
+        ({"max_batch_size": 1, "max_queue_delay_us": 10}, "max_queue_delay_us needs max_batch_size"),
         ({"batching": BatchingConfig(), "max_batch_size": 8}, "give batching= or max_batch_size"),
         ({"intra_op_threads": -1}, "intra_op_threads must be an integer from 0 to 64, not -1"),
         ({"inter_op_threads": 1000}, "inter_op_threads must be an integer from 0 to 64"),

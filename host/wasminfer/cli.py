@@ -44,7 +44,9 @@ rm_app = typer.Typer(help="Delete a function (every version) or a model.", no_ar
 key_app = typer.Typer(
     help="API keys kept in a data folder's store (the server need not run).", no_args_is_help=True
 )
+set_app = typer.Typer(help="Change a model's load options.", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(set_app, name="set")
 app.add_typer(rm_app, name="rm")
 app.add_typer(key_app, name="key")
 
@@ -408,22 +410,111 @@ def deploy_function(
     )
 
 
+MaxBatchSize = Annotated[
+    int | None,
+    typer.Option(
+        help="Dynamic batching: the most rows one batched run takes, 2..1024 (0: off, the default)."
+    ),
+]
+MaxQueueDelayUs = Annotated[
+    int | None,
+    typer.Option(help="Dynamic batching: the longest a request waits for others, µs (default 2000)."),
+]
+MaxConcurrentBatches = Annotated[
+    int | None,
+    typer.Option(
+        help="Dynamic batching: batched runs in flight before a new one waits (default: the cores)."
+    ),
+]
+IntraOpThreads = Annotated[
+    int | None, typer.Option(help="ONNX Runtime threads inside one run (default 1; 0: one per core).")
+]
+InterOpThreads = Annotated[int | None, typer.Option(help="ONNX Runtime inter-op threads (default 1).")]
+
+
 @deploy_app.command("model")
 def deploy_model(
     name: Annotated[str, typer.Argument(help="The name functions call it by.")],
     file: Annotated[Path, typer.Argument(help="The .onnx file.")],
+    max_batch_size: MaxBatchSize = None,
+    max_queue_delay_us: MaxQueueDelayUs = None,
+    max_concurrent_batches: MaxConcurrentBatches = None,
+    intra_op_threads: IntraOpThreads = None,
+    inter_op_threads: InterOpThreads = None,
     url: Url = DEFAULT_URL,
     key: Key = None,
 ) -> None:
-    """Deploy an ONNX model (validated by loading it)."""
+    """Deploy an ONNX model (validated by loading it), with its load options."""
     with _client(url, key) as client:
-        view = client.put_model(name, file)
-    what = "deployed" if view.get("created") else "unchanged,"
+        view = client.put_model(
+            name,
+            file,
+            max_batch_size=max_batch_size,
+            max_queue_delay_us=max_queue_delay_us,
+            max_concurrent_batches=max_concurrent_batches,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+        )
+    _print_model(view, "deployed")
+
+
+@set_app.command("model")
+def set_model(
+    name: Annotated[str, typer.Argument(help="The model.")],
+    max_batch_size: MaxBatchSize = None,
+    max_queue_delay_us: MaxQueueDelayUs = None,
+    max_concurrent_batches: MaxConcurrentBatches = None,
+    intra_op_threads: IntraOpThreads = None,
+    inter_op_threads: InterOpThreads = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+) -> None:
+    """Change a model's load options (the others stay), as a new version of the same file."""
+    changes = {
+        k: v
+        for k, v in {
+            "max_batch_size": max_batch_size,
+            "max_queue_delay_us": max_queue_delay_us,
+            "max_concurrent_batches": max_concurrent_batches,
+            "intra_op_threads": intra_op_threads,
+            "inter_op_threads": inter_op_threads,
+        }.items()
+        if v is not None
+    }
+    if not changes:
+        raise typer.BadParameter("give at least one option to change, e.g. --max-batch-size 32")
+    with _client(url, key) as client:
+        view = client.patch_model(name, **changes)
+    _print_model(view, "updated")
+
+
+def _print_model(view: dict[str, Any], done: str) -> None:
+    what = done if view.get("created") else "unchanged,"
     io = "; ".join(_spec(s) for s in view.get("inputs", []))
     err.print(
-        f"{view['name']}: {what} version {view['version']} ({view['size']} bytes; inputs {io})",
+        f"{view['name']}: {what} version {view['version']} ({view['size']} bytes; inputs {io}; "
+        f"{_options(view.get('options'))})",
         highlight=False,
     )
+
+
+def _options_short(options: dict[str, Any] | None) -> str:
+    """Batching as `batch 8/2000µs` (rows/delay), or `-`."""
+    size = (options or {}).get("max_batch_size") or 0
+    return f"batch {size}/{options['max_queue_delay_us']}µs" if options and size >= 2 else "-"
+
+
+def _options(options: dict[str, Any] | None) -> str:
+    """A model's load options in a few words: batching and threads."""
+    if not options:
+        return "defaults"
+    size = options.get("max_batch_size") or 0
+    batching = (
+        f"batching up to {size} rows, {options.get('max_queue_delay_us')} µs delay"
+        if size >= 2
+        else "no batching"
+    )
+    return f"{batching}, {options.get('intra_op_threads')} intra-op thread(s)"
 
 
 def _spec(spec: dict[str, Any]) -> str:
@@ -674,7 +765,7 @@ def list_all(url: Url = DEFAULT_URL, key: Key = None) -> None:
         )
     out.print(table)
     table = Table(title="models", title_justify="left")
-    for column in ("name", "version", "size", "inputs", "outputs", "used by"):
+    for column in ("name", "version", "size", "inputs", "outputs", "options", "used by"):
         table.add_column(column, justify="right" if column in ("version", "size") else "left")
     for m in models:
         table.add_row(
@@ -683,6 +774,7 @@ def list_all(url: Url = DEFAULT_URL, key: Key = None) -> None:
             f"{m['size']:,}",
             "; ".join(_spec(s) for s in m.get("inputs", [])),
             "; ".join(_spec(s) for s in m.get("outputs", [])),
+            _options_short(m.get("options")),
             ",".join(m.get("users", [])),
         )
     out.print(table)

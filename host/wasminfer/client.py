@@ -164,12 +164,23 @@ class Client:
         return result
 
     # --- models -------------------------------------------------------------------------------------
-    def put_model(self, name: str, model: bytes | Path) -> dict[str, Any]:
-        """Uploads ONNX bytes (or a file) as model `name`; `created` says whether it is a new version."""
+    def put_model(self, name: str, model: bytes | Path, **options: int | None) -> dict[str, Any]:
+        """Uploads ONNX bytes (or a file) as model `name` with load `options` (`max_batch_size`,
+        `max_queue_delay_us`, `max_concurrent_batches`, `intra_op_threads`, `inter_op_threads`;
+        None: the default); `created` says whether it is a new version."""
         data = model.read_bytes() if isinstance(model, Path) else model
         result: dict[str, Any] = self._json(
-            "PUT", f"/v1/models/{name}", content=data, headers={"content-type": "application/octet-stream"}
+            "PUT",
+            f"/v1/models/{name}",
+            content=data,
+            params={k: str(v) for k, v in options.items() if v is not None},
+            headers={"content-type": "application/octet-stream"},
         )
+        return result
+
+    def patch_model(self, name: str, **changes: int | None) -> dict[str, Any]:
+        """Changes load options of model `name` (None: back to the default) as a new version."""
+        result: dict[str, Any] = self._json("PATCH", f"/v1/models/{name}", json=changes)
         return result
 
     def models(self) -> list[dict[str, Any]]:

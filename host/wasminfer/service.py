@@ -37,6 +37,8 @@ from wasminfer.errors import (
     WasminferError,
 )
 from wasminfer.manifest import Manifest
+from wasminfer.models import ModelInfo
+from wasminfer.models.registry import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP_THREADS
 from wasminfer.runtime import DeployedFunction, Host, InvokeResult, LogLine
 from wasminfer.store import DEFAULT_TENANT, FunctionVersion, ModelRecord, Store, validate_name
 
@@ -136,13 +138,25 @@ class LoadReport:
         }
 
 
-def _model_info(info: Any) -> dict[str, Any]:
-    """The stable part of a `ModelInfo` (what the store keeps; load time and RSS vary per load)."""
+def _model_info(info: ModelInfo) -> dict[str, Any]:
+    """The stable part of a `ModelInfo` (what the store keeps; load time and RSS vary per load),
+    with the options it was loaded with (threads, batching), so that every later load is the same."""
     return {
         "inputs": [s.to_dict() for s in info.inputs],
         "outputs": [s.to_dict() for s in info.outputs],
         "metadata": dict(info.metadata),
+        "options": info.options(),
     }
+
+
+def _load_options(options: Mapping[str, int | None] | None) -> dict[str, int]:
+    """`ModelRegistry.load` keywords from stored or given options (None: the option's default).
+    A version stored before options were kept has none: the defaults."""
+    return {k: v for k, v in (options or {}).items() if v is not None}
+
+
+def _stored_options(rec: ModelRecord) -> dict[str, int]:
+    return _load_options(rec.info.get("options"))
 
 
 def _module_info(fn: DeployedFunction) -> dict[str, Any]:
@@ -211,7 +225,7 @@ class Platform:
                 for rec in self.store.list_models(tenant=tenant):
                     report_progress(f"loading model {tenant}/{rec.name} v{rec.version}")
                     try:
-                        host.deploy_model(rec.name, self.store.blobs.get(rec.sha256))
+                        host.deploy_model(rec.name, self.store.blobs.get(rec.sha256), **_stored_options(rec))
                         report.models += 1
                     except (WasminferError, OSError) as exc:
                         self._failed(report, f"model {tenant}/{rec.name} v{rec.version}", exc)
@@ -311,19 +325,29 @@ class Platform:
         return key
 
     # --- models -------------------------------------------------------------------------------------
-    def put_model(self, name: str, data: bytes, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
-        """Loads `data` as model `name` (ONNX Runtime validates it), then stores it as a new version.
+    def put_model(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        options: Mapping[str, int | None] | None = None,
+        tenant: str = DEFAULT_TENANT,
+    ) -> dict[str, Any]:
+        """Loads `data` as model `name` (ONNX Runtime validates it) with load `options` (threads and
+        batching, see `ModelRegistry.load`; None values and missing ones take their defaults), then
+        stores both as a new version.
 
-        Returns the model's view with `created` (False when the bytes equal the latest version).
-        Raises `InvalidName`, `InvalidModel`; on a store failure the host goes back to the stored
-        version (or drops the model) and the error propagates.
+        Returns the model's view with `created` (False when the bytes and options equal the latest
+        version's). Raises `InvalidName`, `InvalidModel`, `BadRequest` (an option out of range, or
+        batching asked of a model without a batch dimension); on a store failure the host goes back
+        to the stored version (or drops the model) and the error propagates.
         """
         validate_name("tenant", tenant)
         validate_name("model", name)
         self._check_ready()
         with self._lock:
             host = self._ensure_host(tenant)
-            info = host.deploy_model(name, data)
+            info = host.deploy_model(name, data, **_load_options(options))
             try:
                 rec = self.store.put_model(name, data, _model_info(info), tenant=tenant)
             except BaseException:
@@ -331,10 +355,27 @@ class Platform:
                 raise
         return {**self._model_view(rec, host), "created": rec.created}
 
+    def patch_model(
+        self, name: str, changes: Mapping[str, int | None], *, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        """Changes load options of model `name` (a None value: back to the default) without a new
+        upload: its latest bytes are loaded again with the merged options and stored as a new
+        version. Turning batching off (`max_batch_size` 0 or None) drops its other knobs.
+        Raises `InvalidName`, `ModelNotFound`, `BadRequest`."""
+        validate_name("model", name)
+        self._check_ready()
+        rec = self.store.get_model(name, tenant=tenant)
+        merged = {**(rec.info.get("options") or {}), **changes}
+        if (merged.get("max_batch_size") or 0) < 2:
+            for knob in ("max_queue_delay_us", "max_concurrent_batches"):
+                if knob not in changes:
+                    merged.pop(knob, None)
+        return self.put_model(name, self.store.blobs.get(rec.sha256), options=merged, tenant=tenant)
+
     def _restore_model(self, host: Host, name: str, tenant: str) -> None:
         try:
             rec = self.store.get_model(name, tenant=tenant)
-            host.deploy_model(name, self.store.blobs.get(rec.sha256))
+            host.deploy_model(name, self.store.blobs.get(rec.sha256), **_stored_options(rec))
         except ModelNotFound:
             if not any(name in f.manifest.models for f in host.functions()):
                 host.models.unload(name)
@@ -343,13 +384,15 @@ class Platform:
 
     def _model_view(self, rec: ModelRecord, host: Host | None) -> dict[str, Any]:
         view = rec.to_dict()
-        view.update({k: v for k, v in rec.info.items() if k in ("inputs", "outputs", "metadata")})
+        view.update({k: v for k, v in rec.info.items() if k in ("inputs", "outputs", "metadata", "options")})
         view["loaded"] = host is not None and rec.name in host.models
         if host is not None and rec.name in host.models:
             live = host.models.get(rec.name)
+            view.setdefault("options", live.options())  # a version stored before options were kept
             view["load_seconds"] = round(live.load_seconds, 6)
             view["resident_bytes"] = live.resident_bytes
             view["users"] = sorted(f.name for f in host.functions() if rec.name in f.manifest.models)
+            view["stats"] = host.models.stats(rec.name).to_dict()
         return view
 
     def list_models(self, *, tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
@@ -563,8 +606,11 @@ class Platform:
             manifest = Manifest.from_dict(fv.manifest)
             for model in manifest.models:
                 rec = self.store.get_model(model, tenant=tenant)
-                if model not in host.models or host.models.get(model).sha256 != rec.sha256:
-                    host.deploy_model(model, self.store.blobs.get(rec.sha256))
+                stored = rec.info.get("options") or {}
+                if model not in host.models or model_digest(host.models.get(model)) != model_digest(
+                    rec.sha256, stored
+                ):
+                    host.deploy_model(model, self.store.blobs.get(rec.sha256), **_load_options(stored))
             if fn is None or fn.version != fv.sha256 or fn.manifest != manifest:
                 host.deploy_function(name, self.store.blobs.get(fv.sha256), manifest)
             log.info("replica: synced %s/%s to version %d from the store", tenant, name, fv.version)
@@ -594,10 +640,33 @@ def deployment_digest(fn: DeployedFunction) -> str:
     parts = [fn.digest]
     for model in fn.manifest.models:
         try:
-            parts.append(models.get(model).sha256[:12])
+            parts.append(model_digest(models.get(model)))
         except ModelNotFound:
             parts.append("-")
     return ".".join(parts)
+
+
+_DEFAULT_OPTIONS = {
+    "intra_op_threads": DEFAULT_INTRA_OP_THREADS,
+    "inter_op_threads": DEFAULT_INTER_OP_THREADS,
+    "max_batch_size": 0,
+}
+
+
+def model_digest(model: ModelInfo | str, options: Mapping[str, int | None] | None = None) -> str:
+    """A loaded model (or a stored version: sha256 and options) as host replicas compare it: its
+    bytes and the load options that differ from the defaults (a version stored before options were
+    kept has none: the defaults)."""
+    if isinstance(model, ModelInfo):
+        sha256, options = model.sha256, model.options()
+    else:
+        sha256 = model
+    given = sorted(
+        (k, v) for k, v in (options or {}).items() if v is not None and _DEFAULT_OPTIONS.get(k) != v
+    )
+    if not given:
+        return sha256[:12]
+    return f"{sha256[:12]}+{hashlib.sha256(repr(given).encode()).hexdigest()[:8]}"
 
 
 def _deployed(host: Host | None, name: str) -> DeployedFunction | None:

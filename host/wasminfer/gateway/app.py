@@ -77,6 +77,7 @@ def create_app(
         Route("/v1/jobs/{id}/result", scoped(INVOKE, jobs.job_result), methods=["GET"]),
         Route("/v1/models", scoped(READ, models.list_models), methods=["GET"]),
         Route("/v1/models/{name}", scoped(ADMIN, models.put_model), methods=["PUT"]),
+        Route("/v1/models/{name}", scoped(ADMIN, models.patch_model), methods=["PATCH"]),
         Route("/v1/models/{name}", scoped(READ, models.get_model), methods=["GET"]),
         Route("/v1/models/{name}", scoped(ADMIN, models.delete_model), methods=["DELETE"]),
         Route("/healthz", system.healthz, methods=["GET"]),

@@ -3,7 +3,8 @@ the tests, never share counters).
 
 Counted per request by the invoke route: invocations by function and outcome (`ok` or the error
 code), end-to-end latency and guest run time, cold starts. Read from the platform at scrape time:
-live/busy/idle instances per function, and per model its load time and resident bytes.
+live/busy/idle instances per function, and per model its load time, resident bytes, runs, inferences,
+errors and run time, and for a batching model its batch size and queue delay histograms.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from wasminfer.jobs import JobService
@@ -143,17 +144,70 @@ class _PlatformCollector(Collector):
             "Estimated memory of the model's ONNX Runtime session",
             labels=["tenant", "model"],
         )
+        labels = ["tenant", "model"]
+        runs = CounterMetricFamily(
+            "wasminfer_model_runs", "ONNX Runtime runs of the model's session", labels=labels
+        )
+        inferences = CounterMetricFamily(
+            "wasminfer_model_inferences",
+            "infer calls answered (more than runs when calls share batched runs)",
+            labels=labels,
+        )
+        errors = CounterMetricFamily(
+            "wasminfer_model_errors", "infer calls ONNX Runtime failed", labels=labels
+        )
+        run_seconds = CounterMetricFamily(
+            "wasminfer_model_run_seconds", "Time spent in the model's session runs", labels=labels
+        )
+        batch_size = HistogramMetricFamily(
+            "wasminfer_model_batch_size", "Rows per batched run (batching models)", labels=labels
+        )
+        queue_delay = HistogramMetricFamily(
+            "wasminfer_model_queue_delay_seconds",
+            "What requests waited in the batcher's queue before their batch ran (batching models)",
+            labels=labels,
+        )
         for tenant, stats in self.platform.stats().items():
             for name, fn in stats["functions"].items():
                 pool = fn["instances"]
                 for state in ("live", "busy", "idle"):
                     instances.add_metric([tenant, name, state], float(pool[state]))
             for model in stats["models"]:
-                load.add_metric([tenant, model["name"]], float(model["load_seconds"]))
-                resident.add_metric([tenant, model["name"]], float(model["resident_bytes"]))
+                key = [tenant, model["name"]]
+                load.add_metric(key, float(model["load_seconds"]))
+                resident.add_metric(key, float(model["resident_bytes"]))
+                counters = model.get("stats")
+                if counters is None:
+                    continue
+                runs.add_metric(key, float(counters["runs"]))
+                inferences.add_metric(key, float(counters["inferences"]))
+                errors.add_metric(key, float(counters["errors"]))
+                run_seconds.add_metric(key, float(counters["run_seconds_total"]))
+                batching = counters.get("batching")
+                if batching is not None:
+                    batch_size.add_metric(
+                        key, _buckets(batching["batch_size_buckets"]), float(batching["batch_size_sum"])
+                    )
+                    queue_delay.add_metric(
+                        key,
+                        _buckets(batching["queue_delay_buckets"]),
+                        float(batching["queue_delay_seconds_sum"]),
+                    )
         yield instances
         yield load
         yield resident
+        yield runs
+        yield inferences
+        yield errors
+        yield run_seconds
+        yield batch_size
+        yield queue_delay
+
+
+def _buckets(pairs: list[list[Any]]) -> list[tuple[str, float]]:
+    """`BatchingStats` histogram pairs (`[upper bound, cumulative count]`, ending with "+Inf") in
+    the form prometheus-client's `HistogramMetricFamily` takes."""
+    return [(le if isinstance(le, str) else repr(float(le)), float(n)) for le, n in pairs]
 
 
 class _FleetCollector(Collector):

@@ -109,6 +109,19 @@ _MANIFEST_QUERY = [
 ]
 
 
+_MODEL_OPTION_DOCS = {
+    "max_batch_size": "dynamic batching: the most rows one batched run takes, 2..1024 "
+    "(default 0: off; needs a dynamic first dimension on every input and output)",
+    "max_queue_delay_us": "dynamic batching: the longest a request waits for others, 0..1000000 µs "
+    "(default 2000)",
+    "max_concurrent_batches": "dynamic batching: batched runs in flight before a new one waits to grow, "
+    "0..256 (default: the cores a run can use; 0: always wait for a full batch or the delay)",
+    "intra_op_threads": "ONNX Runtime threads inside one run, 0..64 (default 1; 0: one per core)",
+    "inter_op_threads": "ONNX Runtime threads across independent nodes, 0..64 (default 1)",
+}
+_MODEL_OPTIONS_QUERY = [_query(name, doc, {"type": "integer"}) for name, doc in _MODEL_OPTION_DOCS.items()]
+
+
 def _header(name: str, description: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -391,8 +404,10 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "400 401 403 413 415 503",
                 description="Validated by loading it into ONNX Runtime; a model whose tensors live in "
-                "external files is refused. Functions using the name switch to the new version at once.",
-                parameters=[model],
+                "external files is refused. Functions using the name switch to the new version at once. "
+                "Load options are query parameters; an upload states them all (missing ones take their "
+                "defaults): change them alone with PATCH.",
+                parameters=[model, *_MODEL_OPTIONS_QUERY],
                 body={
                     "required": True,
                     "content": {
@@ -400,8 +415,27 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             ),
+            "patch": _op(
+                "Change a model's load options (threads, dynamic batching)",
+                "admin",
+                {
+                    **_ok("201", "A new version was created", "Model"),
+                    **_ok("200", "The options were already these: nothing changed", "Model"),
+                },
+                "400 401 403 404 413 415 503",
+                description="The latest version's bytes are loaded again with its options merged with "
+                "these (null: back to the default) and stored as a new version. Turning batching off "
+                "(max_batch_size 0) drops its other options.",
+                parameters=[model],
+                body={
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ModelOptions"}}
+                    },
+                },
+            ),
             "get": _op(
-                "A model: inputs, outputs, versions, load time, memory",
+                "A model: inputs, outputs, versions, options, load time, memory, run and batching counters",
                 "read",
                 _ok("200", "The model", "Model"),
                 "401 403 404",
@@ -565,6 +599,21 @@ def openapi_document() -> dict[str, Any]:
                 "load_seconds": {"type": "number"},
                 "resident_bytes": {"type": "integer"},
                 "created": {"type": "boolean"},
+                "options": {"$ref": "#/components/schemas/ModelOptions"},
+                "stats": {
+                    "type": "object",
+                    "description": "runs, inferences (more than runs when calls share batched runs), "
+                    "errors, rates over the last 10 s, and `batching` (batch size and queue delay "
+                    "histograms) for a batching model",
+                },
+            },
+        },
+        "ModelOptions": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                name: {"type": ["integer", "null"], "description": doc}
+                for name, doc in _MODEL_OPTION_DOCS.items()
             },
         },
         "ModelList": {
@@ -694,6 +743,8 @@ _CURL = {
         "/v1/models/{name}",
     ): "curl -X PUT {base}/v1/models/NAME -H 'content-type: application/octet-stream' "
     "--data-binary @model.onnx",
+    ("patch", "/v1/models/{name}"): "curl -X PATCH {base}/v1/models/NAME -H 'content-type: application/json' "
+    '-d \'{{"max_batch_size": 32, "max_queue_delay_us": 2000}}\'',
     ("post", "/v1/functions/{name}/batch"): "curl -X POST {base}/v1/functions/NAME/batch "
     "-H 'content-type: application/jsonl' --data-binary @inputs.jsonl",
     ("post", "/v1/functions/{name}/invoke"): "curl -X POST {base}/v1/functions/NAME/invoke "

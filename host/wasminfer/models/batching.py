@@ -15,15 +15,19 @@ Against batcher threads with the same policy (`bench/batching.py --compare-runne
 2 vCPUs: p99 within 5% at concurrency 8 and 32 on a quiet machine (digits c=32: 6.2 vs 6.3 ms, an
 MLP: 6.7 vs 6.5 ms), within the noise on a loaded one.
 
-**When to wait.** A leader runs at once while the model has a free *run slot* (fewer batches in
-flight than `max_concurrent_batches`, by default the cores a run of `intra_op_threads` can use):
-waiting could then only add latency. Only while every slot is busy does it wait -- until its queue
-holds `max_batch_size` rows, a slot frees up, or its oldest request has waited `max_queue_delay_us`.
-So at low load a request runs alone at once, and under load batches grow to what arrives during a
-run. Always waiting for a full batch or the delay (`max_concurrent_batches=0`, Triton's and Ray
-Serve's behaviour) makes each of 8 callers wait the whole delay for 32 that never come: 0.15x the
-MLP's throughput and 0.09x digits' at concurrency 8 (`--compare-slots`; on a quiet machine 1 slot
-did worse than 2 and 4 about the same; on a loaded one 1 slot did best).
+**When to wait.** A batch waits until it holds its *share* of the requests inside the batcher (queued,
+or in batches that run): ceil(inside / run slots), where the run slots are `max_concurrent_batches`,
+by default the cores a run of `intra_op_threads` can use -- or until it holds `max_batch_size` rows,
+or its oldest request has waited `max_queue_delay_us`; and while every slot is busy it waits for one
+too. So a lone request runs at once (its share is itself), and N callers split into one batch per
+slot that alternate: one runs while the other's callers come back with their next request. Two
+other rules were measured against it (`bench/batching.py`, digits/MLP/CNN at concurrency 8 and 32,
+one session): running as soon as a slot is free -- batches then only grow out of what arrives
+while every slot is busy, 2-5 rows at c=32 where the share rule makes 12-32 -- gave the same
+throughput but 1.5-2x the p99; waiting for as many rows as the last batch took (no slots) formed
+full batches but ran them one at a time, halving the CNN's throughput at c=8 on 2 cores. Always
+waiting for a full batch or the delay (`max_concurrent_batches=0`, Triton's and Ray Serve's
+behaviour) makes each of 8 callers wait the whole delay for 32 that never come.
 
 The delay bounds the queue, not the thread: a woken leader or follower still waits for a core and
 the GIL. Digits at c=32: every request left its queue within 2.5 ms, the end-to-end p99 was 6.7 ms;
@@ -256,15 +260,13 @@ class _Request:
 class _Queue:
     """Requests of one signature; `leading` while one of them is the leader."""
 
-    __slots__ = ("pending", "rows", "leading", "cond", "expect")
+    __slots__ = ("pending", "rows", "leading", "cond")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.pending: list[_Request] = []
         self.rows = 0
         self.leading = False
         self.cond = threading.Condition(lock)
-        # Rows the next batch waits for (within the delay): as many as the last batch took.
-        self.expect = 1
 
 
 class Batcher:
@@ -287,6 +289,7 @@ class Batcher:
         self._lock = counters.lock
         self._queues: dict[Hashable, _Queue] = {}
         self._in_flight = 0
+        self._inside = 0  # requests queued here or in a running batch
         self._leaders = 0  # queues with a leader
         self._waiting_leaders = 0
         self._closed = False
@@ -326,7 +329,7 @@ class Batcher:
             try:
                 return self._run(feed)
             finally:
-                self._free_slot()
+                self._free_slot(1)
         if request.state != _LEAD:
             try:
                 request.wake.acquire()  # until answered, or made the leader of what is left
@@ -345,15 +348,18 @@ class Batcher:
     def _enqueue(self, feed: Feed, rows: int) -> _Request | None:
         """Under the lock: queue the request (as its queue's leader if it has none), or take a run
         slot for it and return None when one is free and no request of its signature waits."""
-        signature = _signature(feed)
-        queue = self._queues.get(signature)
-        if (
-            (queue is None or (not queue.leading and queue.expect <= rows))
-            and self._in_flight < self._slots
-        ):
+        self._inside += 1
+        queue = signature = None
+        if self._leaders:  # else no queue has anyone in it: skip the signature
+            signature = _signature(feed)
+            queue = self._queues.get(signature)
+        if (queue is None or not queue.leading) and self._in_flight < self._slots and self._share() <= rows:
             self._in_flight += 1
             self._record_alone(rows)
             return None
+        if signature is None:
+            signature = _signature(feed)
+            queue = self._queues.get(signature)
         if queue is None:
             if len(self._queues) >= _MAX_IDLE_QUEUES:
                 self._prune()
@@ -365,7 +371,7 @@ class Batcher:
             queue.leading = True
             self._leaders += 1
             request.state = _LEAD
-        elif queue.rows >= self._max_rows or (queue.rows >= queue.expect and self._in_flight < self._slots):
+        elif queue.rows >= self._max_rows or (self._in_flight < self._slots and queue.rows >= self._share()):
             queue.cond.notify()
         return request
 
@@ -377,7 +383,7 @@ class Batcher:
                 while (
                     queue.rows < self._max_rows
                     and not self._closed
-                    and (self._in_flight >= self._slots or queue.rows < queue.expect)
+                    and (self._in_flight >= self._slots or queue.rows < self._share())
                 ):
                     remaining = queue.pending[0].enqueued + self._delay - time.monotonic()
                     if remaining <= 0:
@@ -392,6 +398,7 @@ class Batcher:
                 # and hand it to the next request, so that nobody waits on a leader that is gone.
                 queue.pending.remove(me)
                 queue.rows -= me.rows
+                self._inside -= 1
                 self._hand_over(queue)
                 raise
             # FIFO: the leader's request is always the oldest, so it is always in its own batch.
@@ -404,21 +411,26 @@ class Batcher:
             batch = queue.pending[:taken]
             del queue.pending[:taken]
             queue.rows -= rows
-            queue.expect = rows
             self._in_flight += 1
             self._hand_over(queue)
             self._record(batch, rows)
         try:
             self._run_batch(batch, rows)
         finally:
-            self._free_slot()
+            self._free_slot(len(batch))
             for request in batch:
                 if request is not me:
                     request.wake.release()
 
-    def _free_slot(self) -> None:
+    def _share(self) -> int:
+        """Under the lock: the rows a batch waits for while a slot is free -- its share of the
+        requests inside (queued or running), one slot's worth."""
+        return -(-self._inside // max(1, self._slots))
+
+    def _free_slot(self, requests: int) -> None:
         with self._lock:
             self._in_flight -= 1
+            self._inside -= requests
             if self._waiting_leaders:  # leaders waiting for a slot may go
                 for waiting in self._queues.values():
                     if waiting.leading:
@@ -432,6 +444,7 @@ class Batcher:
             if request in queue.pending:
                 queue.pending.remove(request)
                 queue.rows -= request.rows
+                self._inside -= 1
                 if request.state == _LEAD:
                     self._hand_over(queue)
 

@@ -162,6 +162,19 @@ class ModelInfo:
     inter_op_threads: int
     batching: BatchingConfig | None = None
 
+    def options(self) -> dict[str, int | None]:
+        """The load options this model runs with, resolved (defaults filled in): what
+        `ModelRegistry.load(**options)` takes to load it again the same way, and what the store
+        keeps with each model version. `max_batch_size` 0 is batching off."""
+        batching = self.batching
+        return {
+            "intra_op_threads": self.intra_op_threads,
+            "inter_op_threads": self.inter_op_threads,
+            "max_batch_size": batching.max_batch_size if batching else 0,
+            "max_queue_delay_us": batching.max_queue_delay_us if batching else None,
+            "max_concurrent_batches": batching.max_concurrent_batches if batching else None,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         batching = self.batching
         return {
@@ -583,7 +596,7 @@ def _batching_config(
         )
     if size < 2:
         given = [name for name, value in knobs.items() if value is not None]
-        if given and max_batch_size is None:
+        if given:
             raise BadRequest(f"{given[0]} needs max_batch_size (2 or more) to turn batching on")
         return None  # 0 or 1: one request per run
     return BatchingConfig(size, delay, slots)

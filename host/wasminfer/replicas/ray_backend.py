@@ -52,7 +52,7 @@ from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import NotDelivered, Replica, ReplicaBackend, ReplicaStats, WarmSpec
 from wasminfer.runtime import InvokeResult
 from wasminfer.scaling import ScalingConfig
-from wasminfer.service import Platform, deployment_digest
+from wasminfer.service import Platform, deployment_digest, model_digest
 
 log = logging.getLogger("wasminfer.replicas")
 
@@ -60,7 +60,7 @@ _CONTROL = "control"  # the actor's concurrency group for stats, warm-up and clo
 _NEED_BUNDLE = "need-bundle"  # an actor's answer: "send me the function's blobs with this request"
 
 #: What the gateway sends an actor on another node with a request it may not be synced for:
-#: {"function": (sha256, manifest, ref), "models": [(name, sha256, ref), …]} (refs into Ray's
+#: {"function": (sha256, manifest, ref), "models": [(name, sha256, ref, options), …]} (refs into Ray's
 #: object store).
 Bundle = dict[str, Any]
 
@@ -350,7 +350,7 @@ class RayBackend(ReplicaBackend):
         models = []
         for model in Manifest.from_dict(fv.manifest).models:
             rec = store.get_model(model, tenant=tenant)
-            models.append((model, rec.sha256, self._blob(rec.sha256)))
+            models.append((model, rec.sha256, self._blob(rec.sha256), rec.info.get("options") or {}))
         bundle = {"function": (fv.sha256, fv.manifest, self._blob(fv.sha256)), "models": models}
         self._forget_unused_blobs()
         return bundle
@@ -377,7 +377,7 @@ class RayBackend(ReplicaBackend):
 
 
 def _bundle_shas(bundle: Bundle) -> list[str]:
-    return [bundle["function"][0], *(sha for _, sha, _ in bundle["models"])]
+    return [bundle["function"][0], *(sha for _, sha, *_ in bundle["models"])]
 
 
 async def _await(ref: Any) -> Any:
@@ -491,10 +491,14 @@ class HostActor:
             if self._current(tenant, name) == deployment:
                 return True
             platform = self.platform
-            for model, sha, ref in bundle["models"]:
+            for model, sha, ref, options in bundle["models"]:
                 host = platform.hosts().get(tenant)
-                if host is None or model not in host.models or host.models.get(model).sha256 != sha:
-                    platform.put_model(model, ray.get(ref), tenant=tenant)
+                if (
+                    host is None
+                    or model not in host.models
+                    or model_digest(host.models.get(model)) != model_digest(sha, options)
+                ):
+                    platform.put_model(model, ray.get(ref), options=options, tenant=tenant)
             _, manifest, ref = bundle["function"]
             platform.put_function(name, ray.get(ref), Manifest.from_dict(manifest), tenant=tenant)
             log.info("synced %s/%s from Ray's object store", tenant, name)

@@ -401,8 +401,14 @@ class Host:
     def stats(self) -> dict[str, Any]:
         return {
             "functions": {f.name: f.describe() for f in self.functions()},
-            "models": [m.to_dict() for m in self.models.list()],
+            "models": [{**m.to_dict(), "stats": self._model_stats(m.name)} for m in self.models.list()],
         }
+
+    def _model_stats(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.models.stats(name).to_dict()
+        except ModelNotFound:  # unloaded since it was listed
+            return None
 
     def reap_idle(self) -> int:
         """Destroys instances idle past their function's `idle_timeout_s` (keeping `min_instances`)."""
