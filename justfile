@@ -44,7 +44,7 @@ bench-async *ARGS:
 
 # Dynamic batching: throughput and p50/p99 with and without it at concurrency 1, 8, 32: bench/results/batching.json.
 bench-batching *ARGS:
-    {{python}} bench/batching.py --compare-runner --compare-policy --compare-slots {{ARGS}}
+    {{python}} bench/batching.py --compare-runner --compare-slots {{ARGS}}
 
 # Hybrid scaling (digits, up to 2 host replicas): a step load, and 1 vs 2 replicas: bench/results/scaling.json, .png.
 bench-scaling *ARGS:

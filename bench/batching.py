@@ -11,8 +11,7 @@ batching and with it (`max_batch_size` 32, `max_queue_delay_us` 2000, default ru
 
 Also, where the runtime is available, `Host.invoke` of the digits example function (built from
 functions/digits with the toolchain) from the same threads; with `--compare-runner`, the
-leader/follower batcher against a variant with batcher threads; with `--compare-policy`, the share
-rule against running a batch as soon as a run slot is free; with `--compare-slots`, run slots
+leader/follower batcher against a variant with batcher threads; with `--compare-slots`, run slots
 (`max_concurrent_batches`) 0, 1, 2 and 4.
 
 The machine this was written on has 2 vCPUs shared with other work, whose load swings throughput
@@ -393,50 +392,6 @@ def compare_runner(model: Model, rounds: int, log: Callable[[str], None]) -> dic
     return results
 
 
-# --- when a batch runs: its share of the requests inside, or as soon as a slot is free ----------------
-class FreeSlotBatcher(batching_module.Batcher):
-    """The rule the share rule replaced: a batch runs as soon as a run slot is free (its share is
-    always one request), so batches only grow out of what arrives while every slot is busy."""
-
-    def _share(self) -> int:
-        return 1
-
-
-def compare_policy(model: Model, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Unbatched, the share rule and the free-slot rule side by side (alternating rounds)."""
-    results: dict[str, Any] = {}
-    with ModelRegistry() as registry:
-        registry.load("unbatched", model.data)
-        registry.load("share", model.data, batching=CONFIG)
-        registry.load("free-slot", model.data, batching=CONFIG)
-        variant = registry._models["free-slot"]  # noqa: SLF001 - swapping in the variant
-        variant.batcher = FreeSlotBatcher(
-            CONFIG, variant.timed_run, batching_module.BatchCounters(), slots=batching_module.default_slots(1)
-        )
-        names = ["unbatched", "share", "free-slot"]
-        for concurrency in (8, 32):
-            measured: dict[str, list[Round]] = {name: [] for name in names}
-            for _ in range(rounds):
-                for name in names:
-                    call = lambda i, n=name: registry.infer(n, model.rows[i % len(model.rows)])  # noqa: E731
-                    measured[name].append(closed_loop(call, concurrency, model.seconds))
-            row: dict[str, Any] = {}
-            for name in names[1:]:
-                pair = compare({"unbatched": measured["unbatched"], name: measured[name]}, other=name)
-                row[name] = {**pair[name], "speedup": pair["speedup"]}
-            row["unbatched"] = summarise(measured["unbatched"])
-            results[f"c{concurrency}"] = row
-            log(
-                f"  {model.name:<10} c={concurrency:<3} "
-                + " | ".join(
-                    f"{name} {row[name]['throughput_rps']:>8.0f}/s p99 {row[name]['p99_ms']:>7.3f}"
-                    + (f" x{row[name]['speedup']:.2f}" if name != "unbatched" else "")
-                    for name in names
-                )
-            )
-    return results
-
-
 # --- how many batches in flight before leaders wait ---------------------------------------------------
 SLOTS = (
     0,
@@ -525,7 +480,6 @@ def main() -> None:
     parser.add_argument("--no-invoke", action="store_true", help="skip the Host.invoke part")
     parser.add_argument("--compare-runner", action="store_true", help="leader/follower vs batcher threads")
     parser.add_argument("--compare-slots", action="store_true", help="max_concurrent_batches 0, 1, 2, 4")
-    parser.add_argument("--compare-policy", action="store_true", help="share rule vs free-slot rule")
     parser.add_argument("--only", help="comma-separated models to run (digits,dense,cnn); default all")
     parser.add_argument("--out", type=Path, default=RESULTS / "batching.json")
     args = parser.parse_args()
@@ -556,8 +510,6 @@ def main() -> None:
         results["slots_comparison"] = {
             m.name: compare_slots(m, args.rounds, log) for m in all_models if m.name != "cnn"
         }
-    if args.compare_policy:
-        results["policy_comparison"] = {m.name: compare_policy(m, args.rounds, log) for m in all_models}
     if args.only:  # a partial run: print it, keep the results file of the last full run
         print(json.dumps(results, indent=2))
         return

