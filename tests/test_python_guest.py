@@ -476,3 +476,61 @@ def test_deploy_invoke_and_read_logs_over_http(tmp_path: Path, components: dict[
             assert "Traceback" in r.text and "ValueError: over http" in r.text
     finally:
         platform.close()
+
+
+# --- dynamic batching across the ABIs ---------------------------------------------------------------
+def test_one_batched_run_serves_a_component_a_handler_and_a_wasi_nn_program(
+    components: dict[str, bytes],
+    hostile_wasm: bytes,
+    add_model: bytes,
+    build_guest: Any,
+    tmp_path: Path,
+) -> None:
+    """Batching sits behind the model registry, so concurrent `infer` calls of the three guest ABIs
+    (this Python component, the hand-written handler module, a wasi-nn command) stack into one run.
+    `max_concurrent_batches=0` makes a batch wait for `max_batch_size` rows or the delay, so three
+    calls made together end up in one batch of three."""
+    from wasminfer.manifest import Manifest
+    from wasminfer.models import BatchingConfig
+
+    probe = build_guest("nn_probe.c", exec_model="command")
+    with Host(cache_dir=ENGINE_CACHE) as h:
+        h.deploy_model("add", add_model, batching=BatchingConfig(3, 1_000_000, max_concurrent_batches=0))
+        h.deploy_function("py", components["guest"], GUEST_MANIFEST)
+        h.deploy_function("hostile", hostile_wasm, Manifest(models=("add",), memory_mb=4))
+        h.deploy_function("probe", probe, Manifest(models=("add",)))
+        row = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+        script = (
+            "byname add\ninit 0\n"
+            f"input 0 0 1 1,3 {row.tobytes().hex()}\ninput 0 1 1 1,3 {row.tobytes().hex()}\n"
+            "compute 0\noutput 0 0 64\n"
+        )
+        calls = {
+            "component": lambda: json.loads(h.invoke("py", b"add 1,2,3", "text/plain").body)["y"],
+            "handler": lambda: decode_tensors(
+                h.invoke("hostile", b"i" + encode_tensors({"a": row, "b": row})).body
+            )["y"].tolist(),
+            "wasi-nn": lambda: np.frombuffer(
+                bytes.fromhex(h.invoke("probe", script.encode()).body.decode().splitlines()[-1].split()[3]),
+                "<f4",
+            ).reshape(1, 3).tolist(),
+        }
+        before = h.models.stats("add").batching
+        assert before is not None and before.batches == 0
+        got: dict[str, Any] = {}
+        start = threading.Barrier(len(calls))
+
+        def call(name: str) -> None:
+            start.wait()
+            got[name] = calls[name]()
+
+        threads = [threading.Thread(target=call, args=(name,)) for name in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert got == {name: [[2.0, 4.0, 6.0]] for name in calls}
+        stats = h.models.stats("add")
+        assert stats.runs == 1 and stats.inferences == 3
+        batching = stats.batching
+        assert batching is not None and (batching.batches, batching.batched_requests) == (1, 3)
