@@ -50,6 +50,7 @@ from wasminfer.runtime._wasm import (
     WasmTrap,
     _first_line,
     _no_finalizer,
+    _set_epoch_deadline,
     capture_output,
     compile_in_worker,
     held,
@@ -92,7 +93,6 @@ _error_new = held("wasmtime_error_new", _vp, ctypes.c_char_p)
 # The call and its post-return run guest code.
 _func_call = _c("wasmtime_component_func_call", _vp, _vp, _vp, _vp, _sz, _vp, _sz)
 _post_return = _c("wasmtime_component_func_post_return", _vp, _vp, _vp)
-_set_epoch_deadline = held("wasmtime_context_set_epoch_deadline", None, _vp, ctypes.c_uint64)
 # (env, context, type, args, nargs, results, nresults) -> error or NULL
 _Callback = ctypes.CFUNCTYPE(_sz, _vp, _vp, _vp, _vp, _sz, _vp, _sz)
 
