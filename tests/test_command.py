@@ -19,6 +19,7 @@ from wasminfer.errors import (
     GuestError,
     GuestTrap,
     InvalidManifest,
+    InvalidModule,
     LogLimitExceeded,
     MemoryLimitExceeded,
     OutputLimitExceeded,
@@ -169,7 +170,9 @@ def test_output_limit_obeyed_and_violated(host: Host, tool: bytes) -> None:
 
 def test_log_limit_obeyed_and_violated(host: Host, tool: bytes) -> None:
     deploy(host, "noise-ok", tool, args=["noise", "1000"], max_log_bytes=1000)
-    host.invoke("noise-ok", b"")
+    r = host.invoke("noise-ok", b"")
+    assert r.body == b""  # stdout untouched; the 1000 bytes of stderr are all in the log
+    assert "".join(line.message for line in host.logs("noise-ok") if line.stream == "stderr") == "e" * 1000
     deploy(host, "noise", tool, args=["noise", "1001"], max_log_bytes=1000)
     with pytest.raises(LogLimitExceeded, match="max_log_bytes"):
         host.invoke("noise", b"")
@@ -195,7 +198,7 @@ def test_abi_detected_at_upload(host: Host, tool: bytes) -> None:
 
 def test_start_with_a_wrong_signature_is_refused(host: Host) -> None:
     wasm = bytes(wasmtime.wat2wasm('(module (func (export "_start") (param i32)))'))
-    with pytest.raises(Exception, match="not a valid command module: export '_start' has type"):
+    with pytest.raises(InvalidModule, match="not a valid command module: export '_start' has type"):
         host.deploy_function("bad-start", wasm, Manifest())
 
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from wasminfer.errors import FunctionNotFound, GuestError, TooManyRequests, Unavailable
+from wasminfer.errors import FunctionNotFound, GuestError, Timeout, TooManyRequests, Unavailable
 from wasminfer.manifest import Manifest
 from wasminfer.replicas import (
     Fleet,
@@ -484,11 +484,18 @@ def test_local_backend_runs_a_worker_process(platform: Platform, hostile_wasm: b
             # a function it has never seen: loaded from the store by its digest
             busy = deployment_digest(platform.deployed("busy"))
             slow = asyncio.create_task(backend.route(replica, "default", "busy", busy, b"l", "t"))
-            await asyncio.sleep(0.1)
+            # Synchronise on the worker's state, not on a sleep: its one instance is busy with the loop.
+            for _ in range(500):
+                functions = (await backend.stats(replica)).functions
+                if functions.get("default/busy", {}).get("busy") == 1:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError(f"the loop never started in the worker: {functions}")
             with pytest.raises(TooManyRequests) as busy_error:
                 await backend.route(replica, "default", "busy", busy, b"e", "t")
             assert busy_error.value.retry_after_s >= 1
-            with pytest.raises(Exception, match="timeout_ms"):
+            with pytest.raises(Timeout, match="timeout_ms"):
                 await slow
             many = await asyncio.gather(
                 *(backend.route(replica, "default", "hostile", digest, b"e%d" % i, "t") for i in range(20))

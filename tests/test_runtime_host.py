@@ -101,8 +101,42 @@ def test_stack_overflow_is_a_trap(host: Host) -> None:
 
 
 # --- limits, obeyed and violated ----------------------------------------------------------------
-def test_timeout_obeyed(host: Host) -> None:
-    assert host.invoke("hostile", b"e").body == b"e"  # well within 200 ms
+# A handler that spins for the u32 count of iterations in its body, then answers "ok".
+SPIN_WAT = """(module
+  (import "wasminfer" "output" (func $output (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "ok")
+  (func (export "wasminfer_abi_v1"))
+  (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "wasminfer_handle") (param $b i32) (param $bl i32) (param i32 i32) (result i32)
+    (local $i i32)
+    (local.set $i (i32.load (local.get $b)))
+    (block $done (loop $spin
+      (br_if $done (i32.eqz (local.get $i)))
+      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (br $spin)))
+    (call $output (i32.const 16) (i32.const 2) (i32.const 0) (i32.const 0))))"""
+
+
+@pytest.mark.serial
+def test_timeout_obeyed_near_the_limit_and_violated_by_the_same_work(host: Host) -> None:
+    import wasmtime
+
+    spin = bytes(wasmtime.wat2wasm(SPIN_WAT))
+    host.deploy_function("calibrate", spin, Manifest(timeout_ms=60_000))
+    probe = 20_000_000
+    t = time.perf_counter()
+    host.invoke("calibrate", probe.to_bytes(4, "little"))
+    per_ms = probe / ((time.perf_counter() - t) * 1000)
+    work = int(per_ms * 400).to_bytes(4, "little")  # ~400 ms of guest CPU
+    # Obeyed: the same work under a limit 2.5x its length answers; violated: under a quarter of it.
+    host.deploy_function("spin-obeyed", spin, Manifest(timeout_ms=1000))
+    t = time.perf_counter()
+    assert host.invoke("spin-obeyed", work).body == b"ok"
+    assert time.perf_counter() - t > 0.2  # it really ran close to the limit, not trivially inside it
+    host.deploy_function("spin-violated", spin, Manifest(timeout_ms=100))
+    with pytest.raises(Timeout, match="timeout of 100 ms"):
+        host.invoke("spin-violated", work)
 
 
 def test_timeout_violated_stops_loop_near_deadline(host: Host) -> None:
@@ -157,11 +191,22 @@ def test_model_not_allowed_names_manifest_key(host: Host, hostile_wasm: bytes) -
         host.invoke("no-models", b"i" + encode_tensors({"a": a, "b": a}))
 
 
-def test_unknown_model(host: Host, hostile_wasm: bytes) -> None:
+def test_model_not_in_the_manifest_is_refused_before_its_existence_is_checked(
+    host: Host, hostile_wasm: bytes
+) -> None:
     host.deploy_function("wants-missing", hostile_wasm, Manifest(models=("add",)))
-    host_models = host.models
-    assert "no-such-model" not in host_models
-    with pytest.raises(ModelNotAllowed):  # not in the manifest: refused before existence is checked
+    assert "no-such-model" not in host.models
+    with pytest.raises(ModelNotAllowed, match="'no-such-model'"):
+        host.invoke("wants-missing", b"n" + encode_tensors({"a": np.ones((1, 3), np.float32)}))
+
+
+def test_unknown_model(host: Host, hostile_wasm: bytes, add_model: bytes) -> None:
+    # Allowed by the manifest, but gone from the registry when the guest asks for it (unloaded
+    # behind the host's back, as an eviction would): the invocation says which model is missing.
+    host.deploy_model("no-such-model", add_model)
+    host.deploy_function("wants-missing", hostile_wasm, Manifest(models=("no-such-model",)))
+    host.models.unload("no-such-model")
+    with pytest.raises(ModelNotFound, match="no-such-model"):
         host.invoke("wants-missing", b"n" + encode_tensors({"a": np.ones((1, 3), np.float32)}))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from wasminfer.errors import FunctionNotFound, ModelNotFound, Unavailable
+from wasminfer.errors import Conflict, FunctionNotFound, ModelNotFound, Unavailable
 from wasminfer.manifest import Manifest
 from wasminfer.service import Platform, parse_keys
 
@@ -95,7 +95,7 @@ def test_delete_model_checks_the_host_as_well_as_the_store(
 ) -> None:
     platform.put_model("add", add_model)
     platform.host().deploy_function("unstored", hostile_wasm, MANIFEST)  # in the host only
-    with pytest.raises(Exception, match="unstored"):
+    with pytest.raises(Conflict, match="used by function\\(s\\) 'unstored'"):
         platform.delete_model("add")
     assert platform.get_model("add")["name"] == "add"
 
