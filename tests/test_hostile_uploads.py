@@ -174,13 +174,12 @@ def test_hostile_wasm_is_refused_and_stores_nothing(
     client, platform = server
     make, status, fragment = HOSTILE_WASM[case]
     before = snapshot(platform)
-    started = time.monotonic()
+    # That compiling is bounded in time is tests/test_runtime_compiler.py's (serial) claim; here the
+    # compile bombs are refused by that bound, which their message names.
     r = client.put("/v1/functions/victim?memory_mb=16", content=make(canary_wasm), headers=WASM)
-    elapsed = time.monotonic() - started
     refused(client, platform, r, status, fragment)
     assert snapshot(platform) == before
     assert client.get("/v1/functions/victim").status_code == 404
-    assert elapsed < COMPILE_LIMIT_S + 10  # compiling is bounded; the rest is parsing and hashing
 
 
 def test_hostile_wasm_cannot_replace_a_serving_function(

@@ -146,8 +146,8 @@ def test_load_step_adds_instances_then_a_replica_and_drains_back(tmp_path: Path)
 
         load = Load(url, body, concurrency=8)  # 8 at once against 2 instances: requests queue
         try:
-            t_instances, _ = wait_for(url, lambda s: live(s) == 2, 10, "a second instance")
-            t_replica, grown = wait_for(url, lambda s: s["serving"] == 2, 20, "a second replica")
+            wait_for(url, lambda s: live(s) == 2, 10, "a second instance")
+            _, grown = wait_for(url, lambda s: s["serving"] == 2, 20, "a second replica")
             worker = next(r for r in grown["replicas"] if r["kind"] == "local")
             assert worker["pid"] and worker["state"] == "serving"
             # the new replica takes a share of the load (it was warmed with the function)
@@ -155,7 +155,12 @@ def test_load_step_adds_instances_then_a_replica_and_drains_back(tmp_path: Path)
             time.sleep(1.0)
         finally:
             load.stop()
-        assert t_instances < t_replica, "instances must rise before a replica is added"
+        # Instances rise before a replica is added: the first scale-up of instances was decided before
+        # the first scale-up of replicas (the decision log's order, not two durations from two starts).
+        ups = [d for d in grown["decisions"] if d["after"] > d["before"]]
+        first_instances = next(d["at"] for d in ups if d["scope"] == "instances")
+        first_replica = next(d["at"] for d in ups if d["scope"] == "replicas")
+        assert first_instances < first_replica, ups
 
         t_drain, after = wait_for(url, lambda s: s["serving"] == 1 and len(s["replicas"]) == 1, 20, "drain")
         assert [r["id"] for r in after["replicas"]] == ["primary"]

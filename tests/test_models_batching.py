@@ -263,6 +263,7 @@ def test_max_queue_delay_obeyed(registry: ModelRegistry) -> None:
     assert le_bound == stats.batched_requests
 
 
+@pytest.mark.serial  # measures time: runs alone, before the parallel suite
 def test_a_lone_request_does_not_wait_while_a_run_slot_is_free(registry: ModelRegistry) -> None:
     registry.load("m", rowwise_model(), max_batch_size=32, max_queue_delay_us=1_000_000)
     feed = rowwise_feed(np.random.default_rng(2), 1)
@@ -289,6 +290,7 @@ def test_mixed_shapes_run_in_separate_batches(registry: ModelRegistry) -> None:
     assert stats.batch_size_sum == 3 + 6
 
 
+@pytest.mark.serial  # measures time: runs alone, before the parallel suite
 def test_requests_that_cannot_batch_run_alone(registry: ModelRegistry, add_model: bytes) -> None:
     registry.load("add", add_model, batching=always_wait(4, 1_000_000))
     ones = np.ones((5, 3), dtype=np.float32)
@@ -398,6 +400,7 @@ def test_a_lone_failing_request_gets_its_error_without_a_rerun(registry: ModelRe
     assert (stats.errors, stats.batching.batches, stats.batching.fallback_batches) == (1, 1, 0)
 
 
+@pytest.mark.serial  # measures time: runs alone, before the parallel suite
 def test_validation_errors_never_enter_a_batch(registry: ModelRegistry) -> None:
     registry.load("m", rowwise_model(), batching=always_wait(64, 1_000_000))
     feed = rowwise_feed(np.random.default_rng(7), 2)
@@ -429,11 +432,22 @@ def _waiting_callers(
     threads = [threading.Thread(target=call, args=(o, rowwise_feed(rng, 1))) for o in outcomes]
     for t in threads:
         t.start()
-    time.sleep(0.1)  # into the queue, where they would wait the whole (1 s) delay
+    wait_queued(registry, name, n)  # into the queue, where they would wait the whole (1 s) delay
     return outcomes, threads
 
 
+def wait_queued(registry: ModelRegistry, name: str, n: int) -> None:
+    """Until `n` requests wait in model `name`'s batch queues (the batcher's own state, not a sleep)."""
+    batcher = registry._models[name].batcher
+    assert batcher is not None
+    deadline = time.monotonic() + 10
+    while sum(len(q.pending) for q in list(batcher._queues.values())) < n:
+        assert time.monotonic() < deadline, f"{n} requests never queued"
+        time.sleep(0.001)
+
+
 @pytest.mark.parametrize("how", ["close", "unload", "reload"])
+@pytest.mark.serial  # measures time: runs alone, before the parallel suite
 def test_shutdown_answers_waiting_requests_at_once(registry: ModelRegistry, how: str) -> None:
     model = rowwise_model()
     registry.load("m", model, batching=always_wait(64, 1_000_000))
@@ -484,10 +498,10 @@ def test_an_interrupted_caller_leaves_the_queue_to_the_others(registry: ModelReg
     assert main is not None
 
     def interrupt_main() -> None:
-        time.sleep(0.05)
+        wait_queued(registry, "m", 1 if role == "leader" else 2)  # the main thread is in the queue
         for t in others if role == "leader" else others[1:]:
             t.start()  # they queue behind the main thread (or, as "follower", after it)
-        time.sleep(0.05)
+        wait_queued(registry, "m", 3)
         signal.pthread_kill(main, signal.SIGINT)
 
     def raise_interrupted(signum: int, frame: object) -> None:
@@ -497,7 +511,7 @@ def test_an_interrupted_caller_leaves_the_queue_to_the_others(registry: ModelReg
     try:
         if role == "follower":
             others[0].start()  # the leader
-            time.sleep(0.02)
+            wait_queued(registry, "m", 1)
         helper = threading.Thread(target=interrupt_main)
         helper.start()
         with pytest.raises(Interrupted):

@@ -258,6 +258,7 @@ def test_a_client_that_goes_away_while_queued_frees_its_place(
     run(main)
 
 
+@pytest.mark.serial  # measures time: runs alone, before the parallel suite
 def test_every_host_at_its_limit_is_a_fast_429(platform: Platform) -> None:
     async def main() -> None:
         backend = FakeBackend(capacity=2)

@@ -39,6 +39,7 @@ def test_invalid_bytes_are_a_compile_error_and_the_worker_lives_on(tmp_path: Pat
         c.close()
 
 
+@pytest.mark.serial  # measures time: runs alone, before the parallel suite
 def test_compile_time_obeyed_and_violated(tmp_path: Path) -> None:
     c = Compiler()
     try:
