@@ -27,7 +27,7 @@ from live_server import live_server
 from wasminfer import cli
 from wasminfer.errors import BadRequest
 from wasminfer.gateway import create_app
-from wasminfer.runtime.memory import MemorySettings, MiB, total_ram_bytes
+from wasminfer.runtime.memory import MemorySettings, MiB, model_bytes, total_ram_bytes
 from wasminfer.runtime.pool import InstancePool
 from wasminfer.service import Platform, parse_keys
 
@@ -214,6 +214,16 @@ def test_a_model_is_counted_against_the_quota_and_released_when_deleted(app: App
     assert app.memory("alice")["tenant"]["models_bytes"] == 1 * MiB  # whole MiB, rounded up
     assert app.client.delete("/v1/models/add", headers=app.as_("alice")).status_code == 204
     assert app.memory("alice")["tenant"]["models_bytes"] == 0
+
+
+def test_replacing_a_model_needs_room_for_its_growth_only(app: App) -> None:
+    for mib in (14, 14, 20):  # counted at 18, 18, then 26 MiB of a 32 MiB quota: never both
+        r = app.client.put("/v1/models/w", content=_model_of(mib), headers=app.as_("alice", **ONNX))
+        assert r.status_code in (200, 201), r.text
+        assert app.memory("alice")["tenant"]["models_bytes"] == model_bytes(mib * MiB + 200)
+    r = app.client.put("/v1/models/w", content=_model_of(2), headers=app.as_("alice", **ONNX))
+    assert r.status_code == 201, r.text
+    assert app.memory("alice")["tenant"]["models_bytes"] == 3 * MiB
 
 
 def test_a_model_that_does_not_fit_is_refused_and_not_stored(app: App, add_model: bytes) -> None:

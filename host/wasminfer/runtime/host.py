@@ -241,18 +241,19 @@ class Host:
         """Loads (or replaces) a model. Raises `InvalidModel` if ONNX Runtime cannot load it,
         `PayloadTooLarge` if it could never fit in the tenant's memory quota, `MemoryQuotaExceeded`
         or `HostMemoryExhausted` if it does not fit now (see `runtime.memory`)."""
-        size = model.stat().st_size if isinstance(model, Path) else len(model)
-        memory = self.memory.reserve_model(name, model_bytes(size))
+        nbytes = model_bytes(model.stat().st_size if isinstance(model, Path) else len(model))
+        old = self._model_memory.get(name)
+        growth = self.memory.reserve_model(name, nbytes, old.nbytes if old is not None else 0)
         try:
             info = self.models.load(name, model, **options)
         except BaseException:
-            memory.release()
+            growth.release()
             raise
-        with self._lock:
-            old = self._model_memory.pop(name, None)
-            self._model_memory[name] = memory
-        if old is not None:
-            old.release()
+        if old is None:
+            self._model_memory[name] = growth
+        else:  # the version replaced gives its bytes to this one
+            old.resize(nbytes)
+            growth.release()
         return info
 
     def remove_model(self, name: str) -> None:

@@ -135,6 +135,11 @@ class Reservation:
     def release(self) -> None:
         self._account._release(self)
 
+    def resize(self, nbytes: int) -> None:
+        """Holds `nbytes` from now on, unchecked: for a caller that gives back at least as much
+        at once (a model replaced by one that reserved its growth)."""
+        self._account._resize(self, nbytes)
+
 
 class MemoryBudget:
     """The process' memory budget, shared by the accounts of every tenant. Thread-safe."""
@@ -218,16 +223,17 @@ class TenantMemory:
             "lower them"
         )
 
-    def reserve_model(self, name: str, nbytes: int) -> Reservation:
-        """Reserves what model `name` is counted at (`model_bytes`). Raises `PayloadTooLarge` if it
-        could never fit, else what `reserve` raises."""
+    def reserve_model(self, name: str, nbytes: int, held: int = 0) -> Reservation:
+        """Reserves what model `name` is counted at (`model_bytes`) beyond the `held` bytes of the
+        version it replaces (replacing a model needs no room for both). Raises `PayloadTooLarge` if
+        it could never fit, else what `reserve` raises."""
         if not self.check_fits(nbytes):
             raise PayloadTooLarge(
                 f"model {name!r} would be counted at {_mib(nbytes)} MiB once loaded ({MODEL_OVERHEAD}x "
                 f"its size), more than the tenant's memory quota of "
                 f"{_mib(min(self.quota_bytes, self.budget.budget_bytes))} MiB on this server"
             )
-        return self.reserve(nbytes, "models", f"model {name!r}")
+        return self.reserve(max(0, nbytes - held), "models", f"model {name!r}")
 
     def reserve(self, nbytes: int, kind: str, what: str, *, reclaim: bool = True) -> Reservation:
         """Reserves `nbytes` of `kind` ("instances" or "models") for `what` (named in the refusal,
@@ -285,6 +291,15 @@ class TenantMemory:
             reservation._released = True
             self.used[reservation.kind] -= reservation.nbytes
             self.budget.used_bytes -= reservation.nbytes
+
+    def _resize(self, reservation: Reservation, nbytes: int) -> None:
+        with self.budget._lock:
+            if reservation._released:
+                return
+            delta = nbytes - reservation.nbytes
+            reservation.nbytes = nbytes
+            self.used[reservation.kind] += delta
+            self.budget.used_bytes += delta
 
     def stats(self) -> dict[str, Any]:
         with self.budget._lock:
