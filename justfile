@@ -62,6 +62,10 @@ crash ROUNDS="50":
 overload SECONDS="20":
     {{python}} bench/hardening.py overload --seconds {{SECONDS}}
 
+# A tenant trying to pass its memory quota on a server with a small budget: refused, RSS bounded (hardening.json).
+quota CLIENTS="24":
+    {{python}} bench/hardening.py quota --clients {{CLIENTS}}
+
 # Steady load for 10 minutes: RSS growth and error count (hardening.json).
 soak SECONDS="600":
     {{python}} bench/hardening.py soak --seconds {{SECONDS}}

@@ -5,10 +5,12 @@ long fuzz and crash runs, collected into bench/results/hardening.json.
     python bench/hardening.py soak [--seconds 600]                    (just soak)
     python bench/hardening.py fuzz [--examples 2000]                  (just fuzz)
     python bench/hardening.py crash [--rounds 50]                     (just crash)
+    python bench/hardening.py quota [--clients 24]                    (just quota)
     python bench/hardening.py all                                     (just hardening)
 
 Each subcommand merges its numbers into the JSON file (keys `fuzz_cases`, `crash_rounds`,
-`crash_losses`, `overload_p99_ms`, `soak_rss_growth_pct`, and the details of each run).
+`crash_losses`, `overload_p99_ms`, `soak_rss_growth_pct`, `memory_quota_held`, and the details of
+each run).
 
 Overload: one function whose capacity is set by its manifest (2 instances, a queue of 4, each call
 spinning ~40 ms of CPU). Its capacity is measured closed-loop, then it gets an open-loop load of
@@ -16,6 +18,14 @@ spinning ~40 ms of CPU). Its capacity is measured closed-loop, then it gets an o
 requests (inside the server, from its Server-Timing header, and as the client saw it), the server's
 RSS before/during/after, and whether it serves normally once the load stops.
 tests/test_overload.py runs the same with a few seconds of load.
+
+Quota: a server with a small memory budget (256 MiB, 128 MiB per tenant) and two tenants. Tenant A
+uploads a function with `memory_mb=4096`, one with 12 prewarmed instances of 32 MiB, then floods a
+32 MiB function that touches 30 MiB of its memory on every call with `clients` concurrent calls
+(each needs an instance of its own) while tenant B calls its own function. Held when: both uploads
+are refused (400, nothing stored), the flood gets only 200s and 429 `memory_quota_exceeded`, B's call
+succeeds, and the server's RSS never passes what it was before the flood plus the budget plus
+`QUOTA_OVERHEAD_MB` (what an instance costs beyond its linear memory, the HTTP bodies, threads).
 """
 
 from __future__ import annotations
@@ -58,6 +68,33 @@ SPIN_WAT = """(module
       (local.set $i (i32.sub (local.get $i) (i32.const 1)))
       (br $spin)))
     (call $output (i32.const 16) (i32.const 2) (i32.const 0) (i32.const 0))))"""
+
+
+# A handler whose body is two u32: pages to grow its memory by (then it writes a byte to every 4 KiB of
+# them, so they are resident), and iterations to spin; it answers "ok".
+TOUCH_WAT = """(module
+  (import "wasminfer" "output" (func $output (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "ok")
+  (func (export "wasminfer_abi_v1"))
+  (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "wasminfer_handle") (param $b i32) (param $bl i32) (param i32 i32) (result i32)
+    (local $i i32) (local $p i32) (local $end i32)
+    (local.set $p (i32.mul (memory.size) (i32.const 65536)))
+    (if (i32.eq (memory.grow (i32.load (local.get $b))) (i32.const -1)) (then (return (i32.const 1))))
+    (local.set $end (i32.mul (memory.size) (i32.const 65536)))
+    (block $done (loop $touch
+      (br_if $done (i32.ge_u (local.get $p) (local.get $end)))
+      (i32.store8 (local.get $p) (i32.const 1))
+      (local.set $p (i32.add (local.get $p) (i32.const 4096)))
+      (br $touch)))
+    (local.set $i (i32.load offset=4 (local.get $b)))
+    (block $done (loop $spin
+      (br_if $done (i32.eqz (local.get $i)))
+      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (br $spin)))
+    (call $output (i32.const 16) (i32.const 2) (i32.const 0) (i32.const 0))))"""
+QUOTA_OVERHEAD_MB = 64
 
 
 def free_port() -> int:
@@ -313,6 +350,95 @@ def soak(seconds: float = 600.0, load: float = 0.5, service_ms: float = 5.0, wor
     }
 
 
+# --- memory quota ----------------------------------------------------------------------------------------
+def quota(clients: int = 24, budget_mb: int = 256, tenant_mb: int = 128, memory_mb: int = 32,
+          spin_ms: float = 300.0, work: Path | None = None) -> dict[str, Any]:
+    """Tenant A tries to pass its memory quota three ways; see the module doc."""
+    import wasmtime
+
+    wasm = bytes(wasmtime.wat2wasm(TOUCH_WAT))
+    a = {"authorization": "Bearer alpha-secret"}
+    b = {"authorization": "Bearer beta-secret"}
+    upload = {"content-type": "application/wasm"}
+    touch_pages = (memory_mb - 2) * 16  # all but 2 MiB of the limit, resident
+
+    def body(pages: int, spin: int) -> bytes:
+        return pages.to_bytes(4, "little") + spin.to_bytes(4, "little")
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp, server(
+        Path(tmp) / "data", "--memory-budget-mb", str(budget_mb), "--tenant-memory-mb", str(tenant_mb),
+        "--key", "alpha-secret:admin:alpha", "--key", "beta-secret:admin:beta",
+    ) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        uploads = {}
+        for name, query in (("fat", "memory_mb=4096"),
+                            ("wide", f"memory_mb={memory_mb}&prewarm_instances=12&max_instances=12")):
+            r = http.put(f"/v1/functions/{name}?{query}", content=wasm, headers={**a, **upload})
+            stored = http.get(f"/v1/functions/{name}", headers=a).status_code
+            uploads[name] = {"status": r.status_code, "code": r.json().get("error", {}).get("code"),
+                             "stored": stored != 404}
+        flood_q = f"memory_mb={memory_mb}&max_instances=64&max_queue=256&timeout_ms=20000"
+        for who in (a, b):
+            r = http.put(f"/v1/functions/touch?{flood_q}", content=wasm, headers={**who, **upload})
+            r.raise_for_status()
+        # iterations of the spin loop for ~spin_ms (one call, then scaled)
+        t = time.perf_counter()
+        http.post("/v1/functions/touch/invoke", content=body(0, 10_000_000), headers=a).raise_for_status()
+        spin = int(10_000_000 * spin_ms / max(1.0, (time.perf_counter() - t) * 1000))
+        rss_before = srv.rss_bytes()
+        rss_peak = rss_before
+        samples: list[Sample] = []
+        neighbour: list[Sample] = []
+
+        async def flood() -> None:
+            nonlocal rss_peak
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60, headers=a) as ac, \
+                    httpx.AsyncClient(base_url=srv.url, timeout=60, headers=b) as bc:
+                started = time.perf_counter()
+                path, payload = "/v1/functions/touch/invoke", body(touch_pages, spin)
+                tasks = [asyncio.create_task(_one(ac, path, payload, started, samples))
+                         for _ in range(clients)]
+                await asyncio.sleep(spin_ms / 3000)  # A's calls hold their instances now
+                tasks.append(asyncio.create_task(_one(bc, path, payload, started, neighbour)))
+                while not all(task.done() for task in tasks):
+                    rss_peak = max(rss_peak, srv.rss_bytes())
+                    await asyncio.sleep(0.02)
+                await asyncio.gather(*tasks)
+
+        asyncio.run(flood())
+        rss_after = srv.rss_bytes()
+        codes: dict[str, int] = {}
+        for s in samples:
+            codes[str(s.status)] = codes.get(str(s.status), 0) + 1
+        memory = http.get("/v1/scaling", headers=a).json()["memory"]
+    bound = rss_before + (budget_mb + QUOTA_OVERHEAD_MB) * 2**20
+    ok = codes.get("200", 0)
+    held = (
+        all(u["status"] == 400 and u["code"] == "invalid_manifest" and not u["stored"]
+            for u in uploads.values())
+        and set(codes) <= {"200", "429"} and ok >= 1 and codes.get("429", 0) >= 1
+        and [s.status for s in neighbour] == [200]
+        and rss_peak <= bound
+    )
+    return {
+        "held": held,
+        "budget_mb": budget_mb,
+        "tenant_quota_mb": tenant_mb,
+        "memory_mb": memory_mb,
+        "uploads": uploads,
+        "flood_clients": clients,
+        "flood_statuses": codes,
+        "quota_refusals": memory["tenant"]["refusals"]["tenant"],
+        "neighbour_statuses": [s.status for s in neighbour],
+        "touched_mb_per_call": touch_pages / 16,
+        "unbounded_would_touch_mb": clients * touch_pages / 16,
+        "rss_before_mb": round(rss_before / 2**20, 1),
+        "rss_peak_mb": round(rss_peak / 2**20, 1),
+        "rss_after_mb": round(rss_after / 2**20, 1),
+        "rss_bound_mb": round(bound / 2**20, 1),
+        "tenant_memory": memory["tenant"],
+    }
+
+
 # --- the long fuzz and crash runs (the test files, longer) ---------------------------------------------
 def _pytest(test: str, env: dict[str, str]) -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-s",
@@ -356,6 +482,8 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=2000)
     p = sub.add_parser("crash")
     p.add_argument("--rounds", type=int, default=50)
+    p = sub.add_parser("quota")
+    p.add_argument("--clients", type=int, default=24)
     sub.add_parser("all")
     args = parser.parse_args()
     out: dict[str, Any] = {}
@@ -372,9 +500,12 @@ def main() -> None:
     if args.what in ("soak", "all"):
         s = soak(getattr(args, "seconds", 600.0))
         out.update(soak_rss_growth_pct=s["rss_growth_pct"], soak_errors=s["errors"], soak=s)
+    if args.what in ("quota", "all"):
+        q = quota(getattr(args, "clients", 24))
+        out.update(memory_quota_held=q["held"], memory_quota=q)
     merge(out)
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=1))
-    for key in ("overload", "soak"):
+    for key in ("overload", "soak", "memory_quota"):
         if key in out:
             print(key, json.dumps({k: v for k, v in out[key].items() if k != "rss_series_mb"}, indent=1))
 

@@ -142,11 +142,25 @@ def serve(
             "cluster this machine belongs to, or $RAY_ADDRESS), a head's HOST:PORT, ray://…, or 'local'.",
         ),
     ] = None,
+    memory_budget_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="MiB that every tenant's instances and models may reserve together, per process "
+            "(SECURITY.md); default half the RAM, or $WASMINFER_MEMORY_BUDGET_MB.",
+        ),
+    ] = None,
+    tenant_memory_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="MiB one tenant may reserve; default half the budget, or $WASMINFER_TENANT_MEMORY_MB.",
+        ),
+    ] = None,
 ) -> None:
     """Run the server: the HTTP gateway over the embedded host and the store in DATA."""
     import uvicorn
 
     from wasminfer.gateway import create_app
+    from wasminfer.runtime.memory import MemorySettings
     from wasminfer.scaling import ScalingConfig
     from wasminfer.service import Platform, parse_keys
 
@@ -163,12 +177,17 @@ def serve(
             "and nothing on Ray; give --max-replicas N (N above 1, or --scaling primary_replica=false)"
         )
 
+    memory = MemorySettings.from_env(budget_mb=memory_budget_mb, tenant_quota_mb=tenant_memory_mb)
+    # Host replica processes read theirs from the environment they inherit.
+    os.environ["WASMINFER_MEMORY_BUDGET_MB"] = str(memory.budget_mb)
+    os.environ["WASMINFER_TENANT_MEMORY_MB"] = str(memory.tenant_quota_mb)
+
     _log_to_stderr(log_level)
     specs = list(key or [])
     if os.environ.get("WASMINFER_API_KEYS"):
         specs.append(os.environ["WASMINFER_API_KEYS"])
     keys = parse_keys(specs)
-    platform = Platform(data, keys=keys)
+    platform = Platform(data, keys=keys, memory=memory)
     try:
         if platform.open_access:
             if host not in (LOOPBACK, "localhost", "::1"):

@@ -146,7 +146,7 @@ class TensorTooLarge(InvalidTensor):
     code = "tensor_too_large"
 
 
-# --- 429 / 503: overload ------------------------------------------------------------------------
+# --- 429 / 503 / 507: overload -----------------------------------------------------------------
 class TooManyRequests(WasminferError):
     status, code = 429, "too_many_requests"
 
@@ -155,8 +155,23 @@ class TooManyRequests(WasminferError):
         self.retry_after_s = retry_after_s
 
 
+class MemoryQuotaExceeded(TooManyRequests):
+    """A new instance (or model) would take the tenant past its memory quota. 429, not 507: the
+    tenant holds the memory itself, and it frees as its calls finish (retry after `Retry-After`)."""
+
+    code = "memory_quota_exceeded"
+
+
 class Unavailable(WasminferError):
     status, code = 503, "unavailable"
+
+
+class HostMemoryExhausted(WasminferError):
+    """The host's memory budget, shared by every tenant, is fully reserved. 507 (Insufficient
+    Storage: the server lacks room to complete this request), not 429 (the caller is within its own
+    quota) nor 503 (the server is up and serves whatever needs no new memory)."""
+
+    status, code = 507, "host_memory_exhausted"
 
 
 class ServerUnreachable(Unavailable):

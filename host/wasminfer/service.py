@@ -40,6 +40,7 @@ from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo
 from wasminfer.models.registry import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP_THREADS
 from wasminfer.runtime import DeployedFunction, Host, InvokeResult, LogLine
+from wasminfer.runtime.memory import MemoryBudget, MemorySettings
 from wasminfer.store import DEFAULT_TENANT, FunctionVersion, ModelRecord, Store, validate_name
 
 __all__ = [
@@ -180,9 +181,12 @@ class Platform:
     """
 
     def __init__(
-        self, data_dir: str | Path, *, keys: Iterable[ConfiguredKey] = (), log_capacity: int = 2000
+        self, data_dir: str | Path, *, keys: Iterable[ConfiguredKey] = (), log_capacity: int = 2000,
+        memory: MemorySettings | None = None,
     ) -> None:
-        """Opens the store in `data_dir` (cheap; `start` loads it). Raises what `Store` raises."""
+        """Opens the store in `data_dir` (cheap; `start` loads it). `memory`: the host's memory
+        budget and each tenant's quota (default `MemorySettings.from_env()`). Raises what `Store`
+        raises, `BadRequest` for malformed memory settings in the environment."""
         self.data_dir = Path(data_dir)
         self.store = Store(self.data_dir)
         self.cache_dir = self.data_dir / "cache"
@@ -192,6 +196,7 @@ class Platform:
         # tenants' hosts; each tenant gets its own host so its models live in its own registry.
         self._engine = Host.new_engine(self.cache_dir)
         self._log_capacity = log_capacity
+        self.memory = MemoryBudget.from_settings(memory or MemorySettings.from_env())
         self._lock = threading.RLock()  # deploys, deletes, rollbacks, start, close
         self._ready = threading.Event()
         self._closed = False
@@ -289,7 +294,7 @@ class Platform:
                 host = self._hosts.get(tenant)
                 if host is None:
                     host = Host(cache_dir=self.cache_dir, log_capacity=self._log_capacity,
-                                engine=self._engine)
+                                engine=self._engine, memory=self.memory.tenant(tenant))
                     self._hosts = {**self._hosts, tenant: host}  # copy-on-write: readers take no lock
         return host
 
@@ -378,7 +383,7 @@ class Platform:
             host.deploy_model(name, self.store.blobs.get(rec.sha256), **_stored_options(rec))
         except ModelNotFound:
             if not any(name in f.manifest.models for f in host.functions()):
-                host.models.unload(name)
+                host.remove_model(name)
         except Exception:  # the original error matters more; this one is only logged
             log.exception("could not restore model %s/%s after a failed store write", tenant, name)
 
@@ -626,6 +631,13 @@ class Platform:
             return []  # stored but not loaded (it failed to load at start: see the report)
         assert host is not None
         return host.logs(name, n, since)
+
+    def memory_view(self, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        """The host's memory budget and what every tenant reserves together, and `tenant`'s own
+        quota and reservations (`TenantMemory.stats`)."""
+        snap = self.memory.snapshot()
+        own = snap["tenants"].get(tenant) or self.memory.tenant(tenant).stats()
+        return {"budget_bytes": snap["budget_bytes"], "used_bytes": snap["used_bytes"], "tenant": own}
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """`Host.stats()` of every tenant's host, by tenant (for metrics)."""

@@ -81,6 +81,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_PlatformCollector(platform))
+        self.registry.register(_MemoryCollector(platform))
         if fleet is not None:
             self.registry.register(_FleetCollector(fleet))
         # The labelled children of successful invocations, per (tenant, function): `labels()` takes a
@@ -202,6 +203,47 @@ class _PlatformCollector(Collector):
         yield run_seconds
         yield batch_size
         yield queue_delay
+
+
+class _MemoryCollector(Collector):
+    """The host's memory budget and each tenant's quota and reservations (`runtime.memory`)."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.platform.memory.snapshot()
+        budget = GaugeMetricFamily("wasminfer_memory_budget_bytes", "The host's memory budget")
+        budget.add_metric([], float(snap["budget_bytes"]))
+        yield budget
+        used = GaugeMetricFamily(
+            "wasminfer_memory_reserved_bytes", "Memory reserved by every tenant's instances and models"
+        )
+        used.add_metric([], float(snap["used_bytes"]))
+        yield used
+        quota = GaugeMetricFamily(
+            "wasminfer_tenant_memory_quota_bytes", "A tenant's memory quota", labels=["tenant"]
+        )
+        reserved = GaugeMetricFamily(
+            "wasminfer_tenant_memory_reserved_bytes",
+            "Memory a tenant reserves: instances at their memory_mb, models at an estimate",
+            labels=["tenant", "kind"],
+        )
+        refusals = CounterMetricFamily(
+            "wasminfer_tenant_memory_refusals",
+            "Instances or models refused for memory, by the limit that refused ('tenant' quota: 429, "
+            "'host' budget: 507)",
+            labels=["tenant", "limit"],
+        )
+        for tenant, t in snap["tenants"].items():
+            quota.add_metric([tenant], float(t["quota_bytes"]))
+            for kind in ("instances", "models"):
+                reserved.add_metric([tenant, kind], float(t[f"{kind}_bytes"]))
+            for limit, n in t["refusals"].items():
+                refusals.add_metric([tenant, limit], float(n))
+        yield quota
+        yield reserved
+        yield refusals
 
 
 def _buckets(pairs: list[list[Any]]) -> list[tuple[str, float]]:

@@ -23,10 +23,12 @@ _ERROR_STATUSES = {
     "415": "Wrong Content-Type for an upload",
     "422": "A tensor does not match the model (`invalid_tensor`, `tensor_too_large`), or an "
     "`Idempotency-Key` came back with another request (`idempotency_key_reused`)",
-    "429": "All instances busy and the queue full; retry after `Retry-After` seconds",
+    "429": "All instances busy and the queue full, or the tenant's memory quota full "
+    "(`memory_quota_exceeded`); retry after `Retry-After` seconds",
     "500": "The guest failed (`guest_error`, `guest_trap`, a limit) or an internal error",
     "503": "Starting up (store not loaded yet) or the function is being replaced",
     "504": "The guest ran past `timeout_ms`",
+    "507": "The host's memory budget, shared by every tenant, is full (`host_memory_exhausted`)",
 }
 
 
@@ -182,7 +184,7 @@ def openapi_document() -> dict[str, Any]:
                     **_ok("201", "A new version was created", "FunctionVersion"),
                     **_ok("200", "Identical to the current version: nothing changed", "FunctionVersion"),
                 },
-                "400 401 403 404 413 415 503",
+                "400 401 403 404 413 415 429 503 507",
                 description="Either `Content-Type: application/wasm` with the manifest as query parameters, "
                 "or `multipart/form-data` with a file part `wasm` and a JSON part `manifest`. "
                 "The module is validated, compiled and prewarmed before it is stored, so the "
@@ -235,7 +237,7 @@ def openapi_document() -> dict[str, Any]:
                 "Make an earlier version current again",
                 "admin",
                 _ok("200", "The now current version", "Function"),
-                "400 401 403 404 409",
+                "400 401 403 404 409 429 507",
                 description="Without `version`: the version before the current one (409 if there is none).",
                 parameters=[
                     fn,
@@ -264,7 +266,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                     **_JOB_ACCEPTED,
                 },
-                "400 401 403 404 413 422 429 500 503 504",
+                "400 401 403 404 413 422 429 500 503 504 507",
                 description="The body and its Content-Type go to the function as they are. With "
                 "`Prefer: respond-async` or `?async=1` the invocation becomes a job: 202 at once, "
                 "the function's answer later from `GET /v1/jobs/{id}/result`. Jobs are durable "
@@ -402,7 +404,7 @@ def openapi_document() -> dict[str, Any]:
                     **_ok("201", "A new version was created", "Model"),
                     **_ok("200", "Identical to the latest version: nothing changed", "Model"),
                 },
-                "400 401 403 413 415 503",
+                "400 401 403 413 415 429 503 507",
                 description="Validated by loading it into ONNX Runtime; a model whose tensors live in "
                 "external files is refused. Functions using the name switch to the new version at once. "
                 "Load options are query parameters; an upload states them all (missing ones take their "
@@ -422,7 +424,7 @@ def openapi_document() -> dict[str, Any]:
                     **_ok("201", "A new version was created", "Model"),
                     **_ok("200", "The options were already these: nothing changed", "Model"),
                 },
-                "400 401 403 404 413 415 503",
+                "400 401 403 404 413 415 429 503 507",
                 description="The latest version's bytes are loaded again with its options merged with "
                 "these (null: back to the default) and stored as a new version. Turning batching off "
                 "(max_batch_size 0) drops its other options.",
@@ -644,6 +646,17 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "load": obj,
                 "rejected": obj,
+                "memory": {
+                    "type": "object",
+                    "description": "This process' memory budget and what every tenant reserves "
+                    "(bytes), and the caller's tenant: quota_bytes, used_bytes, instances_bytes, "
+                    "models_bytes, refusals (SECURITY.md)",
+                    "properties": {
+                        "budget_bytes": {"type": "integer"},
+                        "used_bytes": {"type": "integer"},
+                        "tenant": obj,
+                    },
+                },
                 "decisions": {
                     "type": "array",
                     "items": {

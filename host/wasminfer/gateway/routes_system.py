@@ -50,8 +50,9 @@ _TENANT_LABEL = re.compile(rb'[{,]tenant="([^"]*)"')
 
 async def scaling(request: Request) -> Response:
     """Host replicas with their instances per function, the fleet's load, recent scaling decisions
-    (the caller's tenant's functions only)."""
-    return JSONResponse(app_state(request).fleet.snapshot(principal(request).tenant))
+    (the caller's tenant's functions only), and this process' memory budget with the caller's quota."""
+    state, tenant = app_state(request), principal(request).tenant
+    return JSONResponse({**state.fleet.snapshot(tenant), "memory": state.platform.memory_view(tenant)})
 
 
 async def openapi(request: Request) -> Response:

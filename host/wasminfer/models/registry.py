@@ -696,6 +696,10 @@ def _session(model: bytes, intra: int, inter: int) -> ort.InferenceSession:
     # once; sequential is also what makes the intra-op knob the only one that matters.
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's CPU arena keeps what a run grew it by for the session's life (a run that needed 1 GiB
+    # left 2 GiB resident); without it tensors go back to malloc and the memory to the kernel, at no
+    # measurable cost on a small model's run (bench/arena.py, docs/models.md).
+    options.enable_cpu_mem_arena = False
     options.log_severity_level = 3  # errors only: ORT's warnings are not the caller's business
     # Bytes are ONNX, validated above; never let ORT sniff them as its own flatbuffer format.
     options.add_session_config_entry("session.load_model_format", "ONNX")

@@ -104,7 +104,7 @@ class InstanceController:
         made = reaped = 0
         if decision.desired > live:
             try:
-                made = fn.pool.prewarm(decision.desired)
+                made = fn.prewarm(decision.desired)  # within the tenant's memory quota
             except Exception as exc:  # the module fails to start now: requests will say why
                 log.warning("could not pre-warm %s/%s: %s", tenant, fn.name, exc)
         keep = max(decision.desired, m.min_instances)

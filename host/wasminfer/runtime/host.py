@@ -32,6 +32,7 @@ from wasminfer.models import ModelInfo, ModelRegistry
 from wasminfer.runtime import command, component, handler, wasi_nn
 from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance, WasmLinkError, WasmTrap
 from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter
+from wasminfer.runtime.memory import MEMORY_REFUSALS, MemoryBudget, Reservation, TenantMemory, model_bytes
 from wasminfer.runtime.pool import InstancePool
 
 # The ABIs of core modules, in detection order. Each is a module with NAME, HOST_FUNCS,
@@ -78,14 +79,16 @@ class ModuleInfo:
 
 
 class _Instance:
-    """A pooled instance and its captured stdout/stderr."""
+    """A pooled instance, its captured stdout/stderr, and the memory reserved for it."""
 
-    __slots__ = ("wasm", "stdout", "stderr")
+    __slots__ = ("wasm", "stdout", "stderr", "memory")
 
-    def __init__(self, wasm: WasmInstance, stdout: StreamSplitter, stderr: StreamSplitter) -> None:
+    def __init__(self, wasm: WasmInstance, stdout: StreamSplitter, stderr: StreamSplitter,
+                 memory: Reservation) -> None:
         self.wasm = wasm
         self.stdout = stdout
         self.stderr = stderr
+        self.memory = memory
 
 
 @dataclass
@@ -124,7 +127,21 @@ class DeployedFunction:
             max_instances=manifest.max_instances, max_queue=manifest.max_queue,
         )
 
-    def _create(self) -> _Instance:
+    def _create(self, reclaim: bool = True) -> _Instance:
+        """Raises `MemoryQuotaExceeded` or `HostMemoryExhausted` when its `memory_mb` does not fit
+        (after reclaiming the tenant's idle instances if `reclaim`), and what instantiating raises."""
+        memory = self.host.memory.reserve(
+            self.manifest.memory_mb << 20, "instances",
+            f"an instance of function {self.name!r} (manifest key 'memory_mb' {self.manifest.memory_mb})",
+            reclaim=reclaim,
+        )
+        try:
+            return self._instantiate(memory)
+        except BaseException:
+            memory.release()
+            raise
+
+    def _instantiate(self, memory: Reservation) -> _Instance:
         out = StreamSplitter(self.logs, "stdout", "info")
         err = StreamSplitter(self.logs, "stderr", "warn")
 
@@ -137,13 +154,25 @@ class DeployedFunction:
             wasm = self.abi_impl.instantiate(self.compiled, self.manifest, state, write)
         except WasmTrap as trap:
             raise handler._trap_error(trap, _NoInstance(), state) from None
-        return _Instance(wasm, out, err)
+        return _Instance(wasm, out, err, memory)
 
     @staticmethod
     def _destroy(inst: _Instance) -> None:
         inst.stdout.flush()
         inst.stderr.flush()
         inst.wasm.close()
+        inst.memory.release()
+
+    def prewarm(self, count: int) -> int:
+        """Pre-warms instances up to `count` live, as many as the tenant's memory quota and the
+        host's budget leave room for (the autoscaler's way: it never reclaims idle instances of
+        other functions for headroom, nor fails for want of memory). Returns how many it made."""
+        stats = self.pool.stats()
+        room = self.host.memory.available_bytes() // (self.manifest.memory_mb << 20)
+        try:
+            return self.pool.prewarm(min(count, stats["live"] + room), lambda: self._create(reclaim=False))
+        except MEMORY_REFUSALS:  # another reservation took the room meanwhile
+            return max(0, self.pool.stats()["live"] - stats["live"])
 
     def count(self, error: WasminferError | None, cold: bool, run_us: float) -> None:
         with self._lock:
@@ -182,9 +211,12 @@ class Host:
     """One wasminfer host: models, functions, instances. Idempotent `close()`; a context manager."""
 
     def __init__(self, cache_dir: Path | None = None, *, models: ModelRegistry | None = None,
-                 log_capacity: int = 2000, engine: WasmEngine | None = None) -> None:
+                 log_capacity: int = 2000, engine: WasmEngine | None = None,
+                 memory: TenantMemory | None = None) -> None:
         """`engine`: share one engine (and its epoch ticker and compile cache) between hosts of one
-        process, e.g. one host per tenant; made with `Host.new_engine`, closed by its owner."""
+        process, e.g. one host per tenant; made with `Host.new_engine`, closed by its owner.
+        `memory`: the tenant's account of a `MemoryBudget` that instances and models reserve from
+        (default: no budget)."""
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else self.new_engine(self.cache_dir)
@@ -195,6 +227,9 @@ class Host:
         self._ids = itertools.count(1)
         self._log_capacity = log_capacity
         self._closed = False
+        self.memory = memory if memory is not None else MemoryBudget.unlimited().tenant("default")
+        self.memory.reclaimer = self._reclaim_idle
+        self._model_memory: dict[str, Reservation] = {}
 
     @staticmethod
     def new_engine(cache_dir: Path | None = None) -> WasmEngine:
@@ -203,8 +238,23 @@ class Host:
 
     # --- models -------------------------------------------------------------------------------
     def deploy_model(self, name: str, model: bytes | Path, **options: Any) -> ModelInfo:
-        """Loads (or replaces) a model. Raises `InvalidModel` if ONNX Runtime cannot load it."""
-        return self.models.load(name, model, **options)
+        """Loads (or replaces) a model. Raises `InvalidModel` if ONNX Runtime cannot load it,
+        `PayloadTooLarge` if it could never fit in the tenant's memory quota, `MemoryQuotaExceeded`
+        or `HostMemoryExhausted` if it does not fit now (see `runtime.memory`)."""
+        nbytes = model_bytes(model.stat().st_size if isinstance(model, Path) else len(model))
+        old = self._model_memory.get(name)
+        growth = self.memory.reserve_model(name, nbytes, old.nbytes if old is not None else 0)
+        try:
+            info = self.models.load(name, model, **options)
+        except BaseException:
+            growth.release()
+            raise
+        if old is None:
+            self._model_memory[name] = growth
+        else:  # the version replaced gives its bytes to this one
+            old.resize(nbytes)
+            growth.release()
+        return info
 
     def remove_model(self, name: str) -> None:
         """Raises `Conflict` while a deployed function's manifest names the model."""
@@ -213,6 +263,10 @@ class Host:
             raise Conflict(f"model {name!r} is used by function(s) {', '.join(sorted(users))}; "
                            "remove it from their manifests or delete them first")
         self.models.unload(name)
+        with self._lock:
+            memory = self._model_memory.pop(name, None)
+        if memory is not None:
+            memory.release()
 
     # --- functions ----------------------------------------------------------------------------
     def inspect(self, wasm: bytes) -> tuple[ModuleInfo, CompiledModule]:
@@ -297,11 +351,16 @@ class Host:
         for model in m.models:
             if model not in self.models:
                 raise ModelNotFound(model)
+        count = max(1, m.min_instances, m.prewarm_instances) if prewarm is None else prewarm
+        self.memory.check_deploy(m, count)
         with self._lock:
             logs = self._logs.setdefault(name, LogBuffer(self._log_capacity))
         fn = DeployedFunction(self, name, compiled, m, abi, logs, info.sha256)
         try:
-            fn.pool.prewarm(max(1, m.min_instances, m.prewarm_instances) if prewarm is None else prewarm)
+            fn.pool.prewarm(count)
+        except MEMORY_REFUSALS:
+            fn.pool.close()
+            raise
         except WasminferError as exc:
             fn.pool.close()
             raise InvalidModule(f"the module failed to start: {exc.message}") from None
@@ -410,6 +469,17 @@ class Host:
         except ModelNotFound:  # unloaded since it was listed
             return None
 
+    def _reclaim_idle(self, nbytes: int) -> int:
+        """Destroys idle instances of this host's functions (least recently used first within each)
+        until `nbytes` of memory are freed, or none is left; returns the bytes freed."""
+        freed = 0
+        for fn in self.functions():
+            if freed >= nbytes:
+                break
+            each = fn.manifest.memory_mb << 20
+            freed += fn.pool.reclaim_idle(-(-(nbytes - freed) // each)) * each
+        return freed
+
     def reap_idle(self) -> int:
         """Destroys instances idle past their function's `idle_timeout_s` (keeping `min_instances`)."""
         return sum(f.pool.reap_idle(f.manifest.idle_timeout_s, f.manifest.min_instances)
@@ -427,6 +497,10 @@ class Host:
         if self._owns_engine:
             self.engine.close()
         self.models.close()
+        with self._lock:
+            held, self._model_memory = list(self._model_memory.values()), {}
+        for memory in held:
+            memory.release()
 
     def __enter__(self) -> Host:
         return self

@@ -164,8 +164,10 @@ class InstancePool(Generic[T]):
                 self._wake_for_slot()
         self._destroy(inst)
 
-    def prewarm(self, count: int) -> int:
-        """Creates idle instances until `count` are live (bounded by `max_instances`)."""
+    def prewarm(self, count: int, create: Callable[[], T] | None = None) -> int:
+        """Creates idle instances until `count` are live (bounded by `max_instances`), with `create`
+        (default: the pool's own)."""
+        create = create or self._create
         made = 0
         while True:
             with self._cond:
@@ -173,7 +175,7 @@ class InstancePool(Generic[T]):
                     return made
                 self._live += 1
             try:
-                inst = self._create()
+                inst = create()
             except BaseException:
                 with self._cond:
                     self._live -= 1
@@ -202,6 +204,18 @@ class InstancePool(Generic[T]):
                 else:
                     survivors.append((inst, at))
             self._idle = survivors
+            self._live -= len(victims)
+            self.reaped_total += len(victims)
+        for inst in victims:
+            self._destroy(inst)
+        return len(victims)
+
+    def reclaim_idle(self, count: int) -> int:
+        """Destroys up to `count` idle instances, least recently used first, whatever their idle
+        time (to make room in the tenant's memory quota for another instance)."""
+        with self._cond:
+            victims = [inst for inst, _ in self._idle[:count]]
+            del self._idle[:len(victims)]
             self._live -= len(victims)
             self.reaped_total += len(victims)
         for inst in victims:
