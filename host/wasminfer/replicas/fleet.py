@@ -35,7 +35,7 @@ from typing import Any
 
 import anyio
 
-from wasminfer.errors import TooManyRequests, Unavailable, WasminferError
+from wasminfer.errors import MemoryQuotaExceeded, TooManyRequests, Unavailable, WasminferError
 from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import NotDelivered, Replica, ReplicaBackend, WarmSpec
 from wasminfer.replicas.inprocess import InProcessBackend
@@ -215,6 +215,10 @@ class Fleet:
                     raise
                 tried = replica  # it never got the request: once more, elsewhere
                 continue
+            except MemoryQuotaExceeded:
+                # A tenant at its own memory quota is no saturation of the host: another replica
+                # would only hand it a fresh budget.
+                raise
             except TooManyRequests:
                 self._waits_us.append((time.perf_counter() - started) * 1e6)  # saturated: counts
                 raise
