@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from wasminfer.errors import BadRequest, Conflict, JobNotFinished, Unavailable, WasminferError
+from wasminfer.errors import BadRequest, Conflict, JobNotFinished, Unavailable, error_from_dict
 
 from .items import chunked, parse_bulk, result_line
 from .records import STATUSES, Job, JobSettings
@@ -198,9 +198,7 @@ class JobService:
         if job.status == "cancelled":
             raise Conflict(f"job {job.id} was cancelled before it ran: it has no result")
         if job.status == "failed" and job.error is not None:
-            error = WasminferError(job.error["message"])
-            error.status, error.code = int(job.error["status"]), str(job.error["code"])
-            raise error
+            raise error_from_dict(job.error)
         for _, results in self.store.results(job):
             status, ctype, body, _, _ = results[0]
             return body or b"", ctype or "application/octet-stream"

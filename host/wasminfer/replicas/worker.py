@@ -10,7 +10,8 @@ in a folder only the gateway's user can enter (0700), or on a loopback port:
 
 - `POST /invoke/{tenant}/{name}` — header `x-wasminfer-deployment`; the response has the
   function's body and content type, and `x-wasminfer-timing: queue,start,run,infer,cold,id`
-  (µs); an error is the gateway's JSON error body with its status (and `retry-after`).
+  (µs); an error is `{"error": …}` of its wire form (`WasminferError.to_dict`) with its status
+  and its `http_headers()`.
 - `POST /warm` — JSON `[[tenant, name, deployment], …]`: load these before taking requests.
 - `GET /stats` — instance pools and recent instance decisions. `GET /readyz`.
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from wasminfer.errors import BadRequest, NotFound, TooManyRequests, WasminferError
+from wasminfer.errors import BadRequest, NotFound, WasminferError
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.scaling import DecisionLog, ScalingConfig
 from wasminfer.service import Platform
@@ -85,13 +85,11 @@ class WorkerApp:
         except _Disconnected:
             return
         except WasminferError as exc:
-            headers = []
-            if isinstance(exc, TooManyRequests):
-                headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after_s))).encode()))
+            headers = [(k.lower().encode(), v.encode()) for k, v in exc.http_headers().items()]
             await _json(send, exc.status, {"error": exc.to_dict()}, headers)
         except Exception:
             log.exception("unexpected error on %s %s", method, path)
-            await _json(send, 500, {"error": {"code": "internal", "message": "internal server error"}})
+            await _json(send, 500, {"error": WasminferError("internal server error").to_dict()})
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:

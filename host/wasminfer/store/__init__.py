@@ -6,7 +6,7 @@ Imports nothing of wasminfer but `wasminfer.errors`.
 
 from __future__ import annotations
 
-from .blobs import BlobNotFound, BlobStore, InvalidDigest, check_sha256
+from .blobs import BlobStore, check_sha256
 from .db import MIGRATIONS, SCHEMA_VERSION
 from .keys import key_id_of
 from .records import ApiKey, FunctionVersion, GcResult, ModelRecord
@@ -14,7 +14,6 @@ from .store import (
     DEFAULT_DATA_DIR,
     DEFAULT_GC_GRACE_S,
     DEFAULT_TENANT,
-    ModelVersionNotFound,
     Store,
     manifest_models,
     validate_name,
@@ -27,13 +26,10 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "ApiKey",
-    "BlobNotFound",
     "BlobStore",
     "FunctionVersion",
     "GcResult",
-    "InvalidDigest",
     "ModelRecord",
-    "ModelVersionNotFound",
     "Store",
     "check_sha256",
     "key_id_of",

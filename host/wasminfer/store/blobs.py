@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from wasminfer.errors import BadRequest, InvalidName, NotFound, PayloadTooLarge
+from wasminfer.errors import BadRequest, BlobNotFound, InvalidDigest, InvalidName, PayloadTooLarge
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KIND = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -31,22 +31,6 @@ _TMP_PREFIX = ".tmp-"
 # Derived files start with the sha256 of their payload: a torn or corrupted compiled module must
 # never reach a deserializer (wasmtime trusts what it deserializes).
 _DIGEST_LEN = 32
-
-
-class InvalidDigest(BadRequest):
-    """A string used as a blob address is not a sha256 hex digest."""
-
-    code = "invalid_digest"
-
-    def __init__(self, value: object) -> None:
-        super().__init__(f"not a sha256 digest (64 lowercase hex characters): {value!r:.80}")
-
-
-class BlobNotFound(NotFound):
-    code = "blob_not_found"
-
-    def __init__(self, sha256: str) -> None:
-        super().__init__(f"blob {sha256} does not exist")
 
 
 def check_sha256(value: object) -> str:

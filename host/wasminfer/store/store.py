@@ -29,6 +29,7 @@ from wasminfer.errors import (
     InvalidManifest,
     InvalidName,
     ModelNotFound,
+    ModelVersionNotFound,
     NotFound,
 )
 
@@ -51,13 +52,6 @@ _ABI_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
 _DUMMY_HASH = "0" * 64
 
 
-class ModelVersionNotFound(ModelNotFound):
-    """A model exists but not at the version asked for."""
-
-    def __init__(self, name: str, version: int) -> None:
-        NotFound.__init__(self, f"model {name!r} version {version} does not exist")
-
-
 def validate_name(kind: str, name: object) -> str:
     """Return `name` if it is a valid name (`^[a-z0-9][a-z0-9._-]{0,63}$`). Raises `InvalidName`."""
     if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
@@ -72,10 +66,10 @@ def manifest_models(manifest: Mapping[str, Any]) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
     if not isinstance(value, list | tuple) or not all(isinstance(m, str) for m in value):
-        raise InvalidManifest("manifest key 'models' must be a list of model names")
+        raise InvalidManifest.for_key("models", "must be a list of model names")
     for model in value:
         if NAME_PATTERN.fullmatch(model) is None:
-            raise InvalidManifest(f"manifest key 'models': {model!r:.80} is not a valid model name")
+            raise InvalidManifest.for_key("models", f"has an invalid model name {model!r:.80}")
     return tuple(sorted(set(value)))
 
 
