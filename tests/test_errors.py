@@ -107,7 +107,12 @@ def test_every_class_round_trips_through_the_gateways_http_answer(cls: type[Wasm
 
 def test_the_wire_form_and_the_http_headers() -> None:
     busy = TooManyRequests("busy", retry_after_s=0.2)
-    assert busy.to_dict() == {"code": "too_many_requests", "message": "busy", "status": 429, "retry_after_s": 0.2}
+    assert busy.to_dict() == {
+        "code": "too_many_requests",
+        "message": "busy",
+        "status": 429,
+        "retry_after_s": 0.2,
+    }
     assert busy.http_headers() == {"Retry-After": "1"}
     assert FunctionNotFound("f").to_dict() == {
         "code": "function_not_found",

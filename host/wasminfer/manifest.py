@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from wasminfer.errors import InvalidManifest
+from wasminfer.syntax import is_name
 
 ABIS = ("auto", "handler", "command", "component")
-_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[ -~]*)?$")
 
@@ -186,7 +186,7 @@ def _models(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list | tuple):
         raise InvalidManifest.for_key("models", "must be a list of model names")
     for name in value:
-        if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        if not is_name(name):
             raise InvalidManifest.for_key("models", f"has an invalid model name {name!r}")
     return tuple(dict.fromkeys(value))
 

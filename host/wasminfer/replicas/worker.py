@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -39,6 +38,7 @@ from wasminfer.errors import BadRequest, NotFound, WasminferError
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.scaling import DecisionLog, ScalingConfig
 from wasminfer.service import Platform
+from wasminfer.syntax import is_header_value
 
 log = logging.getLogger("wasminfer.worker")
 
@@ -49,9 +49,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 DEPLOYMENT_HEADER = b"x-wasminfer-deployment"
 TIMING_HEADER = "x-wasminfer-timing"
-# The gateway sends a guest's content type on only if it is a plain header value; this process must
-# not even write one that is not (a CR/LF would split its own response).
-_SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
 
 
 class _Disconnected(Exception):
@@ -114,11 +111,9 @@ class WorkerApp:
             return platform.invoke(name, body, content_type, tenant=tenant)
 
         result = await anyio.to_thread.run_sync(run, limiter=self.limiter)
-        ctype = (
-            result.content_type
-            if _SAFE_HEADER_VALUE.fullmatch(result.content_type)
-            else ("application/octet-stream")
-        )
+        # The gateway sends a guest's content type on only if it is a plain header value; this
+        # process must not even write one that is not (a CR/LF would split its own response).
+        ctype = result.content_type if is_header_value(result.content_type) else "application/octet-stream"
         timing = (
             f"{result.queue_us:.1f},{result.start_us:.1f},{result.run_us:.1f},{result.infer_us:.1f},"
             f"{int(result.cold)},{result.invocation_id}"

@@ -1,10 +1,12 @@
 """The durable embedded store: functions (immutable versions), models, API keys, and the
 content-addressed blobs they point at, all under one data folder (default `./.wasminfer`).
 
-Imports nothing of wasminfer but `wasminfer.errors`.
+Imports nothing of wasminfer but `wasminfer.errors`, `wasminfer.syntax` and `wasminfer._fs`.
 """
 
 from __future__ import annotations
+
+from wasminfer.syntax import validate_name
 
 from .blobs import BlobStore, check_sha256
 from .db import MIGRATIONS, SCHEMA_VERSION
@@ -16,7 +18,6 @@ from .store import (
     DEFAULT_TENANT,
     Store,
     manifest_models,
-    validate_name,
 )
 
 __all__ = [
