@@ -8,8 +8,8 @@ Errors cross process boundaries in one form, `to_dict()` (code, message, status,
 `retry_after_s` where the caller should wait), turned back into the same class by
 `error_from_dict`: the gateway answers with it (`http_headers`, and the body's code and message),
 worker replicas and Ray actors send it to the gateway, the client rebuilds it from a response
-(`error_from_http`). Every class can be built from its message alone (`cls(message=…)`), which is
-how a class that builds its message from other arguments comes back from the wire.
+(`error_from_http`). Every class comes back through its own constructor (`from_wire`): one that
+builds its message from other arguments also takes the finished message (`message=…`).
 """
 
 from __future__ import annotations
