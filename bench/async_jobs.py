@@ -44,6 +44,8 @@ from typing import Any
 
 import httpx
 
+from suite.stats import pct
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 INVOKE = "/v1/functions/digits/invoke"
@@ -52,11 +54,6 @@ TARGET_RATIO = 1.5
 
 def progress(message: str) -> None:
     print(f"[bench-async] {message}", file=sys.stderr, flush=True)
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def free_port() -> int:

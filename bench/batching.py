@@ -49,6 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "host"))
 
+from suite.stats import pct  # noqa: E402
 from wasminfer import examples  # noqa: E402
 from wasminfer.models import BatchingConfig, ModelRegistry  # noqa: E402
 from wasminfer.models import batching as batching_module  # noqa: E402
@@ -154,18 +155,15 @@ def closed_loop(call: Call, concurrency: int, seconds: float) -> Round:
 
 
 def summarise(rounds: list[Round]) -> dict[str, Any]:
-    latencies = sorted(ms for r in rounds for ms in r.latencies_ms)
+    latencies = [ms for r in rounds for ms in r.latencies_ms]
     throughput = [r.requests / r.seconds for r in rounds]
-
-    def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
 
     return {
         "throughput_rps": round(statistics.median(throughput), 1),
         "throughput_rps_rounds": [round(t, 1) for t in throughput],
         "cpu_us_per_request": round(statistics.median(r.cpu_seconds / r.requests * 1e6 for r in rounds), 2),
-        "p50_ms": round(pct(0.50), 3),
-        "p99_ms": round(pct(0.99), 3),
+        "p50_ms": round(pct(latencies, 0.50), 3),
+        "p99_ms": round(pct(latencies, 0.99), 3),
         "requests": len(latencies),
     }
 

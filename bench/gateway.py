@@ -38,6 +38,7 @@ from pathlib import Path
 
 import httpx
 
+from suite.stats import pct
 from wasminfer import examples, toolchain
 from wasminfer.client import Client
 from wasminfer.manifest import Manifest
@@ -65,11 +66,6 @@ class Run:
     @property
     def per_s(self) -> float:
         return self.invocations / self.seconds
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 # --- in-process -----------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ from typing import Any
 import httpx
 import psutil
 
+from suite import stats
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "hardening.json"
 
@@ -232,10 +234,7 @@ async def closed_loop(url: str, path: str, body: bytes, clients: int, seconds: f
 
 
 def pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+    return stats.pct(values, q, empty=0.0)  # 0, not NaN, for no samples: the JSON stays strict
 
 
 def overload(seconds: float = 20.0, factor: float = 5.0, service_ms: float = 40.0,

@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import psutil
 import wasmtime
 
+from suite.stats import p50, pct
 from wasminfer import examples, toolchain
 from wasminfer.runtime import Host, Manifest
 from wasminfer.runtime._wasm import CallState
@@ -42,15 +42,6 @@ CALL_WAT = r"""
   (func (export "bare") (param i32) (result i32) local.get 0)
   (func (export "roundtrip") (param i32) (result i32) (call $le (i32.const 0) (i32.const 0))))
 """
-
-
-def p50(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def timed(fn, n: int) -> list[float]:  # type: ignore[no-untyped-def]

@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from suite.stats import p50, pct
 from wasminfer import examples, toolchain
 from wasminfer.runtime import Host, Manifest, component, handler
 
@@ -49,15 +49,6 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 GUEST = HERE / "guests" / "py_digits"
 TARGETS = {"py_instantiate_us_p50": 2000, "py_idle_instance_kb": 4096, "py_invoke_overhead_us_p50": 300}
-
-
-def p50(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def round_p50s(xs: list[float], rounds: int) -> list[float]:

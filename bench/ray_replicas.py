@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from suite.stats import pct
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 REPLICAS = (1, 2, 4)
@@ -62,11 +64,6 @@ class Run:
     @property
     def per_s(self) -> float:
         return self.invocations / self.seconds
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def _loopback_only() -> bool:

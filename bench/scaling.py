@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from suite import stats
 from wasminfer import examples, toolchain
 from wasminfer.client import Client
 from wasminfer.manifest import Manifest
@@ -224,8 +225,7 @@ def sample_until(port: int, stop: threading.Event, samples: list[dict[str, Any]]
 
 
 def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
+    return stats.pct(values, q, empty=0.0)  # 0, not NaN, for no samples: the JSON stays strict
 
 
 def step_load(work: Path, wasm: bytes, model: bytes, manifest: Manifest, body: bytes) -> dict[str, Any]:

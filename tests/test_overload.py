@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -27,13 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def hardening() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("hardening", ROOT / "bench" / "hardening.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hardening"] = module
-    spec.loader.exec_module(module)
-    return module
+def hardening() -> Iterator[ModuleType]:
+    bench = str(ROOT / "bench")
+    sys.path.insert(0, bench)  # as when it runs as a script: it imports the bench suite's helpers
+    try:
+        spec = importlib.util.spec_from_file_location("hardening", ROOT / "bench" / "hardening.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["hardening"] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(bench)
 
 
 def test_overload_at_5x_capacity(hardening: ModuleType, tmp_path: Path) -> None:

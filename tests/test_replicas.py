@@ -11,13 +11,12 @@ from typing import Any, TypeVar
 
 import pytest
 
-from wasminfer.errors import FunctionNotFound, GuestError, Timeout, TooManyRequests, Unavailable
+from wasminfer.errors import FunctionNotFound, GuestError, NotDelivered, Timeout, TooManyRequests, Unavailable
 from wasminfer.manifest import Manifest
 from wasminfer.replicas import (
     Fleet,
     InstanceController,
     LocalBackend,
-    NotDelivered,
     Replica,
     ReplicaBackend,
     ReplicaStats,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from wasminfer.errors import Conflict, FunctionNotFound, ModelNotFound, Unavailable
+from wasminfer.errors import BadRequest, Conflict, FunctionNotFound, ModelNotFound, Unavailable
 from wasminfer.manifest import Manifest
 from wasminfer.service import Platform, parse_keys
 
@@ -120,3 +120,18 @@ def test_open_access_only_while_no_key_was_ever_made(tmp_path: Path) -> None:
         assert not p.open_access and p.authenticate(key) is None
     with Platform(tmp_path / "e", keys=[]) as p, Platform(tmp_path / "f", keys=parse_keys("k:read")) as q:
         assert p.open_access and not q.open_access
+
+
+def test_scopes_are_checked_the_same_way_for_configured_and_stored_keys(platform: Platform) -> None:
+    assert parse_keys("k1:read+invoke:acme")[0].scopes == frozenset({"read", "invoke"})
+    known = "known: admin, invoke, read"
+    with pytest.raises(BadRequest, match=f"^API key entry 2: unknown scope\\(s\\) root; {known}$"):
+        parse_keys("k1:read,k2:read+root")
+    with pytest.raises(BadRequest, match=f"^API key entry 1: no scope given; {known}$"):
+        parse_keys("k1:+")
+    assert platform.add_key(["read"]).startswith("wik_")
+    with pytest.raises(BadRequest, match=f"^unknown scope\\(s\\) root; {known}$"):
+        platform.add_key(["read", "root"])
+    with pytest.raises(BadRequest, match=f"^no scope given; {known}$"):
+        platform.add_key([])
+    assert len(platform.store.list_keys()) == 1  # nothing refused was stored

@@ -16,11 +16,14 @@ import pytest
 
 from wasminfer.errors import (
     BadRequest,
+    BlobNotFound,
     Conflict,
     FunctionNotFound,
+    InvalidDigest,
     InvalidManifest,
     InvalidName,
     ModelNotFound,
+    ModelVersionNotFound,
     NotFound,
     PayloadTooLarge,
     Unavailable,
@@ -29,10 +32,7 @@ from wasminfer.errors import (
 from wasminfer.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
-    BlobNotFound,
     BlobStore,
-    InvalidDigest,
-    ModelVersionNotFound,
     Store,
     key_id_of,
     manifest_models,

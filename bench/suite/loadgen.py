@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from suite.stats import pct
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 WARMUP_S = 1.0  # from the start of a run to the start of its counting window
 
@@ -205,8 +207,7 @@ async def _asyncio(
     cpu = time.process_time()
     await asyncio.gather(*(connection() for _ in range(concurrency)))
     cpu = time.process_time() - cpu
-    s = sorted(latencies)
-    p50, p99 = s[len(s) // 2] * 1e3, s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3
+    p50, p99 = pct(latencies, 0.5) * 1e3, pct(latencies, 0.99) * 1e3
     return Load(
         concurrency, counted, duration, p50, p99, errors, "asyncio", cpu * duration / (warmup + duration)
     )

@@ -32,6 +32,7 @@ import httpx
 import psutil
 
 from suite import workloads
+from suite.stats import pct
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = Path(__file__).resolve().parent
@@ -446,8 +447,8 @@ def limit_run(
         spinning,
         n,
         elapsed,
-        lat[len(lat) // 2] * 1e3,
-        lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3,
+        pct(lat, 0.5) * 1e3,
+        pct(lat, 0.99) * 1e3,
         cpu,
     )
 

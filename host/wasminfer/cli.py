@@ -892,14 +892,11 @@ def key_add(
 ) -> None:
     """Create an API key in the store and print it (shown once). A server started without keys
     requires them after its next restart."""
-    from wasminfer.service import SCOPES
     from wasminfer.store import Store
+    from wasminfer.store.keys import check_known_scopes
 
-    unknown = sorted(set(scope) - set(SCOPES))
-    if unknown:
-        raise BadRequest(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}")
     with Store(data) as store:
-        plaintext = store.add_key(scope, tenant=tenant)
+        plaintext = store.add_key(check_known_scopes(scope), tenant=tenant)
     out.print(plaintext, highlight=False)
 
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import httpx
 
-from wasminfer import errors
-from wasminfer.errors import ServerUnreachable, TooManyRequests, WasminferError
+from wasminfer.errors import ServerUnreachable, WasminferError, error_from_http
 from wasminfer.manifest import Manifest
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -37,61 +36,10 @@ class Invocation:
     server_timing: dict[str, float] = field(default_factory=dict)  # name -> ms (queue, start, run, …)
 
 
-def _error_classes() -> dict[str, type[WasminferError]]:
-    """code -> class, for every `WasminferError` subclass defined in `wasminfer.errors` (the first
-    class wins when subclasses share a code)."""
-    found: dict[str, type[WasminferError]] = {}
-    stack: list[type[WasminferError]] = [WasminferError]
-    while stack:
-        cls = stack.pop(0)
-        if cls.__module__ == errors.__name__:
-            found.setdefault(cls.code, cls)
-        stack.extend(cls.__subclasses__())
-    return found
-
-
-_BY_CODE = _error_classes()
-_BY_STATUS = {
-    cls.status: cls
-    for cls in reversed(list(_BY_CODE.values()))
-    if cls.code
-    in {
-        "bad_request",
-        "unauthorized",
-        "forbidden",
-        "not_found",
-        "conflict",
-        "payload_too_large",
-        "unsupported_media_type",
-        "invalid_tensor",
-        "too_many_requests",
-        "internal",
-        "unavailable",
-        "timeout",
-    }
-}
-
-
 def error_from_response(response: httpx.Response) -> WasminferError:
-    """The `WasminferError` a failed response carries, of the class its `code` names (else the one
-    its status names), with the server's message, code and status."""
-    try:
-        body = response.json()["error"]
-        code, message = str(body["code"]), str(body["message"])
-    except (ValueError, KeyError, TypeError):
-        code, message = "", f"HTTP {response.status_code}: {response.text[:200]}"
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(response.status_code, WasminferError)
-    err = cls.__new__(cls)  # subclasses build their messages from other arguments: skip their __init__
-    WasminferError.__init__(err, message)
-    err.status = response.status_code
-    if code:
-        err.code = code
-    if isinstance(err, TooManyRequests):
-        try:
-            err.retry_after_s = float(response.headers.get("retry-after", "1"))
-        except ValueError:
-            err.retry_after_s = 1.0
-    return err
+    """The `WasminferError` a failed response carries (`wasminfer.errors.error_from_http`): of the
+    class its `code` names, else the one its status names, with the server's message and code."""
+    return error_from_http(response.status_code, response.content, response.headers.get("retry-after"))
 
 
 def _server_timing(header: str) -> dict[str, float]:

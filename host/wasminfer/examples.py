@@ -21,12 +21,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+from wasminfer._fs import atomic_write
 
 if TYPE_CHECKING:  # scikit-learn is an optional dependency (the `examples` extra)
     import numpy as np
@@ -70,10 +71,7 @@ def _cache_root() -> Path:
 
 def _write_cached(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 # --- digits: scikit-learn LogisticRegression on load_digits ---------------------------------------
@@ -119,11 +117,7 @@ def digits_model(cache_dir: Path | None = None) -> bytes:
         options={id(clf): {"zipmap": False}},  # plain tensors, not a list of maps
     )
     data: bytes = onx.SerializeToString()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".digits.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    _write_cached(path, data)
     return data
 
 

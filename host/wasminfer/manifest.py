@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from wasminfer.errors import InvalidManifest
+from wasminfer.syntax import is_name
 
 ABIS = ("auto", "handler", "command", "component")
-_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[ -~]*)?$")
 
@@ -99,7 +99,7 @@ class Manifest:
                 if isinstance(value, str):
                     value = [value]
                 if not isinstance(value, list | tuple) or not all(isinstance(a, str) for a in value):
-                    raise InvalidManifest("manifest key 'args' must be a list of strings")
+                    raise InvalidManifest.for_key("args", "must be a list of strings")
                 kw[key] = tuple(value)
             elif key == "mount_body":
                 if value is not None and (
@@ -107,27 +107,27 @@ class Manifest:
                     or any(part in (".", "..") for part in value.split("/")) or "\0" in value
                     or len(value) > 1024
                 ):
-                    raise InvalidManifest(
-                        "manifest key 'mount_body' must be an absolute guest path of a file, e.g. /input/body"
+                    raise InvalidManifest.for_key(
+                        "mount_body", "must be an absolute guest path of a file, e.g. /input/body"
                     )
                 kw[key] = value
             elif key == "content_type":
                 if value is not None and (
                     not isinstance(value, str) or len(value) > 256 or not _MEDIA_TYPE.match(value)
                 ):
-                    raise InvalidManifest("manifest key 'content_type' must be a media type, e.g. text/plain")
+                    raise InvalidManifest.for_key("content_type", "must be a media type, e.g. text/plain")
                 kw[key] = value
             elif key in ("allow_guest_models", "idempotent"):
                 kw[key] = _bool(key, value)
             elif key == "abi":
                 if value not in ABIS:
-                    raise InvalidManifest(f"manifest key 'abi' must be one of {', '.join(ABIS)}")
+                    raise InvalidManifest.for_key("abi", f"must be one of {', '.join(ABIS)}")
                 kw[key] = value
         m = cls(**kw)
         if m.min_instances > m.max_instances:
-            raise InvalidManifest("manifest key 'min_instances' exceeds 'max_instances'")
+            raise InvalidManifest.for_key("min_instances", "exceeds 'max_instances'")
         if m.prewarm_instances > m.max_instances:
-            raise InvalidManifest("manifest key 'prewarm_instances' exceeds 'max_instances'")
+            raise InvalidManifest.for_key("prewarm_instances", "exceeds 'max_instances'")
         return m
 
     @classmethod
@@ -159,16 +159,16 @@ class Manifest:
 
 def _int(key: str, value: Any) -> int:
     if isinstance(value, bool):
-        raise InvalidManifest(f"manifest key {key!r} must be an integer")
+        raise InvalidManifest.for_key(key, "must be an integer")
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise InvalidManifest(f"manifest key {key!r} must be an integer, got {value!r}") from None
+        raise InvalidManifest.for_key(key, f"must be an integer, got {value!r}") from None
     if isinstance(value, float) and value != n:
-        raise InvalidManifest(f"manifest key {key!r} must be an integer, got {value!r}")
+        raise InvalidManifest.for_key(key, f"must be an integer, got {value!r}")
     lo, hi = _INT_RANGES[key]
     if not lo <= n <= hi:
-        raise InvalidManifest(f"manifest key {key!r} must be between {lo} and {hi}, got {n}")
+        raise InvalidManifest.out_of_range(key, n, lo, hi)
     return n
 
 
@@ -177,17 +177,17 @@ def _bool(key: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
         return value.lower() in ("1", "true", "yes")
-    raise InvalidManifest(f"manifest key {key!r} must be true or false")
+    raise InvalidManifest.for_key(key, "must be true or false")
 
 
 def _models(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [v for v in value.split(",") if v]
     if not isinstance(value, list | tuple):
-        raise InvalidManifest("manifest key 'models' must be a list of model names")
+        raise InvalidManifest.for_key("models", "must be a list of model names")
     for name in value:
-        if not isinstance(name, str) or not _MODEL_NAME.match(name):
-            raise InvalidManifest(f"manifest key 'models' has an invalid model name {name!r}")
+        if not is_name(name):
+            raise InvalidManifest.for_key("models", f"has an invalid model name {name!r}")
     return tuple(dict.fromkeys(value))
 
 
@@ -199,14 +199,14 @@ def _env(value: Any) -> tuple[tuple[str, str], ...]:
         items = []
         for item in value:
             if not isinstance(item, str) or "=" not in item:
-                raise InvalidManifest(f"manifest key 'env' entries must be KEY=VALUE, got {item!r}")
+                raise InvalidManifest.for_key("env", f"entries must be KEY=VALUE, got {item!r}")
             k, v = item.split("=", 1)
             items.append((k, v))
     else:
-        raise InvalidManifest("manifest key 'env' must be an object or a list of KEY=VALUE")
+        raise InvalidManifest.for_key("env", "must be an object or a list of KEY=VALUE")
     for k, v in items:
         if not isinstance(k, str) or not _ENV_KEY.match(k) or not isinstance(v, str):
-            raise InvalidManifest(f"manifest key 'env' has an invalid entry {k!r}")
+            raise InvalidManifest.for_key("env", f"has an invalid entry {k!r}")
         pairs.append((k, v))
     return tuple(pairs)
 

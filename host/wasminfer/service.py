@@ -42,6 +42,7 @@ from wasminfer.models.registry import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP
 from wasminfer.runtime import DeployedFunction, Host, InvokeResult, LogLine
 from wasminfer.runtime.memory import MemoryBudget, MemorySettings
 from wasminfer.store import DEFAULT_TENANT, FunctionVersion, ModelRecord, Store, validate_name
+from wasminfer.store.keys import SCOPES, check_known_scopes
 
 __all__ = [
     "DEFAULT_TENANT",
@@ -56,10 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("wasminfer")
-
-#: `admin` may do everything; `invoke` may invoke functions; `read` may list and read (functions,
-#: models, logs, metrics) without changing anything.
-SCOPES = ("admin", "invoke", "read")
 
 Progress = Callable[[str], None]
 
@@ -103,12 +100,10 @@ def parse_keys(specs: str | Iterable[str]) -> list[ConfiguredKey]:
         parts = entry.split(":")
         if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
             raise BadRequest(f"API key entry {n + 1}: expected KEY:SCOPE[+SCOPE…][:TENANT]")
-        scopes = frozenset(s for s in parts[1].split("+") if s)
-        unknown = sorted(scopes - set(SCOPES))
-        if unknown:
-            raise BadRequest(
-                f"API key entry {n + 1}: unknown scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}"
-            )
+        try:
+            scopes = check_known_scopes(s for s in parts[1].split("+") if s)
+        except BadRequest as exc:
+            raise BadRequest(f"API key entry {n + 1}: {exc.message}") from None
         tenant = parts[2] if len(parts) == 3 else DEFAULT_TENANT
         keys.append(ConfiguredKey(parts[0], scopes, validate_name("tenant", tenant)))
     return keys
@@ -321,11 +316,7 @@ class Platform:
     def add_key(self, scopes: Iterable[str], *, tenant: str = DEFAULT_TENANT) -> str:
         """Creates a stored API key and returns it (shown once). From then on keys are required.
         Raises `BadRequest` for an unknown scope, `InvalidName` for a bad tenant."""
-        scopes = list(scopes)
-        unknown = sorted(set(scopes) - set(SCOPES))
-        if unknown or not scopes:
-            raise BadRequest(f"unknown or missing scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}")
-        key = self.store.add_key(scopes, tenant=tenant)
+        key = self.store.add_key(check_known_scopes(scopes), tenant=tenant)
         self.open_access = False
         return key
 

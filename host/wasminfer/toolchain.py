@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from wasminfer._fs import atomic_write
+
 __all__ = ["BuildError", "build", "default_cache_dir", "guest_sdk_dir"]
 
 Progress = Callable[[str], None]
@@ -256,14 +258,7 @@ def _cache_key(src: _Sources, sdk: Path, flags: _Flags) -> str:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def build(

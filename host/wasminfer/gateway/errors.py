@@ -1,7 +1,8 @@
 """The one place that turns errors into HTTP responses.
 
-Every `WasminferError` becomes `{"error": {"code", "message"}}` with its own `status` (and
-`Retry-After` for `TooManyRequests`, `WWW-Authenticate` for `Unauthorized`). Starlette's own
+Every `WasminferError` becomes `{"error": {"code", "message"}}` of its wire form
+(`WasminferError.to_dict`) with its `status` and its `http_headers()` (`Retry-After` when the caller
+should wait, `WWW-Authenticate` for `Unauthorized`). Starlette's own
 errors (no such route, wrong method) get the same shape. Anything else is a bug: the client gets a
 bare `500 internal` with no detail, and the traceback goes to the server log.
 """
@@ -9,7 +10,6 @@ bare `500 internal` with no detail, and the traceback goes to the server log.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ExceptionHandler
 
-from wasminfer.errors import TooManyRequests, Unauthorized, WasminferError
+from wasminfer.errors import WasminferError
 
 log = logging.getLogger("wasminfer.gateway")
 
@@ -29,12 +29,10 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
 
 
 def error_response(exc: WasminferError) -> Response:
-    headers: dict[str, str] = {}
-    if isinstance(exc, TooManyRequests):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    elif isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = 'Bearer realm="wasminfer"'
-    return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=headers)
+    wire = exc.to_dict()
+    return JSONResponse(
+        error_body(wire["code"], wire["message"]), status_code=wire["status"], headers=exc.http_headers()
+    )
 
 
 async def _wasminfer_error(request: Request, exc: Exception) -> Response:

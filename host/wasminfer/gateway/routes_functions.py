@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ from wasminfer.gateway import routes_jobs as jobs
 from wasminfer.gateway.bodies import limited_stream, read_body, require_media_type
 from wasminfer.gateway.state import app_state, principal, run_admin
 from wasminfer.manifest import Manifest
+from wasminfer.syntax import is_header_value
 
 WASM = "application/wasm"
 MULTIPART = "multipart/form-data"
@@ -24,7 +24,6 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 MAX_LOG_LINES = 10_000
 # A guest picks its response's content type; only a plain header value may reach the client (no
 # CR/LF, nothing outside printable ASCII): anything else would corrupt or split the response.
-_SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
 
 
 async def put_function(request: Request) -> Response:
@@ -148,7 +147,7 @@ async def _invoke_sync(request: Request) -> Response:
     elapsed = time.perf_counter() - started
     st.metrics.invoked(who.tenant, name, "ok", elapsed, result.run_us / 1e6, result.cold)
     ctype = result.content_type
-    if not _SAFE_HEADER_VALUE.fullmatch(ctype):
+    if not is_header_value(ctype):
         ctype = DEFAULT_CONTENT_TYPE
     return Response(
         result.body,

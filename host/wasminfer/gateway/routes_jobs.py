@@ -14,7 +14,6 @@ Options of both submissions: `Idempotency-Key` header, `?webhook=URL`, `?ttl_s=`
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from starlette.requests import Request
@@ -24,11 +23,11 @@ from wasminfer.errors import BadRequest, UnsupportedMediaType
 from wasminfer.gateway.bodies import media_type, read_body
 from wasminfer.gateway.state import app_state, principal, run_admin
 from wasminfer.jobs import BULK_TYPES, CBOR, JSONL
+from wasminfer.syntax import is_header_value
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 RESPOND_ASYNC = "respond-async"
 # As in routes_functions: only a plain header value from a guest reaches the client.
-_SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
 _TRUE, _FALSE = ("", "1", "true", "yes"), ("0", "false", "no")
 
 
@@ -158,5 +157,5 @@ async def job_result(request: Request) -> Response:
         # A sync iterator: Starlette reads it on worker threads, one chunk of results at a time.
         return StreamingResponse(st.jobs.batch_results(job), media_type=JSONL, headers=headers)
     body, ctype = await run_admin(request, st.jobs.invoke_result, job)
-    headers["content-type"] = ctype if _SAFE_HEADER_VALUE.fullmatch(ctype) else DEFAULT_CONTENT_TYPE
+    headers["content-type"] = ctype if is_header_value(ctype) else DEFAULT_CONTENT_TYPE
     return Response(body, headers=headers)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from wasminfer.errors import BadRequest, Conflict, JobNotFinished, Unavailable, WasminferError
+from wasminfer.errors import BadRequest, Conflict, JobNotFinished, Unavailable, error_from_dict
+from wasminfer.syntax import is_header_value
 
 from .items import chunked, parse_bulk, result_line
 from .records import STATUSES, Job, JobSettings
@@ -37,7 +37,6 @@ from .webhooks import WebhookSender, check_webhook_url
 if TYPE_CHECKING:
     from wasminfer.service import Platform
 
-_HEADER_VALUE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")
 MAX_LIST = 1000
 
 
@@ -122,7 +121,7 @@ class JobService:
         what `submit_invoke` raises, and `BadRequest` / `UnsupportedMediaType` / `PayloadTooLarge`
         for the body (nothing is stored then)."""
         options = self._options(function, tenant, idempotency_key, webhook, ttl_s)
-        if item_content_type is not None and not _HEADER_VALUE.fullmatch(item_content_type):
+        if item_content_type is not None and not is_header_value(item_content_type, 255):
             raise BadRequest("item_content_type must be a plain media type (printable ASCII)")
         items = parse_bulk(body, media_type, self.settings.max_items, item_content_type)
         chunks = list(chunked(items, self.settings.chunk_items, self.settings.chunk_bytes))
@@ -148,7 +147,7 @@ class JobService:
         if not self.platform.ready:
             raise Unavailable("the server is starting: loading functions and models from the store")
         self.platform.store.get_function(function, tenant=tenant)  # FunctionNotFound, InvalidName
-        if key is not None and not _HEADER_VALUE.fullmatch(key):
+        if key is not None and not is_header_value(key, 255):
             raise BadRequest("an Idempotency-Key is 1-255 printable ASCII characters")
         if ttl_s is None:
             ttl = self.settings.ttl_s
@@ -198,9 +197,7 @@ class JobService:
         if job.status == "cancelled":
             raise Conflict(f"job {job.id} was cancelled before it ran: it has no result")
         if job.status == "failed" and job.error is not None:
-            error = WasminferError(job.error["message"])
-            error.status, error.code = int(job.error["status"]), str(job.error["code"])
-            raise error
+            raise error_from_dict(job.error)
         for _, results in self.store.results(job):
             status, ctype, body, _, _ = results[0]
             return body or b"", ctype or "application/octet-stream"

@@ -18,7 +18,6 @@ once). A job is queued until its first chunk is claimed, running until its last 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import time
@@ -26,9 +25,9 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from wasminfer._fs import atomic_write, fsync_dir, makedirs_durable
 from wasminfer.errors import Conflict, IdempotencyKeyReused, JobNotFound
 from wasminfer.store import Store
-from wasminfer.store.blobs import makedirs_durable
 
 from .items import Item, Result, decode_items, decode_results, encode_items, encode_results
 from .records import JOB_ID, Job, new_job_id
@@ -65,23 +64,6 @@ def _job(row: sqlite3.Row) -> Job:
         finished_at=row["finished_at"],
         expires_at=row["expires_at"],
     )
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,13 +119,13 @@ class JobStore:
             data = encode_items(chunk)
             if len(data) > self.inline_bytes:
                 makedirs_durable(folder)
-                _write_synced(folder / f"in-{seq}", data)
+                atomic_write(folder / f"in-{seq}", data, sync_dir=False)
                 rows.append((job_id, seq, first, len(chunk), None))
             else:
                 rows.append((job_id, seq, first, len(chunk), data))
             first += len(chunk)
         if folder.exists():
-            _fsync_dir(folder)
+            fsync_dir(folder)
         try:
             with self.db.write() as conn:
                 conn.execute(
@@ -339,8 +321,7 @@ class JobStore:
             if len(data) > self.inline_bytes:
                 folder = self.folder(job_id)
                 makedirs_durable(folder)
-                _write_synced(folder / f"out-{seq}", data)
-                _fsync_dir(folder)
+                atomic_write(folder / f"out-{seq}", data)
                 inline = None
             staged.append((job_id, seq, results, inline, sum(1 for r in results if r[3] is not None)))
         now = time.time()

@@ -9,7 +9,7 @@ instance autoscaler inside one process. Never imports starlette.
 
 from __future__ import annotations
 
-from wasminfer.replicas.base import NotDelivered, Replica, ReplicaBackend, ReplicaStats, WarmSpec
+from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmSpec
 from wasminfer.replicas.fleet import Fleet
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
@@ -20,7 +20,6 @@ __all__ = [
     "InProcessBackend",
     "InstanceController",
     "LocalBackend",
-    "NotDelivered",
     "Replica",
     "ReplicaBackend",
     "ReplicaStats",

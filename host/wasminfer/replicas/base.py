@@ -15,15 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from wasminfer.errors import Unavailable
 from wasminfer.runtime import InvokeResult
 
 #: A function a new replica should load before it takes requests: (tenant, name, deployment digest).
 WarmSpec = tuple[str, str, str]
-
-
-class NotDelivered(Unavailable):
-    """The request never reached the replica (it could not be connected to): safe to send elsewhere."""
 
 
 @dataclass

@@ -35,9 +35,9 @@ from typing import Any
 
 import anyio
 
-from wasminfer.errors import MemoryQuotaExceeded, TooManyRequests, Unavailable, WasminferError
+from wasminfer.errors import MemoryQuotaExceeded, NotDelivered, TooManyRequests, Unavailable, WasminferError
 from wasminfer.manifest import Manifest
-from wasminfer.replicas.base import NotDelivered, Replica, ReplicaBackend, WarmSpec
+from wasminfer.replicas.base import Replica, ReplicaBackend, WarmSpec
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.runtime import InvokeResult

@@ -30,12 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio.to_thread
-import httpx
 import psutil
 
-from wasminfer.client import error_from_response
-from wasminfer.errors import Unavailable
-from wasminfer.replicas.base import NotDelivered, Replica, ReplicaBackend, ReplicaStats, WarmSpec
+from wasminfer.errors import NotDelivered, Unavailable, error_from_http
+from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmSpec
 from wasminfer.replicas.worker import DEPLOYMENT_HEADER, TIMING_HEADER
 from wasminfer.runtime import InvokeResult
 from wasminfer.scaling import ScalingConfig
@@ -139,12 +137,6 @@ class _Connections:
 
 class _Unanswered(Exception):
     """The connection ended before any byte of the answer."""
-
-
-def _response(status: int, headers: dict[bytes, bytes], content: bytes) -> httpx.Response:
-    return httpx.Response(
-        status, headers=[(k.decode(), v.decode("latin-1")) for k, v in headers.items()], content=content
-    )
 
 
 @dataclass
@@ -274,7 +266,7 @@ class LocalBackend(ReplicaBackend):
         except OSError as exc:
             raise Unavailable(f"replica {replica.id} failed with the request: {exc}; retry") from None
         if status != 200:
-            raise error_from_response(_response(status, headers, content))
+            raise error_from_http(status, content)
         try:
             queue, start, run, infer, cold, invocation = headers[_TIMING].decode().split(",", 5)
             return InvokeResult(

@@ -44,12 +44,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-import httpx
 
-from wasminfer.client import error_from_response
-from wasminfer.errors import Unavailable, WasminferError
+from wasminfer.errors import (
+    LostWithIdempotentRequest,
+    NotDelivered,
+    Unavailable,
+    WasminferError,
+    error_from_dict,
+)
 from wasminfer.manifest import Manifest
-from wasminfer.replicas.base import NotDelivered, Replica, ReplicaBackend, ReplicaStats, WarmSpec
+from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmSpec
 from wasminfer.runtime import InvokeResult
 from wasminfer.scaling import ScalingConfig
 from wasminfer.service import Platform, deployment_digest, model_digest
@@ -63,11 +67,6 @@ _NEED_BUNDLE = "need-bundle"  # an actor's answer: "send me the function's blobs
 #: {"function": (sha256, manifest, ref), "models": [(name, sha256, ref, options), …]} (refs into Ray's
 #: object store).
 Bundle = dict[str, Any]
-
-
-class LostWithIdempotentRequest(NotDelivered):
-    """The replica was lost with the request, and the function is idempotent: the fleet sends it
-    once more, elsewhere."""
 
 
 @dataclass
@@ -272,7 +271,7 @@ class RayBackend(ReplicaBackend):
                 body, ctype, queue_us, start_us, run_us, infer_us, cold, f"{replica.id}.{invocation}"
             )
         if isinstance(out, dict):
-            raise _error(out)
+            raise error_from_dict(out)
         raise Unavailable(f"replica {replica.id} could not load function {name!r} from the store; retry")
 
     def _lost(self, replica: Replica, exc: Exception, tenant: str, name: str) -> WasminferError:
@@ -390,18 +389,11 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
-def _error(failure: dict[str, Any]) -> WasminferError:
-    """The error an actor answered with, rebuilt exactly as the local backend rebuilds a worker's."""
-    headers = {"retry-after": str(failure["retry_after"])} if failure.get("retry_after") else None
-    response = httpx.Response(failure["status"], json={"error": failure["error"]}, headers=headers)
-    return error_from_response(response)
-
-
 # --- the actor ------------------------------------------------------------------------------------
 class HostActor:
     """One host replica inside a Ray actor (a threaded actor: invocations run on its threads, where
     wasmtime and ONNX Runtime release the GIL). Methods answer errors users can cause as data
-    (`{"status", "error", "retry_after"}`), never as exceptions: Ray would wrap them."""
+    (their wire form, `WasminferError.to_dict`), never as exceptions: Ray would wrap them."""
 
     def __init__(
         self, replica_id: str, data_dir: str, gateway_node: str, instance_options: list[str], log_level: str
@@ -458,10 +450,10 @@ class HostActor:
                 return _NEED_BUNDLE
             result = self.platform.invoke(name, body, content_type, tenant=tenant)
         except WasminferError as exc:
-            return _failure(exc)
+            return exc.to_dict()
         except Exception:
             log.exception("unexpected error invoking %s/%s", tenant, name)
-            return _failure(WasminferError("internal server error"))
+            return WasminferError("internal server error").to_dict()
         r = result
         return (r.body, r.content_type, r.queue_us, r.start_us, r.run_us, r.infer_us, r.cold, r.invocation_id)
 
@@ -525,10 +517,3 @@ class HostActor:
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
 
-
-def _failure(exc: WasminferError) -> dict[str, Any]:
-    return {
-        "status": exc.status,
-        "error": exc.to_dict(),
-        "retry_after": getattr(exc, "retry_after_s", None),
-    }

@@ -10,7 +10,8 @@ in a folder only the gateway's user can enter (0700), or on a loopback port:
 
 - `POST /invoke/{tenant}/{name}` — header `x-wasminfer-deployment`; the response has the
   function's body and content type, and `x-wasminfer-timing: queue,start,run,infer,cold,id`
-  (µs); an error is the gateway's JSON error body with its status (and `retry-after`).
+  (µs); an error is `{"error": …}` of its wire form (`WasminferError.to_dict`) with its status
+  and its `http_headers()`.
 - `POST /warm` — JSON `[[tenant, name, deployment], …]`: load these before taking requests.
 - `GET /stats` — instance pools and recent instance decisions. `GET /readyz`.
 
@@ -22,9 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
 import signal
 import threading
 import time
@@ -35,10 +34,11 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from wasminfer.errors import BadRequest, NotFound, TooManyRequests, WasminferError
+from wasminfer.errors import BadRequest, NotFound, WasminferError
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.scaling import DecisionLog, ScalingConfig
 from wasminfer.service import Platform
+from wasminfer.syntax import is_header_value
 
 log = logging.getLogger("wasminfer.worker")
 
@@ -49,9 +49,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 DEPLOYMENT_HEADER = b"x-wasminfer-deployment"
 TIMING_HEADER = "x-wasminfer-timing"
-# The gateway sends a guest's content type on only if it is a plain header value; this process must
-# not even write one that is not (a CR/LF would split its own response).
-_SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
 
 
 class _Disconnected(Exception):
@@ -85,13 +82,11 @@ class WorkerApp:
         except _Disconnected:
             return
         except WasminferError as exc:
-            headers = []
-            if isinstance(exc, TooManyRequests):
-                headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after_s))).encode()))
+            headers = [(k.lower().encode(), v.encode()) for k, v in exc.http_headers().items()]
             await _json(send, exc.status, {"error": exc.to_dict()}, headers)
         except Exception:
             log.exception("unexpected error on %s %s", method, path)
-            await _json(send, 500, {"error": {"code": "internal", "message": "internal server error"}})
+            await _json(send, 500, {"error": WasminferError("internal server error").to_dict()})
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -116,11 +111,9 @@ class WorkerApp:
             return platform.invoke(name, body, content_type, tenant=tenant)
 
         result = await anyio.to_thread.run_sync(run, limiter=self.limiter)
-        ctype = (
-            result.content_type
-            if _SAFE_HEADER_VALUE.fullmatch(result.content_type)
-            else ("application/octet-stream")
-        )
+        # The gateway sends a guest's content type on only if it is a plain header value; this
+        # process must not even write one that is not (a CR/LF would split its own response).
+        ctype = result.content_type if is_header_value(result.content_type) else "application/octet-stream"
         timing = (
             f"{result.queue_us:.1f},{result.start_us:.1f},{result.run_us:.1f},{result.infer_us:.1f},"
             f"{int(result.cold)},{result.invocation_id}"

@@ -24,7 +24,6 @@ import ctypes
 import errno
 import hashlib
 import itertools
-import os
 import tempfile
 import threading
 import time
@@ -431,19 +430,6 @@ def _first_line(text: str) -> str:
     lines = [ln for ln in lines if not ln.startswith(("error while executing", "wasm backtrace"))
              and not ln[:1].isdigit()]
     return "; ".join(lines[:3]) if lines else "invalid module"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)

@@ -115,9 +115,9 @@ class _Streams:
         m = state.manifest
         if stream == "stdout":
             if len(self.stdout) + len(data) > m.max_output_bytes:
-                state.limit_error = state.limit_error or OutputLimitExceeded(
-                    f"function {state.function!r} wrote more than {m.max_output_bytes} bytes to stdout "
-                    "(manifest key 'max_output_bytes')"
+                state.limit_error = state.limit_error or OutputLimitExceeded.exceeded(
+                    state.function, f"tried to write {len(self.stdout) + len(data)} bytes to stdout",
+                    m.max_output_bytes,
                 )
                 return -errno.EFBIG
             self.stdout += data
@@ -125,9 +125,9 @@ class _Streams:
         self.stderr_tail = (self.stderr_tail + data)[-STDERR_TAIL:]
         state.log_bytes += len(data)
         if state.log_bytes > m.max_log_bytes:
-            state.limit_error = state.limit_error or LogLimitExceeded(
-                f"function {state.function!r} wrote more than {m.max_log_bytes} bytes to stderr in one "
-                "invocation (manifest key 'max_log_bytes')"
+            state.limit_error = state.limit_error or LogLimitExceeded.exceeded(
+                state.function, f"tried to write {state.log_bytes} bytes to stderr in one invocation",
+                m.max_log_bytes,
             )
             return -errno.EFBIG
         if self.log is not None:
@@ -174,9 +174,9 @@ def invoke(slot: CommandSlot, body: bytes, content_type: str, state: InvocationS
     if status != 0:
         nn = f"; last failed call: {state.nn_error}" if state.nn_error else ""
         if near_limit:
-            raise MemoryLimitExceeded(
-                f"function {state.function!r} exited with status {status} with its memory at the limit of "
-                f"{m.memory_mb} MiB (manifest key 'memory_mb'){nn}{streams.tail()}"
+            raise MemoryLimitExceeded.exceeded(
+                state.function, f"exited with status {status} with its memory full", m.memory_mb,
+                f"{nn}{streams.tail()}",
             )
         raise GuestError(f"function {state.function!r} exited with status {status}{nn}{streams.tail()}")
     state.output = bytes(streams.stdout)

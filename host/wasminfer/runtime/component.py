@@ -111,9 +111,8 @@ def _infer(state: InvocationState, model: str, inputs: list[tuple[Any, ...]]) ->
     m = state.manifest
     state.infer_calls += 1
     if state.infer_calls > m.max_infer_calls:
-        err = InferLimitExceeded(
-            f"function {state.function!r} called infer more than {m.max_infer_calls} times in one "
-            "invocation (manifest key 'max_infer_calls')"
+        err = InferLimitExceeded.exceeded(
+            state.function, f"called infer {state.infer_calls} times in one invocation", m.max_infer_calls
         )
         state.limit_error = state.limit_error or err
         return _fail(state, "too-many-calls", err)
@@ -210,9 +209,8 @@ def _log(state: InvocationState, level: str, message: str) -> None:
     state.log_bytes += len(raw)
     limit = state.manifest.max_log_bytes
     if state.log_bytes > limit:
-        err = LogLimitExceeded(
-            f"function {state.function!r} logged more than {limit} bytes in one invocation "
-            "(manifest key 'max_log_bytes')"
+        err = LogLimitExceeded.exceeded(
+            state.function, f"tried to log {state.log_bytes} bytes in one invocation", limit
         )
         state.limit_error = err
         raise err
@@ -298,10 +296,10 @@ def instantiate(compiled: CompiledComponent, manifest: Manifest, state: CallStat
         if found is None:
             raise
         need = int(found.group(1)) * 65536 / (1 << 20)
-        raise InvalidManifest(
-            f"the component needs {need:.1f} MiB of memory at start, more than manifest key 'memory_mb' "
-            f"allows ({manifest.memory_mb}); raise it (a Python function needs room beyond that for its "
-            "requests)"
+        raise InvalidManifest.for_key(
+            "memory_mb",
+            f"is {manifest.memory_mb}, less than the {need:.1f} MiB of memory the component needs at "
+            "start: raise it (a Python function needs room beyond that for its requests)",
         ) from None
 
 
@@ -324,9 +322,8 @@ def invoke(inst: ComponentInstance, body: bytes, content_type: str, state: Invoc
         out, ctype = value
         if len(out) > m.max_output_bytes:
             state.discard = True
-            raise OutputLimitExceeded(
-                f"function {state.function!r} produced {len(out)} bytes of output, more than its limit of "
-                f"{m.max_output_bytes} (manifest key 'max_output_bytes')"
+            raise OutputLimitExceeded.exceeded(
+                state.function, f"produced {len(out)} bytes of output", m.max_output_bytes
             )
         state.output = out
         state.content_type = ctype[:1024].strip() or DEFAULT_CONTENT_TYPE
@@ -336,9 +333,8 @@ def invoke(inst: ComponentInstance, body: bytes, content_type: str, state: Invoc
         state.logs.append("log", _tail(payload[1]), "error", state.invocation_id)
     if case == "out-of-memory":
         state.discard = True
-        raise MemoryLimitExceeded(
-            f"function {state.function!r} ran out of memory within its limit of {m.memory_mb} MiB "
-            f"(manifest key 'memory_mb'): {payload[0]}"
+        raise MemoryLimitExceeded.exceeded(
+            state.function, "ran out of memory", m.memory_mb, f": {payload[0]}"
         )
     if state.infer_error is not None:  # the last infer failed: the caller gets what to fix
         raise state.infer_error
@@ -368,9 +364,8 @@ def _trap_error(trap: WasmTrap, inst: ComponentInstance, state: InvocationState)
         stderr = [ln.message for ln in state.logs.tail(20)
                   if ln.invocation == state.invocation_id and ln.stream == "stderr"]
         if any(marker in line for line in stderr for marker in _OUT_OF_MEMORY):
-            return MemoryLimitExceeded(
-                f"function {state.function!r} ran out of memory within its limit of {m.memory_mb} MiB "
-                "(manifest key 'memory_mb') and aborted (see its stderr in the logs)"
+            return MemoryLimitExceeded.exceeded(
+                state.function, "ran out of memory and aborted", m.memory_mb, ": see its stderr in the logs"
             )
     return handler._trap_error(trap, inst, state)
 

@@ -112,9 +112,8 @@ def _infer(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: 
     m = state.manifest
     state.infer_calls += 1
     if state.infer_calls > m.max_infer_calls:
-        err = InferLimitExceeded(
-            f"function {state.function!r} called infer more than {m.max_infer_calls} times in one "
-            "invocation (manifest key 'max_infer_calls')"
+        err = InferLimitExceeded.exceeded(
+            state.function, f"called infer {state.infer_calls} times in one invocation", m.max_infer_calls
         )
         state.limit_error = state.limit_error or err
         return _fail(state, E_LIMIT, err)
@@ -175,10 +174,7 @@ def _output(state: InvocationState, mem: GuestMemory, body_ptr: int, body_len: i
             ct_len: int) -> int:
     limit = state.manifest.max_output_bytes
     if body_len > limit:
-        err = OutputLimitExceeded(
-            f"function {state.function!r} produced {body_len} bytes of output, more than its limit of "
-            f"{limit} (manifest key 'max_output_bytes')"
-        )
+        err = OutputLimitExceeded.exceeded(state.function, f"produced {body_len} bytes of output", limit)
         state.limit_error = err
         raise err
     body = mem.read(body_ptr, body_len)
@@ -197,9 +193,8 @@ def _log(state: InvocationState, mem: GuestMemory, level: int, msg_ptr: int, msg
     state.log_bytes += len(raw)
     limit = state.manifest.max_log_bytes
     if state.log_bytes > limit:
-        err = LogLimitExceeded(
-            f"function {state.function!r} logged more than {limit} bytes in one invocation "
-            "(manifest key 'max_log_bytes')"
+        err = LogLimitExceeded.exceeded(
+            state.function, f"tried to log {state.log_bytes} bytes in one invocation", limit
         )
         state.limit_error = err
         raise err
@@ -261,9 +256,8 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
         ptr = inst.call(EXPORT_ALLOC, (total,), state, m.timeout_ms)
         if ptr == 0 and total > 0:
             state.alloc_failed = True
-            raise MemoryLimitExceeded(
-                f"function {state.function!r} could not allocate {total} bytes for the request within "
-                f"its memory limit of {m.memory_mb} MiB (manifest key 'memory_mb')"
+            raise MemoryLimitExceeded.exceeded(
+                state.function, f"could not allocate {total} bytes for the request", m.memory_mb
             )
         mem = inst.memory()
         try:
@@ -284,10 +278,11 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
     if status != 0:
         if inst.near_memory_limit():
             state.discard = True
-            raise MemoryLimitExceeded(
-                f"function {state.function!r} failed (status {status}) with its memory at the limit of "
-                f"{m.memory_mb} MiB (manifest key 'memory_mb')"
-                + (f": {state.error_message}" if state.error_message else "")
+            raise MemoryLimitExceeded.exceeded(
+                state.function,
+                f"failed (status {status}) with its memory full",
+                m.memory_mb,
+                f": {state.error_message}" if state.error_message else "",
             )
         if state.infer_error is not None:
             raise state.infer_error
@@ -308,10 +303,7 @@ class MemoryProbe(Protocol):
 def _trap_error(trap: WasmTrap, inst: MemoryProbe, state: InvocationState) -> WasminferError:
     m = state.manifest
     if trap.kind == "timeout":
-        return Timeout(
-            f"function {state.function!r} exceeded its timeout of {m.timeout_ms} ms "
-            "(manifest key 'timeout_ms')"
-        )
+        return Timeout.exceeded(state.function, "ran past its timeout", m.timeout_ms)
     if state.fault is not None:
         if isinstance(state.fault, WasminferError):
             return state.fault
@@ -319,9 +311,8 @@ def _trap_error(trap: WasmTrap, inst: MemoryProbe, state: InvocationState) -> Wa
             return GuestTrap(f"function {state.function!r} trapped: {state.fault}")
         return GuestTrap(f"function {state.function!r} trapped in a host import: {state.fault!r}")
     if inst.near_memory_limit():
-        return MemoryLimitExceeded(
-            f"function {state.function!r} trapped ({trap.message}) with its memory at the limit of "
-            f"{m.memory_mb} MiB (manifest key 'memory_mb')"
+        return MemoryLimitExceeded.exceeded(
+            state.function, f"trapped ({trap.message}) with its memory full", m.memory_mb
         )
     what = "stack overflow" if trap.kind == "stack_overflow" else trap.message
     return GuestTrap(f"function {state.function!r} trapped: {what}")

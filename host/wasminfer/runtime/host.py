@@ -339,14 +339,12 @@ class Host:
         info, compiled = inspected if inspected is not None else self.inspect(wasm)
         abi = ABIS_BY_NAME[info.abi]  # detected and validated by inspect
         if m.abi not in ("auto", info.abi):
-            raise InvalidManifest(
-                f"manifest key 'abi' says {m.abi!r}, but the module is a {info.abi!r} module"
-            )
+            raise InvalidManifest.for_key("abi", f"says {m.abi!r}, but the module is a {info.abi!r} module")
         if info.initial_memory_bytes > m.memory_mb << 20:
-            raise InvalidManifest(
-                f"the module needs {info.initial_memory_bytes / (1 << 20):.2f} MiB of initial memory, more "
-                f"than manifest key 'memory_mb' allows ({m.memory_mb}); raise it or link with a smaller "
-                "--initial-memory"
+            raise InvalidManifest.for_key(
+                "memory_mb",
+                f"is {m.memory_mb}, less than the {info.initial_memory_bytes / (1 << 20):.2f} MiB of initial "
+                "memory the module needs: raise it or link with a smaller --initial-memory",
             )
         for model in m.models:
             if model not in self.models:

@@ -348,9 +348,8 @@ def _set_input(state: InvocationState, mem: GuestMemory, ctx: int, index: int, t
     dims = struct.unpack(f"<{dims_len}I", mem.read(dims_ptr, 4 * dims_len))
     limit = state.manifest.max_tensor_bytes
     if data_len > limit:
-        err = TensorTooLarge(
-            f"input {specs[index].name!r} of {data_len} bytes is larger than the function's limit of {limit} "
-            "(manifest key 'max_tensor_bytes')"
+        err = TensorTooLarge.exceeded(
+            state.function, f"gave input {specs[index].name!r} of {data_len} bytes", limit
         )
         _fail(TOO_LARGE, err.message, err)
     dtype = np.dtype(TENSOR_TYPES[ttype]).newbyteorder("<")
@@ -375,9 +374,8 @@ def _compute(state: InvocationState, mem: GuestMemory, ctx: int) -> None:
     m = state.manifest
     state.infer_calls += 1
     if state.infer_calls > m.max_infer_calls:
-        limit_err = InferLimitExceeded(
-            f"function {state.function!r} ran more than {m.max_infer_calls} inferences in one invocation "
-            "(manifest key 'max_infer_calls')"
+        limit_err = InferLimitExceeded.exceeded(
+            state.function, f"ran {state.infer_calls} inferences in one invocation", m.max_infer_calls
         )
         state.limit_error = state.limit_error or limit_err
         _fail(BUSY, limit_err.message, limit_err)

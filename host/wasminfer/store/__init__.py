@@ -1,12 +1,14 @@
 """The durable embedded store: functions (immutable versions), models, API keys, and the
 content-addressed blobs they point at, all under one data folder (default `./.wasminfer`).
 
-Imports nothing of wasminfer but `wasminfer.errors`.
+Imports nothing of wasminfer but `wasminfer.errors`, `wasminfer.syntax` and `wasminfer._fs`.
 """
 
 from __future__ import annotations
 
-from .blobs import BlobNotFound, BlobStore, InvalidDigest, check_sha256
+from wasminfer.syntax import validate_name
+
+from .blobs import BlobStore, check_sha256
 from .db import MIGRATIONS, SCHEMA_VERSION
 from .keys import key_id_of
 from .records import ApiKey, FunctionVersion, GcResult, ModelRecord
@@ -14,10 +16,8 @@ from .store import (
     DEFAULT_DATA_DIR,
     DEFAULT_GC_GRACE_S,
     DEFAULT_TENANT,
-    ModelVersionNotFound,
     Store,
     manifest_models,
-    validate_name,
 )
 
 __all__ = [
@@ -27,13 +27,10 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "ApiKey",
-    "BlobNotFound",
     "BlobStore",
     "FunctionVersion",
     "GcResult",
-    "InvalidDigest",
     "ModelRecord",
-    "ModelVersionNotFound",
     "Store",
     "check_sha256",
     "key_id_of",

@@ -17,36 +17,19 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from wasminfer.errors import BadRequest, InvalidName, NotFound, PayloadTooLarge
+from wasminfer._fs import TEMP_PREFIX, makedirs_durable, rename_into_place, write_temp
+from wasminfer.errors import BadRequest, BlobNotFound, InvalidDigest, PayloadTooLarge
+from wasminfer.syntax import validate_name
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_KIND = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_TMP_PREFIX = ".tmp-"
 # Derived files start with the sha256 of their payload: a torn or corrupted compiled module must
 # never reach a deserializer (wasmtime trusts what it deserializes).
 _DIGEST_LEN = 32
-
-
-class InvalidDigest(BadRequest):
-    """A string used as a blob address is not a sha256 hex digest."""
-
-    code = "invalid_digest"
-
-    def __init__(self, value: object) -> None:
-        super().__init__(f"not a sha256 digest (64 lowercase hex characters): {value!r:.80}")
-
-
-class BlobNotFound(NotFound):
-    code = "blob_not_found"
-
-    def __init__(self, sha256: str) -> None:
-        super().__init__(f"blob {sha256} does not exist")
 
 
 def check_sha256(value: object) -> str:
@@ -54,29 +37,6 @@ def check_sha256(value: object) -> str:
     if not isinstance(value, str) or _SHA256.fullmatch(value) is None:
         raise InvalidDigest(value)
     return value
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes a rename/create inside `folder` durable; POSIX only (Windows cannot open folders).
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def makedirs_durable(folder: Path) -> None:
-    """Create `folder` (and parents), fsyncing each parent whose listing changed."""
-    if folder.is_dir():
-        return
-    makedirs_durable(folder.parent)
-    try:
-        folder.mkdir(mode=0o700)
-    except FileExistsError:
-        return
-    _fsync_dir(folder.parent)
 
 
 class BlobStore:
@@ -106,7 +66,7 @@ class BlobStore:
             return sha256
         makedirs_durable(target.parent)
         tmp = self._write_temp(target.parent, (data,), max_size=None)[0]
-        self._rename_into_place(tmp, target)
+        rename_into_place(tmp, target)
         return sha256
 
     def put_stream(self, chunks: Iterable[bytes], max_size: int | None = None) -> tuple[str, int]:
@@ -118,7 +78,7 @@ class BlobStore:
             tmp.unlink()
             return sha256, size
         makedirs_durable(target.parent)
-        self._rename_into_place(tmp, target)
+        rename_into_place(tmp, target)
         return sha256, size
 
     def get(self, sha256: str) -> bytes:
@@ -179,8 +139,8 @@ class BlobStore:
         """Remove temporary files (left by writers that crashed) last modified before the Unix time
         `older_than`; returns how many. Young ones may belong to a write in progress."""
         removed = 0
-        candidates = [*self._tmp.glob(f"{_TMP_PREFIX}*"), *self._objects.glob(f"*/{_TMP_PREFIX}*")]
-        candidates += self._derived.glob(f"*/*/{_TMP_PREFIX}*")
+        candidates = [*self._tmp.glob(f"{TEMP_PREFIX}*"), *self._objects.glob(f"*/{TEMP_PREFIX}*")]
+        candidates += self._derived.glob(f"*/*/{TEMP_PREFIX}*")
         for tmp in candidates:
             try:
                 if tmp.stat().st_mtime < older_than:
@@ -197,7 +157,7 @@ class BlobStore:
         target = self._derived_path(kind, key)
         makedirs_durable(target.parent)
         tmp = self._write_temp(target.parent, (hashlib.sha256(data).digest(), data), max_size=None)[0]
-        self._rename_into_place(tmp, target)
+        rename_into_place(tmp, target)
 
     def get_derived(self, kind: str, key: str) -> bytes | None:
         """The artefact `kind`/`key`, or None if absent or corrupted (a corrupted one is removed).
@@ -241,9 +201,7 @@ class BlobStore:
         return removed
 
     def _derived_folder(self, kind: str) -> Path:
-        if not isinstance(kind, str) or _KIND.fullmatch(kind) is None:
-            raise InvalidName("derived artefact kind", str(kind)[:100])
-        return self._derived / kind
+        return self._derived / validate_name("derived artefact kind", kind)
 
     def _derived_path(self, kind: str, key: str) -> Path:
         folder = self._derived_folder(kind)
@@ -265,30 +223,17 @@ class BlobStore:
     @staticmethod
     def _write_temp(folder: Path, chunks: Iterable[bytes], max_size: int | None) -> tuple[Path, str, int]:
         """Write `chunks` to a new fsynced temp file in `folder`; returns (path, sha256, size)."""
-        fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)
-        tmp = Path(name)
         h = hashlib.sha256()
         size = 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if max_size is not None and size > max_size:
-                        raise PayloadTooLarge(f"upload is larger than the limit of {max_size} bytes")
-                    h.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp, h.hexdigest(), size
 
-    @staticmethod
-    def _rename_into_place(tmp: Path, target: Path) -> None:
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        def counted() -> Iterator[bytes]:
+            nonlocal size
+            for chunk in chunks:
+                size += len(chunk)
+                if max_size is not None and size > max_size:
+                    raise PayloadTooLarge(f"upload is larger than the limit of {max_size} bytes")
+                h.update(chunk)
+                yield chunk
+
+        tmp = write_temp(folder, counted())
+        return tmp, h.hexdigest(), size

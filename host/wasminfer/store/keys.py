@@ -18,6 +18,9 @@ from collections.abc import Iterable
 from wasminfer.errors import BadRequest
 
 PREFIX = "wik"
+#: What a key may grant: `admin` may do everything; `invoke` may invoke functions; `read` may list
+#: and read (functions, models, logs, metrics) without changing anything.
+SCOPES = ("admin", "invoke", "read")
 _KEY = re.compile(rf"{PREFIX}_([0-9a-f]{{16}})_[A-Za-z0-9_-]{{43}}")
 _SCOPE = re.compile(r"[A-Za-z0-9*][A-Za-z0-9*:._/-]{0,63}")
 
@@ -39,6 +42,18 @@ def key_id_of(plaintext: str) -> str | None:
 def hash_key(plaintext: str) -> str:
     """The stored form of a key: its sha256, hex."""
     return hashlib.sha256(plaintext.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_known_scopes(scopes: Iterable[str]) -> frozenset[str]:
+    """`scopes` as a set if it names at least one scope and only scopes of `SCOPES`. Raises
+    `BadRequest` naming the unknown ones."""
+    given = frozenset(scopes)
+    unknown = sorted(given - set(SCOPES))
+    if unknown:
+        raise BadRequest(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}")
+    if not given:
+        raise BadRequest(f"no scope given; known: {', '.join(SCOPES)}")
+    return given
 
 
 def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:

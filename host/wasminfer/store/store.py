@@ -22,24 +22,25 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from wasminfer._fs import makedirs_durable
 from wasminfer.errors import (
     BadRequest,
     Conflict,
     FunctionNotFound,
     InvalidManifest,
-    InvalidName,
     ModelNotFound,
+    ModelVersionNotFound,
     NotFound,
 )
+from wasminfer.syntax import is_name, validate_name
 
-from .blobs import BlobStore, makedirs_durable
+from .blobs import BlobStore
 from .db import Database
 from .keys import check_scopes, hash_key, key_id_of, new_key
 from .records import ApiKey, FunctionVersion, GcResult, ModelRecord
 
 DEFAULT_DATA_DIR = Path(".wasminfer")
 DEFAULT_TENANT = "default"
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 # A blob younger than this is never collected, referenced or not: an upload may have written it and
 # not committed its row yet (and `put` refreshes the mtime of content it finds already stored).
 DEFAULT_GC_GRACE_S = 3600.0
@@ -51,20 +52,6 @@ _ABI_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
 _DUMMY_HASH = "0" * 64
 
 
-class ModelVersionNotFound(ModelNotFound):
-    """A model exists but not at the version asked for."""
-
-    def __init__(self, name: str, version: int) -> None:
-        NotFound.__init__(self, f"model {name!r} version {version} does not exist")
-
-
-def validate_name(kind: str, name: object) -> str:
-    """Return `name` if it is a valid name (`^[a-z0-9][a-z0-9._-]{0,63}$`). Raises `InvalidName`."""
-    if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
-        raise InvalidName(kind, str(name)[:100])
-    return name
-
-
 def manifest_models(manifest: Mapping[str, Any]) -> tuple[str, ...]:
     """The model names a manifest's `models` key allows (a list of names, or one comma-separated
     string), sorted and deduplicated. Raises `InvalidManifest`."""
@@ -72,10 +59,10 @@ def manifest_models(manifest: Mapping[str, Any]) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
     if not isinstance(value, list | tuple) or not all(isinstance(m, str) for m in value):
-        raise InvalidManifest("manifest key 'models' must be a list of model names")
+        raise InvalidManifest.for_key("models", "must be a list of model names")
     for model in value:
-        if NAME_PATTERN.fullmatch(model) is None:
-            raise InvalidManifest(f"manifest key 'models': {model!r:.80} is not a valid model name")
+        if not is_name(model):
+            raise InvalidManifest.for_key("models", f"has an invalid model name {model!r:.80}")
     return tuple(sorted(set(value)))
 
 
