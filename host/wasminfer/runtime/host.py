@@ -221,6 +221,7 @@ class Host:
         self.engine = engine if engine is not None else self.new_engine(self.cache_dir)
         self.models = models if models is not None else ModelRegistry()
         self._functions: dict[str, DeployedFunction] = {}
+        self._preparing: set[DeployedFunction] = set()  # starting instances: `close` cancels them
         self._logs: dict[str, LogBuffer] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -342,6 +343,10 @@ class Host:
         with self._lock:
             logs = self._logs.setdefault(name, LogBuffer(self._log_capacity))
         fn = DeployedFunction(self, name, compiled, m, abi, logs, info.sha256)
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the host is closed")
+            self._preparing.add(fn)
         try:
             fn.pool.prewarm(max(1, m.min_instances, m.prewarm_instances) if prewarm is None else prewarm)
         except WasminferError as exc:
@@ -350,6 +355,9 @@ class Host:
         except WasmLinkError as exc:
             fn.pool.close()
             raise InvalidModule(f"the module failed to instantiate: {exc}") from None
+        finally:
+            with self._lock:
+                self._preparing.discard(fn)
         return fn
 
     def install_function(self, fn: DeployedFunction) -> dict[str, Any]:
@@ -475,9 +483,9 @@ class Host:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         with self._lock:
-            fns = list(self._functions.values())
+            self._closed = True
+            fns = [*self._functions.values(), *self._preparing]
             self._functions.clear()
         for f in fns:
             f.cancel(Unavailable("the server is shutting down"))
