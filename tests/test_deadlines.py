@@ -16,11 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import wasmtime
-from onnx import TensorProto, helper
 
+from conftest import NEVER, make_until_model
 from wasminfer.errors import (
     FunctionLoadFailed,
     FunctionLoading,
@@ -38,7 +37,6 @@ from wasminfer.service import Platform
 GUESTS = Path(__file__).resolve().parent / "guests"
 SLEEP, FD_AND_CLOCK, NO_SUBSCRIPTIONS, OUT_OF_BOUNDS, ABSOLUTE, REALTIME = range(6)
 EINVAL, EFAULT = 28, 21
-NEVER = 1e12  # a target the model's float32 counter never reaches (it stops at 2**24)
 
 
 def sleeper(init_ms: int = 0) -> bytes:
@@ -55,45 +53,6 @@ def answer(body: bytes) -> tuple[int, int, int, int, int]:
     errno, events, _, _ = struct.unpack_from("<IIII", body)
     userdata, event_errno, kind = struct.unpack_from("<QHB", body, 32)
     return errno, events, userdata, event_errno, kind
-
-
-def make_until_model() -> bytes:
-    """y = x [N,1] float32, reached by counting: a `Loop` adds 1 to every row until each has reached
-    its x. An x past 2**24 is never reached (float32 stops counting there): that run never ends by
-    itself. Rows are independent, so batched runs give each its own x."""
-    scalar = helper.make_tensor_value_info
-    body = helper.make_graph(
-        [
-            helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
-            helper.make_node("Sub", ["x", "acc_out"], ["gap"]),
-            helper.make_node("ReduceMax", ["gap"], ["widest"], keepdims=0),
-            helper.make_node("Greater", ["widest", "zero"], ["cond_out"]),
-        ],
-        "count",
-        [scalar("i", TensorProto.INT64, []), scalar("cond_in", TensorProto.BOOL, []),
-         scalar("acc_in", TensorProto.FLOAT, ["N", 1])],
-        [scalar("cond_out", TensorProto.BOOL, []), scalar("acc_out", TensorProto.FLOAT, ["N", 1])],
-        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
-         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
-    )
-    graph = helper.make_graph(
-        [
-            helper.make_node("Constant", [], ["go"],
-                             value=helper.make_tensor("go", TensorProto.BOOL, [], [True])),
-            helper.make_node("Constant", [], ["none"],
-                             value=helper.make_tensor("none", TensorProto.FLOAT, [], [0.0])),
-            helper.make_node("Mul", ["x", "none"], ["start"]),
-            helper.make_node("Loop", ["", "go", "start"], ["counted"], body=body),
-            helper.make_node("Min", ["counted", "x"], ["y"]),
-        ],
-        "until",
-        [scalar("x", TensorProto.FLOAT, ["N", 1])],
-        [scalar("y", TensorProto.FLOAT, ["N", 1])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 def x(value: float) -> dict[str, np.ndarray]:
