@@ -295,3 +295,24 @@ def test_a_restart_serves_the_rest_while_one_function_fails_and_another_hangs_at
         p.close()
     with pytest.raises(Unavailable):
         p.invoke("good", b"")
+
+
+COMMAND_SLEEP_WAT = """(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (i64.store (i32.const 256) (i64.const 7))
+    (i32.store (i32.const 272) (i32.const 1))
+    (i64.store (i32.const 280) (i64.const MS000000))
+    (drop (call $poll (i32.const 256) (i32.const 512) (i32.const 1) (i32.const 600)))))"""
+
+
+def test_a_command_sleeping_past_its_timeout_is_a_timeout(host: Host) -> None:
+    def command(ms: int) -> bytes:
+        return bytes(wasmtime.wat2wasm(COMMAND_SLEEP_WAT.replace("MS", str(ms))))
+
+    host.deploy_function("nap", command(10), {"timeout_ms": 10_000, "memory_mb": 1})
+    assert host.invoke("nap", b"").body == b""  # exit status 0 after its 10 ms
+    host.deploy_function("coma", command(600_000), {"timeout_ms": 300, "memory_mb": 1})
+    with pytest.raises(Timeout, match=r"function 'coma' exceeded its timeout of 300 ms"):
+        host.invoke("coma", b"")
