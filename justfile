@@ -70,6 +70,11 @@ quota CLIENTS="24":
 soak SECONDS="600":
     {{python}} bench/hardening.py soak --seconds {{SECONDS}}
 
+# How far past timeout_ms answers come for guests that loop, sleep, sleep in _initialize, or run a
+# model for ever: deadline_overrun_ms_p99 (hardening.json).
+deadline ITERATIONS="20":
+    {{python}} bench/hardening.py deadline --iterations {{ITERATIONS}}
+
 # All of the hardening runs above, in one go (~30 minutes).
 hardening:
     {{python}} bench/hardening.py all

@@ -322,9 +322,9 @@ class ThreadRunnerBatcher(batching_module.Batcher):
         for t in self._workers:
             t.start()
 
-    def infer(self, feed: dict[str, np.ndarray]) -> Any:
+    def infer(self, feed: dict[str, np.ndarray], deadline_ns: int | None = None) -> Any:
         rows = next(iter(feed.values())).shape[0]  # the bench's feeds: one input, or equal rows
-        request = batching_module._Request(feed, rows, None)  # type: ignore[arg-type]
+        request = batching_module._Request(feed, rows, None, deadline_ns)  # type: ignore[arg-type]
         with self._ready:
             self._pending.append(request)
             self._ready.notify()
@@ -333,7 +333,7 @@ class ThreadRunnerBatcher(batching_module.Batcher):
             return request.outputs
         if request.state == batching_module._FAILED:
             raise request.error  # type: ignore[misc]
-        return self._run(feed)
+        return self._run(feed, deadline_ns)
 
     def _work(self) -> None:
         while True:

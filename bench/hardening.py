@@ -6,11 +6,16 @@ long fuzz and crash runs, collected into bench/results/hardening.json.
     python bench/hardening.py fuzz [--examples 2000]                  (just fuzz)
     python bench/hardening.py crash [--rounds 50]                     (just crash)
     python bench/hardening.py quota [--clients 24]                    (just quota)
+    python bench/hardening.py deadline [--iterations 20]              (just deadline)
     python bench/hardening.py all                                     (just hardening)
 
 Each subcommand merges its numbers into the JSON file (keys `fuzz_cases`, `crash_rounds`,
-`crash_losses`, `overload_p99_ms`, `soak_rss_growth_pct`, `memory_quota_held`, and the details of
-each run).
+`crash_losses`, `overload_p99_ms`, `soak_rss_growth_pct`, `memory_quota_held`,
+`deadline_overrun_ms_p99`, and the details of each run).
+
+Deadline: how far past `timeout_ms` an answer comes (response time minus `timeout_ms`, over HTTP)
+for guests that never finish on their own: a loop, a sleep in WASI `poll_oneoff`, a sleep in
+`_initialize` (the deploy's 400), and a model that runs for ever (an ONNX `Loop` made in code).
 
 Overload: one function whose capacity is set by its manifest (2 instances, a queue of 4, each call
 spinning ~40 ms of CPU). Its capacity is measured closed-loop, then it gets an open-loop load of
@@ -37,6 +42,7 @@ import os
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -460,6 +466,74 @@ def crash(rounds: int = 50) -> dict[str, Any]:
         return result
 
 
+def deadline(iterations: int = 20, timeout_ms: int = 300, work: Path | None = None) -> dict[str, Any]:
+    """Response time minus `timeout_ms` for `iterations` requests of each kind (see the module doc)."""
+    import numpy as np
+    import wasmtime
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import NEVER, make_until_model  # the test suite's Loop model
+    from wasminfer import toolchain
+    from wasminfer.models.codec import encode_tensors
+
+    guests = ROOT / "tests" / "guests"
+    sleeper = (guests / "sleeper.wat").read_text()
+    loop = """(module (memory (export "memory") 1) (func (export "wasminfer_abi_v1"))
+      (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "wasminfer_handle") (param i32 i32 i32 i32) (result i32)
+        (loop $l (br $l)) (i32.const 0)))"""
+    wasm = {
+        "sleep": bytes(wasmtime.wat2wasm(sleeper.replace("INIT_MS", "0"))),
+        "loop": bytes(wasmtime.wat2wasm(loop)),
+        "init": bytes(wasmtime.wat2wasm(sleeper.replace("INIT_MS", "600000"))),
+    }
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        wasm["model"] = toolchain.build(guests / "sdk_echo.c", cache_dir=Path(tmp) / "build").read_bytes()
+        with server(Path(tmp) / "data") as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
+            q = f"timeout_ms={timeout_ms}&memory_mb=16"
+            http.put("/v1/models/until", content=make_until_model(),
+                     headers={"content-type": "application/onnx"}).raise_for_status()
+            for name in ("sleep", "loop", "model"):
+                models = "&models=until" if name == "model" else ""
+                http.put(f"/v1/functions/{name}?{q}{models}", content=wasm[name],
+                         headers={"content-type": "application/wasm"}).raise_for_status()
+            calls = {
+                "sleep": lambda: http.post("/v1/functions/sleep/invoke",
+                                           content=struct.pack("<II", 0, 600_000)),  # sleep 10 min
+                "loop": lambda: http.post("/v1/functions/loop/invoke", content=b""),
+                "model": lambda: http.post("/v1/functions/model/invoke",
+                                           content=encode_tensors({"x": np.array([[NEVER]], np.float32)}),
+                                           headers={"content-type": "application/cbor; model=until"}),
+                "init": lambda: http.put(f"/v1/functions/init?{q}", content=wasm["init"],
+                                         headers={"content-type": "application/wasm"}),
+            }
+            expected = {"sleep": 504, "loop": 504, "model": 504, "init": 400}
+            overruns: dict[str, list[float]] = {kind: [] for kind in calls}
+            statuses: dict[str, list[int]] = {kind: [] for kind in calls}
+            for round_ in range(iterations + 1):
+                for kind, call in calls.items():
+                    t = time.perf_counter()
+                    status = call().status_code
+                    if round_:  # round 0 warms up: first instances, the model's first run
+                        overruns[kind].append((time.perf_counter() - t) * 1000 - timeout_ms)
+                        statuses[kind].append(status)
+    every = [v for values in overruns.values() for v in values]
+    return {
+        "timeout_ms": timeout_ms,
+        "iterations": iterations,
+        "overrun_ms_p99": round(pct(every, 0.99), 1),
+        "kinds": {
+            kind: {
+                "overrun_ms_p50": round(pct(values, 0.5), 1),
+                "overrun_ms_p99": round(pct(values, 0.99), 1),
+                "overrun_ms_max": round(max(values), 1),
+                "unexpected_statuses": sorted({s for s in statuses[kind] if s != expected[kind]}),
+            }
+            for kind, values in overruns.items()
+        },
+    }
+
+
 def merge(results: dict[str, Any]) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     doc.update(results)
@@ -483,6 +557,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=50)
     p = sub.add_parser("quota")
     p.add_argument("--clients", type=int, default=24)
+    p = sub.add_parser("deadline")
+    p.add_argument("--iterations", type=int, default=20)
     sub.add_parser("all")
     args = parser.parse_args()
     out: dict[str, Any] = {}
@@ -496,6 +572,9 @@ def main() -> None:
         o = overload(getattr(args, "seconds", 20.0), getattr(args, "factor", 5.0))
         # inside the server (Server-Timing): what it controls; the client's view is in the details
         out.update(overload_p99_ms=o["admitted_server_p99_ms"], overload=o)
+    if args.what in ("deadline", "all"):
+        d = deadline(getattr(args, "iterations", 20))
+        out.update(deadline_overrun_ms_p99=d["overrun_ms_p99"], deadline=d)
     if args.what in ("soak", "all"):
         s = soak(getattr(args, "seconds", 600.0))
         out.update(soak_rss_growth_pct=s["rss_growth_pct"], soak_errors=s["errors"], soak=s)
@@ -504,7 +583,7 @@ def main() -> None:
         out.update(memory_quota_held=q["held"], memory_quota=q)
     merge(out)
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=1))
-    for key in ("overload", "soak", "memory_quota"):
+    for key in ("overload", "soak", "memory_quota", "deadline"):
         if key in out:
             print(key, json.dumps({k: v for k, v in out[key].items() if k != "rss_series_mb"}, indent=1))
 

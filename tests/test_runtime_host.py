@@ -61,9 +61,9 @@ def test_small_output_buffer_uses_infer_result_without_second_run(host: Host) ->
     calls = []
     real = host.models.infer
 
-    def counting(name, inputs):  # type: ignore[no-untyped-def]
+    def counting(name, inputs, **options):  # type: ignore[no-untyped-def]
         calls.append(name)
-        return real(name, inputs)
+        return real(name, inputs, **options)
 
     host.models.infer = counting  # type: ignore[method-assign]
     a = np.ones((1, 3), dtype=np.float32)

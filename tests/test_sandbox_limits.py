@@ -136,7 +136,9 @@ def test_infer_calls_violated(host: Host, limits_wasm: bytes) -> None:
     host.deploy_function("calls", limits_wasm, Manifest(**{**LIMITS, "max_infer_calls": 5}))  # type: ignore[arg-type]
     calls = []
     real = host.models.infer
-    host.models.infer = lambda name, inputs: calls.append(name) or real(name, inputs)  # type: ignore[method-assign]
+    host.models.infer = (  # type: ignore[method-assign]
+        lambda name, inputs, **options: calls.append(name) or real(name, inputs, **options)
+    )
     with pytest.raises(InferLimitExceeded, match="max_infer_calls"):
         host.invoke("calls", add_request(6))
     assert len(calls) == 5  # the 6th never reached the model

@@ -275,6 +275,24 @@ class HostMemoryExhausted(WasminferError):
     status, code = 507, "host_memory_exhausted"
 
 
+class InvocationCancelled(Unavailable):
+    """An invocation ended by the host before it finished (its function was deleted meanwhile)."""
+
+    code = "invocation_cancelled"
+
+
+class FunctionLoading(Unavailable):
+    """The function is stored but still loading after a restart (its `_initialize` is slow)."""
+
+    code = "function_loading"
+
+
+class FunctionLoadFailed(Unavailable):
+    """The function is stored but failed to load after a restart; its view says why."""
+
+    code = "function_load_failed"
+
+
 class ServerUnreachable(Unavailable):
     """`wasminfer.Client` could not reach the server (raised by the client, never sent by a server)."""
 

@@ -12,8 +12,10 @@ model named `digits` therefore need two registries. Within a tenant, every funct
 one ONNX Runtime session per model.
 
 Threads: every method blocks (SQLite, compiling, loading models, running guests); the gateway calls
-them on worker threads. Deploys, deletes and rollbacks are serialised by one lock (they are rare);
-`invoke` never takes it. Never imports starlette.
+them on worker threads. Deploys, deletes and rollbacks are serialised by one lock (they are rare),
+held only to swap what the host serves and write the store: guest code (a module's `_initialize`,
+prewarming) runs before it is taken, under the function's own `timeout_ms`, so one tenant's slow
+start holds up nobody else's deploy. `invoke` never takes it. Never imports starlette.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Any
 from wasminfer.errors import (
     BadRequest,
     Conflict,
+    FunctionLoadFailed,
+    FunctionLoading,
     FunctionNotFound,
     ModelNotFound,
     Unavailable,
@@ -122,7 +126,8 @@ class LoadReport:
     functions: int = 0
     from_cache: int = 0  # functions whose compiled module came from the disk cache
     failures: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # until ready
+    loading: int = 0  # functions still loading (ready came first: see `Platform.start`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,7 +136,15 @@ class LoadReport:
             "from_cache": self.from_cache,
             "failures": list(self.failures),
             "seconds": round(self.seconds, 3),
+            "loading": self.loading,
         }
+
+
+#: How long `Platform.start` waits for stored functions to load before it declares the platform
+#: ready; functions still loading then serve when they are done (503 `function_loading` until then).
+READY_WAIT_S = 10.0
+#: Threads that load stored functions at start (a slow `_initialize` holds only its own).
+LOAD_THREADS = 4
 
 
 def _model_info(info: ModelInfo) -> dict[str, Any]:
@@ -192,7 +205,11 @@ class Platform:
         self._engine = Host.new_engine(self.cache_dir)
         self._log_capacity = log_capacity
         self.memory = MemoryBudget.from_settings(memory or MemorySettings.from_env())
-        self._lock = threading.RLock()  # deploys, deletes, rollbacks, start, close
+        self._lock = threading.RLock()  # deploys, deletes, rollbacks, close: the swap and the store write
+        self._start_lock = threading.Lock()
+        # (tenant, function) -> ("loading", None) or ("failed", reason): stored functions `start` has
+        # not (yet) loaded. Written under `_lock`; a deploy, rollback or delete of the name clears it.
+        self._load_states: dict[tuple[str, str], tuple[str, str | None]] = {}
         self._ready = threading.Event()
         self._closed = False
         self.load_report: LoadReport | None = None
@@ -204,22 +221,28 @@ class Platform:
     def ready(self) -> bool:
         return self._ready.is_set()
 
-    def start(self, progress: Progress | None = None, *, load: bool = True) -> LoadReport:
+    def start(self, progress: Progress | None = None, *, load: bool = True,
+              ready_wait_s: float = READY_WAIT_S) -> LoadReport:
         """Redeploys every stored model and the current version of every stored function.
 
-        An item that fails to load is logged and listed in the report; the rest still serve.
-        Idempotent: a second call returns the first report. `load=False` loads nothing (a host
-        replica process: it takes each function from the store when the first request for it
-        comes, see `sync`).
+        Functions load on `LOAD_THREADS` threads, outside the deploy lock, each instance start
+        (`_initialize`) under its manifest's `timeout_ms`. The platform is ready once they all have
+        loaded or after `ready_wait_s`, whichever comes first: one still loading then is in state
+        "loading" (invoking it: 503 `function_loading`) until it is done. An item that fails to load
+        is logged and listed in the report, a function also in state "failed" with the reason in its
+        view (invoking it: 503 `function_load_failed`); the rest still serve. Idempotent: a second
+        call returns the first report. `load=False` loads nothing (a host replica process: it takes
+        each function from the store when the first request for it comes, see `sync`).
         """
         report_progress = progress or (lambda _msg: None)
-        with self._lock:
+        with self._start_lock:
             if self.load_report is not None:
                 return self.load_report
             if self._closed:
                 raise Unavailable("the platform is closed")
             started = time.perf_counter()
             report = LoadReport()
+            jobs: list[tuple[Host, FunctionVersion]] = []
             for tenant in self.store.tenants() if load else []:
                 host = self._ensure_host(tenant)
                 for rec in self.store.list_models(tenant=tenant):
@@ -230,25 +253,78 @@ class Platform:
                     except (WasminferError, OSError) as exc:
                         self._failed(report, f"model {tenant}/{rec.name} v{rec.version}", exc)
                 for fv in self.store.list_functions(tenant=tenant):
-                    report_progress(f"deploying function {tenant}/{fv.name} v{fv.version}")
-                    try:
-                        wasm = self.store.blobs.get(fv.sha256)
-                        host.deploy_function(fv.name, wasm, Manifest.from_dict(fv.manifest))
-                        report.functions += 1
-                        report.from_cache += int(host.function(fv.name).compiled.from_cache)
-                    except (WasminferError, OSError) as exc:
-                        self._failed(report, f"function {tenant}/{fv.name} v{fv.version}", exc)
+                    jobs.append((host, fv))
+            with self._lock:
+                for _, fv in jobs:
+                    self._load_states[fv.tenant, fv.name] = ("loading", None)
+                report.loading = len(jobs)
+            done = self._load_functions(jobs, report, report_progress)
+            done.wait(ready_wait_s)
             report.seconds = time.perf_counter() - started
             self.load_report = report
             self._ready.set()
             log.info(
-                "loaded %d model(s) and %d function(s) (%d compiled modules from cache) in %.2f s",
+                "loaded %d model(s) and %d function(s) (%d compiled modules from cache) in %.2f s%s",
                 report.models,
                 report.functions,
                 report.from_cache,
                 report.seconds,
+                f"; {report.loading} function(s) still loading" if report.loading else "",
             )
             return report
+
+    def _load_functions(self, jobs: list[tuple[Host, FunctionVersion]], report: LoadReport,
+                        progress: Progress) -> threading.Event:
+        """Loads `jobs` on up to `LOAD_THREADS` daemon threads; the event is set when all are done."""
+        done = threading.Event()
+        pending = list(reversed(jobs))
+        left = [len(jobs)]
+        if not jobs:
+            done.set()
+            return done
+
+        def work() -> None:
+            while True:
+                with self._lock:
+                    if not pending:
+                        return
+                    host, fv = pending.pop()
+                try:
+                    self._load_function(host, fv, report, progress)
+                except BaseException:  # a bug: never leave `start` waiting for it
+                    log.exception("loading function %s/%s failed", fv.tenant, fv.name)
+                with self._lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+
+        for i in range(min(LOAD_THREADS, len(jobs))):
+            threading.Thread(target=work, name=f"wasminfer-load-{i}", daemon=True).start()
+        return done
+
+    def _load_function(self, host: Host, fv: FunctionVersion, report: LoadReport, progress: Progress) -> None:
+        key = (fv.tenant, fv.name)
+        what = f"function {fv.tenant}/{fv.name} v{fv.version}"
+        progress(f"deploying {what}")
+        try:
+            wasm = self.store.blobs.get(fv.sha256)
+            fn = host.prepare_function(fv.name, wasm, Manifest.from_dict(fv.manifest))
+        except (WasminferError, OSError) as exc:
+            with self._lock:
+                report.loading -= 1
+                self._failed(report, what, exc)
+                if self._load_states.get(key) == ("loading", None):
+                    self._load_states[key] = ("failed", report.failures[-1].split(": ", 1)[1])
+            return
+        with self._lock:
+            report.loading -= 1
+            if self._load_states.get(key) != ("loading", None) or self._closed:
+                host.discard_function(fn)  # deployed, rolled back or deleted since: that one stands
+                return
+            host.install_function(fn)
+            del self._load_states[key]
+            report.functions += 1
+            report.from_cache += int(fn.compiled.from_cache)
 
     @staticmethod
     def _failed(report: LoadReport, what: str, exc: BaseException) -> None:
@@ -450,14 +526,14 @@ class Platform:
         validate_name("function", name)
         m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest or {})
         self._check_ready()
-        # Compile (into the disk cache) before taking the deploy lock: a module slow to compile then
-        # holds up no other deploy; the deploy below finds it in the cache.
-        inspected = self._ensure_host(tenant).inspect(wasm)
+        # Compile and start the instances (the guest's `_initialize`, under its timeout) before taking
+        # the deploy lock: a module slow to compile or to start holds up no other deploy.
+        host = self._ensure_host(tenant)
+        fn = host.prepare_function(name, wasm, m, inspected=host.inspect(wasm))
         with self._lock:
-            host = self._ensure_host(tenant)
-            host.deploy_function(name, wasm, m, inspected=inspected)
+            host.install_function(fn)
+            self._load_states.pop((tenant, name), None)
             try:
-                fn = host.function(name)
                 fv = self.store.put_function(name, wasm, m.to_dict(), fn.abi, _module_info(fn), tenant=tenant)
             except BaseException:
                 self._restore_function(host, name, tenant)
@@ -477,6 +553,11 @@ class Platform:
         view = fv.to_dict()
         fn = _deployed(host, fv.name)
         view["loaded"] = fn is not None and fn.version == fv.sha256
+        loaded = ("ready" if fn is not None else "stopped", None)
+        state, reason = self._load_states.get((fv.tenant, fv.name), loaded)
+        view["state"] = state  # ready | loading | failed (at start: `load_error` says why) | stopped
+        if reason is not None:
+            view["load_error"] = reason
         if fn is not None:
             live = fn.describe()
             view.update(counters=live["counters"], instances=live["instances"], module=live["module"])
@@ -507,6 +588,7 @@ class Platform:
         self._check_ready()
         with self._lock:
             self.store.delete_function(name, tenant=tenant)
+            self._load_states.pop((tenant, name), None)
             host = self._hosts.get(tenant)
             if _deployed(host, name) is not None:
                 assert host is not None
@@ -524,26 +606,28 @@ class Platform:
         self._check_ready()
         if version is not None and version < 1:
             raise BadRequest(f"a version is a positive integer, not {version}")
+        versions = self.store.list_versions(name, tenant=tenant)
+        current = next(v for v in versions if v.is_current)
+        if version is None:
+            earlier = [v for v in versions if v.version < current.version]
+            if not earlier:
+                raise Conflict(f"function {name!r} has no version before {current.version} to roll back to")
+            target = earlier[-1]
+        else:
+            matching = [v for v in versions if v.version == version]
+            if not matching:
+                raise FunctionNotFound(name, str(version))
+            target = matching[0]
+        host = self._ensure_host(tenant)
+        fn = None
+        if target.version != current.version or _deployed(host, name) is None:
+            # Started before the lock is taken, as in `put_function`.
+            fn = host.prepare_function(name, self.store.blobs.get(target.sha256),
+                                       Manifest.from_dict(target.manifest))
         with self._lock:
-            versions = self.store.list_versions(name, tenant=tenant)
-            current = next(v for v in versions if v.is_current)
-            if version is None:
-                earlier = [v for v in versions if v.version < current.version]
-                if not earlier:
-                    raise Conflict(
-                        f"function {name!r} has no version before {current.version} to roll back to"
-                    )
-                target = earlier[-1]
-            else:
-                matching = [v for v in versions if v.version == version]
-                if not matching:
-                    raise FunctionNotFound(name, str(version))
-                target = matching[0]
-            host = self._ensure_host(tenant)
-            if target.version != current.version or _deployed(host, name) is None:
-                host.deploy_function(
-                    name, self.store.blobs.get(target.sha256), Manifest.from_dict(target.manifest)
-                )
+            if fn is not None:
+                host.install_function(fn)
+                self._load_states.pop((tenant, name), None)
             try:
                 fv = self.store.rollback(name, target.version, tenant=tenant)
             except BaseException:
@@ -565,9 +649,23 @@ class Platform:
         if not self._ready.is_set():
             self._check_ready()
         host = self._hosts.get(tenant)
-        if host is None:
-            raise FunctionNotFound(name)
-        return host.invoke(name, body, content_type)
+        try:
+            if host is None:
+                raise FunctionNotFound(name)
+            return host.invoke(name, body, content_type)
+        except FunctionNotFound:
+            self._raise_load_state(tenant, name)
+            raise
+
+    def _raise_load_state(self, tenant: str, name: str) -> None:
+        """Raises `FunctionLoading` or `FunctionLoadFailed` for a stored function `start` has not
+        loaded (yet); returns for any other."""
+        state, reason = self._load_states.get((tenant, name), (None, None))
+        if state == "loading":
+            raise FunctionLoading(f"function {name!r} is still loading after a restart; retry")
+        if state == "failed":
+            raise FunctionLoadFailed(f"function {name!r} failed to load after a restart: {reason} "
+                                     "(deploy it again to replace it)")
 
     # --- host replicas --------------------------------------------------------------------------------
     def deployed(self, name: str, *, tenant: str = DEFAULT_TENANT) -> DeployedFunction:
@@ -576,9 +674,13 @@ class Platform:
         if not self._ready.is_set():
             self._check_ready()
         host = self._hosts.get(tenant)
-        if host is None:
-            raise FunctionNotFound(name)
-        return host.function(name)
+        try:
+            if host is None:
+                raise FunctionNotFound(name)
+            return host.function(name)
+        except FunctionNotFound:
+            self._raise_load_state(tenant, name)
+            raise
 
     def sync(self, name: str, deployment: str, *, tenant: str = DEFAULT_TENANT) -> None:
         """Makes this platform serve the `deployment` (a `deployment_digest`) of function `name`: if
@@ -607,9 +709,16 @@ class Platform:
                     rec.sha256, stored
                 ):
                     host.deploy_model(model, self.store.blobs.get(rec.sha256), **_load_options(stored))
-            if fn is None or fn.version != fv.sha256 or fn.manifest != manifest:
-                host.deploy_function(name, self.store.blobs.get(fv.sha256), manifest)
-            log.info("replica: synced %s/%s to version %d from the store", tenant, name, fv.version)
+        if fn is None or fn.version != fv.sha256 or fn.manifest != manifest:
+            # Started outside the lock, as in `put_function`; installed if still the current version.
+            prepared = host.prepare_function(name, self.store.blobs.get(fv.sha256), manifest)
+            with self._lock:
+                now = self.store.get_function(name, tenant=tenant)
+                if now.sha256 != fv.sha256 or Manifest.from_dict(now.manifest) != manifest:
+                    host.discard_function(prepared)
+                    return
+                host.install_function(prepared)
+        log.info("replica: synced %s/%s to version %d from the store", tenant, name, fv.version)
 
     def logs(
         self, name: str, n: int = 200, since: float | None = None, *, tenant: str = DEFAULT_TENANT

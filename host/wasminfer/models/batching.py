@@ -45,6 +45,14 @@ to 5.9 ms (MLP), 250 to 192 ms (CNN) -- and CPU per inference where a batched ro
 for the MLP); when other processes contend for the CPU, that saved CPU became throughput in earlier
 runs (1.1-2.6x for the MLP at c=32, load average ~15). At concurrency 1 it costs 1-2 µs a call.
 
+**Deadlines hold for every request.** A request may carry a deadline (`time.monotonic_ns()`); a
+batched run is stopped at the earliest deadline among its requests (ORT's terminate flag, see
+`timer.py`), and then, as for any failed batch, each request reruns alone with its own deadline:
+those past theirs fail at once with `Timeout`, the others get a run of their own. Waiting for the
+latest deadline instead would keep the leader (whose thread runs the batch) and every early request
+past their deadline; the cost of this choice is the batch's lost work, paid only when a deadline
+passes during a batched run.
+
 **Failures stay with their requests.** When a run of two or more requests fails, or an output does
 not have the batch's row count along axis 0 (the model is not row-wise after all), every request of
 it is run again alone, each on its own caller's thread; only those that fail alone get an error.
@@ -241,10 +249,11 @@ _MAX_IDLE_QUEUES = 64
 
 
 class _Request:
-    __slots__ = ("feed", "rows", "queue", "enqueued", "wake", "state", "outputs", "error")
+    __slots__ = ("feed", "rows", "queue", "deadline_ns", "enqueued", "wake", "state", "outputs", "error")
 
-    def __init__(self, feed: Feed, rows: int, queue: _Queue) -> None:
+    def __init__(self, feed: Feed, rows: int, queue: _Queue, deadline_ns: int | None) -> None:
         self.feed = feed
+        self.deadline_ns = deadline_ns
         self.rows = rows
         self.queue = queue
         self.enqueued = time.monotonic()
@@ -271,13 +280,15 @@ class _Queue:
 class Batcher:
     """The batcher of one loaded model (`ModelRegistry` makes one per batching model).
 
-    `run(feed)` is the model's `session.run` (raising what ORT raises); it is called from the
-    callers' threads, never under the batcher's lock. `slots` is the resolved
+    `run(feed, deadline_ns)` is the model's `session.run` stopped at the deadline (raising what
+    ORT raises, and `Timeout`); it is called from the callers' threads, never under the batcher's
+    lock. `slots` is the resolved
     `config.max_concurrent_batches`.
     """
 
     def __init__(
-        self, config: BatchingConfig, run: Callable[[Feed], Outputs], counters: BatchCounters, *, slots: int
+        self, config: BatchingConfig, run: Callable[[Feed, int | None], Outputs], counters: BatchCounters, *,
+        slots: int
     ) -> None:
         self.config = config
         self._run = run
@@ -302,10 +313,11 @@ class Batcher:
     def stats(self) -> BatchingStats:
         return self._counters.snapshot(self.config)
 
-    def infer(self, feed: Feed) -> Outputs:
-        """Run `feed`, in a batch with other requests of its signature where it can join one.
+    def infer(self, feed: Feed, deadline_ns: int | None = None) -> Outputs:
+        """Run `feed`, in a batch with other requests of its signature where it can join one, by
+        `deadline_ns` (`time.monotonic_ns()`, None: none).
 
-        Raises what `run` raises for this request alone.
+        Raises what `run` raises for this request alone (`Timeout` past its deadline).
         """
         rows = None
         for array in feed.values():  # every input must have the same rows, 1..max_batch_size
@@ -320,12 +332,12 @@ class Batcher:
                 self._counters.unbatched_requests += 1
             else:
                 assert rows is not None
-                request = self._enqueue(feed, rows)
+                request = self._enqueue(feed, rows, deadline_ns)
         if alone:
-            return self._run(feed)
+            return self._run(feed, deadline_ns)
         if request is None:  # a slot was free and nobody waiting: run now, in that slot
             try:
-                return self._run(feed)
+                return self._run(feed, deadline_ns)
             finally:
                 self._free_slot()
         if request.state != _LEAD:
@@ -341,9 +353,9 @@ class Batcher:
         if request.state == _FAILED:
             assert request.error is not None
             raise request.error
-        return self._run(feed)  # _ALONE: its batch failed; try it on its own
+        return self._run(feed, deadline_ns)  # _ALONE: its batch failed; try it on its own
 
-    def _enqueue(self, feed: Feed, rows: int) -> _Request | None:
+    def _enqueue(self, feed: Feed, rows: int, deadline_ns: int | None) -> _Request | None:
         """Under the lock: queue the request (as its queue's leader if it has none), or take a run
         slot for it and return None when one is free and no request of its signature waits."""
         queue = None
@@ -360,7 +372,7 @@ class Batcher:
                 if len(self._queues) >= _MAX_IDLE_QUEUES:
                     self._prune()
                 queue = self._queues[signature] = _Queue(self._lock)
-        request = _Request(feed, rows, queue)
+        request = _Request(feed, rows, queue, deadline_ns)
         queue.pending.append(request)
         queue.rows += rows
         if not queue.leading:
@@ -473,7 +485,7 @@ class Batcher:
         if len(batch) == 1:  # nothing to stack: exactly the unbatched run
             (request,) = batch
             try:
-                request.outputs = self._run(request.feed)
+                request.outputs = self._run(request.feed, request.deadline_ns)
                 request.state = _DONE
             except BaseException as exc:
                 request.error = exc
@@ -482,7 +494,8 @@ class Batcher:
         try:
             names = batch[0].feed.keys()
             feed = {name: np.concatenate([r.feed[name] for r in batch]) for name in names}
-            outputs = self._run(feed)
+            deadlines = [r.deadline_ns for r in batch if r.deadline_ns is not None]
+            outputs = self._run(feed, min(deadlines) if deadlines else None)
             if not all(isinstance(out, np.ndarray) and out.ndim and len(out) == rows for out in outputs):
                 raise _Unsplittable
         except BaseException:

@@ -66,6 +66,7 @@ from wasminfer.errors import (
     InvalidModel,
     InvalidTensor,
     ModelNotFound,
+    Timeout,
     Unavailable,
 )
 from wasminfer.models.batching import (
@@ -78,6 +79,7 @@ from wasminfer.models.batching import (
     BatchingStats,
     default_slots,
 )
+from wasminfer.models.timer import RUN_TIMER
 from wasminfer.syntax import validate_name
 
 __all__ = [
@@ -302,10 +304,33 @@ class _Model:
     counters: _Counters = field(default_factory=_Counters)
     batcher: Batcher | None = None
 
-    def timed_run(self, feed: Mapping[str, np.ndarray]) -> list[Any]:
-        """`session.run`, counted as a run when it succeeds (the batcher's way in)."""
+    def run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None = None) -> list[Any]:
+        """`session.run`, stopped at `deadline_ns` (`time.monotonic_ns()`) by the process' run timer.
+
+        Raises `Timeout` if the deadline had passed already (nothing runs) or passed during the run,
+        and what ORT raises otherwise.
+        """
+        if deadline_ns is None:
+            results: list[Any] = self.session.run(self.output_names, feed)
+            return results
+        if time.monotonic_ns() >= deadline_ns:
+            raise Timeout(f"model {self.info.name!r} was not run: the invocation's deadline had passed")
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # a run stopped on purpose is no error for ORT to log
+        alarm = RUN_TIMER.arm(deadline_ns, options)
+        try:
+            results = self.session.run(self.output_names, feed, options)
+        except Exception:  # ORT's exception types share no base but Exception
+            if RUN_TIMER.disarm(alarm):
+                raise Timeout(f"model {self.info.name!r} was stopped at the invocation's deadline") from None
+            raise
+        RUN_TIMER.disarm(alarm)
+        return results
+
+    def timed_run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None = None) -> list[Any]:
+        """`run`, counted as a run when it succeeds (the batcher's way in)."""
         started = time.perf_counter_ns()
-        results: list[Any] = self.session.run(self.output_names, feed)
+        results = self.run(feed, deadline_ns)
         elapsed = time.perf_counter_ns() - started
         counters = self.counters
         with counters.lock:
@@ -466,8 +491,14 @@ class ModelRegistry:
         self.close()
 
     # -- inference --------------------------------------------------------------------------------
-    def infer(self, name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(
+        self, name: str, inputs: Mapping[str, np.ndarray], *, deadline_ns: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Run model `name` on named input arrays; returns every output by name.
+
+        With `deadline_ns` (`time.monotonic_ns()`), a run still going then is stopped
+        (`RunOptions.terminate`, set by one timer thread for the process) and the call raises
+        `Timeout`; so does a call made after it.
 
         uint8 arrays are accepted (and cast) for bool inputs, the form bool takes on the wire.
         On a batching model the call may wait up to its `max_queue_delay_us` to share a run with
@@ -475,7 +506,7 @@ class ModelRegistry:
 
         Raises `ModelNotFound`; `InvalidTensor` for a missing or unexpected input name, a dtype
         other than the model's, or a shape that does not fit the model's (with the expected shape in
-        the message); `InferenceFailed` if ONNX Runtime fails.
+        the message); `InferenceFailed` if ONNX Runtime fails; `Timeout` at the deadline.
         """
         model = self._models.get(name)
         if model is None:
@@ -489,10 +520,12 @@ class ModelRegistry:
                 counters.last_used = time.monotonic()
             raise
         if model.batcher is not None:
-            return self._infer_batched(name, model, model.batcher, feed)
+            return self._infer_batched(name, model, model.batcher, feed, deadline_ns)
         started = time.perf_counter_ns()
         try:
-            results = model.session.run(model.output_names, feed)
+            results = model.run(feed, deadline_ns)
+        except Timeout:
+            raise
         except Exception as exc:  # ORT's exception types share no base but Exception
             with counters.lock:
                 counters.errors += 1
@@ -510,11 +543,13 @@ class ModelRegistry:
         return dict(zip(model.output_names, results, strict=True))
 
     def _infer_batched(
-        self, name: str, model: _Model, batcher: Batcher, feed: dict[str, np.ndarray]
+        self, name: str, model: _Model, batcher: Batcher, feed: dict[str, np.ndarray], deadline_ns: int | None
     ) -> dict[str, np.ndarray]:
         counters = model.counters
         try:
-            results = batcher.infer(feed)
+            results = batcher.infer(feed, deadline_ns)
+        except Timeout:
+            raise
         except Exception as exc:  # ORT's exception types share no base but Exception
             with counters.lock:
                 counters.errors += 1

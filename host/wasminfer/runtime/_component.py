@@ -30,6 +30,7 @@ import ctypes
 import hashlib
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,16 +46,19 @@ from wasmtime import _ffi as ffi
 from wasminfer.runtime._wasm import (
     CallState,
     ExternInfo,
+    Interrupted,
     WasmEngine,
     WasmLinkError,
     WasmTrap,
     _first_line,
     _no_finalizer,
     _set_epoch_deadline,
+    _tls,
     capture_output,
     compile_in_worker,
     held,
     release_output,
+    watch_epoch,
 )
 
 _Val = ffi.wasmtime_component_val_t
@@ -463,9 +467,6 @@ class ComponentHostFunc:
         return func_wit(self.params, self.result)
 
 
-_tls = threading.local()
-
-
 def _make_callback(hf: ComponentHostFunc) -> Any:
     lifts = [ty.lift for _, ty in hf.params]
     result = hf.result
@@ -682,7 +683,10 @@ class ComponentInstance:
         # heap and everything else in one.
         self.store.set_limits(memory_size=memory_bytes, table_elements=_MAX_TABLE_ELEMENTS,
                               instances=_MAX_INSTANCES, tables=_MAX_TABLES, memories=_MAX_MEMORIES)
-        self.store.set_epoch_deadline(WasmEngine.ticks_for(timeout_ms))
+        start_state = CallState()
+        start_state.deadline_ns = time.monotonic_ns() + timeout_ms * 1_000_000
+        self.store.set_epoch_deadline(start_state.slice_ticks())
+        watch_epoch(self.store)
         wasi = wasmtime.WasiConfig()  # deny-all: no args, env, files, network; stdin empty
         # not WasiConfig.stdout_custom: see `_wasm.capture_output`
         self._output_ids = capture_output(wasi, output) if output is not None else ()
@@ -690,11 +694,17 @@ class ComponentInstance:
         self._ctx = self.store._context()
         self._ctx_addr = ctypes.cast(self._ctx, ctypes.c_void_p).value
         self._funcs: dict[str, tuple[Any, ComponentFunc]] = {}
+        outer = getattr(_tls, "state", None)
+        _tls.state = start_state
         try:
             self._instance = compiled.linker.linker.instantiate(self.store, compiled.component)
         except wasmtime.WasmtimeError as exc:
             self.close()
+            if isinstance(start_state.fault, Interrupted):
+                raise WasmTrap(start_state.fault.kind, str(start_state.fault)) from None
             raise _error(exc, None) from None
+        finally:
+            _tls.state = outer
         for ef in exports:
             raw = ffi.wasmtime_component_func_t()
             found = ffi.wasmtime_component_instance_get_func(
@@ -709,10 +719,12 @@ class ComponentInstance:
 
     def call(self, name: str, args: Sequence[Any], state: CallState, timeout_ms: int) -> Any:
         """Calls exported function `name` with `args` (lowered by its schemas); returns its lifted
-        result. The epoch deadline is reset to `timeout_ms` from now.
+        result. The deadline (`state.deadline_ns`) is reset to `timeout_ms` from now.
 
-        Raises `WasmTrap` if the guest traps (kind `timeout` at the deadline, `host` when a host
-        import failed: `state.fault` holds that exception) or exits.
+        Raises `WasmTrap` if the guest traps (kind `timeout` at the deadline, `cancelled` after
+        `state.cancel`, `host` when a host import failed: `state.fault` holds that exception) or
+        exits. A WASI 0.2 sleep (`wasi:io/poll`) blocks inside wasmtime, where neither the deadline
+        nor a cancel reaches it: the call traps when the guest runs again (see SECURITY.md).
         """
         raw, ef = self._funcs[name]
         argv = self._args
@@ -725,7 +737,11 @@ class ComponentInstance:
                 ty.lower(value, base + i * _VAL_SIZE)
             res = ctypes.addressof(self._result)
             ctypes.memset(res, _K_BOOL, 1)  # wasmtime drops the previous value of a result before writing it
-            _set_epoch_deadline(self._ctx, WasmEngine.ticks_for(timeout_ms))
+            state.deadline_ns = time.monotonic_ns() + timeout_ms * 1_000_000
+            try:
+                _set_epoch_deadline(self._ctx, state.slice_ticks())
+            except Interrupted as exc:
+                raise WasmTrap(exc.kind, str(exc)) from None
             func = ctypes.addressof(raw)
             _tls.state = state
             try:
@@ -774,6 +790,8 @@ def _error(exc: wasmtime.WasmtimeError, state: CallState | None) -> Exception:
     if isinstance(exc, wasmtime.ExitTrap):
         return WasmTrap("exit", f"the function exited with status {exc.code}")
     text = str(exc)
+    if state is not None and isinstance(state.fault, Interrupted):
+        return WasmTrap(state.fault.kind, str(state.fault))
     if state is not None and state.fault is not None:
         return WasmTrap("host", str(state.fault))
     if "wasm trap: interrupt" in text:

@@ -24,6 +24,7 @@ import ctypes
 import errno
 import hashlib
 import itertools
+import struct
 import tempfile
 import threading
 import time
@@ -41,6 +42,10 @@ from wasminfer.runtime import _compiler
 
 WASMTIME_VERSION = "50.0.1"
 TICK_S = 0.001  # epoch tick: timeouts fire within ~1-2 ms of their deadline
+#: The longest a running guest goes without its call's cancel flag being looked at (epoch ticks, ms).
+#: A guest call's epoch deadline is at most this far ahead; when it passes, `_on_epoch_deadline`
+#: checks the call's own deadline and cancel flag and either traps or grants the next slice.
+SLICE_TICKS = 50
 WASM_PAGE = 65536
 #: Elements one table of an instance may hold (declared or grown to); past it `table.grow` fails.
 MAX_TABLE_ELEMENTS = 100_000
@@ -89,6 +94,14 @@ _set_stdout_custom, _set_stderr_custom = (
     for name in ("wasi_config_set_stdout_custom", "wasi_config_set_stderr_custom")
 )
 
+# (context, env, *delta, *kind) -> error or NULL: what runs when a store's epoch deadline passes.
+_EpochCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
+_set_epoch_callback = held("wasmtime_store_epoch_deadline_callback", None, ctypes.c_void_p, _EpochCallback,
+                           ctypes.c_void_p, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+_error_new = held("wasmtime_error_new", ctypes.c_void_p, ctypes.c_char_p)
+_UPDATE_DEADLINE_CONTINUE = 0
+
 _EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
 
@@ -108,6 +121,16 @@ class WasmLinkError(Exception):
 
 class GuestFault(Exception):
     """Raised by a host import to trap the guest; the message becomes the trap's message."""
+
+
+class Interrupted(GuestFault):
+    """Ends a guest call from the host side: `kind` is "timeout" (the call's deadline passed while the
+    guest ran or slept in a host call) or "cancelled" (`CallState.cancel`). The call then raises
+    `WasmTrap` of that kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class WasmExit(Exception):
@@ -136,9 +159,67 @@ class CallState:
 
     fault: BaseException | None = None
     instance: WasmInstance | None = None
+    #: When the guest call must end (`time.monotonic_ns()`), set by the call from its timeout: what
+    #: the epoch callback and blocking host calls (WASI `poll_oneoff`) hold the guest to.
+    deadline_ns: int | None = None
+    #: Set by `cancel`: the error the call ends with (the ABI raises it).
+    cancelled: BaseException | None = None
+    _wake: threading.Event | None = None  # made by the first sleep; set by `cancel`
+
+    def cancel(self, error: BaseException) -> None:
+        """Ends the guest call this state serves, from any thread: a sleep in a host call wakes at
+        once, running guest code traps within `SLICE_TICKS` ms; the call raises `WasmTrap` of kind
+        "cancelled" and `cancelled` holds `error`. Idempotent (the first error stays)."""
+        with _wake_lock:
+            if self.cancelled is None:
+                self.cancelled = error
+            wake = self._wake
+        if wake is not None:
+            wake.set()
+
+    def check(self) -> None:
+        """Raises `Interrupted` if the call was cancelled or its deadline has passed."""
+        if self.cancelled is not None:
+            raise Interrupted("cancelled", str(self.cancelled))
+        deadline = self.deadline_ns
+        if deadline is not None and time.monotonic_ns() >= deadline:
+            raise Interrupted("timeout", "the deadline passed")
+
+    def sleep_until(self, wake_at_ns: int) -> None:
+        """Blocks without the GIL until `wake_at_ns` (`time.monotonic_ns()`). Raises `Interrupted`
+        when the deadline comes first (at the deadline, not at the end of the sleep) or on `cancel`."""
+        with _wake_lock:
+            wake = self._wake
+            if wake is None:
+                wake = self._wake = threading.Event()
+        deadline = self.deadline_ns
+        until = wake_at_ns if deadline is None else min(wake_at_ns, deadline)
+        while True:
+            if self.cancelled is not None:
+                raise Interrupted("cancelled", str(self.cancelled))
+            left = until - time.monotonic_ns()
+            if left <= 0:
+                break
+            wake.wait(left / 1e9)
+        if deadline is not None and deadline <= wake_at_ns:
+            raise Interrupted("timeout", "the deadline passed while the guest slept in a host call")
+
+    def slice_ticks(self) -> int:
+        """Epoch ticks to the next look at this call: to its deadline, at most `SLICE_TICKS`.
+        Raises `Interrupted` if it is cancelled or its deadline has passed (within half a tick)."""
+        if self.cancelled is not None:
+            raise Interrupted("cancelled", str(self.cancelled))
+        deadline = self.deadline_ns
+        if deadline is None:
+            return SLICE_TICKS
+        left_ms = (deadline - time.monotonic_ns()) / 1e6
+        if left_ms <= TICK_S * 500:
+            raise Interrupted("timeout", "the deadline passed")
+        return min(SLICE_TICKS, int(left_ms / (TICK_S * 1000)) + 1)
 
 
 _tls = threading.local()
+_wake_lock = threading.Lock()  # orders `cancel` against the first sleep's making of `_wake`
 
 
 class GuestMemory:
@@ -259,6 +340,92 @@ def _no_finalizer(_env: Any) -> None:
     return None
 
 
+@_EpochCallback  # type: ignore[untyped-decorator]
+def _on_epoch_deadline(_ctx: Any, _env: Any, delta: Any, _kind: Any) -> int:
+    """A guest call's epoch deadline passed: trap (its deadline passed, or it was cancelled) or
+    grant the next slice. Runs on the thread of the call, so its state is the thread's; the engine's
+    epoch is the only thing another thread may safely touch, hence the slices (see `SLICE_TICKS`)."""
+    state = getattr(_tls, "state", None)
+    try:
+        if state is None:
+            raise Interrupted("timeout", "the deadline passed")
+        delta[0] = state.slice_ticks()
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - must never escape into ctypes
+        if state is not None and state.fault is None:
+            state.fault = exc
+        return int(_error_new(f"interrupted: {exc}".encode("utf-8", "replace")) or 0)
+
+
+def watch_epoch(store: wasmtime.Store) -> None:
+    """Makes `_on_epoch_deadline` decide what happens at each epoch deadline of `store` (instead of
+    the default trap). Every store of ours is watched: cancels and deadlines hold for all."""
+    _set_epoch_callback(ctypes.cast(store.ptr(), ctypes.c_void_p), _on_epoch_deadline, None, _no_finalizer)
+
+
+# --- WASI calls that block: our own, so that they keep the deadline ------------------------------
+# wasmtime's `poll_oneoff` (what `sleep`, `nanosleep` and `poll` become) sleeps inside Rust, where
+# epoch interruption cannot reach: a guest could sleep past its deadline, and past a delete, holding
+# its thread. This one waits on the call's state instead (`CallState.sleep_until`: no GIL, woken by
+# a cancel, ended at the deadline). The other WASI calls do not block here: stdin is bytes or a
+# regular file, stdout/stderr go to `capture_output`'s callback, there are no sockets, and
+# `sched_yield` only yields the thread.
+_SUBSCRIPTION = struct.Struct("<QB7xIxxxxQQH6x")  # userdata, tag, clock id, timeout, precision, flags
+_EVENT = struct.Struct("<QHBxxxxxQH6x")  # userdata, errno, type, nbytes, flags
+_EVENTTYPE_CLOCK, _EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE = 0, 1, 2
+_CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
+_SUBCLOCK_ABSTIME = 1
+_ERRNO_FAULT, _ERRNO_INVAL = 21, 28
+_MAX_SUBSCRIPTIONS = 4096
+
+
+def _poll_oneoff(state: CallState, mem: GuestMemory, in_ptr: int, out_ptr: int, nsubscriptions: int,
+                 nevents_ptr: int) -> int:
+    """WASI preview1 `poll_oneoff(in, out, nsubscriptions, *nevents) -> errno` (layouts as in
+    wasi-libc's `wasi/api.h`: a subscription is 48 bytes, an event 32). fd subscriptions are ready at
+    once (nothing here blocks on an fd); clock ones wait for the earliest of them. Raises
+    `Interrupted` at the call's deadline or on a cancel."""
+    if not 0 < nsubscriptions <= _MAX_SUBSCRIPTIONS:
+        return _ERRNO_INVAL
+    try:
+        raw = mem.read(in_ptr, nsubscriptions * _SUBSCRIPTION.size)
+        mem.read(out_ptr, nsubscriptions * _EVENT.size)
+        mem.read(nevents_ptr, 4)
+    except GuestFault:
+        return _ERRNO_FAULT
+    now = time.monotonic_ns()
+    instance = state.instance
+    ready: list[tuple[int, int]] = []  # (userdata, event type)
+    clocks: list[tuple[int, int]] = []  # (userdata, wake at in monotonic ns)
+    for i in range(nsubscriptions):
+        userdata, tag, clock, timeout, _, flags = _SUBSCRIPTION.unpack_from(raw, i * _SUBSCRIPTION.size)
+        if tag in (_EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE):
+            ready.append((userdata, tag))
+        elif tag != _EVENTTYPE_CLOCK or clock not in (_CLOCK_REALTIME, _CLOCK_MONOTONIC):
+            return _ERRNO_INVAL
+        elif not flags & _SUBCLOCK_ABSTIME:
+            clocks.append((userdata, now + timeout))
+        elif clock == _CLOCK_REALTIME:
+            clocks.append((userdata, now + timeout - time.time_ns()))
+        else:  # the guest's monotonic clock counts from its WASI context's making
+            base = instance.clock_base_ns if instance is not None else now
+            clocks.append((userdata, base + timeout))
+    if not ready:
+        state.sleep_until(min(at for _, at in clocks))
+        now = time.monotonic_ns()
+    events = [_EVENT.pack(userdata, 0, kind, 0, 0) for userdata, kind in ready]
+    events += [_EVENT.pack(userdata, 0, _EVENTTYPE_CLOCK, 0, 0) for userdata, at in clocks if at <= now]
+    mem.write(out_ptr, b"".join(events))
+    mem.write_u32(nevents_ptr, len(events))
+    return 0
+
+
+#: WASI functions of ours that shadow wasmtime's (`WasmEngine` defines them over `define_wasi`).
+WASI_OVERRIDES = (
+    HostFunc("wasi_snapshot_preview1", "poll_oneoff", ("i32",) * 4, ("i32",), _poll_oneoff),
+)
+
+
 _output_sinks: dict[int, Callable[[bytes], int | None]] = {}  # by the id passed as the callback's data
 _output_ids = itertools.count(1)
 
@@ -323,6 +490,10 @@ class WasmEngine:
         self.host_imports = {(hf.module, hf.name): hf for hf in host_funcs}
         for hf in host_funcs:
             self._define(hf)
+        self.linker.allow_shadowing = True
+        for hf in WASI_OVERRIDES:
+            self._define(hf)
+        self.linker.allow_shadowing = False
 
         self._closed = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="wasminfer-epoch", daemon=True)
@@ -543,7 +714,16 @@ class WasmInstance:
         self.store = wasmtime.Store(engine.engine)
         self.store.set_limits(memory_size=memory_bytes, table_elements=MAX_TABLE_ELEMENTS, instances=4,
                               tables=4, memories=1)
-        self.store.set_epoch_deadline(engine.ticks_for(timeout_ms))
+        # Start functions run at instantiation: under the same deadline as a call (see `call`).
+        start_state = CallState()
+        start_state.deadline_ns = time.monotonic_ns() + timeout_ms * 1_000_000
+        start_state.instance = self
+        self.deadline_ns = start_state.deadline_ns
+        self.store.set_epoch_deadline(start_state.slice_ticks())
+        watch_epoch(self.store)
+        #: When the guest's WASI monotonic clock read 0 (to within microseconds): `poll_oneoff`'s
+        #: absolute monotonic times count from it.
+        self.clock_base_ns = time.monotonic_ns()
         wasi = wasmtime.WasiConfig()
         self._output_ids = capture_output(wasi, output) if output is not None else ()
         if wasi_options.args:
@@ -567,14 +747,24 @@ class WasmInstance:
         # Per-instance state of host interfaces (e.g. wasi-nn graph handles), keyed by interface and
         # created lazily by them; values with a `close()` are closed with the instance.
         self.host_state: dict[str, Any] = {}
+        self._mem_ref = None
+        tls = _tls
+        outer = getattr(tls, "state", None), getattr(tls, "instance", None)
+        tls.state, tls.instance = start_state, self
         try:
             instance = compiled.pre().instantiate(self.store)
         except wasmtime.Trap as trap:
             self._drop_outputs()
+            if isinstance(start_state.fault, Interrupted):
+                raise WasmTrap(start_state.fault.kind, str(start_state.fault)) from None
             raise _to_wasm_trap(trap.trap_code, trap.message) from None
         except wasmtime.WasmtimeError as exc:
             self._drop_outputs()
+            if isinstance(start_state.fault, Interrupted):
+                raise WasmTrap(start_state.fault.kind, str(start_state.fault)) from None
             raise WasmLinkError(_first_line(str(exc))) from None
+        finally:
+            tls.state, tls.instance = outer
         self._instance = instance
         self._funcs: dict[str, Any] = {}
         self._mem: Any = None
@@ -607,10 +797,12 @@ class WasmInstance:
              nresults: int = 1) -> int:
         """Calls export `name` (whose signature `require_func` checked) with i32 args.
 
-        With `timeout_ms`, the epoch deadline is reset to that many ms from now (otherwise the
-        deadline of the previous call keeps running: one deadline covers a whole invocation).
-        Returns the first i32 result (0 if none). Raises `WasmTrap` if the guest traps or times out;
-        `state.fault` then holds the host-side exception that caused it, if any.
+        With `timeout_ms`, the deadline (`state.deadline_ns`, which the epoch and blocking host
+        calls hold the guest to) is reset to that many ms from now; otherwise the state's deadline
+        keeps running, or the instance's last one: one deadline covers a whole invocation.
+        Returns the first i32 result (0 if none). Raises `WasmTrap` if the guest traps, times out
+        (kind "timeout") or is cancelled (kind "cancelled", see `CallState.cancel`); `state.fault`
+        then holds the host-side exception that caused it, if any.
         """
         func_ref = self._func_refs.get(name)
         if func_ref is None:
@@ -619,7 +811,13 @@ class WasmInstance:
         for i, a in enumerate(args):
             buf[i].i32 = a
         if timeout_ms is not None:
-            _set_epoch_deadline(self._ctx, self.compiled.engine.ticks_for(timeout_ms))
+            state.deadline_ns = self.deadline_ns = time.monotonic_ns() + timeout_ms * 1_000_000
+        elif state.deadline_ns is None:
+            state.deadline_ns = self.deadline_ns
+        try:
+            _set_epoch_deadline(self._ctx, state.slice_ticks())
+        except Interrupted as exc:
+            raise WasmTrap(exc.kind, str(exc)) from None
         tls = _tls
         tls.state = state
         tls.instance = self
@@ -647,6 +845,8 @@ class WasmInstance:
             self._trap_ref = ctypes.byref(self._trap)
             code = trap.trap_code
             message = trap.message
+        if isinstance(state.fault, Interrupted):
+            raise WasmTrap(state.fault.kind, str(state.fault))
         if state.fault is not None:
             raise WasmTrap("host", str(state.fault))
         raise _to_wasm_trap(code, message)

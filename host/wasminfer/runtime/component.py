@@ -126,7 +126,7 @@ def _infer(state: InvocationState, model: str, inputs: list[tuple[Any, ...]]) ->
         return _fail(state, "invalid-argument", exc)
     t0 = time.perf_counter_ns()
     try:
-        outputs = state.infer(model, arrays)
+        outputs = handler.run_model(state, state.infer, model, arrays)
     except ModelNotFound as exc:
         return _fail(state, "model-not-found", exc)
     except InvalidTensor as exc:

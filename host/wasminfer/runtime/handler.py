@@ -21,6 +21,7 @@ from wasminfer.errors import (
     InferenceFailed,
     InferLimitExceeded,
     InvalidTensor,
+    InvocationCancelled,
     LogLimitExceeded,
     MemoryLimitExceeded,
     ModelNotAllowed,
@@ -39,6 +40,7 @@ from wasminfer.runtime._wasm import (
     GuestFault,
     GuestMemory,
     HostFunc,
+    Interrupted,
     WasmInstance,
     WasmLinkError,
     WasmTrap,
@@ -63,7 +65,24 @@ E_LIMIT = 8
 MAX_MESSAGE = 4096
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
-InferFn = Callable[[str, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+class InferFn(Protocol):
+    """`ModelRegistry.infer`: runs a model, stopped at `deadline_ns` (then it raises `Timeout`)."""
+
+    def __call__(self, name: str, inputs: Mapping[str, np.ndarray], *,
+                 deadline_ns: int | None = None) -> dict[str, np.ndarray]: ...
+
+
+def run_model(state: CallState, infer: InferFn, model: str,
+              inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`infer(model, inputs)` under the invocation's deadline, for every ABI's infer import.
+
+    A run still going at the deadline is stopped and the guest call ends as a timeout: raises
+    `Interrupted` then (which traps the guest), and what `infer` raises otherwise.
+    """
+    try:
+        return infer(model, inputs, deadline_ns=state.deadline_ns)
+    except Timeout as exc:
+        raise Interrupted("timeout", exc.message) from None
 
 
 class InvocationState(CallState):
@@ -131,7 +150,7 @@ def _infer(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: 
         return _fail(state, E_INVALID_ARGUMENT, exc)
     t0 = time.perf_counter_ns()
     try:
-        outputs = state.infer(model, inputs)
+        outputs = run_model(state, state.infer, model, inputs)
     except ModelNotFound as exc:
         return _fail(state, E_NOT_FOUND, exc)
     except InvalidTensor as exc:
@@ -302,6 +321,10 @@ class MemoryProbe(Protocol):
 
 def _trap_error(trap: WasmTrap, inst: MemoryProbe, state: InvocationState) -> WasminferError:
     m = state.manifest
+    if trap.kind == "cancelled":
+        if isinstance(state.cancelled, WasminferError):
+            return state.cancelled
+        return InvocationCancelled(f"the invocation of function {state.function!r} was cancelled")
     if trap.kind == "timeout":
         return Timeout.exceeded(state.function, "ran past its timeout", m.timeout_ms)
     if state.fault is not None:
@@ -318,4 +341,5 @@ def _trap_error(trap: WasmTrap, inst: MemoryProbe, state: InvocationState) -> Wa
     return GuestTrap(f"function {state.function!r} trapped: {what}")
 
 
-__all__ = ["HOST_FUNCS", "InvocationState", "NAME", "detect", "invoke", "instantiate", "validate"]
+__all__ = ["HOST_FUNCS", "InferFn", "InvocationState", "NAME", "detect", "invoke", "instantiate", "run_model",
+           "validate"]

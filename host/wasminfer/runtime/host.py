@@ -23,8 +23,10 @@ from wasminfer.errors import (
     FunctionNotFound,
     InvalidManifest,
     InvalidModule,
+    InvocationCancelled,
     MemoryLimitExceeded,
     ModelNotFound,
+    Unavailable,
     WasminferError,
 )
 from wasminfer.manifest import Manifest
@@ -122,6 +124,10 @@ class DeployedFunction:
         self.deployed_at = time.time()
         self.counters = Counters()
         self._lock = threading.Lock()
+        # The states of the guest calls in flight (invocations and instance starts): what `cancel`
+        # ends when the function is deleted.
+        self._running: set[handler.InvocationState] = set()
+        self._cancelled: WasminferError | None = None
         self.pool: InstancePool[_Instance] = InstancePool(
             name, self._create, self._destroy,
             max_instances=manifest.max_instances, max_queue=manifest.max_queue,
@@ -150,11 +156,36 @@ class DeployedFunction:
 
         state = handler.InvocationState(self.name, self.manifest, self.host.models.infer, self.logs, "init",
                                         self.host.models)
+        self.begin(state)
         try:
             wasm = self.abi_impl.instantiate(self.compiled, self.manifest, state, write)
         except WasmTrap as trap:
             raise handler._trap_error(trap, _NoInstance(), state) from None
+        finally:
+            self.end(state)
         return _Instance(wasm, out, err, memory)
+
+    def begin(self, state: handler.InvocationState) -> None:
+        """Tracks a guest call about to run, so that `cancel` can end it (or cancels it at once)."""
+        with self._lock:
+            self._running.add(state)
+            cancelled = self._cancelled
+        if cancelled is not None:
+            state.cancel(cancelled)
+
+    def end(self, state: handler.InvocationState) -> None:
+        with self._lock:
+            self._running.discard(state)
+
+    def cancel(self, error: WasminferError) -> int:
+        """Ends every guest call of this function in flight, and any started later, with `error`
+        (see `CallState.cancel`). Returns how many were in flight."""
+        with self._lock:
+            self._cancelled = error
+            running = list(self._running)
+        for state in running:
+            state.cancel(error)
+        return len(running)
 
     @staticmethod
     def _destroy(inst: _Instance) -> None:
@@ -222,6 +253,7 @@ class Host:
         self.engine = engine if engine is not None else self.new_engine(self.cache_dir)
         self.models = models if models is not None else ModelRegistry()
         self._functions: dict[str, DeployedFunction] = {}
+        self._preparing: set[DeployedFunction] = set()  # starting instances: `close` cancels them
         self._logs: dict[str, LogBuffer] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -330,11 +362,22 @@ class Host:
                         inspected: tuple[ModuleInfo, Any] | None = None) -> dict[str, Any]:
         """Validates, compiles and deploys (or replaces) a function; returns its description.
 
-        Raises `InvalidModule` (not a module, unknown imports, wrong exports, traps while
-        initialising), `InvalidManifest` (limits the module cannot meet) or `ModelNotFound` (the
-        manifest names a model that is not deployed). A failed deploy leaves the previous version
-        serving.
+        Raises `InvalidModule` (not a module, unknown imports, wrong exports, traps or times out
+        while initialising), `InvalidManifest` (limits the module cannot meet) or `ModelNotFound`
+        (the manifest names a model that is not deployed). A failed deploy leaves the previous
+        version serving.
         """
+        return self.install_function(
+            self.prepare_function(name, wasm, manifest, prewarm=prewarm, inspected=inspected)
+        )
+
+    def prepare_function(self, name: str, wasm: bytes, manifest: Manifest | Mapping[str, Any] | None = None,
+                         *, prewarm: int | None = None,
+                         inspected: tuple[ModuleInfo, Any] | None = None) -> DeployedFunction:
+        """The first half of `deploy_function`: validates, compiles and prewarms (runs the guest's
+        `_initialize`, each under the manifest's `timeout_ms`) without touching what is deployed.
+        Give the result to `install_function`, or `discard_function`. Raises what `deploy_function`
+        raises."""
         m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest or {})
         info, compiled = inspected if inspected is not None else self.inspect(wasm)
         abi = ABIS_BY_NAME[info.abi]  # detected and validated by inspect
@@ -354,6 +397,10 @@ class Host:
         with self._lock:
             logs = self._logs.setdefault(name, LogBuffer(self._log_capacity))
         fn = DeployedFunction(self, name, compiled, m, abi, logs, info.sha256)
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the host is closed")
+            self._preparing.add(fn)
         try:
             fn.pool.prewarm(count)
         except MEMORY_REFUSALS:
@@ -365,21 +412,37 @@ class Host:
         except WasmLinkError as exc:
             fn.pool.close()
             raise InvalidModule(f"the module failed to instantiate: {exc}") from None
+        finally:
+            with self._lock:
+                self._preparing.discard(fn)
+        return fn
+
+    def install_function(self, fn: DeployedFunction) -> dict[str, Any]:
+        """Serves `fn` (from `prepare_function`) in place of the function of its name, whose calls in
+        flight finish on their instances. Returns its description."""
         with self._lock:
-            old = self._functions.get(name)
-            self._functions[name] = fn
+            old = self._functions.get(fn.name)
+            self._functions[fn.name] = fn
+            self._logs[fn.name] = fn.logs
         if old is not None:
             old.pool.close()
-        logs.append("host", f"deployed version {info.sha256[:12]} ({info.abi} ABI)", "info")
+        fn.logs.append("host", f"deployed version {fn.version[:12]} ({fn.abi} ABI)", "info")
         return fn.describe()
 
+    @staticmethod
+    def discard_function(fn: DeployedFunction) -> None:
+        """Drops a prepared function that will not be installed."""
+        fn.pool.close()
+
     def remove_function(self, name: str) -> None:
-        """Raises `FunctionNotFound`."""
+        """Stops serving `name`; its invocations in flight end at once with `InvocationCancelled`
+        (503). Raises `FunctionNotFound`."""
         with self._lock:
             fn = self._functions.pop(name, None)
             self._logs.pop(name, None)
         if fn is None:
             raise FunctionNotFound(name)
+        fn.cancel(InvocationCancelled(f"function {name!r} was deleted while this invocation ran"))
         fn.pool.close()
 
     def function(self, name: str) -> DeployedFunction:
@@ -419,6 +482,7 @@ class Host:
         inst.stdout.invocation = inst.stderr.invocation = invocation_id
         healthy = False
         error: WasminferError | None = None
+        fn.begin(state)
         try:
             healthy = fn.abi_impl.invoke(inst.wasm, body, content_type, state)
         except WasminferError as exc:
@@ -432,6 +496,7 @@ class Host:
             raise
         finally:
             t2 = time.perf_counter_ns()
+            fn.end(state)
             inst.stdout.flush()
             inst.stderr.flush()
             fn.pool.release(inst, healthy)
@@ -486,11 +551,12 @@ class Host:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         with self._lock:
-            fns = list(self._functions.values())
+            self._closed = True
+            fns = [*self._functions.values(), *self._preparing]
             self._functions.clear()
         for f in fns:
+            f.cancel(Unavailable("the server is shutting down"))
             f.pool.close()
         if self._owns_engine:
             self.engine.close()

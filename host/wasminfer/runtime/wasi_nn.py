@@ -38,7 +38,7 @@ from wasminfer.errors import (
 )
 from wasminfer.models import ModelInfo, ModelRegistry, TensorSpec
 from wasminfer.runtime._wasm import GuestFault, GuestMemory, HostFunc
-from wasminfer.runtime.handler import InvocationState
+from wasminfer.runtime.handler import InvocationState, run_model
 
 MODULE = "wasi_ephemeral_nn"
 STATE_KEY = "wasi_nn"
@@ -383,7 +383,7 @@ def _compute(state: InvocationState, mem: GuestMemory, ctx: int) -> None:
     infer = nn.private.infer if graph.private and nn.private is not None else state.infer
     t0 = time.perf_counter_ns()
     try:
-        outputs = infer(graph.model, inputs)
+        outputs = run_model(state, infer, graph.model, inputs)
     except ModelNotFound as exc:  # undeployed since load_by_name
         _fail(NOT_FOUND, exc.message, exc)
     except InvalidTensor as exc:
