@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from wasminfer import __version__
+from wasminfer.names import NAME_REGEX
 
 JSON = "application/json"
 
@@ -83,7 +84,7 @@ def _path_name(what: str) -> dict[str, Any]:
         "in": "path",
         "required": True,
         "description": f"the {what}'s name",
-        "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
+        "schema": {"type": "string", "pattern": f"^{NAME_REGEX}$"},
     }
 
 

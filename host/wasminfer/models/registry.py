@@ -47,7 +47,6 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import hashlib
-import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -80,6 +79,7 @@ from wasminfer.models.batching import (
     BatchingStats,
     default_slots,
 )
+from wasminfer.names import is_name
 
 __all__ = [
     "ALLOWED_DOMAINS",
@@ -100,8 +100,6 @@ MAX_THREADS = 64
 
 #: Operator domains a model may use: standard ONNX, ONNX-ML, and ORT's own contrib ops.
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
-
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 # ORT type string -> numpy dtype name (TensorSpec.dtype). "string" tensors are object arrays of str.
 _ORT_TYPES = {
@@ -365,7 +363,7 @@ class ModelRegistry:
         are not plain tensors; `BadRequest` for an option out of range or batching asked of a model
         without a batch dimension (naming the input or output); `Unavailable` after `close()`.
         """
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not is_name(name):
             raise InvalidName("model", str(name))
         if isinstance(model, Path):
             data = model.read_bytes()

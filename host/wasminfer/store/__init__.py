@@ -1,7 +1,7 @@
 """The durable embedded store: functions (immutable versions), models, API keys, and the
 content-addressed blobs they point at, all under one data folder (default `./.wasminfer`).
 
-Imports nothing of wasminfer but `wasminfer.errors`.
+Imports nothing of wasminfer but `wasminfer.errors` and `wasminfer.names`.
 """
 
 from __future__ import annotations

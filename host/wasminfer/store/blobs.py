@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from wasminfer.errors import BadRequest, InvalidName, NotFound, PayloadTooLarge
+from wasminfer.names import is_name
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_KIND = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _TMP_PREFIX = ".tmp-"
 # Derived files start with the sha256 of their payload: a torn or corrupted compiled module must
 # never reach a deserializer (wasmtime trusts what it deserializes).
@@ -241,7 +241,7 @@ class BlobStore:
         return removed
 
     def _derived_folder(self, kind: str) -> Path:
-        if not isinstance(kind, str) or _KIND.fullmatch(kind) is None:
+        if not is_name(kind):
             raise InvalidName("derived artefact kind", str(kind)[:100])
         return self._derived / kind
 

@@ -31,6 +31,7 @@ from wasminfer.errors import (
     ModelNotFound,
     NotFound,
 )
+from wasminfer.names import is_name
 
 from .blobs import BlobStore, makedirs_durable
 from .db import Database
@@ -39,7 +40,6 @@ from .records import ApiKey, FunctionVersion, GcResult, ModelRecord
 
 DEFAULT_DATA_DIR = Path(".wasminfer")
 DEFAULT_TENANT = "default"
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 # A blob younger than this is never collected, referenced or not: an upload may have written it and
 # not committed its row yet (and `put` refreshes the mtime of content it finds already stored).
 DEFAULT_GC_GRACE_S = 3600.0
@@ -59,8 +59,8 @@ class ModelVersionNotFound(ModelNotFound):
 
 
 def validate_name(kind: str, name: object) -> str:
-    """Return `name` if it is a valid name (`^[a-z0-9][a-z0-9._-]{0,63}$`). Raises `InvalidName`."""
-    if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+    """Return `name` if it is a valid name (`wasminfer.names`). Raises `InvalidName`."""
+    if not is_name(name):
         raise InvalidName(kind, str(name)[:100])
     return name
 
@@ -74,7 +74,7 @@ def manifest_models(manifest: Mapping[str, Any]) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(m, str) for m in value):
         raise InvalidManifest("manifest key 'models' must be a list of model names")
     for model in value:
-        if NAME_PATTERN.fullmatch(model) is None:
+        if not is_name(model):
             raise InvalidManifest(f"manifest key 'models': {model!r:.80} is not a valid model name")
     return tuple(sorted(set(value)))
 
