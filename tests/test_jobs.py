@@ -296,7 +296,7 @@ def test_idempotency_key_returns_the_first_job(paused: TestClient) -> None:
     assert len(paused.get("/v1/jobs").json()["jobs"]) == 1
 
 
-def test_an_idempotency_key_is_free_again_once_its_job_expired(client: TestClient, platform: Platform) -> None:
+def test_an_idempotency_key_is_free_again_once_its_job_expired(client: TestClient) -> None:
     """Past its retention a job is gone for its client (404) even before the sweep deletes it, and so
     is its key: the same key makes a new job (it was a UNIQUE constraint error, a 500)."""
     key = {"idempotency-key": "nightly-2024-05-01"}
