@@ -50,7 +50,7 @@ bench-batching *ARGS:
 bench-scaling *ARGS:
     {{python}} bench/scaling.py {{ARGS}}
 
-# Long fuzzing (schemathesis on /openapi.json, request parsing, wasi-nn structs): bench/results/hardening.json.
+# Long fuzzing (schemathesis on /openapi.json, request parsing, every parser on a real server, wasi-nn structs): hardening.json.
 fuzz EXAMPLES="2000":
     {{python}} bench/hardening.py fuzz --examples {{EXAMPLES}}
 

@@ -9,9 +9,15 @@ long fuzz and crash runs, collected into bench/results/hardening.json.
     python bench/hardening.py deadline [--iterations 20]              (just deadline)
     python bench/hardening.py all                                     (just hardening)
 
-Each subcommand merges its numbers into the JSON file (keys `fuzz_cases`, `crash_rounds`,
-`crash_losses`, `overload_p99_ms`, `soak_rss_growth_pct`, `memory_quota_held`,
-`deadline_overrun_ms_p99`, and the details of each run).
+Each subcommand merges its numbers into the JSON file (keys `fuzz_cases`, `fuzz_failures`,
+`crash_rounds`, `crash_losses`, `overload_p99_ms`, `soak_rss_growth_pct`, `memory_quota_held`,
+`deadline_overrun_ms_p99`, and the details of each run); `--results FILE` writes elsewhere (a short
+trial run that must not replace the recorded one).
+
+Fuzz: every test of tests/test_fuzz.py with `--examples` cases each: schemathesis on every route,
+request parsing, and every parser of untrusted bytes against a real server, each case within a
+wall-clock bound (a hang fails it). `fuzz_cases` counts the cases run, `fuzz_failures` the failed
+tests (each a falsified property: a 500, an undocumented code, a hang); the run goes on past them.
 
 Deadline: how far past `timeout_ms` an answer comes (response time minus `timeout_ms`, over HTTP)
 for guests that never finish on their own: a loop, a sleep in WASI `poll_oneoff`, a sleep in
@@ -47,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -445,17 +452,26 @@ def quota(clients: int = 24, budget_mb: int = 256, tenant_mb: int = 128, memory_
 
 
 # --- the long fuzz and crash runs (the test files, longer) ---------------------------------------------
-def _pytest(test: str, env: dict[str, str]) -> None:
+def _pytest(test: str, env: dict[str, str], *args: str, check: bool = True) -> int:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-s",
-           "-o", "addopts=", "--timeout=7200", test]
-    subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, check=True)
+           "-o", "addopts=", "--timeout=7200", *args, test]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, check=check).returncode
 
 
 def fuzz(examples: int = 2000) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+    with tempfile.TemporaryDirectory() as tmp:
+        report, junit = Path(tmp) / "report.json", Path(tmp) / "junit.xml"
         _pytest("tests/test_fuzz.py", {"WASMINFER_FUZZ_EXAMPLES": str(examples),
-                                       "WASMINFER_FUZZ_REPORT": report.name})
-        return {"examples_per_test": examples, **json.loads(Path(report.name).read_text())}
+                                       "WASMINFER_FUZZ_REPORT": str(report)},
+                f"--junitxml={junit}", check=False)
+        if not junit.exists() or not report.exists():
+            raise RuntimeError("the fuzz run did not finish (no report): see its output above")
+        suite = ET.parse(junit).getroot()
+        suite = suite if suite.tag == "testsuite" else suite[0]
+        failed = [case.get("name", "?") for case in suite.iter("testcase")
+                  if case.find("failure") is not None or case.find("error") is not None]
+        return {"examples_per_test": examples, **json.loads(report.read_text()),
+                "tests": int(suite.get("tests", 0)), "failures": len(failed), "failed": failed}
 
 
 def crash(rounds: int = 50) -> dict[str, Any]:
@@ -534,17 +550,18 @@ def deadline(iterations: int = 20, timeout_ms: int = 300, work: Path | None = No
     }
 
 
-def merge(results: dict[str, Any]) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+def merge(results: dict[str, Any], path: Path = RESULTS) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     doc.update(results)
     doc["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON file to merge into")
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("overload")
     p.add_argument("--seconds", type=float, default=20.0)
@@ -564,7 +581,7 @@ def main() -> None:
     out: dict[str, Any] = {}
     if args.what in ("fuzz", "all"):
         f = fuzz(getattr(args, "examples", 2000))
-        out.update(fuzz_cases=f["total"], fuzz=f)
+        out.update(fuzz_cases=f["total"], fuzz_failures=f["failures"], fuzz=f)
     if args.what in ("crash", "all"):
         c = crash(getattr(args, "rounds", 50))
         out.update(crash_rounds=c["rounds"], crash_losses=c["losses"], crash=c)
@@ -581,7 +598,7 @@ def main() -> None:
     if args.what in ("quota", "all"):
         q = quota(getattr(args, "clients", 24))
         out.update(memory_quota_held=q["held"], memory_quota=q)
-    merge(out)
+    merge(out, args.results)
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=1))
     for key in ("overload", "soak", "memory_quota", "deadline"):
         if key in out:

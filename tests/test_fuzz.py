@@ -1,12 +1,18 @@
 """Fuzzing what guests and clients control: the HTTP API (schemathesis, from the server's own
-/openapi.json), request parsing (manifests, API key specs, headers, multipart bodies) and the wasi-nn
-tensor struct. The CBOR tensor codec has its own fuzz tests in test_models_codec.py.
+/openapi.json), request parsing (manifests, API key specs, headers, multipart bodies), every parser of
+untrusted bytes on a real server (batch bodies as JSON Lines and CBOR, job options and idempotency
+headers, multipart manifests, model options, invoke query and headers) and the wasi-nn tensor struct.
+The CBOR tensor codec has its own fuzz tests in test_models_codec.py.
 
 The property everywhere: every input is either accepted or refused with its own error type (over
-HTTP, a 4xx or a guest's own failure), never a 500 `internal`, never a host crash.
+HTTP, a 4xx with a code the route documents, or a guest's own failure), never a 500 `internal`, never
+a host crash. Against the real server each case also has a wall-clock bound (`CASE_BOUND_S`, the
+HTTP client's timeout: a hang or a GIL held for that long fails the case) and the server must answer
+`/healthz` after every target.
 
 Short in the test suite; `just fuzz` runs the same tests with WASMINFER_FUZZ_EXAMPLES=2000 and
-WASMINFER_FUZZ_REPORT=FILE, which collects the number of cases run (bench/hardening.py reads it).
+WASMINFER_FUZZ_REPORT=FILE, which collects the number of cases run per target and the slowest case
+of each real-server target (bench/hardening.py reads it).
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import os
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import cbor2
+import httpx
 import numpy as np
 import pytest
 import schemathesis
@@ -29,10 +36,14 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from starlette.testclient import TestClient
 
-from wasminfer.errors import BadRequest, GuestError, WasminferError
+from live_server import live_server
+from wasminfer.errors import BadRequest, GuestError, InvalidManifest, WasminferError
 from wasminfer.gateway import create_app
+from wasminfer.jobs import JSONL_TYPES, JobSettings
 from wasminfer.manifest import Manifest
+from wasminfer.model_options import MODEL_OPTIONS
 from wasminfer.models import ModelRegistry
+from wasminfer.parsing import CBOR2_INTERPRETED_TAGS
 from wasminfer.runtime import wasi_nn
 from wasminfer.runtime._wasm import GuestFault
 from wasminfer.runtime.handler import InvocationState
@@ -40,14 +51,19 @@ from wasminfer.runtime.logs import LogBuffer
 from wasminfer.service import Platform, parse_keys
 
 EXAMPLES = int(os.environ.get("WASMINFER_FUZZ_EXAMPLES", "25"))
+# Seconds a case may take against the real server before it counts as a hang (cases take
+# milliseconds; this only catches a server that stops answering).
+CASE_BOUND_S = float(os.environ.get("WASMINFER_FUZZ_CASE_BOUND_S", "20"))
 CASES: Counter[str] = Counter()
+SLOWEST: dict[str, float] = {}
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 WASM = {"content-type": "application/wasm"}
+ONNX = {"content-type": "application/octet-stream"}
 
 
-def _guest_codes() -> set[str]:
-    codes, todo = set(), [GuestError]
+def _codes(root: type[WasminferError]) -> set[str]:
+    codes, todo = set(), [root]
     while todo:
         cls = todo.pop()
         codes.add(cls.code)
@@ -56,7 +72,9 @@ def _guest_codes() -> set[str]:
 
 
 # 5xx a client can cause only through a guest's own failure, a timeout or overload; never `internal`.
-GUEST_ERROR_CODES = _guest_codes()
+GUEST_ERROR_CODES = _codes(GuestError)
+# Every code the API documents (errors.py); `internal` is the one no request may ever cause.
+API_CODES = _codes(WasminferError) - {"internal", "unreachable"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +82,9 @@ def report_cases() -> Iterator[None]:
     yield
     path = os.environ.get("WASMINFER_FUZZ_REPORT")
     if path:
-        Path(path).write_text(json.dumps({"cases": dict(CASES), "total": sum(CASES.values())}, indent=1))
+        report = {"cases": dict(CASES), "total": sum(CASES.values()),
+                  "slowest_s": {k: round(v, 3) for k, v in SLOWEST.items()}}
+        Path(path).write_text(json.dumps(report, indent=1))
 
 
 def not_a_server_failure(status: int, text: str) -> None:
@@ -90,7 +110,8 @@ def _jsonl(ctx: Any, value: Any) -> bytes:
 def app_client(tmp_path_factory: pytest.TempPathFactory, add_model: bytes,
                hostile_wasm: bytes) -> Iterator[TestClient]:
     platform = Platform(tmp_path_factory.mktemp("fuzz") / "data")
-    app = create_app(platform)
+    # Jobs are accepted and never run: thousands of fuzzed submissions must not become work.
+    app = create_app(platform, job_settings=JobSettings(workers=0))
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
             for _ in range(500):
@@ -172,7 +193,8 @@ def test_manifest_from_json_accepts_or_names_the_bad_key(data: dict[str, Any]) -
     CASES["manifest"] += 1
     try:
         m = Manifest.from_dict(data)
-    except BadRequest:
+    except InvalidManifest as exc:
+        assert names_a_key(exc.message, data), exc.message
         return
     assert Manifest.from_dict(m.to_dict()) == m
 
@@ -182,9 +204,22 @@ def test_manifest_from_json_accepts_or_names_the_bad_key(data: dict[str, Any]) -
 def test_manifest_from_query_accepts_or_names_the_bad_key(params: dict[str, list[str]]) -> None:
     CASES["manifest_query"] += 1
     try:
-        Manifest.from_query(params)
-    except BadRequest:
-        pass
+        m = Manifest.from_query(params)
+    except InvalidManifest as exc:
+        assert names_a_key(exc.message, params), exc.message
+        return
+    assert Manifest.from_dict(m.to_dict()) == m
+    for key in params.keys() & {"memory_mb", "timeout_ms", "max_instances"}:
+        assert getattr(m, key) == int(params[key][-1])
+
+
+def names_a_key(message: str, keys: Iterable[str]) -> bool:
+    """Whether an `InvalidManifest` message names the key it refuses, one of `keys`."""
+    keys = set(keys)
+    if message.startswith("unknown manifest key(s): "):
+        named = message.removeprefix("unknown manifest key(s): ").split("; known: ")[0]
+        return named == ", ".join(sorted(k for k in keys if k not in Manifest.__dataclass_fields__))
+    return any(f"manifest key {k!r}" in message for k in keys)
 
 
 @FUZZ
@@ -243,6 +278,198 @@ def test_multipart_uploads(app_client: TestClient, boundary: str, parts: list[tu
                        headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     not_a_server_failure(r.status_code, r.text)
     assert r.status_code != 201 or parts  # nothing is deployed from nothing
+
+
+# --- every parser of untrusted bytes, on a real server ------------------------------------------------
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, add_model: bytes,
+         hostile_wasm: bytes) -> Iterator[httpx.Client]:
+    """`wasminfer serve` on 127.0.0.1 (jobs accepted, none run), model `add` and function `canary`
+    (tests/guests/hostile.wat) deployed; a client whose timeout is the per-case bound."""
+    tmp = tmp_path_factory.mktemp("fuzz-live")
+    with live_server(tmp / "data", tmp / "server.log", env={"WASMINFER_ASYNC_WORKERS": "0"}) as (url, _):
+        with httpx.Client(base_url=url, timeout=CASE_BOUND_S) as http:
+            assert http.put("/v1/models/add", content=add_model, headers=ONNX).status_code == 201
+            q = "models=add&memory_mb=4&timeout_ms=100&max_instances=2"
+            r = http.put(f"/v1/functions/canary?{q}", content=hostile_wasm, headers=WASM)
+            assert r.status_code == 201, r.text
+            yield http
+            assert http.get("/healthz").status_code == 200
+            assert http.post("/v1/functions/canary/invoke", content=b"eok").content == b"eok"
+
+
+def sent(http: httpx.Client, target: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """One case: the request, within `CASE_BOUND_S` (the client's timeout: a hang fails the case)."""
+    CASES[target] += 1
+    started = time.perf_counter()
+    r = http.request(method, url, **kwargs)
+    SLOWEST[target] = max(SLOWEST.get(target, 0.0), time.perf_counter() - started)
+    return r
+
+
+def documented(r: httpx.Response, allowed: dict[int, set[str]]) -> str | None:
+    """Asserts the answer is a success of `allowed` or one of its errors with a code it documents
+    (a 5xx only a guest's own failure, a timeout or overload); returns the error code."""
+    if r.status_code < 300:
+        assert r.status_code in allowed, (r.status_code, r.text[:300])
+        return None
+    assert r.headers["content-type"] == "application/json", (r.status_code, r.text[:300])
+    code: str = r.json()["error"]["code"]
+    if r.status_code >= 500:
+        assert code in GUEST_ERROR_CODES or r.status_code in (503, 504), (r.status_code, r.text[:300])
+    else:
+        assert code in allowed.get(r.status_code, set()), (r.status_code, r.text[:300])
+    return code
+
+
+RFC_8746 = sorted({40, 41, 1040, *range(64, 88)})
+_json_leaf = (st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70)
+              | st.floats(allow_nan=False, allow_infinity=False) | _text)
+_json = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(_text, inner, max_size=4), max_leaves=16)
+# Nesting around the limit of 64 (and far past it), balanced or not.
+_nested = st.builds(lambda depth, close, inner: "[" * depth + inner + "]" * close,
+                    st.integers(0, 200), st.integers(0, 200), st.sampled_from(["1", "", "NaN", '"x"', "{}"]))
+_line = st.one_of(_json.map(json.dumps), _nested, _text,
+                  st.sampled_from(["NaN", "-Infinity", "[1,]", '{"a":}', "\ufeff1", "1 2"]))
+BATCH_CODES = {202: set(), 400: {"bad_request"}, 413: {"payload_too_large"},
+               415: {"unsupported_media_type"}, 422: {"idempotency_key_reused"}}
+
+
+@pytest.mark.integration
+@FUZZ
+@given(lines=st.lists(_line, max_size=8), ctype=st.sampled_from(JSONL_TYPES), crlf=st.booleans())
+def test_fuzz_batch_json_lines(live: httpx.Client, lines: list[str], ctype: str, crlf: bool) -> None:
+    body = ("\r\n" if crlf else "\n").join(lines).encode("utf-8", "surrogatepass")
+    r = sent(live, "batch_jsonl", "POST", "/v1/functions/canary/batch", content=body,
+             headers={"content-type": ctype})
+    documented(r, BATCH_CODES)
+    if r.status_code == 202:
+        assert r.json()["items"]["total"] == sum(1 for line in body.split(b"\n") if line.strip())
+
+
+_tags = st.one_of(st.sampled_from(RFC_8746), st.sampled_from(CBOR2_INTERPRETED_TAGS),
+                  st.integers(0, 2 ** 64 - 1))
+_cbor = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2 ** 64), 2 ** 64 - 1) | st.floats() | _text
+    | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4)
+    | st.builds(cbor2.CBORTag, _tags, inner),
+    max_leaves=16,
+)
+_cbor_body = st.one_of(
+    st.lists(_cbor, max_size=6).map(cbor2.dumps),
+    _cbor.map(cbor2.dumps),
+    # a valid batch with one byte changed, or cut short
+    st.tuples(st.lists(_cbor, min_size=1, max_size=4).map(cbor2.dumps), st.integers(0, 1 << 16),
+              st.integers(0, 255), st.booleans()).map(
+        lambda t: t[0][: t[1] % len(t[0])] if t[3] else
+        t[0][: t[1] % len(t[0])] + bytes([t[2]]) + t[0][t[1] % len(t[0]) + 1:]),
+    # nested one-element arrays around the depth limit, inside the batch array
+    st.integers(0, 200).map(lambda depth: b"\x81" + b"\x81" * depth + b"\x00"),
+    st.binary(max_size=64),
+)
+
+
+@pytest.mark.integration
+@FUZZ
+@given(body=_cbor_body, item_type=st.sampled_from([None, "image/png", "bad\ttype", ""]))
+def test_fuzz_batch_cbor(live: httpx.Client, body: bytes, item_type: str | None) -> None:
+    params = {} if item_type is None else {"item_content_type": item_type}
+    r = sent(live, "batch_cbor", "POST", "/v1/functions/canary/batch", content=body, params=params,
+             headers={"content-type": "application/cbor"})
+    documented(r, BATCH_CODES)
+    if r.status_code == 202:
+        assert r.json()["items"]["total"] == len(cbor2.loads(body, semantic_decoders={
+            tag: (lambda value, _immutable: value) for tag in CBOR2_INTERPRETED_TAGS}))
+
+
+_printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+# What a client can send as a header value at all (h11 refuses leading and trailing blanks).
+_header_text = _printable.map(str.strip)
+
+
+@pytest.mark.integration
+@FUZZ
+@given(
+    batch=st.booleans(),
+    query=st.dictionaries(st.sampled_from(["ttl_s", "webhook", "async", "item_content_type", "x"]),
+                          st.one_of(_printable, st.sampled_from(["1", "0", "inf", "nan", "1e308", "86400",
+                                                                 "http://127.0.0.1/h"])), max_size=4),
+    key=st.one_of(st.none(), _header_text, st.sampled_from(["order-1", "order-2"]),
+                  st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=250, max_size=300)),
+    prefer=st.sampled_from([None, "respond-async", "respond-async, wait=1", "handling=lenient", ""]),
+    body=st.sampled_from([b"e1", b"e2", b'"e"\n', b""]),
+)
+def test_fuzz_job_options_and_idempotency_headers(live: httpx.Client, batch: bool, query: dict[str, str],
+                                                  key: str | None, prefer: str | None, body: bytes) -> None:
+    headers = {"content-type": "application/jsonl" if batch else "application/octet-stream"}
+    if key is not None:
+        headers["idempotency-key"] = key
+    if prefer is not None:
+        headers["prefer"] = prefer
+    path = "/v1/functions/canary/batch" if batch else "/v1/functions/canary/invoke"
+    if not batch:
+        query = {**query, "async": query.get("async", "1")}
+    r = sent(live, "job_options", "POST", path, params=query, content=body, headers=headers)
+    documented(r, {**BATCH_CODES, 200: set(), 429: {"too_many_requests"}} if not batch else BATCH_CODES)
+
+
+_manifest = st.dictionaries(
+    st.sampled_from([*Manifest.__dataclass_fields__, "colour"]),
+    st.one_of(_json, st.sampled_from(["add", "add\n", ["add"], ["add\n"], {"A": "1"}, {"A\n": "1"},
+                                      "text/plain\n", 4, 0, -1, 10 ** 9])), max_size=5)
+
+
+@pytest.mark.integration
+@FUZZ
+@given(
+    manifest=st.one_of(_manifest.map(json.dumps), _nested, _text),
+    wasm=st.sampled_from(["hostile", "garbage", "empty"]),
+)
+def test_fuzz_multipart_manifests(live: httpx.Client, hostile_wasm: bytes, manifest: str, wasm: str) -> None:
+    module = {"hostile": hostile_wasm, "garbage": b"\0asm\1\0\0\0garbage", "empty": b""}[wasm]
+    r = sent(live, "multipart_manifest", "PUT", "/v1/functions/multi",
+             files={"wasm": ("f.wasm", module, "application/wasm"), "manifest": (None, manifest)})
+    code = documented(r, {200: set(), 201: set(), 400: {"bad_request", "invalid_manifest", "invalid_wasm"},
+                          404: {"model_not_found"}, 413: {"payload_too_large"}})
+    if code is None:
+        assert r.json()["name"] == "multi" and "\n" not in "".join(r.json()["manifest"]["models"])
+
+
+_options = st.dictionaries(st.sampled_from([*MODEL_OPTIONS, "threads"]),
+                           st.one_of(st.none(), st.integers(-2, 70), _json), max_size=4)
+
+
+@pytest.mark.integration
+@FUZZ
+@given(
+    body=st.one_of(_options.map(json.dumps), _json.map(json.dumps), _nested, _text),
+    ctype=st.sampled_from(["application/json", "application/merge-patch+json", "text/plain"]),
+)
+def test_fuzz_model_options(live: httpx.Client, body: str, ctype: str) -> None:
+    r = sent(live, "model_options", "PATCH", "/v1/models/add",
+             content=body.encode("utf-8", "surrogatepass"), headers={"content-type": ctype})
+    documented(r, {200: set(), 400: {"bad_request"}, 413: {"payload_too_large"},
+                   415: {"unsupported_media_type"}})
+
+
+@pytest.mark.integration
+@FUZZ
+@given(
+    first=st.sampled_from(list(b"egstcinjxrlbom") + [0, 255]),
+    rest=st.binary(max_size=64),
+    query=st.dictionaries(st.sampled_from(["async", "ttl_s", "x", "version"]),
+                          st.one_of(_printable, st.sampled_from(["", "1", "0", "true", "no", "maybe"])),
+                          max_size=3),
+    headers=st.dictionaries(st.sampled_from(["content-type", "prefer", "idempotency-key", "accept"]),
+                            _header_text, max_size=3),
+)
+def test_fuzz_invoke_query_and_headers(live: httpx.Client, first: int, rest: bytes, query: dict[str, str],
+                                       headers: dict[str, str]) -> None:
+    r = sent(live, "invoke", "POST", "/v1/functions/canary/invoke", content=bytes([first]) + rest,
+             params=query, headers=headers)
+    documented(r, {200: set(), 202: set(), **{status: API_CODES for status in range(400, 500)}})
 
 
 # --- the wasi-nn tensor struct ----------------------------------------------------------------------

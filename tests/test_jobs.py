@@ -296,6 +296,28 @@ def test_idempotency_key_returns_the_first_job(paused: TestClient) -> None:
     assert len(paused.get("/v1/jobs").json()["jobs"]) == 1
 
 
+def test_an_idempotency_key_is_free_again_once_its_job_expired(client: TestClient) -> None:
+    """Past its retention a job is gone for its client (404) even before the sweep deletes it, and so
+    is its key: the same key makes a new job (it was a UNIQUE constraint error, a 500)."""
+    key = {"idempotency-key": "nightly-2024-05-01"}
+    first = client.post("/v1/functions/hostile/invoke?async=1&ttl_s=1", content=b"e1", headers=key).json()
+    wait_job(client, first["location"])
+    deadline = time.monotonic() + 20
+    while client.get(first["location"]).status_code != 404:  # expired, not swept
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    again = client.post("/v1/functions/hostile/invoke?async=1", content=b"e1", headers=key)
+    assert again.status_code == 202 and "idempotent-replayed" not in again.headers
+    assert again.json()["id"] != first["id"]
+    replay = client.post("/v1/functions/hostile/invoke?async=1", content=b"e1", headers=key)
+    assert replay.json()["id"] == again.json()["id"] and replay.headers["idempotent-replayed"] == "true"
+    other = client.post("/v1/functions/hostile/invoke?async=1", content=b"e2", headers=key)
+    assert error_code(other, 422) == "idempotency_key_reused"
+    jobs = client.app.state.wasminfer.jobs  # type: ignore[attr-defined]
+    assert jobs.store.sweep() == 1  # the expired one; the new job keeps its key
+    assert client.get(again.headers["location"]).json()["id"] == again.json()["id"]
+
+
 def test_finished_jobs_expire(client: TestClient, platform: Platform) -> None:
     job = client.post("/v1/functions/hostile/invoke?async=1&ttl_s=1", content=b"e").json()
     view = wait_job(client, job["location"])

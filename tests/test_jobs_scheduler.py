@@ -204,24 +204,25 @@ def test_running_chunks_go_back_to_queued_at_recovery(jobs: JobStore) -> None:
 def test_large_chunks_live_in_files_and_are_fsynced_before_the_row(
     jobs: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The real fsync, watched: which path each call synced, and how many job rows another
-    # connection could see at that moment (none yet: the row commits after its files are durable).
+    # The real fsync, watched: which file (inode: a file is written under a temporary name, then
+    # renamed) each call synced, and how many job rows another connection could see at that moment
+    # (none yet: the row commits after its files and their folder are durable).
     real_fsync = os.fsync
-    synced: list[tuple[str, int]] = []
+    synced: list[tuple[int, int]] = []
 
     def watched_fsync(fd: int) -> None:
         real_fsync(fd)
         with sqlite3.connect(jobs.db.path) as other:
             rows = other.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), rows))
+        synced.append((os.fstat(fd).st_ino, rows))
 
     monkeypatch.setattr(os, "fsync", watched_fsync)
     job_id = create(jobs, body=b"y" * 100)
     monkeypatch.setattr(os, "fsync", real_fsync)
     folder = jobs.root / job_id
-    chunk_files = {str(folder / f"in-{seq}") for seq in range(3)}
-    before_row = {path for path, rows in synced if rows == 0}
-    assert chunk_files | {str(folder)} <= before_row, synced
+    durable = {folder.stat().st_ino} | {(folder / f"in-{seq}").stat().st_ino for seq in range(3)}
+    before_row = {inode for inode, rows in synced if rows == 0}
+    assert durable <= before_row, synced
     assert sorted(p.name for p in folder.iterdir()) == ["in-0", "in-1", "in-2"]
     claimed = jobs.claim(job_id)
     assert claimed is not None and claimed.items == [(b"y" * 100, "t")] * 2

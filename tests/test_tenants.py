@@ -231,3 +231,17 @@ def test_readiness_names_no_tenant_or_function(t: Tenants) -> None:
     body = t.client.get("/readyz").json()
     assert body["status"] == "ready"
     assert "victim" not in str(body) and "acme" not in str(body)
+
+
+def test_a_compile_cache_hit_on_another_tenants_bytes_is_not_shown(t: Tenants, hostile_wasm: bytes) -> None:
+    """The compile cache is shared: acme uploading the bytes alice uploaded loads her compiled
+    module, which its view must not tell (only the operator's tenant, `default`, sees `from_cache`)."""
+    c = t.client
+    r = c.put("/v1/functions/copy?memory_mb=4", content=hostile_wasm, headers=t.as_("mallory-admin", **WASM))
+    assert r.status_code == 201, r.text
+    assert t.platform.host("acme").function("copy").compiled.from_cache is True  # the hit happened
+    for view in (r.json(), c.get("/v1/functions/copy", headers=t.as_("mallory-read")).json(),
+                 c.get("/v1/functions", headers=t.as_("mallory-read")).json()["functions"][0]):
+        assert set(view["module"]) == {"sha256", "uses_wasi_nn"}, view["module"]
+    own = c.get("/v1/functions/victim", headers=t.as_("alice-read")).json()["module"]
+    assert set(own) == {"sha256", "from_cache", "uses_wasi_nn"} and own["from_cache"] is False

@@ -17,8 +17,9 @@ from wasminfer.errors import InvalidManifest
 from wasminfer.syntax import is_name
 
 ABIS = ("auto", "handler", "command", "component")
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[ -~]*)?$")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# Always fullmatch: `$` also matches before a final newline.
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[ -~]*)?")
 
 # key: (min, max) for the integer limits
 _INT_RANGES: dict[str, tuple[int, int]] = {
@@ -113,7 +114,7 @@ class Manifest:
                 kw[key] = value
             elif key == "content_type":
                 if value is not None and (
-                    not isinstance(value, str) or len(value) > 256 or not _MEDIA_TYPE.match(value)
+                    not isinstance(value, str) or len(value) > 256 or not _MEDIA_TYPE.fullmatch(value)
                 ):
                     raise InvalidManifest.for_key("content_type", "must be a media type, e.g. text/plain")
                 kw[key] = value
@@ -205,7 +206,7 @@ def _env(value: Any) -> tuple[tuple[str, str], ...]:
     else:
         raise InvalidManifest.for_key("env", "must be an object or a list of KEY=VALUE")
     for k, v in items:
-        if not isinstance(k, str) or not _ENV_KEY.match(k) or not isinstance(v, str):
+        if not isinstance(k, str) or not _ENV_KEY.fullmatch(k) or not isinstance(v, str):
             raise InvalidManifest.for_key("env", f"has an invalid entry {k!r}")
         pairs.append((k, v))
     return tuple(pairs)

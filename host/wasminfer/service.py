@@ -560,7 +560,12 @@ class Platform:
             view["load_error"] = reason
         if fn is not None:
             live = fn.describe()
-            view.update(counters=live["counters"], instances=live["instances"], module=live["module"])
+            module = live["module"]
+            if fv.tenant != DEFAULT_TENANT:
+                # The compile cache is shared by every tenant: a hit on an upload would tell this
+                # tenant that another one uploaded the same bytes. Only the operator's tenant sees it.
+                module = {k: v for k, v in module.items() if k != "from_cache"}
+            view.update(counters=live["counters"], instances=live["instances"], module=module)
         return view
 
     def list_functions(self, *, tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -16,12 +15,17 @@ from wasminfer.gateway import routes_jobs as jobs
 from wasminfer.gateway.bodies import limited_stream, read_body, require_media_type
 from wasminfer.gateway.state import app_state, principal, run_admin
 from wasminfer.manifest import Manifest
+from wasminfer.parsing import Limits, loads_json
 from wasminfer.syntax import is_header_value
 
 WASM = "application/wasm"
 MULTIPART = "multipart/form-data"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 MAX_LOG_LINES = 10_000
+MAX_MANIFEST_PART_BYTES = 1 << 20
+# A manifest nests two levels (`env` is an object); its largest lists (models, args, env) stay far
+# below the values allowed.
+MANIFEST_LIMITS = Limits(max_bytes=MAX_MANIFEST_PART_BYTES, max_depth=4, max_values=100_000)
 # A guest picks its response's content type; only a plain header value may reach the client (no
 # CR/LF, nothing outside printable ASCII): anything else would corrupt or split the response.
 
@@ -53,7 +57,7 @@ async def _read_multipart(request: Request, limit: int) -> tuple[bytes, Manifest
         limited_stream(request, limit, "function upload"),
         max_files=1,
         max_fields=1,
-        max_part_size=1 << 20,
+        max_part_size=MAX_MANIFEST_PART_BYTES,
     )
     try:
         form = await parser.parse()
@@ -73,10 +77,9 @@ async def _read_multipart(request: Request, limit: int) -> tuple[bytes, Manifest
         text = form.get("manifest")
         if isinstance(text, UploadFile):
             text = (await text.read()).decode("utf-8", "replace")
-        try:
-            data: Any = json.loads(text) if text else {}
-        except ValueError as exc:
-            raise InvalidManifest(f"the 'manifest' part is not JSON: {exc}") from None
+        data: Any = {}
+        if text:
+            data = loads_json(text, "the 'manifest' part", MANIFEST_LIMITS, error=InvalidManifest)
         return wasm, Manifest.from_dict(data)
     finally:
         await form.close()

@@ -3,7 +3,6 @@ dynamic batching), change those options, read, delete."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.requests import Request
@@ -13,10 +12,13 @@ from wasminfer.errors import BadRequest
 from wasminfer.gateway.bodies import read_body, require_media_type
 from wasminfer.gateway.state import app_state, principal, run_admin
 from wasminfer.model_options import parse_model_options
+from wasminfer.parsing import Limits, loads_json
 
 MODEL_MEDIA_TYPES = ("application/octet-stream", "application/onnx", "application/x-onnx")
 OPTIONS_MEDIA_TYPES = ("application/json", "application/merge-patch+json")
 MAX_OPTIONS_BYTES = 16 << 10
+# A flat object of a handful of integers (depth 2: a list for a value is refused by name below).
+OPTIONS_LIMITS = Limits(max_bytes=MAX_OPTIONS_BYTES, max_depth=2, max_values=256)
 
 
 async def put_model(request: Request) -> Response:
@@ -43,10 +45,7 @@ async def patch_model(request: Request) -> Response:
     st, who = app_state(request), principal(request)
     require_media_type(request, OPTIONS_MEDIA_TYPES, "model options")
     body = await read_body(request, MAX_OPTIONS_BYTES, "model options")
-    try:
-        data: Any = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the body is not JSON: {exc}") from None
+    data: Any = loads_json(body, "the body", OPTIONS_LIMITS)
     if not isinstance(data, dict) or not data:
         raise BadRequest('send a JSON object of the options to change, e.g. {"max_batch_size": 32}')
     changes = parse_model_options(data)

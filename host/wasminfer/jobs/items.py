@@ -5,11 +5,15 @@ Bulk bodies (`POST /v1/functions/{name}/batch`):
 
 - JSON Lines (`application/jsonl`, `application/x-ndjson`, …): one JSON value per line, sent to the
   function as that line's bytes with `application/json`. Blank lines are skipped; a line that is
-  not JSON refuses the whole body (400 naming the line) before anything is stored.
-- CBOR (`application/cbor`): one array. A byte string item is sent as it is, with
+  not JSON (NaN and Infinity are not), nests deeper than `MAX_ITEM_DEPTH` or may hold more than
+  `MAX_LINE_VALUES` values refuses the whole body (400 naming the line) before anything is stored.
+- CBOR (`application/cbor`): one definite-length array. A byte string item is sent as it is, with
   `item_content_type` (default `application/octet-stream`); a text string as
-  `text/plain; charset=utf-8`; any other value re-encoded as CBOR, `application/cbor` (typed
-  arrays, RFC 8746, pass through).
+  `text/plain; charset=utf-8`; any other value as its own CBOR bytes, exactly as sent,
+  `application/cbor`. Tags: only RFC 8746's (`ITEM_TAGS`: typed arrays, multi-dimensional and
+  homogeneous arrays), which pass through; an item nests at most `MAX_ITEM_DEPTH` levels and the
+  body holds at most `MAX_CBOR_VALUES` values. The body is checked by `parsing.cbor_array`, which
+  decodes nothing: no CBOR library hook ever runs on it.
 
 A result is `(status, content_type, body, code, message)`: 200 with the function's output, or the
 error status and code of the failed invocation (what a synchronous call would have answered).
@@ -25,6 +29,7 @@ from typing import Any
 import cbor2
 
 from wasminfer.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from wasminfer.parsing import Limits, cbor_array, head_size, loads_cbor, loads_json
 
 JSONL = "application/jsonl"
 JSONL_TYPES = (JSONL, "application/x-ndjson", "application/x-jsonlines", "application/json-lines")
@@ -33,6 +38,21 @@ BULK_TYPES = (*JSONL_TYPES, CBOR)
 JSON_ITEM = "application/json"
 TEXT_ITEM = "text/plain; charset=utf-8"
 DEFAULT_ITEM_TYPE = "application/octet-stream"
+
+#: RFC 8746: 64-87 typed arrays, 40 and 1040 multi-dimensional arrays, 41 homogeneous arrays.
+ITEM_TAGS = frozenset({40, 41, 1040, *range(64, 88)})
+#: Levels an item may nest (arrays, objects; in CBOR maps and tags too): far beyond any input format.
+MAX_ITEM_DEPTH = 64
+#: Values one JSON line may hold (an upper bound: its commas and brackets): it bounds one call of
+#: the json parser, which holds the GIL throughout (~0.5 s for a million empty arrays here).
+MAX_LINE_VALUES = 1_000_000
+#: Values a CBOR body may hold in all (an item of bytes or text is one): checked in Python at
+#: ~0.3-1 µs per value, sharing the GIL, so a few seconds at most of an admin thread.
+MAX_CBOR_VALUES = 4_000_000
+# A JSON output goes into its result line as JSON only within the limits of a line of input.
+_OUTPUT = Limits(max_bytes=1 << 40, max_depth=MAX_ITEM_DEPTH, max_values=MAX_LINE_VALUES)
+# The stored forms: [[content type, body], ...] and [[status, ctype, body, code, message], ...].
+_STORED = Limits(max_bytes=1 << 40, max_depth=2, max_values=1 << 40)
 
 Item = tuple[bytes, str]  # (body, content type)
 Result = tuple[int, str | None, bytes | None, str | None, str | None]  # status, ctype, body, code, message
@@ -64,15 +84,13 @@ def _too_many(max_items: int) -> PayloadTooLarge:
 
 
 def _parse_jsonl(body: bytes, max_items: int) -> list[Item]:
+    limits = Limits(max_bytes=len(body), max_depth=MAX_ITEM_DEPTH, max_values=MAX_LINE_VALUES)
     items: list[Item] = []
     for number, line in enumerate(body.split(b"\n"), start=1):
         line = line.strip()
         if not line:
             continue
-        try:
-            json.loads(line)
-        except ValueError as exc:  # UnicodeDecodeError is a ValueError too
-            raise BadRequest(f"line {number} of the batch is not JSON: {exc}") from None
+        loads_json(line, f"line {number} of the batch", limits)
         if len(items) == max_items:
             raise _too_many(max_items)
         items.append((line, JSON_ITEM))
@@ -80,23 +98,25 @@ def _parse_jsonl(body: bytes, max_items: int) -> list[Item]:
 
 
 def _parse_cbor(body: bytes, max_items: int, item_type: str) -> list[Item]:
-    try:
-        value = cbor2.loads(body)
-    except Exception as exc:  # cbor2 raises several types for malformed input
-        raise BadRequest(f"the batch is not CBOR: {exc}") from None
-    if not isinstance(value, list):
-        raise BadRequest(f"a CBOR batch must be one array of items, not {type(value).__name__}")
-    if len(value) > max_items:
-        raise _too_many(max_items)
+    if body[:1] and body[0] >> 5 == 4 and _declared_length(body) > max_items:
+        raise _too_many(max_items)  # before walking what may be millions of items
+    limits = Limits(max_bytes=len(body), max_depth=MAX_ITEM_DEPTH + 1, max_values=MAX_CBOR_VALUES)
+    offsets = cbor_array(body, "the CBOR batch", limits, ITEM_TAGS)
     items: list[Item] = []
-    for element in value:
-        if isinstance(element, bytes | bytearray):
-            items.append((bytes(element), item_type))
-        elif isinstance(element, str):
-            items.append((element.encode(), TEXT_ITEM))
+    for start, end in zip(offsets, offsets[1:], strict=False):
+        major = body[start] >> 5
+        if major == 2:
+            items.append((body[start + head_size(body[start]) : end], item_type))
+        elif major == 3:
+            items.append((body[start + head_size(body[start]) : end], TEXT_ITEM))
         else:
-            items.append((cbor2.dumps(element), CBOR))
+            items.append((body[start:end], CBOR))
     return items
+
+
+def _declared_length(body: bytes) -> int:
+    size = head_size(body[0]) - 1
+    return body[0] & 0x1F if size == 0 else int.from_bytes(body[1 : 1 + size], "big")
 
 
 def chunked(items: list[Item], max_items: int, max_bytes: int) -> Iterator[list[Item]]:
@@ -120,7 +140,7 @@ def encode_items(items: Iterable[Item]) -> bytes:
 
 
 def decode_items(data: bytes) -> list[Item]:
-    return [(bytes(body), str(ctype)) for ctype, body in cbor2.loads(data)]
+    return [(bytes(body), str(ctype)) for ctype, body in loads_cbor(data, "stored job items", _STORED)]
 
 
 def encode_results(results: Iterable[Result]) -> bytes:
@@ -128,7 +148,8 @@ def encode_results(results: Iterable[Result]) -> bytes:
 
 
 def decode_results(data: bytes) -> list[Result]:
-    return [(int(s), c, b, code, msg) for s, c, b, code, msg in cbor2.loads(data)]
+    stored = loads_cbor(data, "stored job results", _STORED)
+    return [(int(s), c, b, code, msg) for s, c, b, code, msg in stored]
 
 
 # --- the API form --------------------------------------------------------------------------------
@@ -136,18 +157,15 @@ def _media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json accepts them, JSON does not
-
-
 def output_fields(content_type: str, body: bytes) -> dict[str, Any]:
     """An output as JSON fields: `output` holds a JSON output as JSON and a text output as a
-    string; anything else (or JSON that does not parse) is `output_b64`."""
+    string; anything else (or JSON that does not parse, or is past the limits of a JSON line of
+    a batch) is `output_b64`."""
     media = _media_type(content_type)
     if media == "application/json" or media.endswith("+json"):
         try:
-            return {"output": json.loads(body, parse_constant=_no_constant)}
-        except ValueError:
+            return {"output": loads_json(body, "the output", _OUTPUT)}
+        except BadRequest:
             pass
     elif media.startswith("text/"):
         try:

@@ -104,7 +104,8 @@ class JobStore:
         webhook: str | None = None,
     ) -> tuple[Job, bool]:
         """Stores a new job and returns `(job, True)`; with an `idempotency_key` the tenant used
-        before for the same request, returns that job and False instead. Raises
+        before for the same request, returns that job and False instead (a key whose job has
+        expired is free again: a new job). Raises
         `IdempotencyKeyReused` if the key came with another request, `OSError` (disk)."""
         if idempotency_key is not None:
             existing = self._by_key(tenant, idempotency_key, request_sha256)
@@ -128,6 +129,15 @@ class JobStore:
             fsync_dir(folder)
         try:
             with self.db.write() as conn:
+                if idempotency_key is not None:
+                    # A job past its retention is gone for its client even before `sweep` deletes
+                    # it, and so is its key (as Stripe's keys after they are pruned): the key is
+                    # free for a new request, which makes a new job.
+                    conn.execute(
+                        "UPDATE jobs SET idempotency_key = NULL "
+                        "WHERE tenant = ? AND idempotency_key = ? AND expires_at <= ?",
+                        (tenant, idempotency_key, time.time()),
+                    )
                 conn.execute(
                     "INSERT INTO jobs (id, tenant, function, kind, status, content_type, items_total, "
                     "chunks_open, input_bytes, idempotency_key, request_sha256, webhook, ttl_s, created_at) "

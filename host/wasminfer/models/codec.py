@@ -44,6 +44,7 @@ import cbor2
 import numpy as np
 
 from wasminfer.errors import InvalidTensor, TensorTooLarge
+from wasminfer.parsing import CBOR2_INTERPRETED_TAGS
 
 __all__ = [
     "MAX_RANK",
@@ -100,35 +101,12 @@ def _refuse(tag: int) -> Any:
     return lambda _value, _immutable: _ForeignTag(tag)
 
 
-# Tags cbor2 6.x decodes itself (found by probing every tag below 70000): turn each into a marker so
+# Every tag cbor2 would interpret itself (`parsing.CBOR2_INTERPRETED_TAGS`) becomes a marker, so
 # that the grammar check refuses it with the tensor's name, and so that no date parser, bignum,
-# decimal exponentiation or shared-reference cycle ever runs on hostile input.
-_BUILTIN_TAGS = (
-    0,
-    1,
-    2,
-    3,
-    4,
-    5,
-    25,
-    28,
-    29,
-    30,
-    35,
-    36,
-    37,
-    52,
-    54,
-    100,
-    256,
-    258,
-    260,
-    261,
-    1004,
-    43000,
-    55799,
-)
-_SEMANTIC_DECODERS = {tag: _refuse(tag) for tag in _BUILTIN_TAGS}
+# decimal exponentiation or shared-reference cycle ever runs on hostile input. (Not
+# `parsing.loads_cbor`: its walk in Python costs more than the whole decode of a small tensor; with
+# no hook running, cbor2's work here is linear in the bytes, which the caller bounds.)
+_SEMANTIC_DECODERS = {tag: _refuse(tag) for tag in CBOR2_INTERPRETED_TAGS}
 _LOADS_OPTIONS: dict[str, Any] = {
     "semantic_decoders": _SEMANTIC_DECODERS,
     # map -> tag 40 [ -> dims [ ...: the format never nests deeper than this.
