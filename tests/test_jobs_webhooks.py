@@ -161,4 +161,3 @@ def test_a_webhook_pending_at_shutdown_is_delivered_by_the_next_start(
     finally:
         second.close()
     assert [(p.job, p.body["status"]) for p in receiver.posts] == [(job["id"], "succeeded")] * 2
-
