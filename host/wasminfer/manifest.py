@@ -18,7 +18,8 @@ from wasminfer.errors import InvalidManifest
 ABIS = ("auto", "handler", "command", "component")
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[ -~]*)?$")
+# Matched whole (`fullmatch`): `\s` and a `$` that allows a final newline let CR/LF into a header value.
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+([ \t]*;[ -~]*)?")
 
 # key: (min, max) for the integer limits
 _INT_RANGES: dict[str, tuple[int, int]] = {
@@ -113,7 +114,7 @@ class Manifest:
                 kw[key] = value
             elif key == "content_type":
                 if value is not None and (
-                    not isinstance(value, str) or len(value) > 256 or not _MEDIA_TYPE.match(value)
+                    not isinstance(value, str) or len(value) > 256 or not _MEDIA_TYPE.fullmatch(value)
                 ):
                     raise InvalidManifest("manifest key 'content_type' must be a media type, e.g. text/plain")
                 kw[key] = value
