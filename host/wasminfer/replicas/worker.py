@@ -12,7 +12,8 @@ in a folder only the gateway's user can enter (0700), or on a loopback port:
   function's body and content type, and `x-wasminfer-timing: queue,start,run,infer,cold,id`
   (µs); an error is the gateway's JSON error body with its status (and `retry-after`).
 - `POST /warm` — JSON `[[tenant, name, deployment], …]`: load these before taking requests.
-- `GET /stats` — instance pools and recent instance decisions. `GET /readyz`.
+- `GET /stats` — instance pools, the loaded models' options, recent instance decisions.
+  `GET /readyz`.
 
 The process exits when its parent (the gateway) is gone, and on SIGTERM finishes what is in flight
 (uvicorn's graceful shutdown) before it closes its platform.
@@ -162,6 +163,11 @@ class WorkerApp:
         return {
             "pid": os.getpid(),
             "functions": instance_stats(self.platform, self.instances),
+            "models": {
+                f"{tenant}/{model.name}": model.options()
+                for tenant, host in self.platform.hosts().items()
+                for model in host.models.list()
+            },
             "decisions": [d.to_dict() for d in self.instances.decisions.recent(50)],
         }
 
