@@ -26,6 +26,7 @@ HOSTILE_QUERY = "models=add&memory_mb=4&timeout_ms=300&max_instances=2"
 WASM = {"content-type": "application/wasm"}
 ONNX = {"content-type": "application/octet-stream"}
 ROOT = Path(__file__).resolve().parents[1]
+GUESTS = ROOT / "tests" / "guests"
 
 
 def wait_ready(client: TestClient) -> None:
@@ -329,22 +330,8 @@ def test_all_instances_busy_is_429_with_retry_after(
     assert slow == [504]
 
 
-# A guest that answers with a content type holding CR/LF: it must not become a header of its own.
-_HEADER_INJECTION_WAT = r"""
-(module
-  (import "wasminfer" "output" (func $output (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 64) "text/plain\r\nset-cookie: pwned=1")
-  (func (export "wasminfer_abi_v1"))
-  (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
-  (func (export "wasminfer_handle") (param i32 i32 i32 i32) (result i32)
-    (drop (call $output (i32.const 64) (i32.const 2) (i32.const 64) (i32.const 31)))
-    (i32.const 0)))
-"""
-
-
 def test_guest_content_type_cannot_inject_headers(client: TestClient) -> None:
-    wasm = bytes(wasmtime.wat2wasm(_HEADER_INJECTION_WAT))
+    wasm = bytes(wasmtime.wat2wasm((GUESTS / "header_inject.wat").read_text()))
     assert client.put("/v1/functions/inject?memory_mb=1", content=wasm, headers=WASM).status_code == 201
     r = invoke(client, b"", "inject")
     assert r.status_code == 200

@@ -1,10 +1,12 @@
 """Hybrid scaling on a real server: `wasminfer serve --max-replicas 2` on 127.0.0.1, with small
 windows. A load step makes the instances rise first and then a second replica (a worker process)
-start; when the load stops the fleet drains back to one replica; not one request fails. And SIGTERM
-of the server finishes every invocation in flight, also those forwarded to a worker."""
+start; when the load stops the fleet drains back to one replica; not one request fails. SIGTERM of
+the server finishes every invocation in flight, also those forwarded to a worker. A worker killed
+with a request in flight fails it with a 503 and is replaced; workers exit when their gateway dies."""
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import wasmtime
 
@@ -23,6 +26,8 @@ from live_server import live_server
 
 pytestmark = pytest.mark.integration
 
+ROOT = Path(__file__).resolve().parents[1]
+WASM = {"content-type": "application/wasm"}
 
 
 # A guest that sleeps for the milliseconds its body holds (u32 LE; WASI poll_oneoff on the monotonic
@@ -211,3 +216,72 @@ def test_sigterm_finishes_the_invocations_in_flight(tmp_path: Path) -> None:
         assert proc.wait(timeout=30) == 0
     assert results == [200] * 6
     assert "Traceback" not in log.read_text()
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie no one reaped yet has exited too)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_its_request_with_503_is_replaced_and_workers_die_with_the_gateway(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "server.log"
+    # No primary: the one replica is a worker process, so every invocation goes through it.
+    args = ["--min-replicas", "1", "--max-replicas", "1", "--scaling", "primary_replica=false"]
+    args += ["--scaling", "replica_tick_s=0.2"]
+    with live_server(tmp_path / "data", log, *args, stop=signal.SIGKILL) as (url, gateway):
+        _, snap = wait_for(url, lambda s: s["serving"] == 1, 30, "a worker")
+        (worker,) = snap["replicas"]
+        assert worker["kind"] == "local" and worker["pid"] != gateway.pid
+        deploy_sleep(url, max_instances=4)
+        # A guest's content type with CR/LF in it passes the worker and the gateway as no header.
+        inject = wasmtime.wat2wasm((ROOT / "tests" / "guests" / "header_inject.wat").read_text())
+        r = httpx.put(f"{url}/v1/functions/inject?memory_mb=1", content=bytes(inject), headers=WASM)
+        assert r.status_code == 201, r.text
+        r = httpx.post(f"{url}/v1/functions/inject/invoke", content=b"")
+        assert (r.status_code, r.content) == (200, b"te")
+        assert r.headers["content-type"] == "application/octet-stream"
+        assert "set-cookie" not in r.headers
+
+        answers: list[httpx.Response] = []
+        call = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{url}/v1/functions/sleep/invoke", content=sleeps(60_000), timeout=90)
+            )
+        )
+        call.start()
+        wait_for(
+            url,
+            lambda s: s["replicas"][0]["functions"].get("default/sleep", {}).get("busy") == 1,
+            20,
+            "the request running in the worker",
+        )
+        os.kill(worker["pid"], signal.SIGKILL)
+        call.join(timeout=30)
+        (r,) = answers
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "unavailable" and worker["id"] in error["message"], error
+        assert error["message"].endswith("; retry"), error
+
+        _, snap = wait_for(
+            url, lambda s: [r["pid"] for r in s["replicas"]] not in ([], [worker["pid"]]), 30, "a new worker"
+        )
+        (new,) = snap["replicas"]
+        assert new["state"] == "serving" and new["id"] != worker["id"]
+        reasons = [d["reason"] for d in snap["decisions"] if d["scope"] == "replicas"]
+        assert f"replica {worker['id']} exited (status -9); its requests in flight failed" in reasons
+        r = httpx.post(f"{url}/v1/functions/sleep/invoke", content=sleeps(0))
+        assert (r.status_code, r.content) == (200, b"ok")
+
+        gateway.kill()
+        gateway.wait()
+        deadline = time.monotonic() + 20  # the worker looks for its parent every 0.5 s
+        while not gone(new["pid"]):
+            assert time.monotonic() < deadline, f"worker {new['pid']} outlived its gateway"
+            time.sleep(0.05)

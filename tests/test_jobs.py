@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -325,6 +326,36 @@ def test_finished_jobs_expire(client: TestClient, platform: Platform) -> None:
     jobs = client.app.state.wasminfer.jobs  # type: ignore[attr-defined]
     assert jobs.store.sweep(time.time() + 2) == 1
     assert error_code(client.get(job["location"]), 404) == "job_not_found"
+
+
+def test_the_sweeper_deletes_expired_jobs_on_its_own_clock(
+    platform: Platform, add_model: bytes, hostile_wasm: bytes
+) -> None:
+    """Nobody asks for the job after it finished: the runner's sweep (every `sweep_s`) deletes its
+    row and its files once `ttl_s` has passed, and leaves a job whose retention runs on."""
+    settings = JobSettings(workers=2, chunk_items=4, poll_s=0.05, sweep_s=0.05)
+    for c in app_client(platform, add_model, hostile_wasm, settings):
+        body = cbor2.dumps([b"e" + bytes(20_000)] * 4)  # one chunk of 80 kB: its input and output are files
+        jobs = []
+        for ttl in (1, 3600):
+            r = c.post("/v1/functions/hostile/batch", params={"ttl_s": ttl}, content=body, headers=CBOR)
+            assert r.status_code == 202, r.text
+            jobs.append(wait_job(c, r.headers["location"]))
+        short, long = (j["id"] for j in jobs)
+        folder = platform.data_dir / "jobs"
+        assert (folder / short / "in-0").is_file() and (folder / short / "out-0").is_file()
+
+        def rows() -> set[str]:
+            with sqlite3.connect(platform.data_dir / "store.db") as db:
+                return {row[0] for row in db.execute("SELECT id FROM jobs")}
+
+        deadline = time.monotonic() + 30
+        while short in rows():  # no request for it: only the sweeper can remove the row
+            assert time.monotonic() < deadline, "the expired job was never swept"
+            time.sleep(0.02)
+        assert not (folder / short).exists()
+        assert rows() == {long} and (folder / long / "out-0").is_file()
+        assert c.get(f"/v1/jobs/{long}").json()["status"] == "succeeded"
 
 
 # --- webhooks -------------------------------------------------------------------------------------

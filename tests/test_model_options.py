@@ -1,12 +1,15 @@
 """Model load options over HTTP (dynamic batching and ONNX Runtime threads): given at upload as
 query parameters, changed with PATCH, kept with each stored version, applied again after a restart
-and by host replicas, shown in the model's view, its counters in /metrics; from the CLI too.
+and by host replicas (a real worker process), shown in the model's view, its counters in /metrics;
+from the CLI too.
 
 The function is the hand-written `hostile` guest (tests/guests/hostile.wat), whose `i` request
 infers with model `add` (y = a + b over a dynamic first dimension: a model that can batch)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +28,7 @@ from wasminfer.client import Client
 from wasminfer.errors import BadRequest
 from wasminfer.gateway import create_app
 from wasminfer.models import BatchingConfig, decode_tensors, encode_tensors
+from wasminfer.replicas import LocalBackend
 from wasminfer.service import Platform, deployment_digest
 
 ONNX = {"content-type": "application/octet-stream"}
@@ -261,26 +265,44 @@ def test_options_survive_a_restart(tmp_path: Path, add_model: bytes) -> None:
         assert p.get_model("add")["options"]["max_queue_delay_us"] == 300
 
 
+@pytest.mark.slow
 def test_a_replica_reloads_a_model_whose_options_changed(
     tmp_path: Path, add_model: bytes, hostile_wasm: bytes
 ) -> None:
-    """A replica process (its own platform on the same data folder, loading lazily) learns of an
+    """A replica process (`wasminfer worker` on the same data folder, loading lazily) learns of an
     option change from the deployment digest each routed request carries, as of a new upload."""
-    with Platform(tmp_path / "data") as gateway, Platform(tmp_path / "data") as replica:
+
+    async def main() -> None:
+        backend = LocalBackend(gateway.data_dir, threads=4)
+        worker = await backend.start([("default", "hostile", before)])
+
+        async def models() -> dict[str, Any]:
+            status, _, body = await worker.handle.http.request("GET", "/stats")
+            assert status == 200
+            loaded: dict[str, Any] = json.loads(body)["models"]
+            return loaded
+
+        try:
+            assert (await models())["default/add"] == DEFAULTS  # warmed with the first version
+            gateway.patch_model("add", {"max_batch_size": 8})
+            after = deployment_digest(gateway.deployed("hostile"))
+            assert after != before
+            a = np.ones((2, 3), np.float32)
+            body = b"i" + encode_tensors({"a": a, "b": a})
+            result = await backend.route(worker, "default", "hostile", after, body, "application/cbor")
+            np.testing.assert_array_equal(decode_tensors(result.body)["y"], a + a)
+            batching = {"max_batch_size": 8, "max_queue_delay_us": 2000}  # the delay's default
+            assert (await models())["default/add"] == {**DEFAULTS, **batching}
+        finally:
+            await backend.stop(worker)
+            await backend.aclose()
+
+    with Platform(tmp_path / "data") as gateway:
         gateway.start()
-        replica.start(load=False)
         gateway.put_model("add", add_model)
         gateway.put_function("hostile", hostile_wasm, {"models": ["add"], "memory_mb": 4})
         before = deployment_digest(gateway.deployed("hostile"))
-        replica.sync("hostile", before)
-        assert replica.host().models.get("add").batching is None
-
-        gateway.patch_model("add", {"max_batch_size": 8})
-        after = deployment_digest(gateway.deployed("hostile"))
-        assert after != before
-        replica.sync("hostile", after)
-        assert replica.host().models.get("add").batching == BatchingConfig(8)
-        assert deployment_digest(replica.deployed("hostile")) == after
+        asyncio.run(main())
 
 
 # --- CLI ------------------------------------------------------------------------------------------

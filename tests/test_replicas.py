@@ -4,11 +4,14 @@ controller over a real platform; replicas learning of deploys from the store; a 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio.to_thread
 import pytest
 
 from wasminfer.errors import FunctionNotFound, GuestError, NotDelivered, Timeout, TooManyRequests, Unavailable
@@ -506,6 +509,56 @@ def test_local_backend_runs_a_worker_process(platform: Platform, hostile_wasm: b
             await backend.aclose()
         assert replica.handle.process.returncode == 0  # a graceful exit on SIGTERM
         assert not (await backend.stats(replica)).alive
+
+    run(main)
+
+
+@pytest.mark.slow
+def test_a_request_that_cannot_reach_a_dead_worker_goes_once_more_elsewhere(
+    platform: Platform, hostile_wasm: bytes
+) -> None:
+    """`NotDelivered`: the worker's socket refuses the connection, so the request certainly never
+    ran there, and the fleet sends it to another replica (before its next tick notices the death)."""
+    platform.put_function("slow", hostile_wasm, MANIFEST.replace(timeout_ms=1000))
+
+    async def main() -> None:
+        backend = LocalBackend(platform.data_dir, ScalingConfig(max_replicas=2), threads=4)
+        # The gateway's own process (primary) and one worker; no hop penalty, so a worker holding
+        # the function wins over a primary with a request in flight.
+        fleet = Fleet(
+            platform, ScalingConfig.from_mapping({"max_replicas": 2, "hop_penalty": 0}), backend=backend
+        )
+        digest = deployment_digest(platform.deployed("hostile"))
+        worker = await backend.start([("default", "hostile", digest)])
+        fleet._serve(worker)
+        try:
+            (primary,) = (r for r in fleet.replicas if r.holds_all)
+            looping = asyncio.create_task(fleet.invoke("default", "slow", b"l", "t"))  # on the primary
+            for _ in range(1000):
+                if primary.outstanding == 1:
+                    break
+                await asyncio.sleep(0.005)
+            assert (primary.outstanding, worker.outstanding) == (1, 0)
+
+            os.kill(worker.pid, signal.SIGKILL)
+            await anyio.to_thread.run_sync(worker.handle.process.wait)
+            # The kept-alive connection of its warm-up sees the end of stream, as the gateway's
+            # event loop would have seen it by the next request.
+            for _ in range(1000):
+                if all(reader.at_eof() for reader, _ in worker.handle.http._idle):
+                    break
+                await asyncio.sleep(0.005)
+            with pytest.raises(NotDelivered, match=f"cannot connect to {worker.id}") as info:
+                await backend.route(worker, "default", "hostile", digest, b"e", "t")
+            assert (info.value.status, info.value.code) == (503, "not_delivered")
+
+            result = await fleet.invoke("default", "hostile", b"ehi", "text/plain")
+            assert result.body == b"ehi" and not result.invocation_id.startswith(worker.id)
+            assert worker in fleet._serving  # not noticed yet: it was tried first, then skipped
+            with pytest.raises(Timeout):
+                await looping
+        finally:
+            await fleet.aclose()
 
     run(main)
 

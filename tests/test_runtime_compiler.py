@@ -5,12 +5,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import wasmtime
 
+from live_server import live_server
 from test_hostile_uploads import functions, many_functions, many_locals
 from wasminfer.runtime import Host
 from wasminfer.runtime._compiler import CompileError, Compiler, engine_config
+
+GUESTS = Path(__file__).resolve().parent / "guests"
+WASM = {"content-type": "application/wasm"}
 
 
 def test_a_compile_writes_an_artefact_the_engine_loads(tmp_path: Path) -> None:
@@ -72,3 +77,30 @@ def test_host_upload_over_the_compile_time_limit_is_an_invalid_module(tmp_path: 
         with pytest.raises(InvalidModule, match="longer than the host's limit"):
             host.deploy_function("bomb", many_functions())
         assert not list((tmp_path / "modules").iterdir())  # nothing cached
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_compile_limits_from_the_environment_on_a_real_server(tmp_path: Path) -> None:
+    """`WASMINFER_COMPILE_TIMEOUT_S` and `WASMINFER_COMPILE_MEMORY_MB` set on `wasminfer serve`: a
+    small module compiles within them, a slow one and a memory-hungry one are refused with a 400
+    that names the setting, and nothing of them is stored."""
+    hostile = wasmtime.wat2wasm((GUESTS / "hostile.wat").read_text())
+    cases = [
+        ({"WASMINFER_COMPILE_TIMEOUT_S": "5"}, many_functions(), "compiling it took longer than the "
+         "host's limit of 5 s (WASMINFER_COMPILE_TIMEOUT_S); a module this slow to compile is refused"),
+        ({"WASMINFER_COMPILE_MEMORY_MB": "64"}, many_locals(), "the compiler ran out of memory or "
+         "crashed on it (the host allows 64 MiB per compile, WASMINFER_COMPILE_MEMORY_MB)"),
+    ]  # fmt: skip
+    for n, (env, bomb, message) in enumerate(cases):
+        with live_server(tmp_path / f"data{n}", tmp_path / f"server{n}.log", env=env) as (url, _):
+            r = httpx.put(f"{url}/v1/functions/small?memory_mb=4", content=bytes(hostile), headers=WASM,
+                          timeout=60)
+            assert r.status_code == 201, r.text
+            r = httpx.put(f"{url}/v1/functions/bomb", content=bomb, headers=WASM, timeout=120)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error == {"code": "invalid_wasm", "message": f"invalid WebAssembly module: {message}"}
+            assert httpx.get(f"{url}/v1/functions/bomb", timeout=60).status_code == 404
+            r = httpx.post(f"{url}/v1/functions/small/invoke", content=b"estill here", timeout=60)
+            assert (r.status_code, r.content) == (200, b"estill here")

@@ -91,8 +91,11 @@ def test_declared_table_over_the_limit_is_refused_at_upload(host: Host) -> None:
 
 
 def test_declared_memory_over_the_limit_is_refused_at_upload(host: Host) -> None:
-    wat = (GUESTS / "limits.wat").read_text().replace('(memory (export "memory") 2)',
-                                                      '(memory (export "memory") 65536)')
+    wat = (
+        (GUESTS / "limits.wat")
+        .read_text()
+        .replace('(memory (export "memory") 2)', '(memory (export "memory") 65536)')
+    )
     from wasminfer.errors import InvalidManifest
 
     with pytest.raises(InvalidManifest, match="memory_mb"):
@@ -118,6 +121,78 @@ def test_log_volume_is_per_invocation(host: Host, limits_wasm: bytes) -> None:
     host.deploy_function("logs", limits_wasm, Manifest(**{**LIMITS, "max_log_bytes": 1000}))  # type: ignore[arg-type]
     for _ in range(3):
         assert host.invoke("logs", request("l", 10)).body == b"ok"
+
+
+# --- the log ring and the size of one line -----------------------------------------------------------
+def log_lines(host: Host, name: str, stream: str | None = None) -> list[str]:
+    return [line.message for line in host.logs(name, n=10_000) if stream in (None, line.stream)]
+
+
+def test_log_ring_keeps_2000_lines_then_drops_the_oldest(host: Host) -> None:
+    (deployed,) = log_lines(host, "limits")  # the host's line about the deploy
+    assert deployed.startswith("deployed version")
+    assert host.invoke("limits", request("p", 1999, b"old")).body == b"ok"
+    assert log_lines(host, "limits") == [deployed] + ["old"] * 1999  # the ring's capacity: all kept
+    assert host.invoke("limits", request("p", 1, b"new")).body == b"ok"
+    assert log_lines(host, "limits") == ["old"] * 1999 + ["new"]  # one more: the oldest went
+
+
+LONG_LINES = [  # (payload, the line kept): at most 4 KiB of UTF-8, a cut line ends in "…"
+    (b"x" * 4096, "x" * 4096),
+    (b"x" * 4097, "x" * 4093 + "…"),
+    ("é".encode() * 2048, "é" * 2048),  # 4096 bytes
+    ("é".encode() * 2049, "é" * 2046 + "…"),  # cut within a character: the partial one goes too
+]
+
+
+@pytest.mark.parametrize(("payload", "kept"), LONG_LINES, ids=["4096", "4097", "2048xé", "2049xé"])
+def test_a_logged_line_is_at_most_4_kib(host: Host, payload: bytes, kept: str) -> None:
+    assert host.invoke("limits", request("p", 1, payload)).body == b"ok"
+    assert log_lines(host, "limits", "log") == [kept]
+    assert len(kept.encode()) <= 4096
+
+
+@pytest.mark.parametrize(("payload", "kept"), LONG_LINES, ids=["4096", "4097", "2048xé", "2049xé"])
+def test_a_line_written_to_stdout_is_at_most_4_kib(host: Host, payload: bytes, kept: str) -> None:
+    assert host.invoke("limits", request("o", 1, payload + b"\n")).body == b"ok"
+    assert log_lines(host, "limits", "stdout") == [kept]
+
+
+def test_a_long_stdout_line_without_its_end_is_cut_as_it_streams(host: Host) -> None:
+    assert host.invoke("limits", request("o", 3, b"z" * 2000)).body == b"ok"  # 6000 bytes, no newline
+    assert log_lines(host, "limits", "stdout") == ["z" * 4093 + "…"]
+
+
+# --- per-store counts of memories and tables (a core module is one instance) -------------------------
+HANDLER_EXPORTS = """(func (export "wasminfer_abi_v1"))
+  (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "wasminfer_handle") (param i32 i32 i32 i32) (result i32) (i32.const 0))"""
+
+
+def module_with(memories: int, tables: int) -> bytes:
+    extra = "(memory 1)" * (memories - 1) + "(table 1 funcref)" * tables
+    return bytes(wasmtime.wat2wasm(f'(module (memory (export "memory") 1) {extra} {HANDLER_EXPORTS})'))
+
+
+def test_one_memory_and_four_tables_obeyed(host: Host) -> None:
+    host.deploy_function("four-tables", module_with(1, 4), Manifest(memory_mb=1))
+    assert host.invoke("four-tables", b"").body == b""
+
+
+@pytest.mark.parametrize(
+    ("memories", "tables", "what"),
+    [(2, 0, "memory count too high at 2"), (1, 5, "table count too high at 5")],
+)
+def test_a_second_memory_or_a_fifth_table_is_refused_at_upload(
+    host: Host, memories: int, tables: int, what: str
+) -> None:
+    with pytest.raises(
+        InvalidModule, match=f"failed to instantiate: resource limit exceeded: {what}"
+    ) as info:
+        host.deploy_function("many", module_with(memories, tables), Manifest(memory_mb=1))
+    assert (info.value.status, info.value.code) == (400, "invalid_wasm")
+    assert "many" not in {f.name for f in host.functions()}
+    still_serving(host)
 
 
 # --- infer calls and tensor sizes -------------------------------------------------------------------

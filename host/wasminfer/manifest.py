@@ -18,8 +18,8 @@ from wasminfer.syntax import is_name
 
 ABIS = ("auto", "handler", "command", "component")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-# Always fullmatch: `$` also matches before a final newline.
-_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[ -~]*)?")
+# Matched whole (`fullmatch`): `\s` and a `$` that allows a final newline let CR/LF into a header value.
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+([ \t]*;[ -~]*)?")
 
 # key: (min, max) for the integer limits
 _INT_RANGES: dict[str, tuple[int, int]] = {

@@ -5,8 +5,11 @@
 ;;   l log N lines of 100 bytes, then answer "ok"        (manifest key max_log_bytes)
 ;;   i call infer N times on the payload (CBOR tensors for model "add"), answer the last result
 ;;     (manifest keys max_infer_calls, max_tensor_bytes)
+;;   p log the payload N times (wasminfer.log, level info), then answer "ok"   (log ring, line size)
+;;   o write the payload N times to stdout, then answer "ok"                 (the same, for streams)
 ;;   e echo the payload
 (module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
   (import "wasminfer" "output" (func $output (param i32 i32 i32 i32) (result i32)))
   (import "wasminfer" "log" (func $log (param i32 i32 i32)))
   (import "wasminfer" "infer" (func $infer (param i32 i32 i32 i32 i32 i32) (result i32)))
@@ -61,6 +64,25 @@
           (local.set $n (i32.sub (local.get $n) (i32.const 1)))
           (br $next)))
         (return (call $output (local.get $out) (local.get $r) (i32.const 0) (i32.const 0)))))
+    (if (i32.eq (local.get $op) (i32.const 112)) ;; p
+      (then
+        (block $done (loop $next
+          (br_if $done (i32.eqz (local.get $n)))
+          (call $log (i32.const 1) (i32.add (local.get $b) (i32.const 5)) (local.get $pl))
+          (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+          (br $next)))
+        (return (call $output (i32.const 32) (i32.const 2) (i32.const 0) (i32.const 0)))))
+    (if (i32.eq (local.get $op) (i32.const 111)) ;; o: one iovec at $out (aligned), nwritten after it
+      (then
+        (local.set $out (i32.and (i32.add (local.get $out) (i32.const 7)) (i32.const -8)))
+        (i32.store (local.get $out) (i32.add (local.get $b) (i32.const 5)))
+        (i32.store offset=4 (local.get $out) (local.get $pl))
+        (block $done (loop $next
+          (br_if $done (i32.eqz (local.get $n)))
+          (drop (call $fd_write (i32.const 1) (local.get $out) (i32.const 1) (i32.add (local.get $out) (i32.const 8))))
+          (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+          (br $next)))
+        (return (call $output (i32.const 32) (i32.const 2) (i32.const 0) (i32.const 0)))))
     (if (i32.eq (local.get $op) (i32.const 101)) ;; e
       (then (return (call $output (i32.add (local.get $b) (i32.const 5)) (local.get $pl) (i32.const 0) (i32.const 0)))))
     (i32.const 42))

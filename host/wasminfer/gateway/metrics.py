@@ -332,6 +332,11 @@ class JobsCollector(Collector):
             ("wasminfer_jobs_active", "active_jobs", "Queued or running jobs the runner holds"),
             ("wasminfer_job_items_queued", "queued_items", "Items of claimed chunks waiting for a worker"),
             ("wasminfer_job_items_in_flight", "items_in_flight", "Items of jobs running now"),
+            (
+                "wasminfer_job_runner_leader",
+                "leader",
+                "1 while this process holds the data folder's runner lock (it runs the jobs)",
+            ),
         ):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], float(stats[key]))

@@ -13,7 +13,8 @@ in a folder only the gateway's user can enter (0700), or on a loopback port:
   (µs); an error is `{"error": …}` of its wire form (`WasminferError.to_dict`) with its status
   and its `http_headers()`.
 - `POST /warm` — JSON `[[tenant, name, deployment], …]`: load these before taking requests.
-- `GET /stats` — instance pools and recent instance decisions. `GET /readyz`.
+- `GET /stats` — instance pools, the loaded models' options, recent instance decisions.
+  `GET /readyz`.
 
 The process exits when its parent (the gateway) is gone, and on SIGTERM finishes what is in flight
 (uvicorn's graceful shutdown) before it closes its platform.
@@ -155,6 +156,11 @@ class WorkerApp:
         return {
             "pid": os.getpid(),
             "functions": instance_stats(self.platform, self.instances),
+            "models": {
+                f"{tenant}/{model.name}": model.options()
+                for tenant, host in self.platform.hosts().items()
+                for model in host.models.list()
+            },
             "decisions": [d.to_dict() for d in self.instances.decisions.recent(50)],
         }
 

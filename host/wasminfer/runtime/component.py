@@ -214,7 +214,8 @@ def _log(state: InvocationState, level: str, message: str) -> None:
         )
         state.limit_error = err
         raise err
-    state.logs.append("log", raw[:MAX_MESSAGE].decode("utf-8", "replace"), level, state.invocation_id)
+    # A byte past the limit: the log buffer cuts the line there and marks the cut.
+    state.logs.append("log", raw[: MAX_MESSAGE + 1].decode("utf-8", "replace"), level, state.invocation_id)
 
 
 HOST_FUNCS = (

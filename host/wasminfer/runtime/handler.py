@@ -218,7 +218,8 @@ def _log(state: InvocationState, mem: GuestMemory, level: int, msg_ptr: int, msg
         state.limit_error = err
         raise err
     lvl = LEVELS[level] if 0 <= level < len(LEVELS) else "info"
-    state.logs.append("log", raw[:MAX_MESSAGE].decode("utf-8", "replace"), lvl, state.invocation_id)
+    # A byte past the limit: the log buffer cuts the line there and marks the cut.
+    state.logs.append("log", raw[: MAX_MESSAGE + 1].decode("utf-8", "replace"), lvl, state.invocation_id)
 
 
 HOST_FUNCS = (

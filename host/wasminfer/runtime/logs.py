@@ -9,7 +9,21 @@ from dataclasses import dataclass
 from typing import Any
 
 LEVELS = ("debug", "info", "warn", "error")
-MAX_LINE = 4096
+MAX_LINE = 4096  # bytes of UTF-8 in one kept line, the "…" that marks a cut one included
+_CUT = "…"
+_CUT_BYTES = len(_CUT.encode())
+
+
+def clip_line(message: str) -> str:
+    """`message` if it fits in `MAX_LINE` bytes of UTF-8, else its longest prefix of whole
+    characters that fits with a trailing "…". Bytes, not characters: a line of 4,096 CJK characters
+    or of U+FFFD replacements (one per invalid byte) would be three times the limit."""
+    if len(message) <= MAX_LINE // 4:  # at most 4 bytes per character: it fits
+        return message
+    raw = message.encode("utf-8", "replace")
+    if len(raw) <= MAX_LINE:
+        return message
+    return raw[: MAX_LINE - _CUT_BYTES].decode("utf-8", "ignore") + _CUT
 
 
 @dataclass(frozen=True)
@@ -38,9 +52,7 @@ class LogBuffer:
         self.dropped = 0
 
     def append(self, stream: str, message: str, level: str = "info", invocation: str | None = None) -> None:
-        if len(message) > MAX_LINE:
-            message = message[:MAX_LINE] + "…"
-        line = LogLine(time.time(), stream, level, message, invocation)
+        line = LogLine(time.time(), stream, level, clip_line(message), invocation)
         with self._lock:
             if len(self._lines) == self._lines.maxlen:
                 self.dropped += 1
