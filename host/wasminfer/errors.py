@@ -101,7 +101,13 @@ class JobNotFound(NotFound):
         super().__init__(f"job {job_id!r:.80} does not exist (or its results expired)")
 
 
-# --- 409 / 413 / 415 / 422 ----------------------------------------------------------------------
+# --- 408 / 409 / 413 / 415 / 422 ----------------------------------------------------------------
+class RequestTimeout(WasminferError):
+    """The client sent its request's headers or body too slowly; the server closes the connection."""
+
+    status, code = 408, "request_timeout"
+
+
 class Conflict(WasminferError):
     status, code = 409, "conflict"
 

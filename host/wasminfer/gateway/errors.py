@@ -1,9 +1,10 @@
 """The one place that turns errors into HTTP responses.
 
 Every `WasminferError` becomes `{"error": {"code", "message"}}` with its own `status` (and
-`Retry-After` for `TooManyRequests`, `WWW-Authenticate` for `Unauthorized`). Starlette's own
-errors (no such route, wrong method) get the same shape. Anything else is a bug: the client gets a
-bare `500 internal` with no detail, and the traceback goes to the server log.
+`Retry-After` for `TooManyRequests`, `WWW-Authenticate` for `Unauthorized`, `Connection: close` for
+`RequestTimeout`: the rest of that body may still come, and must not be read as a next request).
+Starlette's own errors (no such route, wrong method) get the same shape. Anything else is a bug:
+the client gets a bare `500 internal` with no detail, and the traceback goes to the server log.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ExceptionHandler
 
-from wasminfer.errors import TooManyRequests, Unauthorized, WasminferError
+from wasminfer.errors import RequestTimeout, TooManyRequests, Unauthorized, WasminferError
 
 log = logging.getLogger("wasminfer.gateway")
 
@@ -34,6 +35,8 @@ def error_response(exc: WasminferError) -> Response:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="wasminfer"'
+    elif isinstance(exc, RequestTimeout):
+        headers["Connection"] = "close"
     return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=headers)
 
 
