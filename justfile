@@ -66,6 +66,10 @@ overload SECONDS="20":
 soak SECONDS="600":
     {{python}} bench/hardening.py soak --seconds {{SECONDS}}
 
+# Tenant B's p99 and longest wait while tenant A floods, slowlorises, sleeps, deploys and bombs (hardening.json).
+neighbour SECONDS="8":
+    {{python}} bench/hardening.py neighbour --seconds {{SECONDS}}
+
 # All of the hardening runs above, in one go (~30 minutes).
 hardening:
     {{python}} bench/hardening.py all
