@@ -366,10 +366,11 @@ def _attack(kind: str, url: str, seconds: float, params: tuple[float, ...], done
     param = params[0]
 
     async def flood() -> dict[str, Any]:
+        failures: dict[str, int] = {}
         samples = await open_loop_with(url, "/v1/functions/spin/invoke", spin_body(int(param)), _auth(KEY_A),
-                                       rate=params[1], seconds=seconds)
+                                       rate=params[1], seconds=seconds, failures=failures)
         return {"requests": len(samples), "offered_rps": round(len(samples) / seconds, 1),
-                "statuses": _count(s.status for s in samples)}
+                "statuses": _count(s.status for s in samples), "failures": failures}
 
     async def slowloris() -> dict[str, Any]:
         port = int(url.rsplit(":", 1)[1])
@@ -469,11 +470,13 @@ def _count(statuses: Any) -> dict[str, int]:
 
 
 async def open_loop_with(url: str, path: str, body: bytes, headers: dict[str, str], *, rate: float,
-                         seconds: float, connections: int = 256) -> list[Sample]:
+                         seconds: float, connections: int = 256,
+                         failures: dict[str, int] | None = None) -> list[Sample]:
     """`open_loop` with headers (tenant A's key), that stops sending after `seconds` even when it
     could not keep up with `rate` (the offered rate is then what it managed: count the samples)."""
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     out: list[Sample] = []
+    failures = {} if failures is None else failures
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=5, headers=headers) as http:
         started = time.perf_counter()
         tasks = []
@@ -483,9 +486,20 @@ async def open_loop_with(url: str, path: str, body: bytes, headers: dict[str, st
                 await asyncio.sleep(delay)
             elif time.perf_counter() - started > seconds:
                 break
-            tasks.append(asyncio.create_task(_one(http, path, body, started, out)))
+            tasks.append(asyncio.create_task(_one_noting(http, path, body, started, out, failures)))
         await asyncio.gather(*tasks)
     return out
+
+
+async def _one_noting(http: httpx.AsyncClient, path: str, body: bytes, started: float, out: list[Sample],
+                      failures: dict[str, int]) -> None:
+    t = time.perf_counter()
+    try:
+        status = (await http.post(path, content=body)).status_code
+    except httpx.HTTPError as exc:  # status 0: which error, counted
+        status = 0
+        failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+    out.append(Sample(t - started, status, time.perf_counter() - t))
 
 
 def _under_attack(url: str, kind: str, seconds: float, params: tuple[float, ...],
