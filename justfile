@@ -75,6 +75,10 @@ soak SECONDS="600":
 deadline ITERATIONS="20":
     {{python}} bench/hardening.py deadline --iterations {{ITERATIONS}}
 
+# Tenant B's p99 and longest wait while tenant A floods, slowlorises, sleeps, deploys and bombs (hardening.json).
+neighbour SECONDS="8":
+    {{python}} bench/hardening.py neighbour --seconds {{SECONDS}}
+
 # All of the hardening runs above, in one go (~30 minutes).
 hardening:
     {{python}} bench/hardening.py all

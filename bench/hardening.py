@@ -7,12 +7,13 @@ long fuzz and crash runs, collected into bench/results/hardening.json.
     python bench/hardening.py crash [--rounds 50]                     (just crash)
     python bench/hardening.py quota [--clients 24]                    (just quota)
     python bench/hardening.py deadline [--iterations 20]              (just deadline)
+    python bench/hardening.py neighbour [--seconds 8]                 (just neighbour)
     python bench/hardening.py all                                     (just hardening)
 
 Each subcommand merges its numbers into the JSON file (keys `fuzz_cases`, `fuzz_failures`,
 `crash_rounds`, `crash_losses`, `overload_p99_ms`, `soak_rss_growth_pct`, `memory_quota_held`,
-`deadline_overrun_ms_p99`, and the details of each run); `--results FILE` writes elsewhere (a short
-trial run that must not replace the recorded one).
+`deadline_overrun_ms_p99`, `neighbour_p99_ratio`, `neighbour_stall_s_max`, and the details of each
+run); `--results FILE` writes elsewhere (a short trial run that must not replace the recorded one).
 
 Fuzz: every test of tests/test_fuzz.py with `--examples` cases each: schemathesis on every route,
 request parsing, and every parser of untrusted bytes against a real server, each case within a
@@ -22,6 +23,7 @@ tests (each a falsified property: a 500, an undocumented code, a hang); the run 
 Deadline: how far past `timeout_ms` an answer comes (response time minus `timeout_ms`, over HTTP)
 for guests that never finish on their own: a loop, a sleep in WASI `poll_oneoff`, a sleep in
 `_initialize` (the deploy's 400), and a model that runs for ever (an ONNX `Loop` made in code).
+
 
 Overload: one function whose capacity is set by its manifest (2 instances, a queue of 4, each call
 spinning ~40 ms of CPU). Its capacity is measured closed-loop, then it gets an open-loop load of
@@ -37,6 +39,14 @@ uploads a function with `memory_mb=4096`, one with 12 prewarmed instances of 32 
 are refused (400, nothing stored), the flood gets only 200s and 429 `memory_quota_exceeded`, B's call
 succeeds, and the server's RSS never passes what it was before the flood plus the budget plus
 `QUOTA_OVERHEAD_MB` (what an instance costs beyond its linear memory, the HTTP bodies, threads).
+
+Neighbour: two tenants on one server. Tenant B probes, one request after another (an invocation of
+a tiny echo function; in the stall runs also a read of its function), idle first, then while
+tenant A, from another process, does each of: a flood of a ~2 ms function at 4x its measured
+capacity (open loop), slowloris connections, guests asleep in `poll_oneoff` (a modest
+`timeout_ms`), big module uploads, and CBOR batch bodies made to decode slowly. Reported:
+`neighbour_p99_ratio` (B's p99 during the flood over B's idle p99) and `neighbour_stall_s_max` (the
+longest any request of B took during any of A's attacks, as the client saw it).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -451,6 +462,270 @@ def quota(clients: int = 24, budget_mb: int = 256, tenant_mb: int = 128, memory_
     }
 
 
+# --- neighbour: one tenant's attacks against another tenant's latency ---------------------------------
+KEY_A, KEY_B = "bench-key-a", "bench-key-b"
+TENANT_KEYS = ("--key", f"{KEY_A}:admin+invoke:acme", "--key", f"{KEY_B}:admin+invoke:globex")
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def _deploy(url: str, key: str, name: str, wasm: bytes, query: str) -> None:
+    r = httpx.put(f"{url}/v1/functions/{name}?{query}", content=wasm,
+                  headers={"content-type": "application/wasm", **_auth(key)}, timeout=120)
+    r.raise_for_status()
+
+
+async def _probe(url: str, seconds: float, reads: bool) -> list[tuple[int, float]]:
+    """Tenant B: one request after another for `seconds`; (status, latency s) of each."""
+    out: list[tuple[int, float]] = []
+    async with httpx.AsyncClient(base_url=url, headers=_auth(KEY_B), timeout=60) as http:
+        end = time.perf_counter() + seconds
+        n = 0
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            try:
+                if reads and n % 2:
+                    r = await http.get("/v1/functions/echo")
+                else:
+                    r = await http.post("/v1/functions/echo/invoke", content=b"e" + b"x" * 64)
+                status = r.status_code
+            except httpx.HTTPError:
+                status = 0
+            out.append((status, time.perf_counter() - t))
+            n += 1
+    return out
+
+
+def _attack(kind: str, url: str, seconds: float, params: tuple[float, ...], done: Any) -> None:
+    """Tenant A's side, in its own process (its CPU is not the probe's): runs `kind` for `seconds`
+    and puts a summary on `done`."""
+    param = params[0]
+
+    async def flood() -> dict[str, Any]:
+        failures: dict[str, int] = {}
+        samples = await open_loop_with(url, "/v1/functions/spin/invoke", spin_body(int(param)), _auth(KEY_A),
+                                       rate=params[1], seconds=seconds, failures=failures)
+        return {"requests": len(samples), "offered_rps": round(len(samples) / seconds, 1),
+                "statuses": _count(s.status for s in samples), "failures": failures}
+
+    async def slowloris() -> dict[str, Any]:
+        port = int(url.rsplit(":", 1)[1])
+        conns = []
+        for _ in range(int(param)):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"POST /v1/functions/spin/invoke HTTP/1.1\r\nHost: x\r\n")
+                conns.append(writer)
+            except OSError:
+                break
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for w in conns:
+                if not w.is_closing():
+                    w.write(b"X-Slow: 1\r\n")
+            await asyncio.sleep(1.0)
+        cut = sum(1 for w in conns if w.is_closing())
+        for w in conns:
+            w.close()
+        return {"connections": len(conns), "closed_by_server": cut}
+
+    async def sleepers() -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=url, headers=_auth(KEY_A), timeout=60,
+                                     limits=httpx.Limits(max_connections=int(param))) as http:
+            statuses: list[int] = []
+            end = time.monotonic() + seconds
+
+            async def one() -> None:
+                while time.monotonic() < end:
+                    try:
+                        r = await http.post("/v1/functions/nap/invoke", content=(3000).to_bytes(4, "little"))
+                        statuses.append(r.status_code)
+                    except httpx.HTTPError:
+                        statuses.append(0)
+
+            await asyncio.gather(*(one() for _ in range(int(param))))
+        return {"statuses": _count(statuses)}
+
+    async def deploys() -> dict[str, Any]:
+        import wasmtime
+
+        base = bytes(wasmtime.wat2wasm(SPIN_WAT))
+        pad = os.urandom(int(param) << 20)
+        # a custom section (id 0) of `param` MiB: a big upload that every check must read through
+        name = b"\x03pad"
+        size = len(name) + len(pad)
+        leb = bytearray()
+        while True:
+            byte, size = size & 0x7F, size >> 7
+            leb.append(byte | (0x80 if size else 0))
+            if not size:
+                break
+        wasm = base + b"\x00" + bytes(leb) + name + pad
+        statuses: list[int] = []
+        async with httpx.AsyncClient(base_url=url, headers=_auth(KEY_A), timeout=120) as http:
+            end = time.monotonic() + seconds
+
+            async def one(i: int) -> None:
+                while time.monotonic() < end:
+                    r = await http.put(f"/v1/functions/big{i}?memory_mb=1", content=wasm,
+                                       headers={"content-type": "application/wasm"})
+                    statuses.append(r.status_code)
+
+            await asyncio.gather(*(one(i) for i in range(4)))
+        return {"module_mb": int(param), "statuses": _count(statuses)}
+
+    async def cbor_bomb() -> dict[str, Any]:
+        import cbor2
+
+        # a decimal fraction (tag 4) over a bignum (tag 2): decoding it with the library's default
+        # tag hooks is quadratic in the bignum's size, and holds the GIL throughout
+        bomb = cbor2.dumps([cbor2.CBORTag(4, [0, cbor2.CBORTag(2, b"\x01" * (int(param) << 10))])])
+        statuses: list[int] = []
+        async with httpx.AsyncClient(base_url=url, headers=_auth(KEY_A), timeout=120) as http:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                r = await http.post("/v1/functions/spin/batch", content=bomb,
+                                    headers={"content-type": "application/cbor"})
+                statuses.append(r.status_code)
+        return {"body_kb": len(bomb) >> 10, "statuses": _count(statuses)}
+
+    runs = {"flood": flood, "slowloris": slowloris, "sleeping_guests": sleepers, "slow_deploys": deploys,
+            "cbor_bomb": cbor_bomb}
+    try:
+        done.put(asyncio.run(runs[kind]()))
+    except Exception as exc:  # the probe's side must not wait for a summary that never comes
+        done.put({"failed": repr(exc)})
+        raise
+
+
+def _count(statuses: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[str(s)] = counts.get(str(s), 0) + 1
+    return counts
+
+
+async def open_loop_with(url: str, path: str, body: bytes, headers: dict[str, str], *, rate: float,
+                         seconds: float, connections: int = 256,
+                         failures: dict[str, int] | None = None) -> list[Sample]:
+    """`open_loop` with headers (tenant A's key), that stops sending after `seconds` even when it
+    could not keep up with `rate` (the offered rate is then what it managed: count the samples)."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    out: list[Sample] = []
+    failures = {} if failures is None else failures
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=5, headers=headers) as http:
+        started = time.perf_counter()
+        tasks = []
+        for i in range(int(rate * seconds)):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif time.perf_counter() - started > seconds:
+                break
+            tasks.append(asyncio.create_task(_one_noting(http, path, body, started, out, failures)))
+        await asyncio.gather(*tasks)
+    return out
+
+
+async def _one_noting(http: httpx.AsyncClient, path: str, body: bytes, started: float, out: list[Sample],
+                      failures: dict[str, int]) -> None:
+    t = time.perf_counter()
+    try:
+        status = (await http.post(path, content=body)).status_code
+    except httpx.HTTPError as exc:  # status 0: which error, counted
+        status = 0
+        failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+    out.append(Sample(t - started, status, time.perf_counter() - t))
+
+
+def _under_attack(url: str, kind: str, seconds: float, params: tuple[float, ...],
+                  reads: bool) -> tuple[list[tuple[int, float]], dict[str, Any]]:
+    """B's probe while A runs `kind` in another process; the probe starts after A has begun."""
+    ctx = multiprocessing.get_context("spawn")  # not fork: this process has threads (DNS, httpx)
+    done: Any = ctx.Queue()
+    attacker = ctx.Process(target=_attack, args=(kind, url, seconds + 1.0, params, done))
+    attacker.start()
+    time.sleep(0.5)  # A's attack under way
+    probe = asyncio.run(_probe(url, seconds, reads))
+    summary = done.get(timeout=seconds + 240)
+    attacker.join(60)
+    return probe, summary
+
+
+def neighbour(seconds: float = 8.0, factor: float = 4.0, work: Path | None = None) -> dict[str, Any]:
+    """Tenant B's latency while tenant A floods and attacks; see the module doc."""
+    import wasmtime
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp, server(Path(tmp) / "data", *TENANT_KEYS) as srv:
+        url = srv.url
+        spin = bytes(wasmtime.wat2wasm(SPIN_WAT))
+        nap = bytes(wasmtime.wat2wasm((ROOT / "tests" / "guests" / "sleep.wat").read_text()))
+        hostile = bytes(wasmtime.wat2wasm((ROOT / "tests" / "guests" / "hostile.wat").read_text()))
+        _deploy(url, KEY_A, "spin", spin, "memory_mb=1&timeout_ms=5000")
+        _deploy(url, KEY_A, "nap", nap, "memory_mb=1&timeout_ms=1000")
+        _deploy(url, KEY_B, "echo", hostile, "memory_mb=4")
+        # A's work: ~2 ms of spinning (calibrated with A's key)
+        n = 1_000_000
+        with httpx.Client(base_url=url, headers=_auth(KEY_A), timeout=30) as http:
+            for _ in range(3):
+                t = time.perf_counter()
+                http.post("/v1/functions/spin/invoke", content=spin_body(n)).raise_for_status()
+                n = max(1000, int(n * 2.0 / max((time.perf_counter() - t) * 1000, 0.1)))
+        capacity_samples = asyncio.run(_closed_loop_as(url, KEY_A, spin_body(n), clients=8, seconds=3.0))
+        capacity = sum(1 for s in capacity_samples if s.status == 200) / 3.0
+        idle = asyncio.run(_probe(url, seconds, reads=False))
+        rate = capacity * factor
+        flood, flood_summary = _under_attack(url, "flood", seconds, (n, rate), False)
+        stalls: dict[str, Any] = {"flood": _stall(flood)}
+        details: dict[str, Any] = {"flood": flood_summary}
+        # slowloris connections, concurrent sleepers, upload MiB, bomb KiB
+        attacks = (("slowloris", 300), ("sleeping_guests", 96), ("slow_deploys", 32), ("cbor_bomb", 96))
+        for kind, param in attacks:
+            probe, summary = _under_attack(url, kind, seconds, (param,), True)
+            stalls[kind] = _stall(probe)
+            details[kind] = summary
+            print(f"neighbour: {kind}: B's longest wait {stalls[kind]['max_s']} s", file=sys.stderr)
+    idle_p99 = pct([lat for st, lat in idle if st == 200], 0.99)
+    flood_p99 = pct([lat for st, lat in flood if st == 200], 0.99)
+    return {
+        "seconds": seconds,
+        "a_capacity_rps": round(capacity, 1),
+        "a_offered_rps": round(rate, 1),
+        "b_idle_p50_ms": round(pct([lat for st, lat in idle if st == 200], 0.5) * 1000, 2),
+        "b_idle_p99_ms": round(idle_p99 * 1000, 2),
+        "b_flood_p50_ms": round(pct([lat for st, lat in flood if st == 200], 0.5) * 1000, 2),
+        "b_flood_p99_ms": round(flood_p99 * 1000, 2),
+        "p99_ratio": round(flood_p99 / idle_p99, 2) if idle_p99 else None,
+        "stalls": stalls,
+        "stall_s_max": max(v["max_s"] for v in stalls.values()),
+        "attacks": details,
+    }
+
+
+def _stall(probe: list[tuple[int, float]]) -> dict[str, Any]:
+    return {
+        "requests": len(probe),
+        "errors": sum(1 for st, _ in probe if st not in (200,)),
+        "p99_ms": round(pct([lat for _, lat in probe], 0.99) * 1000, 2),
+        "max_s": round(max((lat for _, lat in probe), default=0.0), 3),
+    }
+
+
+async def _closed_loop_as(url: str, key: str, body: bytes, clients: int, seconds: float) -> list[Sample]:
+    out: list[Sample] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=_auth(key)) as http:
+        started = time.perf_counter()
+
+        async def client() -> None:
+            while time.perf_counter() - started < seconds:
+                await _one(http, "/v1/functions/spin/invoke", body, started, out)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return out
+
+
 # --- the long fuzz and crash runs (the test files, longer) ---------------------------------------------
 def _pytest(test: str, env: dict[str, str], *args: str, check: bool = True) -> int:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-s",
@@ -576,6 +851,9 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=24)
     p = sub.add_parser("deadline")
     p.add_argument("--iterations", type=int, default=20)
+
+    p = sub.add_parser("neighbour")
+    p.add_argument("--seconds", type=float, default=8.0)
     sub.add_parser("all")
     args = parser.parse_args()
     out: dict[str, Any] = {}
@@ -598,9 +876,12 @@ def main() -> None:
     if args.what in ("quota", "all"):
         q = quota(getattr(args, "clients", 24))
         out.update(memory_quota_held=q["held"], memory_quota=q)
+    if args.what in ("neighbour", "all"):
+        nb = neighbour(getattr(args, "seconds", 8.0) if args.what == "neighbour" else 8.0)
+        out.update(neighbour_p99_ratio=nb["p99_ratio"], neighbour_stall_s_max=nb["stall_s_max"], neighbour=nb)
     merge(out, args.results)
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=1))
-    for key in ("overload", "soak", "memory_quota", "deadline"):
+    for key in ("overload", "soak", "memory_quota", "deadline", "neighbour"):
         if key in out:
             print(key, json.dumps({k: v for k, v in out[key].items() if k != "rss_series_mb"}, indent=1))
 

@@ -116,8 +116,34 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     http: Annotated[
-        str, typer.Option(help="HTTP parser: auto (httptools if installed), h11, httptools.")
+        str,
+        typer.Option(
+            help="HTTP parser: auto or httptools (with the header timeout and the connection cap), or "
+            "h11 (without them)."
+        ),
     ] = "auto",
+    header_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request's line and headers may take: 408 past it (default 10; "
+            "$WASMINFER_HEADER_TIMEOUT_S)."
+        ),
+    ] = None,
+    body_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a body may pause between bytes: 408 past it (default 30; "
+            "$WASMINFER_BODY_TIMEOUT_S)."
+        ),
+    ] = None,
+    max_connections_per_client: Annotated[
+        int | None,
+        typer.Option(
+            help="Connections one client address may hold open (default 64; 0: no cap; "
+            "$WASMINFER_MAX_CONNECTIONS_PER_CLIENT); addresses exempt: $WASMINFER_CONNECTION_CAP_EXEMPT "
+            "(comma-separated, default loopback; empty: none)."
+        ),
+    ] = None,
     loop: Annotated[
         str, typer.Option(help="Event loop: auto (uvloop if installed), asyncio, uvloop.")
     ] = "auto",
@@ -159,10 +185,19 @@ def serve(
     """Run the server: the HTTP gateway over the embedded host and the store in DATA."""
     import uvicorn
 
-    from wasminfer.gateway import create_app
+    from wasminfer.gateway import Settings, create_app, guarded_protocol
     from wasminfer.runtime.memory import MemorySettings
     from wasminfer.scaling import ScalingConfig
     from wasminfer.service import Platform, parse_keys
+
+    try:
+        settings = Settings.from_env(
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            max_connections_per_client=max_connections_per_client,
+        )
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
     scaling_config = ScalingConfig.from_options(
         scaling or [],
@@ -214,12 +249,12 @@ def serve(
             _print_example_requests(platform, host, port)
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(platform, scaling=scaling_config),
+                create_app(platform, settings, scaling=scaling_config),
                 host=host,
                 port=port,
                 log_level=log_level,
                 access_log=access_log,
-                http=http,
+                http=guarded_protocol(settings) if http in ("auto", "httptools") else http,
                 loop=loop,
                 timeout_graceful_shutdown=10,
             )

@@ -193,7 +193,17 @@ class BlobNotFound(NotFound):
         super().__init__(message or f"blob {sha256} does not exist")
 
 
-# --- 409 / 413 / 415 / 422 ----------------------------------------------------------------------
+# --- 408 / 409 / 413 / 415 / 422 ----------------------------------------------------------------
+class RequestTimeout(WasminferError):
+    """The client sent its request's headers or body too slowly; the server closes the connection."""
+
+    status, code = 408, "request_timeout"
+
+    def http_headers(self) -> dict[str, str]:
+        # The rest of that body may still come: it must not be read as a next request.
+        return {"Connection": "close"}
+
+
 class Conflict(WasminferError):
     status, code = 409, "conflict"
 

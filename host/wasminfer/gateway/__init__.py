@@ -6,6 +6,7 @@ Talks to the platform (`wasminfer.service`) only; never imports wasmtime or onnx
 from __future__ import annotations
 
 from wasminfer.gateway.app import create_app
+from wasminfer.gateway.connections import guarded_protocol
 from wasminfer.gateway.settings import Settings
 
-__all__ = ["Settings", "create_app"]
+__all__ = ["Settings", "create_app", "guarded_protocol"]

@@ -22,7 +22,7 @@ from wasminfer.gateway.metrics import JobsCollector, Metrics
 from wasminfer.gateway.settings import Settings
 from wasminfer.gateway.state import AppState
 from wasminfer.jobs import JobService, JobSettings
-from wasminfer.replicas import Fleet, ReplicaBackend
+from wasminfer.replicas import FairLimiter, Fleet, ReplicaBackend
 from wasminfer.scaling import ScalingConfig
 from wasminfer.service import Platform
 
@@ -47,14 +47,15 @@ def create_app(
     leave (`wasminfer.jobs`, tuned by `job_settings`, default `JobSettings.from_env()`), from
     startup to shutdown, which lets started chunks of work finish."""
     settings = settings or Settings()
-    invoke_limiter = anyio.CapacityLimiter(settings.invoke_threads)
+    # Worker threads shared between tenants: one tenant's flood or stuck calls leave the others theirs.
+    invoke_limiter = FairLimiter(settings.invoke_threads, contended=settings.contended_invoke_threads)
     fleet = Fleet(platform, scaling, backend=backend, limiter=invoke_limiter, threads=settings.invoke_threads)
     state = AppState(
         platform=platform,
         settings=settings,
         metrics=Metrics(platform, fleet),
         invoke_limiter=invoke_limiter,
-        admin_limiter=anyio.CapacityLimiter(settings.admin_threads),
+        admin_limiter=FairLimiter(settings.admin_threads),
         fleet=fleet,
         jobs=JobService(platform, job_settings),
     )

@@ -1,16 +1,20 @@
-"""Request bodies under a size limit, and the content types an upload may have.
+"""Request bodies under a size limit and a read timeout, and the content types an upload may have.
 
 `read_body` refuses a body whose `Content-Length` is over the limit before reading any of it, and
 stops a body that streams past the limit as soon as it does: a 2 GiB upload never sits in memory.
+A body whose next bytes do not come within `Settings.body_timeout_s` is a 408 and its connection
+is closed (the request's headers have their own timeout: `gateway.connections`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Iterable
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from wasminfer.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from wasminfer.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from wasminfer.gateway.state import app_state
 
 
 def _too_large(what: str, limit: int) -> PayloadTooLarge:
@@ -41,10 +45,27 @@ def check_length(request: Request, limit: int, what: str) -> None:
 
 
 async def limited_stream(request: Request, limit: int, what: str) -> AsyncGenerator[bytes, None]:
-    """The body's chunks; raises `PayloadTooLarge` once more than `limit` bytes came in."""
+    """The body's chunks; raises `PayloadTooLarge` once more than `limit` bytes came in,
+    `RequestTimeout` when none came for `Settings.body_timeout_s`, starlette's `ClientDisconnect`
+    if the client went away."""
     check_length(request, limit, what)
+    idle_s = app_state(request).settings.body_timeout_s
+    receive = request.receive  # not `request.stream()`: one timer per message, none per empty chunk
     received = 0
-    async for chunk in request.stream():
+    more = True
+    while more:
+        try:
+            async with asyncio.timeout(idle_s):
+                message = await receive()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no bytes of the {what} came for {idle_s:g} s (after {received} bytes); "
+                "send it without pausing"
+            ) from None
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
         received += len(chunk)
         if received > limit:
             raise _too_large(what, limit)

@@ -2,7 +2,8 @@
 
 Every `WasminferError` becomes `{"error": {"code", "message"}}` of its wire form
 (`WasminferError.to_dict`) with its `status` and its `http_headers()` (`Retry-After` when the caller
-should wait, `WWW-Authenticate` for `Unauthorized`). Starlette's own
+should wait, `WWW-Authenticate` for `Unauthorized`, `Connection: close` for `RequestTimeout`: the
+rest of that body may still come, and must not be read as a next request). Starlette's own
 errors (no such route, wrong method) get the same shape. Anything else is a bug: the client gets a
 bare `500 internal` with no detail, and the traceback goes to the server log.
 """

@@ -122,20 +122,22 @@ async def rollback(request: Request) -> Response:
 async def invoke(request: Request) -> Response:
     if jobs.wants_async(request):
         return await jobs.invoke_async(request)
+    started = time.perf_counter()
+    st = app_state(request)
+    # Read before the gate: a body that trickles in must not hold async work back while it does.
+    body = await read_body(request, st.settings.max_invoke_bytes, "request body")
     # Synchronous invocations come first: while one is in flight, async work starts no new items.
-    gate = app_state(request).jobs.gate
+    gate = st.jobs.gate
     gate.enter()
     try:
-        return await _invoke_sync(request)
+        return await _invoke_sync(request, body, started)
     finally:
         gate.exit()
 
 
-async def _invoke_sync(request: Request) -> Response:
-    started = time.perf_counter()
+async def _invoke_sync(request: Request, body: bytes, started: float) -> Response:
     st, who = app_state(request), principal(request)
     name = request.path_params["name"]
-    body = await read_body(request, st.settings.max_invoke_bytes, "request body")
     content_type = request.headers.get("content-type") or DEFAULT_CONTENT_TYPE
     try:
         result = await st.fleet.invoke(who.tenant, name, body, content_type)

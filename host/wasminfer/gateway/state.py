@@ -8,14 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import anyio
-import anyio.to_thread
 from starlette.requests import Request
 
 from wasminfer.gateway.metrics import Metrics
 from wasminfer.gateway.settings import Settings
 from wasminfer.jobs import JobService
-from wasminfer.replicas import Fleet
+from wasminfer.replicas import FairLimiter, Fleet
 from wasminfer.service import Platform, Principal
 
 T = TypeVar("T")
@@ -26,8 +24,8 @@ class AppState:
     platform: Platform
     settings: Settings
     metrics: Metrics
-    invoke_limiter: anyio.CapacityLimiter
-    admin_limiter: anyio.CapacityLimiter
+    invoke_limiter: FairLimiter  # invocation threads, shared fairly between tenants
+    admin_limiter: FairLimiter  # deploys and reads, likewise
     fleet: Fleet  # where invocations run: the host replicas, their router and autoscaler
     jobs: JobService  # asynchronous and bulk invocations (`wasminfer.jobs`)
 
@@ -44,6 +42,7 @@ def principal(request: Request) -> Principal:
 
 
 async def run_admin(request: Request, func: Callable[..., T], *args: object, **kwargs: object) -> T:
-    """Runs a blocking platform call (a deploy, a read) on the admin worker threads."""
+    """Runs a blocking platform call (a deploy, a read) on the admin worker threads, as the caller's
+    tenant: one tenant's slow deploys leave the others a thread. Raises what `func` raises."""
     limiter = app_state(request).admin_limiter
-    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs), limiter=limiter)
+    return await limiter.run_sync(principal(request).tenant, functools.partial(func, *args, **kwargs))

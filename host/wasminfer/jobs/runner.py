@@ -9,7 +9,10 @@ into one run, with no other coordination than `Host.invoke`.
 
 Per item a worker (1) takes a slot from the `SyncGate` (none while synchronous invocations need
 the host), (2) picks the next item from the `FairQueue`, skipping functions with no free instance
-(an async item never queues for an instance in front of a synchronous request), (3) invokes it.
+(an async item never queues for an instance in front of a synchronous request) and tenants that
+hold their share of the workers (`scaling.fairness.tenant_cap`: a tenant alone leaves one worker in
+eight, at least one, free; with others backlogged each gets its share, so one tenant's items that
+sleep until their deadline never hold every worker), (3) invokes it.
 A function with every instance busy, or being replaced, is a retry after a short backoff, not a
 failure; every other error is the item's result.
 
@@ -21,6 +24,7 @@ starts by putting every chunk left running back to queued (`JobStore.recover`): 
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -30,6 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from wasminfer.errors import FunctionNotFound, TooManyRequests, Unavailable, WasminferError
+from wasminfer.scaling.fairness import default_reserve, tenant_cap
 
 from .items import Result
 from .records import Job, JobSettings
@@ -117,6 +122,7 @@ class JobRunner:
         self._backoff = False  # a store operation failed: pause before the next turn
         self._state = "new"  # new → running → draining → closed
         self._in_flight = 0
+        self._tenant_in_flight: collections.Counter[str] = collections.Counter()
         self._threads: list[threading.Thread] = []
         self._lock_fd: int | None = None
         self.leader = threading.Event()  # set once this runner holds the data folder's lock
@@ -227,6 +233,7 @@ class JobRunner:
                 lane, item, estimate = picked
                 item.chunk.started += 1
                 self._in_flight += 1
+                self._tenant_in_flight[lane.tenant] += 1
                 active = item.chunk.job
                 if active.more and not active.refill and self._wants_chunk(active):
                     active.refill = True
@@ -239,6 +246,9 @@ class JobRunner:
             elapsed = time.perf_counter() - started
             with self._lock:
                 self._in_flight -= 1
+                self._tenant_in_flight[lane.tenant] -= 1
+                if not self._tenant_in_flight[lane.tenant]:
+                    del self._tenant_in_flight[lane.tenant]
                 self._queue.charge(lane, elapsed, estimate)
                 if result is None:  # busy or being replaced: again, after a short wait
                     self.retries += 1
@@ -260,7 +270,11 @@ class JobRunner:
 
     def _next_item(self) -> tuple[Lane[_Item], _Item, float] | None:
         if self._state == "running":
-            return self._queue.pick(self._runnable)
+            workers = self._settings.workers
+            active = len(self._queue.backlogged() | self._tenant_in_flight.keys())
+            cap = tenant_cap(workers, active, workers, default_reserve(workers))
+            held = self._tenant_in_flight
+            return self._queue.pick(lambda lane: held[lane.tenant] < cap and self._runnable(lane))
         if self._state == "draining":  # only items of chunks that started: they must finish
             return self._queue.pick(lambda lane: lane.items[0].chunk.started > 0 and self._runnable(lane))
         return None

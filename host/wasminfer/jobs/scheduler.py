@@ -236,6 +236,10 @@ class FairQueue(Generic[T]):
     def backlog(self) -> int:
         return sum(len(ln.items) for t in self._tenants.values() for ln in t.lanes)
 
+    def backlogged(self) -> set[str]:
+        """The tenants with items waiting."""
+        return {name for name, t in self._tenants.items() if _backlogged(t)}
+
 
 def _backlogged(tenant: _Tenant) -> bool:
     return any(lane.items for lane in tenant.lanes)

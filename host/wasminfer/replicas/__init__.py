@@ -4,18 +4,21 @@
 two choices, warm first), and grows and shrinks the replicas with the replica autoscaler. A backend
 (`ReplicaBackend`: start, stop, route, stats) makes the replicas: `InProcessBackend` is the gateway's
 own process, `LocalBackend` runs worker processes on this machine. `InstanceController` applies the
-instance autoscaler inside one process. Never imports starlette.
+instance autoscaler inside one process. `FairLimiter` shares worker threads between tenants. Never
+imports starlette.
 """
 
 from __future__ import annotations
 
 from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmSpec
+from wasminfer.replicas.fairness import FairLimiter
 from wasminfer.replicas.fleet import Fleet
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.replicas.local import LocalBackend
 
 __all__ = [
+    "FairLimiter",
     "Fleet",
     "InProcessBackend",
     "InstanceController",

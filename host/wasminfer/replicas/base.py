@@ -9,6 +9,7 @@ a Ray backend would hold actor handles.
 
 from __future__ import annotations
 
+import collections
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -42,11 +43,12 @@ class Replica:
     backend: ReplicaBackend
     handle: Any = None
     pid: int | None = None
-    capacity: int = 320  # requests at once (its worker threads + its host queue); past it: 429
+    capacity: int = 320  # requests of one tenant at once (its worker threads + its host queue); past it: 429
     holds_all: bool = False  # serves every deployed function warm (the gateway's own process)
     local: bool = False  # runs in the gateway's process: no hop
     state: str = "starting"  # starting | serving | draining | stopped
     outstanding: int = 0  # requests routed to it and not answered yet
+    tenants: collections.Counter[str] = field(default_factory=collections.Counter)  # `outstanding` by tenant
     warm: set[tuple[str, str]] = field(default_factory=set)  # (tenant, function) it holds loaded
     stats: ReplicaStats = field(default_factory=ReplicaStats)
     created_at: float = field(default_factory=time.time)

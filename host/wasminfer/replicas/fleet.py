@@ -11,9 +11,10 @@ replica with a stale copy reloads it from the store first.
 
 Admission, fast and before any work: a function's manifest `max_concurrency` bounds its requests in
 flight across the fleet (the rest wait in FIFO order up to `max_queue`, then 429); each replica
-takes at most its threads plus `host_max_queue` requests (past that on every replica: 429). Inside
-a host the pool bounds each function again (`max_instances`, `max_queue`). Every 429 says
-`Retry-After`.
+takes at most its threads plus `host_max_queue` requests *of each tenant* (past that on every
+replica: 429 for that tenant only, so one tenant's flood never fills a host's queue for the others).
+Inside a host the threads are shared fairly between tenants (`replicas.fairness.FairLimiter`) and
+the pool bounds each function again (`max_instances`, `max_queue`). Every 429 says `Retry-After`.
 
 Draining: a replica leaving is taken out of the routing first, then stopped once the requests it
 has are answered; so is every replica when the fleet closes (after the gateway's graceful shutdown
@@ -38,6 +39,7 @@ import anyio
 from wasminfer.errors import MemoryQuotaExceeded, NotDelivered, TooManyRequests, Unavailable, WasminferError
 from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import Replica, ReplicaBackend, WarmSpec
+from wasminfer.replicas.fairness import FairLimiter
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.runtime import InvokeResult
@@ -106,7 +108,7 @@ class Fleet:
         config: ScalingConfig | None = None,
         *,
         backend: ReplicaBackend | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: FairLimiter | None = None,
         threads: int = 64,
         clock: Clock = MONOTONIC,
     ) -> None:
@@ -145,7 +147,7 @@ class Fleet:
         if config.primary_replica:  # serves from the start, even before `start()` (no I/O to make)
             self._primary = InProcessBackend(
                 platform,
-                limiter or anyio.CapacityLimiter(threads),
+                limiter or FairLimiter(threads),
                 self.instances,
                 host_max_queue=config.host_max_queue,
             )
@@ -205,6 +207,7 @@ class Fleet:
         while True:
             replica = self._pick(key, tried)
             replica.outstanding += 1
+            replica.tenants[tenant] += 1
             started = time.perf_counter()
             try:
                 deployment = "" if replica.holds_all else deployment_digest(fn)
@@ -224,6 +227,9 @@ class Fleet:
                 raise
             finally:
                 replica.outstanding -= 1
+                replica.tenants[tenant] -= 1
+                if not replica.tenants[tenant]:
+                    del replica.tenants[tenant]
             elapsed_us = (time.perf_counter() - started) * 1e6
             self._in_flight_s += elapsed_us / 1e6
             # Everything but running: thread hand-off, waiting for an instance, the hop to a replica.
@@ -234,11 +240,12 @@ class Fleet:
             return result
 
     def _pick(self, key: Key, avoid: Replica | None = None) -> Replica:
+        tenant = key[0]
         serving = self._serving
         n = len(serving)
         if n == 1 and avoid is None:
             only = serving[0]
-            if only.outstanding < only.capacity:
+            if only.tenants[tenant] < only.capacity:
                 return only
             raise self._host_full()
         if avoid is not None:
@@ -256,20 +263,20 @@ class Fleet:
         score_a = a.outstanding + (0 if a.holds(key) else cold) + (0 if a.local else hop)
         score_b = b.outstanding + (0 if b.holds(key) else cold) + (0 if b.local else hop)
         first, second = (a, b) if score_a <= score_b else (b, a)
-        if first.outstanding < first.capacity:
+        if first.tenants[tenant] < first.capacity:
             return first
-        if second.outstanding < second.capacity:
+        if second.tenants[tenant] < second.capacity:
             return second
         for r in serving:
-            if r.outstanding < r.capacity:
+            if r.tenants[tenant] < r.capacity:
                 return r
         raise self._host_full()
 
     def _host_full(self) -> TooManyRequests:
         self.rejected["host_queue"] += 1
         return TooManyRequests(
-            "every host replica is at its limit of requests (its worker threads plus the host queue, "
-            f"scaling key 'host_max_queue' {self.config.host_max_queue}); retry"
+            "your requests are at their limit on every host replica (its worker threads plus the host "
+            f"queue, per tenant; scaling key 'host_max_queue' {self.config.host_max_queue}); retry"
         )
 
     # --- the replica autoscaler ---------------------------------------------------------------------

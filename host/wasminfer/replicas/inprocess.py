@@ -1,19 +1,18 @@
 """The in-process backend: the gateway's own `Platform` as replica `primary` (no hop at all).
 
 It holds every deployed function warm (a deploy prewarms it here first), so the router never needs
-to send it a deployment digest. Its invocations run on the gateway's worker threads.
+to send it a deployment digest. Its invocations run on the gateway's worker threads, shared fairly
+between tenants (`FairLimiter`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
-import anyio
-import anyio.to_thread
 import psutil
 
 from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmSpec
+from wasminfer.replicas.fairness import FairLimiter
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.runtime import InvokeResult
 from wasminfer.service import Platform
@@ -25,7 +24,7 @@ class InProcessBackend(ReplicaBackend):
     def __init__(
         self,
         platform: Platform,
-        limiter: anyio.CapacityLimiter,
+        limiter: FairLimiter,
         instances: InstanceController | None = None,
         *,
         host_max_queue: int = 256,
@@ -49,7 +48,7 @@ class InProcessBackend(ReplicaBackend):
             "primary",
             self,
             pid=self._process.pid,
-            capacity=int(self.limiter.total_tokens) + self.host_max_queue,
+            capacity=self.limiter.total + self.host_max_queue,
             holds_all=True,
             local=True,
         )
@@ -61,8 +60,10 @@ class InProcessBackend(ReplicaBackend):
     async def route(
         self, replica: Replica, tenant: str, name: str, deployment: str, body: bytes, content_type: str
     ) -> InvokeResult:
-        call = functools.partial(self.platform.invoke, name, body, content_type, tenant=tenant)
-        return await anyio.to_thread.run_sync(call, limiter=self.limiter)
+        return await self.limiter.run_sync(tenant, self._invoke, tenant, name, body, content_type)
+
+    def _invoke(self, tenant: str, name: str, body: bytes, content_type: str) -> InvokeResult:
+        return self.platform.invoke(name, body, content_type, tenant=tenant)
 
     async def stats(self, replica: Replica) -> ReplicaStats:
         return ReplicaStats(
