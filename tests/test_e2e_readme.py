@@ -171,8 +171,7 @@ def test_jobs_cancel_cancels_a_queued_job_and_refuses_a_started_one(server: Serv
 def test_invoke_async_wait_prints_the_functions_output(
     server: Server, digits_deployed: tuple[str, str], digits_samples: tuple[np.ndarray, ...]
 ) -> None:
-    """README: `wasminfer invoke digits --async --wait < input.json` (as docs/jobs.md writes it:
-    `-d input.json`, which sends the file with the content type of its suffix)."""
+    """README: `wasminfer invoke digits -d input.json --async --wait  # durable async job`."""
     x, labels, _ = digits_samples
     (server.work / "input.json").write_text(json.dumps({"pixels": x[1].tolist()}))
     out = server.cli("invoke", "digits", "-d", "input.json", "--async", "--wait")
