@@ -32,7 +32,8 @@ import wasmtime
 
 from live_server import last_line, live_server, one_line, seed_compiled_components, wasminfer
 
-pytestmark = pytest.mark.integration
+# Generous: the first run on a machine builds zig's wasi-libc and translate-c (minutes when loaded).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS = Path(__file__).resolve().parent / "guests"
@@ -382,6 +383,7 @@ def zig_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "add.wasm"
 
 
+@pytest.mark.slow  # the first `zig translate-c` on a machine builds the translator (~1-3 min)
 def test_a_zig_guest_built_with_the_sdk_deploys_and_infers(
     server: Server, zig_guest: Path, add_model: bytes
 ) -> None:
