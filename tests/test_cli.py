@@ -17,7 +17,8 @@ from live_server import live_server
 from wasminfer import cli
 from wasminfer.service import Platform
 
-pytestmark = pytest.mark.integration
+# One worker runs the module (`--dist loadgroup`, as `just test` runs): one server, not one per worker.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cli")]
 
 runner = CliRunner()
 

@@ -19,7 +19,8 @@ import pytest
 
 from live_server import last_line, live_server, one_line, wasminfer
 
-pytestmark = pytest.mark.integration
+# One worker runs the module (`--dist loadgroup`, as `just test` runs): one server, not one per worker.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("e2e_keys")]
 
 
 @dataclass

@@ -33,7 +33,8 @@ import wasmtime
 from live_server import last_line, live_server, one_line, seed_compiled_components, wasminfer
 
 # Generous: the first run on a machine builds zig's wasi-libc and translate-c (minutes when loaded).
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+# One worker runs the module (`--dist loadgroup`, as `just test` runs): one server, not one per worker.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.xdist_group("e2e_readme")]
 
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS = Path(__file__).resolve().parent / "guests"
