@@ -6,11 +6,12 @@ python := env_var_or_default("PYTHON", "python")
 data := env_var_or_default("WASMINFER_DATA", ".wasminfer")
 
 # Run the whole test suite (what CI runs).
-# Tests marked `serial` (load and latency measurements) run first and alone; then the rest on 2 workers.
+# Tests marked `serial` (load and latency measurements) run first and alone; then the rest on 2 workers,
+# a module marked `xdist_group` on one of them (one server for the module, not one per worker).
 # Exit status 5 (nothing selected, e.g. ARGS naming only one kind) is not a failure.
 test *ARGS:
     {{python}} -m pytest -q -m serial {{ARGS}} || test $? -eq 5
-    {{python}} -m pytest -q -n 2 -m "not serial" {{ARGS}} || test $? -eq 5
+    {{python}} -m pytest -q -n 2 --dist loadgroup -m "not serial" {{ARGS}} || test $? -eq 5
 
 # Start the server on its embedded defaults, with the example functions and models deployed.
 serve *ARGS:

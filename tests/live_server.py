@@ -1,5 +1,6 @@
 """A real `wasminfer serve` subprocess on 127.0.0.1, for the tests that need one (integration, restart,
-crash, scaling). One copy of the start / wait-until-ready / stop sequence."""
+crash, scaling, the README's flows end to end). One copy of the start / wait-until-ready / stop
+sequence, and of running the `wasminfer` command as a user does."""
 
 from __future__ import annotations
 
@@ -69,3 +70,84 @@ def live_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def wasminfer(
+    *args: str,
+    url: str | None = None,
+    key: str | None = None,
+    stdin: str | bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
+    status: int = 0,
+    timeout_s: float = 600.0,
+) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m wasminfer ARGS` as a user would (a subprocess; PYTHONPATH inherited) and
+    asserts its exit status. `url` and `key` go in `$WASMINFER_URL` and `$WASMINFER_KEY` (the README's
+    commands carry neither flag); outside values of both are dropped so that a test names its own.
+    Returns the process with its stdout and stderr decoded as UTF-8."""
+    base = {k: v for k, v in os.environ.items() if k not in ("WASMINFER_URL", "WASMINFER_KEY")}
+    # 200 columns: rich fits its tables to the terminal (80 columns without one) and would wrap cells
+    extra = {"COLUMNS": "200", **({"WASMINFER_URL": url} if url else {})}
+    if key is not None:
+        extra["WASMINFER_KEY"] = key
+    proc = subprocess.run(
+        [sys.executable, "-m", "wasminfer", *args],
+        input=stdin.encode() if isinstance(stdin, str) else stdin,
+        capture_output=True,
+        cwd=cwd,
+        env={**base, **extra, **(env or {})},
+        timeout=timeout_s,
+        check=False,
+    )
+    out = proc.stdout.decode("utf-8", "replace")
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == status, (
+        f"wasminfer {' '.join(args)}: exit {proc.returncode}, expected {status}\n"
+        f"stdout: {out[-3000:]}\nstderr: {err[-3000:]}"
+    )
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace made one space: rich wraps long lines at the terminal's
+    width (80 columns without one), so the CLI's messages are compared unwrapped."""
+    return " ".join(text.split())
+
+
+def seed_compiled_components(data: Path, *folders: Path) -> None:
+    """Puts the compiled form of each Python function folder's component into the data folder's
+    compile cache, so that a server on `data` does not compile it again: compiling one (CPython
+    inside, ~18 MB) takes 20-50 s on a shared 2-core machine and is tested on its own in
+    test_python_guest.py. The component is built and compiled once per machine into the engine cache
+    under ~/.cache that test_python_guest.py keeps (under its lock, which xdist workers share)."""
+    import fcntl
+    import hashlib
+
+    from wasminfer import toolchain
+    from wasminfer.runtime import Host
+
+    engine_cache = toolchain.default_cache_dir().parent / "engine"
+    engine_cache.mkdir(parents=True, exist_ok=True)
+    target = data / "cache" / "components"
+    target.mkdir(parents=True, exist_ok=True)
+    with open(engine_cache / ".test_python_guest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            wasms = [toolchain.build(folder).read_bytes() for folder in folders]
+            with Host(cache_dir=engine_cache) as host:
+                for wasm in wasms:
+                    host.inspect(wasm)  # a cache hit once compiled on this machine
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    for wasm in wasms:
+        found = list((engine_cache / "components").glob(f"{hashlib.sha256(wasm).hexdigest()}-*.cwasm"))
+        assert found, "the engine cache holds no compiled component after compiling it"
+        for src in found:
+            (target / src.name).write_bytes(src.read_bytes())
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of `text`: what a command says when it is done, after its progress
+    lines (a build's, for instance)."""
+    return text.strip().splitlines()[-1].strip()

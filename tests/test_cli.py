@@ -1,45 +1,53 @@
-"""The `wasminfer` CLI against the in-process app (its `Client` is pointed at a TestClient)."""
+"""The `wasminfer` CLI, run in-process (typer's CliRunner: cheap) against a real server: `wasminfer
+serve` on 127.0.0.1, one for the module. The README's flows as a user runs them, each command a
+subprocess, are in test_e2e_readme.py."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
-from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
+from live_server import live_server
 from wasminfer import cli
-from wasminfer.client import Client
-from wasminfer.gateway import create_app
 from wasminfer.service import Platform
+
+# One worker runs the module (`--dist loadgroup`, as `just test` runs): one server, not one per worker.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cli")]
 
 runner = CliRunner()
 
 
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Platform]:
-    p = Platform(tmp_path / "data")
-    p.start()
-    with TestClient(create_app(p)) as http:
-        monkeypatch.setattr(cli, "_client", lambda url, key: Client("http://testserver", key, http=http))
-        yield p
-    p.close()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("cli")
+    with live_server(root / "data", root / "serve.log") as (url, _):
+        yield url
 
 
-def run(*args: str, stdin: bytes | None = None) -> str:
-    result = runner.invoke(cli.app, list(args), input=stdin)
+def run(*args: str, url: str | None = None, stdin: bytes | None = None) -> str:
+    result = runner.invoke(cli.app, list(args), input=stdin, env={"WASMINFER_URL": url} if url else None)
     assert result.exit_code == 0, (result.output, result.exception)
     return result.output
 
 
+def get(url: str, path: str) -> Any:
+    r = httpx.get(f"{url}{path}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def test_deploy_invoke_list_logs_rollback_rm(
-    server: Platform, tmp_path: Path, add_model: bytes, hostile_wasm: bytes
+    server: str, tmp_path: Path, add_model: bytes, hostile_wasm: bytes
 ) -> None:
     (tmp_path / "add.onnx").write_bytes(add_model)
     (tmp_path / "hostile.wasm").write_bytes(hostile_wasm)
-    assert "version 1" in run("deploy", "model", "add", str(tmp_path / "add.onnx"))
+    assert "version 1" in run("deploy", "model", "add", str(tmp_path / "add.onnx"), url=server)
     out = run(
         "deploy",
         "function",
@@ -50,33 +58,39 @@ def test_deploy_invoke_list_logs_rollback_rm(
         "4",
         "--set",
         "max_queue=8",
+        url=server,
     )
     assert "hostile: deployed version 1 (handler ABI" in out
-    assert server.host().function("hostile").manifest.max_queue == 8
+    assert get(server, "/v1/functions/hostile")["manifest"]["max_queue"] == 8
 
-    assert run("invoke", "hostile", stdin=b"ghello from stdin") == "ghello from stdin"
+    assert run("invoke", "hostile", url=server, stdin=b"ghello from stdin") == "ghello from stdin"
     body = tmp_path / "req.txt"
     body.write_bytes(b"efile")
-    assert run("invoke", "hostile", "--data", str(body)) == "efile"
+    assert run("invoke", "hostile", "--data", str(body), url=server) == "efile"
 
-    listed = run("ls")
+    listed = run("ls", url=server)
     assert "hostile" in listed and "add" in listed
-    assert "hello from the guest" in run("logs", "hostile")
+    assert "hello from the guest" in run("logs", "hostile", url=server)
 
-    run("deploy", "function", str(tmp_path / "hostile.wasm"), "--models", "add", "--memory-mb", "8")
-    assert "2" in run("versions", "hostile")
-    assert "version 1 is current" in run("rollback", "hostile")
-    assert "version 2 is current" in run("rollback", "hostile", "--version", "2")
+    wasm = str(tmp_path / "hostile.wasm")
+    run("deploy", "function", wasm, "--models", "add", "--memory-mb", "8", url=server)
+    rows = [[c.strip() for c in line.split("│")[1:3]] for line in run("versions", "hostile", url=server)
+            .splitlines() if line.startswith("│") and line.split("│")[1].strip().isdigit()]
+    assert rows == [["1", ""], ["2", "*"]]
+    assert "version 1 is current" in run("rollback", "hostile", url=server)
+    assert get(server, "/v1/functions/hostile")["manifest"]["memory_mb"] == 4
+    assert "version 2 is current" in run("rollback", "hostile", "--version", "2", url=server)
+    assert get(server, "/v1/functions/hostile")["manifest"]["memory_mb"] == 8
 
-    assert "deleted function hostile" in run("rm", "function", "hostile")
-    assert "deleted model add" in run("rm", "model", "add")
-    assert server.list_functions() == [] and server.list_models() == []
+    assert "deleted function hostile" in run("rm", "function", "hostile", url=server)
+    assert "deleted model add" in run("rm", "model", "add", url=server)
+    assert get(server, "/v1/functions")["functions"] == [] and get(server, "/v1/models")["models"] == []
 
 
 def test_errors_exit_1_with_code_and_message(
-    server: Platform, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("sys.argv", ["wasminfer", "rm", "function", "nope"])
+    monkeypatch.setattr("sys.argv", ["wasminfer", "rm", "function", "nope", "--url", server])
     with pytest.raises(SystemExit) as info:
         cli.main()
     assert info.value.code == 1

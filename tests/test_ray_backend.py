@@ -485,6 +485,61 @@ def _free_port() -> int:
 
 
 @pytest.mark.ray
+def test_serve_with_ray_local_starts_a_private_ray_beside_a_running_cluster(
+    cluster: Any, tmp_path: Path, add_model: bytes, hostile_wasm: bytes
+) -> None:
+    """docs/ray.md: `--ray local` is "a private one-node Ray started by the gateway": its actor
+    serves, and nothing lands on the cluster already running here, though `$RAY_ADDRESS` names it
+    (`ray.init()` without an address would join that one)."""
+    import httpx
+    import ray
+
+    from wasminfer.client import Client
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    cpus = ray.cluster_resources()["CPU"]
+
+    def free_cpus() -> float:
+        return float(ray.available_resources().get("CPU", 0))
+
+    _wait(lambda: free_cpus() == cpus, "the earlier tests' actors gone")
+    command = [
+        sys.executable, "-m", "wasminfer", "serve", "--data", str(tmp_path / "data"), "--port", str(port),
+        "--ray", "local", "--min-replicas", "1", "--max-replicas", "1",
+        "--scaling", "primary_replica=false", "--scaling", "replica_tick_s=0.2", "--log-level", "warning",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        env = {**os.environ, "RAY_ADDRESS": cluster.address}
+        server = subprocess.Popen(command, stdout=log, stderr=log, cwd=ROOT, env=env)
+    try:
+        _wait(lambda: server.poll() is None and _ready(url), "the server ready", 60)
+        with Client(url) as client:
+            client.put_model("add", add_model)
+            client.put_function("again", hostile_wasm, {"models": ["add"], "idempotent": True})
+            scaling = f"{url}/v1/scaling"
+            _wait(lambda: any(r["kind"] == "ray" and r["state"] == "serving"
+                              for r in httpx.get(scaling).json()["replicas"]), "a Ray replica", 90)
+            ids = {client.invoke("again", b"echo").invocation_id.split(".")[0] for _ in range(10)}
+        assert ids and all(i.startswith("ray-") for i in ids), ids
+        assert free_cpus() == cpus  # the actor is on the gateway's own Ray, not on this cluster
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    assert code == 0, log_path.read_text()
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.ray
 def test_a_lost_node_loses_its_replica_and_the_fleet_replaces_it(cluster: Any, platform: Platform) -> None:
     """Last: the cluster keeps one node after it."""
 

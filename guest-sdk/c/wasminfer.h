@@ -252,7 +252,8 @@ static inline int wasminfer_output_str(const char *body, const char *ctype) {
 /* Sends the buffer (or fails with WASMINFER_E_NOMEM if building it ran out of memory); keeps it. */
 static inline int wasminfer_output_buf(const wasminfer_buf *b, const char *ctype) {
     if (b->oom) return wasminfer_fail_str(WASMINFER_E_NOMEM, "out of memory while building the response");
-    return wasminfer_output(b->data ? b->data : "", b->len, ctype);
+    /* both arms of one pointer type: Zig's translate-c refuses `char *` vs `""` in a conditional */
+    return wasminfer_output(b->data ? (const void *)b->data : (const void *)"", b->len, ctype);
 }
 
 /* ---- content types -------------------------------------------------------------------------- */

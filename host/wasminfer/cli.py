@@ -868,22 +868,23 @@ def logs(
     """Print a function's recent log lines (guest stdout/stderr, log calls, host events)."""
     since: float | None = None
     with _client(url, key) as client:
-        while True:
-            for line in client.logs(name, n, since):
-                when = datetime.datetime.fromtimestamp(line["ts"]).strftime("%H:%M:%S.%f")[:-3]
-                inv = f" [{line['invocation']}]" if line.get("invocation") else ""
-                out.print(
-                    f"{when} {line['stream']:<6} {line['level']:<5}{inv} {line['message']}",
-                    highlight=False,
-                    markup=False,
-                )
-                since = line["ts"]
-            if not follow:
-                return
-            try:
+        try:
+            while True:
+                for line in client.logs(name, n, since):
+                    when = datetime.datetime.fromtimestamp(line["ts"]).strftime("%H:%M:%S.%f")[:-3]
+                    inv = f" [{line['invocation']}]" if line.get("invocation") else ""
+                    out.print(  # one line per log line, whatever the terminal's width (grep, tail)
+                        f"{when} {line['stream']:<6} {line['level']:<5}{inv} {line['message']}",
+                        highlight=False,
+                        markup=False,
+                        soft_wrap=True,
+                    )
+                    since = line["ts"]
+                if not follow:
+                    return
                 time.sleep(1.0)
-            except KeyboardInterrupt:
-                return
+        except KeyboardInterrupt:  # Ctrl-C ends -f: during the wait or a request alike, exit 0
+            return
 
 
 # --- rm, rollback --------------------------------------------------------------------------------

@@ -123,7 +123,9 @@ class RayBackend(ReplicaBackend):
             if not ray.is_initialized():
                 try:
                     ray.init(
-                        address=None if self.address == "local" else self.address,
+                        # Ray's own "local": a new instance; None would join $RAY_ADDRESS or the
+                        # cluster last started on this machine
+                        address=self.address,
                         namespace=self.config.ray_namespace,
                         log_to_driver=False,
                         configure_logging=False,
