@@ -473,37 +473,37 @@ def test_fuzz_invoke_query_and_headers(live: httpx.Client, first: int, rest: byt
 
 
 # --- the wasi-nn tensor struct ----------------------------------------------------------------------
-class FakeMemory:
-    """Guest memory as `GuestMemory` presents it to host imports: bounds-checked, in a bytearray."""
-
-    def __init__(self, size: int) -> None:
-        self.data = bytearray(size)
-
-    def _check(self, ptr: int, length: int) -> None:
-        if ptr < 0 or length < 0 or ptr + length > len(self.data):
-            raise GuestFault(f"range [{ptr}, {ptr + length}) is outside guest memory")
-
-    def read(self, ptr: int, length: int) -> bytes:
-        self._check(ptr, length)
-        return bytes(self.data[ptr:ptr + length])
-
-    def write(self, ptr: int, data: bytes) -> None:
-        self._check(ptr, len(data))
-        self.data[ptr:ptr + len(data)] = data
-
-    def write_u32(self, ptr: int, value: int) -> None:
-        self.write(ptr, (value & 0xFFFFFFFF).to_bytes(4, "little"))
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def exported(self) -> bool:
-        return True
+# Guest memory and per-instance state of a real instance (one page, as the wasi-nn guests have at
+# least): the host imports read and write it through the same bounds-checked `GuestMemory` as in a
+# guest's call, so the fuzzing reaches the real checks, not a copy of them.
+PAGE_WAT = """(module (memory (export "memory") 1) (func (export "wasminfer_abi_v1"))
+  (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "wasminfer_handle") (param i32 i32 i32 i32) (result i32) (i32.const 0)))"""
 
 
-class FakeInstance:
-    def __init__(self) -> None:
-        self.host_state: dict[str, Any] = {}
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import wasmtime
+
+    from wasminfer.runtime import Host
+
+    with Host(cache_dir=tmp_path_factory.mktemp("nn-fuzz")) as host:
+        host.deploy_function("page", bytes(wasmtime.wat2wasm(PAGE_WAT)), Manifest(memory_mb=1))
+        pool = host.function("page").pool
+        inst, _ = pool.acquire(10)
+        try:
+            yield inst.wasm
+        finally:
+            pool.release(inst, healthy=False)
+
+
+def fresh(guest: Any) -> Any:
+    """The instance's memory, zeroed, with no wasi-nn state left from an earlier case."""
+    guest.host_state.clear()
+    memory = guest.memory()
+    assert memory.size() == MEM
+    memory.write(0, bytes(MEM))
+    return memory
 
 
 @pytest.fixture(scope="module")
@@ -529,13 +529,13 @@ MEM = 1 << 16
     index=st.integers(0, 3),
     out_max=st.integers(0, 2 ** 32 - 1),
 )
-def test_wasi_nn_tensor_struct(registry: ModelRegistry, fields: tuple[int, ...], padding: bytes,
+def test_wasi_nn_tensor_struct(registry: ModelRegistry, guest: Any, fields: tuple[int, ...], padding: bytes,
                                dims: list[int], payload: bytes, index: int, out_max: int) -> None:
     CASES["wasi_nn"] += 1
-    mem = FakeMemory(MEM)
+    mem = fresh(guest)
     state = InvocationState("fuzz", Manifest(models=("add",), max_tensor_bytes=4096), registry.infer,
                             LogBuffer(100), "1", registry)
-    state.instance = FakeInstance()  # type: ignore[assignment]
+    state.instance = guest
     mem.write(0, b"add")
     assert _NN["load_by_name"](state, mem, 0, 3, 16) == 0
     graph = int.from_bytes(mem.read(16, 4), "little")
@@ -562,11 +562,11 @@ def test_wasi_nn_tensor_struct(registry: ModelRegistry, fields: tuple[int, ...],
             assert state.infer_error is None or isinstance(state.infer_error, WasminferError)
 
 
-def test_wasi_nn_accepts_a_valid_tensor(registry: ModelRegistry) -> None:
+def test_wasi_nn_accepts_a_valid_tensor(registry: ModelRegistry, guest: Any) -> None:
     """The fuzz test's harness reaches `compute` (so its cases are not all refused early)."""
-    mem = FakeMemory(MEM)
+    mem = fresh(guest)
     state = InvocationState("fuzz", Manifest(models=("add",)), registry.infer, LogBuffer(10), "1", registry)
-    state.instance = FakeInstance()  # type: ignore[assignment]
+    state.instance = guest
     mem.write(0, b"add")
     assert _NN["load_by_name"](state, mem, 0, 3, 16) == 0
     assert _NN["init_execution_context"](state, mem, 0, 20) == 0
