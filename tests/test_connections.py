@@ -70,7 +70,8 @@ def response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 
 def trickle(s: socket.socket, pieces: list[bytes], gap_s: float) -> bytes:
     """Sends `pieces` `gap_s` apart (a wait for the server's answer between them); returns the answer
-    as soon as one comes, or b"" once every piece is sent without one."""
+    as soon as one comes. After the last piece it waits for the answer (30 s at most: a loaded
+    machine may take longer than one gap to answer a complete request); b"" if none comes."""
     s.settimeout(gap_s)
     for piece in pieces:
         try:
@@ -84,7 +85,10 @@ def trickle(s: socket.socket, pieces: list[bytes], gap_s: float) -> bytes:
         s.settimeout(30)
         return first + read_until_closed(s)
     s.settimeout(30)
-    return b""
+    try:
+        return read_until_closed(s)
+    except TimeoutError:
+        return b""
 
 
 def invoke_head(length: int) -> bytes:

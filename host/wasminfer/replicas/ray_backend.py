@@ -121,6 +121,10 @@ class RayBackend(ReplicaBackend):
             except ImportError:
                 raise Unavailable("the Ray replica backend needs Ray: pip install 'wasminfer[ray]'") from None
             if not ray.is_initialized():
+                # Ray's core worker installs abseil's failure-signal handler in the driver, and that
+                # one takes SIGTERM too: it prints a stack and kills the process by the signal, so the
+                # gateway's graceful shutdown (uvicorn's SIGTERM handler) never runs.
+                os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
                 try:
                     ray.init(
                         # Ray's own "local": a new instance; None would join $RAY_ADDRESS or the
