@@ -43,22 +43,15 @@ from wasminfer.manifest import Manifest
 from wasminfer.models.codec import MAX_RANK, MAX_TENSORS
 from wasminfer.runtime import handler
 from wasminfer.runtime._component import (
-    U16,
-    U64,
-    Bytes,
     CompiledComponent,
     ComponentFunc,
     ComponentHostFunc,
     ComponentInstance,
     ComponentLinker,
-    Enum,
-    List,
-    Record,
-    Result,
-    String,
-    Variant,
 )
-from wasminfer.runtime._wasm import CallState, WasmEngine, WasmLinkError, WasmTrap
+from wasminfer.runtime._component_values import U16, U64, Bytes, Enum, List, Record, Result, String, Variant
+from wasminfer.runtime._engine import CallState, Engine
+from wasminfer.runtime._traps import WasmLinkError, WasmTrap
 from wasminfer.runtime.handler import DEFAULT_CONTENT_TYPE, MAX_MESSAGE, InvocationState
 
 NAME = "component"
@@ -231,7 +224,7 @@ def _provided(name: str) -> bool:
     return name.startswith("wasi:") or name == TYPES
 
 
-def compile_component(engine: WasmEngine, wasm: bytes, sha256: str) -> CompiledComponent:
+def compile_component(engine: Engine, wasm: bytes, sha256: str) -> CompiledComponent:
     """Compiles (or loads from the disk cache) a component and checks it targets this world.
 
     Raises `InvalidModule`: not a valid component, imports the host does not provide, or no

@@ -34,17 +34,9 @@ from wasminfer.errors import (
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelRegistry
 from wasminfer.models.codec import decode_tensors, encode_tensors
-from wasminfer.runtime._wasm import (
-    CallState,
-    CompiledModule,
-    GuestFault,
-    GuestMemory,
-    HostFunc,
-    Interrupted,
-    WasmInstance,
-    WasmLinkError,
-    WasmTrap,
-)
+from wasminfer.runtime._engine import CallState
+from wasminfer.runtime._traps import GuestFault, Interrupted, WasmLinkError, WasmTrap
+from wasminfer.runtime._wasm import CompiledModule, GuestMemory, HostFunc, WasmInstance
 from wasminfer.runtime.logs import LEVELS, LogBuffer
 
 NAME = "handler"

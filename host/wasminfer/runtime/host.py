@@ -32,7 +32,8 @@ from wasminfer.errors import (
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo, ModelRegistry
 from wasminfer.runtime import command, component, handler, wasi_nn
-from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance, WasmLinkError, WasmTrap
+from wasminfer.runtime._traps import WasmLinkError, WasmTrap
+from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance
 from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter
 from wasminfer.runtime.memory import MEMORY_REFUSALS, MemoryBudget, Reservation, TenantMemory, model_bytes
 from wasminfer.runtime.pool import InstancePool

@@ -37,7 +37,8 @@ from wasminfer.errors import (
     WasminferError,
 )
 from wasminfer.models import ModelInfo, ModelRegistry, TensorSpec
-from wasminfer.runtime._wasm import GuestFault, GuestMemory, HostFunc
+from wasminfer.runtime._traps import GuestFault
+from wasminfer.runtime._wasm import GuestMemory, HostFunc
 from wasminfer.runtime.handler import InvocationState, run_model
 
 MODULE = "wasi_ephemeral_nn"
