@@ -45,6 +45,7 @@ from typing import Any
 
 import anyio.to_thread
 
+from wasminfer.digests import deployment_digest, model_digest
 from wasminfer.errors import (
     LostWithIdempotentRequest,
     NotDelivered,
@@ -56,7 +57,7 @@ from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmSpec
 from wasminfer.runtime import InvokeResult
 from wasminfer.scaling import ScalingConfig
-from wasminfer.service import Platform, deployment_digest, model_digest
+from wasminfer.service import Platform
 
 log = logging.getLogger("wasminfer.replicas")
 
