@@ -15,12 +15,15 @@ Two rules keep the unchecked paths safe:
   threads call guests at once.
 - Per-call state lives in a thread-local (`_engine.tls`) that is set around each guest call: an
   instance runs on one thread at a time, and host imports run on the thread that called the guest.
+
+Over 500 lines and one concept, the boundary with core modules: host imports in, guest calls out,
+guest memory and instances, which hold those two rules together (WASI's blocking calls that we
+implement ourselves are in `_wasi.py`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +46,7 @@ from wasminfer.runtime._engine import (
 from wasminfer.runtime._engine import tls as _tls
 from wasminfer.runtime._output import OutputFn, capture_output, release_output
 from wasminfer.runtime._traps import GuestFault, Interrupted, WasmExit, WasmLinkError, WasmTrap, first_line
+from wasminfer.runtime._wasi import poll_oneoff
 
 WASM_PAGE = 65536
 #: Elements one table of an instance may hold (declared or grown to); past it `table.grow` fails.
@@ -186,66 +190,9 @@ def _make_callback(hf: HostFunc) -> Any:
     return _RawCallback(callback)
 
 
-# --- WASI calls that block: our own, so that they keep the deadline ------------------------------
-# wasmtime's `poll_oneoff` (what `sleep`, `nanosleep` and `poll` become) sleeps inside Rust, where
-# epoch interruption cannot reach: a guest could sleep past its deadline, and past a delete, holding
-# its thread. This one waits on the call's state instead (`CallState.sleep_until`: no GIL, woken by
-# a cancel, ended at the deadline). The other WASI calls do not block here: stdin is bytes or a
-# regular file, stdout/stderr go to `capture_output`'s callback, there are no sockets, and
-# `sched_yield` only yields the thread.
-_SUBSCRIPTION = struct.Struct("<QB7xIxxxxQQH6x")  # userdata, tag, clock id, timeout, precision, flags
-_EVENT = struct.Struct("<QHBxxxxxQH6x")  # userdata, errno, type, nbytes, flags
-_EVENTTYPE_CLOCK, _EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE = 0, 1, 2
-_CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
-_SUBCLOCK_ABSTIME = 1
-_ERRNO_FAULT, _ERRNO_INVAL = 21, 28
-_MAX_SUBSCRIPTIONS = 4096
-
-
-def _poll_oneoff(state: CallState, mem: GuestMemory, in_ptr: int, out_ptr: int, nsubscriptions: int,
-                 nevents_ptr: int) -> int:
-    """WASI preview1 `poll_oneoff(in, out, nsubscriptions, *nevents) -> errno` (layouts as in
-    wasi-libc's `wasi/api.h`: a subscription is 48 bytes, an event 32). fd subscriptions are ready at
-    once (nothing here blocks on an fd); clock ones wait for the earliest of them. Raises
-    `Interrupted` at the call's deadline or on a cancel."""
-    if not 0 < nsubscriptions <= _MAX_SUBSCRIPTIONS:
-        return _ERRNO_INVAL
-    try:
-        raw = mem.read(in_ptr, nsubscriptions * _SUBSCRIPTION.size)
-        mem.read(out_ptr, nsubscriptions * _EVENT.size)
-        mem.read(nevents_ptr, 4)
-    except GuestFault:
-        return _ERRNO_FAULT
-    now = time.monotonic_ns()
-    instance = state.instance
-    ready: list[tuple[int, int]] = []  # (userdata, event type)
-    clocks: list[tuple[int, int]] = []  # (userdata, wake at in monotonic ns)
-    for i in range(nsubscriptions):
-        userdata, tag, clock, timeout, _, flags = _SUBSCRIPTION.unpack_from(raw, i * _SUBSCRIPTION.size)
-        if tag in (_EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE):
-            ready.append((userdata, tag))
-        elif tag != _EVENTTYPE_CLOCK or clock not in (_CLOCK_REALTIME, _CLOCK_MONOTONIC):
-            return _ERRNO_INVAL
-        elif not flags & _SUBCLOCK_ABSTIME:
-            clocks.append((userdata, now + timeout))
-        elif clock == _CLOCK_REALTIME:
-            clocks.append((userdata, now + timeout - time.time_ns()))
-        else:  # the guest's monotonic clock counts from its WASI context's making
-            base = instance.clock_base_ns if instance is not None else now
-            clocks.append((userdata, base + timeout))
-    if not ready:
-        state.sleep_until(min(at for _, at in clocks))
-        now = time.monotonic_ns()
-    events = [_EVENT.pack(userdata, 0, kind, 0, 0) for userdata, kind in ready]
-    events += [_EVENT.pack(userdata, 0, _EVENTTYPE_CLOCK, 0, 0) for userdata, at in clocks if at <= now]
-    mem.write(out_ptr, b"".join(events))
-    mem.write_u32(nevents_ptr, len(events))
-    return 0
-
-
 #: WASI functions of ours that shadow wasmtime's (`WasmEngine` defines them over `define_wasi`).
 WASI_OVERRIDES = (
-    HostFunc("wasi_snapshot_preview1", "poll_oneoff", ("i32",) * 4, ("i32",), _poll_oneoff),
+    HostFunc("wasi_snapshot_preview1", "poll_oneoff", ("i32",) * 4, ("i32",), poll_oneoff),
 )
 
 
