@@ -17,6 +17,9 @@ One runner per data folder: the control thread takes an exclusive `flock` on
 `<data_dir>/jobs/runner.lock` first (another process serving the same folder, a replica, accepts
 jobs but leaves running them to the lock holder, and takes over when it dies). The lock holder
 starts by putting every chunk left running back to queued (`JobStore.recover`): at-least-once.
+
+Over 500 lines and one concept: the runner, whose workers and control thread share its queue, gate
+and progress (the queue and gate themselves are `scheduler.py`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ flight on an actor that dies (its process, its node) fails with `Unavailable` (5
 when the function's manifest says `idempotent`, is sent once more to another replica. A request
 routed to an actor already known dead never reached it, and goes elsewhere. The store is only ever
 written by the gateway: losing an actor loses nothing stored.
+
+Over 500 lines and one concept: replicas as Ray actors, the actor (`HostActor`) and the backend
+that starts, feeds and calls it being the two ends of one protocol.
 """
 
 from __future__ import annotations

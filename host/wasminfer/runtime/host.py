@@ -4,6 +4,10 @@ Deploy models and functions, invoke functions with bytes, read logs and stats. O
 one `WasmEngine` (compiled modules cached on disk), one `ModelRegistry` (one ONNX Runtime session
 per model), and per function an `InstancePool` of warm instances. `invoke` is synchronous and
 thread-safe: callers run it on worker threads (Wasm and ONNX Runtime both run without the GIL).
+
+Over 500 lines and one concept: a host with the functions deployed in it (`DeployedFunction` is its
+per-function state: pool, counters, calls in flight), whose deploy, invoke, delete and memory
+accounting each work across both.
 """
 
 from __future__ import annotations
