@@ -28,7 +28,7 @@ import wasmtime
 from suite.stats import p50, pct
 from wasminfer import examples, toolchain
 from wasminfer.runtime import Host, Manifest
-from wasminfer.runtime._wasm import CallState
+from wasminfer.runtime._engine import CallState
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -222,7 +222,8 @@ def test_command_build_exports_start_and_reactor_builds_do_not(tmp_path: Path, t
 
 EXIT_PROBE = '''
 import wasmtime
-from wasminfer.runtime._wasm import CallState, WasiOptions, WasmEngine
+from wasminfer.runtime._engine import CallState
+from wasminfer.runtime._wasm import WasiOptions, WasmEngine
 WAT = """(module
   (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)

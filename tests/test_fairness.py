@@ -24,8 +24,8 @@ from starlette.testclient import TestClient
 from wasminfer.gateway import Settings, create_app
 from wasminfer.jobs import JobSettings
 from wasminfer.replicas import FairLimiter
-from wasminfer.scaling.fairness import default_reserve, tenant_cap
 from wasminfer.service import Platform, parse_keys
+from wasminfer.shares import default_reserve, tenant_cap
 
 GUESTS = Path(__file__).resolve().parent / "guests"
 WASM = {"content-type": "application/wasm"}

@@ -45,7 +45,7 @@ from wasminfer.model_options import MODEL_OPTIONS
 from wasminfer.models import ModelRegistry
 from wasminfer.parsing import CBOR2_INTERPRETED_TAGS
 from wasminfer.runtime import wasi_nn
-from wasminfer.runtime._wasm import GuestFault
+from wasminfer.runtime._traps import GuestFault
 from wasminfer.runtime.handler import InvocationState
 from wasminfer.runtime.logs import LogBuffer
 from wasminfer.service import Platform, parse_keys

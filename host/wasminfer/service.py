@@ -16,12 +16,15 @@ them on worker threads. Deploys, deletes and rollbacks are serialised by one loc
 held only to swap what the host serves and write the store: guest code (a module's `_initialize`,
 prewarming) runs before it is taken, under the function's own `timeout_ms`, so one tenant's slow
 start holds up nobody else's deploy. `invoke` never takes it. Never imports starlette.
+
+API keys (`api_keys.py`) and the digests replicas compare (`digests.py`) live in modules of their
+own; the names the gateway and the CLI take from here are re-exported. This module is over 500
+lines and still one concept: `Platform`, whose every operation (start-up, models, functions,
+versions, keys, sync) is the same ordering of host and store.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import threading
 import time
@@ -30,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wasminfer.api_keys import ConfiguredKey, KeyRing, Principal, parse_keys
+from wasminfer.digests import deployment_digest, model_digest
 from wasminfer.errors import (
     BadRequest,
     Conflict,
@@ -42,7 +47,6 @@ from wasminfer.errors import (
 )
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo
-from wasminfer.models.registry import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP_THREADS
 from wasminfer.runtime import DeployedFunction, Host, InvokeResult, LogLine
 from wasminfer.runtime.memory import MemoryBudget, MemorySettings
 from wasminfer.store import DEFAULT_TENANT, FunctionVersion, ModelRecord, Store, validate_name
@@ -63,58 +67,6 @@ __all__ = [
 log = logging.getLogger("wasminfer")
 
 Progress = Callable[[str], None]
-
-
-# --- API keys and who is calling ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Principal:
-    """Who a request acts as: a tenant and the scopes its key grants."""
-
-    tenant: str
-    scopes: frozenset[str]
-    key_id: str | None = None  # the store key's public id, None for a configured key or open access
-
-    def allows(self, scope: str) -> bool:
-        return "admin" in self.scopes or scope in self.scopes
-
-
-@dataclass(frozen=True)
-class ConfiguredKey:
-    """An API key given on the command line or in `WASMINFER_API_KEYS` (never stored)."""
-
-    key: str
-    scopes: frozenset[str]
-    tenant: str = DEFAULT_TENANT
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"ConfiguredKey(key='…', scopes={sorted(self.scopes)}, tenant={self.tenant!r})"
-
-
-def parse_keys(specs: str | Iterable[str]) -> list[ConfiguredKey]:
-    """Parses `key:scope1+scope2[:tenant]` entries (a comma-separated string, or several).
-
-    Raises `BadRequest` naming the bad entry (without the secret) for a missing key, an unknown
-    scope or an invalid tenant name.
-    """
-    entries = [specs] if isinstance(specs, str) else list(specs)
-    keys: list[ConfiguredKey] = []
-    for n, entry in enumerate(e.strip() for text in entries for e in text.split(",")):
-        if not entry:
-            continue
-        parts = entry.split(":")
-        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-            raise BadRequest(f"API key entry {n + 1}: expected KEY:SCOPE[+SCOPE…][:TENANT]")
-        try:
-            scopes = check_known_scopes(s for s in parts[1].split("+") if s)
-        except BadRequest as exc:
-            raise BadRequest(f"API key entry {n + 1}: {exc.message}") from None
-        tenant = parts[2] if len(parts) == 3 else DEFAULT_TENANT
-        keys.append(ConfiguredKey(parts[0], scopes, validate_name("tenant", tenant)))
-    return keys
-
-
-def _key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # --- what the platform hands out ------------------------------------------------------------------
@@ -198,7 +150,7 @@ class Platform:
         self.data_dir = Path(data_dir)
         self.store = Store(self.data_dir)
         self.cache_dir = self.data_dir / "cache"
-        self._keys = {_key_hash(k.key): k for k in keys}
+        self.keys = KeyRing(self.store, keys)
         self._hosts: dict[str, Host] = {}
         # One wasmtime engine per process (one epoch ticker, one compile cache), shared by the
         # tenants' hosts; each tenant gets its own host so its models live in its own registry.
@@ -214,7 +166,7 @@ class Platform:
         self._closed = False
         self.load_report: LoadReport | None = None
         #: No key anywhere: every request acts as the default tenant's admin (loopback only).
-        self.open_access = not self._keys and not self.store.has_keys()
+        self.open_access = not self.keys.any_key()
 
     # --- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -380,14 +332,7 @@ class Platform:
     # --- auth ---------------------------------------------------------------------------------------
     def authenticate(self, key: str) -> Principal | None:
         """The principal of an API key (configured or stored), None if it is unknown or revoked."""
-        configured = self._keys.get(_key_hash(key))
-        if configured is not None and hmac.compare_digest(configured.key, key):
-            return Principal(configured.tenant, configured.scopes)
-        found = self.store.verify_key(key)
-        if found is None:
-            return None
-        tenant, scopes = found
-        return Principal(tenant, frozenset(scopes), key_id=key.split("_")[1])
+        return self.keys.authenticate(key)
 
     def add_key(self, scopes: Iterable[str], *, tenant: str = DEFAULT_TENANT) -> str:
         """Creates a stored API key and returns it (shown once). From then on keys are required.
@@ -747,43 +692,6 @@ class Platform:
     def stats(self) -> dict[str, dict[str, Any]]:
         """`Host.stats()` of every tenant's host, by tenant (for metrics)."""
         return {tenant: host.stats() for tenant, host in self._hosts.items()}
-
-
-def deployment_digest(fn: DeployedFunction) -> str:
-    """What a host replica compares to know that its copy of a function is the one the gateway
-    serves: the module and manifest (`DeployedFunction.digest`) and the sha256 of every model the
-    manifest names (a model replaced under the same name changes it too)."""
-    models = fn.host.models
-    parts = [fn.digest]
-    for model in fn.manifest.models:
-        try:
-            parts.append(model_digest(models.get(model)))
-        except ModelNotFound:
-            parts.append("-")
-    return ".".join(parts)
-
-
-_DEFAULT_OPTIONS = {
-    "intra_op_threads": DEFAULT_INTRA_OP_THREADS,
-    "inter_op_threads": DEFAULT_INTER_OP_THREADS,
-    "max_batch_size": 0,
-}
-
-
-def model_digest(model: ModelInfo | str, options: Mapping[str, int | None] | None = None) -> str:
-    """A loaded model (or a stored version: sha256 and options) as host replicas compare it: its
-    bytes and the load options that differ from the defaults (a version stored before options were
-    kept has none: the defaults)."""
-    if isinstance(model, ModelInfo):
-        sha256, options = model.sha256, model.options()
-    else:
-        sha256 = model
-    given = sorted(
-        (k, v) for k, v in (options or {}).items() if v is not None and _DEFAULT_OPTIONS.get(k) != v
-    )
-    if not given:
-        return sha256[:12]
-    return f"{sha256[:12]}+{hashlib.sha256(repr(given).encode()).hexdigest()[:8]}"
 
 
 def _deployed(host: Host | None, name: str) -> DeployedFunction | None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from wasminfer.scaling.fairness import cores
+from wasminfer.shares import cores
 
 MiB = 1 << 20
 

@@ -10,7 +10,7 @@ into one run, with no other coordination than `Host.invoke`.
 Per item a worker (1) takes a slot from the `SyncGate` (none while synchronous invocations need
 the host), (2) picks the next item from the `FairQueue`, skipping functions with no free instance
 (an async item never queues for an instance in front of a synchronous request) and tenants that
-hold their share of the workers (`scaling.fairness.tenant_cap`: a tenant alone leaves one worker in
+hold their share of the workers (`wasminfer.shares.tenant_cap`: a tenant alone leaves one worker in
 eight, at least one, free; with others backlogged each gets its share, so one tenant's items that
 sleep until their deadline never hold every worker), (3) invokes it.
 A function with every instance busy, or being replaced, is a retry after a short backoff, not a
@@ -20,6 +20,9 @@ One runner per data folder: the control thread takes an exclusive `flock` on
 `<data_dir>/jobs/runner.lock` first (another process serving the same folder, a replica, accepts
 jobs but leaves running them to the lock holder, and takes over when it dies). The lock holder
 starts by putting every chunk left running back to queued (`JobStore.recover`): at-least-once.
+
+Over 500 lines and one concept: the runner, whose workers and control thread share its queue, gate
+and progress (the queue and gate themselves are `scheduler.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from wasminfer.errors import FunctionNotFound, TooManyRequests, Unavailable, WasminferError
-from wasminfer.scaling.fairness import default_reserve, tenant_cap
+from wasminfer.shares import default_reserve, tenant_cap
 
 from .items import Result
 from .records import Job, JobSettings

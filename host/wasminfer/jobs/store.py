@@ -1,6 +1,6 @@
 """`JobStore`: jobs and their chunks in the store's SQLite database, large bodies in files.
 
-    <data_dir>/store.db            tables `jobs`, `job_chunks` (migration 2 of `store/db.py`)
+    <data_dir>/store.db            tables `jobs`, `job_chunks` (jobs' own migrations: `schema.py`)
     <data_dir>/jobs/<id>/in-N      a chunk's items, when larger than `inline_bytes`
     <data_dir>/jobs/<id>/out-N     a chunk's results, likewise
 
@@ -29,6 +29,7 @@ from wasminfer._fs import atomic_write, fsync_dir, makedirs_durable
 from wasminfer.errors import Conflict, IdempotencyKeyReused, JobNotFound
 from wasminfer.store import Store
 
+from . import schema
 from .items import Item, Result, decode_items, decode_results, encode_items, encode_results
 from .records import JOB_ID, Job, new_job_id
 
@@ -78,7 +79,10 @@ class JobStore:
     """Thread-safe and multi-process safe (every change is one SQLite write transaction)."""
 
     def __init__(self, store: Store, *, inline_bytes: int = 32 << 10) -> None:
+        """Brings the jobs tables of the store's file to `schema.MIGRATIONS` (raises `WasminferError`
+        for a file of a newer wasminfer), then makes the jobs folder."""
         self.db = store.db
+        self.db.migrate_part(schema.PART, schema.MIGRATIONS)
         self.root = store.data_dir / "jobs"
         self.inline_bytes = inline_bytes
         makedirs_durable(self.root)

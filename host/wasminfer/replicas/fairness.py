@@ -2,7 +2,7 @@
 
 A plain capacity limiter is one FIFO: 64 stuck calls of one tenant take every thread, and a flood
 of one tenant puts hundreds of its requests in front of another tenant's. Here each tenant waits in
-its own queue, holds at most `scaling.fairness.tenant_cap` threads (all but a reserve when it is
+its own queue, holds at most `wasminfer.shares.tenant_cap` threads (all but a reserve when it is
 alone, its share of the `contended` threads when others are active), and a freed thread goes to the
 waiting tenant that holds the fewest. A tenant counts as active while it holds or waits for a
 thread, and for `recent_s` after its last call: a client that sends its next request as soon as the
@@ -24,7 +24,7 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
-from wasminfer.scaling.fairness import default_reserve, tenant_cap
+from wasminfer.shares import default_reserve, tenant_cap
 
 T = TypeVar("T")
 

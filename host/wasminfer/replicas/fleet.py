@@ -36,6 +36,7 @@ from typing import Any
 
 import anyio
 
+from wasminfer.digests import deployment_digest
 from wasminfer.errors import MemoryQuotaExceeded, NotDelivered, TooManyRequests, Unavailable, WasminferError
 from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import Replica, ReplicaBackend, WarmSpec
@@ -44,7 +45,7 @@ from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.runtime import InvokeResult
 from wasminfer.scaling import MONOTONIC, Clock, DecisionLog, ReplicaAutoscaler, ReplicaLoad, ScalingConfig
-from wasminfer.service import Platform, deployment_digest
+from wasminfer.service import Platform
 
 log = logging.getLogger("wasminfer.scaling")
 

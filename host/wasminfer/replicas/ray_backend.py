@@ -26,6 +26,9 @@ flight on an actor that dies (its process, its node) fails with `Unavailable` (5
 when the function's manifest says `idempotent`, is sent once more to another replica. A request
 routed to an actor already known dead never reached it, and goes elsewhere. The store is only ever
 written by the gateway: losing an actor loses nothing stored.
+
+Over 500 lines and one concept: replicas as Ray actors, the actor (`HostActor`) and the backend
+that starts, feeds and calls it being the two ends of one protocol.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from typing import Any
 
 import anyio.to_thread
 
+from wasminfer.digests import deployment_digest, model_digest
 from wasminfer.errors import (
     LostWithIdempotentRequest,
     NotDelivered,
@@ -56,7 +60,7 @@ from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmSpec
 from wasminfer.runtime import InvokeResult
 from wasminfer.scaling import ScalingConfig
-from wasminfer.service import Platform, deployment_digest, model_digest
+from wasminfer.service import Platform
 
 log = logging.getLogger("wasminfer.replicas")
 

@@ -13,7 +13,7 @@ Workers stay alive between compiles (starting one costs an interpreter and `impo
 per compile in flight; a worker that timed out or died is replaced by a fresh one on next use.
 
 This file runs as a script in the worker, so it imports nothing of wasminfer: `engine_config` lives
-here, and `_wasm.py` builds the host's engine from it (a compiled artefact loads only into an engine
+here, and `_engine.py` builds the host's engine from it (a compiled artefact loads only into an engine
 of the same configuration).
 """
 
@@ -44,7 +44,7 @@ _NICE = 10  # compiles yield the cores to invocations
 
 
 def engine_config() -> wasmtime.Config:
-    """The configuration of every engine of wasminfer (see `_wasm.WasmEngine`)."""
+    """The configuration of every engine of wasminfer (see `_engine.Engine`)."""
     config = wasmtime.Config()
     config.epoch_interruption = True
     config.cranelift_opt_level = "speed"

@@ -1,32 +1,29 @@
-"""The one module that talks to wasmtime.
+"""The one module that talks to wasmtime about core modules (`_component.py` does components).
 
-It narrows wasmtime-py to what wasminfer uses: one `Engine` per process with epoch interruption
-(advanced by a ticker thread), compiled modules cached on disk, `InstancePre` so a new instance is
-a fresh `Store` plus an instantiate, and host imports and guest calls through the C API's
-*unchecked* entry points (`wasmtime_linker_define_func_unchecked`, `wasmtime_func_call_unchecked`).
-wasmtime-py's safe paths cost ~17 µs per crossing; these cost ~1.5 µs. What the safe paths check
-for us we check ourselves, once, at compile time: every export we call has the exact signature we
-call it with (`CompiledModule.require_func`).
+It narrows wasmtime-py to what wasminfer uses for core modules: one linker on the process's `Engine`
+(`_engine.py`: epoch interruption, its ticker, the compile cache of `_cache.py`), `InstancePre` so a
+new instance is a fresh `Store` plus an instantiate, and host imports and guest calls through the C
+API's *unchecked* entry points (`wasmtime_linker_define_func_unchecked`,
+`wasmtime_func_call_unchecked`). wasmtime-py's safe paths cost ~17 µs per crossing; these cost
+~1.5 µs. What the safe paths check for us we check ourselves, once, at compile time: every export we
+call has the exact signature we call it with (`CompiledModule.require_func`).
 
 Two rules keep the unchecked paths safe:
 - A host import never lets a Python exception escape into ctypes (which would print it and return
   0, i.e. "no trap"): every callback catches `BaseException` and returns a trap. The exception
   itself is kept in the per-call state (`CallState.fault`), never in a module global, because many
   threads call guests at once.
-- Per-call state lives in a thread-local that is set around each guest call: an instance runs on
-  one thread at a time, and host imports run on the thread that called the guest.
+- Per-call state lives in a thread-local (`_engine.tls`) that is set around each guest call: an
+  instance runs on one thread at a time, and host imports run on the thread that called the guest.
+
+Over 500 lines and one concept, the boundary with core modules: host imports in, guest calls out,
+guest memory and instances, which hold those two rules together (WASI's blocking calls that we
+implement ourselves are in `_wasi.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import errno
-import hashlib
-import itertools
-import struct
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,18 +31,23 @@ from pathlib import Path
 from typing import Any
 
 import wasmtime
-import wasmtime.component
 from wasmtime import _bindings as bindings
 from wasmtime import _ffi as ffi
 
-from wasminfer.runtime import _compiler
+from wasminfer.runtime._engine import (
+    CallState,
+    Engine,
+    ExternInfo,
+    held,
+    no_finalizer,
+    set_epoch_deadline,
+    watch_epoch,
+)
+from wasminfer.runtime._engine import tls as _tls
+from wasminfer.runtime._output import OutputFn, capture_output, release_output
+from wasminfer.runtime._traps import GuestFault, Interrupted, WasmExit, WasmLinkError, WasmTrap, first_line
+from wasminfer.runtime._wasi import poll_oneoff
 
-WASMTIME_VERSION = "50.0.1"
-TICK_S = 0.001  # epoch tick: timeouts fire within ~1-2 ms of their deadline
-#: The longest a running guest goes without its call's cancel flag being looked at (epoch ticks, ms).
-#: A guest call's epoch deadline is at most this far ahead; when it passes, `_on_epoch_deadline`
-#: checks the call's own deadline and cancel flag and either traps or grants the next slice.
-SLICE_TICKS = 50
 WASM_PAGE = 65536
 #: Elements one table of an instance may hold (declared or grown to); past it `table.grow` fails.
 MAX_TABLE_ELEMENTS = 100_000
@@ -54,24 +56,8 @@ _I32 = wasmtime.ValType.i32()
 _I64 = wasmtime.ValType.i64()
 _VALTYPES = {"i32": _I32, "i64": _I64}
 _U32 = 0xFFFFFFFF
-_DLL = bindings.dll  # type: ignore[attr-defined]
 # The raw ctypes functions behind wasmtime._ffi's wrappers: one Python frame less per crossing.
 _call_unchecked = bindings._wasmtime_func_call_unchecked
-
-
-def held(name: str, restype: Any, *argtypes: Any) -> Any:
-    """Our own prototype of a C API function that keeps the GIL through the call (`PYFUNCTYPE`).
-
-    Only for calls that return in nanoseconds and never run guest code nor block: ctypes' usual
-    prototypes release the GIL around every call, and under concurrency each release is a hand-off
-    to another thread and a wait to get it back -- at 2 callers, `Host.invoke` of the digits example
-    spent more than half its CPU in those context switches. Calls into the guest keep releasing it
-    (a guest that loops must not stop the process, and its epoch ticker, until its deadline).
-    """
-    return ctypes.PYFUNCTYPE(restype, *argtypes)((name, _DLL))
-
-
-_set_epoch_deadline = held("wasmtime_context_set_epoch_deadline", None, ctypes.c_void_p, ctypes.c_uint64)
 # Host callbacks take plain addresses (c_void_p): ctypes builds no pointer objects per crossing.
 _RawCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_size_t)
@@ -80,65 +66,9 @@ _caller_context = held("wasmtime_caller_context", ctypes.c_void_p, ctypes.c_void
 # object, and its restype is shared with wasmtime-py, so it is not ours to change).
 _memory_data = held("wasmtime_memory_data", ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)
 _memory_data_size = held("wasmtime_memory_data_size", ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)
-# Guest stdout/stderr go through one C callback of ours and *no finalizer*, not through wasmtime-py's
-# `stdout_custom`: that one registers a Python finalizer, which wasmtime runs on one of its tokio
-# threads whenever it drops the stream, possibly after the store closed; one running while the
-# interpreter exits aborts the process ("panic in a function that cannot unwind", seen in about one
-# exit in three after guests had written output). The write callback itself runs only while a guest
-# is inside fd_write, which waits for it.
-_OutputCallback = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-_set_stdout_custom, _set_stderr_custom = (
-    ctypes.CFUNCTYPE(None, ctypes.c_void_p, _OutputCallback, ctypes.c_void_p, ctypes.c_void_p)(
-        (name, _DLL)
-    )
-    for name in ("wasi_config_set_stdout_custom", "wasi_config_set_stderr_custom")
-)
-
-# (context, env, *delta, *kind) -> error or NULL: what runs when a store's epoch deadline passes.
-_EpochCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
-_set_epoch_callback = held("wasmtime_store_epoch_deadline_callback", None, ctypes.c_void_p, _EpochCallback,
-                           ctypes.c_void_p, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
-_error_new = held("wasmtime_error_new", ctypes.c_void_p, ctypes.c_char_p)
-_UPDATE_DEADLINE_CONTINUE = 0
 
 _EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
-
-
-class WasmTrap(Exception):
-    """The guest trapped. `kind` is one of: timeout, stack_overflow, unreachable, memory, host, other."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
-class WasmLinkError(Exception):
-    """A module cannot be compiled, linked or instantiated (bad bytes, unknown imports, limits)."""
-
-
-class GuestFault(Exception):
-    """Raised by a host import to trap the guest; the message becomes the trap's message."""
-
-
-class Interrupted(GuestFault):
-    """Ends a guest call from the host side: `kind` is "timeout" (the call's deadline passed while the
-    guest ran or slept in a host call) or "cancelled" (`CallState.cancel`). The call then raises
-    `WasmTrap` of that kind."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-class WasmExit(Exception):
-    """The guest called WASI `proc_exit(status)` (wasmtime reports it as an error with an exit status)."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(f"exited with status {status}")
-        self.status = status
 
 
 _TRAP_KINDS = {
@@ -148,78 +78,6 @@ _TRAP_KINDS = {
     ffi.wasmtime_trap_code_enum.WASMTIME_TRAP_CODE_MEMORY_OUT_OF_BOUNDS.value: "memory",
 }
 
-
-# --- per-call state -------------------------------------------------------------------------------
-class CallState:
-    """What a host import needs about the invocation it serves. Subclassed by each ABI.
-
-    `instance` is the instance the guest call runs in (set by `WasmInstance.call`): host imports
-    reach per-instance state through `state.instance.host_state`.
-    """
-
-    fault: BaseException | None = None
-    instance: WasmInstance | None = None
-    #: When the guest call must end (`time.monotonic_ns()`), set by the call from its timeout: what
-    #: the epoch callback and blocking host calls (WASI `poll_oneoff`) hold the guest to.
-    deadline_ns: int | None = None
-    #: Set by `cancel`: the error the call ends with (the ABI raises it).
-    cancelled: BaseException | None = None
-    _wake: threading.Event | None = None  # made by the first sleep; set by `cancel`
-
-    def cancel(self, error: BaseException) -> None:
-        """Ends the guest call this state serves, from any thread: a sleep in a host call wakes at
-        once, running guest code traps within `SLICE_TICKS` ms; the call raises `WasmTrap` of kind
-        "cancelled" and `cancelled` holds `error`. Idempotent (the first error stays)."""
-        with _wake_lock:
-            if self.cancelled is None:
-                self.cancelled = error
-            wake = self._wake
-        if wake is not None:
-            wake.set()
-
-    def check(self) -> None:
-        """Raises `Interrupted` if the call was cancelled or its deadline has passed."""
-        if self.cancelled is not None:
-            raise Interrupted("cancelled", str(self.cancelled))
-        deadline = self.deadline_ns
-        if deadline is not None and time.monotonic_ns() >= deadline:
-            raise Interrupted("timeout", "the deadline passed")
-
-    def sleep_until(self, wake_at_ns: int) -> None:
-        """Blocks without the GIL until `wake_at_ns` (`time.monotonic_ns()`). Raises `Interrupted`
-        when the deadline comes first (at the deadline, not at the end of the sleep) or on `cancel`."""
-        with _wake_lock:
-            wake = self._wake
-            if wake is None:
-                wake = self._wake = threading.Event()
-        deadline = self.deadline_ns
-        until = wake_at_ns if deadline is None else min(wake_at_ns, deadline)
-        while True:
-            if self.cancelled is not None:
-                raise Interrupted("cancelled", str(self.cancelled))
-            left = until - time.monotonic_ns()
-            if left <= 0:
-                break
-            wake.wait(left / 1e9)
-        if deadline is not None and deadline <= wake_at_ns:
-            raise Interrupted("timeout", "the deadline passed while the guest slept in a host call")
-
-    def slice_ticks(self) -> int:
-        """Epoch ticks to the next look at this call: to its deadline, at most `SLICE_TICKS`.
-        Raises `Interrupted` if it is cancelled or its deadline has passed (within half a tick)."""
-        if self.cancelled is not None:
-            raise Interrupted("cancelled", str(self.cancelled))
-        deadline = self.deadline_ns
-        if deadline is None:
-            return SLICE_TICKS
-        left_ms = (deadline - time.monotonic_ns()) / 1e6
-        if left_ms <= TICK_S * 500:
-            raise Interrupted("timeout", "the deadline passed")
-        return min(SLICE_TICKS, int(left_ms / (TICK_S * 1000)) + 1)
-
-
-_tls = threading.local()
-_wake_lock = threading.Lock()  # orders `cancel` against the first sleep's making of `_wake`
 
 
 class GuestMemory:
@@ -274,9 +132,6 @@ class GuestMemory:
 
 # --- host imports ---------------------------------------------------------------------------------
 HostImpl = Callable[..., int | None]
-# Receives what the guest writes to stdout/stderr: `(stream, data)`. Returning a negative errno
-# fails the guest's write with it (None: the whole write succeeded).
-OutputFn = Callable[[str, bytes], int | None]
 
 
 @dataclass(frozen=True)
@@ -335,169 +190,35 @@ def _make_callback(hf: HostFunc) -> Any:
     return _RawCallback(callback)
 
 
-@ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # type: ignore[untyped-decorator]
-def _no_finalizer(_env: Any) -> None:
-    return None
-
-
-@_EpochCallback  # type: ignore[untyped-decorator]
-def _on_epoch_deadline(_ctx: Any, _env: Any, delta: Any, _kind: Any) -> int:
-    """A guest call's epoch deadline passed: trap (its deadline passed, or it was cancelled) or
-    grant the next slice. Runs on the thread of the call, so its state is the thread's; the engine's
-    epoch is the only thing another thread may safely touch, hence the slices (see `SLICE_TICKS`)."""
-    state = getattr(_tls, "state", None)
-    try:
-        if state is None:
-            raise Interrupted("timeout", "the deadline passed")
-        delta[0] = state.slice_ticks()
-        return 0
-    except BaseException as exc:  # noqa: BLE001 - must never escape into ctypes
-        if state is not None and state.fault is None:
-            state.fault = exc
-        return int(_error_new(f"interrupted: {exc}".encode("utf-8", "replace")) or 0)
-
-
-def watch_epoch(store: wasmtime.Store) -> None:
-    """Makes `_on_epoch_deadline` decide what happens at each epoch deadline of `store` (instead of
-    the default trap). Every store of ours is watched: cancels and deadlines hold for all."""
-    _set_epoch_callback(ctypes.cast(store.ptr(), ctypes.c_void_p), _on_epoch_deadline, None, _no_finalizer)
-
-
-# --- WASI calls that block: our own, so that they keep the deadline ------------------------------
-# wasmtime's `poll_oneoff` (what `sleep`, `nanosleep` and `poll` become) sleeps inside Rust, where
-# epoch interruption cannot reach: a guest could sleep past its deadline, and past a delete, holding
-# its thread. This one waits on the call's state instead (`CallState.sleep_until`: no GIL, woken by
-# a cancel, ended at the deadline). The other WASI calls do not block here: stdin is bytes or a
-# regular file, stdout/stderr go to `capture_output`'s callback, there are no sockets, and
-# `sched_yield` only yields the thread.
-_SUBSCRIPTION = struct.Struct("<QB7xIxxxxQQH6x")  # userdata, tag, clock id, timeout, precision, flags
-_EVENT = struct.Struct("<QHBxxxxxQH6x")  # userdata, errno, type, nbytes, flags
-_EVENTTYPE_CLOCK, _EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE = 0, 1, 2
-_CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
-_SUBCLOCK_ABSTIME = 1
-_ERRNO_FAULT, _ERRNO_INVAL = 21, 28
-_MAX_SUBSCRIPTIONS = 4096
-
-
-def _poll_oneoff(state: CallState, mem: GuestMemory, in_ptr: int, out_ptr: int, nsubscriptions: int,
-                 nevents_ptr: int) -> int:
-    """WASI preview1 `poll_oneoff(in, out, nsubscriptions, *nevents) -> errno` (layouts as in
-    wasi-libc's `wasi/api.h`: a subscription is 48 bytes, an event 32). fd subscriptions are ready at
-    once (nothing here blocks on an fd); clock ones wait for the earliest of them. Raises
-    `Interrupted` at the call's deadline or on a cancel."""
-    if not 0 < nsubscriptions <= _MAX_SUBSCRIPTIONS:
-        return _ERRNO_INVAL
-    try:
-        raw = mem.read(in_ptr, nsubscriptions * _SUBSCRIPTION.size)
-        mem.read(out_ptr, nsubscriptions * _EVENT.size)
-        mem.read(nevents_ptr, 4)
-    except GuestFault:
-        return _ERRNO_FAULT
-    now = time.monotonic_ns()
-    instance = state.instance
-    ready: list[tuple[int, int]] = []  # (userdata, event type)
-    clocks: list[tuple[int, int]] = []  # (userdata, wake at in monotonic ns)
-    for i in range(nsubscriptions):
-        userdata, tag, clock, timeout, _, flags = _SUBSCRIPTION.unpack_from(raw, i * _SUBSCRIPTION.size)
-        if tag in (_EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE):
-            ready.append((userdata, tag))
-        elif tag != _EVENTTYPE_CLOCK or clock not in (_CLOCK_REALTIME, _CLOCK_MONOTONIC):
-            return _ERRNO_INVAL
-        elif not flags & _SUBCLOCK_ABSTIME:
-            clocks.append((userdata, now + timeout))
-        elif clock == _CLOCK_REALTIME:
-            clocks.append((userdata, now + timeout - time.time_ns()))
-        else:  # the guest's monotonic clock counts from its WASI context's making
-            base = instance.clock_base_ns if instance is not None else now
-            clocks.append((userdata, base + timeout))
-    if not ready:
-        state.sleep_until(min(at for _, at in clocks))
-        now = time.monotonic_ns()
-    events = [_EVENT.pack(userdata, 0, kind, 0, 0) for userdata, kind in ready]
-    events += [_EVENT.pack(userdata, 0, _EVENTTYPE_CLOCK, 0, 0) for userdata, at in clocks if at <= now]
-    mem.write(out_ptr, b"".join(events))
-    mem.write_u32(nevents_ptr, len(events))
-    return 0
-
-
 #: WASI functions of ours that shadow wasmtime's (`WasmEngine` defines them over `define_wasi`).
 WASI_OVERRIDES = (
-    HostFunc("wasi_snapshot_preview1", "poll_oneoff", ("i32",) * 4, ("i32",), _poll_oneoff),
+    HostFunc("wasi_snapshot_preview1", "poll_oneoff", ("i32",) * 4, ("i32",), poll_oneoff),
 )
 
 
-_output_sinks: dict[int, Callable[[bytes], int | None]] = {}  # by the id passed as the callback's data
-_output_ids = itertools.count(1)
-
-
-@_OutputCallback  # type: ignore[untyped-decorator]
-def _write_output(sink_id: int | None, buf: int, size: int) -> int:
-    try:
-        sink = _output_sinks.get(sink_id or 0)
-        if sink is None:
-            return -errno.EBADF
-        result = sink(ctypes.string_at(buf, size) if size else b"")
-        return size if result is None else result
-    except BaseException:  # noqa: BLE001 - must never escape into ctypes
-        return -errno.EIO
-
-
-def capture_output(wasi: wasmtime.WasiConfig, output: OutputFn) -> tuple[int, ...]:
-    """Sends what the guest writes to stdout/stderr to `output(stream, data)`.
-
-    Use instead of `WasiConfig.stdout_custom` (see `_OutputCallback`). Returns the handles to give to
-    `release_output` once the store is closed.
-    """
-    out_id, err_id = next(_output_ids), next(_output_ids)
-    _output_sinks[out_id] = lambda data: output("stdout", data)
-    _output_sinks[err_id] = lambda data: output("stderr", data)
-    config = ctypes.cast(wasi.ptr(), ctypes.c_void_p)
-    _set_stdout_custom(config, _write_output, out_id, None)
-    _set_stderr_custom(config, _write_output, err_id, None)
-    return out_id, err_id
-
-
-def release_output(handles: Sequence[int]) -> None:
-    for handle in handles:
-        _output_sinks.pop(handle, None)
-
-
 # --- engine ---------------------------------------------------------------------------------------
-class WasmEngine:
-    """One per process: the wasmtime `Engine`, its epoch ticker, the linker and the compile cache.
-
-    Idempotent `close()`; a context manager.
-    """
+class WasmEngine(Engine):
+    """The process's `Engine` with the linker of core modules: WASI preview 1 (with our own
+    `poll_oneoff`) and the host imports, defined once. Idempotent `close()`; a context manager."""
 
     def __init__(self, host_funcs: Sequence[HostFunc], cache_dir: Path | None = None) -> None:
-        # One configuration, shared with the compile workers (`_compiler.py`): their artefacts load
-        # only into an engine configured alike.
-        config = _compiler.engine_config()
-        self.fingerprint = hashlib.sha256(
-            f"wasmtime={WASMTIME_VERSION};{_compiler.CONFIG_FINGERPRINT}".encode()
-        ).hexdigest()[:16]
-        #: Wall-clock limit of compiling one upload (in a worker process, see `_compiler.py`).
-        self.compile_timeout_s = _compiler.DEFAULT_TIMEOUT_S
-        self.engine = wasmtime.Engine(config)
-        self.cache_dir = cache_dir
-        if cache_dir is not None:
-            (cache_dir / "modules").mkdir(parents=True, exist_ok=True)
-
-        self.linker = wasmtime.Linker(self.engine)
-        self.linker.define_wasi()
-        self._callbacks: list[Any] = []  # keep ctypes callbacks alive for the engine's lifetime
-        self.host_modules = {hf.module for hf in host_funcs} | {"wasi_snapshot_preview1"}
-        self.host_imports = {(hf.module, hf.name): hf for hf in host_funcs}
-        for hf in host_funcs:
-            self._define(hf)
-        self.linker.allow_shadowing = True
-        for hf in WASI_OVERRIDES:
-            self._define(hf)
-        self.linker.allow_shadowing = False
-
-        self._closed = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, name="wasminfer-epoch", daemon=True)
-        self._ticker.start()
+        super().__init__(cache_dir)
+        try:
+            self.cache.prepare("module")
+            self.linker = wasmtime.Linker(self.engine)
+            self.linker.define_wasi()
+            self._callbacks: list[Any] = []  # keep ctypes callbacks alive for the engine's lifetime
+            self.host_modules = {hf.module for hf in host_funcs} | {"wasi_snapshot_preview1"}
+            self.host_imports = {(hf.module, hf.name): hf for hf in host_funcs}
+            for hf in host_funcs:
+                self._define(hf)
+            self.linker.allow_shadowing = True
+            for hf in WASI_OVERRIDES:
+                self._define(hf)
+            self.linker.allow_shadowing = False
+        except BaseException:
+            self.close()  # the ticker
+            raise
 
     def _define(self, hf: HostFunc) -> None:
         ty = wasmtime.FuncType([_VALTYPES[p] for p in hf.params], [_VALTYPES[r] for r in hf.results])
@@ -509,108 +230,23 @@ class WasmEngine:
             self.linker.ptr(),
             ctypes.create_string_buffer(mod), len(mod),
             ctypes.create_string_buffer(name), len(name),
-            ty.ptr(), ctypes.cast(cb, ffi.wasmtime_func_unchecked_callback_t), None, _no_finalizer,
+            ty.ptr(), ctypes.cast(cb, ffi.wasmtime_func_unchecked_callback_t), None, no_finalizer,
         )
         if err:
             raise wasmtime.WasmtimeError._from_ptr(err)
-
-    def _tick(self) -> None:
-        # One epoch per elapsed millisecond of wall-clock time, however late the thread wakes
-        # (a sleep of 1 ms takes ~1.1 ms here), so deadlines are in real milliseconds.
-        start = time.monotonic()
-        ticks = 0
-        while not self._closed.wait(TICK_S):
-            due = int((time.monotonic() - start) / TICK_S)
-            while ticks < due:
-                self.engine.increment_epoch()
-                ticks += 1
-
-    @staticmethod
-    def ticks_for(timeout_ms: int) -> int:
-        return max(1, int(timeout_ms / (TICK_S * 1000)) + 1)
 
     def compile(self, wasm: bytes, sha256: str | None = None) -> CompiledModule:
         """Compiles (or loads from the disk cache) a core module.
 
         Raises `WasmLinkError` if the bytes are not a valid module or use a feature the engine
-        refuses.
+        refuses, or do not compile within `compile_timeout_s`.
         """
-        sha = sha256 or hashlib.sha256(wasm).hexdigest()
-        cached = self._cache_path(sha)
-        module: wasmtime.Module | None = None
-        from_cache = False
-        if cached is not None and cached.exists():
-            try:
-                module = wasmtime.Module.deserialize_file(self.engine, str(cached))
-                from_cache = True
-            except wasmtime.WasmtimeError:
-                cached.unlink(missing_ok=True)  # stale or corrupt artefact: recompile
-        if module is None:
-            module = self._compile_in_worker(wasm, cached)
+        module, sha, from_cache = self.cache.load(self.engine, "module", wasm, sha256, self.compile_timeout_s)
         return CompiledModule(self, module, sha, from_cache)
 
-    def _compile_in_worker(self, wasm: bytes, cached: Path | None) -> wasmtime.Module:
-        module: wasmtime.Module = compile_in_worker(self.engine, "module", wasm, cached,
-                                                    self.compile_timeout_s)
-        return module
-
     def is_cached(self, sha256: str) -> bool:
-        path = self._cache_path(sha256)
-        return path is not None and path.exists()
+        return self.cache.is_cached("module", sha256)
 
-    def _cache_path(self, sha: str) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        return self.cache_dir / "modules" / f"{sha}-{self.fingerprint}.cwasm"
-
-    def close(self) -> None:
-        self._closed.set()
-
-    def __enter__(self) -> WasmEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def compile_in_worker(engine: wasmtime.Engine, kind: str, wasm: bytes, out: Path | None,
-                      timeout_s: float) -> Any:
-    """Compiles a core module (`kind="module"`) or a component in a worker process and loads it.
-
-    Compiling cannot be interrupted: the worker bounds its time and memory (`_compiler.py`) and
-    writes the artefact to `out` (the cache; a temporary file if None), which is then loaded like
-    a cache hit. Raises `WasmLinkError` if the bytes do not compile, or not within `timeout_s`.
-    """
-    with tempfile.TemporaryDirectory(prefix="wasminfer-compile-") if out is None \
-            else contextlib.nullcontext(str(out.parent)) as folder:
-        path = out if out is not None else Path(folder) / "artefact.cwasm"
-        try:
-            _compiler.compiler().compile(kind, wasm, path, timeout_s)
-            if kind == "component":
-                return wasmtime.component.Component.deserialize_file(engine, str(path))
-            return wasmtime.Module.deserialize_file(engine, str(path))
-        except (_compiler.CompileError, wasmtime.WasmtimeError) as exc:
-            raise WasmLinkError(_first_line(str(exc))) from None
-
-
-def _first_line(text: str) -> str:
-    """The informative part of a wasmtime error: what follows 'Caused by:', without backtraces."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    if "Caused by:" in lines:
-        lines = lines[lines.index("Caused by:") + 1:]
-    lines = [ln for ln in lines if not ln.startswith(("error while executing", "wasm backtrace"))
-             and not ln[:1].isdigit()]
-    return "; ".join(lines[:3]) if lines else "invalid module"
-
-
-@dataclass(frozen=True)
-class ExternInfo:
-    module: str
-    name: str
-    kind: str  # func | memory | table | global
-    params: tuple[str, ...] = ()
-    results: tuple[str, ...] = ()
-    min_pages: int = 0
 
 
 def _extern_info(module: str, name: str, ty: Any) -> ExternInfo:
@@ -670,7 +306,7 @@ class CompiledModule:
             try:
                 self._pre = self.engine.linker.instantiate_pre(self.module)
             except wasmtime.WasmtimeError as exc:
-                raise WasmLinkError(_first_line(str(exc))) from None
+                raise WasmLinkError(first_line(str(exc))) from None
         return self._pre
 
     def instantiate(
@@ -762,7 +398,7 @@ class WasmInstance:
             self._drop_outputs()
             if isinstance(start_state.fault, Interrupted):
                 raise WasmTrap(start_state.fault.kind, str(start_state.fault)) from None
-            raise WasmLinkError(_first_line(str(exc))) from None
+            raise WasmLinkError(first_line(str(exc))) from None
         finally:
             tls.state, tls.instance = outer
         self._instance = instance
@@ -815,7 +451,7 @@ class WasmInstance:
         elif state.deadline_ns is None:
             state.deadline_ns = self.deadline_ns
         try:
-            _set_epoch_deadline(self._ctx, state.slice_ticks())
+            set_epoch_deadline(self._ctx, state.slice_ticks())
         except Interrupted as exc:
             raise WasmTrap(exc.kind, str(exc)) from None
         tls = _tls
@@ -900,7 +536,7 @@ def _preopen_has_mutable() -> bool:
 def _to_wasm_trap(code: Any, message: str) -> WasmTrap:
     value = getattr(code, "value", None)
     kind = _TRAP_KINDS.get(value, "other") if value is not None else "other"
-    return WasmTrap(kind, _first_line(message))
+    return WasmTrap(kind, first_line(message))
 
 
 def now_ns() -> int:

@@ -30,16 +30,9 @@ from wasminfer.errors import (
     WasminferError,
 )
 from wasminfer.manifest import Manifest
-from wasminfer.runtime._wasm import (
-    CallState,
-    CompiledModule,
-    HostFunc,
-    WasiOptions,
-    WasmExit,
-    WasmInstance,
-    WasmLinkError,
-    WasmTrap,
-)
+from wasminfer.runtime._engine import CallState
+from wasminfer.runtime._traps import WasmExit, WasmLinkError, WasmTrap
+from wasminfer.runtime._wasm import CompiledModule, HostFunc, WasiOptions, WasmInstance
 from wasminfer.runtime.handler import DEFAULT_CONTENT_TYPE, InvocationState, _trap_error
 
 NAME = "command"

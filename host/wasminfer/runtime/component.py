@@ -27,11 +27,9 @@ from wasminfer.errors import (
     GuestError,
     GuestRejected,
     InferenceFailed,
-    InferLimitExceeded,
     InvalidManifest,
     InvalidModule,
     InvalidTensor,
-    LogLimitExceeded,
     MemoryLimitExceeded,
     ModelNotAllowed,
     ModelNotFound,
@@ -43,22 +41,15 @@ from wasminfer.manifest import Manifest
 from wasminfer.models.codec import MAX_RANK, MAX_TENSORS
 from wasminfer.runtime import handler
 from wasminfer.runtime._component import (
-    U16,
-    U64,
-    Bytes,
     CompiledComponent,
     ComponentFunc,
     ComponentHostFunc,
     ComponentInstance,
     ComponentLinker,
-    Enum,
-    List,
-    Record,
-    Result,
-    String,
-    Variant,
 )
-from wasminfer.runtime._wasm import CallState, WasmEngine, WasmLinkError, WasmTrap
+from wasminfer.runtime._component_values import U16, U64, Bytes, Enum, List, Record, Result, String, Variant
+from wasminfer.runtime._engine import CallState, Engine
+from wasminfer.runtime._traps import WasmLinkError, WasmTrap
 from wasminfer.runtime.handler import DEFAULT_CONTENT_TYPE, MAX_MESSAGE, InvocationState
 
 NAME = "component"
@@ -109,13 +100,9 @@ def _fail(state: InvocationState, case: str, error: WasminferError) -> tuple[boo
 
 def _infer(state: InvocationState, model: str, inputs: list[tuple[Any, ...]]) -> tuple[bool, Any]:
     m = state.manifest
-    state.infer_calls += 1
-    if state.infer_calls > m.max_infer_calls:
-        err = InferLimitExceeded.exceeded(
-            state.function, f"called infer {state.infer_calls} times in one invocation", m.max_infer_calls
-        )
-        state.limit_error = state.limit_error or err
-        return _fail(state, "too-many-calls", err)
+    limit_err = state.count_infer("called infer {} times")
+    if limit_err is not None:
+        return _fail(state, "too-many-calls", limit_err)
     if not m.allows(model):
         return _fail(state, "model-not-allowed", ModelNotAllowed(state.function, model))
     try:
@@ -205,17 +192,7 @@ def _tensor(name: str, array: np.ndarray) -> tuple[Any, ...]:
 
 
 def _log(state: InvocationState, level: str, message: str) -> None:
-    raw = message.encode("utf-8", "replace")
-    state.log_bytes += len(raw)
-    limit = state.manifest.max_log_bytes
-    if state.log_bytes > limit:
-        err = LogLimitExceeded.exceeded(
-            state.function, f"tried to log {state.log_bytes} bytes in one invocation", limit
-        )
-        state.limit_error = err
-        raise err
-    # A byte past the limit: the log buffer cuts the line there and marks the cut.
-    state.logs.append("log", raw[: MAX_MESSAGE + 1].decode("utf-8", "replace"), level, state.invocation_id)
+    state.log(message.encode("utf-8", "replace"), level)
 
 
 HOST_FUNCS = (
@@ -232,7 +209,7 @@ def _provided(name: str) -> bool:
     return name.startswith("wasi:") or name == TYPES
 
 
-def compile_component(engine: WasmEngine, wasm: bytes, sha256: str) -> CompiledComponent:
+def compile_component(engine: Engine, wasm: bytes, sha256: str) -> CompiledComponent:
     """Compiles (or loads from the disk cache) a component and checks it targets this world.
 
     Raises `InvalidModule`: not a valid component, imports the host does not provide, or no

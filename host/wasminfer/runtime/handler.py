@@ -34,17 +34,9 @@ from wasminfer.errors import (
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelRegistry
 from wasminfer.models.codec import decode_tensors, encode_tensors
-from wasminfer.runtime._wasm import (
-    CallState,
-    CompiledModule,
-    GuestFault,
-    GuestMemory,
-    HostFunc,
-    Interrupted,
-    WasmInstance,
-    WasmLinkError,
-    WasmTrap,
-)
+from wasminfer.runtime._engine import CallState
+from wasminfer.runtime._traps import GuestFault, Interrupted, WasmLinkError, WasmTrap
+from wasminfer.runtime._wasm import CompiledModule, GuestMemory, HostFunc, WasmInstance
 from wasminfer.runtime.logs import LEVELS, LogBuffer
 
 NAME = "handler"
@@ -113,6 +105,34 @@ class InvocationState(CallState):
         self.nn_error: str | None = None  # the last failed wasi-nn call, cleared by a successful compute
         self.nn_errors = 0  # failed wasi-nn calls (the first few are logged)
 
+    def count_infer(self, did: str) -> InferLimitExceeded | None:
+        """Counts one inference of the invocation (every ABI's infer import). Past the manifest's
+        `max_infer_calls` returns the limit error, which is also the invocation's `limit_error` unless
+        another came first; `did` tells what the guest did, `{}` standing for the count."""
+        self.infer_calls += 1
+        limit = self.manifest.max_infer_calls
+        if self.infer_calls <= limit:
+            return None
+        err = InferLimitExceeded.exceeded(self.function, f"{did.format(self.infer_calls)} in one invocation",
+                                          limit)
+        self.limit_error = self.limit_error or err
+        return err
+
+    def log(self, raw: bytes, level: str) -> None:
+        """Appends a line the guest logs to the function's logs (cut at `MAX_MESSAGE` bytes, the cut marked).
+        Raises `LogLimitExceeded`, which becomes the invocation's `limit_error`, once the invocation
+        has logged more than the manifest's `max_log_bytes`."""
+        self.log_bytes += len(raw)
+        limit = self.manifest.max_log_bytes
+        if self.log_bytes > limit:
+            err = LogLimitExceeded.exceeded(
+                self.function, f"tried to log {self.log_bytes} bytes in one invocation", limit
+            )
+            self.limit_error = err
+            raise err
+        # A byte past the limit: the log buffer cuts the line there and marks the cut.
+        self.logs.append("log", raw[: MAX_MESSAGE + 1].decode("utf-8", "replace"), level, self.invocation_id)
+
 
 def _fail(state: InvocationState, code: int, error: WasminferError) -> int:
     state.infer_error = error
@@ -129,13 +149,9 @@ def _infer(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: 
         raise GuestFault(f"infer: output buffer [{out_ptr}, {out_ptr + out_cap}) is outside guest memory")
     state.pending = None
     m = state.manifest
-    state.infer_calls += 1
-    if state.infer_calls > m.max_infer_calls:
-        err = InferLimitExceeded.exceeded(
-            state.function, f"called infer {state.infer_calls} times in one invocation", m.max_infer_calls
-        )
-        state.limit_error = state.limit_error or err
-        return _fail(state, E_LIMIT, err)
+    limit_err = state.count_infer("called infer {} times")
+    if limit_err is not None:
+        return _fail(state, E_LIMIT, limit_err)
     try:
         model = name_raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -208,18 +224,7 @@ def _error(state: InvocationState, mem: GuestMemory, msg_ptr: int, msg_len: int)
 
 
 def _log(state: InvocationState, mem: GuestMemory, level: int, msg_ptr: int, msg_len: int) -> None:
-    raw = mem.read(msg_ptr, msg_len)
-    state.log_bytes += len(raw)
-    limit = state.manifest.max_log_bytes
-    if state.log_bytes > limit:
-        err = LogLimitExceeded.exceeded(
-            state.function, f"tried to log {state.log_bytes} bytes in one invocation", limit
-        )
-        state.limit_error = err
-        raise err
-    lvl = LEVELS[level] if 0 <= level < len(LEVELS) else "info"
-    # A byte past the limit: the log buffer cuts the line there and marks the cut.
-    state.logs.append("log", raw[: MAX_MESSAGE + 1].decode("utf-8", "replace"), lvl, state.invocation_id)
+    state.log(mem.read(msg_ptr, msg_len), LEVELS[level] if 0 <= level < len(LEVELS) else "info")
 
 
 HOST_FUNCS = (

@@ -4,6 +4,10 @@ Deploy models and functions, invoke functions with bytes, read logs and stats. O
 one `WasmEngine` (compiled modules cached on disk), one `ModelRegistry` (one ONNX Runtime session
 per model), and per function an `InstancePool` of warm instances. `invoke` is synchronous and
 thread-safe: callers run it on worker threads (Wasm and ONNX Runtime both run without the GIL).
+
+Over 500 lines and one concept: a host with the functions deployed in it (`DeployedFunction` is its
+per-function state: pool, counters, calls in flight), whose deploy, invoke, delete and memory
+accounting each work across both.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from wasminfer.errors import (
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo, ModelRegistry
 from wasminfer.runtime import command, component, handler, wasi_nn
-from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance, WasmLinkError, WasmTrap
+from wasminfer.runtime._traps import WasmLinkError, WasmTrap
+from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance
 from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter
 from wasminfer.runtime.memory import MEMORY_REFUSALS, MemoryBudget, Reservation, TenantMemory, model_bytes
 from wasminfer.runtime.pool import InstancePool

@@ -28,7 +28,6 @@ import numpy as np
 
 from wasminfer.errors import (
     InferenceFailed,
-    InferLimitExceeded,
     InvalidModel,
     InvalidTensor,
     ModelNotAllowed,
@@ -37,7 +36,8 @@ from wasminfer.errors import (
     WasminferError,
 )
 from wasminfer.models import ModelInfo, ModelRegistry, TensorSpec
-from wasminfer.runtime._wasm import GuestFault, GuestMemory, HostFunc
+from wasminfer.runtime._traps import GuestFault
+from wasminfer.runtime._wasm import GuestMemory, HostFunc
 from wasminfer.runtime.handler import InvocationState, run_model
 
 MODULE = "wasi_ephemeral_nn"
@@ -371,13 +371,8 @@ def _compute(state: InvocationState, mem: GuestMemory, ctx: int) -> None:
             err = InvalidTensor(f"input {spec.name!r} is missing; the model's inputs are "
                                 + ", ".join(repr(s.name) for s in specs))
             _fail(INVALID_ARGUMENT, f"model {graph.model!r} input {i}: {err.message} (set_input)", err)
-    m = state.manifest
-    state.infer_calls += 1
-    if state.infer_calls > m.max_infer_calls:
-        limit_err = InferLimitExceeded.exceeded(
-            state.function, f"ran {state.infer_calls} inferences in one invocation", m.max_infer_calls
-        )
-        state.limit_error = state.limit_error or limit_err
+    limit_err = state.count_infer("ran {} inferences")
+    if limit_err is not None:
         _fail(BUSY, limit_err.message, limit_err)
     inputs = {spec.name: value for spec, value in zip(specs, c.inputs, strict=True) if value is not None}
     infer = nn.private.infer if graph.private and nn.private is not None else state.infer

@@ -26,8 +26,8 @@ from wasminfer.errors import Unavailable, WasminferError
 BUSY_TIMEOUT_S = 30.0
 
 # MIGRATIONS[i] takes the schema from version i to i + 1 (stored in `PRAGMA user_version`). Append
-# new entries (the jobs table, …); never edit a released one. All statements of one migration run in
-# one transaction together with the version bump.
+# new entries; never edit a released one. All statements of one migration run in one transaction
+# together with the version bump. Tables of other packages (jobs) are theirs: `migrate_part`.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         # Version numbers are never reused, even after a delete: caches keyed by (name, version)
@@ -95,54 +95,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX api_keys_by_tenant ON api_keys (tenant)",
     ),
     (
-        # Asynchronous and bulk invocations (`wasminfer.jobs`). A job's items live in chunks: each
-        # chunk is claimed, run and committed as one unit, so a 10,000-item job costs tens of
-        # commits, not thousands, and a crash re-runs at most the chunks that were running.
-        # Ids are time-ordered (`jobs.records.new_job_id`), so `ORDER BY id` is submission order.
-        """CREATE TABLE jobs (
-            id TEXT PRIMARY KEY,
-            tenant TEXT NOT NULL DEFAULT 'default',
-            function TEXT NOT NULL,
-            kind TEXT NOT NULL CHECK (kind IN ('invoke', 'batch')),
-            status TEXT NOT NULL
-                CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
-            content_type TEXT NOT NULL,
-            items_total INTEGER NOT NULL CHECK (items_total >= 0),
-            items_done INTEGER NOT NULL DEFAULT 0,
-            items_failed INTEGER NOT NULL DEFAULT 0,
-            chunks_open INTEGER NOT NULL,
-            input_bytes INTEGER NOT NULL,
-            idempotency_key TEXT,
-            request_sha256 TEXT NOT NULL,
-            webhook TEXT,
-            webhook_state TEXT CHECK (webhook_state IN ('pending', 'delivered', 'failed')),
-            error TEXT,
-            ttl_s REAL NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            created_at REAL NOT NULL,
-            started_at REAL,
-            finished_at REAL,
-            expires_at REAL,
-            UNIQUE (tenant, idempotency_key)
-        )""",
-        "CREATE INDEX jobs_by_tenant ON jobs (tenant, id)",
-        "CREATE INDEX jobs_active ON jobs (id) WHERE status IN ('queued', 'running')",
-        "CREATE INDEX jobs_by_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL",
-        "CREATE INDEX jobs_webhooks_pending ON jobs (id) WHERE webhook_state = 'pending'",
-        # `input` / `output`: the chunk's items and results inline when small, NULL when they are
-        # in a file of the job's folder (`<data_dir>/jobs/<id>/`): large bodies stay out of rows.
-        """CREATE TABLE job_chunks (
-            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-            seq INTEGER NOT NULL,
-            first_item INTEGER NOT NULL,
-            items INTEGER NOT NULL CHECK (items > 0),
-            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'cancelled')),
-            input BLOB,
-            output BLOB,
-            failed INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (job_id, seq)
-        )""",
-        "CREATE INDEX job_chunks_running ON job_chunks (job_id) WHERE state = 'running'",
+        # Version 2 made the tables of asynchronous jobs; they are `wasminfer.jobs`'s now, which
+        # keeps its own migrations (`jobs/schema.py`) and adopts the tables files of version 2 hold.
+    ),
+    (
+        # The schema versions of the packages that keep tables of their own in this file (the
+        # store's own is `PRAGMA user_version`): see `Database.migrate_part`.
+        """CREATE TABLE schema_parts (
+            part TEXT PRIMARY KEY,
+            version INTEGER NOT NULL CHECK (version >= 0)
+        ) WITHOUT ROWID""",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -262,22 +224,49 @@ class Database:
             raise
         return conn
 
+    def migrate_part(self, part: str, migrations: tuple[tuple[str, ...], ...]) -> None:
+        """Brings the tables that package `part` (e.g. "jobs") keeps in this file to the last of its
+        own `migrations` (the same rules as the store's; the version is in table `schema_parts`).
+        Raises `WasminferError` if the file holds a newer version of `part` than `migrations` know,
+        `Unavailable` as `write` does."""
+        with self.write() as conn:
+            row = conn.execute("SELECT version FROM schema_parts WHERE part = ?", (part,)).fetchone()
+            current = int(row[0]) if row is not None else 0
+            self._apply(conn, f"{self.path} ({part})", current, migrations)
+            if current != len(migrations):
+                conn.execute(
+                    "INSERT INTO schema_parts (part, version) VALUES (?, ?) "
+                    "ON CONFLICT (part) DO UPDATE SET version = excluded.version",
+                    (part, len(migrations)),
+                )
+
+    def part_version(self, part: str) -> int:
+        """The schema version of package `part`'s tables in this file (0: none yet)."""
+        with self.read() as conn:
+            row = conn.execute("SELECT version FROM schema_parts WHERE part = ?", (part,)).fetchone()
+            return int(row[0]) if row is not None else 0
+
     def _migrate(self, conn: sqlite3.Connection, migrations: tuple[tuple[str, ...], ...]) -> None:
         # IMMEDIATE: two processes opening a fresh folder at once migrate one after the other.
         conn.execute("BEGIN IMMEDIATE")
         try:
             current = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if current > len(migrations):
-                raise WasminferError(
-                    f"{self.path} has schema version {current}, newer than this wasminfer knows "
-                    f"({len(migrations)}): upgrade wasminfer"
-                )
-            for version in range(current, len(migrations)):
-                for statement in migrations[version]:
-                    conn.execute(statement)
+            self._apply(conn, str(self.path), current, migrations)
             if current != len(migrations):
                 conn.execute(f"PRAGMA user_version = {len(migrations)}")
             conn.execute("COMMIT")
         finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, what: str, current: int,
+               migrations: tuple[tuple[str, ...], ...]) -> None:
+        if current > len(migrations):
+            raise WasminferError(
+                f"{what} has schema version {current}, newer than this wasminfer knows "
+                f"({len(migrations)}): upgrade wasminfer"
+            )
+        for version in range(current, len(migrations)):
+            for statement in migrations[version]:
+                conn.execute(statement)

@@ -8,6 +8,9 @@ transaction. A crash before the commit leaves at most an unreferenced blob, whic
 a row is never visible before its blob is whole on disk.
 
 Every method takes `tenant` as a keyword (default `"default"`); names are unique per tenant.
+
+Over 500 lines and one concept: `Store`, whose every operation (functions, versions, models, keys,
+gc, check) keeps that same write order over the same rows and blobs.
 """
 
 from __future__ import annotations

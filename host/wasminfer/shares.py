@@ -1,8 +1,8 @@
 """`tenant_cap`: how many of a host's shared slots (invocation threads, admin threads, job workers)
 one tenant may hold, so that one tenant's flood or stuck calls leave the others their share.
 
-Pure arithmetic; the limiters that apply it (`wasminfer.replicas.fairness.FairLimiter` on the event
-loop, `wasminfer.jobs.runner` under its lock) keep the counts and the queues.
+Pure arithmetic, a leaf module: the limiters that apply it (`wasminfer.replicas.fairness.FairLimiter`
+on the event loop, `wasminfer.jobs.runner` under its lock) keep the counts and the queues.
 
 Two regimes:
 

@@ -1,0 +1,222 @@
+"""The process's wasmtime engine, and how it holds guest calls to their deadlines.
+
+One `Engine` per process: the wasmtime `Engine` in the configuration the compile workers share
+(`_compiler.engine_config`), the epoch ticker that advances it every millisecond, and the compile
+cache (`_cache.py`). Every store of either boundary (`_wasm.py`: core modules, `_component.py`:
+components) is watched by `watch_epoch`: at each epoch deadline `_on_epoch_deadline` looks at the
+call's `CallState` (its deadline, its cancel flag) and traps or grants the next slice.
+
+Also here, what both boundaries need of the C API beyond wasmtime-py: `held` prototypes that keep
+the GIL, `no_finalizer`, `set_epoch_deadline`, `error_new`.
+
+Per-call state lives in the thread-local `tls` (`tls.state`, and `tls.instance` for core modules),
+set around each guest call: an instance runs on one thread at a time, and host imports run on the
+thread that called the guest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import wasmtime
+from wasmtime import _bindings as bindings
+
+from wasminfer.runtime import _compiler
+from wasminfer.runtime._cache import CompileCache, fingerprint
+from wasminfer.runtime._traps import Interrupted
+
+if TYPE_CHECKING:
+    from wasminfer.runtime._wasm import WasmInstance
+
+TICK_S = 0.001  # epoch tick: timeouts fire within ~1-2 ms of their deadline
+#: The longest a running guest goes without its call's cancel flag being looked at (epoch ticks, ms).
+#: A guest call's epoch deadline is at most this far ahead; when it passes, `_on_epoch_deadline`
+#: checks the call's own deadline and cancel flag and either traps or grants the next slice.
+SLICE_TICKS = 50
+DLL = bindings.dll  # type: ignore[attr-defined]
+
+
+def held(name: str, restype: Any, *argtypes: Any) -> Any:
+    """Our own prototype of a C API function that keeps the GIL through the call (`PYFUNCTYPE`).
+
+    Only for calls that return in nanoseconds and never run guest code nor block: ctypes' usual
+    prototypes release the GIL around every call, and under concurrency each release is a hand-off
+    to another thread and a wait to get it back -- at 2 callers, `Host.invoke` of the digits example
+    spent more than half its CPU in those context switches. Calls into the guest keep releasing it
+    (a guest that loops must not stop the process, and its epoch ticker, until its deadline).
+    """
+    return ctypes.PYFUNCTYPE(restype, *argtypes)((name, DLL))
+
+
+set_epoch_deadline = held("wasmtime_context_set_epoch_deadline", None, ctypes.c_void_p, ctypes.c_uint64)
+# (context, env, *delta, *kind) -> error or NULL: what runs when a store's epoch deadline passes.
+_EpochCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
+_set_epoch_callback = held("wasmtime_store_epoch_deadline_callback", None, ctypes.c_void_p, _EpochCallback,
+                           ctypes.c_void_p, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+error_new = held("wasmtime_error_new", ctypes.c_void_p, ctypes.c_char_p)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # type: ignore[untyped-decorator]
+def no_finalizer(_env: Any) -> None:
+    return None
+
+
+# --- per-call state -------------------------------------------------------------------------------
+class CallState:
+    """What a host import needs about the invocation it serves. Subclassed by each ABI.
+
+    `instance` is the instance the guest call runs in (set by `WasmInstance.call`): host imports
+    reach per-instance state through `state.instance.host_state`.
+    """
+
+    fault: BaseException | None = None
+    instance: WasmInstance | None = None
+    #: When the guest call must end (`time.monotonic_ns()`), set by the call from its timeout: what
+    #: the epoch callback and blocking host calls (WASI `poll_oneoff`) hold the guest to.
+    deadline_ns: int | None = None
+    #: Set by `cancel`: the error the call ends with (the ABI raises it).
+    cancelled: BaseException | None = None
+    _wake: threading.Event | None = None  # made by the first sleep; set by `cancel`
+
+    def cancel(self, error: BaseException) -> None:
+        """Ends the guest call this state serves, from any thread: a sleep in a host call wakes at
+        once, running guest code traps within `SLICE_TICKS` ms; the call raises `WasmTrap` of kind
+        "cancelled" and `cancelled` holds `error`. Idempotent (the first error stays)."""
+        with _wake_lock:
+            if self.cancelled is None:
+                self.cancelled = error
+            wake = self._wake
+        if wake is not None:
+            wake.set()
+
+    def check(self) -> None:
+        """Raises `Interrupted` if the call was cancelled or its deadline has passed."""
+        if self.cancelled is not None:
+            raise Interrupted("cancelled", str(self.cancelled))
+        deadline = self.deadline_ns
+        if deadline is not None and time.monotonic_ns() >= deadline:
+            raise Interrupted("timeout", "the deadline passed")
+
+    def sleep_until(self, wake_at_ns: int) -> None:
+        """Blocks without the GIL until `wake_at_ns` (`time.monotonic_ns()`). Raises `Interrupted`
+        when the deadline comes first (at the deadline, not at the end of the sleep) or on `cancel`."""
+        with _wake_lock:
+            wake = self._wake
+            if wake is None:
+                wake = self._wake = threading.Event()
+        deadline = self.deadline_ns
+        until = wake_at_ns if deadline is None else min(wake_at_ns, deadline)
+        while True:
+            if self.cancelled is not None:
+                raise Interrupted("cancelled", str(self.cancelled))
+            left = until - time.monotonic_ns()
+            if left <= 0:
+                break
+            wake.wait(left / 1e9)
+        if deadline is not None and deadline <= wake_at_ns:
+            raise Interrupted("timeout", "the deadline passed while the guest slept in a host call")
+
+    def slice_ticks(self) -> int:
+        """Epoch ticks to the next look at this call: to its deadline, at most `SLICE_TICKS`.
+        Raises `Interrupted` if it is cancelled or its deadline has passed (within half a tick)."""
+        if self.cancelled is not None:
+            raise Interrupted("cancelled", str(self.cancelled))
+        deadline = self.deadline_ns
+        if deadline is None:
+            return SLICE_TICKS
+        left_ms = (deadline - time.monotonic_ns()) / 1e6
+        if left_ms <= TICK_S * 500:
+            raise Interrupted("timeout", "the deadline passed")
+        return min(SLICE_TICKS, int(left_ms / (TICK_S * 1000)) + 1)
+
+
+tls = threading.local()
+_wake_lock = threading.Lock()  # orders `cancel` against the first sleep's making of `_wake`
+
+
+@_EpochCallback  # type: ignore[untyped-decorator]
+def _on_epoch_deadline(_ctx: Any, _env: Any, delta: Any, _kind: Any) -> int:
+    """A guest call's epoch deadline passed: trap (its deadline passed, or it was cancelled) or
+    grant the next slice. Runs on the thread of the call, so its state is the thread's; the engine's
+    epoch is the only thing another thread may safely touch, hence the slices (see `SLICE_TICKS`)."""
+    state = getattr(tls, "state", None)
+    try:
+        if state is None:
+            raise Interrupted("timeout", "the deadline passed")
+        delta[0] = state.slice_ticks()
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - must never escape into ctypes
+        if state is not None and state.fault is None:
+            state.fault = exc
+        return int(error_new(f"interrupted: {exc}".encode("utf-8", "replace")) or 0)
+
+
+def watch_epoch(store: wasmtime.Store) -> None:
+    """Makes `_on_epoch_deadline` decide what happens at each epoch deadline of `store` (instead of
+    the default trap). Every store of ours is watched: cancels and deadlines hold for all."""
+    _set_epoch_callback(ctypes.cast(store.ptr(), ctypes.c_void_p), _on_epoch_deadline, None, no_finalizer)
+
+
+@dataclass(frozen=True)
+class ExternInfo:
+    """An import or export of a module or component, as the host reports it."""
+
+    module: str
+    name: str
+    kind: str  # func | memory | table | global
+    params: tuple[str, ...] = ()
+    results: tuple[str, ...] = ()
+    min_pages: int = 0
+
+
+# --- the engine -----------------------------------------------------------------------------------
+class Engine:
+    """One per process: the wasmtime `Engine`, its epoch ticker and the compile cache.
+
+    Idempotent `close()`; a context manager. `_wasm.WasmEngine` adds the linker of core modules;
+    `_component.ComponentLinker.for_engine` makes the one of components.
+    """
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        # One configuration, shared with the compile workers (`_compiler.py`): their artefacts load
+        # only into an engine configured alike.
+        config = _compiler.engine_config()
+        self.fingerprint = fingerprint()
+        #: Wall-clock limit of compiling one upload (in a worker process, see `_compiler.py`).
+        self.compile_timeout_s = _compiler.DEFAULT_TIMEOUT_S
+        self.engine = wasmtime.Engine(config)
+        self.cache_dir = cache_dir
+        self.cache = CompileCache(cache_dir, self.fingerprint)
+        self._closed = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="wasminfer-epoch", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        # One epoch per elapsed millisecond of wall-clock time, however late the thread wakes
+        # (a sleep of 1 ms takes ~1.1 ms here), so deadlines are in real milliseconds.
+        start = time.monotonic()
+        ticks = 0
+        while not self._closed.wait(TICK_S):
+            due = int((time.monotonic() - start) / TICK_S)
+            while ticks < due:
+                self.engine.increment_epoch()
+                ticks += 1
+
+    @staticmethod
+    def ticks_for(timeout_ms: int) -> int:
+        return max(1, int(timeout_ms / (TICK_S * 1000)) + 1)
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
