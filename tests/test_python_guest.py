@@ -257,7 +257,9 @@ def test_guest_exception_is_a_500_with_its_message_and_its_traceback_in_the_logs
     with pytest.raises(GuestError) as info:
         run(host, "raise kaboom")
     assert (info.value.status, info.value.code) == (500, "guest_error")
-    assert info.value.message == "ValueError: kaboom"
+    # the exception and where it was raised, for the caller (not only in the logs)
+    where = '(app.py, line 40, in handle: raise ValueError(arg or "boom"))'
+    assert info.value.message == f"ValueError: kaboom {where}"
     lines = host.logs("py", 50, since)
     traceback = [ln for ln in lines if ln.stream == "log" and "Traceback" in ln.message]
     assert traceback and traceback[0].level == "error"

@@ -314,3 +314,35 @@ def test_logs_capture_guest_log_lines(host: Host) -> None:
     lines = host.logs("hostile")
     assert any(ln.stream == "log" and ln.level == "warn" and ln.message == "hello from the guest"
                for ln in lines)
+
+
+# --- the guest's own words in its errors ---------------------------------------------------------
+# Writes a line to stderr (WASI fd_write on fd 2), then aborts as C's abort() and a Rust panic do.
+ABORT_WAT = """(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "guest.c:12: main: Assertion `pixels == 64' failed.\\n")
+  (func (export "wasminfer_abi_v1"))
+  (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "wasminfer_handle") (param i32 i32 i32 i32) (result i32)
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 51))
+    (drop (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 16)))
+    unreachable))"""
+
+
+def test_a_trap_carries_what_the_guest_wrote_to_stderr(host: Host, hostile_wasm: bytes) -> None:
+    import wasmtime
+
+    host.deploy_function("aborts", bytes(wasmtime.wat2wasm(ABORT_WAT)), Manifest())
+    for _ in range(2):  # on a fresh instance and again: the tail is the invocation's own
+        with pytest.raises(GuestTrap) as info:
+            host.invoke("aborts", b"")
+        assert info.value.message == (
+            "function 'aborts' trapped: wasm trap: wasm `unreachable` instruction executed; "
+            "stderr: guest.c:12: main: Assertion `pixels == 64' failed."
+        )
+    # a trap of a guest that wrote nothing says only what trapped
+    with pytest.raises(GuestTrap) as quiet:
+        host.invoke("hostile", b"t")
+    assert "stderr" not in quiet.value.message

@@ -34,12 +34,12 @@ from wasminfer.runtime._engine import CallState
 from wasminfer.runtime._traps import WasmExit, WasmLinkError, WasmTrap
 from wasminfer.runtime._wasm import CompiledModule, HostFunc, WasiOptions, WasmInstance
 from wasminfer.runtime.handler import DEFAULT_CONTENT_TYPE, InvocationState, _trap_error
+from wasminfer.runtime.logs import Tail
 
 NAME = "command"
 EXPORT_START = "_start"
 CALLS = ((EXPORT_START, 0),)
 HOST_FUNCS: tuple[HostFunc, ...] = ()  # WASI only (wasi_ephemeral_nn is registered on its own)
-STDERR_TAIL = 2048  # bytes of stderr quoted in the error of a failed run
 # The folder that holds a mounted body for one invocation: RAM-backed where there is one (a temp
 # folder on ext4 costs ~4 ms to make, fill and remove; on tmpfs ~0.15 ms).
 _MOUNT_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK) else None
@@ -101,7 +101,7 @@ class _Streams:
         self.state = state
         self.log = log
         self.stdout = bytearray()
-        self.stderr_tail = b""
+        self.stderr_tail = Tail()
 
     def write(self, stream: str, data: bytes) -> int | None:
         state = self.state
@@ -115,7 +115,7 @@ class _Streams:
                 return -errno.EFBIG
             self.stdout += data
             return None
-        self.stderr_tail = (self.stderr_tail + data)[-STDERR_TAIL:]
+        self.stderr_tail.add(data)
         state.log_bytes += len(data)
         if state.log_bytes > m.max_log_bytes:
             state.limit_error = state.limit_error or LogLimitExceeded.exceeded(
@@ -128,8 +128,7 @@ class _Streams:
         return None
 
     def tail(self) -> str:
-        text = self.stderr_tail.decode("utf-8", "replace").strip()
-        return f"; stderr: {'…' if len(self.stderr_tail) == STDERR_TAIL else ''}{text}" if text else ""
+        return self.stderr_tail.suffix()
 
 
 def invoke(slot: CommandSlot, body: bytes, content_type: str, state: InvocationState) -> bool:

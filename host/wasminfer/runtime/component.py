@@ -322,7 +322,24 @@ def invoke(inst: ComponentInstance, body: bytes, content_type: str, state: Invoc
         status, message = payload
         message = message or f"function {state.function!r} rejected the request"
         raise GuestRejected(status, message) if 400 <= status <= 499 else GuestError(message)
-    raise GuestError(payload[0] or f"function {state.function!r} failed")
+    raise GuestError((payload[0] or f"function {state.function!r} failed") + _where(payload[1]))
+
+
+_FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (.+)$')
+
+
+def _where(traceback: str) -> str:
+    """Where an uncaught exception was raised, from its traceback's last frame:
+    `" (app.py, line 12, in handle: raise ValueError(arg))"`, or "" without a frame."""
+    lines = traceback.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        frame = _FRAME.match(lines[i])
+        if frame is not None:
+            path, line, func = frame.groups()
+            source = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
+            code = f": {source[:200]}" if source and not source.startswith(("Traceback", "~", "^")) else ""
+            return f" ({path.rsplit('/', 1)[-1]}, line {line}, in {func}{code})"
+    return ""
 
 
 # What CPython and Rust print to stderr when an allocation fails where Python cannot raise (say, while

@@ -25,6 +25,8 @@ from typing import Any
 from wasminfer.errors import (
     Conflict,
     FunctionNotFound,
+    GuestError,
+    GuestTrap,
     InvalidManifest,
     InvalidModule,
     InvocationCancelled,
@@ -38,7 +40,7 @@ from wasminfer.models import ModelInfo, ModelRegistry
 from wasminfer.runtime import command, component, handler, wasi_nn
 from wasminfer.runtime._traps import WasmLinkError, WasmTrap
 from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance
-from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter
+from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter, Tail
 from wasminfer.runtime.memory import MEMORY_REFUSALS, MemoryBudget, Reservation, TenantMemory, model_bytes
 from wasminfer.runtime.pool import InstancePool
 
@@ -231,6 +233,18 @@ class DeployedFunction:
             "module": {"sha256": self.compiled.sha256, "from_cache": self.compiled.from_cache,
                        "uses_wasi_nn": wasi_nn.uses_wasi_nn(self.compiled.imports)},
         }
+
+
+def _with_guest_words(error: WasminferError, abi: str, stderr: Tail) -> None:
+    """Ends the message of a trap (a C `abort()`, a Rust panic), or of a component's failure (an
+    uncaught Python exception), with what the guest last wrote to stderr: its own account of what
+    went wrong. Only the function's own tenant can invoke it, so only that tenant reads it."""
+    words = stderr.suffix()
+    if not words or "; stderr: " in error.message:
+        return
+    if type(error) is GuestTrap or (type(error) is GuestError and abi == "component"):
+        error.message += words
+        error.args = (error.message,)
 
 
 class _NoInstance:
@@ -485,6 +499,7 @@ class Host:
         t1 = time.perf_counter_ns()
         state = handler.InvocationState(name, m, self.models.infer, fn.logs, invocation_id, self.models)
         inst.stdout.invocation = inst.stderr.invocation = invocation_id
+        inst.stderr.tail.clear()
         healthy = False
         error: WasminferError | None = None
         fn.begin(state)
@@ -492,6 +507,7 @@ class Host:
             healthy = fn.abi_impl.invoke(inst.wasm, body, content_type, state)
         except WasminferError as exc:
             error = exc
+            _with_guest_words(exc, fn.abi, inst.stderr.tail)
             healthy = not state.discard and not inst.wasm.at_memory_limit()
             if state.alloc_failed and not cold:
                 exc.alloc_failed_warm = True  # type: ignore[attr-defined]

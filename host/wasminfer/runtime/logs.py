@@ -70,8 +70,36 @@ class LogBuffer:
             self._lines.clear()
 
 
+#: Bytes of a guest's stderr quoted in the error of a failed invocation: the guest's own words (a
+#: Rust panic's message, a C assertion, a Python traceback's last lines) where its caller sees them,
+#: not only in the logs.
+STDERR_TAIL = 1024
+
+
+class Tail:
+    """The last `STDERR_TAIL` bytes a guest wrote to a stream during one invocation."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def add(self, data: bytes) -> None:
+        self.data = (self.data + data)[-STDERR_TAIL:]
+
+    def clear(self) -> None:
+        self.data = b""
+
+    def suffix(self) -> str:
+        """`"; stderr: …"` to end an error message with (an ellipsis where older output was cut), or
+        "" when the guest wrote nothing."""
+        text = self.data.decode("utf-8", "replace").strip()
+        return f"; stderr: {'…' if len(self.data) == STDERR_TAIL else ''}{text}" if text else ""
+
+
 class StreamSplitter:
-    """Turns chunks written to a guest's stdout/stderr into log lines."""
+    """Turns chunks written to a guest's stdout/stderr into log lines, and keeps the invocation's
+    `tail` (cleared by the host as each invocation starts)."""
 
     def __init__(self, buffer: LogBuffer, stream: str, level: str) -> None:
         self.buffer = buffer
@@ -80,9 +108,11 @@ class StreamSplitter:
         self._partial = b""
         self.invocation: str | None = None
         self.bytes_written = 0
+        self.tail = Tail()
 
     def write(self, data: bytes) -> None:
         self.bytes_written += len(data)
+        self.tail.add(data)
         data = self._partial + data
         *lines, self._partial = data.split(b"\n")
         for raw in lines:
