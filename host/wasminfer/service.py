@@ -42,7 +42,7 @@ from wasminfer.errors import (
 )
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo
-from wasminfer.models.registry import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP_THREADS
+from wasminfer.models.options import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP_THREADS
 from wasminfer.runtime import DeployedFunction, Host, InvokeResult, LogLine
 from wasminfer.runtime.memory import MemoryBudget, MemorySettings
 from wasminfer.store import DEFAULT_TENANT, FunctionVersion, ModelRecord, Store, validate_name
