@@ -42,7 +42,7 @@ from wasminfer.errors import (
 )
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo
-from wasminfer.models.options import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP_THREADS
+from wasminfer.models.options import DEFAULT_INTER_OP_THREADS
 from wasminfer.runtime import DeployedFunction, Host, InvokeResult, LogLine
 from wasminfer.runtime.memory import MemoryBudget, MemorySettings
 from wasminfer.store import DEFAULT_TENANT, FunctionVersion, ModelRecord, Store, validate_name
@@ -463,6 +463,7 @@ class Platform:
             view.setdefault("options", live.options())  # a version stored before options were kept
             view["load_seconds"] = round(live.load_seconds, 6)
             view["resident_bytes"] = live.resident_bytes
+            view["run_plan"] = live.run_plan.to_dict() if live.run_plan else None
             view["users"] = sorted(f.name for f in host.functions() if rec.name in f.manifest.models)
             view["stats"] = host.models.stats(rec.name).to_dict()
         return view
@@ -763,8 +764,8 @@ def deployment_digest(fn: DeployedFunction) -> str:
     return ".".join(parts)
 
 
+# intra_op_threads and max_concurrent_runs have no default value: None (chosen at load) is their default.
 _DEFAULT_OPTIONS = {
-    "intra_op_threads": DEFAULT_INTRA_OP_THREADS,
     "inter_op_threads": DEFAULT_INTER_OP_THREADS,
     "max_batch_size": 0,
 }

@@ -15,6 +15,7 @@ from wasminfer.models.batching import (
 __all__ = [
     "DEFAULT_INTER_OP_THREADS",
     "DEFAULT_INTRA_OP_THREADS",
+    "MAX_CONCURRENT_RUNS_LIMIT",
     "MAX_THREADS",
     "batching_config",
     "int_option",
@@ -25,6 +26,8 @@ DEFAULT_INTRA_OP_THREADS = 1
 DEFAULT_INTER_OP_THREADS = 1
 #: The most intra-/inter-op threads a model may ask for.
 MAX_THREADS = 64
+#: The most concurrent runs (`max_concurrent_runs`) a model may ask for.
+MAX_CONCURRENT_RUNS_LIMIT = 256
 
 
 def int_option(name: str, value: object, default: int, low: int, high: int) -> int:

@@ -41,10 +41,11 @@ small that Python, not ORT, dominates its cost. ORT's default is the one choice 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import hashlib
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ from wasminfer.errors import (
     InvalidTensor,
     ModelNotFound,
     Timeout,
+    TooManyRequests,
     Unavailable,
 )
 from wasminfer.models.batching import BatchCounters, Batcher, BatchingConfig, default_slots
@@ -67,12 +69,15 @@ from wasminfer.models.inputs import InputCheck, TensorSpec, check_inputs, compil
 from wasminfer.models.options import (
     DEFAULT_INTER_OP_THREADS,
     DEFAULT_INTRA_OP_THREADS,
+    MAX_CONCURRENT_RUNS_LIMIT,
     MAX_THREADS,
     batching_config,
     int_option,
 )
+from wasminfer.models.slots import RUN_SLOTS, ModelSlots, RunSlots
 from wasminfer.models.stats import Counters, ModelStats
 from wasminfer.models.timer import RUN_TIMER
+from wasminfer.models.tuning import RunPlan, choose, sample_feed
 from wasminfer.models.validation import no_batch_dimension, validate_upload
 from wasminfer.syntax import validate_name
 
@@ -84,7 +89,9 @@ __all__ = ["ModelInfo", "ModelRegistry"]
 class ModelInfo:
     """What the registry knows about a loaded model.
 
-    `batching` is the model's dynamic batching, None when each call runs on its own.
+    `batching` is the model's dynamic batching, None when each call runs on its own. `run_plan`:
+    the threads and concurrent runs it runs with and how they were chosen; `given`: the
+    `intra_op_threads` and `max_concurrent_runs` the load was given (None: chosen).
     `resident_bytes` is an estimate: the growth of the process' RSS while ORT created the session.
     It misses memory ORT allocates at the first runs (its arena) and is skewed by whatever else the
     process allocates or frees meanwhile (other loads, requests).
@@ -101,15 +108,24 @@ class ModelInfo:
     intra_op_threads: int
     inter_op_threads: int
     batching: BatchingConfig | None = None
+    run_plan: RunPlan | None = None
+    given: Mapping[str, int | None] = field(default_factory=dict)
+
+    @property
+    def max_concurrent_runs(self) -> int:
+        """Runs of the model at once (0: no bound)."""
+        return self.run_plan.max_concurrent_runs if self.run_plan else 0
 
     def options(self) -> dict[str, int | None]:
-        """The load options this model runs with, resolved (defaults filled in): what
-        `ModelRegistry.load(**options)` takes to load it again the same way, and what the store
-        keeps with each model version. `max_batch_size` 0 is batching off."""
+        """The load options this model runs with: what `ModelRegistry.load(**options)` takes to
+        load it again the same way, and what the store keeps with each model version. The threads
+        and runs are as given (None: chosen at each load, by measuring on the host that loads it;
+        `run_plan` has what was chosen); the rest resolved. `max_batch_size` 0 is batching off."""
         batching = self.batching
         return {
-            "intra_op_threads": self.intra_op_threads,
+            "intra_op_threads": self.given.get("intra_op_threads"),
             "inter_op_threads": self.inter_op_threads,
+            "max_concurrent_runs": self.given.get("max_concurrent_runs"),
             "max_batch_size": batching.max_batch_size if batching else 0,
             "max_queue_delay_us": batching.max_queue_delay_us if batching else None,
             "max_concurrent_batches": batching.max_concurrent_batches if batching else None,
@@ -128,6 +144,8 @@ class ModelInfo:
             "metadata": dict(self.metadata),
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": self.inter_op_threads,
+            "max_concurrent_runs": self.max_concurrent_runs,
+            "run_plan": self.run_plan.to_dict() if self.run_plan else None,
             "max_batch_size": batching.max_batch_size if batching else None,
             "max_queue_delay_us": batching.max_queue_delay_us if batching else None,
             "max_concurrent_batches": batching.max_concurrent_batches if batching else None,
@@ -141,20 +159,41 @@ class _Model:
     session: ort.InferenceSession
     checks: dict[str, InputCheck]
     output_names: list[str]
+    slots: ModelSlots
     counters: Counters = field(default_factory=Counters)
     batcher: Batcher | None = None
 
     def run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None = None) -> list[Any]:
-        """`session.run`, stopped at `deadline_ns` (`time.monotonic_ns()`) by the process' run timer.
+        """`session.run` in one of the model's run slots, stopped at `deadline_ns`
+        (`time.monotonic_ns()`) by the process' run timer; counted as a run when it succeeds.
 
-        Raises `Timeout` if the deadline had passed already (nothing runs) or passed during the run,
-        and what ORT raises otherwise.
+        Raises `Timeout` if the deadline had passed already (nothing runs), passed while the call
+        waited for a slot, or passed during the run; `TooManyRequests` if the model's queue is full;
+        what ORT raises otherwise.
         """
+        if deadline_ns is not None and time.monotonic_ns() >= deadline_ns:
+            raise Timeout(f"model {self.info.name!r} was not run: the invocation's deadline had passed")
+        slots = self.slots
+        slots.acquire(deadline_ns)
+        try:
+            started = time.perf_counter_ns()
+            results = self._run(feed, deadline_ns)
+            elapsed = time.perf_counter_ns() - started
+        finally:
+            slots.release()
+        # A racy average is fine: it only estimates a Retry-After.
+        slots.mean_run_s += (elapsed / 1e9 - slots.mean_run_s) * 0.1
+        counters = self.counters
+        with counters.lock:
+            counters.runs += 1
+            counters.run_ns += elapsed
+            counters.run_rate.add(time.monotonic())
+        return results
+
+    def _run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None) -> list[Any]:
         if deadline_ns is None:
             results: list[Any] = self.session.run(self.output_names, feed)
             return results
-        if time.monotonic_ns() >= deadline_ns:
-            raise Timeout(f"model {self.info.name!r} was not run: the invocation's deadline had passed")
         options = ort.RunOptions()
         options.log_severity_level = 4  # a run stopped on purpose is no error for ORT to log
         alarm = RUN_TIMER.arm(deadline_ns, options)
@@ -167,18 +206,6 @@ class _Model:
         RUN_TIMER.disarm(alarm)
         return results
 
-    def timed_run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None = None) -> list[Any]:
-        """`run`, counted as a run when it succeeds (the batcher's way in)."""
-        started = time.perf_counter_ns()
-        results = self.run(feed, deadline_ns)
-        elapsed = time.perf_counter_ns() - started
-        counters = self.counters
-        with counters.lock:
-            counters.runs += 1
-            counters.run_ns += elapsed
-            counters.run_rate.add(time.monotonic())
-        return results
-
 
 # --- the registry -------------------------------------------------------------------------------
 class ModelRegistry:
@@ -188,7 +215,9 @@ class ModelRegistry:
     context manager or call `close()` (idempotent) to drop every session.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, run_slots: RunSlots | None = None) -> None:
+        """`run_slots`: the pool of run slots its models share (default: the process' one)."""
+        self._slots = run_slots if run_slots is not None else RUN_SLOTS
         # Copy-on-write: writers build a new dict and swap the reference under the lock; readers
         # (infer, get) read the reference without one.
         self._models: dict[str, _Model] = {}
@@ -204,6 +233,7 @@ class ModelRegistry:
         *,
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
+        max_concurrent_runs: int | None = None,
         batching: BatchingConfig | None = None,
         max_batch_size: int | None = None,
         max_queue_delay_us: int | None = None,
@@ -214,18 +244,25 @@ class ModelRegistry:
         Loading a name that is already loaded replaces its session atomically: calls in flight
         finish on the old session, later calls use the new one.
 
+        `intra_op_threads` (threads in one run; 0: ORT's pool, one per core) and
+        `max_concurrent_runs` (runs of the model at once, the rest queue; 0: no bound) are chosen by
+        measuring the model when not given (see `wasminfer.models.tuning`); given threads without
+        runs make runs the cores divided by the threads. The choice and its measurements are in
+        `ModelInfo.run_plan`.
+
         Dynamic batching (see `wasminfer.models.batching`) is on with `batching=BatchingConfig(...)`
         or, the form for HTTP query parameters, `max_batch_size` >= 2 (0 or 1: off) and optionally
-        `max_queue_delay_us` (default 2000) and `max_concurrent_batches` (default: the cores a run
-        can use; 0: always wait for a full batch or the delay). It needs a dynamic first dimension
-        on every input and output, and asserts that the model treats rows independently (row i of
-        every output depends only on row i of the inputs), which the registry cannot check.
+        `max_queue_delay_us` (default 2000) and `max_concurrent_batches` (default: the model's
+        concurrent runs; 0: always wait for a full batch or the delay). It needs a dynamic first
+        dimension on every input and output, and asserts that the model treats rows independently
+        (row i of every output depends only on row i of the inputs), which the registry cannot check.
 
         Raises `InvalidName` for a bad name, `InvalidModel` if the bytes are not an ONNX model ORT
         can load, keep tensor data outside the model (external data), use an operator domain other
-        than `validation.ALLOWED_DOMAINS` (or a function defined in the model), or have inputs or outputs that
-        are not plain tensors; `BadRequest` for an option out of range or batching asked of a model
-        without a batch dimension (naming the input or output); `Unavailable` after `close()`.
+        than `validation.ALLOWED_DOMAINS` (or a function defined in the model), or have inputs or
+        outputs that are not plain tensors; `BadRequest` for an option out of range or batching
+        asked of a model without a batch dimension (naming the input or output); `Unavailable` after
+        `close()`.
         """
         validate_name("model", name)
         if isinstance(model, Path):
@@ -236,6 +273,7 @@ class ModelRegistry:
             raise TypeError(f"model must be bytes or a Path, not {type(model).__name__}")
         intra = int_option("intra_op_threads", intra_op_threads, DEFAULT_INTRA_OP_THREADS, 0, MAX_THREADS)
         inter = int_option("inter_op_threads", inter_op_threads, DEFAULT_INTER_OP_THREADS, 0, MAX_THREADS)
+        runs = int_option("max_concurrent_runs", max_concurrent_runs, 0, 0, MAX_CONCURRENT_RUNS_LIMIT)
         batching = batching_config(batching, max_batch_size, max_queue_delay_us, max_concurrent_batches)
 
         started = time.perf_counter()
@@ -243,8 +281,8 @@ class ModelRegistry:
         rss_before = self._process.memory_info().rss
         session = _session(valid.data, intra, inter)
         resident = max(0, self._process.memory_info().rss - rss_before)
+        session_s = time.perf_counter() - started
         declared_rank, metadata = valid.declared_rank, valid.metadata
-        del valid
 
         inputs = [tensor_spec(arg, declared_rank, "input") for arg in session.get_inputs()]
         outputs = [tensor_spec(arg, declared_rank, "output") for arg in session.get_outputs()]
@@ -255,6 +293,18 @@ class ModelRegistry:
                     f"model {name!r} cannot batch: {problem}; batching needs a dynamic first (batch) "
                     "dimension on every input and output (load it without max_batch_size)"
                 )
+        output_names = [spec.name for spec in outputs]
+        cores = self._slots.capacity
+        if intra_op_threads is not None:
+            threads = intra if intra > 0 else cores
+            plan = RunPlan(intra, max(1, cores // threads), "given")
+        else:
+            session, plan = _tune(session, valid.data, inter, inputs, output_names, cores, session_s)
+        del valid
+        if max_concurrent_runs is not None:
+            plan = dataclasses.replace(
+                plan, max_concurrent_runs=runs, chosen_by=f"{plan.chosen_by}; max_concurrent_runs given"
+            )
         info = ModelInfo(
             name=name,
             sha256=hashlib.sha256(data).hexdigest(),
@@ -264,15 +314,18 @@ class ModelRegistry:
             load_seconds=time.perf_counter() - started,
             resident_bytes=resident,
             metadata=metadata,
-            intra_op_threads=intra,
+            intra_op_threads=plan.intra_op_threads,
             inter_op_threads=inter,
             batching=batching,
+            run_plan=plan,
+            given={"intra_op_threads": intra_op_threads, "max_concurrent_runs": max_concurrent_runs},
         )
         loaded = _Model(
             info=info,
             session=session,
             checks={spec.name: compile_check(spec) for spec in inputs},
-            output_names=[spec.name for spec in outputs],
+            output_names=output_names,
+            slots=self._slots.model(name, plan.max_concurrent_runs, plan.intra_op_threads),
         )
         with self._lock:
             if self._closed:
@@ -284,12 +337,9 @@ class ModelRegistry:
                 if loaded.counters.batching is None:
                     loaded.counters.batching = BatchCounters()
                 slots = batching.max_concurrent_batches
-                loaded.batcher = Batcher(
-                    batching,
-                    loaded.timed_run,
-                    loaded.counters.batching,
-                    slots=default_slots(intra) if slots is None else slots,
-                )
+                if slots is None:  # the model's run slots: a batched run takes one
+                    slots = plan.max_concurrent_runs or default_slots(plan.intra_op_threads)
+                loaded.batcher = Batcher(batching, loaded.run, loaded.counters.batching, slots=slots)
             self._models = {**self._models, name: loaded}
         if previous is not None and previous.batcher is not None:
             previous.batcher.close()  # its waiting requests run now, on the old session
@@ -353,24 +403,19 @@ class ModelRegistry:
             raise
         if model.batcher is not None:
             return self._infer_batched(name, model, model.batcher, feed, deadline_ns)
-        started = time.perf_counter_ns()
         try:
             results = model.run(feed, deadline_ns)
-        except Timeout:
+        except (Timeout, TooManyRequests):
             raise
         except Exception as exc:  # ORT's exception types share no base but Exception
             with counters.lock:
                 counters.errors += 1
                 counters.last_used = time.monotonic()
             raise InferenceFailed(f"model {name!r} failed: {exc}") from exc
-        elapsed = time.perf_counter_ns() - started
         now = time.monotonic()
         with counters.lock:
-            counters.runs += 1
             counters.inferences += 1
-            counters.run_ns += elapsed
             counters.last_used = now
-            counters.run_rate.add(now)
             counters.inference_rate.add(now)
         return dict(zip(model.output_names, results, strict=True))
 
@@ -380,7 +425,7 @@ class ModelRegistry:
         counters = model.counters
         try:
             results = batcher.infer(feed, deadline_ns)
-        except Timeout:
+        except (Timeout, TooManyRequests):
             raise
         except Exception as exc:  # ORT's exception types share no base but Exception
             with counters.lock:
@@ -408,7 +453,7 @@ class ModelRegistry:
         model = self._models.get(name)
         if model is None:
             raise ModelNotFound(name)
-        return model.counters.snapshot(model.batcher)
+        return model.counters.snapshot(model.batcher, model.slots)
 
     def __contains__(self, name: object) -> bool:
         return name in self._models
@@ -447,3 +492,33 @@ def _session(model: bytes, intra: int, inter: int) -> ort.InferenceSession:
         return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT's exception types share no base but Exception
         raise InvalidModel(f"ONNX Runtime cannot load the model: {exc}") from None
+
+
+def _tune(
+    session: ort.InferenceSession,
+    data: bytes,
+    inter: int,
+    inputs: list[TensorSpec],
+    output_names: list[str],
+    cores: int,
+    session_s: float,
+) -> tuple[ort.InferenceSession, RunPlan]:
+    """The plan measured for a model loaded with one intra-op thread, and the session to keep (one
+    made for the threads chosen). A model that cannot be measured keeps one thread, a run per core."""
+    feed = sample_feed(inputs)
+    if feed is None:
+        return session, RunPlan(1, cores, "default: an input is a string or has no declared rank")
+    sessions = {1: session}
+
+    def run_with(threads: int) -> Callable[[Mapping[str, np.ndarray]], object]:
+        if threads not in sessions:
+            sessions[threads] = _session(data, threads, inter)
+        made = sessions[threads]
+        return lambda feed: made.run(output_names, feed)
+
+    try:
+        plan = choose(run_with, feed, cores, session_s=session_s)
+    except Exception as exc:  # ORT's exception types share no base but Exception
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return session, RunPlan(1, cores, f"default: the sample input did not run ({reason})")
+    return sessions[plan.intra_op_threads], plan

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wasminfer.models.batching import BatchCounters, Batcher, BatchingStats
+from wasminfer.models.slots import ModelSlots
 
 __all__ = ["Counters", "ModelStats", "Rate"]
 
@@ -24,7 +25,9 @@ class ModelStats:
     `errors` counts calls ORT failed (`InferenceFailed`), `rejected` calls refused before running
     because an input did not match the model (`InvalidTensor`). The rates are over the last 10
     seconds. `last_used` is a `time.monotonic()` value, None before the first call. `batching`:
-    the batcher's counters, None for a model that does not batch.
+    the batcher's counters, None for a model that does not batch. `runs_in_flight` and
+    `runs_queued`: its runs now, and the calls waiting for a run slot; `peak_runs_in_flight` the
+    most at once since the model was (re)loaded.
     """
 
     runs: int
@@ -36,6 +39,9 @@ class ModelStats:
     runs_per_second: float = 0.0
     inferences_per_second: float = 0.0
     batching: BatchingStats | None = None
+    runs_in_flight: int = 0
+    runs_queued: int = 0
+    peak_runs_in_flight: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +53,9 @@ class ModelStats:
             "runs_per_second": self.runs_per_second,
             "inferences_per_second": self.inferences_per_second,
             "last_used": self.last_used,
+            "runs_in_flight": self.runs_in_flight,
+            "runs_queued": self.runs_queued,
+            "peak_runs_in_flight": self.peak_runs_in_flight,
             "batching": self.batching.to_dict() if self.batching else None,
         }
 
@@ -94,7 +103,7 @@ class Counters:
         # Made on the first load with batching; kept (monotonic) across reloads like the rest.
         self.batching: BatchCounters | None = None
 
-    def snapshot(self, batcher: Batcher | None) -> ModelStats:
+    def snapshot(self, batcher: Batcher | None, slots: ModelSlots | None = None) -> ModelStats:
         now = time.monotonic()
         with self.lock:
             stats = ModelStats(
@@ -103,6 +112,11 @@ class Counters:
                 runs_per_second=self.run_rate.per_second(now),
                 inferences_per_second=self.inference_rate.per_second(now),
             )  # fmt: skip
+        if slots is not None:
+            in_flight, queued, peak = slots.in_flight, slots.queued, slots.peak
+            stats = dataclasses.replace(
+                stats, runs_in_flight=in_flight, runs_queued=queued, peak_runs_in_flight=peak
+            )
         if batcher is None:
             return stats
         return dataclasses.replace(stats, batching=batcher.stats())
