@@ -265,7 +265,7 @@ def test_concurrent_runs_and_threads_round_trip_and_show_the_plan(
     assert r.json()["options"] == {**DEFAULTS, "max_concurrent_runs": 256, "intra_op_threads": 2}
     plan = r.json()["run_plan"]
     assert (plan["chosen_by"], plan["intra_op_threads"], plan["max_concurrent_runs"]) == (
-        "given; max_concurrent_runs given", 2, 256
+        "given; tiny; max_concurrent_runs given", 2, 256
     )
     changes = {"max_concurrent_runs": 0, "intra_op_threads": None}
     patched = client.patch("/v1/models/add", json=changes).json()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import NEVER, make_until_model
 from wasminfer.errors import BadRequest, Timeout, TooManyRequests
@@ -299,12 +300,48 @@ def test_the_plan_of_a_tiny_model_is_shown_and_given_options_are_kept(add_model:
         assert plan["run_ms"] < 1.0 and plan["measurements"] == []
         assert info.options()["intra_op_threads"] is None and info.options()["max_concurrent_runs"] is None
 
+        # given threads: still too small to bound
         given = registry.load("add", add_model, intra_op_threads=2)
-        assert given.run_plan is not None and given.run_plan.chosen_by == "given"
-        assert (given.intra_op_threads, given.max_concurrent_runs) == (2, 1)
+        assert given.run_plan is not None and given.run_plan.chosen_by == "given; tiny"
+        assert (given.intra_op_threads, given.max_concurrent_runs) == (2, 0)
         both = registry.load("add", add_model, intra_op_threads=1, max_concurrent_runs=5)
-        assert both.run_plan is not None and both.run_plan.chosen_by == "given; max_concurrent_runs given"
+        assert both.run_plan is not None
+        assert both.run_plan.chosen_by == "given; tiny; max_concurrent_runs given"
         assert both.options()["intra_op_threads"] == 1 and both.max_concurrent_runs == 5
+
+
+def matmul_model() -> bytes:
+    """y = x @ w, x float32 [256, 1024] (fixed), w 1024 x 1024: ~270 M multiply-adds a run, whatever
+    the values, so a run of zeros takes milliseconds: never tiny."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 1024])],
+        [numpy_helper.from_array(np.full((1024, 1024), 0.5, dtype=np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return bytes(model.SerializeToString())
+
+
+def test_a_model_that_is_not_tiny_is_bounded_and_measured() -> None:
+    model = matmul_model()
+    with ModelRegistry(run_slots=RunSlots(4)) as registry:
+        given = registry.load("mm", model, intra_op_threads=2)
+        assert given.run_plan is not None and given.run_plan.chosen_by == "given"
+        assert given.max_concurrent_runs == 2
+        assert given.run_plan.run_ms is not None and given.run_plan.run_ms > 1
+
+        chosen = registry.load("mm", model).run_plan
+        assert chosen is not None and chosen.chosen_by in ("measured", "default: over the budget")
+        measured = [(m.intra_op_threads, m.concurrent_runs) for m in chosen.measurements]
+        assert len(measured) + len(chosen.skipped) == 3  # 1 x 4, 2 x 2, 4 x 1 on 4 units
+        assert set(measured) <= {(1, 4), (2, 2), (4, 1)}
+        if measured:
+            assert (chosen.intra_op_threads, chosen.max_concurrent_runs) in measured
+        assert registry.get("mm").intra_op_threads == chosen.intra_op_threads
+        x = np.ones((256, 1024), dtype=np.float32)
+        assert registry.infer("mm", {"x": x})["y"][0, 0] == 512.0
 
 
 def test_choose_measures_each_split_of_the_cores_and_keeps_one_of_them(add_model: bytes) -> None:

@@ -77,7 +77,7 @@ from wasminfer.models.options import (
 from wasminfer.models.slots import RUN_SLOTS, ModelSlots, RunSlots
 from wasminfer.models.stats import Counters, ModelStats
 from wasminfer.models.timer import RUN_TIMER
-from wasminfer.models.tuning import RunPlan, choose, sample_feed
+from wasminfer.models.tuning import TINY_RUN_S, RunPlan, choose, run_time, sample_feed
 from wasminfer.models.validation import no_batch_dimension, validate_upload
 from wasminfer.syntax import validate_name
 
@@ -296,8 +296,7 @@ class ModelRegistry:
         output_names = [spec.name for spec in outputs]
         cores = self._slots.capacity
         if intra_op_threads is not None:
-            threads = intra if intra > 0 else cores
-            plan = RunPlan(intra, max(1, cores // threads), "given")
+            plan = _given(session, intra, inputs, output_names, cores)
         else:
             session, plan = _tune(session, valid.data, inter, inputs, output_names, cores, session_s)
         del valid
@@ -492,6 +491,24 @@ def _session(model: bytes, intra: int, inter: int) -> ort.InferenceSession:
         return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT's exception types share no base but Exception
         raise InvalidModel(f"ONNX Runtime cannot load the model: {exc}") from None
+
+
+def _given(
+    session: ort.InferenceSession, intra: int, inputs: list[TensorSpec], output_names: list[str], cores: int
+) -> RunPlan:
+    """The plan of given threads: the cores divided by them, or no bound for a tiny model (timed on
+    the sample input, two runs)."""
+    slots = max(1, cores // (intra if intra > 0 else cores))
+    feed = sample_feed(inputs)
+    if feed is None:
+        return RunPlan(intra, slots, "given")
+    try:
+        single = run_time(lambda feed: session.run(output_names, feed), feed)
+    except Exception:  # ORT's exception types share no base but Exception; no sample, no timing
+        return RunPlan(intra, slots, "given")
+    if single < TINY_RUN_S:
+        return RunPlan(intra, 0, "given; tiny", single * 1e3)
+    return RunPlan(intra, slots, "given", single * 1e3)
 
 
 def _tune(

@@ -11,12 +11,13 @@ answered sooner). Only combinations that fill the cores are candidates: on a mac
 other work, fewer runs than cores can measure faster and would then leave cores idle for good.
 
 It stays short: a model whose run takes under `TINY_RUN_S` is not measured and not bounded (one
-thread, every caller runs at once: measured in-process on digits, a 9 µs run, two run slots cost
-46% of its throughput at 16 callers, the hand-off of a slot between Python threads costing more
-than the run). The whole measurement stops at `BUDGET_S`: each candidate gets a share, and one for
-which not even one round fits is skipped and listed. A candidate with more than one thread needs a
-session of its own: while it is measured the model is held twice in memory. Models whose inputs are
-strings or whose sample input fails to run keep one thread and a run per core.
+thread, or the threads given, and every caller runs at once: measured in-process on digits, a 9 µs
+run, two run slots cost 46% of its throughput at 16 callers, the hand-off of a slot between Python
+threads costing more than the run). The whole measurement stops at `BUDGET_S`: each candidate gets a
+share, and one for which not even one round fits is skipped and listed. A candidate with more than
+one thread needs a session of its own: while it is measured the model is held twice in memory.
+Models whose inputs are strings or whose sample input fails to run keep one thread and a run per
+core. Given threads (and no given runs) are timed too, so that a tiny model is never bounded.
 
 The execution mode stays sequential with one inter-op thread: the registry's parallelism is
 concurrent runs, which keep every core busy already; running a graph's independent branches at once
@@ -35,7 +36,17 @@ import numpy as np
 
 from wasminfer.models.inputs import TensorSpec
 
-__all__ = ["BUDGET_S", "FREE_DIM", "TIE", "TINY_RUN_S", "Measurement", "RunPlan", "choose", "sample_feed"]
+__all__ = [
+    "BUDGET_S",
+    "FREE_DIM",
+    "TIE",
+    "TINY_RUN_S",
+    "Measurement",
+    "RunPlan",
+    "choose",
+    "run_time",
+    "sample_feed",
+]
 
 #: Below this run time a model is not measured.
 TINY_RUN_S = 0.001
@@ -138,11 +149,7 @@ def choose(
     (making the session for it when it is first asked; `session_s`: what making one took). Raises
     what a run raises."""
     started = time.perf_counter()
-    one = run_with(1)
-    one(feed)  # the first run allocates; not counted
-    single = _timed(one, feed)
-    if single < tiny_run_s:
-        single = min(single, _timed(one, feed))
+    single = run_time(run_with(1), feed, tiny_run_s)
     if single < tiny_run_s:
         return RunPlan(1, 0, "tiny", single * 1e3, seconds=time.perf_counter() - started)
     measurements: list[Measurement] = []
@@ -176,6 +183,16 @@ def choose(
         chosen.intra_op_threads, chosen.concurrent_runs, "measured", single * 1e3, tuple(measurements),
         time.perf_counter() - started, tuple(skipped),
     )  # fmt: skip
+
+
+def run_time(run: Run, feed: Mapping[str, np.ndarray], tiny_run_s: float = TINY_RUN_S) -> float:
+    """Seconds one run of `feed` takes, after a first run (which allocates); under `tiny_run_s`,
+    the fastest of two (a thread switch in one must not make a tiny model look big)."""
+    run(feed)
+    single = _timed(run, feed)
+    if single < tiny_run_s:
+        single = min(single, _timed(run, feed))
+    return single
 
 
 def _timed(run: Run, feed: Mapping[str, np.ndarray]) -> float:
