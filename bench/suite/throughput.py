@@ -305,7 +305,7 @@ def plan_text(entry: dict[str, Any]) -> str:
         )
     if plan.get("skipped"):
         text += "; skipped " + "; ".join(plan["skipped"])
-    if entry.get("peak_runs_in_flight") is not None:
+    if plan["max_concurrent_runs"] and entry.get("peak_runs_in_flight") is not None:
         text += f"; at most {entry['peak_runs_in_flight']} in flight"
     return text
 
