@@ -6,24 +6,25 @@ path; its options are resolved by `options.py`.
 
 `ModelRegistry.infer` checks names, dtypes and shapes before `run` (`inputs.py`), so a bad input
 gets an error naming the tensor and the shape the model expects instead of an ORT message. There is
-deliberately **no lock around `session.run`**: ORT allows concurrent `run` calls on one session, and
-the registry is a copy-on-write dict whose reference is swapped under a small lock, so reads take no
-lock at all.
-A reload swaps in the new session; calls in flight finish on the old one, which is freed when the
-last of them returns.
+deliberately **no lock around `session.run`** (only a bound on how many run at once): ORT allows
+concurrent `run` calls on one session, and the registry is a copy-on-write dict whose reference is
+swapped under a small lock, so reads take no lock at all. A reload swaps in the new session; calls
+in flight finish on the old one, which is freed when the last of them returns.
 
 Dynamic batching is opt-in per model (`load(..., max_batch_size=32, max_queue_delay_us=2000)`,
 see `batching.py`): `infer` validates each call first, so a bad input never enters a batch, then
 hands the call to the model's batcher, which may stack it with concurrent calls into one run.
 `stats(name)` gives the counters a metrics endpoint needs (`stats.py`).
 
-Threads: each session gets `intra_op_num_threads=1` unless told otherwise (the per-model knob
-`intra_op_threads`; 0 means ORT's pool of one thread per core, which the registry then keeps from
-spinning). The host runs many invocations at once, each on its own worker thread, and that already
-spreads a model over the cores; a pool per session on top of it oversubscribes them, and ORT's
-default pool spins between ops, burning CPU other calls need. `python bench/bench_models.py
-threads` (one session called from 1 and 4 threads; 2 vCPUs shared with other work, load average
-3-8 during the runs, so runs/s is noisy; CPU ms per run is the steady figure):
+Run slots and threads: a model runs at most `max_concurrent_runs` runs at once, and all models
+together no more threads than the process has cores; the other calls wait in the model's queue
+(`slots.py`). Unless given, the model's intra-op threads and runs are chosen at load by measuring it
+(`tuning.py`); a model whose run takes under a millisecond keeps one thread and no bound. 0 threads
+is ORT's pool of one thread per core, which the registry then keeps from spinning. ORT's default
+pool spins between ops, burning CPU other calls need; the measurements behind one thread per run as
+the starting point, `python bench/bench_models.py threads` (one session called from 1 and 4 threads;
+2 vCPUs shared with other work, load average 3-8 during the runs, so runs/s is noisy; CPU ms per run
+is the steady figure):
 
     model               callers  intra=1            intra=0, no spin   ORT default (spinning)
                                  runs/s  CPU ms     runs/s  CPU ms     runs/s  CPU ms
@@ -45,7 +46,7 @@ import dataclasses
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,6 @@ import psutil
 from wasminfer.errors import (
     BadRequest,
     InferenceFailed,
-    InvalidModel,
     InvalidTensor,
     ModelNotFound,
     Timeout,
@@ -74,10 +74,11 @@ from wasminfer.models.options import (
     batching_config,
     int_option,
 )
+from wasminfer.models.session import make_session
 from wasminfer.models.slots import RUN_SLOTS, ModelSlots, RunSlots
 from wasminfer.models.stats import Counters, ModelStats
 from wasminfer.models.timer import RUN_TIMER
-from wasminfer.models.tuning import TINY_RUN_S, RunPlan, choose, run_time, sample_feed
+from wasminfer.models.tuning import RunPlan, given_plan, tuned
 from wasminfer.models.validation import no_batch_dimension, validate_upload
 from wasminfer.syntax import validate_name
 
@@ -279,7 +280,7 @@ class ModelRegistry:
         started = time.perf_counter()
         valid = validate_upload(data)
         rss_before = self._process.memory_info().rss
-        session = _session(valid.data, intra, inter)
+        session = make_session(valid.data, intra, inter)
         resident = max(0, self._process.memory_info().rss - rss_before)
         session_s = time.perf_counter() - started
         declared_rank, metadata = valid.declared_rank, valid.metadata
@@ -296,9 +297,9 @@ class ModelRegistry:
         output_names = [spec.name for spec in outputs]
         cores = self._slots.capacity
         if intra_op_threads is not None:
-            plan = _given(session, intra, inputs, output_names, cores)
+            plan = given_plan(session, intra, inputs, output_names, cores)
         else:
-            session, plan = _tune(session, valid.data, inter, inputs, output_names, cores, session_s)
+            session, plan = tuned(session, valid.data, inter, inputs, output_names, cores, session_s)
         del valid
         if max_concurrent_runs is not None:
             plan = dataclasses.replace(
@@ -467,75 +468,3 @@ class ModelRegistry:
         """Every loaded model, sorted by name."""
         models = self._models
         return [models[name].info for name in sorted(models)]
-
-
-def _session(model: bytes, intra: int, inter: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra
-    options.inter_op_num_threads = inter
-    # Parallelism comes from concurrent calls, not from running independent nodes of one call at
-    # once; sequential is also what makes the intra-op knob the only one that matters.
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # ORT's CPU arena keeps what a run grew it by for the session's life (a run that needed 1 GiB
-    # left 2 GiB resident); without it tensors go back to malloc and the memory to the kernel, at no
-    # measurable cost on a small model's run (bench/arena.py, docs/models.md).
-    options.enable_cpu_mem_arena = False
-    options.log_severity_level = 3  # errors only: ORT's warnings are not the caller's business
-    # Bytes are ONNX, validated by `validate_upload`; never let ORT sniff them as its own flatbuffer format.
-    options.add_session_config_entry("session.load_model_format", "ONNX")
-    if intra != 1:
-        # A pool's threads spin between ops by default, burning the cores other calls need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT's exception types share no base but Exception
-        raise InvalidModel(f"ONNX Runtime cannot load the model: {exc}") from None
-
-
-def _given(
-    session: ort.InferenceSession, intra: int, inputs: list[TensorSpec], output_names: list[str], cores: int
-) -> RunPlan:
-    """The plan of given threads: the cores divided by them, or no bound for a tiny model (timed on
-    the sample input, two runs)."""
-    slots = max(1, cores // (intra if intra > 0 else cores))
-    feed = sample_feed(inputs)
-    if feed is None:
-        return RunPlan(intra, slots, "given")
-    try:
-        single = run_time(lambda feed: session.run(output_names, feed), feed)
-    except Exception:  # ORT's exception types share no base but Exception; no sample, no timing
-        return RunPlan(intra, slots, "given")
-    if single < TINY_RUN_S:
-        return RunPlan(intra, 0, "given; tiny", single * 1e3)
-    return RunPlan(intra, slots, "given", single * 1e3)
-
-
-def _tune(
-    session: ort.InferenceSession,
-    data: bytes,
-    inter: int,
-    inputs: list[TensorSpec],
-    output_names: list[str],
-    cores: int,
-    session_s: float,
-) -> tuple[ort.InferenceSession, RunPlan]:
-    """The plan measured for a model loaded with one intra-op thread, and the session to keep (one
-    made for the threads chosen). A model that cannot be measured keeps one thread, a run per core."""
-    feed = sample_feed(inputs)
-    if feed is None:
-        return session, RunPlan(1, cores, "default: an input is a string or has no declared rank")
-    sessions = {1: session}
-
-    def run_with(threads: int) -> Callable[[Mapping[str, np.ndarray]], object]:
-        if threads not in sessions:
-            sessions[threads] = _session(data, threads, inter)
-        made = sessions[threads]
-        return lambda feed: made.run(output_names, feed)
-
-    try:
-        plan = choose(run_with, feed, cores, session_s=session_s)
-    except Exception as exc:  # ORT's exception types share no base but Exception
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        return session, RunPlan(1, cores, f"default: the sample input did not run ({reason})")
-    return sessions[plan.intra_op_threads], plan

@@ -33,8 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from wasminfer.models.inputs import TensorSpec
+from wasminfer.models.session import make_session
 
 __all__ = [
     "BUDGET_S",
@@ -44,8 +46,10 @@ __all__ = [
     "Measurement",
     "RunPlan",
     "choose",
+    "given_plan",
     "run_time",
     "sample_feed",
+    "tuned",
 ]
 
 #: Below this run time a model is not measured.
@@ -232,3 +236,51 @@ def _concurrent(
     if errors:
         raise errors[0]
     return Measurement(threads, concurrent, concurrent * rounds, elapsed)
+
+
+def given_plan(
+    session: ort.InferenceSession, intra: int, inputs: list[TensorSpec], output_names: list[str], cores: int
+) -> RunPlan:
+    """The plan of given threads: the cores divided by them, or no bound for a tiny model (timed on
+    the sample input, two runs)."""
+    slots = max(1, cores // (intra if intra > 0 else cores))
+    feed = sample_feed(inputs)
+    if feed is None:
+        return RunPlan(intra, slots, "given")
+    try:
+        single = run_time(lambda feed: session.run(output_names, feed), feed)
+    except Exception:  # ORT's exception types share no base but Exception; no sample, no timing
+        return RunPlan(intra, slots, "given")
+    if single < TINY_RUN_S:
+        return RunPlan(intra, 0, "given; tiny", single * 1e3)
+    return RunPlan(intra, slots, "given", single * 1e3)
+
+
+def tuned(
+    session: ort.InferenceSession,
+    data: bytes,
+    inter: int,
+    inputs: list[TensorSpec],
+    output_names: list[str],
+    cores: int,
+    session_s: float,
+) -> tuple[ort.InferenceSession, RunPlan]:
+    """The plan measured for a model loaded with one intra-op thread, and the session to keep (one
+    made for the threads chosen). A model that cannot be measured keeps one thread, a run per core."""
+    feed = sample_feed(inputs)
+    if feed is None:
+        return session, RunPlan(1, cores, "default: an input is a string or has no declared rank")
+    sessions = {1: session}
+
+    def run_with(threads: int) -> Callable[[Mapping[str, np.ndarray]], object]:
+        if threads not in sessions:
+            sessions[threads] = make_session(data, threads, inter)
+        made = sessions[threads]
+        return lambda feed: made.run(output_names, feed)
+
+    try:
+        plan = choose(run_with, feed, cores, session_s=session_s)
+    except Exception as exc:  # ORT's exception types share no base but Exception
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return session, RunPlan(1, cores, f"default: the sample input did not run ({reason})")
+    return sessions[plan.intra_op_threads], plan
