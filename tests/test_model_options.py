@@ -35,8 +35,9 @@ ONNX = {"content-type": "application/octet-stream"}
 WASM = {"content-type": "application/wasm"}
 JSON = {"content-type": "application/json"}
 DEFAULTS = {
-    "intra_op_threads": 1,
+    "intra_op_threads": None,
     "inter_op_threads": 1,
+    "max_concurrent_runs": None,
     "max_batch_size": 0,
     "max_queue_delay_us": None,
     "max_concurrent_batches": None,
@@ -157,6 +158,8 @@ def test_a_model_without_batching_has_run_counters_and_no_histograms(
         ("max_batch_size=8&max_concurrent_batches=257", "max_concurrent_batches must be an integer from 0"),
         ("max_queue_delay_us=100", "max_queue_delay_us needs max_batch_size"),
         ("intra_op_threads=65", "intra_op_threads must be an integer from 0 to 64"),
+        ("max_concurrent_runs=257", "max_concurrent_runs must be an integer from 0 to 256"),
+        ("max_concurrent_runs=-1", "max_concurrent_runs must be an integer from 0 to 256"),
         ("batch=8", "unknown model option(s): batch"),
         ("max_batch_size=8&max_batch_size=16", "query parameter max_batch_size is given twice"),
     ],
@@ -252,7 +255,63 @@ def test_bad_patches_change_nothing(client: TestClient, add_model: bytes) -> Non
     assert "needs max_batch_size" in message
 
 
+def test_concurrent_runs_and_threads_round_trip_and_show_the_plan(
+    client: TestClient, add_model: bytes
+) -> None:
+    """Chosen at load by default (the add model is too small to measure: no bound), given ones kept
+    as given, the plan that runs shown in the view; 0 and 256, the limits, accepted."""
+    chosen = client.put("/v1/models/add", content=add_model, headers=ONNX).json()
+    assert chosen["run_plan"]["chosen_by"] == "tiny" and chosen["run_plan"]["max_concurrent_runs"] == 0
+    assert chosen["run_plan"]["intra_op_threads"] == 1 and chosen["run_plan"]["run_ms"] < 1.0
+    query = "max_concurrent_runs=256&intra_op_threads=2"
+    r = client.put(f"/v1/models/add?{query}", content=add_model, headers=ONNX)
+    assert r.status_code == 201, r.text
+    assert r.json()["options"] == {**DEFAULTS, "max_concurrent_runs": 256, "intra_op_threads": 2}
+    plan = r.json()["run_plan"]
+    assert (plan["chosen_by"], plan["intra_op_threads"], plan["max_concurrent_runs"]) == (
+        "given; tiny; max_concurrent_runs given", 2, 256
+    )
+    changes = {"max_concurrent_runs": 0, "intra_op_threads": None}
+    patched = client.patch("/v1/models/add", json=changes).json()
+    assert patched["version"] == 3 and patched["options"] == {**DEFAULTS, "max_concurrent_runs": 0}
+    assert patched["run_plan"]["max_concurrent_runs"] == 0 and patched["run_plan"]["intra_op_threads"] == 1
+    assert patched["stats"]["runs_in_flight"] == 0 and patched["stats"]["runs_queued"] == 0
+    message = error(client.patch("/v1/models/add", json={"max_concurrent_runs": 257}), 400, "bad_request")
+    assert "max_concurrent_runs must be an integer from 0 to 256" in message
+    assert client.get("/v1/models/add").json()["version"] == 3
+
+
 # --- durability and replicas ------------------------------------------------------------------------
+def test_run_options_survive_a_restart_and_reach_a_replica(
+    tmp_path: Path, add_model: bytes, hostile_wasm: bytes
+) -> None:
+    with Platform(tmp_path / "data") as p:
+        p.start()
+        p.put_model("add", add_model, options={"max_concurrent_runs": 3, "intra_op_threads": 1})
+    with Platform(tmp_path / "data") as gateway, Platform(tmp_path / "data") as replica:
+        gateway.start()
+        live = gateway.host().models.get("add")
+        assert (live.max_concurrent_runs, live.intra_op_threads) == (3, 1)
+        assert gateway.get_model("add")["run_plan"]["max_concurrent_runs"] == 3
+        replica.start(load=False)
+        gateway.put_function("hostile", hostile_wasm, {"models": ["add"], "memory_mb": 4})
+        before = deployment_digest(gateway.deployed("hostile"))
+        replica.sync("hostile", before)
+        assert replica.host().models.get("add").max_concurrent_runs == 3
+
+        gateway.patch_model("add", {"max_concurrent_runs": 1})
+        after = deployment_digest(gateway.deployed("hostile"))
+        assert after != before
+        replica.sync("hostile", after)
+        assert replica.host().models.get("add").max_concurrent_runs == 1
+        # back to chosen: a change too (given 1 thread and chosen 1 thread are different options)
+        gateway.patch_model("add", {"max_concurrent_runs": None, "intra_op_threads": None})
+        chosen = deployment_digest(gateway.deployed("hostile"))
+        assert chosen not in (before, after)
+        replica.sync("hostile", chosen)
+        assert replica.host().models.get("add").options()["max_concurrent_runs"] is None
+
+
 def test_options_survive_a_restart(tmp_path: Path, add_model: bytes) -> None:
     with Platform(tmp_path / "data") as p:
         p.start()

@@ -14,8 +14,6 @@ MAX_LINES = 500
 PENDING = {
     "wasminfer/cli.py": "to become the cli/ package",
     "wasminfer/gateway/openapi.py": "to be derived from the route declarations",
-    "wasminfer/models/registry.py": "to be split into registry, validation, inputs and stats",
-    "wasminfer/models/batching.py": "with the models/ split",
 }
 
 

@@ -411,6 +411,16 @@ def results_md(s: dict[str, Any], results: Path) -> str:
             ),
             "",
         ]
+        if tp.get("models"):
+            from suite.throughput import plan_text
+
+            parts += [
+                "Threads and run slots wasminfer chose for each model at load, and the measurements "
+                "that chose them (`docs/models.md`, Run slots):",
+                "",
+                *[f"- **{name}**: {plan_text(entry)}" for name, entry in tp["models"].items()],
+                "",
+            ]
         ratio_rows = [
             [
                 k.replace("vs_", "wasminfer / "),

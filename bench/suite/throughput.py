@@ -10,7 +10,9 @@ neighbour on the shared machine does not always hit the same one):
   this runs as root.
 
 Invocations/s, p50, p99 (the generator's, or the limit's callers'), and CPU: the server processes'
-user + system seconds per second of the run (`cores`) and per invocation (`cpu_ms`).
+user + system seconds per second of the run (`cores`) and per invocation (`cpu_ms`). `models`: for
+each workload, the threads and run slots wasminfer chose at load and the measurements that chose
+them (the model view's `run_plan`), and the most runs it had in flight at once during the runs.
 """
 
 from __future__ import annotations
@@ -105,11 +107,14 @@ def run(ctx: Context) -> dict[str, Any]:
     progress(
         f"throughput: {len(ctx.workloads)} workloads × concurrency {cs}, {dur:.0f} s each, generator {gen}"
     )
+    plans: dict[str, Any] = {}
     with systems.WasminferServer(ctx.work / "throughput" / "data", ctx.engine_cache()) as server:
         for name in ctx.workloads:
             w = workloads.WORKLOADS[name]
             progress(f"throughput {name}: deploying to wasminfer")
-            server.client.put_model(name, ctx.model_path(name).read_bytes())
+            view = server.client.put_model(name, ctx.model_path(name).read_bytes())
+            plans[name] = {"run_plan": view.get("run_plan"), "options": view.get("options")}
+            progress(f"throughput {name}: {plan_text(plans[name])}")
             server.client.put_function(w.function, ctx.wasm(name), w.manifest())
             reference = w.handler(workloads.session(ctx.model_path(name)))(w.body(), w.content_type)
             check_agreement("wasminfer", name, server.invoke(w.function, w.body(), w.content_type), reference)
@@ -132,6 +137,8 @@ def run(ctx: Context) -> dict[str, Any]:
                             )
             finally:
                 baseline.close()
+            stats = server.client.model(name).get("stats") or {}
+            plans[name]["peak_runs_in_flight"] = stats.get("peak_runs_in_flight")
     ray_info: dict[str, Any] = {}
     if ctx.ray:
         ray_rows, ray_info = run_ray(ctx, cs, dur, gen)
@@ -144,6 +151,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "ratios": ratios(rows),
         "efficiency": efficiency(summarize(rows)),
         "ray": ray_info,
+        "models": plans,
         "runs": rows,
     }
     write_result(ctx, "throughput", result)
@@ -281,6 +289,27 @@ def efficiency(summary: list[dict[str, Any]], at: int = 16) -> dict[str, dict[st
     return out
 
 
+def plan_text(entry: dict[str, Any]) -> str:
+    """One line: the threads and run slots chosen for a model and the measurements behind them."""
+    plan = entry.get("run_plan")
+    if not plan:
+        return "no run plan (a server without run slots)"
+    slots = plan["max_concurrent_runs"] or "unbounded"
+    text = f"{plan['intra_op_threads']} intra-op thread(s) × {slots} run slot(s), {plan['chosen_by']}"
+    if plan.get("run_ms") is not None:
+        text += f"; one run {plan['run_ms']:.2f} ms"
+    if plan.get("measurements"):
+        text += "; measured " + ", ".join(
+            f"{m['intra_op_threads']}×{m['concurrent_runs']}: {m['runs_per_second']:.1f} runs/s"
+            for m in plan["measurements"]
+        )
+    if plan.get("skipped"):
+        text += "; skipped " + "; ".join(plan["skipped"])
+    if plan["max_concurrent_runs"] and entry.get("peak_runs_in_flight") is not None:
+        text += f"; at most {entry['peak_runs_in_flight']} in flight"
+    return text
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"{'workload':<18}{'system':<11}{'conc':>5}{'inv/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
@@ -296,6 +325,8 @@ def table(result: dict[str, Any]) -> str:
             f"{r['errors']:>5}  {config}"
         )
     lines.append("(medians of rounds; the limit's p50/p99 are its callers' own, see bench/README.md)")
+    for name, entry in result.get("models", {}).items():
+        lines.append(f"wasminfer {name}: {plan_text(entry)}")
     for key, per in result.get("efficiency", {}).items():
         lines.append(
             f"wasminfer invocations per CPU-second {key.replace('_', ' ')} at concurrency 16: "

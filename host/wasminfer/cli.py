@@ -481,7 +481,12 @@ MaxConcurrentBatches = Annotated[
     ),
 ]
 IntraOpThreads = Annotated[
-    int | None, typer.Option(help="ONNX Runtime threads inside one run (default 1; 0: one per core).")
+    int | None,
+    typer.Option(help="ONNX Runtime threads inside one run (default: chosen at load; 0: one per core)."),
+]
+MaxConcurrentRuns = Annotated[
+    int | None,
+    typer.Option(help="Runs of the model at once, the rest queue (default: chosen at load; 0: no bound)."),
 ]
 InterOpThreads = Annotated[int | None, typer.Option(help="ONNX Runtime inter-op threads (default 1).")]
 
@@ -495,6 +500,7 @@ def deploy_model(
     max_concurrent_batches: MaxConcurrentBatches = None,
     intra_op_threads: IntraOpThreads = None,
     inter_op_threads: InterOpThreads = None,
+    max_concurrent_runs: MaxConcurrentRuns = None,
     url: Url = DEFAULT_URL,
     key: Key = None,
 ) -> None:
@@ -508,6 +514,7 @@ def deploy_model(
             max_concurrent_batches=max_concurrent_batches,
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
+            max_concurrent_runs=max_concurrent_runs,
         )
     _print_model(view, "deployed")
 
@@ -520,6 +527,7 @@ def set_model(
     max_concurrent_batches: MaxConcurrentBatches = None,
     intra_op_threads: IntraOpThreads = None,
     inter_op_threads: InterOpThreads = None,
+    max_concurrent_runs: MaxConcurrentRuns = None,
     url: Url = DEFAULT_URL,
     key: Key = None,
 ) -> None:
@@ -532,6 +540,7 @@ def set_model(
             "max_concurrent_batches": max_concurrent_batches,
             "intra_op_threads": intra_op_threads,
             "inter_op_threads": inter_op_threads,
+            "max_concurrent_runs": max_concurrent_runs,
         }.items()
         if v is not None
     }

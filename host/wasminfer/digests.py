@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from wasminfer.errors import ModelNotFound
 from wasminfer.models import ModelInfo
-from wasminfer.models.registry import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP_THREADS
+from wasminfer.models.options import DEFAULT_INTER_OP_THREADS
 from wasminfer.runtime import DeployedFunction
 
 __all__ = ["deployment_digest", "model_digest"]
@@ -28,8 +28,8 @@ def deployment_digest(fn: DeployedFunction) -> str:
     return ".".join(parts)
 
 
+# intra_op_threads and max_concurrent_runs have no default value: None (chosen at load) is their default.
 _DEFAULT_OPTIONS = {
-    "intra_op_threads": DEFAULT_INTRA_OP_THREADS,
     "inter_op_threads": DEFAULT_INTER_OP_THREADS,
     "max_batch_size": 0,
 }

@@ -1,5 +1,5 @@
-"""The load options of a model (threads, dynamic batching) as the HTTP API, the CLI and the store
-name them. Pure: the gateway parses them here without importing the models layer (ONNX Runtime);
+"""The load options of a model (threads, concurrent runs, dynamic batching) as the HTTP API, the CLI
+and the store name them. Pure: the gateway parses them here without importing the models layer (ONNX Runtime);
 `ModelRegistry.load` checks their ranges."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ __all__ = ["MODEL_OPTIONS", "parse_model_options"]
 
 #: The options `ModelRegistry.load` takes by keyword, as the HTTP API and the store name them.
 MODEL_OPTIONS = (
-    "intra_op_threads", "inter_op_threads", "max_batch_size", "max_queue_delay_us", "max_concurrent_batches",
+    "intra_op_threads", "inter_op_threads", "max_concurrent_runs", "max_batch_size", "max_queue_delay_us",
+    "max_concurrent_batches",
 )  # fmt: skip
 
 

@@ -408,6 +408,7 @@ class Platform:
             view.setdefault("options", live.options())  # a version stored before options were kept
             view["load_seconds"] = round(live.load_seconds, 6)
             view["resident_bytes"] = live.resident_bytes
+            view["run_plan"] = live.run_plan.to_dict() if live.run_plan else None
             view["users"] = sorted(f.name for f in host.functions() if rec.name in f.manifest.models)
             view["stats"] = host.models.stats(rec.name).to_dict()
         return view

@@ -118,8 +118,11 @@ _MODEL_OPTION_DOCS = {
     "max_queue_delay_us": "dynamic batching: the longest a request waits for others, 0..1000000 µs "
     "(default 2000)",
     "max_concurrent_batches": "dynamic batching: batched runs in flight before a new one waits to grow, "
-    "0..256 (default: the cores a run can use; 0: always wait for a full batch or the delay)",
-    "intra_op_threads": "ONNX Runtime threads inside one run, 0..64 (default 1; 0: one per core)",
+    "0..256 (default: the model's concurrent runs; 0: always wait for a full batch or the delay)",
+    "intra_op_threads": "ONNX Runtime threads inside one run, 0..64 (default: chosen at load by measuring "
+    "the model; 0: one per core)",
+    "max_concurrent_runs": "runs of the model at once, the rest wait in its queue, 0..256 (default: chosen "
+    "at load with the threads; 0: no bound)",
     "inter_op_threads": "ONNX Runtime threads across independent nodes, 0..64 (default 1)",
 }
 _MODEL_OPTIONS_QUERY = [_query(name, doc, {"type": "integer"}) for name, doc in _MODEL_OPTION_DOCS.items()]

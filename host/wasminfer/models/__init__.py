@@ -1,5 +1,6 @@
-"""Models: the registry of ONNX Runtime sessions (one per model), their dynamic batching, and the
-tensor codec.
+"""Models: the registry of ONNX Runtime sessions (one per model) and what it is made of -- the
+validation of uploads, the check of inputs against a model's signature, load options, counters,
+dynamic batching, the run timer -- and the tensor codec.
 
 Never imports wasmtime or starlette: the runtime and the gateway build on this layer.
 """
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 from wasminfer.models.batching import BatchingConfig, BatchingStats
 from wasminfer.models.codec import decode_tensors, encode_tensors, tensors_from_json, tensors_to_json
-from wasminfer.models.registry import ModelInfo, ModelRegistry, ModelStats, TensorSpec
+from wasminfer.models.inputs import TensorSpec
+from wasminfer.models.registry import ModelInfo, ModelRegistry
+from wasminfer.models.stats import ModelStats
 
 __all__ = [
     "BatchingConfig",

@@ -1,0 +1,35 @@
+"""ONNX Runtime sessions made the one way the registry runs them (and why each option)."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+
+from wasminfer.errors import InvalidModel
+
+__all__ = ["make_session"]
+
+
+def make_session(model: bytes, intra: int, inter: int) -> ort.InferenceSession:
+    """A session of validated ONNX bytes with `intra`/`inter` threads. Raises `InvalidModel` if ORT
+    cannot load the model."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra
+    options.inter_op_num_threads = inter
+    # Parallelism comes from concurrent calls, not from running independent nodes of one call at
+    # once; sequential is also what makes the intra-op knob the only one that matters.
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's CPU arena keeps what a run grew it by for the session's life (a run that needed 1 GiB
+    # left 2 GiB resident); without it tensors go back to malloc and the memory to the kernel, at no
+    # measurable cost on a small model's run (bench/arena.py, docs/models.md).
+    options.enable_cpu_mem_arena = False
+    options.log_severity_level = 3  # errors only: ORT's warnings are not the caller's business
+    # Bytes are ONNX, validated by `validate_upload`; never let ORT sniff them as its own flatbuffer format.
+    options.add_session_config_entry("session.load_model_format", "ONNX")
+    if intra != 1:
+        # A pool's threads spin between ops by default, burning the cores other calls need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's exception types share no base but Exception
+        raise InvalidModel(f"ONNX Runtime cannot load the model: {exc}") from None

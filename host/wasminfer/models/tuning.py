@@ -1,0 +1,286 @@
+"""Threads and run slots chosen per model, by measuring it on this machine at load.
+
+For throughput under load, what matters is how a machine's cores are split between runs: C cores can
+hold C runs of one intra-op thread, or one run of C threads, or anything between. Which is best
+depends on the model (a large convolution scales over threads, a small graph does not; runs side by
+side share the caches) and on the machine, so `choose` measures it: runs of a sample input (zeros;
+the first free dimension 1, every later one `FREE_DIM`) with `t` intra-op threads and `cores // t`
+runs at once, for `t` = 1 and the powers of two up to the cores, and keeps the combination with the
+most runs per second (within `TIE` of the best, the one with more threads: a lone request is then
+answered sooner). Only combinations that fill the cores are candidates: on a machine shared with
+other work, fewer runs than cores can measure faster and would then leave cores idle for good.
+
+It stays short: a model whose run takes under `TINY_RUN_S` is not measured and not bounded (one
+thread, or the threads given, and every caller runs at once: measured in-process on digits, a 9 µs
+run, two run slots cost 46% of its throughput at 16 callers, the hand-off of a slot between Python
+threads costing more than the run). The whole measurement stops at `BUDGET_S`: each candidate gets a
+share, and one for which not even one round fits is skipped and listed. A candidate with more than
+one thread needs a session of its own: while it is measured the model is held twice in memory.
+Models whose inputs are strings or whose sample input fails to run keep one thread and a run per
+core. Given threads (and no given runs) are timed too, so that a tiny model is never bounded.
+
+The execution mode stays sequential with one inter-op thread: the registry's parallelism is
+concurrent runs, which keep every core busy already; running a graph's independent branches at once
+(ORT's parallel mode) competes with them for the same cores. `inter_op_threads` remains settable.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from wasminfer.models.inputs import TensorSpec
+from wasminfer.models.session import make_session
+
+__all__ = [
+    "BUDGET_S",
+    "FREE_DIM",
+    "TIE",
+    "TINY_RUN_S",
+    "Measurement",
+    "RunPlan",
+    "choose",
+    "given_plan",
+    "run_time",
+    "sample_feed",
+    "tuned",
+]
+
+#: Below this run time a model is not measured.
+TINY_RUN_S = 0.001
+#: The most a measurement may take at load.
+BUDGET_S = 0.5
+#: Throughputs this close to the best count as equal.
+TIE = 0.05
+#: The size given to a free dimension after the first in the sample input (e.g. a sequence length).
+FREE_DIM = 64
+
+Run = Callable[[Mapping[str, np.ndarray]], object]
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """`runs` runs of `intra_op_threads` threads each, `concurrent_runs` at once, in `seconds`."""
+
+    intra_op_threads: int
+    concurrent_runs: int
+    runs: int
+    seconds: float
+
+    @property
+    def runs_per_second(self) -> float:
+        return self.runs / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "intra_op_threads": self.intra_op_threads,
+            "concurrent_runs": self.concurrent_runs,
+            "runs": self.runs,
+            "seconds": round(self.seconds, 6),
+            "runs_per_second": round(self.runs_per_second, 2),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunPlan:
+    """How a model runs: `intra_op_threads` per run, `max_concurrent_runs` runs at once (0: no
+    bound); `chosen_by` says why ("given", "measured", "tiny", "default: ..."), `run_ms` is one run's
+    time on the sample input (one thread), `measurements` what the choice was made from, `skipped`
+    the candidates not measured."""
+
+    intra_op_threads: int
+    max_concurrent_runs: int
+    chosen_by: str
+    run_ms: float | None = None
+    measurements: tuple[Measurement, ...] = ()
+    seconds: float = 0.0  # what measuring took
+    skipped: tuple[str, ...] = ()  # candidates not measured, and why
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "intra_op_threads": self.intra_op_threads,
+            "max_concurrent_runs": self.max_concurrent_runs,
+            "chosen_by": self.chosen_by,
+            "run_ms": None if self.run_ms is None else round(self.run_ms, 4),
+            "measurements": [m.to_dict() for m in self.measurements],
+            "skipped": list(self.skipped),
+            "tuning_seconds": round(self.seconds, 4),
+        }
+
+
+def sample_feed(inputs: list[TensorSpec]) -> dict[str, np.ndarray] | None:
+    """Zeros of every input's dtype and shape (first free dimension 1, later ones `FREE_DIM`), or
+    None when an input is a string tensor or does not declare its rank."""
+    feed: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        if spec.shape is None or spec.dtype == "string":
+            return None
+        shape = [
+            d if isinstance(d, int) and d >= 0 else (1 if axis == 0 else FREE_DIM)
+            for axis, d in enumerate(spec.shape)
+        ]
+        feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feed
+
+
+def thread_candidates(cores: int) -> list[int]:
+    """1 and the powers of two up to `cores`, and `cores` itself."""
+    found, t = [1], 2
+    while t <= cores:
+        found.append(t)
+        t *= 2
+    if cores not in found:
+        found.append(cores)
+    return found
+
+
+def choose(
+    run_with: Callable[[int], Run],
+    feed: Mapping[str, np.ndarray],
+    cores: int,
+    *,
+    session_s: float = 0.0,
+    budget_s: float = BUDGET_S,
+    tiny_run_s: float = TINY_RUN_S,
+) -> RunPlan:
+    """Measure and choose. `run_with(t)` gives a function running the model with `t` intra-op threads
+    (making the session for it when it is first asked; `session_s`: what making one took). Raises
+    what a run raises."""
+    started = time.perf_counter()
+    single = run_time(run_with(1), feed, tiny_run_s)
+    if single < tiny_run_s:
+        return RunPlan(1, 0, "tiny", single * 1e3, seconds=time.perf_counter() - started)
+    measurements: list[Measurement] = []
+    skipped: list[str] = []
+    candidates = thread_candidates(cores)
+    for i, threads in enumerate(candidates):
+        left = budget_s - (time.perf_counter() - started)
+        share = left / (len(candidates) - i)
+        concurrent = max(1, cores // threads)
+        # A round: `concurrent` runs side by side take about one run's time each, and a run of
+        # `threads` threads at best 1/threads of it; a new session costs its making and a warm-up run.
+        estimate = single if threads == 1 else single / threads
+        setup = 0.0 if threads == 1 else session_s + single
+        if setup + estimate > share:
+            skipped.append(f"{threads} thread(s) x {concurrent} run(s): over the budget of {budget_s:g} s")
+            continue
+        rounds = max(1, min(8, int((share - setup) / max(estimate, 1e-9))))
+        run = run_with(threads)
+        if threads != 1:
+            run(feed)  # its first run
+        measurements.append(_concurrent(run, feed, threads, concurrent, rounds))
+    if not measurements:  # not even one round fits: a run per core, as the slots' default
+        elapsed = time.perf_counter() - started
+        return RunPlan(1, cores, "default: over the budget", single * 1e3, (), elapsed, tuple(skipped))
+    best = max(m.runs_per_second for m in measurements)
+    chosen = max(
+        (m for m in measurements if m.runs_per_second >= best * (1 - TIE)),
+        key=lambda m: (m.intra_op_threads, m.concurrent_runs, m.runs_per_second),
+    )
+    return RunPlan(
+        chosen.intra_op_threads, chosen.concurrent_runs, "measured", single * 1e3, tuple(measurements),
+        time.perf_counter() - started, tuple(skipped),
+    )  # fmt: skip
+
+
+def run_time(run: Run, feed: Mapping[str, np.ndarray], tiny_run_s: float = TINY_RUN_S) -> float:
+    """Seconds one run of `feed` takes, after a first run (which allocates); under `tiny_run_s`,
+    the fastest of two (a thread switch in one must not make a tiny model look big)."""
+    run(feed)
+    single = _timed(run, feed)
+    if single < tiny_run_s:
+        single = min(single, _timed(run, feed))
+    return single
+
+
+def _timed(run: Run, feed: Mapping[str, np.ndarray]) -> float:
+    started = time.perf_counter()
+    run(feed)
+    return time.perf_counter() - started
+
+
+def _concurrent(
+    run: Run, feed: Mapping[str, np.ndarray], threads: int, concurrent: int, rounds: int
+) -> Measurement:
+    """`concurrent` callers, `rounds` runs each, all started together."""
+    if concurrent == 1:
+        started = time.perf_counter()
+        for _ in range(rounds):
+            run(feed)
+        return Measurement(threads, 1, rounds, time.perf_counter() - started)
+    barrier = threading.Barrier(concurrent + 1)
+    errors: list[BaseException] = []
+
+    def caller() -> None:
+        barrier.wait()
+        try:
+            for _ in range(rounds):
+                run(feed)
+        except BaseException as exc:  # reported on the loading thread
+            errors.append(exc)
+
+    callers = [threading.Thread(target=caller, name="wasminfer-tuning") for _ in range(concurrent)]
+    for t in callers:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in callers:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return Measurement(threads, concurrent, concurrent * rounds, elapsed)
+
+
+def given_plan(
+    session: ort.InferenceSession, intra: int, inputs: list[TensorSpec], output_names: list[str], cores: int
+) -> RunPlan:
+    """The plan of given threads: the cores divided by them, or no bound for a tiny model (timed on
+    the sample input, two runs)."""
+    slots = max(1, cores // (intra if intra > 0 else cores))
+    feed = sample_feed(inputs)
+    if feed is None:
+        return RunPlan(intra, slots, "given")
+    try:
+        single = run_time(lambda feed: session.run(output_names, feed), feed)
+    except Exception:  # ORT's exception types share no base but Exception; no sample, no timing
+        return RunPlan(intra, slots, "given")
+    if single < TINY_RUN_S:
+        return RunPlan(intra, 0, "given; tiny", single * 1e3)
+    return RunPlan(intra, slots, "given", single * 1e3)
+
+
+def tuned(
+    session: ort.InferenceSession,
+    data: bytes,
+    inter: int,
+    inputs: list[TensorSpec],
+    output_names: list[str],
+    cores: int,
+    session_s: float,
+) -> tuple[ort.InferenceSession, RunPlan]:
+    """The plan measured for a model loaded with one intra-op thread, and the session to keep (one
+    made for the threads chosen). A model that cannot be measured keeps one thread, a run per core."""
+    feed = sample_feed(inputs)
+    if feed is None:
+        return session, RunPlan(1, cores, "default: an input is a string or has no declared rank")
+    sessions = {1: session}
+
+    def run_with(threads: int) -> Callable[[Mapping[str, np.ndarray]], object]:
+        if threads not in sessions:
+            sessions[threads] = make_session(data, threads, inter)
+        made = sessions[threads]
+        return lambda feed: made.run(output_names, feed)
+
+    try:
+        plan = choose(run_with, feed, cores, session_s=session_s)
+    except Exception as exc:  # ORT's exception types share no base but Exception
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return session, RunPlan(1, cores, f"default: the sample input did not run ({reason})")
+    return sessions[plan.intra_op_threads], plan
