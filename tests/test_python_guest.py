@@ -472,7 +472,8 @@ def test_deploy_invoke_and_read_logs_over_http(tmp_path: Path, components: dict[
             r = client.post("/v1/functions/py/invoke", content=b"raise over http",
                             headers={"content-type": "text/plain"})
             assert r.status_code == 500
-            assert r.json()["error"] == {"code": "guest_error", "message": "ValueError: over http"}
+            where = '(app.py, line 40, in handle: raise ValueError(arg or "boom"))'
+            assert r.json()["error"] == {"code": "guest_error", "message": f"ValueError: over http {where}"}
             r = client.get("/v1/functions/py/logs")
             assert r.status_code == 200
             assert "Traceback" in r.text and "ValueError: over http" in r.text
