@@ -50,10 +50,9 @@ def parse_model_options(data: Mapping[str, object], *, strings: bool = False) ->
             else:
                 options[name] = param.parse(value)
         except ParamError as exc:
-            if exc.kind == "range":
+            if exc.kind == "range":  # worded as `ModelRegistry.load` words it
                 raise BadRequest(
-                    f"model option {name} must be an integer from {param.minimum} to {param.maximum}, "
-                    f"not {exc.value!r}"
+                    f"{name} must be an integer from {param.minimum} to {param.maximum}, not {exc.value!r}"
                 ) from None
             raise BadRequest(f"model option {name} {exc.problem}") from None
     return options
