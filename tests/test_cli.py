@@ -117,8 +117,19 @@ def test_serve_prints_working_example_requests(
     with Platform(tmp_path / "d") as p:
         p.start()
         monkeypatch.setattr(p, "list_functions", lambda **_: [{"name": "digits"}])
-        cli._print_example_requests(p, "127.0.0.1", 8000)
+        cli.examples.print_example_requests(p, "127.0.0.1", 8000)
     line = capsys.readouterr().out.strip()
     assert line.startswith("curl -s http://127.0.0.1:8000/v1/functions/digits/invoke")
     pixels = json.loads(line.split("-d '")[1].rstrip("'"))["pixels"]
     assert len(pixels) == 64 and all(0 <= v <= 16 for v in pixels)
+
+
+def test_option_help_comes_from_the_one_description() -> None:
+    """The ranges and defaults the CLI shows are those of `MANIFEST_KEYS` and `MODEL_OPTION_PARAMS`."""
+    wide = {"COLUMNS": "400"}
+    function_help = runner.invoke(cli.app, ["deploy", "function", "--help"], env=wide).output
+    assert "memory limit per instance, MiB; 1..4096; default 64." in function_help
+    assert "time limit per invocation, ms; 1..900000; default 10000." in function_help
+    model_help = runner.invoke(cli.app, ["set", "model", "--help"], env=wide).output
+    assert "ONNX Runtime threads inside one run (default: chosen at load by measuring" in model_help
+    assert "0..1024; default 0." in model_help

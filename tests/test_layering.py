@@ -14,7 +14,7 @@ under `if TYPE_CHECKING:` alike (read with `ast`, nothing is imported). The laye
              imports it (replicas/ and scaling/ do not, and neither imports it from them)
     replicas scaling/ and replicas/ (replicas use scaling's policies: one layer)
     gateway  gateway/
-    outside  cli.py, __main__.py, client.py, and what only the CLI uses: toolchain.py, examples.py
+    outside  cli/, __main__.py, client.py, and what only the CLI uses: toolchain.py, examples.py
 
 A module may import its own layer and those below it. Besides: nothing but the outside layer
 imports client.py (so nothing under replicas/ does), gateway/ never imports wasmtime or
@@ -31,6 +31,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "host" / "wasminfer"
 LEAVES = frozenset({
     "wasminfer", "wasminfer.errors", "wasminfer.syntax", "wasminfer._fs", "wasminfer.manifest",
     "wasminfer.model_options", "wasminfer.parsing",
+    "wasminfer.params",  # the one description of a manifest key or model option (type, range, help)
     "wasminfer.shares",  # the fair-share arithmetic, applied by jobs' workers and replicas' threads alike
 })
 #: (layer, the modules and packages in it), lowest first.

@@ -373,7 +373,9 @@ def test_cli_deploys_with_options_and_sets_them(
     with Platform(tmp_path / "data") as p:
         p.start()
         with TestClient(create_app(p)) as http:
-            monkeypatch.setattr(cli, "_client", lambda url, key: Client("http://testserver", key, http=http))
+            monkeypatch.setattr(
+                cli.common, "client", lambda url, key: Client("http://testserver", key, http=http)
+            )
 
             def run(*args: str) -> str:
                 result = runner.invoke(cli.app, list(args))

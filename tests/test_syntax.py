@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from wasminfer.errors import InvalidManifest, InvalidName
+from wasminfer.gateway import create_app
 from wasminfer.gateway.openapi import openapi_document
 from wasminfer.manifest import Manifest
+from wasminfer.service import Platform
 from wasminfer.store import BlobStore, manifest_models, validate_name
 from wasminfer.syntax import NAME_REGEX, is_header_value, is_name
 
@@ -35,8 +37,9 @@ def test_names_violated(name: object, tmp_path: Path) -> None:
         BlobStore(tmp_path / "blobs").put_derived(name, "key", b"x")  # type: ignore[arg-type]
 
 
-def test_the_openapi_document_states_the_same_name_rule() -> None:
-    spec = openapi_document()
+def test_the_openapi_document_states_the_same_name_rule(tmp_path: Path) -> None:
+    with Platform(tmp_path / "data") as platform:
+        spec = openapi_document(create_app(platform).routes)
     patterns = {
         p["schema"]["pattern"]
         for op in spec["paths"].values()

@@ -1,8 +1,10 @@
 """A function's manifest: which models it may use, its limits, its WASI view, its ABI.
 
 Plain data shared by every layer (the store keeps it as JSON, the gateway parses it from query
-parameters or a JSON part, the runtime enforces it). Every field has a default and a range; a value
-outside it is an `InvalidManifest` naming the key.
+parameters or a JSON part, the runtime enforces it). Every key is described once, beside its field
+(`MANIFEST_KEYS`: type, range, default, help), and that description parses it, documents it in
+`/openapi.json` and the CLI, and is checked against SECURITY.md's limit table; a value outside its
+range is an `InvalidManifest` naming the key.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wasminfer.errors import InvalidManifest
+from wasminfer.params import Param, ParamError, fields_params, param_field
 from wasminfer.syntax import is_name
 
 ABIS = ("auto", "handler", "command", "component")
@@ -21,68 +24,89 @@ _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # Matched whole (`fullmatch`): `\s` and a `$` that allows a final newline let CR/LF into a header value.
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+([ \t]*;[ -~]*)?")
 
-# key: (min, max) for the integer limits
-_INT_RANGES: dict[str, tuple[int, int]] = {
-    "memory_mb": (1, 4096),
-    "timeout_ms": (1, 15 * 60 * 1000),
-    "min_instances": (0, 10_000),
-    "max_instances": (1, 100_000),
-    "max_concurrency": (0, 100_000),
-    "max_queue": (0, 1_000_000),
-    "max_output_bytes": (0, 1 << 30),
-    "max_log_bytes": (0, 16 << 20),
-    "max_infer_calls": (0, 100_000),
-    "max_tensor_bytes": (0, 1 << 30),
-    "idle_timeout_s": (0, 86_400),
-    "prewarm_instances": (0, 100_000),
-    "target_utilization_pct": (1, 100),
-}
-
 
 @dataclass(frozen=True)
 class Manifest:
     """What a function may do and how much of the host it may take.
 
     `models` is the allowlist (deny by default). Limits are per instance (memory) or per invocation.
+    Each field is described once (`param_field`: type, range, default, help): `MANIFEST_KEYS`.
     """
 
-    models: tuple[str, ...] = ()
-    memory_mb: int = 64
-    timeout_ms: int = 10_000
-    min_instances: int = 0
-    max_instances: int = 64
+    models: tuple[str, ...] = param_field(
+        (), "array", "models the function may use (deny by default); a query parameter: comma-separated",
+        example=["digits"],
+    )
+    memory_mb: int = param_field(64, "integer", "memory limit per instance, MiB", minimum=1, maximum=4096)
+    timeout_ms: int = param_field(
+        10_000, "integer", "time limit per invocation, ms", minimum=1, maximum=15 * 60 * 1000
+    )
+    min_instances: int = param_field(0, "integer", "instances kept warm", minimum=0, maximum=10_000)
+    max_instances: int = param_field(64, "integer", "most instances at once", minimum=1, maximum=100_000)
     # In flight at once across every replica of the server (the router queues the rest, up to
     # max_queue, then answers 429); 0: bounded by max_instances per host only.
-    max_concurrency: int = 0
-    max_queue: int = 256
-    max_output_bytes: int = 16 << 20
-    max_log_bytes: int = 64 << 10
-    max_infer_calls: int = 64
-    max_tensor_bytes: int = 64 << 20
-    idle_timeout_s: int = 300
+    max_concurrency: int = param_field(
+        0, "integer", "requests in flight at once across every host replica; past it they queue up to "
+        "max_queue, then 429 (0: no limit but max_instances per host; docs/scaling.md)",
+        minimum=0, maximum=100_000,
+    )
+    max_queue: int = param_field(
+        256, "integer", "most requests waiting for an instance (past it: 429)", minimum=0, maximum=1_000_000
+    )
+    max_output_bytes: int = param_field(
+        16 << 20, "integer", "largest response a function may write, bytes", minimum=0, maximum=1 << 30
+    )
+    max_log_bytes: int = param_field(
+        64 << 10, "integer", "log bytes per invocation", minimum=0, maximum=16 << 20
+    )
+    max_infer_calls: int = param_field(
+        64, "integer", "infer calls per invocation", minimum=0, maximum=100_000
+    )
+    max_tensor_bytes: int = param_field(
+        64 << 20, "integer", "largest tensor given to a model, bytes", minimum=0, maximum=1 << 30
+    )
+    idle_timeout_s: int = param_field(
+        300, "integer", "seconds an idle instance is kept (down to min_instances)", minimum=0, maximum=86_400
+    )
     # Instances made when a host takes the function (deploy, a new replica), ahead of its first
     # requests; a deploy always makes at least one (it proves the module starts). Reaped like any
     # idle instance after idle_timeout_s, down to min_instances.
-    prewarm_instances: int = 1
+    prewarm_instances: int = param_field(
+        1, "integer", "instances made at deploy, ahead of the first requests (at least one is)",
+        minimum=0, maximum=100_000,
+    )
     # The instance autoscaler keeps this percentage of warm instances busy (Knative's target
     # utilisation: an instance runs one request at a time, so the rest is headroom for a burst).
-    target_utilization_pct: int = 70
-    env: tuple[tuple[str, str], ...] = ()
-    args: tuple[str, ...] = ()
-    mount_body: str | None = None  # command ABI: guest path where the body appears read-only
-    content_type: str | None = None  # command ABI: the response's content type (else octet-stream)
-    allow_guest_models: bool = False  # wasi-nn `load` with model bytes from the guest
+    target_utilization_pct: int = param_field(
+        70, "integer", "percentage of warm instances the autoscaler keeps busy", minimum=1, maximum=100
+    )
+    env: tuple[tuple[str, str], ...] = param_field(
+        (), "object", "environment of the guest (WASI); a query parameter: KEY=VALUE, repeatable"
+    )
+    args: tuple[str, ...] = param_field((), "array", "arguments of a command (WASI)")
+    mount_body: str | None = param_field(
+        None, "string", "command ABI: guest path where the request body appears, read-only", nullable=True
+    )
+    content_type: str | None = param_field(
+        None, "string", "command ABI: the response's content type (default application/octet-stream)",
+        nullable=True,
+    )
+    allow_guest_models: bool = param_field(
+        False, "boolean", "wasi-nn `load` may take model bytes from the guest"
+    )
     # Running a request twice is harmless: one lost with its replica (a Ray actor or its node died
     # while running it) is sent once more to another replica instead of failing with a 503.
-    idempotent: bool = False
-    abi: str = "auto"
+    idempotent: bool = param_field(
+        False, "boolean", "running a request twice is harmless: one lost with its replica is sent again"
+    )
+    abi: str = param_field("auto", "string", "the guest ABI (auto: detected from the module)", choices=ABIS)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         """Builds a manifest from JSON-like data. Raises `InvalidManifest` naming the bad key."""
         if not isinstance(data, Mapping):
             raise InvalidManifest("the manifest must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = MANIFEST_KEYS.keys()
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidManifest(
@@ -90,8 +114,8 @@ class Manifest:
             )
         kw: dict[str, Any] = {}
         for key, value in data.items():
-            if key in _INT_RANGES:
-                kw[key] = _int(key, value)
+            if MANIFEST_KEYS[key].kind in ("integer", "boolean") or key == "abi":
+                kw[key] = _checked(MANIFEST_KEYS[key], value)
             elif key == "models":
                 kw[key] = _models(value)
             elif key == "env":
@@ -117,12 +141,6 @@ class Manifest:
                     not isinstance(value, str) or len(value) > 256 or not _MEDIA_TYPE.fullmatch(value)
                 ):
                     raise InvalidManifest.for_key("content_type", "must be a media type, e.g. text/plain")
-                kw[key] = value
-            elif key in ("allow_guest_models", "idempotent"):
-                kw[key] = _bool(key, value)
-            elif key == "abi":
-                if value not in ABIS:
-                    raise InvalidManifest.for_key("abi", f"must be one of {', '.join(ABIS)}")
                 kw[key] = value
         m = cls(**kw)
         if m.min_instances > m.max_instances:
@@ -158,27 +176,15 @@ class Manifest:
         return dataclasses.replace(self, **changes)
 
 
-def _int(key: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise InvalidManifest.for_key(key, "must be an integer")
+def _checked(param: Param, value: Any) -> Any:
+    """`value` as `param` describes it: a number given as text (query parameters, `--set KEY=VALUE`)
+    parses as text."""
     try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise InvalidManifest.for_key(key, f"must be an integer, got {value!r}") from None
-    if isinstance(value, float) and value != n:
-        raise InvalidManifest.for_key(key, f"must be an integer, got {value!r}")
-    lo, hi = _INT_RANGES[key]
-    if not lo <= n <= hi:
-        raise InvalidManifest.out_of_range(key, n, lo, hi)
-    return n
-
-
-def _bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
-        return value.lower() in ("1", "true", "yes")
-    raise InvalidManifest.for_key(key, "must be true or false")
+        if isinstance(value, str) and param.kind == "integer":
+            return param.parse_text(value)
+        return param.parse(value)
+    except ParamError as exc:
+        raise InvalidManifest.for_key(param.name, exc.problem) from None
 
 
 def _models(value: Any) -> tuple[str, ...]:
@@ -212,4 +218,7 @@ def _env(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-__all__ = ["ABIS", "Manifest"]
+#: Every manifest key, described once: type, range, default, help.
+MANIFEST_KEYS: Mapping[str, Param] = fields_params(Manifest)
+
+__all__ = ["ABIS", "MANIFEST_KEYS", "Manifest"]

@@ -1,5 +1,6 @@
 """`create_app`: the whole HTTP stack in one function — routes and the scope each needs, middleware,
-exception handlers, startup."""
+exception handlers, startup. Each handler declares the rest about itself (`routing.operation`: its
+parameters, body, replies, errors); `/openapi.json` is made from the two."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import Route
 
 from wasminfer.gateway import routes_functions as functions
 from wasminfer.gateway import routes_jobs as jobs
 from wasminfer.gateway import routes_models as models
 from wasminfer.gateway import routes_system as system
-from wasminfer.gateway.auth import ADMIN, INVOKE, READ, scoped
+from wasminfer.gateway.auth import ADMIN, INVOKE, PUBLIC, READ
 from wasminfer.gateway.errors import EXCEPTION_HANDLERS
 from wasminfer.gateway.metrics import JobsCollector, Metrics
+from wasminfer.gateway.routing import route
 from wasminfer.gateway.settings import Settings
 from wasminfer.gateway.state import AppState
 from wasminfer.jobs import JobService, JobSettings
@@ -59,34 +60,34 @@ def create_app(
         fleet=fleet,
         jobs=JobService(platform, job_settings),
     )
-    state.metrics.registry.register(JobsCollector(state.jobs))
+    state.metrics.register(JobsCollector(state.jobs))
 
     routes = [
-        Route("/v1/functions", scoped(READ, functions.list_functions), methods=["GET"]),
-        Route("/v1/functions/{name}", scoped(ADMIN, functions.put_function), methods=["PUT"]),
-        Route("/v1/functions/{name}", scoped(READ, functions.get_function), methods=["GET"]),
-        Route("/v1/functions/{name}", scoped(ADMIN, functions.delete_function), methods=["DELETE"]),
-        Route("/v1/functions/{name}/versions", scoped(READ, functions.list_versions), methods=["GET"]),
-        Route("/v1/functions/{name}/rollback", scoped(ADMIN, functions.rollback), methods=["POST"]),
-        Route("/v1/functions/{name}/invoke", scoped(INVOKE, functions.invoke), methods=["POST"]),
-        Route("/v1/functions/{name}/logs", scoped(READ, functions.logs), methods=["GET"]),
-        Route("/v1/functions/{name}/batch", scoped(INVOKE, jobs.batch), methods=["POST"]),
+        route("GET", "/v1/functions", READ, functions.list_functions),
+        route("PUT", "/v1/functions/{name}", ADMIN, functions.put_function),
+        route("GET", "/v1/functions/{name}", READ, functions.get_function),
+        route("DELETE", "/v1/functions/{name}", ADMIN, functions.delete_function),
+        route("GET", "/v1/functions/{name}/versions", READ, functions.list_versions),
+        route("POST", "/v1/functions/{name}/rollback", ADMIN, functions.rollback),
+        route("POST", "/v1/functions/{name}/invoke", INVOKE, functions.invoke),
+        route("GET", "/v1/functions/{name}/logs", READ, functions.logs),
+        route("POST", "/v1/functions/{name}/batch", INVOKE, jobs.batch),
         # Jobs hold invocation outputs: the scope that may invoke may read them (`read` may not).
-        Route("/v1/jobs", scoped(INVOKE, jobs.list_jobs), methods=["GET"]),
-        Route("/v1/jobs/{id}", scoped(INVOKE, jobs.get_job), methods=["GET"]),
-        Route("/v1/jobs/{id}", scoped(INVOKE, jobs.delete_job), methods=["DELETE"]),
-        Route("/v1/jobs/{id}/result", scoped(INVOKE, jobs.job_result), methods=["GET"]),
-        Route("/v1/models", scoped(READ, models.list_models), methods=["GET"]),
-        Route("/v1/models/{name}", scoped(ADMIN, models.put_model), methods=["PUT"]),
-        Route("/v1/models/{name}", scoped(ADMIN, models.patch_model), methods=["PATCH"]),
-        Route("/v1/models/{name}", scoped(READ, models.get_model), methods=["GET"]),
-        Route("/v1/models/{name}", scoped(ADMIN, models.delete_model), methods=["DELETE"]),
-        Route("/healthz", system.healthz, methods=["GET"]),
-        Route("/readyz", system.readyz, methods=["GET"]),
-        Route("/metrics", scoped(READ, system.metrics), methods=["GET"]),
-        Route("/v1/scaling", scoped(READ, system.scaling), methods=["GET"]),
-        Route("/openapi.json", system.openapi, methods=["GET"]),
-        Route("/docs", system.docs, methods=["GET"]),
+        route("GET", "/v1/jobs", INVOKE, jobs.list_jobs),
+        route("GET", "/v1/jobs/{id}", INVOKE, jobs.get_job),
+        route("DELETE", "/v1/jobs/{id}", INVOKE, jobs.delete_job),
+        route("GET", "/v1/jobs/{id}/result", INVOKE, jobs.job_result),
+        route("GET", "/v1/models", READ, models.list_models),
+        route("PUT", "/v1/models/{name}", ADMIN, models.put_model),
+        route("PATCH", "/v1/models/{name}", ADMIN, models.patch_model),
+        route("GET", "/v1/models/{name}", READ, models.get_model),
+        route("DELETE", "/v1/models/{name}", ADMIN, models.delete_model),
+        route("GET", "/healthz", PUBLIC, system.healthz),
+        route("GET", "/readyz", PUBLIC, system.readyz),
+        route("GET", "/metrics", READ, system.metrics),
+        route("GET", "/v1/scaling", READ, system.scaling),
+        route("GET", "/openapi.json", PUBLIC, system.openapi),
+        route("GET", "/docs", PUBLIC, system.docs),
     ]
     # No middleware: auth is per route (above) and body limits per handler, so an invocation pays for
     # nothing it does not use. Starlette adds its own two around this: ServerErrorMiddleware (the 500

@@ -1,6 +1,7 @@
 """API keys on requests: `Authorization: Bearer KEY`, and the scope each route needs.
 
-A route declares its scope where the app lists it (`scoped(INVOKE, handler)`); the wrapper finds the
+A route declares its scope where the app lists it (`route("POST", path, INVOKE, handler)`, which
+wraps the handler in `scoped`); the wrapper finds the
 caller's `Principal` (tenant and scopes) before the handler runs. No key: 401. A key without the
 scope: 403. With no key configured anywhere the platform is in open access (the server then binds to
 loopback only): every request acts as the default tenant's admin.
@@ -19,6 +20,7 @@ from wasminfer.gateway.state import app_state
 from wasminfer.service import DEFAULT_TENANT, Principal
 
 ADMIN, INVOKE, READ = "admin", "invoke", "read"
+PUBLIC = None  # the scope of a route anyone may call
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 

@@ -1,5 +1,10 @@
-"""Prometheus metrics of one app, in a `CollectorRegistry` of its own (two apps in one process, as in
-the tests, never share counters).
+"""Prometheus metrics of one app, in collectors of its own (two apps in one process, as in the tests,
+never share counters).
+
+Filtered per tenant before they are rendered: every collector takes the tenant whose series it is
+asked for (`TenantCollector.collect(tenant)`; None: every tenant's, the operator's view) and yields
+only the samples labelled with that tenant, and the unlabelled process-wide ones. A scrape puts the
+collectors, bound to the caller's tenant, in a registry of its own.
 
 Counted per request by the invoke route: invocations by function and outcome (`ok` or the error
 code), end-to-end latency and guest run time, cold starts. Read from the platform at scrape time:
@@ -10,7 +15,7 @@ errors and run time, and for a batching model its batch size and queue delay his
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,7 +26,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from wasminfer.jobs import JobService
 from wasminfer.replicas import Fleet
@@ -48,10 +52,20 @@ LATENCY_BUCKETS = (
 )
 
 
+# The `_created` series (a timestamp per counter) double the output and nothing reads them. The
+# switch is process-wide: thrown once, here.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class TenantCollector(Protocol):
+    def collect(self, tenant: str | None) -> Iterator[Metric]:
+        """The metric families, with only `tenant`'s samples and the unlabelled ones (None: all)."""
+        ...
+
+
 class Metrics:
     def __init__(self, platform: Platform, fleet: Fleet | None = None) -> None:
-        # The `_created` series (a timestamp per counter) double the output and nothing reads them.
-        disable_created_metrics()  # type: ignore[no-untyped-call]
+        # The counters of invocations, kept by prometheus-client; read through `_Counted`.
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ("tenant", "function")
         self.invocations = Counter(
@@ -80,10 +94,13 @@ class Metrics:
             labels,
             registry=self.registry,
         )
-        self.registry.register(_PlatformCollector(platform))
-        self.registry.register(_MemoryCollector(platform))
+        self._collectors: list[TenantCollector] = [
+            _Counted(self.registry),
+            _PlatformCollector(platform),
+            _MemoryCollector(platform),
+        ]
         if fleet is not None:
-            self.registry.register(_FleetCollector(fleet))
+            self._collectors.append(_FleetCollector(fleet))
         # The labelled children of successful invocations, per (tenant, function): `labels()` takes a
         # lock and builds a tuple on every call, a cost on the hot path.
         self._ok: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
@@ -119,16 +136,56 @@ class Metrics:
         if cold:
             self.cold_starts.labels(tenant, function).inc()
 
-    def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def register(self, collector: TenantCollector) -> None:
+        self._collectors.append(collector)
+
+    def render(self, tenant: str | None = None) -> tuple[bytes, str]:
+        """The Prometheus text exposition of `tenant`'s series and the unlabelled ones (None: every
+        tenant's), and its content type."""
+        scrape = CollectorRegistry(auto_describe=False)  # no describe(): registering costs nothing
+        for collector in self._collectors:
+            scrape.register(_Bound(collector, tenant))
+        return generate_latest(scrape), CONTENT_TYPE_LATEST
 
 
-class _PlatformCollector(Collector):
+class _Bound:
+    """A `TenantCollector` bound to one scrape's tenant, as a registry collects it."""
+
+    def __init__(self, collector: TenantCollector, tenant: str | None) -> None:
+        self.collector, self.tenant = collector, tenant
+
+    def collect(self) -> Iterator[Metric]:
+        return self.collector.collect(self.tenant)
+
+
+class _Counted:
+    """The series prometheus-client's own metrics keep (invocations, latencies, cold starts): the
+    caller's tenant's samples of each family."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self, tenant: str | None) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if tenant is not None:
+                mine = Metric(family.name, family.documentation, family.type, family.unit)
+                mine.samples = [s for s in family.samples if s.labels.get("tenant", tenant) == tenant]
+                family = mine
+            yield family
+
+
+def _of(tenant: str | None, by_tenant: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The items of `by_tenant` that `tenant` may see (None: all)."""
+    if tenant is None:
+        return list(by_tenant.items())
+    return [(tenant, by_tenant[tenant])] if tenant in by_tenant else []
+
+
+class _PlatformCollector:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self, tenant: str | None) -> Iterator[Metric]:
         ready = GaugeMetricFamily("wasminfer_ready", "1 once the store is loaded and the server serves")
         ready.add_metric([], 1.0 if self.platform.ready else 0.0)
         yield ready
@@ -168,13 +225,13 @@ class _PlatformCollector(Collector):
             "What requests waited in the batcher's queue before their batch ran (batching models)",
             labels=labels,
         )
-        for tenant, stats in self.platform.stats().items():
+        for owner, stats in _of(tenant, self.platform.stats()):
             for name, fn in stats["functions"].items():
                 pool = fn["instances"]
                 for state in ("live", "busy", "idle"):
-                    instances.add_metric([tenant, name, state], float(pool[state]))
+                    instances.add_metric([owner, name, state], float(pool[state]))
             for model in stats["models"]:
-                key = [tenant, model["name"]]
+                key = [owner, model["name"]]
                 load.add_metric(key, float(model["load_seconds"]))
                 resident.add_metric(key, float(model["resident_bytes"]))
                 counters = model.get("stats")
@@ -205,13 +262,13 @@ class _PlatformCollector(Collector):
         yield queue_delay
 
 
-class _MemoryCollector(Collector):
+class _MemoryCollector:
     """The host's memory budget and each tenant's quota and reservations (`runtime.memory`)."""
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self, tenant: str | None) -> Iterator[Metric]:
         snap = self.platform.memory.snapshot()
         budget = GaugeMetricFamily("wasminfer_memory_budget_bytes", "The host's memory budget")
         budget.add_metric([], float(snap["budget_bytes"]))
@@ -235,12 +292,12 @@ class _MemoryCollector(Collector):
             "'host' budget: 507)",
             labels=["tenant", "limit"],
         )
-        for tenant, t in snap["tenants"].items():
-            quota.add_metric([tenant], float(t["quota_bytes"]))
+        for owner, t in _of(tenant, snap["tenants"]):
+            quota.add_metric([owner], float(t["quota_bytes"]))
             for kind in ("instances", "models"):
-                reserved.add_metric([tenant, kind], float(t[f"{kind}_bytes"]))
+                reserved.add_metric([owner, kind], float(t[f"{kind}_bytes"]))
             for limit, n in t["refusals"].items():
-                refusals.add_metric([tenant, limit], float(n))
+                refusals.add_metric([owner, limit], float(n))
         yield quota
         yield reserved
         yield refusals
@@ -252,14 +309,14 @@ def _buckets(pairs: list[list[Any]]) -> list[tuple[str, float]]:
     return [(le if isinstance(le, str) else repr(float(le)), float(n)) for le, n in pairs]
 
 
-class _FleetCollector(Collector):
+class _FleetCollector:
     """The host replicas and both autoscalers, as of the fleet's last tick."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
 
-    def collect(self) -> Iterator[Metric]:
-        snap = self.fleet.snapshot()
+    def collect(self, tenant: str | None) -> Iterator[Metric]:
+        snap = self.fleet.snapshot(tenant)
         replicas = GaugeMetricFamily("wasminfer_replicas", "Host replicas by state", labels=["state"])
         for state in ("starting", "serving", "draining"):
             n = sum(r["state"] == state for r in snap["replicas"])
@@ -282,10 +339,10 @@ class _FleetCollector(Collector):
             outstanding.add_metric([r["id"]], float(r["outstanding"]))
             cpu.add_metric([r["id"]], float(r["cpu"]))
             for key, pool in r["functions"].items():
-                tenant, _, function = key.partition("/")
+                owner, _, function = key.partition("/")
                 for state in ("live", "busy", "idle", "desired"):
                     if pool.get(state) is not None:
-                        instances.add_metric([r["id"], tenant, function, state], float(pool[state]))
+                        instances.add_metric([r["id"], owner, function, state], float(pool[state]))
         yield outstanding
         yield cpu
         yield instances
@@ -313,14 +370,14 @@ class _FleetCollector(Collector):
         yield rejected
 
 
-class JobsCollector(Collector):
+class JobsCollector:
     """Asynchronous work (`wasminfer.jobs`): items run, what waits, how often it gave way to
-    synchronous invocations. Registered by `create_app`."""
+    synchronous invocations; process-wide (no tenant label). Registered by `create_app`."""
 
     def __init__(self, jobs: JobService) -> None:
         self.jobs = jobs
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self, tenant: str | None) -> Iterator[Metric]:
         stats = self.jobs.stats()
         items = CounterMetricFamily(
             "wasminfer_job_items", "Items of jobs run, by outcome ('ok' or 'failed')", labels=["outcome"]

@@ -1,4 +1,5 @@
-"""`/v1/functions`: upload (immutable versions), read, delete, roll back, invoke, logs."""
+"""`/v1/functions`: upload (immutable versions), read, delete, roll back, invoke, logs. Each handler
+declares itself (`routing.operation`): its parameters, replies and errors."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from wasminfer import errors
 from wasminfer.errors import BadRequest, FunctionNotFound, InvalidManifest, WasminferError
 from wasminfer.gateway import routes_jobs as jobs
 from wasminfer.gateway.bodies import limited_stream, read_body, require_media_type
+from wasminfer.gateway.routing import BINARY, Body, Params, QueryGroup, Reply, operation
 from wasminfer.gateway.state import app_state, principal, run_admin
-from wasminfer.manifest import Manifest
+from wasminfer.manifest import MANIFEST_KEYS, Manifest
+from wasminfer.params import Param
 from wasminfer.parsing import Limits, loads_json
 from wasminfer.syntax import is_header_value
 
@@ -26,20 +30,45 @@ MAX_MANIFEST_PART_BYTES = 1 << 20
 # A manifest nests two levels (`env` is an object); its largest lists (models, args, env) stay far
 # below the values allowed.
 MANIFEST_LIMITS = Limits(max_bytes=MAX_MANIFEST_PART_BYTES, max_depth=4, max_values=100_000)
-# A guest picks its response's content type; only a plain header value may reach the client (no
-# CR/LF, nothing outside printable ASCII): anything else would corrupt or split the response.
+# The manifest of an `application/wasm` upload: every query parameter the route does not declare.
+MANIFEST_QUERY = QueryGroup(
+    "manifest", MANIFEST_KEYS, Manifest.from_query, repeatable=frozenset({"models", "env", "args"})
+)
+_VERSION_CREATED = Reply(201, "A new version was created", "FunctionVersion")
+_VERSION_SAME = Reply(200, "Identical to the current version: nothing changed", "FunctionVersion")
 
 
-async def put_function(request: Request) -> Response:
+@operation(
+    "Upload a function: a new immutable version that becomes current",
+    _VERSION_CREATED,
+    _VERSION_SAME,
+    errors=(
+        errors.InvalidManifest, errors.InvalidModule, errors.InvalidName, errors.ModelNotFound,
+        errors.TooManyRequests, errors.MemoryQuotaExceeded, errors.HostMemoryExhausted, errors.Timeout,
+    ),
+    description="Either `Content-Type: application/wasm` with the manifest as query parameters, or "
+    "`multipart/form-data` with a file part `wasm` and a JSON part `manifest`. The module is "
+    "validated, compiled and prewarmed before it is stored, so the first invocation is warm. 404 "
+    "when the manifest names a model that does not exist.",
+    group=MANIFEST_QUERY,
+    body=Body({
+        WASM: BINARY,
+        MULTIPART: {
+            "type": "object",
+            "required": ["wasm"],
+            "properties": {"wasm": BINARY, "manifest": {"$ref": "#/components/schemas/Manifest"}},
+        },
+    }),
+    example="curl -X PUT '{base}/v1/functions/NAME?models=MODEL&memory_mb=16' "
+    "-H 'content-type: application/wasm' --data-binary @fn.wasm",
+)  # fmt: skip
+async def put_function(request: Request, params: Params) -> Response:
     st, who = app_state(request), principal(request)
     name = request.path_params["name"]
     kind = require_media_type(request, (WASM, MULTIPART), "function upload")
     if kind == WASM:
         wasm = await read_body(request, st.settings.max_wasm_bytes, "wasm module")
-        query: dict[str, list[str]] = {}
-        for key, value in request.query_params.multi_items():
-            query.setdefault(key, []).append(value)
-        manifest = Manifest.from_query(query)
+        manifest: Manifest = params["manifest"]
     else:
         if request.query_params:
             raise BadRequest(
@@ -85,43 +114,97 @@ async def _read_multipart(request: Request, limit: int) -> tuple[bytes, Manifest
         await form.close()
 
 
-async def list_functions(request: Request) -> Response:
+@operation("List functions (current versions, counters)", Reply(200, "The functions", "FunctionList"))
+async def list_functions(request: Request, params: Params) -> Response:
     st, who = app_state(request), principal(request)
     functions = await run_admin(request, st.platform.list_functions, tenant=who.tenant)
     return JSONResponse({"functions": functions})
 
 
-async def get_function(request: Request) -> Response:
+@operation(
+    "A function: current version, every version, counters, instances",
+    Reply(200, "The function", "Function"),
+    errors=(FunctionNotFound,),
+)
+async def get_function(request: Request, params: Params) -> Response:
     st, who = app_state(request), principal(request)
     view = await run_admin(request, st.platform.get_function, request.path_params["name"], tenant=who.tenant)
     return JSONResponse(view)
 
 
-async def delete_function(request: Request) -> Response:
+@operation("Delete a function and all its versions", Reply(204, "Deleted"), errors=(FunctionNotFound,))
+async def delete_function(request: Request, params: Params) -> Response:
     st, who = app_state(request), principal(request)
     await run_admin(request, st.platform.delete_function, request.path_params["name"], tenant=who.tenant)
     return Response(status_code=204)
 
 
-async def list_versions(request: Request) -> Response:
+@operation(
+    "Every version of a function, oldest first",
+    Reply(200, "The versions", "VersionList"),
+    errors=(FunctionNotFound,),
+)
+async def list_versions(request: Request, params: Params) -> Response:
     st, who = app_state(request), principal(request)
     versions = await run_admin(request, st.platform.versions, request.path_params["name"], tenant=who.tenant)
     return JSONResponse({"versions": versions})
 
 
-async def rollback(request: Request) -> Response:
+@operation(
+    "Make an earlier version current again",
+    Reply(200, "The now current version", "Function"),
+    errors=(
+        FunctionNotFound, errors.Conflict, errors.TooManyRequests, errors.MemoryQuotaExceeded,
+        errors.HostMemoryExhausted,
+    ),
+    description="Without `version`: the version before the current one (409 if there is none).",
+    query=(Param("version", "integer", "the version to make current", minimum=1, maximum=1 << 62),),
+)  # fmt: skip
+async def rollback(request: Request, params: Params) -> Response:
     st, who = app_state(request), principal(request)
-    raw = request.query_params.get("version")
-    version = _int_param("version", raw, 1, 1 << 62) if raw is not None else None
     view = await run_admin(
-        request, st.platform.rollback, request.path_params["name"], version, tenant=who.tenant
+        request, st.platform.rollback, request.path_params["name"], params["version"], tenant=who.tenant
     )
     return JSONResponse(view)
 
 
-async def invoke(request: Request) -> Response:
-    if jobs.wants_async(request):
-        return await jobs.invoke_async(request)
+@operation(
+    "Invoke a function",
+    Reply(
+        200,
+        "The function's output, with the content type it chose",
+        media="*/*",
+        headers={
+            "Server-Timing": "queue, start (0 when warm), run, infer and total, in ms",
+            "X-Invocation-Id": "the id its log lines carry",
+        },
+    ),
+    jobs.JOB_ACCEPTED,
+    errors=(
+        FunctionNotFound, errors.ModelNotAllowed, errors.ModelNotFound, errors.InvalidTensor,
+        errors.TensorTooLarge, errors.GuestRejected, errors.IdempotencyKeyReused, errors.TooManyRequests,
+        errors.MemoryQuotaExceeded, errors.GuestError, errors.GuestTrap, errors.MemoryLimitExceeded,
+        errors.OutputLimitExceeded, errors.LogLimitExceeded, errors.InferLimitExceeded,
+        errors.InferenceFailed, errors.InvocationCancelled, errors.FunctionLoading, errors.FunctionLoadFailed,
+        errors.LostWithIdempotentRequest, errors.Timeout, errors.HostMemoryExhausted,
+    ),
+    description="The body and its Content-Type go to the function as they are. With "
+    "`Prefer: respond-async` or `?async=1` the invocation becomes a job: 202 at once, the function's "
+    "answer later from `GET /v1/jobs/{id}/result`. Jobs are durable (they run after a restart) and run "
+    "at least once; they use the capacity synchronous invocations leave.",
+    query=(
+        Param("async", "boolean", "run as a job (as `Prefer: respond-async`); 0: synchronously, "
+              "whatever the headers"),
+        *jobs.JOB_OPTIONS,
+    ),
+    headers=(Param("Prefer", "string", "`respond-async`: run as a job"), jobs.IDEMPOTENCY_KEY),
+    body=Body({"*/*": BINARY}, required=False),
+    example="curl -X POST {base}/v1/functions/NAME/invoke -H 'content-type: application/json' "
+    "-d @request.json",
+)  # fmt: skip
+async def invoke(request: Request, params: Params) -> Response:
+    if jobs.wants_async(request, params["async"]):
+        return await jobs.invoke_async(request, params)
     started = time.perf_counter()
     st = app_state(request)
     # Read before the gate: a body that trickles in must not hold async work back while it does.
@@ -151,6 +234,8 @@ async def _invoke_sync(request: Request, body: bytes, started: float) -> Respons
         raise
     elapsed = time.perf_counter() - started
     st.metrics.invoked(who.tenant, name, "ok", elapsed, result.run_us / 1e6, result.cold)
+    # A guest picks its response's content type; only a plain header value may reach the client (no
+    # CR/LF, nothing outside printable ASCII): anything else would corrupt or split the response.
     ctype = result.content_type
     if not is_header_value(ctype):
         ctype = DEFAULT_CONTENT_TYPE
@@ -164,32 +249,18 @@ async def _invoke_sync(request: Request, body: bytes, started: float) -> Respons
     )
 
 
-async def logs(request: Request) -> Response:
+@operation(
+    "Recent log lines of a function (guest stdout/stderr, log calls, host events)",
+    Reply(200, "The lines, oldest first", "LogLines"),
+    errors=(FunctionNotFound,),
+    query=(
+        Param("n", "integer", "at most this many lines", default=200, minimum=0, maximum=MAX_LOG_LINES),
+        Param("since", "number", "only lines after this Unix time"),
+    ),
+)
+async def logs(request: Request, params: Params) -> Response:
     st, who = app_state(request), principal(request)
-    params = request.query_params
-    n = _int_param("n", params.get("n"), 0, MAX_LOG_LINES) if "n" in params else 200
-    since = _float_param("since", params["since"]) if "since" in params else None
-    lines = await run_admin(
-        request, st.platform.logs, request.path_params["name"], n, since, tenant=who.tenant
-    )
+    name, n, since = request.path_params["name"], params["n"], params["since"]
+    lines = await run_admin(request, st.platform.logs, name, n, since, tenant=who.tenant)
     return JSONResponse({"lines": [line.to_dict() for line in lines]})
 
-
-def _int_param(key: str, raw: str | None, lo: int, hi: int) -> int:
-    try:
-        value = int(raw or "")
-    except ValueError:
-        raise BadRequest(f"query parameter {key!r} must be an integer, got {raw!r:.40}") from None
-    if not lo <= value <= hi:
-        raise BadRequest(f"query parameter {key!r} must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _float_param(key: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter {key!r} must be a number, got {raw!r:.40}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise BadRequest(f"query parameter {key!r} must be a finite number")
-    return value

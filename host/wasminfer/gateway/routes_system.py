@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-import re
-
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from wasminfer.errors import Unavailable
 from wasminfer.gateway.errors import error_body
 from wasminfer.gateway.openapi import docs_page, openapi_document
+from wasminfer.gateway.routing import Params, Reply, operation
 from wasminfer.gateway.state import app_state, principal
 from wasminfer.service import DEFAULT_TENANT
 
 
-async def healthz(request: Request) -> Response:
+@operation("Liveness: the process answers", Reply(200, "Alive"))
+async def healthz(request: Request, params: Params) -> Response:
     """The process answers (liveness): never touches the store."""
     return JSONResponse({"status": "ok"})
 
 
-async def readyz(request: Request) -> Response:
+@operation(
+    "Readiness: the store is loaded and everything in it redeployed",
+    Reply(200, "Ready"),
+    errors=(Unavailable,),
+)
+async def readyz(request: Request, params: Params) -> Response:
     """Ready once the store is loaded (every stored function and model redeployed)."""
     platform = app_state(request).platform
     report = platform.load_report
@@ -32,32 +38,42 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready", "loaded": loaded})
 
 
-async def metrics(request: Request) -> Response:
-    """Every tenant's series for the default tenant (the operator's), only its own for another."""
-    body, content_type = app_state(request).metrics.render()
+@operation(
+    "Prometheus metrics",
+    Reply(200, "Prometheus text format", media="text/plain"),
+    description="Keys of the default tenant (the operator's) see every tenant's series; keys of another "
+    "tenant see the series labelled with their own tenant and the unlabelled, process-wide ones.",
+)
+async def metrics(request: Request, params: Params) -> Response:
     tenant = principal(request).tenant
-    if tenant != DEFAULT_TENANT:
-        own = tenant.encode()
-        body = b"\n".join(
-            line for line in body.split(b"\n")
-            if line.startswith(b"#") or (m := _TENANT_LABEL.search(line)) is None or m.group(1) == own
-        )
+    body, content_type = app_state(request).metrics.render(None if tenant == DEFAULT_TENANT else tenant)
     return Response(body, headers={"content-type": content_type})
 
 
-_TENANT_LABEL = re.compile(rb'[{,]tenant="([^"]*)"')
-
-
-async def scaling(request: Request) -> Response:
+@operation(
+    "Host replicas, instances per function per replica, recent scaling decisions",
+    Reply(200, "The fleet as of the autoscaler's last tick", "Scaling"),
+    description="Functions and instance decisions of the caller's tenant only. See docs/scaling.md.",
+)
+async def scaling(request: Request, params: Params) -> Response:
     """Host replicas with their instances per function, the fleet's load, recent scaling decisions
     (the caller's tenant's functions only), and this process' memory budget with the caller's quota."""
     state, tenant = app_state(request), principal(request).tenant
     return JSONResponse({**state.fleet.snapshot(tenant), "memory": state.platform.memory_view(tenant)})
 
 
-async def openapi(request: Request) -> Response:
-    return JSONResponse(openapi_document())
+@operation("This document", Reply(200, "OpenAPI 3.1"))
+async def openapi(request: Request, params: Params) -> Response:
+    return JSONResponse(_document(request))
 
 
-async def docs(request: Request) -> Response:
-    return HTMLResponse(docs_page(str(request.base_url).rstrip("/")))
+@operation("Human-readable API documentation", Reply(200, "HTML", media="text/html"))
+async def docs(request: Request, params: Params) -> Response:
+    return HTMLResponse(docs_page(_document(request), str(request.base_url).rstrip("/")))
+
+
+def _document(request: Request) -> dict[str, object]:
+    state = app_state(request)
+    if state.openapi is None:  # made once per app, from its own routes
+        state.openapi = openapi_document(request.app.routes)
+    return state.openapi

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -28,6 +28,7 @@ class AppState:
     admin_limiter: FairLimiter  # deploys and reads, likewise
     fleet: Fleet  # where invocations run: the host replicas, their router and autoscaler
     jobs: JobService  # asynchronous and bulk invocations (`wasminfer.jobs`)
+    openapi: dict[str, Any] | None = None  # the app's OpenAPI document, made at its first request
 
 
 def app_state(request: Request) -> AppState:

@@ -1,0 +1,223 @@
+"""`wasminfer serve` (the gateway over the embedded host and a data folder) and the hidden
+`wasminfer worker` (a host replica process that `serve --max-replicas N` starts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.panel import Panel
+
+from wasminfer.cli.common import DEFAULT_DATA, app, err, spinner
+from wasminfer.cli.examples import deploy_examples, print_example_requests
+from wasminfer.errors import BadRequest
+
+LOOPBACK = "127.0.0.1"
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on (with API keys only).")] = LOOPBACK,
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    data: Annotated[Path, typer.Option(help="Data folder (store, blobs, compile cache).")] = DEFAULT_DATA,
+    key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key", help="API key KEY:SCOPE[+SCOPE…][:TENANT]; repeatable; also $WASMINFER_API_KEYS."
+        ),
+    ] = None,
+    examples: Annotated[bool, typer.Option(help="Deploy the example functions and models first.")] = False,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    http: Annotated[
+        str,
+        typer.Option(
+            help="HTTP parser: auto or httptools (with the header timeout and the connection cap), or "
+            "h11 (without them)."
+        ),
+    ] = "auto",
+    header_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request's line and headers may take: 408 past it (default 10; "
+            "$WASMINFER_HEADER_TIMEOUT_S)."
+        ),
+    ] = None,
+    body_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a body may pause between bytes: 408 past it (default 30; "
+            "$WASMINFER_BODY_TIMEOUT_S)."
+        ),
+    ] = None,
+    max_connections_per_client: Annotated[
+        int | None,
+        typer.Option(
+            help="Connections one client address may hold open (default 64; 0: no cap; "
+            "$WASMINFER_MAX_CONNECTIONS_PER_CLIENT); addresses exempt: $WASMINFER_CONNECTION_CAP_EXEMPT "
+            "(comma-separated, default loopback; empty: none)."
+        ),
+    ] = None,
+    loop: Annotated[
+        str, typer.Option(help="Event loop: auto (uvloop if installed), asyncio, uvloop.")
+    ] = "auto",
+    min_replicas: Annotated[int, typer.Option(help="Host replicas to keep (this process counts).")] = 1,
+    max_replicas: Annotated[
+        int,
+        typer.Option(
+            help="Most host replicas; above 1 the autoscaler adds worker processes (Ray actors with --ray)."
+        ),
+    ] = 1,
+    scaling: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scaling", help="A scaling knob KEY=VALUE (docs/scaling.md), e.g. replica_up_window_s=2."
+        ),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run the host replicas beyond this process as Ray actors (docs/ray.md): 'auto' (the "
+            "cluster this machine belongs to, or $RAY_ADDRESS), a head's HOST:PORT, ray://…, or 'local'.",
+        ),
+    ] = None,
+    memory_budget_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="MiB that every tenant's instances and models may reserve together, per process "
+            "(SECURITY.md); default half the RAM, or $WASMINFER_MEMORY_BUDGET_MB.",
+        ),
+    ] = None,
+    tenant_memory_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="MiB one tenant may reserve; default half the budget, or $WASMINFER_TENANT_MEMORY_MB.",
+        ),
+    ] = None,
+) -> None:
+    """Run the server: the HTTP gateway over the embedded host and the store in DATA."""
+    import uvicorn
+
+    from wasminfer.gateway import Settings, create_app, guarded_protocol
+    from wasminfer.runtime.memory import MemorySettings
+    from wasminfer.scaling import ScalingConfig
+    from wasminfer.service import Platform, parse_keys
+
+    try:
+        settings = Settings.from_env(
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            max_connections_per_client=max_connections_per_client,
+        )
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+    scaling_config = ScalingConfig.from_options(
+        scaling or [],
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        backend="ray" if ray else None,
+        ray_address=ray,
+    )
+    if scaling_config.backend == "ray" and scaling_config.max_replicas <= int(scaling_config.primary_replica):
+        raise BadRequest(
+            f"--ray: with --max-replicas {scaling_config.max_replicas} every request runs in this process "
+            "and nothing on Ray; give --max-replicas N (N above 1, or --scaling primary_replica=false)"
+        )
+
+    memory = MemorySettings.from_env(budget_mb=memory_budget_mb, tenant_quota_mb=tenant_memory_mb)
+    # Host replica processes read theirs from the environment they inherit.
+    os.environ["WASMINFER_MEMORY_BUDGET_MB"] = str(memory.budget_mb)
+    os.environ["WASMINFER_TENANT_MEMORY_MB"] = str(memory.tenant_quota_mb)
+
+    _log_to_stderr(log_level)
+    specs = list(key or [])
+    if os.environ.get("WASMINFER_API_KEYS"):
+        specs.append(os.environ["WASMINFER_API_KEYS"])
+    keys = parse_keys(specs)
+    platform = Platform(data, keys=keys, memory=memory)
+    try:
+        if platform.open_access:
+            if host not in (LOOPBACK, "localhost", "::1"):
+                err.print(
+                    f"[yellow]--host {host} ignored:[/yellow] without API keys the server listens on "
+                    f"{LOOPBACK} only"
+                )
+            host = LOOPBACK
+            err.print(
+                Panel(
+                    "[bold]No API keys are configured: every request is allowed, as admin.[/bold]\n"
+                    f"So the server listens on {LOOPBACK} only.\n"
+                    "To require keys (and listen elsewhere): --key KEY:admin (or KEY:invoke,\n"
+                    "KEY:read), or WASMINFER_API_KEYS, or a stored key:\n"
+                    f"  wasminfer key add --scope admin --data {data}",
+                    title="OPEN ACCESS",
+                    border_style="red",
+                )
+            )
+        if examples:
+            with spinner("loading the store") as progress:
+                platform.start(progress)
+            deploy_examples(platform)
+            print_example_requests(platform, host, port)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(platform, settings, scaling=scaling_config),
+                host=host,
+                port=port,
+                log_level=log_level,
+                access_log=access_log,
+                http=guarded_protocol(settings) if http in ("auto", "httptools") else http,
+                loop=loop,
+                timeout_graceful_shutdown=10,
+            )
+        )
+        # uvicorn finishes what is in flight on SIGTERM, then raises the signal again with the handler
+        # it found: this no-op lets the platform close below, and the exit status be 0.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        server.run()
+    finally:
+        platform.close()
+
+
+def _log_to_stderr(level: str) -> None:
+    """The `wasminfer` loggers (scaling decisions, store loads, replicas) next to uvicorn's lines."""
+    import logging
+
+    logger = logging.getLogger("wasminfer")
+    logger.setLevel(getattr(logging, level.upper(), logging.INFO))
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+@app.command(hidden=True)
+def worker(
+    data: Annotated[Path, typer.Option(help="The gateway's data folder.")],
+    socket: Annotated[Path | None, typer.Option(help="Unix socket to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Or a port on 127.0.0.1.")] = None,
+    parent: Annotated[int | None, typer.Option(help="Exit when this process is gone.")] = None,
+    threads: Annotated[int, typer.Option(help="Worker threads for invocations.")] = 64,
+    id_: Annotated[str, typer.Option("--id", help="The replica's name in logs.")] = "local",
+    scaling: Annotated[list[str] | None, typer.Option("--scaling", help="KEY=VALUE")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
+) -> None:
+    """A host replica process (started by `serve --max-replicas N`, not by hand)."""
+    from wasminfer.replicas.worker import serve_worker
+    from wasminfer.scaling import ScalingConfig
+
+    serve_worker(
+        data,
+        socket_path=socket,
+        port=port,
+        parent=parent,
+        threads=threads,
+        config=ScalingConfig.from_options(scaling or []),
+        replica_id=id_,
+        log_level=log_level,
+    )
