@@ -16,7 +16,7 @@ from typing import Any
 from wasminfer.errors import InvalidManifest
 from wasminfer.syntax import is_name
 
-ABIS = ("auto", "handler", "command", "component")
+ABIS = ("auto", "handler", "command", "component", "python")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # Always fullmatch: `$` also matches before a final newline.
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[ -~]*)?")

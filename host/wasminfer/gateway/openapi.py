@@ -9,7 +9,7 @@ import html
 import json
 from typing import Any
 
-from wasminfer import __version__
+from wasminfer import __version__, pysource
 from wasminfer.syntax import NAME_REGEX
 
 JSON = "application/json"
@@ -188,6 +188,10 @@ def openapi_document() -> dict[str, Any]:
                 "400 401 403 404 413 415 429 503 507",
                 description="Either `Content-Type: application/wasm` with the manifest as query parameters, "
                 "or `multipart/form-data` with a file part `wasm` and a JSON part `manifest`. "
+                "A Python function is sent as its source instead of a module: one `.py` as "
+                "`text/x-python` (it becomes `app.py`), or its folder as `application/zip`, "
+                "`application/x-tar` or `application/gzip` (or such a file in the `wasm` part); it is "
+                "imported once to validate it (a syntax error, an import error or no `@handler`: 400). "
                 "The module is validated, compiled and prewarmed before it is stored, so the "
                 "first invocation is warm. 404 when the manifest names a model that does not "
                 "exist.",
@@ -195,7 +199,8 @@ def openapi_document() -> dict[str, Any]:
                 body={
                     "required": True,
                     "content": {
-                        "application/wasm": {"schema": {"type": "string", "format": "binary"}},
+                        **{media: {"schema": {"type": "string", "format": "binary"}}
+                           for media in ("application/wasm", *pysource.MEDIA_TYPES)},
                         "multipart/form-data": {
                             "schema": {
                                 "type": "object",

@@ -10,6 +10,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from wasminfer import pysource
 from wasminfer.errors import BadRequest, FunctionNotFound, InvalidManifest, WasminferError
 from wasminfer.gateway import routes_jobs as jobs
 from wasminfer.gateway.bodies import limited_stream, read_body, require_media_type
@@ -33,9 +34,11 @@ MANIFEST_LIMITS = Limits(max_bytes=MAX_MANIFEST_PART_BYTES, max_depth=4, max_val
 async def put_function(request: Request) -> Response:
     st, who = app_state(request), principal(request)
     name = request.path_params["name"]
-    kind = require_media_type(request, (WASM, MULTIPART), "function upload")
-    if kind == WASM:
+    kind = require_media_type(request, (WASM, MULTIPART, *pysource.MEDIA_TYPES), "function upload")
+    if kind != MULTIPART:
         wasm = await read_body(request, st.settings.max_wasm_bytes, "wasm module")
+        if kind in pysource.MEDIA_TYPES:  # a Python function's files (runtime/python.py)
+            wasm = pysource.bundle(wasm, kind)
         query: dict[str, list[str]] = {}
         for key, value in request.query_params.multi_items():
             query.setdefault(key, []).append(value)
@@ -74,6 +77,9 @@ async def _read_multipart(request: Request, limit: int) -> tuple[bytes, Manifest
                 "e.g. curl -F wasm=@fn.wasm)"
             )
         wasm = await part.read()
+        python_type = part.content_type if part.content_type in pysource.MEDIA_TYPES else None
+        if python_type or wasm[:4] == pysource.ZIP_MAGIC:  # a Python function's files
+            wasm = pysource.bundle(wasm, python_type or pysource.ZIP)
         text = form.get("manifest")
         if isinstance(text, UploadFile):
             text = (await text.read()).decode("utf-8", "replace")
