@@ -20,6 +20,7 @@ import pytest
 
 from wasminfer import pysource
 from wasminfer.errors import (
+    BadRequest,
     GuestError,
     GuestRejected,
     InferLimitExceeded,
@@ -378,3 +379,54 @@ def test_http_uploads_of_source_and_their_errors(tmp_path: Path) -> None:
         # the refused upload replaced nothing
         r = c.post("/v1/functions/py/invoke", content=b"again", headers={"content-type": "text/plain"})
         assert (r.status_code, r.json()) == (200, {"hi": "again"})
+
+
+# --- hostile bundles --------------------------------------------------------------------------------
+def test_a_bundle_naming_files_outside_its_folder_is_refused(host: Host) -> None:
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("app.py", b"from wasminfer_guest import handler\n")
+        z.writestr("../escape.py", b"x = 1\n")
+    with pytest.raises(InvalidModule) as err:
+        host.deploy_function("escape", out.getvalue())  # straight to the host, not through pysource
+    assert err.value.message == "the function's file '../escape.py' is not a plain relative path"
+    with pytest.raises(BadRequest) as bad:
+        pysource.bundle(out.getvalue(), pysource.ZIP)
+    assert bad.value.message == "the upload has a file outside its folder: '../escape.py'"
+
+
+def test_file_count_limit_obeyed_and_violated() -> None:
+    files = {f"m{i}.py": b"" for i in range(pysource.MAX_FILES)}
+    assert len(_unzip(pysource.bundle(_zip(files), pysource.ZIP))) == pysource.MAX_FILES
+    files["one_more.py"] = b""
+    with pytest.raises(BadRequest) as err:
+        pysource.bundle(_zip(files), pysource.ZIP)
+    limit = pysource.MAX_FILES
+    assert err.value.message == f"the upload holds {limit + 1} files, more than {limit}"
+
+
+def test_unpacked_size_limit_obeyed_and_violated() -> None:
+    import zipfile
+
+    def zeros(n: int) -> bytes:
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z, z.open("app.py", "w") as f:
+            for _ in range(n >> 20):
+                f.write(bytes(1 << 20))
+        return out.getvalue()
+
+    assert len(pysource.bundle(zeros(1 << 20), pysource.ZIP)) < 1 << 20
+    bomb = zeros(pysource.MAX_UNPACKED_BYTES + (1 << 20))
+    assert len(bomb) < 1 << 20  # a small upload
+    with pytest.raises(BadRequest) as err:
+        pysource.bundle(bomb, pysource.ZIP)
+    assert err.value.message.endswith(f"more than {pysource.MAX_UNPACKED_BYTES}")
+
+
+def _unzip(data: bytes) -> list[str]:
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return z.namelist()

@@ -23,6 +23,9 @@ GZIP = "application/gzip"
 MEDIA_TYPES = (PYTHON, ZIP, TAR, GZIP)
 ZIP_MAGIC = b"PK\x03\x04"  # what the runtime tells a Python function by (a Wasm binary has \0asm)
 MAX_FILES = 1000
+#: The most bytes a function's files may hold once unpacked (an archive's members are counted by
+#: their declared sizes before any is read, so a zip bomb is refused unread).
+MAX_UNPACKED_BYTES = 256 << 20
 SKIP = ("__pycache__/", ".git/")
 
 
@@ -39,6 +42,13 @@ def _clean(path: str) -> str | None:
     return norm
 
 
+def _check_sizes(sizes: list[int]) -> None:
+    if len(sizes) > MAX_FILES:
+        raise BadRequest(f"the upload holds {len(sizes)} files, more than {MAX_FILES}")
+    if sum(sizes) > MAX_UNPACKED_BYTES:
+        raise BadRequest(f"the upload unpacks to {sum(sizes)} bytes, more than {MAX_UNPACKED_BYTES}")
+
+
 def _zip(files: dict[str, bytes]) -> bytes:
     if not files:
         raise BadRequest("the upload holds no files")
@@ -51,7 +61,9 @@ def _zip(files: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for path in sorted(files):
-            z.writestr(zipfile.ZipInfo(path, (1980, 1, 1, 0, 0, 0)), files[path])
+            info = zipfile.ZipInfo(path, (1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED  # a ZipInfo's own default is stored
+            z.writestr(info, files[path])
     return out.getvalue()
 
 
@@ -64,12 +76,14 @@ def bundle(data: bytes, media_type: str) -> bytes:
     try:
         if media_type == ZIP:
             with zipfile.ZipFile(io.BytesIO(data)) as z:
+                _check_sizes([i.file_size for i in z.infolist()])
                 for info in z.infolist():
                     path = _clean(info.filename)
                     if path is not None and not info.is_dir():
                         files[path] = z.read(info)
         else:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as t:
+                _check_sizes([m.size for m in t.getmembers()])
                 for member in t.getmembers():
                     if member.isdir():
                         continue

@@ -2,9 +2,10 @@
 
 This module is imported once, when the host builds the runtime's snapshot; every instance of every
 Python function then starts with it (and numpy, Pillow and the SDK) already imported. The host
-drives an instance with three one-line turns, `_w.validate()`, `_w.load()` and `_w.invoke()`,
-and everything else crosses the door, `_host.call(frame) -> bytes`: one frame each way, copied in
-and out of linear memory in bulk by the host. A frame is one op byte and its payload:
+calls `validate`, `load` and `invoke` through the export `wasminfer_call(object)` that the snapshot
+adds (no source is compiled per call; their addresses are taken once, by `addresses`), and
+everything else crosses the door, `_host.call(frame) -> bytes`: one frame each way, copied in and
+out of linear memory in bulk by the host. A frame is one op byte and its payload:
 
     s                     -> marshal {path: source bytes}       (validate: the function's files)
     b <header> <code>...  -> b""                                 (validate: the compiled modules)
@@ -14,6 +15,7 @@ and out of linear memory in bulk by the host. A frame is one op byte and its pay
     l level, message      -> b""                                 (a log line)
     i <tensors>           -> 0 <tensors> | 1 <json error>       (infer)
     f <json failure>      -> b""                                 (the invocation or load failed)
+    a <json addresses>    -> b""                                 (snapshot: where the entry points are)
 
 where <header> is a u32 length and JSON, and <tensors> a header (the model, then each tensor's
 name, dtype, shape and byte count, or its strings) followed by each tensor's raw bytes.
@@ -176,6 +178,23 @@ def validate() -> None:
              "@wasminfer_guest.handler")
 
 
+def _flushed(fn: Any) -> Any:
+    """Flushes stdout and stderr after `fn`: no turn does it for these calls."""
+
+    def call() -> None:
+        try:
+            fn()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:  # noqa: BLE001, S110 - a full pipe must not fail the call
+                    pass
+
+    call.__name__ = fn.__name__
+    return call
+
+
 def load() -> None:
     """Imports the function from the compiled code the host hands over."""
     header, data = unpack(door(b"c"))
@@ -216,6 +235,14 @@ def invoke() -> None:
         fail("memory", _message(exc), traceback=_traceback(exc))
     except BaseException as exc:  # noqa: BLE001 - SystemExit too: the host must get an answer
         fail("failed", _message(exc), traceback=_traceback(exc))
+
+
+validate, load, invoke = _flushed(validate), _flushed(load), _flushed(invoke)
+
+
+def addresses() -> None:
+    """Tells the host where the entry points are (CPython's objects never move)."""
+    door(b"a", json.dumps({"validate": id(validate), "load": id(load), "invoke": id(invoke)}).encode())
 
 
 def freeze() -> None:

@@ -215,3 +215,77 @@ def rename_imports(wasm: bytes, renames: dict[tuple[str, str], tuple[str, str]])
         payload = wasm[start:start + size]
         out += _section(sid, _rewrite_imports(payload, renames) if sid == _SECTION_IMPORT else payload)
     return bytes(out)
+
+
+_SECTION_TYPE, _SECTION_FUNCTION, _SECTION_CODE, _SECTION_CUSTOM = 1, 3, 10, 0
+_FUNC_TYPE, _I32 = 0x60, 0x7F
+
+
+def function_names(wasm: bytes) -> dict[str, int]:
+    """Function index by name, from the module's `name` section."""
+    names: dict[str, int] = {}
+    for sid, start, size in sections(wasm):
+        if sid != _SECTION_CUSTOM:
+            continue
+        section, i = _name(wasm, start)
+        if section != "name":
+            continue
+        end = start + size
+        while i < end:
+            sub = wasm[i]
+            length, i = _leb(wasm, i + 1)
+            j, i = i, i + length
+            if sub != 1:  # function names
+                continue
+            count, j = _leb(wasm, j)
+            for _ in range(count):
+                index, j = _leb(wasm, j)
+                name, j = _name(wasm, j)
+                names[name] = index
+    return names
+
+
+def add_call_export(wasm: bytes, export: str) -> bytes:
+    """`wasm` (a CPython reactor) with one more export, `export(callable) -> i32`: calls the Python
+    object at address `callable` with no arguments, under the GIL (`PyGILState_Ensure`), clears an
+    exception it raised, and returns 0, or 1 if it raised. What a turn does without compiling any
+    source: the runtime's invocations call the dispatcher's functions this way.
+
+    Raises `SnapshotError` if the module lacks the CPython functions it calls."""
+    names = function_names(wasm)
+    needed = ("PyGILState_Ensure", "PyObject_CallNoArgs", "PyErr_Clear", "PyGILState_Release")
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise SnapshotError(f"the module has no {', '.join(missing)} in its name section")
+    ensure, call, clear, release = (names[n] for n in needed)
+    imported = 0
+    for sid, start, _size in sections(wasm):
+        if sid == _SECTION_IMPORT:
+            imported, _ = _leb(wasm, start)  # every import of a CPython reactor is a function
+    body = (
+        b"\x01\x02\x7f"  # two i32 locals: the GIL state, the result
+        + b"\x10" + _u32(ensure) + b"\x21\x01"
+        + b"\x20\x00\x10" + _u32(call) + b"\x21\x02"
+        + b"\x20\x02\x45\x04\x40\x10" + _u32(clear) + b"\x0b"  # if NULL: clear the exception
+        + b"\x20\x01\x10" + _u32(release)
+        + b"\x20\x02\x45\x0b"  # result == NULL
+    )
+    out = bytearray(wasm[:8])
+    type_index = defined = 0
+    for sid, start, size in sections(wasm):
+        payload = wasm[start:start + size]
+        if sid == _SECTION_TYPE:
+            count, _ = _leb(payload, 0)
+            type_index = count
+            payload = _u32(count + 1) + payload[len(_u32(count)):] + bytes([_FUNC_TYPE, 1, _I32, 1, _I32])
+        elif sid == _SECTION_FUNCTION:
+            defined, i = _leb(payload, 0)
+            payload = _u32(defined + 1) + payload[i:] + _u32(type_index)
+        elif sid == _SECTION_EXPORT:
+            count, i = _leb(payload, 0)
+            payload = _u32(count + 1) + payload[i:] + _enc_name(export) + b"\x00" + _u32(imported + defined)
+        elif sid == _SECTION_CODE:
+            count, i = _leb(payload, 0)
+            payload = _u32(count + 1) + payload[i:] + _u32(len(body)) + body
+        out += _section(sid, payload)
+    return bytes(out)

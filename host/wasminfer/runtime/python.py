@@ -6,7 +6,9 @@ asks for wasmtime<50, but only its files are used here, never its code). It is b
 runtime once per machine (`runtime()`): started, made to import numpy, Pillow and the guest SDK,
 snapshotted (`_snapshot.py`) and compiled, and cached under `runtime_cache_dir()`. Every instance
 of every Python function is an instance of that one module: the same code and the same
-copy-on-write memory image, plus the function's own compiled modules, loaded by a turn.
+copy-on-write memory image, plus the function's own compiled modules, which it loads once. The
+host enters Python through an export the snapshot adds (`wasminfer_call`: calls a Python object
+by its address), so no source is compiled per call.
 
 A Python function is uploaded as a zip of its files (`wasminfer.pysource` makes one from a `.py`,
 a zip or a tar); `inspect` validates it in a sandboxed instance (compiles every module, imports
@@ -24,6 +26,7 @@ import io
 import json
 import marshal
 import os
+import posixpath
 import shutil
 import sys
 import threading
@@ -36,7 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from wasminfer import pysource
+from wasminfer._fs import atomic_write
 from wasminfer.errors import (
+    BadRequest,
     GuestError,
     GuestRejected,
     InferenceFailed,
@@ -53,7 +59,7 @@ from wasminfer.errors import (
 )
 from wasminfer.manifest import Manifest
 from wasminfer.runtime import handler
-from wasminfer.runtime._snapshot import rename_imports, snapshot_module
+from wasminfer.runtime._snapshot import add_call_export, rename_imports, snapshot_module
 from wasminfer.runtime._wasm import (
     WASM_PAGE,
     CallState,
@@ -97,9 +103,8 @@ PRELOAD = (
     "collections", "dataclasses", "functools", "itertools", "typing", "pathlib", "array",
     "importlib.abc", "importlib.machinery", "traceback", "marshal",
 )  # fmt: skip
-_SDK = Path(__file__).resolve().parents[3] / "guest-sdk" / "python" / "wasminfer_guest"
-_CALLS = (("host_alloc", 1), ("turn", 2), ("_initialize", 0))
-_TURN_LOAD, _TURN_INVOKE, _TURN_VALIDATE = b"_w.load()", b"_w.invoke()", b"_w.validate()"
+CALL = "wasminfer_call"  # the export `_snapshot.add_call_export` adds
+_CALLS = (("host_alloc", 1), ("turn", 2), ("_initialize", 0), (CALL, 1))
 _DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32",
            "float64", "bool"}
 
@@ -115,6 +120,7 @@ class Exchange:
     sources: dict[str, bytes] | None = None
     bytecode: bytes | None = None  # from validate; handed to load
     failure: dict[str, Any] | None = None
+    addresses: dict[str, int] | None = None  # while the snapshot is made
 
 
 def _exchange(state: CallState) -> Exchange:
@@ -167,6 +173,9 @@ def _answer(state: CallState, ex: Exchange, frame: bytes) -> bytes:
         return b""
     if op == b"c" and ex.bytecode is not None:
         return ex.bytecode
+    if op == b"a" and ex.addresses is not None:
+        ex.addresses.update({str(k): int(v) for k, v in json.loads(bytes(payload)).items()})
+        return b""
     raise GuestFault(f"unexpected frame {bytes(op)!r} through the door")
 
 
@@ -301,6 +310,7 @@ class PythonRuntime:
     lib_dir: Path  # python315.zip and the guest SDK: preopened read-only at /usr/local/lib
     empty_dir: Path  # /fn of a function without files
     key: str
+    entries: dict[str, int]  # the addresses of `_runtime.validate`, `load` and `invoke`
     build_s: float = 0.0  # 0 when loaded from the cache
 
 
@@ -330,9 +340,11 @@ def artefacts_dir() -> Path:
 
 
 def _sdk_zip() -> bytes:
+    from wasminfer.toolchain import guest_sdk_dir  # plain files and paths: no toolchain runs here
+
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as z:
-        for path in sorted(_SDK.glob("*.py")):
+        for path in sorted((guest_sdk_dir() / "python" / "wasminfer_guest").glob("*.py")):
             info = zipfile.ZipInfo(f"wasminfer_guest/{path.name}", (1980, 1, 1, 0, 0, 0))
             z.writestr(info, path.read_bytes())
     return out.getvalue()
@@ -385,11 +397,13 @@ def _load_or_build_locked(engine: WasmEngine, progress: Callable[[str], None], s
     import wasmtime
 
     lib, empty, cwasm = root / "lib", root / "empty", root / "runtime.cwasm"
-    if cwasm.exists():
+    entries_file = root / "entries.json"
+    if cwasm.exists() and entries_file.exists():
         try:
             module = wasmtime.Module.deserialize_file(engine.engine, str(cwasm))
-            return PythonRuntime(CompiledModule(engine, module, key, True), lib, empty, key)
-        except wasmtime.WasmtimeError:
+            entries = json.loads(entries_file.read_text())
+            return PythonRuntime(CompiledModule(engine, module, key, True), lib, empty, key, entries)
+        except (wasmtime.WasmtimeError, ValueError):
             cwasm.unlink(missing_ok=True)
     t0 = time.monotonic()
     src = artefacts_dir()
@@ -404,19 +418,20 @@ def _load_or_build_locked(engine: WasmEngine, progress: Callable[[str], None], s
         shutil.copyfile(src / "python-stdlib.zip", tmp)  # a copy: WASI refuses a symlink out of the dir
         os.replace(tmp, stdlib)
     (lib / "wasminfer_guest.zip").write_bytes(sdk)
-    base = rename_imports(wasm, {("host", "call"): ("wasminfer_python", "door")})
+    base = add_call_export(rename_imports(wasm, {("host", "call"): ("wasminfer_python", "door")}), CALL)
     progress("compiling the interpreter to initialise it")
     compiled = CompiledModule(
         engine, compile_in_worker(engine.engine, "module", base, None, BUILD_COMPILE_TIMEOUT_S), key, False
     )
     progress("importing numpy, Pillow and the SDK")
-    image = _initialise(compiled, lib, empty)
+    image, entries = _initialise(compiled, lib, empty)
     progress(f"snapshotting {len(image) >> 20} MiB of memory and compiling the snapshot")
     snap = snapshot_module(base, memoryview(image), drop_exports={"_initialize", "wizer.initialize"})
+    atomic_write(entries_file, json.dumps(entries).encode())
     module = compile_in_worker(engine.engine, "module", snap, cwasm, BUILD_COMPILE_TIMEOUT_S)
     elapsed = time.monotonic() - t0
     progress(f"ready in {elapsed:.0f} s")
-    return PythonRuntime(CompiledModule(engine, module, key, False), lib, empty, key, elapsed)
+    return PythonRuntime(CompiledModule(engine, module, key, False), lib, empty, key, entries, elapsed)
 
 
 def _checked(path: Path) -> bytes:
@@ -430,7 +445,7 @@ def _checked(path: Path) -> bytes:
     return data
 
 
-def _initialise(compiled: CompiledModule, lib: Path, empty: Path) -> bytes:
+def _initialise(compiled: CompiledModule, lib: Path, empty: Path) -> tuple[bytes, dict[str, int]]:
     output: list[bytes] = []
     inst = compiled.instantiate(
         memory_bytes=BUILD_MEMORY_BYTES, timeout_ms=600_000, calls=_CALLS,
@@ -439,13 +454,15 @@ def _initialise(compiled: CompiledModule, lib: Path, empty: Path) -> bytes:
     )
     try:
         state = CallState()
-        inst.host_state[NAME] = Exchange()
+        ex = inst.host_state[NAME] = Exchange(addresses={})
         inst.call("_initialize", (), state, 600_000, nresults=0)
         status = _turn(inst, _init_source(), state, 600_000)
         if status != 0:
             raise RuntimeUnavailable("initialising the runtime failed: "
                                      + b"".join(output).decode("utf-8", "replace")[-2000:])
-        return inst.memory().read(0, inst.memory_size())
+        if ex.addresses is None or set(ex.addresses) != {"validate", "load", "invoke"}:
+            raise RuntimeUnavailable("initialising the runtime did not report its entry points")
+        return inst.memory().read(0, inst.memory_size()), ex.addresses
     finally:
         inst.close()
 
@@ -455,8 +472,14 @@ def _init_source() -> bytes:
     return (
         f"import sys, os\nsys.path.append({LIB + '/wasminfer_guest.zip'!r})\nos.listdir({FILES!r})\n"
         + "".join(f"import {name}\n" for name in PRELOAD)
-        + "import wasminfer_guest\nimport wasminfer_guest._runtime as _w\n_w.freeze()\n"
+        + "import wasminfer_guest\nimport wasminfer_guest._runtime as _w\n_w.addresses()\n_w.freeze()\n"
     ).encode()
+
+
+def _call(rt: PythonRuntime, inst: WasmInstance, entry: str, state: CallState,
+          timeout_ms: int | None = None) -> int:
+    """Calls `_runtime.<entry>()` in the instance: 0, or 1 if it raised (it catches what it can)."""
+    return inst.call(CALL, (rt.entries[entry],), state, timeout_ms)
 
 
 def _turn(inst: WasmInstance, source: bytes, state: CallState, timeout_ms: int | None = None) -> int:
@@ -485,9 +508,20 @@ class PythonFunction:
 
 
 def _sources(bundle: bytes) -> dict[str, bytes]:
+    """The files of a bundle. Raises `InvalidModule` for a bad zip, a path that is not plain and
+    relative (the files are unpacked on the host), or more than `pysource` allows."""
     try:
         with zipfile.ZipFile(io.BytesIO(bundle)) as z:
-            return {i.filename: z.read(i) for i in z.infolist() if not i.is_dir()}
+            infos = [i for i in z.infolist() if not i.is_dir()]
+            pysource._check_sizes([i.file_size for i in infos])
+            for info in infos:
+                name = info.filename
+                plain = posixpath.normpath(name) == name and not name.startswith(("/", ".."))
+                if not plain or "\\" in name:
+                    raise InvalidModule(f"the function's file {name!r} is not a plain relative path")
+            return {i.filename: z.read(i) for i in infos}
+    except BadRequest as exc:
+        raise InvalidModule(exc.message) from None
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise InvalidModule(f"not a valid Python function bundle (zip): {exc}") from None
 
@@ -523,7 +557,7 @@ def inspect(engine: WasmEngine, bundle: bytes, sha256: str,
         inst.host_state[NAME] = ex
         state = CallState()
         try:
-            status = _turn(inst, _TURN_VALIDATE, state, VALIDATE_TIMEOUT_MS)
+            status = _call(rt, inst, "validate", state, VALIDATE_TIMEOUT_MS)
         except WasmTrap as trap:
             if trap.kind == "timeout":
                 raise InvalidModule(f"importing app.py took longer than {VALIDATE_TIMEOUT_MS} ms") from None
@@ -537,9 +571,7 @@ def inspect(engine: WasmEngine, bundle: bytes, sha256: str,
     if status != 0 or ex.bytecode is None:
         raise InvalidModule(f"validating the function failed (status {status})")
     cached.parent.mkdir(exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_bytes(ex.bytecode)
-    os.replace(tmp, cached)
+    atomic_write(cached, ex.bytecode)
     return PythonFunction(rt, sha256, ex.bytecode, files)
 
 
@@ -553,6 +585,12 @@ def _new_instance(rt: PythonRuntime, files: Path, memory_mb: int, timeout_ms: in
         memory_bytes=memory_mb << 20, timeout_ms=timeout_ms, calls=_CALLS, output=output,
         wasi=WasiOptions(preopens=[(str(rt.lib_dir), LIB), (str(files), FILES)]),
     )
+
+
+def _runtime_of(inst: WasmInstance) -> PythonRuntime:
+    rt = inst.host_state.get("python-runtime")
+    assert isinstance(rt, PythonRuntime)
+    return rt
 
 
 # --- the ABI (as handler, command and component) -------------------------------------------------------
@@ -573,8 +611,9 @@ def instantiate(compiled: PythonFunction, manifest: Manifest, state: CallState,
                          output)
     ex = Exchange(bytecode=compiled.bytecode)
     inst.host_state[NAME] = ex
+    inst.host_state["python-runtime"] = compiled.runtime
     try:
-        status = _turn(inst, _TURN_LOAD, state, manifest.timeout_ms)
+        status = _call(compiled.runtime, inst, "load", state, manifest.timeout_ms)
         if ex.failure is not None or status != 0:
             message = (ex.failure or {}).get("message", f"status {status}")
             raise GuestError(f"the function failed to load: {message}")
@@ -585,14 +624,15 @@ def instantiate(compiled: PythonFunction, manifest: Manifest, state: CallState,
     return inst
 
 
-def invoke(inst: WasmInstance, body: bytes, content_type: str, state: InvocationState) -> bool:
+def invoke(inst: WasmInstance, body: bytes, content_type: str, state: InvocationState,
+           rt: PythonRuntime | None = None) -> bool:
     """Runs one request through the function's handler. Returns whether the instance may be reused.
     Raises what `handler.invoke` raises, for the same reasons."""
     m = state.manifest
     ex = Exchange(request=(body, content_type))
     inst.host_state[NAME] = ex
     try:
-        status = _turn(inst, _TURN_INVOKE, state, m.timeout_ms)
+        status = _call(rt or _runtime_of(inst), inst, "invoke", state, m.timeout_ms)
     except WasmTrap as trap:
         state.discard = True
         raise handler._trap_error(trap, inst, state) from None
