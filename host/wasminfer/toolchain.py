@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wasminfer._fs import atomic_write
+from wasminfer.locations import cache_root, guest_sdk_path
 
 __all__ = ["BuildError", "build", "default_cache_dir", "guest_sdk_dir"]
 
@@ -49,8 +50,7 @@ def guest_sdk_dir() -> Path:
 
     Raises `BuildError` if it does not hold `c/wasminfer.h`.
     """
-    env = os.environ.get("WASMINFER_GUEST_SDK")
-    sdk = Path(env) if env else Path(__file__).resolve().parents[2] / "guest-sdk"
+    sdk = guest_sdk_path()
     if not (sdk / "c" / "wasminfer.h").is_file():
         raise BuildError(f"guest SDK not found at {sdk} (set WASMINFER_GUEST_SDK to the guest-sdk folder)")
     return sdk
@@ -58,8 +58,7 @@ def guest_sdk_dir() -> Path:
 
 def default_cache_dir() -> Path:
     """`$WASMINFER_CACHE/build`, else `~/.cache/wasminfer/build`."""
-    root = os.environ.get("WASMINFER_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "wasminfer") / "build"
+    return cache_root() / "build"
 
 
 @dataclass(frozen=True)

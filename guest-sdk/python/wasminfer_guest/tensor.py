@@ -1,7 +1,10 @@
-"""`Tensor`: a dtype, a shape and row-major data, without numpy (the guest has none).
+"""`Tensor`: a dtype, a shape and row-major data.
 
 Numeric data is kept as little-endian bytes, the form it crosses the host boundary in; `values()`
-and `tolist()` turn it into Python numbers with the `array` module (float16 through `struct`).
+and `tolist()` turn it into Python numbers with the `array` module (float16 through `struct`), so
+that the SDK works without numpy (componentize-py components have none). Where numpy is there (the
+Python runtime, plain Python), `Tensor.of(array)` and `tensor.numpy()` convert in bulk: one copy
+in, none out (a read-only view of the bytes).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class Tensor:
     def of(cls, values: Any, dtype: str = "float32", shape: Sequence[int] | None = None) -> Tensor:
         """A tensor of `values`: nested lists (their nesting gives the shape) or a flat sequence
         with `shape`. Raises `ValueError` for ragged lists or a count that does not fit `shape`."""
+        if _is_ndarray(values):
+            return cls._from_numpy(values, dtype, shape)
         if shape is None and type(values) is list and values and type(values[0]) is list:
             packed = _pack_matrix(dtype, values)  # the common case, in one C loop per row
             if packed is not None:
@@ -72,6 +77,25 @@ class Tensor:
         if dtype == "string":
             return cls(dtype, shape, [str(v) for v in flat])
         return cls(dtype, shape, _pack(dtype, flat))
+
+    @classmethod
+    def _from_numpy(cls, arr: Any, dtype: str, shape: Sequence[int] | None) -> Tensor:
+        import numpy as np
+
+        if dtype == "string":
+            return cls.text([str(v) for v in arr.reshape(-1).tolist()], shape or arr.shape)
+        np_dtype = np.dtype(np.uint8 if dtype == "bool" else dtype).newbyteorder("<")
+        data = np.ascontiguousarray(arr, dtype=np_dtype).tobytes()
+        return cls(dtype, tuple(shape) if shape is not None else arr.shape, data)
+
+    def numpy(self) -> Any:
+        """The tensor as a numpy array: a read-only view of its bytes (copy it to write to it)."""
+        import numpy as np
+
+        if self.dtype == "string":
+            return np.array(self.data, dtype=object).reshape(self.shape)
+        np_dtype = np.dtype(np.bool_ if self.dtype == "bool" else self.dtype).newbyteorder("<")
+        return np.frombuffer(self.data, np_dtype).reshape(self.shape)
 
     @classmethod
     def from_bytes(cls, data: bytes, dtype: str, shape: Sequence[int]) -> Tensor:
@@ -137,6 +161,11 @@ class Tensor:
         preview = list(self.values())[:6]
         more = ", …" if self.size > 6 else ""
         return f"Tensor({self.dtype}, shape={list(self.shape)}, [{', '.join(map(repr, preview))}{more}])"
+
+
+def _is_ndarray(values: Any) -> bool:
+    numpy = sys.modules.get("numpy")  # never imported here: a component has none
+    return numpy is not None and isinstance(values, numpy.ndarray)
 
 
 def _prod(shape: Iterable[int]) -> int:

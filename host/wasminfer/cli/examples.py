@@ -38,7 +38,7 @@ def deploy_examples(platform: Platform) -> None:
                         progress(f"loading {len(data)} bytes")
                         platform.put_model(model.name, data, tenant=tenant)
                     stored_models.add(model.name)
-            wasm = build_with_progress(ex.folder).read_bytes()
+            wasm = ex.upload(build_with_progress)
             view = platform.put_function(ex.name, wasm, Manifest.from_dict(ex.manifest()), tenant=tenant)
         except (ImportError, FileNotFoundError) as exc:
             err.print(

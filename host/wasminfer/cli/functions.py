@@ -20,6 +20,18 @@ from wasminfer.errors import BadRequest
 from wasminfer.manifest import MANIFEST_KEYS
 
 
+@app.command("python-runtime")
+def python_runtime() -> None:
+    """Build the Python runtime (Python functions as source) now instead of at its first use: once
+    per machine, minutes; then it loads in milliseconds from $WASMINFER_CACHE/python-runtime."""
+    from wasminfer.runtime import Host, python
+
+    with Host() as host, common.spinner("python runtime") as progress:
+        rt = python.runtime(host.engine, progress=progress)
+    what = f"built in {rt.build_s:.0f} s" if rt.build_s else "already built"
+    err.print(f"python runtime {rt.key}: {what} ({python.runtime_cache_dir() / rt.key})", highlight=False)
+
+
 @app.command()
 def build(
     source: Annotated[Path, typer.Argument(help="A function folder (main.c, manifest.json) or a .c file.")],
@@ -52,11 +64,25 @@ def deploy_function(
     timeout_ms: Annotated[int | None, typer.Option(help=MANIFEST_KEYS["timeout_ms"].cli_help())] = None,
     max_instances: Annotated[int | None, typer.Option(help=MANIFEST_KEYS["max_instances"].cli_help())] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
+    component: Annotated[
+        bool, typer.Option(help="Build a Python function into a component instead of sending its source.")
+    ] = False,
     url: Url = DEFAULT_URL,
     key: Key = None,
 ) -> None:
-    """Deploy a function: a new version that becomes current."""
-    if path.is_dir():
+    """Deploy a function: a new version that becomes current. A Python function (a folder with an
+    app.py, or one .py file) is sent as its source, run by the server's Python runtime; --component
+    builds it into a componentize-py component instead (for functions that bring native code)."""
+    from wasminfer import pysource
+
+    if path.is_dir() and (path / "app.py").is_file() and not component:
+        wasm = pysource.bundle_folder(path)
+        manifest = manifest or (path / "manifest.json" if (path / "manifest.json").is_file() else None)
+        default_name = path.resolve().name
+    elif path.is_file() and path.suffix == ".py":
+        wasm = pysource.bundle(path.read_bytes(), pysource.PYTHON)
+        default_name = path.stem
+    elif path.is_dir():
         wasm = build_with_progress(path).read_bytes()
         manifest = manifest or (path / "manifest.json" if (path / "manifest.json").is_file() else None)
         default_name = path.resolve().name

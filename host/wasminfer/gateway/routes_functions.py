@@ -11,7 +11,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from wasminfer import errors
+from wasminfer import errors, pysource
 from wasminfer.errors import BadRequest, FunctionNotFound, InvalidManifest, WasminferError
 from wasminfer.gateway import routes_jobs as jobs
 from wasminfer.gateway.bodies import limited_stream, read_body, require_media_type
@@ -46,13 +46,15 @@ _VERSION_SAME = Reply(200, "Identical to the current version: nothing changed", 
         errors.InvalidManifest, errors.InvalidModule, errors.InvalidName, errors.ModelNotFound,
         errors.TooManyRequests, errors.MemoryQuotaExceeded, errors.HostMemoryExhausted, errors.Timeout,
     ),
-    description="Either `Content-Type: application/wasm` with the manifest as query parameters, or "
+    description="Either `Content-Type: application/wasm` (or a Python function's source: one `.py` as "
+    "`text/x-python`, or a zip or tar of its folder) with the manifest as query parameters, or "
     "`multipart/form-data` with a file part `wasm` and a JSON part `manifest`. The module is "
     "validated, compiled and prewarmed before it is stored, so the first invocation is warm. 404 "
     "when the manifest names a model that does not exist.",
     group=MANIFEST_QUERY,
     body=Body({
         WASM: BINARY,
+        **{media: BINARY for media in pysource.MEDIA_TYPES},
         MULTIPART: {
             "type": "object",
             "required": ["wasm"],
@@ -65,9 +67,11 @@ _VERSION_SAME = Reply(200, "Identical to the current version: nothing changed", 
 async def put_function(request: Request, params: Params) -> Response:
     st, who = app_state(request), principal(request)
     name = request.path_params["name"]
-    kind = require_media_type(request, (WASM, MULTIPART), "function upload")
-    if kind == WASM:
+    kind = require_media_type(request, (WASM, MULTIPART, *pysource.MEDIA_TYPES), "function upload")
+    if kind != MULTIPART:
         wasm = await read_body(request, st.settings.max_wasm_bytes, "wasm module")
+        if kind in pysource.MEDIA_TYPES:  # a Python function's files (runtime/python.py)
+            wasm = pysource.bundle(wasm, kind)
         manifest: Manifest = params["manifest"]
     else:
         if request.query_params:
@@ -103,6 +107,9 @@ async def _read_multipart(request: Request, limit: int) -> tuple[bytes, Manifest
                 "e.g. curl -F wasm=@fn.wasm)"
             )
         wasm = await part.read()
+        python_type = part.content_type if part.content_type in pysource.MEDIA_TYPES else None
+        if python_type or wasm[:4] == pysource.ZIP_MAGIC:  # a Python function's files
+            wasm = pysource.bundle(wasm, python_type or pysource.ZIP)
         text = form.get("manifest")
         if isinstance(text, UploadFile):
             text = (await text.read()).decode("utf-8", "replace")

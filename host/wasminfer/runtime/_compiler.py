@@ -56,11 +56,12 @@ def engine_config() -> wasmtime.Config:
     config.memory_guard_size = 64 << 10
     config.max_wasm_stack = 512 << 10
     config.wasm_component_model = True  # Python functions are components (runtime/_component.py)
+    config.wasm_exceptions = True  # the Python runtime's CPython (runtime/python.py) throws and catches
     return config
 
 
 #: What `engine_config` sets, for the names of cached artefacts.
-CONFIG_FINGERPRINT = "opt=speed;res=64M;guard=64K;stack=512K;cm"
+CONFIG_FINGERPRINT = "opt=speed;res=64M;guard=64K;stack=512K;cm;exn"
 
 
 class CompileError(Exception):

@@ -455,14 +455,16 @@ class WasmInstance:
         except Interrupted as exc:
             raise WasmTrap(exc.kind, str(exc)) from None
         tls = _tls
+        # A host import may call back into its guest (the Python runtime's door allocates its
+        # answer with the guest's allocator): the outer call's state comes back afterwards.
+        outer = getattr(tls, "state", None), getattr(tls, "instance", None)
         tls.state = state
         tls.instance = self
         state.instance = self
         try:
             err = _call_unchecked(self._ctx, func_ref, buf, max(len(args), nresults), self._trap_ref)
         finally:
-            tls.state = None
-            tls.instance = None
+            tls.state, tls.instance = outer
         if err or self._trap:
             self._raise_trap(err, state)
         return int(buf[0].i32) if nresults else 0

@@ -12,6 +12,7 @@ accounting each work across both.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -37,7 +38,7 @@ from wasminfer.errors import (
 )
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo, ModelRegistry
-from wasminfer.runtime import command, component, handler, wasi_nn
+from wasminfer.runtime import command, component, handler, python, wasi_nn
 from wasminfer.runtime._traps import WasmLinkError, WasmTrap
 from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance
 from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter, Tail
@@ -49,8 +50,9 @@ from wasminfer.runtime.pool import InstancePool
 # invoke(instance, body, content_type, state) -> reusable.
 CORE_ABIS: list[Any] = [handler, command]
 # wasi_ephemeral_nn is no ABI of its own: handler and command modules may both import it.
-HOST_FUNCS = [hf for abi in CORE_ABIS for hf in abi.HOST_FUNCS] + list(wasi_nn.HOST_FUNCS)
-ABIS_BY_NAME: dict[str, Any] = {abi.NAME: abi for abi in (*CORE_ABIS, component)}
+# The Python runtime's door is linked for every module: it faults unless the runtime's own calls it.
+HOST_FUNCS = [hf for abi in CORE_ABIS for hf in abi.HOST_FUNCS] + [*wasi_nn.HOST_FUNCS, *python.HOST_FUNCS]
+ABIS_BY_NAME: dict[str, Any] = {abi.NAME: abi for abi in (*CORE_ABIS, component, python)}
 
 
 @dataclass
@@ -322,6 +324,13 @@ class Host:
     # --- functions ----------------------------------------------------------------------------
     def inspect(self, wasm: bytes) -> tuple[ModuleInfo, CompiledModule]:
         """Compiles and classifies a module or component. Raises `InvalidModule` with the reason."""
+        if wasm[:4] == python.MAGIC:  # a Python function: its files, zipped (wasminfer.pysource)
+            sha = hashlib.sha256(wasm).hexdigest()
+            fn = python.inspect(self.engine, wasm, sha)
+            return ModuleInfo(
+                sha256=sha, abi=python.NAME, imports=[], exports=[], size_bytes=len(wasm),
+                initial_memory_bytes=fn.initial_memory_bytes(),
+            ), fn  # type: ignore[return-value]
         if wasm[:4] != b"\0asm":
             raise InvalidModule("not a WebAssembly binary (missing the \\0asm magic)")
         if wasm[4:8] == component.BINARY_VERSION:  # the component ABI (Python functions)
@@ -400,6 +409,9 @@ class Host:
         m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest or {})
         info, compiled = inspected if inspected is not None else self.inspect(wasm)
         abi = ABIS_BY_NAME[info.abi]  # detected and validated by inspect
+        if abi is python and m.memory_mb == Manifest.memory_mb:
+            # The default is a compiled guest's; an interpreter with numpy needs more.
+            m = dataclasses.replace(m, memory_mb=python.DEFAULT_MEMORY_MB)
         if m.abi not in ("auto", info.abi):
             raise InvalidManifest.for_key("abi", f"says {m.abi!r}, but the module is a {info.abi!r} module")
         if info.initial_memory_bytes > m.memory_mb << 20:

