@@ -5,11 +5,12 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 python := env_var_or_default("PYTHON", "python")
 data := env_var_or_default("WASMINFER_DATA", ".wasminfer")
 
-# Run the whole test suite (what CI runs).
+# Run the whole test suite (what CI runs). First the Python runtime, built once per machine (minutes; then a no-op).
 # Tests marked `serial` (load and latency measurements) run first and alone; then the rest on 2 workers,
 # a module marked `xdist_group` on one of them (one server for the module, not one per worker).
 # Exit status 5 (nothing selected, e.g. ARGS naming only one kind) is not a failure.
 test *ARGS:
+    {{python}} -m wasminfer python-runtime
     {{python}} -m pytest -q -m serial {{ARGS}} || test $? -eq 5
     {{python}} -m pytest -q -n 2 --dist loadgroup -m "not serial" {{ARGS}} || test $? -eq 5
 
