@@ -273,10 +273,10 @@ def test_logs_follow_prints_lines_written_after_it_started(
 
 # --- Python --------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_deploy_function_from_a_python_folder_builds_a_component(server: Server) -> None:
-    """README, "Writing a function (Python)": `wasminfer build myfn/` "makes it a WebAssembly
-    component with componentize-py"; `functions/text-classify` is an example (deployed from its
-    folder with `wasminfer deploy function`, then invoked)."""
+def test_deploy_function_from_a_python_folder_sends_its_source_or_builds_a_component(server: Server) -> None:
+    """README, "Writing a function (Python)": `wasminfer deploy function functions/text-classify`
+    sends the folder's source to the server's Python runtime; with `--component` it is built into a
+    componentize-py component instead. Both invoked."""
     from wasminfer.examples import text_classifier_model
 
     folder = server.work / "functions" / "text-classify"
@@ -285,12 +285,14 @@ def test_deploy_function_from_a_python_folder_builds_a_component(server: Server)
     (server.work / "text.onnx").write_bytes(text_classifier_model())
     server.cli("deploy", "model", "text-classifier", "text.onnx")
     deployed = server.cli("deploy", "function", "functions/text-classify")
-    assert last_line(deployed.stderr).startswith("text-classify: deployed version 1 (component ABI, sha256 ")
-    out = server.cli("invoke", "text-classify", "-t", "text/plain",
-                     stdin="the team scored twice in the second half")
-    answer = json.loads(out.stdout)
-    assert answer["label"] == "sports"
-    assert sorted(answer["scores"]) == ["food", "sports", "tech", "weather"]
+    assert last_line(deployed.stderr).startswith("text-classify: deployed version 1 (python ABI, sha256 ")
+    deployed = server.cli("deploy", "function", "functions/text-classify", "--component", "--name", "text-c")
+    assert last_line(deployed.stderr).startswith("text-c: deployed version 1 (component ABI, sha256 ")
+    for name in ("text-classify", "text-c"):
+        out = server.cli("invoke", name, "-t", "text/plain", stdin="the team scored twice in the second half")
+        answer = json.loads(out.stdout)
+        assert answer["label"] == "sports"
+        assert sorted(answer["scores"]) == ["food", "sports", "tech", "weather"]
 
 
 # --- models with options --------------------------------------------------------------------------
