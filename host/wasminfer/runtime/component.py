@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,13 +25,11 @@ import numpy as np
 from wasminfer.errors import (
     GuestError,
     GuestRejected,
-    InferenceFailed,
     InvalidManifest,
     InvalidModule,
     InvalidTensor,
     MemoryLimitExceeded,
     ModelNotAllowed,
-    ModelNotFound,
     OutputLimitExceeded,
     TensorTooLarge,
     WasminferError,
@@ -111,17 +108,10 @@ def _infer(state: InvocationState, model: str, inputs: list[tuple[Any, ...]]) ->
         return _fail(state, "tensor-too-large", exc)
     except InvalidTensor as exc:
         return _fail(state, "invalid-argument", exc)
-    t0 = time.perf_counter_ns()
     try:
-        outputs = handler.run_model(state, state.infer, model, arrays)
-    except ModelNotFound as exc:
-        return _fail(state, "model-not-found", exc)
-    except InvalidTensor as exc:
-        return _fail(state, "invalid-tensor", exc)
-    except InferenceFailed as exc:
-        return _fail(state, "runtime", exc)
-    finally:
-        state.infer_ns += time.perf_counter_ns() - t0
+        outputs = state.run_model(model, arrays)
+    except handler.INFER_FAILURES as exc:
+        return _fail(state, handler.infer_failure(exc), exc)
     tensors = [_tensor(name, array) for name, array in outputs.items()]
     state.infer_error = None
     return True, tensors

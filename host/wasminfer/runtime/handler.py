@@ -77,6 +77,18 @@ def run_model(state: CallState, infer: InferFn, model: str,
         raise Interrupted("timeout", exc.message) from None
 
 
+#: What an infer call of a WIT-world guest (components, the Python runtime) gets back when the model
+#: cannot answer: the world's error variant for each error `run_model` raises.
+INFER_FAILURES = (ModelNotFound, InvalidTensor, InferenceFailed)
+
+
+def infer_failure(exc: WasminferError) -> str:
+    """The WIT world's variant for one of `INFER_FAILURES`."""
+    if isinstance(exc, ModelNotFound):
+        return "model-not-found"
+    return "invalid-tensor" if isinstance(exc, InvalidTensor) else "runtime"
+
+
 class InvocationState(CallState):
     """Everything one invocation of one function needs in its host imports."""
 
@@ -117,6 +129,14 @@ class InvocationState(CallState):
                                           limit)
         self.limit_error = self.limit_error or err
         return err
+
+    def run_model(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`run_model` for this invocation's infer import, its time counted in `infer_ns`."""
+        t0 = time.perf_counter_ns()
+        try:
+            return run_model(self, self.infer, model, inputs)
+        finally:
+            self.infer_ns += time.perf_counter_ns() - t0
 
     def log(self, raw: bytes, level: str) -> None:
         """Appends a line the guest logs to the function's logs (cut at `MAX_MESSAGE` bytes, the cut marked).

@@ -48,14 +48,11 @@ from wasminfer.errors import (
     BadRequest,
     GuestError,
     GuestRejected,
-    InferenceFailed,
     InferLimitExceeded,
     InvalidModule,
     InvalidTensor,
-    LogLimitExceeded,
     MemoryLimitExceeded,
     ModelNotAllowed,
-    ModelNotFound,
     OutputLimitExceeded,
     TensorTooLarge,
     WasminferError,
@@ -196,17 +193,8 @@ def _output(state: InvocationState, payload: memoryview) -> None:
 
 
 def _log(state: InvocationState, payload: memoryview) -> None:
-    level, raw = payload[0], bytes(payload[1:])
-    state.log_bytes += len(raw)
-    limit = state.manifest.max_log_bytes
-    if state.log_bytes > limit:
-        err = LogLimitExceeded.exceeded(
-            state.function, f"tried to log {state.log_bytes} bytes in one invocation", limit
-        )
-        state.limit_error = err
-        raise err
-    lvl = LEVELS[level] if level < len(LEVELS) else "info"
-    state.logs.append("log", raw[:MAX_MESSAGE].decode("utf-8", "replace"), lvl, state.invocation_id)
+    level = payload[0]
+    state.log(bytes(payload[1:]), LEVELS[level] if level < len(LEVELS) else "info")
 
 
 # --- infer: tensors as a JSON header and raw little-endian bytes -------------------------------------
@@ -237,17 +225,10 @@ def _infer(state: InvocationState, payload: memoryview) -> bytes:
         return _infer_error(state, "invalid-argument", exc)
     if not m.allows(model):
         return _infer_error(state, "model-not-allowed", ModelNotAllowed(state.function, model))
-    t0 = time.perf_counter_ns()
     try:
-        outputs = handler.run_model(state, state.infer, model, inputs)
-    except ModelNotFound as exc:
-        return _infer_error(state, "model-not-found", exc)
-    except InvalidTensor as exc:
-        return _infer_error(state, "invalid-tensor", exc)
-    except InferenceFailed as exc:
-        return _infer_error(state, "runtime", exc)
-    finally:
-        state.infer_ns += time.perf_counter_ns() - t0
+        outputs = state.run_model(model, inputs)
+    except handler.INFER_FAILURES as exc:
+        return _infer_error(state, handler.infer_failure(exc), exc)
     state.infer_error = None
     header: list[dict[str, Any]] = []
     blobs: list[bytes | memoryview] = []
