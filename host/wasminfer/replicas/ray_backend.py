@@ -38,6 +38,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -156,6 +157,7 @@ class RayBackend(ReplicaBackend):
     # --- the interface ------------------------------------------------------------------------------
     async def start(self, warm: Sequence[WarmSpec] = ()) -> Replica:
         await anyio.to_thread.run_sync(self._connect)  # first: says how to install Ray if it is missing
+        _take_back_signals()
         import ray
 
         cfg = self.config
@@ -527,3 +529,15 @@ class HostActor:
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
 
+
+def _take_back_signals() -> None:
+    """Ray's core worker installs abseil's failure-signal handler in the process that connects, and
+    it takes SIGTERM and SIGINT over: it prints a stack and kills the process by the signal, so the
+    gateway's graceful shutdown (uvicorn's handlers) never runs. Installed again, Python's own
+    handlers (whatever Python-level ones were set) get them back. Only the main thread may."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if handler is not None:
+            signal.signal(sig, handler)
