@@ -157,7 +157,8 @@ class RayBackend(ReplicaBackend):
     # --- the interface ------------------------------------------------------------------------------
     async def start(self, warm: Sequence[WarmSpec] = ()) -> Replica:
         await anyio.to_thread.run_sync(self._connect)  # first: says how to install Ray if it is missing
-        _take_back_signals()
+        if self._owns_ray:  # a driver connection someone else made is theirs, signals included
+            _take_back_signals()
         import ray
 
         cfg = self.config
