@@ -163,6 +163,9 @@ def handle(request: Request) -> dict:
     if what == "loop":
         while True:
             pass
+    if what == "sleep":
+        import time
+        time.sleep(30)  # WASI poll_oneoff: the host's own, which keeps the deadline
     if what.startswith("alloc "):
         return {"n": int(np.ones(int(what[6:]), dtype=np.uint8).sum())}
     if what == "reject":
@@ -182,6 +185,9 @@ def test_limits_obeyed_and_violated(host: Host) -> None:
     with pytest.raises(Timeout) as slow:
         host.invoke("limits", b"loop")
     assert "timeout_ms" in slow.value.message
+    with pytest.raises(Timeout) as asleep:  # a 30 s sleep ends at the 2 s deadline, not after it
+        host.invoke("limits", b"sleep")
+    assert "timeout of 2000 ms" in asleep.value.message
     with pytest.raises(GuestRejected) as rejected:
         host.invoke("limits", b"reject")
     assert (rejected.value.status, rejected.value.message) == (422, "no thanks")
