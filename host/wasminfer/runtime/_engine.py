@@ -236,6 +236,7 @@ class Engine:
         self.cache_dir = cache_dir
         self.cache = CompileCache(cache_dir, self.fingerprint)
         self.shared = SharedCode()
+        _compiler.compiler().prestart()  # a new module's compile then finds a worker running
         self._closed = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="wasminfer-epoch", daemon=True)
         self._ticker.start()
