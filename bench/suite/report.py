@@ -148,6 +148,11 @@ def summarize(results: Path) -> dict[str, Any]:
                 f"{w['per_function_kib']['baseline'] / 1024:.0f} MiB per function",
             )
         s["memory_100fn_vs_1fn"] = mem
+        v = dn.get("varied_requests")
+        if v:
+            s["memory_image_fn_after_n_vs_1"] = {
+                "requests": v["requests"], "busy": v["instance_after_n_vs_1"],
+                "idle": v["instance_idle_vs_1"]}
         s["baseline_memory_100fn_vs_1fn"] = base_mem
         if k != "100":
             s["memory_extrapolated_from_k"] = int(k)

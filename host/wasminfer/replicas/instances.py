@@ -3,8 +3,9 @@
 One background thread per process (the gateway's, and each worker's): every tick it reads each
 pool's demand integral, feeds that function's `InstanceAutoscaler`, pre-warms instances up to what
 it wants and reaps the ones idle past the manifest's `idle_timeout_s` down to what it wants (never
-under `min_instances`). Reaping every instance of a function keeps its compiled module and its
-models: the next request instantiates in microseconds.
+under `min_instances`), and renews the idle ones that grew (`GrowthPolicy`). Reaping every
+instance of a function keeps its compiled module and its models: the next request instantiates in
+microseconds.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class InstanceController:
         keep = max(decision.desired, m.min_instances)
         if live > keep:
             reaped = fn.pool.reap_idle(m.idle_timeout_s, keep)
+        fn.pool.shrink_idle()  # the memory the survivors grew goes back too, not only their count
         if made or reaped:
             reason = decision.reason
             if made:

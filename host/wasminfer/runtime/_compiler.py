@@ -9,8 +9,11 @@ address-space limit, killed at `timeout_s`. It writes the compiled artefact to t
 gives (the compile cache), atomically; the caller then loads it with `deserialize_file`, which is
 what a cache hit does anyway.
 
-Workers stay alive between compiles (starting one costs an interpreter and `import wasmtime`), one
-per compile in flight; a worker that timed out or died is replaced by a fresh one on next use.
+Workers stay alive between compiles (starting one costs an interpreter and `import wasmtime`,
+~100-300 ms here: more than compiling a small guest), one per compile in flight, and one is started
+ahead (`Compiler.prestart`: when the engine is made, and after a compile took the last idle one or
+killed its worker), so a new module's compile finds a worker already running. A worker that timed
+out, died or whose compile was cancelled is killed and replaced.
 
 This file runs as a script in the worker, so it imports nothing of wasminfer: `engine_config` lives
 here, and `_engine.py` builds the host's engine from it (a compiled artefact loads only into an engine
@@ -126,7 +129,8 @@ class _Worker:
         )
         self.memory_bytes = memory_bytes
 
-    def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float) -> None:
+    def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float,
+                cancel: threading.Event | None = None) -> None:
         proc = self.proc
         assert proc.stdin is not None and proc.stdout is not None
         header = json.dumps({"kind": kind, "out": str(out), "size": len(wasm)}).encode() + b"\n"
@@ -140,9 +144,13 @@ class _Worker:
         fd = proc.stdout.fileno()
         line = b""
         while not line.endswith(b"\n"):
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled()
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            if remaining <= 0:
                 raise _WorkerTimedOut()
+            if not select.select([fd], [], [], min(remaining, _CANCEL_POLL_S))[0]:
+                continue
             chunk = os.read(fd, 65536)
             if not chunk:
                 raise _WorkerDied()
@@ -177,6 +185,13 @@ class _WorkerDied(Exception):
     pass
 
 
+class _Cancelled(Exception):
+    pass
+
+
+_CANCEL_POLL_S = 0.05  # how soon a cancelled compile's worker is killed
+
+
 class Compiler:
     """Compiles in worker processes. Thread-safe; one per process (`compiler()`)."""
 
@@ -184,18 +199,32 @@ class Compiler:
         self.memory_bytes = memory_bytes
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
+        self._closed = False
         self.started = 0  # workers started (for tests: a worker is reused)
 
-    def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float = DEFAULT_TIMEOUT_S,
+                cancel: threading.Event | None = None) -> None:
         """Compiles `wasm` (a core module, or a component if `kind == "component"`) and writes the
-        serialised artefact to `out`, atomically.
+        serialised artefact to `out`, atomically: `out` holds a whole artefact or nothing.
 
         Raises `CompileError` if the bytes do not compile, if compiling takes longer than
-        `timeout_s`, or if the worker runs out of memory or dies.
+        `timeout_s`, if `cancel` is set meanwhile (the worker is killed within ~50 ms), or if the
+        worker runs out of memory or dies.
         """
+        try:
+            self._compile(kind, wasm, out, timeout_s, cancel)
+        finally:
+            self.prestart()
+
+    def _compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float,
+                 cancel: threading.Event | None) -> None:
         worker = self._take()
         try:
-            worker.compile(kind, wasm, out, timeout_s)
+            worker.compile(kind, wasm, out, timeout_s, cancel)
+        except _Cancelled:
+            worker.kill()
+            _partial(out, worker.proc.pid).unlink(missing_ok=True)
+            raise CompileError("the compile was cancelled") from None
         except _WorkerTimedOut:
             worker.kill()
             _partial(out, worker.proc.pid).unlink(missing_ok=True)
@@ -219,6 +248,20 @@ class Compiler:
             raise
         self._give_back(worker)
 
+    def prestart(self) -> None:
+        """Starts a worker for the next compile unless one is idle already (it loads its interpreter
+        and wasmtime while nothing waits for it)."""
+        with self._lock:
+            if self._idle or self._closed:
+                return
+            self.started += 1
+        self._give_back(_Worker(self.memory_bytes))
+
+    def idle(self) -> list[int]:
+        """The process ids of the idle workers."""
+        with self._lock:
+            return [w.proc.pid for w in self._idle]
+
     def _take(self) -> _Worker:
         with self._lock:
             while self._idle:
@@ -237,8 +280,9 @@ class Compiler:
         worker.close()
 
     def close(self) -> None:
-        """Stops the idle workers (a later compile starts new ones)."""
+        """Stops the idle workers, and starts none ahead any more (a later compile starts its own)."""
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for worker in idle:
             worker.close()

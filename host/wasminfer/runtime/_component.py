@@ -124,6 +124,7 @@ class ComponentLinker:
         # dictionary by it, and a value that held its key would keep both alive for ever.
         self.engine = engine.engine
         self.cache = engine.cache
+        self.shared = engine.shared
         self.compile_timeout_s = engine.compile_timeout_s
         self.host_funcs = {(hf.interface, hf.name): hf for hf in host_funcs}
         self.interfaces = {hf.interface for hf in host_funcs}
@@ -164,8 +165,10 @@ class ComponentLinker:
         Raises `WasmLinkError` if the bytes are not a valid component, or do not compile within the
         engine's `compile_timeout_s`.
         """
-        component, sha, from_cache = self.cache.load(self.engine, "component", wasm, sha256,
-                                                     self.compile_timeout_s)
+        def load(sha: str) -> tuple[Any, str, bool]:
+            return self.cache.load(self.engine, "component", wasm, sha, self.compile_timeout_s)
+
+        component, sha, from_cache = self.shared.get("component", wasm, sha256, load)
         return CompiledComponent(self, component, sha, from_cache)
 
     def is_cached(self, sha256: str) -> bool:

@@ -17,11 +17,14 @@ thread that called the guest.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import wasmtime
 from wasmtime import _bindings as bindings
@@ -175,6 +178,45 @@ class ExternInfo:
     min_pages: int = 0
 
 
+A = TypeVar("A")
+
+
+class SharedCode:
+    """Compiled code held once per engine: the same bytes deployed under several names, versions or
+    tenants get one compiled wasmtime `Module` (or `Component`), keyed by their sha256 (the engine's
+    configuration is the same for all). Held weakly: its users (each deployed function's own
+    `CompiledModule` around it) are its references, and the code is dropped with the last of them.
+    Only the code is shared; each user makes its own instances, stores, memories, WASI contexts and
+    logs."""
+
+    def __init__(self) -> None:
+        self._held: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, kind: str, wasm: bytes, sha256: str | None,
+            load: Callable[[str], tuple[A, str, bool]]) -> tuple[A, str, bool]:
+        """`(artefact, sha256, from_cache)` of `wasm` as `kind` ("module" or "component"): the one held
+        (`from_cache` True), else what `load(sha256)` gives (compiled or loaded from disk outside the
+        lock: that takes milliseconds to seconds). Raises what `load` raises."""
+        sha = sha256 or hashlib.sha256(wasm).hexdigest()
+        with self._lock:
+            held = self._held.get((kind, sha))
+        if held is not None:
+            return held, sha, True
+        artefact, sha, from_cache = load(sha)
+        with self._lock:
+            held = self._held.get((kind, sha))  # another caller loaded it meanwhile: keep one
+            if held is None:
+                self._held[kind, sha] = artefact
+                return artefact, sha, from_cache
+        return held, sha, True
+
+    def count(self, kind: str | None = None) -> int:
+        """How many compiled artefacts (of `kind`) are held."""
+        with self._lock:
+            return sum(1 for k, _ in self._held.keys() if kind is None or k == kind)
+
+
 # --- the engine -----------------------------------------------------------------------------------
 class Engine:
     """One per process: the wasmtime `Engine`, its epoch ticker and the compile cache.
@@ -193,6 +235,8 @@ class Engine:
         self.engine = wasmtime.Engine(config)
         self.cache_dir = cache_dir
         self.cache = CompileCache(cache_dir, self.fingerprint)
+        self.shared = SharedCode()
+        _compiler.compiler().prestart()  # a new module's compile then finds a worker running
         self._closed = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="wasminfer-epoch", daemon=True)
         self._ticker.start()

@@ -236,12 +236,16 @@ class WasmEngine(Engine):
             raise wasmtime.WasmtimeError._from_ptr(err)
 
     def compile(self, wasm: bytes, sha256: str | None = None) -> CompiledModule:
-        """Compiles (or loads from the disk cache) a core module.
+        """The compiled core module of `wasm`: its code is the one already held for the same bytes
+        (`SharedCode`), else loaded from the disk cache or compiled.
 
         Raises `WasmLinkError` if the bytes are not a valid module or use a feature the engine
         refuses, or do not compile within `compile_timeout_s`.
         """
-        module, sha, from_cache = self.cache.load(self.engine, "module", wasm, sha256, self.compile_timeout_s)
+        def load(sha: str) -> tuple[wasmtime.Module, str, bool]:
+            return self.cache.load(self.engine, "module", wasm, sha, self.compile_timeout_s)
+
+        module, sha, from_cache = self.shared.get("module", wasm, sha256, load)
         return CompiledModule(self, module, sha, from_cache)
 
     def is_cached(self, sha256: str) -> bool:

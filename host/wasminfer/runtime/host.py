@@ -43,7 +43,7 @@ from wasminfer.runtime._traps import WasmLinkError, WasmTrap
 from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance
 from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter, Tail
 from wasminfer.runtime.memory import MEMORY_REFUSALS, MemoryBudget, Reservation, TenantMemory, model_bytes
-from wasminfer.runtime.pool import InstancePool
+from wasminfer.runtime.pool import GrowthPolicy, InstancePool
 
 # The ABIs of core modules, in detection order. Each is a module with NAME, HOST_FUNCS,
 # detect(compiled), validate(compiled), instantiate(compiled, manifest, state, output) and
@@ -90,9 +90,10 @@ class ModuleInfo:
 
 
 class _Instance:
-    """A pooled instance, its captured stdout/stderr, and the memory reserved for it."""
+    """A pooled instance, its captured stdout/stderr, the memory reserved for it, and what it needs at
+    rest (its linear memory once started) to tell how much its requests made it grow."""
 
-    __slots__ = ("wasm", "stdout", "stderr", "memory")
+    __slots__ = ("wasm", "stdout", "stderr", "memory", "rest_bytes", "traffic_bytes")
 
     def __init__(self, wasm: WasmInstance, stdout: StreamSplitter, stderr: StreamSplitter,
                  memory: Reservation) -> None:
@@ -100,6 +101,24 @@ class _Instance:
         self.stdout = stdout
         self.stderr = stderr
         self.memory = memory
+        self.rest_bytes = _memory_size(wasm)
+        self.traffic_bytes = 0  # the largest request or response since it started
+
+    def growth(self) -> int:
+        """Bytes this instance grew past its size at rest. A component shows the host no memory: there,
+        the largest request or response it has carried stands for it (its guest copies each into its
+        heap at least once). A command slot holds no instance between calls: 0."""
+        if self.rest_bytes is None:
+            return self.traffic_bytes
+        return max(0, self.wasm.memory_size() - self.rest_bytes) if self.rest_bytes >= 0 else 0
+
+
+def _memory_size(wasm: Any) -> int | None:
+    """What `_Instance.rest_bytes` holds: its memory's size, None for a component (which shows none),
+    -1 for a command slot (no memory between calls)."""
+    if isinstance(wasm, WasmInstance):
+        return wasm.memory_size()
+    return -1 if isinstance(wasm, command.CommandSlot) else None
 
 
 @dataclass
@@ -140,6 +159,7 @@ class DeployedFunction:
         self.pool: InstancePool[_Instance] = InstancePool(
             name, self._create, self._destroy,
             max_instances=manifest.max_instances, max_queue=manifest.max_queue,
+            growth=_Instance.growth, renew=self._renew, policy=host.growth_policy,
         )
 
     def _create(self, reclaim: bool = True) -> _Instance:
@@ -173,6 +193,19 @@ class DeployedFunction:
         finally:
             self.end(state)
         return _Instance(wasm, out, err, memory)
+
+    def _renew(self, inst: _Instance) -> _Instance:
+        """A fresh instance in place of `inst` (destroyed), under the same memory reservation: its
+        module's initial image again. Raises what instantiating raises (the reservation is then
+        released)."""
+        inst.stdout.flush()
+        inst.stderr.flush()
+        inst.wasm.close()
+        try:
+            return self._instantiate(inst.memory)
+        except BaseException:
+            inst.memory.release()
+            raise
 
     def begin(self, state: handler.InvocationState) -> None:
         """Tracks a guest call about to run, so that `cancel` can end it (or cancels it at once)."""
@@ -264,11 +297,12 @@ class Host:
 
     def __init__(self, cache_dir: Path | None = None, *, models: ModelRegistry | None = None,
                  log_capacity: int = 2000, engine: WasmEngine | None = None,
-                 memory: TenantMemory | None = None) -> None:
+                 memory: TenantMemory | None = None, growth_policy: GrowthPolicy | None = None) -> None:
         """`engine`: share one engine (and its epoch ticker and compile cache) between hosts of one
         process, e.g. one host per tenant; made with `Host.new_engine`, closed by its owner.
         `memory`: the tenant's account of a `MemoryBudget` that instances and models reserve from
-        (default: no budget)."""
+        (default: no budget). `growth_policy`: when instances that grew are renewed (`pool.py`)."""
+        self.growth_policy = growth_policy if growth_policy is not None else GrowthPolicy()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else self.new_engine(self.cache_dir)
@@ -517,6 +551,8 @@ class Host:
         fn.begin(state)
         try:
             healthy = fn.abi_impl.invoke(inst.wasm, body, content_type, state)
+            if inst.rest_bytes is None:
+                inst.traffic_bytes = max(inst.traffic_bytes, len(body), len(state.output or b""))
         except WasminferError as exc:
             error = exc
             _with_guest_words(exc, fn.abi, inst.stderr.tail)
@@ -575,6 +611,10 @@ class Host:
             each = fn.manifest.memory_mb << 20
             freed += fn.pool.reclaim_idle(-(-(nbytes - freed) // each)) * each
         return freed
+
+    def shrink_idle(self) -> int:
+        """Renews idle instances that grew (see `GrowthPolicy`); returns how many."""
+        return sum(f.pool.shrink_idle() for f in self.functions())
 
     def reap_idle(self) -> int:
         """Destroys instances idle past their function's `idle_timeout_s` (keeping `min_instances`)."""

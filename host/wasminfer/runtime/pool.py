@@ -4,6 +4,13 @@ Reuses idle instances (most recently used first: its memory is the likeliest to 
 creates new ones on demand up to `max_instances`, queues callers beyond that up to `max_queue`
 (past it: a fast `TooManyRequests`), and throws away every instance its user marks unhealthy.
 Creation happens outside the lock, so a slow instantiate never blocks releases.
+
+A Wasm memory never shrinks, so an instance keeps whatever its largest request made it grow. The
+pool gives that memory back by *renewing* instances (a fresh instance from the module's initial
+image in place of the grown one, see `GrowthPolicy`): at once when a request grew one far past its
+size at rest, and once it has been idle a short while when it grew at all. Renewing is cheap (a new
+store and an instantiate) but not free: the next large request must grow and fault in its memory
+again, so reuse is kept where requests keep coming.
 """
 
 from __future__ import annotations
@@ -12,11 +19,30 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 from wasminfer.errors import TooManyRequests, Unavailable
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GrowthPolicy:
+    """When an instance that grew is renewed (bench/RESULTS.md, "reuse or renew", has the measurements
+    behind the defaults).
+
+    - `reset_bytes`: on release, an instance grown more than this past its size at rest is renewed
+      at once (None: never at release).
+    - `slack_bytes`: growth within this is no growth (allocators round up; a page or two of heap is
+      not worth an instantiate).
+    - `shrink_idle_s`: an idle instance grown past the slack is renewed once idle this long
+      (`InstancePool.shrink_idle`).
+    """
+
+    reset_bytes: int | None = 4 << 20
+    slack_bytes: int = 256 << 10
+    shrink_idle_s: float = 1.0
 
 
 class _Waiter:
@@ -38,10 +64,19 @@ class InstancePool(Generic[T]):
         *,
         max_instances: int,
         max_queue: int = 256,
+        growth: Callable[[T], int] | None = None,
+        renew: Callable[[T], T] | None = None,
+        policy: GrowthPolicy = GrowthPolicy(),
     ) -> None:
+        """`growth(inst)`: the bytes `inst` grew past its size at rest; `renew(inst)`: a fresh instance
+        in its place (it destroys `inst`, and raises if it cannot make one). Without both, instances
+        are never renewed."""
         self.name = name
         self._create = create
         self._destroy = destroy
+        self._growth = growth
+        self._renew = renew
+        self.policy = policy
         self.max_instances = max_instances
         self.max_queue = max_queue
         self._idle: list[tuple[T, float]] = []  # (instance, released at), LIFO
@@ -53,6 +88,7 @@ class InstancePool(Generic[T]):
         self.created_total = 0
         self.discarded_total = 0
         self.reaped_total = 0
+        self.renewed_total = 0  # grown instances replaced by fresh ones (at release or idle)
         # The integral of demand (busy + waiting callers) over time: what the instance autoscaler
         # reads, exact between its ticks however short the invocations are.
         self._demand_area = 0.0
@@ -145,6 +181,20 @@ class InstancePool(Generic[T]):
             w.event.set()
 
     def release(self, inst: T, healthy: bool) -> None:
+        """Gives `inst` back: to the first waiter or the idle list if `healthy`, renewed first if it
+        grew past `policy.reset_bytes`; destroyed otherwise (or if renewing it fails)."""
+        if healthy and self._must_renew(inst, self.policy.reset_bytes):
+            renewed = self._renewed(inst)
+            if renewed is None:
+                with self._cond:
+                    self._account()
+                    self._busy -= 1
+                    self._live -= 1
+                    self.discarded_total += 0 if self._closed else 1
+                    if not self._closed:
+                        self._wake_for_slot()
+                return
+            inst = renewed
         with self._cond:
             self._account()
             self._busy -= 1
@@ -162,6 +212,73 @@ class InstancePool(Generic[T]):
             self.discarded_total += 0 if self._closed else 1
             if not self._closed:
                 self._wake_for_slot()
+        self._destroy(inst)
+
+    def _must_renew(self, inst: T, limit: int | None) -> bool:
+        if limit is None or self._growth is None or self._renew is None:
+            return False
+        return self._growth(inst) > max(limit, self.policy.slack_bytes)
+
+    def _renewed(self, inst: T) -> T | None:
+        """A fresh instance in place of `inst`, or None if none could be made (`inst` is gone)."""
+        assert self._renew is not None
+        try:
+            fresh = self._renew(inst)
+        except Exception:  # noqa: BLE001 - the slot is freed; the next acquire says why, if it still fails
+            return None
+        with self._cond:
+            self.renewed_total += 1
+        return fresh
+
+    def shrink_idle(self, idle_s: float | None = None) -> int:
+        """Renews the idle instances that grew past the policy's slack and have been idle longer than
+        `idle_s` (default: `policy.shrink_idle_s`); returns how many. An instance asked for meanwhile
+        is not waited for: its caller gets a busy slot's worth of queueing at most."""
+        if self._growth is None or self._renew is None:
+            return 0
+        limit = self.policy.shrink_idle_s if idle_s is None else idle_s
+        now = time.monotonic()
+        with self._cond:
+            grown = [(inst, at) for inst, at in self._idle
+                     if now - at > limit and self._must_renew(inst, 0)]
+            if not grown:
+                return 0
+            taken = {id(inst) for inst, _ in grown}
+            # Still live (the slot stays taken) but neither idle nor busy: renewing is no demand.
+            self._idle = [(inst, at) for inst, at in self._idle if id(inst) not in taken]
+        renewed = 0
+        for inst, at in grown:
+            fresh = self._renewed(inst)
+            with self._cond:
+                if fresh is None:
+                    self._live -= 1
+                    if not self._closed:
+                        self._wake_for_slot()
+                    continue
+                renewed += 1
+            # An idle instance keeps its idle time (`idle_timeout_s` still counts from its last use).
+            self._put_back(fresh, at)
+        return renewed
+
+    def _put_back(self, inst: T, idle_since: float) -> None:
+        with self._cond:
+            if self._closed:
+                self._live -= 1
+            elif self._waiters:
+                self._account()
+                w = self._waiters.popleft()
+                w.instance = inst
+                w.done = True
+                self._busy += 1
+                w.event.set()
+                return
+            else:
+                # kept in idle-time order (the reaper and reclaim take the front as least recent)
+                i = len(self._idle)
+                while i > 0 and self._idle[i - 1][1] > idle_since:
+                    i -= 1
+                self._idle.insert(i, (inst, idle_since))
+                return
         self._destroy(inst)
 
     def prewarm(self, count: int, create: Callable[[], T] | None = None) -> int:
@@ -233,6 +350,7 @@ class InstancePool(Generic[T]):
                 "created_total": self.created_total,
                 "discarded_total": self.discarded_total,
                 "reaped_total": self.reaped_total,
+                "renewed_total": self.renewed_total,
             }
 
     def close(self) -> None:
