@@ -205,7 +205,11 @@ def test_function_upload_needs_wasm_or_multipart(client: TestClient, hostile_was
         "/v1/functions/f", content=hostile_wasm, headers={"content-type": "application/octet-stream"}
     )
     assert "application/wasm" in error(r, 415, "unsupported_media_type")
-    error(client.put("/v1/functions/f", content=hostile_wasm), 415)
+    # without a Content-Type the bytes decide (tests/test_e2e_uploads.py): a text that is no function's
+    msg = error(client.put("/v1/functions/f", content=b"plain text"), 415, "unsupported_media_type")
+    assert msg.endswith("send it with -H 'Content-Type: application/wasm' (a module or component), "
+                        "'text/x-python' (one .py) or 'application/zip' (a Python function's folder)")
+    error(client.get("/v1/functions/f"), 404, "function_not_found")
 
 
 def test_invalid_function_name_is_400(client: TestClient, hostile_wasm: bytes) -> None:

@@ -33,6 +33,7 @@ LEAVES = frozenset({
     "wasminfer.model_options", "wasminfer.parsing",
     "wasminfer.locations",  # where the machine's cache and the guest SDK are
     "wasminfer.pysource",  # a Python function's files as one zip: pure, the gateway and runtime use it
+    "wasminfer.sniff",  # what an upload's bytes are, for a client that did not say: pure, the gateway's
     "wasminfer.params",  # the one description of a manifest key or model option (type, range, help)
     "wasminfer.shares",  # the fair-share arithmetic, applied by jobs' workers and replicas' threads alike
 })

@@ -193,7 +193,8 @@ def test_limits_obeyed_and_violated(host: Host) -> None:
     assert (rejected.value.status, rejected.value.message) == (422, "no thanks")
     with pytest.raises(GuestError) as failed:
         host.invoke("limits", b"fail")
-    assert failed.value.message == "ValueError: broken"
+    where = '(app.py, line 19, in handle: raise ValueError("broken"))'
+    assert failed.value.message == f"ValueError: broken {where}"
     assert json.loads(host.invoke("limits", b"").body) == {"ok": True}  # and it still serves
 
 

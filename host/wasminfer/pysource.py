@@ -100,10 +100,12 @@ def bundle(data: bytes, media_type: str) -> bytes:
 
 
 def bundle_folder(folder: Path) -> bytes:
-    """The canonical zip of a function's folder (what `wasminfer deploy function myfn/` sends)."""
+    """The canonical zip of a function's folder (what `wasminfer deploy function myfn/` sends),
+    without its `.onnx` files: models are deployed on their own and shared (a folder made by
+    `wasminfer new` keeps its model beside its code), a function reaches them only through `infer`."""
     kept = {}
     for p in sorted(folder.rglob("*")):
-        clean = _clean(p.relative_to(folder).as_posix()) if p.is_file() else None
+        clean = _clean(p.relative_to(folder).as_posix()) if p.is_file() and p.suffix != ".onnx" else None
         if clean is not None:
             kept[clean] = p.read_bytes()
     return _zip(kept)

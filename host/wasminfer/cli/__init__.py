@@ -12,12 +12,12 @@ examples `serve --examples` deploys (`examples`). Importing them registers their
 
 from __future__ import annotations
 
-from wasminfer.cli import examples, functions, jobs, keys, models, serve
+from wasminfer.cli import examples, functions, jobs, keys, models, new, serve
 from wasminfer.cli.common import app, err
 from wasminfer.errors import WasminferError
 from wasminfer.toolchain import BuildError
 
-__all__ = ["app", "examples", "functions", "jobs", "keys", "main", "models", "serve"]
+__all__ = ["app", "examples", "functions", "jobs", "keys", "main", "models", "new", "serve"]
 
 
 def main() -> None:

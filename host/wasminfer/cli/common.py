@@ -61,20 +61,46 @@ def client(url: str, key: str | None) -> Client:
 
 @contextmanager
 def spinner(title: str) -> Iterator[Callable[[str], None]]:
-    """A spinner on stderr; the yielded function prints a progress line above it."""
-    with err.status(title) as status:
+    """A spinner on stderr with the time elapsed, on a terminal only; the yielded function prints a
+    progress line above it and shows the step's phase beside the title."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(title, total=None)
 
         def progress(message: str) -> None:
-            status.update(f"{title}: {message}")
+            bar.update(task, description=f"{title}: {message.splitlines()[0]}")
             err.print(f"  {message}", style="dim", highlight=False)
 
         yield progress
 
 
-def build_with_progress(source: Path, out_path: Path | None = None) -> Path:
-    """Builds with a spinner. Raises `toolchain.BuildError`."""
+@contextmanager
+def waiting(title: str, phase: str) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr while one request runs (a terminal only: nothing else is printed); the
+    yielded function changes its `phase`."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(f"{title}: {phase}", total=None)
+        yield lambda now: bar.update(task, description=f"{title}: {now}")
+
+
+def size(n: int) -> str:
+    """`n` bytes in a few characters: `812 bytes`, `64.0 KiB`, `18.2 MiB`."""
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def build_with_progress(source: Path, out_path: Path | None = None, *, command: bool = False) -> Path:
+    """Builds with a spinner: a handler module, or a WASI command (`command`, C only); a Python
+    function's folder into a component. Raises `toolchain.BuildError`."""
     from wasminfer.toolchain import build
 
     # The first build on a machine also compiles zig's wasi-libc: about 30 s with nothing to show.
     with spinner(f"building {source.name} (the first build takes ~30 s)") as progress:
-        return build(source, out_path, progress=progress)
+        return build(source, out_path, progress=progress, exec_model="command" if command else "reactor")

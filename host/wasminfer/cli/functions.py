@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import time
@@ -14,8 +13,19 @@ import typer
 from rich.table import Table
 
 from wasminfer.cli import common
-from wasminfer.cli.common import DEFAULT_URL, Key, Url, app, build_with_progress, deploy_app, err, out, rm_app
-from wasminfer.cli.output import follow, options_short, tensor_spec, when
+from wasminfer.cli.common import (
+    DEFAULT_URL,
+    Key,
+    Url,
+    app,
+    build_with_progress,
+    deploy_app,
+    err,
+    out,
+    rm_app,
+    size,
+)
+from wasminfer.cli.output import follow, options_short, print_log_line, tensor_spec, when
 from wasminfer.errors import BadRequest
 from wasminfer.manifest import MANIFEST_KEYS
 
@@ -34,11 +44,19 @@ def python_runtime() -> None:
 
 @app.command()
 def build(
-    source: Annotated[Path, typer.Argument(help="A function folder (main.c, manifest.json) or a .c file.")],
+    source: Annotated[
+        Path, typer.Argument(help="A function folder (main.c or app.py) or one .c or .py file.")
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the .wasm.")],
+    command: Annotated[
+        bool, typer.Option("--command", help="C only: a WASI command (main() on stdin/stdout) instead of a "
+                                             "handler module.")
+    ] = False,
 ) -> None:
-    """Compile a C function to a wasm32-wasi handler module (zig cc from PyPI)."""
-    path = build_with_progress(source, output)
+    """Compile a function to WebAssembly: C to a wasm32-wasi handler module (zig cc from PyPI), or a
+    WASI command with --command; Python to a component (componentize-py, 10-30 s). Python functions
+    need no build to deploy: `deploy function` sends their source."""
+    path = build_with_progress(source, output, command=command)
     err.print(f"built {path} ({path.stat().st_size} bytes)")
 
 
@@ -48,10 +66,43 @@ _SET_HELP = (
 )
 
 
+def load_function(path: Path, manifest: Path | None = None, component: bool = False
+                  ) -> tuple[bytes, dict[str, Any], str]:
+    """What `deploy function PATH` sends: the function's bytes (a Python folder or .py as its source,
+    a C folder built: as a WASI command where its manifest says `"abi": "command"`, a .wasm as it
+    is), its manifest (`manifest`, else FOLDER/manifest.json, else empty) and its default name.
+    Raises `BadRequest` (no such path, a manifest that is not a JSON object), `BuildError`."""
+    from wasminfer import pysource
+
+    folder = path if path.is_dir() else None
+    if manifest is None and folder is not None and (folder / "manifest.json").is_file():
+        manifest = folder / "manifest.json"
+    data: Any = {}
+    if manifest is not None:
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"{manifest}: cannot read it as JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise BadRequest(f"{manifest}: expected a JSON object of manifest keys")
+    if folder is not None and (folder / "app.py").is_file() and not component:
+        wasm = pysource.bundle_folder(folder)
+    elif path.is_file() and path.suffix == ".py":
+        wasm = pysource.bundle(path.read_bytes(), pysource.PYTHON)
+    elif folder is not None:
+        wasm = build_with_progress(folder, command=data.get("abi") == "command").read_bytes()
+    elif path.is_file():
+        wasm = path.read_bytes()
+    else:
+        raise BadRequest(f"{path}: no such file or folder")
+    return wasm, data, folder.resolve().name if folder is not None else path.stem
+
+
 @deploy_app.command("function")
 def deploy_function(
     path: Annotated[
-        Path, typer.Argument(help="A function folder (built, its manifest.json read) or a .wasm.")
+        Path, typer.Argument(help="A function folder (C: built; Python: its source sent; manifest.json "
+                                  "read), a .py file or a .wasm.")
     ],
     name: Annotated[
         str | None, typer.Option(help="Function name (default: the folder or file name).")
@@ -72,26 +123,10 @@ def deploy_function(
 ) -> None:
     """Deploy a function: a new version that becomes current. A Python function (a folder with an
     app.py, or one .py file) is sent as its source, run by the server's Python runtime; --component
-    builds it into a componentize-py component instead (for functions that bring native code)."""
-    from wasminfer import pysource
-
-    if path.is_dir() and (path / "app.py").is_file() and not component:
-        wasm = pysource.bundle_folder(path)
-        manifest = manifest or (path / "manifest.json" if (path / "manifest.json").is_file() else None)
-        default_name = path.resolve().name
-    elif path.is_file() and path.suffix == ".py":
-        wasm = pysource.bundle(path.read_bytes(), pysource.PYTHON)
-        default_name = path.stem
-    elif path.is_dir():
-        wasm = build_with_progress(path).read_bytes()
-        manifest = manifest or (path / "manifest.json" if (path / "manifest.json").is_file() else None)
-        default_name = path.resolve().name
-    elif path.is_file():
-        wasm = path.read_bytes()
-        default_name = path.stem
-    else:
-        raise BadRequest(f"{path}: no such file or folder")
-    data: dict[str, Any] = json.loads(manifest.read_text()) if manifest else {}
+    builds it into a componentize-py component instead (for functions that bring native code). A C
+    folder is built first (a WASI command where its manifest says "abi": "command"); its .onnx files
+    are not sent (deploy models with `wasminfer deploy model`)."""
+    wasm, data, default_name = load_function(path, manifest, component)
     for flag, value in (
         ("models", models),
         ("memory_mb", memory_mb),
@@ -105,8 +140,10 @@ def deploy_function(
         if not sep:
             raise BadRequest(f"--set {item!r}: expected KEY=VALUE")
         data[k] = v
-    with common.client(url, key) as client:
-        view = client.put_function(name or default_name, wasm, data)
+    target = name or default_name
+    phase = f"sent {size(len(wasm))}; the server validates, compiles and prewarms it"
+    with common.client(url, key) as client, common.waiting(f"deploying {target}", phase):
+        view = client.put_function(target, wasm, data)
     what = "deployed" if view.get("created") else "unchanged,"
     err.print(
         f"{view['name']}: {what} version {view['version']} ({view['abi']} ABI, sha256 {view['sha256'][:12]}, "
@@ -115,7 +152,7 @@ def deploy_function(
     )
 
 
-_CONTENT_TYPES = {
+CONTENT_TYPES = {
     ".json": "application/json",
     ".ppm": "image/x-portable-pixmap",
     ".txt": "text/plain",
@@ -141,7 +178,9 @@ def invoke(
     url: Url = DEFAULT_URL,
     key: Key = None,
 ) -> None:
-    """Invoke a function: the body from --data or stdin; the output to stdout."""
+    """Invoke a function on the server: the body from --data or stdin, the content type from -t or the
+    file's suffix; the response body to stdout (a newline added on a terminal). --async runs it as a
+    durable job. To run a function folder without a server: `wasminfer test`."""
     if data is not None and str(data) != "-":
         body = data.read_bytes()
     elif data is not None or not sys.stdin.isatty():
@@ -150,7 +189,7 @@ def invoke(
         body = b""
     ctype = (
         content_type
-        or (_CONTENT_TYPES.get(data.suffix.lower()) if data else None)
+        or (CONTENT_TYPES.get(data.suffix.lower()) if data else None)
         or "application/octet-stream"
     )
     with common.client(url, key) as client:
@@ -164,11 +203,19 @@ def invoke(
             result = client.job_result(job["id"])
         else:
             result = client.invoke(name, body, ctype)
-    sys.stdout.buffer.write(result.body)
-    sys.stdout.buffer.flush()
+    write_output(result.body)
     if timing:
         parts = ", ".join(f"{k} {v:.3f} ms" for k, v in result.server_timing.items())
         err.print(f"\n[{result.invocation_id}] {result.content_type}: {parts}", highlight=False)
+
+
+def write_output(body: bytes) -> None:
+    """Writes a response body to stdout as it is, and on a terminal ends it with a newline where it
+    has none (the shell's prompt would follow it on its last line); a pipe or file gets the bytes."""
+    sys.stdout.buffer.write(body)
+    if sys.stdout.isatty() and body and not body.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.buffer.flush()
 
 
 @app.command("ls")
@@ -247,14 +294,7 @@ def logs(
         try:
             while True:
                 for line in client.logs(name, n, since):
-                    when = datetime.datetime.fromtimestamp(line["ts"]).strftime("%H:%M:%S.%f")[:-3]
-                    inv = f" [{line['invocation']}]" if line.get("invocation") else ""
-                    out.print(  # one line per log line, whatever the terminal's width (grep, tail)
-                        f"{when} {line['stream']:<6} {line['level']:<5}{inv} {line['message']}",
-                        highlight=False,
-                        markup=False,
-                        soft_wrap=True,
-                    )
+                    print_log_line(line, out)
                     since = line["ts"]
                 if not follow:
                     return

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from wasminfer.cli import common
-from wasminfer.cli.common import DEFAULT_URL, Key, Url, deploy_app, err, rm_app, set_app
+from wasminfer.cli.common import DEFAULT_URL, Key, Url, deploy_app, err, rm_app, set_app, size
 from wasminfer.cli.output import print_model
 from wasminfer.model_options import MODEL_OPTION_PARAMS
 
@@ -32,7 +32,7 @@ MaxConcurrentRuns = Annotated[int | None, _option("max_concurrent_runs")]
 @deploy_app.command("model")
 def deploy_model(
     name: Annotated[str, typer.Argument(help="The name functions call it by.")],
-    file: Annotated[Path, typer.Argument(help="The .onnx file.")],
+    file: Annotated[Path, typer.Argument(help="The .onnx file.", exists=True, dir_okay=False)],
     max_batch_size: MaxBatchSize = None,
     max_queue_delay_us: MaxQueueDelayUs = None,
     max_concurrent_batches: MaxConcurrentBatches = None,
@@ -43,10 +43,12 @@ def deploy_model(
     key: Key = None,
 ) -> None:
     """Deploy an ONNX model (validated by loading it), with its load options."""
-    with common.client(url, key) as client:
+    data = file.read_bytes()
+    phase = f"sent {size(len(data))}; the server loads it into ONNX Runtime"
+    with common.client(url, key) as client, common.waiting(f"deploying model {name}", phase):
         view = client.put_model(
             name,
-            file,
+            data,
             max_batch_size=max_batch_size,
             max_queue_delay_us=max_queue_delay_us,
             max_concurrent_batches=max_concurrent_batches,
@@ -84,7 +86,7 @@ def set_model(
     }
     if not changes:
         raise typer.BadParameter("give at least one option to change, e.g. --max-batch-size 32")
-    with common.client(url, key) as client:
+    with common.client(url, key) as client, common.waiting(f"updating model {name}", "the server reloads it"):
         view = client.patch_model(name, **changes)
     print_model(view, "updated")
 

@@ -3,11 +3,13 @@ jobs with their progress (a bar on stderr) and results."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.console import Console
 from rich.table import Table
 
 from wasminfer.cli.common import err, out
@@ -15,6 +17,15 @@ from wasminfer.cli.common import err, out
 if TYPE_CHECKING:
     from wasminfer.client import Client
 
+
+
+def print_log_line(line: dict[str, Any], console: Console) -> None:
+    """One log line (`LogLine.to_dict`) as `12:01:02.345 stderr warn  [1a] message`: one line
+    whatever the terminal's width (grep, tail)."""
+    when = datetime.datetime.fromtimestamp(line["ts"]).strftime("%H:%M:%S.%f")[:-3]
+    inv = f" [{line['invocation']}]" if line.get("invocation") else ""
+    console.print(f"{when} {line['stream']:<6} {line['level']:<5}{inv} {line['message']}",
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 def print_model(view: dict[str, Any], done: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, Iterable
 
 from starlette.requests import ClientDisconnect, Request
 
+from wasminfer import sniff
 from wasminfer.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from wasminfer.gateway.state import app_state
 
@@ -93,3 +94,34 @@ def require_media_type(request: Request, accepted: Iterable[str], what: str) -> 
             f"the {what} must be sent as {' or '.join(accepted)}, not {got or 'no Content-Type'}"
         )
     return got
+
+
+#: What a client sends that did not say what the body is: curl's `-T` sends no Content-Type, its
+#: `--data-binary` its form default. Uploads with these are named by their bytes (`sniff`).
+UNDECLARED = ("", "application/x-www-form-urlencoded")
+
+
+def declared_media_type(request: Request, accepted: Iterable[str], what: str) -> str | None:
+    """The request's media type if it is one of `accepted`, None if the client did not say
+    (`UNDECLARED`: then `sniffed_media_type` names the body once read). Raises
+    `UnsupportedMediaType` for any other."""
+    if media_type(request) in UNDECLARED:
+        return None
+    return require_media_type(request, accepted, what)
+
+
+def sniffed_media_type(data: bytes, accepted: Iterable[str], what: str, hint: str) -> str:
+    """The media type of an upload sent without one (`declared_media_type` said None), named by its
+    bytes (`sniff.media_type`) when it is one of `accepted`. Raises `UnsupportedMediaType` whose
+    message ends with `hint` (which header to send) when the bytes are something else or nothing
+    certain."""
+    kind = sniff.media_type(data)
+    if kind is not None and kind in tuple(accepted):
+        return kind
+    looks = f"look like {sniff.describe(kind)}, which this route does not take" if kind else (
+        "do not say for certain what it is"
+    )
+    raise UnsupportedMediaType(
+        f"the {what} came without a Content-Type (or as application/x-www-form-urlencoded, curl's "
+        f"default for --data-binary) and its bytes {looks}; {hint}"
+    )

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from wasminfer import errors, pysource
 from wasminfer.errors import BadRequest, FunctionNotFound, InvalidManifest, WasminferError
 from wasminfer.gateway import routes_jobs as jobs
-from wasminfer.gateway.bodies import limited_stream, read_body, require_media_type
+from wasminfer.gateway.bodies import declared_media_type, limited_stream, read_body, sniffed_media_type
 from wasminfer.gateway.routing import BINARY, Body, Params, QueryGroup, Reply, operation
 from wasminfer.gateway.state import app_state, principal, run_admin
 from wasminfer.manifest import MANIFEST_KEYS, Manifest
@@ -34,6 +34,10 @@ MANIFEST_LIMITS = Limits(max_bytes=MAX_MANIFEST_PART_BYTES, max_depth=4, max_val
 MANIFEST_QUERY = QueryGroup(
     "manifest", MANIFEST_KEYS, Manifest.from_query, repeatable=frozenset({"models", "env", "args"})
 )
+_SEND_FUNCTION_AS = (
+    "send it with -H 'Content-Type: application/wasm' (a module or component), 'text/x-python' (one .py) "
+    "or 'application/zip' (a Python function's folder)"
+)
 _VERSION_CREATED = Reply(201, "A new version was created", "FunctionVersion")
 _VERSION_SAME = Reply(200, "Identical to the current version: nothing changed", "FunctionVersion")
 
@@ -50,7 +54,9 @@ _VERSION_SAME = Reply(200, "Identical to the current version: nothing changed", 
     "`text/x-python`, or a zip or tar of its folder) with the manifest as query parameters, or "
     "`multipart/form-data` with a file part `wasm` and a JSON part `manifest`. The module is "
     "validated, compiled and prewarmed before it is stored, so the first invocation is warm. 404 "
-    "when the manifest names a model that does not exist.",
+    "when the manifest names a model that does not exist. A body sent without a Content-Type (or as "
+    "curl's default application/x-www-form-urlencoded) is taken when its bytes say which of these it is "
+    "(a Python source by its import of wasminfer_guest); 415 otherwise.",
     group=MANIFEST_QUERY,
     body=Body({
         WASM: BINARY,
@@ -67,9 +73,12 @@ _VERSION_SAME = Reply(200, "Identical to the current version: nothing changed", 
 async def put_function(request: Request, params: Params) -> Response:
     st, who = app_state(request), principal(request)
     name = request.path_params["name"]
-    kind = require_media_type(request, (WASM, MULTIPART, *pysource.MEDIA_TYPES), "function upload")
+    kind = declared_media_type(request, (WASM, MULTIPART, *pysource.MEDIA_TYPES), "function upload")
     if kind != MULTIPART:
         wasm = await read_body(request, st.settings.max_wasm_bytes, "wasm module")
+        if kind is None:  # curl's defaults: the bytes say what they are, or the 415 says what to send
+            kind = sniffed_media_type(wasm, (WASM, *pysource.MEDIA_TYPES), "function upload",
+                                      _SEND_FUNCTION_AS)
         if kind in pysource.MEDIA_TYPES:  # a Python function's files (runtime/python.py)
             wasm = pysource.bundle(wasm, kind)
         manifest: Manifest = params["manifest"]

@@ -8,9 +8,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from wasminfer import errors
+from wasminfer import errors, sniff
 from wasminfer.errors import BadRequest, ModelNotFound
-from wasminfer.gateway.bodies import read_body, require_media_type
+from wasminfer.gateway.bodies import declared_media_type, read_body, require_media_type, sniffed_media_type
 from wasminfer.gateway.routing import BINARY, Body, Params, QueryGroup, Reply, operation
 from wasminfer.gateway.state import app_state, principal, run_admin
 from wasminfer.model_options import MODEL_OPTION_PARAMS, parse_model_options
@@ -27,6 +27,7 @@ OPTIONS_QUERY = QueryGroup(
     MODEL_OPTION_PARAMS,
     lambda query: parse_model_options({k: v[-1] for k, v in query.items()}, strings=True),
 )
+_SEND_MODEL_AS = "send it with -H 'Content-Type: application/octet-stream'"
 _LOAD_ERRORS = (
     errors.InvalidModel, errors.InvalidName, errors.TooManyRequests, errors.MemoryQuotaExceeded,
     errors.HostMemoryExhausted,
@@ -41,7 +42,8 @@ _LOAD_ERRORS = (
     description="Validated by loading it into ONNX Runtime; a model whose tensors live in external files "
     "is refused. Functions using the name switch to the new version at once. Load options are query "
     "parameters; an upload states them all (missing ones take their defaults): change them alone with "
-    "PATCH.",
+    "PATCH. A body sent without a Content-Type (or as curl's default application/x-www-form-urlencoded) "
+    "is taken when its bytes are an ONNX model's (415 otherwise).",
     group=OPTIONS_QUERY,
     body=Body({MODEL_MEDIA_TYPES[0]: BINARY}),
     example="curl -X PUT {base}/v1/models/NAME -H 'content-type: application/octet-stream' "
@@ -50,9 +52,11 @@ _LOAD_ERRORS = (
 async def put_model(request: Request, params: Params) -> Response:
     """The body is the ONNX file; load options are query parameters (`model_options`)."""
     st, who = app_state(request), principal(request)
-    require_media_type(request, MODEL_MEDIA_TYPES, "model")
+    declared = declared_media_type(request, MODEL_MEDIA_TYPES, "model")
     options = params["options"]
     data = await read_body(request, st.settings.max_model_bytes, "model")
+    if declared is None:
+        sniffed_media_type(data, (sniff.ONNX,), "model", _SEND_MODEL_AS)
     view = await run_admin(
         request, st.platform.put_model, request.path_params["name"], data, options=options, tenant=who.tenant
     )

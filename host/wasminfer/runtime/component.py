@@ -48,6 +48,7 @@ from wasminfer.runtime._component_values import U16, U64, Bytes, Enum, List, Rec
 from wasminfer.runtime._engine import CallState, Engine
 from wasminfer.runtime._traps import WasmLinkError, WasmTrap
 from wasminfer.runtime.handler import DEFAULT_CONTENT_TYPE, MAX_MESSAGE, InvocationState
+from wasminfer.runtime.logs import where_raised
 
 NAME = "component"
 # The binary version of a component (a core module's is 01 00 00 00).
@@ -312,24 +313,7 @@ def invoke(inst: ComponentInstance, body: bytes, content_type: str, state: Invoc
         status, message = payload
         message = message or f"function {state.function!r} rejected the request"
         raise GuestRejected(status, message) if 400 <= status <= 499 else GuestError(message)
-    raise GuestError((payload[0] or f"function {state.function!r} failed") + _where(payload[1]))
-
-
-_FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (.+)$')
-
-
-def _where(traceback: str) -> str:
-    """Where an uncaught exception was raised, from its traceback's last frame:
-    `" (app.py, line 12, in handle: raise ValueError(arg))"`, or "" without a frame."""
-    lines = traceback.splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        frame = _FRAME.match(lines[i])
-        if frame is not None:
-            path, line, func = frame.groups()
-            source = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
-            code = f": {source[:200]}" if source and not source.startswith(("Traceback", "~", "^")) else ""
-            return f" ({path.rsplit('/', 1)[-1]}, line {line}, in {func}{code})"
-    return ""
+    raise GuestError((payload[0] or f"function {state.function!r} failed") + where_raised(payload[1]))
 
 
 # What CPython and Rust print to stderr when an allocation fails where Python cannot raise (say, while

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
@@ -95,6 +96,24 @@ class Tail:
         "" when the guest wrote nothing."""
         text = self.data.decode("utf-8", "replace").strip()
         return f"; stderr: {'…' if len(self.data) == STDERR_TAIL else ''}{text}" if text else ""
+
+
+_FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (.+)$')
+
+
+def where_raised(traceback: str) -> str:
+    """Where an uncaught Python exception was raised, from its traceback's last frame:
+    `" (app.py, line 12, in handle: raise ValueError(arg))"`, or "" without a frame. Components and
+    the Python runtime both end their error's message with it."""
+    lines = traceback.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        frame = _FRAME.match(lines[i])
+        if frame is not None:
+            path, line, func = frame.groups()
+            source = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
+            code = f": {source[:200]}" if source and not source.startswith(("Traceback", "~", "^")) else ""
+            return f" ({path.rsplit('/', 1)[-1]}, line {line}, in {func}{code})"
+    return ""
 
 
 class StreamSplitter:

@@ -74,7 +74,7 @@ from wasminfer.runtime._wasm import (
     WasmInstance,
 )
 from wasminfer.runtime.handler import DEFAULT_CONTENT_TYPE, MAX_MESSAGE, InvocationState
-from wasminfer.runtime.logs import LEVELS
+from wasminfer.runtime.logs import LEVELS, where_raised
 
 NAME = "python"
 #: A zip's first bytes: how `Host.inspect` tells a Python function from a Wasm binary.
@@ -597,8 +597,10 @@ def instantiate(compiled: PythonFunction, manifest: Manifest, state: CallState,
     try:
         status = _call(compiled.runtime, inst, "load", state, manifest.timeout_ms)
         if ex.failure is not None or status != 0:
-            message = (ex.failure or {}).get("message", f"status {status}")
-            raise GuestError(f"the function failed to load: {message}")
+            failure = ex.failure or {}
+            message = str(failure.get("message", f"status {status}"))
+            where = where_raised(str(failure.get("traceback", "")))
+            raise GuestError(f"the function failed to load: {message}{where}")
     except BaseException:
         inst.close()
         raise
@@ -639,7 +641,8 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
         if kind == "memory":
             state.discard = True
             raise MemoryLimitExceeded.exceeded(state.function, f"failed: {message}", m.memory_mb)
-        raise GuestError(message or f"function {state.function!r} failed")
+        raise GuestError((message or f"function {state.function!r} failed")
+                         + where_raised(str(f.get("traceback", ""))))
     if status != 0 or state.output is None:
         state.discard = True
         raise GuestError(f"function {state.function!r}: the runtime failed (status {status})")
