@@ -11,11 +11,14 @@ import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Mount
 
 from wasminfer.gateway import routes_functions as functions
 from wasminfer.gateway import routes_jobs as jobs
 from wasminfer.gateway import routes_models as models
 from wasminfer.gateway import routes_system as system
+from wasminfer.gateway import routes_ui as ui
+from wasminfer.gateway.assets import Assets, static_files
 from wasminfer.gateway.auth import ADMIN, INVOKE, PUBLIC, READ
 from wasminfer.gateway.errors import EXCEPTION_HANDLERS
 from wasminfer.gateway.metrics import JobsCollector, Metrics
@@ -62,7 +65,7 @@ def create_app(
     )
     state.metrics.register(JobsCollector(state.jobs))
 
-    routes = [
+    routes: list[BaseRoute] = [
         route("GET", "/v1/functions", READ, functions.list_functions),
         route("PUT", "/v1/functions/{name}", ADMIN, functions.put_function),
         route("GET", "/v1/functions/{name}", READ, functions.get_function),
@@ -86,8 +89,13 @@ def create_app(
         route("GET", "/readyz", PUBLIC, system.readyz),
         route("GET", "/metrics", READ, system.metrics),
         route("GET", "/v1/scaling", READ, system.scaling),
+        route("GET", "/v1/stats", READ, ui.stats),
+        route("GET", "/v1/whoami", READ, ui.whoami),
         route("GET", "/openapi.json", PUBLIC, system.openapi),
+        # Pages for people: they hold no data, and read the API with the key the person gives.
         route("GET", "/docs", PUBLIC, system.docs),
+        route("GET", "/ui", PUBLIC, ui.console),
+        Mount("/static", Assets(static_files())),  # their scripts and styles, from installed packages
     ]
     # No middleware: auth is per route (above) and body limits per handler, so an invocation pays for
     # nothing it does not use. Starlette adds its own two around this: ServerErrorMiddleware (the 500

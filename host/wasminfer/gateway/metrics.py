@@ -136,6 +136,46 @@ class Metrics:
         if cold:
             self.cold_starts.labels(tenant, function).inc()
 
+    def function_stats(self, tenant: str) -> dict[str, dict[str, Any]]:
+        """`tenant`'s functions as this gateway counted them since it started, by name: invocations
+        by outcome, cold starts, and the end-to-end latency histogram (cumulative `[upper bound in
+        seconds, count]` pairs ending with `"+Inf"`, as `BatchingStats` gives its own; its sum and
+        count). Read from the same series `/metrics` renders."""
+        found: dict[str, dict[str, Any]] = {}
+
+        def entry(labels: dict[str, str]) -> dict[str, Any] | None:
+            if labels.get("tenant") != tenant:
+                return None
+            histogram = {"buckets": [], "sum": 0.0, "count": 0}
+            return found.setdefault(
+                labels["function"], {"invocations": {}, "cold_starts": 0, "latency_seconds": histogram}
+            )
+
+        for family in self.invocations.collect():
+            for sample in family.samples:
+                e = entry(sample.labels)
+                if e is not None and sample.name.endswith("_total"):
+                    e["invocations"][sample.labels["outcome"]] = int(sample.value)
+        for family in self.cold_starts.collect():
+            for sample in family.samples:
+                e = entry(sample.labels)
+                if e is not None and sample.name.endswith("_total"):
+                    e["cold_starts"] = int(sample.value)
+        for family in self.latency.collect():
+            for sample in family.samples:
+                e = entry(sample.labels)
+                if e is None:
+                    continue
+                latency = e["latency_seconds"]
+                if sample.name.endswith("_bucket"):
+                    le = sample.labels["le"]
+                    latency["buckets"].append([le if le == "+Inf" else float(le), int(sample.value)])
+                elif sample.name.endswith("_sum"):
+                    latency["sum"] = sample.value
+                elif sample.name.endswith("_count"):
+                    latency["count"] = int(sample.value)
+        return found
+
     def register(self, collector: TenantCollector) -> None:
         self._collectors.append(collector)
 

@@ -1,17 +1,18 @@
-"""The HTTP API's OpenAPI 3.1 document (`/openapi.json`) and a small human page made from it (`/docs`),
+"""The HTTP API's OpenAPI 3.1 document (`/openapi.json`, which `/docs` renders with Swagger UI),
 derived, never written by hand: the paths, scopes, parameters, bodies and replies from the app's
 routes (`routing.ApiRoute`: each handler's declaration and where `create_app` put it), the statuses
 and codes of errors from the error classes (`errors.ERRORS`), the manifest and model options from
 their one description (`manifest.MANIFEST_KEYS`, `model_options.MODEL_OPTION_PARAMS`), and the shapes
-of what the API answers from `gateway.schemas`.
+of what the API answers from `gateway.schemas`. Descriptions are Markdown; operations are tagged
+by the module of their handler (`routes_models` -> `models`), whose docstring describes the tag.
 """
 
 from __future__ import annotations
 
 import copy
-import html
 import json
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -81,10 +82,13 @@ def route_errors(route: ApiRoute) -> list[type[WasminferError]]:
 def openapi_document(routes: Iterable[BaseRoute]) -> dict[str, Any]:
     """The OpenAPI document of the `ApiRoute`s among `routes` (an app's)."""
     paths: dict[str, dict[str, Any]] = {}
+    tags: dict[str, str] = {}
     for route in routes:
         if isinstance(route, ApiRoute):
+            tag, about = _tag(route)
+            tags.setdefault(tag, about)
             for method in sorted((route.methods or set()) - {"HEAD"}):
-                paths.setdefault(route.path, {})[method.lower()] = _operation(route)
+                paths.setdefault(route.path, {})[method.lower()] = {**_operation(route), "tags": [tag]}
     schemas = {
         "Error": _error_schema(),
         "Manifest": _object_schema(MANIFEST_KEYS),
@@ -96,10 +100,10 @@ def openapi_document(routes: Iterable[BaseRoute]) -> dict[str, Any]:
         "info": {
             "title": "wasminfer",
             "version": __version__,
-            "description": "Serverless ML inference on WebAssembly: upload small Wasm functions and ONNX "
-            "models, invoke the functions over HTTP.",
+            "description": _overview(),
         },
         "security": [{"bearer": []}],
+        "tags": [{"name": name, "description": about} for name, about in tags.items()],
         "paths": paths,
         "components": {
             "schemas": schemas,
@@ -117,7 +121,7 @@ def openapi_document(routes: Iterable[BaseRoute]) -> dict[str, Any]:
 
 def _operation(route: ApiRoute) -> dict[str, Any]:
     op = route.operation
-    doc: dict[str, Any] = {"summary": op.summary}
+    doc: dict[str, Any] = {"operationId": op.handler.__name__, "summary": op.summary}
     description = op.description
     if route.required_scope is None:
         doc["security"] = []
@@ -150,6 +154,32 @@ def _operation(route: ApiRoute) -> dict[str, Any]:
     if op.example:
         doc["x-example"] = op.example
     return doc
+
+
+def _tag(route: ApiRoute) -> tuple[str, str]:
+    """The tag of `route` (its handler's module, less `routes_`) and its description (the first
+    paragraph of that module's docstring)."""
+    module = route.operation.handler.__module__
+    about = (sys.modules[module].__doc__ or "").strip().split("\n\n")[0]
+    return module.rsplit(".", 1)[-1].removeprefix("routes_"), " ".join(about.split())
+
+
+def _overview() -> str:
+    """The API's description: what it is, how to authenticate, every error it answers with by status."""
+    rows = [
+        f"| {cls.status} | `{cls.code}` | {_meaning(cls).replace('|', '&#124;')} |"
+        for cls in sorted(ERRORS.values(), key=lambda c: (c.status, c.code))
+        if cls.code not in NOT_ANSWERED
+    ]
+    errors = "\n".join(["| status | code | meaning |", "|---|---|---|", *rows])
+    example = json.dumps({"error": {"code": "function_not_found", "message": "function 'x' does not exist"}})
+    return (
+        "Serverless ML inference on WebAssembly: upload small Wasm functions and ONNX models, invoke the "
+        "functions over HTTP. A web console is at [/ui](/ui).\n\n"
+        "**Authentication**: `Authorization: Bearer KEY` (the *Authorize* button here). Scopes: `admin` "
+        "(everything), `invoke`, `read`; a key sees only its tenant's functions, models and jobs.\n\n"
+        f"**Errors** are JSON, e.g. `{example}`, with these statuses and codes:\n\n{errors}"
+    )
 
 
 def _path_param(name: str, path: str) -> dict[str, Any]:
@@ -198,9 +228,14 @@ def _errors_reply(classes: list[type[WasminferError]]) -> dict[str, Any]:
 
 
 def _describe(cls: type[WasminferError]) -> str:
-    own = cls.__doc__ if "__doc__" in vars(cls) and cls.__doc__ else ""
-    first = " ".join(own.strip().split("\n\n")[0].split())
+    first = _meaning(cls)
     return f"`{cls.code}`" + (f": {first}" if first else "")
+
+
+def _meaning(cls: type[WasminferError]) -> str:
+    """The first paragraph of the class' own docstring, on one line ("" without one)."""
+    own = cls.__doc__ if "__doc__" in vars(cls) and cls.__doc__ else ""
+    return " ".join(own.strip().split("\n\n")[0].split())
 
 
 def _error_schema() -> dict[str, Any]:
@@ -227,43 +262,3 @@ def _object_schema(params: Mapping[str, Param]) -> dict[str, Any]:
         "additionalProperties": False,
         "properties": {name: param.schema() for name, param in params.items()},
     }
-
-
-def docs_page(doc: Mapping[str, Any], base_url: str) -> str:
-    """`doc` (`openapi_document`) as one HTML page, its examples aimed at `base_url`."""
-    rows = []
-    for path, ops in doc["paths"].items():
-        for method, op in ops.items():
-            statuses = ", ".join(op["responses"])
-            scope = op.get("x-scope", "none")
-            curl = op.get("x-example", "").replace("{base}", base_url)
-            rows.append(
-                f"<section><h3><code>{method.upper()} {html.escape(path)}</code></h3>"
-                f"<p>{html.escape(op['summary'])}. Scope: <code>{scope}</code>. Statuses: {statuses}.</p>"
-                + (f"<p>{html.escape(op['description'])}</p>" if op.get("description") else "")
-                + (f"<pre>{html.escape(curl)}</pre>" if curl else "")
-                + "</section>"
-            )
-    by_status: dict[int, list[type[WasminferError]]] = {}
-    for cls in ERRORS.values():
-        if cls.code not in NOT_ANSWERED:
-            by_status.setdefault(cls.status, []).append(cls)
-    errors = "".join(
-        f"<li><b>{status}</b> {html.escape('; '.join(_describe(c) for c in classes))}</li>"
-        for status, classes in sorted(by_status.items())
-    )
-    example = html.escape(
-        json.dumps({"error": {"code": "function_not_found", "message": "function 'x' does not exist"}})
-    )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>wasminfer API</title>"
-        "<style>body{font:15px/1.45 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-        "code,pre{background:#f4f4f4;padding:.1em .3em}pre{padding:.6em;overflow-x:auto}</style></head><body>"
-        f"<h1>wasminfer API {html.escape(doc['info']['version'])}</h1>"
-        f"<p>{html.escape(doc['info']['description'])} Machine-readable: <a href='/openapi.json'>"
-        "/openapi.json</a> (OpenAPI 3.1).</p>"
-        "<p>Authentication: <code>Authorization: Bearer KEY</code>. Scopes: <code>admin</code> (everything), "
-        "<code>invoke</code>, <code>read</code>.</p>"
-        f"<h2>Errors</h2><p>Every error is JSON, e.g. <code>{example}</code>:</p><ul>{errors}</ul>"
-        f"<h2>Routes</h2>{''.join(rows)}</body></html>"
-    )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from wasminfer.errors import Unavailable
+from wasminfer.gateway.assets import page
 from wasminfer.gateway.errors import error_body
-from wasminfer.gateway.openapi import docs_page, openapi_document
+from wasminfer.gateway.openapi import openapi_document
 from wasminfer.gateway.routing import Params, Reply, operation
 from wasminfer.gateway.state import app_state, principal
 from wasminfer.service import DEFAULT_TENANT
@@ -67,9 +68,14 @@ async def openapi(request: Request, params: Params) -> Response:
     return JSONResponse(_document(request))
 
 
-@operation("Human-readable API documentation", Reply(200, "HTML", media="text/html"))
+@operation(
+    "Interactive API documentation (Swagger UI over /openapi.json)",
+    Reply(200, "HTML", media="text/html"),
+    description="Every file of the page comes from this server (`/static/`); *Authorize* takes an API key "
+    "for the requests sent from the page.",
+)
 async def docs(request: Request, params: Params) -> Response:
-    return HTMLResponse(docs_page(_document(request), str(request.base_url).rstrip("/")))
+    return page("docs.html")
 
 
 def _document(request: Request) -> dict[str, object]:

@@ -166,6 +166,51 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}},
     },
+    "Stats": {
+        "type": "object",
+        "properties": {
+            "at": {"type": "number", "description": "the server's Unix time of this read"},
+            "functions": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {
+                        "invocations": {
+                            "type": "object",
+                            "description": "by outcome: `ok` or the error code",
+                            "additionalProperties": {"type": "integer"},
+                        },
+                        "cold_starts": {"type": "integer"},
+                        "latency_seconds": {
+                            "type": "object",
+                            "properties": {
+                                "buckets": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "array",
+                                        "prefixItems": [
+                                            {"type": ["number", "string"]},
+                                            {"type": "integer"},
+                                        ],
+                                    },
+                                },
+                                "sum": {"type": "number"},
+                                "count": {"type": "integer"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "Whoami": {
+        "type": "object",
+        "properties": {
+            "tenant": {"type": "string"},
+            "scopes": {"type": "array", "items": {"enum": ["admin", "invoke", "read"]}},
+            "open_access": {"type": "boolean"},
+        },
+    },
     "LogLines": {
         "type": "object",
         "properties": {
