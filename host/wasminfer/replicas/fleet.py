@@ -41,6 +41,7 @@ from wasminfer.errors import MemoryQuotaExceeded, NotDelivered, TooManyRequests,
 from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import Replica, ReplicaBackend, WarmSpec
 from wasminfer.replicas.fairness import FairLimiter
+from wasminfer.replicas.inline import InlinePolicy
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.runtime import InvokeResult
@@ -112,10 +113,12 @@ class Fleet:
         limiter: FairLimiter | None = None,
         threads: int = 64,
         clock: Clock = MONOTONIC,
+        inline: InlinePolicy | None = None,
     ) -> None:
         """`backend` makes the replicas beyond the gateway's own process (default: `LocalBackend`,
         or `RayBackend` for `config.backend` "ray", when `config.max_replicas` allows any);
-        `limiter` bounds the gateway's own worker threads."""
+        `limiter` bounds the gateway's own worker threads; `inline` says which of the gateway's own
+        invocations run on its event loop (default: none)."""
         self.platform = platform
         self.config = config = config or ScalingConfig()
         self.decisions = DecisionLog()
@@ -151,6 +154,7 @@ class Fleet:
                 limiter or FairLimiter(threads),
                 self.instances,
                 host_max_queue=config.host_max_queue,
+                inline=inline,
             )
             self._serve(self._primary.replica())
 
