@@ -148,13 +148,14 @@ class Fleet:
         self._closed = False
         self.last_load = ReplicaLoad(0)
         self.rejected: collections.Counter[str] = collections.Counter()  # 429s by reason
+        self.inline = inline or InlinePolicy("never")
         if config.primary_replica:  # serves from the start, even before `start()` (no I/O to make)
             self._primary = InProcessBackend(
                 platform,
                 limiter or FairLimiter(threads),
                 self.instances,
                 host_max_queue=config.host_max_queue,
-                inline=inline,
+                inline=self.inline,
             )
             self._serve(self._primary.replica())
 
@@ -457,6 +458,7 @@ class Fleet:
                 "requests": load.requests,
             },
             "rejected": dict(self.rejected),
+            "inline": self.inline.stats(tenant),
             "decisions": sorted(
                 (d for d in decisions if d["scope"] == "replicas" or mine(d["subject"])),
                 key=lambda d: d["at"],

@@ -13,15 +13,18 @@ Decided per function, adaptively, from what its invocations cost:
   call waiting `max_queue_delay_us` for others to join its batch would wait for requests the
   blocked loop cannot read; and no bound on concurrent runs, whose queue it could wait in), and its
   pool has an instance free now (an inline call never waits for one);
-- **short**: after `MIN_SAMPLES` invocations, the moving average of their cost is at most
-  `max_us` — the CPU time of the worker thread that ran it (its wall time would count every other
-  thread's turn at the GIL), or the wall time of an inline run (what the loop was held);
-- **not recently slow**: an invocation over `SLOW_FACTOR` × `max_us` sends the function to threads
-  for a cooldown (1 s, doubling on each slow run that follows within `RESET_S`, up to `MAX_COOLDOWN_S`):
-  a function that turns slow (an input that makes it loop, a guest that sleeps) holds the loop for
-  one invocation, never for a stream of them.
+- **short**: after `MIN_SAMPLES` invocations, the moving average of their CPU time is at most
+  `max_us` (the CPU time of the thread that ran each: its wall time would count every other
+  thread's turn at the GIL, and the scheduler's on a loaded machine);
+- **not recently slow**: a function goes to threads for a cooldown (1 s, doubling for each slow
+  spell that follows within `RESET_S`, up to `MAX_COOLDOWN_S`) when an invocation computes for
+  more than `SLOW_FACTOR` × `max_us`, or when the moving average of its inline runs' wall time
+  (what they held the loop) passes that: a guest that sleeps in a host call computes little but
+  holds the loop all the same, while one run slowed by the scheduler moves the average by a fifth.
+  A function that turns slow (an input that makes it loop, a guest that sleeps) holds the loop for
+  one invocation or a few, never for a stream of them.
 
-The worst case is that one invocation: a function that was short and is not any more holds the loop
+The worst case is those invocations: a function that was short and is not any more holds the loop
 until it returns or reaches its own `timeout_ms`. Mode "never" (`max_us` 0) keeps every invocation
 on threads; "always" runs every eligible invocation inline (tests, and the benchmark's comparison).
 
@@ -54,6 +57,7 @@ class _Learned:
     cooldown_until: float = 0.0
     cooldown_s: float = 0.0
     slow_at: float = -1e18
+    wall_us: float = 0.0  # moving average of the inline runs' wall time since the last cooldown
 
 
 class InlinePolicy:
@@ -90,8 +94,11 @@ class InlinePolicy:
                 return False
         return eligible(fn)
 
-    def observe(self, key: tuple[str, str], fn: Any, cost_us: float) -> None:
-        """Learns the cost of one invocation of `fn` (see the module doc for which cost)."""
+    def observe(
+        self, key: tuple[str, str], fn: Any, cpu_us: float, inline_wall_us: float | None = None
+    ) -> None:
+        """Learns the cost of one invocation of `fn`: the CPU time of the thread that ran it, and
+        for an inline run its wall time (see the module doc)."""
         if self.mode != "auto":
             return
         learned = self._learned.get(key)
@@ -100,11 +107,16 @@ class InlinePolicy:
             if len(self._learned) > 2 * self._swept:
                 self._sweep()
         if learned.samples:
-            learned.mean_us += (cost_us - learned.mean_us) * WEIGHT
+            learned.mean_us += (cpu_us - learned.mean_us) * WEIGHT
         else:
-            learned.mean_us = cost_us
+            learned.mean_us = cpu_us
         learned.samples += 1
-        if cost_us > self.max_us * SLOW_FACTOR:
+        bound = self.max_us * SLOW_FACTOR
+        slow = cpu_us > bound
+        if inline_wall_us is not None:
+            learned.wall_us += (inline_wall_us - learned.wall_us) * WEIGHT
+            slow = slow or learned.wall_us > bound
+        if slow:
             now = self._clock()
             if now - learned.slow_at > RESET_S:
                 learned.cooldown_s = FIRST_COOLDOWN_S
@@ -112,6 +124,7 @@ class InlinePolicy:
                 learned.cooldown_s = min(MAX_COOLDOWN_S, max(FIRST_COOLDOWN_S, learned.cooldown_s * 2))
             learned.slow_at = now
             learned.cooldown_until = now + learned.cooldown_s
+            learned.wall_us = 0.0
             self.cooldowns_total += 1
 
     def _sweep(self) -> None:
@@ -119,23 +132,24 @@ class InlinePolicy:
         self._learned = {k: x for k, x in self._learned.items() if x.fn() is not None}
         self._swept = max(16, len(self._learned))
 
-    def stats(self) -> dict[str, Any]:
-        """The mode, the threshold, the counts, and per function what was learned."""
+    def stats(self, tenant: str | None = None) -> dict[str, Any]:
+        """The mode, the threshold, the counts, and per function what was learned (of `tenant`'s
+        functions only, when given)."""
         now = self._clock()
-        return {
-            "mode": self.mode,
-            "max_us": self.max_us,
-            "inline_total": self.inline_total,
-            "cooldowns_total": self.cooldowns_total,
-            "functions": {
-                f"{t}/{n}": {
-                    "samples": x.samples,
-                    "mean_us": round(x.mean_us, 1),
-                    "cooling_s": round(max(0.0, x.cooldown_until - now), 3),
-                }
-                for (t, n), x in self._learned.items()
-            },
+        out: dict[str, Any] = {"mode": self.mode, "max_us": self.max_us}
+        if tenant is None:  # counts over every tenant: the operator's view only
+            out.update(inline_total=self.inline_total, cooldowns_total=self.cooldowns_total)
+        out["functions"] = {
+            f"{t}/{n}": {
+                "samples": x.samples,
+                "mean_cpu_us": round(x.mean_us, 1),
+                "mean_inline_wall_us": round(x.wall_us, 1),
+                "cooling_s": round(max(0.0, x.cooldown_until - now), 3),
+            }
+            for (t, n), x in self._learned.items()
+            if tenant is None or t == tenant
         }
+        return out
 
 
 def eligible(fn: Any) -> bool:
