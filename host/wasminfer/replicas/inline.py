@@ -80,19 +80,21 @@ class InlinePolicy:
     def decide(self, key: tuple[str, str], fn: Any) -> bool:
         """Whether the next invocation of `fn` (the `DeployedFunction` of `key`) runs inline."""
         mode = self.mode
-        if mode == "never":
+        if mode == "never" or (mode == "auto" and not self.short(key, fn)):
             return False
-        if mode == "auto":
-            learned = self._learned.get(key)
-            if (
-                learned is None
-                or learned.fn() is not fn
-                or learned.samples < MIN_SAMPLES
-                or learned.mean_us > self.max_us
-                or learned.cooldown_until > self._clock()
-            ):
-                return False
         return eligible(fn)
+
+    def short(self, key: tuple[str, str], fn: Any) -> bool:
+        """Whether what was learned of `fn` lets it run inline: enough invocations, short on
+        average, none slow lately."""
+        learned = self._learned.get(key)
+        return (
+            learned is not None
+            and learned.fn() is fn
+            and learned.samples >= MIN_SAMPLES
+            and learned.mean_us <= self.max_us
+            and learned.cooldown_until <= self._clock()
+        )
 
     def observe(
         self, key: tuple[str, str], fn: Any, cpu_us: float, inline_wall_us: float | None = None
