@@ -40,6 +40,11 @@ bench-python:
 bench-gateway:
     {{python}} bench/gateway.py
 
+# The invoke hot path: baseline vs wasminfer (1 process, 2 reuseport replicas when available), digits in C and
+# Python, wrk at concurrency 1, 16, 64; py-spy's top frames holding the GIL: bench/results/hotpath.json.
+bench-hotpath *ARGS:
+    {{python}} bench/hotpath.py {{ARGS}}
+
 # Async bulk jobs vs sync requests: 10,000 digits items; sync p99 idle and during a bulk job: bench/results/async.json.
 bench-async *ARGS:
     {{python}} bench/async_jobs.py {{ARGS}}

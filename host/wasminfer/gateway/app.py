@@ -20,13 +20,14 @@ from wasminfer.gateway import routes_system as system
 from wasminfer.gateway import routes_ui as ui
 from wasminfer.gateway.assets import Assets, static_files
 from wasminfer.gateway.auth import ADMIN, INVOKE, PUBLIC, READ
+from wasminfer.gateway.direct import Gateway
 from wasminfer.gateway.errors import EXCEPTION_HANDLERS
 from wasminfer.gateway.metrics import JobsCollector, Metrics
 from wasminfer.gateway.routing import route
 from wasminfer.gateway.settings import Settings
 from wasminfer.gateway.state import AppState
 from wasminfer.jobs import JobService, JobSettings
-from wasminfer.replicas import FairLimiter, Fleet, ReplicaBackend
+from wasminfer.replicas import FairLimiter, Fleet, InlinePolicy, ReplicaBackend
 from wasminfer.scaling import ScalingConfig
 from wasminfer.service import Platform
 
@@ -53,7 +54,12 @@ def create_app(
     settings = settings or Settings()
     # Worker threads shared between tenants: one tenant's flood or stuck calls leave the others theirs.
     invoke_limiter = FairLimiter(settings.invoke_threads, contended=settings.contended_invoke_threads)
-    fleet = Fleet(platform, scaling, backend=backend, limiter=invoke_limiter, threads=settings.invoke_threads)
+    # Short invocations run on the event loop, the others on those threads (`replicas.inline`).
+    inline = InlinePolicy(settings.inline, settings.inline_max_us)
+    fleet = Fleet(
+        platform, scaling, backend=backend, limiter=invoke_limiter, threads=settings.invoke_threads,
+        inline=inline,
+    )  # fmt: skip
     state = AppState(
         platform=platform,
         settings=settings,
@@ -65,6 +71,7 @@ def create_app(
     )
     state.metrics.register(JobsCollector(state.jobs))
 
+    invoke = route("POST", "/v1/functions/{name}/invoke", INVOKE, functions.invoke)
     routes: list[BaseRoute] = [
         route("GET", "/v1/functions", READ, functions.list_functions),
         route("PUT", "/v1/functions/{name}", ADMIN, functions.put_function),
@@ -72,7 +79,7 @@ def create_app(
         route("DELETE", "/v1/functions/{name}", ADMIN, functions.delete_function),
         route("GET", "/v1/functions/{name}/versions", READ, functions.list_versions),
         route("POST", "/v1/functions/{name}/rollback", ADMIN, functions.rollback),
-        route("POST", "/v1/functions/{name}/invoke", INVOKE, functions.invoke),
+        invoke,
         route("GET", "/v1/functions/{name}/logs", READ, functions.logs),
         route("POST", "/v1/functions/{name}/batch", INVOKE, jobs.batch),
         # Jobs hold invocation outputs: the scope that may invoke may read them (`read` may not).
@@ -99,7 +106,8 @@ def create_app(
     ]
     # No middleware: auth is per route (above) and body limits per handler, so an invocation pays for
     # nothing it does not use. Starlette adds its own two around this: ServerErrorMiddleware (the 500
-    # handler) and ExceptionMiddleware (the other handlers).
+    # handler) and ExceptionMiddleware (the other handlers); the invoke route skips them and the
+    # router's scan, with the same handlers (`gateway.direct`).
     middleware: list[Middleware] = []
 
     @contextlib.asynccontextmanager
@@ -118,8 +126,12 @@ def create_app(
             # Shutting down while the store still loads: the load finishes first (threads cannot be
             # interrupted), then the owner closes the platform.
 
-    app = Starlette(
-        routes=routes, middleware=middleware, exception_handlers=dict(EXCEPTION_HANDLERS), lifespan=lifespan
+    app = Gateway(
+        routes=routes,
+        direct=[invoke],
+        middleware=middleware,
+        exception_handlers=dict(EXCEPTION_HANDLERS),
+        lifespan=lifespan,
     )
     app.state.wasminfer = state
     return app

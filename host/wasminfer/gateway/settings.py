@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from wasminfer.replicas.inline import MODES as INLINE_MODES
 from wasminfer.shares import cores
 
 MiB = 1 << 20
@@ -22,6 +23,8 @@ _ENV: dict[str, tuple[str, Any]] = {
         lambda v: tuple(a.strip() for a in v.split(",") if a.strip()),
     ),
     "contended_invoke_threads": ("WASMINFER_CONTENDED_INVOKE_THREADS", int),
+    "inline": ("WASMINFER_INLINE", str),
+    "inline_max_us": ("WASMINFER_INLINE_MAX_US", float),
 }
 
 
@@ -63,6 +66,13 @@ class Settings:
     # Deploys, deletes and reads (SQLite, compiling, loading models) get their own, smaller pool so a
     # burst of them never takes threads from invocations. Shared between tenants the same way.
     admin_threads: int = 8
+    # Short invocations run on the event loop instead of a worker thread, whose hand-off costs more
+    # than a small model's whole invocation (`replicas.inline`): "auto" for a function whose recent
+    # invocations cost at most `inline_max_us` each; "never"; "always" (when the function's models
+    # allow it: tests, benchmarks). 1 ms: the loop held that long delays the other requests' reads
+    # and answers by as much, a small part of what their own invocation and HTTP take under load.
+    inline: str = "auto"
+    inline_max_us: float = 1000.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -79,6 +89,10 @@ class Settings:
         for name in ("header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Settings.{name} must be positive")
+        if self.inline not in INLINE_MODES:
+            raise ValueError(f"Settings.inline must be one of {', '.join(INLINE_MODES)}")
+        if not self.inline_max_us >= 0:
+            raise ValueError("Settings.inline_max_us must be 0 or more")
         if self.max_connections_per_client < 0:
             raise ValueError("Settings.max_connections_per_client must be 0 (no cap) or more")
 
@@ -86,7 +100,8 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then `WASMINFER_HEADER_TIMEOUT_S`, `WASMINFER_BODY_TIMEOUT_S`,
         `WASMINFER_MAX_CONNECTIONS_PER_CLIENT`, `WASMINFER_CONNECTION_CAP_EXEMPT` (comma-separated
-        addresses, empty for none) and `WASMINFER_CONTENDED_INVOKE_THREADS`, then the `overrides`
+        addresses, empty for none), `WASMINFER_CONTENDED_INVOKE_THREADS`, `WASMINFER_INLINE` (auto,
+        always, never) and `WASMINFER_INLINE_MAX_US`, then the `overrides`
         that are not None. Raises `ValueError` for a malformed or out-of-range value."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}

@@ -4,7 +4,8 @@
 two choices, warm first), and grows and shrinks the replicas with the replica autoscaler. A backend
 (`ReplicaBackend`: start, stop, route, stats) makes the replicas: `InProcessBackend` is the gateway's
 own process, `LocalBackend` runs worker processes on this machine. `InstanceController` applies the
-instance autoscaler inside one process. `FairLimiter` shares worker threads between tenants. Never
+instance autoscaler inside one process. `FairLimiter` shares worker threads between tenants;
+`InlinePolicy` picks the short invocations that run on the event loop instead. Never
 imports starlette.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmSpec
 from wasminfer.replicas.fairness import FairLimiter
 from wasminfer.replicas.fleet import Fleet
+from wasminfer.replicas.inline import InlinePolicy
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.replicas.local import LocalBackend
@@ -21,6 +23,7 @@ __all__ = [
     "FairLimiter",
     "Fleet",
     "InProcessBackend",
+    "InlinePolicy",
     "InstanceController",
     "LocalBackend",
     "Replica",

@@ -74,14 +74,16 @@ class FairLimiter:
     async def run_sync(self, tenant: str, func: Callable[..., T], *args: object) -> T:
         """Runs `func(*args)` on a worker thread once `tenant` may have one. Raises what `func`
         raises."""
-        await self.acquire(tenant)
+        if not self.try_acquire(tenant):
+            await self._wait(tenant)
         try:
             return await anyio.to_thread.run_sync(functools.partial(func, *args), limiter=self._threads)
         finally:
             self.release(tenant)
 
-    async def acquire(self, tenant: str) -> None:
-        """Waits until `tenant` may hold one more thread, and takes it."""
+    def try_acquire(self, tenant: str) -> bool:
+        """Takes a thread for `tenant` if it may have one now without waiting (nobody of its own
+        waits before it); False otherwise, and nothing changed but the tenant's last-seen time."""
         now = self._clock()
         t = self._tenants.get(tenant)
         if t is None:
@@ -90,7 +92,16 @@ class FairLimiter:
         if not t.waiters and self._in_use < self.total and t.held < self._cap(now):
             t.held += 1
             self._in_use += 1
-            return
+            return True
+        return False
+
+    async def acquire(self, tenant: str) -> None:
+        """Waits until `tenant` may hold one more thread, and takes it."""
+        if not self.try_acquire(tenant):
+            await self._wait(tenant)
+
+    async def _wait(self, tenant: str) -> None:
+        t = self._tenants[tenant]
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         t.waiters.append(waiter)
         self._waiting += 1

@@ -41,6 +41,7 @@ from wasminfer.errors import MemoryQuotaExceeded, NotDelivered, TooManyRequests,
 from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import Replica, ReplicaBackend, WarmSpec
 from wasminfer.replicas.fairness import FairLimiter
+from wasminfer.replicas.inline import InlinePolicy
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.runtime import InvokeResult
@@ -112,10 +113,12 @@ class Fleet:
         limiter: FairLimiter | None = None,
         threads: int = 64,
         clock: Clock = MONOTONIC,
+        inline: InlinePolicy | None = None,
     ) -> None:
         """`backend` makes the replicas beyond the gateway's own process (default: `LocalBackend`,
         or `RayBackend` for `config.backend` "ray", when `config.max_replicas` allows any);
-        `limiter` bounds the gateway's own worker threads."""
+        `limiter` bounds the gateway's own worker threads; `inline` says which of the gateway's own
+        invocations run on its event loop (default: none)."""
         self.platform = platform
         self.config = config = config or ScalingConfig()
         self.decisions = DecisionLog()
@@ -145,12 +148,14 @@ class Fleet:
         self._closed = False
         self.last_load = ReplicaLoad(0)
         self.rejected: collections.Counter[str] = collections.Counter()  # 429s by reason
+        self.inline = inline or InlinePolicy("never")
         if config.primary_replica:  # serves from the start, even before `start()` (no I/O to make)
             self._primary = InProcessBackend(
                 platform,
                 limiter or FairLimiter(threads),
                 self.instances,
                 host_max_queue=config.host_max_queue,
+                inline=self.inline,
             )
             self._serve(self._primary.replica())
 
@@ -453,6 +458,7 @@ class Fleet:
                 "requests": load.requests,
             },
             "rejected": dict(self.rejected),
+            "inline": self.inline.stats(tenant),
             "decisions": sorted(
                 (d for d in decisions if d["scope"] == "replicas" or mine(d["subject"])),
                 key=lambda d: d["at"],

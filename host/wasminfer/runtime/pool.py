@@ -171,6 +171,11 @@ class InstancePool(Generic[T]):
             self.created_total += 1
         return inst, True
 
+    def has_room(self) -> bool:
+        """Whether `acquire` would return at once now (an idle instance, or room for a new one)
+        rather than wait; another caller may take it first. Reads without the lock: a hint."""
+        return bool(self._idle) or (self._live < self.max_instances and not self._closed)
+
     def _wake_for_slot(self) -> None:
         """A live slot became free: give it to the first waiter (it creates its own instance)."""
         if self._waiters and self._live < self.max_instances:
