@@ -29,7 +29,7 @@ from starlette.testclient import TestClient
 from conftest import GUESTS
 from live_server import live_server
 from wasminfer.gateway import Settings, create_app
-from wasminfer.replicas.inline import FIRST_COOLDOWN_S, MIN_SAMPLES, InlinePolicy, eligible
+from wasminfer.replicas.inline import FIRST_COOLDOWN_S, MAX_COOLDOWN_S, MIN_SAMPLES, InlinePolicy, eligible
 from wasminfer.runtime.memory import MemorySettings
 from wasminfer.service import Platform, parse_keys
 
@@ -274,6 +274,44 @@ def test_inline_runs_that_hold_the_loop_without_computing_cool_down_too() -> Non
     policy.observe(key, fn, 100, inline_wall_us=12_000)
     assert not policy.short(key, fn)
     assert policy.cooldowns_total == 1
+
+
+def test_an_invocation_that_blocked_in_a_host_call_keeps_its_function_on_threads() -> None:
+    clock = Clock()
+    policy, fn, key = InlinePolicy("auto", 1000, clock=clock), Fn(), ("t", "f")
+    for _ in range(MIN_SAMPLES):
+        policy.observe(key, fn, 100)
+    assert policy.short(key, fn)
+    policy.observe(key, fn, 50, blocked_us=1.0)  # slept a microsecond, on a thread
+    assert not policy.short(key, fn)
+    clock.now += 10 * MAX_COOLDOWN_S  # for good: no cooldown ends it
+    for _ in range(3 * MIN_SAMPLES):
+        policy.observe(key, fn, 100)
+    assert not policy.short(key, fn)
+    assert policy.stats()["functions"]["t/f"]["waits"] is True
+    newer = Fn()  # a new version of the function starts over
+    for _ in range(MIN_SAMPLES):
+        policy.observe(key, newer, 100)
+    assert policy.short(key, newer)
+
+
+def test_a_guest_that_sleeps_is_never_run_inline(tmp_path: Path) -> None:
+    """The real runtime reports a WASI sleep (`runtime.blocked_ns`): a guest sleeping 1 ms per call
+    (CPU: microseconds) never goes on the loop, where an `auto` policy would otherwise put it."""
+    platform = Platform(tmp_path)
+    platform.start()
+    try:
+        with TestClient(create_app(platform, Settings(inline="auto"))) as client:
+            assert client.put("/v1/functions/s", content=sleep_wasm(), headers=WASM).status_code == 201
+            for _ in range(3 * MIN_SAMPLES):
+                r = client.post("/v1/functions/s/invoke", content=struct.pack("<I", 1))
+                assert (r.status_code, r.content) == (200, b"ok")
+            inline = client.app.state.wasminfer.fleet.inline  # type: ignore[attr-defined]
+            assert inline.inline_total == 0
+            learned = inline.stats()["functions"]["default/s"]
+            assert learned["waits"] is True and learned["samples"] == 3 * MIN_SAMPLES, learned
+    finally:
+        platform.close()
 
 
 def test_never_and_always_do_not_learn() -> None:

@@ -16,6 +16,9 @@ Decided per function, adaptively, from what its invocations cost:
 - **short**: after `MIN_SAMPLES` invocations, the moving average of their CPU time is at most
   `max_us` (the CPU time of the thread that ran each: its wall time would count every other
   thread's turn at the GIL, and the scheduler's on a loaded machine);
+- **never waits**: an invocation that blocked in a host call (a WASI sleep, measured by the
+  runtime: `runtime.blocked_ns`) keeps this version of the function on threads for good: it
+  computes little, and would hold the loop for as long as it sleeps;
 - **not recently slow**: a function goes to threads for a cooldown (1 s, doubling for each slow
   spell that follows within `RESET_S`, up to `MAX_COOLDOWN_S`) when an invocation computes for
   more than `SLOW_FACTOR` × `max_us`, or when the moving average of its inline runs' wall time
@@ -58,6 +61,7 @@ class _Learned:
     cooldown_s: float = 0.0
     slow_at: float = -1e18
     wall_us: float = 0.0  # moving average of the inline runs' wall time since the last cooldown
+    waits: bool = False  # an invocation blocked in a host call (a WASI sleep): never inline again
 
 
 class InlinePolicy:
@@ -91,16 +95,18 @@ class InlinePolicy:
         return (
             learned is not None
             and learned.fn() is fn
+            and not learned.waits
             and learned.samples >= MIN_SAMPLES
             and learned.mean_us <= self.max_us
             and learned.cooldown_until <= self._clock()
         )
 
     def observe(
-        self, key: tuple[str, str], fn: Any, cpu_us: float, inline_wall_us: float | None = None
+        self, key: tuple[str, str], fn: Any, cpu_us: float, inline_wall_us: float | None = None,
+        blocked_us: float = 0.0,
     ) -> None:
-        """Learns the cost of one invocation of `fn`: the CPU time of the thread that ran it, and
-        for an inline run its wall time (see the module doc)."""
+        """Learns the cost of one invocation of `fn`: the CPU time of the thread that ran it, for
+        an inline run its wall time, and the time it blocked in host calls (see the module doc)."""
         if self.mode != "auto":
             return
         learned = self._learned.get(key)
@@ -113,6 +119,8 @@ class InlinePolicy:
         else:
             learned.mean_us = cpu_us
         learned.samples += 1
+        if blocked_us > 0:
+            learned.waits = True
         bound = self.max_us * SLOW_FACTOR
         slow = cpu_us > bound
         if inline_wall_us is not None:
@@ -146,6 +154,7 @@ class InlinePolicy:
                 "samples": x.samples,
                 "mean_cpu_us": round(x.mean_us, 1),
                 "mean_inline_wall_us": round(x.wall_us, 1),
+                "waits": x.waits,
                 "cooling_s": round(max(0.0, x.cooldown_until - now), 3),
             }
             for (t, n), x in self._learned.items()
@@ -155,9 +164,11 @@ class InlinePolicy:
 
 
 def eligible(fn: Any) -> bool:
-    """Whether an invocation of `fn` (a `DeployedFunction`) may run inline now: none of its models
-    batches or bounds its concurrent runs, and its pool has an instance free (see the module doc)."""
-    if not fn.pool.has_room():
+    """Whether an invocation of `fn` (a `DeployedFunction`) may run inline now: it is no component,
+    none of its models batches or bounds its concurrent runs, and its pool has an instance free
+    (see the module doc)."""
+    if fn.abi == "component" or not fn.pool.has_room():
+        # a component's WASI (wasmtime's own, preview 2) sleeps where `blocked_ns` cannot see
         return False
     models = fn.host.models
     for name in fn.manifest.models:

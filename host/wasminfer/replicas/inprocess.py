@@ -18,7 +18,7 @@ from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmS
 from wasminfer.replicas.fairness import FairLimiter
 from wasminfer.replicas.inline import InlinePolicy
 from wasminfer.replicas.instances import InstanceController, instance_stats
-from wasminfer.runtime import InvokeResult
+from wasminfer.runtime import InvokeResult, blocked_ns
 from wasminfer.service import Platform
 
 
@@ -72,30 +72,32 @@ class InProcessBackend(ReplicaBackend):
         fn = self.platform.deployed(name, tenant=tenant)
         if inline.decide(key, fn) and self.limiter.try_acquire(tenant):
             inline.inline_total += 1
-            started, cpu = time.perf_counter(), time.thread_time()
+            started, cpu, blocked = time.perf_counter(), time.thread_time(), blocked_ns()
             try:
                 return self.platform.invoke(name, body, content_type, tenant=tenant)
             finally:
                 self.limiter.release(tenant)
                 inline.observe(
-                    key, fn, (time.thread_time() - cpu) * 1e6, (time.perf_counter() - started) * 1e6
+                    key, fn, (time.thread_time() - cpu) * 1e6, (time.perf_counter() - started) * 1e6,
+                    (blocked_ns() - blocked) / 1e3,
                 )
-        cost = [0.0]
+        cost = [0.0, 0.0]
         try:
             return await self.limiter.run_sync(tenant, self._invoke, tenant, name, body, content_type, cost)
         finally:
             if cost[0]:
-                inline.observe(key, fn, cost[0])
+                inline.observe(key, fn, cost[0], blocked_us=cost[1])
 
     def _invoke(
         self, tenant: str, name: str, body: bytes, content_type: str, cost: list[float]
     ) -> InvokeResult:
         # The thread's CPU time: its wall time would count every other thread's turn at the GIL.
-        started = time.thread_time()
+        started, blocked = time.thread_time(), blocked_ns()
         try:
             return self.platform.invoke(name, body, content_type, tenant=tenant)
         finally:
             cost[0] = (time.thread_time() - started) * 1e6 or 0.1
+            cost[1] = (blocked_ns() - blocked) / 1e3
 
     async def stats(self, replica: Replica) -> ReplicaStats:
         return ReplicaStats(

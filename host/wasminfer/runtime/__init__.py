@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from wasminfer.manifest import Manifest
+from wasminfer.runtime._engine import blocked_ns
 from wasminfer.runtime.host import DeployedFunction, Host, InvokeResult, ModuleInfo
 from wasminfer.runtime.logs import LogBuffer, LogLine
 from wasminfer.runtime.pool import GrowthPolicy
 
-__all__ = ["DeployedFunction", "GrowthPolicy", "Host", "InvokeResult", "LogBuffer", "LogLine", "Manifest",
-           "ModuleInfo"]
+__all__ = [
+    "DeployedFunction", "GrowthPolicy", "Host", "InvokeResult", "LogBuffer", "LogLine", "Manifest",
+    "ModuleInfo", "blocked_ns",
+]

@@ -71,6 +71,17 @@ def no_finalizer(_env: Any) -> None:
 
 
 # --- per-call state -------------------------------------------------------------------------------
+_blocked = threading.local()
+
+
+def blocked_ns() -> int:
+    """Nanoseconds the calling thread has spent, in all, blocked in guests' host calls (WASI sleeps,
+    `CallState.sleep_until`): what a guest waited without computing. The inline policy
+    (`replicas/inline.py`) reads it before and after an invocation: a guest that waits must never
+    run on the event loop, however little CPU it uses."""
+    return getattr(_blocked, "ns", 0)
+
+
 class CallState:
     """What a host import needs about the invocation it serves. Subclassed by each ABI.
 
@@ -115,13 +126,18 @@ class CallState:
                 wake = self._wake = threading.Event()
         deadline = self.deadline_ns
         until = wake_at_ns if deadline is None else min(wake_at_ns, deadline)
-        while True:
-            if self.cancelled is not None:
-                raise Interrupted("cancelled", str(self.cancelled))
-            left = until - time.monotonic_ns()
-            if left <= 0:
-                break
-            wake.wait(left / 1e9)
+        started = time.monotonic_ns()
+        try:
+            while True:
+                if self.cancelled is not None:
+                    raise Interrupted("cancelled", str(self.cancelled))
+                left = until - time.monotonic_ns()
+                if left <= 0:
+                    break
+                wake.wait(left / 1e9)
+        finally:
+            # at least 1: a sleep of zero still says the guest sleeps
+            _blocked.ns = blocked_ns() + max(1, time.monotonic_ns() - started)
         if deadline is not None and deadline <= wake_at_ns:
             raise Interrupted("timeout", "the deadline passed while the guest slept in a host call")
 
