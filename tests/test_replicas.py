@@ -482,8 +482,10 @@ def test_a_replica_platform_syncs_to_the_digest_it_is_sent(
 # --- a real worker process --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_local_backend_runs_a_worker_process(platform: Platform, hostile_wasm: bytes) -> None:
+    # The loop holds the worker's one instance for 3 s: the window in which the second request must
+    # find it busy (300 ms was narrower than a stats round trip to the worker on a loaded machine).
     platform.put_function(
-        "busy", hostile_wasm, MANIFEST.replace(max_instances=1, max_queue=0, timeout_ms=300)
+        "busy", hostile_wasm, MANIFEST.replace(max_instances=1, max_queue=0, timeout_ms=3000)
     )
 
     async def main() -> None:
@@ -504,13 +506,10 @@ def test_local_backend_runs_a_worker_process(platform: Platform, hostile_wasm: b
             busy = deployment_digest(platform.deployed("busy"))
             slow = asyncio.create_task(backend.route(replica, "default", "busy", busy, b"l", "t"))
             # Synchronise on the worker's state, not on a sleep: its one instance is busy with the loop.
-            for _ in range(500):
-                functions = (await backend.stats(replica)).functions
-                if functions.get("default/busy", {}).get("busy") == 1:
-                    break
+            deadline = time.monotonic() + 30
+            while (await backend.stats(replica)).functions.get("default/busy", {}).get("busy") != 1:
+                assert time.monotonic() < deadline and not slow.done(), "the loop never started in the worker"
                 await asyncio.sleep(0.01)
-            else:
-                raise AssertionError(f"the loop never started in the worker: {functions}")
             with pytest.raises(TooManyRequests) as busy_error:
                 await backend.route(replica, "default", "busy", busy, b"e", "t")
             assert busy_error.value.retry_after_s >= 1
@@ -550,20 +549,15 @@ def test_a_request_that_cannot_reach_a_dead_worker_goes_once_more_elsewhere(
         try:
             (primary,) = (r for r in fleet.replicas if r.holds_all)
             looping = asyncio.create_task(fleet.invoke("default", "slow", b"l", "t"))  # on the primary
-            for _ in range(1000):
-                if primary.outstanding == 1:
-                    break
-                await asyncio.sleep(0.005)
-            assert (primary.outstanding, worker.outstanding) == (1, 0)
+            await settle(lambda: primary.outstanding == 1, "the loop in flight on the primary")
+            assert worker.outstanding == 0
 
             os.kill(worker.pid, signal.SIGKILL)
             await anyio.to_thread.run_sync(worker.handle.process.wait)
             # The kept-alive connection of its warm-up sees the end of stream, as the gateway's
             # event loop would have seen it by the next request.
-            for _ in range(1000):
-                if all(reader.at_eof() for reader, _ in worker.handle.http._idle):
-                    break
-                await asyncio.sleep(0.005)
+            await settle(lambda: all(reader.at_eof() for reader, _ in worker.handle.http._idle),
+                         "the end of stream on the worker's idle connection")
             with pytest.raises(NotDelivered, match=f"cannot connect to {worker.id}") as info:
                 await backend.route(worker, "default", "hostile", digest, b"e", "t")
             assert (info.value.status, info.value.code) == (503, "not_delivered")
