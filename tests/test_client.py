@@ -18,6 +18,7 @@ from wasminfer.errors import (
     FunctionNotFound,
     GuestTrap,
     InvalidManifest,
+    InvocationCancelled,
     ServerUnreachable,
     Timeout,
     TooManyRequests,
@@ -83,18 +84,31 @@ def test_errors_come_back_as_their_types(client: Client, hostile_wasm: bytes) ->
 
 
 def test_too_many_requests_carries_retry_after(client: Client, hostile_wasm: bytes) -> None:
+    # The loop holds the one instance until the function is deleted (which cancels it), so the second
+    # request meets a busy instance however slow the machine: no window to hit in time.
     client.put_function(
-        "one", hostile_wasm, {"memory_mb": 4, "timeout_ms": 1000, "max_instances": 1, "max_queue": 0}
+        "one", hostile_wasm, {"memory_mb": 4, "timeout_ms": 60_000, "max_instances": 1, "max_queue": 0}
     )
-    t = threading.Thread(target=lambda: pytest.raises(Timeout, client.invoke, "one", b"l"))
+    looped: list[Exception] = []
+
+    def loop() -> None:
+        try:
+            client.invoke("one", b"l")
+        except WasminferError as exc:
+            looped.append(exc)
+
+    t = threading.Thread(target=loop)
     t.start()
-    deadline = time.monotonic() + 1
-    while client.function("one")["instances"]["busy"] == 0 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while client.function("one")["instances"]["busy"] == 0:
+        assert time.monotonic() < deadline, "the loop never took the instance"
         time.sleep(0.005)
-    with pytest.raises(TooManyRequests) as info:
+    with pytest.raises(TooManyRequests, match="max_instances") as info:
         client.invoke("one", b"e")
-    t.join()
     assert info.value.retry_after_s >= 1
+    client.delete_function("one")
+    t.join(30)
+    assert [(type(e), e.status) for e in looped] == [(InvocationCancelled, 503)], looped
 
 
 def test_unknown_code_falls_back_to_the_status() -> None:

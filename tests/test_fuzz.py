@@ -227,10 +227,15 @@ def names_a_key(message: str, keys: Iterable[str]) -> bool:
 def test_api_key_specs_parse_or_are_refused_without_the_secret(spec: str) -> None:
     CASES["key_spec"] += 1
     try:
-        parse_keys(spec)
+        keys = parse_keys(spec)
     except BadRequest as exc:
         first = spec.split(",")[0].split(":")[0].strip()
         assert len(first) < 4 or first not in exc.message
+        return
+    # Accepted: one key per non-empty entry, in order, each with its secret, a scope and a tenant.
+    entries = [e.strip().split(":") for e in spec.split(",") if e.strip()]
+    assert [(k.key, k.tenant) for k in keys] == [(e[0], e[2] if len(e) == 3 else "default") for e in entries]
+    assert all(k.scopes for k in keys)
 
 
 _header_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)

@@ -94,6 +94,7 @@ class Load:
         self.url, self.body = url, body
         self.ok = 0
         self.failed: list[str] = []
+        self.invocations: list[str] = []  # x-invocation-id of each answer ("<replica>.<n>" from a worker)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client) for _ in range(concurrency)]
         for t in self._threads:
@@ -109,6 +110,7 @@ class Load:
                     continue
                 if r.status_code == 200 and r.content == b"ok":
                     self.ok += 1
+                    self.invocations.append(r.headers["x-invocation-id"])
                 else:
                     self.failed.append(f"{r.status_code} {r.text[:200]}")
 
@@ -158,7 +160,10 @@ def test_load_step_adds_instances_then_a_replica_and_drains_back(tmp_path: Path)
             assert worker["pid"] and worker["state"] == "serving"
             # the new replica takes a share of the load (it was warmed with the function)
             wait_for(url, lambda s: live(s, worker["id"]) >= 1, 10, "instances on the new replica")
-            time.sleep(1.0)
+            deadline = time.monotonic() + 30
+            while sum(i.startswith(f"{worker['id']}.") for i in load.invocations) < 5:
+                assert time.monotonic() < deadline, f"no share for the new replica: {load.invocations[-20:]}"
+                time.sleep(0.05)
         finally:
             load.stop()
         # Instances rise before a replica is added: the second instance was seen before the fleet

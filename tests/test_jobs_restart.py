@@ -85,11 +85,12 @@ def test_one_runner_and_a_chunk_running_at_its_kill_runs_again_where_the_lock_pa
     tmp_path: Path, add_model: bytes, hostile_wasm: bytes
 ) -> None:
     data = tmp_path / "data"
-    # The first server has one job worker; the bulk job's first item loops until its 2 s timeout:
-    # the server is killed while that item runs, its chunk neither finished nor committed.
+    # The first server has one job worker; the bulk job's first item loops until its 4 s timeout:
+    # the server is killed while that item runs (4 s: room for the metric reads before the kill on a
+    # loaded machine), its chunk neither finished nor committed.
     with live_server(data, tmp_path / "first.log", env={"WASMINFER_ASYNC_WORKERS": "1"},
                      stop=signal.SIGKILL) as (first, first_proc):  # fmt: skip
-        deploy(first, add_model, hostile_wasm, QUERY.replace("timeout_ms=300", "timeout_ms=2000"))
+        deploy(first, add_model, hostile_wasm, QUERY.replace("timeout_ms=300", "timeout_ms=4000"))
         with server(data, tmp_path / "second.log") as url:
             assert metric(first, "wasminfer_job_runner_leader") == 1
             assert metric(url, "wasminfer_job_runner_leader") == 0

@@ -112,9 +112,15 @@ def test_an_async_worker_waits_for_sync_requests_to_end() -> None:
 
     thread = threading.Thread(target=worker)
     thread.start()
-    assert not got.wait(0.1)
+    # The worker is parked on the gate's condition (it found no room: a state, not a duration); it
+    # checks again at every wake, so at no moment while the request is in flight has it a slot.
+    deadline = time.monotonic() + 30
+    while not gate._cond._waiters:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the worker never waited"
+        time.sleep(0.001)
+    assert not got.is_set() and gate.stats()["async_in_flight"] == 0
     gate.exit()
-    assert got.wait(2)
+    assert got.wait(30)
     thread.join()
     assert gate.stats()["async_yields_total"] == 1
     gate.close()

@@ -282,7 +282,7 @@ def test_concurrent_runs_and_threads_round_trip_and_show_the_plan(
 
 
 # --- durability and replicas ------------------------------------------------------------------------
-def test_run_options_survive_a_restart_and_reach_a_replica(
+def test_run_options_survive_a_restart_and_reach_a_platform_that_syncs(
     tmp_path: Path, add_model: bytes, hostile_wasm: bytes
 ) -> None:
     with Platform(tmp_path / "data") as p:
@@ -352,6 +352,15 @@ def test_a_replica_reloads_a_model_whose_options_changed(
             np.testing.assert_array_equal(decode_tensors(result.body)["y"], a + a)
             batching = {"max_batch_size": 8, "max_queue_delay_us": 2000}  # the delay's default
             assert (await models())["default/add"] == {**DEFAULTS, **batching}
+            # Run options too: the next request carries their digest, and the worker reloads.
+            gateway.patch_model("add", {"max_concurrent_runs": 1, "intra_op_threads": 1})
+            runs = deployment_digest(gateway.deployed("hostile"))
+            assert runs != after
+            result = await backend.route(worker, "default", "hostile", runs, body, "application/cbor")
+            np.testing.assert_array_equal(decode_tensors(result.body)["y"], a + a)
+            assert (await models())["default/add"] == {
+                **DEFAULTS, **batching, "max_concurrent_runs": 1, "intra_op_threads": 1
+            }
         finally:
             await backend.stop(worker)
             await backend.aclose()

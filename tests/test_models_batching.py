@@ -238,6 +238,7 @@ def test_many_threads_get_their_own_results(registry: ModelRegistry) -> None:
 
 
 # --- the wait bound -------------------------------------------------------------------------------
+@pytest.mark.serial  # measures time: runs alone, before the parallel suite
 def test_max_queue_delay_obeyed(registry: ModelRegistry) -> None:
     delay_s = 0.05
     registry.load("m", rowwise_model(), batching=always_wait(1024, int(delay_s * 1e6)))

@@ -306,6 +306,7 @@ def test_memory_limit_violated(host: Host) -> None:
     assert fresh_instance_next(host)  # the instance was discarded; the host keeps serving
 
 
+@pytest.mark.serial  # measures time: runs alone, before the parallel suite
 def test_timeout_obeyed_and_violated(host: Host, components: dict[str, bytes]) -> None:
     host.deploy_function("py-quick", components["guest"], {**GUEST_MANIFEST, "timeout_ms": 300})
     assert run(host, "echo quick", "py-quick") == b"echo quick"

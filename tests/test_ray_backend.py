@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -75,7 +76,11 @@ FAST = dict(  # small windows: these tests watch the fleet act within seconds
     replica_down_queue_ms=500.0,  # and anything under that is calm (a Ray hop is ~1-3 ms)
     replica_down_cpu=40.0,
     ray_num_cpus=1.0,
+    ray_start_timeout_s=60.0,
 )
+SLOW_S = 30.0  # one HTTP answer from a gateway connecting to Ray on a loaded machine (httpx's 5 s was hit)
+TEST_S = 200.0  # every wait below has its own bound; this one holds whatever a test forgot
+CLOSE_S = 90.0  # draining and stopping a fleet (an actor's close: 30 s, then it is killed)
 
 
 def _loopback_only() -> bool:
@@ -97,6 +102,9 @@ def _unshare() -> list[str] | None:
 
 # --- outside: re-run this module where only loopback exists -------------------------------------------
 _OUTER = "test_in_a_loopback_only_network_namespace"
+INNER_TEST_S = 240  # the longest cluster test takes ~35 s alone, ~4x that on a loaded machine
+INNER_STACKS_S = 180
+INNER_RUN_S = 840
 
 
 @pytest.mark.ray
@@ -114,17 +122,32 @@ def test_in_a_loopback_only_network_namespace() -> None:
         )
     ray_tmp = tempfile.mkdtemp(prefix="wir-")  # short: Ray's unix sockets live under it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    # A test that outlives INNER_TEST_S fails with its traceback; one stuck where no signal reaches
+    # it (inside Ray's C++ calls) has every thread's stack written out at INNER_STACKS_S and the run
+    # is killed at INNER_RUN_S, its output shown.
     command = [
         *unshare, "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
         sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-        "-m", "ray", "-k", f"not {_OUTER}", "--durations=0",
+        "-m", "ray", "-k", f"not {_OUTER}", "--durations=0", f"--timeout={INNER_TEST_S}",
+        "-o", f"faulthandler_timeout={INNER_STACKS_S}",
     ]  # fmt: skip
     started = time.monotonic()
+    # A session of its own: at the bound, everything the run started goes with it.
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
-        proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=840)
+        output, _ = proc.communicate(timeout=INNER_RUN_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(
+            f"the Ray cluster tests did not end within {INNER_RUN_S} s; their output:\n{output[-15000:]}"
+        ) from None
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    output = proc.stdout + proc.stderr
     assert proc.returncode == 0, "the Ray cluster tests failed in their namespace:\n" + output[-15000:]
     # An inner run that skipped or deselected its tests exits 0 too: every cluster test must have run.
     inner = [name for name, f in globals().items() if name.startswith("test_") and name != _OUTER
@@ -184,9 +207,13 @@ def run(platform: Platform, main: Callable[[Fleet], Awaitable[None]], **options:
         config = ScalingConfig.from_mapping({"backend": "ray", "primary_replica": False, **FAST, **options})
         fleet = Fleet(platform, config, threads=8)
         try:
-            await main(fleet)
+            # A wait that never ends fails here, with the await it was stuck in (the cancellation's
+            # traceback), rather than holding the whole run.
+            async with asyncio.timeout(TEST_S):
+                await main(fleet)
         finally:
-            await fleet.aclose()
+            async with asyncio.timeout(CLOSE_S):
+                await fleet.aclose()
 
     asyncio.run(go())
 
@@ -335,6 +362,42 @@ def test_a_replica_no_node_can_place_fails_to_start_naming_the_knob(cluster: Any
     run(platform, main, min_replicas=1, max_replicas=1, ray_num_cpus=64.0, ray_start_timeout_s=1.0)
 
 
+@pytest.mark.ray
+def test_a_blob_that_never_arrives_fails_the_sync_clearly_instead_of_holding_a_thread(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an actor on another node waits for (a function's bytes from Ray's object store) has a
+    bound: a blob that does not come is a 503 to retry, and one that is lost says so."""
+    import ray
+
+    from wasminfer.replicas import ray_backend
+
+    monkeypatch.setattr(ray_backend, "FETCH_TIMEOUT_S", 0.5)
+
+    @ray.remote(num_cpus=0)
+    def never() -> bytes:
+        threading.Event().wait()
+        return b""
+
+    ref = never.remote()
+    try:
+        with pytest.raises(Unavailable, match=r"the function 'f' did not arrive from Ray's object store "
+                                              r"within 0\.5 s; retry") as info:
+            ray_backend._fetch(ref, "function 'f'")
+        assert info.value.status == 503
+    finally:
+        ray.cancel(ref, force=True)
+    with pytest.raises(Unavailable, match="the function 'f' could not be fetched from Ray's object store: "):
+        ray_backend._fetch(ref, "function 'f'")
+    ok = ray.put(b"\0asm")
+    assert ray_backend._fetch(ok, "function 'f'") == b"\0asm"
+
+
+async def _await(ref: Any) -> Any:
+    """An ObjectRef as a coroutine (what `asyncio.wait_for` takes)."""
+    return await ref
+
+
 def _digest(platform: Platform, name: str) -> str:
     from wasminfer.service import deployment_digest
 
@@ -411,7 +474,7 @@ def test_scale_down_drains_without_a_failed_request(cluster: Any, platform: Plat
         assert sum("draining" in r for r in reasons) == 2, reasons
         for r in drained:  # their actors are gone
             with pytest.raises(ray.exceptions.RayActorError):
-                await r.handle.handle.ready.remote()
+                await asyncio.wait_for(_await(r.handle.handle.ready.remote()), 30)
 
     run(platform, main, min_replicas=1, max_replicas=3)
 
@@ -445,7 +508,7 @@ def test_serve_with_ray_runs_replicas_as_actors(
         while True:
             assert server.poll() is None, (tmp_path / "serve.log").read_text()
             try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
+                if httpx.get(f"{url}/readyz", timeout=SLOW_S).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -454,11 +517,7 @@ def test_serve_with_ray_runs_replicas_as_actors(
         with Client(url) as client:
             client.put_model("add", add_model)
             client.put_function("again", hostile_wasm, {"models": ["add"], "idempotent": True})
-            while (
-                len([r for r in httpx.get(f"{url}/v1/scaling").json()["replicas"] if r["kind"] == "ray"]) < 2
-            ):
-                assert time.monotonic() < deadline + 60, "no two Ray replicas"
-                time.sleep(0.1)
+            _wait(lambda: len(ray_replicas(url)) == 2, "two Ray replicas", 90)
             ids = {client.invoke("again", b"echo").invocation_id.split(".")[0] for _ in range(20)}
         assert ids and all(i.startswith("ray-") for i in ids), ids
         _wait(lambda: free_cpus() == cpus - 2, "two actors of one CPU each")
@@ -491,7 +550,6 @@ def test_serve_with_ray_local_starts_a_private_ray_beside_a_running_cluster(
     """docs/ray.md: `--ray local` is "a private one-node Ray started by the gateway": its actor
     serves, and nothing lands on the cluster already running here, though `$RAY_ADDRESS` names it
     (`ray.init()` without an address would join that one)."""
-    import httpx
     import ray
 
     from wasminfer.client import Client
@@ -518,9 +576,7 @@ def test_serve_with_ray_local_starts_a_private_ray_beside_a_running_cluster(
         with Client(url) as client:
             client.put_model("add", add_model)
             client.put_function("again", hostile_wasm, {"models": ["add"], "idempotent": True})
-            scaling = f"{url}/v1/scaling"
-            _wait(lambda: any(r["kind"] == "ray" and r["state"] == "serving"
-                              for r in httpx.get(scaling).json()["replicas"]), "a Ray replica", 90)
+            _wait(lambda: [r["state"] for r in ray_replicas(url)] == ["serving"], "a Ray replica", 90)
             ids = {client.invoke("again", b"echo").invocation_id.split(".")[0] for _ in range(10)}
         assert ids and all(i.startswith("ray-") for i in ids), ids
         assert free_cpus() == cpus  # the actor is on the gateway's own Ray, not on this cluster
@@ -530,11 +586,19 @@ def test_serve_with_ray_local_starts_a_private_ray_beside_a_running_cluster(
     assert code == 0, log_path.read_text()
 
 
+def ray_replicas(url: str) -> list[dict[str, Any]]:
+    """The Ray replicas `GET /v1/scaling` lists."""
+    import httpx
+
+    replicas = httpx.get(f"{url}/v1/scaling", timeout=SLOW_S).json()["replicas"]
+    return [r for r in replicas if r["kind"] == "ray"]
+
+
 def _ready(url: str) -> bool:
     import httpx
 
     try:
-        return httpx.get(f"{url}/readyz").status_code == 200
+        return httpx.get(f"{url}/readyz", timeout=SLOW_S).status_code == 200
     except httpx.TransportError:
         return False
 

@@ -14,7 +14,15 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import pytest
 
-from wasminfer.errors import FunctionNotFound, GuestError, NotDelivered, Timeout, TooManyRequests, Unavailable
+from wasminfer.errors import (
+    FunctionNotFound,
+    GuestError,
+    InvocationCancelled,
+    NotDelivered,
+    Timeout,
+    TooManyRequests,
+    Unavailable,
+)
 from wasminfer.manifest import Manifest
 from wasminfer.replicas import (
     Fleet,
@@ -93,11 +101,26 @@ class FakeBackend(ReplicaBackend):
         return ReplicaStats(alive=replica.id not in self.dead, cpu=self.cpu, exit_code=9)
 
 
+def waiting(fleet: Fleet, name: str) -> int:
+    """Requests of function `name` queued at its `max_concurrency` gate."""
+    gate = fleet._gates.get(("default", name))
+    return 0 if gate is None else len(gate.waiters)
+
+
 def fleet_of(platform: Platform, backend: FakeBackend, **config: Any) -> Fleet:
     """A fleet of no replica of its own (add them with `add_replicas`), up to 4."""
     options = {"primary_replica": False, "min_replicas": 1, "max_replicas": 4, **config}
     fleet = Fleet(platform, ScalingConfig.from_mapping(options), backend=backend)
     return fleet
+
+
+async def settle(condition: Callable[[], bool], what: str) -> None:
+    """Lets the event loop run until `condition` holds: the tests wait on the fleet's state, never
+    on a duration (the bound only keeps a broken fleet from hanging the suite)."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.001)
 
 
 async def add_replicas(fleet: Fleet, backend: FakeBackend, n: int) -> list[Replica]:
@@ -122,7 +145,7 @@ def test_least_outstanding_by_two_choices(platform: Platform) -> None:
         a.outstanding = 0
         backend.hold = asyncio.Event()
         tasks = [asyncio.create_task(fleet.invoke("default", "hostile", b"e", "t")) for _ in range(10)]
-        await asyncio.sleep(0.01)
+        await settle(lambda: a.outstanding + b.outstanding == 10, "ten requests in flight")
         assert (a.outstanding, b.outstanding) == (5, 5)  # concurrent requests spread evenly
         backend.hold.set()
         await asyncio.gather(*tasks)
@@ -221,7 +244,7 @@ def test_max_concurrency_queues_then_rejects_with_retry_after(
         await add_replicas(fleet, backend, 2)
         backend.hold = asyncio.Event()
         running = [asyncio.create_task(fleet.invoke("default", "limited", b"e", "t")) for _ in range(3)]
-        await asyncio.sleep(0.01)
+        await settle(lambda: waiting(fleet, "limited") == 1, "the third request queued")
         assert len(backend.routed) == 2  # the third waits its turn in the function's queue
         with pytest.raises(TooManyRequests, match="max_concurrency") as info:
             await fleet.invoke("default", "limited", b"e", "t")
@@ -248,9 +271,10 @@ def test_a_client_that_goes_away_while_queued_frees_its_place(
         backend.hold = asyncio.Event()
         first = asyncio.create_task(fleet.invoke("default", "one", b"e", "t"))
         queued = asyncio.create_task(fleet.invoke("default", "one", b"e", "t"))
-        await asyncio.sleep(0.01)
+        await settle(lambda: len(backend.routed) == 1 and waiting(fleet, "one") == 1, "one runs, one waits")
         queued.cancel()
-        await asyncio.sleep(0.01)
+        await settle(queued.done, "the cancelled request gone")
+        assert waiting(fleet, "one") == 0 and len(backend.routed) == 1
         backend.hold.set()
         await first
         await fleet.invoke("default", "one", b"e", "t")  # the slot came back
@@ -268,7 +292,7 @@ def test_every_host_at_its_limit_is_a_fast_429(platform: Platform) -> None:
         await add_replicas(fleet, backend, 2)
         backend.hold = asyncio.Event()
         held = [asyncio.create_task(fleet.invoke("default", "hostile", b"e", "t")) for _ in range(4)]
-        await asyncio.sleep(0.01)
+        await settle(lambda: len(backend.routed) == 4, "both replicas at their capacity")
         started = time.perf_counter()
         with pytest.raises(TooManyRequests, match="host_max_queue"):
             await fleet.invoke("default", "hostile", b"e", "t")
@@ -300,8 +324,7 @@ def test_saturation_adds_a_warmed_replica_and_calm_drains_it_without_losing_requ
             await asyncio.gather(*(fleet.invoke("default", "hostile", b"e", "t") for _ in range(load)))
             clock.advance(1.0)
             await fleet.tick()
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            await settle(lambda: fleet._starting == 0, "the replica it decided to start, started")
 
         backend.delay_s = 0.015  # every request waits 15 ms: over the 10 ms threshold
         await tick(8)
@@ -320,18 +343,18 @@ def test_saturation_adds_a_warmed_replica_and_calm_drains_it_without_losing_requ
         backend.hold = asyncio.Event()
         first.outstanding += 100  # steer the next request to the new replica
         in_flight = asyncio.create_task(fleet.invoke("default", "hostile", b"elate", "t"))
-        await asyncio.sleep(0.01)
+        await settle(lambda: new.outstanding == 1, "the request on the new replica")
         first.outstanding -= 100
         assert new.outstanding == 1
         for _ in range(3):
             clock.advance(1.0)
             await fleet.tick()
-        await asyncio.sleep(0.05)
-        assert new.state == "draining" and new not in fleet._serving and backend.stopped == []
+        await settle(lambda: new.state == "draining", "the new replica draining")
+        assert new not in fleet._serving and backend.stopped == []
         backend.hold.set()
         assert (await in_flight).body == b"elate"  # finished where it ran
-        await asyncio.sleep(0.05)
-        assert backend.stopped == [(rid, 0)] and new.state == "stopped"
+        await settle(lambda: new.state == "stopped", "the drained replica stopped")
+        assert backend.stopped == [(rid, 0)]
         down = fleet.decisions.recent()[-1]
         assert (down.before, down.after) == (2, 1) and f"draining {rid}" in down.reason
         snap = fleet.snapshot("default")
@@ -352,11 +375,11 @@ def test_a_replica_that_dies_is_dropped_and_replaced_up_to_min(platform: Platfor
             clock=clock,
         )
         await fleet.tick()  # below min_replicas: starts one
-        await asyncio.sleep(0)
+        await settle(lambda: fleet._starting == 0, "the first replica started")
         assert [r.id for r in fleet._serving] == ["fake-1"]
         backend.dead.add("fake-1")
         await fleet.tick()
-        await asyncio.sleep(0)
+        await settle(lambda: fleet._starting == 0, "the replacement started")
         assert [r.id for r in fleet._serving] == ["fake-2"]
         reasons = [d.reason for d in fleet.decisions.recent()]
         assert any("fake-1 exited" in r for r in reasons)
@@ -373,10 +396,11 @@ def test_close_drains_every_replica(platform: Platform) -> None:
         a, b = await add_replicas(fleet, backend, 2)
         backend.hold = asyncio.Event()
         flying = [asyncio.create_task(fleet.invoke("default", "hostile", b"e", "t")) for _ in range(4)]
-        await asyncio.sleep(0.01)
+        await settle(lambda: a.outstanding + b.outstanding == 4, "four requests in flight")
         closing = asyncio.create_task(fleet.aclose())
-        await asyncio.sleep(0.02)
-        assert backend.stopped == []  # waits for the requests in flight
+        # Both replicas out of the routing and draining: each waits for its requests in flight.
+        await settle(lambda: a.state == b.state == "draining" and not fleet._serving, "both draining")
+        assert backend.stopped == [] and not closing.done()
         backend.hold.set()
         await closing
         assert all(r.body == b"e" for r in await asyncio.gather(*flying))
@@ -466,8 +490,10 @@ def test_a_replica_platform_syncs_to_the_digest_it_is_sent(
 # --- a real worker process --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_local_backend_runs_a_worker_process(platform: Platform, hostile_wasm: bytes) -> None:
+    # The loop holds the worker's one instance for 3 s: the window in which the second request must
+    # find it busy (300 ms was narrower than a stats round trip to the worker on a loaded machine).
     platform.put_function(
-        "busy", hostile_wasm, MANIFEST.replace(max_instances=1, max_queue=0, timeout_ms=300)
+        "busy", hostile_wasm, MANIFEST.replace(max_instances=1, max_queue=0, timeout_ms=3000)
     )
 
     async def main() -> None:
@@ -488,13 +514,10 @@ def test_local_backend_runs_a_worker_process(platform: Platform, hostile_wasm: b
             busy = deployment_digest(platform.deployed("busy"))
             slow = asyncio.create_task(backend.route(replica, "default", "busy", busy, b"l", "t"))
             # Synchronise on the worker's state, not on a sleep: its one instance is busy with the loop.
-            for _ in range(500):
-                functions = (await backend.stats(replica)).functions
-                if functions.get("default/busy", {}).get("busy") == 1:
-                    break
+            deadline = time.monotonic() + 30
+            while (await backend.stats(replica)).functions.get("default/busy", {}).get("busy") != 1:
+                assert time.monotonic() < deadline and not slow.done(), "the loop never started in the worker"
                 await asyncio.sleep(0.01)
-            else:
-                raise AssertionError(f"the loop never started in the worker: {functions}")
             with pytest.raises(TooManyRequests) as busy_error:
                 await backend.route(replica, "default", "busy", busy, b"e", "t")
             assert busy_error.value.retry_after_s >= 1
@@ -519,7 +542,9 @@ def test_a_request_that_cannot_reach_a_dead_worker_goes_once_more_elsewhere(
 ) -> None:
     """`NotDelivered`: the worker's socket refuses the connection, so the request certainly never
     ran there, and the fleet sends it to another replica (before its next tick notices the death)."""
-    platform.put_function("slow", hostile_wasm, MANIFEST.replace(timeout_ms=1000))
+    # The loop holds the primary until the function is deleted (which cancels it): the worker stays
+    # the less busy replica however long the steps below take.
+    platform.put_function("slow", hostile_wasm, MANIFEST.replace(timeout_ms=60_000))
 
     async def main() -> None:
         backend = LocalBackend(platform.data_dir, ScalingConfig(max_replicas=2), threads=4)
@@ -534,20 +559,15 @@ def test_a_request_that_cannot_reach_a_dead_worker_goes_once_more_elsewhere(
         try:
             (primary,) = (r for r in fleet.replicas if r.holds_all)
             looping = asyncio.create_task(fleet.invoke("default", "slow", b"l", "t"))  # on the primary
-            for _ in range(1000):
-                if primary.outstanding == 1:
-                    break
-                await asyncio.sleep(0.005)
-            assert (primary.outstanding, worker.outstanding) == (1, 0)
+            await settle(lambda: primary.outstanding == 1, "the loop in flight on the primary")
+            assert worker.outstanding == 0
 
             os.kill(worker.pid, signal.SIGKILL)
             await anyio.to_thread.run_sync(worker.handle.process.wait)
             # The kept-alive connection of its warm-up sees the end of stream, as the gateway's
             # event loop would have seen it by the next request.
-            for _ in range(1000):
-                if all(reader.at_eof() for reader, _ in worker.handle.http._idle):
-                    break
-                await asyncio.sleep(0.005)
+            await settle(lambda: all(reader.at_eof() for reader, _ in worker.handle.http._idle),
+                         "the end of stream on the worker's idle connection")
             with pytest.raises(NotDelivered, match=f"cannot connect to {worker.id}") as info:
                 await backend.route(worker, "default", "hostile", digest, b"e", "t")
             assert (info.value.status, info.value.code) == (503, "not_delivered")
@@ -555,7 +575,8 @@ def test_a_request_that_cannot_reach_a_dead_worker_goes_once_more_elsewhere(
             result = await fleet.invoke("default", "hostile", b"ehi", "text/plain")
             assert result.body == b"ehi" and not result.invocation_id.startswith(worker.id)
             assert worker in fleet._serving  # not noticed yet: it was tried first, then skipped
-            with pytest.raises(Timeout):
+            platform.delete_function("slow")
+            with pytest.raises(InvocationCancelled):
                 await looping
         finally:
             await fleet.aclose()
@@ -573,7 +594,7 @@ def test_scaling_route_shows_the_callers_functions_and_metrics_count_429s(
 
     platform.put_function("other", hostile_wasm, Manifest(memory_mb=4), tenant="acme")
     platform.put_function(
-        "one", hostile_wasm, MANIFEST.replace(max_concurrency=1, max_queue=0, timeout_ms=1500)
+        "one", hostile_wasm, MANIFEST.replace(max_concurrency=1, max_queue=0, timeout_ms=60_000)
     )
     with TestClient(create_app(platform), raise_server_exceptions=False) as client:
         snap = client.get("/v1/scaling").json()
@@ -585,19 +606,23 @@ def test_scaling_route_shows_the_callers_functions_and_metrics_count_429s(
 
         import threading
 
-        slow: list[int] = []
+        # The loop holds the function's one slot until the function is deleted (which cancels it):
+        # however slow the machine, the second request finds the slot taken.
+        slow: list[Any] = []
         looping = threading.Thread(
-            target=lambda: slow.append(client.post("/v1/functions/one/invoke", content=b"l").status_code)
+            target=lambda: slow.append(client.post("/v1/functions/one/invoke", content=b"l"))
         )
         looping.start()
-        deadline = time.monotonic() + 2
-        while platform.host().function("one").pool.stats()["busy"] == 0 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while platform.host().function("one").pool.stats()["busy"] == 0:
+            assert time.monotonic() < deadline, "the loop never took the instance"
             time.sleep(0.005)
         r = client.post("/v1/functions/one/invoke", content=b"e")
-        looping.join()
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert "max_concurrency" in r.json()["error"]["message"]
-        assert slow == [504]
+        assert client.delete("/v1/functions/one").status_code == 204
+        looping.join(30)
+        assert [(r.status_code, r.json()["error"]["code"]) for r in slow] == [(503, "invocation_cancelled")]
         metrics = client.get("/metrics").text
         assert 'wasminfer_admission_rejected_total{limit="max_concurrency"} 1.0' in metrics
         assert 'wasminfer_replicas{state="serving"} 1.0' in metrics

@@ -127,6 +127,7 @@ def test_timeout_obeyed_near_the_limit_and_violated_by_the_same_work(host: Host)
         host.invoke("spin-violated", work)
 
 
+@pytest.mark.serial  # measures time: runs alone, before the parallel suite
 def test_timeout_violated_stops_loop_near_deadline(host: Host) -> None:
     t = time.monotonic()
     with pytest.raises(Timeout, match="timeout of 200 ms"):
@@ -199,7 +200,7 @@ def test_unknown_model(host: Host, hostile_wasm: bytes, add_model: bytes) -> Non
 
 
 def test_deploy_with_missing_model_refused(host: Host, hostile_wasm: bytes) -> None:
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(ModelNotFound, match="'nope'"):
         host.deploy_function("x", hostile_wasm, Manifest(models=("nope",)))
 
 

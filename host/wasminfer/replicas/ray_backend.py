@@ -67,6 +67,10 @@ log = logging.getLogger("wasminfer.replicas")
 
 _CONTROL = "control"  # the actor's concurrency group for stats, warm-up and close: never behind invocations
 _NEED_BUNDLE = "need-bundle"  # an actor's answer: "send me the function's blobs with this request"
+#: How long an actor waits for a blob from Ray's object store. A blob within the upload limits moves
+#: between nodes in seconds; past this the transfer is broken, and a thread stuck in `ray.get` would
+#: hold the actor's sync lock (every later deploy on it) for good.
+FETCH_TIMEOUT_S = 60.0
 
 #: What the gateway sends an actor on another node with a request it may not be synced for:
 #: {"function": (sha256, manifest, ref), "models": [(name, sha256, ref, options), …]} (refs into Ray's
@@ -219,7 +223,19 @@ class RayBackend(ReplicaBackend):
                 log.warning("replica %s: not warming %s/%s: %s", replica.id, tenant, name, exc.message)
                 continue
             items.append((tenant, name, deployment, bundle))
-        outcome: dict[str, str] = await actor.handle.warm.options(concurrency_group=_CONTROL).remote(items)
+        limit = self.config.ray_start_timeout_s
+        try:
+            outcome: dict[str, str] = await asyncio.wait_for(
+                _await(actor.handle.warm.options(concurrency_group=_CONTROL).remote(items)), limit
+            )
+        except TimeoutError:
+            # Never a replica that is neither serving nor gone: the fleet would count it as
+            # starting for good and start no other.
+            actor.lost = "did not load its functions in time"
+            raise Unavailable(
+                f"replica {replica.id} did not load the {len(items)} function(s) it was warmed with "
+                f"within {limit:g} s (scaling key 'ray_start_timeout_s')"
+            ) from None
         for tenant, name, deployment, _ in items:
             if outcome.get(f"{tenant}/{name}") == "ok":
                 replica.warm.add((tenant, name))
@@ -490,8 +506,6 @@ class HostActor:
             return True
         if bundle is None:
             return False
-        import ray
-
         with self._sync_lock:
             if self._current(tenant, name) == deployment:
                 return True
@@ -503,9 +517,10 @@ class HostActor:
                     or model not in host.models
                     or model_digest(host.models.get(model)) != model_digest(sha, options)
                 ):
-                    platform.put_model(model, ray.get(ref), options=options, tenant=tenant)
+                    platform.put_model(model, _fetch(ref, f"model {model!r}"), options=options, tenant=tenant)
             _, manifest, ref = bundle["function"]
-            platform.put_function(name, ray.get(ref), Manifest.from_dict(manifest), tenant=tenant)
+            wasm = _fetch(ref, f"function {name!r}")
+            platform.put_function(name, wasm, Manifest.from_dict(manifest), tenant=tenant)
             log.info("synced %s/%s from Ray's object store", tenant, name)
         return True
 
@@ -529,6 +544,24 @@ class HostActor:
         self.platform.close()
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
+
+
+def _fetch(ref: Any, what: str) -> bytes:
+    """A blob from Ray's object store, inside an actor. Raises `Unavailable` if it does not come
+    within `FETCH_TIMEOUT_S` or is lost (its owner, the gateway, went away)."""
+    import ray
+
+    try:
+        data: bytes = ray.get(ref, timeout=FETCH_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise Unavailable(
+            f"the {what} did not arrive from Ray's object store within {FETCH_TIMEOUT_S:g} s; retry"
+        ) from None
+    except ray.exceptions.RayError as exc:
+        raise Unavailable(
+            f"the {what} could not be fetched from Ray's object store: {_first_line(exc)}; retry"
+        ) from None
+    return data
 
 
 def _take_back_signals() -> None:
