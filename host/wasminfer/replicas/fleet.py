@@ -16,6 +16,12 @@ replica: 429 for that tenant only, so one tenant's flood never fills a host's qu
 Inside a host the threads are shared fairly between tenants (`replicas.fairness.FairLimiter`) and
 the pool bounds each function again (`max_instances`, `max_queue`). Every 429 says `Retry-After`.
 
+Replicas that take their own connections on the gateway's port (`replicas.reuseport`) are never
+routed to: the kernel hands them connections. The fleet only starts, watches, drains and stops
+them, and reads their load from what they report. Such a replica runs a fleet of its own (its
+process' only replica) with `follow_store`: before an invocation it makes its copy of the function
+the store's current one, if the store's change mark moved since it last looked.
+
 Draining: a replica leaving is taken out of the routing first, then stopped once the requests it
 has are answered; so is every replica when the fleet closes (after the gateway's graceful shutdown
 finished what was in flight). Everything here runs on the gateway's event loop: picking a replica
@@ -32,12 +38,20 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
 from wasminfer.digests import deployment_digest
-from wasminfer.errors import MemoryQuotaExceeded, NotDelivered, TooManyRequests, Unavailable, WasminferError
+from wasminfer.errors import (
+    FunctionNotFound,
+    MemoryQuotaExceeded,
+    NotDelivered,
+    TooManyRequests,
+    Unavailable,
+    WasminferError,
+)
 from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import Replica, ReplicaBackend, WarmSpec
 from wasminfer.replicas.fairness import FairLimiter
@@ -50,6 +64,10 @@ from wasminfer.service import Platform
 log = logging.getLogger("wasminfer.scaling")
 
 Key = tuple[str, str]  # (tenant, function)
+
+# Functions whose change mark a following fleet remembers (names that do not exist included: a
+# caller trying names must not make it read the store for each); past it, it forgets them all.
+_MAX_FOLLOWED = 4096
 
 
 class _Gate:
@@ -112,10 +130,12 @@ class Fleet:
         limiter: FairLimiter | None = None,
         threads: int = 64,
         clock: Clock = MONOTONIC,
+        follow_store: bool = False,
     ) -> None:
         """`backend` makes the replicas beyond the gateway's own process (default: `LocalBackend`,
         or `RayBackend` for `config.backend` "ray", when `config.max_replicas` allows any);
-        `limiter` bounds the gateway's own worker threads."""
+        `limiter` bounds the gateway's own worker threads. `follow_store`: this process is a
+        replica that takes its own connections, and deploys happen in another (see `follow`)."""
         self.platform = platform
         self.config = config = config or ScalingConfig()
         self.decisions = DecisionLog()
@@ -145,6 +165,14 @@ class Fleet:
         self._closed = False
         self.last_load = ReplicaLoad(0)
         self.rejected: collections.Counter[str] = collections.Counter()  # 429s by reason
+        self._changes = platform.store.changes if follow_store else None
+        self._followed: dict[Key, int] = {}  # the change mark each function was last synced at
+        self._refreshing: dict[Key, asyncio.Task[None]] = {}
+        #: Set once `min_replicas` serve (or a start failed): until then the server is not ready.
+        self.filled = False
+        #: Called when a replica that takes its own connections starts serving: this process' share
+        #: of the kept-alive connections should reconnect (`gateway.replica.ProcessApp.rebalance`).
+        self.rebalance: Callable[[], None] | None = None
         if config.primary_replica:  # serves from the start, even before `start()` (no I/O to make)
             self._primary = InProcessBackend(
                 platform,
@@ -184,6 +212,8 @@ class Fleet:
     async def invoke(self, tenant: str, name: str, body: bytes, content_type: str) -> InvokeResult:
         """Runs one invocation on a replica. Raises what `Platform.invoke` raises; `TooManyRequests`
         past admission; `Unavailable` with no replica serving, or one lost with the request."""
+        if self._changes is not None:
+            await self.follow(tenant, name)
         fn = self.platform.deployed(name, tenant=tenant)
         m = fn.manifest
         key = (tenant, name)
@@ -201,6 +231,46 @@ class Fleet:
             return await self._route(key, fn, body, content_type)
         finally:
             gate.release()
+
+    async def follow(self, tenant: str, name: str) -> None:
+        """Makes this process' copy of function `name` the store's current one if the store's change
+        mark moved since it was last synced (`Platform.refresh`, on a worker thread; concurrent
+        callers share one refresh). The mark moves after the writer's commit and before its
+        answer, so an invocation that starts after a deploy was answered runs what was deployed.
+        Raises `FunctionNotFound` and what a deploy raises."""
+        assert self._changes is not None
+        key = (tenant, name)
+        while True:
+            mark = self._changes.value()
+            if self._followed.get(key) == mark:
+                return
+            pending = self._refreshing.get(key)
+            if pending is not None:  # started by another caller, maybe at an older mark: look again
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pending)
+                continue
+            task = asyncio.create_task(self._refresh(key, mark))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+            self._refreshing[key] = task
+            await asyncio.shield(task)
+            return
+
+    async def _refresh(self, key: Key, mark: int) -> None:
+        tenant, name = key
+        try:
+            await anyio.to_thread.run_sync(lambda: self.platform.refresh(name, tenant=tenant))
+        except FunctionNotFound:
+            self._remember(key, mark)
+            raise
+        else:
+            self._remember(key, mark)
+        finally:
+            self._refreshing.pop(key, None)
+
+    def _remember(self, key: Key, mark: int) -> None:
+        if len(self._followed) >= _MAX_FOLLOWED:
+            self._followed.clear()
+        self._followed[key] = mark
 
     async def _route(self, key: Key, fn: Any, body: bytes, content_type: str) -> InvokeResult:
         tenant, name = key
@@ -302,25 +372,32 @@ class Fleet:
                 replica.stats = await replica.backend.stats(replica)
                 if not replica.stats.alive:
                     self._lost(replica)
-        serving = self._serving
+        serving = [r for r in self.replicas if r.state == "serving"]
         cpu = sum(r.stats.cpu for r in serving) / len(serving) if serving else 0.0
+        # Replicas that take their own connections measured their own requests: the fleet's delay
+        # is the worst process' (connections hashed to a saturated one wait, whatever the others do).
+        accepting = [r.stats for r in serving if r.accepts]
         load = ReplicaLoad(
             replicas=len(serving),
             starting=self._starting,
-            queue_ms=_p90(waits) / 1000,
+            queue_ms=max([_p90(waits) / 1000, *(st.queue_ms for st in accepting)]),
             cpu=cpu,
-            requests=len(waits),
-            concurrency=in_flight_s / elapsed if elapsed > 0 else 0.0,
+            requests=len(waits) + sum(st.requests for st in accepting),
+            concurrency=(in_flight_s / elapsed if elapsed > 0 else 0.0)
+            + sum(st.concurrency for st in accepting),
         )
         self.last_load = load
         if self._closed or not self.platform.ready:
             return
         decision = self.autoscaler.observe(load)
         if decision.delta > 0 and self.backend is not None:
-            self._starting += 1
             n = len(serving)
-            self.decisions.record("replicas", "replicas", n, n + 1, decision.reason)
-            self._spawn(self._add(self._warm_specs(hot)))
+            # Below the minimum (at start, after a loss) every missing replica starts at once.
+            for _ in range(max(1, self.config.min_replicas - n - self._starting)):
+                self._starting += 1
+                self.decisions.record("replicas", "replicas", n, n + 1, decision.reason)
+                self._spawn(self._add(self._warm_specs(hot)))
+                n += 1
         elif decision.delta < 0:
             victims = [r for r in serving if not r.holds_all]
             if victims:
@@ -338,6 +415,11 @@ class Fleet:
                 specs.append((tenant, name, deployment_digest(self.platform.deployed(name, tenant=tenant))))
             except WasminferError:
                 continue  # deleted meanwhile
+        if not specs:  # nothing ran this tick (a replica started to reach the minimum): what is deployed
+            for tenant, host in self.platform.hosts().items():
+                for fn in host.functions():
+                    if len(specs) < self.config.warm_functions:
+                        specs.append((tenant, fn.name, deployment_digest(fn)))
         return specs
 
     def _spawn(self, coro: Any) -> None:
@@ -357,7 +439,8 @@ class Fleet:
         except Exception as exc:
             message = exc.message if isinstance(exc, WasminferError) else repr(exc)
             log.error("could not start a replica: %s", message)
-            n = len(self._serving)
+            self.filled = True  # readiness waits for the replicas that start, not forever
+            n = self._count_serving()
             self.decisions.record(
                 "replicas", "replicas", n + 1, n, f"the new replica failed to start: {message}"
             )
@@ -373,8 +456,15 @@ class Fleet:
         replica.state = "serving"
         replica.serving_at = time.time()
         self.replicas.append(replica)
-        self._serving = [*self._serving, replica]
+        if not replica.accepts:  # (one that takes its own connections is never routed to)
+            self._serving = [*self._serving, replica]
+        elif self.rebalance is not None:
+            self.rebalance()
+        self.filled = self.filled or self._count_serving() >= self.config.min_replicas
         self.autoscaler.reset()
+
+    def _count_serving(self) -> int:
+        return sum(r.state == "serving" for r in self.replicas)
 
     async def _drain(self, replica: Replica) -> None:
         replica.state = "draining"
@@ -395,7 +485,7 @@ class Fleet:
                 self.replicas.remove(replica)
 
     def _lost(self, replica: Replica) -> None:
-        n = len(self._serving)
+        n = self._count_serving()
         self._serving = [r for r in self._serving if r is not replica]
         if replica in self.replicas:
             self.replicas.remove(replica)
@@ -404,10 +494,14 @@ class Fleet:
             "replicas",
             "replicas",
             n,
-            len(self._serving),
+            self._count_serving(),
             f"replica {replica.id} exited (status {replica.stats.exit_code}); its requests in flight failed",
         )
         self._spawn(replica.backend.stop(replica))
+
+    async def counters(self) -> list[list[Any]]:
+        """The invocation counters of the replicas that count their own (`ReplicaBackend.counters`)."""
+        return [] if self.backend is None else await self.backend.counters()
 
     # --- what /v1/scaling shows ---------------------------------------------------------------------
     def snapshot(self, tenant: str | None = None) -> dict[str, Any]:
@@ -440,7 +534,7 @@ class Fleet:
             decisions += r.stats.decisions
         load = self.last_load
         return {
-            "serving": len(self._serving),
+            "serving": self._count_serving(),
             "starting": self._starting,
             "min_replicas": self.config.min_replicas,
             "max_replicas": self.config.max_replicas,
