@@ -16,11 +16,8 @@ replica: 429 for that tenant only, so one tenant's flood never fills a host's qu
 Inside a host the threads are shared fairly between tenants (`replicas.fairness.FairLimiter`) and
 the pool bounds each function again (`max_instances`, `max_queue`). Every 429 says `Retry-After`.
 
-Replicas that take their own connections on the gateway's port (`replicas.reuseport`) are never
-routed to: the kernel hands them connections. The fleet only starts, watches, drains and stops
-them, and reads their load from what they report. Such a replica runs a fleet of its own (its
-process' only replica) with `follow_store`: before an invocation it makes its copy of the function
-the store's current one, if the store's change mark moved since it last looked.
+Replicas that take their own connections (`replicas.reuseport`) are never routed to: the fleet
+starts, watches, drains and stops them, and reads the load they report.
 
 Draining: a replica leaving is taken out of the routing first, then stopped once the requests it
 has are answered; so is every replica when the fleet closes (after the gateway's graceful shutdown
@@ -44,17 +41,11 @@ from typing import Any
 import anyio
 
 from wasminfer.digests import deployment_digest
-from wasminfer.errors import (
-    FunctionNotFound,
-    MemoryQuotaExceeded,
-    NotDelivered,
-    TooManyRequests,
-    Unavailable,
-    WasminferError,
-)
+from wasminfer.errors import MemoryQuotaExceeded, NotDelivered, TooManyRequests, Unavailable, WasminferError
 from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import Replica, ReplicaBackend, WarmSpec
 from wasminfer.replicas.fairness import FairLimiter
+from wasminfer.replicas.follow import StoreFollower
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.runtime import InvokeResult
@@ -64,10 +55,6 @@ from wasminfer.service import Platform
 log = logging.getLogger("wasminfer.scaling")
 
 Key = tuple[str, str]  # (tenant, function)
-
-# Functions whose change mark a following fleet remembers (names that do not exist included: a
-# caller trying names must not make it read the store for each); past it, it forgets them all.
-_MAX_FOLLOWED = 4096
 
 
 class _Gate:
@@ -134,8 +121,8 @@ class Fleet:
     ) -> None:
         """`backend` makes the replicas beyond the gateway's own process (default: `LocalBackend`,
         or `RayBackend` for `config.backend` "ray", when `config.max_replicas` allows any);
-        `limiter` bounds the gateway's own worker threads. `follow_store`: this process is a
-        replica that takes its own connections, and deploys happen in another (see `follow`)."""
+        `limiter` bounds the gateway's own worker threads. `follow_store`: a replica process that
+        takes its own connections (`replicas.follow`)."""
         self.platform = platform
         self.config = config = config or ScalingConfig()
         self.decisions = DecisionLog()
@@ -165,13 +152,10 @@ class Fleet:
         self._closed = False
         self.last_load = ReplicaLoad(0)
         self.rejected: collections.Counter[str] = collections.Counter()  # 429s by reason
-        self._changes = platform.store.changes if follow_store else None
-        self._followed: dict[Key, int] = {}  # the change mark each function was last synced at
-        self._refreshing: dict[Key, asyncio.Task[None]] = {}
+        self.follower = StoreFollower(platform) if follow_store else None
         #: Set once `min_replicas` serve (or a start failed): until then the server is not ready.
         self.filled = False
-        #: Called when a replica that takes its own connections starts serving: this process' share
-        #: of the kept-alive connections should reconnect (`gateway.replica.ProcessApp.rebalance`).
+        #: Called when a replica taking its own connections starts serving (`ProcessApp.rebalance`).
         self.rebalance: Callable[[], None] | None = None
         if config.primary_replica:  # serves from the start, even before `start()` (no I/O to make)
             self._primary = InProcessBackend(
@@ -212,8 +196,8 @@ class Fleet:
     async def invoke(self, tenant: str, name: str, body: bytes, content_type: str) -> InvokeResult:
         """Runs one invocation on a replica. Raises what `Platform.invoke` raises; `TooManyRequests`
         past admission; `Unavailable` with no replica serving, or one lost with the request."""
-        if self._changes is not None:
-            await self.follow(tenant, name)
+        if self.follower is not None:
+            await self.follower.follow(tenant, name)
         fn = self.platform.deployed(name, tenant=tenant)
         m = fn.manifest
         key = (tenant, name)
@@ -231,46 +215,6 @@ class Fleet:
             return await self._route(key, fn, body, content_type)
         finally:
             gate.release()
-
-    async def follow(self, tenant: str, name: str) -> None:
-        """Makes this process' copy of function `name` the store's current one if the store's change
-        mark moved since it was last synced (`Platform.refresh`, on a worker thread; concurrent
-        callers share one refresh). The mark moves after the writer's commit and before its
-        answer, so an invocation that starts after a deploy was answered runs what was deployed.
-        Raises `FunctionNotFound` and what a deploy raises."""
-        assert self._changes is not None
-        key = (tenant, name)
-        while True:
-            mark = self._changes.value()
-            if self._followed.get(key) == mark:
-                return
-            pending = self._refreshing.get(key)
-            if pending is not None:  # started by another caller, maybe at an older mark: look again
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pending)
-                continue
-            task = asyncio.create_task(self._refresh(key, mark))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
-            self._refreshing[key] = task
-            await asyncio.shield(task)
-            return
-
-    async def _refresh(self, key: Key, mark: int) -> None:
-        tenant, name = key
-        try:
-            await anyio.to_thread.run_sync(lambda: self.platform.refresh(name, tenant=tenant))
-        except FunctionNotFound:
-            self._remember(key, mark)
-            raise
-        else:
-            self._remember(key, mark)
-        finally:
-            self._refreshing.pop(key, None)
-
-    def _remember(self, key: Key, mark: int) -> None:
-        if len(self._followed) >= _MAX_FOLLOWED:
-            self._followed.clear()
-        self._followed[key] = mark
 
     async def _route(self, key: Key, fn: Any, body: bytes, content_type: str) -> InvokeResult:
         tenant, name = key
@@ -374,17 +318,15 @@ class Fleet:
                     self._lost(replica)
         serving = [r for r in self.replicas if r.state == "serving"]
         cpu = sum(r.stats.cpu for r in serving) / len(serving) if serving else 0.0
-        # Replicas that take their own connections measured their own requests: the fleet's delay
-        # is the worst process' (connections hashed to a saturated one wait, whatever the others do).
-        accepting = [r.stats for r in serving if r.accepts]
+        # Replicas taking their own connections report their load; the worst process' delay counts.
+        own = [r.stats for r in serving if r.accepts]
         load = ReplicaLoad(
             replicas=len(serving),
             starting=self._starting,
-            queue_ms=max([_p90(waits) / 1000, *(st.queue_ms for st in accepting)]),
+            queue_ms=max([_p90(waits) / 1000, *(st.queue_ms for st in own)]),
             cpu=cpu,
-            requests=len(waits) + sum(st.requests for st in accepting),
-            concurrency=(in_flight_s / elapsed if elapsed > 0 else 0.0)
-            + sum(st.concurrency for st in accepting),
+            requests=len(waits) + sum(st.requests for st in own),
+            concurrency=(in_flight_s / elapsed if elapsed > 0 else 0.0) + sum(st.concurrency for st in own),
         )
         self.last_load = load
         if self._closed or not self.platform.ready:
@@ -393,11 +335,10 @@ class Fleet:
         if decision.delta > 0 and self.backend is not None:
             n = len(serving)
             # Below the minimum (at start, after a loss) every missing replica starts at once.
-            for _ in range(max(1, self.config.min_replicas - n - self._starting)):
+            for i in range(max(1, self.config.min_replicas - n - self._starting)):
                 self._starting += 1
-                self.decisions.record("replicas", "replicas", n, n + 1, decision.reason)
+                self.decisions.record("replicas", "replicas", n + i, n + i + 1, decision.reason)
                 self._spawn(self._add(self._warm_specs(hot)))
-                n += 1
         elif decision.delta < 0:
             victims = [r for r in serving if not r.holds_all]
             if victims:
@@ -416,10 +357,9 @@ class Fleet:
             except WasminferError:
                 continue  # deleted meanwhile
         if not specs:  # nothing ran this tick (a replica started to reach the minimum): what is deployed
-            for tenant, host in self.platform.hosts().items():
-                for fn in host.functions():
-                    if len(specs) < self.config.warm_functions:
-                        specs.append((tenant, fn.name, deployment_digest(fn)))
+            hosts = self.platform.hosts().items()
+            specs = [(t, fn.name, deployment_digest(fn)) for t, h in hosts for fn in h.functions()]
+            specs = specs[: self.config.warm_functions]
         return specs
 
     def _spawn(self, coro: Any) -> None:
@@ -465,7 +405,6 @@ class Fleet:
 
     def _count_serving(self) -> int:
         return sum(r.state == "serving" for r in self.replicas)
-
     async def _drain(self, replica: Replica) -> None:
         replica.state = "draining"
         self._serving = [r for r in self._serving if r is not replica]
@@ -500,7 +439,7 @@ class Fleet:
         self._spawn(replica.backend.stop(replica))
 
     async def counters(self) -> list[list[Any]]:
-        """The invocation counters of the replicas that count their own (`ReplicaBackend.counters`)."""
+        """Invocation counters of the replicas that count their own (`ReplicaBackend.counters`)."""
         return [] if self.backend is None else await self.backend.counters()
 
     # --- what /v1/scaling shows ---------------------------------------------------------------------
