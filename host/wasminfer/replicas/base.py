@@ -75,6 +75,7 @@ class ReplicaBackend(ABC):
     (spawning a process, waiting for it) must move that work to a thread itself."""
 
     kind: str = "abstract"
+    takes_connections: bool = False  # its replicas accept on the gateway's port (never routed to)
 
     @abstractmethod
     async def start(self, warm: Sequence[WarmSpec] = ()) -> Replica:

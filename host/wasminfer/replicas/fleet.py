@@ -356,7 +356,7 @@ class Fleet:
                 specs.append((tenant, name, deployment_digest(self.platform.deployed(name, tenant=tenant))))
             except WasminferError:
                 continue  # deleted meanwhile
-        if not specs:  # nothing ran this tick (a replica started to reach the minimum): what is deployed
+        if not specs and self.backend is not None and self.backend.takes_connections:  # any function may come
             hosts = self.platform.hosts().items()
             specs = [(t, fn.name, deployment_digest(fn)) for t, h in hosts for fn in h.functions()]
             specs = specs[: self.config.warm_functions]

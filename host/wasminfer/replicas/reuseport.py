@@ -87,6 +87,7 @@ def unix_socket(path: Path, backlog: int = 256) -> socket.socket:
 
 class ReuseportBackend(LocalBackend):
     kind = "reuseport"
+    takes_connections = True
 
     def __init__(
         self,
