@@ -1,8 +1,11 @@
 """Hybrid scaling on a real server: `wasminfer serve --max-replicas 2` on 127.0.0.1, with small
-windows. A load step makes the instances rise first and then a second replica (a worker process)
-start; when the load stops the fleet drains back to one replica; not one request fails. SIGTERM of
-the server finishes every invocation in flight, also those forwarded to a worker. A worker killed
-with a request in flight fails it with a 503 and is replaced; workers exit when their gateway dies."""
+windows. A load step makes the instances rise first and then a second replica (a process taking
+connections on the same port) start, and the kept-alive clients spread over both; when the load
+stops the fleet drains back to one replica; not one request fails. With `primary_replica=false`
+(every invocation forwarded to worker processes): SIGTERM of the server finishes every invocation
+in flight, also those forwarded to a worker; a worker killed with a request in flight fails it with
+a 503 and is replaced; workers exit when their gateway dies. (tests/test_reuseport.py: replicas on
+the port in detail.)"""
 
 from __future__ import annotations
 
@@ -149,16 +152,17 @@ def test_load_step_adds_instances_then_a_replica_and_drains_back(tmp_path: Path)
         deploy_sleep(url, max_instances=2, idle_timeout_s=1)
         body = sleeps(20)
         _, idle = wait_for(url, lambda s: s["serving"] == 1 and live(s) <= 1, 15, "an idle server")
-        assert idle["backend"] == "local"
+        assert idle["backend"] == "reuseport"
 
         load = Load(url, body, concurrency=8)  # 8 at once against 2 instances: requests queue
         try:
             wait_for(url, lambda s: live(s) == 2, 10, "a second instance")
             seen_instances = time.time()  # no earlier than the second instance came (pools grow on demand)
             _, grown = wait_for(url, lambda s: s["serving"] == 2, 20, "a second replica")
-            worker = next(r for r in grown["replicas"] if r["kind"] == "local")
+            worker = next(r for r in grown["replicas"] if r["kind"] == "reuseport")
             assert worker["pid"] and worker["state"] == "serving"
-            # the new replica takes a share of the load (it was warmed with the function)
+            # the new replica takes a share of the load (it was warmed with the function; the
+            # clients' kept-alive connections were closed once, and some reconnected to it)
             wait_for(url, lambda s: live(s, worker["id"]) >= 1, 10, "instances on the new replica")
             deadline = time.monotonic() + 30
             while sum(i.startswith(f"{worker['id']}.") for i in load.invocations) < 5:
@@ -188,7 +192,7 @@ def test_load_step_adds_instances_then_a_replica_and_drains_back(tmp_path: Path)
 
 def test_sigterm_finishes_the_invocations_in_flight(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
-    args = ["--min-replicas", "2", "--max-replicas", "2"]
+    args = ["--min-replicas", "2", "--max-replicas", "2", "--scaling", "primary_replica=false"]
     args += ["--scaling", "replica_tick_s=0.2", "--scaling", "cold_penalty=0"]  # spread evenly
     with server(tmp_path / "data", log, *args) as (url, proc):
         deploy_sleep(url, max_instances=16)

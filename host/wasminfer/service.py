@@ -642,18 +642,41 @@ class Platform:
 
         Raises `FunctionNotFound` (deleted from the store meanwhile), and what a deploy raises.
         """
-        host = self._hosts.get(tenant)
-        fn = _deployed(host, name)
+        fn = _deployed(self._hosts.get(tenant), name)
         if fn is not None and deployment_digest(fn) == deployment:
             return
+        self._load_current(name, tenant, deployment)
+
+    def refresh(self, name: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Makes this platform serve what the store holds now for function `name`: its current
+        version and the models its manifest names, reloaded only where they differ. How a replica
+        process that takes its own connections follows deploys made by another process (after the
+        store's change mark moved, `store.changes`).
+
+        Raises `FunctionNotFound` when the store has no such function (a copy this platform still
+        holds is dropped first), and what a deploy raises."""
+        try:
+            self._load_current(name, tenant)
+        except FunctionNotFound:
+            with self._lock:
+                host = self._hosts.get(tenant)
+                if _deployed(host, name) is not None:
+                    assert host is not None
+                    host.remove_function(name)
+            raise
+
+    def _load_current(self, name: str, tenant: str, deployment: str | None = None) -> None:
+        """`sync` and `refresh`: the store's current version of `name` and its models, loaded where
+        this platform's copy differs (or, with `deployment`, unless the copy has that digest)."""
         with self._lock:
             self._check_ready()
             host = self._ensure_host(tenant)
             fn = _deployed(host, name)
-            if fn is not None and deployment_digest(fn) == deployment:
+            if deployment is not None and fn is not None and deployment_digest(fn) == deployment:
                 return
             fv = self.store.get_function(name, tenant=tenant)
             manifest = Manifest.from_dict(fv.manifest)
+            changed = False
             for model in manifest.models:
                 rec = self.store.get_model(model, tenant=tenant)
                 stored = rec.info.get("options") or {}
@@ -661,6 +684,7 @@ class Platform:
                     rec.sha256, stored
                 ):
                     host.deploy_model(model, self.store.blobs.get(rec.sha256), **_load_options(stored))
+                    changed = True
         if fn is None or fn.version != fv.sha256 or fn.manifest != manifest:
             # Started outside the lock, as in `put_function`; installed if still the current version.
             prepared = host.prepare_function(name, self.store.blobs.get(fv.sha256), manifest)
@@ -670,7 +694,9 @@ class Platform:
                     host.discard_function(prepared)
                     return
                 host.install_function(prepared)
-        log.info("replica: synced %s/%s to version %d from the store", tenant, name, fv.version)
+            changed = True
+        if changed:
+            log.info("replica: synced %s/%s to version %d from the store", tenant, name, fv.version)
 
     def logs(
         self, name: str, n: int = 200, since: float | None = None, *, tenant: str = DEFAULT_TENANT

@@ -1,12 +1,16 @@
 """`wasminfer serve` (the gateway over the embedded host and a data folder) and the hidden
-`wasminfer worker` (a host replica process that `serve --max-replicas N` starts)."""
+`wasminfer replica` (a host replica process taking connections on the gateway's port, which `serve
+--max-replicas N` and `--reuseport-replicas N` start) and `wasminfer worker` (one the gateway
+forwards invocations to: `--scaling primary_replica=false`, or no `SO_REUSEPORT`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.panel import Panel
@@ -98,11 +102,19 @@ def serve(
             help="MiB one tenant may reserve; default half the budget, or $WASMINFER_TENANT_MEMORY_MB.",
         ),
     ] = None,
+    reuseport_replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="Keep N processes taking connections on the port from the start, this one included, "
+            "with no autoscaling (SO_REUSEPORT, Linux; docs/scaling.md).",
+        ),
+    ] = None,
 ) -> None:
     """Run the server: the HTTP gateway over the embedded host and the store in DATA."""
     import uvicorn
 
     from wasminfer.gateway import Settings, create_app, guarded_protocol
+    from wasminfer.replicas.reuseport import reuseport_supported
     from wasminfer.runtime.memory import MemorySettings
     from wasminfer.scaling import ScalingConfig
     from wasminfer.service import Platform, parse_keys
@@ -116,6 +128,17 @@ def serve(
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
 
+    if reuseport_replicas is not None:
+        if reuseport_replicas < 1:
+            raise BadRequest(f"--reuseport-replicas {reuseport_replicas}: give 1 or more")
+        if min_replicas != 1 or max_replicas != 1 or ray:
+            raise BadRequest(
+                "--reuseport-replicas N fixes the number of processes: give it without --min-replicas, "
+                "--max-replicas and --ray"
+            )
+        if not reuseport_supported():
+            raise BadRequest("--reuseport-replicas needs SO_REUSEPORT spreading connections (Linux)")
+        min_replicas = max_replicas = reuseport_replicas
     scaling_config = ScalingConfig.from_options(
         scaling or [],
         min_replicas=min_replicas,
@@ -128,6 +151,17 @@ def serve(
             f"--ray: with --max-replicas {scaling_config.max_replicas} every request runs in this process "
             "and nothing on Ray; give --max-replicas N (N above 1, or --scaling primary_replica=false)"
         )
+
+    # Replicas beyond this process take their own connections on the port, unless they cannot
+    # (no SO_REUSEPORT) or everything must pass through this process (primary_replica=false).
+    reuseport = (
+        scaling_config.backend == "local"
+        and scaling_config.primary_replica
+        and (reuseport_replicas is not None or scaling_config.max_replicas > 1)
+        and reuseport_supported()
+    )
+    if reuseport_replicas is not None and not scaling_config.primary_replica:
+        raise BadRequest("--reuseport-replicas: this process takes connections too (primary_replica=true)")
 
     memory = MemorySettings.from_env(budget_mb=memory_budget_mb, tenant_quota_mb=tenant_memory_mb)
     # Host replica processes read theirs from the environment they inherit.
@@ -164,9 +198,31 @@ def serve(
                 platform.start(progress)
             deploy_examples(platform)
             print_example_requests(platform, host, port)
+        app: Any = None
+        sockets = None
+        if reuseport:
+            from wasminfer.gateway.replica import ProcessApp
+            from wasminfer.replicas.reuseport import ReuseportBackend, listen_socket, unix_socket
+
+            tcp = listen_socket(host, port)
+            backend = ReuseportBackend(
+                data,
+                scaling_config,
+                listen=(host, tcp.getsockname()[1]),
+                threads=settings.invoke_threads,
+                # Keys only in the environment (the command line of a process is public).
+                env={"WASMINFER_API_KEYS": ",".join(specs), **settings.to_env()},
+                options=["--http", http, "--loop", loop],
+            )
+            sockets = [tcp, unix_socket(backend.primary_socket)]
+            gateway = create_app(platform, settings, scaling=scaling_config, backend=backend)
+            app = ProcessApp(gateway, "primary")
+            gateway.state.wasminfer.fleet.rebalance = app.rebalance
+        else:
+            app = create_app(platform, settings, scaling=scaling_config)
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(platform, settings, scaling=scaling_config),
+                app,
                 host=host,
                 port=port,
                 log_level=log_level,
@@ -182,7 +238,7 @@ def serve(
         # uvicorn finishes what is in flight on SIGTERM, then raises the signal again with the handler
         # it found: this no-op lets the platform close below, and the exit status be 0.
         signal.signal(signal.SIGTERM, lambda *_: None)
-        server.run()
+        server.run(sockets=sockets)
     finally:
         platform.close()
 
@@ -223,4 +279,45 @@ def worker(
         config=ScalingConfig.from_options(scaling or []),
         replica_id=id_,
         log_level=log_level,
+    )
+
+
+@app.command(hidden=True)
+def replica(
+    data: Annotated[Path, typer.Option(help="The gateway's data folder.")],
+    listen: Annotated[str, typer.Option(help="HOST:PORT of the gateway (joined with SO_REUSEPORT).")],
+    primary: Annotated[Path, typer.Option(help="The gateway's unix socket, for what a replica forwards.")],
+    socket: Annotated[Path, typer.Option(help="The control socket to listen on.")],
+    parent: Annotated[int | None, typer.Option(help="Exit when this process is gone.")] = None,
+    threads: Annotated[int, typer.Option(help="Worker threads for invocations.")] = 64,
+    id_: Annotated[str, typer.Option("--id", help="Its name (Wasminfer-Replica).")] = "replica",
+    scaling: Annotated[list[str] | None, typer.Option("--scaling", help="KEY=VALUE")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
+    http: Annotated[str, typer.Option(help="HTTP parser, as serve's.")] = "auto",
+    loop: Annotated[str, typer.Option(help="Event loop, as serve's.")] = "auto",
+) -> None:
+    """A host replica process on the gateway's port (started by `serve`, not by hand). Reads the
+    functions to load first from stdin (JSON `[[tenant, name, digest], …]`), API keys from
+    $WASMINFER_API_KEYS."""
+    from wasminfer.gateway.replica import serve_replica
+    from wasminfer.scaling import ScalingConfig
+
+    host, _, port = listen.rpartition(":")
+    try:
+        warm = [(str(t), str(n), str(d)) for t, n, d in json.loads(sys.stdin.buffer.read() or b"[]")]
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"replica: stdin must hold [[tenant, name, digest], …]: {exc}") from None
+    serve_replica(
+        data,
+        listen=(host.strip("[]"), int(port)),
+        primary=primary,
+        control=socket,
+        parent=parent,
+        threads=threads,
+        config=ScalingConfig.from_options(scaling or []),
+        replica_id=id_,
+        log_level=log_level,
+        http=http,
+        loop=loop,
+        warm=warm,
     )

@@ -39,6 +39,7 @@ def create_app(
     scaling: ScalingConfig | None = None,
     backend: ReplicaBackend | None = None,
     job_settings: JobSettings | None = None,
+    replica: bool = False,
 ) -> Starlette:
     """The gateway over `platform`. At startup it loads the store (`platform.start()`) on a worker
     thread without waiting for it: `/healthz` answers at once, `/readyz` and the API answer 503 until
@@ -50,7 +51,10 @@ def create_app(
 
     Asynchronous and bulk invocations run on this process' host in the capacity synchronous ones
     leave (`wasminfer.jobs`, tuned by `job_settings`, default `JobSettings.from_env()`), from
-    startup to shutdown, which lets started chunks of work finish."""
+    startup to shutdown, which lets started chunks of work finish.
+
+    `replica`: the app of a replica process that takes its own connections (`gateway.replica`):
+    it runs no jobs (the gateway's process does) and follows deploys through the store."""
     settings = settings or Settings()
     # Worker threads shared between tenants: one tenant's flood or stuck calls leave the others theirs.
     invoke_limiter = FairLimiter(settings.invoke_threads, contended=settings.contended_invoke_threads)
@@ -58,7 +62,7 @@ def create_app(
     inline = InlinePolicy(settings.inline, settings.inline_max_us)
     fleet = Fleet(
         platform, scaling, backend=backend, limiter=invoke_limiter, threads=settings.invoke_threads,
-        inline=inline,
+        inline=inline, follow_store=replica,
     )  # fmt: skip
     state = AppState(
         platform=platform,
@@ -116,7 +120,8 @@ def create_app(
             if not platform.ready:
                 tasks.start_soon(_load, platform)
             await fleet.start()
-            state.jobs.start()
+            if not replica:
+                state.jobs.start()
             try:
                 yield
             finally:

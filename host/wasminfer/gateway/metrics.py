@@ -7,9 +7,13 @@ only the samples labelled with that tenant, and the unlabelled process-wide ones
 collectors, bound to the caller's tenant, in a registry of its own.
 
 Counted per request by the invoke route: invocations by function and outcome (`ok` or the error
-code), end-to-end latency and guest run time, cold starts. Read from the platform at scrape time:
-live/busy/idle instances per function, and per model its load time, resident bytes, runs, inferences,
-errors and run time, and for a batching model its batch size and queue delay histograms.
+code), end-to-end latency and guest run time, cold starts. Replica processes that take their own
+connections count theirs the same way; the gateway adds them in at scrape time (`render`'s `extra`,
+`counter_samples` on the replica's side), so every process' `/metrics` shows the whole host.
+
+Read from the platform at scrape time (this process' own): live/busy/idle instances per function,
+and per model its load time, resident bytes, runs, inferences, errors and run time, and for a
+batching model its batch size and queue delay histograms.
 """
 
 from __future__ import annotations
@@ -179,13 +183,21 @@ class Metrics:
     def register(self, collector: TenantCollector) -> None:
         self._collectors.append(collector)
 
-    def render(self, tenant: str | None = None) -> tuple[bytes, str]:
+    def render(self, tenant: str | None = None, extra: list[list[Any]] | None = None) -> tuple[bytes, str]:
         """The Prometheus text exposition of `tenant`'s series and the unlabelled ones (None: every
-        tenant's), and its content type."""
+        tenant's), and its content type. `extra`: counted elsewhere (`counter_samples` of other
+        processes, summed), added to this process' own counts."""
         scrape = CollectorRegistry(auto_describe=False)  # no describe(): registering costs nothing
         for collector in self._collectors:
+            if extra and isinstance(collector, _Counted):
+                collector = _Counted(self.registry, extra)
             scrape.register(_Bound(collector, tenant))
         return generate_latest(scrape), CONTENT_TYPE_LATEST
+
+    def counter_samples(self) -> list[list[Any]]:
+        """This process' invocation counters as `[sample name, labels, value]` (JSON-able), for the
+        gateway of a replica process to add to its own."""
+        return [[s.name, s.labels, s.value] for family in self.registry.collect() for s in family.samples]
 
 
 class _Bound:
@@ -200,18 +212,43 @@ class _Bound:
 
 class _Counted:
     """The series prometheus-client's own metrics keep (invocations, latencies, cold starts): the
-    caller's tenant's samples of each family."""
+    caller's tenant's samples of each family, plus the `extra` samples of other processes."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, extra: list[list[Any]] | None = None) -> None:
         self.registry = registry
+        self.extra = extra or []
 
     def collect(self, tenant: str | None) -> Iterator[Metric]:
         for family in self.registry.collect():
+            if self.extra:
+                family = _added(family, self.extra)
             if tenant is not None:
                 mine = Metric(family.name, family.documentation, family.type, family.unit)
                 mine.samples = [s for s in family.samples if s.labels.get("tenant", tenant) == tenant]
                 family = mine
             yield family
+
+
+def _added(family: Metric, extra: list[list[Any]]) -> Metric:
+    """`family` with the values of `extra`'s samples of the same name and labels added (and those
+    this process has none of yet appended)."""
+    suffixes = _SUFFIXES.get(family.type, ("",))
+    names = {s.name for s in family.samples} | {family.name + suffix for suffix in suffixes}
+    sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for name, labels, value in extra:
+        if name in names:
+            key = (name, tuple(sorted(labels.items())))
+            sums[key] = sums.get(key, 0.0) + float(value)
+    merged = Metric(family.name, family.documentation, family.type, family.unit)
+    for s in family.samples:
+        key = (s.name, tuple(sorted(s.labels.items())))
+        merged.add_sample(s.name, s.labels, s.value + sums.pop(key, 0.0))
+    for (name, labels), value in sums.items():
+        merged.add_sample(name, dict(labels), value)
+    return merged
+
+
+_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 
 
 def _of(tenant: str | None, by_tenant: dict[str, Any]) -> list[tuple[str, Any]]:

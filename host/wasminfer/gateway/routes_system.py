@@ -32,6 +32,9 @@ async def readyz(request: Request, params: Params) -> Response:
     if not platform.ready or report is None:
         body = error_body("unavailable", "starting: loading functions and models from the store")
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+    if not app_state(request).fleet.filled:
+        body = error_body("unavailable", "starting: not every replica to keep (min_replicas) serves yet")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
     loaded = report.to_dict()
     if loaded["failures"] and not platform.open_access:
         # Unauthenticated: what failed names tenants and functions; the server log has it.
@@ -43,11 +46,14 @@ async def readyz(request: Request, params: Params) -> Response:
     "Prometheus metrics",
     Reply(200, "Prometheus text format", media="text/plain"),
     description="Keys of the default tenant (the operator's) see every tenant's series; keys of another "
-    "tenant see the series labelled with their own tenant and the unlabelled, process-wide ones.",
+    "tenant see the series labelled with their own tenant and the unlabelled, process-wide ones. "
+    "Invocation counters include those of replica processes that take their own connections.",
 )
 async def metrics(request: Request, params: Params) -> Response:
     tenant = principal(request).tenant
-    body, content_type = app_state(request).metrics.render(None if tenant == DEFAULT_TENANT else tenant)
+    state = app_state(request)
+    extra = await state.fleet.counters()  # replica processes count their own invocations
+    body, content_type = state.metrics.render(None if tenant == DEFAULT_TENANT else tenant, extra)
     return Response(body, headers={"content-type": content_type})
 
 

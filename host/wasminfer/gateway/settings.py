@@ -96,6 +96,15 @@ class Settings:
         if self.max_connections_per_client < 0:
             raise ValueError("Settings.max_connections_per_client must be 0 (no cap) or more")
 
+    def to_env(self) -> dict[str, str]:
+        """The settings `from_env` reads, as environment variables (what a replica process of this
+        server is started with, so that it applies the same limits)."""
+        env = {}
+        for name, (var, _) in _ENV.items():
+            value = getattr(self, name)
+            env[var] = ",".join(value) if isinstance(value, tuple) else repr(value)
+        return env
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then `WASMINFER_HEADER_TIMEOUT_S`, `WASMINFER_BODY_TIMEOUT_S`,

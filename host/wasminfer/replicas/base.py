@@ -32,6 +32,11 @@ class ReplicaStats:
     functions: dict[str, dict[str, Any]] = field(default_factory=dict)
     decisions: list[dict[str, Any]] = field(default_factory=list)  # its instance autoscaler's, newest last
     exit_code: int | None = None
+    # The load a replica that takes its own connections measured itself over its last tick (the
+    # fleet measures the others' as it routes to them): p90 queueing delay, requests, in flight.
+    queue_ms: float = 0.0
+    requests: int = 0
+    concurrency: float = 0.0
 
 
 @dataclass(eq=False)
@@ -46,6 +51,9 @@ class Replica:
     capacity: int = 320  # requests of one tenant at once (its worker threads + its host queue); past it: 429
     holds_all: bool = False  # serves every deployed function warm (the gateway's own process)
     local: bool = False  # runs in the gateway's process: no hop
+    # Takes its own connections on the gateway's port (`replicas.reuseport`): never routed to; it
+    # reports its own load, and drains by closing its listening socket.
+    accepts: bool = False
     state: str = "starting"  # starting | serving | draining | stopped
     outstanding: int = 0  # requests routed to it and not answered yet
     tenants: collections.Counter[str] = field(default_factory=collections.Counter)  # `outstanding` by tenant
@@ -67,6 +75,7 @@ class ReplicaBackend(ABC):
     (spawning a process, waiting for it) must move that work to a thread itself."""
 
     kind: str = "abstract"
+    takes_connections: bool = False  # its replicas accept on the gateway's port (never routed to)
 
     @abstractmethod
     async def start(self, warm: Sequence[WarmSpec] = ()) -> Replica:
@@ -88,6 +97,12 @@ class ReplicaBackend(ABC):
     @abstractmethod
     async def stats(self, replica: Replica) -> ReplicaStats:
         """What `replica` reports now (`alive=False` once it has gone)."""
+
+    async def counters(self) -> list[list[Any]]:
+        """The invocation counters its replicas keep themselves (replicas that take their own
+        connections), summed, as `[sample name, labels, value]`; those of replicas already gone
+        included. Empty for a backend whose invocations the gateway counts as it routes them."""
+        return []
 
     async def aclose(self) -> None:  # noqa: B027 - optional: a backend may own nothing to release
         """Releases what the backend owns (after every replica it started was stopped)."""

@@ -16,6 +16,9 @@ replica: 429 for that tenant only, so one tenant's flood never fills a host's qu
 Inside a host the threads are shared fairly between tenants (`replicas.fairness.FairLimiter`) and
 the pool bounds each function again (`max_instances`, `max_queue`). Every 429 says `Retry-After`.
 
+Replicas that take their own connections (`replicas.reuseport`) are never routed to: the fleet
+starts, watches, drains and stops them, and reads the load they report.
+
 Draining: a replica leaving is taken out of the routing first, then stopped once the requests it
 has are answered; so is every replica when the fleet closes (after the gateway's graceful shutdown
 finished what was in flight). Everything here runs on the gateway's event loop: picking a replica
@@ -32,6 +35,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -42,6 +46,7 @@ from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import Replica, ReplicaBackend, WarmSpec
 from wasminfer.replicas.fairness import FairLimiter
 from wasminfer.replicas.inline import InlinePolicy
+from wasminfer.replicas.follow import StoreFollower
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.runtime import InvokeResult
@@ -114,11 +119,13 @@ class Fleet:
         threads: int = 64,
         clock: Clock = MONOTONIC,
         inline: InlinePolicy | None = None,
+        follow_store: bool = False,
     ) -> None:
         """`backend` makes the replicas beyond the gateway's own process (default: `LocalBackend`,
         or `RayBackend` for `config.backend` "ray", when `config.max_replicas` allows any);
         `limiter` bounds the gateway's own worker threads; `inline` says which of the gateway's own
-        invocations run on its event loop (default: none)."""
+        invocations run on its event loop (default: none). `follow_store`: a replica process that
+        takes its own connections (`replicas.follow`)."""
         self.platform = platform
         self.config = config = config or ScalingConfig()
         self.decisions = DecisionLog()
@@ -149,6 +156,11 @@ class Fleet:
         self.last_load = ReplicaLoad(0)
         self.rejected: collections.Counter[str] = collections.Counter()  # 429s by reason
         self.inline = inline or InlinePolicy("never")
+        self.follower = StoreFollower(platform) if follow_store else None
+        #: Set once `min_replicas` serve (or a start failed): until then the server is not ready.
+        self.filled = False
+        #: Called when a replica taking its own connections starts serving (`ProcessApp.rebalance`).
+        self.rebalance: Callable[[], None] | None = None
         if config.primary_replica:  # serves from the start, even before `start()` (no I/O to make)
             self._primary = InProcessBackend(
                 platform,
@@ -189,6 +201,8 @@ class Fleet:
     async def invoke(self, tenant: str, name: str, body: bytes, content_type: str) -> InvokeResult:
         """Runs one invocation on a replica. Raises what `Platform.invoke` raises; `TooManyRequests`
         past admission; `Unavailable` with no replica serving, or one lost with the request."""
+        if self.follower is not None:
+            await self.follower.follow(tenant, name)
         fn = self.platform.deployed(name, tenant=tenant)
         m = fn.manifest
         key = (tenant, name)
@@ -307,25 +321,29 @@ class Fleet:
                 replica.stats = await replica.backend.stats(replica)
                 if not replica.stats.alive:
                     self._lost(replica)
-        serving = self._serving
+        serving = [r for r in self.replicas if r.state == "serving"]
         cpu = sum(r.stats.cpu for r in serving) / len(serving) if serving else 0.0
+        # Replicas taking their own connections report their load; the worst process' delay counts.
+        own = [r.stats for r in serving if r.accepts]
         load = ReplicaLoad(
             replicas=len(serving),
             starting=self._starting,
-            queue_ms=_p90(waits) / 1000,
+            queue_ms=max([_p90(waits) / 1000, *(st.queue_ms for st in own)]),
             cpu=cpu,
-            requests=len(waits),
-            concurrency=in_flight_s / elapsed if elapsed > 0 else 0.0,
+            requests=len(waits) + sum(st.requests for st in own),
+            concurrency=(in_flight_s / elapsed if elapsed > 0 else 0.0) + sum(st.concurrency for st in own),
         )
         self.last_load = load
         if self._closed or not self.platform.ready:
             return
         decision = self.autoscaler.observe(load)
         if decision.delta > 0 and self.backend is not None:
-            self._starting += 1
             n = len(serving)
-            self.decisions.record("replicas", "replicas", n, n + 1, decision.reason)
-            self._spawn(self._add(self._warm_specs(hot)))
+            # Below the minimum (at start, after a loss) every missing replica starts at once.
+            for i in range(max(1, self.config.min_replicas - n - self._starting)):
+                self._starting += 1
+                self.decisions.record("replicas", "replicas", n + i, n + i + 1, decision.reason)
+                self._spawn(self._add(self._warm_specs(hot)))
         elif decision.delta < 0:
             victims = [r for r in serving if not r.holds_all]
             if victims:
@@ -343,6 +361,10 @@ class Fleet:
                 specs.append((tenant, name, deployment_digest(self.platform.deployed(name, tenant=tenant))))
             except WasminferError:
                 continue  # deleted meanwhile
+        if not specs and self.backend is not None and self.backend.takes_connections:  # any function may come
+            hosts = self.platform.hosts().items()
+            specs = [(t, fn.name, deployment_digest(fn)) for t, h in hosts for fn in h.functions()]
+            specs = specs[: self.config.warm_functions]
         return specs
 
     def _spawn(self, coro: Any) -> None:
@@ -362,7 +384,8 @@ class Fleet:
         except Exception as exc:
             message = exc.message if isinstance(exc, WasminferError) else repr(exc)
             log.error("could not start a replica: %s", message)
-            n = len(self._serving)
+            self.filled = True  # readiness waits for the replicas that start, not forever
+            n = self._count_serving()
             self.decisions.record(
                 "replicas", "replicas", n + 1, n, f"the new replica failed to start: {message}"
             )
@@ -378,9 +401,15 @@ class Fleet:
         replica.state = "serving"
         replica.serving_at = time.time()
         self.replicas.append(replica)
-        self._serving = [*self._serving, replica]
+        if not replica.accepts:  # (one that takes its own connections is never routed to)
+            self._serving = [*self._serving, replica]
+        elif self.rebalance is not None:
+            self.rebalance()
+        self.filled = self.filled or self._count_serving() >= self.config.min_replicas
         self.autoscaler.reset()
 
+    def _count_serving(self) -> int:
+        return sum(r.state == "serving" for r in self.replicas)
     async def _drain(self, replica: Replica) -> None:
         replica.state = "draining"
         self._serving = [r for r in self._serving if r is not replica]
@@ -400,7 +429,7 @@ class Fleet:
                 self.replicas.remove(replica)
 
     def _lost(self, replica: Replica) -> None:
-        n = len(self._serving)
+        n = self._count_serving()
         self._serving = [r for r in self._serving if r is not replica]
         if replica in self.replicas:
             self.replicas.remove(replica)
@@ -409,10 +438,14 @@ class Fleet:
             "replicas",
             "replicas",
             n,
-            len(self._serving),
+            self._count_serving(),
             f"replica {replica.id} exited (status {replica.stats.exit_code}); its requests in flight failed",
         )
         self._spawn(replica.backend.stop(replica))
+
+    async def counters(self) -> list[list[Any]]:
+        """Invocation counters of the replicas that count their own (`ReplicaBackend.counters`)."""
+        return [] if self.backend is None else await self.backend.counters()
 
     # --- what /v1/scaling shows ---------------------------------------------------------------------
     def snapshot(self, tenant: str | None = None) -> dict[str, Any]:
@@ -445,7 +478,7 @@ class Fleet:
             decisions += r.stats.decisions
         load = self.last_load
         return {
-            "serving": len(self._serving),
+            "serving": self._count_serving(),
             "starting": self._starting,
             "min_replicas": self.config.min_replicas,
             "max_replicas": self.config.max_replicas,

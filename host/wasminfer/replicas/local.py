@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
 import psutil
@@ -283,22 +284,28 @@ class LocalBackend(ReplicaBackend):
             raise Unavailable(f"replica {replica.id} answered without its timing header") from None
 
     async def stats(self, replica: Replica) -> ReplicaStats:
-        worker: _Worker = replica.handle
-        code = worker.process.poll()
+        code = replica.handle.process.poll()
         if code is not None:
             return ReplicaStats(alive=False, exit_code=code)
+        cpu, data = await self._read(replica, "/stats")
+        if not data:  # busy or failing: keep what it said last
+            return ReplicaStats(cpu=cpu, functions=replica.stats.functions, decisions=replica.stats.decisions)
+        return ReplicaStats(cpu=cpu, functions=data.get("functions", {}), decisions=data.get("decisions", []))
+
+    async def _read(self, replica: Replica, path: str) -> tuple[float, dict[str, Any] | None]:
+        """The CPU of `replica`'s process since the last reading, in cores, and the JSON object it
+        answers at `path` (None when it does not within 5 s)."""
+        worker: _Worker = replica.handle
         cpu = 0.0
         if worker.psutil is not None:
             with contextlib.suppress(psutil.Error):
                 cpu = worker.psutil.cpu_percent(None) / 100
         try:
-            status, _, content = await asyncio.wait_for(worker.http.request("GET", "/stats"), 5.0)
-            data = json.loads(content) if status == 200 else {}
+            status, _, content = await asyncio.wait_for(worker.http.request("GET", path), 5.0)
+            data = json.loads(content) if status == 200 else None
         except (Unavailable, OSError, ValueError, TimeoutError):
-            data = {}
-        if not data:  # busy or failing: keep what it said last
-            return ReplicaStats(cpu=cpu, functions=replica.stats.functions, decisions=replica.stats.decisions)
-        return ReplicaStats(cpu=cpu, functions=data.get("functions", {}), decisions=data.get("decisions", []))
+            data = None
+        return cpu, data if isinstance(data, dict) else None
 
     async def aclose(self) -> None:
         shutil.rmtree(self._folder, ignore_errors=True)

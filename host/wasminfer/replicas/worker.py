@@ -192,7 +192,7 @@ async def _json(send: Send, status: int, data: Any, headers: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": body})
 
 
-def _watch_parent(parent: int, server: Any) -> None:
+def watch_parent(parent: int, server: Any) -> None:
     """Stops the server once the gateway that started this process is gone (killed, crashed):
     its replica processes must not outlive it."""
     while not server.should_exit:
@@ -243,7 +243,7 @@ def serve_worker(
             )
         )
         if parent is not None:
-            threading.Thread(target=_watch_parent, args=(parent, server), daemon=True).start()
+            threading.Thread(target=watch_parent, args=(parent, server), daemon=True).start()
         # uvicorn re-raises the SIGTERM it shut down for once it has finished, with the handler it
         # found installed: this one lets the process close its platform and exit with status 0.
         signal.signal(signal.SIGTERM, lambda *_: None)

@@ -2,6 +2,7 @@
 
     <data_dir>/store.db        SQLite (WAL): rows, versions, keys      — see `db.py`
     <data_dir>/blobs/…         content-addressed bytes                 — see `blobs.py`
+    <data_dir>/store.changes   a mark every function or model write changes — see `changes.py`
 
 Write order for every upload: blob (temp file, fsync, rename, fsync folder), then the rows in one
 transaction. A crash before the commit leaves at most an unreferenced blob, which `gc()` removes;
@@ -38,6 +39,7 @@ from wasminfer.errors import (
 from wasminfer.syntax import is_name, validate_name
 
 from .blobs import BlobStore
+from .changes import ChangeMark
 from .db import Database
 from .keys import check_scopes, hash_key, key_id_of, new_key
 from .records import ApiKey, FunctionVersion, GcResult, ModelRecord
@@ -147,10 +149,13 @@ class Store:
         makedirs_durable(self.data_dir)
         self.blobs = BlobStore(self.data_dir / "blobs")
         self._db = Database(self.data_dir / "store.db")
+        #: Changed after every committed write of functions or models (replica processes watch it).
+        self.changes = ChangeMark(self.data_dir / "store.changes")
 
     def close(self) -> None:
         """Close the database. Idempotent."""
         self._db.close()
+        self.changes.close()
 
     @property
     def closed(self) -> bool:
@@ -243,6 +248,7 @@ class Store:
                 (tenant, name, version, sha256, len(wasm), manifest_json, abi, info_json, now),
             )
             self._set_function_models(conn, tenant, name, models)
+        self.changes.bump()
         return FunctionVersion(
             tenant=tenant,
             name=name,
@@ -347,6 +353,7 @@ class Store:
                 )
                 models = manifest_models(json.loads(row["manifest"]))
                 self._set_function_models(conn, tenant, name, models)
+        self.changes.bump()
         return _function_version(row, target)
 
     def delete_function(self, name: str, *, tenant: str = DEFAULT_TENANT) -> None:
@@ -361,6 +368,7 @@ class Store:
             ).rowcount
         if not deleted:
             raise FunctionNotFound(name)
+        self.changes.bump()
 
     @staticmethod
     def _set_function_models(
@@ -405,6 +413,7 @@ class Store:
                 f"INSERT INTO models ({_MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (tenant, name, version, sha256, len(data), info_json, now),
             )
+        self.changes.bump()
         return ModelRecord(
             tenant=tenant,
             name=name,
@@ -490,6 +499,7 @@ class Store:
                     "their manifest key 'models', or delete them, first"
                 )
             conn.execute("DELETE FROM models WHERE tenant = ? AND name = ?", (tenant, name))
+        self.changes.bump()
 
     # --- API keys --------------------------------------------------------------------------------
     def add_key(self, scopes: Iterable[str] = (), *, tenant: str = DEFAULT_TENANT) -> str:
