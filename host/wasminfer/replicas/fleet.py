@@ -24,6 +24,10 @@ has are answered; so is every replica when the fleet closes (after the gateway's
 finished what was in flight). Everything here runs on the gateway's event loop: picking a replica
 and counting the request on it happen with no `await` between, so a replica is never stopped with
 a request on its way to it.
+
+Over 500 lines and one concept, the replica set: routing, admission, draining and the autoscaler
+all read and change the same replicas and counts, with no `await` between a read and its change;
+split, each part would reach into the others' private state.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ from wasminfer.errors import MemoryQuotaExceeded, NotDelivered, TooManyRequests,
 from wasminfer.manifest import Manifest
 from wasminfer.replicas.base import Replica, ReplicaBackend, WarmSpec
 from wasminfer.replicas.fairness import FairLimiter
-from wasminfer.replicas.inline import InlinePolicy
 from wasminfer.replicas.follow import StoreFollower
+from wasminfer.replicas.inline import InlinePolicy
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.runtime import InvokeResult
