@@ -88,6 +88,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.first_byte_latency = Histogram(
+            "wasminfer_stream_first_byte_seconds",
+            "Streamed invocations: time from the request to the first part of the answer",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.cold_starts = Counter(
             "wasminfer_cold_starts",
             "Invocations that had to create an instance",
@@ -135,6 +142,10 @@ class Metrics:
             self.run.labels(tenant, function).observe(run_s)
         if cold:
             self.cold_starts.labels(tenant, function).inc()
+
+    def first_byte(self, tenant: str, function: str, seconds: float) -> None:
+        """A streamed invocation sent its first part `seconds` after its request came."""
+        self.first_byte_latency.labels(tenant, function).observe(seconds)
 
     def register(self, collector: TenantCollector) -> None:
         self._collectors.append(collector)

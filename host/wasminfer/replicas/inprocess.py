@@ -14,7 +14,7 @@ import psutil
 from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmSpec
 from wasminfer.replicas.fairness import FairLimiter
 from wasminfer.replicas.instances import InstanceController, instance_stats
-from wasminfer.runtime import InvokeResult
+from wasminfer.runtime import InvokeResult, OutputStream
 from wasminfer.service import Platform
 
 
@@ -61,6 +61,15 @@ class InProcessBackend(ReplicaBackend):
         self, replica: Replica, tenant: str, name: str, deployment: str, body: bytes, content_type: str
     ) -> InvokeResult:
         return await self.limiter.run_sync(tenant, self._invoke, tenant, name, body, content_type)
+
+    async def stream(self, tenant: str, name: str, body: bytes, content_type: str,
+                     stream: OutputStream) -> InvokeResult:
+        """`route` with the guest's parts going to `stream` as they come (see `Host.invoke`)."""
+        return await self.limiter.run_sync(tenant, self._stream, tenant, name, body, content_type, stream)
+
+    def _stream(self, tenant: str, name: str, body: bytes, content_type: str,
+                stream: OutputStream) -> InvokeResult:
+        return self.platform.invoke(name, body, content_type, tenant=tenant, stream=stream)
 
     def _invoke(self, tenant: str, name: str, body: bytes, content_type: str) -> InvokeResult:
         return self.platform.invoke(name, body, content_type, tenant=tenant)

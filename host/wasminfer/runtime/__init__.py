@@ -5,5 +5,7 @@ from __future__ import annotations
 from wasminfer.manifest import Manifest
 from wasminfer.runtime.host import DeployedFunction, Host, InvokeResult, ModuleInfo
 from wasminfer.runtime.logs import LogBuffer, LogLine
+from wasminfer.runtime.streams import OutputStream
 
-__all__ = ["DeployedFunction", "Host", "InvokeResult", "LogBuffer", "LogLine", "Manifest", "ModuleInfo"]
+__all__ = ["DeployedFunction", "Host", "InvokeResult", "LogBuffer", "LogLine", "Manifest", "ModuleInfo",
+           "OutputStream"]

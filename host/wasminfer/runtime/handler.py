@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from wasminfer.runtime._engine import CallState
 from wasminfer.runtime._traps import GuestFault, Interrupted, WasmLinkError, WasmTrap
 from wasminfer.runtime._wasm import CompiledModule, GuestMemory, HostFunc, WasmInstance
 from wasminfer.runtime.logs import LEVELS, LogBuffer
+from wasminfer.runtime.streams import OutputStream
 
 NAME = "handler"
 ABI_MARKER = "wasminfer_abi_v1"
@@ -116,6 +117,12 @@ class InvocationState(CallState):
         self.alloc_failed = False  # the request buffer could not be allocated (before the handler ran)
         self.nn_error: str | None = None  # the last failed wasi-nn call, cleared by a successful compute
         self.nn_errors = 0  # failed wasi-nn calls (the first few are logged)
+        #: Where the parts the guest writes go while it runs (None: kept in `chunks`, see `streams`).
+        self.stream: OutputStream | None = None
+        self.chunks = bytearray()
+        self.streamed_bytes = 0
+        self.streamed_type: str | None = None  # the content type of the first part
+        self.decoders: Any = None  # the invocation's decoder states (`runtime.decoders`), made on first use
 
     def count_infer(self, did: str) -> InferLimitExceeded | None:
         """Counts one inference of the invocation (every ABI's infer import). Past the manifest's
@@ -137,6 +144,40 @@ class InvocationState(CallState):
             return run_model(self, self.infer, model, inputs)
         finally:
             self.infer_ns += time.perf_counter_ns() - t0
+
+    def check_output(self, nbytes: int) -> None:
+        """Raises `OutputLimitExceeded` (also the invocation's `limit_error`) if `nbytes` more bytes of
+        output would take the invocation past the manifest's `max_output_bytes`: the parts written and
+        the last `output` set count together."""
+        total = self.streamed_bytes + nbytes
+        limit = self.manifest.max_output_bytes
+        if total > limit:
+            err = OutputLimitExceeded.exceeded(self.function, f"produced {total} bytes of output", limit)
+            self.limit_error = self.limit_error or err
+            raise err
+
+    def write_chunk(self, data: bytes, content_type: str) -> None:
+        """One part of the answer, sent at once when the invocation streams (`stream`), else kept
+        in `chunks`. Raises `Interrupted` once the stream was cancelled (the client left) or the
+        deadline passed, `OutputLimitExceeded` past `max_output_bytes`."""
+        self.check()
+        self.check_output(len(data) + len(self.output or b""))
+        self.streamed_bytes += len(data)
+        if self.streamed_type is None:
+            self.streamed_type = content_type or DEFAULT_CONTENT_TYPE
+        if self.stream is None:
+            self.chunks += data
+        elif data:
+            self.stream.write(data, self.streamed_type)
+
+    def answer(self) -> tuple[bytes, str]:
+        """The body and content type of the one answer: the parts kept, then the last `output` set."""
+        body = self.output or b""
+        if self.chunks:
+            body = bytes(self.chunks) + body
+        if self.output is None and self.streamed_type is not None:
+            return body, self.streamed_type
+        return body, self.content_type
 
     def log(self, raw: bytes, level: str) -> None:
         """Appends a line the guest logs to the function's logs (cut at `MAX_MESSAGE` bytes, the cut marked).
@@ -227,15 +268,20 @@ def _last_error(state: InvocationState, mem: GuestMemory, buf: int, cap: int) ->
 
 def _output(state: InvocationState, mem: GuestMemory, body_ptr: int, body_len: int, ct_ptr: int,
             ct_len: int) -> int:
-    limit = state.manifest.max_output_bytes
-    if body_len > limit:
-        err = OutputLimitExceeded.exceeded(state.function, f"produced {body_len} bytes of output", limit)
-        state.limit_error = err
-        raise err
+    state.check_output(body_len)
     body = mem.read(body_ptr, body_len)
     ctype = mem.read(ct_ptr, min(ct_len, 1024)).decode("utf-8", "replace").strip()
     state.output = body
     state.content_type = ctype or DEFAULT_CONTENT_TYPE
+    return 0
+
+
+def _output_chunk(state: InvocationState, mem: GuestMemory, body_ptr: int, body_len: int, ct_ptr: int,
+                  ct_len: int) -> int:
+    state.check_output(body_len + len(state.output or b""))
+    body = mem.read(body_ptr, body_len)
+    ctype = mem.read(ct_ptr, min(ct_len, 1024)).decode("utf-8", "replace").strip()
+    state.write_chunk(body, ctype)
     return 0
 
 
@@ -252,6 +298,7 @@ HOST_FUNCS = (
     HostFunc("wasminfer", "infer_result", ("i32",) * 2, ("i32",), _infer_result),
     HostFunc("wasminfer", "last_error", ("i32",) * 2, ("i32",), _last_error),
     HostFunc("wasminfer", "output", ("i32",) * 4, ("i32",), _output),
+    HostFunc("wasminfer", "output_chunk", ("i32",) * 4, ("i32",), _output_chunk),
     HostFunc("wasminfer", "error", ("i32",) * 2, (), _error),
     HostFunc("wasminfer", "log", ("i32",) * 3, (), _log),
 )

@@ -53,7 +53,6 @@ from wasminfer.errors import (
     InvalidTensor,
     MemoryLimitExceeded,
     ModelNotAllowed,
-    OutputLimitExceeded,
     TensorTooLarge,
     WasminferError,
 )
@@ -159,6 +158,11 @@ def _answer(state: CallState, ex: Exchange, frame: bytes) -> bytes:
     if op == b"o" and isinstance(state, InvocationState):
         _output(state, payload)
         return b""
+    if op == b"w" and isinstance(state, InvocationState):
+        n = int.from_bytes(payload[:4], "little")
+        ctype = bytes(payload[4:4 + min(n, 1024)]).decode("utf-8", "replace").strip()
+        state.write_chunk(bytes(payload[4 + n:]), ctype)
+        return b""
     if op == b"l":  # log lines while validating an upload go nowhere
         if isinstance(state, InvocationState):
             _log(state, payload)
@@ -182,11 +186,7 @@ def _answer(state: CallState, ex: Exchange, frame: bytes) -> bytes:
 def _output(state: InvocationState, payload: memoryview) -> None:
     n = int.from_bytes(payload[:4], "little")
     body = payload[4 + n:]
-    limit = state.manifest.max_output_bytes
-    if len(body) > limit:
-        err = OutputLimitExceeded.exceeded(state.function, f"produced {len(body)} bytes of output", limit)
-        state.limit_error = err
-        raise err
+    state.check_output(len(body))
     state.content_type = bytes(payload[4:4 + min(n, 1024)]).decode("utf-8", "replace").strip() \
         or DEFAULT_CONTENT_TYPE
     state.output = bytes(body)
@@ -640,7 +640,7 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
             state.discard = True
             raise MemoryLimitExceeded.exceeded(state.function, f"failed: {message}", m.memory_mb)
         raise GuestError(message or f"function {state.function!r} failed")
-    if status != 0 or state.output is None:
+    if status != 0 or (state.output is None and not state.streamed_bytes):
         state.discard = True
         raise GuestError(f"function {state.function!r}: the runtime failed (status {status})")
     state.discard = inst.memory_size() + WASM_PAGE > inst.memory_limit
