@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from wasminfer.errors import (
+    DecoderNotFound,
     GuestError,
     GuestRejected,
     GuestTrap,
@@ -37,7 +38,9 @@ from wasminfer.models.codec import decode_tensors, encode_tensors
 from wasminfer.runtime._engine import CallState
 from wasminfer.runtime._traps import GuestFault, Interrupted, WasmLinkError, WasmTrap
 from wasminfer.runtime._wasm import CompiledModule, GuestMemory, HostFunc, WasmInstance
+from wasminfer.runtime.decoders import InvocationDecoders
 from wasminfer.runtime.logs import LEVELS, LogBuffer
+from wasminfer.runtime.memory import MEMORY_REFUSALS, MemoryBudget, TenantMemory
 from wasminfer.runtime.streams import OutputStream
 
 NAME = "handler"
@@ -122,7 +125,9 @@ class InvocationState(CallState):
         self.chunks = bytearray()
         self.streamed_bytes = 0
         self.streamed_type: str | None = None  # the content type of the first part
-        self.decoders: Any = None  # the invocation's decoder states (`runtime.decoders`), made on first use
+        self.boundary_bytes = 0  # bytes of tensors and frames that crossed in and out of the guest
+        self.decoders: InvocationDecoders | None = None  # made by `decoder_states`
+        self.memory: TenantMemory | None = None  # the tenant's account, for decoder states (set by the host)
 
     def count_infer(self, did: str) -> InferLimitExceeded | None:
         """Counts one inference of the invocation (every ABI's infer import). Past the manifest's
@@ -144,6 +149,15 @@ class InvocationState(CallState):
             return run_model(self, self.infer, model, inputs)
         finally:
             self.infer_ns += time.perf_counter_ns() - t0
+
+    def decoder_states(self) -> InvocationDecoders:
+        """The invocation's decoder states (`runtime.decoders`), made on first use."""
+        if self.decoders is None:
+            if self.models is None:
+                raise InferenceFailed("decoder states need the host's model registry")
+            memory = self.memory or MemoryBudget.unlimited().tenant("default")
+            self.decoders = InvocationDecoders(self, self.models, memory)
+        return self.decoders
 
     def check_output(self, nbytes: int) -> None:
         """Raises `OutputLimitExceeded` (also the invocation's `limit_error`) if `nbytes` more bytes of
@@ -237,12 +251,83 @@ def _infer(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: 
     finally:
         state.infer_ns += time.perf_counter_ns() - t0
     encoded = encode_tensors(outputs)
+    state.boundary_bytes += in_len + len(encoded)
     state.infer_error = None
     if len(encoded) <= out_cap:
         mem.write(out_ptr, encoded)
     else:
         state.pending = encoded
     return len(encoded)
+
+
+def _decoder_open(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: int) -> int:
+    name_raw = mem.read(model_ptr, model_len)
+    try:
+        model = name_raw.decode("utf-8")
+    except UnicodeDecodeError:
+        err = InvalidTensor("decoder_open: the model name is not valid UTF-8")
+        return _fail(state, E_INVALID_ARGUMENT, err)
+    if not state.manifest.allows(model):
+        return _fail(state, E_NOT_ALLOWED, ModelNotAllowed(state.function, model))
+    try:
+        return state.decoder_states().open(model, state.function)
+    except ModelNotFound as exc:
+        return _fail(state, E_NOT_FOUND, exc)
+    except InvalidTensor as exc:
+        return _fail(state, E_INVALID_TENSOR, exc)
+    except InferLimitExceeded as exc:
+        return _fail(state, E_LIMIT, exc)
+    except MEMORY_REFUSALS as exc:
+        state.limit_error = state.limit_error or exc
+        return _fail(state, E_LIMIT, exc)
+
+
+def _decoder_step(state: InvocationState, mem: GuestMemory, handle: int, in_ptr: int, in_len: int,
+                  out_ptr: int, out_cap: int) -> int:
+    data = mem.read(in_ptr, in_len)
+    mem.read(out_ptr, 0)
+    if out_cap and out_ptr + out_cap > mem.size():
+        raise GuestFault(f"decoder_step: output buffer [{out_ptr}, {out_ptr + out_cap}) is outside "
+                         "guest memory")
+    state.pending = None
+    limit_err = state.count_infer("ran {} inferences and decoder steps")
+    if limit_err is not None:
+        return _fail(state, E_LIMIT, limit_err)
+    try:
+        inputs = decode_tensors(data, max_tensor_bytes=state.manifest.max_tensor_bytes)
+    except TensorTooLarge as exc:
+        return _fail(state, E_LIMIT, exc)
+    except InvalidTensor as exc:
+        return _fail(state, E_INVALID_ARGUMENT, exc)
+    try:
+        spec, outputs = state.decoder_states().step(handle, inputs, state.run_model)
+    except DecoderNotFound as exc:
+        return _fail(state, E_NOT_FOUND, exc)
+    except ModelNotFound as exc:
+        return _fail(state, E_NOT_FOUND, exc)
+    except InvalidTensor as exc:
+        return _fail(state, E_INVALID_TENSOR, exc)
+    except InferenceFailed as exc:
+        return _fail(state, E_RUNTIME, exc)
+    except MEMORY_REFUSALS as exc:
+        state.limit_error = state.limit_error or exc
+        return _fail(state, E_LIMIT, exc)
+    encoded = encode_tensors(spec.split(outputs)[0])
+    state.boundary_bytes += in_len + len(encoded)
+    state.infer_error = None
+    if len(encoded) <= out_cap:
+        mem.write(out_ptr, encoded)
+    else:
+        state.pending = encoded
+    return len(encoded)
+
+
+def _decoder_close(state: InvocationState, mem: GuestMemory, handle: int) -> int:
+    try:
+        state.decoder_states().close_one(handle)
+    except DecoderNotFound as exc:
+        return _fail(state, E_NOT_FOUND, exc)
+    return 0
 
 
 def _infer_result(state: InvocationState, mem: GuestMemory, out_ptr: int, out_cap: int) -> int:
@@ -299,6 +384,9 @@ HOST_FUNCS = (
     HostFunc("wasminfer", "last_error", ("i32",) * 2, ("i32",), _last_error),
     HostFunc("wasminfer", "output", ("i32",) * 4, ("i32",), _output),
     HostFunc("wasminfer", "output_chunk", ("i32",) * 4, ("i32",), _output_chunk),
+    HostFunc("wasminfer", "decoder_open", ("i32",) * 2, ("i32",), _decoder_open),
+    HostFunc("wasminfer", "decoder_step", ("i32",) * 5, ("i32",), _decoder_step),
+    HostFunc("wasminfer", "decoder_close", ("i32",), ("i32",), _decoder_close),
     HostFunc("wasminfer", "error", ("i32",) * 2, (), _error),
     HostFunc("wasminfer", "log", ("i32",) * 3, (), _log),
 )

@@ -66,6 +66,7 @@ class InvokeResult:
     infer_us: float  # inside ModelRegistry.infer
     cold: bool
     invocation_id: str
+    boundary_bytes: int = 0  # tensors and frames that crossed the guest's boundary (its infer calls)
 
     def server_timing(self) -> str:
         return (f"queue;dur={self.queue_us / 1000:.3f}, start;dur={self.start_us / 1000:.3f}, "
@@ -514,6 +515,7 @@ class Host:
         inst, cold = fn.pool.acquire(timeout_s=m.timeout_ms / 1000)
         t1 = time.perf_counter_ns()
         state = handler.InvocationState(name, m, self.models.infer, fn.logs, invocation_id, self.models)
+        state.memory = self.memory
         inst.stdout.invocation = inst.stderr.invocation = invocation_id
         inst.stderr.tail.clear()
         healthy = False
@@ -558,6 +560,7 @@ class Host:
         return InvokeResult(
             body=answer, content_type=answer_type, queue_us=queue_us, start_us=start_us,
             run_us=run_us, infer_us=state.infer_ns / 1000, cold=cold, invocation_id=invocation_id,
+            boundary_bytes=state.boundary_bytes,
         )
 
     def logs(self, name: str, n: int = 200, since: float | None = None) -> list[LogLine]:
