@@ -194,7 +194,8 @@ async def rollback(request: Request, params: Params) -> Response:
         errors.MemoryQuotaExceeded, errors.GuestError, errors.GuestTrap, errors.MemoryLimitExceeded,
         errors.OutputLimitExceeded, errors.LogLimitExceeded, errors.InferLimitExceeded,
         errors.InferenceFailed, errors.DecoderNotFound, errors.InvocationCancelled,
-        errors.FunctionLoading, errors.FunctionLoadFailed, errors.LostWithIdempotentRequest, errors.Timeout, errors.HostMemoryExhausted,
+        errors.FunctionLoading, errors.FunctionLoadFailed, errors.LostWithIdempotentRequest, errors.Timeout,
+        errors.HostMemoryExhausted,
     ),
     description="The body and its Content-Type go to the function as they are. With "
     "`Prefer: respond-async` or `?async=1` the invocation becomes a job: 202 at once, the function's "
