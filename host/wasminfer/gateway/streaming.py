@@ -145,13 +145,16 @@ async def _parts(inv: _Invocation, first: Any, sse: bool, started: float) -> Asy
         inv.st.metrics.invoked(inv.tenant, inv.name, "ok", time.perf_counter() - started,
                                result.run_us / 1e6, result.cold)
     except BaseException:  # the client went away (cancelled) or the send failed
-        if not inv.task.done():
-            inv.cancel("the client disconnected")
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(inv.task)  # the guest ends within a slice; its handles go with it
-        if inv.task.done() and not inv.task.cancelled():
-            _count(inv, inv.task.exception() or InvocationCancelled("client disconnected"), started)
+        inv.cancel("the client disconnected")  # the guest ends at its next part; its states go with it
+        # Counted when the guest has ended (awaiting it here would be cancelled again at once).
+        inv.task.add_done_callback(lambda t: _count(inv, _outcome(t), started))
         raise
+
+
+def _outcome(task: asyncio.Task[InvokeResult]) -> BaseException:
+    if task.cancelled():
+        return InvocationCancelled("the invocation was cancelled")
+    return task.exception() or InvocationCancelled("the client disconnected after the last part")
 
 
 def _count(inv: _Invocation, exc: BaseException, started: float) -> None:
