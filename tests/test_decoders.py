@@ -222,3 +222,39 @@ def test_concurrent_invocations_each_get_their_own_tokens(host: Host) -> None:
     assert results == {i: reference(f"prompt {i}", 20).encode() for i in range(4)}
 
 
+
+
+def test_wasi_nn_compute_single_steps_a_state_the_host_keeps(
+    gpt: bytes, build_guest: Callable[..., bytes]
+) -> None:
+    """WasmEdge's token-by-token calls (tests/guests/nn_probe.c runs the script): only input_ids is
+    set; each compute_single continues the sequence; fini_single starts a new one."""
+    session = ort.InferenceSession(gpt, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    empty = {i.name: np.zeros((1, 4, 0, 16), np.float32)
+             for i in session.get_inputs() if i.name != "input_ids"}
+    first = dict(zip(names, session.run(None, {"input_ids": np.array([[5]]), **empty}), strict=True))
+    past = {name: first["present" + name[4:]] for name in empty}
+    second = session.run(None, {"input_ids": np.array([[7]]), **past})[0]
+
+    def ids(token: int) -> str:
+        return np.array([[token]], "<i8").tobytes().hex()
+
+    script = (f"byname tiny-gpt\ninit 0\ninput 0 0 5 1,1 {ids(5)}\ncompute1 0\noutput1 0 0 4096\n"
+              f"input 0 0 5 1,1 {ids(7)}\ncompute1 0\noutput1 0 0 4096\noutput1 0 1 4096\n"
+              f"fini 0\ninput 0 0 5 1,1 {ids(5)}\ncompute1 0\noutput1 0 0 4096\n")
+    with Host() as h:
+        h.deploy_model("tiny-gpt", gpt)
+        h.deploy_function("nn", build_guest("nn_probe.c", exec_model="command"), MANIFEST)
+        live = TABLE.live()
+        lines = [line.split() for line in h.invoke("nn", script.encode()).body.decode().splitlines()]
+        assert TABLE.live() == live  # fini_single freed it (and the invocation's end would have)
+    assert [int(line[1]) for line in lines] == [0] * len(lines)
+
+    def logits(line: list[str]) -> np.ndarray:
+        return np.frombuffer(bytes.fromhex(line[3]), "<f4").reshape(1, 1, 96)
+
+    np.testing.assert_array_equal(logits(lines[4]), first["logits"])
+    np.testing.assert_array_equal(logits(lines[7]), second)  # the past of the first step was kept
+    assert int(lines[8][2]) == 4 * 2 * 16 * 4  # present_key_0: [1, 4, 2, 16] float32, two tokens long
+    np.testing.assert_array_equal(logits(lines[12]), first["logits"])  # fini_single: a new sequence
