@@ -27,7 +27,7 @@ from starlette.responses import Response, StreamingResponse
 
 from wasminfer.errors import FunctionNotFound, InvocationCancelled, WasminferError
 from wasminfer.gateway.state import app_state, principal
-from wasminfer.runtime import InvokeResult, OutputStream
+from wasminfer.replicas import InvokeResult, OutputStream
 from wasminfer.syntax import is_header_value
 
 SSE = "text/event-stream"

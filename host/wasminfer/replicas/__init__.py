@@ -16,13 +16,16 @@ from wasminfer.replicas.fleet import Fleet
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.replicas.local import LocalBackend
+from wasminfer.runtime import InvokeResult, OutputStream  # what a streamed invocation hands the fleet
 
 __all__ = [
     "FairLimiter",
     "Fleet",
     "InProcessBackend",
     "InstanceController",
+    "InvokeResult",
     "LocalBackend",
+    "OutputStream",
     "Replica",
     "ReplicaBackend",
     "ReplicaStats",
