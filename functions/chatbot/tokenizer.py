@@ -15,4 +15,4 @@ def encode(text: str) -> list[int]:
 
 def decode(token: int) -> str:
     """The text of one token ("" for EOS)."""
-    return chr(token + FIRST) if 0 <= token < EOS else ""
+    return chr(token + FIRST) if 0 <= token < EOS else ""  # EOS (when not stopping at it): nothing
