@@ -215,8 +215,8 @@ def main() -> None:
                                    "measured": next((r["ratio"] for r in rows if r["streams"] == 8), None)},
             # a step's frames carry its token's text too (0 or 1 byte): equal within that
             "host_cache_bytes_independent_of_length": (
-                max(b["cache_on_host_bytes"] for b in boundary) - min(b["cache_on_host_bytes"] for b in boundary)
-                <= 1) if boundary else None,
+                max(on_host) - min(on_host) <= 1) if (on_host := [b["cache_on_host_bytes"] for b in boundary])
+            else None,
         },
         "ttft_ms_p50_median": statistics.median(r["platform"]["ttft_ms_p50"] for r in rows) if rows else None,
     }
