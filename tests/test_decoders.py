@@ -169,9 +169,10 @@ def test_a_cut_stream_frees_its_state_and_stops_stepping(host: Host) -> None:
     assert host.memory.used["decoders"] == 0
 
 
-def test_the_timeout_frees_the_state(gpt: bytes, build_guest: Callable[..., bytes]) -> None:
+def test_the_timeout_frees_the_state(build_guest: Callable[..., bytes]) -> None:
     with Host() as h:
-        h.deploy_model("tiny-gpt", gpt)
+        # positions for every token the guest can step through in its 300 ms (a few thousand here)
+        h.deploy_model("tiny-gpt", tiny_gpt_model(max_positions=1 << 16))
         h.deploy_function("probe", build_guest("decoder_probe.c"), {**MANIFEST, "timeout_ms": 300})
         live = TABLE.live()
         with pytest.raises(Exception) as info:
