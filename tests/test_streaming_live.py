@@ -21,7 +21,8 @@ MANIFEST = "models=tiny-gpt&max_infer_calls=100000&timeout_ms=60000"
 def server(tmp_path_factory: pytest.TempPathFactory, build_guest: Callable[..., bytes]) -> Iterator[str]:
     data = tmp_path_factory.mktemp("stream-live")
     with live_server(data / "data", data / "server.log") as (url, _):
-        r = httpx.put(f"{url}/v1/models/tiny-gpt", content=tiny_gpt_model(),
+        # positions for every token "hold" steps through before the client leaves (no backpressure)
+        r = httpx.put(f"{url}/v1/models/tiny-gpt", content=tiny_gpt_model(max_positions=1 << 16),
                       headers={"content-type": "application/octet-stream"}, timeout=60)
         assert r.status_code == 201, r.text
         r = httpx.put(f"{url}/v1/functions/probe?{MANIFEST}", content=build_guest("decoder_probe.c"),
