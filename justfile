@@ -36,6 +36,10 @@ bench-micro:
 bench-python:
     {{python}} bench/python_guest.py
 
+# Streamed generation (chatbot, decoder state on the host) vs the same loop on ORT: bench/results/stream.json.
+bench-stream *ARGS:
+    {{python}} bench/stream.py {{ARGS}}
+
 # HTTP gateway benchmark: invocations/s and latency over loopback vs in-process.
 bench-gateway:
     {{python}} bench/gateway.py

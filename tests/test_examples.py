@@ -56,7 +56,8 @@ def invoke_json(host: Host, function: str, body: bytes, content_type: str) -> di
 
 
 def test_every_example_has_its_files_and_a_valid_manifest() -> None:
-    assert [ex.name for ex in EXAMPLES] == ["digits", "image-classify", "text-classify", "image-classify-py"]
+    assert [ex.name for ex in EXAMPLES] == ["digits", "image-classify", "text-classify", "image-classify-py",
+                                          "chatbot"]
     for ex in EXAMPLES:
         source = "main.c" if ex.language == "c" else "app.py"
         for name in (source, "manifest.json", "README.md"):

@@ -191,6 +191,7 @@ def test_a_full_host_budget_is_507_for_a_tenant_within_its_quota(app: App) -> No
     assert message.startswith("the host's memory budget is full: 48 of 48 MiB reserved by every tenant")
     assert app.memory("mallory")["tenant"] == {
         "quota_bytes": 32 * MiB, "used_bytes": 16 * MiB, "instances_bytes": 16 * MiB, "models_bytes": 0,
+        "decoders_bytes": 0,
         "refusals": {"tenant": 0, "host": 1}, "reclaimed_bytes": 0,
     }
 

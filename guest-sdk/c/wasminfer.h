@@ -30,6 +30,7 @@
  *               the body is the handler's to modify; the SDK frees it after the handler returns.
  *               wasminfer_media_type_is(ctype, "image/png"), wasminfer_media_type_param(ctype, "width", buf, cap)
  *   response    wasminfer_output(body, len, ctype), wasminfer_output_str(s, ctype), wasminfer_output_buf(&b, ctype)
+ *               wasminfer_output_chunk(part, len, ctype): one part now (streamed invocations get it at once)
  *   failure     return wasminfer_fail(status, fmt, ...)   sets the error message, returns status;
  *               statuses 1..8 mean "an infer error passed on" (ABI.md); 400..499 reject the input with that
  *               HTTP status (WASMINFER_BAD_REQUEST, ..._UNSUPPORTED_MEDIA_TYPE); WASMINFER_FAILED for your own
@@ -37,6 +38,8 @@
  *   inference   wasminfer_infer(model, inputs, n, &outputs) -> 0 | WASMINFER_E_*; the error message is set.
  *               wasminfer_outputs_get(&outputs, name), wasminfer_outputs_free(&outputs)
  *               Output data is aligned for its dtype; output names are NOT NUL-terminated (name_len).
+ *   decoders    h = wasminfer_decoder_open(model) (> 0, or -WASMINFER_E_*); wasminfer_decoder_step(h, model,
+ *               inputs, n, &outputs): one step with the past key/values kept by the host; wasminfer_decoder_close(h)
  *   tensors     wasminfer_tensor {name, name_len (0 = strlen), dtype, ndim, dims[], data, nbytes}
  *               dtypes are the RFC 8746 typed-array tags: WASMINFER_F32 == 85 etc.; WASMINFER_BOOL == WASMINFER_U8.
  *   CBOR        wasminfer_cbor_size / wasminfer_cbor_encode / wasminfer_cbor_decode (in place, bounds-checked;
@@ -127,6 +130,12 @@ WASMINFER_IMPORT("infer_result") int32_t wasminfer__infer_result(uint8_t *out, s
 WASMINFER_IMPORT("last_error") int32_t wasminfer__last_error(char *buf, size_t cap);
 WASMINFER_IMPORT("output")
 int32_t wasminfer__output(const void *body, size_t body_len, const char *ctype, size_t ctype_len);
+WASMINFER_IMPORT("output_chunk")
+int32_t wasminfer__output_chunk(const void *body, size_t body_len, const char *ctype, size_t ctype_len);
+WASMINFER_IMPORT("decoder_open") int32_t wasminfer__decoder_open(const char *model, size_t model_len);
+WASMINFER_IMPORT("decoder_step")
+int32_t wasminfer__decoder_step(int32_t handle, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_cap);
+WASMINFER_IMPORT("decoder_close") int32_t wasminfer__decoder_close(int32_t handle);
 WASMINFER_IMPORT("error") void wasminfer__error(const char *msg, size_t msg_len);
 WASMINFER_IMPORT("log") void wasminfer__log(int32_t level, const char *msg, size_t msg_len);
 
@@ -254,6 +263,12 @@ static inline int wasminfer_output_buf(const wasminfer_buf *b, const char *ctype
     if (b->oom) return wasminfer_fail_str(WASMINFER_E_NOMEM, "out of memory while building the response");
     /* both arms of one pointer type: Zig's translate-c refuses `char *` vs `""` in a conditional */
     return wasminfer_output(b->data ? (const void *)b->data : (const void *)"", b->len, ctype);
+}
+
+/* Sends one part of the response now (a streamed invocation gets it at once; a plain one gets the
+ * parts joined, followed by what wasminfer_output set). Returns 0. */
+static inline int wasminfer_output_chunk(const void *body, size_t len, const char *ctype) {
+    return wasminfer__output_chunk(body, len, ctype, strlen(ctype));
 }
 
 /* ---- content types -------------------------------------------------------------------------- */
@@ -484,8 +499,8 @@ static inline void wasminfer_outputs_free(wasminfer_outputs *out) {
  * wasminfer_outputs_free. On failure returns a WASMINFER_E_* status with the error message set
  * (return it from the handler to pass the infer error on) and `out` holds nothing.
  * (Messages are built with snprintf, not wasminfer_fail: Zig cannot translate variadic definitions.) */
-static inline int wasminfer_infer(const char *model, const wasminfer_tensor *inputs, size_t n,
-                                  wasminfer_outputs *out) {
+static inline int wasminfer__run(const char *model, int32_t decoder, const wasminfer_tensor *inputs,
+                                 size_t n, wasminfer_outputs *out) {
     static size_t hint = WASMINFER_INFER_BUF; /* the largest answer so far: usually right first time */
     char msg[WASMINFER_MSG_MAX], host_msg[WASMINFER_MSG_MAX / 2];
     size_t in_len = wasminfer_cbor_size(inputs, n), bad;
@@ -504,7 +519,8 @@ static inline int wasminfer_infer(const char *model, const wasminfer_tensor *inp
         return wasminfer_fail_str(WASMINFER_E_NOMEM, msg);
     }
     wasminfer_cbor_encode(inputs, n, in, in_len, &in_len);
-    int32_t rc = wasminfer__infer(model, strlen(model), in, in_len, buf, hint);
+    int32_t rc = decoder > 0 ? wasminfer__decoder_step(decoder, in, in_len, buf, hint)
+                             : wasminfer__infer(model, strlen(model), in, in_len, buf, hint);
     free(in);
     if (rc >= 0 && (size_t)rc > hint) { /* the host kept the result: fetch it, the model ran once */
         size_t need = (size_t)rc;
@@ -531,6 +547,37 @@ static inline int wasminfer_infer(const char *model, const wasminfer_tensor *inp
     }
     out->buf_ = buf;
     return 0;
+}
+
+static inline int wasminfer_infer(const char *model, const wasminfer_tensor *inputs, size_t n,
+                                  wasminfer_outputs *out) {
+    return wasminfer__run(model, 0, inputs, n, out);
+}
+
+/* ---- decoders: a model's past key/values kept by the host between steps (ABI.md) ------------- */
+
+/* Opens a decoder state of `model` (whose inputs named past* pair with its outputs named present*).
+ * Returns its handle (> 0), or a WASMINFER_E_* status with the error message set. */
+static inline int32_t wasminfer_decoder_open(const char *model) {
+    char msg[WASMINFER_MSG_MAX], host_msg[WASMINFER_MSG_MAX / 2];
+    int32_t rc = wasminfer__decoder_open(model, strlen(model));
+    if (rc > 0) return rc;
+    if (!wasminfer_last_error(host_msg, sizeof host_msg)) snprintf(host_msg, sizeof host_msg, "error %d", -rc);
+    snprintf(msg, sizeof msg, "decoder_open(%s): %s", model, host_msg);
+    return -wasminfer_fail_str(rc >= -255 ? (int)-rc : WASMINFER_E_RUNTIME, msg);
+}
+
+/* One step: the model on `inputs` plus the state's past; the outputs other than present*. Returns
+ * 0 or a WASMINFER_E_* status, as wasminfer_infer does. */
+static inline int wasminfer_decoder_step(int32_t handle, const char *model, const wasminfer_tensor *inputs,
+                                         size_t n, wasminfer_outputs *out) {
+    return wasminfer__run(model, handle, inputs, n, out);
+}
+
+/* Frees the state now (the host frees it at the end of the invocation anyway). */
+static inline int wasminfer_decoder_close(int32_t handle) {
+    int32_t rc = wasminfer__decoder_close(handle);
+    return rc < 0 ? (int)-rc : 0;
 }
 
 /* The output tensor called `name`, or NULL. */

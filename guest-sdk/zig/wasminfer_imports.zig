@@ -22,6 +22,10 @@ extern "wasminfer" fn infer(model: [*]const u8, model_len: usize, in: [*]const u
 extern "wasminfer" fn infer_result(out: [*]u8, out_cap: usize) i32;
 extern "wasminfer" fn last_error(buf: [*]u8, cap: usize) i32;
 extern "wasminfer" fn output(body: [*]const u8, body_len: usize, ctype: [*]const u8, ctype_len: usize) i32;
+extern "wasminfer" fn output_chunk(body: [*]const u8, body_len: usize, ctype: [*]const u8, ctype_len: usize) i32;
+extern "wasminfer" fn decoder_open(model: [*]const u8, model_len: usize) i32;
+extern "wasminfer" fn decoder_step(handle: i32, in: [*]const u8, in_len: usize, out: [*]u8, out_cap: usize) i32;
+extern "wasminfer" fn decoder_close(handle: i32) i32;
 extern "wasminfer" fn @"error"(msg: [*]const u8, msg_len: usize) void;
 extern "wasminfer" fn log(level: i32, msg: [*]const u8, msg_len: usize) void;
 
@@ -37,6 +41,18 @@ fn lastErrorC(buf: [*]u8, cap: usize) callconv(.c) i32 {
 fn outputC(body: [*]const u8, body_len: usize, ctype: [*]const u8, ctype_len: usize) callconv(.c) i32 {
     return output(body, body_len, ctype, ctype_len);
 }
+fn outputChunkC(body: [*]const u8, body_len: usize, ctype: [*]const u8, ctype_len: usize) callconv(.c) i32 {
+    return output_chunk(body, body_len, ctype, ctype_len);
+}
+fn decoderOpenC(model: [*]const u8, model_len: usize) callconv(.c) i32 {
+    return decoder_open(model, model_len);
+}
+fn decoderStepC(handle: i32, in: [*]const u8, in_len: usize, out: [*]u8, out_cap: usize) callconv(.c) i32 {
+    return decoder_step(handle, in, in_len, out, out_cap);
+}
+fn decoderCloseC(handle: i32) callconv(.c) i32 {
+    return decoder_close(handle);
+}
 fn errorC(msg: [*]const u8, msg_len: usize) callconv(.c) void {
     @"error"(msg, msg_len);
 }
@@ -50,6 +66,10 @@ comptime {
     @export(&inferResultC, .{ .name = "wasminfer__infer_result", .visibility = hidden });
     @export(&lastErrorC, .{ .name = "wasminfer__last_error", .visibility = hidden });
     @export(&outputC, .{ .name = "wasminfer__output", .visibility = hidden });
+    @export(&outputChunkC, .{ .name = "wasminfer__output_chunk", .visibility = hidden });
+    @export(&decoderOpenC, .{ .name = "wasminfer__decoder_open", .visibility = hidden });
+    @export(&decoderStepC, .{ .name = "wasminfer__decoder_step", .visibility = hidden });
+    @export(&decoderCloseC, .{ .name = "wasminfer__decoder_close", .visibility = hidden });
     @export(&errorC, .{ .name = "wasminfer__error", .visibility = hidden });
     @export(&logC, .{ .name = "wasminfer__log", .visibility = hidden });
 }

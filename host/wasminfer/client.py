@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from wasminfer.errors import ServerUnreachable, WasminferError, error_from_http
+from wasminfer.errors import ServerUnreachable, WasminferError, error_from_dict, error_from_http
 from wasminfer.manifest import Manifest
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -192,6 +192,37 @@ class Client:
             r.headers.get("x-invocation-id", ""),
             _server_timing(r.headers.get("server-timing", "")),
         )
+
+    def invoke_stream(
+        self, name: str, body: bytes = b"", content_type: str = "application/octet-stream"
+    ) -> Iterator[str]:
+        """The parts of a streamed invocation as they come (Server-Sent Events; docs/streaming.md).
+        Raises the invocation's error: before the first part as `invoke` does, after it when its
+        error event comes."""
+        headers = {**self._headers, "content-type": content_type, "accept": "text/event-stream"}
+        try:
+            with self._http.stream("POST", f"{self.url}/v1/functions/{name}/invoke", content=body,
+                                   headers=headers) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise error_from_response(r)
+                event, data = "message", []
+                for line in r.iter_lines():
+                    if line:
+                        field, _, value = line.partition(":")
+                        value = value[1:] if value.startswith(" ") else value
+                        if field == "event":
+                            event = value
+                        elif field == "data":
+                            data.append(value)
+                        continue
+                    if event == "error":
+                        raise error_from_dict(json.loads("\n".join(data))["error"])
+                    if event == "message":
+                        yield "\n".join(data)
+                    event, data = "message", []
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach the wasminfer server at {self.url}: {exc}") from None
 
     def logs(self, name: str, n: int = 200, since: float | None = None) -> list[dict[str, Any]]:
         params: dict[str, str] = {"n": str(n)}

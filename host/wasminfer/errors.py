@@ -361,6 +361,13 @@ class InferenceFailed(GuestError):
     code = "inference_failed"
 
 
+class DecoderNotFound(GuestError):
+    """A guest named a decoder state its invocation does not hold (never opened, closed, freed at
+    the end of an earlier invocation, or another's)."""
+
+    code = "decoder_not_found"
+
+
 class Timeout(ManifestLimit, WasminferError):
     status, code = 504, "timeout"
     limit_key, limit_text = "timeout_ms", "timeout of {} ms"

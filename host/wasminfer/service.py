@@ -47,7 +47,7 @@ from wasminfer.errors import (
 )
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo
-from wasminfer.runtime import DeployedFunction, Host, InvokeResult, LogLine
+from wasminfer.runtime import DeployedFunction, Host, InvokeResult, LogLine, OutputStream
 from wasminfer.runtime.memory import MemoryBudget, MemorySettings
 from wasminfer.store import DEFAULT_TENANT, FunctionVersion, ModelRecord, Store, validate_name
 from wasminfer.store.keys import SCOPES, check_known_scopes
@@ -595,16 +595,17 @@ class Platform:
         content_type: str = "application/octet-stream",
         *,
         tenant: str = DEFAULT_TENANT,
+        stream: OutputStream | None = None,
     ) -> InvokeResult:
-        """Runs one request through function `name` of `tenant` (see `Host.invoke` for the errors).
-        Raises `Unavailable` before `start` has finished."""
+        """Runs one request through function `name` of `tenant` (see `Host.invoke` for the errors and
+        `stream`). Raises `Unavailable` before `start` has finished."""
         if not self._ready.is_set():
             self._check_ready()
         host = self._hosts.get(tenant)
         try:
             if host is None:
                 raise FunctionNotFound(name)
-            return host.invoke(name, body, content_type)
+            return host.invoke(name, body, content_type, stream=stream)
         except FunctionNotFound:
             self._raise_load_state(tenant, name)
             raise

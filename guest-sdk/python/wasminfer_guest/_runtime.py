@@ -11,7 +11,11 @@ out of linear memory in bulk by the host. A frame is one op byte and its payload
     b <header> <code>...  -> b""                                 (validate: the compiled modules)
     c                     -> <header> <code>...                  (load: the compiled modules)
     r                     -> u32 len(ctype), ctype, body         (the request)
-    o u32 len(ctype), ctype, body -> b""                         (the response)
+    o u32 len(ctype), ctype, body -> b""                         (the response; its last part)
+    w u32 len(ctype), ctype, part -> b""                         (one part, sent at once if streamed)
+    d o <model>           -> 0 u32 handle | 1 <json error>       (open a decoder state)
+    d s u32 handle <tensors> -> as i                             (one decoder step)
+    d c u32 handle        -> 0 | 1 <json error>                  (close a decoder state)
     l level, message      -> b""                                 (a log line)
     i <tensors>           -> 0 <tensors> | 1 <json error>       (infer)
     f <json failure>      -> b""                                 (the invocation or load failed)
@@ -223,7 +227,11 @@ def invoke() -> None:
     n = int.from_bytes(frame[:4], "little")
     content_type = frame[4:4 + n].decode("utf-8", "replace")
     try:
-        response = Response.of(export.registered()(Request(frame[4 + n:], content_type)))
+        result = export.registered()(Request(frame[4 + n:], content_type))
+        if _streams(result):
+            _stream(result)
+            return
+        response = Response.of(result)
         ctype = response.content_type.encode("utf-8", "replace")
         door(b"o", _u32(len(ctype)) + ctype + bytes(response.body))
     except InferError as exc:
@@ -235,6 +243,35 @@ def invoke() -> None:
         fail("memory", _message(exc), traceback=_traceback(exc))
     except BaseException as exc:  # noqa: BLE001 - SystemExit too: the host must get an answer
         fail("failed", _message(exc), traceback=_traceback(exc))
+
+
+def _streams(result: Any) -> bool:
+    """Whether a handler's result is an iterator of parts (a generator, `iter(...)`), not a body."""
+    return hasattr(result, "__next__") and not isinstance(result, bytes | bytearray | memoryview | str)
+
+
+def _stream(parts: Any) -> None:
+    """Sends each part as it comes: str as UTF-8 text, bytes as they are, dict or list as a JSON
+    line. The first part's kind is the answer's content type."""
+    ctype = b""
+    try:
+        for part in parts:
+            if isinstance(part, str):
+                data, kind = part.encode("utf-8"), b"text/plain; charset=utf-8"
+            elif isinstance(part, bytes | bytearray | memoryview):
+                data, kind = bytes(part), b"application/octet-stream"
+            elif isinstance(part, dict | list):
+                data, kind = json.dumps(part, separators=(",", ":")).encode() + b"\n", b"application/x-ndjson"
+            else:
+                raise TypeError(f"a streaming handler yields str, bytes, dict or list, not {type(part).__name__}")
+            ctype = ctype or kind
+            door(b"w", _u32(len(ctype)) + ctype + data)
+    finally:
+        close = getattr(parts, "close", None)
+        if close is not None:  # now, in this invocation: its `with` blocks free their host state
+            close()
+    ctype = ctype or b"text/plain; charset=utf-8"
+    door(b"o", _u32(len(ctype)) + ctype)  # the end: no last part
 
 
 validate, load, invoke = _flushed(validate), _flushed(load), _flushed(invoke)

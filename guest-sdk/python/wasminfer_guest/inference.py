@@ -56,6 +56,11 @@ def infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _runtime_infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """One frame to the host: a JSON header, then every tensor's bytes as they are (no per-element
     work: numpy arrays became bytes with one copy in `Tensor.of`)."""
+    return runtime_answer(b._host.call(b"i" + runtime_request(model, inputs)))
+
+
+def runtime_request(model: str, inputs: Mapping[str, Tensor]) -> bytes:
+    """The tensors of an infer (or decoder step) frame: a JSON header, then each tensor's bytes."""
     import json
 
     specs: list[dict[str, Any]] = []
@@ -67,7 +72,13 @@ def _runtime_infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor
             specs.append({"name": name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": len(t.data)})
             blobs.append(t.data)  # type: ignore[arg-type]
     raw = json.dumps({"model": model, "tensors": specs}, separators=(",", ":")).encode()
-    answer = b._host.call(b"".join([b"i", len(raw).to_bytes(4, "little"), raw, *blobs]))
+    return b"".join([len(raw).to_bytes(4, "little"), raw, *blobs])
+
+
+def runtime_answer(answer: bytes) -> dict[str, Tensor]:
+    """The outputs of an infer (or decoder step) answer. Raises `InferError`."""
+    import json
+
     if answer[:1] != b"\x00":
         err = json.loads(answer[1:])
         raise InferError(err["kind"], err["message"])

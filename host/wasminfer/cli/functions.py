@@ -175,6 +175,9 @@ def invoke(
     wait: Annotated[
         bool, typer.Option(help="With --async: wait for the job, then print its output.")
     ] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Print the parts of the output as the function writes them.")
+    ] = False,
     url: Url = DEFAULT_URL,
     key: Key = None,
 ) -> None:
@@ -192,7 +195,14 @@ def invoke(
         or (CONTENT_TYPES.get(data.suffix.lower()) if data else None)
         or "application/octet-stream"
     )
+    if stream and async_:
+        raise typer.BadParameter("--stream and --async do not go together: a job answers once")
     with common.client(url, key) as client:
+        if stream:
+            for part in client.invoke_stream(name, body, ctype):
+                sys.stdout.write(part)
+                sys.stdout.flush()
+            return
         if async_:
             job = client.invoke_async(name, body, ctype)
             if not wait:

@@ -92,6 +92,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.first_byte_latency = Histogram(
+            "wasminfer_stream_first_byte_seconds",
+            "Streamed invocations: time from the request to the first part of the answer",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.cold_starts = Counter(
             "wasminfer_cold_starts",
             "Invocations that had to create an instance",
@@ -179,6 +186,10 @@ class Metrics:
                 elif sample.name.endswith("_count"):
                     latency["count"] = int(sample.value)
         return found
+
+    def first_byte(self, tenant: str, function: str, seconds: float) -> None:
+        """A streamed invocation sent its first part `seconds` after its request came."""
+        self.first_byte_latency.labels(tenant, function).observe(seconds)
 
     def register(self, collector: TenantCollector) -> None:
         self._collectors.append(collector)

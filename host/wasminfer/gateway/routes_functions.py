@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from wasminfer import errors, pysource
 from wasminfer.errors import BadRequest, FunctionNotFound, InvalidManifest, WasminferError
 from wasminfer.gateway import routes_jobs as jobs
+from wasminfer.gateway import streaming
 from wasminfer.gateway.bodies import declared_media_type, limited_stream, read_body, sniffed_media_type
 from wasminfer.gateway.routing import BINARY, Body, Params, QueryGroup, Reply, operation
 from wasminfer.gateway.state import app_state, principal, run_admin
@@ -201,8 +202,9 @@ async def rollback(request: Request, params: Params) -> Response:
         errors.TensorTooLarge, errors.GuestRejected, errors.IdempotencyKeyReused, errors.TooManyRequests,
         errors.MemoryQuotaExceeded, errors.GuestError, errors.GuestTrap, errors.MemoryLimitExceeded,
         errors.OutputLimitExceeded, errors.LogLimitExceeded, errors.InferLimitExceeded,
-        errors.InferenceFailed, errors.InvocationCancelled, errors.FunctionLoading, errors.FunctionLoadFailed,
-        errors.LostWithIdempotentRequest, errors.Timeout, errors.HostMemoryExhausted,
+        errors.InferenceFailed, errors.DecoderNotFound, errors.InvocationCancelled,
+        errors.FunctionLoading, errors.FunctionLoadFailed, errors.LostWithIdempotentRequest, errors.Timeout,
+        errors.HostMemoryExhausted,
     ),
     description="The body and its Content-Type go to the function as they are. With "
     "`Prefer: respond-async` or `?async=1` the invocation becomes a job: 202 at once, the function's "
@@ -211,6 +213,9 @@ async def rollback(request: Request, params: Params) -> Response:
     query=(
         Param("async", "boolean", "run as a job (as `Prefer: respond-async`); 0: synchronously, "
               "whatever the headers"),
+        Param("stream", "boolean", "send the parts the function writes as they come (chunked transfer; "
+              "Server-Sent Events with `Accept: text/event-stream`, which streams without it); "
+              "see docs/streaming.md"),
         *jobs.JOB_OPTIONS,
     ),
     headers=(Param("Prefer", "string", "`respond-async`: run as a job"), jobs.IDEMPOTENCY_KEY),
@@ -219,6 +224,8 @@ async def rollback(request: Request, params: Params) -> Response:
     "-d @request.json",
 )  # fmt: skip
 async def invoke(request: Request, params: Params) -> Response:
+    if params["stream"] or (params["stream"] is None and streaming.wants_sse(request)):
+        return await _invoke_streamed(request, params)
     if jobs.wants_async(request, params["async"]):
         return await jobs.invoke_async(request, params)
     started = time.perf_counter()
@@ -230,6 +237,21 @@ async def invoke(request: Request, params: Params) -> Response:
     gate.enter()
     try:
         return await _invoke_sync(request, body, started)
+    finally:
+        gate.exit()
+
+
+async def _invoke_streamed(request: Request, params: Params) -> Response:
+    if jobs.wants_async(request, params["async"]):
+        raise BadRequest("a streamed invocation cannot run as a job: drop ?async / Prefer: respond-async, "
+                         "or the stream (?stream, Accept: text/event-stream)")
+    started = time.perf_counter()
+    st = app_state(request)
+    body = await read_body(request, st.settings.max_invoke_bytes, "request body")
+    gate = st.jobs.gate
+    gate.enter()
+    try:
+        return await streaming.invoke_stream(request, body, started)
     finally:
         gate.exit()
 

@@ -18,6 +18,7 @@ from wasminfer.replicas.inline import InlinePolicy
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
 from wasminfer.replicas.local import LocalBackend
+from wasminfer.runtime import InvokeResult, OutputStream  # what a streamed invocation hands the fleet
 
 __all__ = [
     "FairLimiter",
@@ -25,7 +26,9 @@ __all__ = [
     "InProcessBackend",
     "InlinePolicy",
     "InstanceController",
+    "InvokeResult",
     "LocalBackend",
+    "OutputStream",
     "Replica",
     "ReplicaBackend",
     "ReplicaStats",

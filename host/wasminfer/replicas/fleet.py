@@ -53,7 +53,7 @@ from wasminfer.replicas.follow import StoreFollower
 from wasminfer.replicas.inline import InlinePolicy
 from wasminfer.replicas.inprocess import InProcessBackend
 from wasminfer.replicas.instances import InstanceController, instance_stats
-from wasminfer.runtime import InvokeResult
+from wasminfer.runtime import InvokeResult, OutputStream
 from wasminfer.scaling import MONOTONIC, Clock, DecisionLog, ReplicaAutoscaler, ReplicaLoad, ScalingConfig
 from wasminfer.service import Platform
 
@@ -224,6 +224,44 @@ class Fleet:
             return await self._route(key, fn, body, content_type)
         finally:
             gate.release()
+
+    async def stream(self, tenant: str, name: str, body: bytes, content_type: str,
+                     stream: OutputStream) -> InvokeResult:
+        """Runs one invocation whose parts go to `stream` as the guest writes them. Streams run on
+        the gateway's own replica (a part cannot cross a replica's hop as it comes), under the same
+        admission as `invoke`. Raises what `invoke` raises; `Unavailable` without an own replica."""
+        primary = self._primary
+        if primary is None:
+            raise Unavailable("streamed invocations run on the gateway's own replica, which this server "
+                              "does not have (scaling key 'primary_replica'); invoke without streaming")
+        fn = self.platform.deployed(name, tenant=tenant)
+        m = fn.manifest
+        gate: _Gate | None = None
+        if m.max_concurrency:
+            gate = self._gates.get((tenant, name))
+            if gate is None:
+                gate = self._gates[(tenant, name)] = _Gate()
+            try:
+                await gate.acquire(name, m)
+            except TooManyRequests:
+                self.rejected["max_concurrency"] += 1
+                raise
+        replica = primary.replica()
+        if replica.tenants[tenant] >= replica.capacity:
+            if gate is not None:
+                gate.release()
+            raise self._host_full()
+        replica.outstanding += 1
+        replica.tenants[tenant] += 1
+        try:
+            return await primary.stream(tenant, name, body, content_type, stream)
+        finally:
+            replica.outstanding -= 1
+            replica.tenants[tenant] -= 1
+            if not replica.tenants[tenant]:
+                del replica.tenants[tenant]
+            if gate is not None:
+                gate.release()
 
     async def _route(self, key: Key, fn: Any, body: bytes, content_type: str) -> InvokeResult:
         tenant, name = key

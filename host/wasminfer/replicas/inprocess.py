@@ -18,7 +18,7 @@ from wasminfer.replicas.base import Replica, ReplicaBackend, ReplicaStats, WarmS
 from wasminfer.replicas.fairness import FairLimiter
 from wasminfer.replicas.inline import InlinePolicy
 from wasminfer.replicas.instances import InstanceController, instance_stats
-from wasminfer.runtime import InvokeResult, blocked_ns
+from wasminfer.runtime import InvokeResult, OutputStream, blocked_ns
 from wasminfer.service import Platform
 
 
@@ -98,6 +98,16 @@ class InProcessBackend(ReplicaBackend):
         finally:
             cost[0] = (time.thread_time() - started) * 1e6 or 0.1
             cost[1] = (blocked_ns() - blocked) / 1e3
+
+    async def stream(self, tenant: str, name: str, body: bytes, content_type: str,
+                     stream: OutputStream) -> InvokeResult:
+        """`route` with the guest's parts going to `stream` as they come (see `Host.invoke`): always
+        on a thread (a stream lasts as long as its guest)."""
+        return await self.limiter.run_sync(tenant, self._stream, tenant, name, body, content_type, stream)
+
+    def _stream(self, tenant: str, name: str, body: bytes, content_type: str,
+                stream: OutputStream) -> InvokeResult:
+        return self.platform.invoke(name, body, content_type, tenant=tenant, stream=stream)
 
     async def stats(self, replica: Replica) -> ReplicaStats:
         return ReplicaStats(

@@ -7,8 +7,9 @@ from wasminfer.runtime._engine import blocked_ns
 from wasminfer.runtime.host import DeployedFunction, Host, InvokeResult, ModuleInfo
 from wasminfer.runtime.logs import LogBuffer, LogLine
 from wasminfer.runtime.pool import GrowthPolicy
+from wasminfer.runtime.streams import OutputStream
 
 __all__ = [
     "DeployedFunction", "GrowthPolicy", "Host", "InvokeResult", "LogBuffer", "LogLine", "Manifest",
-    "ModuleInfo", "blocked_ns",
+    "ModuleInfo", "OutputStream", "blocked_ns",
 ]

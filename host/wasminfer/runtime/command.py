@@ -31,7 +31,7 @@ from wasminfer.errors import (
 )
 from wasminfer.manifest import Manifest
 from wasminfer.runtime._engine import CallState
-from wasminfer.runtime._traps import WasmExit, WasmLinkError, WasmTrap
+from wasminfer.runtime._traps import Interrupted, WasmExit, WasmLinkError, WasmTrap
 from wasminfer.runtime._wasm import CompiledModule, HostFunc, WasiOptions, WasmInstance
 from wasminfer.runtime.handler import DEFAULT_CONTENT_TYPE, InvocationState, _trap_error
 from wasminfer.runtime.logs import Tail
@@ -106,6 +106,14 @@ class _Streams:
     def write(self, stream: str, data: bytes) -> int | None:
         state = self.state
         m = state.manifest
+        if stream == "stdout" and state.stream is not None:  # flushed as written (streams.py)
+            try:
+                state.write_chunk(data, m.content_type or DEFAULT_CONTENT_TYPE)
+            except OutputLimitExceeded:
+                return -errno.EFBIG
+            except Interrupted:  # the client left, or the deadline passed: the epoch ends the guest
+                return -errno.EPIPE
+            return None
         if stream == "stdout":
             if len(self.stdout) + len(data) > m.max_output_bytes:
                 state.limit_error = state.limit_error or OutputLimitExceeded.exceeded(
@@ -171,7 +179,7 @@ def invoke(slot: CommandSlot, body: bytes, content_type: str, state: InvocationS
                 f"{nn}{streams.tail()}",
             )
         raise GuestError(f"function {state.function!r} exited with status {status}{nn}{streams.tail()}")
-    state.output = bytes(streams.stdout)
+    state.output = bytes(streams.stdout) if state.stream is None else b""
     state.content_type = m.content_type or DEFAULT_CONTENT_TYPE
     return True
 

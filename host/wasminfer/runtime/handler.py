@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from wasminfer.errors import (
+    DecoderNotFound,
     GuestError,
     GuestRejected,
     GuestTrap,
@@ -37,7 +38,10 @@ from wasminfer.models.codec import decode_tensors, encode_tensors
 from wasminfer.runtime._engine import CallState
 from wasminfer.runtime._traps import GuestFault, Interrupted, WasmLinkError, WasmTrap
 from wasminfer.runtime._wasm import CompiledModule, GuestMemory, HostFunc, WasmInstance
+from wasminfer.runtime.decoders import InvocationDecoders
 from wasminfer.runtime.logs import LEVELS, LogBuffer
+from wasminfer.runtime.memory import MEMORY_REFUSALS, MemoryBudget, TenantMemory
+from wasminfer.runtime.streams import OutputStream
 
 NAME = "handler"
 ABI_MARKER = "wasminfer_abi_v1"
@@ -116,6 +120,14 @@ class InvocationState(CallState):
         self.alloc_failed = False  # the request buffer could not be allocated (before the handler ran)
         self.nn_error: str | None = None  # the last failed wasi-nn call, cleared by a successful compute
         self.nn_errors = 0  # failed wasi-nn calls (the first few are logged)
+        #: Where the parts the guest writes go while it runs (None: kept in `chunks`, see `streams`).
+        self.stream: OutputStream | None = None
+        self.chunks = bytearray()
+        self.streamed_bytes = 0
+        self.streamed_type: str | None = None  # the content type of the first part
+        self.boundary_bytes = 0  # bytes of tensors and frames that crossed in and out of the guest
+        self.decoders: InvocationDecoders | None = None  # made by `decoder_states`
+        self.memory: TenantMemory | None = None  # the tenant's account, for decoder states (set by the host)
 
     def count_infer(self, did: str) -> InferLimitExceeded | None:
         """Counts one inference of the invocation (every ABI's infer import). Past the manifest's
@@ -137,6 +149,49 @@ class InvocationState(CallState):
             return run_model(self, self.infer, model, inputs)
         finally:
             self.infer_ns += time.perf_counter_ns() - t0
+
+    def decoder_states(self) -> InvocationDecoders:
+        """The invocation's decoder states (`runtime.decoders`), made on first use."""
+        if self.decoders is None:
+            if self.models is None:
+                raise InferenceFailed("decoder states need the host's model registry")
+            memory = self.memory or MemoryBudget.unlimited().tenant("default")
+            self.decoders = InvocationDecoders(self, self.models, memory)
+        return self.decoders
+
+    def check_output(self, nbytes: int) -> None:
+        """Raises `OutputLimitExceeded` (also the invocation's `limit_error`) if `nbytes` more bytes of
+        output would take the invocation past the manifest's `max_output_bytes`: the parts written and
+        the last `output` set count together."""
+        total = self.streamed_bytes + nbytes
+        limit = self.manifest.max_output_bytes
+        if total > limit:
+            err = OutputLimitExceeded.exceeded(self.function, f"produced {total} bytes of output", limit)
+            self.limit_error = self.limit_error or err
+            raise err
+
+    def write_chunk(self, data: bytes, content_type: str) -> None:
+        """One part of the answer, sent at once when the invocation streams (`stream`), else kept
+        in `chunks`. Raises `Interrupted` once the stream was cancelled (the client left) or the
+        deadline passed, `OutputLimitExceeded` past `max_output_bytes`."""
+        self.check()
+        self.check_output(len(data) + len(self.output or b""))
+        self.streamed_bytes += len(data)
+        if self.streamed_type is None:
+            self.streamed_type = content_type or DEFAULT_CONTENT_TYPE
+        if self.stream is None:
+            self.chunks += data
+        elif data:
+            self.stream.write(data, self.streamed_type)
+
+    def answer(self) -> tuple[bytes, str]:
+        """The body and content type of the one answer: the parts kept, then the last `output` set."""
+        body = self.output or b""
+        if self.chunks:
+            body = bytes(self.chunks) + body
+        if self.output is None and self.streamed_type is not None:
+            return body, self.streamed_type
+        return body, self.content_type
 
     def log(self, raw: bytes, level: str) -> None:
         """Appends a line the guest logs to the function's logs (cut at `MAX_MESSAGE` bytes, the cut marked).
@@ -196,12 +251,83 @@ def _infer(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: 
     finally:
         state.infer_ns += time.perf_counter_ns() - t0
     encoded = encode_tensors(outputs)
+    state.boundary_bytes += in_len + len(encoded)
     state.infer_error = None
     if len(encoded) <= out_cap:
         mem.write(out_ptr, encoded)
     else:
         state.pending = encoded
     return len(encoded)
+
+
+def _decoder_open(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: int) -> int:
+    name_raw = mem.read(model_ptr, model_len)
+    try:
+        model = name_raw.decode("utf-8")
+    except UnicodeDecodeError:
+        err = InvalidTensor("decoder_open: the model name is not valid UTF-8")
+        return _fail(state, E_INVALID_ARGUMENT, err)
+    if not state.manifest.allows(model):
+        return _fail(state, E_NOT_ALLOWED, ModelNotAllowed(state.function, model))
+    try:
+        return state.decoder_states().open(model, state.function)
+    except ModelNotFound as exc:
+        return _fail(state, E_NOT_FOUND, exc)
+    except InvalidTensor as exc:
+        return _fail(state, E_INVALID_TENSOR, exc)
+    except InferLimitExceeded as exc:
+        return _fail(state, E_LIMIT, exc)
+    except MEMORY_REFUSALS as exc:
+        state.limit_error = state.limit_error or exc
+        return _fail(state, E_LIMIT, exc)
+
+
+def _decoder_step(state: InvocationState, mem: GuestMemory, handle: int, in_ptr: int, in_len: int,
+                  out_ptr: int, out_cap: int) -> int:
+    data = mem.read(in_ptr, in_len)
+    mem.read(out_ptr, 0)
+    if out_cap and out_ptr + out_cap > mem.size():
+        raise GuestFault(f"decoder_step: output buffer [{out_ptr}, {out_ptr + out_cap}) is outside "
+                         "guest memory")
+    state.pending = None
+    limit_err = state.count_infer("ran {} inferences and decoder steps")
+    if limit_err is not None:
+        return _fail(state, E_LIMIT, limit_err)
+    try:
+        inputs = decode_tensors(data, max_tensor_bytes=state.manifest.max_tensor_bytes)
+    except TensorTooLarge as exc:
+        return _fail(state, E_LIMIT, exc)
+    except InvalidTensor as exc:
+        return _fail(state, E_INVALID_ARGUMENT, exc)
+    try:
+        spec, outputs = state.decoder_states().step(handle, inputs, state.run_model)
+    except DecoderNotFound as exc:
+        return _fail(state, E_NOT_FOUND, exc)
+    except ModelNotFound as exc:
+        return _fail(state, E_NOT_FOUND, exc)
+    except InvalidTensor as exc:
+        return _fail(state, E_INVALID_TENSOR, exc)
+    except InferenceFailed as exc:
+        return _fail(state, E_RUNTIME, exc)
+    except MEMORY_REFUSALS as exc:
+        state.limit_error = state.limit_error or exc
+        return _fail(state, E_LIMIT, exc)
+    encoded = encode_tensors(spec.split(outputs)[0])
+    state.boundary_bytes += in_len + len(encoded)
+    state.infer_error = None
+    if len(encoded) <= out_cap:
+        mem.write(out_ptr, encoded)
+    else:
+        state.pending = encoded
+    return len(encoded)
+
+
+def _decoder_close(state: InvocationState, mem: GuestMemory, handle: int) -> int:
+    try:
+        state.decoder_states().close_one(handle)
+    except DecoderNotFound as exc:
+        return _fail(state, E_NOT_FOUND, exc)
+    return 0
 
 
 def _infer_result(state: InvocationState, mem: GuestMemory, out_ptr: int, out_cap: int) -> int:
@@ -227,15 +353,20 @@ def _last_error(state: InvocationState, mem: GuestMemory, buf: int, cap: int) ->
 
 def _output(state: InvocationState, mem: GuestMemory, body_ptr: int, body_len: int, ct_ptr: int,
             ct_len: int) -> int:
-    limit = state.manifest.max_output_bytes
-    if body_len > limit:
-        err = OutputLimitExceeded.exceeded(state.function, f"produced {body_len} bytes of output", limit)
-        state.limit_error = err
-        raise err
+    state.check_output(body_len)
     body = mem.read(body_ptr, body_len)
     ctype = mem.read(ct_ptr, min(ct_len, 1024)).decode("utf-8", "replace").strip()
     state.output = body
     state.content_type = ctype or DEFAULT_CONTENT_TYPE
+    return 0
+
+
+def _output_chunk(state: InvocationState, mem: GuestMemory, body_ptr: int, body_len: int, ct_ptr: int,
+                  ct_len: int) -> int:
+    state.check_output(body_len + len(state.output or b""))
+    body = mem.read(body_ptr, body_len)
+    ctype = mem.read(ct_ptr, min(ct_len, 1024)).decode("utf-8", "replace").strip()
+    state.write_chunk(body, ctype)
     return 0
 
 
@@ -252,6 +383,10 @@ HOST_FUNCS = (
     HostFunc("wasminfer", "infer_result", ("i32",) * 2, ("i32",), _infer_result),
     HostFunc("wasminfer", "last_error", ("i32",) * 2, ("i32",), _last_error),
     HostFunc("wasminfer", "output", ("i32",) * 4, ("i32",), _output),
+    HostFunc("wasminfer", "output_chunk", ("i32",) * 4, ("i32",), _output_chunk),
+    HostFunc("wasminfer", "decoder_open", ("i32",) * 2, ("i32",), _decoder_open),
+    HostFunc("wasminfer", "decoder_step", ("i32",) * 5, ("i32",), _decoder_step),
+    HostFunc("wasminfer", "decoder_close", ("i32",), ("i32",), _decoder_close),
     HostFunc("wasminfer", "error", ("i32",) * 2, (), _error),
     HostFunc("wasminfer", "log", ("i32",) * 3, (), _log),
 )

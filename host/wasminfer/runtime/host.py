@@ -44,6 +44,7 @@ from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance
 from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter, Tail
 from wasminfer.runtime.memory import MEMORY_REFUSALS, MemoryBudget, Reservation, TenantMemory, model_bytes
 from wasminfer.runtime.pool import GrowthPolicy, InstancePool
+from wasminfer.runtime.streams import OutputStream
 
 # The ABIs of core modules, in detection order. Each is a module with NAME, HOST_FUNCS,
 # detect(compiled), validate(compiled), instantiate(compiled, manifest, state, output) and
@@ -65,6 +66,7 @@ class InvokeResult:
     infer_us: float  # inside ModelRegistry.infer
     cold: bool
     invocation_id: str
+    boundary_bytes: int = 0  # tensors and frames that crossed the guest's boundary (its infer calls)
 
     def server_timing(self) -> str:
         return (f"queue;dur={self.queue_us / 1000:.3f}, start;dur={self.start_us / 1000:.3f}, "
@@ -519,8 +521,10 @@ class Host:
     def functions(self) -> list[DeployedFunction]:
         return list(self._functions.values())
 
-    def invoke(self, name: str, body: bytes, content_type: str = "application/octet-stream") -> InvokeResult:
-        """Runs one request through function `name`.
+    def invoke(self, name: str, body: bytes, content_type: str = "application/octet-stream", *,
+               stream: OutputStream | None = None) -> InvokeResult:
+        """Runs one request through function `name`. With `stream`, the parts the guest writes go
+        to it as they come, and the result's body is only what the guest set last with `output`.
 
         Raises `FunctionNotFound`, `TooManyRequests` (all instances busy and the queue full),
         `Timeout`, and the `GuestError` family (guest error status, trap, limits), or the infer
@@ -528,27 +532,33 @@ class Host:
         """
         fn = self.function(name)
         try:
-            return self._invoke_once(fn, name, body, content_type)
+            return self._invoke_once(fn, name, body, content_type, stream)
         except MemoryLimitExceeded as exc:
             # A warm instance's heap may be too fragmented for a body a fresh instance takes (zig's
             # wasm malloc never merges freed blocks): the request never reached the handler, so it
             # is retried once; its instance was discarded.
             if not getattr(exc, "alloc_failed_warm", False):
                 raise
-            return self._invoke_once(fn, name, body, content_type)
+            return self._invoke_once(fn, name, body, content_type, stream)
 
-    def _invoke_once(self, fn: DeployedFunction, name: str, body: bytes, content_type: str) -> InvokeResult:
+    def _invoke_once(self, fn: DeployedFunction, name: str, body: bytes, content_type: str,
+                     stream: OutputStream | None = None) -> InvokeResult:
         m = fn.manifest
         invocation_id = f"{next(self._ids):x}"
         t0 = time.perf_counter_ns()
         inst, cold = fn.pool.acquire(timeout_s=m.timeout_ms / 1000)
         t1 = time.perf_counter_ns()
         state = handler.InvocationState(name, m, self.models.infer, fn.logs, invocation_id, self.models)
+        state.memory = self.memory
         inst.stdout.invocation = inst.stderr.invocation = invocation_id
         inst.stderr.tail.clear()
         healthy = False
         error: WasminferError | None = None
         fn.begin(state)
+        if stream is not None:
+            state.stream = stream
+            stream.invocation_id = invocation_id
+            stream.attach(state)
         try:
             healthy = fn.abi_impl.invoke(inst.wasm, body, content_type, state)
             if inst.rest_bytes is None:
@@ -566,6 +576,10 @@ class Host:
         finally:
             t2 = time.perf_counter_ns()
             fn.end(state)
+            if stream is not None:
+                stream.detach()
+            if state.decoders is not None:  # the invocation's decoder states end with it
+                state.decoders.close()
             inst.stdout.flush()
             inst.stderr.flush()
             fn.pool.release(inst, healthy)
@@ -578,9 +592,11 @@ class Host:
         queue_us = (t1 - t0) / 1000
         if cold:
             start_us, queue_us = queue_us, 0.0
+        answer, answer_type = state.answer()
         return InvokeResult(
-            body=state.output or b"", content_type=state.content_type, queue_us=queue_us, start_us=start_us,
+            body=answer, content_type=answer_type, queue_us=queue_us, start_us=start_us,
             run_us=run_us, infer_us=state.infer_ns / 1000, cold=cold, invocation_id=invocation_id,
+            boundary_bytes=state.boundary_bytes,
         )
 
     def logs(self, name: str, n: int = 200, since: float | None = None) -> list[LogLine]:

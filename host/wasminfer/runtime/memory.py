@@ -49,7 +49,7 @@ MODEL_OVERHEAD = 1.25
 #: The refusals a reservation raises.
 MEMORY_REFUSALS = (MemoryQuotaExceeded, HostMemoryExhausted)
 
-KINDS = ("instances", "models")
+KINDS = ("instances", "models", "decoders")
 
 
 def total_ram_bytes() -> int:

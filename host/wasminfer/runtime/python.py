@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from wasminfer import pysource
 from wasminfer._fs import atomic_write
 from wasminfer.errors import (
     BadRequest,
+    DecoderNotFound,
     GuestError,
     GuestRejected,
     InferLimitExceeded,
@@ -53,7 +54,6 @@ from wasminfer.errors import (
     InvalidTensor,
     MemoryLimitExceeded,
     ModelNotAllowed,
-    OutputLimitExceeded,
     TensorTooLarge,
     WasminferError,
 )
@@ -75,6 +75,7 @@ from wasminfer.runtime._wasm import (
 )
 from wasminfer.runtime.handler import DEFAULT_CONTENT_TYPE, MAX_MESSAGE, InvocationState
 from wasminfer.runtime.logs import LEVELS, where_raised
+from wasminfer.runtime.memory import MEMORY_REFUSALS
 
 NAME = "python"
 #: A zip's first bytes: how `Host.inspect` tells a Python function from a Wasm binary.
@@ -135,6 +136,8 @@ def _door(state: CallState, mem: GuestMemory, ptr: int, length: int, out_ptr: in
     ex = _exchange(state)
     frame = mem.read(ptr, length)
     answer = _answer(state, ex, frame)
+    if isinstance(state, InvocationState):
+        state.boundary_bytes += len(frame) + len(answer)
     addr = 0
     if answer:
         inst = state.instance
@@ -159,6 +162,13 @@ def _answer(state: CallState, ex: Exchange, frame: bytes) -> bytes:
     if op == b"o" and isinstance(state, InvocationState):
         _output(state, payload)
         return b""
+    if op == b"d" and isinstance(state, InvocationState):
+        return _decoder(state, payload)
+    if op == b"w" and isinstance(state, InvocationState):
+        n = int.from_bytes(payload[:4], "little")
+        ctype = bytes(payload[4:4 + min(n, 1024)]).decode("utf-8", "replace").strip()
+        state.write_chunk(bytes(payload[4 + n:]), ctype)
+        return b""
     if op == b"l":  # log lines while validating an upload go nowhere
         if isinstance(state, InvocationState):
             _log(state, payload)
@@ -182,11 +192,7 @@ def _answer(state: CallState, ex: Exchange, frame: bytes) -> bytes:
 def _output(state: InvocationState, payload: memoryview) -> None:
     n = int.from_bytes(payload[:4], "little")
     body = payload[4 + n:]
-    limit = state.manifest.max_output_bytes
-    if len(body) > limit:
-        err = OutputLimitExceeded.exceeded(state.function, f"produced {len(body)} bytes of output", limit)
-        state.limit_error = err
-        raise err
+    state.check_output(len(body))
     state.content_type = bytes(payload[4:4 + min(n, 1024)]).decode("utf-8", "replace").strip() \
         or DEFAULT_CONTENT_TYPE
     state.output = bytes(body)
@@ -230,6 +236,10 @@ def _infer(state: InvocationState, payload: memoryview) -> bytes:
     except handler.INFER_FAILURES as exc:
         return _infer_error(state, handler.infer_failure(exc), exc)
     state.infer_error = None
+    return _encode_outputs(outputs)
+
+
+def _encode_outputs(outputs: Mapping[str, np.ndarray]) -> bytes:
     header: list[dict[str, Any]] = []
     blobs: list[bytes | memoryview] = []
     for name, arr in outputs.items():
@@ -242,6 +252,54 @@ def _infer(state: InvocationState, payload: memoryview) -> bytes:
         header.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "nbytes": data.nbytes})
         blobs.append(data.tobytes())
     return b"\x00" + _pack(header, blobs)
+
+
+def _decoder(state: InvocationState, payload: memoryview) -> bytes:
+    """The `d` frames: open, step and close a decoder state (`runtime.decoders`)."""
+    op, rest = bytes(payload[:1]), payload[1:]
+    if op == b"o":
+        model = bytes(rest).decode("utf-8", "replace")
+        if not state.manifest.allows(model):
+            return _infer_error(state, "model-not-allowed", ModelNotAllowed(state.function, model))
+        try:
+            handle = state.decoder_states().open(model, state.function)
+        except handler.INFER_FAILURES as exc:
+            return _infer_error(state, handler.infer_failure(exc), exc)
+        except InferLimitExceeded as exc:
+            return _infer_error(state, "too-many-calls", exc)
+        except MEMORY_REFUSALS as exc:
+            state.limit_error = state.limit_error or exc
+            return _infer_error(state, "runtime", exc)
+        return b"\x00" + handle.to_bytes(4, "little")
+    handle = int.from_bytes(rest[:4], "little")
+    if op == b"c":
+        try:
+            state.decoder_states().close_one(handle)
+        except DecoderNotFound as exc:
+            return _infer_error(state, "invalid-argument", exc)
+        return b"\x00"
+    if op != b"s":
+        raise GuestFault(f"unexpected decoder frame {op!r} through the door")
+    limit_err = state.count_infer("ran {} inferences and decoder steps")
+    if limit_err is not None:
+        return _infer_error(state, "too-many-calls", limit_err)
+    try:
+        _, inputs = _decode(rest[4:], state.manifest.max_tensor_bytes)
+    except TensorTooLarge as exc:
+        return _infer_error(state, "tensor-too-large", exc)
+    except InvalidTensor as exc:
+        return _infer_error(state, "invalid-argument", exc)
+    try:
+        spec, outputs = state.decoder_states().step(handle, inputs, state.run_model)
+    except DecoderNotFound as exc:
+        return _infer_error(state, "invalid-argument", exc)
+    except handler.INFER_FAILURES as exc:
+        return _infer_error(state, handler.infer_failure(exc), exc)
+    except MEMORY_REFUSALS as exc:
+        state.limit_error = state.limit_error or exc
+        return _infer_error(state, "runtime", exc)
+    state.infer_error = None
+    return _encode_outputs(spec.split(outputs)[0])
 
 
 def _decode(payload: memoryview, max_tensor_bytes: int) -> tuple[str, dict[str, np.ndarray]]:
@@ -643,7 +701,7 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
             raise MemoryLimitExceeded.exceeded(state.function, f"failed: {message}", m.memory_mb)
         raise GuestError((message or f"function {state.function!r} failed")
                          + where_raised(str(f.get("traceback", ""))))
-    if status != 0 or state.output is None:
+    if status != 0 or (state.output is None and not state.streamed_bytes):
         state.discard = True
         raise GuestError(f"function {state.function!r}: the runtime failed (status {status})")
     state.discard = inst.memory_size() + WASM_PAGE > inst.memory_limit

@@ -28,6 +28,7 @@ import numpy as np
 
 from wasminfer.errors import (
     InferenceFailed,
+    InferLimitExceeded,
     InvalidModel,
     InvalidTensor,
     ModelNotAllowed,
@@ -111,6 +112,7 @@ class _Context:
     inputs: list[np.ndarray | None]
     outputs: list[np.ndarray] | None = None
     encoded: dict[int, bytes] = field(default_factory=dict)
+    decoder: int = 0  # the invocation's decoder state behind compute_single (0: none yet)
 
 
 class NnState:
@@ -304,12 +306,71 @@ def _init_execution_context(state: InvocationState, mem: GuestMemory, graph: int
 def _finalize_execution_context(state: InvocationState, mem: GuestMemory, ctx: int) -> None:
     nn = _nn(state)
     c = nn.context(ctx)
+    _drop_decoder(state, c)
     del nn.contexts[ctx]
     c.graph.contexts.discard(ctx)
 
 
 def _fini_single(state: InvocationState, mem: GuestMemory, ctx: int) -> None:
-    _nn(state).context(ctx)  # ends a compute_single sequence: ONNX has no streaming state to drop
+    """Ends a compute_single sequence: frees the context's decoder state."""
+    _drop_decoder(state, _nn(state).context(ctx))
+
+
+def _drop_decoder(state: InvocationState, c: _Context) -> None:
+    decoders = state.decoders
+    if c.decoder and decoders is not None and c.decoder in decoders.handles:
+        decoders.close_one(c.decoder)
+    c.decoder = 0
+
+
+def _compute_single(state: InvocationState, mem: GuestMemory, ctx: int) -> None:
+    """WasmEdge's token-by-token compute, on a decoder model (inputs past…, outputs present…): each
+    call is one step whose past the host keeps (`runtime.decoders`), from the first call of the
+    invocation (or after `fini_single`) to its end; the past inputs need not be set and are not
+    read. On any other model it is `compute`."""
+    nn = _nn(state)
+    c = nn.context(ctx)
+    graph = c.graph
+    if graph.private:
+        _compute(state, mem, ctx)
+        return
+    decoders = state.decoder_states()
+    try:
+        spec = decoders.spec(graph.model)
+    except InvalidTensor:  # no decoder: one-shot, as WasmEdge's ONNX-less backends treat it
+        _compute(state, mem, ctx)
+        return
+    except ModelNotFound as exc:
+        _fail(NOT_FOUND, exc.message, exc)
+    past = spec.past_names
+    specs = graph.info.inputs
+    for i, (s, value) in enumerate(zip(specs, c.inputs, strict=True)):
+        if value is None and s.name not in past:
+            err = InvalidTensor(f"input {s.name!r} is missing (set_input)")
+            _fail(INVALID_ARGUMENT, f"model {graph.model!r} input {i}: {err.message}", err)
+    limit_err = state.count_infer("ran {} inferences")
+    if limit_err is not None:
+        _fail(BUSY, limit_err.message, limit_err)
+    inputs = {s.name: v for s, v in zip(specs, c.inputs, strict=True) if v is not None and s.name not in past}
+    t0 = time.perf_counter_ns()
+    try:
+        if not c.decoder or c.decoder not in decoders.handles:  # a new sequence in this invocation
+            c.decoder = decoders.open(graph.model, state.function)
+        _, outputs = decoders.step(c.decoder, inputs, lambda m, f: run_model(state, state.infer, m, f))
+    except ModelNotFound as exc:
+        _fail(NOT_FOUND, exc.message, exc)
+    except InvalidTensor as exc:
+        _fail(INVALID_ARGUMENT, exc.message, exc)
+    except InferLimitExceeded as exc:
+        _fail(BUSY, exc.message, exc)
+    except WasminferError as exc:  # ORT failed, the memory quota, the host shutting down
+        _fail(RUNTIME_ERROR, exc.message, exc)
+    finally:
+        state.infer_ns += time.perf_counter_ns() - t0
+    c.outputs = list(outputs.values())
+    c.encoded = {}
+    state.infer_error = None
+    state.nn_error = None
 
 
 def _shape_text(shape: Any) -> str:
@@ -452,8 +513,8 @@ HOST_FUNCS = (
     _host_func("set_input", 3, _set_input),
     _host_func("compute", 1, _compute),
     _host_func("get_output", 5, _get_output),
-    # WasmEdge's additions; ONNX models have no token streaming, so *_single is the plain call.
-    _host_func("compute_single", 1, _compute),
+    # WasmEdge's additions: on a decoder model, compute_single steps a decoder state the host keeps.
+    _host_func("compute_single", 1, _compute_single),
     _host_func("get_output_single", 5, _get_output),
     _host_func("fini_single", 1, _fini_single),
     _host_func("unload", 1, _unload),

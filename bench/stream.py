@@ -1,0 +1,229 @@
+"""Streamed generation: the chatbot example (Python runtime, decoder state on the host) against the
+same decoding loop run in-process on ONNX Runtime, the limit (`just bench-stream`).
+
+For 1, 8 and 32 concurrent streams (`--streams`), each generating `--tokens` tokens greedily after
+a short prompt from `tiny-gpt` (`--d-model`, `--layers`: bigger models make the model's own work
+dominate, as a real one would):
+
+- ttft_ms_p50 / _p90: from the call to the first token (`Host.invoke` with an `OutputStream`; the
+  limit: from the start of its loop to its first token);
+- tokens_per_s: every stream's tokens over the wall time of the round;
+- ratio: tokens_per_s against the limit's at the same concurrency (target at 8: >= 0.8).
+
+And the bytes crossing the guest's boundary per decoding step at a few sequence lengths
+(`--lengths`): with the cache on the host, measured (`InvokeResult.boundary_bytes` of an invocation
+of n + 1 tokens minus one of n: the door frames of that one step), and with the cache in the guest,
+computed from the same frame format for a step whose request carries every past tensor and whose
+answer carries every present one (what `infer` would move). Target: the first independent of length
+(the step's frames also carry its token's text: 1 byte, 0 for the end-of-text token).
+
+Writes bench/results/stream.json. Smoke run: `python bench/stream.py --tokens 8 --streams 1,2
+--lengths 8,16 --rounds 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from wasminfer import pysource
+from wasminfer.examples import functions_dir, tiny_gpt_model
+from wasminfer.runtime import Host, OutputStream
+
+RESULTS = Path(__file__).resolve().parent / "results" / "stream.json"
+CHATBOT = functions_dir() / "chatbot"
+PROMPT = "Tell me a story:"
+
+
+def _module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"chatbot_{name}", CHATBOT / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+SAMPLING, TOKENIZER = _module("sampling"), _module("tokenizer")
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+# --- the limit: the chatbot's loop in this process, on one shared session ---------------------------
+def limit_round(session: ort.InferenceSession, streams: int, tokens: int) -> dict[str, float]:
+    names = [o.name for o in session.get_outputs()]
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past")]
+    ttft: list[float] = []
+    counts: list[int] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        past = {p.name: np.zeros([1, p.shape[1], 0, p.shape[3]], np.float32) for p in pasts}
+
+        def step(ids: np.ndarray) -> np.ndarray:
+            out = dict(zip(names, session.run(None, {"input_ids": ids, **past}), strict=True))
+            for name in past:
+                past[name] = out["present" + name[4:]]
+            return out["logits"]
+
+        t0 = time.perf_counter()
+        n = 0
+        s = SAMPLING.Sampling()
+        for _token in SAMPLING.generate(step, TOKENIZER.encode(f"{PROMPT} {i}"), tokens, s, -1):
+            if n == 0:
+                with lock:
+                    ttft.append(time.perf_counter() - t0)
+            n += 1
+        with lock:
+            counts.append(n)
+
+    return _run(streams, one, ttft, counts)
+
+
+def _run(streams: int, one: Any, ttft: list[float], counts: list[int]) -> dict[str, float]:
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"ttft_ms_p50": _pct(ttft, 50) * 1e3, "ttft_ms_p90": _pct(ttft, 90) * 1e3,
+            "tokens_per_s": sum(counts) / wall, "tokens": float(sum(counts)), "wall_s": wall}
+
+
+# --- the platform: the chatbot on the Python runtime, streamed ---------------------------------------
+def platform_round(host: Host, streams: int, tokens: int) -> dict[str, float]:
+    ttft: list[float] = []
+    counts: list[int] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        body = json.dumps({"prompt": f"{PROMPT} {i}", "max_new_tokens": tokens, "stop": False}).encode()
+        seen = [0]
+        t0 = time.perf_counter()
+
+        def deliver(chunk: bytes, _ctype: str) -> None:
+            if seen[0] == 0:
+                with lock:
+                    ttft.append(time.perf_counter() - t0)
+            seen[0] += 1  # one part per token
+
+        host.invoke("chatbot", body, "application/json", stream=OutputStream(deliver))
+        with lock:
+            counts.append(seen[0])
+
+    return _run(streams, one, ttft, counts)
+
+
+# --- bytes across the boundary per step ------------------------------------------------------------------
+def host_cache_step_bytes(host: Host, length: int) -> int:
+    """The door bytes of the decoding step at sequence length ~`length` (prompt + tokens so far)."""
+    def total(n: int) -> int:
+        body = json.dumps({"prompt": "x", "max_new_tokens": n, "stop": False}).encode()
+        return host.invoke("chatbot", body, "application/json").boundary_bytes
+
+    n = max(1, length - 1)
+    return total(n + 1) - total(n)
+
+
+def guest_cache_step_bytes(session: ort.InferenceSession, length: int) -> int:
+    """The frames of one `infer` step that carries the cache itself: the request (one token id and
+    every past tensor of `length` positions) and the answer (the logits and every present tensor of
+    `length + 1`), in the Python runtime's frame format (`runtime/python.py`)."""
+    from wasminfer.runtime.python import _encode_outputs  # the host's own encoder of answers
+
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past")]
+    ids = np.zeros((1, 1), np.int64)
+    past = {p.name: np.zeros([1, p.shape[1], length, p.shape[3]], np.float32) for p in pasts}
+    request = [{"name": "input_ids", "dtype": "int64", "shape": [1, 1], "nbytes": ids.nbytes}] + [
+        {"name": k, "dtype": "float32", "shape": list(v.shape), "nbytes": v.nbytes} for k, v in past.items()]
+    header = json.dumps({"model": "tiny-gpt", "tensors": request}, separators=(",", ":")).encode()
+    request_bytes = 1 + 4 + len(header) + ids.nbytes + sum(v.nbytes for v in past.values())
+    vocab = session.get_outputs()[0].shape[2]
+    answer = {"logits": np.zeros((1, 1, vocab), np.float32),
+              **{"present" + k[4:]: np.zeros([1, v.shape[1], length + 1, v.shape[3]], np.float32)
+                 for k, v in past.items()}}
+    return request_bytes + len(_encode_outputs(answer))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--streams", default="1,8,32")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--lengths", default="16,64,256")
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per figure; the best is kept")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    streams = [int(s) for s in args.streams.split(",")]
+    lengths = [int(n) for n in args.lengths.split(",")]
+    model = tiny_gpt_model(d_model=args.d_model, layers=args.layers, heads=max(1, args.d_model // 64))
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    manifest = {"models": ["tiny-gpt"], "memory_mb": 128, "timeout_ms": 600_000, "max_infer_calls": 100_000,
+                "max_instances": max(streams)}
+    rows: list[dict[str, Any]] = []
+    with Host() as host:
+        host.deploy_model("tiny-gpt", model)
+        print("deploying chatbot (the Python runtime is built first if it is not cached)", file=sys.stderr)
+        host.deploy_function("chatbot", pysource.bundle_folder(CHATBOT), manifest, prewarm=max(streams))
+        platform_round(host, max(streams), 4)  # warm: every instance has answered once
+        limit_round(session, max(streams), 4)
+        for n in streams:
+            best_platform = max((platform_round(host, n, args.tokens) for _ in range(args.rounds)),
+                                key=lambda r: r["tokens_per_s"])
+            best_limit = max((limit_round(session, n, args.tokens) for _ in range(args.rounds)),
+                             key=lambda r: r["tokens_per_s"])
+            row = {"streams": n, "platform": best_platform, "limit": best_limit,
+                   "ratio": best_platform["tokens_per_s"] / best_limit["tokens_per_s"]}
+            rows.append(row)
+            print(f"{n:>3} streams: {best_platform['tokens_per_s']:8.0f} tok/s (limit "
+                  f"{best_limit['tokens_per_s']:8.0f}, ratio {row['ratio']:.2f}); ttft p50 "
+                  f"{best_platform['ttft_ms_p50']:.2f} ms (limit {best_limit['ttft_ms_p50']:.2f})")
+        boundary = []
+        for length in lengths:
+            on_host = host_cache_step_bytes(host, length)
+            in_guest = guest_cache_step_bytes(session, length)
+            boundary.append({"sequence_length": length, "cache_on_host_bytes": on_host,
+                             "cache_in_guest_bytes": in_guest})
+            print(f"step at length {length:>4}: {on_host:>8} bytes with the cache on the host, "
+                  f"{in_guest:>9} with it in the guest")
+    result = {
+        "model": {"d_model": args.d_model, "layers": args.layers, "vocab": TOKENIZER.VOCAB},
+        "tokens_per_stream": args.tokens,
+        "rounds": args.rounds,
+        "loadavg": os.getloadavg(),
+        "concurrency": rows,
+        "boundary_bytes_per_step": boundary,
+        "targets": {
+            "ratio_at_8_streams": {"target": 0.8,
+                                   "measured": next((r["ratio"] for r in rows if r["streams"] == 8), None)},
+            # a step's frames carry its token's text too (0 or 1 byte): equal within that
+            "host_cache_bytes_independent_of_length": (
+                max(on_host) - min(on_host) <= 1) if (on_host := [b["cache_on_host_bytes"] for b in boundary])
+            else None,
+        },
+        "ttft_ms_p50_median": statistics.median(r["platform"]["ttft_ms_p50"] for r in rows) if rows else None,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Decoder states on the host: a guest runs a decoder step by step while the model's past key/values
+stay in host memory, so a step carries the new token's tensors across the boundary, not the cache.
+
+Every state lives in the process's one `TABLE` under an opaque handle (a positive i32, never reused)
+and belongs to the invocation that opened it: a handle given by another invocation, of the same
+function or of another tenant, is `DecoderNotFound` as if it did not exist. An invocation's states
+are freed when it ends however it ends (answered, failed, timed out, cancelled: `Host.invoke`
+closes them), or earlier by the guest. Their bytes (the past tensors) are reserved against the
+tenant's memory quota ("decoders" in `runtime.memory`) as they grow, step by step; a step that does
+not fit fails with the quota's error.
+
+Each ABI reaches this through `InvocationDecoders` (`InvocationState.decoders`, made on first use):
+the handler ABI's `decoder_open` / `decoder_step` / `decoder_close`, the Python runtime's `d`
+frames, and WasmEdge's `compute_single` in wasi-nn.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from wasminfer.errors import DecoderNotFound, InferLimitExceeded
+from wasminfer.models import ModelRegistry
+from wasminfer.models.decoding import DecoderSpec, nbytes
+from wasminfer.runtime.memory import Reservation, TenantMemory
+
+#: Decoder states one invocation may hold at once.
+MAX_PER_INVOCATION = 16
+_MAX_HANDLE = (1 << 31) - 1
+
+Run = Callable[[str, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass(eq=False)
+class _State:
+    owner: object
+    spec: DecoderSpec
+    memory: Reservation
+    past: dict[str, np.ndarray] | None = None
+    steps: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class DecoderTable:
+    """Every decoder state of the process, by handle. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._states: dict[int, _State] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.opened = 0
+        self.freed = 0
+
+    def live(self) -> int:
+        """States held now (opened and not yet freed)."""
+        with self._lock:
+            return len(self._states)
+
+    def open(self, owner: object, spec: DecoderSpec, memory: TenantMemory) -> int:
+        """A new empty state of `spec`'s model for `owner`; returns its handle."""
+        reservation = memory.reserve(0, "decoders", f"a decoder state of model {spec.model!r}")
+        with self._lock:
+            handle = next(self._ids)
+            if handle > _MAX_HANDLE:  # two billion opened in one process: start over past the live ones
+                self._ids = itertools.count(max(self._states, default=0) + 1)
+                handle = next(self._ids)
+            self._states[handle] = _State(owner, spec, reservation)
+            self.opened += 1
+        return handle
+
+    def _get(self, owner: object, handle: int) -> _State:
+        with self._lock:
+            state = self._states.get(handle)
+        if state is None or state.owner is not owner:
+            raise DecoderNotFound(f"no decoder state {handle} in this invocation (a handle lives as long as "
+                                  "the invocation that opened it, and only there)")
+        return state
+
+    def step(self, owner: object, handle: int, inputs: Mapping[str, np.ndarray], run: Run,
+             memory: TenantMemory) -> tuple[DecoderSpec, dict[str, np.ndarray]]:
+        """One step of state `handle`: `run(model, inputs + past)`; keeps the present as the next
+        past. Returns the spec and every output. Raises `DecoderNotFound`, what `run` raises (the
+        state is then unchanged), `MemoryQuotaExceeded` or `HostMemoryExhausted` when the grown
+        past does not fit (the state is then freed)."""
+        state = self._get(owner, handle)
+        with state.lock:
+            outputs = run(state.spec.model, state.spec.feed(inputs, state.past))
+            _, past = state.spec.split(outputs)
+            # A batch's outputs are views into it: keep only this state's part.
+            past = {k: a if a.flags.owndata else a.copy() for k, a in past.items()}
+            size = nbytes(past)
+            grow = size - state.memory.nbytes
+            if grow > 0:
+                try:
+                    what = (f"the decoder state {handle} of model {state.spec.model!r} ({size} bytes after "
+                            f"step {state.steps + 1})")
+                    extra = memory.reserve(grow, "decoders", what)
+                except BaseException:
+                    self.close(owner, handle)
+                    raise
+                state.memory.resize(size)
+                extra.release()
+            else:
+                state.memory.resize(size)
+            state.past = past
+            state.steps += 1
+        return state.spec, outputs
+
+    def steps(self, owner: object, handle: int) -> int:
+        return self._get(owner, handle).steps
+
+    def close(self, owner: object, handle: int) -> None:
+        """Frees state `handle`. Raises `DecoderNotFound`."""
+        state = self._get(owner, handle)
+        with self._lock:
+            if self._states.pop(handle, None) is None:
+                return
+            self.freed += 1
+        state.past = None
+        state.memory.release()
+
+    def close_owner(self, owner: object) -> int:
+        """Frees every state of `owner`; returns how many."""
+        with self._lock:
+            mine = [h for h, s in self._states.items() if s.owner is owner]
+        for handle in mine:
+            self.close(owner, handle)
+        return len(mine)
+
+
+TABLE = DecoderTable()
+
+
+class InvocationDecoders:
+    """The decoder states of one invocation (its `InvocationState.decoders`)."""
+
+    def __init__(self, owner: object, models: ModelRegistry, memory: TenantMemory,
+                 table: DecoderTable = TABLE) -> None:
+        self.owner = owner
+        self.models = models
+        self.memory = memory
+        self.table = table
+        self.handles: set[int] = set()
+        self._specs: dict[str, DecoderSpec] = {}
+
+    def spec(self, model: str) -> DecoderSpec:
+        """Raises `ModelNotFound`, or `InvalidTensor` if the model is no decoder."""
+        info = self.models.get(model)
+        spec = self._specs.get(model)
+        if spec is None or spec.model != info.name:
+            spec = self._specs[model] = DecoderSpec.of(info)
+        return spec
+
+    def open(self, model: str, function: str) -> int:
+        """Raises `ModelNotFound`, `InvalidTensor` (no decoder), `InferLimitExceeded` past
+        `MAX_PER_INVOCATION` open states, the memory refusals."""
+        spec = self.spec(model)
+        if len(self.handles) >= MAX_PER_INVOCATION:
+            raise InferLimitExceeded(f"function {function!r} holds {len(self.handles)} decoder states: at "
+                                     f"most {MAX_PER_INVOCATION} per invocation; close some")
+        handle = self.table.open(self.owner, spec, self.memory)
+        self.handles.add(handle)
+        return handle
+
+    def step(self, handle: int, inputs: Mapping[str, np.ndarray],
+             run: Run) -> tuple[DecoderSpec, dict[str, np.ndarray]]:
+        """See `DecoderTable.step`."""
+        try:
+            return self.table.step(self.owner, handle, inputs, run, self.memory)
+        finally:
+            if handle in self.handles and not self._holds(handle):
+                self.handles.discard(handle)  # freed because its past did not fit
+
+    def _holds(self, handle: int) -> bool:
+        try:
+            self.table.steps(self.owner, handle)
+        except DecoderNotFound:
+            return False
+        return True
+
+    def close_one(self, handle: int) -> None:
+        """Raises `DecoderNotFound`."""
+        self.table.close(self.owner, handle)
+        self.handles.discard(handle)
+
+    def close(self) -> None:
+        """Frees every state of the invocation (at its end)."""
+        self.handles.clear()
+        self.table.close_owner(self.owner)
+
+
+__all__ = ["MAX_PER_INVOCATION", "TABLE", "DecoderTable", "InvocationDecoders"]
