@@ -322,6 +322,17 @@ def test_never_and_always_do_not_learn() -> None:
     assert InlinePolicy("auto", 0).mode == "never"
 
 
+def test_settings_reach_a_replica_process_as_they_are() -> None:
+    """A replica process is started with `to_env`'s variables and reads them back with `from_env`:
+    every setting, strings and tuples included, comes back equal (a quoted "'auto'" once stopped
+    every replica process from starting)."""
+    settings = Settings(
+        inline="always", inline_max_us=250.5, header_timeout_s=3.25, connection_cap_exempt=("10.0.0.1", "::1")
+    )
+    assert Settings.from_env(settings.to_env()) == settings
+    assert Settings.from_env(Settings().to_env()) == Settings()
+
+
 def test_inline_settings_obeyed_and_violated() -> None:
     assert (
         Settings.from_env({"WASMINFER_INLINE": "never", "WASMINFER_INLINE_MAX_US": "250"}).inline_max_us

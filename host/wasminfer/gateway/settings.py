@@ -102,7 +102,10 @@ class Settings:
         env = {}
         for name, (var, _) in _ENV.items():
             value = getattr(self, name)
-            env[var] = ",".join(value) if isinstance(value, tuple) else repr(value)
+            if isinstance(value, tuple):
+                env[var] = ",".join(value)
+            else:  # repr keeps a float's every digit; a string goes as it is
+                env[var] = value if isinstance(value, str) else repr(value)
         return env
 
     @classmethod
