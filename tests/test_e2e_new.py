@@ -6,9 +6,15 @@ printed; it is asserted (under 60 s, caches warm) only in the serial test."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from live_server import free_port, live_server, wasminfer
@@ -57,3 +63,58 @@ def test_from_new_to_an_answer_within_a_minute_with_caches_warm(tmp_path: Path) 
         follow_the_readme(tmp_path / "warm-up", lang, f"hello-{lang}")
         elapsed = follow_the_readme(tmp_path / "measured", lang, f"hello-{lang}")
         assert elapsed < 60, f"{lang}: {elapsed:.1f} s"
+
+
+def test_dev_redeploys_on_save_and_keeps_serving_through_a_broken_save(tmp_path: Path) -> None:
+    """`wasminfer dev FOLDER`: deploys at start, again when a file is saved (a new version that
+    answers the new way), prints a failed build's error and keeps the last good version serving,
+    and stops on Ctrl-C with status 0."""
+    wasminfer("new", "live", "--lang", "c", cwd=tmp_path)
+    source = tmp_path / "live" / "main.c"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with live_server(tmp_path / "data", tmp_path / "server.log", port=port):
+        env = {**os.environ, "WASMINFER_URL": url}
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "wasminfer", "dev", "live", "--interval", "0.1"],
+            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        lines: list[str] = []
+        seen = threading.Condition()
+
+        def read() -> None:
+            assert dev.stderr is not None
+            for line in dev.stderr:
+                with seen:
+                    lines.append(line)
+                    seen.notify_all()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+
+        def wait_for(text: str) -> None:
+            with seen:
+                assert seen.wait_for(lambda: any(text in x for x in lines), timeout=120), "".join(lines)
+
+        try:
+            wait_for("live: deployed version 1")
+            answer = wasminfer("invoke", "live", "-d", "live/input.json", url=url, cwd=tmp_path)
+            assert json.loads(answer.stdout)["name"] == "setosa"
+
+            source.write_text(source.read_text().replace('"setosa"', '"SETOSA"'))
+            wait_for("live: deployed version 2")
+            answer = wasminfer("invoke", "live", "-d", "live/input.json", url=url, cwd=tmp_path)
+            assert json.loads(answer.stdout)["name"] == "SETOSA"
+
+            source.write_text(source.read_text() + "\nthis is not C;\n")
+            wait_for("error:")
+            answer = wasminfer("invoke", "live", "-d", "live/input.json", url=url, cwd=tmp_path)
+            assert json.loads(answer.stdout)["name"] == "SETOSA"  # version 2 still serves
+            versions = httpx.get(f"{url}/v1/functions/live/versions").json()
+            assert sorted(v["version"] for v in versions["versions"]) == [1, 2]
+        finally:
+            dev.send_signal(signal.SIGINT)
+            assert dev.wait(timeout=30) == 0
+            reader.join(timeout=10)
+            assert dev.stderr is not None
+            dev.stderr.close()
