@@ -28,9 +28,11 @@ import importlib.util
 import io
 import json
 import marshal
+import math
 import os
 import posixpath
 import shutil
+import struct
 import sys
 import threading
 import time
@@ -104,6 +106,12 @@ PRELOAD = (
     "importlib.abc", "importlib.machinery", "traceback", "marshal",
 )  # fmt: skip
 CALL = "wasminfer_call"  # the export `_snapshot.add_call_export` adds
+#: What the snapshot reports (`_runtime.addresses`): its entry points, and where the inbox is.
+ENTRIES = ("validate", "load", "invoke", "inbox", "inbox_bytes", "head_bytes")
+_FETCH = 0xFFFFFFFF  # the inbox head's body length when the request is too long for the inbox
+_HEAD_IN = struct.Struct("<III20x")  # the inbox head as the host writes it: HEAD_BYTES of the guest
+_HEAD_OUT = struct.Struct("<IIIII")
+_ANSWER = struct.Struct("<II")
 _CALLS = (("host_alloc", 1), ("turn", 2), ("_initialize", 0), (CALL, 1))
 _DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32",
            "float64", "bool"}
@@ -134,31 +142,41 @@ def _exchange(state: CallState) -> Exchange:
 def _door(state: CallState, mem: GuestMemory, ptr: int, length: int, out_ptr: int, out_len: int) -> int:
     ex = _exchange(state)
     frame = mem.read(ptr, length)
-    answer = _answer(state, ex, frame)
-    addr = 0
-    if answer:
-        inst = state.instance
-        assert inst is not None
-        addr = inst.call("host_alloc", (len(answer),), state) & 0xFFFFFFFF
-        if addr == 0:
-            raise GuestFault(f"the interpreter could not allocate {len(answer)} bytes for an answer")
-        mem.write(addr, answer)
-    mem.write_u32(out_ptr, addr)
-    mem.write_u32(out_len, len(answer))
+    answer = _answer(state, mem, ex, frame)
+    if isinstance(answer, _Outputs):
+        addr = _alloc(state, answer.nbytes)
+        answer.write(mem, addr)
+        size = answer.nbytes
+    else:
+        addr = _alloc(state, len(answer)) if answer else 0
+        if answer:
+            mem.write(addr, answer)
+        size = len(answer)
+    if out_len == out_ptr + 4:  # the interpreter's two out-parameters side by side: one write
+        mem.write(out_ptr, _ANSWER.pack(addr, size))
+    else:
+        mem.write_u32(out_ptr, addr)
+        mem.write_u32(out_len, size)
     return 0
 
 
-def _answer(state: CallState, ex: Exchange, frame: bytes) -> bytes:
+def _alloc(state: CallState, nbytes: int) -> int:
+    inst = state.instance
+    assert inst is not None
+    addr = inst.call("host_alloc", (nbytes,), state) & 0xFFFFFFFF
+    if addr == 0:
+        raise GuestFault(f"the interpreter could not allocate {nbytes} bytes for an answer")
+    return addr
+
+
+def _answer(state: CallState, mem: GuestMemory, ex: Exchange, frame: bytes) -> bytes | _Outputs:
     op, payload = frame[:1], memoryview(frame)[1:]
     if op == b"r" and ex.request is not None:
         body, ctype = ex.request
         raw = ctype.encode("utf-8", "replace")
         return len(raw).to_bytes(4, "little") + raw + body
     if op == b"i" and isinstance(state, InvocationState):
-        return _infer(state, payload)
-    if op == b"o" and isinstance(state, InvocationState):
-        _output(state, payload)
-        return b""
+        return _infer(state, mem, payload)
     if op == b"l":  # log lines while validating an upload go nowhere
         if isinstance(state, InvocationState):
             _log(state, payload)
@@ -179,28 +197,63 @@ def _answer(state: CallState, ex: Exchange, frame: bytes) -> bytes:
     raise GuestFault(f"unexpected frame {bytes(op)!r} through the door")
 
 
-def _output(state: InvocationState, payload: memoryview) -> None:
-    n = int.from_bytes(payload[:4], "little")
-    body = payload[4 + n:]
-    limit = state.manifest.max_output_bytes
-    if len(body) > limit:
-        err = OutputLimitExceeded.exceeded(state.function, f"produced {len(body)} bytes of output", limit)
-        state.limit_error = err
-        raise err
-    state.content_type = bytes(payload[4:4 + min(n, 1024)]).decode("utf-8", "replace").strip() \
-        or DEFAULT_CONTENT_TYPE
-    state.output = bytes(body)
-
-
 def _log(state: InvocationState, payload: memoryview) -> None:
     level = payload[0]
     state.log(bytes(payload[1:]), LEVELS[level] if level < len(LEVELS) else "info")
 
 
-# --- infer: tensors as a JSON header and raw little-endian bytes -------------------------------------
-def _pack(header: Any, blobs: list[bytes | memoryview]) -> bytes:
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([len(raw).to_bytes(4, "little"), raw, *blobs])
+# --- infer: a header packed with struct, each tensor's bytes where they lie (see inference.py) ------
+#: dtype codes: the index in the guest SDK's `DTYPES` (tests/test_python_runtime.py holds them equal).
+DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32",
+          "float64", "bool", "string")
+_STRING = DTYPES.index("string")
+_NP_DTYPES = [np.dtype(np.bool_) if d == "bool" else np.dtype(d).newbyteorder("<") for d in DTYPES[:-1]]
+_CODES = {dt: i for i, dt in enumerate(_NP_DTYPES)} | {np.dtype(d): i for i, d in enumerate(DTYPES[:-1])}
+_U32 = struct.Struct("<I")
+_BB = struct.Struct("<BB")
+_MAX_DIMS = 32
+
+
+class _Outputs:
+    """infer's answer, written into the guest straight from the output arrays (no copy on the way)."""
+
+    __slots__ = ("arrays", "head", "nbytes")
+
+    def __init__(self, outputs: dict[str, np.ndarray]) -> None:
+        parts = [b"\x00", _U32.pack(len(outputs))]
+        self.arrays: list[bytes | np.ndarray] = []
+        for name, arr in outputs.items():
+            code = _CODES.get(arr.dtype)
+            data: bytes | np.ndarray
+            if code is None and arr.dtype.kind in "OUS":
+                code = _STRING
+                data = b"".join([_U32.pack(len(e)) + e for e in (str(v).encode() for v in arr.flat)])
+                nbytes = len(data)
+            else:
+                if code is None:  # another byte order: its little-endian twin
+                    arr = arr.astype(arr.dtype.newbyteorder("<"))
+                    code = _CODES.get(arr.dtype)
+                    if code is None:
+                        raise InvalidTensor(f"infer: output {name!r} is {arr.dtype}, unknown to guests")
+                data = np.ascontiguousarray(arr)
+                nbytes = data.nbytes
+            raw = name.encode("utf-8")
+            parts += [_U32.pack(len(raw)), raw,
+                      struct.pack(f"<BB{arr.ndim}qI", code, arr.ndim, *arr.shape, nbytes)]
+            self.arrays.append(data)
+        self.head = b"".join(parts)
+        self.nbytes = len(self.head) + sum(len(a) if isinstance(a, bytes) else a.nbytes for a in self.arrays)
+
+    def write(self, mem: GuestMemory, addr: int) -> None:
+        mem.write(addr, self.head)
+        offset = addr + len(self.head)
+        for data in self.arrays:
+            if isinstance(data, bytes):
+                mem.write(offset, data)
+                offset += len(data)
+            else:
+                mem.copy_in(offset, data.ctypes.data, data.nbytes)
+                offset += data.nbytes
 
 
 def _infer_error(state: InvocationState, kind: str, error: WasminferError) -> bytes:
@@ -208,7 +261,7 @@ def _infer_error(state: InvocationState, kind: str, error: WasminferError) -> by
     return b"\x01" + json.dumps({"kind": kind, "message": error.message}).encode()
 
 
-def _infer(state: InvocationState, payload: memoryview) -> bytes:
+def _infer(state: InvocationState, mem: GuestMemory, payload: memoryview) -> bytes | _Outputs:
     m = state.manifest
     state.infer_calls += 1
     if state.infer_calls > m.max_infer_calls:
@@ -218,7 +271,7 @@ def _infer(state: InvocationState, payload: memoryview) -> bytes:
         state.limit_error = state.limit_error or err
         return _infer_error(state, "too-many-calls", err)
     try:
-        model, inputs = _decode(payload, m.max_tensor_bytes)
+        model, inputs = _decode(mem, payload, m.max_tensor_bytes)
     except TensorTooLarge as exc:
         return _infer_error(state, "tensor-too-large", exc)
     except InvalidTensor as exc:
@@ -227,61 +280,75 @@ def _infer(state: InvocationState, payload: memoryview) -> bytes:
         return _infer_error(state, "model-not-allowed", ModelNotAllowed(state.function, model))
     try:
         outputs = state.run_model(model, inputs)
+        answer = _Outputs(outputs)
     except handler.INFER_FAILURES as exc:
         return _infer_error(state, handler.infer_failure(exc), exc)
     state.infer_error = None
-    header: list[dict[str, Any]] = []
-    blobs: list[bytes | memoryview] = []
-    for name, arr in outputs.items():
-        if arr.dtype.kind in "OUS":
-            header.append({"name": name, "dtype": "string", "shape": list(arr.shape),
-                           "strings": [str(s) for s in arr.reshape(-1).tolist()]})
-            continue
-        dtype = "bool" if arr.dtype == np.bool_ else arr.dtype.name
-        data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-        header.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "nbytes": data.nbytes})
-        blobs.append(data.tobytes())
-    return b"\x00" + _pack(header, blobs)
+    return answer
 
 
-def _decode(payload: memoryview, max_tensor_bytes: int) -> tuple[str, dict[str, np.ndarray]]:
+def _decode(mem: GuestMemory, payload: memoryview,
+            max_tensor_bytes: int) -> tuple[str, dict[str, np.ndarray]]:
+    """The model and the named inputs of an infer frame; each tensor's bytes are copied once, out of
+    the guest's memory. Raises `InvalidTensor` for a malformed frame or tensor, `TensorTooLarge`."""
     try:
-        n = int.from_bytes(payload[:4], "little")
-        header = json.loads(bytes(payload[4:4 + n]))
-        model, specs = header["model"], header["tensors"]
-        if not isinstance(model, str) or not isinstance(specs, list):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
+        n, = _U32.unpack_from(payload, 0)
+        model = bytes(payload[4:4 + n]).decode("utf-8")
+        count, = _U32.unpack_from(payload, 4 + n)
+        offset = 8 + n
+        specs = []
+        for _ in range(count):
+            n, = _U32.unpack_from(payload, offset)
+            name = bytes(payload[offset + 4:offset + 4 + n]).decode("utf-8")
+            code, ndim = _BB.unpack_from(payload, offset + 4 + n)
+            offset += 6 + n
+            if ndim > _MAX_DIMS:
+                raise InvalidTensor(f"infer: tensor {name!r} has {ndim} dimensions, more than {_MAX_DIMS}")
+            shape = struct.unpack_from(f"<{ndim}q", payload, offset)
+            addr, nbytes = struct.unpack_from("<II", payload, offset + 8 * ndim)
+            offset += 8 * ndim + 8
+            specs.append((name, code, shape, addr, nbytes))
+    except (struct.error, UnicodeDecodeError):
         raise InvalidTensor("infer: a malformed request frame") from None
-    data = payload[4 + n:]
-    offset = 0
     inputs: dict[str, np.ndarray] = {}
-    for spec in specs:
-        try:
-            name, dtype, shape = spec["name"], spec["dtype"], tuple(int(d) for d in spec["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise InvalidTensor("infer: a malformed tensor in the request frame") from None
+    for name, code, shape, addr, nbytes in specs:
+        if code >= len(DTYPES):
+            raise InvalidTensor(f"infer: tensor {name!r} has unknown dtype code {code}")
         if any(d < 0 for d in shape):
             raise InvalidTensor(f"infer: tensor {name!r} has a negative dimension")
-        if dtype == "string":
-            strings = spec.get("strings")
-            if not isinstance(strings, list) or len(strings) != int(np.prod(shape)):
-                raise InvalidTensor(f"infer: string tensor {name!r} does not fill its shape")
-            inputs[name] = np.array(strings, dtype=object).reshape(shape)
-            continue
-        if dtype not in _DTYPES:
-            raise InvalidTensor(f"infer: tensor {name!r} has unknown dtype {dtype!r}")
-        np_dtype = np.dtype(np.bool_) if dtype == "bool" else np.dtype(dtype).newbyteorder("<")
-        nbytes = int(np.prod(shape)) * np_dtype.itemsize
-        if nbytes > max_tensor_bytes:
-            raise TensorTooLarge(
-                f"tensor {name!r} has {nbytes} bytes of data; the limit is {max_tensor_bytes}"
+        count = math.prod(shape)
+        need = nbytes if code == _STRING else count * _NP_DTYPES[code].itemsize
+        if need > max_tensor_bytes:
+            raise TensorTooLarge(f"tensor {name!r} has {need} bytes of data; the limit is {max_tensor_bytes}")
+        if nbytes != need:
+            raise InvalidTensor(
+                f"infer: tensor {name!r} of shape {list(shape)} needs {need} bytes, not {nbytes}"
             )
-        if offset + nbytes > len(data):
-            raise InvalidTensor(f"infer: tensor {name!r} needs {nbytes} bytes the frame does not hold")
-        inputs[name] = np.frombuffer(data, np_dtype, int(np.prod(shape)), offset).reshape(shape)
-        offset += nbytes
+        try:
+            data = mem.read(addr, nbytes)
+        except GuestFault:
+            raise InvalidTensor(f"infer: tensor {name!r} lies outside the guest's memory") from None
+        if code == _STRING:
+            inputs[name] = np.array(_strings(name, data, count), dtype=object).reshape(shape)
+        else:
+            inputs[name] = np.frombuffer(data, _NP_DTYPES[code], count).reshape(shape)
     return model, inputs
+
+
+def _strings(name: str, blob: bytes, count: int) -> list[str]:
+    out, i = [], 0
+    try:
+        while i < len(blob):
+            n, = _U32.unpack_from(blob, i)
+            if i + 4 + n > len(blob):
+                raise struct.error
+            out.append(blob[i + 4:i + 4 + n].decode("utf-8"))
+            i += 4 + n
+    except (struct.error, UnicodeDecodeError):
+        raise InvalidTensor(f"infer: string tensor {name!r} is malformed") from None
+    if len(out) != count:
+        raise InvalidTensor(f"infer: string tensor {name!r} does not fill its shape")
+    return out
 
 
 HOST_FUNCS = (HostFunc("wasminfer_python", "door", ("i32",) * 4, ("i32",), _door),)
@@ -294,7 +361,7 @@ class PythonRuntime:
     lib_dir: Path  # python315.zip and the guest SDK: preopened read-only at /usr/local/lib
     empty_dir: Path  # /fn of a function without files
     key: str
-    entries: dict[str, int]  # the addresses of `_runtime.validate`, `load` and `invoke`
+    entries: dict[str, int]  # `ENTRIES`: the addresses of `_runtime.validate`, `load`, `invoke`, the inbox
     build_s: float = 0.0  # 0 when loaded from the cache
 
 
@@ -442,8 +509,11 @@ def _initialise(compiled: CompiledModule, lib: Path, empty: Path) -> tuple[bytes
         if status != 0:
             raise RuntimeUnavailable("initialising the runtime failed: "
                                      + b"".join(output).decode("utf-8", "replace")[-2000:])
-        if ex.addresses is None or set(ex.addresses) != {"validate", "load", "invoke"}:
+        if ex.addresses is None or set(ex.addresses) != set(ENTRIES):
             raise RuntimeUnavailable("initialising the runtime did not report its entry points")
+        if ex.addresses["head_bytes"] != _HEAD_IN.size:
+            raise RuntimeUnavailable(f"the guest SDK's inbox head is {ex.addresses['head_bytes']} bytes, "
+                                     f"not {_HEAD_IN.size}")
         return inst.memory().read(0, inst.memory_size()), ex.addresses
     finally:
         inst.close()
@@ -609,12 +679,23 @@ def instantiate(compiled: PythonFunction, manifest: Manifest, state: CallState,
 def invoke(inst: WasmInstance, body: bytes, content_type: str, state: InvocationState,
            rt: PythonRuntime | None = None) -> bool:
     """Runs one request through the function's handler. Returns whether the instance may be reused.
-    Raises what `handler.invoke` raises, for the same reasons."""
+    Raises what `handler.invoke` raises, for the same reasons, and `OutputLimitExceeded`."""
     m = state.manifest
-    ex = Exchange(request=(body, content_type))
+    rt = rt or _runtime_of(inst)
+    e = rt.entries
+    mem = inst.memory()
+    inbox = e["inbox"]
+    raw = content_type.encode("utf-8", "replace")
+    ex = Exchange()
+    if len(raw) + len(body) <= e["inbox_bytes"]:
+        mem.write(inbox, _HEAD_IN.pack(len(body), len(raw), 0) + raw)
+        mem.write(inbox + _HEAD_IN.size + len(raw), body)
+    else:  # the guest asks for it through the door
+        mem.write(inbox, _HEAD_IN.pack(_FETCH, 0, 0))
+        ex.request = (body, content_type)
     inst.host_state[NAME] = ex
     try:
-        status = _call(rt or _runtime_of(inst), inst, "invoke", state, m.timeout_ms)
+        status = inst.call(CALL, (e["invoke"],), state, m.timeout_ms)
     except WasmTrap as trap:
         state.discard = True
         raise handler._trap_error(trap, inst, state) from None
@@ -640,11 +721,32 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
             state.discard = True
             raise MemoryLimitExceeded.exceeded(state.function, f"failed: {message}", m.memory_mb)
         raise GuestError(message or f"function {state.function!r} failed")
-    if status != 0 or state.output is None:
+    done, body_addr, body_len, ctype_addr, ctype_len = _HEAD_OUT.unpack(mem.read(inbox + 8, 20))
+    if status != 0 or not done:
         state.discard = True
         raise GuestError(f"function {state.function!r}: the runtime failed (status {status})")
+    _output(state, mem, body_addr, body_len, ctype_addr, ctype_len)
     state.discard = inst.memory_size() + WASM_PAGE > inst.memory_limit
     return not state.discard
+
+
+def _output(state: InvocationState, mem: GuestMemory, body_addr: int, body_len: int, ctype_addr: int,
+            ctype_len: int) -> None:
+    """Takes the response the guest left in its memory. Raises `OutputLimitExceeded` (before reading
+    it), `GuestError` if it does not lie in the guest's memory."""
+    limit = state.manifest.max_output_bytes
+    if body_len > limit:
+        err = OutputLimitExceeded.exceeded(state.function, f"produced {body_len} bytes of output", limit)
+        state.limit_error = err
+        state.discard = True
+        raise err
+    try:
+        ctype = mem.read(ctype_addr, min(ctype_len, 1024)).decode("utf-8", "replace").strip()
+        state.output = mem.read(body_addr, body_len)
+    except GuestFault:
+        state.discard = True
+        raise GuestError(f"function {state.function!r}: its response lies outside its memory") from None
+    state.content_type = ctype or DEFAULT_CONTENT_TYPE
 
 
 __all__ = ["DEFAULT_MEMORY_MB", "HOST_FUNCS", "MAGIC", "NAME", "PythonFunction", "PythonRuntime",
