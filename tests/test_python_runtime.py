@@ -517,6 +517,7 @@ def inputs():
     return {
         "f32": Tensor.of((r / 7).astype(np.float32).reshape(2, 3, 4), "float32"),
         "f64": Tensor.of((r / 3 - 4).reshape(4, 6), "float64"),
+        "big": Tensor.of(np.arange(64 * 128, dtype=np.float32).reshape(64, 128) / 9, "float32"),
         "f16": Tensor.of((r[:6] / 5).astype(np.float16).reshape(1, 6), "float16"),
         "i64": Tensor.of((r - 12) * 10**12, "int64"),
         "i32": Tensor.of((r[:1] - 7).astype(np.int32).reshape(()), "int32"),
@@ -539,7 +540,9 @@ def test_infer_with_tensors_of_every_kind_equals_onnx_runtime_run_directly(host:
     import onnxruntime as ort
     from onnx import TensorProto as T
 
-    specs = {"f32": (T.FLOAT, [2, 3, 4]), "f64": (T.DOUBLE, [4, 6]), "f16": (T.FLOAT16, [1, 6]),
+    # "big" (32 KiB) is written into the guest from its array, the others inline: in that order
+    specs = {"f32": (T.FLOAT, [2, 3, 4]), "f64": (T.DOUBLE, [4, 6]), "big": (T.FLOAT, [64, 128]),
+             "f16": (T.FLOAT16, [1, 6]),
              "i64": (T.INT64, [24]), "i32": (T.INT32, []), "u8": (T.UINT8, [2, 12]), "b": (T.BOOL, [3, 8]),
              "empty": (T.FLOAT, ["N", 3]), "s": (T.STRING, [1, 3])}
     model = _identity_model(specs)
@@ -548,6 +551,7 @@ def test_infer_with_tensors_of_every_kind_equals_onnx_runtime_run_directly(host:
     got = json.loads(host.invoke("dtypes", b"").body)
     r = np.arange(24, dtype=np.int64)
     feed = {"f32": (r / 7).astype(np.float32).reshape(2, 3, 4), "f64": (r / 3 - 4).reshape(4, 6),
+            "big": np.arange(64 * 128, dtype=np.float32).reshape(64, 128) / 9,
             "f16": (r[:6] / 5).astype(np.float16).reshape(1, 6), "i64": (r - 12) * 10**12,
             "i32": (r[:1] - 7).astype(np.int32).reshape(()),
             "u8": (r * 11 % 256).astype(np.uint8).reshape(2, 12), "b": (r % 3 == 0).reshape(3, 8),

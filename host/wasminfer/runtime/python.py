@@ -212,48 +212,58 @@ _CODES = {dt: i for i, dt in enumerate(_NP_DTYPES)} | {np.dtype(d): i for i, d i
 _U32 = struct.Struct("<I")
 _BB = struct.Struct("<BB")
 _MAX_DIMS = 32
+_INLINE_BYTES = 16 << 10  # outputs up to this size are copied into the answer's header
 
 
 class _Outputs:
-    """infer's answer, written into the guest straight from the output arrays (no copy on the way)."""
+    """infer's answer: its header, small outputs' bytes after it, large outputs written into the guest
+    straight from their arrays (no copy on the way)."""
 
-    __slots__ = ("arrays", "head", "nbytes")
+    __slots__ = ("chunks", "nbytes")
 
     def __init__(self, outputs: dict[str, np.ndarray]) -> None:
-        parts = [b"\x00", _U32.pack(len(outputs))]
-        self.arrays: list[bytes | np.ndarray] = []
+        head = [b"\x00", _U32.pack(len(outputs))]
+        small: list[bytes] = []
+        large: list[tuple[int, np.ndarray]] = []  # (index among the data, array)
         for name, arr in outputs.items():
             code = _CODES.get(arr.dtype)
-            data: bytes | np.ndarray
             if code is None and arr.dtype.kind in "OUS":
                 code = _STRING
-                data = b"".join([_U32.pack(len(e)) + e for e in (str(v).encode() for v in arr.flat)])
-                nbytes = len(data)
+                small.append(b"".join([_U32.pack(len(e)) + e for e in (str(v).encode() for v in arr.flat)]))
+                nbytes = len(small[-1])
             else:
                 if code is None:  # another byte order: its little-endian twin
                     arr = arr.astype(arr.dtype.newbyteorder("<"))
                     code = _CODES.get(arr.dtype)
                     if code is None:
                         raise InvalidTensor(f"infer: output {name!r} is {arr.dtype}, unknown to guests")
-                data = np.ascontiguousarray(arr)
-                nbytes = data.nbytes
+                nbytes = arr.nbytes
+                if nbytes <= _INLINE_BYTES:  # fewer writes beat one copy fewer
+                    small.append(arr.tobytes())
+                else:
+                    large.append((len(small), np.ascontiguousarray(arr)))
+                    small.append(b"")
             raw = name.encode("utf-8")
-            parts += [_U32.pack(len(raw)), raw,
-                      struct.pack(f"<BB{arr.ndim}qI", code, arr.ndim, *arr.shape, nbytes)]
-            self.arrays.append(data)
-        self.head = b"".join(parts)
-        self.nbytes = len(self.head) + sum(len(a) if isinstance(a, bytes) else a.nbytes for a in self.arrays)
+            spec = struct.pack(f"<BB{arr.ndim}qI", code, arr.ndim, *arr.shape, nbytes)
+            head += [_U32.pack(len(raw)), raw, spec]
+        # the data in order: runs of bytes joined, each large array on its own
+        self.chunks: list[bytes | np.ndarray] = []
+        run = b"".join(head)
+        start = 0
+        for index, arr in large:
+            self.chunks += [run + b"".join(small[start:index]), arr]
+            run, start = b"", index + 1
+        self.chunks.append(run + b"".join(small[start:]))
+        self.nbytes = sum(len(c) if isinstance(c, bytes) else c.nbytes for c in self.chunks)
 
     def write(self, mem: GuestMemory, addr: int) -> None:
-        mem.write(addr, self.head)
-        offset = addr + len(self.head)
-        for data in self.arrays:
-            if isinstance(data, bytes):
-                mem.write(offset, data)
-                offset += len(data)
+        for chunk in self.chunks:
+            if isinstance(chunk, bytes):
+                mem.write(addr, chunk)
+                addr += len(chunk)
             else:
-                mem.copy_in(offset, data.ctypes.data, data.nbytes)
-                offset += data.nbytes
+                mem.copy_in(addr, chunk.ctypes.data, chunk.nbytes)
+                addr += chunk.nbytes
 
 
 def _infer_error(state: InvocationState, kind: str, error: WasminferError) -> bytes:
