@@ -629,3 +629,24 @@ def test_the_hosts_dtype_codes_are_the_sdks() -> None:
     finally:
         sys.path.remove(str(guest_sdk_path() / "python"))
     assert python.DTYPES == DTYPES
+
+
+LIES = '''
+import wasminfer_guest._runtime as runtime
+from wasminfer_guest import Request, handler
+
+runtime.address = lambda data: 0xFFFFFF00  # what the guest tells the host of where its response is
+
+@handler
+def handle(request: Request) -> bytes:
+    return b"x" * 1000
+'''
+
+
+def test_a_response_said_to_lie_outside_the_instance_is_an_error_not_a_read(host: Host) -> None:
+    host.deploy_function("lies", src(LIES))
+    with pytest.raises(GuestError) as err:
+        host.invoke("lies", b"")
+    assert err.value.message == "function 'lies': its response lies outside its memory"
+    stats = host.function("lies").pool.stats()
+    assert (stats["discarded_total"], stats["idle"]) == (1, 0)  # that instance was not kept
