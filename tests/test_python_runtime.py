@@ -650,3 +650,30 @@ def test_a_response_said_to_lie_outside_the_instance_is_an_error_not_a_read(host
     assert err.value.message == "function 'lies': its response lies outside its memory"
     stats = host.function("lies").pool.stats()
     assert (stats["discarded_total"], stats["idle"]) == (1, 0)  # that instance was not kept
+
+
+
+ROUND_TRIP = '''
+import numpy as np
+from wasminfer_guest import Request, Response, Tensor, handler, infer
+
+@handler
+def handle(request: Request) -> Response:
+    x = np.arange(int(request.text()), dtype=np.float32) / 3
+    y = infer("vector", {"x": Tensor.of(x, "float32")})["x_out"].numpy()
+    return Response(y.tobytes())
+'''
+
+
+def test_infer_answers_in_the_inbox_and_past_it(host: Host) -> None:
+    """An answer that fits the inbox (1 MiB) is written there, a larger one into memory the guest
+    allocates: both arrive whole."""
+    from onnx import TensorProto
+
+    host.deploy_model("vector", _identity_model({"x": (TensorProto.FLOAT, ["N"])}))
+    host.deploy_function("round-trip", src(ROUND_TRIP), {"models": ["vector"]})
+    inbox = python.runtime(host.engine).entries["inbox_bytes"]
+    header = 1 + 4 + 4 + len("x_out") + 2 + 8 + 4  # status, count, name, dtype and ndim, dim, nbytes
+    for n in (0, 1, 150_528, (inbox - header) // 4, (inbox - header) // 4 + 1, 1_000_000):
+        out = host.invoke("round-trip", str(n).encode(), "text/plain")
+        assert out.body == (np.arange(n, dtype=np.float32) / 3).tobytes(), n

@@ -10,7 +10,8 @@ request into `INBOX` (a buffer made before the snapshot, so at the same address 
 and `invoke` leaves the addresses of the response's bytes in its head, which the host reads after
 the call. The head, in u32 words: [0] body length (`FETCH`: too long for the inbox, ask the door),
 [1] content type length, [2] 1 once a response is there, [3] [4] its body's address and length,
-[5] [6] its content type's. The content type and the body follow the head (`HEAD_BYTES`).
+[5] [6] its content type's. The content type and the body follow the head (`HEAD_BYTES`). Once
+`invoke` has copied the request out, the host may write infer's answers there too.
 
 Everything else crosses the door, `_host.call(frame) -> bytes`: one frame each way, copied in and
 out of linear memory in bulk by the host. A frame is one op byte and its payload:
@@ -54,7 +55,7 @@ FETCH = 0xFFFFFFFF
 #: pages are zeros in the snapshot: an instance pays only for those its requests touch.
 INBOX_BYTES = 1 << 20
 INBOX = bytearray(HEAD_BYTES + INBOX_BYTES)
-_VIEW = memoryview(INBOX)
+INBOX_VIEW = _VIEW = memoryview(INBOX)
 _HEAD = _VIEW[:HEAD_BYTES].cast("I")
 
 
