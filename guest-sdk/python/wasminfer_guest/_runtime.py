@@ -3,26 +3,35 @@
 This module is imported once, when the host builds the runtime's snapshot; every instance of every
 Python function then starts with it (and numpy, Pillow and the SDK) already imported. The host
 calls `validate`, `load` and `invoke` through the export `wasminfer_call(object)` that the snapshot
-adds (no source is compiled per call; their addresses are taken once, by `addresses`), and
-everything else crosses the door, `_host.call(frame) -> bytes`: one frame each way, copied in and
+adds (no source is compiled per call; their addresses are taken once, by `addresses`).
+
+An invocation crosses no door when it can help it: before calling `invoke` the host writes the
+request into `INBOX` (a buffer made before the snapshot, so at the same address in every instance),
+and `invoke` leaves the addresses of the response's bytes in its head, which the host reads after
+the call. The head, in u32 words: [0] body length (`FETCH`: too long for the inbox, ask the door),
+[1] content type length, [2] 1 once a response is there, [3] [4] its body's address and length,
+[5] [6] its content type's. The content type and the body follow the head (`HEAD_BYTES`). Once
+`invoke` has copied the request out, the host may write the answers of infer and of decoder steps
+there too. A handler that streams sends its parts through the door (`w`) as they come; its
+response in the head is then empty, with the first part's content type.
+
+Everything else crosses the door, `_host.call(frame) -> bytes`: one frame each way, copied in and
 out of linear memory in bulk by the host. A frame is one op byte and its payload:
 
     s                     -> marshal {path: source bytes}       (validate: the function's files)
     b <header> <code>...  -> b""                                 (validate: the compiled modules)
     c                     -> <header> <code>...                  (load: the compiled modules)
-    r                     -> u32 len(ctype), ctype, body         (the request)
-    o u32 len(ctype), ctype, body -> b""                         (the response; its last part)
+    r                     -> u32 len(ctype), ctype, body         (a request too long for the inbox)
     w u32 len(ctype), ctype, part -> b""                         (one part, sent at once if streamed)
     d o <model>           -> 0 u32 handle | 1 <json error>       (open a decoder state)
-    d s u32 handle <tensors> -> as i                             (one decoder step)
+    d s u32 handle <infer request> -> as i                       (one decoder step)
     d c u32 handle        -> 0 | 1 <json error>                  (close a decoder state)
     l level, message      -> b""                                 (a log line)
-    i <tensors>           -> 0 <tensors> | 1 <json error>       (infer)
+    i <infer request>     -> 0 <tensors> | 1 <json error>       (infer, see `inference.py`)
     f <json failure>      -> b""                                 (the invocation or load failed)
     a <json addresses>    -> b""                                 (snapshot: where the entry points are)
 
-where <header> is a u32 length and JSON, and <tensors> a header (the model, then each tensor's
-name, dtype, shape and byte count, or its strings) followed by each tensor's raw bytes.
+where <header> is a u32 length and JSON.
 """
 
 from __future__ import annotations
@@ -39,9 +48,45 @@ from typing import Any
 
 import _host  # the door, built into the runtime's interpreter
 
+from wasminfer_guest import export
+from wasminfer_guest.http import Reject, Request, Response
+from wasminfer_guest.inference import InferError
+
 ENTRY = "app"
 FILES = "/fn"  # where the function's own files are (read-only)
 MAX_TRACEBACK = 16 << 10
+HEAD_BYTES = 32
+FETCH = 0xFFFFFFFF
+#: Requests up to this size (content type and body) are written in place by the host. The buffer's
+#: pages are zeros in the snapshot: an instance pays only for those its requests touch.
+INBOX_BYTES = 1 << 20
+INBOX = bytearray(HEAD_BYTES + INBOX_BYTES)
+INBOX_VIEW = _VIEW = memoryview(INBOX)
+_HEAD = _VIEW[:HEAD_BYTES].cast("I")
+
+
+def _data_offset() -> int:
+    """Where a `bytes` object's data starts, from its address (`id`): CPython's layout, measured."""
+    import numpy as np
+
+    probe = b"wasminfer"
+    return int(np.frombuffer(probe, np.uint8).__array_interface__["data"][0]) - id(probe)
+
+
+def address(data: bytes) -> int:
+    """The address of the data of `data` (exactly `bytes`: its buffer never moves)."""
+    return id(data) + BYTES_DATA
+
+
+def _buffer_address(buf: bytearray) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(buf, np.uint8).__array_interface__["data"][0])
+
+
+BYTES_DATA = _data_offset()
+_kept: tuple[bytes, bytes] | None = None  # the last response, alive until the host has read it
+_last_ctype: tuple[bytes, str] = (b"", "")
 
 
 def door(op: bytes, payload: bytes = b"") -> bytes:
@@ -129,8 +174,6 @@ def _install(modules: dict[str, tuple[bool, str, Any]]) -> None:
 
 def _import_entry() -> bool:
     """Imports the function's entry module; whether it registered a handler."""
-    from wasminfer_guest import export
-
     export._registered = None
     importlib_import(ENTRY)
     return export._registered is not None
@@ -217,23 +260,41 @@ def load() -> None:
         fail("no_handler", f"{ENTRY}.py registers no handler")
 
 
+def _request() -> Request:
+    global _last_ctype
+    head = _HEAD
+    n, k = head[0], head[1]
+    if n == FETCH:
+        frame = door(b"r")
+        k = int.from_bytes(frame[:4], "little")
+        return Request(frame[4 + k:], frame[4:4 + k].decode("utf-8", "replace"))
+    raw = _VIEW[HEAD_BYTES:HEAD_BYTES + k]
+    last_raw, content_type = _last_ctype
+    if raw != last_raw:  # most callers send one content type: decode it once
+        last_raw = bytes(raw)
+        content_type = last_raw.decode("utf-8", "replace")
+        _last_ctype = last_raw, content_type
+    return Request(bytes(_VIEW[HEAD_BYTES + k:HEAD_BYTES + k + n]), content_type)
+
+
 def invoke() -> None:
     """Runs one request through the registered handler."""
-    from wasminfer_guest import export
-    from wasminfer_guest.http import Reject, Request, Response
-    from wasminfer_guest.inference import InferError
-
-    frame = door(b"r")
-    n = int.from_bytes(frame[:4], "little")
-    content_type = frame[4:4 + n].decode("utf-8", "replace")
+    global _kept
+    _kept = None
     try:
-        result = export.registered()(Request(frame[4 + n:], content_type))
-        if _streams(result):
-            _stream(result)
-            return
-        response = Response.of(result)
-        ctype = response.content_type.encode("utf-8", "replace")
-        door(b"o", _u32(len(ctype)) + ctype + bytes(response.body))
+        result = export.registered()(_request())
+        if _streams(result):  # its parts went through the door: the response is the last, empty
+            body, ctype = b"", _stream(result)
+        else:
+            response = Response.of(result)
+            body = response.body
+            if type(body) is not bytes:
+                body = bytes(body)
+            ctype = response.content_type.encode("utf-8", "replace")
+        _kept = body, ctype
+        head = _HEAD
+        head[3], head[4], head[5], head[6] = address(body), len(body), address(ctype), len(ctype)
+        head[2] = 1
     except InferError as exc:
         fail("infer", exc.message, infer_kind=exc.kind)
     except Reject as exc:
@@ -250,9 +311,9 @@ def _streams(result: Any) -> bool:
     return hasattr(result, "__next__") and not isinstance(result, bytes | bytearray | memoryview | str)
 
 
-def _stream(parts: Any) -> None:
+def _stream(parts: Any) -> bytes:
     """Sends each part as it comes: str as UTF-8 text, bytes as they are, dict or list as a JSON
-    line. The first part's kind is the answer's content type."""
+    line. Returns the answer's content type: the first part's kind."""
     ctype = b""
     try:
         for part in parts:
@@ -270,8 +331,7 @@ def _stream(parts: Any) -> None:
         close = getattr(parts, "close", None)
         if close is not None:  # now, in this invocation: its `with` blocks free their host state
             close()
-    ctype = ctype or b"text/plain; charset=utf-8"
-    door(b"o", _u32(len(ctype)) + ctype)  # the end: no last part
+    return ctype or b"text/plain; charset=utf-8"
 
 
 validate, load, invoke = _flushed(validate), _flushed(load), _flushed(invoke)
@@ -279,7 +339,9 @@ validate, load, invoke = _flushed(validate), _flushed(load), _flushed(invoke)
 
 def addresses() -> None:
     """Tells the host where the entry points are (CPython's objects never move)."""
-    door(b"a", json.dumps({"validate": id(validate), "load": id(load), "invoke": id(invoke)}).encode())
+    door(b"a", json.dumps({"validate": id(validate), "load": id(load), "invoke": id(invoke),
+                           "inbox": _buffer_address(INBOX), "inbox_bytes": INBOX_BYTES,
+                           "head_bytes": HEAD_BYTES}).encode())
 
 
 def freeze() -> None:

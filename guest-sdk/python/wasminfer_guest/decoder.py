@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 
 from wasminfer_guest import _bindings as b
-from wasminfer_guest.inference import InferError, runtime_answer, runtime_request
+from wasminfer_guest.inference import InferError, runtime_call
 from wasminfer_guest.tensor import Tensor
 
 
@@ -48,8 +48,7 @@ class Decoder:
         """Runs the model on `inputs` and the state's past; keeps the present. Raises `InferError`."""
         if self.handle == 0:
             raise InferError("invalid-argument", "the decoder is closed")
-        frame = b"s" + self.handle.to_bytes(4, "little") + runtime_request(self.model, inputs)
-        out = runtime_answer(_door(frame))
+        out = runtime_call(b"ds" + self.handle.to_bytes(4, "little"), self.model, inputs)
         self.steps += 1
         return out
 

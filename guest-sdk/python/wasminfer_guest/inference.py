@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from typing import Any
 
 from wasminfer_guest import _bindings as b
-from wasminfer_guest.tensor import Tensor
+from wasminfer_guest.tensor import DTYPES, Tensor
 
 # The cases of the WIT variant `infer-error` (guest-sdk/wit/world.wit), i.e. the handler ABI's codes.
 KINDS = (
@@ -54,47 +55,90 @@ def infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _runtime_infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """One frame to the host: a JSON header, then every tensor's bytes as they are (no per-element
-    work: numpy arrays became bytes with one copy in `Tensor.of`)."""
-    return runtime_answer(b._host.call(b"i" + runtime_request(model, inputs)))
+    return runtime_call(b"i", model, inputs)
 
 
-def runtime_request(model: str, inputs: Mapping[str, Tensor]) -> bytes:
-    """The tensors of an infer (or decoder step) frame: a JSON header, then each tensor's bytes."""
-    import json
+def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """One frame to the host: `op` (`i` for infer, or a decoder step's `d s` and handle), then a
+    header packed with `struct` in which each tensor's bytes are passed by address (the host copies
+    them straight out of the tensor's own `bytes`: numpy arrays became bytes with one copy in
+    `Tensor.of`). The answer is a header of the same kind and the outputs' bytes after it. The
+    frames (lengths u32, dims i64, little-endian; dtype: index in `DTYPES`):
 
-    specs: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
+        op  len(model) model  count  { len(name) name  dtype ndim dims...  address nbytes }...
+        0  count  { len(name) name  dtype ndim dims...  nbytes }...  data...
+        1  <json {"kind", "message"}>
+
+    An empty answer means the first form lies in the inbox (`_runtime.INBOX`), after its head.
+
+    A string tensor's bytes are each string as a u32 length and its UTF-8. Raises `InferError`.
+    """
+    from wasminfer_guest._runtime import address
+
+    raw_model = model.encode("utf-8")
+    parts = [op, _U32.pack(len(raw_model)), raw_model, _U32.pack(len(inputs))]
+    kept = []  # the inputs' bytes, alive until the host has read them
     for name, t in inputs.items():
+        data = t.data
         if t.dtype == "string":
-            specs.append({"name": name, "dtype": "string", "shape": list(t.shape), "strings": t.data})
-        else:
-            specs.append({"name": name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": len(t.data)})
-            blobs.append(t.data)  # type: ignore[arg-type]
-    raw = json.dumps({"model": model, "tensors": specs}, separators=(",", ":")).encode()
-    return b"".join([len(raw).to_bytes(4, "little"), raw, *blobs])
+            data = b"".join([_U32.pack(len(e)) + e for e in (s.encode("utf-8") for s in t.data)])
+        elif type(data) is not bytes:
+            data = bytes(data)
+        kept.append(data)
+        raw_name = name.encode("utf-8")
+        shape = t.shape
+        parts.append(_U32.pack(len(raw_name)))
+        parts.append(raw_name)
+        parts.append(struct.pack(f"<BB{len(shape)}qII", _CODES[t.dtype], len(shape), *shape, address(data),
+                                 len(data)))
+    answer = b._host.call(b"".join(parts))
+    del kept
+    if not answer:  # the host wrote it into the inbox, free while the handler runs
+        from wasminfer_guest._runtime import HEAD_BYTES, INBOX_VIEW
 
-
-def runtime_answer(answer: bytes) -> dict[str, Tensor]:
-    """The outputs of an infer (or decoder step) answer. Raises `InferError`."""
-    import json
-
+        return _outputs(INBOX_VIEW, HEAD_BYTES)
     if answer[:1] != b"\x00":
+        import json
+
         err = json.loads(answer[1:])
         raise InferError(err["kind"], err["message"])
-    n = int.from_bytes(answer[1:5], "little")
-    header = json.loads(answer[5:5 + n])
-    data = memoryview(answer)[5 + n:]
+    return _outputs(memoryview(answer), 0)
+
+
+def _outputs(buf: memoryview, offset: int) -> dict[str, Tensor]:
+    """The tensors of an answer that starts at `offset` of `buf`, each tensor's bytes copied once."""
+    count, = _U32.unpack_from(buf, offset + 1)
+    offset += 5
+    specs = []
+    for _ in range(count):
+        n, = _U32.unpack_from(buf, offset)
+        name = bytes(buf[offset + 4:offset + 4 + n]).decode("utf-8")
+        code, ndim = _BB.unpack_from(buf, offset + 4 + n)
+        offset += 6 + n
+        shape = struct.unpack_from(f"<{ndim}q", buf, offset)
+        nbytes, = _U32.unpack_from(buf, offset + 8 * ndim)
+        offset += 8 * ndim + 4
+        specs.append((name, DTYPES[code], shape, nbytes))
     out: dict[str, Tensor] = {}
-    offset = 0
-    for spec in header:
-        if spec["dtype"] == "string":
-            out[spec["name"]] = Tensor._trusted("string", spec["shape"], spec["strings"])
-            continue
-        size = spec["nbytes"]
-        out[spec["name"]] = Tensor._trusted(spec["dtype"], spec["shape"], bytes(data[offset:offset + size]))
-        offset += size
+    for name, dtype, shape, nbytes in specs:
+        data = bytes(buf[offset:offset + nbytes])
+        offset += nbytes
+        out[name] = Tensor._trusted(dtype, shape, _strings(data) if dtype == "string" else data)
     return out
+
+
+def _strings(blob: bytes) -> list[str]:
+    out, i = [], 0
+    while i < len(blob):
+        n, = _U32.unpack_from(blob, i)
+        out.append(blob[i + 4:i + 4 + n].decode("utf-8", "replace"))
+        i += 4 + n
+    return out
+
+
+_U32 = struct.Struct("<I")
+_BB = struct.Struct("<BB")
+_CODES = {name: i for i, name in enumerate(DTYPES)}
 
 
 def _to_wit(name: str, t: Tensor) -> Any:

@@ -21,7 +21,8 @@ _CODES = {
     "uint32": ("I", 4), "int32": ("i", 4), "uint64": ("Q", 8), "int64": ("q", 8),
     "float16": ("", 2), "float32": ("f", 4), "float64": ("d", 8), "bool": ("B", 1),
 }  # fmt: skip
-DTYPES = (*_CODES, "string")
+DTYPES = (*_CODES, "string")  # the order is the runtime's dtype codes: append only
+_NP_DTYPES: dict[str, Any] = {}  # dtype -> numpy dtype, filled as used (numpy may be absent)
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
@@ -94,7 +95,10 @@ class Tensor:
 
         if self.dtype == "string":
             return np.array(self.data, dtype=object).reshape(self.shape)
-        np_dtype = np.dtype(np.bool_ if self.dtype == "bool" else self.dtype).newbyteorder("<")
+        np_dtype = _NP_DTYPES.get(self.dtype)
+        if np_dtype is None:
+            np_dtype = _NP_DTYPES[self.dtype] = np.dtype(np.bool_ if self.dtype == "bool" else self.dtype
+                                                         ).newbyteorder("<")
         return np.frombuffer(self.data, np_dtype).reshape(self.shape)
 
     @classmethod

@@ -119,6 +119,13 @@ class GuestMemory:
         if data:
             ctypes.memmove(addr, data, len(data))
 
+    def copy_in(self, ptr: int, source: int, length: int) -> None:
+        """Copies `length` bytes from host address `source` (e.g. a numpy array's data) to `ptr`:
+        what `write` does without first making the bytes an object of their own."""
+        addr = self._base(ptr, length)
+        if length:
+            ctypes.memmove(addr, source, length)
+
     def write_u32(self, ptr: int, value: int) -> None:
         self.write(ptr, (value & _U32).to_bytes(4, "little"))
 

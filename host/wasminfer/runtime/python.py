@@ -28,14 +28,16 @@ import importlib.util
 import io
 import json
 import marshal
+import math
 import os
 import posixpath
 import shutil
+import struct
 import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ from wasminfer.errors import (
     InvalidTensor,
     MemoryLimitExceeded,
     ModelNotAllowed,
+    OutputLimitExceeded,
     TensorTooLarge,
     WasminferError,
 )
@@ -105,9 +108,13 @@ PRELOAD = (
     "importlib.abc", "importlib.machinery", "traceback", "marshal",
 )  # fmt: skip
 CALL = "wasminfer_call"  # the export `_snapshot.add_call_export` adds
+#: What the snapshot reports (`_runtime.addresses`): its entry points, and where the inbox is.
+ENTRIES = ("validate", "load", "invoke", "inbox", "inbox_bytes", "head_bytes")
+_FETCH = 0xFFFFFFFF  # the inbox head's body length when the request is too long for the inbox
+_HEAD_IN = struct.Struct("<III20x")  # the inbox head as the host writes it: HEAD_BYTES of the guest
+_HEAD_OUT = struct.Struct("<IIIII")
+_ANSWER = struct.Struct("<II")
 _CALLS = (("host_alloc", 1), ("turn", 2), ("_initialize", 0), (CALL, 1))
-_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32",
-           "float64", "bool"}
 
 
 class RuntimeUnavailable(InvalidModule):
@@ -122,6 +129,7 @@ class Exchange:
     bytecode: bytes | None = None  # from validate; handed to load
     failure: dict[str, Any] | None = None
     addresses: dict[str, int] | None = None  # while the snapshot is made
+    answers: tuple[int, int] | None = None  # (address, size) where infer and decoder steps may answer
 
 
 def _exchange(state: CallState) -> Exchange:
@@ -135,35 +143,48 @@ def _exchange(state: CallState) -> Exchange:
 def _door(state: CallState, mem: GuestMemory, ptr: int, length: int, out_ptr: int, out_len: int) -> int:
     ex = _exchange(state)
     frame = mem.read(ptr, length)
-    answer = _answer(state, ex, frame)
+    answer = _answer(state, mem, ex, frame)
+    size = answer.nbytes if isinstance(answer, _Outputs) else len(answer)
+    if isinstance(answer, _Outputs) and ex.answers is not None and size <= ex.answers[1]:
+        answer.write(mem, ex.answers[0])
+        out = (0, 0)  # and the guest, given no answer, reads it there
+    elif isinstance(answer, _Outputs):
+        out = (_alloc(state, size), size)
+        answer.write(mem, out[0])
+    elif answer:
+        out = (_alloc(state, size), size)
+        mem.write(out[0], answer)
+    else:
+        out = (0, 0)
     if isinstance(state, InvocationState):
-        state.boundary_bytes += len(frame) + len(answer)
-    addr = 0
-    if answer:
-        inst = state.instance
-        assert inst is not None
-        addr = inst.call("host_alloc", (len(answer),), state) & 0xFFFFFFFF
-        if addr == 0:
-            raise GuestFault(f"the interpreter could not allocate {len(answer)} bytes for an answer")
-        mem.write(addr, answer)
-    mem.write_u32(out_ptr, addr)
-    mem.write_u32(out_len, len(answer))
+        state.boundary_bytes += length + size
+    if out_len == out_ptr + 4:  # the interpreter's two out-parameters side by side: one write
+        mem.write(out_ptr, _ANSWER.pack(*out))
+    else:
+        mem.write_u32(out_ptr, out[0])
+        mem.write_u32(out_len, out[1])
     return 0
 
 
-def _answer(state: CallState, ex: Exchange, frame: bytes) -> bytes:
+def _alloc(state: CallState, nbytes: int) -> int:
+    inst = state.instance
+    assert inst is not None
+    addr = inst.call("host_alloc", (nbytes,), state) & 0xFFFFFFFF
+    if addr == 0:
+        raise GuestFault(f"the interpreter could not allocate {nbytes} bytes for an answer")
+    return addr
+
+
+def _answer(state: CallState, mem: GuestMemory, ex: Exchange, frame: bytes) -> bytes | _Outputs:
     op, payload = frame[:1], memoryview(frame)[1:]
     if op == b"r" and ex.request is not None:
         body, ctype = ex.request
         raw = ctype.encode("utf-8", "replace")
         return len(raw).to_bytes(4, "little") + raw + body
     if op == b"i" and isinstance(state, InvocationState):
-        return _infer(state, payload)
-    if op == b"o" and isinstance(state, InvocationState):
-        _output(state, payload)
-        return b""
+        return _infer(state, mem, payload)
     if op == b"d" and isinstance(state, InvocationState):
-        return _decoder(state, payload)
+        return _decoder(state, mem, payload)
     if op == b"w" and isinstance(state, InvocationState):
         n = int.from_bytes(payload[:4], "little")
         ctype = bytes(payload[4:4 + min(n, 1024)]).decode("utf-8", "replace").strip()
@@ -189,24 +210,73 @@ def _answer(state: CallState, ex: Exchange, frame: bytes) -> bytes:
     raise GuestFault(f"unexpected frame {bytes(op)!r} through the door")
 
 
-def _output(state: InvocationState, payload: memoryview) -> None:
-    n = int.from_bytes(payload[:4], "little")
-    body = payload[4 + n:]
-    state.check_output(len(body))
-    state.content_type = bytes(payload[4:4 + min(n, 1024)]).decode("utf-8", "replace").strip() \
-        or DEFAULT_CONTENT_TYPE
-    state.output = bytes(body)
-
-
 def _log(state: InvocationState, payload: memoryview) -> None:
     level = payload[0]
     state.log(bytes(payload[1:]), LEVELS[level] if level < len(LEVELS) else "info")
 
 
-# --- infer: tensors as a JSON header and raw little-endian bytes -------------------------------------
-def _pack(header: Any, blobs: list[bytes | memoryview]) -> bytes:
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([len(raw).to_bytes(4, "little"), raw, *blobs])
+# --- infer: a header packed with struct, each tensor's bytes where they lie (see inference.py) ------
+#: dtype codes: the index in the guest SDK's `DTYPES` (tests/test_python_runtime.py holds them equal).
+DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32",
+          "float64", "bool", "string")
+_STRING = DTYPES.index("string")
+_NP_DTYPES = [np.dtype(np.bool_) if d == "bool" else np.dtype(d).newbyteorder("<") for d in DTYPES[:-1]]
+_CODES = {dt: i for i, dt in enumerate(_NP_DTYPES)} | {np.dtype(d): i for i, d in enumerate(DTYPES[:-1])}
+_U32 = struct.Struct("<I")
+_BB = struct.Struct("<BB")
+_MAX_DIMS = 32
+_INLINE_BYTES = 16 << 10  # outputs up to this size are copied into the answer's header
+
+
+class _Outputs:
+    """infer's answer: its header, small outputs' bytes after it, large outputs written into the guest
+    straight from their arrays (no copy on the way)."""
+
+    __slots__ = ("chunks", "nbytes")
+
+    def __init__(self, outputs: dict[str, np.ndarray]) -> None:
+        head = [b"\x00", _U32.pack(len(outputs))]
+        small: list[bytes] = []
+        large: list[tuple[int, np.ndarray]] = []  # (index among the data, array)
+        for name, arr in outputs.items():
+            code = _CODES.get(arr.dtype)
+            if code is None and arr.dtype.kind in "OUS":
+                code = _STRING
+                small.append(b"".join([_U32.pack(len(e)) + e for e in (str(v).encode() for v in arr.flat)]))
+                nbytes = len(small[-1])
+            else:
+                if code is None:  # another byte order: its little-endian twin
+                    arr = arr.astype(arr.dtype.newbyteorder("<"))
+                    code = _CODES.get(arr.dtype)
+                    if code is None:
+                        raise InvalidTensor(f"infer: output {name!r} is {arr.dtype}, unknown to guests")
+                nbytes = arr.nbytes
+                if nbytes <= _INLINE_BYTES:  # fewer writes beat one copy fewer
+                    small.append(arr.tobytes())
+                else:
+                    large.append((len(small), np.ascontiguousarray(arr)))
+                    small.append(b"")
+            raw = name.encode("utf-8")
+            spec = struct.pack(f"<BB{arr.ndim}qI", code, arr.ndim, *arr.shape, nbytes)
+            head += [_U32.pack(len(raw)), raw, spec]
+        # the data in order: runs of bytes joined, each large array on its own
+        self.chunks: list[bytes | np.ndarray] = []
+        run = b"".join(head)
+        start = 0
+        for index, arr in large:
+            self.chunks += [run + b"".join(small[start:index]), arr]
+            run, start = b"", index + 1
+        self.chunks.append(run + b"".join(small[start:]))
+        self.nbytes = sum(len(c) if isinstance(c, bytes) else c.nbytes for c in self.chunks)
+
+    def write(self, mem: GuestMemory, addr: int) -> None:
+        for chunk in self.chunks:
+            if isinstance(chunk, bytes):
+                mem.write(addr, chunk)
+                addr += len(chunk)
+            else:
+                mem.copy_in(addr, chunk.ctypes.data, chunk.nbytes)
+                addr += chunk.nbytes
 
 
 def _infer_error(state: InvocationState, kind: str, error: WasminferError) -> bytes:
@@ -214,7 +284,7 @@ def _infer_error(state: InvocationState, kind: str, error: WasminferError) -> by
     return b"\x01" + json.dumps({"kind": kind, "message": error.message}).encode()
 
 
-def _infer(state: InvocationState, payload: memoryview) -> bytes:
+def _infer(state: InvocationState, mem: GuestMemory, payload: memoryview) -> bytes | _Outputs:
     m = state.manifest
     state.infer_calls += 1
     if state.infer_calls > m.max_infer_calls:
@@ -224,7 +294,7 @@ def _infer(state: InvocationState, payload: memoryview) -> bytes:
         state.limit_error = state.limit_error or err
         return _infer_error(state, "too-many-calls", err)
     try:
-        model, inputs = _decode(payload, m.max_tensor_bytes)
+        model, inputs = _decode(state, mem, payload)
     except TensorTooLarge as exc:
         return _infer_error(state, "tensor-too-large", exc)
     except InvalidTensor as exc:
@@ -233,29 +303,16 @@ def _infer(state: InvocationState, payload: memoryview) -> bytes:
         return _infer_error(state, "model-not-allowed", ModelNotAllowed(state.function, model))
     try:
         outputs = state.run_model(model, inputs)
+        answer = _Outputs(outputs)
     except handler.INFER_FAILURES as exc:
         return _infer_error(state, handler.infer_failure(exc), exc)
     state.infer_error = None
-    return _encode_outputs(outputs)
+    return answer
 
 
-def _encode_outputs(outputs: Mapping[str, np.ndarray]) -> bytes:
-    header: list[dict[str, Any]] = []
-    blobs: list[bytes | memoryview] = []
-    for name, arr in outputs.items():
-        if arr.dtype.kind in "OUS":
-            header.append({"name": name, "dtype": "string", "shape": list(arr.shape),
-                           "strings": [str(s) for s in arr.reshape(-1).tolist()]})
-            continue
-        dtype = "bool" if arr.dtype == np.bool_ else arr.dtype.name
-        data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-        header.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "nbytes": data.nbytes})
-        blobs.append(data.tobytes())
-    return b"\x00" + _pack(header, blobs)
-
-
-def _decoder(state: InvocationState, payload: memoryview) -> bytes:
-    """The `d` frames: open, step and close a decoder state (`runtime.decoders`)."""
+def _decoder(state: InvocationState, mem: GuestMemory, payload: memoryview) -> bytes | _Outputs:
+    """The `d` frames: open, step and close a decoder state (`runtime.decoders`); a step's tensors
+    cross as infer's do."""
     op, rest = bytes(payload[:1]), payload[1:]
     if op == b"o":
         model = bytes(rest).decode("utf-8", "replace")
@@ -284,13 +341,14 @@ def _decoder(state: InvocationState, payload: memoryview) -> bytes:
     if limit_err is not None:
         return _infer_error(state, "too-many-calls", limit_err)
     try:
-        _, inputs = _decode(rest[4:], state.manifest.max_tensor_bytes)
+        _, inputs = _decode(state, mem, rest[4:])
     except TensorTooLarge as exc:
         return _infer_error(state, "tensor-too-large", exc)
     except InvalidTensor as exc:
         return _infer_error(state, "invalid-argument", exc)
     try:
         spec, outputs = state.decoder_states().step(handle, inputs, state.run_model)
+        answer = _Outputs(spec.split(outputs)[0])
     except DecoderNotFound as exc:
         return _infer_error(state, "invalid-argument", exc)
     except handler.INFER_FAILURES as exc:
@@ -299,47 +357,74 @@ def _decoder(state: InvocationState, payload: memoryview) -> bytes:
         state.limit_error = state.limit_error or exc
         return _infer_error(state, "runtime", exc)
     state.infer_error = None
-    return _encode_outputs(spec.split(outputs)[0])
+    return answer
 
 
-def _decode(payload: memoryview, max_tensor_bytes: int) -> tuple[str, dict[str, np.ndarray]]:
+def _decode(state: InvocationState, mem: GuestMemory,
+            payload: memoryview) -> tuple[str, dict[str, np.ndarray]]:
+    """The model and the named inputs of an infer (or decoder step) frame; each tensor's bytes are
+    copied once, out of the guest's memory, and counted in `state.boundary_bytes`. Raises
+    `InvalidTensor` for a malformed frame or tensor, `TensorTooLarge` past `max_tensor_bytes`."""
+    max_tensor_bytes = state.manifest.max_tensor_bytes
     try:
-        n = int.from_bytes(payload[:4], "little")
-        header = json.loads(bytes(payload[4:4 + n]))
-        model, specs = header["model"], header["tensors"]
-        if not isinstance(model, str) or not isinstance(specs, list):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
+        n, = _U32.unpack_from(payload, 0)
+        model = bytes(payload[4:4 + n]).decode("utf-8")
+        count, = _U32.unpack_from(payload, 4 + n)
+        offset = 8 + n
+        specs = []
+        for _ in range(count):
+            n, = _U32.unpack_from(payload, offset)
+            name = bytes(payload[offset + 4:offset + 4 + n]).decode("utf-8")
+            code, ndim = _BB.unpack_from(payload, offset + 4 + n)
+            offset += 6 + n
+            if ndim > _MAX_DIMS:
+                raise InvalidTensor(f"infer: tensor {name!r} has {ndim} dimensions, more than {_MAX_DIMS}")
+            shape = struct.unpack_from(f"<{ndim}q", payload, offset)
+            addr, nbytes = struct.unpack_from("<II", payload, offset + 8 * ndim)
+            offset += 8 * ndim + 8
+            specs.append((name, code, shape, addr, nbytes))
+    except (struct.error, UnicodeDecodeError):
         raise InvalidTensor("infer: a malformed request frame") from None
-    data = payload[4 + n:]
-    offset = 0
     inputs: dict[str, np.ndarray] = {}
-    for spec in specs:
-        try:
-            name, dtype, shape = spec["name"], spec["dtype"], tuple(int(d) for d in spec["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise InvalidTensor("infer: a malformed tensor in the request frame") from None
+    for name, code, shape, addr, nbytes in specs:
+        if code >= len(DTYPES):
+            raise InvalidTensor(f"infer: tensor {name!r} has unknown dtype code {code}")
         if any(d < 0 for d in shape):
             raise InvalidTensor(f"infer: tensor {name!r} has a negative dimension")
-        if dtype == "string":
-            strings = spec.get("strings")
-            if not isinstance(strings, list) or len(strings) != int(np.prod(shape)):
-                raise InvalidTensor(f"infer: string tensor {name!r} does not fill its shape")
-            inputs[name] = np.array(strings, dtype=object).reshape(shape)
-            continue
-        if dtype not in _DTYPES:
-            raise InvalidTensor(f"infer: tensor {name!r} has unknown dtype {dtype!r}")
-        np_dtype = np.dtype(np.bool_) if dtype == "bool" else np.dtype(dtype).newbyteorder("<")
-        nbytes = int(np.prod(shape)) * np_dtype.itemsize
-        if nbytes > max_tensor_bytes:
-            raise TensorTooLarge(
-                f"tensor {name!r} has {nbytes} bytes of data; the limit is {max_tensor_bytes}"
+        count = math.prod(shape)
+        need = nbytes if code == _STRING else count * _NP_DTYPES[code].itemsize
+        if need > max_tensor_bytes:
+            raise TensorTooLarge(f"tensor {name!r} has {need} bytes of data; the limit is {max_tensor_bytes}")
+        if nbytes != need:
+            raise InvalidTensor(
+                f"infer: tensor {name!r} of shape {list(shape)} needs {need} bytes, not {nbytes}"
             )
-        if offset + nbytes > len(data):
-            raise InvalidTensor(f"infer: tensor {name!r} needs {nbytes} bytes the frame does not hold")
-        inputs[name] = np.frombuffer(data, np_dtype, int(np.prod(shape)), offset).reshape(shape)
-        offset += nbytes
+        try:
+            data = mem.read(addr, nbytes)
+        except GuestFault:
+            raise InvalidTensor(f"infer: tensor {name!r} lies outside the guest's memory") from None
+        state.boundary_bytes += nbytes
+        if code == _STRING:
+            inputs[name] = np.array(_strings(name, data, count), dtype=object).reshape(shape)
+        else:
+            inputs[name] = np.frombuffer(data, _NP_DTYPES[code], count).reshape(shape)
     return model, inputs
+
+
+def _strings(name: str, blob: bytes, count: int) -> list[str]:
+    out, i = [], 0
+    try:
+        while i < len(blob):
+            n, = _U32.unpack_from(blob, i)
+            if i + 4 + n > len(blob):
+                raise struct.error
+            out.append(blob[i + 4:i + 4 + n].decode("utf-8"))
+            i += 4 + n
+    except (struct.error, UnicodeDecodeError):
+        raise InvalidTensor(f"infer: string tensor {name!r} is malformed") from None
+    if len(out) != count:
+        raise InvalidTensor(f"infer: string tensor {name!r} does not fill its shape")
+    return out
 
 
 HOST_FUNCS = (HostFunc("wasminfer_python", "door", ("i32",) * 4, ("i32",), _door),)
@@ -352,7 +437,7 @@ class PythonRuntime:
     lib_dir: Path  # python315.zip and the guest SDK: preopened read-only at /usr/local/lib
     empty_dir: Path  # /fn of a function without files
     key: str
-    entries: dict[str, int]  # the addresses of `_runtime.validate`, `load` and `invoke`
+    entries: dict[str, int]  # `ENTRIES`: the addresses of `_runtime.validate`, `load`, `invoke`, the inbox
     build_s: float = 0.0  # 0 when loaded from the cache
 
 
@@ -500,8 +585,11 @@ def _initialise(compiled: CompiledModule, lib: Path, empty: Path) -> tuple[bytes
         if status != 0:
             raise RuntimeUnavailable("initialising the runtime failed: "
                                      + b"".join(output).decode("utf-8", "replace")[-2000:])
-        if ex.addresses is None or set(ex.addresses) != {"validate", "load", "invoke"}:
+        if ex.addresses is None or set(ex.addresses) != set(ENTRIES):
             raise RuntimeUnavailable("initialising the runtime did not report its entry points")
+        if ex.addresses["head_bytes"] != _HEAD_IN.size:
+            raise RuntimeUnavailable(f"the guest SDK's inbox head is {ex.addresses['head_bytes']} bytes, "
+                                     f"not {_HEAD_IN.size}")
         return inst.memory().read(0, inst.memory_size()), ex.addresses
     finally:
         inst.close()
@@ -669,12 +757,23 @@ def instantiate(compiled: PythonFunction, manifest: Manifest, state: CallState,
 def invoke(inst: WasmInstance, body: bytes, content_type: str, state: InvocationState,
            rt: PythonRuntime | None = None) -> bool:
     """Runs one request through the function's handler. Returns whether the instance may be reused.
-    Raises what `handler.invoke` raises, for the same reasons."""
+    Raises what `handler.invoke` raises, for the same reasons, and `OutputLimitExceeded`."""
     m = state.manifest
-    ex = Exchange(request=(body, content_type))
+    rt = rt or _runtime_of(inst)
+    e = rt.entries
+    mem = inst.memory()
+    inbox = e["inbox"]
+    raw = content_type.encode("utf-8", "replace")
+    ex = Exchange(answers=(inbox + _HEAD_IN.size, e["inbox_bytes"]))
+    if len(raw) + len(body) <= e["inbox_bytes"]:
+        mem.write(inbox, _HEAD_IN.pack(len(body), len(raw), 0) + raw)
+        mem.write(inbox + _HEAD_IN.size + len(raw), body)
+    else:  # the guest asks for it through the door
+        mem.write(inbox, _HEAD_IN.pack(_FETCH, 0, 0))
+        ex.request = (body, content_type)
     inst.host_state[NAME] = ex
     try:
-        status = _call(rt or _runtime_of(inst), inst, "invoke", state, m.timeout_ms)
+        status = inst.call(CALL, (e["invoke"],), state, m.timeout_ms)
     except WasmTrap as trap:
         state.discard = True
         raise handler._trap_error(trap, inst, state) from None
@@ -701,11 +800,33 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
             raise MemoryLimitExceeded.exceeded(state.function, f"failed: {message}", m.memory_mb)
         raise GuestError((message or f"function {state.function!r} failed")
                          + where_raised(str(f.get("traceback", ""))))
-    if status != 0 or (state.output is None and not state.streamed_bytes):
+    done, body_addr, body_len, ctype_addr, ctype_len = _HEAD_OUT.unpack(mem.read(inbox + 8, 20))
+    if status != 0 or not done:
         state.discard = True
         raise GuestError(f"function {state.function!r}: the runtime failed (status {status})")
+    _output(state, mem, body_addr, body_len, ctype_addr, ctype_len)
     state.discard = inst.memory_size() + WASM_PAGE > inst.memory_limit
     return not state.discard
+
+
+def _output(state: InvocationState, mem: GuestMemory, body_addr: int, body_len: int, ctype_addr: int,
+            ctype_len: int) -> None:
+    """Takes the response the guest left in its memory: the whole body, or a streamed invocation's
+    last part (empty from the SDK) after the parts sent through the door. Raises
+    `OutputLimitExceeded` (before reading it; the parts count too), `GuestError` if it does not lie
+    in the guest's memory."""
+    try:
+        state.check_output(body_len)
+    except OutputLimitExceeded:
+        state.discard = True
+        raise
+    try:
+        ctype = mem.read(ctype_addr, min(ctype_len, 1024)).decode("utf-8", "replace").strip()
+        state.output = mem.read(body_addr, body_len)
+    except GuestFault:
+        state.discard = True
+        raise GuestError(f"function {state.function!r}: its response lies outside its memory") from None
+    state.content_type = ctype or DEFAULT_CONTENT_TYPE
 
 
 __all__ = ["DEFAULT_MEMORY_MB", "HOST_FUNCS", "MAGIC", "NAME", "PythonFunction", "PythonRuntime",
