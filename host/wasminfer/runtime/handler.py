@@ -4,6 +4,10 @@ Host imports here never touch wasmtime: they get a `GuestMemory` whose every acc
 checked (a bad pointer raises `GuestFault`, which traps the guest) and a per-call
 `InvocationState`. Limit violations are raised as their own `WasminferError`; `_wasm` turns any
 exception into a trap and keeps it in `state.fault`, and `invoke` raises it after the call.
+
+Over 500 lines and one concept, the handler ABI: its imports (infer, decoder steps, output and its
+parts, errors, logs) share `InvocationState` and the error codes `wasminfer.h` names, and are the
+list `ABI.md` documents in one place.
 """
 
 from __future__ import annotations

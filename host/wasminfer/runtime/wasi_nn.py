@@ -14,6 +14,10 @@ any manifest could list reaches them), and freed with the instance.
 Every call returns an `nn_errno`; a failure also keeps its message (`InvocationState.nn_error`,
 the function's log) and, where one exists, the `WasminferError` a handler module's failure reports
 (`InvocationState.infer_error`). Pointers outside guest memory trap the guest, as in handler ABI v1.
+
+Over 500 lines and one concept, the `wasi_ephemeral_nn` module: every call reads and changes the
+same per-instance graph and context tables (`NnState`), and WasmEdge's single-step calls
+(`compute_single`, `fini_single`) step the same contexts.
 """
 
 from __future__ import annotations
