@@ -171,12 +171,15 @@ def replicas_unavailable() -> str | None:
 
 # --- measuring ------------------------------------------------------------------------------------
 def warm(url: str, body: bytes, content_type: str, n: int = 200) -> None:
-    """Answers `n` requests (the adaptive path learns the function's run time) and checks them."""
-    with httpx.Client(timeout=30) as client:
-        for _ in range(n):
-            r = client.post(url, content=body, headers={"content-type": content_type})
-            if r.status_code != 200:
-                raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:500]}")
+    """Answers `n` requests, each on a new connection, and checks them; then 3 s of load at
+    concurrency 16. New connections: with replicas on the port the kernel spreads connections over
+    the processes, and each process learns the function's run time (the adaptive path) and grows its
+    instances on its own — one kept-alive connection would warm one process only."""
+    for _ in range(n):
+        r = httpx.post(url, content=body, headers={"content-type": content_type}, timeout=30)
+        if r.status_code != 200:
+            raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:500]}")
+    loadgen.run(url, body, content_type, 16, 3.0, "wrk", warmup=0)
 
 
 def measure(
@@ -301,6 +304,20 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "digits_p99_vs_baseline_c16": ratio(
             at("wasminfer", "digits", 16, "p99_ms"), at("baseline", "digits", 16, "p99_ms")
+        ),
+        # The same with the two processes on the port (the issue's probe reached 2x that way): not
+        # targets of their own, the comparison a host with a spare core would see.
+        "digits_2r_vs_baseline_c16": ratio(
+            at("wasminfer-2r", "digits", 16, "per_s"), at("baseline", "digits", 16, "per_s")
+        ),
+        "digits_py_2r_vs_baseline_c16": ratio(
+            at("wasminfer-2r", "digits-py", 16, "per_s"), at("baseline", "digits", 16, "per_s")
+        ),
+        "replicas2_vs_1_py_c16": ratio(
+            at("wasminfer-2r", "digits-py", 16, "per_s"), at("wasminfer", "digits-py", 16, "per_s")
+        ),
+        "digits_2r_p99_vs_baseline_c16": ratio(
+            at("wasminfer-2r", "digits", 16, "p99_ms"), at("baseline", "digits", 16, "p99_ms")
         ),
     }
     cpu: dict[str, dict[str, float | None]] = {}
