@@ -9,6 +9,13 @@ address-space limit, killed at `timeout_s`. It writes the compiled artefact to t
 gives (the compile cache), atomically; the caller then loads it with `deserialize_file`, which is
 what a cache hit does anyway.
 
+Two tiers (`TIERS`): "optimised", the engine's own configuration, whose artefacts are cached; and
+"fast" (no Cranelift optimisations, the single-pass register allocator), ~2.5x less compile time for
+~1.2-1.6x slower guest code, whose artefact comes back over the pipe (it is never cached, so nothing
+is written or fsynced on a new module's way to its first answer): `_engine.Tiering` answers with
+it first and swaps the optimised code in behind it. Both load into the host's engine: neither
+setting is one wasmtime requires of a loaded artefact.
+
 Workers stay alive between compiles (starting one costs an interpreter and `import wasmtime`,
 ~100-300 ms here: more than compiling a small guest), one per compile in flight, and one is started
 ahead (`Compiler.prestart`: when the engine is made, and after a compile took the last idle one or
@@ -46,11 +53,19 @@ MAX_IDLE_WORKERS = 2
 _NICE = 10  # compiles yield the cores to invocations
 
 
-def engine_config() -> wasmtime.Config:
-    """The configuration of every engine of wasminfer (see `_engine.Engine`)."""
+#: Compile tiers: "fast" for a new module's first answers, "optimised" for everything after.
+TIERS = ("fast", "optimised")
+
+
+def engine_config(tier: str = "optimised") -> wasmtime.Config:
+    """The configuration of every engine of wasminfer (see `_engine.Engine`); `tier="fast"` is the
+    compile workers' quick first tier (its code runs in the same engine)."""
     config = wasmtime.Config()
     config.epoch_interruption = True
-    config.cranelift_opt_level = "speed"
+    config.cranelift_opt_level = "speed" if tier == "optimised" else "none"
+    if tier == "fast":
+        # By name: wasmtime-py's enum of this C API setting is numbered one off from the C header's.
+        _cranelift_flag(config, "regalloc_algorithm", "single_pass")
     config.wasm_threads = False
     config.shared_memory = False
     # Small virtual reservations: thousands of instances must fit in the address space and
@@ -63,12 +78,26 @@ def engine_config() -> wasmtime.Config:
     return config
 
 
-#: What `engine_config` sets, for the names of cached artefacts.
+def _cranelift_flag(config: wasmtime.Config, name: str, value: str) -> None:
+    import ctypes
+
+    from wasmtime import _ffi as ffi
+
+    ffi.wasmtime_config_cranelift_flag_set(config.ptr(), ctypes.c_char_p(name.encode()),
+                                           ctypes.c_char_p(value.encode()))
+
+
+#: What `engine_config` sets (the optimised tier: the only one cached), for the names of artefacts.
 CONFIG_FINGERPRINT = "opt=speed;res=64M;guard=64K;stack=512K;cm;exn"
 
 
 class CompileError(Exception):
     """The bytes do not compile: invalid, refused by the engine, too slow or too big to compile."""
+
+
+class CompilerCrashed(CompileError):
+    """The worker died while compiling: out of memory, or killed from outside (worth one retry when
+    the same bytes compiled before, e.g. in the fast tier)."""
 
 
 # --- the worker (this file run as a script) ---------------------------------------------------------
@@ -83,7 +112,7 @@ def _worker_main(memory_bytes: int) -> None:
         os.nice(_NICE)
     except OSError:
         pass
-    engine = wasmtime.Engine(engine_config())
+    engines = {tier: wasmtime.Engine(engine_config(tier)) for tier in TIERS}
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         header = stdin.readline()
@@ -91,24 +120,30 @@ def _worker_main(memory_bytes: int) -> None:
             return
         job = json.loads(header)
         wasm = stdin.read(job["size"])
+        artefact = b""
         try:
-            _compile_to(engine, job["kind"], wasm, Path(job["out"]))
-            reply: dict[str, Any] = {"ok": True}
+            artefact = _compile(engines[job["tier"]], job["kind"], wasm)
+            if job["out"] is not None:
+                _write(artefact, Path(job["out"]))
+                artefact = b""
+            reply: dict[str, Any] = {"ok": True, "size": len(artefact)}
         except wasmtime.WasmtimeError as exc:
             reply = {"ok": False, "error": str(exc)}
         except MemoryError:
             reply = {"ok": False, "error": "compiling it needs more memory than the host allows"}
-        stdout.write(json.dumps(reply).encode() + b"\n")
+        stdout.write(json.dumps(reply).encode() + b"\n" + artefact)
         stdout.flush()
 
 
-def _compile_to(engine: wasmtime.Engine, kind: str, wasm: bytes, out: Path) -> None:
+def _compile(engine: wasmtime.Engine, kind: str, wasm: bytes) -> bytes:
     if kind == "component":
         from wasmtime import component
 
-        artefact = bytes(component.Component(engine, wasm).serialize())
-    else:
-        artefact = bytes(wasmtime.Module(engine, wasm).serialize())
+        return bytes(component.Component(engine, wasm).serialize())
+    return bytes(wasmtime.Module(engine, wasm).serialize())
+
+
+def _write(artefact: bytes, out: Path) -> None:
     tmp = _partial(out, os.getpid())
     with open(tmp, "wb") as f:
         f.write(artefact)
@@ -129,11 +164,12 @@ class _Worker:
         )
         self.memory_bytes = memory_bytes
 
-    def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float,
-                cancel: threading.Event | None = None) -> None:
+    def compile(self, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
+                cancel: threading.Event | None = None) -> bytes:
         proc = self.proc
         assert proc.stdin is not None and proc.stdout is not None
-        header = json.dumps({"kind": kind, "out": str(out), "size": len(wasm)}).encode() + b"\n"
+        header = json.dumps({"kind": kind, "tier": tier, "out": None if out is None else str(out),
+                             "size": len(wasm)}).encode() + b"\n"
         deadline = time.monotonic() + timeout_s
         try:
             proc.stdin.write(header)
@@ -142,8 +178,9 @@ class _Worker:
         except (BrokenPipeError, OSError):
             raise _WorkerDied() from None
         fd = proc.stdout.fileno()
-        line = b""
-        while not line.endswith(b"\n"):
+        data = bytearray()
+        need = size = -1  # once the reply's line is in: where the artefact after it ends, its size
+        while len(data) < need or need < 0:
             if cancel is not None and cancel.is_set():
                 raise _Cancelled()
             remaining = deadline - time.monotonic()
@@ -151,13 +188,18 @@ class _Worker:
                 raise _WorkerTimedOut()
             if not select.select([fd], [], [], min(remaining, _CANCEL_POLL_S))[0]:
                 continue
-            chunk = os.read(fd, 65536)
+            chunk = os.read(fd, 1 << 20)
             if not chunk:
                 raise _WorkerDied()
-            line += chunk
-        reply = json.loads(line)
-        if not reply["ok"]:
-            raise CompileError(reply["error"])
+            data += chunk
+            if need < 0 and b"\n" in data:
+                end = data.index(b"\n") + 1
+                reply = json.loads(data[:end])
+                if not reply["ok"]:
+                    raise CompileError(reply["error"])
+                size = int(reply["size"])
+                need = end + size
+        return bytes(data[need - size:need])
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -201,41 +243,66 @@ class Compiler:
         self._lock = threading.Lock()
         self._closed = False
         self.started = 0  # workers started (for tests: a worker is reused)
+        self._busy: dict[int, str] = {}  # pid -> tier of the workers compiling
 
     def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float = DEFAULT_TIMEOUT_S,
-                cancel: threading.Event | None = None) -> None:
-        """Compiles `wasm` (a core module, or a component if `kind == "component"`) and writes the
-        serialised artefact to `out`, atomically: `out` holds a whole artefact or nothing.
+                cancel: threading.Event | None = None, *, spare: bool = False) -> None:
+        """Compiles `wasm` (a core module, or a component if `kind == "component"`) in the optimised
+        tier and writes the serialised artefact to `out`, atomically (fsynced): `out` holds a whole
+        artefact or nothing. `spare`: leave a worker idle for the next caller (a background compile
+        starts one first rather than take the one a new upload is about to need).
 
         Raises `CompileError` if the bytes do not compile, if compiling takes longer than
-        `timeout_s`, if `cancel` is set meanwhile (the worker is killed within ~50 ms), or if the
-        worker runs out of memory or dies.
+        `timeout_s`, if `cancel` is set meanwhile (the worker is killed within ~50 ms);
+        `CompilerCrashed` if the worker runs out of memory or dies.
         """
         try:
-            self._compile(kind, wasm, out, timeout_s, cancel)
+            self._compile(kind, "optimised", wasm, out, timeout_s, cancel, spare)
         finally:
             self.prestart()
 
-    def _compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float,
-                 cancel: threading.Event | None) -> None:
-        worker = self._take()
+    def compile_fast(self, kind: str, wasm: bytes, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     cancel: threading.Event | None = None) -> bytes:
+        """The serialised artefact of `wasm` compiled in the fast tier, passed back over the pipe (no
+        file). Raises what `compile` raises."""
         try:
-            worker.compile(kind, wasm, out, timeout_s, cancel)
+            return self._compile(kind, "fast", wasm, None, timeout_s, cancel, False)
+        finally:
+            self.prestart()
+
+    def busy(self) -> dict[int, str]:
+        """The process ids of the workers compiling, with the tier each compiles in."""
+        with self._lock:
+            return dict(self._busy)
+
+    def _compile(self, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
+                 cancel: threading.Event | None, spare: bool) -> bytes:
+        worker = self._take(spare)
+        pid = worker.proc.pid
+        with self._lock:
+            self._busy[pid] = tier
+        try:
+            return self._run(worker, kind, tier, wasm, out, timeout_s, cancel)
+        finally:
+            with self._lock:
+                self._busy.pop(pid, None)
+
+    def _run(self, worker: _Worker, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
+             cancel: threading.Event | None) -> bytes:
+        try:
+            artefact = worker.compile(kind, tier, wasm, out, timeout_s, cancel)
         except _Cancelled:
-            worker.kill()
-            _partial(out, worker.proc.pid).unlink(missing_ok=True)
+            self._discard(worker, out)
             raise CompileError("the compile was cancelled") from None
         except _WorkerTimedOut:
-            worker.kill()
-            _partial(out, worker.proc.pid).unlink(missing_ok=True)
+            self._discard(worker, out)
             raise CompileError(
                 f"compiling it took longer than the host's limit of {timeout_s:g} s "
                 "(WASMINFER_COMPILE_TIMEOUT_S); a module this slow to compile is refused"
             ) from None
         except _WorkerDied:
-            worker.kill()
-            _partial(out, worker.proc.pid).unlink(missing_ok=True)
-            raise CompileError(
+            self._discard(worker, out)
+            raise CompilerCrashed(
                 "the compiler ran out of memory or crashed on it (the host allows "
                 f"{self.memory_bytes >> 20} MiB per compile, WASMINFER_COMPILE_MEMORY_MB)"
             ) from None
@@ -243,10 +310,16 @@ class Compiler:
             self._give_back(worker)  # the bytes were bad, not the worker
             raise
         except BaseException:
-            worker.kill()  # the protocol state is unknown
-            _partial(out, worker.proc.pid).unlink(missing_ok=True)
+            self._discard(worker, out)  # the protocol state is unknown
             raise
         self._give_back(worker)
+        return artefact
+
+    @staticmethod
+    def _discard(worker: _Worker, out: Path | None) -> None:
+        worker.kill()
+        if out is not None:
+            _partial(out, worker.proc.pid).unlink(missing_ok=True)
 
     def prestart(self) -> None:
         """Starts a worker for the next compile unless one is idle already (it loads its interpreter
@@ -262,10 +335,20 @@ class Compiler:
         with self._lock:
             return [w.proc.pid for w in self._idle]
 
-    def _take(self) -> _Worker:
+    def _take(self, spare: bool = False) -> _Worker:
+        with self._lock:
+            if spare and len(self._idle) <= 1:
+                # The idle worker is for the next upload; this (background) compile waits for its
+                # own to start, and gives it back afterwards.
+                self.started += 1
+                fresh = True
+            else:
+                fresh = False
+        if fresh:
+            return _Worker(self.memory_bytes)
         with self._lock:
             while self._idle:
-                worker = self._idle.pop()
+                worker = self._idle.pop(0) if spare else self._idle.pop()
                 if worker.proc.poll() is None:
                     return worker
                 worker.kill()
