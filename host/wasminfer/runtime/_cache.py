@@ -85,14 +85,14 @@ class CompileCache:
     def optimise(self, engine: wasmtime.Engine, kind: str, wasm: bytes, sha256: str, timeout_s: float,
                  cancel: threading.Event) -> Any:
         """Compiles `wasm` (already compiled in the fast tier) in the optimised tier, into the cache,
-        in the background: in a worker of its own, leaving the idle one to the next upload.
+        in the background: in the worker kept for that, at the lowest priority.
 
         Raises `_compiler.CompileError` (`CompilerCrashed` if the worker died) or `WasmtimeError`.
         """
         with tempfile.TemporaryDirectory(prefix="wasminfer-compile-") if self.cache_dir is None \
                 else contextlib.nullcontext("") as folder:
             path = self.path(kind, sha256) or Path(folder) / "artefact.cwasm"
-            _compiler.compiler().compile(kind, wasm, path, timeout_s, cancel, spare=True)
+            _compiler.compiler().compile(kind, wasm, path, timeout_s, cancel, background=True)
             return _deserialize(engine, kind, path)
 
 

@@ -17,10 +17,11 @@ it first and swaps the optimised code in behind it. Both load into the host's en
 setting is one wasmtime requires of a loaded artefact.
 
 Workers stay alive between compiles (starting one costs an interpreter and `import wasmtime`,
-~100-300 ms here: more than compiling a small guest), one per compile in flight, and one is started
-ahead (`Compiler.prestart`: when the engine is made, and after a compile took the last idle one or
-killed its worker), so a new module's compile finds a worker already running. A worker that timed
-out, died or whose compile was cancelled is killed and replaced.
+~100-300 ms here: more than compiling a small guest), one per compile in flight (plus one kept for
+background compiles, at the lowest priority), and one is started ahead (`Compiler.prestart`: when
+the engine is made, and after a compile took the last idle one or killed its worker), so a new
+module's compile finds a worker already running. A worker that timed out, died or whose compile was
+cancelled is killed and replaced.
 
 This file runs as a script in the worker, so it imports nothing of wasminfer: `engine_config` lives
 here, and `_engine.py` builds the host's engine from it (a compiled artefact loads only into an engine
@@ -51,6 +52,9 @@ DEFAULT_MEMORY_BYTES = int(os.environ.get("WASMINFER_COMPILE_MEMORY_MB", "6144")
 #: Workers kept idle between compiles.
 MAX_IDLE_WORKERS = 2
 _NICE = 10  # compiles yield the cores to invocations
+#: Background compiles (the optimised tier behind a fast one) yield them to uploads as well: a niceness
+#: can only go up without privileges, so they have a worker of their own.
+_BACKGROUND_NICE = 19
 
 
 #: Compile tiers: "fast" for a new module's first answers, "optimised" for everything after.
@@ -101,7 +105,7 @@ class CompilerCrashed(CompileError):
 
 
 # --- the worker (this file run as a script) ---------------------------------------------------------
-def _worker_main(memory_bytes: int) -> None:
+def _worker_main(memory_bytes: int, nice: int) -> None:
     try:
         import resource
 
@@ -109,7 +113,7 @@ def _worker_main(memory_bytes: int) -> None:
     except (ImportError, ValueError, OSError):
         pass  # not on this platform: the time limit still holds
     try:
-        os.nice(_NICE)
+        os.nice(nice)
     except OSError:
         pass
     engines = {tier: wasmtime.Engine(engine_config(tier)) for tier in TIERS}
@@ -154,9 +158,10 @@ def _write(artefact: bytes, out: Path) -> None:
 
 # --- the client (in the host) -----------------------------------------------------------------------
 class _Worker:
-    def __init__(self, memory_bytes: int) -> None:
+    def __init__(self, memory_bytes: int, background: bool = False) -> None:
+        self.background = background
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, str(memory_bytes)],
+            [sys.executable, __file__, str(memory_bytes), str(_BACKGROUND_NICE if background else _NICE)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -244,20 +249,21 @@ class Compiler:
         self._closed = False
         self.started = 0  # workers started (for tests: a worker is reused)
         self._busy: dict[int, str] = {}  # pid -> tier of the workers compiling
+        self._background: _Worker | None = None  # idle, for background compiles
 
     def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float = DEFAULT_TIMEOUT_S,
-                cancel: threading.Event | None = None, *, spare: bool = False) -> None:
+                cancel: threading.Event | None = None, *, background: bool = False) -> None:
         """Compiles `wasm` (a core module, or a component if `kind == "component"`) in the optimised
         tier and writes the serialised artefact to `out`, atomically (fsynced): `out` holds a whole
-        artefact or nothing. `spare`: leave a worker idle for the next caller (a background compile
-        starts one first rather than take the one a new upload is about to need).
+        artefact or nothing. `background`: in the one worker kept for background compiles (at the
+        lowest priority; one such compile at a time), never one an upload is about to need.
 
         Raises `CompileError` if the bytes do not compile, if compiling takes longer than
         `timeout_s`, if `cancel` is set meanwhile (the worker is killed within ~50 ms);
         `CompilerCrashed` if the worker runs out of memory or dies.
         """
         try:
-            self._compile(kind, "optimised", wasm, out, timeout_s, cancel, spare)
+            self._compile(kind, "optimised", wasm, out, timeout_s, cancel, background)
         finally:
             self.prestart()
 
@@ -276,8 +282,8 @@ class Compiler:
             return dict(self._busy)
 
     def _compile(self, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
-                 cancel: threading.Event | None, spare: bool) -> bytes:
-        worker = self._take(spare)
+                 cancel: threading.Event | None, background: bool) -> bytes:
+        worker = self._take(background)
         pid = worker.proc.pid
         with self._lock:
             self._busy[pid] = tier
@@ -335,29 +341,30 @@ class Compiler:
         with self._lock:
             return [w.proc.pid for w in self._idle]
 
-    def _take(self, spare: bool = False) -> _Worker:
+    def _take(self, background: bool = False) -> _Worker:
         with self._lock:
-            if spare and len(self._idle) <= 1:
-                # The idle worker is for the next upload; this (background) compile waits for its
-                # own to start, and gives it back afterwards.
-                self.started += 1
-                fresh = True
+            if background:
+                worker, self._background = self._background, None
+                if worker is not None:
+                    if worker.proc.poll() is None:
+                        return worker
+                    worker.kill()
             else:
-                fresh = False
-        if fresh:
-            return _Worker(self.memory_bytes)
-        with self._lock:
-            while self._idle:
-                worker = self._idle.pop(0) if spare else self._idle.pop()
-                if worker.proc.poll() is None:
-                    return worker
-                worker.kill()
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.proc.poll() is None:
+                        return worker
+                    worker.kill()
             self.started += 1
-        return _Worker(self.memory_bytes)
+        return _Worker(self.memory_bytes, background)
 
     def _give_back(self, worker: _Worker) -> None:
         with self._lock:
-            if len(self._idle) < MAX_IDLE_WORKERS:
+            if worker.background:
+                if self._background is None and not self._closed:
+                    self._background = worker
+                    return
+            elif len(self._idle) < MAX_IDLE_WORKERS:
                 self._idle.append(worker)
                 return
         worker.close()
@@ -367,6 +374,9 @@ class Compiler:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            if self._background is not None:
+                idle.append(self._background)
+                self._background = None
         for worker in idle:
             worker.close()
 
@@ -397,4 +407,5 @@ def _at_exit(fn: Callable[[], None]) -> None:
 
 
 if __name__ == "__main__":
-    _worker_main(int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MEMORY_BYTES)
+    _worker_main(int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MEMORY_BYTES,
+                 int(sys.argv[2]) if len(sys.argv) > 2 else _NICE)
