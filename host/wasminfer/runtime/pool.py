@@ -184,10 +184,11 @@ class InstancePool(Generic[T]):
             w.done = True
             w.event.set()
 
-    def release(self, inst: T, healthy: bool) -> None:
+    def release(self, inst: T, healthy: bool, *, used: bool = True) -> None:
         """Gives `inst` back: to the first waiter or the idle list if `healthy`, renewed first if it
-        grew past `policy.reset_bytes`; destroyed otherwise (or if renewing it fails)."""
-        if healthy and self._must_renew(inst, self.policy.reset_bytes):
+        grew past `policy.reset_bytes` or (if `used`) runs outdated code; destroyed otherwise (or if
+        renewing it fails)."""
+        if healthy and self._must_renew(inst, self.policy.reset_bytes, outdated=used):
             renewed = self._renewed(inst)
             if renewed is None:
                 with self._cond:
@@ -218,8 +219,8 @@ class InstancePool(Generic[T]):
                 self._wake_for_slot()
         self._destroy(inst)
 
-    def _must_renew(self, inst: T, limit: int | None) -> bool:
-        if self._renew is not None and self._outdated is not None and self._outdated(inst):
+    def _must_renew(self, inst: T, limit: int | None, outdated: bool = True) -> bool:
+        if outdated and self._renew is not None and self._outdated is not None and self._outdated(inst):
             return True
         if limit is None or self._growth is None or self._renew is None:
             return False
@@ -312,7 +313,9 @@ class InstancePool(Generic[T]):
             self.created_total += 1
             self._account()
             self._busy += 1
-        self.release(inst, True)
+        # Not renewed if its code became outdated while it started: made a moment ago, it is renewed
+        # after its first use instead (or once idle), not started twice before it has served.
+        self.release(inst, True, used=False)
 
     def reap_idle(self, idle_s: float, keep: int = 0) -> int:
         """Destroys instances idle for longer than `idle_s`, keeping at least `keep` live."""
