@@ -9,6 +9,7 @@ The optimising compile is held still by stopping its worker (SIGSTOP) as soon as
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -134,3 +135,23 @@ def test_without_tiering_a_new_module_is_optimised_before_it_answers(host: Host,
     view = host.deploy_function("f", wasm + section(0, b"\x04salt"))  # other bytes: nothing shared
     assert view["module"]["tier"] == "optimised" and host.engine.tiering.pending() == 0
     assert host.invoke("f", b"eok").body == b"eok"
+
+
+def test_an_optimising_compile_past_its_limit_is_not_retried_and_is_reported(
+        host: Host, tmp_path: Path, wasm: bytes) -> None:
+    """Its limit is `Tiering.RATIO` times the fast compile (1 here, to be quick), at least
+    `MIN_LIMIT_S` (2 s): a stopped worker passes it, and is killed."""
+    host.engine.tiering.RATIO = 1
+    host.deploy_function("f", wasm)
+    stopped = stop_optimising()
+    fn = host.function("f")
+    try:
+        assert fn.compiled.code.wait(120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed at the limit, if all went well
+            os.kill(stopped, signal.SIGCONT)
+    module = fn.describe()["module"]
+    assert module["tier"] == "fast" and fn.compiled.code.attempts == 1
+    assert module["tier_error"].startswith(
+        "the optimised tier could not be compiled: compiling it took longer than the host's limit of ")
+    assert host.invoke("f", b"eok").body == b"eok" and artefacts(tmp_path) == []

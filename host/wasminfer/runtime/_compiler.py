@@ -176,22 +176,25 @@ class _Worker:
         header = json.dumps({"kind": kind, "tier": tier, "out": None if out is None else str(out),
                              "size": len(wasm)}).encode() + b"\n"
         deadline = time.monotonic() + timeout_s
-        try:
-            proc.stdin.write(header)
-            proc.stdin.write(wasm)
-            proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise _WorkerDied() from None
+        # Written as the worker reads it, under the same deadline: a worker that stopped reading
+        # (stopped, swapped out, stuck) must not block the caller on a full pipe.
+        job = memoryview(header + wasm)
+        fd = proc.stdin.fileno()
+        os.set_blocking(fd, False)
+        while job:
+            if not self._wait([], [fd], deadline, cancel):
+                continue
+            try:
+                job = job[os.write(fd, job):]
+            except BlockingIOError:
+                continue
+            except OSError:  # a broken pipe: it died
+                raise _WorkerDied() from None
         fd = proc.stdout.fileno()
         data = bytearray()
         need = size = -1  # once the reply's line is in: where the artefact after it ends, its size
         while len(data) < need or need < 0:
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _WorkerTimedOut()
-            if not select.select([fd], [], [], min(remaining, _CANCEL_POLL_S))[0]:
+            if not self._wait([fd], [], deadline, cancel):
                 continue
             chunk = os.read(fd, 1 << 20)
             if not chunk:
@@ -205,6 +208,17 @@ class _Worker:
                 size = int(reply["size"])
                 need = end + size
         return bytes(data[need - size:need])
+
+    @staticmethod
+    def _wait(reads: list[int], writes: list[int], deadline: float, cancel: threading.Event | None) -> bool:
+        """Whether the fds are ready within a poll interval. Raises `_Cancelled` or `_WorkerTimedOut`."""
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _WorkerTimedOut()
+        ready = select.select(reads, writes, [], min(remaining, _CANCEL_POLL_S))
+        return bool(ready[0] or ready[1])
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -258,23 +258,33 @@ class Tiering:
     RETRIES = 1
     #: How long `close` lets queued compiles finish (the cache keeps them) before it cancels them.
     DRAIN_S = 10.0
+    #: An optimising compile may take this many times its module's fast one, and at least
+    #: `MIN_LIMIT_S` (within the engine's compile limit): ~2.5x is usual, and a module made to be
+    #: slow to optimise only (100 000 empty functions: 3 s fast, 20 s optimised) must not hold the
+    #: one background compile, hence every other module's optimised code, for long.
+    RATIO = 20
+    MIN_LIMIT_S = 2.0
 
-    def __init__(self, optimise: Callable[[str, bytes, str, threading.Event], Any]) -> None:
-        """`optimise(kind, wasm, sha256, cancel)`: the optimised artefact (compiled and cached)."""
+    def __init__(self, optimise: Callable[[str, bytes, str, float, threading.Event], Any]) -> None:
+        """`optimise(kind, wasm, sha256, timeout_s, cancel)`: the optimised artefact (compiled and
+        cached)."""
         self._optimise = optimise
-        self._queue: list[tuple[weakref.ref[Code], str, bytes, str]] = []
+        self._queue: list[tuple[weakref.ref[Code], str, bytes, str, float]] = []
         self._cond = threading.Condition()
         self._busy = False
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self.swapped = 0  # codes swapped to the optimised tier
 
-    def submit(self, code: Code, kind: str, wasm: bytes, sha256: str) -> None:
+    def submit(self, code: Code, kind: str, wasm: bytes, sha256: str, fast_s: float, limit_s: float) -> None:
+        """Queues the optimising compile of `code`, whose fast tier took `fast_s`; it may take
+        `RATIO` times that, within `limit_s`."""
+        timeout_s = min(limit_s, max(self.MIN_LIMIT_S, self.RATIO * fast_s))
         with self._cond:
             if self._cancel.is_set():
                 code.failed("the host closed before the optimised code was compiled")
                 return
-            self._queue.append((weakref.ref(code), kind, wasm, sha256))
+            self._queue.append((weakref.ref(code), kind, wasm, sha256, timeout_s))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="wasminfer-tiering", daemon=True)
                 self._thread.start()
@@ -292,16 +302,16 @@ class Tiering:
                     self._cond.wait()
                 if self._cancel.is_set():
                     return
-                ref, kind, wasm, sha = self._queue.pop(0)
+                ref, kind, wasm, sha, timeout_s = self._queue.pop(0)
                 self._busy = True
             try:
-                self._one(ref, kind, wasm, sha)
+                self._one(ref, kind, wasm, sha, timeout_s)
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _one(self, ref: weakref.ref[Code], kind: str, wasm: bytes, sha: str) -> None:
+    def _one(self, ref: weakref.ref[Code], kind: str, wasm: bytes, sha: str, timeout_s: float) -> None:
         # Only a weak reference while it compiles: code dropped meanwhile still gets its artefact
         # cached, and nothing here keeps it alive.
         error = ""
@@ -312,7 +322,7 @@ class Tiering:
             code.attempts += 1
             del code
             try:
-                module = self._optimise(kind, wasm, sha, self._cancel)
+                module = self._optimise(kind, wasm, sha, timeout_s, self._cancel)
             except _compiler.CompilerCrashed as exc:
                 error = str(exc)
                 continue
@@ -387,8 +397,9 @@ class Engine:
     def ticks_for(timeout_ms: int) -> int:
         return max(1, int(timeout_ms / (TICK_S * 1000)) + 1)
 
-    def _optimise(self, kind: str, wasm: bytes, sha256: str, cancel: threading.Event) -> Any:
-        return self.cache.optimise(self.engine, kind, wasm, sha256, self.compile_timeout_s, cancel)
+    def _optimise(self, kind: str, wasm: bytes, sha256: str, timeout_s: float,
+                  cancel: threading.Event) -> Any:
+        return self.cache.optimise(self.engine, kind, wasm, sha256, timeout_s, cancel)
 
     def close(self) -> None:
         """Stops the epoch ticker, after the optimising compiles queued have finished (within

@@ -252,8 +252,9 @@ class WasmEngine(Engine):
             if not self.tiered:
                 module, _, _ = self.cache.load(self.engine, "module", wasm, sha, self.compile_timeout_s)
                 return Code(module, "optimised"), sha, False
+            started = time.monotonic()
             code = Code(load_fast(self.engine, "module", wasm, self.compile_timeout_s), "fast")
-            self.tiering.submit(code, "module", wasm, sha)
+            self.tiering.submit(code, "module", wasm, sha, time.monotonic() - started, self.compile_timeout_s)
             return code, sha, False
 
         code, sha, from_cache = self.shared.get("module", wasm, sha256, load)
