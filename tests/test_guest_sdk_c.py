@@ -6,6 +6,7 @@ first buffer, encode). The example functions in test_examples.py use the rest of
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 import shutil
@@ -292,6 +293,26 @@ def test_json_numbers_parses(tool: Path, text: bytes, expected: list[float]) -> 
     out = run(tool, "numbers", records(text)).split()
     assert out[:2] == ["ok", str(len(expected))]
     assert [float(x) for x in out[2:]] == expected
+
+
+def test_json_numbers_are_exact_where_promised_and_close_elsewhere(tool: Path) -> None:
+    """The SDK parses numbers itself (not with strtod, see `wasminfer__decimal`): correctly rounded
+    for up to 15 significant digits within 1e+-22; Python's 17-digit reprs of doubles within one ulp
+    between 1e-22 and 1e22, and within 2e-15 (relative) anywhere in range."""
+    rng = random.Random(18)
+    exact = [f"{rng.randint(-10**15, 10**15)}e{rng.randint(-22 + 15, 22 - 15)}" for _ in range(300)]
+    exact += [f"{rng.uniform(-255, 255):.6f}" for _ in range(300)] + ["0.1", "0.3", "1e22", "1e-22", "-0"]
+    near = [repr(rng.uniform(-1, 1) * 10.0 ** rng.randint(-21, 21)) for _ in range(500)]
+    near += [repr(rng.random()) for _ in range(300)]
+    wide = [repr(rng.uniform(-1, 1) * 10.0 ** rng.randint(-300, 300)) for _ in range(500)]
+    wide += ["1e-400", "123456789012345678901234567890"]
+    texts = exact + near + wide
+    out = run(tool, "numbers", records(*(f"[{t}]".encode() for t in texts))).splitlines()
+    assert [line.split()[:2] for line in out] == [["ok", "1"]] * len(texts)
+    got = dict(zip(texts, (float(line.split()[2]) for line in out), strict=True))
+    assert [got[t] for t in exact] == [float(t) for t in exact]
+    assert [t for t in near if abs(got[t] - float(t)) > math.ulp(float(t))] == []
+    assert [t for t in wide if abs(got[t] - float(t)) > 2e-15 * abs(float(t))] == []
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,9 @@ def echo(n: int) -> bytes:
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[Host]:
     with Host(cache_dir=tmp_path, growth_policy=POLICY) as h:
+        # These tests follow one instance: optimised code from the start, so that no swap of tiers
+        # renews it behind their back (tests/test_tiers.py has the tiers).
+        h.engine.tiered = False
         wasm = bytes(wasmtime.wat2wasm((GUESTS / "limits.wat").read_text()))
         h.deploy_function("limits", wasm, Manifest(memory_mb=16, max_instances=1))
         yield h
@@ -86,6 +89,7 @@ def test_a_renewal_that_fails_frees_the_slot(host: Host) -> None:
 def test_no_policy_keeps_the_grown_instance(tmp_path: Path) -> None:
     keep = GrowthPolicy(reset_bytes=None, shrink_idle_s=3600)
     with Host(cache_dir=tmp_path, growth_policy=keep) as h:
+        h.engine.tiered = False  # as in `host`
         h.deploy_function("limits", bytes(wasmtime.wat2wasm((GUESTS / "limits.wat").read_text())),
                           Manifest(memory_mb=16, max_instances=1))
         first = the_instance(h)

@@ -244,4 +244,4 @@ def test_a_compile_cache_hit_on_another_tenants_bytes_is_not_shown(t: Tenants, h
                  c.get("/v1/functions", headers=t.as_("mallory-read")).json()["functions"][0]):
         assert set(view["module"]) == {"sha256", "uses_wasi_nn"}, view["module"]
     own = c.get("/v1/functions/victim", headers=t.as_("alice-read")).json()["module"]
-    assert set(own) == {"sha256", "from_cache", "uses_wasi_nn"} and own["from_cache"] is False
+    assert set(own) == {"sha256", "from_cache", "uses_wasi_nn", "tier"} and own["from_cache"] is False

@@ -510,8 +510,9 @@ class Platform:
             module = live["module"]
             if fv.tenant != DEFAULT_TENANT:
                 # The compile cache is shared by every tenant: a hit on an upload would tell this
-                # tenant that another one uploaded the same bytes. Only the operator's tenant sees it.
-                module = {k: v for k, v in module.items() if k != "from_cache"}
+                # tenant that another one uploaded the same bytes (so would a first tier "optimised").
+                # Only the operator's tenant sees them.
+                module = {k: v for k, v in module.items() if k not in ("from_cache", "tier", "tier_error")}
             view.update(counters=live["counters"], instances=live["instances"], module=module)
         return view
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,47 @@ class CompileCache:
         Raises `WasmLinkError` if the bytes do not compile, or not within `timeout_s`.
         """
         sha = sha256 or hashlib.sha256(wasm).hexdigest()
-        path = self.path(kind, sha)
-        if path is not None and path.exists():
-            try:
-                return _deserialize(engine, kind, path), sha, True
-            except wasmtime.WasmtimeError:
-                path.unlink(missing_ok=True)  # stale or corrupt artefact: recompile
+        cached = self.cached(engine, kind, sha)
+        if cached is not None:
+            return cached, sha, True
         # Served from the file like a cached one: wasmtime maps its memory images from the file
         # (copy-on-write), which every instance then shares.
-        return compile_in_worker(engine, kind, wasm, path, timeout_s), sha, False
+        return compile_in_worker(engine, kind, wasm, self.path(kind, sha), timeout_s), sha, False
+
+    def cached(self, engine: wasmtime.Engine, kind: str, sha256: str) -> Any | None:
+        """The cached artefact of `sha256`, loaded, or None (a stale or corrupt one is deleted)."""
+        path = self.path(kind, sha256)
+        if path is not None and path.exists():
+            try:
+                return _deserialize(engine, kind, path)
+            except wasmtime.WasmtimeError:
+                path.unlink(missing_ok=True)  # stale or corrupt artefact: recompile
+        return None
+
+    def optimise(self, engine: wasmtime.Engine, kind: str, wasm: bytes, sha256: str, timeout_s: float,
+                 cancel: threading.Event) -> Any:
+        """Compiles `wasm` (already compiled in the fast tier) in the optimised tier, into the cache,
+        in the background: in the worker kept for that, at the lowest priority.
+
+        Raises `_compiler.CompileError` (`CompilerCrashed` if the worker died) or `WasmtimeError`.
+        """
+        with tempfile.TemporaryDirectory(prefix="wasminfer-compile-") if self.cache_dir is None \
+                else contextlib.nullcontext("") as folder:
+            path = self.path(kind, sha256) or Path(folder) / "artefact.cwasm"
+            _compiler.compiler().compile(kind, wasm, path, timeout_s, cancel, background=True)
+            return _deserialize(engine, kind, path)
+
+
+def load_fast(engine: wasmtime.Engine, kind: str, wasm: bytes, timeout_s: float) -> Any:
+    """`wasm` compiled in the fast tier in a worker and loaded from the bytes it sends back (nothing
+    is written: the fast tier is never cached). Raises `WasmLinkError` as `compile_in_worker`."""
+    try:
+        artefact = _compiler.compiler().compile_fast(kind, wasm, timeout_s)
+        if kind == "component":
+            return wasmtime.component.Component.deserialize(engine, artefact)
+        return wasmtime.Module.deserialize(engine, artefact)
+    except (_compiler.CompileError, wasmtime.WasmtimeError) as exc:
+        raise WasmLinkError(first_line(str(exc))) from None
 
 
 def _deserialize(engine: wasmtime.Engine, kind: str, path: Path) -> Any:

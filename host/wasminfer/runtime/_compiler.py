@@ -9,11 +9,19 @@ address-space limit, killed at `timeout_s`. It writes the compiled artefact to t
 gives (the compile cache), atomically; the caller then loads it with `deserialize_file`, which is
 what a cache hit does anyway.
 
+Two tiers (`TIERS`): "optimised", the engine's own configuration, whose artefacts are cached; and
+"fast" (no Cranelift optimisations, the single-pass register allocator), ~2.5x less compile time for
+~1.2-1.6x slower guest code, whose artefact comes back over the pipe (it is never cached, so nothing
+is written or fsynced on a new module's way to its first answer): `_engine.Tiering` answers with
+it first and swaps the optimised code in behind it. Both load into the host's engine: neither
+setting is one wasmtime requires of a loaded artefact.
+
 Workers stay alive between compiles (starting one costs an interpreter and `import wasmtime`,
-~100-300 ms here: more than compiling a small guest), one per compile in flight, and one is started
-ahead (`Compiler.prestart`: when the engine is made, and after a compile took the last idle one or
-killed its worker), so a new module's compile finds a worker already running. A worker that timed
-out, died or whose compile was cancelled is killed and replaced.
+~100-300 ms here: more than compiling a small guest), one per compile in flight (plus one kept for
+background compiles, at the lowest priority), and one is started ahead (`Compiler.prestart`: when
+the engine is made, and after a compile took the last idle one or killed its worker), so a new
+module's compile finds a worker already running. A worker that timed out, died or whose compile was
+cancelled is killed and replaced.
 
 This file runs as a script in the worker, so it imports nothing of wasminfer: `engine_config` lives
 here, and `_engine.py` builds the host's engine from it (a compiled artefact loads only into an engine
@@ -44,13 +52,24 @@ DEFAULT_MEMORY_BYTES = int(os.environ.get("WASMINFER_COMPILE_MEMORY_MB", "6144")
 #: Workers kept idle between compiles.
 MAX_IDLE_WORKERS = 2
 _NICE = 10  # compiles yield the cores to invocations
+#: Background compiles (the optimised tier behind a fast one) yield them to uploads as well: a niceness
+#: can only go up without privileges, so they have a worker of their own.
+_BACKGROUND_NICE = 19
 
 
-def engine_config() -> wasmtime.Config:
-    """The configuration of every engine of wasminfer (see `_engine.Engine`)."""
+#: Compile tiers: "fast" for a new module's first answers, "optimised" for everything after.
+TIERS = ("fast", "optimised")
+
+
+def engine_config(tier: str = "optimised") -> wasmtime.Config:
+    """The configuration of every engine of wasminfer (see `_engine.Engine`); `tier="fast"` is the
+    compile workers' quick first tier (its code runs in the same engine)."""
     config = wasmtime.Config()
     config.epoch_interruption = True
-    config.cranelift_opt_level = "speed"
+    config.cranelift_opt_level = "speed" if tier == "optimised" else "none"
+    if tier == "fast":
+        # By name: wasmtime-py's enum of this C API setting is numbered one off from the C header's.
+        _cranelift_flag(config, "regalloc_algorithm", "single_pass")
     config.wasm_threads = False
     config.shared_memory = False
     # Small virtual reservations: thousands of instances must fit in the address space and
@@ -63,7 +82,16 @@ def engine_config() -> wasmtime.Config:
     return config
 
 
-#: What `engine_config` sets, for the names of cached artefacts.
+def _cranelift_flag(config: wasmtime.Config, name: str, value: str) -> None:
+    import ctypes
+
+    from wasmtime import _ffi as ffi
+
+    ffi.wasmtime_config_cranelift_flag_set(config.ptr(), ctypes.c_char_p(name.encode()),
+                                           ctypes.c_char_p(value.encode()))
+
+
+#: What `engine_config` sets (the optimised tier: the only one cached), for the names of artefacts.
 CONFIG_FINGERPRINT = "opt=speed;res=64M;guard=64K;stack=512K;cm;exn"
 
 
@@ -71,8 +99,13 @@ class CompileError(Exception):
     """The bytes do not compile: invalid, refused by the engine, too slow or too big to compile."""
 
 
+class CompilerCrashed(CompileError):
+    """The worker died while compiling: out of memory, or killed from outside (worth one retry when
+    the same bytes compiled before, e.g. in the fast tier)."""
+
+
 # --- the worker (this file run as a script) ---------------------------------------------------------
-def _worker_main(memory_bytes: int) -> None:
+def _worker_main(memory_bytes: int, nice: int) -> None:
     try:
         import resource
 
@@ -80,10 +113,10 @@ def _worker_main(memory_bytes: int) -> None:
     except (ImportError, ValueError, OSError):
         pass  # not on this platform: the time limit still holds
     try:
-        os.nice(_NICE)
+        os.nice(nice)
     except OSError:
         pass
-    engine = wasmtime.Engine(engine_config())
+    engines = {tier: wasmtime.Engine(engine_config(tier)) for tier in TIERS}
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         header = stdin.readline()
@@ -91,24 +124,30 @@ def _worker_main(memory_bytes: int) -> None:
             return
         job = json.loads(header)
         wasm = stdin.read(job["size"])
+        artefact = b""
         try:
-            _compile_to(engine, job["kind"], wasm, Path(job["out"]))
-            reply: dict[str, Any] = {"ok": True}
+            artefact = _compile(engines[job["tier"]], job["kind"], wasm)
+            if job["out"] is not None:
+                _write(artefact, Path(job["out"]))
+                artefact = b""
+            reply: dict[str, Any] = {"ok": True, "size": len(artefact)}
         except wasmtime.WasmtimeError as exc:
             reply = {"ok": False, "error": str(exc)}
         except MemoryError:
             reply = {"ok": False, "error": "compiling it needs more memory than the host allows"}
-        stdout.write(json.dumps(reply).encode() + b"\n")
+        stdout.write(json.dumps(reply).encode() + b"\n" + artefact)
         stdout.flush()
 
 
-def _compile_to(engine: wasmtime.Engine, kind: str, wasm: bytes, out: Path) -> None:
+def _compile(engine: wasmtime.Engine, kind: str, wasm: bytes) -> bytes:
     if kind == "component":
         from wasmtime import component
 
-        artefact = bytes(component.Component(engine, wasm).serialize())
-    else:
-        artefact = bytes(wasmtime.Module(engine, wasm).serialize())
+        return bytes(component.Component(engine, wasm).serialize())
+    return bytes(wasmtime.Module(engine, wasm).serialize())
+
+
+def _write(artefact: bytes, out: Path) -> None:
     tmp = _partial(out, os.getpid())
     with open(tmp, "wb") as f:
         f.write(artefact)
@@ -119,9 +158,10 @@ def _compile_to(engine: wasmtime.Engine, kind: str, wasm: bytes, out: Path) -> N
 
 # --- the client (in the host) -----------------------------------------------------------------------
 class _Worker:
-    def __init__(self, memory_bytes: int) -> None:
+    def __init__(self, memory_bytes: int, background: bool = False) -> None:
+        self.background = background
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, str(memory_bytes)],
+            [sys.executable, __file__, str(memory_bytes), str(_BACKGROUND_NICE if background else _NICE)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -129,35 +169,56 @@ class _Worker:
         )
         self.memory_bytes = memory_bytes
 
-    def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float,
-                cancel: threading.Event | None = None) -> None:
+    def compile(self, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
+                cancel: threading.Event | None = None) -> bytes:
         proc = self.proc
         assert proc.stdin is not None and proc.stdout is not None
-        header = json.dumps({"kind": kind, "out": str(out), "size": len(wasm)}).encode() + b"\n"
+        header = json.dumps({"kind": kind, "tier": tier, "out": None if out is None else str(out),
+                             "size": len(wasm)}).encode() + b"\n"
         deadline = time.monotonic() + timeout_s
-        try:
-            proc.stdin.write(header)
-            proc.stdin.write(wasm)
-            proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise _WorkerDied() from None
-        fd = proc.stdout.fileno()
-        line = b""
-        while not line.endswith(b"\n"):
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _WorkerTimedOut()
-            if not select.select([fd], [], [], min(remaining, _CANCEL_POLL_S))[0]:
+        # Written as the worker reads it, under the same deadline: a worker that stopped reading
+        # (stopped, swapped out, stuck) must not block the caller on a full pipe.
+        job = memoryview(header + wasm)
+        fd = proc.stdin.fileno()
+        os.set_blocking(fd, False)
+        while job:
+            if not self._wait([], [fd], deadline, cancel):
                 continue
-            chunk = os.read(fd, 65536)
+            try:
+                job = job[os.write(fd, job):]
+            except BlockingIOError:
+                continue
+            except OSError:  # a broken pipe: it died
+                raise _WorkerDied() from None
+        fd = proc.stdout.fileno()
+        data = bytearray()
+        need = size = -1  # once the reply's line is in: where the artefact after it ends, its size
+        while len(data) < need or need < 0:
+            if not self._wait([fd], [], deadline, cancel):
+                continue
+            chunk = os.read(fd, 1 << 20)
             if not chunk:
                 raise _WorkerDied()
-            line += chunk
-        reply = json.loads(line)
-        if not reply["ok"]:
-            raise CompileError(reply["error"])
+            data += chunk
+            if need < 0 and b"\n" in data:
+                end = data.index(b"\n") + 1
+                reply = json.loads(data[:end])
+                if not reply["ok"]:
+                    raise CompileError(reply["error"])
+                size = int(reply["size"])
+                need = end + size
+        return bytes(data[need - size:need])
+
+    @staticmethod
+    def _wait(reads: list[int], writes: list[int], deadline: float, cancel: threading.Event | None) -> bool:
+        """Whether the fds are ready within a poll interval. Raises `_Cancelled` or `_WorkerTimedOut`."""
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _WorkerTimedOut()
+        ready = select.select(reads, writes, [], min(remaining, _CANCEL_POLL_S))
+        return bool(ready[0] or ready[1])
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -201,41 +262,67 @@ class Compiler:
         self._lock = threading.Lock()
         self._closed = False
         self.started = 0  # workers started (for tests: a worker is reused)
+        self._busy: dict[int, str] = {}  # pid -> tier of the workers compiling
+        self._background: _Worker | None = None  # idle, for background compiles
 
     def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float = DEFAULT_TIMEOUT_S,
-                cancel: threading.Event | None = None) -> None:
-        """Compiles `wasm` (a core module, or a component if `kind == "component"`) and writes the
-        serialised artefact to `out`, atomically: `out` holds a whole artefact or nothing.
+                cancel: threading.Event | None = None, *, background: bool = False) -> None:
+        """Compiles `wasm` (a core module, or a component if `kind == "component"`) in the optimised
+        tier and writes the serialised artefact to `out`, atomically (fsynced): `out` holds a whole
+        artefact or nothing. `background`: in the one worker kept for background compiles (at the
+        lowest priority; one such compile at a time), never one an upload is about to need.
 
         Raises `CompileError` if the bytes do not compile, if compiling takes longer than
-        `timeout_s`, if `cancel` is set meanwhile (the worker is killed within ~50 ms), or if the
-        worker runs out of memory or dies.
+        `timeout_s`, if `cancel` is set meanwhile (the worker is killed within ~50 ms);
+        `CompilerCrashed` if the worker runs out of memory or dies.
         """
         try:
-            self._compile(kind, wasm, out, timeout_s, cancel)
+            self._compile(kind, "optimised", wasm, out, timeout_s, cancel, background)
         finally:
             self.prestart()
 
-    def _compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float,
-                 cancel: threading.Event | None) -> None:
-        worker = self._take()
+    def compile_fast(self, kind: str, wasm: bytes, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     cancel: threading.Event | None = None) -> bytes:
+        """The serialised artefact of `wasm` compiled in the fast tier, passed back over the pipe (no
+        file). Raises what `compile` raises."""
         try:
-            worker.compile(kind, wasm, out, timeout_s, cancel)
+            return self._compile(kind, "fast", wasm, None, timeout_s, cancel, False)
+        finally:
+            self.prestart()
+
+    def busy(self) -> dict[int, str]:
+        """The process ids of the workers compiling, with the tier each compiles in."""
+        with self._lock:
+            return dict(self._busy)
+
+    def _compile(self, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
+                 cancel: threading.Event | None, background: bool) -> bytes:
+        worker = self._take(background)
+        pid = worker.proc.pid
+        with self._lock:
+            self._busy[pid] = tier
+        try:
+            return self._run(worker, kind, tier, wasm, out, timeout_s, cancel)
+        finally:
+            with self._lock:
+                self._busy.pop(pid, None)
+
+    def _run(self, worker: _Worker, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
+             cancel: threading.Event | None) -> bytes:
+        try:
+            artefact = worker.compile(kind, tier, wasm, out, timeout_s, cancel)
         except _Cancelled:
-            worker.kill()
-            _partial(out, worker.proc.pid).unlink(missing_ok=True)
+            self._discard(worker, out)
             raise CompileError("the compile was cancelled") from None
         except _WorkerTimedOut:
-            worker.kill()
-            _partial(out, worker.proc.pid).unlink(missing_ok=True)
+            self._discard(worker, out)
             raise CompileError(
                 f"compiling it took longer than the host's limit of {timeout_s:g} s "
                 "(WASMINFER_COMPILE_TIMEOUT_S); a module this slow to compile is refused"
             ) from None
         except _WorkerDied:
-            worker.kill()
-            _partial(out, worker.proc.pid).unlink(missing_ok=True)
-            raise CompileError(
+            self._discard(worker, out)
+            raise CompilerCrashed(
                 "the compiler ran out of memory or crashed on it (the host allows "
                 f"{self.memory_bytes >> 20} MiB per compile, WASMINFER_COMPILE_MEMORY_MB)"
             ) from None
@@ -243,10 +330,16 @@ class Compiler:
             self._give_back(worker)  # the bytes were bad, not the worker
             raise
         except BaseException:
-            worker.kill()  # the protocol state is unknown
-            _partial(out, worker.proc.pid).unlink(missing_ok=True)
+            self._discard(worker, out)  # the protocol state is unknown
             raise
         self._give_back(worker)
+        return artefact
+
+    @staticmethod
+    def _discard(worker: _Worker, out: Path | None) -> None:
+        worker.kill()
+        if out is not None:
+            _partial(out, worker.proc.pid).unlink(missing_ok=True)
 
     def prestart(self) -> None:
         """Starts a worker for the next compile unless one is idle already (it loads its interpreter
@@ -262,19 +355,30 @@ class Compiler:
         with self._lock:
             return [w.proc.pid for w in self._idle]
 
-    def _take(self) -> _Worker:
+    def _take(self, background: bool = False) -> _Worker:
         with self._lock:
-            while self._idle:
-                worker = self._idle.pop()
-                if worker.proc.poll() is None:
-                    return worker
-                worker.kill()
+            if background:
+                worker, self._background = self._background, None
+                if worker is not None:
+                    if worker.proc.poll() is None:
+                        return worker
+                    worker.kill()
+            else:
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.proc.poll() is None:
+                        return worker
+                    worker.kill()
             self.started += 1
-        return _Worker(self.memory_bytes)
+        return _Worker(self.memory_bytes, background)
 
     def _give_back(self, worker: _Worker) -> None:
         with self._lock:
-            if len(self._idle) < MAX_IDLE_WORKERS:
+            if worker.background:
+                if self._background is None and not self._closed:
+                    self._background = worker
+                    return
+            elif len(self._idle) < MAX_IDLE_WORKERS:
                 self._idle.append(worker)
                 return
         worker.close()
@@ -284,6 +388,9 @@ class Compiler:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            if self._background is not None:
+                idle.append(self._background)
+                self._background = None
         for worker in idle:
             worker.close()
 
@@ -314,4 +421,5 @@ def _at_exit(fn: Callable[[], None]) -> None:
 
 
 if __name__ == "__main__":
-    _worker_main(int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MEMORY_BYTES)
+    _worker_main(int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MEMORY_BYTES,
+                 int(sys.argv[2]) if len(sys.argv) > 2 else _NICE)

@@ -34,8 +34,10 @@ import wasmtime
 from wasmtime import _bindings as bindings
 from wasmtime import _ffi as ffi
 
+from wasminfer.runtime._cache import load_fast
 from wasminfer.runtime._engine import (
     CallState,
+    Code,
     Engine,
     ExternInfo,
     held,
@@ -244,16 +246,26 @@ class WasmEngine(Engine):
 
     def compile(self, wasm: bytes, sha256: str | None = None) -> CompiledModule:
         """The compiled core module of `wasm`: its code is the one already held for the same bytes
-        (`SharedCode`), else loaded from the disk cache or compiled.
+        (`SharedCode`), else loaded from the disk cache, else compiled: in the fast tier, with the
+        optimised code swapped in behind it (`Tiering`), unless `tiered` is off.
 
         Raises `WasmLinkError` if the bytes are not a valid module or use a feature the engine
         refuses, or do not compile within `compile_timeout_s`.
         """
-        def load(sha: str) -> tuple[wasmtime.Module, str, bool]:
-            return self.cache.load(self.engine, "module", wasm, sha, self.compile_timeout_s)
+        def load(sha: str) -> tuple[Code, str, bool]:
+            cached = self.cache.cached(self.engine, "module", sha)
+            if cached is not None:
+                return Code(cached, "optimised"), sha, True
+            if not self.tiered:
+                module, _, _ = self.cache.load(self.engine, "module", wasm, sha, self.compile_timeout_s)
+                return Code(module, "optimised"), sha, False
+            started = time.monotonic()
+            code = Code(load_fast(self.engine, "module", wasm, self.compile_timeout_s), "fast")
+            self.tiering.submit(code, "module", wasm, sha, time.monotonic() - started, self.compile_timeout_s)
+            return code, sha, False
 
-        module, sha, from_cache = self.shared.get("module", wasm, sha256, load)
-        return CompiledModule(self, module, sha, from_cache)
+        code, sha, from_cache = self.shared.get("module", wasm, sha256, load)
+        return CompiledModule(self, code, sha, from_cache)
 
     def is_cached(self, sha256: str) -> bool:
         return self.cache.is_cached("module", sha256)
@@ -272,16 +284,28 @@ def _extern_info(module: str, name: str, ty: Any) -> ExternInfo:
 
 
 class CompiledModule:
-    """A compiled core module plus its `InstancePre` (imports resolved once)."""
+    """A compiled core module plus its `InstancePre` (imports resolved once per tier of its code)."""
 
-    def __init__(self, engine: WasmEngine, module: wasmtime.Module, sha256: str, from_cache: bool) -> None:
+    def __init__(self, engine: WasmEngine, module: wasmtime.Module | Code, sha256: str,
+                 from_cache: bool) -> None:
         self.engine = engine
-        self.module = module
+        self.code = module if isinstance(module, Code) else Code(module, "optimised")
         self.sha256 = sha256
         self.from_cache = from_cache
-        self.imports = [_extern_info(i.module, i.name or "", i.type) for i in module.imports]
-        self.exports = {e.name: _extern_info("", e.name, e.type) for e in module.exports}
-        self._pre: wasmtime.InstancePre | None = None
+        first = self.code.module
+        self.imports = [_extern_info(i.module, i.name or "", i.type) for i in first.imports]
+        self.exports = {e.name: _extern_info("", e.name, e.type) for e in first.exports}
+        self._pre: tuple[wasmtime.Module, wasmtime.InstancePre] | None = None
+
+    @property
+    def module(self) -> wasmtime.Module:
+        """The code new instances run: the optimised tier's once it is there (see `Code`)."""
+        module: wasmtime.Module = self.code.module
+        return module
+
+    @property
+    def tier(self) -> str:
+        return self.code.tier
 
     def unknown_imports(self) -> list[str]:
         """Imports the host does not provide, as `module.name` strings."""
@@ -312,13 +336,16 @@ class CompiledModule:
         mem = self.exports.get("memory")
         return (mem.min_pages if mem else 0) * WASM_PAGE
 
-    def pre(self) -> wasmtime.InstancePre:
-        if self._pre is None:
+    def pre(self) -> tuple[wasmtime.Module, wasmtime.InstancePre]:
+        """The code new instances run and its `InstancePre`."""
+        module = self.module
+        pre = self._pre
+        if pre is None or pre[0] is not module:
             try:
-                self._pre = self.engine.linker.instantiate_pre(self.module)
+                pre = self._pre = (module, self.engine.linker.instantiate_pre(module))
             except wasmtime.WasmtimeError as exc:
                 raise WasmLinkError(first_line(str(exc))) from None
-        return self._pre
+        return pre
 
     def instantiate(
         self,
@@ -399,7 +426,9 @@ class WasmInstance:
         outer = getattr(tls, "state", None), getattr(tls, "instance", None)
         tls.state, tls.instance = start_state, self
         try:
-            instance = compiled.pre().instantiate(self.store)
+            #: The code this instance runs (`CompiledModule.module` may be better by now).
+            self.module, pre = compiled.pre()
+            instance = pre.instantiate(self.store)
         except wasmtime.Trap as trap:
             self._drop_outputs()
             if isinstance(start_state.fault, Interrupted):
@@ -439,6 +468,10 @@ class WasmInstance:
 
     def has(self, name: str) -> bool:
         return name in self._funcs
+
+    def outdated(self) -> bool:
+        """Whether its module has better code now than this instance runs (see `Code`)."""
+        return self.module is not self.compiled.module
 
     def call(self, name: str, args: Sequence[int], state: CallState, timeout_ms: int | None = None,
              nresults: int = 1) -> int:

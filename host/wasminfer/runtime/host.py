@@ -106,6 +106,10 @@ class _Instance:
         self.rest_bytes = _memory_size(wasm)
         self.traffic_bytes = 0  # the largest request or response since it started
 
+    def outdated(self) -> bool:
+        """Whether the optimised code of its module came after it started (see `_engine.Code`)."""
+        return isinstance(self.wasm, WasmInstance) and self.wasm.outdated()
+
     def growth(self) -> int:
         """Bytes this instance grew past its size at rest. A component shows the host no memory: there,
         the largest request or response it has carried stands for it (its guest copies each into its
@@ -162,6 +166,7 @@ class DeployedFunction:
             name, self._create, self._destroy,
             max_instances=manifest.max_instances, max_queue=manifest.max_queue,
             growth=_Instance.growth, renew=self._renew, policy=host.growth_policy,
+            outdated=_Instance.outdated,
         )
 
     def _create(self, reclaim: bool = True) -> _Instance:
@@ -268,8 +273,16 @@ class DeployedFunction:
             "counters": self.counters.to_dict(),
             "instances": self.pool.stats(),
             "module": {"sha256": self.compiled.sha256, "from_cache": self.compiled.from_cache,
-                       "uses_wasi_nn": wasi_nn.uses_wasi_nn(self.compiled.imports)},
+                       "uses_wasi_nn": wasi_nn.uses_wasi_nn(self.compiled.imports), **self._tier()},
         }
+
+    def _tier(self) -> dict[str, Any]:
+        """`tier`: "fast" while its first answers run quickly compiled code, then "optimised"
+        (`tier_error` says why it stayed fast). Only core modules have tiers."""
+        if not isinstance(self.compiled, CompiledModule):
+            return {}
+        code = self.compiled.code
+        return {"tier": code.tier} if code.error is None else {"tier": code.tier, "tier_error": code.error}
 
 
 def _with_guest_words(error: WasminferError, abi: str, stderr: Tail) -> None:

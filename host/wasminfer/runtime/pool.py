@@ -10,7 +10,8 @@ pool gives that memory back by *renewing* instances (a fresh instance from the m
 image in place of the grown one, see `GrowthPolicy`): at once when a request grew one far past its
 size at rest, and once it has been idle a short while when it grew at all. Renewing is cheap (a new
 store and an instantiate) but not free: the next large request must grow and fault in its memory
-again, so reuse is kept where requests keep coming.
+again, so reuse is kept where requests keep coming. An instance whose module has better code now
+(`outdated`: the optimised tier swapped in behind the fast one) is renewed the same way.
 """
 
 from __future__ import annotations
@@ -67,15 +68,18 @@ class InstancePool(Generic[T]):
         growth: Callable[[T], int] | None = None,
         renew: Callable[[T], T] | None = None,
         policy: GrowthPolicy = GrowthPolicy(),
+        outdated: Callable[[T], bool] | None = None,
     ) -> None:
         """`growth(inst)`: the bytes `inst` grew past its size at rest; `renew(inst)`: a fresh instance
-        in its place (it destroys `inst`, and raises if it cannot make one). Without both, instances
-        are never renewed."""
+        in its place (it destroys `inst`, and raises if it cannot make one); `outdated(inst)`: whether
+        it runs code older than its module's (renewed at its next release, or once idle). Without
+        `renew`, instances are never renewed."""
         self.name = name
         self._create = create
         self._destroy = destroy
         self._growth = growth
         self._renew = renew
+        self._outdated = outdated
         self.policy = policy
         self.max_instances = max_instances
         self.max_queue = max_queue
@@ -185,10 +189,11 @@ class InstancePool(Generic[T]):
             w.done = True
             w.event.set()
 
-    def release(self, inst: T, healthy: bool) -> None:
+    def release(self, inst: T, healthy: bool, *, used: bool = True) -> None:
         """Gives `inst` back: to the first waiter or the idle list if `healthy`, renewed first if it
-        grew past `policy.reset_bytes`; destroyed otherwise (or if renewing it fails)."""
-        if healthy and self._must_renew(inst, self.policy.reset_bytes):
+        grew past `policy.reset_bytes` or (if `used`) runs outdated code; destroyed otherwise (or if
+        renewing it fails)."""
+        if healthy and self._must_renew(inst, self.policy.reset_bytes, outdated=used):
             renewed = self._renewed(inst)
             if renewed is None:
                 with self._cond:
@@ -219,7 +224,9 @@ class InstancePool(Generic[T]):
                 self._wake_for_slot()
         self._destroy(inst)
 
-    def _must_renew(self, inst: T, limit: int | None) -> bool:
+    def _must_renew(self, inst: T, limit: int | None, outdated: bool = True) -> bool:
+        if outdated and self._renew is not None and self._outdated is not None and self._outdated(inst):
+            return True
         if limit is None or self._growth is None or self._renew is None:
             return False
         return self._growth(inst) > max(limit, self.policy.slack_bytes)
@@ -239,7 +246,7 @@ class InstancePool(Generic[T]):
         """Renews the idle instances that grew past the policy's slack and have been idle longer than
         `idle_s` (default: `policy.shrink_idle_s`); returns how many. An instance asked for meanwhile
         is not waited for: its caller gets a busy slot's worth of queueing at most."""
-        if self._growth is None or self._renew is None:
+        if self._renew is None:
             return 0
         limit = self.policy.shrink_idle_s if idle_s is None else idle_s
         now = time.monotonic()
@@ -311,7 +318,9 @@ class InstancePool(Generic[T]):
             self.created_total += 1
             self._account()
             self._busy += 1
-        self.release(inst, True)
+        # Not renewed if its code became outdated while it started: made a moment ago, it is renewed
+        # after its first use instead (or once idle), not started twice before it has served.
+        self.release(inst, True, used=False)
 
     def reap_idle(self, idle_s: float, keep: int = 0) -> int:
         """Destroys instances idle for longer than `idle_s`, keeping at least `keep` live."""
