@@ -175,6 +175,21 @@ def deploy_spin(url: str, *, name: str = "spin", max_instances: int = 2, max_que
     r = httpx.put(f"{url}/v1/functions/{name}?{q}", content=wasm,
                   headers={"content-type": "application/wasm"}, timeout=60)
     r.raise_for_status()
+    wait_optimised(url, name)
+
+
+def wait_optimised(url: str, name: str, timeout_s: float = 60.0) -> None:
+    """Waits until `name` runs its optimised code: a new module answers first on fast-tier code
+    (`runtime._engine.Tiering`), a few times slower for a loop like spin's, and a calibration made
+    on it would overstate the work of every later request."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        module = httpx.get(f"{url}/v1/functions/{name}", timeout=30).json().get("module", {})
+        if module.get("tier", "optimised") == "optimised" or "tier_error" in module:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} still runs fast-tier code after {timeout_s:g} s: {module}")
+        time.sleep(0.05)
 
 
 def spin_body(iterations: int) -> bytes:
