@@ -237,8 +237,17 @@ def test_a_draining_replica_finishes_in_flight_and_a_killed_one_is_replaced(tmp_
         while not gone(new["pid"]):
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        resets = 0
         for _ in range(10):  # the port keeps answering
-            r = httpx.post(f"{url}{INVOKE}", content=sleeps(0))
+            try:
+                r = httpx.post(f"{url}{INVOKE}", content=sleeps(0))
+            except httpx.ReadError:
+                # Seen once in 5 runs of the whole suite on 2 busy cores: a connection reset right
+                # after the kill (SO_REUSEPORT: a connection the kernel had given the dead socket
+                # before it was gone from the port's group). A client retries; more than one is a bug.
+                resets += 1
+                assert resets == 1, "more than one connection reset after the replica died"
+                r = httpx.post(f"{url}{INVOKE}", content=sleeps(0))
             assert (r.status_code, r.content) == (200, b"ok"), r.text
             assert r.headers["wasminfer-replica"] == "primary"
         _, snap = wait_for(
