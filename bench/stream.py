@@ -142,23 +142,26 @@ def host_cache_step_bytes(host: Host, length: int) -> int:
 
 
 def guest_cache_step_bytes(session: ort.InferenceSession, length: int) -> int:
-    """The frames of one `infer` step that carries the cache itself: the request (one token id and
+    """The bytes of one `infer` step that carries the cache itself: the request (one token id and
     every past tensor of `length` positions) and the answer (the logits and every present tensor of
-    `length + 1`), in the Python runtime's frame format (`runtime/python.py`)."""
-    from wasminfer.runtime.python import _encode_outputs  # the host's own encoder of answers
+    `length + 1`), in the Python runtime's frame format (guest-sdk/python/wasminfer_guest/inference.py:
+    a tensor's header is u32 name length, name, dtype and rank bytes, i64 dims, then u32 address and
+    u32 byte count in a request or u32 byte count in an answer; its bytes cross once either way)."""
+    def header(name: str, ndim: int, request: bool) -> int:
+        return 4 + len(name) + 2 + 8 * ndim + (8 if request else 4)
 
     pasts = [i for i in session.get_inputs() if i.name.startswith("past")]
-    ids = np.zeros((1, 1), np.int64)
-    past = {p.name: np.zeros([1, p.shape[1], length, p.shape[3]], np.float32) for p in pasts}
-    request = [{"name": "input_ids", "dtype": "int64", "shape": [1, 1], "nbytes": ids.nbytes}] + [
-        {"name": k, "dtype": "float32", "shape": list(v.shape), "nbytes": v.nbytes} for k, v in past.items()]
-    header = json.dumps({"model": "tiny-gpt", "tensors": request}, separators=(",", ":")).encode()
-    request_bytes = 1 + 4 + len(header) + ids.nbytes + sum(v.nbytes for v in past.values())
+    past_shapes = {p.name: [1, p.shape[1], length, p.shape[3]] for p in pasts}
+    model = "tiny-gpt"
+    request = 1 + 4 + len(model) + 4 + header("input_ids", 2, True) + 8  # one int64 token id
+    for name, shape in past_shapes.items():
+        request += header(name, 4, True) + 4 * int(np.prod(shape))
     vocab = session.get_outputs()[0].shape[2]
-    answer = {"logits": np.zeros((1, 1, vocab), np.float32),
-              **{"present" + k[4:]: np.zeros([1, v.shape[1], length + 1, v.shape[3]], np.float32)
-                 for k, v in past.items()}}
-    return request_bytes + len(_encode_outputs(answer))
+    answer = 1 + 4 + header("logits", 3, False) + 4 * vocab
+    for name, shape in past_shapes.items():
+        present = [shape[0], shape[1], length + 1, shape[3]]
+        answer += header("present" + name[4:], 4, False) + 4 * int(np.prod(present))
+    return request + answer
 
 
 def main() -> None:
