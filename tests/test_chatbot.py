@@ -87,6 +87,7 @@ def test_sse_over_the_gateway_carries_the_same_tokens(tmp_path: object) -> None:
     from pathlib import Path
 
     platform = Platform(Path(str(tmp_path)) / "data")
+    platform.start()  # loaded before the app starts, which would load it and answer a deploy meanwhile 503
     try:
         with TestClient(create_app(platform), raise_server_exceptions=False) as c:
             platform.put_model("tiny-gpt", tiny_gpt_model())

@@ -3,6 +3,7 @@ and anything uncertain left unnamed; the ONNX walk bounded."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
@@ -21,18 +22,23 @@ def zipped(files: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as z:
         for name, data in files.items():
-            z.writestr(name, data)
+            # a fixed date: the bytes are a test parameter, and pytest-xdist's workers must collect
+            # the same ones (a second boundary crossed between two collections broke a run)
+            z.writestr(zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0)), data)
     return out.getvalue()
 
 
 def tarred(files: dict[str, bytes], mode: str) -> bytes:
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode=mode) as t:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=out, mode="w") as t:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    if mode == "w":
+        return out.getvalue()
+    assert mode == "w:gz", mode
+    return gzip.compress(out.getvalue(), mtime=0)  # no time in the header: see `zipped`
 
 
 @pytest.mark.parametrize(("data", "kind"), [
