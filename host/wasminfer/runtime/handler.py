@@ -219,41 +219,50 @@ def _fail(state: InvocationState, code: int, error: WasminferError) -> int:
     return -code
 
 
-def _infer(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: int, in_ptr: int,
-           in_len: int, out_ptr: int, out_cap: int) -> int:
-    name_raw = mem.read(model_ptr, model_len)
+def _host_failure(state: InvocationState, exc: WasminferError) -> int:
+    """The handler ABI's answer to a host error met while serving an infer or a decoder call: the
+    error kept for `last_error`, its code returned (negative). A memory refusal is also the
+    invocation's limit error."""
+    if isinstance(exc, MEMORY_REFUSALS):
+        state.limit_error = state.limit_error or exc
+        return _fail(state, E_LIMIT, exc)
+    if isinstance(exc, (ModelNotFound, DecoderNotFound)):
+        return _fail(state, E_NOT_FOUND, exc)
+    if isinstance(exc, InvalidTensor):
+        return _fail(state, E_INVALID_TENSOR, exc)
+    if isinstance(exc, InferenceFailed):
+        return _fail(state, E_RUNTIME, exc)
+    return _fail(state, E_LIMIT, exc)  # InferLimitExceeded
+
+
+def _begin(state: InvocationState, mem: GuestMemory, call: str, in_ptr: int, in_len: int, out_ptr: int,
+           out_cap: int, counted: str) -> bytes | int:
+    """What every call that takes tensors and answers tensors does first: reads its input, checks
+    its output buffer (a bad pointer traps), forgets the last pending answer, and counts the call
+    against `max_infer_calls`. Returns the input's bytes, or the (negative) code of a refusal."""
     data = mem.read(in_ptr, in_len)
     mem.read(out_ptr, 0)
     if out_cap and out_ptr + out_cap > mem.size():
-        raise GuestFault(f"infer: output buffer [{out_ptr}, {out_ptr + out_cap}) is outside guest memory")
+        raise GuestFault(f"{call}: output buffer [{out_ptr}, {out_ptr + out_cap}) is outside guest memory")
     state.pending = None
-    m = state.manifest
-    limit_err = state.count_infer("called infer {} times")
-    if limit_err is not None:
-        return _fail(state, E_LIMIT, limit_err)
+    limit_err = state.count_infer(counted)
+    return data if limit_err is None else _fail(state, E_LIMIT, limit_err)
+
+
+def _inputs(state: InvocationState, data: bytes) -> dict[str, np.ndarray] | int:
+    """The tensors a guest sent, or the (negative) code of a refusal."""
     try:
-        model = name_raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return _fail(state, E_INVALID_ARGUMENT, InvalidTensor("infer: the model name is not valid UTF-8"))
-    if not m.allows(model):
-        return _fail(state, E_NOT_ALLOWED, ModelNotAllowed(state.function, model))
-    try:
-        inputs = decode_tensors(data, max_tensor_bytes=m.max_tensor_bytes)
+        return decode_tensors(data, max_tensor_bytes=state.manifest.max_tensor_bytes)
     except TensorTooLarge as exc:
         return _fail(state, E_LIMIT, exc)
     except InvalidTensor as exc:
         return _fail(state, E_INVALID_ARGUMENT, exc)
-    t0 = time.perf_counter_ns()
-    try:
-        outputs = run_model(state, state.infer, model, inputs)
-    except ModelNotFound as exc:
-        return _fail(state, E_NOT_FOUND, exc)
-    except InvalidTensor as exc:
-        return _fail(state, E_INVALID_TENSOR, exc)
-    except InferenceFailed as exc:
-        return _fail(state, E_RUNTIME, exc)
-    finally:
-        state.infer_ns += time.perf_counter_ns() - t0
+
+
+def _answer(state: InvocationState, mem: GuestMemory, in_len: int, outputs: Mapping[str, np.ndarray],
+            out_ptr: int, out_cap: int) -> int:
+    """Writes `outputs` to the guest's buffer when they fit (else keeps them for `infer_result`)
+    and returns their encoded length."""
     encoded = encode_tensors(outputs)
     state.boundary_bytes += in_len + len(encoded)
     state.infer_error = None
@@ -264,66 +273,63 @@ def _infer(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: 
     return len(encoded)
 
 
-def _decoder_open(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: int) -> int:
-    name_raw = mem.read(model_ptr, model_len)
+def _model_name(state: InvocationState, raw: bytes, call: str) -> str | int:
+    """A model name the guest sent, allowed by the manifest; or the (negative) code of a refusal."""
     try:
-        model = name_raw.decode("utf-8")
+        model = raw.decode("utf-8")
     except UnicodeDecodeError:
-        err = InvalidTensor("decoder_open: the model name is not valid UTF-8")
-        return _fail(state, E_INVALID_ARGUMENT, err)
+        return _fail(state, E_INVALID_ARGUMENT, InvalidTensor(f"{call}: the model name is not valid UTF-8"))
     if not state.manifest.allows(model):
         return _fail(state, E_NOT_ALLOWED, ModelNotAllowed(state.function, model))
+    return model
+
+
+def _infer(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: int, in_ptr: int,
+           in_len: int, out_ptr: int, out_cap: int) -> int:
+    name_raw = mem.read(model_ptr, model_len)
+    data = _begin(state, mem, "infer", in_ptr, in_len, out_ptr, out_cap, "called infer {} times")
+    if isinstance(data, int):
+        return data
+    model = _model_name(state, name_raw, "infer")
+    if isinstance(model, int):
+        return model
+    inputs = _inputs(state, data)
+    if isinstance(inputs, int):
+        return inputs
+    t0 = time.perf_counter_ns()
+    try:
+        outputs = run_model(state, state.infer, model, inputs)
+    except (ModelNotFound, InvalidTensor, InferenceFailed) as exc:
+        return _host_failure(state, exc)
+    finally:
+        state.infer_ns += time.perf_counter_ns() - t0
+    return _answer(state, mem, in_len, outputs, out_ptr, out_cap)
+
+
+def _decoder_open(state: InvocationState, mem: GuestMemory, model_ptr: int, model_len: int) -> int:
+    model = _model_name(state, mem.read(model_ptr, model_len), "decoder_open")
+    if isinstance(model, int):
+        return model
     try:
         return state.decoder_states().open(model, state.function)
-    except ModelNotFound as exc:
-        return _fail(state, E_NOT_FOUND, exc)
-    except InvalidTensor as exc:
-        return _fail(state, E_INVALID_TENSOR, exc)
-    except InferLimitExceeded as exc:
-        return _fail(state, E_LIMIT, exc)
-    except MEMORY_REFUSALS as exc:
-        state.limit_error = state.limit_error or exc
-        return _fail(state, E_LIMIT, exc)
+    except (ModelNotFound, InvalidTensor, InferLimitExceeded, *MEMORY_REFUSALS) as exc:
+        return _host_failure(state, exc)
 
 
 def _decoder_step(state: InvocationState, mem: GuestMemory, handle: int, in_ptr: int, in_len: int,
                   out_ptr: int, out_cap: int) -> int:
-    data = mem.read(in_ptr, in_len)
-    mem.read(out_ptr, 0)
-    if out_cap and out_ptr + out_cap > mem.size():
-        raise GuestFault(f"decoder_step: output buffer [{out_ptr}, {out_ptr + out_cap}) is outside "
-                         "guest memory")
-    state.pending = None
-    limit_err = state.count_infer("ran {} inferences and decoder steps")
-    if limit_err is not None:
-        return _fail(state, E_LIMIT, limit_err)
-    try:
-        inputs = decode_tensors(data, max_tensor_bytes=state.manifest.max_tensor_bytes)
-    except TensorTooLarge as exc:
-        return _fail(state, E_LIMIT, exc)
-    except InvalidTensor as exc:
-        return _fail(state, E_INVALID_ARGUMENT, exc)
+    data = _begin(state, mem, "decoder_step", in_ptr, in_len, out_ptr, out_cap,
+                  "ran {} inferences and decoder steps")
+    if isinstance(data, int):
+        return data
+    inputs = _inputs(state, data)
+    if isinstance(inputs, int):
+        return inputs
     try:
         spec, outputs = state.decoder_states().step(handle, inputs, state.run_model)
-    except DecoderNotFound as exc:
-        return _fail(state, E_NOT_FOUND, exc)
-    except ModelNotFound as exc:
-        return _fail(state, E_NOT_FOUND, exc)
-    except InvalidTensor as exc:
-        return _fail(state, E_INVALID_TENSOR, exc)
-    except InferenceFailed as exc:
-        return _fail(state, E_RUNTIME, exc)
-    except MEMORY_REFUSALS as exc:
-        state.limit_error = state.limit_error or exc
-        return _fail(state, E_LIMIT, exc)
-    encoded = encode_tensors(spec.split(outputs)[0])
-    state.boundary_bytes += in_len + len(encoded)
-    state.infer_error = None
-    if len(encoded) <= out_cap:
-        mem.write(out_ptr, encoded)
-    else:
-        state.pending = encoded
-    return len(encoded)
+    except (DecoderNotFound, ModelNotFound, InvalidTensor, InferenceFailed, *MEMORY_REFUSALS) as exc:
+        return _host_failure(state, exc)
+    return _answer(state, mem, in_len, spec.split(outputs)[0], out_ptr, out_cap)
 
 
 def _decoder_close(state: InvocationState, mem: GuestMemory, handle: int) -> int:
