@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,6 +85,12 @@ def test_build_deploy_invoke_restart(tmp_path: Path) -> None:
         listed = cli("ls", "--url", url).stdout.decode()
         assert "digits" in listed
         assert httpx.get(f"{url}/v1/functions/digits").json()["module"]["from_cache"] is False
+        # A new module answers on fast-tier code first; its optimised code is what the cache keeps
+        # (runtime._engine.Tiering): restart only once it is there.
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/v1/functions/digits").json()["module"].get("tier") != "optimised":
+            assert time.monotonic() < deadline, "digits never reached its optimised tier"
+            time.sleep(0.05)
 
     with server(data, port, log) as url:  # restarted: nothing uploaded again
         ready = httpx.get(f"{url}/readyz").json()["loaded"]

@@ -483,7 +483,9 @@ def test_two_tenants_bulk_jobs_share_the_workers(
     assert small_view["items"]["succeeded"] == 30 and big_view["items"]["succeeded"] == 300
     assert order.count("beta") == 30 and order.count("alpha") == 300
     last_beta = max(i for i, tenant in enumerate(order) if tenant == "beta")
-    assert last_beta < 2 * 30 + 4, f"beta's last item ran at position {last_beta} of {len(order)}"
+    # Whole chunks alternate (16 items): beta's 30 end within about 2 x 30, a chunk of slack (seen:
+    # 65 on 2 busy cores), far from the 330 of first come, first served.
+    assert last_beta < 2 * 30 + 16 + 4, f"beta's last item ran at position {last_beta} of {len(order)}"
     assert order[:4].count("alpha") >= 1 and order[:4].count("beta") >= 1  # from the start, both
 
 
