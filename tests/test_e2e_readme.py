@@ -305,7 +305,8 @@ def test_deploy_model_with_batching_then_set_model_changes_only_what_it_names(se
     deployed = last_line(
         server.cli("deploy", "model", "batched", "batched.onnx", "--max-batch-size", "8").stderr)
     assert deployed.startswith("batched: deployed version 1 (")
-    assert "batching up to 8 rows, 2000 µs delay, 1 intra-op thread(s)" in deployed
+    # the threads are measured at load: 1 on an idle machine, 2 seen once on 2 busy cores
+    assert re.search(r"batching up to 8 rows, 2000 µs delay, [12] intra-op thread\(s\)", deployed), deployed
     view = server.json("/v1/models/batched")
     assert view["options"]["max_batch_size"] == 8 and view["options"]["max_queue_delay_us"] == 2000
 
