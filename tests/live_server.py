@@ -151,3 +151,13 @@ def last_line(text: str) -> str:
     """The last non-empty line of `text`: what a command says when it is done, after its progress
     lines (a build's, for instance)."""
     return text.strip().splitlines()[-1].strip()
+
+
+def wait_optimised(url: str, name: str, timeout_s: float = 120.0) -> None:
+    """Waits until function `name` on the server at `url` runs its optimised code: a new module
+    answers on fast-tier code first (`runtime._engine.Tiering`), slower for a loop, and only the
+    optimised code goes into the compile cache. Raises `AssertionError` past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/v1/functions/{name}", timeout=30).json()["module"].get("tier") != "optimised":
+        assert time.monotonic() < deadline, f"{name} never reached its optimised tier"
+        time.sleep(0.05)

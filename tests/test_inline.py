@@ -27,7 +27,7 @@ import wasmtime
 from starlette.testclient import TestClient
 
 from conftest import GUESTS
-from live_server import live_server
+from live_server import live_server, wait_optimised
 from wasminfer.gateway import Settings, create_app
 from wasminfer.replicas.inline import FIRST_COOLDOWN_S, MAX_COOLDOWN_S, MIN_SAMPLES, InlinePolicy, eligible
 from wasminfer.runtime.memory import MemorySettings
@@ -359,6 +359,7 @@ def test_a_slow_guest_does_not_hold_back_a_stream_of_short_invocations(
         for name, wasm in (("fast", hostile_wasm), ("slow", spin)):
             r = c.put(f"/v1/functions/{name}?timeout_ms=20000", content=wasm, headers=WASM)
             assert r.status_code == 201, r.text
+        wait_optimised(url, "slow")  # calibrated on fast-tier code, the loop would shrink after the swap
         # ~200 ms of spinning on this machine: the quickest of a few measured runs, scaled (with
         # headroom: other work on the machine makes a run slower, never faster)
         runs = []

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from live_server import free_port, live_server
+from live_server import free_port, live_server, wait_optimised
 
 pytestmark = pytest.mark.integration
 
@@ -85,12 +84,7 @@ def test_build_deploy_invoke_restart(tmp_path: Path) -> None:
         listed = cli("ls", "--url", url).stdout.decode()
         assert "digits" in listed
         assert httpx.get(f"{url}/v1/functions/digits").json()["module"]["from_cache"] is False
-        # A new module answers on fast-tier code first; its optimised code is what the cache keeps
-        # (runtime._engine.Tiering): restart only once it is there.
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{url}/v1/functions/digits").json()["module"].get("tier") != "optimised":
-            assert time.monotonic() < deadline, "digits never reached its optimised tier"
-            time.sleep(0.05)
+        wait_optimised(url, "digits")  # the cache keeps optimised code: restart only once it is there
 
     with server(data, port, log) as url:  # restarted: nothing uploaded again
         ready = httpx.get(f"{url}/readyz").json()["loaded"]
