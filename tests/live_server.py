@@ -153,10 +153,14 @@ def last_line(text: str) -> str:
     return text.strip().splitlines()[-1].strip()
 
 
-def wait_optimised(url: str, name: str, timeout_s: float = 120.0) -> None:
+def wait_optimised(url: str, name: str, timeout_s: float = 600.0) -> None:
     """Waits until function `name` on the server at `url` runs its optimised code: a new module
     answers on fast-tier code first (`runtime._engine.Tiering`), slower for a loop, and only the
-    optimised code goes into the compile cache. Raises `AssertionError` past `timeout_s`."""
+    optimised code goes into the compile cache. Raises `AssertionError` past `timeout_s`.
+
+    The bound is long on purpose: the optimised compile runs in a background worker at nice 12, by
+    design last in line for the CPU, and beside a dozen busy processes on 2 cores it took over
+    120 s (its interpreter start included). Quiet, it lands within a second."""
     deadline = time.monotonic() + timeout_s
     while httpx.get(f"{url}/v1/functions/{name}", timeout=30).json()["module"].get("tier") != "optimised":
         assert time.monotonic() < deadline, f"{name} never reached its optimised tier"
