@@ -218,6 +218,38 @@ def test_the_queue_limit_is_obeyed_then_429_with_retry_after(
         assert sorted(float(r[0, 0]) for r in results.values()) == [1.0, 2.0, 3.0]
 
 
+def test_a_guest_whose_infer_meets_a_full_model_queue_answers_429_with_retry_after(
+    add_model: bytes, tally: tuple[dict[str, int], threading.Lock], build_guest: Callable[..., bytes]
+) -> None:
+    """The queue's refusal reaches the caller of the function as the same 429, not as a guest error:
+    a C guest (sdk_echo.c runs the model its content type names) whose infer finds the model's one
+    slot taken and no room to queue."""
+    from wasminfer.models.codec import decode_tensors, encode_tensors
+    from wasminfer.runtime import Host
+
+    counts, lock = tally
+    registry = ModelRegistry(run_slots=RunSlots(1, max_queue=0))
+    with Host(models=registry) as host:
+        host.deploy_model("add", add_model, intra_op_threads=1, max_concurrent_runs=1)
+        host.deploy_function("echo", build_guest("sdk_echo.c"), {"models": ["add"], "timeout_ms": 60_000})
+        held = hold(registry, "add", counts, lock)
+        ctype = "application/cbor; model=add"
+        first: dict[str, Any] = {}
+        body = encode_tensors(feed(1))
+        runner = threading.Thread(target=lambda: first.update(r=host.invoke("echo", body, ctype)))
+        runner.start()
+        wait_for(lambda: counts["inside"] == 1, "the first invocation's run holding the slot")
+        with pytest.raises(TooManyRequests) as refused:
+            host.invoke("echo", encode_tensors(feed(2)), ctype)
+        assert refused.value.status == 429 and refused.value.retry_after_s >= 1.0
+        assert "0 requests waiting for a run slot (the most a model may queue, 0)" in refused.value.message
+        held.open()
+        runner.join()
+        assert decode_tensors(first["r"].body)["y"].tolist() == [[2.0, 2.0, 2.0]]
+        again = host.invoke("echo", encode_tensors(feed(3)), ctype)  # the slot is free again
+        assert decode_tensors(again.body)["y"].tolist() == [[4.0, 4.0, 4.0]]
+
+
 # --- fairness ---------------------------------------------------------------------------------------
 def test_slots_are_shared_between_two_busy_models(
     add_model: bytes, tally: tuple[dict[str, int], threading.Lock]
