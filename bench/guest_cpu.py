@@ -12,7 +12,7 @@ machine) would bury the pre/post-processing being compared: what is left is each
 CPU time (`time.process_time`: every thread of this process), not wall clock: the machine is shared.
 Each path runs `-n` invocations after a warm-up, in alternating slices so that a noisy neighbour
 does not land on one path only; the figure is the median of the slices' CPU ms per invocation.
-Writes `bench/results/guest_cpu.json`.
+Writes `bench/results/guest_cpu.json` (`guest_cpu_stand_in.json` with `--stand-in`).
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def main() -> None:
             for p in calls:
                 print(f"{name:<16}{p:<22}{out[name][p]:>8.3f} ms CPU/invocation")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "guest_cpu.json").write_text(json.dumps(out, indent=2) + "\n")
+    path = RESULTS / ("guest_cpu_stand_in.json" if args.stand_in else "guest_cpu.json")
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
