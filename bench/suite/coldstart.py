@@ -15,8 +15,9 @@ also measured through the gateway (`*_http`: PUT the model, PUT the function, PO
 request, with the store's durable writes), which is what a user waits for. Every figure is the
 median of repetitions; speedups divide the baseline's median by wasminfer's.
 
-The Python function (text-classifier, a component) is left out: compiling its 18 MB component takes
-~30 s (cached by content hash afterwards), a cost bench/python_guest.py reports.
+The Python functions (text-classifier, minilm) are left out: they run on the Python runtime, whose
+cold starts (a new function's source to its first answer, a new instance) bench/python_guest.py
+measures.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def run(ctx: Context) -> dict[str, Any]:
     n = reps(ctx)
     for name in applicable(ctx):
         w = workloads.WORKLOADS[name]
-        model_path, wasm, body = ctx.model_path(name), ctx.wasm(name), w.body()
+        model_path, wasm, body = ctx.model_path(name), ctx.function(name), w.body()
         reference = w.handler(workloads.session(model_path))(body, w.content_type)
         manifest = Manifest.from_dict(w.manifest())
         samples: dict[str, list[float]] = {k: [] for k in ("baseline", *FIGURES, "warm")}

@@ -35,7 +35,7 @@ class Context:
     skipped: dict[str, str] = field(default_factory=dict)  # workload -> why it cannot run here
     started: dict[str, object] = field(default_factory=dict)  # the running scenario's start: date, load
     _models: dict[str, Path] = field(default_factory=dict)
-    _wasm: dict[str, bytes] = field(default_factory=dict)
+    _functions: dict[str, bytes] = field(default_factory=dict)
 
     def model_path(self, name: str) -> Path:
         if name not in self._models:
@@ -43,18 +43,23 @@ class Context:
             self._models.update(workloads.prepare([name], self.work / "models"))
         return self._models[name]
 
-    def wasm(self, name: str) -> bytes:
-        """The built function of workload `name` (wasminfer.toolchain, cached on disk by content)."""
-        if name not in self._wasm:
-            from wasminfer import toolchain
+    def function(self, name: str) -> bytes:
+        """What `wasminfer deploy function FOLDER` sends for workload `name`, made once per run: a
+        Python function's files (`pysource.bundle_folder`: its source and data files, run by the
+        server's Python runtime), a C function built (`wasminfer.toolchain`, cached on disk)."""
+        if name not in self._functions:
+            from wasminfer import pysource, toolchain
 
-            w = workloads.WORKLOADS[name]
-            source = w.build_source(self.work / "staged")
-            self._wasm[name] = toolchain.build(source, progress=lambda m: progress(f"build {m}")).read_bytes()
-        return self._wasm[name]
+            source = workloads.WORKLOADS[name].build_source(self.work / "staged")
+            if workloads.WORKLOADS[name].language == "python":
+                self._functions[name] = pysource.bundle_folder(source)
+            else:
+                build = toolchain.build(source, progress=lambda m: progress(f"build {m}"))
+                self._functions[name] = build.read_bytes()
+        return self._functions[name]
 
     def engine_cache(self) -> Path:
-        """A compile cache kept across runs (the Python component takes ~30 s to compile)."""
+        """A compile cache kept across runs (a new module's optimised compile takes seconds)."""
         root = os.environ.get("WASMINFER_CACHE")
         return (Path(root) if root else Path.home() / ".cache" / "wasminfer") / "bench-engine"
 

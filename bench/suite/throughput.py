@@ -115,7 +115,7 @@ def run(ctx: Context) -> dict[str, Any]:
             view = server.client.put_model(name, ctx.model_path(name).read_bytes())
             plans[name] = {"run_plan": view.get("run_plan"), "options": view.get("options")}
             progress(f"throughput {name}: {plan_text(plans[name])}")
-            server.client.put_function(w.function, ctx.wasm(name), w.manifest())
+            server.client.put_function(w.function, ctx.function(name), w.manifest())
             reference = w.handler(workloads.session(ctx.model_path(name)))(w.body(), w.content_type)
             check_agreement("wasminfer", name, server.invoke(w.function, w.body(), w.content_type), reference)
             baseline = systems.BaselineProcess(name, ctx.model_path(name), ctx.work / "baseline.log")

