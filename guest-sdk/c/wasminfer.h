@@ -481,18 +481,19 @@ WASMINFER__SMALL static inline int wasminfer_vsnprintf(char *buf, size_t cap, co
             wasminfer__put(&s, "%", 1);
             break;
         case 'c': {
-            char c = (char)va_arg(ap, int);
-            if (size) return wasminfer__bad_format(&s);
+            char c;
+            if (size) return wasminfer__bad_format(&s); /* before va_arg: a wide character is not an int */
+            c = (char)va_arg(ap, int);
             wasminfer__field_start(&s, "", 1, width, flags & ~WASMINFER__ZERO);
             wasminfer__put(&s, &c, 1);
             wasminfer__field_end(&s, "", 1, width, flags);
             break;
         }
         case 's': {
-            const char *str = va_arg(ap, const char *);
-            const char *nul;
+            const char *str, *nul;
             size_t len;
             if (size) return wasminfer__bad_format(&s);
+            str = va_arg(ap, const char *);
             if (!str) str = "(null)";
             nul = prec >= 0 ? (const char *)memchr(str, '\0', (size_t)prec) : NULL;
             len = prec < 0 ? strlen(str) : nul ? (size_t)(nul - str) : (size_t)prec;
