@@ -45,6 +45,8 @@
  *   CBOR        wasminfer_cbor_size / wasminfer_cbor_encode / wasminfer_cbor_decode (in place, bounds-checked;
  *               text tensors are rejected)
  *   buffers     wasminfer_buf (growable; sticky out-of-memory flag): _append, _printf, _free
+ *   formatting  wasminfer_snprintf / wasminfer_vsnprintf: C's, without linking libc's printf (~17 KB);
+ *               the conversions it takes are listed at its definition
  *   JSON        writer: wasminfer_json_str, wasminfer_json_num, wasminfer_json_f32_array (into a wasminfer_buf)
  *               reader: wasminfer_json_member (top-level object member), wasminfer_json_numbers (array of numbers)
  *   low level   wasminfer_dispatch(handler, buf, body_len, ctype, ctype_len) and wasminfer_alloc_request(size),
