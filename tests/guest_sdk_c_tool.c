@@ -55,10 +55,11 @@ static void decode(void) {
 }
 
 static void encode(void) {
-    char line[1 << 16];
-    wasminfer_tensor t[WASMINFER_MAX_TENSORS];
-    char names[WASMINFER_MAX_TENSORS][64];
-    uint8_t data[WASMINFER_MAX_TENSORS][4096];
+    /* static: too big for the 64 KiB stack of the wasm32 build (the format mode runs there) */
+    static char line[1 << 16];
+    static wasminfer_tensor t[WASMINFER_MAX_TENSORS];
+    static char names[WASMINFER_MAX_TENSORS][64];
+    static uint8_t data[WASMINFER_MAX_TENSORS][4096];
     size_t n = 0;
     while (fgets(line, sizeof line, stdin)) {
         if (strncmp(line, "end", 3) == 0) {
@@ -71,7 +72,7 @@ static void encode(void) {
             n = 0;
             continue;
         }
-        char dims[256], hex[1 << 14];
+        static char dims[256], hex[1 << 14];
         wasminfer_tensor *x = &t[n];
         memset(x, 0, sizeof *x);
         if (sscanf(line, "%63s %d %255s %16383s", names[n], &x->dtype, dims, hex) != 4) exit(3);

@@ -423,26 +423,28 @@ def test_sdk_snprintf_refuses_what_it_does_not_format(tool: Path, fmt: str) -> N
     assert sdk_format(tool, fmt_record("n", fmt)) == (-1, "ab")
 
 
-def test_sdk_snprintf_matches_libc_on_integers_and_strings(tool: Path) -> None:
-    rng = random.Random(18)
+def integer_and_string_cases(rng: random.Random, n: int, long_bits: int = 64) -> list[bytes]:
+    """Every integer conversion, flag, width, precision and size, %s with widths and precisions, and
+    * for both; `long_bits`: the size of long, size_t and ptrdiff_t (32 on wasm32)."""
     cases = []
     edges = [0, 1, -1, 7, 10, 255, 256, 2**31 - 1, -(2**31), 2**32 - 1, 2**63 - 1, -(2**63)]
-    for _ in range(4000):
+    word = {"": 32, "hh": 32, "h": 32, "l": long_bits, "ll": 64, "z": long_bits, "j": 64, "t": long_bits}
+    for _ in range(n):
         flags = "".join(rng.sample("-+ #0", rng.randint(0, 3)))
         width = rng.choice(["", "", "1", "5", "22"])
         prec = rng.choice(["", "", ".0", ".1", ".5", ".25"])
         conv = rng.choice("diuxXoc")
-        size = "" if conv == "c" else rng.choice(["", "hh", "h", "l", "ll", "z", "j", "t"])
+        size = "" if conv == "c" else rng.choice(list(word))
         if flags.count("#") and conv in "dic" or conv == "c" and (prec or "0" in flags):
             flags = flags.replace("#", "").replace("0", "")  # undefined behaviour in C: libcs differ
             prec = "" if conv == "c" else prec
         value = rng.choice([*edges, rng.randint(-(2**63), 2**63 - 1), rng.randint(-999, 999)])
         fmt = f"<%{flags}{width}{prec}{size}{conv}>"
-        if size in ("", "hh", "h"):
+        if word[size] == 32:
             cases.append(fmt_record("i", fmt, struct.pack("<i", (value + 2**31) % 2**32 - 2**31)))
         else:
             cases.append(fmt_record("q", fmt, struct.pack("<q", value)))
-    for _ in range(1000):
+    for _ in range(n // 4):
         text = "".join(rng.choice("abc xyz\t") for _ in range(rng.randint(0, 12))).encode() + b"\0"
         fmt = f"%{rng.choice(['', '-'])}{rng.choice(['', '3', '15'])}{rng.choice(['', '.0', '.4', '.20'])}s!"
         cases.append(fmt_record("s", fmt, text))
@@ -452,20 +454,19 @@ def test_sdk_snprintf_matches_libc_on_integers_and_strings(tool: Path) -> None:
         cases.append(fmt_record("W", "%*.*d|%%", struct.pack("<iiq", w, p, rng.randint(-(10**6), 10**6))))
     cases.append(fmt_record("n", "plain text, no conversions"))
     cases.append(fmt_record("n", ""))
-    assert compare_formats(tool, cases) == []
+    return cases
 
 
-def test_sdk_snprintf_matches_libc_on_floats(tool: Path) -> None:
-    """Exact digits rounded half to even, as glibc prints them, for every kind of double: random bit
-    patterns (subnormals, huge, NaN payloads), exact ties, float32 values, and every flag."""
-    rng = random.Random(18)
+def float_cases(rng: random.Random, n: int) -> list[bytes]:
+    """Every kind of double (random bit patterns: subnormals, huge, NaN payloads; exact ties; float32
+    values; ordinary numbers), n of each, in every float conversion with every flag."""
     values = [0.0, -0.0, 1.0, 0.1, 0.5, 1.5, 2.5, 9.5, 99.5, 0.125, 999.9999, 1e21, 1e22, 1e23, 5e-324,
               2.2250738585072014e-308, 2.225073858507201e-308, 1.7976931348623157e308, math.inf, -math.inf,
               math.nan, -math.nan, 1 / 3, 2 / 3, 123456789.0, 0.000123456]  # fmt: skip
-    values += [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(2000)]
-    values += [rng.randint(-(10**9), 10**9) / 2 ** rng.randint(1, 12) for _ in range(2000)]  # ties
-    values += [float(np.float32(rng.uniform(-1, 1) * 10.0 ** rng.randint(-45, 38))) for _ in range(2000)]
-    values += [rng.uniform(-1, 1) * 10.0 ** rng.randint(-12, 12) for _ in range(2000)]
+    values += [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(n)]
+    values += [rng.randint(-(10**9), 10**9) / 2 ** rng.randint(1, 12) for _ in range(n)]  # ties
+    values += [float(np.float32(rng.uniform(-1, 1) * 10.0 ** rng.randint(-45, 38))) for _ in range(n)]
+    values += [rng.uniform(-1, 1) * 10.0 ** rng.randint(-12, 12) for _ in range(n)]
     cases = []
     for x in values:
         flags = "".join(rng.sample("-+ #0", rng.randint(0, 2)))
@@ -476,9 +477,35 @@ def test_sdk_snprintf_matches_libc_on_floats(tool: Path) -> None:
             prec = ".3"
         cases.append(fmt_record("f", f"%{flags}{width}{prec}{conv}", f64(x)))
     cases += [fmt_record("w", "%*.*g", struct.pack("<ii", rng.randint(-15, 15), rng.randint(-2, 20)) + f64(x))
-              for x in values[:2000]]  # fmt: skip
+              for x in values[:n]]  # fmt: skip
     cases += [fmt_record("f", "%f", f64(x)) for x in (1e308, -5e-324)]  # all 309 digits; all zeros
-    assert compare_formats(tool, cases) == []
+    return cases
+
+
+def test_sdk_snprintf_matches_libc_on_integers_and_strings(tool: Path) -> None:
+    assert compare_formats(tool, integer_and_string_cases(random.Random(18), 4000)) == []
+
+
+def test_sdk_snprintf_matches_libc_on_floats(tool: Path) -> None:
+    """Exact digits rounded half to even, as glibc prints them."""
+    assert compare_formats(tool, float_cases(random.Random(18), 2000)) == []
+
+
+@pytest.mark.slow
+def test_sdk_snprintf_matches_musl_in_wasm(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same comparison built for wasm32-wasi (tests/guest_sdk_c_tool.c as a WASI command, run by
+    the host): against musl's snprintf, where long, size_t and ptrdiff_t are 32 bits."""
+    wasm = toolchain.build(TOOL_SOURCE, cache_dir=tmp_path_factory.mktemp("build"), exec_model="command")
+    rng = random.Random(18)
+    cases = integer_and_string_cases(rng, 1000, long_bits=32) + float_cases(rng, 300)
+    with Host(cache_dir=tmp_path_factory.mktemp("host")) as host:
+        host.deploy_function("format", wasm.read_bytes(), Manifest(args=("format",)))
+        lines = host.invoke("format", records(*cases), "application/octet-stream").body.decode().splitlines()
+    assert len(lines) == 2 * len(cases)
+    sdk, libc = lines[::2], lines[1::2]
+    assert all(a.startswith("sdk ") and b.startswith("libc ") for a, b in zip(sdk, libc, strict=True))
+    assert [f"{case!r}: {a} != {b}" for case, a, b in zip(cases, sdk, libc, strict=True)
+            if a.removeprefix("sdk ") != b.removeprefix("libc ")] == []  # fmt: skip
 
 
 def test_json_floats_round_trip_float32(tool: Path) -> None:
