@@ -29,7 +29,9 @@ static const char *read_pixels(const wasminfer_request *req, float *pixels) {
     }
     if (!wasminfer_media_type_is(ctype, "application/json")) {
         wasminfer_snprintf(why, sizeof why,
-                           "unsupported content type '%.64s': send application/json or application/octet-stream", ctype);
+                           "unsupported content type '%.64s': send application/json or "
+                           "application/octet-stream",
+                           ctype);
         return why;
     }
     const char *json = (const char *)req->body, *array = json;

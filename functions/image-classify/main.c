@@ -103,7 +103,8 @@ static const char *read_image(const wasminfer_request *req, image *img) {
     if (req->body_len >= 4 && memcmp(req->body, "\x89PNG", 4) == 0)
         return "PNG is not supported yet: send a binary PPM (image/x-portable-pixmap) or raw RGB";
     wasminfer_snprintf(why, sizeof why,
-                       "unsupported content type '%.64s': send image/x-portable-pixmap or image/x-raw-rgb; width=W; height=H",
+                       "unsupported content type '%.64s': send image/x-portable-pixmap or "
+                       "image/x-raw-rgb; width=W; height=H",
                        ctype);
     return why;
 }

@@ -226,7 +226,8 @@ static inline void wasminfer__end(wasminfer__sink *s) {
 #define WASMINFER__UPPER 32
 
 /* The padding and sign of a field of `body` bytes that the caller writes after this returns. */
-WASMINFER__SMALL static inline void wasminfer__field_start(wasminfer__sink *s, const char *prefix, size_t body, int width, int flags) {
+WASMINFER__SMALL
+static inline void wasminfer__field_start(wasminfer__sink *s, const char *prefix, size_t body, int width, int flags) {
     size_t n = strlen(prefix) + body, pad = width > 0 && (size_t)width > n ? (size_t)width - n : 0;
     if (!(flags & (WASMINFER__LEFT | WASMINFER__ZERO))) wasminfer__pad(s, ' ', pad);
     wasminfer__puts(s, prefix);
@@ -239,7 +240,8 @@ static inline void wasminfer__field_end(wasminfer__sink *s, const char *prefix, 
 }
 
 /* An integer: `v` its magnitude, `neg` its sign; precision < 0 means none. */
-WASMINFER__SMALL static inline void wasminfer__put_int(wasminfer__sink *s, uint64_t v, int neg, unsigned base, int flags, int width,
+WASMINFER__SMALL
+static inline void wasminfer__put_int(wasminfer__sink *s, uint64_t v, int neg, unsigned base, int flags, int width,
                                       int prec) {
     const char *digit = (flags & WASMINFER__UPPER) ? "0123456789ABCDEF" : "0123456789abcdef";
     char text[24], prefix[3] = {0, 0, 0};
@@ -267,7 +269,8 @@ WASMINFER__SMALL static inline void wasminfer__put_int(wasminfer__sink *s, uint6
 
 /* The exact decimal value of |x| (finite): its digits d[0..*n) ("0" for zero) of which the first
  * *point are before the decimal point (*point may be <= 0, or > *n: zeros implied). */
-WASMINFER__SMALL static inline void wasminfer__float_digits(double x, char *d, int *n, int *point) {
+WASMINFER__SMALL
+static inline void wasminfer__float_digits(double x, char *d, int *n, int *point) {
     static const uint32_t pow5[14] = {1, 5, 25, 125, 625, 3125, 15625, 78125, 390625, 1953125, 9765625,
                                       48828125, 244140625, 1220703125};
     uint32_t limb[90]; /* base 1e9, least significant first: m*2^e below 2^1024 or m*5^1074 */
@@ -319,7 +322,8 @@ WASMINFER__SMALL static inline void wasminfer__float_digits(double x, char *d, i
 
 /* Rounds d[0..*n) to its first `keep` digits, half to even (keep <= 0: rounded at that many places
  * before the first digit; *n == 0 then means zero). 999.9 kept to 3 becomes 1000 (*point grows). */
-WASMINFER__SMALL static inline void wasminfer__float_round(char *d, int *n, int *point, int keep) {
+WASMINFER__SMALL
+static inline void wasminfer__float_round(char *d, int *n, int *point, int keep) {
     int up = 0, i;
     if (keep >= *n) return;
     if (keep < 0) {
@@ -344,7 +348,8 @@ WASMINFER__SMALL static inline void wasminfer__float_round(char *d, int *n, int 
 }
 
 /* Writes the digits d[from..from+count), '0' where that is outside d[0..n). */
-WASMINFER__SMALL static inline void wasminfer__put_digits(wasminfer__sink *s, const char *d, int n, int from, int count) {
+WASMINFER__SMALL
+static inline void wasminfer__put_digits(wasminfer__sink *s, const char *d, int n, int from, int count) {
     int inside;
     if (from < 0) {
         int zeros = -from < count ? -from : count;
@@ -359,7 +364,8 @@ WASMINFER__SMALL static inline void wasminfer__put_digits(wasminfer__sink *s, co
 }
 
 /* A double as %e, %f or %g (conv 'e', 'f', 'g'; WASMINFER__UPPER for E, F, G); precision < 0: 6. */
-WASMINFER__SMALL static inline void wasminfer__put_float(wasminfer__sink *s, double x, char conv, int prec, int flags, int width) {
+WASMINFER__SMALL
+static inline void wasminfer__put_float(wasminfer__sink *s, double x, char conv, int prec, int flags, int width) {
     char d[WASMINFER__DIGITS_MAX], prefix[2] = {0, 0}, exp_text[8];
     uint64_t bits;
     int n, point, frac, exp_len = 0, dot = 0;
@@ -432,7 +438,8 @@ static inline int wasminfer__bad_format(wasminfer__sink *s) {
     return -1;
 }
 
-WASMINFER__SMALL static inline int wasminfer_vsnprintf(char *buf, size_t cap, const char *fmt, va_list ap) {
+WASMINFER__SMALL
+static inline int wasminfer_vsnprintf(char *buf, size_t cap, const char *fmt, va_list ap) {
     wasminfer__sink s;
     s.buf = buf;
     s.cap = cap;
@@ -547,7 +554,8 @@ WASMINFER__SMALL static inline int wasminfer_vsnprintf(char *buf, size_t cap, co
         case 'E':
         case 'F':
         case 'G':
-            if (size && size != 'l') return wasminfer__bad_format(&s); /* %lf is %f; %Lf (long double) is not supported */
+            /* %lf is %f; %Lf (long double) is not supported */
+            if (size && size != 'l') return wasminfer__bad_format(&s);
             if (conv < 'a') flags |= WASMINFER__UPPER;
             wasminfer__put_float(&s, va_arg(ap, double), (char)(conv | 32), prec, flags, width);
             break;
@@ -895,7 +903,8 @@ static inline void wasminfer_outputs_free(wasminfer_outputs *out) {
 
 /* Sets the message "<call>(<model>): <a><num><b><c>" (without num when it is negative) and returns
  * `status`. Not variadic: Zig guests call these paths, and translate-c cannot take variadic definitions. */
-WASMINFER__SMALL static inline int wasminfer__fail_call(int status, const char *call, const char *model, const char *a, int64_t num,
+WASMINFER__SMALL
+static inline int wasminfer__fail_call(int status, const char *call, const char *model, const char *a, int64_t num,
                                        const char *b, const char *c) {
     char msg[WASMINFER_MSG_MAX];
     wasminfer__sink s = {msg, sizeof msg, 0};

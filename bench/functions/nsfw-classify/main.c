@@ -96,7 +96,8 @@ static const char *read_image(const wasminfer_request *req, image *img) {
         return NULL;
     }
     wasminfer_snprintf(why, sizeof why,
-                       "unsupported content type '%.64s': send image/x-portable-pixmap or image/x-raw-rgb; width=W; height=H",
+                       "unsupported content type '%.64s': send image/x-portable-pixmap or "
+                       "image/x-raw-rgb; width=W; height=H",
                        ctype);
     return why;
 }
