@@ -8,6 +8,11 @@
  *   numbers  stdin: records; stdout per record: "ok <n> <%.17g ...>" or "error <reason>"
  *   member   stdin: records "key\0json"; stdout per record: "<rc> <raw value>"
  *   jsonstr  stdin: records; stdout per record: the JSON string written for the record's text
+ *   format   stdin: records "<kind><format>\0<arguments>" (kinds below); stdout per record two lines,
+ *            "sdk ..." from wasminfer_snprintf and "libc ..." from snprintf, each "<result> <hex text>"
+ *            for a buffer of 4096 bytes, then for buffers of 5 and 1 bytes and for (NULL, 0)
+ *   format-sdk  the same, only the "sdk" lines (for formats that libc must not be given)
+ *   floats   stdin: one record of float32s (little-endian); stdout: wasminfer_json_f32_array of them
  */
 #include "wasminfer.h"
 
@@ -50,10 +55,11 @@ static void decode(void) {
 }
 
 static void encode(void) {
-    char line[1 << 16];
-    wasminfer_tensor t[WASMINFER_MAX_TENSORS];
-    char names[WASMINFER_MAX_TENSORS][64];
-    uint8_t data[WASMINFER_MAX_TENSORS][4096];
+    /* static: too big for the 64 KiB stack of the wasm32 build (the format mode runs there) */
+    static char line[1 << 16];
+    static wasminfer_tensor t[WASMINFER_MAX_TENSORS];
+    static char names[WASMINFER_MAX_TENSORS][64];
+    static uint8_t data[WASMINFER_MAX_TENSORS][4096];
     size_t n = 0;
     while (fgets(line, sizeof line, stdin)) {
         if (strncmp(line, "end", 3) == 0) {
@@ -66,7 +72,7 @@ static void encode(void) {
             n = 0;
             continue;
         }
-        char dims[256], hex[1 << 14];
+        static char dims[256], hex[1 << 14];
         wasminfer_tensor *x = &t[n];
         memset(x, 0, sizeof *x);
         if (sscanf(line, "%63s %d %255s %16383s", names[n], &x->dtype, dims, hex) != 4) exit(3);
@@ -128,6 +134,76 @@ static void jsonstr(void) {
     }
 }
 
+/* Formats `fmt` with the arguments of kind `kind` from `arg` into each buffer size; prints one line. */
+typedef int (*format_fn)(char *, size_t, const char *, ...);
+
+static int format_once(format_fn f, char *buf, size_t cap, int kind, const char *fmt, const uint8_t *arg,
+                       size_t arg_len) {
+    int32_t i1 = 0, i2 = 0;
+    int64_t q = 0;
+    double x = 0;
+    memcpy(&i1, arg, arg_len >= 4 ? 4 : 0);
+    memcpy(&i2, arg + 4, arg_len >= 8 ? 4 : 0);
+    memcpy(&q, arg, arg_len >= 8 ? 8 : 0);
+    switch (kind) {
+    case 'n': return f(buf, cap, fmt);
+    case 'i': return f(buf, cap, fmt, i1);               /* int-sized: d i u o x X c, also hh and h */
+    case 'q': return f(buf, cap, fmt, (long long)q);     /* 64-bit: l ll z j t natively */
+    case 'f': memcpy(&x, arg, 8); return f(buf, cap, fmt, x);
+    case 's': return f(buf, cap, fmt, (const char *)arg);
+    case 'p': return f(buf, cap, fmt, i1, (const char *)arg + 4);               /* %*s, %.*s */
+    case 'w': memcpy(&x, arg + 8, 8); return f(buf, cap, fmt, i1, i2, x);         /* %*.*f */
+    case 'W': memcpy(&q, arg + 8, 8); return f(buf, cap, fmt, i1, i2, (int)q);    /* %*.*d */
+    default: exit(4);
+    }
+}
+
+static void print_hex(const char *s, size_t n) {
+    putchar(' ');
+    if (!n) putchar('-');
+    while (n--) printf("%02x", (uint8_t)*s++);
+}
+
+static void format(int sides) {
+    uint8_t *buf;
+    size_t len;
+    static char out[4096];
+    static const size_t caps[] = {4096, 5, 1};
+    while (read_record(&buf, &len)) {
+        const char *fmt = (const char *)buf + 1;
+        size_t flen = strlen(fmt), c;
+        const uint8_t *arg = buf + 1 + flen + 1;
+        for (int side = 0; side < sides; side++) {
+            format_fn f = side ? snprintf : wasminfer_snprintf;
+            printf(side ? "libc" : "sdk");
+            for (c = 0; c < 3; c++) {
+                memset(out, '#', sizeof out);
+                int n = format_once(f, out, caps[c], buf[0], fmt, arg, len - 2 - flen);
+                printf(" %d", n);
+                print_hex(out, strlen(out));
+            }
+            printf(" %d\n", format_once(f, NULL, 0, buf[0], fmt, arg, len - 2 - flen));
+        }
+        free(buf);
+    }
+}
+
+static void floats(void) {
+    uint8_t *buf;
+    size_t len;
+    while (read_record(&buf, &len)) {
+        float *x = (float *)malloc(len + 4);
+        memcpy(x, buf, len);
+        wasminfer_buf b = {0};
+        wasminfer_json_f32_array(&b, x, len / 4);
+        fwrite(b.data, 1, b.len, stdout);
+        printf("\n");
+        wasminfer_buf_free(&b);
+        free(x);
+        free(buf);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
     if (!strcmp(argv[1], "decode")) decode();
@@ -135,6 +211,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "numbers")) numbers();
     else if (!strcmp(argv[1], "member")) member();
     else if (!strcmp(argv[1], "jsonstr")) jsonstr();
+    else if (!strcmp(argv[1], "format")) format(2);
+    else if (!strcmp(argv[1], "format-sdk")) format(1);
+    else if (!strcmp(argv[1], "floats")) floats();
     else return 2;
     return 0;
 }

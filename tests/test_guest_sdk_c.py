@@ -6,6 +6,7 @@ first buffer, encode). The example functions in test_examples.py use the rest of
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import random
@@ -362,6 +363,169 @@ def test_json_member(tool: Path, key: str, text: bytes, expected: str) -> None:
 def test_json_writer_escapes_strings(tool: Path) -> None:
     out = run(tool, "jsonstr", records(b'a"b\\c\n\x01\xc3\xa9'))
     assert out == '"a\\"b\\\\c\\u000a\\u0001\u00e9" 0.100000001\n'
+
+
+# --- formatting: wasminfer_snprintf against the C library's snprintf -----------------------------
+def fmt_record(kind: str, fmt: str, arg: bytes = b"") -> bytes:
+    return kind.encode() + fmt.encode() + b"\0" + arg
+
+
+def f64(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+def compare_formats(tool: Path, cases: list[bytes]) -> list[str]:
+    """The cases where the SDK's snprintf differs from libc's (result, text, truncated texts)."""
+    lines = run(tool, "format", records(*cases)).splitlines()
+    assert len(lines) == 2 * len(cases)
+    sdk, libc = lines[::2], lines[1::2]
+    assert all(a.startswith("sdk ") and b.startswith("libc ") for a, b in zip(sdk, libc, strict=True))
+    return [f"{case!r}: {a} != {b}" for case, a, b in zip(cases, sdk, libc, strict=True)
+            if a.removeprefix("sdk ") != b.removeprefix("libc ")]  # fmt: skip
+
+
+def sdk_format(tool: Path, case: bytes) -> tuple[int, str]:
+    """The SDK's result and text for one record, in a buffer of 4096 bytes."""
+    sdk = run(tool, "format-sdk", records(case)).split()
+    return int(sdk[1]), "" if sdk[2] == "-" else bytes.fromhex(sdk[2]).decode()
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        (fmt_record("f", "%.9g", f64(float(np.float32(0.1)))), "0.100000001"),
+        (fmt_record("f", "%g", f64(-0.0)), "-0"),
+        (fmt_record("f", "<%.0f>", f64(2.5)), "<2>"),  # ties to even
+        (fmt_record("f", "<%.0f>", f64(3.5)), "<4>"),
+        (fmt_record("f", "%.3g", f64(999.96)), "1e+03"),
+        (fmt_record("f", "%010.2f", f64(-3.14159)), "-000003.14"),
+        (fmt_record("f", "%-9.1e|", f64(1234.5)), "1.2e+03  |"),
+        (fmt_record("f", "%+G", f64(1e-5)), "+1E-05"),
+        (fmt_record("f", "%05F", f64(-math.inf)), " -INF"),
+        (fmt_record("f", "%e", f64(math.nan)), "nan"),
+        (fmt_record("f", "%.17g", f64(5e-324)), "4.9406564584124654e-324"),
+        (fmt_record("q", "%lld", struct.pack("<q", -(2**63))), "-9223372036854775808"),
+        (fmt_record("q", "%#llx", struct.pack("<q", 255)), "0xff"),
+        (fmt_record("p", "[%.*s|%%]", struct.pack("<i", 3) + b"abcdef\0"), "[abc|%]"),
+        (fmt_record("s", "[%-4s]", b"ab\0"), "[ab  ]"),
+    ],
+)
+def test_sdk_snprintf_formats(tool: Path, case: bytes, expected: str) -> None:
+    """A few results written out (the rest are compared with libc's below)."""
+    assert sdk_format(tool, case) == (len(expected), expected)
+
+
+@pytest.mark.parametrize(
+    "fmt", ["ab%a", "ab%p", "ab%n", "ab%Lf", "ab%ls", "ab%lc", "ab%1$d", "ab%k", "ab%.999999999f"]
+)
+def test_sdk_snprintf_refuses_what_it_does_not_format(tool: Path, fmt: str) -> None:
+    """Conversions outside the SDK's set return -1 (the text before them is kept), never read an argument."""
+    assert sdk_format(tool, fmt_record("n", fmt)) == (-1, "ab")
+
+
+def integer_and_string_cases(rng: random.Random, n: int, long_bits: int = 64) -> list[bytes]:
+    """Every integer conversion, flag, width, precision and size, %s with widths and precisions, and
+    * for both; `long_bits`: the size of long, size_t and ptrdiff_t (32 on wasm32)."""
+    cases = []
+    edges = [0, 1, -1, 7, 10, 255, 256, 2**31 - 1, -(2**31), 2**32 - 1, 2**63 - 1, -(2**63)]
+    word = {"": 32, "hh": 32, "h": 32, "l": long_bits, "ll": 64, "z": long_bits, "j": 64, "t": long_bits}
+    for _ in range(n):
+        flags = "".join(rng.sample("-+ #0", rng.randint(0, 3)))
+        width = rng.choice(["", "", "1", "5", "22"])
+        prec = rng.choice(["", "", ".0", ".1", ".5", ".25"])
+        conv = rng.choice("diuxXoc")
+        size = "" if conv == "c" else rng.choice(list(word))
+        if flags.count("#") and conv in "dic" or conv == "c" and (prec or "0" in flags):
+            flags = flags.replace("#", "").replace("0", "")  # undefined behaviour in C: libcs differ
+            prec = "" if conv == "c" else prec
+        value = rng.choice([*edges, rng.randint(-(2**63), 2**63 - 1), rng.randint(-999, 999)])
+        fmt = f"<%{flags}{width}{prec}{size}{conv}>"
+        if word[size] == 32:
+            cases.append(fmt_record("i", fmt, struct.pack("<i", (value + 2**31) % 2**32 - 2**31)))
+        else:
+            cases.append(fmt_record("q", fmt, struct.pack("<q", value)))
+    for _ in range(n // 4):
+        text = "".join(rng.choice("abc xyz\t") for _ in range(rng.randint(0, 12))).encode() + b"\0"
+        fmt = f"%{rng.choice(['', '-'])}{rng.choice(['', '3', '15'])}{rng.choice(['', '.0', '.4', '.20'])}s!"
+        cases.append(fmt_record("s", fmt, text))
+        star = rng.randint(-20, 20)
+        cases.append(fmt_record("p", rng.choice(["%.*s|", "%*s|"]), struct.pack("<i", star) + text))
+        w, p = rng.randint(-12, 12), rng.randint(-3, 8)
+        cases.append(fmt_record("W", "%*.*d|%%", struct.pack("<iiq", w, p, rng.randint(-(10**6), 10**6))))
+    cases.append(fmt_record("n", "plain text, no conversions"))
+    cases.append(fmt_record("n", ""))
+    return cases
+
+
+def float_cases(rng: random.Random, n: int) -> list[bytes]:
+    """Every kind of double (random bit patterns: subnormals, huge, NaN payloads; exact ties; float32
+    values; ordinary numbers), n of each, in every float conversion with every flag."""
+    values = [0.0, -0.0, 1.0, 0.1, 0.5, 1.5, 2.5, 9.5, 99.5, 0.125, 999.9999, 1e21, 1e22, 1e23, 5e-324,
+              2.2250738585072014e-308, 2.225073858507201e-308, 1.7976931348623157e308, math.inf, -math.inf,
+              math.nan, -math.nan, 1 / 3, 2 / 3, 123456789.0, 0.000123456]  # fmt: skip
+    values += [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(n)]
+    values += [rng.randint(-(10**9), 10**9) / 2 ** rng.randint(1, 12) for _ in range(n)]  # ties
+    values += [float(np.float32(rng.uniform(-1, 1) * 10.0 ** rng.randint(-45, 38))) for _ in range(n)]
+    values += [rng.uniform(-1, 1) * 10.0 ** rng.randint(-12, 12) for _ in range(n)]
+    cases = []
+    for x in values:
+        flags = "".join(rng.sample("-+ #0", rng.randint(0, 2)))
+        width = rng.choice(["", "", "1", "12", "30"])
+        prec = rng.choice(["", ".0", ".1", ".3", ".6", ".9", ".17", ".30"])
+        conv = rng.choice("eEfFgG")
+        if conv in "fF" and abs(x) > 1e30 and prec == ".30":
+            prec = ".3"
+        cases.append(fmt_record("f", f"%{flags}{width}{prec}{conv}", f64(x)))
+    cases += [fmt_record("w", "%*.*g", struct.pack("<ii", rng.randint(-15, 15), rng.randint(-2, 20)) + f64(x))
+              for x in values[:n]]  # fmt: skip
+    cases += [fmt_record("f", "%f", f64(x)) for x in (1e308, -5e-324)]  # all 309 digits; all zeros
+    return cases
+
+
+def test_sdk_snprintf_matches_libc_on_integers_and_strings(tool: Path) -> None:
+    assert compare_formats(tool, integer_and_string_cases(random.Random(18), 4000)) == []
+
+
+def test_sdk_snprintf_matches_libc_on_floats(tool: Path) -> None:
+    """Exact digits rounded half to even, as glibc prints them."""
+    assert compare_formats(tool, float_cases(random.Random(18), 2000)) == []
+
+
+@pytest.mark.slow
+def test_sdk_snprintf_matches_musl_in_wasm(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same comparison built for wasm32-wasi (tests/guest_sdk_c_tool.c as a WASI command, run by
+    the host): against musl's snprintf, where long, size_t and ptrdiff_t are 32 bits."""
+    wasm = toolchain.build(TOOL_SOURCE, cache_dir=tmp_path_factory.mktemp("build"), exec_model="command")
+    rng = random.Random(18)
+    cases = integer_and_string_cases(rng, 1000, long_bits=32) + float_cases(rng, 300)
+    with Host(cache_dir=tmp_path_factory.mktemp("host")) as host:
+        host.deploy_function("format", wasm.read_bytes(), Manifest(args=("format",)))
+        lines = host.invoke("format", records(*cases), "application/octet-stream").body.decode().splitlines()
+    assert len(lines) == 2 * len(cases)
+    sdk, libc = lines[::2], lines[1::2]
+    assert all(a.startswith("sdk ") and b.startswith("libc ") for a, b in zip(sdk, libc, strict=True))
+    assert [f"{case!r}: {a} != {b}" for case, a, b in zip(cases, sdk, libc, strict=True)
+            if a.removeprefix("sdk ") != b.removeprefix("libc ")] == []  # fmt: skip
+
+
+def test_json_floats_round_trip_float32(tool: Path) -> None:
+    """wasminfer_json_num (%.9g) on float32 values: parses back to the same float32, bit for bit
+    (subnormals, -0, the extremes), is Python's '%.9g' of the value, and writes NaN and inf as null."""
+    rng = np.random.default_rng(18)
+    bits = rng.integers(0, 2**32, 60000, dtype=np.uint64).astype(np.uint32)
+    edges = [0, 0x80000000, 1, 0x807FFFFF, 0x00800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x3F800000,
+             0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001]  # fmt: skip
+    bits = np.concatenate([np.array(edges, np.uint32), bits, np.arange(1, 5000, dtype=np.uint32)])
+    x = bits.view(np.float32)
+    out = run(tool, "floats", records(x.astype("<f4").tobytes())).strip()
+    parsed = json.loads(out, parse_int=float)  # "-0" is -0.0, not the int 0
+    assert len(parsed) == len(x)
+    finite = np.isfinite(x)
+    assert [i for i in np.flatnonzero(~finite) if parsed[i] is not None] == []
+    got = np.array([p if p is not None else 0.0 for p in parsed], np.float64).astype(np.float32)
+    assert [i for i in np.flatnonzero(finite) if got.view(np.uint32)[i] != bits[i]] == []
+    texts = out[1:-1].split(", ")
+    assert [i for i in np.flatnonzero(finite) if texts[i] != f"{float(x[i]):.9g}"] == []
 
 
 # --- the SDK in Wasm, against the real host -------------------------------------------------------

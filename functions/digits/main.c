@@ -14,12 +14,13 @@ static const char *read_pixels(const wasminfer_request *req, float *pixels) {
     const char *ctype = req->content_type;
     if (wasminfer_media_type_is(ctype, "application/octet-stream")) {
         if (req->body_len != PIXELS) {
-            snprintf(why, sizeof why, "expected %d bytes (one per pixel), got %zu", PIXELS, req->body_len);
+            wasminfer_snprintf(why, sizeof why, "expected %d bytes (one per pixel), got %zu", PIXELS, req->body_len);
             return why;
         }
         for (int i = 0; i < PIXELS; i++) {
             if (req->body[i] > MAX_VALUE) {
-                snprintf(why, sizeof why, "pixel %d is %d: values must be between 0 and %d", i, req->body[i], MAX_VALUE);
+                wasminfer_snprintf(why, sizeof why, "pixel %d is %d: values must be between 0 and %d", i,
+                                   req->body[i], MAX_VALUE);
                 return why;
             }
             pixels[i] = req->body[i];
@@ -27,8 +28,10 @@ static const char *read_pixels(const wasminfer_request *req, float *pixels) {
         return NULL;
     }
     if (!wasminfer_media_type_is(ctype, "application/json")) {
-        snprintf(why, sizeof why, "unsupported content type '%.64s': send application/json or application/octet-stream",
-                 ctype);
+        wasminfer_snprintf(why, sizeof why,
+                           "unsupported content type '%.64s': send application/json or "
+                           "application/octet-stream",
+                           ctype);
         return why;
     }
     const char *json = (const char *)req->body, *array = json;
@@ -39,20 +42,21 @@ static const char *read_pixels(const wasminfer_request *req, float *pixels) {
     const char *err = wasminfer_json_numbers(array, array_len, values, PIXELS, &n);
     if (err && strcmp(err, "too many numbers") == 0) n = PIXELS + 1;
     else if (err && found == 1) {
-        snprintf(why, sizeof why, "pixels: %s", err);
+        wasminfer_snprintf(why, sizeof why, "pixels: %s", err);
         return why;
     } else if (err) {
-        snprintf(why, sizeof why, "%s; send {\"pixels\": [64 numbers]} or a bare array of 64 numbers", err);
+        wasminfer_snprintf(why, sizeof why, "%s; send {\"pixels\": [64 numbers]} or a bare array of 64 numbers", err);
         return why;
     }
     if (n != PIXELS) {
-        snprintf(why, sizeof why, "expected %d pixel values, got %s%zu", PIXELS, n > PIXELS ? "more than " : "",
-                 n > PIXELS ? (size_t)PIXELS : n);
+        wasminfer_snprintf(why, sizeof why, "expected %d pixel values, got %s%zu", PIXELS,
+                           n > PIXELS ? "more than " : "", n > PIXELS ? (size_t)PIXELS : n);
         return why;
     }
     for (int i = 0; i < PIXELS; i++) {
         if (!(values[i] >= 0 && values[i] <= MAX_VALUE)) {
-            snprintf(why, sizeof why, "pixel %d is %g: values must be between 0 and %d", i, values[i], MAX_VALUE);
+            wasminfer_snprintf(why, sizeof why, "pixel %d is %g: values must be between 0 and %d", i, values[i],
+                               MAX_VALUE);
             return why;
         }
         pixels[i] = (float)values[i];

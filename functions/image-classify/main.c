@@ -31,13 +31,14 @@ static char why[256];
 /* Checks the size of an image against the bytes that hold it. */
 static const char *check_size(uint64_t width, uint64_t height, size_t have) {
     if (width < 1 || height < 1 || width > MAX_SIDE || height > MAX_SIDE) {
-        snprintf(why, sizeof why, "image size %llux%llu: width and height must be 1..%d", (unsigned long long)width,
-                 (unsigned long long)height, MAX_SIDE);
+        wasminfer_snprintf(why, sizeof why, "image size %llux%llu: width and height must be 1..%d",
+                           (unsigned long long)width, (unsigned long long)height, MAX_SIDE);
         return why;
     }
     if (width * height * 3 != have) {
-        snprintf(why, sizeof why, "a %llux%llu RGB image needs %llu bytes of pixels, got %zu",
-                 (unsigned long long)width, (unsigned long long)height, (unsigned long long)(width * height * 3), have);
+        wasminfer_snprintf(why, sizeof why, "a %llux%llu RGB image needs %llu bytes of pixels, got %zu",
+                           (unsigned long long)width, (unsigned long long)height,
+                           (unsigned long long)(width * height * 3), have);
         return why;
     }
     return NULL;
@@ -66,8 +67,8 @@ static const char *parse_ppm(const uint8_t *p, size_t len, image *img) {
     if (pos >= len || !(p[pos] == ' ' || (p[pos] >= '\t' && p[pos] <= '\r'))) return "malformed PPM header";
     pos++; /* exactly one whitespace byte before the pixels */
     if (field[2] != 255) {
-        snprintf(why, sizeof why, "PPM maxval %llu is not supported: use 8-bit samples (maxval 255)",
-                 (unsigned long long)field[2]);
+        wasminfer_snprintf(why, sizeof why, "PPM maxval %llu is not supported: use 8-bit samples (maxval 255)",
+                           (unsigned long long)field[2]);
         return why;
     }
     const char *bad = check_size(field[0], field[1], len - pos);
@@ -101,9 +102,10 @@ static const char *read_image(const wasminfer_request *req, image *img) {
     }
     if (req->body_len >= 4 && memcmp(req->body, "\x89PNG", 4) == 0)
         return "PNG is not supported yet: send a binary PPM (image/x-portable-pixmap) or raw RGB";
-    snprintf(why, sizeof why,
-             "unsupported content type '%.64s': send image/x-portable-pixmap or image/x-raw-rgb; width=W; height=H",
-             ctype);
+    wasminfer_snprintf(why, sizeof why,
+                       "unsupported content type '%.64s': send image/x-portable-pixmap or "
+                       "image/x-raw-rgb; width=W; height=H",
+                       ctype);
     return why;
 }
 

@@ -45,6 +45,8 @@
  *   CBOR        wasminfer_cbor_size / wasminfer_cbor_encode / wasminfer_cbor_decode (in place, bounds-checked;
  *               text tensors are rejected)
  *   buffers     wasminfer_buf (growable; sticky out-of-memory flag): _append, _printf, _free
+ *   formatting  wasminfer_snprintf / wasminfer_vsnprintf: C's, without linking libc's printf (~17 KB);
+ *               the conversions it takes are listed at its definition
  *   JSON        writer: wasminfer_json_str, wasminfer_json_num, wasminfer_json_f32_array (into a wasminfer_buf)
  *               reader: wasminfer_json_member (top-level object member), wasminfer_json_numbers (array of numbers)
  *   low level   wasminfer_dispatch(handler, buf, body_len, ctype, ctype_len) and wasminfer_alloc_request(size),
@@ -60,6 +62,7 @@
 #ifndef WASMINFER_H
 #define WASMINFER_H
 
+#include <limits.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -172,6 +175,409 @@ typedef struct wasminfer_buf {
     int oom;    /* set once an append failed; every later append is a no-op */
 } wasminfer_buf;
 
+/* ---- formatting: snprintf without libc's printf --------------------------------------------- */
+
+/* wasminfer_snprintf / wasminfer_vsnprintf are C's snprintf / vsnprintf for what functions format,
+ * and the SDK formats its own messages and JSON numbers with them: libc's printf (musl's
+ * printf_core with its long-double float code) is ~17 KB, half of a small function's code and of
+ * the time a new function waits for its first compile. (libc's snprintf still works in a function
+ * that calls it; the module is that much bigger.)
+ * Conversions: d i u o x X c s e E f F g G %; flags - + space # 0; width and precision, also as *;
+ * length modifiers hh h l ll z j t. Floats are exact and rounded half to even, as glibc and musl
+ * print them. Anything else (%a, %p, %n, %L..., %lc, %ls, %1$d) makes them return -1. */
+
+/* Formatting is off the hot path (an error message, a few numbers of JSON): code size counts more
+ * (every byte of a new function's module is compiled before its first answer). */
+#ifdef __clang__
+#define WASMINFER__SMALL __attribute__((minsize))
+#else
+#define WASMINFER__SMALL
+#endif
+
+typedef struct wasminfer__sink {
+    char *buf;
+    size_t cap;
+    size_t len; /* every byte formatted, also those past the end of buf */
+} wasminfer__sink;
+
+static inline void wasminfer__put(wasminfer__sink *s, const char *p, size_t n) {
+    if (s->len < s->cap) {
+        size_t room = s->cap - 1 - s->len; /* one byte is kept for the NUL */
+        memcpy(s->buf + s->len, p, n < room ? n : room);
+    }
+    s->len += n;
+}
+
+static inline void wasminfer__puts(wasminfer__sink *s, const char *str) { wasminfer__put(s, str, strlen(str)); }
+
+static inline void wasminfer__pad(wasminfer__sink *s, char c, size_t n) {
+    for (; n > 0; n--) wasminfer__put(s, &c, 1);
+}
+
+static inline void wasminfer__end(wasminfer__sink *s) {
+    if (s->cap > 0) s->buf[s->len < s->cap ? s->len : s->cap - 1] = '\0';
+}
+
+#define WASMINFER__LEFT 1
+#define WASMINFER__PLUS 2
+#define WASMINFER__SPACE 4
+#define WASMINFER__ALT 8
+#define WASMINFER__ZERO 16
+#define WASMINFER__UPPER 32
+
+/* The padding and sign of a field of `body` bytes that the caller writes after this returns. */
+WASMINFER__SMALL
+static inline void wasminfer__field_start(wasminfer__sink *s, const char *prefix, size_t body, int width, int flags) {
+    size_t n = strlen(prefix) + body, pad = width > 0 && (size_t)width > n ? (size_t)width - n : 0;
+    if (!(flags & (WASMINFER__LEFT | WASMINFER__ZERO))) wasminfer__pad(s, ' ', pad);
+    wasminfer__puts(s, prefix);
+    if ((flags & (WASMINFER__LEFT | WASMINFER__ZERO)) == WASMINFER__ZERO) wasminfer__pad(s, '0', pad);
+}
+
+static inline void wasminfer__field_end(wasminfer__sink *s, const char *prefix, size_t body, int width, int flags) {
+    size_t n = strlen(prefix) + body;
+    if ((flags & WASMINFER__LEFT) && width > 0 && (size_t)width > n) wasminfer__pad(s, ' ', (size_t)width - n);
+}
+
+/* An integer: `v` its magnitude, `neg` its sign; precision < 0 means none. */
+WASMINFER__SMALL
+static inline void wasminfer__put_int(wasminfer__sink *s, uint64_t v, int neg, unsigned base, int flags, int width,
+                                      int prec) {
+    const char *digit = (flags & WASMINFER__UPPER) ? "0123456789ABCDEF" : "0123456789abcdef";
+    char text[24], prefix[3] = {0, 0, 0};
+    size_t n = 0, zeros = 0;
+    int nonzero = v != 0;
+    for (; v != 0; v /= base) text[sizeof text - 1 - n++] = digit[v % base];
+    if (prec < 0) prec = 1;
+    else flags &= ~WASMINFER__ZERO;
+    if ((size_t)prec > n) zeros = (size_t)prec - n;
+    if (neg) prefix[0] = '-';
+    else if (flags & WASMINFER__PLUS) prefix[0] = '+';
+    else if (flags & WASMINFER__SPACE) prefix[0] = ' ';
+    if ((flags & WASMINFER__ALT) && base == 8 && zeros == 0 && (n == 0 || text[sizeof text - n] != '0')) zeros = 1;
+    if ((flags & WASMINFER__ALT) && base == 16 && nonzero) {
+        prefix[0] = '0';
+        prefix[1] = digit[10] == 'A' ? 'X' : 'x';
+    }
+    wasminfer__field_start(s, prefix, zeros + n, width, flags);
+    wasminfer__pad(s, '0', zeros);
+    wasminfer__put(s, text + sizeof text - n, n);
+    wasminfer__field_end(s, prefix, zeros + n, width, flags);
+}
+
+#define WASMINFER__DIGITS_MAX 780 /* the exact decimal of the smallest double: 767 significant digits */
+
+/* The exact decimal value of |x| (finite): its digits d[0..*n) ("0" for zero) of which the first
+ * *point are before the decimal point (*point may be <= 0, or > *n: zeros implied). */
+WASMINFER__SMALL
+static inline void wasminfer__float_digits(double x, char *d, int *n, int *point) {
+    static const uint32_t pow5[14] = {1, 5, 25, 125, 625, 3125, 15625, 78125, 390625, 1953125, 9765625,
+                                      48828125, 244140625, 1220703125};
+    uint32_t limb[90]; /* base 1e9, least significant first: m*2^e below 2^1024 or m*5^1074 */
+    uint64_t bits, m;
+    int e, nl = 0, left, i, j, len = 0;
+    memcpy(&bits, &x, sizeof bits);
+    m = bits & (((uint64_t)1 << 52) - 1);
+    e = (int)(bits >> 52 & 0x7ff);
+    if (e != 0) m |= (uint64_t)1 << 52;
+    e = e != 0 ? e - 1075 : -1074;
+    if (m == 0) {
+        d[0] = '0';
+        *n = 1;
+        *point = 1;
+        return;
+    }
+    while ((m & 1) == 0) { m >>= 1; e++; } /* fewer multiplications (a float's 29 zero bits) */
+    for (; m != 0; m /= 1000000000) limb[nl++] = (uint32_t)(m % 1000000000);
+    /* x = m * 2^e: an integer times 2^e, or (m * 5^-e) / 10^-e */
+    for (left = e >= 0 ? e : -e; left > 0;) {
+        uint32_t f;
+        uint64_t carry = 0;
+        if (e >= 0) {
+            int k = left < 29 ? left : 29;
+            f = (uint32_t)1 << k;
+            left -= k;
+        } else {
+            int k = left < 13 ? left : 13;
+            f = pow5[k];
+            left -= k;
+        }
+        for (i = 0; i < nl; i++) {
+            uint64_t t = (uint64_t)limb[i] * f + carry;
+            limb[i] = (uint32_t)(t % 1000000000);
+            carry = t / 1000000000;
+        }
+        for (; carry != 0; carry /= 1000000000) limb[nl++] = (uint32_t)(carry % 1000000000);
+    }
+    for (i = nl - 1; i >= 0; i--) {
+        char nine[9];
+        uint32_t v = limb[i];
+        for (j = 8; j >= 0; j--, v /= 10) nine[j] = (char)('0' + v % 10);
+        for (j = 0; i == nl - 1 && j < 8 && nine[j] == '0'; j++) {} /* the top limb without leading zeros */
+        for (; j < 9; j++) d[len++] = nine[j];
+    }
+    *n = len;
+    *point = e >= 0 ? len : len + e;
+}
+
+/* Rounds d[0..*n) to its first `keep` digits, half to even (keep <= 0: rounded at that many places
+ * before the first digit; *n == 0 then means zero). 999.9 kept to 3 becomes 1000 (*point grows). */
+WASMINFER__SMALL
+static inline void wasminfer__float_round(char *d, int *n, int *point, int keep) {
+    int up = 0, i;
+    if (keep >= *n) return;
+    if (keep < 0) {
+        *n = 0;
+        return;
+    }
+    if (d[keep] > '5') up = 1;
+    else if (d[keep] == '5') {
+        for (i = keep + 1; i < *n; i++)
+            if (d[i] != '0') up = 1;
+        if (keep > 0 && (d[keep - 1] & 1)) up = 1; /* ASCII '0' is even */
+    }
+    *n = keep;
+    if (!up) return;
+    for (i = keep - 1; i >= 0 && d[i] == '9'; i--) d[i] = '0';
+    if (i >= 0) d[i]++;
+    else { /* all nines (or nothing kept): 1 followed by the zeros */
+        d[0] = '1';
+        if (keep == 0) *n = 1;
+        ++*point;
+    }
+}
+
+/* Writes the digits d[from..from+count), '0' where that is outside d[0..n). */
+WASMINFER__SMALL
+static inline void wasminfer__put_digits(wasminfer__sink *s, const char *d, int n, int from, int count) {
+    int inside;
+    if (from < 0) {
+        int zeros = -from < count ? -from : count;
+        wasminfer__pad(s, '0', (size_t)zeros);
+        from += zeros;
+        count -= zeros;
+    }
+    inside = from < n ? n - from : 0;
+    if (inside > count) inside = count;
+    wasminfer__put(s, d + from, (size_t)inside);
+    wasminfer__pad(s, '0', (size_t)(count - inside));
+}
+
+/* A double as %e, %f or %g (conv 'e', 'f', 'g'; WASMINFER__UPPER for E, F, G); precision < 0: 6. */
+WASMINFER__SMALL
+static inline void wasminfer__put_float(wasminfer__sink *s, double x, char conv, int prec, int flags, int width) {
+    char d[WASMINFER__DIGITS_MAX], prefix[2] = {0, 0}, exp_text[8];
+    uint64_t bits;
+    int n, point, frac, exp_len = 0, dot = 0;
+    size_t body;
+    memcpy(&bits, &x, sizeof bits);
+    if (bits >> 63) prefix[0] = '-';
+    else if (flags & WASMINFER__PLUS) prefix[0] = '+';
+    else if (flags & WASMINFER__SPACE) prefix[0] = ' ';
+    if ((bits >> 52 & 0x7ff) == 0x7ff) {
+        const char *text = (bits << 12) != 0 ? "nan" : "inf";
+        if (flags & WASMINFER__UPPER) text = (bits << 12) != 0 ? "NAN" : "INF";
+        flags &= ~WASMINFER__ZERO;
+        wasminfer__field_start(s, prefix, 3, width, flags);
+        wasminfer__put(s, text, 3);
+        wasminfer__field_end(s, prefix, 3, width, flags);
+        return;
+    }
+    if (prec < 0) prec = 6;
+    wasminfer__float_digits(x, d, &n, &point);
+    if (conv == 'g') {
+        int p = prec > 0 ? prec : 1;
+        wasminfer__float_round(d, &n, &point, p);
+        /* %f when the exponent X of %e satisfies -4 <= X < P, else %e; trailing zeros dropped */
+        if (point - 1 < p && point - 1 >= -4) {
+            conv = 'f';
+            frac = p - point;
+            for (; !(flags & WASMINFER__ALT) && frac > 0; frac--) {
+                int last = point + frac - 1;
+                if (last >= 0 && last < n && d[last] != '0') break;
+            }
+        } else {
+            conv = 'e';
+            frac = p - 1;
+            for (; !(flags & WASMINFER__ALT) && frac > 0; frac--)
+                if (frac < n && d[frac] != '0') break;
+        }
+    } else {
+        frac = prec;
+        wasminfer__float_round(d, &n, &point, conv == 'e' ? prec + 1 : point + prec);
+    }
+    if (frac > 0 || (flags & WASMINFER__ALT)) dot = 1;
+    if (conv == 'e') {
+        int x10 = n > 0 && d[0] != '0' ? point - 1 : 0;
+        unsigned v = (unsigned)(x10 < 0 ? -x10 : x10);
+        char digits[4];
+        int k = 0;
+        do { digits[k++] = (char)('0' + v % 10); v /= 10; } while (v != 0 || k < 2);
+        exp_text[exp_len++] = (flags & WASMINFER__UPPER) ? 'E' : 'e';
+        exp_text[exp_len++] = x10 < 0 ? '-' : '+';
+        while (k > 0) exp_text[exp_len++] = digits[--k];
+        body = 1 + (size_t)dot + (size_t)frac + (size_t)exp_len;
+        wasminfer__field_start(s, prefix, body, width, flags);
+        wasminfer__put_digits(s, d, n, 0, 1);
+        wasminfer__put(s, ".", (size_t)dot);
+        wasminfer__put_digits(s, d, n, 1, frac);
+        wasminfer__put(s, exp_text, (size_t)exp_len);
+    } else {
+        int whole = point > 0 ? point : 1;
+        body = (size_t)whole + (size_t)dot + (size_t)frac;
+        wasminfer__field_start(s, prefix, body, width, flags);
+        wasminfer__put_digits(s, d, n, point > 0 ? 0 : -1, whole);
+        wasminfer__put(s, ".", (size_t)dot);
+        wasminfer__put_digits(s, d, n, point, frac);
+    }
+    wasminfer__field_end(s, prefix, body, width, flags);
+}
+
+static inline int wasminfer__bad_format(wasminfer__sink *s) {
+    wasminfer__end(s);
+    return -1;
+}
+
+WASMINFER__SMALL
+static inline int wasminfer_vsnprintf(char *buf, size_t cap, const char *fmt, va_list ap) {
+    wasminfer__sink s;
+    s.buf = buf;
+    s.cap = cap;
+    s.len = 0;
+    while (*fmt) {
+        const char *p = fmt;
+        int flags = 0, width = 0, prec = -1, neg = 0;
+        char size = 0, conv;
+        uint64_t u = 0;
+        while (*p && *p != '%') p++;
+        wasminfer__put(&s, fmt, (size_t)(p - fmt));
+        if (!*p) break;
+        for (fmt = p + 1;; fmt++) {
+            if (*fmt == '-') flags |= WASMINFER__LEFT;
+            else if (*fmt == '+') flags |= WASMINFER__PLUS;
+            else if (*fmt == ' ') flags |= WASMINFER__SPACE;
+            else if (*fmt == '#') flags |= WASMINFER__ALT;
+            else if (*fmt == '0') flags |= WASMINFER__ZERO;
+            else break;
+        }
+        if (*fmt == '*') {
+            width = va_arg(ap, int);
+            if (width < 0) {
+                flags |= WASMINFER__LEFT;
+                width = width == INT_MIN ? INT_MAX : -width;
+            }
+            fmt++;
+        } else
+            for (; *fmt >= '0' && *fmt <= '9'; fmt++)
+                if (width < 100000000) width = width * 10 + (*fmt - '0');
+        if (*fmt == '.') {
+            fmt++;
+            if (*fmt == '*') {
+                prec = va_arg(ap, int);
+                fmt++;
+            } else
+                for (prec = 0; *fmt >= '0' && *fmt <= '9'; fmt++)
+                    if (prec < 100000000) prec = prec * 10 + (*fmt - '0');
+        }
+        if (width > 100000000 || prec > 100000000) return wasminfer__bad_format(&s); /* near INT_MAX bytes */
+        if (*fmt == 'h' || *fmt == 'l') {
+            size = *fmt++;
+            if (*fmt == size) { size = size == 'h' ? 'H' : 'q'; fmt++; } /* hh, ll */
+        } else if (*fmt == 'z' || *fmt == 'j' || *fmt == 't') size = *fmt++;
+        conv = *fmt++;
+        switch (conv) {
+        case '%':
+            wasminfer__put(&s, "%", 1);
+            break;
+        case 'c': {
+            char c;
+            if (size) return wasminfer__bad_format(&s); /* before va_arg: a wide character is not an int */
+            c = (char)va_arg(ap, int);
+            wasminfer__field_start(&s, "", 1, width, flags & ~WASMINFER__ZERO);
+            wasminfer__put(&s, &c, 1);
+            wasminfer__field_end(&s, "", 1, width, flags);
+            break;
+        }
+        case 's': {
+            const char *str, *nul;
+            size_t len;
+            if (size) return wasminfer__bad_format(&s);
+            str = va_arg(ap, const char *);
+            if (!str) str = "(null)";
+            nul = prec >= 0 ? (const char *)memchr(str, '\0', (size_t)prec) : NULL;
+            len = prec < 0 ? strlen(str) : nul ? (size_t)(nul - str) : (size_t)prec;
+            wasminfer__field_start(&s, "", len, width, flags & ~WASMINFER__ZERO);
+            wasminfer__put(&s, str, len);
+            wasminfer__field_end(&s, "", len, width, flags);
+            break;
+        }
+        case 'd':
+        case 'i': {
+            int64_t v;
+            switch (size) {
+            case 'H': v = (signed char)va_arg(ap, int); break;
+            case 'h': v = (short)va_arg(ap, int); break;
+            case 'l': v = va_arg(ap, long); break;
+            case 'q': v = va_arg(ap, long long); break;
+            case 'z': v = (ptrdiff_t)va_arg(ap, size_t); break;
+            case 'j': v = va_arg(ap, intmax_t); break;
+            case 't': v = va_arg(ap, ptrdiff_t); break;
+            default: v = va_arg(ap, int);
+            }
+            neg = v < 0;
+            u = neg ? 0 - (uint64_t)v : (uint64_t)v;
+            wasminfer__put_int(&s, u, neg, 10, flags & ~WASMINFER__ALT, width, prec);
+            break;
+        }
+        case 'u':
+        case 'o':
+        case 'x':
+        case 'X':
+            switch (size) {
+            case 'H': u = (unsigned char)va_arg(ap, unsigned); break;
+            case 'h': u = (unsigned short)va_arg(ap, unsigned); break;
+            case 'l': u = va_arg(ap, unsigned long); break;
+            case 'q': u = va_arg(ap, unsigned long long); break;
+            case 'z': u = va_arg(ap, size_t); break;
+            case 'j': u = va_arg(ap, uintmax_t); break;
+            case 't': u = (size_t)va_arg(ap, ptrdiff_t); break;
+            default: u = va_arg(ap, unsigned);
+            }
+            flags &= ~(WASMINFER__PLUS | WASMINFER__SPACE);
+            if (conv == 'X') flags |= WASMINFER__UPPER;
+            wasminfer__put_int(&s, u, 0, conv == 'u' ? 10 : conv == 'o' ? 8 : 16,
+                               conv == 'u' ? flags & ~WASMINFER__ALT : flags, width, prec);
+            break;
+        case 'e':
+        case 'f':
+        case 'g':
+        case 'E':
+        case 'F':
+        case 'G':
+            /* %lf is %f; %Lf (long double) is not supported */
+            if (size && size != 'l') return wasminfer__bad_format(&s);
+            if (conv < 'a') flags |= WASMINFER__UPPER;
+            wasminfer__put_float(&s, va_arg(ap, double), (char)(conv | 32), prec, flags, width);
+            break;
+        default:
+            return wasminfer__bad_format(&s);
+        }
+    }
+    wasminfer__end(&s);
+    return s.len > INT_MAX ? -1 : (int)s.len;
+}
+
+static inline int wasminfer_snprintf(char *buf, size_t cap, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static inline int wasminfer_snprintf(char *buf, size_t cap, const char *fmt, ...) {
+    va_list ap;
+    int n;
+    va_start(ap, fmt);
+    n = wasminfer_vsnprintf(buf, cap, fmt, ap);
+    va_end(ap);
+    return n;
+}
+
 /* ---- messages: error, log ------------------------------------------------------------------- */
 
 static inline void wasminfer_error(const char *msg) { wasminfer__error(msg, strlen(msg)); }
@@ -188,7 +594,7 @@ static inline int wasminfer_fail(int status, const char *fmt, ...) {
     char msg[WASMINFER_MSG_MAX];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    wasminfer_vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     return wasminfer_fail_str(status, msg);
 }
@@ -200,7 +606,7 @@ static inline void wasminfer_log(int level, const char *fmt, ...) {
     char msg[WASMINFER_MSG_MAX];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    wasminfer_vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     wasminfer_log_str(level, msg);
 }
@@ -232,11 +638,11 @@ static inline void wasminfer_buf_printf(wasminfer_buf *b, const char *fmt, ...) 
 static inline void wasminfer_buf_printf(wasminfer_buf *b, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
+    int n = wasminfer_vsnprintf(NULL, 0, fmt, ap);
     va_end(ap);
     if (n < 0 || !wasminfer_buf_reserve(b, (size_t)n + 1)) return;
     va_start(ap, fmt);
-    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    wasminfer_vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
     va_end(ap);
     b->len += (size_t)n;
 }
@@ -495,28 +901,52 @@ static inline void wasminfer_outputs_free(wasminfer_outputs *out) {
     out->count = 0;
 }
 
+/* Sets the message "<call>(<model>): <a><num><b><c>" (without num when it is negative) and returns
+ * `status`. Not variadic: Zig guests call these paths, and translate-c cannot take variadic definitions. */
+WASMINFER__SMALL
+static inline int wasminfer__fail_call(int status, const char *call, const char *model, const char *a, int64_t num,
+                                       const char *b, const char *c) {
+    char msg[WASMINFER_MSG_MAX];
+    wasminfer__sink s = {msg, sizeof msg, 0};
+    wasminfer__puts(&s, call);
+    wasminfer__puts(&s, "(");
+    wasminfer__puts(&s, model);
+    wasminfer__puts(&s, "): ");
+    wasminfer__puts(&s, a);
+    if (num >= 0) wasminfer__put_int(&s, (uint64_t)num, 0, 10, 0, 0, -1);
+    wasminfer__puts(&s, b);
+    wasminfer__puts(&s, c);
+    wasminfer__end(&s);
+    return wasminfer_fail_str(status, msg);
+}
+
+/* The host's message of the last failed call, or "error <code>" (the status: `rc` negated). */
+static inline int wasminfer__fail_host(const char *call, const char *model, int32_t rc) {
+    char host_msg[WASMINFER_MSG_MAX / 2];
+    int status = rc >= -255 ? (int)-rc : WASMINFER_E_RUNTIME;
+    if (wasminfer_last_error(host_msg, sizeof host_msg))
+        return wasminfer__fail_call(status, call, model, host_msg, -1, "", "");
+    return wasminfer__fail_call(status, call, model, "error ", -(int64_t)rc, "", "");
+}
+
 /* Runs `model` on `n` input tensors. On success (0) `out` holds the outputs; free them with
  * wasminfer_outputs_free. On failure returns a WASMINFER_E_* status with the error message set
- * (return it from the handler to pass the infer error on) and `out` holds nothing.
- * (Messages are built with snprintf, not wasminfer_fail: Zig cannot translate variadic definitions.) */
+ * (return it from the handler to pass the infer error on) and `out` holds nothing. */
 static inline int wasminfer__run(const char *model, int32_t decoder, const wasminfer_tensor *inputs,
                                  size_t n, wasminfer_outputs *out) {
     static size_t hint = WASMINFER_INFER_BUF; /* the largest answer so far: usually right first time */
-    char msg[WASMINFER_MSG_MAX], host_msg[WASMINFER_MSG_MAX / 2];
     size_t in_len = wasminfer_cbor_size(inputs, n), bad;
     const char *why = wasminfer__check_inputs(inputs, n, &bad);
     out->count = 0;
     out->buf_ = NULL;
-    if (why) {
-        snprintf(msg, sizeof msg, "infer(%s): input %zu: %s", model, bad, why);
-        return wasminfer_fail_str(WASMINFER_E_INVALID_ARGUMENT, msg);
-    }
+    if (why)
+        return wasminfer__fail_call(WASMINFER_E_INVALID_ARGUMENT, "infer", model, "input ", (int64_t)bad, ": ", why);
     uint8_t *in = (uint8_t *)malloc(in_len), *buf = (uint8_t *)malloc(hint);
     if (!in || !buf) {
         free(in);
         free(buf);
-        snprintf(msg, sizeof msg, "infer(%s): out of memory for %zu bytes of input", model, in_len);
-        return wasminfer_fail_str(WASMINFER_E_NOMEM, msg);
+        return wasminfer__fail_call(WASMINFER_E_NOMEM, "infer", model, "out of memory for ", (int64_t)in_len,
+                                    " bytes of input", "");
     }
     wasminfer_cbor_encode(inputs, n, in, in_len, &in_len);
     int32_t rc = decoder > 0 ? wasminfer__decoder_step(decoder, in, in_len, buf, hint)
@@ -525,25 +955,21 @@ static inline int wasminfer__run(const char *model, int32_t decoder, const wasmi
     if (rc >= 0 && (size_t)rc > hint) { /* the host kept the result: fetch it, the model ran once */
         size_t need = (size_t)rc;
         free(buf);
-        if (!(buf = (uint8_t *)malloc(need))) {
-            snprintf(msg, sizeof msg, "infer(%s): out of memory for %zu bytes of output", model, need);
-            return wasminfer_fail_str(WASMINFER_E_NOMEM, msg);
-        }
+        if (!(buf = (uint8_t *)malloc(need)))
+            return wasminfer__fail_call(WASMINFER_E_NOMEM, "infer", model, "out of memory for ", (int64_t)need,
+                                        " bytes of output", "");
         hint = need;
         rc = wasminfer__infer_result(buf, need);
     }
     if (rc < 0) {
         free(buf);
-        if (!wasminfer_last_error(host_msg, sizeof host_msg)) snprintf(host_msg, sizeof host_msg, "error %d", -rc);
-        snprintf(msg, sizeof msg, "infer(%s): %s", model, host_msg);
-        return wasminfer_fail_str(rc >= -255 ? (int)-rc : WASMINFER_E_RUNTIME, msg);
+        return wasminfer__fail_host("infer", model, rc);
     }
     why = wasminfer_cbor_decode(buf, (size_t)rc, out->tensors, WASMINFER_MAX_TENSORS, &out->count);
     if (why) {
         free(buf);
         out->count = 0;
-        snprintf(msg, sizeof msg, "infer(%s): cannot decode the outputs: %s", model, why);
-        return wasminfer_fail_str(WASMINFER_E_DECODE, msg);
+        return wasminfer__fail_call(WASMINFER_E_DECODE, "infer", model, "cannot decode the outputs: ", -1, why, "");
     }
     out->buf_ = buf;
     return 0;
@@ -559,12 +985,9 @@ static inline int wasminfer_infer(const char *model, const wasminfer_tensor *inp
 /* Opens a decoder state of `model` (whose inputs named past* pair with its outputs named present*).
  * Returns its handle (> 0), or a WASMINFER_E_* status with the error message set. */
 static inline int32_t wasminfer_decoder_open(const char *model) {
-    char msg[WASMINFER_MSG_MAX], host_msg[WASMINFER_MSG_MAX / 2];
     int32_t rc = wasminfer__decoder_open(model, strlen(model));
     if (rc > 0) return rc;
-    if (!wasminfer_last_error(host_msg, sizeof host_msg)) snprintf(host_msg, sizeof host_msg, "error %d", -rc);
-    snprintf(msg, sizeof msg, "decoder_open(%s): %s", model, host_msg);
-    return -wasminfer_fail_str(rc >= -255 ? (int)-rc : WASMINFER_E_RUNTIME, msg);
+    return -wasminfer__fail_host("decoder_open", model, rc);
 }
 
 /* One step: the model on `inputs` plus the state's past; the outputs other than present*. Returns
@@ -611,11 +1034,16 @@ static inline void wasminfer_json_str(wasminfer_buf *b, const char *s) {
     wasminfer_buf_append(b, "\"", 1);
 }
 
-/* Appends a number: 9 significant digits (enough to round-trip a float32); NaN/inf become null. */
+/* Appends a number as %.9g: 9 significant digits (enough to round-trip a float32); NaN/inf become null. */
 static inline void wasminfer_json_num(wasminfer_buf *b, double x) {
     char text[32];
-    if (x != x || x - x != 0) wasminfer_buf_puts(b, "null");
-    else wasminfer_buf_append(b, text, (size_t)snprintf(text, sizeof text, "%.9g", x));
+    wasminfer__sink s = {text, sizeof text, 0};
+    if (x != x || x - x != 0) {
+        wasminfer_buf_puts(b, "null");
+        return;
+    }
+    wasminfer__put_float(&s, x, 'g', 9, 0, 0);
+    wasminfer_buf_append(b, text, s.len);
 }
 
 static inline void wasminfer_json_f32_array(wasminfer_buf *b, const float *x, size_t n) {

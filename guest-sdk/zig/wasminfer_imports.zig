@@ -15,8 +15,8 @@
 //!         return c.wasminfer_dispatch(handle, body, len, ctype, clen);
 //!     }
 //!
-//! The variadic helpers (wasminfer_fail, wasminfer_log, wasminfer_buf_printf) cannot be translated:
-//! use wasminfer_fail_str, wasminfer_log_str and wasminfer_buf_puts.
+//! The variadic helpers (wasminfer_fail, wasminfer_log, wasminfer_buf_printf, wasminfer_snprintf)
+//! cannot be translated: use wasminfer_fail_str, wasminfer_log_str and wasminfer_buf_puts.
 
 extern "wasminfer" fn infer(model: [*]const u8, model_len: usize, in: [*]const u8, in_len: usize, out: [*]u8, out_cap: usize) i32;
 extern "wasminfer" fn infer_result(out: [*]u8, out_cap: usize) i32;

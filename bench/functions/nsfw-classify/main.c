@@ -30,13 +30,14 @@ static char why[256];
 
 static const char *check_size(uint64_t width, uint64_t height, size_t have) {
     if (width < 1 || height < 1 || width > MAX_SIDE || height > MAX_SIDE) {
-        snprintf(why, sizeof why, "image size %llux%llu: width and height must be 1..%d", (unsigned long long)width,
-                 (unsigned long long)height, MAX_SIDE);
+        wasminfer_snprintf(why, sizeof why, "image size %llux%llu: width and height must be 1..%d",
+                           (unsigned long long)width, (unsigned long long)height, MAX_SIDE);
         return why;
     }
     if (width * height * 3 != have) {
-        snprintf(why, sizeof why, "a %llux%llu RGB image needs %llu bytes of pixels, got %zu",
-                 (unsigned long long)width, (unsigned long long)height, (unsigned long long)(width * height * 3), have);
+        wasminfer_snprintf(why, sizeof why, "a %llux%llu RGB image needs %llu bytes of pixels, got %zu",
+                           (unsigned long long)width, (unsigned long long)height,
+                           (unsigned long long)(width * height * 3), have);
         return why;
     }
     return NULL;
@@ -94,9 +95,10 @@ static const char *read_image(const wasminfer_request *req, image *img) {
         img->height = (size_t)height;
         return NULL;
     }
-    snprintf(why, sizeof why,
-             "unsupported content type '%.64s': send image/x-portable-pixmap or image/x-raw-rgb; width=W; height=H",
-             ctype);
+    wasminfer_snprintf(why, sizeof why,
+                       "unsupported content type '%.64s': send image/x-portable-pixmap or "
+                       "image/x-raw-rgb; width=W; height=H",
+                       ctype);
     return why;
 }
 
