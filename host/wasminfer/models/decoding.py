@@ -85,7 +85,7 @@ class DecoderSpec:
             raise InvalidTensor(f"decoder of model {self.model!r}: a token cannot be fed back by itself, "
                                 "the model has not exactly one input besides its past; give the inputs")
         name, dtype = self.ids
-        return {name: np.full((1, 1), token, dtype)}
+        return {name: np.array([[token]], dtype)}
 
     def last_logits(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """The row of logits the next token is chosen from: the last position of the one sequence.
