@@ -1,19 +1,25 @@
 """functions/chatbot on the Python runtime: a handler that yields streams its tokens, the decoder's
-past stays on the host, and the tokens equal the same decoding loop (the function's own sampling
-code) run directly on ONNX Runtime, greedy and sampled, with the same seed."""
+past stays on the host, which also chooses the tokens, and they equal the same decoding loop with
+the reference sampler (the guest's own before the host chose) run directly on ONNX Runtime, greedy
+and sampled, with the same seed."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from collections.abc import Iterator
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 from starlette.testclient import TestClient
 
+import sampling_reference
 from test_decoders import reference
 from test_streaming import parse_sse
-from wasminfer.errors import GuestRejected
+from wasminfer import pysource
+from wasminfer.errors import GuestRejected, InvalidSampling
 from wasminfer.examples import EXAMPLES, tiny_gpt_model
 from wasminfer.gateway import create_app
 from wasminfer.manifest import Manifest
@@ -73,12 +79,18 @@ def test_a_step_crosses_the_same_bytes_at_any_length(host: Host) -> None:
 
     near = total(11) - total(10)
     far = total(201) - total(200)
-    assert near == far  # one token id in, one row of logits out, whatever the past
+    # the decoder's handle in, one token id out, and the token's text as a part, whatever the past
+    # (a row of 96 float32 logits came out at each step while the guest chose the tokens)
+    assert near == far and near < 64
 
 
 def test_bad_requests_are_rejected_before_any_part(host: Host) -> None:
-    with pytest.raises(GuestRejected, match="bad sampling parameters"):
+    with pytest.raises(GuestRejected, match="bad sampling parameters: top_p is over 0 and at most 1, not 0"):
         host.invoke("chatbot", ask(prompt="x", top_p=0), "application/json")
+    with pytest.raises(GuestRejected, match=r"parameters: temperature is 0 \(greedy\) to 100, not 101"):
+        host.invoke("chatbot", ask(prompt="x", temperature=101), "application/json")
+    with pytest.raises(GuestRejected, match="bad sampling parameters: top_k is 0 .* to 1048576, not -1"):
+        host.invoke("chatbot", ask(prompt="x", top_k=-1), "application/json")
     with pytest.raises(GuestRejected, match='send {"prompt"'):
         host.invoke("chatbot", b"{}", "application/json")
 
@@ -103,3 +115,60 @@ def test_sse_over_the_gateway_carries_the_same_tokens(tmp_path: object) -> None:
             assert len(events) == 21
     finally:
         platform.close()
+
+
+RAW_DECODER = '''
+from wasminfer_guest import Decoder, InferError, Sampling, Tensor, handler
+
+@handler
+def probe(request):
+    what = request.text()
+    if what.startswith("bad"):  # a guest that writes its frame past the SDK's checks
+        s = object.__new__(Sampling)
+        for name, value in (("temperature", 0.5), ("top_k", 0), ("top_p", 1.0), ("seed", 0)):
+            object.__setattr__(s, name, value)
+        object.__setattr__(s, what.split()[1], float(what.split()[2]))
+        if what.endswith("caught"):
+            try:
+                Decoder("tiny-gpt", s)
+            except InferError as exc:
+                return f"{exc.kind}: {exc.message}"
+        Decoder("tiny-gpt", s)
+    with Decoder("tiny-gpt", Sampling(temperature=0.9, seed=11)) as d:
+        if what == "early":
+            try:
+                d.next_token()
+            except InferError as exc:
+                return f"{exc.kind}: {exc.message}"
+        ids = [d.next_token({"input_ids": Tensor.of([[40, 41, 42]], "int64")})]
+        ids += [d.next_token() for _ in range(9)]
+        return {"ids": ids, "steps": d.steps}
+'''
+
+
+def test_the_host_checks_the_sampling_a_guest_sends_and_feeds_back_its_tokens(host: Host) -> None:
+    host.deploy_function("raw", pysource.bundle(RAW_DECODER.encode(), pysource.PYTHON),
+                         Manifest.from_dict(CHATBOT.manifest()))
+    live = TABLE.live()
+    assert host.invoke("raw", b"bad top_p 1.5 caught").body == (
+        b"invalid-argument: sampling: top_p is over 0 and at most 1, not 1.5")
+    with pytest.raises(InvalidSampling, match=r"sampling: temperature is 0 \(greedy\) to 100, not -1.0") as e:
+        host.invoke("raw", b"bad temperature -1")
+    assert e.value.status == 400
+    early = host.invoke("raw", b"early").body.decode()
+    assert re.fullmatch(r"invalid-tensor: decoder state \d+ has chosen no token yet: give the first step's "
+                        r"inputs \(the prompt's ids\)", early), early
+    got = json.loads(host.invoke("raw", b"go").body)
+    sampler, rng = sampling_reference.Sampling(temperature=0.9, seed=11), sampling_reference.Rng(11)
+    session = ort.InferenceSession(tiny_gpt_model(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    past = {i.name: np.zeros((1, 4, 0, 16), np.float32)
+            for i in session.get_inputs() if i.name != "input_ids"}
+    ids, want = np.array([[40, 41, 42]], np.int64), []
+    for _ in range(10):
+        out = dict(zip(names, session.run(None, {"input_ids": ids, **past}), strict=True))
+        past = {name: out["present" + name[4:]] for name in past}
+        want.append(sampling_reference.choose(out["logits"][0, -1], sampler, rng))
+        ids = np.array([[want[-1]]], np.int64)
+    assert got == {"ids": want, "steps": 10}
+    assert TABLE.live() == live

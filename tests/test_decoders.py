@@ -9,26 +9,28 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+import sampling_reference
 from wasminfer.errors import DecoderNotFound, InvalidTensor, InvocationCancelled, MemoryQuotaExceeded
 from wasminfer.examples import functions_dir, tiny_gpt_model
 from wasminfer.models import ModelRegistry
 from wasminfer.models.decoding import DecoderSpec
+from wasminfer.models.sampling import Sampling
 from wasminfer.runtime import Host, OutputStream
-from wasminfer.runtime.decoders import TABLE
+from wasminfer.runtime.decoders import TABLE, InvocationDecoders
 from wasminfer.runtime.memory import MemoryBudget
 
 MANIFEST = {"models": ["tiny-gpt"], "max_infer_calls": 100_000, "timeout_ms": 20_000}
 
 
 def chatbot_module(name: str) -> ModuleType:
-    """A module of functions/chatbot (the guest's own sampling and tokenizer), imported on the host."""
+    """A module of functions/chatbot (the guest's tokenizer), imported on the host."""
     path = functions_dir() / "chatbot" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"chatbot_{name}", path)
     assert spec is not None and spec.loader is not None
@@ -39,8 +41,9 @@ def chatbot_module(name: str) -> ModuleType:
 
 
 def reference(prompt: str, count: int, **sampling: float) -> str:
-    """The chatbot's decoding loop run directly on ONNX Runtime, the past kept in this process."""
-    smp, tok = chatbot_module("sampling"), chatbot_module("tokenizer")
+    """The chatbot's decoding loop run directly on ONNX Runtime, the past kept in this process, its
+    tokens chosen by the reference sampler (the guest's before the host chose them)."""
+    smp, tok = sampling_reference, chatbot_module("tokenizer")
     session = ort.InferenceSession(tiny_gpt_model(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     past = {i.name: np.zeros((1, 4, 0, 16), np.float32)
@@ -78,6 +81,34 @@ def test_decoder_spec_pairs_past_with_present_and_starts_empty(gpt: bytes) -> No
     assert {a.shape for a in spec.first.values()} == {(1, 4, 0, 16)}
     with pytest.raises(InvalidTensor, match="is the state the host keeps"):
         spec.feed({"past_key_0": np.zeros((1, 4, 0, 16), np.float32)}, None)
+
+
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.8, "top_k": 20, "seed": 7},
+                                      {"temperature": 1.2, "top_p": 0.9, "seed": 2**63}])
+def test_the_host_chooses_the_reference_samplers_tokens_and_feeds_them_back(
+    gpt: bytes, settings: dict[str, float]
+) -> None:
+    tok = chatbot_module("tokenizer")
+    with ModelRegistry() as models:
+        models.load("tiny-gpt", gpt)
+        decoders = InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"))
+        ran: list[dict[str, np.ndarray]] = []
+
+        def run(model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            ran.append(models.infer(model, inputs))
+            return ran[-1]
+
+        h = decoders.open("tiny-gpt", "f", Sampling(**settings))  # type: ignore[arg-type]
+        with pytest.raises(InvalidTensor, match=f"decoder state {h} has chosen no token yet: give the first"):
+            decoders.next_token(h, None, run)
+        tokens = [decoders.next_token(h, {"input_ids": np.array([tok.encode("Hello")])}, run)]
+        tokens += [decoders.next_token(h, None, run) for _ in range(39)]
+        kept = decoders.table._states[h].past
+        assert kept is not None and kept["past_key_0"] is ran[-1]["present_key_0"]  # no copy per step
+        assert ran[-1]["present_key_0"].shape == (1, 4, 5 + 39, 16)
+        decoders.close()
+    text = "".join(tok.decode(t) for t in tokens[: tokens.index(tok.EOS) if tok.EOS in tokens else None])
+    assert text == reference("Hello", 40, **settings)
 
 
 def test_a_model_without_past_inputs_is_no_decoder(add_model: bytes) -> None:

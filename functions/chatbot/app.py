@@ -1,18 +1,19 @@
 """chatbot: streams the continuation of a prompt, one token at a time, from tiny-gpt.
 
 Request (JSON): {"prompt": "...", "max_new_tokens": 32, "temperature": 0, "top_k": 0, "top_p": 1,
-"seed": 0, "stop": true} ("stop": false goes on past the end-of-text token, for measurements). The answer is the text, each token sent as it is chosen (invoke with ?stream=1 or
-Accept: text/event-stream to see them come). The model's past key/values stay on the host between
-steps (a `Decoder`); the tokenizer and the sampling run here.
+"seed": 0, "stop": true} ("stop": false goes on past the end-of-text token, for measurements). The
+answer is the text, each token sent as it is chosen (invoke with ?stream=1 or Accept:
+text/event-stream to see them come). The model's past key/values stay on the host between steps (a
+`Decoder`), which also chooses each token (`Sampling`: greedy, or temperature, top-k, top-p with a
+seed), so a step crosses one token id each way; the tokenizer runs here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import sampling
 import tokenizer
-from wasminfer_guest import Decoder, Reject, Request, Tensor, handler
+from wasminfer_guest import Decoder, Reject, Request, Sampling, Tensor, handler
 
 MODEL = "tiny-gpt"
 MAX_NEW_TOKENS = 4096
@@ -24,7 +25,7 @@ def chat(request: Request) -> Iterator[str]:
     if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body["prompt"]:
         raise Reject(400, 'send {"prompt": "some text", "max_new_tokens": 32, ...}')
     try:
-        s = sampling.Sampling.from_dict(body)
+        s = Sampling.from_dict(body)
         count = int(body.get("max_new_tokens", 32))
     except (TypeError, ValueError) as exc:
         raise Reject(400, f"bad sampling parameters: {exc}") from None
@@ -34,11 +35,14 @@ def chat(request: Request) -> Iterator[str]:
     return _tokens(tokenizer.encode(body["prompt"]), count, s, eos)
 
 
-def _tokens(prompt: list[int], count: int, s: sampling.Sampling, eos: int) -> Iterator[str]:
-    with Decoder(MODEL) as decoder:
-
-        def step(ids):  # type: ignore[no-untyped-def]
-            return decoder.step({"input_ids": Tensor.of(ids, "int64")})["logits"].numpy()
-
-        for token in sampling.generate(step, prompt, count, s, eos):
+def _tokens(prompt: list[int], count: int, s: Sampling, eos: int) -> Iterator[str]:
+    if count == 0:
+        return
+    with Decoder(MODEL, s) as decoder:
+        token = decoder.next_token({"input_ids": Tensor.of([prompt], "int64")})
+        for i in range(count):
+            if token == eos:
+                return
             yield tokenizer.decode(token)
+            if i + 1 < count:
+                token = decoder.next_token()  # the host feeds the token it chose back in

@@ -93,6 +93,12 @@ class InvalidManifest(BadRequest):
         return cls.for_key(key, f"must be between {lo} and {hi}, got {value}")
 
 
+class InvalidSampling(BadRequest):
+    """A decoder's sampling parameters are out of bounds (`models/sampling.py`)."""
+
+    code = "invalid_sampling"
+
+
 class InvalidModule(BadRequest):
     """The uploaded bytes are not a Wasm module/component the host can run."""
 

@@ -58,7 +58,7 @@ def _runtime_infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor
     return runtime_call(b"i", model, inputs)
 
 
-def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor], raw: bool = False) -> Any:
     """One frame to the host: `op` (`i` for infer, or a decoder step's `d s` and handle), then a
     header packed with `struct` in which each tensor's bytes are passed by address (the host copies
     them straight out of the tensor's own `bytes`: numpy arrays became bytes with one copy in
@@ -71,7 +71,9 @@ def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor]) -> dict[st
 
     An empty answer means the first form lies in the inbox (`_runtime.INBOX`), after its head.
 
-    A string tensor's bytes are each string as a u32 length and its UTF-8. Raises `InferError`.
+    A string tensor's bytes are each string as a u32 length and its UTF-8. Returns the outputs by
+    name, or with `raw` the answer itself (`answer`: a decoder's next token is no tensor). Raises
+    `InferError`.
     """
     from wasminfer_guest._runtime import address
 
@@ -91,18 +93,30 @@ def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor]) -> dict[st
         parts.append(raw_name)
         parts.append(struct.pack(f"<BB{len(shape)}qII", _CODES[t.dtype], len(shape), *shape, address(data),
                                  len(data)))
-    answer = b._host.call(b"".join(parts))
+    found = b._host.call(b"".join(parts))
     del kept
-    if not answer:  # the host wrote it into the inbox, free while the handler runs
+    if raw:
+        return answer(found)
+    if not found:  # the host wrote it into the inbox, free while the handler runs
         from wasminfer_guest._runtime import HEAD_BYTES, INBOX_VIEW
 
         return _outputs(INBOX_VIEW, HEAD_BYTES)
-    if answer[:1] != b"\x00":
+    return _outputs(memoryview(answer(found)), 0)
+
+
+def answer(found: Any) -> memoryview:
+    """A door's answer (`0` and what follows), taken from the inbox when the door left `found`
+    empty. Raises `InferError` for an error answer."""
+    if not found:
+        from wasminfer_guest._runtime import HEAD_BYTES, INBOX_VIEW
+
+        return INBOX_VIEW[HEAD_BYTES:]
+    if found[:1] != b"\x00":
         import json
 
-        err = json.loads(answer[1:])
+        err = json.loads(bytes(found[1:]))
         raise InferError(err["kind"], err["message"])
-    return _outputs(memoryview(answer), 0)
+    return memoryview(found)
 
 
 def _outputs(buf: memoryview, offset: int) -> dict[str, Tensor]:

@@ -6,13 +6,16 @@ A decoder model (GPT-style, as ONNX exporters write it) takes its key/value cach
 an empty past: each past input with its last free dimension 0 (the sequence) and its other free
 dimensions 1 (the batch), e.g. [1, heads, 0, head_dim]; each later step on the present of the one
 before. Whoever keeps the state between steps (`runtime.decoders`) asks `DecoderSpec` what to feed
-and what to keep.
+and what to keep, and, to choose the next token itself (`models.sampling`), where the logits are
+(the output `logits`, else the one output that is no present) and where a chosen token goes back
+in (the one input that is no past, as a [1, 1] tensor).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -46,6 +49,8 @@ class DecoderSpec:
     model: str
     pairs: tuple[tuple[str, str], ...]
     first: Mapping[str, np.ndarray]
+    ids: tuple[str, np.dtype] | None = None  # the one input that is no past, and its dtype
+    logits: str | None = None
 
     @classmethod
     def of(cls, info: ModelInfo) -> DecoderSpec:
@@ -66,13 +71,42 @@ class DecoderSpec:
         if not pairs:
             raise InvalidTensor(f"model {info.name!r} is no decoder: none of its inputs is named past… "
                                 "(e.g. past_key_0 with an output present_key_0)")
-        return cls(info.name, tuple(pairs), first)
+        own = [spec for spec in info.inputs if not spec.name.startswith("past")]
+        ids = (own[0].name, np.dtype(own[0].dtype)) if len(own) == 1 and own[0].dtype != "string" else None
+        presents = {present for _, present in pairs}
+        rest = [o.name for o in info.outputs if o.name not in presents]
+        logits = "logits" if "logits" in rest else rest[0] if len(rest) == 1 else None
+        return cls(info.name, tuple(pairs), first, ids, logits)
 
-    @property
+    def token_ids(self, token: int) -> dict[str, np.ndarray]:
+        """The inputs of a step on one chosen token. Raises `InvalidTensor` if the model has not
+        exactly one input besides its past."""
+        if self.ids is None:
+            raise InvalidTensor(f"decoder of model {self.model!r}: a token cannot be fed back by itself, "
+                                "the model has not exactly one input besides its past; give the inputs")
+        name, dtype = self.ids
+        return {name: np.array([[token]], dtype)}
+
+    def last_logits(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The row of logits the next token is chosen from: the last position of the one sequence.
+        Raises `InvalidTensor` without an output `logits` (or one single output besides the
+        presents) of shape [1, positions, vocabulary]."""
+        if self.logits is None:
+            raise InvalidTensor(f"decoder of model {self.model!r}: no output named 'logits' to choose the "
+                                "next token from")
+        logits = outputs[self.logits]
+        if logits.ndim != 3 or logits.shape[0] != 1 or logits.shape[1] < 1 or logits.shape[2] < 1:
+            raise InvalidTensor(f"decoder of model {self.model!r}: output {self.logits!r} has shape "
+                                f"{list(logits.shape)}, not [1, positions, vocabulary]")
+        row: np.ndarray = logits[0, -1]
+        return row
+
+    # Asked at every step: made once (a frozen dataclass still has a __dict__ for them).
+    @cached_property
     def past_names(self) -> frozenset[str]:
         return frozenset(p for p, _ in self.pairs)
 
-    @property
+    @cached_property
     def present_names(self) -> frozenset[str]:
         return frozenset(p for _, p in self.pairs)
 

@@ -9,9 +9,13 @@ closes them), or earlier by the guest. Their bytes (the past tensors) are reserv
 tenant's memory quota ("decoders" in `runtime.memory`) as they grow, step by step; a step that does
 not fit fails with the quota's error.
 
+A state may also choose its tokens (`next_token`): the step's logits stay on the host, which draws
+the next token with the state's own `Sampler` (opened with its `Sampling`, seeded) and feeds it to
+the next step, so a guest that only needs token ids crosses one id per step and runs no sampling.
+
 Each ABI reaches this through `InvocationDecoders` (`InvocationState.decoders`, made on first use):
 the handler ABI's `decoder_open` / `decoder_step` / `decoder_close`, the Python runtime's `d`
-frames, and WasmEdge's `compute_single` in wasi-nn.
+frames (with `next_token`), and WasmEdge's `compute_single` in wasi-nn.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from wasminfer.errors import DecoderNotFound, InferLimitExceeded
+from wasminfer.errors import DecoderNotFound, InferLimitExceeded, InvalidTensor
 from wasminfer.models import ModelRegistry
 from wasminfer.models.decoding import DecoderSpec, nbytes
+from wasminfer.models.sampling import Sampler, Sampling
 from wasminfer.runtime.memory import Reservation, TenantMemory
 
 #: Decoder states one invocation may hold at once.
@@ -40,8 +45,10 @@ class _State:
     owner: object
     spec: DecoderSpec
     memory: Reservation
+    sampler: Sampler
     past: dict[str, np.ndarray] | None = None
     steps: int = 0
+    token: int | None = None  # the one `next_token` chose last
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -60,15 +67,18 @@ class DecoderTable:
         with self._lock:
             return len(self._states)
 
-    def open(self, owner: object, spec: DecoderSpec, memory: TenantMemory) -> int:
-        """A new empty state of `spec`'s model for `owner`; returns its handle."""
+    def open(self, owner: object, spec: DecoderSpec, memory: TenantMemory,
+             sampling: Sampling | None = None) -> int:
+        """A new empty state of `spec`'s model for `owner`, choosing tokens with `sampling` (greedy
+        if None); returns its handle."""
+        sampler = Sampler(sampling or Sampling())
         reservation = memory.reserve(0, "decoders", f"a decoder state of model {spec.model!r}")
         with self._lock:
             handle = next(self._ids)
             if handle > _MAX_HANDLE:  # two billion opened in one process: start over past the live ones
                 self._ids = itertools.count(max(self._states, default=0) + 1)
                 handle = next(self._ids)
-            self._states[handle] = _State(owner, spec, reservation)
+            self._states[handle] = _State(owner, spec, reservation, sampler)
             self.opened += 1
         return handle
 
@@ -88,27 +98,52 @@ class DecoderTable:
         past does not fit (the state is then freed)."""
         state = self._get(owner, handle)
         with state.lock:
-            outputs = run(state.spec.model, state.spec.feed(inputs, state.past))
-            _, past = state.spec.split(outputs)
-            # A batch's outputs are views into it: keep only this state's part.
-            past = {k: a if a.flags.owndata else a.copy() for k, a in past.items()}
-            size = nbytes(past)
-            grow = size - state.memory.nbytes
-            if grow > 0:
-                try:
-                    what = (f"the decoder state {handle} of model {state.spec.model!r} ({size} bytes after "
-                            f"step {state.steps + 1})")
-                    extra = memory.reserve(grow, "decoders", what)
-                except BaseException:
-                    self.close(owner, handle)
-                    raise
-                state.memory.resize(size)
-                extra.release()
-            else:
-                state.memory.resize(size)
-            state.past = past
-            state.steps += 1
-        return state.spec, outputs
+            return state.spec, self._step(owner, handle, state, inputs, run, memory)
+
+    def next_token(self, owner: object, handle: int, inputs: Mapping[str, np.ndarray] | None, run: Run,
+                   memory: TenantMemory) -> int:
+        """A step of state `handle` on `inputs`, or without them on the token chosen last (fed to the
+        model's one input besides its past); returns the next token, drawn by the state's sampler
+        from the last row of the step's logits. Raises what `step` raises, `InvalidTensor` without
+        inputs before any token was chosen, for a model whose ids input or logits output cannot be
+        told (`DecoderSpec.token_ids`, `last_logits`: the state is then unchanged or stepped)."""
+        state = self._get(owner, handle)
+        with state.lock:
+            spec = state.spec
+            if inputs is None:
+                if state.token is None:
+                    raise InvalidTensor(f"decoder state {handle} has chosen no token yet: give the first "
+                                        "step's inputs (the prompt's ids)")
+                inputs = spec.token_ids(state.token)
+            outputs = self._step(owner, handle, state, inputs, run, memory)
+            state.token = state.sampler.next(spec.last_logits(outputs))
+            return state.token
+
+    def _step(self, owner: object, handle: int, state: _State, inputs: Mapping[str, np.ndarray], run: Run,
+              memory: TenantMemory) -> dict[str, np.ndarray]:
+        """Under the state's lock."""
+        outputs = run(state.spec.model, state.spec.feed(inputs, state.past))
+        _, past = state.spec.split(outputs)
+        # A batch's outputs are views into its arrays: keep only this state's part. ORT's own
+        # outputs (their base a capsule of ORT's) are this state's already: no copy per step.
+        past = {k: a.copy() if isinstance(a.base, np.ndarray) else a for k, a in past.items()}
+        size = nbytes(past)
+        grow = size - state.memory.nbytes
+        if grow > 0:
+            try:
+                what = (f"the decoder state {handle} of model {state.spec.model!r} ({size} bytes after "
+                        f"step {state.steps + 1})")
+                extra = memory.reserve(grow, "decoders", what)
+            except BaseException:
+                self.close(owner, handle)
+                raise
+            state.memory.resize(size)
+            extra.release()
+        else:
+            state.memory.resize(size)
+        state.past = past
+        state.steps += 1
+        return outputs
 
     def steps(self, owner: object, handle: int) -> int:
         return self._get(owner, handle).steps
@@ -155,14 +190,14 @@ class InvocationDecoders:
             spec = self._specs[model] = DecoderSpec.of(info)
         return spec
 
-    def open(self, model: str, function: str) -> int:
+    def open(self, model: str, function: str, sampling: Sampling | None = None) -> int:
         """Raises `ModelNotFound`, `InvalidTensor` (no decoder), `InferLimitExceeded` past
         `MAX_PER_INVOCATION` open states, the memory refusals."""
         spec = self.spec(model)
         if len(self.handles) >= MAX_PER_INVOCATION:
             raise InferLimitExceeded(f"function {function!r} holds {len(self.handles)} decoder states: at "
                                      f"most {MAX_PER_INVOCATION} per invocation; close some")
-        handle = self.table.open(self.owner, spec, self.memory)
+        handle = self.table.open(self.owner, spec, self.memory, sampling)
         self.handles.add(handle)
         return handle
 
@@ -171,9 +206,22 @@ class InvocationDecoders:
         """See `DecoderTable.step`."""
         try:
             return self.table.step(self.owner, handle, inputs, run, self.memory)
-        finally:
-            if handle in self.handles and not self._holds(handle):
-                self.handles.discard(handle)  # freed because its past did not fit
+        except BaseException:
+            self._forget_freed(handle)
+            raise
+
+    def next_token(self, handle: int, inputs: Mapping[str, np.ndarray] | None, run: Run) -> int:
+        """See `DecoderTable.next_token`."""
+        try:
+            return self.table.next_token(self.owner, handle, inputs, run, self.memory)
+        except BaseException:
+            self._forget_freed(handle)
+            raise
+
+    def _forget_freed(self, handle: int) -> None:
+        """After a failed step: a state freed because its past did not fit is no longer held."""
+        if handle in self.handles and not self._holds(handle):
+            self.handles.discard(handle)
 
     def _holds(self, handle: int) -> bool:
         try:

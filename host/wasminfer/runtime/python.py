@@ -53,6 +53,7 @@ from wasminfer.errors import (
     GuestRejected,
     InferLimitExceeded,
     InvalidModule,
+    InvalidSampling,
     InvalidTensor,
     MemoryLimitExceeded,
     ModelNotAllowed,
@@ -62,6 +63,7 @@ from wasminfer.errors import (
 )
 from wasminfer.locations import cache_root, guest_sdk_path
 from wasminfer.manifest import Manifest
+from wasminfer.models.sampling import FRAME, Sampling
 from wasminfer.runtime import handler
 from wasminfer.runtime._cache import compile_in_worker
 from wasminfer.runtime._engine import CallState
@@ -144,11 +146,11 @@ def _door(state: CallState, mem: GuestMemory, ptr: int, length: int, out_ptr: in
     ex = _exchange(state)
     frame = mem.read(ptr, length)
     answer = _answer(state, mem, ex, frame)
-    size = answer.nbytes if isinstance(answer, _Outputs) else len(answer)
-    if isinstance(answer, _Outputs) and ex.answers is not None and size <= ex.answers[1]:
+    size = answer.nbytes if isinstance(answer, _Answer) else len(answer)
+    if isinstance(answer, _Answer) and ex.answers is not None and size <= ex.answers[1]:
         answer.write(mem, ex.answers[0])
         out = (0, 0)  # and the guest, given no answer, reads it there
-    elif isinstance(answer, _Outputs):
+    elif isinstance(answer, _Answer):
         out = (_alloc(state, size), size)
         answer.write(mem, out[0])
     elif answer:
@@ -175,7 +177,7 @@ def _alloc(state: CallState, nbytes: int) -> int:
     return addr
 
 
-def _answer(state: CallState, mem: GuestMemory, ex: Exchange, frame: bytes) -> bytes | _Outputs:
+def _answer(state: CallState, mem: GuestMemory, ex: Exchange, frame: bytes) -> bytes | _Answer:
     op, payload = frame[:1], memoryview(frame)[1:]
     if op == b"r" and ex.request is not None:
         body, ctype = ex.request
@@ -228,11 +230,31 @@ _MAX_DIMS = 32
 _INLINE_BYTES = 16 << 10  # outputs up to this size are copied into the answer's header
 
 
-class _Outputs:
+class _Answer:
+    """An answer the door writes where the guest reads it without allocating (the inbox, when it
+    fits): `chunks` of bytes and arrays, in order."""
+
+    __slots__ = ("chunks", "nbytes")
+
+    def __init__(self, data: bytes) -> None:
+        self.chunks: list[bytes | np.ndarray] = [data]
+        self.nbytes = len(data)
+
+    def write(self, mem: GuestMemory, addr: int) -> None:
+        for chunk in self.chunks:
+            if isinstance(chunk, bytes):
+                mem.write(addr, chunk)
+                addr += len(chunk)
+            else:
+                mem.copy_in(addr, chunk.ctypes.data, chunk.nbytes)
+                addr += chunk.nbytes
+
+
+class _Outputs(_Answer):
     """infer's answer: its header, small outputs' bytes after it, large outputs written into the guest
     straight from their arrays (no copy on the way)."""
 
-    __slots__ = ("chunks", "nbytes")
+    __slots__ = ()
 
     def __init__(self, outputs: dict[str, np.ndarray]) -> None:
         head = [b"\x00", _U32.pack(len(outputs))]
@@ -269,22 +291,13 @@ class _Outputs:
         self.chunks.append(run + b"".join(small[start:]))
         self.nbytes = sum(len(c) if isinstance(c, bytes) else c.nbytes for c in self.chunks)
 
-    def write(self, mem: GuestMemory, addr: int) -> None:
-        for chunk in self.chunks:
-            if isinstance(chunk, bytes):
-                mem.write(addr, chunk)
-                addr += len(chunk)
-            else:
-                mem.copy_in(addr, chunk.ctypes.data, chunk.nbytes)
-                addr += chunk.nbytes
-
 
 def _infer_error(state: InvocationState, kind: str, error: WasminferError) -> bytes:
     state.infer_error = error
     return b"\x01" + json.dumps({"kind": kind, "message": error.message}).encode()
 
 
-def _infer(state: InvocationState, mem: GuestMemory, payload: memoryview) -> bytes | _Outputs:
+def _infer(state: InvocationState, mem: GuestMemory, payload: memoryview) -> bytes | _Answer:
     m = state.manifest
     state.infer_calls += 1
     if state.infer_calls > m.max_infer_calls:
@@ -310,16 +323,19 @@ def _infer(state: InvocationState, mem: GuestMemory, payload: memoryview) -> byt
     return answer
 
 
-def _decoder(state: InvocationState, mem: GuestMemory, payload: memoryview) -> bytes | _Outputs:
-    """The `d` frames: open, step and close a decoder state (`runtime.decoders`); a step's tensors
-    cross as infer's do."""
+def _decoder(state: InvocationState, mem: GuestMemory, payload: memoryview) -> bytes | _Answer:
+    """The `d` frames: open (with the state's sampling), step, next token and close a decoder state
+    (`runtime.decoders`); a step's tensors cross as infer's do, a next token's answer is its id."""
     op, rest = bytes(payload[:1]), payload[1:]
     if op == b"o":
-        model = bytes(rest).decode("utf-8", "replace")
+        model = bytes(rest[FRAME.size:]).decode("utf-8", "replace")
         if not state.manifest.allows(model):
             return _infer_error(state, "model-not-allowed", ModelNotAllowed(state.function, model))
         try:
-            handle = state.decoder_states().open(model, state.function)
+            sampling = Sampling.unpack(bytes(rest[:FRAME.size]))
+            handle = state.decoder_states().open(model, state.function, sampling)
+        except InvalidSampling as exc:
+            return _infer_error(state, "invalid-argument", exc)
         except handler.INFER_FAILURES as exc:
             return _infer_error(state, handler.infer_failure(exc), exc)
         except InferLimitExceeded as exc:
@@ -335,20 +351,27 @@ def _decoder(state: InvocationState, mem: GuestMemory, payload: memoryview) -> b
         except DecoderNotFound as exc:
             return _infer_error(state, "invalid-argument", exc)
         return b"\x00"
-    if op != b"s":
+    if op not in (b"s", b"n"):
         raise GuestFault(f"unexpected decoder frame {op!r} through the door")
     limit_err = state.count_infer("ran {} inferences and decoder steps")
     if limit_err is not None:
         return _infer_error(state, "too-many-calls", limit_err)
+    inputs: dict[str, np.ndarray] | None = None
+    if op == b"s" or len(rest) > 4:  # a next token without inputs feeds back the one chosen last
+        try:
+            _, inputs = _decode(state, mem, rest[4:])
+        except TensorTooLarge as exc:
+            return _infer_error(state, "tensor-too-large", exc)
+        except InvalidTensor as exc:
+            return _infer_error(state, "invalid-argument", exc)
+    answer: _Answer
     try:
-        _, inputs = _decode(state, mem, rest[4:])
-    except TensorTooLarge as exc:
-        return _infer_error(state, "tensor-too-large", exc)
-    except InvalidTensor as exc:
-        return _infer_error(state, "invalid-argument", exc)
-    try:
-        spec, outputs = state.decoder_states().step(handle, inputs, state.run_model)
-        answer = _Outputs(spec.split(outputs)[0])
+        if op == b"n" or inputs is None:  # (an `s` frame always has inputs)
+            token = state.decoder_states().next_token(handle, inputs, state.run_model)
+            answer = _Answer(b"\x00" + _U32.pack(token))
+        else:
+            spec, outputs = state.decoder_states().step(handle, inputs, state.run_model)
+            answer = _Outputs(spec.split(outputs)[0])
     except DecoderNotFound as exc:
         return _infer_error(state, "invalid-argument", exc)
     except handler.INFER_FAILURES as exc:

@@ -1,4 +1,6 @@
-"""Greedy and sampled decoding, the same here (in the guest) and in any reference loop on the host.
+"""The reference sampler: greedy and sampled decoding as the chatbot guest did it in Wasm before the
+host chose its tokens (`wasminfer.models.sampling`), kept apart from the host's code so the tests
+hold the two to the same tokens for the same seed.
 
 The random numbers come from splitmix64 in plain Python, so a seed gives the same tokens on every
 numpy and every machine; logits are reduced in float64.
