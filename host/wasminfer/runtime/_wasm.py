@@ -295,7 +295,6 @@ class CompiledModule:
         first = self.code.module
         self.imports = [_extern_info(i.module, i.name or "", i.type) for i in first.imports]
         self.exports = {e.name: _extern_info("", e.name, e.type) for e in first.exports}
-        self._pre: tuple[wasmtime.Module, wasmtime.InstancePre] | None = None
 
     @property
     def module(self) -> wasmtime.Module:
@@ -337,14 +336,18 @@ class CompiledModule:
         return (mem.min_pages if mem else 0) * WASM_PAGE
 
     def pre(self) -> tuple[wasmtime.Module, wasmtime.InstancePre]:
-        """The code new instances run and its `InstancePre`."""
-        module = self.module
-        pre = self._pre
+        """The code new instances run and its `InstancePre` (one per code, shared by every deploy of
+        the same bytes: one linker per engine)."""
+        code = self.code
+        module = code.module
+        pre: tuple[wasmtime.Module, wasmtime.InstancePre] | None = code.derived
         if pre is None or pre[0] is not module:
             try:
-                pre = self._pre = (module, self.engine.linker.instantiate_pre(module))
+                pre = (module, self.engine.linker.instantiate_pre(module))
             except wasmtime.WasmtimeError as exc:
                 raise WasmLinkError(first_line(str(exc))) from None
+            if code.module is module:  # not swapped meanwhile: never keep the fast code's
+                code.derived = pre
         return pre
 
     def instantiate(
