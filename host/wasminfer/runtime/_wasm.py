@@ -287,7 +287,9 @@ def _extern_info(module: str, name: str, ty: Any) -> ExternInfo:
 
 
 class CompiledModule:
-    """A compiled core module plus its `InstancePre` (imports resolved once per tier of its code)."""
+    """A deployed core module: its code (`Code`, shared by every deploy of the same bytes, which also
+    holds the `InstancePre` of its current tier: imports resolved once per tier) and what was read
+    from it once (imports, exports)."""
 
     def __init__(self, engine: WasmEngine, module: wasmtime.Module | Code, sha256: str,
                  from_cache: bool) -> None:
