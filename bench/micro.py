@@ -76,6 +76,7 @@ def main() -> None:
         manifest = Manifest.from_dict(examples.EXAMPLES[0].manifest())
         host.deploy_function("digits", wasm, manifest.replace(max_instances=100_000))
         fn = host.function("digits")
+        fn.compiled.code.wait(120)  # measured on the optimised code, not the fast tier's first answers
 
         # 1. instantiate a new instance of a warm function
         for _ in range(200):
@@ -105,6 +106,7 @@ def main() -> None:
         call_wasm = bytes(wasmtime.wat2wasm(CALL_WAT))
         host.deploy_function("calls", call_wasm, Manifest())
         cfn = host.function("calls")
+        cfn.compiled.code.wait(120)
         compiled = cfn.compiled
         wi = compiled.instantiate(memory_bytes=1 << 20, timeout_ms=60_000,
                                   calls=(("bare", 1), ("roundtrip", 1)))

@@ -57,6 +57,21 @@ def test_small_requests_reuse_the_instance_and_a_big_one_renews_it(host: Host) -
     assert host.invoke("limits", echo(5)).body == b"xxxxx" and the_instance(host) is fresh
 
 
+def test_a_memory_size_read_before_a_request_is_not_kept_past_it(host: Host) -> None:
+    """An instance reads its memory size once per guest call (`WasmInstance.memory_size`): a size
+    read at rest must not hide what the next request grew, from the pool's growth check either."""
+    inst = the_instance(host)
+    assert inst.memory_size() == 2 * 65536  # type: ignore[attr-defined]
+    assert host.invoke("limits", echo(300_000)).body == b"x" * 300_000
+    assert the_instance(host) is inst
+    grown = inst.memory_size()  # type: ignore[attr-defined]
+    assert grown > 2 * 65536 + 300_000  # it holds the request at least
+    (pooled,) = [i for i, _ in host.function("limits").pool._idle]
+    assert pooled.growth() == grown - 2 * 65536
+    r = host.invoke("limits", echo(1_000_000))  # past `reset_bytes` from there: renewed at release
+    assert r.body == b"x" * 1_000_000 and the_instance(host) is not inst
+
+
 def test_an_idle_instance_that_grew_is_renewed_and_one_that_did_not_is_kept(host: Host) -> None:
     pool = host.function("limits").pool
     untouched = the_instance(host)

@@ -176,3 +176,21 @@ def test_a_worker_that_dies_halfway_leaves_no_cache_entry_and_is_replaced(tmp_pa
         c.compile("module", functions(1), tmp_path / "ok.cwasm", timeout_s=60)
     finally:
         c.close()
+
+
+def test_a_background_compile_starts_no_upload_worker_ahead(tmp_path: Path) -> None:
+    """A background compile takes the background worker, never an idle one, so it starts none ahead:
+    otherwise one ending while an upload's compile holds the only idle worker left two idle workers
+    (~15 MiB each) once that one came back. An upload's compile still starts its successor."""
+    c = Compiler()
+    try:
+        c.compile("module", functions(2), tmp_path / "bg.cwasm", timeout_s=60, background=True)
+        assert c.idle() == [] and c.started == 1  # the background worker only
+        assert (tmp_path / "bg.cwasm").stat().st_size > 0
+        c.compile("module", functions(3), tmp_path / "upload.cwasm", timeout_s=60)
+        (idle,) = c.idle()  # the upload's worker, given back (its compile found no idle one ready)
+        assert c.started == 2
+        c.compile("module", functions(4), tmp_path / "bg2.cwasm", timeout_s=60, background=True)
+        assert c.idle() == [idle] and c.started == 2  # the same background worker, reused
+    finally:
+        c.close()

@@ -155,3 +155,36 @@ def test_an_optimising_compile_past_its_limit_is_not_retried_and_is_reported(
     assert module["tier_error"].startswith(
         "the optimised tier could not be compiled: compiling it took longer than the host's limit of ")
     assert host.invoke("f", b"eok").body == b"eok" and artefacts(tmp_path) == []
+
+
+def test_once_the_optimised_code_is_in_nothing_holds_the_fast_code(host: Host, wasm: bytes) -> None:
+    """A function with an idle instance made on fast-tier code and one (the same bytes, shared code)
+    whose instances were reaped: after the swap and the idle renewal, the fast module is gone, not
+    kept by an instance, a pool or an `InstancePre`."""
+    import gc
+    import weakref
+
+    host.deploy_function("f", wasm)
+    worker = stop_optimising()
+    try:
+        host.deploy_function("g", wasm)  # shares f's code (`SharedCode`)
+        f, g = host.function("f"), host.function("g")
+        assert f.compiled.code is g.compiled.code and f.compiled.tier == "fast"
+        assert g.pool.reap_idle(-1, 0) == 1 and g.pool.stats()["live"] == 0  # its prewarmed one
+        assert host.invoke("f", b"efast").body == b"efast"
+        fast = weakref.ref(f.compiled.module)
+        (made_fast,) = [inst.wasm for inst, _ in f.pool._idle]
+        assert made_fast.module is fast() and f.compiled.code.derived is not None
+        assert f.compiled.code.derived[0] is fast()
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert f.compiled.code.wait(120) and f.compiled.tier == "optimised"
+    assert f.compiled.code.derived is None  # the fast code's InstancePre went with the swap
+    assert made_fast.outdated() and f.pool.shrink_idle(0) == 1 and g.pool.shrink_idle(0) == 0
+    del made_fast
+    gc.collect()
+    assert fast() is None
+    (renewed,) = [inst.wasm for inst, _ in f.pool._idle]
+    assert renewed.module is f.compiled.module and f.compiled.code.derived[0] is renewed.module
+    assert host.invoke("f", b"eoptimised").body == host.invoke("g", b"eoptimised").body == b"eoptimised"
+    assert f.pool.stats()["renewed_total"] == 1 and g.pool.stats()["renewed_total"] == 0

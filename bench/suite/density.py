@@ -50,12 +50,25 @@ def _wasminfer(ctx: Context, name: str, counts: list[int]) -> dict[str, Any]:
                 server.client.put_function(fname, systems.unique_module(wasm), w.manifest())
                 server.invoke(fname, body, w.content_type)
                 deployed += 1
+            # A new module answers on fast-tier code until its optimised code is compiled behind it
+            # (one background compile at a time, `_engine.Tiering`): measured once every function
+            # runs the code it keeps (the swap renews its instance once idle).
+            _wait_optimised(server, [f"{w.function}-{i}" for i in range(deployed)])
             # Idle instances that grew are renewed after `GrowthPolicy.shrink_idle_s` (1 s) by the
             # instance controller (0.5 s ticks): measured once they have given their memory back.
             time.sleep(2.5)
             out[str(k)] = round(systems.pss_bytes(server.pids) / 2**20, 1)
             progress(f"density {name}: wasminfer, {k} function(s): {out[str(k)]} MiB")
     return out
+
+
+def _wait_optimised(server: systems.WasminferServer, names: list[str], timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    for fname in names:
+        while server.client.function(fname)["module"].get("tier") != "optimised":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{fname} never reached its optimised tier")
+            time.sleep(0.05)
 
 
 def _baseline(ctx: Context, name: str, counts: list[int]) -> dict[str, Any]:
@@ -100,7 +113,9 @@ def max_instances(ctx: Context) -> dict[str, Any]:
 def breakdown(ctx: Context, name: str, n: int = 40) -> dict[str, float]:
     """Where a function's memory goes, in-process on a `Host` (no gateway, no store): n functions
     deployed and invoked once, then their instances dropped. KiB per function: `function` (its
-    compiled code and bookkeeping), `warm_instance` (what its instance holds after one request)."""
+    compiled code, optimised, and bookkeeping), `warm_instance` (what its instance holds after one
+    request, once idle: as the server keeps it, renewed if it grew past the slack or ran fast-tier
+    code)."""
     import gc
 
     import psutil
@@ -126,7 +141,10 @@ def breakdown(ctx: Context, name: str, n: int = 40) -> dict[str, float]:
         for i in range(n):
             host.deploy_function(f"f{i}", systems.unique_module(wasm), manifest)
             host.invoke(f"f{i}", body, w.content_type)
-        host.shrink_idle()  # what the instance controller does to idle pools (runtime/pool.py)
+        for i in range(n):  # the code each function keeps, not its fast tier's (see `_wasminfer`)
+            host.function(f"f{i}").compiled.code.wait(120)
+        for i in range(n):  # what the instance controller does to idle pools (runtime/pool.py)
+            host.function(f"f{i}").pool.shrink_idle(0)
         warm = pss()
         for i in range(n):
             host.function(f"f{i}").pool.reap_idle(-1, 0)

@@ -139,6 +139,20 @@ def _worker_main(memory_bytes: int, nice: int) -> None:
             reply = {"ok": False, "error": "compiling it needs more memory than the host allows"}
         stdout.write(json.dumps(reply).encode() + b"\n" + artefact)
         stdout.flush()
+        del artefact, wasm
+        _give_back_heap()
+
+
+def _give_back_heap() -> None:
+    """Returns the heap Cranelift freed to the system: glibc keeps it otherwise, and an idle worker
+    then holds the peak of every compile it ran (measured on digits: 7-11 MiB of its ~50 MiB after
+    20 compiles, back to 1 MiB once trimmed). After the reply: nobody waits for it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def _compile(engine: wasmtime.Engine, kind: str, wasm: bytes) -> bytes:
@@ -281,7 +295,11 @@ class Compiler:
         try:
             self._compile(kind, "optimised", wasm, out, timeout_s, cancel, background)
         finally:
-            self.prestart()
+            # A background compile took no idle worker, so it owes none: prestarting here, while an
+            # upload's compile holds the only idle worker, left a second idle worker (~15 MiB) for
+            # good once that one came back (measured: 1 in 3 density runs of 40 functions).
+            if not background:
+                self.prestart()
 
     def compile_fast(self, kind: str, wasm: bytes, timeout_s: float = DEFAULT_TIMEOUT_S,
                      cancel: threading.Event | None = None) -> bytes:

@@ -239,11 +239,15 @@ class Code:
     """The compiled code of one module's bytes as it gets better: a new module's first answers run
     code of the fast tier (`_compiler.TIERS`), and the optimised code takes its place once `Tiering`
     has compiled it. Its users read `module` for each new instance; instances made earlier finish
-    on the code they were made with."""
+    on the code they were made with (and are renewed, `pool.py`), so once they are gone nothing
+    holds the fast tier's code any more."""
 
     def __init__(self, module: Any, tier: str) -> None:
         self.module = module
         self.tier = tier
+        #: `(module, what a boundary derived from it)`, e.g. its `InstancePre`: kept here, not by each
+        #: user, so that the swap drops it with the fast code even for users that make no instance.
+        self.derived: tuple[Any, Any] | None = None
         #: Why the optimised tier could not be made (the code then stays in the fast tier).
         self.error: str | None = None
         self.attempts = 0  # optimising compiles started
@@ -252,7 +256,7 @@ class Code:
             self._settled.set()
 
     def optimised(self, module: Any) -> None:
-        self.module, self.tier = module, "optimised"
+        self.module, self.tier, self.derived = module, "optimised", None
         self._settled.set()
 
     def failed(self, error: str) -> None:

@@ -68,6 +68,9 @@ _caller_context = held("wasmtime_caller_context", ctypes.c_void_p, ctypes.c_void
 # object, and its restype is shared with wasmtime-py, so it is not ours to change).
 _memory_data = held("wasmtime_memory_data", ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)
 _memory_data_size = held("wasmtime_memory_data_size", ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)
+# (context, *instance, name, len, *item): a lookup that runs no guest code, so it keeps the GIL.
+_export_get = held("wasmtime_instance_export_get", ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p)
 
 _EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
@@ -284,7 +287,9 @@ def _extern_info(module: str, name: str, ty: Any) -> ExternInfo:
 
 
 class CompiledModule:
-    """A compiled core module plus its `InstancePre` (imports resolved once per tier of its code)."""
+    """A deployed core module: its code (`Code`, shared by every deploy of the same bytes, which also
+    holds the `InstancePre` of its current tier: imports resolved once per tier) and what was read
+    from it once (imports, exports)."""
 
     def __init__(self, engine: WasmEngine, module: wasmtime.Module | Code, sha256: str,
                  from_cache: bool) -> None:
@@ -295,7 +300,6 @@ class CompiledModule:
         first = self.code.module
         self.imports = [_extern_info(i.module, i.name or "", i.type) for i in first.imports]
         self.exports = {e.name: _extern_info("", e.name, e.type) for e in first.exports}
-        self._pre: tuple[wasmtime.Module, wasmtime.InstancePre] | None = None
 
     @property
     def module(self) -> wasmtime.Module:
@@ -337,14 +341,18 @@ class CompiledModule:
         return (mem.min_pages if mem else 0) * WASM_PAGE
 
     def pre(self) -> tuple[wasmtime.Module, wasmtime.InstancePre]:
-        """The code new instances run and its `InstancePre`."""
-        module = self.module
-        pre = self._pre
+        """The code new instances run and its `InstancePre` (one per code, shared by every deploy of
+        the same bytes: one linker per engine)."""
+        code = self.code
+        module = code.module
+        pre: tuple[wasmtime.Module, wasmtime.InstancePre] | None = code.derived
         if pre is None or pre[0] is not module:
             try:
-                pre = self._pre = (module, self.engine.linker.instantiate_pre(module))
+                pre = (module, self.engine.linker.instantiate_pre(module))
             except wasmtime.WasmtimeError as exc:
                 raise WasmLinkError(first_line(str(exc))) from None
+            if code.module is module:  # not swapped meanwhile: never keep the fast code's
+                code.derived = pre
         return pre
 
     def instantiate(
@@ -444,27 +452,22 @@ class WasmInstance:
         self._instance = instance
         self._funcs: dict[str, Any] = {}
         self._mem: Any = None
-        mem = self._export(instance, "memory")
+        ctx = self._ctx_addr = int(ctypes.cast(self._ctx, ctypes.c_void_p).value or 0)
+        handle = ctypes.addressof(instance._instance)
+        mem = _export(ctx, handle, "memory")
         if mem is not None and mem.kind == _EXTERN_MEMORY:
             self._mem = mem.of.memory
         self._mem_ref = ctypes.addressof(self._mem) if self._mem is not None else None
+        #: The memory's size as last read, -1 once guest code may have changed it (see `call`).
+        self._size = -1
         self._args = (ffi.wasmtime_val_raw_t * 8)()
         self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
         self._trap_ref = ctypes.byref(self._trap)
         for name, _ in calls:
-            ext = self._export(instance, name)
+            ext = _export(ctx, handle, name)
             if ext is not None and ext.kind == _EXTERN_FUNC:
                 self._funcs[name] = ext.of.func
         self._func_refs = {name: ctypes.byref(f) for name, f in self._funcs.items()}
-
-    def _export(self, instance: wasmtime.Instance, name: str) -> Any:
-        item = ffi.wasmtime_extern_t()
-        raw = name.encode()
-        ok = ffi.wasmtime_instance_export_get(
-            self._ctx, ctypes.byref(instance._instance), ctypes.create_string_buffer(raw), len(raw),
-            ctypes.byref(item),
-        )
-        return item if ok else None
 
     def has(self, name: str) -> bool:
         return name in self._funcs
@@ -509,6 +512,7 @@ class WasmInstance:
             err = _call_unchecked(self._ctx, func_ref, buf, max(len(args), nresults), self._trap_ref)
         finally:
             tls.state, tls.instance = outer
+            self._size = -1  # it may have grown (a host import may have read it meanwhile)
         if err or self._trap:
             self._raise_trap(err, state)
         return int(buf[0].i32) if nresults else 0
@@ -540,7 +544,13 @@ class WasmInstance:
         return GuestMemory(self._ctx, self._mem_ref)
 
     def memory_size(self) -> int:
-        return 0 if self._mem_ref is None else int(_memory_data_size(self._ctx, self._mem_ref))
+        """The linear memory's size in bytes: read once after each guest call (the end of an
+        invocation and the pool's growth check at release both ask)."""
+        size = self._size
+        if size < 0:
+            size = self._size = 0 if self._mem_ref is None else int(_memory_data_size(self._ctx_addr,
+                                                                                      self._mem_ref))
+        return size
 
     def at_memory_limit(self) -> bool:
         """True when the next `memory.grow` of even one page would be refused by the limit."""
@@ -571,6 +581,17 @@ class WasmInstance:
     def _drop_outputs(self) -> None:
         release_output(self._output_ids)
         self._output_ids = ()
+
+
+_NAMES: dict[str, bytes] = {}  # export names, encoded once
+
+
+def _export(ctx: int, instance: int, name: str) -> Any:
+    raw = _NAMES.get(name)
+    if raw is None:
+        raw = _NAMES.setdefault(name, name.encode())
+    item = ffi.wasmtime_extern_t()
+    return item if _export_get(ctx, instance, raw, len(raw), ctypes.addressof(item)) else None
 
 
 def _preopen_has_mutable() -> bool:
