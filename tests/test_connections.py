@@ -5,6 +5,7 @@ Every wait is for the server's answer or its close, not for a time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Iterator
@@ -215,5 +216,25 @@ def test_writes_of_one_loop_turn_reach_the_socket_together_and_close_sends_them_
                 assert theirs.recv(100) == b""  # closed, and what was pending never sent
             assert out.is_closing()
             theirs.close()
+        # A part larger than FLUSH_BYTES goes out at once (flow control sees it), one under it waits.
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        out = CoalescingTransport(transport, loop)
+        out.write(b"x" * CoalescingTransport.FLUSH_BYTES)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)
+        out.write(b"y")
+        assert out.get_write_buffer_size() == transport.get_write_buffer_size()  # none pending here
+        got = b""
+        for _ in range(1000):  # the transport writes what the socket takes at once, the rest on turns
+            if len(got) > CoalescingTransport.FLUSH_BYTES:
+                break
+            await asyncio.sleep(0)
+            with contextlib.suppress(BlockingIOError):
+                got += theirs.recv(1 << 20)
+        assert got == b"x" * CoalescingTransport.FLUSH_BYTES + b"y"
+        out.close()
+        theirs.close()
 
     asyncio.run(main())

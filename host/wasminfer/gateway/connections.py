@@ -36,15 +36,20 @@ from wasminfer.gateway.settings import Settings
 class CoalescingTransport:
     """A transport whose writes within one turn of the event loop reach the socket as one write,
     at the end of that turn (see the module doc); everything else is the wrapped transport's.
-    `close()` and `write_eof()` send what is pending first; `abort()` drops it, as the transport's
-    own `abort()` drops its buffer."""
+    Pending bytes past `FLUSH_BYTES` are written at once: a streamed answer whose parts come
+    without a pause still meets the transport's flow control (`pause_writing`). `close()` and
+    `write_eof()` send what is pending first; `abort()` drops it, as the transport's own drops its
+    buffer."""
 
-    __slots__ = ("_transport", "_loop", "_pending")
+    FLUSH_BYTES = 64 << 10
+
+    __slots__ = ("_transport", "_loop", "_pending", "_size")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] | None = None
+        self._size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -54,17 +59,22 @@ class CoalescingTransport:
         pending = self._pending
         if pending is None:
             self._pending = [data]
+            self._size = len(data)
             self._loop.call_soon(self.flush)
         else:
             pending.append(data)
+            self._size += len(data)
+        if self._size > self.FLUSH_BYTES:
+            self.flush()
 
     def writelines(self, lines: Any) -> None:
         for data in lines:
             self.write(data)
 
     def flush(self) -> None:
-        """Writes what is pending to the transport now."""
-        pending, self._pending = self._pending, None
+        """Writes what is pending to the transport now (the turn's scheduled flush then finds
+        nothing)."""
+        pending, self._pending, self._size = self._pending, None, 0
         if pending and not self._transport.is_closing():
             self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
@@ -77,12 +87,11 @@ class CoalescingTransport:
         self._transport.write_eof()
 
     def abort(self) -> None:
-        self._pending = None
+        self._pending, self._size = None, 0
         self._transport.abort()
 
     def get_write_buffer_size(self) -> int:
-        pending = self._pending
-        return self._transport.get_write_buffer_size() + (sum(map(len, pending)) if pending else 0)
+        return self._transport.get_write_buffer_size() + self._size
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
