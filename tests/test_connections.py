@@ -5,6 +5,7 @@ Every wait is for the server's answer or its close, not for a time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Iterator
@@ -177,3 +178,63 @@ def test_connections_up_to_the_cap_are_served_and_the_next_is_refused(server: tu
             pass
     else:
         raise AssertionError("the address stayed at its cap after its connections closed")
+
+
+def test_writes_of_one_loop_turn_reach_the_socket_together_and_close_sends_them_first() -> None:
+    """`CoalescingTransport` over a real socket: nothing is sent during the turn that writes, all of
+    it at its end; `close()` sends what is pending before closing; `abort()` drops it."""
+    import asyncio
+
+    from wasminfer.gateway.connections import CoalescingTransport
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for ending in ("turn", "close", "abort"):
+            ours, theirs = socket.socketpair()
+            theirs.setblocking(False)
+            transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+            out = CoalescingTransport(transport, loop)
+            out.write(b"HTTP/1.1 200 OK\r\n\r\n")
+            out.write(bytearray(b"body"))
+            assert out.get_write_buffer_size() == 23
+            with pytest.raises(BlockingIOError):
+                theirs.recv(100)  # nothing yet: the turn has not ended
+            if ending == "turn":
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                assert theirs.recv(100) == b"HTTP/1.1 200 OK\r\n\r\nbody"
+                out.close()
+            elif ending == "close":
+                out.close()
+                await asyncio.sleep(0)  # the socket closes on the loop's next turn
+                await asyncio.sleep(0)
+                assert theirs.recv(100) == b"HTTP/1.1 200 OK\r\n\r\nbody"
+            else:
+                out.abort()
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                assert theirs.recv(100) == b""  # closed, and what was pending never sent
+            assert out.is_closing()
+            theirs.close()
+        # A part larger than FLUSH_BYTES goes out at once (flow control sees it), one under it waits.
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        out = CoalescingTransport(transport, loop)
+        out.write(b"x" * CoalescingTransport.FLUSH_BYTES)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)
+        out.write(b"y")
+        assert out.get_write_buffer_size() == transport.get_write_buffer_size()  # none pending here
+        got = b""
+        for _ in range(1000):  # the transport writes what the socket takes at once, the rest on turns
+            if len(got) > CoalescingTransport.FLUSH_BYTES:
+                break
+            await asyncio.sleep(0)
+            with contextlib.suppress(BlockingIOError):
+                got += theirs.recv(1 << 20)
+        assert got == b"x" * CoalescingTransport.FLUSH_BYTES + b"y"
+        out.close()
+        theirs.close()
+
+    asyncio.run(main())

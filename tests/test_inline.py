@@ -29,7 +29,15 @@ from starlette.testclient import TestClient
 from conftest import GUESTS
 from live_server import live_server, wait_optimised
 from wasminfer.gateway import Settings, create_app
-from wasminfer.replicas.inline import FIRST_COOLDOWN_S, MAX_COOLDOWN_S, MIN_SAMPLES, InlinePolicy, eligible
+from wasminfer.replicas.inline import (
+    CPU_SAMPLE_EVERY,
+    FIRST_COOLDOWN_S,
+    MAX_COOLDOWN_S,
+    MIN_SAMPLES,
+    SLOW_FACTOR,
+    InlinePolicy,
+    eligible,
+)
 from wasminfer.runtime.memory import MemorySettings
 from wasminfer.service import Platform, parse_keys
 
@@ -309,7 +317,9 @@ def test_a_guest_that_sleeps_is_never_run_inline(tmp_path: Path) -> None:
             inline = client.app.state.wasminfer.fleet.inline  # type: ignore[attr-defined]
             assert inline.inline_total == 0
             learned = inline.stats()["functions"]["default/s"]
-            assert learned["waits"] is True and learned["samples"] == 3 * MIN_SAMPLES, learned
+            # every invocation learned; the CPU time of the first MIN_SAMPLES, then one in N
+            measured = MIN_SAMPLES + 2 * MIN_SAMPLES // CPU_SAMPLE_EVERY
+            assert learned["waits"] is True and learned["samples"] == measured, learned
     finally:
         platform.close()
 
@@ -404,3 +414,35 @@ def test_a_slow_guest_does_not_hold_back_a_stream_of_short_invocations(
     assert len(slow_runs) >= 3 and sorted(slow_runs)[len(slow_runs) // 2] > 100, slow_runs  # long, often
     assert p99 < 100, f"p99 {p99:.1f} ms over {len(latencies)} short invocations"
     assert inline["default/fast"]["mean_cpu_us"] < 1000 <= inline["default/slow"]["mean_cpu_us"], inline
+
+
+def test_cpu_time_is_read_for_the_first_samples_then_one_invocation_in_n() -> None:
+    policy, fn, key = InlinePolicy("auto", 1000, clock=Clock()), Fn(), ("t", "f")
+    for _ in range(MIN_SAMPLES):  # learning: every invocation is measured
+        assert policy.measures(key)
+        policy.observe(key, fn, 100, inline_wall_us=120)
+    asked = [policy.measures(key) for _ in range(3 * CPU_SAMPLE_EVERY)]
+    assert asked.count(True) == 3 and asked[CPU_SAMPLE_EVERY - 1] is True
+    for _ in range(CPU_SAMPLE_EVERY):  # unmeasured runs learn their wall time only
+        policy.observe(key, fn, None, inline_wall_us=120)
+    assert policy.stats()["functions"]["t/f"]["samples"] == MIN_SAMPLES
+    assert policy.short(key, fn)
+    for mode in ("never", "always"):  # they do not learn: nothing to read
+        assert not InlinePolicy(mode, 1000).measures(key)
+
+
+def test_an_unmeasured_inline_run_past_the_slow_bound_has_the_next_one_measured() -> None:
+    clock = Clock()
+    policy, fn, key = InlinePolicy("auto", 1000, clock=clock), Fn(), ("t", "f")
+    for _ in range(MIN_SAMPLES):
+        policy.observe(key, fn, 100)
+    assert not policy.measures(key)
+    policy.observe(key, fn, None, inline_wall_us=SLOW_FACTOR * 1000 - 1)  # held the loop: under the bound
+    assert not policy.measures(key)
+    policy.observe(key, fn, None, inline_wall_us=SLOW_FACTOR * 1000 + 1)  # past it: maybe it computed
+    assert policy.short(key, fn)  # one long wall time alone is no slow spell (the scheduler's, maybe)
+    assert policy.measures(key) and policy.measures(key)  # until a measured run comes
+    policy.observe(key, fn, 5000, inline_wall_us=5100)  # it computed: slow, to threads
+    assert not policy.short(key, fn)
+    assert policy.cooldowns_total == 1
+    assert not policy.measures(key)

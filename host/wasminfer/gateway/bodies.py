@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Iterable
 
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive
 
 from wasminfer import sniff
 from wasminfer.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
@@ -55,18 +56,7 @@ async def limited_stream(request: Request, limit: int, what: str) -> AsyncGenera
     received = 0
     more = True
     while more:
-        try:
-            async with asyncio.timeout(idle_s):
-                message = await receive()
-        except TimeoutError:
-            raise RequestTimeout(
-                f"no bytes of the {what} came for {idle_s:g} s (after {received} bytes); "
-                "send it without pausing"
-            ) from None
-        if message["type"] != "http.request":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        more = message.get("more_body", False)
+        chunk, more = await _next_chunk(receive, idle_s, what, received)
         received += len(chunk)
         if received > limit:
             raise _too_large(what, limit)
@@ -75,9 +65,44 @@ async def limited_stream(request: Request, limit: int, what: str) -> AsyncGenera
 
 
 async def read_body(request: Request, limit: int, what: str) -> bytes:
-    """The whole body, at most `limit` bytes. Raises `PayloadTooLarge`, `BadRequest`."""
-    chunks = [chunk async for chunk in limited_stream(request, limit, what)]
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    """The whole body, at most `limit` bytes. Raises what `limited_stream` raises, and `BadRequest`
+    for a malformed Content-Length."""
+    # `limited_stream`'s loop without an async generator and a list: every invocation comes here,
+    # and most bodies come in one message.
+    check_length(request, limit, what)
+    idle_s = app_state(request).settings.body_timeout_s
+    receive = request.receive
+    chunk, more = await _next_chunk(receive, idle_s, what, 0)
+    received = len(chunk)
+    if received > limit:
+        raise _too_large(what, limit)
+    if not more:
+        return chunk
+    chunks = [chunk]
+    while more:
+        chunk, more = await _next_chunk(receive, idle_s, what, received)
+        received += len(chunk)
+        if received > limit:
+            raise _too_large(what, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _next_chunk(receive: Receive, idle_s: float, what: str, received: int) -> tuple[bytes, bool]:
+    """The next message's bytes and whether more follow. Raises `RequestTimeout` when none comes
+    within `idle_s` (after `received` bytes), `ClientDisconnect` when the client went away."""
+    try:
+        async with asyncio.timeout(idle_s):
+            message = await receive()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"no bytes of the {what} came for {idle_s:g} s (after {received} bytes); "
+            "send it without pausing"
+        ) from None
+    if message["type"] != "http.request":
+        raise ClientDisconnect()
+    body: bytes = message.get("body", b"")
+    return body, message.get("more_body", False)
 
 
 def media_type(request: Request) -> str:

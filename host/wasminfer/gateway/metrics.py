@@ -7,9 +7,15 @@ only the samples labelled with that tenant, and the unlabelled process-wide ones
 collectors, bound to the caller's tenant, in a registry of its own.
 
 Counted per request by the invoke route: invocations by function and outcome (`ok` or the error
-code), end-to-end latency and guest run time, cold starts. Replica processes that take their own
-connections count theirs the same way; the gateway adds them in at scrape time (`render`'s `extra`,
-`counter_samples` on the replica's side), so every process' `/metrics` shows the whole host.
+code), end-to-end latency and guest run time, cold starts. A successful invocation only adds to a
+tally of its function (`_OkTally`: a few additions and one bisection, no lock): prometheus-client
+takes a lock for each counter and histogram it updates, three of them per request, and walks the
+buckets in Python. The tallies go into the series before anything reads them (`flush`), so every
+reading shows every invocation. The counting and the reading run on the event loop.
+
+Replica processes that take their own connections count theirs the same way; the gateway adds them
+in at scrape time (`render`'s `extra`, `counter_samples` on the replica's side), so every process'
+`/metrics` shows the whole host.
 
 Read from the platform at scrape time (this process' own): live/busy/idle instances per function,
 and per model its load time, resident bytes, runs, inferences, errors and run time, and for a
@@ -18,6 +24,7 @@ batching model its batch size and queue delay histograms.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -54,6 +61,10 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+
+# The buckets' upper bounds as prometheus-client keeps them (+Inf last): the index `bisect_left`
+# finds for a value is that of the bucket `Histogram.observe` adds it to.
+_BOUNDS = (*LATENCY_BUCKETS, float("inf"))
 
 
 # The `_created` series (a timestamp per counter) double the output and nothing reads them. The
@@ -115,6 +126,7 @@ class Metrics:
         # The labelled children of successful invocations, per (tenant, function): `labels()` takes a
         # lock and builds a tuple on every call, a cost on the hot path.
         self._ok: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._tallies: dict[tuple[str, str], _OkTally] = {}  # successes not in the series yet
 
     def invoked(
         self,
@@ -126,19 +138,22 @@ class Metrics:
         cold: bool = False,
     ) -> None:
         if outcome == "ok" and run_s is not None:
-            children = self._ok.get((tenant, function))
-            if children is None:
-                children = self._ok[(tenant, function)] = (
-                    self.invocations.labels(tenant, function, "ok"),
-                    self.latency.labels(tenant, function),
-                    self.run.labels(tenant, function),
-                )
-            count, latency, run = children
-            count.inc()
-            latency.observe(seconds)
-            run.observe(run_s)
+            tally = self._tallies.get((tenant, function))
+            if tally is None:
+                if (tenant, function) not in self._ok:  # its series appear with its first success
+                    self._ok[(tenant, function)] = (
+                        self.invocations.labels(tenant, function, "ok"),
+                        self.latency.labels(tenant, function),
+                        self.run.labels(tenant, function),
+                    )
+                tally = self._tallies[(tenant, function)] = _OkTally()
+            tally.count += 1
+            tally.latency_sum += seconds
+            tally.latency[bisect_left(_BOUNDS, seconds)] += 1
+            tally.run_sum += run_s
+            tally.run[bisect_left(_BOUNDS, run_s)] += 1
             if cold:
-                self.cold_starts.labels(tenant, function).inc()
+                tally.cold += 1
             return
         self.invocations.labels(tenant, function, outcome).inc()
         self.latency.labels(tenant, function).observe(seconds)
@@ -147,11 +162,24 @@ class Metrics:
         if cold:
             self.cold_starts.labels(tenant, function).inc()
 
+    def flush(self) -> None:
+        """Adds the tallies of successful invocations to the series (`render`, `counter_samples` and
+        `function_stats` do first)."""
+        tallies, self._tallies = self._tallies, {}
+        for key, tally in tallies.items():
+            count, latency, run = self._ok[key]
+            count.inc(tally.count)
+            _observed(latency, tally.latency_sum, tally.latency)
+            _observed(run, tally.run_sum, tally.run)
+            if tally.cold:
+                self.cold_starts.labels(*key).inc(tally.cold)
+
     def function_stats(self, tenant: str) -> dict[str, dict[str, Any]]:
         """`tenant`'s functions as this gateway counted them since it started, by name: invocations
         by outcome, cold starts, and the end-to-end latency histogram (cumulative `[upper bound in
         seconds, count]` pairs ending with `"+Inf"`, as `BatchingStats` gives its own; its sum and
         count). Read from the same series `/metrics` renders."""
+        self.flush()
         found: dict[str, dict[str, Any]] = {}
 
         def entry(labels: dict[str, str]) -> dict[str, Any] | None:
@@ -198,6 +226,7 @@ class Metrics:
         """The Prometheus text exposition of `tenant`'s series and the unlabelled ones (None: every
         tenant's), and its content type. `extra`: counted elsewhere (`counter_samples` of other
         processes, summed), added to this process' own counts."""
+        self.flush()
         scrape = CollectorRegistry(auto_describe=False)  # no describe(): registering costs nothing
         for collector in self._collectors:
             if extra and isinstance(collector, _Counted):
@@ -208,7 +237,33 @@ class Metrics:
     def counter_samples(self) -> list[list[Any]]:
         """This process' invocation counters as `[sample name, labels, value]` (JSON-able), for the
         gateway of a replica process to add to its own."""
+        self.flush()
         return [[s.name, s.labels, s.value] for family in self.registry.collect() for s in family.samples]
+
+
+class _OkTally:
+    """Successful invocations of one function not yet in its series: how many, how many cold, and
+    per histogram the sum and the count in each bucket (`_BOUNDS`)."""
+
+    __slots__ = ("count", "cold", "latency_sum", "latency", "run_sum", "run")
+
+    def __init__(self) -> None:
+        self.count = self.cold = 0
+        self.latency_sum = self.run_sum = 0.0
+        self.latency = [0] * len(_BOUNDS)
+        self.run = [0] * len(_BOUNDS)
+
+
+def _observed(child: Any, total: float, counts: list[int]) -> None:
+    """Adds to a labelled `Histogram` child what `observe` would have for values whose sum is `total`
+    and whose counts per bucket are `counts`. prometheus-client has no call that adds many values
+    at once: this writes its child's bucket and sum values (`_buckets`, `_sum`, non-cumulative, as
+    `observe` does; tests/test_gateway_metrics.py checks the result against `observe`'s)."""
+    child._sum.inc(total)
+    buckets = child._buckets
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
 
 
 class _Bound:

@@ -15,14 +15,18 @@ Decided per function, adaptively, from what its invocations cost:
   pool has an instance free now (an inline call never waits for one);
 - **short**: after `MIN_SAMPLES` invocations, the moving average of their CPU time is at most
   `max_us` (the CPU time of the thread that ran each: its wall time would count every other
-  thread's turn at the GIL, and the scheduler's on a loaded machine);
+  thread's turn at the GIL, and the scheduler's on a loaded machine). The CPU time is read for the
+  first `MIN_SAMPLES` invocations of a function, then for one in `CPU_SAMPLE_EVERY` (`measures`):
+  a thread's CPU clock is a system call, which on a busy 2-core VM took tens of µs each, two per
+  invocation (bench/hotpath.py's profile: a fifth of the server's time for digits);
 - **never waits**: an invocation that blocked in a host call (a WASI sleep, measured by the
   runtime: `runtime.blocked_ns`) keeps this version of the function on threads for good: it
   computes little, and would hold the loop for as long as it sleeps;
 - **not recently slow**: a function goes to threads for a cooldown (1 s, doubling for each slow
   spell that follows within `RESET_S`, up to `MAX_COOLDOWN_S`) when an invocation computes for
-  more than `SLOW_FACTOR` × `max_us`, or when the moving average of its inline runs' wall time
-  (what they held the loop) passes that: a guest that sleeps in a host call computes little but
+  more than `SLOW_FACTOR` × `max_us` (an unmeasured inline run that held the loop that long has
+  the next one measured), or when the moving average of its inline runs' wall time (what they held
+  the loop; every inline run's) passes that: a guest that sleeps in a host call computes little but
   holds the loop all the same, while one run slowed by the scheduler moves the average by a fifth.
   A function that turns slow (an input that makes it loop, a guest that sleeps) holds the loop for
   one invocation or a few, never for a stream of them.
@@ -45,6 +49,7 @@ from wasminfer.errors import ModelNotFound
 
 MODES = ("auto", "always", "never")
 MIN_SAMPLES = 8
+CPU_SAMPLE_EVERY = 16  # past MIN_SAMPLES, one invocation in this many has its CPU time read
 SLOW_FACTOR = 4
 WEIGHT = 0.2  # of the newest cost in the moving average: about the last 5-10 invocations
 FIRST_COOLDOWN_S = 1.0
@@ -62,6 +67,8 @@ class _Learned:
     slow_at: float = -1e18
     wall_us: float = 0.0  # moving average of the inline runs' wall time since the last cooldown
     waits: bool = False  # an invocation blocked in a host call (a WASI sleep): never inline again
+    unmeasured: int = 0  # invocations since the last whose CPU time was read
+    measure_next: bool = False  # an unmeasured inline run held the loop past the slow bound
 
 
 class InlinePolicy:
@@ -101,12 +108,27 @@ class InlinePolicy:
             and learned.cooldown_until <= self._clock()
         )
 
+    def measures(self, key: tuple[str, str]) -> bool:
+        """Whether the next invocation of `key` should have its CPU time read for `observe` (see the
+        module doc); never outside mode "auto", which alone learns."""
+        if self.mode != "auto":
+            return False
+        learned = self._learned.get(key)
+        if learned is None or learned.samples < MIN_SAMPLES or learned.measure_next:
+            return True
+        learned.unmeasured += 1
+        if learned.unmeasured >= CPU_SAMPLE_EVERY:
+            learned.unmeasured = 0
+            return True
+        return False
+
     def observe(
-        self, key: tuple[str, str], fn: Any, cpu_us: float, inline_wall_us: float | None = None,
+        self, key: tuple[str, str], fn: Any, cpu_us: float | None, inline_wall_us: float | None = None,
         blocked_us: float = 0.0,
     ) -> None:
-        """Learns the cost of one invocation of `fn`: the CPU time of the thread that ran it, for
-        an inline run its wall time, and the time it blocked in host calls (see the module doc)."""
+        """Learns the cost of one invocation of `fn`: the CPU time of the thread that ran it (None:
+        not read, see `measures`), for an inline run its wall time, and the time it blocked in host
+        calls (see the module doc)."""
         if self.mode != "auto":
             return
         learned = self._learned.get(key)
@@ -114,15 +136,20 @@ class InlinePolicy:
             learned = self._learned[key] = _Learned(weakref.ref(fn))
             if len(self._learned) > 2 * self._swept:
                 self._sweep()
-        if learned.samples:
-            learned.mean_us += (cpu_us - learned.mean_us) * WEIGHT
-        else:
-            learned.mean_us = cpu_us
-        learned.samples += 1
+        bound = self.max_us * SLOW_FACTOR
+        slow = False
+        if cpu_us is not None:
+            if learned.samples:
+                learned.mean_us += (cpu_us - learned.mean_us) * WEIGHT
+            else:
+                learned.mean_us = cpu_us
+            learned.samples += 1
+            learned.measure_next = False
+            slow = cpu_us > bound
+        elif inline_wall_us is not None and inline_wall_us > bound:
+            learned.measure_next = True  # it may have computed that long: read the next one's
         if blocked_us > 0:
             learned.waits = True
-        bound = self.max_us * SLOW_FACTOR
-        slow = cpu_us > bound
         if inline_wall_us is not None:
             learned.wall_us += (inline_wall_us - learned.wall_us) * WEIGHT
             slow = slow or learned.wall_us > bound

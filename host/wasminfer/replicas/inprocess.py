@@ -22,6 +22,18 @@ from wasminfer.runtime import InvokeResult, OutputStream, blocked_ns
 from wasminfer.service import Platform
 
 
+class _Cost:
+    """What an invocation on a worker thread cost, for `InlinePolicy.observe`."""
+
+    __slots__ = ("measure", "ran", "cpu_us", "blocked_us")
+
+    def __init__(self, measure: bool) -> None:
+        self.measure = measure  # read the thread's CPU time (`InlinePolicy.measures`)
+        self.ran = False
+        self.cpu_us: float | None = None
+        self.blocked_us = 0.0
+
+
 class InProcessBackend(ReplicaBackend):
     kind = "in-process"
 
@@ -70,34 +82,39 @@ class InProcessBackend(ReplicaBackend):
         key = (tenant, name)
         inline = self.inline
         fn = self.platform.deployed(name, tenant=tenant)
+        measure = inline.measures(key)  # a thread's CPU clock is a system call: not every time
         if inline.decide(key, fn) and self.limiter.try_acquire(tenant):
             inline.inline_total += 1
-            started, cpu, blocked = time.perf_counter(), time.thread_time(), blocked_ns()
+            started, blocked = time.perf_counter(), blocked_ns()
+            cpu = time.thread_time() if measure else 0.0
             try:
                 return self.platform.invoke(name, body, content_type, tenant=tenant)
             finally:
                 self.limiter.release(tenant)
                 inline.observe(
-                    key, fn, (time.thread_time() - cpu) * 1e6, (time.perf_counter() - started) * 1e6,
-                    (blocked_ns() - blocked) / 1e3,
+                    key, fn, (time.thread_time() - cpu) * 1e6 if measure else None,
+                    (time.perf_counter() - started) * 1e6, (blocked_ns() - blocked) / 1e3,
                 )
-        cost = [0.0, 0.0]
+        cost = _Cost(measure)
         try:
             return await self.limiter.run_sync(tenant, self._invoke, tenant, name, body, content_type, cost)
         finally:
-            if cost[0]:
-                inline.observe(key, fn, cost[0], blocked_us=cost[1])
+            if cost.ran:
+                inline.observe(key, fn, cost.cpu_us, blocked_us=cost.blocked_us)
 
     def _invoke(
-        self, tenant: str, name: str, body: bytes, content_type: str, cost: list[float]
+        self, tenant: str, name: str, body: bytes, content_type: str, cost: _Cost
     ) -> InvokeResult:
         # The thread's CPU time: its wall time would count every other thread's turn at the GIL.
-        started, blocked = time.thread_time(), blocked_ns()
+        blocked = blocked_ns()
+        started = time.thread_time() if cost.measure else 0.0
         try:
             return self.platform.invoke(name, body, content_type, tenant=tenant)
         finally:
-            cost[0] = (time.thread_time() - started) * 1e6 or 0.1
-            cost[1] = (blocked_ns() - blocked) / 1e3
+            if cost.measure:
+                cost.cpu_us = (time.thread_time() - started) * 1e6
+            cost.blocked_us = (blocked_ns() - blocked) / 1e3
+            cost.ran = True
 
     async def stream(self, tenant: str, name: str, body: bytes, content_type: str,
                      stream: OutputStream) -> InvokeResult:
