@@ -13,9 +13,9 @@ installed). Configurations:
   (unused regions freed after the run).
 
 Timing: one process holds a session of every (model, configuration), `--threads` intra-op threads
-each (default 1, the registry's usual choice on 2 cores); each
-round times a block of runs of every configuration in turn (so a busy neighbour slows them alike),
-and the table has the median over rounds of wall and CPU (process) time per run. RSS: a fresh
+each (default 1, the registry's usual choice on 2 cores), run on a thread other than the main one;
+each round times a block of runs of every configuration in turn (so a busy neighbour slows them
+alike), and the table has the median over rounds of wall and CPU (process) time per run. RSS: a fresh
 process per (model, configuration) loads the model, runs it 20 times, and reports the RSS the runs
 added. Prints a table and writes bench/results/arena_models.json; docs/models.md quotes it.
 """
@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,16 @@ def main() -> None:
             print(f"skipped {name}: {exc}", file=sys.stderr)
             continue
         names.append(name)
-    rows = timing(names, args.rounds, args.block_ms, args.threads)
+    # On a thread of its own, as the registry's runs are (called from the gateway's threads): glibc
+    # gives other threads other malloc arenas, which trim their heaps on free unlike the main one.
+    result: list[list[dict[str, Any]]] = []
+    worker = threading.Thread(target=lambda: result.append(timing(names, args.rounds, args.block_ms,
+                                                                   args.threads)))  # fmt: skip
+    worker.start()
+    worker.join()
+    if not result:
+        raise SystemExit("the timing thread failed (its traceback is above)")
+    rows = result[0]
     for row in rows:
         out = subprocess.run([sys.executable, __file__, "--held", row["model"], row["config"]],
                              check=True, capture_output=True, text=True).stdout
