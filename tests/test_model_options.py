@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from wasminfer import cli
 from wasminfer.client import Client
+from wasminfer.digests import model_digest
 from wasminfer.errors import BadRequest
 from wasminfer.gateway import create_app
 from wasminfer.models import BatchingConfig, decode_tensors, encode_tensors
@@ -336,6 +337,16 @@ def test_run_options_survive_a_restart_and_reach_a_platform_that_syncs(
         assert chosen not in (before, after)
         replica.sync("hostile", chosen)
         assert replica.host().models.get("add").options()["max_concurrent_runs"] is None
+        # The arena too; off is the default, so a version stored before the option existed (no
+        # memory_arena in its options) is the same deployment as one stored with it off.
+        sha256 = gateway.get_model("add")["sha256"]
+        assert model_digest(sha256, {"memory_arena": False}) == model_digest(sha256, {}) == sha256[:12]
+        assert model_digest(sha256, {"memory_arena": True}) != sha256[:12]
+        gateway.patch_model("add", {"memory_arena": True})
+        arena = deployment_digest(gateway.deployed("hostile"))
+        assert arena != chosen
+        replica.sync("hostile", arena)
+        assert replica.host().models.get("add").memory_arena is True
 
 
 def test_options_survive_a_restart(tmp_path: Path, add_model: bytes) -> None:
