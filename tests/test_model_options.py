@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from wasminfer import cli
 from wasminfer.client import Client
+from wasminfer.digests import model_digest
 from wasminfer.errors import BadRequest
 from wasminfer.gateway import create_app
 from wasminfer.models import BatchingConfig, decode_tensors, encode_tensors
@@ -41,6 +42,7 @@ DEFAULTS = {
     "max_batch_size": 0,
     "max_queue_delay_us": None,
     "max_concurrent_batches": None,
+    "memory_arena": False,
 }
 
 
@@ -160,6 +162,8 @@ def test_a_model_without_batching_has_run_counters_and_no_histograms(
         ("intra_op_threads=65", "intra_op_threads must be an integer from 0 to 64"),
         ("max_concurrent_runs=257", "max_concurrent_runs must be an integer from 0 to 256"),
         ("max_concurrent_runs=-1", "max_concurrent_runs must be an integer from 0 to 256"),
+        ("memory_arena=maybe", "memory_arena must be true or false (1 or 0) or null, got 'maybe'"),
+        ("memory_arena=2", "memory_arena must be true or false (1 or 0) or null, got '2'"),
         ("batch=8", "unknown model option(s): batch"),
         ("max_batch_size=8&max_batch_size=16", "query parameter max_batch_size is given twice"),
     ],
@@ -283,6 +287,27 @@ def test_concurrent_runs_and_threads_round_trip_and_show_the_plan(
     assert client.get("/v1/models/add").json()["version"] == 3
 
 
+def test_memory_arena_round_trips_through_upload_patch_and_the_view(
+    client: TestClient, add_model: bytes
+) -> None:
+    """Off by default; on from a query parameter (measured with it: the plan was chosen on a session
+    with the arena), off again with PATCH; a value that is not a bool is 400 and changes nothing."""
+    assert client.put("/v1/models/add", content=add_model, headers=ONNX).json()["options"] == DEFAULTS
+    r = client.put("/v1/models/add?memory_arena=true", content=add_model, headers=ONNX)
+    assert r.status_code == 201, r.text
+    assert r.json()["options"] == {**DEFAULTS, "memory_arena": True} and r.json()["version"] == 2
+    assert client.get("/v1/models/add").json()["options"]["memory_arena"] is True
+    for bad, shown in ((1, "1"), ("on", "'on'"), ([], "[]")):
+        message = error(client.patch("/v1/models/add", json={"memory_arena": bad}), 400, "bad_request")
+        assert message == f"model option memory_arena must be true or false (1 or 0) or null, got {shown}"
+    assert client.get("/v1/models/add").json()["version"] == 2
+    off = client.patch("/v1/models/add", json={"memory_arena": False}).json()
+    assert off["options"] == DEFAULTS and off["version"] == 3
+    on = client.patch("/v1/models/add", json={"memory_arena": True}).json()
+    back = client.patch("/v1/models/add", json={"memory_arena": None}).json()
+    assert (on["options"]["memory_arena"], back["options"]["memory_arena"]) == (True, False)
+
+
 # --- durability and replicas ------------------------------------------------------------------------
 def test_run_options_survive_a_restart_and_reach_a_platform_that_syncs(
     tmp_path: Path, add_model: bytes, hostile_wasm: bytes
@@ -312,17 +337,31 @@ def test_run_options_survive_a_restart_and_reach_a_platform_that_syncs(
         assert chosen not in (before, after)
         replica.sync("hostile", chosen)
         assert replica.host().models.get("add").options()["max_concurrent_runs"] is None
+        # The arena too; off is the default, so a version stored before the option existed (no
+        # memory_arena in its options) is the same deployment as one stored with it off.
+        sha256 = gateway.get_model("add")["sha256"]
+        assert model_digest(sha256, {"memory_arena": False}) == model_digest(sha256, {}) == sha256[:12]
+        assert model_digest(sha256, {"memory_arena": True}) != sha256[:12]
+        gateway.patch_model("add", {"memory_arena": True})
+        arena = deployment_digest(gateway.deployed("hostile"))
+        assert arena != chosen
+        replica.sync("hostile", arena)
+        assert replica.host().models.get("add").memory_arena is True
 
 
 def test_options_survive_a_restart(tmp_path: Path, add_model: bytes) -> None:
     with Platform(tmp_path / "data") as p:
         p.start()
-        p.put_model("add", add_model, options={"max_batch_size": 8, "max_queue_delay_us": 300})
+        p.put_model("add", add_model, options={"max_batch_size": 8, "max_queue_delay_us": 300,
+                                                "memory_arena": True})  # fmt: skip
         p.put_model("plain", add_model)
     with Platform(tmp_path / "data") as p:
         p.start()
         assert p.host().models.get("add").batching == BatchingConfig(8, 300)
+        assert p.host().models.get("add").memory_arena is True
         assert p.host().models.get("plain").batching is None
+        assert p.host().models.get("plain").memory_arena is False
+        assert p.get_model("add")["options"]["memory_arena"] is True
         assert p.get_model("add")["options"]["max_queue_delay_us"] == 300
 
 
@@ -397,6 +436,11 @@ def test_cli_deploys_with_options_and_sets_them(
             assert "batching up to 8 rows, 2000 µs delay" in out
             out = run("set", "model", "add", "--max-queue-delay-us", "100")
             assert "version 2" in out and "batching up to 8 rows, 100 µs delay" in out
+            out = run("set", "model", "add", "--memory-arena")
+            assert "version 3" in out and "memory arena" in out
+            assert p.get_model("add")["options"]["memory_arena"] is True
+            out = run("set", "model", "add", "--no-memory-arena")
+            assert "version 4" in out and "memory arena" not in out
             assert "8/100µs" in run("ls")  # the column "batch 8/100µs" (the table may wrap it)
             bad = runner.invoke(cli.app, ["set", "model", "add", "--max-batch-size", "5000"])
             assert isinstance(bad.exception, BadRequest)  # `cli.main` prints it and exits 1

@@ -552,6 +552,8 @@ def test_batching_options_and_their_errors(registry: ModelRegistry, add_model: b
         ({"batching": BatchingConfig(), "max_batch_size": 8}, "give batching= or max_batch_size"),
         ({"intra_op_threads": -1}, "intra_op_threads must be an integer from 0 to 64, not -1"),
         ({"inter_op_threads": 1000}, "inter_op_threads must be an integer from 0 to 64"),
+        ({"memory_arena": "yes"}, "memory_arena must be true or false, not 'yes'"),
+        ({"memory_arena": 1}, "memory_arena must be true or false, not 1"),
     ]
     for options, message in bad:
         with pytest.raises(BadRequest, match=message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -239,6 +240,45 @@ def test_load_from_path_and_thread_knobs(registry: ModelRegistry, tmp_path: Path
     info = registry.load("add", path, intra_op_threads=0, inter_op_threads=2)
     assert (info.intra_op_threads, info.inter_op_threads) == (0, 2)
     assert registry.infer("add", {"x": np.zeros((1, 4), dtype=np.float32)})["y"].tolist() == [[1.0] * 4]
+
+
+def large_run_model(mib: int) -> bytes:
+    """x float32 [1, 1] -> Expand to `mib` MiB -> ReduceSum -> y: one run allocates `mib` MiB that
+    constant folding cannot take away (x is an input)."""
+    rows = mib * (1 << 20) // (4 * 65536)
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["big"]),
+         helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)],
+        "large_run",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.array([rows, 65536], dtype=np.int64), "shape")],
+    )  # fmt: skip
+    return serialize(helper.make_model(graph, opset_imports=OPSET))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("arena", [False, True])
+def test_memory_arena_keeps_a_large_runs_memory_only_when_on(registry: ModelRegistry, arena: bool) -> None:
+    """The option reaches the session: with the arena the 128 MiB a run needed stay resident after
+    it answered (ORT grows the arena by doubling, so at least 128 MiB); without it they go back to
+    the kernel with the tensor (glibc maps a block this large on its own and unmaps it on free)."""
+    mib = 1 << 20
+    before = _rss()
+    info = registry.load("big", large_run_model(128), intra_op_threads=1, memory_arena=arena)
+    y = registry.infer("big", {"x": np.full((1, 1), 0.5, dtype=np.float32)})["y"]
+    held = _rss() - before
+    assert float(y) == pytest.approx(0.5 * 128 * mib / 4, rel=1e-3)
+    assert info.memory_arena is arena and info.options()["memory_arena"] is arena
+    assert info.to_dict()["memory_arena"] is arena
+    if arena:
+        assert held >= 128 * mib, held / mib
+    else:
+        assert held < 48 * mib, held / mib
 
 
 @pytest.mark.parametrize("location", ["../../etc/passwd", "passwd"])

@@ -115,8 +115,8 @@ class Client:
     def put_model(self, name: str, model: bytes | Path, **options: int | None) -> dict[str, Any]:
         """Uploads ONNX bytes (or a file) as model `name` with load `options` (`max_batch_size`,
         `max_queue_delay_us`, `max_concurrent_batches`, `intra_op_threads`, `inter_op_threads`,
-        `max_concurrent_runs`;
-        None: the default); `created` says whether it is a new version."""
+        `max_concurrent_runs`, `memory_arena`; None: the default); `created` says whether it is a
+        new version."""
         data = model.read_bytes() if isinstance(model, Path) else model
         result: dict[str, Any] = self._json(
             "PUT",

@@ -32,6 +32,7 @@ def deployment_digest(fn: DeployedFunction) -> str:
 _DEFAULT_OPTIONS = {
     "inter_op_threads": DEFAULT_INTER_OP_THREADS,
     "max_batch_size": 0,
+    "memory_arena": False,
 }
 
 

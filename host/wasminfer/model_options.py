@@ -1,7 +1,8 @@
-"""The load options of a model (threads, concurrent runs, dynamic batching), described once
-(`MODEL_OPTION_PARAMS`: type, range, default, help) for the HTTP API, the CLI and the store. Pure:
-the gateway parses them here without importing the models layer (ONNX Runtime); `ModelRegistry.load`
-checks the same ranges for Python callers (tests/test_model_options.py holds the two to one another)."""
+"""The load options of a model (threads, concurrent runs, dynamic batching, memory arena), described
+once (`MODEL_OPTION_PARAMS`: type, range, default, help) for the HTTP API, the CLI and the store.
+Pure: the gateway parses them here without importing the models layer (ONNX Runtime);
+`ModelRegistry.load` checks the same ranges for Python callers (tests/test_model_options.py holds
+the two to one another)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ _PARAMS = (
           "waits to grow (default: the model's concurrent runs; 0: always wait for a full batch or the "
           "delay)",
           minimum=0, maximum=256, nullable=True),
+    Param("memory_arena", "boolean", "ONNX Runtime's CPU memory arena: runs reuse memory instead of "
+          "asking malloc, and the session keeps the most a run needed (grown by doubling) for its "
+          "life",
+          default=False, nullable=True),
 )  # fmt: skip
 
 #: Every option `ModelRegistry.load` takes by keyword, as the HTTP API and the store name them.
@@ -37,16 +42,17 @@ MODEL_OPTION_PARAMS: Mapping[str, Param] = {p.name: p for p in _PARAMS}
 MODEL_OPTIONS = tuple(MODEL_OPTION_PARAMS)
 
 
-def parse_model_options(data: Mapping[str, object], *, strings: bool = False) -> dict[str, int | None]:
+def parse_model_options(data: Mapping[str, object], *, strings: bool = False) -> dict[str, int | bool | None]:
     """Model load options from a JSON object (or, with `strings`, query parameters, whose values
-    are decimal strings). A None value stands for the option's default. Raises `BadRequest` naming
-    an unknown option, a value that is not an integer, or one out of its range."""
+    are decimal strings, or true/false/1/0 for `memory_arena`). A None value stands for the
+    option's default. Raises `BadRequest` naming an unknown option, a value not of its type, or one
+    out of its range."""
     unknown = sorted(set(data) - set(MODEL_OPTIONS))
     if unknown:
         raise BadRequest(
             f"unknown model option(s): {', '.join(unknown)}; known: {', '.join(MODEL_OPTIONS)}"
         )
-    options: dict[str, int | None] = {}
+    options: dict[str, int | bool | None] = {}
     for name, value in data.items():
         param = MODEL_OPTION_PARAMS[name]
         try:

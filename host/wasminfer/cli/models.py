@@ -27,6 +27,7 @@ MaxConcurrentBatches = Annotated[int | None, _option("max_concurrent_batches")]
 IntraOpThreads = Annotated[int | None, _option("intra_op_threads")]
 InterOpThreads = Annotated[int | None, _option("inter_op_threads")]
 MaxConcurrentRuns = Annotated[int | None, _option("max_concurrent_runs")]
+MemoryArena = Annotated[bool | None, _option("memory_arena")]
 
 
 @deploy_app.command("model")
@@ -39,6 +40,7 @@ def deploy_model(
     intra_op_threads: IntraOpThreads = None,
     inter_op_threads: InterOpThreads = None,
     max_concurrent_runs: MaxConcurrentRuns = None,
+    memory_arena: MemoryArena = None,
     url: Url = DEFAULT_URL,
     key: Key = None,
 ) -> None:
@@ -55,6 +57,7 @@ def deploy_model(
             intra_op_threads=intra_op_threads,
             inter_op_threads=inter_op_threads,
             max_concurrent_runs=max_concurrent_runs,
+            memory_arena=memory_arena,
         )
     print_model(view, "deployed")
 
@@ -68,6 +71,7 @@ def set_model(
     intra_op_threads: IntraOpThreads = None,
     inter_op_threads: InterOpThreads = None,
     max_concurrent_runs: MaxConcurrentRuns = None,
+    memory_arena: MemoryArena = None,
     url: Url = DEFAULT_URL,
     key: Key = None,
 ) -> None:
@@ -81,6 +85,7 @@ def set_model(
             "intra_op_threads": intra_op_threads,
             "inter_op_threads": inter_op_threads,
             "max_concurrent_runs": max_concurrent_runs,
+            "memory_arena": memory_arena,
         }.items()
         if v is not None
     }

@@ -45,7 +45,7 @@ def options_short(options: dict[str, Any] | None) -> str:
 
 
 def options_text(options: dict[str, Any] | None, plan: dict[str, Any] | None = None) -> str:
-    """A model's load options in a few words: batching, threads and concurrent runs (as given, or
+    """A model's load options in a few words: batching, threads, concurrent runs and the arena (as given, or
     as `plan`, the server's run plan, chose them)."""
     if not options:
         return "defaults"
@@ -61,7 +61,8 @@ def options_text(options: dict[str, Any] | None, plan: dict[str, Any] | None = N
     runs = plan.get("max_concurrent_runs") if plan else options.get("max_concurrent_runs")
     how = f" ({plan['chosen_by']})" if plan and plan.get("chosen_by") not in (None, "given") else ""
     text = f"{batching}, {threads if threads is not None else 'default'} intra-op thread(s)"
-    return text + (f", {runs} run(s) at once" if runs else "") + how
+    arena = ", memory arena" if options.get("memory_arena") else ""
+    return text + (f", {runs} run(s) at once" if runs else "") + arena + how
 
 
 def tensor_spec(spec: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
-"""A model's load options resolved: ranges checked, defaults filled in, batching's knobs made into a
-`BatchingConfig`. (Their names, and the parsing of HTTP values, live in `wasminfer.model_options`, a
-leaf the gateway imports without this layer and its ONNX Runtime.)"""
+"""A model's load options resolved: ranges and types checked, defaults filled in, batching's knobs
+made into a `BatchingConfig`. (Their names, and the parsing of HTTP values, live in
+`wasminfer.model_options`, a leaf the gateway imports without this layer and its ONNX Runtime.)"""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ __all__ = [
     "MAX_CONCURRENT_RUNS_LIMIT",
     "MAX_THREADS",
     "batching_config",
+    "bool_option",
     "int_option",
 ]
 
@@ -36,6 +37,16 @@ def int_option(name: str, value: object, default: int, low: int, high: int) -> i
         return default
     if type(value) is not int or not low <= value <= high:  # bool is an int, and not a count
         raise BadRequest(f"{name} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def bool_option(name: str, value: object, default: bool) -> bool:
+    """`value`, or `default` for None. Raises `BadRequest` for anything but a bool (1 and "yes" are
+    the HTTP layer's to read as true, before they get here)."""
+    if value is None:
+        return default
+    if type(value) is not bool:
+        raise BadRequest(f"{name} must be true or false, not {value!r}")
     return value
 
 

@@ -72,6 +72,7 @@ from wasminfer.models.options import (
     MAX_CONCURRENT_RUNS_LIMIT,
     MAX_THREADS,
     batching_config,
+    bool_option,
     int_option,
 )
 from wasminfer.models.session import make_session
@@ -93,6 +94,7 @@ class ModelInfo:
     `batching` is the model's dynamic batching, None when each call runs on its own. `run_plan`:
     the threads and concurrent runs it runs with and how they were chosen; `given`: the
     `intra_op_threads` and `max_concurrent_runs` the load was given (None: chosen).
+    `memory_arena`: whether its session has ONNX Runtime's CPU arena.
     `resident_bytes` is an estimate: the growth of the process' RSS while ORT created the session.
     It misses memory ORT allocates at the first runs (its arena) and is skewed by whatever else the
     process allocates or frees meanwhile (other loads, requests).
@@ -111,13 +113,14 @@ class ModelInfo:
     batching: BatchingConfig | None = None
     run_plan: RunPlan | None = None
     given: Mapping[str, int | None] = field(default_factory=dict)
+    memory_arena: bool = False
 
     @property
     def max_concurrent_runs(self) -> int:
         """Runs of the model at once (0: no bound)."""
         return self.run_plan.max_concurrent_runs if self.run_plan else 0
 
-    def options(self) -> dict[str, int | None]:
+    def options(self) -> dict[str, int | bool | None]:
         """The load options this model runs with: what `ModelRegistry.load(**options)` takes to
         load it again the same way, and what the store keeps with each model version. The threads
         and runs are as given (None: chosen at each load, by measuring on the host that loads it;
@@ -130,6 +133,7 @@ class ModelInfo:
             "max_batch_size": batching.max_batch_size if batching else 0,
             "max_queue_delay_us": batching.max_queue_delay_us if batching else None,
             "max_concurrent_batches": batching.max_concurrent_batches if batching else None,
+            "memory_arena": self.memory_arena,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,6 +154,7 @@ class ModelInfo:
             "max_batch_size": batching.max_batch_size if batching else None,
             "max_queue_delay_us": batching.max_queue_delay_us if batching else None,
             "max_concurrent_batches": batching.max_concurrent_batches if batching else None,
+            "memory_arena": self.memory_arena,
         }
 
 
@@ -239,6 +244,7 @@ class ModelRegistry:
         max_batch_size: int | None = None,
         max_queue_delay_us: int | None = None,
         max_concurrent_batches: int | None = None,
+        memory_arena: bool | None = None,
     ) -> ModelInfo:
         """Validate `model` (ONNX bytes, or a file to read them from) and serve it as `name`.
 
@@ -258,6 +264,10 @@ class ModelRegistry:
         dimension on every input and output, and asserts that the model treats rows independently
         (row i of every output depends only on row i of the inputs), which the registry cannot check.
 
+        `memory_arena=True` gives the session ONNX Runtime's CPU arena (default off: see
+        `models.session`): runs reuse its memory, and it keeps the most a run needed until the model
+        is unloaded or replaced.
+
         Raises `InvalidName` for a bad name, `InvalidModel` if the bytes are not an ONNX model ORT
         can load, keep tensor data outside the model (external data), use an operator domain other
         than `validation.ALLOWED_DOMAINS` (or a function defined in the model), or have inputs or
@@ -276,11 +286,12 @@ class ModelRegistry:
         inter = int_option("inter_op_threads", inter_op_threads, DEFAULT_INTER_OP_THREADS, 0, MAX_THREADS)
         runs = int_option("max_concurrent_runs", max_concurrent_runs, 0, 0, MAX_CONCURRENT_RUNS_LIMIT)
         batching = batching_config(batching, max_batch_size, max_queue_delay_us, max_concurrent_batches)
+        arena = bool_option("memory_arena", memory_arena, False)
 
         started = time.perf_counter()
         valid = validate_upload(data)
         rss_before = self._process.memory_info().rss
-        session = make_session(valid.data, intra, inter)
+        session = make_session(valid.data, intra, inter, arena)
         resident = max(0, self._process.memory_info().rss - rss_before)
         session_s = time.perf_counter() - started
         declared_rank, metadata = valid.declared_rank, valid.metadata
@@ -299,7 +310,7 @@ class ModelRegistry:
         if intra_op_threads is not None:
             plan = given_plan(session, intra, inputs, output_names, cores)
         else:
-            session, plan = tuned(session, valid.data, inter, inputs, output_names, cores, session_s)
+            session, plan = tuned(session, valid.data, inter, inputs, output_names, cores, session_s, arena)
         del valid
         if max_concurrent_runs is not None:
             plan = dataclasses.replace(
@@ -319,6 +330,7 @@ class ModelRegistry:
             batching=batching,
             run_plan=plan,
             given={"intra_op_threads": intra_op_threads, "max_concurrent_runs": max_concurrent_runs},
+            memory_arena=arena,
         )
         loaded = _Model(
             info=info,

@@ -9,9 +9,9 @@ from wasminfer.errors import InvalidModel
 __all__ = ["make_session"]
 
 
-def make_session(model: bytes, intra: int, inter: int) -> ort.InferenceSession:
-    """A session of validated ONNX bytes with `intra`/`inter` threads. Raises `InvalidModel` if ORT
-    cannot load the model."""
+def make_session(model: bytes, intra: int, inter: int, arena: bool = False) -> ort.InferenceSession:
+    """A session of validated ONNX bytes with `intra`/`inter` threads, with ORT's CPU arena when
+    `arena`. Raises `InvalidModel` if ORT cannot load the model."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra
     options.inter_op_num_threads = inter
@@ -20,9 +20,11 @@ def make_session(model: bytes, intra: int, inter: int) -> ort.InferenceSession:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # ORT's CPU arena keeps what a run grew it by for the session's life (a run that needed 1 GiB
-    # left 2 GiB resident); without it tensors go back to malloc and the memory to the kernel, at no
-    # measurable cost on a small model's run (bench/arena.py, docs/models.md).
-    options.enable_cpu_mem_arena = False
+    # left 2 GiB resident); without it tensors go back to malloc and the memory to the kernel. Off
+    # unless the model asks (`memory_arena`): what it saves a run is small next to what it can
+    # hold (bench/arena.py, bench/arena_models.py, docs/models.md). ORT 1.32's Python API has no
+    # per-session extend strategy (only a process-wide shared allocator), so it grows by doubling.
+    options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3  # errors only: ORT's warnings are not the caller's business
     # Bytes are ONNX, validated by `validate_upload`; never let ORT sniff them as its own flatbuffer format.
     options.add_session_config_entry("session.load_model_format", "ONNX")

@@ -264,6 +264,7 @@ def tuned(
     output_names: list[str],
     cores: int,
     session_s: float,
+    arena: bool = False,
 ) -> tuple[ort.InferenceSession, RunPlan]:
     """The plan measured for a model loaded with one intra-op thread, and the session to keep (one
     made for the threads chosen). A model that cannot be measured keeps one thread, a run per core."""
@@ -274,7 +275,7 @@ def tuned(
 
     def run_with(threads: int) -> Callable[[Mapping[str, np.ndarray]], object]:
         if threads not in sessions:
-            sessions[threads] = make_session(data, threads, inter)
+            sessions[threads] = make_session(data, threads, inter, arena)
         made = sessions[threads]
         return lambda feed: made.run(output_names, feed)
 
