@@ -202,7 +202,7 @@ async def rollback(request: Request, params: Params) -> Response:
         errors.TensorTooLarge, errors.GuestRejected, errors.IdempotencyKeyReused, errors.TooManyRequests,
         errors.MemoryQuotaExceeded, errors.GuestError, errors.GuestTrap, errors.MemoryLimitExceeded,
         errors.OutputLimitExceeded, errors.LogLimitExceeded, errors.InferLimitExceeded,
-        errors.InferenceFailed, errors.DecoderNotFound, errors.InvocationCancelled,
+        errors.InferenceFailed, errors.DecoderNotFound, errors.InvalidSampling, errors.InvocationCancelled,
         errors.FunctionLoading, errors.FunctionLoadFailed, errors.LostWithIdempotentRequest, errors.Timeout,
         errors.HostMemoryExhausted,
     ),
