@@ -349,6 +349,23 @@ def test_run_options_survive_a_restart_and_reach_a_platform_that_syncs(
         assert replica.host().models.get("add").memory_arena is True
 
 
+def test_an_option_at_its_default_is_not_stored_so_the_same_upload_stays_one_version(
+    tmp_path: Path, add_model: bytes
+) -> None:
+    """A version stored before `memory_arena` existed has no such key; the same bytes uploaded
+    again, the option off, are still that version (the store compares what it keeps)."""
+    with Platform(tmp_path / "data") as p:
+        p.start()
+        first = p.put_model("add", add_model)
+        assert "memory_arena" not in p.store.get_model("add").info["options"]
+        assert p.get_model("add")["options"]["memory_arena"] is False  # the view says the default
+        again = p.put_model("add", add_model, options={"memory_arena": False})
+        assert (first["version"], again["version"], again["created"]) == (1, 1, False)
+        on = p.put_model("add", add_model, options={"memory_arena": True})
+        assert (on["version"], on["created"]) == (2, True)
+        assert p.store.get_model("add").info["options"]["memory_arena"] is True
+
+
 def test_options_survive_a_restart(tmp_path: Path, add_model: bytes) -> None:
     with Platform(tmp_path / "data") as p:
         p.start()

@@ -106,8 +106,18 @@ def _model_info(info: ModelInfo) -> dict[str, Any]:
         "inputs": [s.to_dict() for s in info.inputs],
         "outputs": [s.to_dict() for s in info.outputs],
         "metadata": dict(info.metadata),
-        "options": info.options(),
+        "options": _without_later_defaults(info.options()),
     }
+
+
+#: Options added after versions were first stored, with the value a version stored before has. Left
+#: out of what is stored while at that value: the store compares an upload's info with the latest
+#: version's, and the same bytes uploaded again must not become a new version.
+_LATER_OPTIONS = {"memory_arena": False}
+
+
+def _without_later_defaults(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in _LATER_OPTIONS or v != _LATER_OPTIONS[k]}
 
 
 def _load_options(options: Mapping[str, int | None] | None) -> dict[str, int]:
@@ -402,6 +412,8 @@ class Platform:
     def _model_view(self, rec: ModelRecord, host: Host | None) -> dict[str, Any]:
         view = rec.to_dict()
         view.update({k: v for k, v in rec.info.items() if k in ("inputs", "outputs", "metadata", "options")})
+        if isinstance(view.get("options"), dict):  # what a stored version left out is at its default
+            view["options"] = {**_LATER_OPTIONS, **view["options"]}
         view["loaded"] = host is not None and rec.name in host.models
         if host is not None and rec.name in host.models:
             live = host.models.get(rec.name)
