@@ -20,9 +20,10 @@ from wasminfer.gateway import routes_system as system
 from wasminfer.gateway import routes_ui as ui
 from wasminfer.gateway.assets import Assets, static_files
 from wasminfer.gateway.auth import ADMIN, INVOKE, PUBLIC, READ
+from wasminfer.gateway.collectors import JobsCollector
 from wasminfer.gateway.direct import Gateway
 from wasminfer.gateway.errors import EXCEPTION_HANDLERS
-from wasminfer.gateway.metrics import JobsCollector, Metrics
+from wasminfer.gateway.metrics import Metrics
 from wasminfer.gateway.routing import route
 from wasminfer.gateway.settings import Settings
 from wasminfer.gateway.state import AppState
