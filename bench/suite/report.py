@@ -597,11 +597,19 @@ def _plan_sentence(model: dict[str, Any] | None, lim: dict[str, Any]) -> str:
         return ""
     slots = plan.get("max_concurrent_runs") or "unbounded"
     peak = (model or {}).get("peak_runs_in_flight")
-    return (
+    same = [
+        t["per_s"] for t in lim.get("tried") or []
+        if t.get("threads") == plan.get("max_concurrent_runs") and t.get("intra_op_threads") == plan.get(
+            "intra_op_threads") and not t.get("spinning")
+    ]
+    text = (
         f"The registry ran it with {plan.get('intra_op_threads')} intra-op thread(s) × {slots} run "
         f"slot(s) ({plan.get('chosen_by')}; peak runs in flight {peak}); the limit's best was "
-        f"{lim['threads']} caller(s) × {lim['intra_op_threads']} intra-op thread(s)."
+        f"{lim['threads']} caller(s) × {lim['intra_op_threads']} intra-op thread(s)"
     )
+    if same:
+        text += f", and the limit in the registry's configuration served {same[0]:.0f}/s"
+    return text + "."
 
 
 def why_missed(s: dict[str, Any], results: Path) -> str:
