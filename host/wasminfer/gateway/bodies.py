@@ -72,20 +72,16 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
     check_length(request, limit, what)
     idle_s = app_state(request).settings.body_timeout_s
     receive = request.receive
-    chunk, more = await _next_chunk(receive, idle_s, what, 0)
-    received = len(chunk)
-    if received > limit:
-        raise _too_large(what, limit)
-    if not more:
-        return chunk
-    chunks = [chunk]
+    chunks: list[bytes] = []
+    received = 0
+    more = True
     while more:
         chunk, more = await _next_chunk(receive, idle_s, what, received)
         received += len(chunk)
         if received > limit:
             raise _too_large(what, limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _next_chunk(receive: Receive, idle_s: float, what: str, received: int) -> tuple[bytes, bool]:
