@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from wasminfer.errors import ModelNotFound
 from wasminfer.models import ModelInfo
-from wasminfer.models.options import DEFAULT_INTER_OP_THREADS
+from wasminfer.models.options import ADDED_LATER, DEFAULT_INTER_OP_THREADS
 from wasminfer.runtime import DeployedFunction
 
 __all__ = ["deployment_digest", "model_digest"]
@@ -32,7 +32,7 @@ def deployment_digest(fn: DeployedFunction) -> str:
 _DEFAULT_OPTIONS = {
     "inter_op_threads": DEFAULT_INTER_OP_THREADS,
     "max_batch_size": 0,
-    "memory_arena": False,
+    **ADDED_LATER,
 }
 
 

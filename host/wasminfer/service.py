@@ -47,6 +47,7 @@ from wasminfer.errors import (
 )
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo
+from wasminfer.models.options import ADDED_LATER
 from wasminfer.runtime import DeployedFunction, Host, InvokeResult, LogLine, OutputStream
 from wasminfer.runtime.memory import MemoryBudget, MemorySettings
 from wasminfer.store import DEFAULT_TENANT, FunctionVersion, ModelRecord, Store, validate_name
@@ -110,14 +111,11 @@ def _model_info(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-#: Options added after versions were first stored, with the value a version stored before has. Left
-#: out of what is stored while at that value: the store compares an upload's info with the latest
-#: version's, and the same bytes uploaded again must not become a new version.
-_LATER_OPTIONS = {"memory_arena": False}
-
-
 def _without_later_defaults(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k not in _LATER_OPTIONS or v != _LATER_OPTIONS[k]}
+    """`options` without those added later that are at the value older versions have (`ADDED_LATER`):
+    the store compares an upload's info with the latest version's, and the same bytes uploaded
+    again must not become a new version."""
+    return {k: v for k, v in options.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
 
 
 def _load_options(options: Mapping[str, int | None] | None) -> dict[str, int]:
@@ -413,7 +411,7 @@ class Platform:
         view = rec.to_dict()
         view.update({k: v for k, v in rec.info.items() if k in ("inputs", "outputs", "metadata", "options")})
         if isinstance(view.get("options"), dict):  # what a stored version left out is at its default
-            view["options"] = {**_LATER_OPTIONS, **view["options"]}
+            view["options"] = {**ADDED_LATER, **view["options"]}
         view["loaded"] = host is not None and rec.name in host.models
         if host is not None and rec.name in host.models:
             live = host.models.get(rec.name)

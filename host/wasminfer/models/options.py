@@ -13,6 +13,7 @@ from wasminfer.models.batching import (
 )
 
 __all__ = [
+    "ADDED_LATER",
     "DEFAULT_INTER_OP_THREADS",
     "DEFAULT_INTRA_OP_THREADS",
     "MAX_CONCURRENT_RUNS_LIMIT",
@@ -25,6 +26,10 @@ __all__ = [
 DEFAULT_INTRA_OP_THREADS = 1
 # Only used by ORT's parallel execution mode, which the registry does not enable (see its _session).
 DEFAULT_INTER_OP_THREADS = 1
+#: Options added after versions were first stored, with the value a version stored before has: the
+#: store leaves them out while at that value (an upload's info must still equal an older version's
+#: for the same bytes), and deployment digests count that value as the default.
+ADDED_LATER: dict[str, bool] = {"memory_arena": False}
 #: The most intra-/inter-op threads a model may ask for.
 MAX_THREADS = 64
 #: The most concurrent runs (`max_concurrent_runs`) a model may ask for.
