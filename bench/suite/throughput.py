@@ -71,6 +71,7 @@ def _measure(
             "p50_ms": round(lim.p50_ms, 3),
             "p99_ms": round(lim.p99_ms, 3),
             "errors": 0,
+            "shed": 0,
             "generator": "in-process",
             "cpu_s": round(lim.cpu_s, 3),
             "cores": round(lim.cpu_s / lim.seconds, 2),
@@ -239,6 +240,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("per_s", "p50_ms", "p99_ms", "cores", "cpu_ms"):
             row[key] = round(systems.median([r[key] for r in rs]), 3)
         row["errors"] = sum(r["errors"] for r in rs)
+        row["shed"] = sum(r.get("shed", 0) for r in rs)
         row["rounds"] = len(rs)
         out.append(row)
     return sorted(out, key=lambda r: (r["workload"], r["concurrency"], SYSTEMS.index(r["system"])))
@@ -313,7 +315,7 @@ def plan_text(entry: dict[str, Any]) -> str:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"{'workload':<18}{'system':<11}{'conc':>5}{'inv/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'cores':>7}{'cpu ms':>8}{'err':>5}  config"
+        f"{'cores':>7}{'cpu ms':>8}{'err':>5}{'429':>6}  config"
     ]
     for r in result["summary"]:
         config = ""
@@ -322,7 +324,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"{r['workload']:<18}{r['system']:<11}{r['concurrency']:>5}{r['per_s']:>9.0f}"
             f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['cores']:>7.2f}{r['cpu_ms']:>8.2f}"
-            f"{r['errors']:>5}  {config}"
+            f"{r['errors']:>5}{r.get('shed', 0):>6}  {config}"
         )
     lines.append("(medians of rounds; the limit's p50/p99 are its callers' own, see bench/README.md)")
     for name, entry in result.get("models", {}).items():
