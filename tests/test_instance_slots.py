@@ -113,6 +113,7 @@ def test_the_next_instance_of_a_slot_holds_nothing_of_the_previous_ones_memory()
         module = compiled(engine)
         first = start(module, memory_mb=4)
         assert first.pooled
+        # Below `KEEP_RESIDENT_BYTES` the slot's pages are reset in place, past it given back: both.
         call(first, "poke", 16, SECRET)  # over the initial image
         call(first, "poke", 70_000, SECRET)  # a page the image leaves zero
         assert call(first, "grow", 2) == 2

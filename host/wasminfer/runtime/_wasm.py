@@ -215,15 +215,17 @@ class WasmEngine(Engine):
     `poll_oneoff`) and the host imports, defined once. Idempotent `close()`; a context manager."""
 
     def __init__(self, host_funcs: Sequence[HostFunc], cache_dir: Path | None = None, *,
-                 pool_slots: int | None = None) -> None:
+                 pool_slots: int | None = None,
+                 pool_keep_resident: int = _pooling.KEEP_RESIDENT_BYTES) -> None:
         """`pool_slots`: slots of the instance pool (`_pooling.py`; default `WASMINFER_INSTANCE_POOL`,
-        0: every instance on demand)."""
+        0: every instance on demand); `pool_keep_resident`: see `_pooling.pooled_config`."""
         super().__init__(cache_dir)
         try:
             self.cache.prepare("module")
             slots = _pooling.slots_from_env() if pool_slots is None else pool_slots
             #: The instance pool, None without one.
-            self.pool = _pooling.SlotPool(slots, MAX_TABLE_ELEMENTS) if slots > 0 else None
+            self.pool = (_pooling.SlotPool(slots, MAX_TABLE_ELEMENTS, pool_keep_resident)
+                         if slots > 0 else None)
             if self.pool is not None:
                 self.epoch_engines.append(self.pool.engine)
             self.linker = wasmtime.Linker(self.engine)
