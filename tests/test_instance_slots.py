@@ -154,6 +154,23 @@ def test_a_renewed_instance_starts_from_the_initial_image_in_its_slot(tmp_path: 
         engine.close()
 
 
+def test_a_freed_slot_is_taken_again_by_the_next_instance_of_any_module(engine: WasmEngine) -> None:
+    # What bounds the pages slots keep resident (`_pooling.KEEP_RESIDENT_BYTES`) to the slots that
+    # were live at once: instances of ever new modules one after another use one slot, not one each.
+    modules = [compiled(engine, MEMORY_WAT.replace('"init"', f'"in{i:02d}"')) for i in range(6)]
+    bases = set()
+    for module in modules:
+        inst = start(module)
+        assert inst.pooled
+        bases.add(inst.memory()._base(0, 0))
+        inst.close()
+    assert len(bases) == 1
+    live = [start(m) for m in modules[:2]]  # two at once: two slots
+    assert len({i.memory()._base(0, 0) for i in live}) == 2 and all(i.pooled for i in live)
+    for inst in live:
+        inst.close()
+
+
 def test_what_does_not_fit_a_slot_never_takes_one(engine: WasmEngine) -> None:
     big = start(compiled(engine), memory_mb=(_pooling.SLOT_MEMORY_BYTES >> 20) + 1)
     assert not big.pooled and big.memory_size() == 2 * 65536

@@ -1,8 +1,8 @@
 """The instance pool of core modules: wasmtime's pooling allocator, beside the on-demand engine.
 
 A new instance of a handler or command module takes a slot of a pre-reserved pool (its memory, table
-and instance state) instead of mapping its own: measured on the digits example, 70-96 µs of creation
-became 37-78 µs, and a new instance to its first answer 240 → 218 µs (`bench/new_instance.py`).
+and instance state) instead of mapping its own, and the slot's first pages stay resident from its
+previous instance (the figures are below).
 
 The pool is a second wasmtime engine, configured like the process's (`_compiler.engine_config`) but
 for the allocation strategy, so the same compiled code loads into both (`_wasm.CompiledModule`
@@ -12,7 +12,7 @@ a slot and what does not:
 - an instance whose memory limit is at most `SLOT_MEMORY_BYTES` (the manifest's `memory_mb`: the
   default 64 MiB and below; the Python runtime's 128 MiB and more never do) and whose module fits a
   slot (one memory, one table, at most `_wasm.MAX_TABLE_ELEMENTS` elements; a module that does not
-  is kept out of the pool once, when its copy fails to load);
+  is found once, when its copy fails to load into the pooled engine, and runs on demand);
 - components never (they have their own engine use, `_component.py`).
 
 When every slot is taken (`slots`, `WASMINFER_INSTANCE_POOL`, default `DEFAULT_SLOTS`), a new
@@ -21,12 +21,16 @@ density bench's 10,000 live digits instances still fit, the ones past the pool o
 memory budget (`memory.py`) stays what bounds instances.
 
 When an instance closes, wasmtime resets its slot: the first `KEEP_RESIDENT_BYTES` of its memory
-are zeroed (and the initial image copied back) in place, the rest is given back to the system (so a
+are reset in place (zeroed, the module's initial image restored), the rest is given back to the system (so a
 renewed instance, `pool.py`, returns what its requests grew). The next instance holds nothing of the
-previous one's memory either way; keeping the first pages resident spares it their page faults
-and cold caches: a new digits instance to its first answer took 189-191 µs with them kept against
-218-221 µs without (on demand: 240-246 µs), and making one 68 against 79 µs. The price is memory
-outside the budget: at most `KEEP_RESIDENT_BYTES` per slot ever used (125 MiB for 1000 slots).
+previous one's memory either way; keeping the first pages resident spares the next instance of the
+same module half its page faults and cold caches (`bench/new_instance.py`, one run on the shared
+machine, medians: a new digits instance to its first answer 205 µs, 239 µs with every page given
+back, 264 µs on demand; making the instance 69, 87 and 101 µs). The price is memory outside the
+budget: a free slot keeps those pages until it is taken again, and since a free slot is not kept
+for its last module (`max_unused_warm_slots` 0: the most recently freed slot is taken first, by
+any module), only slots that were live at the busiest moment keep them: at most 128 KiB for each
+such instance, which held at least 1 MiB of the budget while it lived.
 
 The reservation is `slots` × (64 MiB + guard) of virtual address space per engine (~65 GiB for
 1000 slots), made when the engine is: what the on-demand engine reserves per live instance anyway,
@@ -79,6 +83,10 @@ def pooled_config(slots: int, table_elements: int,
         ffi.wasmtime_pooling_allocation_config_table_elements_set(pooling, table_elements)
         ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(pooling, keep_resident)
         ffi.wasmtime_pooling_allocation_config_table_keep_resident_set(pooling, keep_resident)
+        # No slot kept for its last module once free: the next instance, of any module, takes the
+        # most recently freed slot, so only as many slots as were ever live at once are in use (and
+        # keep pages resident), not every slot in turn as modules come and go.
+        ffi.wasmtime_pooling_allocation_config_max_unused_warm_slots_set(pooling, 0)
         ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pooling)  # copies the settings
     finally:
         ffi.wasmtime_pooling_allocation_config_delete(pooling)
