@@ -13,13 +13,16 @@ machine slows each alike. Each repetition, as the coldstart scenario's (a):
 - new_us: its instances reaped, the next request (a new instance, then its first answer);
 - start_us: of new_us, making the instance (`InvokeResult.start_us`);
 - faults: minor page faults of that request;
-- churn_us: an instance made and closed (`_create` + `_destroy`: what a renewal costs).
+- churn_us: an instance made and closed (`_create` + `_destroy`);
+- renew_grown_us: an instance whose memory grew by `GROWN` bytes, all touched, renewed (closed and
+  made again, `DeployedFunction._renew`: what `GrowthPolicy` does to an instance that grew).
 Medians. Prints a table; writes bench/results/new_instance.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import resource
@@ -28,9 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wasmtime import _ffi as ffi
+
 from wasminfer import examples, toolchain
 from wasminfer.runtime import Host, Manifest
-from wasminfer.runtime._wasm import WasmEngine
+from wasminfer.runtime._wasm import WasmEngine, WasmInstance
 from wasminfer.runtime.host import HOST_FUNCS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,7 +44,9 @@ CONFIGS: dict[str, dict[str, int]] = {
     "pooled": {"pool_slots": 1000},
     "pooled_keep_0": {"pool_slots": 1000, "pool_keep_resident": 0},
 }
-FIGURES = ("warm_us", "new_us", "start_us", "faults", "churn_us")
+FIGURES = ("warm_us", "new_us", "start_us", "faults", "churn_us", "renew_grown_us")
+#: Past `GrowthPolicy.slack_bytes`, so renewed once idle; within digits' `memory_mb` of 2.
+GROWN = 1 << 20
 
 
 def minflt() -> int:
@@ -64,6 +71,25 @@ def block(host: Host, body: bytes, n: int, out: dict[str, list[float]]) -> None:
         t = time.perf_counter_ns()
         fn._destroy(fn._create())
         out["churn_us"].append((time.perf_counter_ns() - t) / 1000)
+    inst = fn._create()
+    for _ in range(n):
+        grow(inst.wasm, GROWN)
+        t = time.perf_counter_ns()
+        inst = fn._renew(inst)
+        out["renew_grown_us"].append((time.perf_counter_ns() - t) / 1000)
+    fn._destroy(inst)
+
+
+def grow(wasm: WasmInstance, nbytes: int) -> None:
+    """Grows the instance's memory by `nbytes` and touches every page of it, as a large request does."""
+    size = wasm.memory_size()
+    previous = ctypes.c_uint64()
+    error = ffi.wasmtime_memory_grow(ctypes.cast(wasm._ctx, ctypes.POINTER(ffi.wasmtime_context_t)),
+                                     ctypes.cast(wasm._mem_ref, ctypes.POINTER(ffi.wasmtime_memory_t)),
+                                     nbytes // 65536, ctypes.byref(previous))
+    assert not error, "the memory did not grow"
+    wasm._size = -1
+    ctypes.memset(wasm.memory()._base(size, nbytes), 1, nbytes)
 
 
 def main() -> None:
@@ -105,9 +131,9 @@ def main() -> None:
             host.engine.close()
 
     medians = {c: {f: round(statistics.median(v), 1) for f, v in s.items()} for c, s in samples.items()}
-    print(f"{'config':16s}" + "".join(f"{f:>11s}" for f in FIGURES))
+    print(f"{'config':16s}" + "".join(f"{f:>15s}" for f in FIGURES))
     for c, m in medians.items():
-        print(f"{c:16s}" + "".join(f"{m[f]:11.1f}" for f in FIGURES))
+        print(f"{c:16s}" + "".join(f"{m[f]:15.1f}" for f in FIGURES))
     result: dict[str, Any] = {
         "command": f"python bench/new_instance.py -n {args.n} --blocks {args.blocks}"
                    + (f" --keep {' '.join(map(str, args.keep))}" if args.keep else ""),
