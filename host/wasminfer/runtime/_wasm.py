@@ -378,8 +378,14 @@ class CompiledModule:
         module = code.module
         held: tuple[wasmtime.Module, wasmtime.InstancePre | None] | None = code.pooled
         if held is None or held[0] is not module:
+            # From the cache's file when the code is the one cached there: wasmtime maps it, so both
+            # engines' copies share its pages; else (the fast tier, no cache) from its bytes.
+            path = self.engine.cache.path("module", self.sha256) if code.tier == "optimised" else None
             try:
-                copy = wasmtime.Module.deserialize(pool.engine, module.serialize())
+                if path is not None and path.exists():
+                    copy = wasmtime.Module.deserialize_file(pool.engine, str(path))
+                else:
+                    copy = wasmtime.Module.deserialize(pool.engine, module.serialize())
                 held = (module, pool.linker.instantiate_pre(copy))
             except wasmtime.WasmtimeError:  # more memories or tables than a slot holds, or bigger
                 held = (module, None)
