@@ -154,6 +154,19 @@ def test_a_renewed_instance_starts_from_the_initial_image_in_its_slot(tmp_path: 
         engine.close()
 
 
+def test_an_instance_that_fails_to_start_gives_its_slot_back(engine: WasmEngine) -> None:
+    boom = '(data (i32.const 16) "init") (start $boom) (func $boom unreachable)'
+    trapping = compiled(engine, MEMORY_WAT.replace('(data (i32.const 16) "init")', boom))
+    for _ in range(3):  # more than the 2 slots: each failure gave its slot back, to wasmtime too
+        with pytest.raises(WasmTrap) as caught:
+            start(trapping)
+        assert caught.value.kind == "unreachable"
+    assert engine.pool is not None and engine.pool.live == 0
+    inst = start(compiled(engine))
+    assert inst.pooled and engine.pool.live == 1
+    inst.close()
+
+
 def test_a_freed_slot_is_taken_again_by_the_next_instance_of_any_module(engine: WasmEngine) -> None:
     # What bounds the pages slots keep resident (`_pooling.KEEP_RESIDENT_BYTES`) to the slots that
     # were live at once: instances of ever new modules one after another use one slot, not one each.

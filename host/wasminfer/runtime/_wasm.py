@@ -441,16 +441,16 @@ class WasmInstance:
         pool = compiled.engine.pool
         instance = None
         if pool is not None and memory_bytes <= _pooling.SLOT_MEMORY_BYTES and pool.take():
-            pre = compiled.pooled_pre()
-            self.pooled = pre is not None
             try:
+                pre = compiled.pooled_pre()
+                self.pooled = pre is not None
                 if pre is not None:
                     instance = self._start(pool.engine, pre, timeout_ms, output, wasi_options)
             except BaseException:
                 self.pooled = False
                 raise
             finally:
-                if not self.pooled:
+                if not self.pooled:  # not for a slot, the slot was taken meanwhile, or it failed
                     pool.give()
         if instance is None:  # on demand: no pool, not for a slot, or the pool is full
             instance = self._start(compiled.engine.engine, None, timeout_ms, output, wasi_options)
@@ -522,16 +522,18 @@ class WasmInstance:
             self.module, instance_pre = pooled if pooled is not None else self.compiled.pre()
             return instance_pre.instantiate(self.store)
         except wasmtime.Trap as trap:
+            # Closed at once: a failed start still holds its instance (a pool slot) until then.
+            self.store.close()
             self._drop_outputs()
             if isinstance(start_state.fault, Interrupted):
                 raise WasmTrap(start_state.fault.kind, str(start_state.fault)) from None
             raise _to_wasm_trap(trap.trap_code, trap.message) from None
         except wasmtime.WasmtimeError as exc:
+            self.store.close()
             self._drop_outputs()
             if isinstance(start_state.fault, Interrupted):
                 raise WasmTrap(start_state.fault.kind, str(start_state.fault)) from None
             if self.pooled and _pooling.is_pool_full(exc):
-                self.store.close()
                 self.pooled = False
                 return None
             raise WasmLinkError(first_line(str(exc))) from None
