@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import resource
 import statistics
@@ -137,7 +138,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "command": f"python bench/new_instance.py -n {args.n} --blocks {args.blocks}"
                    + (f" --keep {' '.join(map(str, args.keep))}" if args.keep else ""),
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "repetitions": args.n * args.blocks,
         "medians": medians,

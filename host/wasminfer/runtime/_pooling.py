@@ -21,16 +21,16 @@ density bench's 10,000 live digits instances still fit, the ones past the pool o
 memory budget (`memory.py`) stays what bounds instances.
 
 When an instance closes, wasmtime resets its slot: the first `KEEP_RESIDENT_BYTES` of its memory
-are reset in place (zeroed, the module's initial image restored), the rest is given back to the system (so a
-renewed instance, `pool.py`, returns what its requests grew). The next instance holds nothing of the
-previous one's memory either way; keeping the first pages resident spares the next instance of the
-same module half its page faults and cold caches (`bench/new_instance.py`, one run on the shared
-machine, medians: a new digits instance to its first answer 205 µs, 239 µs with every page given
-back, 264 µs on demand; making the instance 69, 87 and 101 µs). The price is memory outside the
-budget: a free slot keeps those pages until it is taken again, and since a free slot is not kept
-for its last module (`max_unused_warm_slots` 0: the most recently freed slot is taken first, by
-any module), only slots that were live at the busiest moment keep them: at most 128 KiB for each
-such instance, which held at least 1 MiB of the budget while it lived.
+are reset in place (zeroed, the module's initial image restored), the rest is given back to the
+system (so a renewed instance, `pool.py`, returns what its requests grew). The next instance holds
+nothing of the previous one's memory either way; keeping the first pages resident spares the next
+instance of the same module half its page faults and cold caches (bench/results/new_instance.json:
+1800 repetitions on the shared machine, medians: a new digits instance to its first answer 216 µs,
+258 µs with every page given back, 274 µs on demand; making the instance 72, 88 and 102 µs).
+The price is memory outside the budget: a free slot keeps those pages until it is taken again.
+A free slot is not kept for its last module (`max_unused_warm_slots` 0: the most recently freed
+slot is taken first, by any module), so only slots that were live at the busiest moment keep them:
+at most 128 KiB for each such instance, which held at least 1 MiB of the budget while it lived.
 
 The reservation is `slots` × (64 MiB + guard) of virtual address space per engine (~65 GiB for
 1000 slots), made when the engine is: what the on-demand engine reserves per live instance anyway,
