@@ -248,6 +248,9 @@ class Code:
         #: `(module, what a boundary derived from it)`, e.g. its `InstancePre`: kept here, not by each
         #: user, so that the swap drops it with the fast code even for users that make no instance.
         self.derived: tuple[Any, Any] | None = None
+        #: The same, for the engine's instance pool (`_pooling.py`): `(module, InstancePre of its copy
+        #: in the pooled engine, or None when the module does not fit a slot)`.
+        self.pooled: tuple[Any, Any] | None = None
         #: Why the optimised tier could not be made (the code then stays in the fast tier).
         self.error: str | None = None
         self.attempts = 0  # optimising compiles started
@@ -256,7 +259,7 @@ class Code:
             self._settled.set()
 
     def optimised(self, module: Any) -> None:
-        self.module, self.tier, self.derived = module, "optimised", None
+        self.module, self.tier, self.derived, self.pooled = module, "optimised", None, None
         self._settled.set()
 
     def failed(self, error: str) -> None:
@@ -391,6 +394,8 @@ class Engine:
         #: Wall-clock limit of compiling one upload (in a worker process, see `_compiler.py`).
         self.compile_timeout_s = _compiler.DEFAULT_TIMEOUT_S
         self.engine = wasmtime.Engine(config)
+        #: Every engine whose stores this one's ticker drives (`_wasm.WasmEngine` adds its pool's).
+        self.epoch_engines = [self.engine]
         self.cache_dir = cache_dir
         self.cache = CompileCache(cache_dir, self.fingerprint)
         self.shared = SharedCode()
@@ -410,7 +415,8 @@ class Engine:
         while not self._closed.wait(TICK_S):
             due = int((time.monotonic() - start) / TICK_S)
             while ticks < due:
-                self.engine.increment_epoch()
+                for engine in self.epoch_engines:
+                    engine.increment_epoch()
                 ticks += 1
 
     @staticmethod

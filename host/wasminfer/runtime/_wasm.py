@@ -34,6 +34,7 @@ import wasmtime
 from wasmtime import _bindings as bindings
 from wasmtime import _ffi as ffi
 
+from wasminfer.runtime import _pooling
 from wasminfer.runtime._cache import load_fast
 from wasminfer.runtime._engine import (
     CallState,
@@ -213,33 +214,44 @@ class WasmEngine(Engine):
     """The process's `Engine` with the linker of core modules: WASI preview 1 (with our own
     `poll_oneoff`) and the host imports, defined once. Idempotent `close()`; a context manager."""
 
-    def __init__(self, host_funcs: Sequence[HostFunc], cache_dir: Path | None = None) -> None:
+    def __init__(self, host_funcs: Sequence[HostFunc], cache_dir: Path | None = None, *,
+                 pool_slots: int | None = None,
+                 pool_keep_resident: int = _pooling.KEEP_RESIDENT_BYTES) -> None:
+        """`pool_slots`: slots of the instance pool (`_pooling.py`; default `WASMINFER_INSTANCE_POOL`,
+        0: every instance on demand); `pool_keep_resident`: see `_pooling.pooled_config`."""
         super().__init__(cache_dir)
         try:
             self.cache.prepare("module")
+            slots = _pooling.slots_from_env() if pool_slots is None else pool_slots
+            #: The instance pool, None without one.
+            self.pool = (_pooling.SlotPool(slots, MAX_TABLE_ELEMENTS, pool_keep_resident)
+                         if slots > 0 else None)
+            if self.pool is not None:
+                self.epoch_engines.append(self.pool.engine)
             self.linker = wasmtime.Linker(self.engine)
-            self.linker.define_wasi()
             self._callbacks: list[Any] = []  # keep ctypes callbacks alive for the engine's lifetime
             self.host_modules = {hf.module for hf in host_funcs} | {"wasi_snapshot_preview1"}
             self.host_imports = {(hf.module, hf.name): hf for hf in host_funcs}
-            for hf in host_funcs:
-                self._define(hf)
-            self.linker.allow_shadowing = True
-            for hf in WASI_OVERRIDES:
-                self._define(hf)
-            self.linker.allow_shadowing = False
+            for linker in (self.linker, *((self.pool.linker,) if self.pool is not None else ())):
+                linker.define_wasi()
+                for hf in host_funcs:
+                    self._define(linker, hf)
+                linker.allow_shadowing = True
+                for hf in WASI_OVERRIDES:
+                    self._define(linker, hf)
+                linker.allow_shadowing = False
         except BaseException:
             self.close()  # the ticker
             raise
 
-    def _define(self, hf: HostFunc) -> None:
+    def _define(self, linker: wasmtime.Linker, hf: HostFunc) -> None:
         ty = wasmtime.FuncType([_VALTYPES[p] for p in hf.params], [_VALTYPES[r] for r in hf.results])
         cb = _make_callback(hf)
         self._callbacks.append((cb, ty))
         mod = hf.module.encode()
         name = hf.name.encode()
         err = ffi.wasmtime_linker_define_func_unchecked(
-            self.linker.ptr(),
+            linker.ptr(),
             ctypes.create_string_buffer(mod), len(mod),
             ctypes.create_string_buffer(name), len(name),
             ty.ptr(), ctypes.cast(cb, ffi.wasmtime_func_unchecked_callback_t), None, no_finalizer,
@@ -355,6 +367,32 @@ class CompiledModule:
                 code.derived = pre
         return pre
 
+    def pooled_pre(self) -> tuple[wasmtime.Module, wasmtime.InstancePre] | None:
+        """Like `pre`, for the engine's instance pool: the code new instances run (the key `outdated`
+        compares) and the `InstancePre` of its copy in the pooled engine. None without a pool, or
+        when the module does not fit a slot (found once per code, when its copy fails to load)."""
+        pool = self.engine.pool
+        if pool is None:
+            return None
+        code = self.code
+        module = code.module
+        held: tuple[wasmtime.Module, wasmtime.InstancePre | None] | None = code.pooled
+        if held is None or held[0] is not module:
+            # From the cache's file when the code is the one cached there: wasmtime maps it, so both
+            # engines' copies share its pages; else (the fast tier, no cache) from its bytes.
+            path = self.engine.cache.path("module", self.sha256) if code.tier == "optimised" else None
+            try:
+                if path is not None and path.exists():
+                    copy = wasmtime.Module.deserialize_file(pool.engine, str(path))
+                else:
+                    copy = wasmtime.Module.deserialize(pool.engine, module.serialize())
+                held = (module, pool.linker.instantiate_pre(copy))
+            except wasmtime.WasmtimeError:  # more memories or tables than a slot holds, or bigger
+                held = (module, None)
+            if code.module is module:
+                code.pooled = held
+        return None if held[1] is None else (module, held[1])
+
     def instantiate(
         self,
         *,
@@ -390,11 +428,62 @@ class WasmInstance:
         output: OutputFn | None,
         wasi_options: WasiOptions,
     ) -> None:
-        engine = compiled.engine
         self.compiled = compiled
         self.memory_limit = memory_bytes
-        self.store = wasmtime.Store(engine.engine)
-        self.store.set_limits(memory_size=memory_bytes, table_elements=MAX_TABLE_ELEMENTS, instances=4,
+        self.closed = False
+        # Per-instance state of host interfaces (e.g. wasi-nn graph handles), keyed by interface and
+        # created lazily by them; values with a `close()` are closed with the instance.
+        self.host_state: dict[str, Any] = {}
+        self._mem_ref = None
+        self._output_ids: tuple[int, ...] = ()
+        #: Whether it holds a slot of the engine's instance pool (`_pooling.py`), given back by `close`.
+        self.pooled = False
+        pool = compiled.engine.pool
+        instance = None
+        if pool is not None and memory_bytes <= _pooling.SLOT_MEMORY_BYTES and pool.take():
+            try:
+                pre = compiled.pooled_pre()
+                self.pooled = pre is not None
+                if pre is not None:
+                    instance = self._start(pool.engine, pre, timeout_ms, output, wasi_options)
+            except BaseException:
+                self.pooled = False
+                raise
+            finally:
+                if not self.pooled:  # not for a slot, the slot was taken meanwhile, or it failed
+                    pool.give()
+        if instance is None:  # on demand: no pool, not for a slot, or the pool is full
+            instance = self._start(compiled.engine.engine, None, timeout_ms, output, wasi_options)
+        assert instance is not None
+        self._instance = instance
+        self._funcs: dict[str, Any] = {}
+        self._mem: Any = None
+        ctx = self._ctx_addr = int(ctypes.cast(self._ctx, ctypes.c_void_p).value or 0)
+        handle = ctypes.addressof(instance._instance)
+        mem = _export(ctx, handle, "memory")
+        if mem is not None and mem.kind == _EXTERN_MEMORY:
+            self._mem = mem.of.memory
+        self._mem_ref = ctypes.addressof(self._mem) if self._mem is not None else None
+        #: The memory's size as last read, -1 once guest code may have changed it (see `call`).
+        self._size = -1
+        self._args = (ffi.wasmtime_val_raw_t * 8)()
+        self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        self._trap_ref = ctypes.byref(self._trap)
+        for name, _ in calls:
+            ext = _export(ctx, handle, name)
+            if ext is not None and ext.kind == _EXTERN_FUNC:
+                self._funcs[name] = ext.of.func
+        self._func_refs = {name: ctypes.byref(f) for name, f in self._funcs.items()}
+
+    def _start(self, engine: wasmtime.Engine, pooled: tuple[wasmtime.Module, wasmtime.InstancePre] | None,
+               timeout_ms: int, output: OutputFn | None,
+               wasi_options: WasiOptions) -> wasmtime.Instance | None:
+        """Makes the store in `engine` and instantiates the module in it: `pooled` (from
+        `CompiledModule.pooled_pre`), else `CompiledModule.pre()`. Returns None when a pooled
+        instantiation found no slot left (`pooled` is then False and the caller starts it on demand).
+        Raises `WasmTrap` (a start function trapped or timed out) or `WasmLinkError`."""
+        self.store = wasmtime.Store(engine)
+        self.store.set_limits(memory_size=self.memory_limit, table_elements=MAX_TABLE_ELEMENTS, instances=4,
                               tables=4, memories=1)
         # Start functions run at instantiation: under the same deadline as a call (see `call`).
         start_state = CallState()
@@ -425,49 +514,31 @@ class WasmInstance:
                 else wasi.preopen_dir(host_dir, guest_dir)
         self.store.set_wasi(wasi)
         self._ctx = self.store._context()
-        self.closed = False
-        # Per-instance state of host interfaces (e.g. wasi-nn graph handles), keyed by interface and
-        # created lazily by them; values with a `close()` are closed with the instance.
-        self.host_state: dict[str, Any] = {}
-        self._mem_ref = None
         tls = _tls
         outer = getattr(tls, "state", None), getattr(tls, "instance", None)
         tls.state, tls.instance = start_state, self
         try:
             #: The code this instance runs (`CompiledModule.module` may be better by now).
-            self.module, pre = compiled.pre()
-            instance = pre.instantiate(self.store)
+            self.module, instance_pre = pooled if pooled is not None else self.compiled.pre()
+            return instance_pre.instantiate(self.store)
         except wasmtime.Trap as trap:
+            # Closed at once: a failed start still holds its instance (a pool slot) until then.
+            self.store.close()
             self._drop_outputs()
             if isinstance(start_state.fault, Interrupted):
                 raise WasmTrap(start_state.fault.kind, str(start_state.fault)) from None
             raise _to_wasm_trap(trap.trap_code, trap.message) from None
         except wasmtime.WasmtimeError as exc:
+            self.store.close()
             self._drop_outputs()
             if isinstance(start_state.fault, Interrupted):
                 raise WasmTrap(start_state.fault.kind, str(start_state.fault)) from None
+            if self.pooled and _pooling.is_pool_full(exc):
+                self.pooled = False
+                return None
             raise WasmLinkError(first_line(str(exc))) from None
         finally:
             tls.state, tls.instance = outer
-        self._instance = instance
-        self._funcs: dict[str, Any] = {}
-        self._mem: Any = None
-        ctx = self._ctx_addr = int(ctypes.cast(self._ctx, ctypes.c_void_p).value or 0)
-        handle = ctypes.addressof(instance._instance)
-        mem = _export(ctx, handle, "memory")
-        if mem is not None and mem.kind == _EXTERN_MEMORY:
-            self._mem = mem.of.memory
-        self._mem_ref = ctypes.addressof(self._mem) if self._mem is not None else None
-        #: The memory's size as last read, -1 once guest code may have changed it (see `call`).
-        self._size = -1
-        self._args = (ffi.wasmtime_val_raw_t * 8)()
-        self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
-        self._trap_ref = ctypes.byref(self._trap)
-        for name, _ in calls:
-            ext = _export(ctx, handle, name)
-            if ext is not None and ext.kind == _EXTERN_FUNC:
-                self._funcs[name] = ext.of.func
-        self._func_refs = {name: ctypes.byref(f) for name, f in self._funcs.items()}
 
     def has(self, name: str) -> bool:
         return name in self._funcs
@@ -577,6 +648,11 @@ class WasmInstance:
                     close()
             self.store.close()
             self._drop_outputs()
+            if self.pooled:  # wasmtime has reset the slot's memory with the store's close
+                self.pooled = False
+                pool = self.compiled.engine.pool
+                assert pool is not None
+                pool.give()
 
     def _drop_outputs(self) -> None:
         release_output(self._output_ids)

@@ -334,9 +334,11 @@ class Host:
         self._model_memory: dict[str, Reservation] = {}
 
     @staticmethod
-    def new_engine(cache_dir: Path | None = None) -> WasmEngine:
-        """An engine with every host interface (handler ABI, WASI-NN) linked in."""
-        return WasmEngine(HOST_FUNCS, Path(cache_dir) if cache_dir is not None else None)
+    def new_engine(cache_dir: Path | None = None, *, pool_slots: int | None = None) -> WasmEngine:
+        """An engine with every host interface (handler ABI, WASI-NN) linked in; `pool_slots`: its
+        instance pool's slots (`runtime/_pooling.py`; default `WASMINFER_INSTANCE_POOL`, 0: none)."""
+        return WasmEngine(HOST_FUNCS, Path(cache_dir) if cache_dir is not None else None,
+                          pool_slots=pool_slots)
 
     # --- models -------------------------------------------------------------------------------
     def deploy_model(self, name: str, model: bytes | Path, **options: Any) -> ModelInfo:
