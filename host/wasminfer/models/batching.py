@@ -250,7 +250,15 @@ def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> tuple[tuple[f
 class Stack(Protocol):
     """How requests of one kind are put together into one run, and where each one's rows are in its
     outputs (every output has the batch's rows along axis 0, each request's `rows(feed)` of them
-    from the row `join` gives it)."""
+    from the row `join` gives it).
+
+    `recurring`: the requests of a batch come back for another (a decoder's streams, a step each):
+    a leader then waits, up to the delay, for as many rows as its queue's last batch had, even
+    with a run slot free, so that the streams keep stepping together instead of the first back
+    running alone in the free slot and the others after it.
+    """
+
+    recurring: bool
 
     def rows(self, feed: Feed) -> int:
         """The request's rows; 0 if it cannot share a run."""
@@ -267,6 +275,8 @@ class Stack(Protocol):
 
 class _Rows:
     """Inputs of the same dtypes and dims after the first, concatenated along axis 0."""
+
+    recurring = False
 
     def rows(self, feed: Feed) -> int:
         rows = None
@@ -322,12 +332,13 @@ class _Request:
 class _Queue:
     """Requests of one signature; `leading` while one of them is the leader."""
 
-    __slots__ = ("pending", "rows", "leading", "cond")
+    __slots__ = ("pending", "rows", "leading", "cond", "expect")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.pending: list[_Request] = []
         self.rows = 0
         self.leading = False
+        self.expect = 0  # rows of its last batch, when its requests recur
         self.cond = threading.Condition(lock)
 
 
@@ -406,9 +417,9 @@ class Batcher:
         """Under the lock: queue the request (as its queue's leader if it has none), or take a run
         slot for it and return None when one is free and no request of its signature waits."""
         queue = None
-        if self._leaders:  # else no queue has anyone in it: skip the signature
+        if self._leaders or stack.recurring:  # else no queue has anyone in it: skip the signature
             queue = self._queues.get(stack.signature(feed))
-        if (queue is None or not queue.leading) and self._in_flight < self._slots:
+        if (queue is None or not queue.leading and queue.expect <= rows) and self._in_flight < self._slots:
             self._in_flight += 1
             self._record_alone(rows)
             return None
@@ -426,7 +437,7 @@ class Batcher:
             queue.leading = True
             self._leaders += 1
             request.state = _LEAD
-        elif queue.rows >= self._max_rows:
+        elif queue.rows >= self._max_rows or self._in_flight < self._slots and queue.rows >= queue.expect:
             queue.cond.notify()
         return request
 
@@ -435,7 +446,8 @@ class Batcher:
         queue = me.queue
         with self._lock:
             try:
-                while queue.rows < self._max_rows and not self._closed and self._in_flight >= self._slots:
+                while queue.rows < self._max_rows and not self._closed and (
+                        self._in_flight >= self._slots or queue.rows < queue.expect):
                     remaining = queue.pending[0].enqueued + self._delay - time.monotonic()
                     if remaining <= 0:
                         break
@@ -461,6 +473,8 @@ class Batcher:
             batch = queue.pending[:taken]
             del queue.pending[:taken]
             queue.rows -= rows
+            if me.stack.recurring:
+                queue.expect = rows
             self._in_flight += 1
             self._hand_over(queue)
             self._record(batch, rows)

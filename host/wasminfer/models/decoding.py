@@ -181,7 +181,10 @@ def nbytes(past: Mapping[str, np.ndarray]) -> int:
 
 class _Steps:
     """Steps of one decoder model sharing a run (`batching.Stack`): one row each; with a mask, pasts
-    of different lengths left-padded to the longest; without, equal lengths only."""
+    of different lengths left-padded to the longest; without, equal lengths only. Recurring: a
+    state that stepped in a batch comes back for the next step."""
+
+    recurring = True
 
     def __init__(self, spec: DecoderSpec) -> None:
         self.spec = spec
