@@ -276,3 +276,35 @@ def test_the_chatbots_concurrent_streams_in_batches_equal_each_ones_reference(ma
         stats = host.models.stats("tiny-gpt").batching
         assert stats is not None and (stats.batches, stats.batch_size_sum) == (4 + 23, 4 + 23 * 4)
         assert TABLE.live() == live
+
+
+def test_a_batchs_rows_stay_counted_while_any_state_of_it_holds_its_own(masked: bytes) -> None:
+    with ModelRegistry() as models:
+        models.load("tiny-gpt", masked, max_batch_size=2, max_queue_delay_us=50_000, max_concurrent_batches=0)
+        table = DecoderTable()
+        memory = MemoryBudget.unlimited().tenant("t")
+        a, b = (InvocationDecoders(object(), models, memory, table) for _ in range(2))
+        ha, hb = a.open("tiny-gpt", "f"), b.open("tiny-gpt", "f")
+        run = run_with(models)
+        ids = {"input_ids": np.array([TOK.encode("Same")])}
+        both = [threading.Thread(target=d.next_token, args=(h, ids, run)) for d, h in ((a, ha), (b, hb))]
+        for t in both:  # prompts of one length: the prefills run as one batch of 2
+            t.start()
+        for t in both:
+            t.join()
+        past_a, past_b = table._states[ha].past, table._states[hb].past
+        assert past_a is not None and past_b is not None
+        batch = past_a["past_key_0"].base
+        assert batch is past_b["past_key_0"].base and batch.shape[0] == 2  # type: ignore[union-attr]
+        row = sum(p.nbytes for p in past_a.values())
+        assert memory.used["decoders"] == 2 * row
+        del batch, past_a, past_b
+        a.close()  # its row lives on in the batch b still holds: still counted
+        assert memory.used["decoders"] == 2 * row and table.live() == 1
+        b.next_token(hb, None, run)  # alone, after the delay: its past its own, the batch gone
+        own = table._states[hb].past
+        assert own is not None and not isinstance(own["past_key_0"].base, np.ndarray)
+        assert memory.used["decoders"] == sum(p.nbytes for p in own.values())
+        del own
+        b.close()
+        assert memory.used["decoders"] == 0 and table.live() == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -139,8 +140,20 @@ class DecoderTable:
         # A batched step's past is its row of the batch's present (a view, padding and all: counted
         # as its own), which the next batch of the same states runs on without a copy.
         size = nbytes(past)
-        grow = size - state.memory.nbytes
-        if grow > 0:
+        shared = _batch_of(state.past)
+        if shared is not None:
+            # Its last past was its row of a batch's present, which stays in memory as long as any
+            # state of that batch holds its own row: those bytes stay counted until then, and the
+            # new past is counted afresh.
+            try:
+                fresh = memory.reserve(size, "decoders", f"the decoder state {handle} of model "
+                                       f"{state.spec.model!r} ({size} bytes after step {state.steps + 1})")
+            except BaseException:
+                self.close(owner, handle)
+                raise
+            weakref.finalize(shared, state.memory.release)
+            state.memory = fresh
+        elif (grow := size - state.memory.nbytes) > 0:
             try:
                 what = (f"the decoder state {handle} of model {state.spec.model!r} ({size} bytes after "
                         f"step {state.steps + 1})")
@@ -169,8 +182,12 @@ class DecoderTable:
             if self._states.pop(handle, None) is None:
                 return
             self.freed += 1
+        shared = _batch_of(state.past)
         state.past = None
-        state.memory.release()
+        if shared is None:
+            state.memory.release()
+        else:  # its row of a batch's present: counted until the batch's last state lets it go
+            weakref.finalize(shared, state.memory.release)
 
     def close_owner(self, owner: object) -> int:
         """Frees every state of `owner`; returns how many."""
@@ -179,6 +196,15 @@ class DecoderTable:
         for handle in mine:
             self.close(owner, handle)
         return len(mine)
+
+
+def _batch_of(past: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+    """The present of the batch `past` is a row of (its first array's; every past of a state comes
+    from the same run, so they go together), None if it is a state's own."""
+    if not past:
+        return None
+    base = next(iter(past.values())).base
+    return base if isinstance(base, np.ndarray) and base.shape[0] > 1 else None
 
 
 TABLE = DecoderTable()
