@@ -3,8 +3,9 @@
 A model opts in at load (`BatchingConfig(max_batch_size, max_queue_delay_us)`, Triton's and Ray
 Serve's knobs). Requests of compatible shape -- the same dtypes and the same dimensions after the
 first, the batch dimension -- queue together; each queue's rows are concatenated along axis 0, run
-once, and the outputs are split back by each request's row count. The registry sends here only
-requests it has validated, so a bad input never enters a batch.
+once, and the outputs are split back by each request's row count. (That is the default `Stack`,
+`ROWS`; a decoder's steps bring their own, which pads pasts of different lengths.) The registry
+sends here only requests it has validated, so a bad input never enters a batch.
 
 **Leader/follower, no batcher thread.** Callers are plain threads (one per Wasm invocation) that
 block in `infer`. The first caller to find a queue without a leader becomes its leader: it waits for
@@ -28,6 +29,12 @@ the throughput at concurrency 8 (`--compare-slots`; 1, 2 and 4 slots within the 
 that makes a batch wait for its share of the callers (ceil(requests inside / run slots)) even with a
 slot free formed bigger batches (the MLP at c=32: 12 rows where this rule makes 5) and cut the MLP's
 p99 at c=8 from 3.9 to 2.5 ms, but ran 2-18% slower (`bench/results/batching_policy.json`).
+
+Requests that recur (a decoder's steps: `Stack.recurring`, see `models/decoding.py`) wait, up to
+the delay, for as many rows as their queue's last batch had even with a slot free: the streams of a
+batch come back one by one, and the first back would otherwise run alone in the free slot, the
+next alone after it, and batches never form (bench/stream.py at 8 streams, one slot: 2.4 rows a
+batch, 5.3 with the rule).
 
 The delay bounds the queue, not the thread: a woken leader or follower still waits for a core and
 the GIL. Digits at c=32: every request left its queue within 2.5 ms, the end-to-end p99 was 5.7 ms;
