@@ -11,11 +11,12 @@ dominate, as a real one would):
 - ratio: tokens_per_s against the limit's at the same concurrency (target at 8: >= 0.8).
 
 The platform loads `tiny-gpt` with its `attention_mask` and batching (`--max-batch-size`, default
-32; `--max-concurrent-batches`, default 1): decoding steps of concurrent streams share runs, their
-pasts left-padded to the longest (models/decoding.py). `--compare-unbatched` also measures the same
-chatbot on a host whose `tiny-gpt` does not batch (`platform_unbatched`, `ratio_unbatched`), rounds
-interleaved with the others. The limit runs the same model (mask and positions fed: all ones, from
-the past's length) with one session per process and a plain loop per stream, as ORT is used alone.
+32; `--max-concurrent-batches`, default the model's run slots): decoding steps of concurrent
+streams share runs, their pasts left-padded to the longest (models/decoding.py).
+`--compare-unbatched` also measures the same chatbot on a host whose `tiny-gpt` does not batch
+(`platform_unbatched`, `ratio_unbatched`), rounds interleaved with the others. The limit runs the
+same model (mask and positions fed: all ones, from the past's length) with one session per process
+and a plain loop per stream, as ORT is used alone.
 
 And the bytes crossing the guest's boundary per decoding step at a few sequence lengths
 (`--lengths`): with the cache on the host, measured (`InvokeResult.boundary_bytes` of an invocation
@@ -191,7 +192,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="rounds per figure; the best is kept")
     ap.add_argument("--max-batch-size", type=int, default=32, help="tiny-gpt's batching on the platform")
-    ap.add_argument("--max-concurrent-batches", type=int, default=1)
+    ap.add_argument("--max-concurrent-batches", type=int, default=None,
+                    help="default: the model's run slots (see docs/models.md)")
     ap.add_argument("--compare-unbatched", action="store_true",
                     help="also measure the platform with tiny-gpt not batching")
     ap.add_argument("--out", type=Path, default=RESULTS)
