@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,7 @@ import pytest
 
 import sampling_reference
 from test_decoders import chatbot_module
+from test_decoders import reference as decoders_reference
 from wasminfer.errors import DecoderNotFound, InvalidTensor
 from wasminfer.examples import EXAMPLES, tiny_gpt_model
 from wasminfer.manifest import Manifest
@@ -32,6 +33,9 @@ from wasminfer.runtime.decoders import TABLE, DecoderTable, InvocationDecoders, 
 from wasminfer.runtime.memory import MemoryBudget
 
 TOK = chatbot_module("tokenizer")
+#: The delay of models loaded so that every step waits for all the streams (0 concurrent batches), as
+#: test_models_batching's `always_wait`: a prefill alone waits it out; the most an option allows.
+PATIENT_US = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ def registry(masked: bytes) -> Iterator[ModelRegistry]:
     # 0 concurrent batches: a step always waits for the others (up to the delay), so every decoding
     # step of streams started together runs in one batch, whatever the load of the machine.
     with ModelRegistry() as models:
-        models.load("tiny-gpt", masked, max_batch_size=len(STREAMS), max_queue_delay_us=1_000_000,
+        models.load("tiny-gpt", masked, max_batch_size=len(STREAMS), max_queue_delay_us=PATIENT_US,
                     max_concurrent_batches=0)
         yield models
 
@@ -205,7 +209,7 @@ def test_states_of_two_tenants_never_share_a_batch_nor_a_handle(masked: bytes) -
     with ModelRegistry() as a, ModelRegistry() as b:
         # each tenant's two streams batch together (0 concurrent batches: full batches of 2)
         for models in (a, b):
-            models.load("tiny-gpt", masked, max_batch_size=2, max_queue_delay_us=1_000_000,
+            models.load("tiny-gpt", masked, max_batch_size=2, max_queue_delay_us=PATIENT_US,
                         max_concurrent_batches=0)
         pairs = [(a, budget.tenant("a"), STREAMS[0]), (a, budget.tenant("a"), STREAMS[1]),
                  (b, budget.tenant("b"), STREAMS[2]), (b, budget.tenant("b"), STREAMS[3])]
@@ -255,7 +259,7 @@ def test_the_chatbots_concurrent_streams_in_batches_equal_each_ones_reference(ma
     chatbot = next(ex for ex in EXAMPLES if ex.name == "chatbot")
     with Host() as host:
         # 0 concurrent batches and a long delay: every decoding step of the four runs in one batch
-        host.deploy_model("tiny-gpt", masked, max_batch_size=len(STREAMS), max_queue_delay_us=1_000_000,
+        host.deploy_model("tiny-gpt", masked, max_batch_size=len(STREAMS), max_queue_delay_us=PATIENT_US,
                           max_concurrent_batches=0)
         host.deploy_function("chatbot", chatbot.upload(), Manifest.from_dict(chatbot.manifest()))
         live = TABLE.live()
@@ -308,3 +312,42 @@ def test_a_batchs_rows_stay_counted_while_any_state_of_it_holds_its_own(masked: 
         del own
         b.close()
         assert memory.used["decoders"] == 0 and table.live() == 0
+
+
+def test_the_c_handler_abis_decoder_steps_batch_and_keep_their_reference_tokens(
+    masked: bytes, build_guest: Callable[..., bytes]
+) -> None:
+    prompts = ["Hello, world", "Hi", "A longer prompt than the others"]
+    with Host() as host:
+        host.deploy_model("tiny-gpt", masked, max_batch_size=len(prompts), max_queue_delay_us=PATIENT_US,
+                          max_concurrent_batches=0)
+        host.deploy_function("probe", build_guest("decoder_probe.c"),
+                             {"models": ["tiny-gpt"], "max_infer_calls": 1000, "timeout_ms": 20_000})
+        texts: dict[int, bytes] = {}
+
+        def ask(i: int) -> None:
+            texts[i] = host.invoke("probe", f"greedy 30 {prompts[i]}".encode()).body
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = host.models.stats("tiny-gpt").batching
+    for i, prompt in enumerate(prompts):  # the plain tiny-gpt's tokens, decoded alone
+        assert texts[i].decode() == decoders_reference(prompt, 30), prompt
+    assert stats is not None and (stats.batches, stats.batch_size_sum) == (3 + 29, 3 + 29 * 3)
+
+
+def test_without_a_mask_only_states_of_equal_lengths_share_a_run() -> None:
+    with ModelRegistry() as models:
+        models.load("tiny-gpt", tiny_gpt_model(), max_batch_size=4)
+        spec = DecoderSpec.of(models.get("tiny-gpt"))
+    assert not spec.mask and not spec.positions and spec.host_names == spec.past_names
+    ids = {"input_ids": np.array([[3]])}
+    short, other, long = ({p: np.zeros((1, 4, n, 16), np.float32) for p, _ in spec.pairs} for n in (5, 5, 6))
+    sig = spec.steps.signature
+    assert sig(spec.feed(ids, short)) == sig(spec.feed(ids, other)) != sig(spec.feed(ids, long))
+    assert MASK not in spec.feed(ids, short)
+    joined, starts = spec.steps.join([spec.feed(ids, short), spec.feed(ids, other)])
+    assert joined["past_key_0"].shape == (2, 4, 5, 16) and starts == [0, 1]

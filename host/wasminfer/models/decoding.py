@@ -200,9 +200,9 @@ class _Steps:
         spec = self.spec
         mine = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feed.items()
                             if n not in spec.host_names))
-        # with a mask, pasts of any length share a run; without, only equal ones
-        length = -1 if spec.mask else feed[self.pasts[0]].shape[2]
-        return ("decoder", spec.model, self.pasts, mine, length)
+        # with a mask, pasts of any length share a run; without, only those of equal shapes
+        pasts = () if spec.mask else tuple(feed[p].shape for p in self.pasts)
+        return ("decoder", spec.model, self.pasts, mine, pasts)
 
     def join(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], list[int]]:
         rows = _cohort(feeds, self.pasts)
