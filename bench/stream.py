@@ -8,6 +8,8 @@ dominate, as a real one would):
 - ttft_ms_p50 / _p90: from the call to the first token (`Host.invoke` with an `OutputStream`; the
   limit: from the start of its loop to its first token);
 - tokens_per_s: every stream's tokens over the wall time of the round;
+- cpu_us_per_token: the process' CPU time over the round per token (steadier than tokens_per_s on
+  a machine shared with other work, which takes cores but not this process' CPU time);
 - ratio: tokens_per_s against the limit's at the same concurrency (target at 8: >= 0.8).
 
 The platform loads `tiny-gpt` with its `attention_mask` and batching (`--max-batch-size`, default
@@ -115,14 +117,17 @@ def limit_round(session: ort.InferenceSession, streams: int, tokens: int) -> dic
 
 def _run(streams: int, one: Any, ttft: list[float], counts: list[int]) -> dict[str, float]:
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     return {"ttft_ms_p50": _pct(ttft, 50) * 1e3, "ttft_ms_p90": _pct(ttft, 90) * 1e3,
-            "tokens_per_s": sum(counts) / wall, "tokens": float(sum(counts)), "wall_s": wall}
+            "tokens_per_s": sum(counts) / wall, "tokens": float(sum(counts)), "wall_s": wall,
+            "cpu_us_per_token": cpu / max(1, sum(counts)) * 1e6}
 
 
 # --- the platform: the chatbot on the Python runtime, streamed ---------------------------------------
@@ -231,11 +236,14 @@ def main() -> None:
             if "platform_unbatched" in row:
                 unbatched_tps = row["platform_unbatched"]["tokens_per_s"]
                 row["ratio_unbatched"] = unbatched_tps / row["limit"]["tokens_per_s"]
-                also = f", unbatched {unbatched_tps:.0f} ({row['ratio_unbatched']:.2f})"
+                also = (f", unbatched {unbatched_tps:.0f} ({row['ratio_unbatched']:.2f}, "
+                        f"{row['platform_unbatched']['cpu_us_per_token']:.0f} µs CPU/token)")
             rows.append(row)
             best_platform, best_limit = row["platform"], row["limit"]
-            print(f"{n:>3} streams: {best_platform['tokens_per_s']:8.0f} tok/s (limit "
-                  f"{best_limit['tokens_per_s']:8.0f}, ratio {row['ratio']:.2f}{also}); ttft p50 "
+            print(f"{n:>3} streams: {best_platform['tokens_per_s']:8.0f} tok/s, "
+                  f"{best_platform['cpu_us_per_token']:.0f} µs CPU/token (limit "
+                  f"{best_limit['tokens_per_s']:8.0f}, {best_limit['cpu_us_per_token']:.0f} µs; ratio "
+                  f"{row['ratio']:.2f}{also}); ttft p50 "
                   f"{best_platform['ttft_ms_p50']:.2f} ms (limit {best_limit['ttft_ms_p50']:.2f})")
         boundary = []
         for length in lengths:
