@@ -15,8 +15,8 @@ Inputs named `attention_mask` ([batch, past + seq], 0 for a padding position) an
 state's length, so that steps of states of different lengths can share a run (`DecoderSpec.steps`,
 for a model loaded with batching): each past left-padded to the longest, the padding masked. A
 state then keeps its row of the batch's present, padding included (and counted), until a step
-that copies it trims the padding again; a batch of exactly the rows of the one before, in order,
-runs on that batch's present as it is, with no copy. Without a mask, only steps of states of equal
+that copies it trims the padding again; a batch of exactly the rows of the one before (in any
+order) runs on that batch's present as it is, with no copy. Without a mask, only steps of states of equal
 lengths share a run. A padded run gives the same tokens as a solo one, not the same bits: the
 logits of tiny-gpt differ by ~5e-6 (the sums run over more terms, the padding's being zeros).
 """
@@ -209,14 +209,12 @@ class _Steps:
         if rows is not None:  # exactly the rows of one batch's present: run on it as it is
             order = sorted(range(len(feeds)), key=rows.__getitem__)
             joined = {p: _base(feeds[0][p]) for p in self.pasts}
-            copied: tuple[str, ...] = ()
         else:
             order = list(range(len(feeds)))
             joined = _padded(feeds, self.pasts) if self.spec.mask else {
                 p: np.concatenate([f[p] for f in feeds]) for p in self.pasts}
-            copied = tuple(joined)
-        for name in feeds[0]:
-            if name not in copied and name not in joined:
+        for name in feeds[0]:  # the step's own inputs, and the mask and positions unless padded
+            if name not in joined:
                 joined[name] = np.concatenate([feeds[i][name] for i in order])
         starts = [0] * len(feeds)
         for row, i in enumerate(order):
