@@ -8,7 +8,17 @@ dominate, as a real one would):
 - ttft_ms_p50 / _p90: from the call to the first token (`Host.invoke` with an `OutputStream`; the
   limit: from the start of its loop to its first token);
 - tokens_per_s: every stream's tokens over the wall time of the round;
+- cpu_us_per_token: the process' CPU time over the round per token (steadier than tokens_per_s on
+  a machine shared with other work, which takes cores but not this process' CPU time);
 - ratio: tokens_per_s against the limit's at the same concurrency (target at 8: >= 0.8).
+
+The platform loads `tiny-gpt` with its `attention_mask` and batching (`--max-batch-size`, default
+32; `--max-concurrent-batches`, default the model's run slots): decoding steps of concurrent
+streams share runs, their pasts left-padded to the longest (models/decoding.py).
+`--compare-unbatched` also measures the same chatbot on a host whose `tiny-gpt` does not batch
+(`platform_unbatched`, `ratio_unbatched`), rounds interleaved with the others. The limit runs the
+same model (mask and positions fed: all ones, from the past's length) with one session per process
+and a plain loop per stream, as ORT is used alone.
 
 And the bytes crossing the guest's boundary per decoding step at a few sequence lengths
 (`--lengths`): with the cache on the host, measured (`InvokeResult.boundary_bytes` of an invocation
@@ -68,15 +78,23 @@ def _pct(values: list[float], q: float) -> float:
 def limit_round(session: ort.InferenceSession, streams: int, tokens: int) -> dict[str, float]:
     names = [o.name for o in session.get_outputs()]
     pasts = [i for i in session.get_inputs() if i.name.startswith("past")]
+    masked = any(i.name == "attention_mask" for i in session.get_inputs())
     ttft: list[float] = []
     counts: list[int] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
         past = {p.name: np.zeros([1, p.shape[1], 0, p.shape[3]], np.float32) for p in pasts}
+        length = [0]
 
         def step(ids: np.ndarray) -> np.ndarray:
-            out = dict(zip(names, session.run(None, {"input_ids": ids, **past}), strict=True))
+            feed = {"input_ids": ids, **past}
+            if masked:
+                n, seq = length[0], ids.shape[1]
+                feed["attention_mask"] = np.ones((1, n + seq), np.int64)
+                feed["position_ids"] = np.arange(n, n + seq, dtype=np.int64).reshape(1, seq)
+                length[0] += seq
+            out = dict(zip(names, session.run(None, feed), strict=True))
             for name in past:
                 past[name] = out["present" + name[4:]]
             return out["logits"]
@@ -99,14 +117,17 @@ def limit_round(session: ort.InferenceSession, streams: int, tokens: int) -> dic
 
 def _run(streams: int, one: Any, ttft: list[float], counts: list[int]) -> dict[str, float]:
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     return {"ttft_ms_p50": _pct(ttft, 50) * 1e3, "ttft_ms_p90": _pct(ttft, 90) * 1e3,
-            "tokens_per_s": sum(counts) / wall, "tokens": float(sum(counts)), "wall_s": wall}
+            "tokens_per_s": sum(counts) / wall, "tokens": float(sum(counts)), "wall_s": wall,
+            "cpu_us_per_token": cpu / max(1, sum(counts)) * 1e6}
 
 
 # --- the platform: the chatbot on the Python runtime, streamed ---------------------------------------
@@ -175,31 +196,54 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="rounds per figure; the best is kept")
+    ap.add_argument("--max-batch-size", type=int, default=32, help="tiny-gpt's batching on the platform")
+    ap.add_argument("--max-concurrent-batches", type=int, default=None,
+                    help="default: the model's run slots (see docs/models.md)")
+    ap.add_argument("--compare-unbatched", action="store_true",
+                    help="also measure the platform with tiny-gpt not batching")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")]
-    model = tiny_gpt_model(d_model=args.d_model, layers=args.layers, heads=max(1, args.d_model // 64))
+    shape = {"d_model": args.d_model, "layers": args.layers, "heads": max(1, args.d_model // 64)}
+    model = tiny_gpt_model(**shape, attention_mask=True)
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     manifest = {"models": ["tiny-gpt"], "memory_mb": 128, "timeout_ms": 600_000, "max_infer_calls": 100_000,
                 "max_instances": max(streams)}
+    batching = {"max_batch_size": args.max_batch_size, "max_concurrent_batches": args.max_concurrent_batches}
     rows: list[dict[str, Any]] = []
-    with Host() as host:
-        host.deploy_model("tiny-gpt", model)
+    with Host() as host, Host() as unbatched:
+        hosts = {"platform": host}
+        if args.compare_unbatched:
+            hosts["platform_unbatched"] = unbatched
         print("deploying chatbot (the Python runtime is built first if it is not cached)", file=sys.stderr)
-        host.deploy_function("chatbot", pysource.bundle_folder(CHATBOT), manifest, prewarm=max(streams))
-        platform_round(host, max(streams), 4)  # warm: every instance has answered once
+        for key, h in hosts.items():
+            h.deploy_model("tiny-gpt", model, **(batching if key == "platform" else {}))
+            h.deploy_function("chatbot", pysource.bundle_folder(CHATBOT), manifest, prewarm=max(streams))
+            platform_round(h, max(streams), 4)  # warm: every instance has answered once
         limit_round(session, max(streams), 4)
         for n in streams:
-            best_platform = max((platform_round(host, n, args.tokens) for _ in range(args.rounds)),
-                                key=lambda r: r["tokens_per_s"])
-            best_limit = max((limit_round(session, n, args.tokens) for _ in range(args.rounds)),
-                             key=lambda r: r["tokens_per_s"])
-            row = {"streams": n, "platform": best_platform, "limit": best_limit,
-                   "ratio": best_platform["tokens_per_s"] / best_limit["tokens_per_s"]}
+            results: dict[str, list[dict[str, float]]] = {key: [] for key in [*hosts, "limit"]}
+            for _ in range(args.rounds):  # interleaved: a burst of load from elsewhere hits them all
+                for key, h in hosts.items():
+                    results[key].append(platform_round(h, n, args.tokens))
+                results["limit"].append(limit_round(session, n, args.tokens))
+            row: dict[str, Any] = {"streams": n}
+            for key, runs in results.items():
+                row[key] = max(runs, key=lambda r: r["tokens_per_s"])
+            row["ratio"] = row["platform"]["tokens_per_s"] / row["limit"]["tokens_per_s"]
+            also = ""
+            if "platform_unbatched" in row:
+                unbatched_tps = row["platform_unbatched"]["tokens_per_s"]
+                row["ratio_unbatched"] = unbatched_tps / row["limit"]["tokens_per_s"]
+                also = (f", unbatched {unbatched_tps:.0f} ({row['ratio_unbatched']:.2f}, "
+                        f"{row['platform_unbatched']['cpu_us_per_token']:.0f} µs CPU/token)")
             rows.append(row)
-            print(f"{n:>3} streams: {best_platform['tokens_per_s']:8.0f} tok/s (limit "
-                  f"{best_limit['tokens_per_s']:8.0f}, ratio {row['ratio']:.2f}); ttft p50 "
+            best_platform, best_limit = row["platform"], row["limit"]
+            print(f"{n:>3} streams: {best_platform['tokens_per_s']:8.0f} tok/s, "
+                  f"{best_platform['cpu_us_per_token']:.0f} µs CPU/token (limit "
+                  f"{best_limit['tokens_per_s']:8.0f}, {best_limit['cpu_us_per_token']:.0f} µs; ratio "
+                  f"{row['ratio']:.2f}{also}); ttft p50 "
                   f"{best_platform['ttft_ms_p50']:.2f} ms (limit {best_limit['ttft_ms_p50']:.2f})")
         boundary = []
         for length in lengths:
@@ -210,7 +254,8 @@ def main() -> None:
             print(f"step at length {length:>4}: {on_host:>8} bytes with the cache on the host, "
                   f"{in_guest:>9} with it in the guest")
     result = {
-        "model": {"d_model": args.d_model, "layers": args.layers, "vocab": TOKENIZER.VOCAB},
+        "model": {"d_model": args.d_model, "layers": args.layers, "vocab": TOKENIZER.VOCAB,
+                  "attention_mask": True, **batching},
         "tokens_per_stream": args.tokens,
         "rounds": args.rounds,
         "loadavg": os.getloadavg(),

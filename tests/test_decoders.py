@@ -20,6 +20,7 @@ import sampling_reference
 from wasminfer.errors import DecoderNotFound, InvalidTensor, InvocationCancelled, MemoryQuotaExceeded
 from wasminfer.examples import functions_dir, tiny_gpt_model
 from wasminfer.models import ModelRegistry
+from wasminfer.models.batching import Stack
 from wasminfer.models.decoding import DecoderSpec
 from wasminfer.models.sampling import Sampling
 from wasminfer.runtime import Host, OutputStream
@@ -94,8 +95,9 @@ def test_the_host_chooses_the_reference_samplers_tokens_and_feeds_them_back(
         decoders = InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"))
         ran: list[dict[str, np.ndarray]] = []
 
-        def run(model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            ran.append(models.infer(model, inputs))
+        def run(model: str, inputs: Mapping[str, np.ndarray],
+                stack: Stack | None = None, /) -> dict[str, np.ndarray]:
+            ran.append(models.infer(model, inputs, stack=stack))
             return ran[-1]
 
         h = decoders.open("tiny-gpt", "f", Sampling(**settings))  # type: ignore[arg-type]

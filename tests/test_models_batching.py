@@ -11,17 +11,19 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from wasminfer import examples
 from wasminfer.errors import BadRequest, InferenceFailed, InvalidTensor, ModelNotFound
 from wasminfer.models import BatchingConfig, ModelRegistry
+from wasminfer.models.batching import ROWS, BatchCounters, Batcher, Feed
 
 OPSET = [helper.make_opsetid("", 17)]
 TABLE = np.arange(20, dtype=np.int64).reshape(10, 2)
@@ -591,3 +593,95 @@ def test_stats_expose_batch_sizes_queue_delays_and_rates(registry: ModelRegistry
     assert as_json["inferences"] == 10 and as_json["batching"]["max_batch_size"] == 4
     plain = registry.load("p", rowwise_model())
     assert plain.batching is None and registry.stats("p").batching is None
+
+
+# --- requests that recur (a decoder's steps) -----------------------------------------------------
+class Recurring:
+    """Rows stacked as `ROWS` stacks them, by requests that come back after each batch."""
+
+    recurring = True
+
+    def rows(self, feed: Feed) -> int:
+        return ROWS.rows(feed)
+
+    def signature(self, feed: Feed) -> Hashable:
+        return ("recurring", ROWS.signature(feed))
+
+    def join(self, feeds: Sequence[Feed]) -> tuple[Feed, list[int]]:
+        return ROWS.join(feeds)
+
+
+class Gated:
+    """A batcher of one run slot over rowwise_model whose first run holds the slot until `gate` is set;
+    `ran` has the rows of each run."""
+
+    def __init__(self, delay_us: int) -> None:
+        self.session = ort.InferenceSession(rowwise_model(), providers=["CPUExecutionProvider"])
+        self.gate = threading.Event()
+        self.ran: list[int] = []
+        self.stack = Recurring()
+        self.batcher = Batcher(BatchingConfig(8, delay_us), self._run, BatchCounters(), slots=1)
+        rng = np.random.default_rng(4)
+        self.feeds = [rowwise_feed(rng, 1) for _ in range(6)]
+        self.results: dict[int, list[Any]] = {}
+
+    def _run(self, feed: Feed, _deadline_ns: int | None) -> list[Any]:
+        self.ran.append(len(feed["x"]))
+        if len(self.ran) == 1:
+            self.gate.wait(30)
+        return list(self.session.run(None, feed))
+
+    def call(self, i: int) -> threading.Thread:
+        def go() -> None:
+            self.results[i] = self.batcher.infer(self.feeds[i], None, self.stack)
+        t = threading.Thread(target=go)
+        t.start()
+        return t
+
+    def queued(self, rows: int) -> None:
+        """Until `rows` rows wait in the recurring queue (synchronised on the batcher's state)."""
+        signature = self.stack.signature(self.feeds[0])
+        while (queue := self.batcher._queues.get(signature)) is None or queue.rows != rows:
+            time.sleep(0.001)
+
+    def batch_of_two(self) -> None:
+        """Runs 0 alone (holding the slot), then 1 and 2 in one batch: their queue's last batch had 2."""
+        first = self.call(0)
+        while not self.ran:
+            time.sleep(0.001)
+        pair = [self.call(1), self.call(2)]
+        self.queued(2)
+        self.gate.set()
+        for t in [first, *pair]:
+            t.join(30)
+        assert self.ran == [1, 2]
+
+
+def test_recurring_requests_wait_for_as_many_as_their_last_batch_had_even_with_a_slot_free() -> None:
+    g = Gated(delay_us=1_000_000)
+    g.batch_of_two()
+    third = g.call(3)  # the slot is free, but its queue's last batch had 2 rows: it waits for one more
+    g.queued(1)
+    assert third.is_alive() and g.ran == [1, 2]
+    fourth = g.call(4)
+    for t in (third, fourth):
+        t.join(30)
+    assert g.ran == [1, 2, 2]
+    for i in range(5):
+        for got, want in zip(g.results[i], g.session.run(None, g.feeds[i]), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.serial  # measures time: runs alone, before the parallel suite
+def test_recurring_requests_wait_no_longer_than_the_delay_for_the_missing_ones() -> None:
+    delay_s = 0.05
+    g = Gated(delay_us=int(delay_s * 1e6))
+    g.batch_of_two()
+    started = time.perf_counter()
+    g.call(3).join(30)  # the other never comes back: it runs alone after the delay
+    waited = time.perf_counter() - started
+    assert g.ran == [1, 2, 1]
+    assert delay_s * 0.9 <= waited <= delay_s + 5  # a loaded machine: the bound is what is tested
+    started = time.perf_counter()
+    g.call(4).join(30)  # its last batch had 1 row: it runs at once
+    assert g.ran == [1, 2, 1, 1] and time.perf_counter() - started < delay_s + 5

@@ -235,13 +235,19 @@ def text_classifier_model(cache_dir: Path | None = None) -> bytes:
 
 # --- chatbot: a tiny GPT-style decoder with random weights, made with onnx.helper --------------------
 def tiny_gpt_model(cache_dir: Path | None = None, *, vocab: int = 96, d_model: int = 64, heads: int = 4,
-                   layers: int = 2, max_positions: int = 1024, seed: int = 0) -> bytes:
+                   layers: int = 2, max_positions: int = 1024, seed: int = 0,
+                   attention_mask: bool = False) -> bytes:
     """A GPT-style decoder made in code (random weights from `seed`: the mechanism, not a language).
 
     Inputs: `input_ids` int64 [batch, seq]; per layer L `past_key_L` and `past_value_L` float32
     [batch, heads, past_seq, d_model / heads] (past_seq 0 at the first step). Outputs: `logits`
     float32 [batch, seq, vocab]; `present_key_L`, `present_value_L` (past_seq + seq long). Positions
     continue from past_seq; attention is causal. `cache_dir` is unused (it takes ~10 ms to make).
+
+    With `attention_mask`, as Hugging Face's GPT-2 exports: also `attention_mask` int64 [batch,
+    past_seq + seq] (0: a padding position no query attends to) and `position_ids` int64 [batch,
+    seq], so rows of different lengths, left-padded to one, share a run (the same weights: the
+    same numbers as without, for an all-ones mask and positions from past_seq).
     """
     import numpy as np
     import onnx
@@ -286,13 +292,20 @@ def tiny_gpt_model(cache_dir: Path | None = None, *, vocab: int = 96, d_model: i
     node("Gather", ["ids_shape", "one_axis"], "seq_len1")
     node("Squeeze", ["seq_len1", "zero_axis"], "seq_len")
     node("Add", ["past_len", "seq_len"], "total_len")
-    node("Range", ["past_len", "total_len", "one"], "positions")
+    node("Range", ["past_len", "total_len", "one"], "query_positions")
+    positions = "position_ids" if attention_mask else "query_positions"  # [batch, seq] or [seq]
     node("Range", [const("zero", 0), "total_len", "one"], "key_positions")
-    node("Unsqueeze", ["positions", "one_axis"], "rows")
+    node("Unsqueeze", ["query_positions", "one_axis"], "rows")
     node("Unsqueeze", ["key_positions", "zero_axis"], "cols")
-    node("Less", ["rows", "cols"], "future")  # [seq, total]: a key after the query
+    node("Less", ["rows", "cols"], "causal")  # [seq, total]: a key after the query
+    if attention_mask:  # [batch, 1, seq, total]: or a padding key
+        node("Equal", ["attention_mask", const("zero_mask", 0)], "padding")
+        node("Unsqueeze", ["padding", const("mask_axes", [1, 2])], "padding4")
+        future = node("Or", ["causal", "padding4"], "future")
+    else:
+        future = "causal"
     tok = node("Gather", [weight("wte", vocab, d_model, scale=0.5), "input_ids"], "tok_emb")
-    pos = node("Gather", [weight("wpe", max_positions, d_model, scale=0.1), "positions"], "pos_emb")
+    pos = node("Gather", [weight("wpe", max_positions, d_model, scale=0.1), positions], "pos_emb")
     x = node("Add", [tok, pos], "h0")
     outputs = []
     for i in range(layers):
@@ -306,7 +319,7 @@ def tiny_gpt_model(cache_dir: Path | None = None, *, vocab: int = 96, d_model: i
         v = node("Concat", [f"past_value_{i}", split["v"]], f"present_value_{i}", axis=2)
         kt = node("Transpose", [k], f"l{i}.kt", perm=[0, 1, 3, 2])
         scores = node("Mul", [node("MatMul", [split["q"], kt], f"l{i}.qk"), "scale"], f"l{i}.scores")
-        scores = node("Where", ["future", "neg_inf", scores], f"l{i}.masked")
+        scores = node("Where", [future, "neg_inf", scores], f"l{i}.masked")
         attn = node("MatMul", [node("Softmax", [scores], f"l{i}.p", axis=-1), v], f"l{i}.attn")
         attn = node("Reshape", [node("Transpose", [attn], f"l{i}.attn.t", perm=[0, 2, 1, 3]), "model_shape"],
                     f"l{i}.attn.merged")
@@ -324,6 +337,9 @@ def tiny_gpt_model(cache_dir: Path | None = None, *, vocab: int = 96, d_model: i
     graph = helper.make_graph(
         nodes, "tiny-gpt",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+        + ([helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+           if attention_mask else [])
         + [helper.make_tensor_value_info(f"past_{kv}_{i}", TensorProto.FLOAT, cache)
            for i in range(layers) for kv in ("key", "value")],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]

@@ -3,8 +3,9 @@
 A model opts in at load (`BatchingConfig(max_batch_size, max_queue_delay_us)`, Triton's and Ray
 Serve's knobs). Requests of compatible shape -- the same dtypes and the same dimensions after the
 first, the batch dimension -- queue together; each queue's rows are concatenated along axis 0, run
-once, and the outputs are split back by each request's row count. The registry sends here only
-requests it has validated, so a bad input never enters a batch.
+once, and the outputs are split back by each request's row count. (That is the default `Stack`,
+`ROWS`; a decoder's steps bring their own, which pads pasts of different lengths.) The registry
+sends here only requests it has validated, so a bad input never enters a batch.
 
 **Leader/follower, no batcher thread.** Callers are plain threads (one per Wasm invocation) that
 block in `infer`. The first caller to find a queue without a leader becomes its leader: it waits for
@@ -28,6 +29,12 @@ the throughput at concurrency 8 (`--compare-slots`; 1, 2 and 4 slots within the 
 that makes a batch wait for its share of the callers (ceil(requests inside / run slots)) even with a
 slot free formed bigger batches (the MLP at c=32: 12 rows where this rule makes 5) and cut the MLP's
 p99 at c=8 from 3.9 to 2.5 ms, but ran 2-18% slower (`bench/results/batching_policy.json`).
+
+Requests that recur (a decoder's steps: `Stack.recurring`, see `models/decoding.py`) wait, up to
+the delay, for as many rows as their queue's last batch had even with a slot free: the streams of a
+batch come back one by one, and the first back would otherwise run alone in the free slot, the
+next alone after it, and batches never form (bench/stream.py at 8 streams, one slot: 2.4 rows a
+batch, 5.3 with the rule).
 
 The delay bounds the queue, not the thread: a woken leader or follower still waits for a core and
 the GIL. Digits at c=32: every request left its queue within 2.5 ms, the end-to-end p99 was 5.7 ms;
@@ -77,7 +84,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -89,6 +96,8 @@ __all__ = [
     "QUEUE_DELAY_BUCKETS",
     "BatchingConfig",
     "BatchingStats",
+    "ROWS",
+    "Stack",
     "default_slots",
 ]
 
@@ -244,6 +253,63 @@ def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> tuple[tuple[f
     return tuple(pairs)
 
 
+# --- how requests share a run ----------------------------------------------------------------------
+class Stack(Protocol):
+    """How requests of one kind are put together into one run, and where each one's rows are in its
+    outputs (every output has the batch's rows along axis 0, each request's `rows(feed)` of them
+    from the row `join` gives it).
+
+    `recurring`: the requests of a batch come back for another (a decoder's streams, a step each):
+    a leader then waits, up to the delay, for as many rows as its queue's last batch had, even
+    with a run slot free, so that the streams keep stepping together instead of the first back
+    running alone in the free slot and the others after it.
+    """
+
+    recurring: bool
+
+    def rows(self, feed: Feed) -> int:
+        """The request's rows; 0 if it cannot share a run."""
+        ...
+
+    def signature(self, feed: Feed) -> Hashable:
+        """Requests of equal signatures may share a run (a signature names its kind of stack too)."""
+        ...
+
+    def join(self, feeds: Sequence[Feed]) -> tuple[Feed, list[int]]:
+        """The batch's feed, and the first row of each request's outputs in the batch's."""
+        ...
+
+
+class _Rows:
+    """Inputs of the same dtypes and dims after the first, concatenated along axis 0."""
+
+    recurring = False
+
+    def rows(self, feed: Feed) -> int:
+        rows = None
+        for array in feed.values():  # every input must have the same rows
+            if rows is None:
+                rows = array.shape[0]
+            elif array.shape[0] != rows:
+                return 0
+        return rows or 0
+
+    def signature(self, feed: Feed) -> Hashable:
+        return tuple((array.dtype, array.shape[1:]) for array in feed.values())
+
+    def join(self, feeds: Sequence[Feed]) -> tuple[Feed, list[int]]:
+        names = feeds[0].keys()
+        starts, start = [], 0
+        for feed in feeds:
+            starts.append(start)
+            start += next(iter(feed.values())).shape[0]
+        return {name: np.concatenate([f[name] for f in feeds]) for name in names}, starts
+
+
+#: The default stack: what a model loaded with batching asserts of its rows (see the docstring).
+ROWS: Stack = _Rows()
+
+
 # --- the batcher ------------------------------------------------------------------------------------
 _WAITING, _LEAD, _DONE, _FAILED, _ALONE = range(5)
 # Queues (one per signature) are kept while idle, saving a Condition per batch; past this many
@@ -252,10 +318,12 @@ _MAX_IDLE_QUEUES = 64
 
 
 class _Request:
-    __slots__ = ("feed", "rows", "queue", "deadline_ns", "enqueued", "wake", "state", "outputs", "error")
+    __slots__ = ("feed", "stack", "rows", "queue", "deadline_ns", "enqueued", "wake", "state", "outputs",
+                 "error")
 
-    def __init__(self, feed: Feed, rows: int, queue: _Queue, deadline_ns: int | None) -> None:
+    def __init__(self, feed: Feed, stack: Stack, rows: int, queue: _Queue, deadline_ns: int | None) -> None:
         self.feed = feed
+        self.stack = stack
         self.deadline_ns = deadline_ns
         self.rows = rows
         self.queue = queue
@@ -271,12 +339,13 @@ class _Request:
 class _Queue:
     """Requests of one signature; `leading` while one of them is the leader."""
 
-    __slots__ = ("pending", "rows", "leading", "cond")
+    __slots__ = ("pending", "rows", "leading", "cond", "expect")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.pending: list[_Request] = []
         self.rows = 0
         self.leading = False
+        self.expect = 0  # rows of its last batch, when its requests recur
         self.cond = threading.Condition(lock)
 
 
@@ -316,26 +385,19 @@ class Batcher:
     def stats(self) -> BatchingStats:
         return self._counters.snapshot(self.config)
 
-    def infer(self, feed: Feed, deadline_ns: int | None = None) -> Outputs:
+    def infer(self, feed: Feed, deadline_ns: int | None = None, stack: Stack = ROWS) -> Outputs:
         """Run `feed`, in a batch with other requests of its signature where it can join one, by
-        `deadline_ns` (`time.monotonic_ns()`, None: none).
+        `deadline_ns` (`time.monotonic_ns()`, None: none); `stack` puts them together.
 
         Raises what `run` raises for this request alone (`Timeout` past its deadline).
         """
-        rows = None
-        for array in feed.values():  # every input must have the same rows, 1..max_batch_size
-            if rows is None:
-                rows = array.shape[0]
-            elif array.shape[0] != rows:
-                rows = 0
-                break
+        rows = stack.rows(feed)  # 1..max_batch_size to join a batch
         with self._lock:
             alone = not rows or rows > self._max_rows or self._closed
             if alone:
                 self._counters.unbatched_requests += 1
             else:
-                assert rows is not None
-                request = self._enqueue(feed, rows, deadline_ns)
+                request = self._enqueue(feed, stack, rows, deadline_ns)
         if alone:
             return self._run(feed, deadline_ns)
         if request is None:  # a slot was free and nobody waiting: run now, in that slot
@@ -358,31 +420,31 @@ class Batcher:
             raise request.error
         return self._run(feed, deadline_ns)  # _ALONE: its batch failed; try it on its own
 
-    def _enqueue(self, feed: Feed, rows: int, deadline_ns: int | None) -> _Request | None:
+    def _enqueue(self, feed: Feed, stack: Stack, rows: int, deadline_ns: int | None) -> _Request | None:
         """Under the lock: queue the request (as its queue's leader if it has none), or take a run
         slot for it and return None when one is free and no request of its signature waits."""
         queue = None
-        if self._leaders:  # else no queue has anyone in it: skip the signature
-            queue = self._queues.get(_signature(feed))
-        if (queue is None or not queue.leading) and self._in_flight < self._slots:
+        if self._leaders or stack.recurring:  # else no queue has anyone in it: skip the signature
+            queue = self._queues.get(stack.signature(feed))
+        if (queue is None or not queue.leading and queue.expect <= rows) and self._in_flight < self._slots:
             self._in_flight += 1
             self._record_alone(rows)
             return None
         if queue is None:
-            signature = _signature(feed)
+            signature = stack.signature(feed)
             queue = self._queues.get(signature)
             if queue is None:
                 if len(self._queues) >= _MAX_IDLE_QUEUES:
                     self._prune()
                 queue = self._queues[signature] = _Queue(self._lock)
-        request = _Request(feed, rows, queue, deadline_ns)
+        request = _Request(feed, stack, rows, queue, deadline_ns)
         queue.pending.append(request)
         queue.rows += rows
         if not queue.leading:
             queue.leading = True
             self._leaders += 1
             request.state = _LEAD
-        elif queue.rows >= self._max_rows:
+        elif queue.rows >= self._max_rows or self._in_flight < self._slots and queue.rows >= queue.expect:
             queue.cond.notify()
         return request
 
@@ -391,7 +453,8 @@ class Batcher:
         queue = me.queue
         with self._lock:
             try:
-                while queue.rows < self._max_rows and not self._closed and self._in_flight >= self._slots:
+                while queue.rows < self._max_rows and not self._closed and (
+                        self._in_flight >= self._slots or queue.rows < queue.expect):
                     remaining = queue.pending[0].enqueued + self._delay - time.monotonic()
                     if remaining <= 0:
                         break
@@ -417,6 +480,8 @@ class Batcher:
             batch = queue.pending[:taken]
             del queue.pending[:taken]
             queue.rows -= rows
+            if me.stack.recurring:
+                queue.expect = rows
             self._in_flight += 1
             self._hand_over(queue)
             self._record(batch, rows)
@@ -495,8 +560,7 @@ class Batcher:
                 request.state = _FAILED
             return
         try:
-            names = batch[0].feed.keys()
-            feed = {name: np.concatenate([r.feed[name] for r in batch]) for name in names}
+            feed, starts = batch[0].stack.join([r.feed for r in batch])
             deadlines = [r.deadline_ns for r in batch if r.deadline_ns is not None]
             outputs = self._run(feed, min(deadlines) if deadlines else None)
             if not all(isinstance(out, np.ndarray) and out.ndim and len(out) == rows for out in outputs):
@@ -509,17 +573,9 @@ class Batcher:
             for request in batch:
                 request.state = _ALONE
             return
-        start = 0
-        for request in batch:
-            end = start + request.rows
-            request.outputs = [out[start:end] for out in outputs]
+        for request, start in zip(batch, starts, strict=True):
+            request.outputs = [out[start:start + request.rows] for out in outputs]
             request.state = _DONE
-            start = end
-
-
-def _signature(feed: Feed) -> Hashable:
-    """Requests stack along axis 0 when their inputs have the same dtypes and dims after the first."""
-    return tuple((array.dtype, array.shape[1:]) for array in feed.values())
 
 
 class _Unsplittable(Exception):

@@ -9,19 +9,34 @@ before. Whoever keeps the state between steps (`runtime.decoders`) asks `Decoder
 and what to keep, and, to choose the next token itself (`models.sampling`), where the logits are
 (the output `logits`, else the one output that is no present) and where a chosen token goes back
 in (the one input that is no past, as a [1, 1] tensor).
+
+Inputs named `attention_mask` ([batch, past + seq], 0 for a padding position) and `position_ids`
+([batch, seq]), as Hugging Face's exports have them, are the host's too: it makes them from the
+state's length, so that steps of states of different lengths can share a run (`DecoderSpec.steps`,
+for a model loaded with batching): each past left-padded to the longest, the padding masked. A
+state then keeps its row of the batch's present, padding included (and counted), until a step
+that copies it trims the padding again; a batch of exactly the rows of the one before (in any
+order) runs on that batch's present as it is, with no copy. Without a mask, only steps of states of equal
+lengths share a run. A padded run gives the same tokens as a solo one, not the same bits: the
+logits of tiny-gpt differ by ~5e-6 (the sums run over more terms, the padding's being zeros).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 from wasminfer.errors import InvalidTensor
+from wasminfer.models.batching import Stack
 from wasminfer.models.inputs import TensorSpec
 from wasminfer.models.registry import ModelInfo
+
+#: Inputs the host makes for each step when a decoder model has them.
+MASK, POSITIONS = "attention_mask", "position_ids"
+_INT64 = np.dtype(np.int64)
 
 
 def _present_names(past: str) -> tuple[str, ...]:
@@ -51,6 +66,8 @@ class DecoderSpec:
     first: Mapping[str, np.ndarray]
     ids: tuple[str, np.dtype] | None = None  # the one input that is no past, and its dtype
     logits: str | None = None
+    mask: bool = False  # the model has an attention_mask (and the host makes it)
+    positions: bool = False  # the model has position_ids (and the host makes them)
 
     @classmethod
     def of(cls, info: ModelInfo) -> DecoderSpec:
@@ -71,12 +88,14 @@ class DecoderSpec:
         if not pairs:
             raise InvalidTensor(f"model {info.name!r} is no decoder: none of its inputs is named past… "
                                 "(e.g. past_key_0 with an output present_key_0)")
-        own = [spec for spec in info.inputs if not spec.name.startswith("past")]
+        names = {spec.name for spec in info.inputs}
+        own = [spec for spec in info.inputs if not spec.name.startswith("past") and spec.name not in (MASK,
+                                                                                                     POSITIONS)]
         ids = (own[0].name, np.dtype(own[0].dtype)) if len(own) == 1 and own[0].dtype != "string" else None
         presents = {present for _, present in pairs}
         rest = [o.name for o in info.outputs if o.name not in presents]
         logits = "logits" if "logits" in rest else rest[0] if len(rest) == 1 else None
-        return cls(info.name, tuple(pairs), first, ids, logits)
+        return cls(info.name, tuple(pairs), first, ids, logits, MASK in names, POSITIONS in names)
 
     def token_ids(self, token: int) -> dict[str, np.ndarray]:
         """The inputs of a step on one chosen token. Raises `InvalidTensor` if the model has not
@@ -107,18 +126,47 @@ class DecoderSpec:
         return frozenset(p for p, _ in self.pairs)
 
     @cached_property
+    def host_names(self) -> frozenset[str]:
+        """The inputs the host gives: the past, and the mask and positions if the model has them."""
+        return self.past_names | {n for n, has in ((MASK, self.mask), (POSITIONS, self.positions)) if has}
+
+    @cached_property
+    def steps(self) -> Stack:
+        """How this model's steps share a batched run (`ModelRegistry.infer`'s `stack`)."""
+        return _Steps(self)
+
+    @cached_property
     def present_names(self) -> frozenset[str]:
         return frozenset(p for _, p in self.pairs)
 
-    def feed(self, inputs: Mapping[str, np.ndarray],
-             past: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """The inputs of one step: the guest's and the past (the first one's before any step).
-        Raises `InvalidTensor` if the guest gave a past input itself."""
-        given = self.past_names.intersection(inputs)
+    def feed(self, inputs: Mapping[str, np.ndarray], past: Mapping[str, np.ndarray] | None,
+             length: int = 0, pad: int = 0) -> dict[str, np.ndarray]:
+        """The inputs of one step: the guest's and the past (the first one's before any step) of
+        `length` positions after `pad` of padding, with the mask and positions the model takes.
+        Raises `InvalidTensor` if the guest gave one of the host's inputs itself, or, for a model
+        with a mask or positions, a step whose ids are not [1, seq]."""
+        given = self.host_names.intersection(inputs)
         if given:
             raise InvalidTensor(f"decoder of model {self.model!r}: input {sorted(given)[0]!r} is the state "
                                 "the host keeps; give only the step's own inputs")
-        return {**inputs, **(past if past is not None else self.first)}
+        feed = {**inputs, **(past if past is not None else self.first)}
+        if self.mask or self.positions:
+            seq = self.seq(inputs)
+            if self.mask:
+                mask = np.ones((1, pad + length + seq), _INT64)
+                mask[0, :pad] = 0
+                feed[MASK] = mask
+            if self.positions:
+                feed[POSITIONS] = np.arange(length, length + seq, dtype=_INT64).reshape(1, seq)
+        return feed
+
+    def seq(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """The positions a step's inputs add. Raises `InvalidTensor` unless its ids are [1, seq]."""
+        ids = inputs.get(self.ids[0]) if self.ids is not None else None
+        if ids is None or ids.ndim != 2 or ids.shape[0] != 1:
+            raise InvalidTensor(f"decoder of model {self.model!r}: a step's inputs are one [1, seq] tensor "
+                                "of token ids (the host makes the mask and positions)")
+        return int(ids.shape[1])
 
     def split(self, outputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(the outputs the guest gets, the next step's past)."""
@@ -131,4 +179,100 @@ def nbytes(past: Mapping[str, np.ndarray]) -> int:
     return sum(int(a.nbytes) for a in past.values())
 
 
-__all__ = ["DecoderSpec", "nbytes"]
+class _Steps:
+    """Steps of one decoder model sharing a run (`batching.Stack`): one row each; with a mask, pasts
+    of different lengths left-padded to the longest; without, equal lengths only. Recurring: a
+    state that stepped in a batch comes back for the next step."""
+
+    recurring = True
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        self.spec = spec
+        self.pasts = tuple(p for p, _ in spec.pairs)
+
+    def rows(self, feed: Mapping[str, np.ndarray]) -> int:
+        if not all(a.ndim and a.shape[0] == 1 for a in feed.values()):
+            return 0
+        # padding goes along the past's third dimension: [batch, heads, positions, head size]
+        return 0 if self.spec.mask and any(feed[p].ndim != 4 for p in self.pasts) else 1
+
+    def signature(self, feed: Mapping[str, np.ndarray]) -> Hashable:
+        spec = self.spec
+        mine = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feed.items()
+                            if n not in spec.host_names))
+        # with a mask, pasts of any length share a run; without, only those of equal shapes
+        pasts = () if spec.mask else tuple(feed[p].shape for p in self.pasts)
+        return ("decoder", spec.model, self.pasts, mine, pasts)
+
+    def join(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], list[int]]:
+        rows = _cohort(feeds, self.pasts)
+        if rows is not None:  # exactly the rows of one batch's present: run on it as it is
+            order = sorted(range(len(feeds)), key=rows.__getitem__)
+            joined = {p: _base(feeds[0][p]) for p in self.pasts}
+        else:
+            order = list(range(len(feeds)))
+            joined = _padded(feeds, self.pasts) if self.spec.mask else {
+                p: np.concatenate([f[p] for f in feeds]) for p in self.pasts}
+        for name in feeds[0]:  # the step's own inputs, and the mask and positions unless padded
+            if name not in joined:
+                joined[name] = np.concatenate([feeds[i][name] for i in order])
+        starts = [0] * len(feeds)
+        for row, i in enumerate(order):
+            starts[i] = row
+        return joined, starts
+
+
+def _base(a: np.ndarray) -> np.ndarray:
+    base = a.base
+    assert isinstance(base, np.ndarray)
+    return base
+
+
+def _cohort(feeds: Sequence[Mapping[str, np.ndarray]], pasts: tuple[str, ...]) -> list[int] | None:
+    """The row of each feed in the arrays whose rows its pasts are, if every past of every feed is a
+    row of one array per past name, the same row for each of its pasts, and the feeds are all
+    of their rows; else None."""
+    rows: list[int] | None = None
+    for p in pasts:
+        arrays = [f[p] for f in feeds]
+        base = arrays[0].base
+        if not isinstance(base, np.ndarray) or base.ndim != 4 or base.shape[0] != len(arrays):
+            return None
+        start, stride = base.ctypes.data, base.strides[0]
+        mine = []
+        for a in arrays:
+            if a.base is not base or a.shape != (1, *base.shape[1:]):
+                return None
+            mine.append((a.ctypes.data - start) // stride)
+        if rows is None:
+            if sorted(mine) != list(range(len(arrays))):
+                return None
+            rows = mine
+        elif mine != rows:
+            return None
+    return rows
+
+
+def _padded(feeds: Sequence[Mapping[str, np.ndarray]], pasts: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The pasts of `feeds` trimmed of their padding and left-padded to the longest, and the mask that
+    says so (a copy of every past: the cost of a batch whose rows come from several)."""
+    masks = [f[MASK] for f in feeds]
+    seq = masks[0].shape[1] - feeds[0][pasts[0]].shape[2]  # the step's positions (equal: signature)
+    own = [int(m.sum()) - seq for m in masks]  # each row's past without its padding
+    longest = max(own)
+    joined: dict[str, np.ndarray] = {}
+    for p in pasts:
+        first = feeds[0][p]
+        out = np.zeros((len(feeds), first.shape[1], longest, first.shape[3]), first.dtype)
+        for row, (f, n) in enumerate(zip(feeds, own, strict=True)):
+            if n:
+                out[row, :, longest - n:] = f[p][0, :, f[p].shape[2] - n:]
+        joined[p] = out
+    mask = np.zeros((len(feeds), longest + seq), _INT64)
+    for row, n in enumerate(own):
+        mask[row, longest - n:] = 1
+    joined[MASK] = mask
+    return joined
+
+
+__all__ = ["MASK", "POSITIONS", "DecoderSpec", "nbytes"]

@@ -64,7 +64,7 @@ from wasminfer.errors import (
     TooManyRequests,
     Unavailable,
 )
-from wasminfer.models.batching import BatchCounters, Batcher, BatchingConfig, default_slots
+from wasminfer.models.batching import ROWS, BatchCounters, Batcher, BatchingConfig, Stack, default_slots
 from wasminfer.models.inputs import InputCheck, TensorSpec, check_inputs, compile_check, tensor_spec
 from wasminfer.models.options import (
     DEFAULT_INTER_OP_THREADS,
@@ -386,7 +386,8 @@ class ModelRegistry:
 
     # -- inference --------------------------------------------------------------------------------
     def infer(
-        self, name: str, inputs: Mapping[str, np.ndarray], *, deadline_ns: int | None = None
+        self, name: str, inputs: Mapping[str, np.ndarray], *, deadline_ns: int | None = None,
+        stack: Stack | None = None,
     ) -> dict[str, np.ndarray]:
         """Run model `name` on named input arrays; returns every output by name.
 
@@ -396,7 +397,8 @@ class ModelRegistry:
 
         uint8 arrays are accepted (and cast) for bool inputs, the form bool takes on the wire.
         On a batching model the call may wait up to its `max_queue_delay_us` to share a run with
-        others; outputs are then views into the batch's outputs.
+        others; outputs are then views into the batch's outputs. `stack` says how this call shares
+        a run (default: its rows stacked along axis 0; a decoder's step: `DecoderSpec.steps`).
 
         Raises `ModelNotFound`; `InvalidTensor` for a missing or unexpected input name, a dtype
         other than the model's, or a shape that does not fit the model's (with the expected shape in
@@ -414,7 +416,7 @@ class ModelRegistry:
                 counters.last_used = time.monotonic()
             raise
         if model.batcher is not None:
-            return self._infer_batched(name, model, model.batcher, feed, deadline_ns)
+            return self._infer_batched(name, model, model.batcher, feed, deadline_ns, stack or ROWS)
         try:
             results = model.run(feed, deadline_ns)
         except (Timeout, TooManyRequests):
@@ -432,11 +434,12 @@ class ModelRegistry:
         return dict(zip(model.output_names, results, strict=True))
 
     def _infer_batched(
-        self, name: str, model: _Model, batcher: Batcher, feed: dict[str, np.ndarray], deadline_ns: int | None
+        self, name: str, model: _Model, batcher: Batcher, feed: dict[str, np.ndarray],
+        deadline_ns: int | None, stack: Stack,
     ) -> dict[str, np.ndarray]:
         counters = model.counters
         try:
-            results = batcher.infer(feed, deadline_ns)
+            results = batcher.infer(feed, deadline_ns, stack)
         except (Timeout, TooManyRequests):
             raise
         except Exception as exc:  # ORT's exception types share no base but Exception

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from wasminfer.errors import DecoderNotFound, InferLimitExceeded, InvalidTensor
 from wasminfer.models import ModelRegistry
+from wasminfer.models.batching import Stack
 from wasminfer.models.decoding import DecoderSpec, nbytes
 from wasminfer.models.sampling import Sampler, Sampling
 from wasminfer.runtime.memory import Reservation, TenantMemory
@@ -37,7 +40,14 @@ from wasminfer.runtime.memory import Reservation, TenantMemory
 MAX_PER_INVOCATION = 16
 _MAX_HANDLE = (1 << 31) - 1
 
-Run = Callable[[str, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class Run(Protocol):
+    """Runs a model on a step's feed (`InvocationState.run_model`); `stack` lets a model loaded with
+    batching run it together with other states' steps (`DecoderSpec.steps`)."""
+
+    def __call__(self, model: str, inputs: Mapping[str, np.ndarray], stack: Stack | None = None,
+                 /) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(eq=False)
@@ -48,6 +58,8 @@ class _State:
     sampler: Sampler
     past: dict[str, np.ndarray] | None = None
     steps: int = 0
+    length: int = 0  # positions in the past (with a mask: besides its `pad` of padding before them)
+    pad: int = 0
     token: int | None = None  # the one `next_token` chose last
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -122,14 +134,26 @@ class DecoderTable:
     def _step(self, owner: object, handle: int, state: _State, inputs: Mapping[str, np.ndarray], run: Run,
               memory: TenantMemory) -> dict[str, np.ndarray]:
         """Under the state's lock."""
-        outputs = run(state.spec.model, state.spec.feed(inputs, state.past))
-        _, past = state.spec.split(outputs)
-        # A batch's outputs are views into its arrays: keep only this state's part. ORT's own
-        # outputs (their base a capsule of ORT's) are this state's already: no copy per step.
-        past = {k: a.copy() if isinstance(a.base, np.ndarray) else a for k, a in past.items()}
+        spec = state.spec
+        outputs = run(spec.model, spec.feed(inputs, state.past, state.length, state.pad), spec.steps)
+        _, past = spec.split(outputs)
+        # A batched step's past is its row of the batch's present (a view, padding and all: counted
+        # as its own), which the next batch of the same states runs on without a copy.
         size = nbytes(past)
-        grow = size - state.memory.nbytes
-        if grow > 0:
+        shared = _batch_of(state.past)
+        if shared is not None:
+            # Its last past was its row of a batch's present, which stays in memory as long as any
+            # state of that batch holds its own row: those bytes stay counted until then, and the
+            # new past is counted afresh.
+            try:
+                fresh = memory.reserve(size, "decoders", f"the decoder state {handle} of model "
+                                       f"{state.spec.model!r} ({size} bytes after step {state.steps + 1})")
+            except BaseException:
+                self.close(owner, handle)
+                raise
+            weakref.finalize(shared, state.memory.release)
+            state.memory = fresh
+        elif (grow := size - state.memory.nbytes) > 0:
             try:
                 what = (f"the decoder state {handle} of model {state.spec.model!r} ({size} bytes after "
                         f"step {state.steps + 1})")
@@ -143,6 +167,9 @@ class DecoderTable:
             state.memory.resize(size)
         state.past = past
         state.steps += 1
+        if spec.mask or spec.positions:
+            state.length += spec.seq(inputs)
+            state.pad = past[spec.pairs[0][0]].shape[2] - state.length if spec.mask else 0
         return outputs
 
     def steps(self, owner: object, handle: int) -> int:
@@ -155,8 +182,12 @@ class DecoderTable:
             if self._states.pop(handle, None) is None:
                 return
             self.freed += 1
+        shared = _batch_of(state.past)
         state.past = None
-        state.memory.release()
+        if shared is None:
+            state.memory.release()
+        else:  # its row of a batch's present: counted until the batch's last state lets it go
+            weakref.finalize(shared, state.memory.release)
 
     def close_owner(self, owner: object) -> int:
         """Frees every state of `owner`; returns how many."""
@@ -165,6 +196,15 @@ class DecoderTable:
         for handle in mine:
             self.close(owner, handle)
         return len(mine)
+
+
+def _batch_of(past: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+    """The present of the batch `past` is a row of (its first array's; every past of a state comes
+    from the same run, so they go together), None if it is a state's own."""
+    if not past:
+        return None
+    base = next(iter(past.values())).base
+    return base if isinstance(base, np.ndarray) and base.shape[0] > 1 else None
 
 
 TABLE = DecoderTable()

@@ -38,6 +38,7 @@ from wasminfer.errors import (
 )
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelRegistry
+from wasminfer.models.batching import Stack
 from wasminfer.models.codec import decode_tensors, encode_tensors
 from wasminfer.runtime._engine import CallState
 from wasminfer.runtime._traps import GuestFault, Interrupted, WasmLinkError, WasmTrap
@@ -68,19 +69,20 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 class InferFn(Protocol):
     """`ModelRegistry.infer`: runs a model, stopped at `deadline_ns` (then it raises `Timeout`)."""
 
-    def __call__(self, name: str, inputs: Mapping[str, np.ndarray], *,
-                 deadline_ns: int | None = None) -> dict[str, np.ndarray]: ...
+    def __call__(self, name: str, inputs: Mapping[str, np.ndarray], *, deadline_ns: int | None = None,
+                 stack: Stack | None = None) -> dict[str, np.ndarray]: ...
 
 
-def run_model(state: CallState, infer: InferFn, model: str,
-              inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`infer(model, inputs)` under the invocation's deadline, for every ABI's infer import.
+def run_model(state: CallState, infer: InferFn, model: str, inputs: Mapping[str, np.ndarray],
+              stack: Stack | None = None) -> dict[str, np.ndarray]:
+    """`infer(model, inputs)` under the invocation's deadline, for every ABI's infer import
+    (`stack`: how the call may share a batched run, see `ModelRegistry.infer`).
 
     A run still going at the deadline is stopped and the guest call ends as a timeout: raises
     `Interrupted` then (which traps the guest), and what `infer` raises otherwise.
     """
     try:
-        return infer(model, inputs, deadline_ns=state.deadline_ns)
+        return infer(model, inputs, deadline_ns=state.deadline_ns, stack=stack)
     except Timeout as exc:
         raise Interrupted("timeout", exc.message) from None
 
@@ -150,11 +152,12 @@ class InvocationState(CallState):
         self.limit_error = self.limit_error or err
         return err
 
-    def run_model(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_model(self, model: str, inputs: Mapping[str, np.ndarray],
+                  stack: Stack | None = None) -> dict[str, np.ndarray]:
         """`run_model` for this invocation's infer import, its time counted in `infer_ns`."""
         t0 = time.perf_counter_ns()
         try:
-            return run_model(self, self.infer, model, inputs)
+            return run_model(self, self.infer, model, inputs, stack)
         finally:
             self.infer_ns += time.perf_counter_ns() - t0
 

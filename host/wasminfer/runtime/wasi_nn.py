@@ -346,7 +346,7 @@ def _compute_single(state: InvocationState, mem: GuestMemory, ctx: int) -> None:
         return
     except ModelNotFound as exc:
         _fail(NOT_FOUND, exc.message, exc)
-    past = spec.past_names
+    past = spec.host_names  # the past, and a mask and positions the host makes
     specs = graph.info.inputs
     for i, (s, value) in enumerate(zip(specs, c.inputs, strict=True)):
         if value is None and s.name not in past:
@@ -360,7 +360,8 @@ def _compute_single(state: InvocationState, mem: GuestMemory, ctx: int) -> None:
     try:
         if not c.decoder or c.decoder not in decoders.handles:  # a new sequence in this invocation
             c.decoder = decoders.open(graph.model, state.function)
-        _, outputs = decoders.step(c.decoder, inputs, lambda m, f: run_model(state, state.infer, m, f))
+        _, outputs = decoders.step(c.decoder, inputs,
+                                   lambda m, f, s=None: run_model(state, state.infer, m, f, s))
     except ModelNotFound as exc:
         _fail(NOT_FOUND, exc.message, exc)
     except InvalidTensor as exc:

