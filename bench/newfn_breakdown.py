@@ -11,8 +11,8 @@ wrapping the functions that do them, in this process only (the code under test i
   inspection minus the compile below;
 - `worker_compile`: Cranelift's fast tier in the compile worker (the worker's own clock), and
   `worker_cpu` (all its threads, not on the critical path: for reference);
-- `pipe`: the worker round trip minus that compile: the job written down the pipe, the reply and the
-  artefact read back, the hand-offs between the processes;
+- `pipe`: the worker round trip (`roundtrip`) minus that compile: the job written down the pipe,
+  the reply and the artefact read back, the hand-offs between the processes;
 - `deserialize`: the artefact loaded into the host's engine;
 - `prestart`: starting the spare compile worker that replaces the one taken (when it is on the
   caller's path); `submit`: queueing the optimising compile;
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -40,11 +41,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import wasmtime
+
 from suite import systems, workloads
 from suite.common import RESULTS
 from wasminfer import examples, toolchain
 from wasminfer.manifest import Manifest
-from wasminfer.runtime import Host, _cache, _compiler, _engine, _wasm, handler
+from wasminfer.runtime import Host, _compiler, _engine, _wasm, handler
 from wasminfer.runtime import host as host_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,9 +93,10 @@ def in_process(workload: str, wasm: bytes, n: int, settle_s: float) -> list[dict
     timer = Timer()
 
     def worker_reply(args: Any, _result: Any, _elapsed: float) -> None:
-        timings = args[0].timings
-        timer.add("worker_compile", timings["compile_s"])
-        timer.add("worker_cpu", timings["cpu_s"])
+        timings = getattr(args[0], "timings", None)  # None: a worker that does not report them
+        if timings:
+            timer.add("worker_compile", timings["compile_s"])
+            timer.add("worker_cpu", timings["cpu_s"])
 
     rows = []
     engine = Host.new_engine(None)
@@ -105,7 +109,7 @@ def in_process(workload: str, wasm: bytes, n: int, settle_s: float) -> list[dict
                 (_compiler._Worker, "compile", "roundtrip", worker_reply),
                 (_compiler.Compiler, "prestart", "prestart", None),
                 (_engine.Tiering, "submit", "submit", None),
-                (_cache.wasmtime.Module, "deserialize", "deserialize", None),
+                (wasmtime.Module, "deserialize", "deserialize", None),
                 (_wasm.CompiledModule, "pre", "instantiate_pre", None),
                 (_wasm, "WasmInstance", "instantiate", None),
                 (handler, "instantiate", "handler_instantiate", None),
@@ -135,8 +139,9 @@ def derive(s: dict[str, float]) -> dict[str, float]:
     prestart, submit = s.get("prestart", 0.0), s.get("submit", 0.0)
     return {
         "inspect": s["inspect"] - s["compile"],
-        "worker_compile": s["worker_compile"],
-        "pipe": s["roundtrip"] - s["worker_compile"],
+        "worker_compile": s.get("worker_compile", float("nan")),
+        "pipe": s["roundtrip"] - s.get("worker_compile", float("nan")),
+        "roundtrip": s["roundtrip"],
         "deserialize": s["deserialize"],
         "prestart": prestart,
         "submit": submit,
@@ -147,7 +152,7 @@ def derive(s: dict[str, float]) -> dict[str, float]:
         "deploy_rest": s["deploy"] - s["inspect"] - s["handler_instantiate"],
         "first_request": s["first_request"],
         "total": s["total"],
-        "worker_cpu": s["worker_cpu"],
+        "worker_cpu": s.get("worker_cpu", float("nan")),
     }
 
 
@@ -174,8 +179,13 @@ def over_http(workload: str, wasm: bytes, n: int, settle_s: float) -> list[dict[
     return rows
 
 
-def medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {k: round(statistics.median(r[k] for r in rows) * 1e3, 3) for k in rows[0]}
+def medians(rows: list[dict[str, float]]) -> dict[str, float | None]:
+    return {k: ms(statistics.median(r[k] for r in rows)) for k in rows[0]}
+
+
+def ms(seconds: float) -> float | None:
+    """Milliseconds, rounded; None for a stage not measured (JSON has no NaN)."""
+    return None if math.isnan(seconds) else round(seconds * 1e3, 3)
 
 
 def main() -> None:
@@ -191,22 +201,22 @@ def main() -> None:
     if args.start_delay is not None:
         _engine.Tiering.START_DELAY_S = args.start_delay
     result: dict[str, Any] = {"repetitions": args.n, "settle_s": args.settle,
-                              "start_delay_s": _engine.Tiering.START_DELAY_S, "workloads": {}}
+                              "start_delay_s": getattr(_engine.Tiering, "START_DELAY_S", 0.0), "workloads": {}}
     for workload in args.workload or sorted(GUESTS):
         wasm = toolchain.build(ROOT / "functions" / GUESTS[workload]).read_bytes()
         rows = in_process(workload, wasm, args.n, args.settle)
         entry: dict[str, Any] = {"size_kb": round(len(wasm) / 1024, 1), "median_ms": medians(rows),
-                                 "samples_ms": [{k: round(v * 1e3, 3) for k, v in r.items()} for r in rows]}
+                                 "samples_ms": [{k: ms(v) for k, v in r.items()} for r in rows]}
         if args.http:
             http_rows = over_http(workload, wasm, args.n, args.settle)
             entry["median_ms"].update(medians(http_rows))
-            entry["samples_ms_http"] = [{k: round(v * 1e3, 3) for k, v in r.items()} for r in http_rows]
+            entry["samples_ms_http"] = [{k: ms(v) for k, v in r.items()} for r in http_rows]
         result["workloads"][workload] = entry
     cols = list(next(iter(result["workloads"].values()))["median_ms"])
     print(f"{'stage (ms, median)':<20}" + "".join(f"{w:>20}" for w in result["workloads"]))
     for c in cols:
-        print(f"{c:<20}" + "".join(f"{e['median_ms'].get(c, float('nan')):>20.3f}"
-                                   for e in result["workloads"].values()))
+        cells = (e["median_ms"].get(c) for e in result["workloads"].values())
+        print(f"{c:<20}" + "".join(f"{'-' if v is None else f'{v:.3f}':>20}" for v in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
