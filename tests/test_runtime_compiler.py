@@ -13,7 +13,14 @@ import wasmtime
 from live_server import live_server
 from test_hostile_uploads import functions, leb, many_functions, many_locals, section
 from wasminfer.runtime import Host
-from wasminfer.runtime._compiler import CompileError, Compiler, engine_config
+from wasminfer.runtime._compiler import (
+    KEEP_HEAP_BYTES,
+    REPLY_PIPE_BYTES,
+    CompileError,
+    Compiler,
+    _Heap,
+    engine_config,
+)
 
 GUESTS = Path(__file__).resolve().parent / "guests"
 WASM = {"content-type": "application/wasm"}
@@ -192,5 +199,57 @@ def test_a_background_compile_starts_no_upload_worker_ahead(tmp_path: Path) -> N
         assert c.started == 2
         c.compile("module", functions(4), tmp_path / "bg2.cwasm", timeout_s=60, background=True)
         assert c.idle() == [idle] and c.started == 2  # the same background worker, reused
+    finally:
+        c.close()
+
+
+def test_a_compile_reports_what_the_worker_spent(tmp_path: Path) -> None:
+    """The reply carries the worker's own clock (for bench/newfn_breakdown.py): the compile, the
+    artefact's write (none for the fast tier, which comes back over the pipe) and the round trip."""
+    c = Compiler()
+    try:
+        artefact = c.compile_fast("module", functions(50), timeout_s=60)
+        fast = dict(c.timings)
+        assert set(fast) == {"compile_s", "write_s", "cpu_s", "roundtrip_s"}
+        assert fast["compile_s"] > 0 and fast["cpu_s"] > 0
+        assert fast["roundtrip_s"] >= fast["compile_s"] + fast["write_s"]
+        assert len(wasmtime.Module.deserialize(wasmtime.Engine(engine_config()), artefact).exports) == 0
+        c.compile("module", functions(50), tmp_path / "m.cwasm", timeout_s=60)
+        assert c.timings["write_s"] > 0  # written and fsynced by the worker
+        assert c.timings is not fast and c.started == 1
+        with pytest.raises(CompileError):
+            c.compile_fast("module", b"\0asm\x01\0\0\0\x01\xff", timeout_s=60)
+        assert c.timings["write_s"] > 0  # a failed compile leaves the last good one's
+    finally:
+        c.close()
+
+
+def test_an_upload_worker_keeps_its_heap_up_to_the_limit_and_gives_back_beyond() -> None:
+    heap = _Heap(KEEP_HEAP_BYTES)
+    start = heap._start
+    assert start is not None and start > 0  # /proc/self/statm is read on Linux
+    assert not heap.needs_trim(start)
+    assert not heap.needs_trim(start + KEEP_HEAP_BYTES)  # obeyed: kept for the next compile
+    assert heap.needs_trim(start + KEEP_HEAP_BYTES + 4096)  # violated: given back
+    assert heap.needs_trim(None)  # unknown: given back
+    background = _Heap(0)  # the background worker keeps nothing it grew
+    assert background.needs_trim(background._start + 4096)  # type: ignore[operator]
+    assert KEEP_HEAP_BYTES == 24 << 20
+
+
+def test_a_worker_replies_on_a_pipe_that_holds_a_small_modules_artefact() -> None:
+    """A fast-tier artefact of a real guest (~165 KB for digits) fits the reply pipe whole, so the
+    worker writes it in one go (Linux; the default pipe holds 64 KiB)."""
+    import fcntl
+
+    c = Compiler()
+    try:
+        c.prestart()
+        (pid,) = c.idle()
+        worker = c._idle[0]
+        assert worker.proc.pid == pid and worker.proc.stdout is not None
+        assert fcntl.fcntl(worker.proc.stdout.fileno(), fcntl.F_GETPIPE_SZ) >= REPLY_PIPE_BYTES
+        artefact = c.compile_fast("module", functions(1000), timeout_s=60)
+        assert 64 << 10 < len(artefact) < REPLY_PIPE_BYTES  # more than a default pipe holds
     finally:
         c.close()

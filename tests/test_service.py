@@ -135,3 +135,26 @@ def test_scopes_are_checked_the_same_way_for_configured_and_stored_keys(platform
     with pytest.raises(BadRequest, match=f"^no scope given; {known}$"):
         platform.add_key([])
     assert len(platform.store.list_keys()) == 1  # nothing refused was stored
+
+
+def test_an_upload_refused_after_its_blob_was_written_ahead_leaves_no_blob_but_keeps_a_shared_one(
+    platform: Platform, add_model: bytes, hostile_wasm: bytes
+) -> None:
+    """The blob is written while the upload compiles (`_BlobAhead`): a refusal after that removes
+    it, unless a stored version holds the same bytes."""
+    import hashlib
+
+    platform.put_model("add", add_model)
+    blobs = platform.store.blobs
+    before = sorted(blobs.iter_shas())
+    other = hostile_wasm + b"\x00\x06\x05other"  # a custom section: the same code, other bytes
+    with pytest.raises(ModelNotFound, match="missing"):  # refused after its compile (prepare_function)
+        platform.put_function("refused", other, Manifest(models=("missing",)))
+    assert sorted(blobs.iter_shas()) == before
+    assert not blobs.exists(hashlib.sha256(other).hexdigest())
+    stored = platform.put_function("kept", hostile_wasm, MANIFEST)
+    with pytest.raises(ModelNotFound, match="missing"):  # the same bytes, refused
+        platform.put_function("refused", hostile_wasm, Manifest(models=("missing",)))
+    assert blobs.get(stored["sha256"]) == hostile_wasm  # still held for "kept"
+    assert platform.invoke("kept", b"estill").body == b"estill"
+    assert platform.store.check(verify_hashes=True) == []

@@ -734,3 +734,14 @@ def test_the_current_pointer_cannot_dangle(store: Store) -> None:
     with pytest.raises(sqlite3.IntegrityError), store._db.write() as conn:
         conn.execute("UPDATE functions SET current_version = 7")
     assert store.get_function("f").version == 1 and store.check() == []
+
+
+def test_discard_blob_removes_an_unreferenced_blob_only(store: Store) -> None:
+    fv = store.put_function("f", WASM, {}, "handler")
+    model = store.put_model("m", ONNX, {})
+    ahead = store.blobs.put(WASM + b"refused")
+    assert store.discard_blob(ahead) is True and not store.blobs.exists(ahead)
+    assert store.discard_blob(ahead) is False  # gone already
+    assert store.discard_blob(fv.sha256) is False and store.blobs.get(fv.sha256) == WASM
+    assert store.discard_blob(model.sha256) is False and store.blobs.exists(model.sha256)
+    assert store.check(verify_hashes=True) == []

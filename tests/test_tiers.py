@@ -22,6 +22,7 @@ import wasmtime
 from test_hostile_uploads import section
 from wasminfer.runtime import Host
 from wasminfer.runtime._compiler import compiler, engine_config
+from wasminfer.runtime._engine import Tiering
 
 GUESTS = Path(__file__).resolve().parent / "guests"
 
@@ -192,3 +193,21 @@ def test_once_the_optimised_code_is_in_nothing_holds_the_fast_code(host: Host, w
     assert renewed.module is f.compiled.module and held is not None and held[0] is renewed.module
     assert host.invoke("f", b"eoptimised").body == host.invoke("g", b"eoptimised").body == b"eoptimised"
     assert f.pool.stats()["renewed_total"] == 1 and g.pool.stats()["renewed_total"] == 0
+
+
+def test_the_optimising_compile_waits_its_start_delay_behind_the_first_answers(
+        host: Host, wasm: bytes) -> None:
+    """`Tiering.START_DELAY_S` after its fast compile (an hour here: it cannot pass during the
+    test), the optimising compile has not started; the new function answers on its fast code, and a
+    close drops the compile still waiting (the code stays in the fast tier, saying why)."""
+    assert Tiering.START_DELAY_S == 0.2
+    host.engine.tiering.START_DELAY_S = 3600
+    host.deploy_function("f", wasm + section(0, b"\x05delay"))  # other bytes: nothing shared
+    fn = host.function("f")
+    assert host.invoke("f", b"efirst").body == b"efirst"
+    assert host.engine.tiering.pending() == 1 and fn.compiled.code.attempts == 0
+    assert "optimised" not in compiler().busy().values()
+    host.engine.tiering.close(0)
+    assert fn.compiled.code.wait(0)
+    assert fn.compiled.tier == "fast" and fn.compiled.code.attempts == 0
+    assert fn.describe()["module"]["tier_error"] == "the host closed before the optimised code was compiled"

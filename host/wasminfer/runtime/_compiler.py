@@ -57,6 +57,12 @@ _NICE = 10  # compiles yield the cores to invocations
 #: nice-0 process's weight) a 60 ms compile starved for over 2 minutes beside three busy processes on
 #: 2 cores, leaving functions on fast-tier code and nothing in the cache; at 12 (7%) it takes seconds.
 _BACKGROUND_NICE = 12
+#: Heap an upload worker keeps between compiles beyond what it held at start (`_Heap`).
+KEEP_HEAP_BYTES = 24 << 20
+#: The pipe a worker replies on holds this much (Linux, `F_SETPIPE_SZ`; 64 KiB by default): a small
+#: module's fast-tier artefact (digits: 165 KB) is then written in one go, not in 64 KiB rounds that
+#: each wait for the host to read and the niced worker to be scheduled again.
+REPLY_PIPE_BYTES = 512 << 10
 
 
 #: Compile tiers: "fast" for a new module's first answers, "optimised" for everything after.
@@ -107,7 +113,7 @@ class CompilerCrashed(CompileError):
 
 
 # --- the worker (this file run as a script) ---------------------------------------------------------
-def _worker_main(memory_bytes: int, nice: int) -> None:
+def _worker_main(memory_bytes: int, nice: int, keep_heap_bytes: int) -> None:
     try:
         import resource
 
@@ -119,6 +125,7 @@ def _worker_main(memory_bytes: int, nice: int) -> None:
     except OSError:
         pass
     engines = {tier: wasmtime.Engine(engine_config(tier)) for tier in TIERS}
+    heap = _Heap(keep_heap_bytes)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         header = stdin.readline()
@@ -127,12 +134,19 @@ def _worker_main(memory_bytes: int, nice: int) -> None:
         job = json.loads(header)
         wasm = stdin.read(job["size"])
         artefact = b""
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             artefact = _compile(engines[job["tier"]], job["kind"], wasm)
+            compiled = time.perf_counter()
             if job["out"] is not None:
                 _write(artefact, Path(job["out"]))
                 artefact = b""
-            reply: dict[str, Any] = {"ok": True, "size": len(artefact)}
+            reply: dict[str, Any] = {
+                "ok": True, "size": len(artefact),
+                # what the worker itself spent, for the caller's breakdown (bench/newfn_breakdown.py)
+                "compile_s": compiled - started, "write_s": time.perf_counter() - compiled,
+                "cpu_s": time.process_time() - cpu,
+            }
         except wasmtime.WasmtimeError as exc:
             reply = {"ok": False, "error": str(exc)}
         except MemoryError:
@@ -140,19 +154,43 @@ def _worker_main(memory_bytes: int, nice: int) -> None:
         stdout.write(json.dumps(reply).encode() + b"\n" + artefact)
         stdout.flush()
         del artefact, wasm
-        _give_back_heap()
+        heap.settle()
 
 
-def _give_back_heap() -> None:
-    """Returns the heap Cranelift freed to the system: glibc keeps it otherwise, and an idle worker
-    then holds the peak of every compile it ran (measured on digits: 7-11 MiB of its ~50 MiB after
-    20 compiles, back to 1 MiB once trimmed). After the reply: nobody waits for it."""
+class _Heap:
+    """Gives the heap Cranelift freed back to the system once a worker holds more than `keep_bytes`
+    beyond what it held at start: glibc keeps it otherwise, and an idle worker then holds the peak
+    of every compile it ran. Kept below that, because a compile that finds its heap already mapped
+    runs faster: trimmed after every compile, the next digits compile (22 KB) page-faulted ~10 MiB
+    back in (measured: 16.0 ms of CPU per fast compile trimmed, 14.7 kept, medians of 25 each; the
+    idle upload worker holds 2.3-2.7 MiB more USS, 14.3 -> 16.6-17.0 MiB). The background worker
+    (optimised compiles, nobody waits) keeps nothing. Trimmed after the reply: nobody waits for it."""
+
+    def __init__(self, keep_bytes: int) -> None:
+        self.keep_bytes = keep_bytes
+        self._start = _resident_bytes()
+
+    def needs_trim(self, resident: int | None) -> bool:
+        """Whether a worker holding `resident` bytes (None: unknown) gives its free heap back."""
+        return resident is None or self._start is None or resident - self._start > self.keep_bytes
+
+    def settle(self) -> None:
+        if not self.needs_trim(_resident_bytes()):
+            return
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc
+
+
+def _resident_bytes() -> int | None:
     try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None  # not Linux: always trimmed
 
 
 def _compile(engine: wasmtime.Engine, kind: str, wasm: bytes) -> bytes:
@@ -177,13 +215,19 @@ class _Worker:
     def __init__(self, memory_bytes: int, background: bool = False) -> None:
         self.background = background
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, str(memory_bytes), str(_BACKGROUND_NICE if background else _NICE)],
+            [sys.executable, __file__, str(memory_bytes), str(_BACKGROUND_NICE if background else _NICE),
+             str(0 if background else KEEP_HEAP_BYTES)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             close_fds=True,
         )
+        if REPLY_PIPE_BYTES:
+            _grow_pipe(self.proc.stdout, REPLY_PIPE_BYTES)
         self.memory_bytes = memory_bytes
+        #: The last compile's reply: what the worker spent compiling (`compile_s`, `cpu_s`: all its
+        #: threads) and writing (`write_s`), and the caller's whole round trip (`roundtrip_s`).
+        self.timings: dict[str, float] = {}
 
     def compile(self, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
                 cancel: threading.Event | None = None) -> bytes:
@@ -191,7 +235,8 @@ class _Worker:
         assert proc.stdin is not None and proc.stdout is not None
         header = json.dumps({"kind": kind, "tier": tier, "out": None if out is None else str(out),
                              "size": len(wasm)}).encode() + b"\n"
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         # Written as the worker reads it, under the same deadline: a worker that stopped reading
         # (stopped, swapped out, stuck) must not block the caller on a full pipe.
         job = memoryview(header + wasm)
@@ -223,6 +268,8 @@ class _Worker:
                     raise CompileError(reply["error"])
                 size = int(reply["size"])
                 need = end + size
+        self.timings = {k: float(reply[k]) for k in ("compile_s", "write_s", "cpu_s")}
+        self.timings["roundtrip_s"] = time.monotonic() - started
         return bytes(data[need - size:need])
 
     @staticmethod
@@ -254,6 +301,15 @@ class _Worker:
         self.kill()
 
 
+def _grow_pipe(stream: Any, size: int) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, size)
+    except (ImportError, AttributeError, OSError):
+        pass  # not Linux, or past the user's pipe quota (fs.pipe-user-pages-soft): the default pipe
+
+
 class _WorkerTimedOut(Exception):
     pass
 
@@ -280,6 +336,8 @@ class Compiler:
         self.started = 0  # workers started (for tests: a worker is reused)
         self._busy: dict[int, str] = {}  # pid -> tier of the workers compiling
         self._background: _Worker | None = None  # idle, for background compiles
+        #: What the last compile that succeeded spent, in seconds (see `_Worker.timings`).
+        self.timings: dict[str, float] = {}
 
     def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float = DEFAULT_TIMEOUT_S,
                 cancel: threading.Event | None = None, *, background: bool = False) -> None:
@@ -352,6 +410,7 @@ class Compiler:
         except BaseException:
             self._discard(worker, out)  # the protocol state is unknown
             raise
+        self.timings = worker.timings
         self._give_back(worker)
         return artefact
 
@@ -442,4 +501,5 @@ def _at_exit(fn: Callable[[], None]) -> None:
 
 if __name__ == "__main__":
     _worker_main(int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MEMORY_BYTES,
-                 int(sys.argv[2]) if len(sys.argv) > 2 else _NICE)
+                 int(sys.argv[2]) if len(sys.argv) > 2 else _NICE,
+                 int(sys.argv[3]) if len(sys.argv) > 3 else KEEP_HEAP_BYTES)

