@@ -25,7 +25,9 @@ cancelled is killed and replaced.
 
 This file runs as a script in the worker, so it imports nothing of wasminfer: `engine_config` lives
 here, and `_engine.py` builds the host's engine from it (a compiled artefact loads only into an engine
-of the same configuration).
+of the same configuration). That is why it is one concept past the module-size rule: the worker's
+loop and the caller's side of its pipe protocol change together, and the worker can import no
+sibling module to hold either half.
 """
 
 from __future__ import annotations
