@@ -19,9 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import NEVER, make_until_model
 from wasminfer.errors import BadRequest, Timeout, TooManyRequests
+from wasminfer.examples import tiny_gpt_model
 from wasminfer.models import ModelRegistry
 from wasminfer.models.slots import RunSlots
-from wasminfer.models.tuning import Measurement, choose, sample_feed, thread_candidates
+from wasminfer.models.tuning import FREE_DIM, Measurement, choose, sample_feed, thread_candidates
 
 
 class Held:
@@ -407,3 +408,26 @@ def _specs(model: bytes) -> list[Any]:
 
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     return [tensor_spec(arg, {}, "input") for arg in session.get_inputs()]
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_a_decoders_sample_has_an_empty_past_so_a_masked_decoder_is_measured(mask: bool) -> None:
+    # With a past of FREE_DIM the masked model's `total_seq` mask (64) would not match past + new
+    # tokens (128): its sample did not run, and the plan fell back to the default unmeasured.
+    model = tiny_gpt_model(attention_mask=mask)
+    sample = sample_feed(_specs(model))
+    assert sample is not None
+    assert sample["input_ids"].shape == (1, FREE_DIM) and sample["past_key_0"].shape == (1, 4, 0, 16)
+    assert ("attention_mask" in sample) is mask
+    if mask:
+        assert sample["attention_mask"].shape == sample["position_ids"].shape == (1, FREE_DIM)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], sample)[0]
+    assert logits.shape == (1, FREE_DIM, 96)
+    registry = ModelRegistry()
+    try:
+        plan = registry.load("gpt", model).run_plan
+        assert plan is not None
+        assert not plan.chosen_by.startswith("default: the sample input did not run"), plan.chosen_by
+    finally:
+        registry.close()

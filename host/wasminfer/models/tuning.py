@@ -115,18 +115,31 @@ class RunPlan:
 
 
 def sample_feed(inputs: list[TensorSpec]) -> dict[str, np.ndarray] | None:
-    """Zeros of every input's dtype and shape (first free dimension 1, later ones `FREE_DIM`), or
-    None when an input is a string tensor or does not declare its rank."""
+    """Zeros of every input's dtype and shape (first free dimension 1, a symbolic one whose name
+    says "past" 0, the others `FREE_DIM`), or None when an input is a string tensor or does not
+    declare its rank.
+
+    A decoder's past is empty in the sample, so the run is a prefill of `FREE_DIM` tokens: a model
+    whose attention mask spans past and new tokens (`total_seq`, as Hugging Face's exports have)
+    then gets a mask as long as its input, where a past of `FREE_DIM` would not match it."""
     feed: dict[str, np.ndarray] = {}
     for spec in inputs:
         if spec.shape is None or spec.dtype == "string":
             return None
         shape = [
-            d if isinstance(d, int) and d >= 0 else (1 if axis == 0 else FREE_DIM)
+            d if isinstance(d, int) and d >= 0 else _free_dim(axis, d)
             for axis, d in enumerate(spec.shape)
         ]
         feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return feed
+
+
+def _free_dim(axis: int, name: int | str | None) -> int:
+    if axis == 0:
+        return 1
+    if isinstance(name, str) and "past" in name.lower():
+        return 0
+    return FREE_DIM
 
 
 def thread_candidates(cores: int) -> list[int]:
