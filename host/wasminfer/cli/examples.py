@@ -36,7 +36,7 @@ def deploy_examples(platform: Platform) -> None:
                         progress("making the ONNX model")
                         data = model.make()
                         progress(f"loading {len(data)} bytes")
-                        platform.put_model(model.name, data, tenant=tenant)
+                        platform.put_model(model.name, data, options=model.options, tenant=tenant)
                     stored_models.add(model.name)
             wasm = ex.upload(build_with_progress)
             view = platform.put_function(ex.name, wasm, Manifest.from_dict(ex.manifest()), tenant=tenant)
