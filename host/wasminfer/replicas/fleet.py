@@ -256,7 +256,7 @@ class Fleet:
             replica.outstanding -= 1
             replica.tenants[tenant] -= 1
             if not replica.tenants[tenant]:
-                del replica.tenants[tenant]
+                replica.tenants.pop(tenant)  # (dict.pop: Counter's own __delitem__ is Python)
             if gate is not None:
                 gate.release()
 
@@ -288,7 +288,7 @@ class Fleet:
                 replica.outstanding -= 1
                 replica.tenants[tenant] -= 1
                 if not replica.tenants[tenant]:
-                    del replica.tenants[tenant]
+                    replica.tenants.pop(tenant)  # (dict.pop: Counter's own __delitem__ is Python)
             elapsed_us = (time.perf_counter() - started) * 1e6
             self._in_flight_s += elapsed_us / 1e6
             # Everything but running: thread hand-off, waiting for an instance, the hop to a replica.
