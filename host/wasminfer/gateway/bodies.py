@@ -9,7 +9,8 @@ is closed (the request's headers have their own timeout: `gateway.connections`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Coroutine, Iterable
+from collections.abc import AsyncGenerator, Iterable
+from types import CoroutineType
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message, Receive
@@ -92,7 +93,7 @@ async def _next_chunk(receive: Receive, idle_s: float, what: str, received: int)
     # server's `receive` returns it without suspending. One that would suspend is closed at that
     # point, as a timeout would cancel it, and awaited again under the timer.
     pending = receive()
-    if isinstance(pending, Coroutine):
+    if type(pending) is CoroutineType:  # (not the ABC: its isinstance is a Python call)
         try:
             pending.send(None)
         except StopIteration as done:
