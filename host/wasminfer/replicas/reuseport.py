@@ -4,7 +4,9 @@ never passes through the gateway's process.
 
 Each process — the gateway's and every replica's — binds its own listening socket to the same
 address with `SO_REUSEPORT` (Linux); the kernel spreads new connections over the sockets by a hash
-of their addresses and ports, and a kept-alive connection stays with the process that accepted it.
+of their addresses and ports, and a kept-alive connection stays with the process that accepted it
+(so the processes even out their counts through a shared file in this backend's folder:
+`replicas.balance`, `shares`).
 Chosen over one listening socket inherited by every process because each process then has its own
 accept queue (no process woken for a connection another takes) and the spread does not depend on
 which interpreter happens to be free at the instant a connection comes; and because a process can
