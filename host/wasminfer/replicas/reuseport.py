@@ -170,7 +170,11 @@ class ReuseportBackend(LocalBackend):
             return process
 
         started = time.monotonic()
-        process = await anyio.to_thread.run_sync(spawn)
+        try:
+            process = await anyio.to_thread.run_sync(spawn)
+        except BaseException:
+            self._slots.pop(rid, None)
+            raise
         worker = _Worker(process, sock, _Connections(sock), _process(process.pid))
         replica = Replica(
             rid,
