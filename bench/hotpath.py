@@ -13,11 +13,12 @@ In one run, back to back, wrk at concurrency 1, 16 and 64 against:
 Every system starts alone on its own port, serves its warm-up, goes quiet, then runs its loads;
 CPU per invocation is the user + system time of the server's processes (and their children: the
 replicas) during wrk's counting window (`suite.loadgen`); each row's `processes` gives, per process
-taking connections, its cores over the window and its client connections halfway through it. Then py-spy samples the one-process
-server's threads *while they hold the GIL* (`--gil`) during a concurrency-16 digits load: the top
-frames by self and total share are `profile_after`. `--profile-before PATH` profiles a server run
-from another copy of the package (e.g. `/work/main/host`, the code before a change) as
-`profile_before`; without it the previous results file's `profile_before` is kept.
+taking connections, its cores over the window and its client connections halfway through it. Then
+py-spy samples the one-process server's threads *while they hold the GIL* (`--gil`) during a
+concurrency-16 digits load: the top frames by self and total share are `profile_after`.
+`--profile-before PATH` profiles a server run from another copy of the package (e.g.
+`/work/main/host`, the code before a change) as `profile_before`; without it the previous results
+file's `profile_before` is kept.
 
 Writes `bench/results/hotpath.json`: every run, `digits_vs_baseline_c16`,
 `digits_py_vs_baseline_c16`, `replicas2_vs_1_c16`, `digits_p99_vs_baseline_c16`,
