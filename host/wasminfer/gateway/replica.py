@@ -93,7 +93,6 @@ class ProcessApp:
         self.draining = False
         #: Client connections to close after their next response (set by the server's tick).
         self.surplus = 0
-        self.closed_surplus = 0  # connections closed so, since the start
         self._tag = (REPLICA_HEADER, replica_id.encode())
         # Invocation ids count per process: a replica's get its id in front, as forwarded ones did.
         self._id_prefix = f"{replica_id}.".encode() if forward is not None else b""
@@ -107,7 +106,6 @@ class ProcessApp:
         close = self.draining
         if self.surplus > 0 and scope.get("client") is not None:  # (None: the unix sockets')
             self.surplus -= 1
-            self.closed_surplus += 1
             close = True
 
         async def tagged(message: Message) -> None:
