@@ -12,11 +12,13 @@ In one run, back to back, wrk at concurrency 1, 16 and 64 against:
 
 Every system starts alone on its own port, serves its warm-up, goes quiet, then runs its loads;
 CPU per invocation is the user + system time of the server's processes (and their children: the
-replicas) during wrk's counting window (`suite.loadgen`). Then py-spy samples the one-process
-server's threads *while they hold the GIL* (`--gil`) during a concurrency-16 digits load: the top
-frames by self and total share are `profile_after`. `--profile-before PATH` profiles a server run
-from another copy of the package (e.g. `/work/main/host`, the code before a change) as
-`profile_before`; without it the previous results file's `profile_before` is kept.
+replicas) during wrk's counting window (`suite.loadgen`); each row's `processes` gives, per process
+taking connections, its cores over the window and its client connections halfway through it. Then
+py-spy samples the one-process server's threads *while they hold the GIL* (`--gil`) during a
+concurrency-16 digits load: the top frames by self and total share are `profile_after`.
+`--profile-before PATH` profiles a server run from another copy of the package (e.g.
+`/work/main/host`, the code before a change) as `profile_before`; without it the previous results
+file's `profile_before` is kept.
 
 Writes `bench/results/hotpath.json`: every run, `digits_vs_baseline_c16`,
 `digits_py_vs_baseline_c16`, `replicas2_vs_1_c16`, `digits_p99_vs_baseline_c16`,
@@ -37,12 +39,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the `suite` package
 
@@ -188,7 +192,14 @@ def measure(
 ) -> dict[str, Any]:  # fmt: skip
     settle(server_pids)
     cpu = CpuWindow(server_pids, warmup, duration)
+    processes = serving_processes(server_pids)
+    each = {pid: CpuWindow([pid], warmup, duration, recursive=False) for pid in processes}
+    port = int(url.split(":")[2].split("/")[0])
+    held: dict[int, int] = {}
+    sampler = threading.Timer(warmup + duration / 2, lambda: held.update(connections(processes, port)))
+    sampler.start()
     load = loadgen.run(url, body, content_type, concurrency, duration, "wrk", warmup=warmup)
+    sampler.join()
     cpu_s = cpu.result()
     row = {
         "system": system,
@@ -196,12 +207,50 @@ def measure(
         **load.to_dict(),
         "cpu_ms_per_invocation": round(cpu_s * 1000 / load.requests, 4) if load.requests else None,
         "server_cores": round(cpu_s / duration, 3),
-    }
+        # Each process that takes connections: its client connections halfway through the window
+        # (how the port's were spread) and its cores over the window.
+        "processes": [
+            {"pid": pid, "role": role, "connections": held.get(pid),
+             "cores": round(each[pid].result() / duration, 3)}
+            for pid, role in processes.items()
+        ],
+    }  # fmt: skip
+    split = ""
+    if len(row["processes"]) > 1:
+        split = "  processes " + " ".join(f"{p['connections']}c/{p['cores']}" for p in row["processes"])
     progress(
         f"{system:13} {function:10} c={concurrency:<3} {load.per_s:8.0f}/s  p50 {load.p50_ms:7.2f} ms  "
-        f"p99 {load.p99_ms:7.2f} ms  cpu {row['cpu_ms_per_invocation']} ms/inv  errors {load.errors}"
+        f"p99 {load.p99_ms:7.2f} ms  cpu {row['cpu_ms_per_invocation']} ms/inv  errors {load.errors}{split}"
     )
     return row
+
+
+def serving_processes(server_pids: list[int]) -> dict[int, str]:
+    """The server's processes that take connections, by pid: the server's own ("primary") and its
+    `wasminfer replica` children."""
+    out: dict[int, str] = {}
+    for pid in server_pids:
+        try:
+            proc = psutil.Process(pid)
+            out[pid] = "primary"
+            for child in proc.children(recursive=True):
+                if "replica" in child.cmdline()[3:4]:  # python -m wasminfer replica ...
+                    out[child.pid] = "replica"
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def connections(pids: dict[int, str], port: int) -> dict[int, int]:
+    """Established client connections on `port` each process holds now."""
+    held = {}
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        held[pid] = sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in conns)
+    return held
 
 
 # --- the profile ----------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ from wasminfer.replicas.inline import (
     MAX_COOLDOWN_S,
     MIN_SAMPLES,
     SLOW_FACTOR,
+    WALL_CLIP,
+    WEIGHT,
     InlinePolicy,
     eligible,
 )
@@ -446,3 +448,24 @@ def test_an_unmeasured_inline_run_past_the_slow_bound_has_the_next_one_measured(
     assert not policy.short(key, fn)
     assert policy.cooldowns_total == 1
     assert not policy.measures(key)
+
+
+def test_one_run_held_off_the_cpu_for_long_weighs_no_more_than_the_clip() -> None:
+    """A run the scheduler held off the CPU for 200 ms (2 busy cores) is one long wall time, not a
+    slow function: alone it leaves the function inline; two in a row still cool it down."""
+    clock = Clock()
+    policy, fn, key = InlinePolicy("auto", 1000, clock=clock), Fn(), ("t", "f")
+    for _ in range(MIN_SAMPLES):
+        policy.observe(key, fn, 100, inline_wall_us=150)
+    before = policy.stats()["functions"]["t/f"]["mean_inline_wall_us"]
+    policy.observe(key, fn, None, inline_wall_us=200_000)
+    assert policy.short(key, fn)
+    wall = policy.stats()["functions"]["t/f"]["mean_inline_wall_us"]
+    assert wall == pytest.approx(before + (SLOW_FACTOR * 1000 * WALL_CLIP - before) * WEIGHT, abs=0.2)
+    for _ in range(3):  # short again: the average comes back down
+        policy.observe(key, fn, None, inline_wall_us=150)
+    assert policy.short(key, fn) and policy.cooldowns_total == 0
+    policy.observe(key, fn, None, inline_wall_us=200_000)
+    policy.observe(key, fn, None, inline_wall_us=200_000)
+    assert not policy.short(key, fn)
+    assert policy.cooldowns_total == 1

@@ -200,8 +200,11 @@ def serve(
             print_example_requests(platform, host, port)
         app: Any = None
         sockets = None
+        shares: Any = None
+        server_class: Any = None
         if reuseport:
-            from wasminfer.gateway.replica import ProcessApp
+            from wasminfer.gateway.replica import PortServer, ProcessApp
+            from wasminfer.replicas.balance import ConnectionShares
             from wasminfer.replicas.reuseport import ReuseportBackend, listen_socket, unix_socket
 
             tcp = listen_socket(host, port)
@@ -217,10 +220,11 @@ def serve(
             sockets = [tcp, unix_socket(backend.primary_socket)]
             gateway = create_app(platform, settings, scaling=scaling_config, backend=backend)
             app = ProcessApp(gateway, "primary")
-            gateway.state.wasminfer.fleet.rebalance = app.rebalance
+            shares = ConnectionShares(backend.shares, 0)
+            server_class = PortServer
         else:
             app = create_app(platform, settings, scaling=scaling_config)
-        server = uvicorn.Server(
+        server: Any = (server_class or uvicorn.Server)(
             uvicorn.Config(
                 app,
                 host=host,
@@ -238,8 +242,12 @@ def serve(
         # uvicorn finishes what is in flight on SIGTERM, then raises the signal again with the handler
         # it found: this no-op lets the platform close below, and the exit status be 0.
         signal.signal(signal.SIGTERM, lambda *_: None)
+        if shares is not None:
+            server.app, server.shares = app, shares
         server.run(sockets=sockets)
     finally:
+        if shares is not None:
+            shares.close()
         platform.close()
 
 
@@ -295,6 +303,7 @@ def replica(
     log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
     http: Annotated[str, typer.Option(help="HTTP parser, as serve's.")] = "auto",
     loop: Annotated[str, typer.Option(help="Event loop, as serve's.")] = "auto",
+    shares: Annotated[str | None, typer.Option(help="FILE:SLOT of the connection shares.")] = None,
 ) -> None:
     """A host replica process on the gateway's port (started by `serve`, not by hand). Reads the
     functions to load first from stdin (JSON `[[tenant, name, digest], …]`), API keys from
@@ -307,6 +316,12 @@ def replica(
         warm = [(str(t), str(n), str(d)) for t, n, d in json.loads(sys.stdin.buffer.read() or b"[]")]
     except (ValueError, TypeError) as exc:
         raise BadRequest(f"replica: stdin must hold [[tenant, name, digest], …]: {exc}") from None
+    share: tuple[Path, int] | None = None
+    if shares is not None:
+        file, _, slot = shares.rpartition(":")
+        if not file or not slot.isdigit():
+            raise BadRequest(f"replica: --shares {shares!r}: give FILE:SLOT")
+        share = (Path(file), int(slot))
     serve_replica(
         data,
         listen=(host.strip("[]"), int(port)),
@@ -320,4 +335,5 @@ def replica(
         http=http,
         loop=loop,
         warm=warm,
+        shares=share,
     )

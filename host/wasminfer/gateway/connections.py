@@ -90,6 +90,9 @@ class CoalescingTransport:
         self._pending, self._size = None, 0
         self._transport.abort()
 
+    def is_closing(self) -> bool:  # (asked after every response: `__getattr__` is a Python call)
+        return self._transport.is_closing()
+
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + self._size
 

@@ -16,7 +16,7 @@ match in order): the invoke route's path is the only route of that shape.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 from starlette.applications import Starlette
@@ -40,6 +40,7 @@ class Gateway(Starlette):
             if r not in self.router.routes:
                 raise ValueError(f"direct route {r.path} is not one of the app's routes")
         self._direct = tuple(direct)
+        self._direct_matches = tuple((r, _matcher(r)) for r in direct)
         self._handlers: dict[Any, Handler] = {}
         self._unexpected: Handler | None = None
         for key, handler in self.exception_handlers.items():
@@ -54,9 +55,9 @@ class Gateway(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            for route in self._direct:
-                match, child = route.matches(scope)
-                if match is Match.FULL:
+            for route, match in self._direct_matches:
+                child = match(scope)
+                if child is not None:
                     scope["app"] = self
                     scope["router"] = self.router
                     scope.update(child)
@@ -85,3 +86,37 @@ class Gateway(Starlette):
             if handler is not None:
                 return handler
         return None
+
+
+def _matcher(route: Route) -> Callable[[Scope], Mapping[str, Any] | None]:
+    """What `route.matches(scope)` finds as a full match (its child scope), None otherwise. For a path
+    of one `{name}` between fixed parts (the invoke route's), compared as strings: Starlette's regex
+    and its copy of the path parameters took about as long as the rest of routing. Any other route,
+    and a request under a `root_path`, is matched by Starlette."""
+
+    def starlette(scope: Scope) -> Mapping[str, Any] | None:
+        match, child = route.matches(scope)
+        return child if match is Match.FULL else None
+
+    head, sep, rest = route.path.partition("{")
+    name, sep2, tail = rest.partition("}")
+    if not sep or not sep2 or not name.isidentifier() or "{" in tail or not head.endswith("/") or not tail:
+        return starlette
+    if route.param_convertors[name].regex != "[^/]+":  # only the `str` convertor: no conversion
+        return starlette
+    methods = frozenset(route.methods or ())
+    endpoint = route.endpoint
+    start, end = len(head), -len(tail)
+
+    def match(scope: Scope) -> Mapping[str, Any] | None:
+        if scope.get("root_path") or scope.get("path_params"):
+            return starlette(scope)
+        path: str = scope["path"]
+        if not (path.startswith(head) and path.endswith(tail)) or len(path) <= start - end:
+            return None
+        value = path[start:end]
+        if "/" in value or scope["method"] not in methods:
+            return None  # (a method not allowed: Starlette's router answers 405)
+        return {"endpoint": endpoint, "path_params": {name: value}}
+
+    return match

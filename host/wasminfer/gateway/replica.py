@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -38,6 +39,7 @@ from wasminfer.gateway.errors import error_body
 from wasminfer.gateway.settings import Settings
 from wasminfer.gateway.state import AppState
 from wasminfer.replicas import instance_stats
+from wasminfer.replicas.balance import ConnectionShares
 from wasminfer.replicas.base import WarmSpec
 from wasminfer.replicas.reuseport import listen_socket, unix_socket
 from wasminfer.replicas.worker import watch_parent
@@ -74,28 +76,24 @@ def answered_here(scope: Scope) -> bool:
     return not any(name == b"prefer" for name, _ in scope["headers"])
 
 
-# After a replica joined the port, each process closes every connection once, after its next
-# response, for this long (uvicorn's keep-alive timeout: a connection idle longer is closed anyway).
-REBALANCE_S = 5.0
-
-
 class ProcessApp:
     """The app of `create_app` in one process sharing the port: tags the responses it makes with
     `Wasminfer-Replica`; in a replica (`forward` given) sends what it does not answer itself to
     the gateway's process; while `draining`, closes each connection after its response.
 
     The kernel picks a process per connection, and a kept-alive connection stays where it was
-    accepted: a replica added under load would get only clients that connect afterwards. So when
-    one joins, every process answers each connection's next request with `Connection: close`
-    (`rebalance`), once, and clients reconnect over all the sockets."""
+    accepted: an uneven spread (10 and 6 of 16), or a replica added under load, would stay so. The
+    process' server sets `surplus` at each tick from the shared counts (`replicas.balance`): that
+    many of the next requests on client connections are answered with `Connection: close`, and the
+    clients reconnect over all the sockets."""
 
     def __init__(self, app: ASGIApp, replica_id: str, forward: ASGIApp | None = None) -> None:
         self.app = app
         self.forward = forward
         self.draining = False
+        #: Client connections to close after their next response (set by the server's tick).
+        self.surplus = 0
         self._tag = (REPLICA_HEADER, replica_id.encode())
-        self._rebalance_until = 0.0
-        self._rebalanced: set[tuple[str, int]] = set()  # clients closed once since `rebalance`
         # Invocation ids count per process: a replica's get its id in front, as forwarded ones did.
         self._id_prefix = f"{replica_id}.".encode() if forward is not None else b""
 
@@ -105,7 +103,10 @@ class ProcessApp:
             return
         here = self.forward is None or answered_here(scope)
         tag = self._tag
-        close = self.draining or (self._rebalance_until > 0.0 and self._close_once(scope))
+        close = self.draining
+        if self.surplus > 0 and scope.get("client") is not None:  # (None: the unix sockets')
+            self.surplus -= 1
+            close = True
 
         async def tagged(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -125,22 +126,6 @@ class ProcessApp:
         else:
             assert self.forward is not None
             await self.forward(scope, receive, tagged)
-
-
-    def rebalance(self) -> None:
-        """Closes each connection once, after its next response, for the next `REBALANCE_S`."""
-        self._rebalanced = set()
-        self._rebalance_until = time.monotonic() + REBALANCE_S
-
-    def _close_once(self, scope: Scope) -> bool:
-        if time.monotonic() >= self._rebalance_until:
-            self._rebalance_until, self._rebalanced = 0.0, set()
-            return False
-        client = scope.get("client")
-        if client is None or tuple(client) in self._rebalanced:  # (None: a unix socket's)
-            return False
-        self._rebalanced.add(tuple(client))
-        return True
 
 
 class _ClientGone(Exception):
@@ -210,7 +195,7 @@ class Forward:
             await send({"type": "http.response.body", "body": body_bytes})
 
 
-def control_app(state: AppState, public: ProcessApp) -> Starlette:
+def control_app(state: AppState) -> Starlette:
     """What the gateway's process reads of a replica (and asks of it), on its control socket."""
     platform, fleet = state.platform, state.fleet
 
@@ -230,16 +215,11 @@ def control_app(state: AppState, public: ProcessApp) -> Starlette:
     async def counters(request: Request) -> Response:
         return JSONResponse(state.metrics.counter_samples())
 
-    async def rebalance(request: Request) -> Response:
-        public.rebalance()
-        return Response(status_code=204)
-
     return Starlette(
         routes=[
             Route("/readyz", readyz),
             Route("/stats", stats),
             Route("/counters", counters),
-            Route("/rebalance", rebalance, methods=["POST"]),
         ]
     )
 
@@ -259,42 +239,60 @@ class _BySocket:
             await self.public(scope, receive, send)
 
 
-def _server_class() -> type[Any]:
-    import uvicorn
+def _public(connection: Any) -> bool:
+    """Whether a connection of uvicorn's is a client's (TCP), not one on a unix socket."""
+    return bool(getattr(connection, "server", (None, None))[1])
 
-    class ReplicaServer(uvicorn.Server):
-        """uvicorn, draining on the first SIGTERM: the listening socket is closed first (the kernel
-        then sends new connections to the other processes), every response carries `Connection:
-        close`, and the server waits until its connections are gone or the keep-alive timeout has
-        passed — an idle connection would have been closed by then anyway, so a client never sees
-        one closed sooner than usual — then shuts down as uvicorn does (finishing what is in
-        flight). A second signal stops it at once."""
 
-        app: ProcessApp
-        _drain_requested = False
-        _drain_until: float | None = None
+class PortServer(uvicorn.Server):
+    """The uvicorn server of a process sharing the port (the gateway's or a replica's): publishes
+    its client connections at each tick and has its `app` close the surplus (`replicas.balance`).
+    Give it `app` (the `ProcessApp`) and `shares` before `run`."""
 
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            if self._drain_requested or self.should_exit:
-                super().handle_exit(sig, frame)
-            else:
-                self._drain_requested = True
+    app: ProcessApp
+    shares: ConnectionShares | None = None
 
-        async def on_tick(self, counter: int) -> bool:
-            if self._drain_requested and self._drain_until is None:
-                self.app.draining = True
-                for server in self.servers:
-                    if any(s.family != socket.AF_UNIX for s in server.sockets):
-                        server.close()
-                self._drain_until = time.monotonic() + self.config.timeout_keep_alive + 1
-                log.info("draining: the listening socket is closed")
-            if self._drain_until is not None and not self.should_exit:
-                public = [c for c in self.server_state.connections if getattr(c, "server", (None, None))[1]]
-                if not public or time.monotonic() >= self._drain_until:
-                    self.should_exit = True
-            return bool(await super().on_tick(counter))
+    async def on_tick(self, counter: int) -> bool:
+        shares = self.shares
+        if shares is not None:
+            held = sum(1 for c in self.server_state.connections if _public(c))
+            self.app.surplus = shares.publish(held)
+        return bool(await super().on_tick(counter))
 
-    return ReplicaServer
+
+class ReplicaServer(PortServer):
+    """A replica's server, draining on the first SIGTERM: the listening socket is closed first (the
+    kernel then sends new connections to the other processes) and the process leaves the connection
+    shares, every response carries `Connection: close`, and the server waits until its connections
+    are gone or the keep-alive timeout has passed — an idle connection would have been closed by
+    then anyway, so a client never sees one closed sooner than usual — then shuts down as uvicorn
+    does (finishing what is in flight). A second signal stops it at once."""
+
+    _drain_requested = False
+    _drain_until: float | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._drain_requested or self.should_exit:
+            super().handle_exit(sig, frame)
+        else:
+            self._drain_requested = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_requested and self._drain_until is None:
+            self.app.draining = True
+            if self.shares is not None:
+                self.shares.close()
+                self.shares = None
+            for server in self.servers:
+                if any(s.family != socket.AF_UNIX for s in server.sockets):
+                    server.close()
+            self._drain_until = time.monotonic() + self.config.timeout_keep_alive + 1
+            log.info("draining: the listening socket is closed")
+        if self._drain_until is not None and not self.should_exit:
+            public = [c for c in self.server_state.connections if _public(c)]
+            if not public or time.monotonic() >= self._drain_until:
+                self.should_exit = True
+        return bool(await super().on_tick(counter))
 
 
 def serve_replica(
@@ -311,18 +309,20 @@ def serve_replica(
     http: str = "auto",
     loop: str = "auto",
     warm: list[WarmSpec] | None = None,
+    shares: tuple[Path, int] | None = None,
 ) -> None:
     """Runs one replica process until SIGTERM (a drain, see `ReplicaServer`) or its parent is gone.
     API keys come from `WASMINFER_API_KEYS`, the gateway's limits from the other `WASMINFER_*`
     variables (`Settings.from_env`), never from the command line. Loads the `warm` functions, then
     listens on `listen` (with `SO_REUSEPORT`) and on the `control` unix socket. At exit it leaves its
-    invocation counters next to the control socket (`.counters.json`) for the gateway to keep."""
-    import uvicorn
+    invocation counters next to the control socket (`.counters.json`) for the gateway to keep.
+    `shares`: the connection shares' file and this process' slot in it (`replicas.balance`)."""
 
     logging.basicConfig(level=log_level.upper(), format=f"[{replica_id}] %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(invoke_threads=threads)
     platform = Platform(data, keys=parse_keys(os.environ.get("WASMINFER_API_KEYS", "")))
     state: AppState | None = None
+    server: ReplicaServer | None = None
     try:
         platform.start(load=False)
         for tenant, name, _ in warm or []:
@@ -334,9 +334,9 @@ def serve_replica(
         state = gateway.state.wasminfer
         public = ProcessApp(gateway, replica_id, forward=Forward(primary))
         sockets = [listen_socket(*listen), unix_socket(control)]
-        server = _server_class()(
+        server = ReplicaServer(
             uvicorn.Config(
-                _BySocket(public, control_app(state, public)),
+                _BySocket(public, control_app(state)),
                 lifespan="on",
                 log_level=log_level,
                 access_log=False,
@@ -346,6 +346,8 @@ def serve_replica(
             )
         )
         server.app = public
+        if shares is not None:
+            server.shares = ConnectionShares(*shares)
         if parent is not None:
             threading.Thread(target=watch_parent, args=(parent, server), daemon=True).start()
         # uvicorn raises the signal it shut down for again once it has finished: this handler lets
@@ -353,6 +355,8 @@ def serve_replica(
         signal.signal(signal.SIGTERM, lambda *_: None)
         server.run(sockets=sockets)
     finally:
+        if server is not None and server.shares is not None:
+            server.shares.close()
         if state is not None:
             final = control.with_suffix(".counters.json")
             final.with_suffix(".tmp").write_text(json.dumps(state.metrics.counter_samples()))

@@ -275,16 +275,34 @@ async def _invoke_sync(request: Request, body: bytes, started: float) -> Respons
     # A guest picks its response's content type; only a plain header value may reach the client (no
     # CR/LF, nothing outside printable ASCII): anything else would corrupt or split the response.
     ctype = result.content_type
-    if not is_header_value(ctype):
-        ctype = DEFAULT_CONTENT_TYPE
-    return Response(
-        result.body,
-        headers={
-            "content-type": ctype,
-            "server-timing": f"{result.server_timing()}, total;dur={elapsed * 1000:.3f}",
-            "x-invocation-id": result.invocation_id,
-        },
-    )
+    if ctype not in _PLAIN_TYPES:
+        if not is_header_value(ctype):
+            ctype = DEFAULT_CONTENT_TYPE
+        elif len(_PLAIN_TYPES) < 256:
+            _PLAIN_TYPES.add(ctype)
+    body = result.body
+    # The headers as they go on the wire (what Starlette's `Response(headers=...)` makes of them,
+    # without its pass over them for a length and a type to add).
+    return _Raw(body, [
+        (b"content-type", ctype.encode("latin-1")),
+        (b"server-timing", f"{result.server_timing()}, total;dur={elapsed * 1000:.3f}".encode("latin-1")),
+        (b"x-invocation-id", result.invocation_id.encode("latin-1")),
+        (b"content-length", b"%d" % len(body)),
+    ])  # fmt: skip
+
+
+# Content types a guest chose that `is_header_value` passed: most guests answer with one or two.
+_PLAIN_TYPES: set[str] = set()
+
+
+class _Raw(Response):
+    """A 200 with its body and its headers given as they are written."""
+
+    def __init__(self, body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = body
+        self.raw_headers = raw_headers
 
 
 @operation(

@@ -39,7 +39,6 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -163,8 +162,6 @@ class Fleet:
         self.follower = StoreFollower(platform) if follow_store else None
         #: Set once `min_replicas` serve (or a start failed): until then the server is not ready.
         self.filled = False
-        #: Called when a replica taking its own connections starts serving (`ProcessApp.rebalance`).
-        self.rebalance: Callable[[], None] | None = None
         if config.primary_replica:  # serves from the start, even before `start()` (no I/O to make)
             self._primary = InProcessBackend(
                 platform,
@@ -259,7 +256,7 @@ class Fleet:
             replica.outstanding -= 1
             replica.tenants[tenant] -= 1
             if not replica.tenants[tenant]:
-                del replica.tenants[tenant]
+                replica.tenants.pop(tenant)  # (dict.pop: Counter's own __delitem__ is Python)
             if gate is not None:
                 gate.release()
 
@@ -291,7 +288,7 @@ class Fleet:
                 replica.outstanding -= 1
                 replica.tenants[tenant] -= 1
                 if not replica.tenants[tenant]:
-                    del replica.tenants[tenant]
+                    replica.tenants.pop(tenant)  # (dict.pop: Counter's own __delitem__ is Python)
             elapsed_us = (time.perf_counter() - started) * 1e6
             self._in_flight_s += elapsed_us / 1e6
             # Everything but running: thread hand-off, waiting for an instance, the hop to a replica.
@@ -445,8 +442,6 @@ class Fleet:
         self.replicas.append(replica)
         if not replica.accepts:  # (one that takes its own connections is never routed to)
             self._serving = [*self._serving, replica]
-        elif self.rebalance is not None:
-            self.rebalance()
         self.filled = self.filled or self._count_serving() >= self.config.min_replicas
         self.autoscaler.reset()
 

@@ -27,7 +27,8 @@ Decided per function, adaptively, from what its invocations cost:
   more than `SLOW_FACTOR` × `max_us` (an unmeasured inline run that held the loop that long has
   the next one measured), or when the moving average of its inline runs' wall time (what they held
   the loop; every inline run's) passes that: a guest that sleeps in a host call computes little but
-  holds the loop all the same, while one run slowed by the scheduler moves the average by a fifth.
+  holds the loop all the same, while one run slowed by the scheduler moves the average by a fifth
+  of at most `WALL_CLIP` x the bound (two in a row still send the function to threads).
   A function that turns slow (an input that makes it loop, a guest that sleeps) holds the loop for
   one invocation or a few, never for a stream of them.
 
@@ -51,6 +52,7 @@ MODES = ("auto", "always", "never")
 MIN_SAMPLES = 8
 CPU_SAMPLE_EVERY = 16  # past MIN_SAMPLES, one invocation in this many has its CPU time read
 SLOW_FACTOR = 4
+WALL_CLIP = 3  # one inline run's wall time counts in the average up to this many times the slow bound
 WEIGHT = 0.2  # of the newest cost in the moving average: about the last 5-10 invocations
 FIRST_COOLDOWN_S = 1.0
 MAX_COOLDOWN_S = 60.0
@@ -151,7 +153,10 @@ class InlinePolicy:
         if blocked_us > 0:
             learned.waits = True
         if inline_wall_us is not None:
-            learned.wall_us += (inline_wall_us - learned.wall_us) * WEIGHT
+            # One run held off the CPU for a long while (on 2 busy cores: tens to hundreds of ms, a
+            # cooldown every second or so) weighs no more than `WALL_CLIP` x the bound.
+            wall = min(inline_wall_us, bound * WALL_CLIP)
+            learned.wall_us += (wall - learned.wall_us) * WEIGHT
             slow = slow or learned.wall_us > bound
         if slow:
             now = self._clock()

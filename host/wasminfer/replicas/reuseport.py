@@ -4,7 +4,9 @@ never passes through the gateway's process.
 
 Each process — the gateway's and every replica's — binds its own listening socket to the same
 address with `SO_REUSEPORT` (Linux); the kernel spreads new connections over the sockets by a hash
-of their addresses and ports, and a kept-alive connection stays with the process that accepted it.
+of their addresses and ports, and a kept-alive connection stays with the process that accepted it
+(so the processes even out their counts through a shared file in this backend's folder:
+`replicas.balance`, `shares`).
 Chosen over one listening socket inherited by every process because each process then has its own
 accept queue (no process woken for a connection another takes) and the spread does not depend on
 which interpreter happens to be free at the instant a connection comes; and because a process can
@@ -43,6 +45,7 @@ from typing import Any
 import anyio.to_thread
 
 from wasminfer.errors import Unavailable
+from wasminfer.replicas.balance import SLOTS, vacate
 from wasminfer.replicas.base import Replica, ReplicaStats, WarmSpec
 from wasminfer.replicas.local import LocalBackend, _Connections, _process, _Worker
 from wasminfer.runtime import InvokeResult
@@ -115,6 +118,9 @@ class ReuseportBackend(LocalBackend):
         self.options = list(options)
         #: Where the gateway's process takes the requests replicas forward (`unix_socket` it here).
         self.primary_socket = self._folder / "primary.sock"
+        #: Every process' client connections (`replicas.balance`); the gateway's process is slot 0.
+        self.shares = self._folder / "connections.shares"
+        self._slots: dict[str, int] = {}  # replica id -> its slot in `shares`
         self._live: dict[str, Replica] = {}  # started and not stopped, by id
         self._counters: dict[str, list[Sample]] = {}  # replica id -> its counters as last read
         self._retired: list[Sample] = []  # of the replicas gone, summed
@@ -122,6 +128,11 @@ class ReuseportBackend(LocalBackend):
     async def start(self, warm: Sequence[WarmSpec] = ()) -> Replica:
         rid = f"replica-{next(self._ids)}"
         sock = self._folder / f"{rid}.sock"
+        taken = set(self._slots.values())
+        slot = next((i for i in range(1, SLOTS) if i not in taken), None)
+        if slot is None:
+            raise Unavailable(f"{SLOTS} processes already share the port; no replica can join")
+        self._slots[rid] = slot
         host, port = self.listen
         command = [
             self.python, "-m", "wasminfer", "replica",
@@ -132,6 +143,7 @@ class ReuseportBackend(LocalBackend):
             "--parent", str(os.getpid()),
             "--threads", str(self.threads),
             "--id", rid,
+            "--shares", f"{self.shares}:{slot}",
             "--log-level", self.log_level,
             *self.options,
         ]  # fmt: skip
@@ -144,7 +156,11 @@ class ReuseportBackend(LocalBackend):
                 command,
                 stdin=subprocess.PIPE,
                 env={**os.environ, **self.env},
-                start_new_session=True,  # a Ctrl-C meant for the gateway must not reach it
+                # A process group of its own: a Ctrl-C meant for the gateway does not reach it. Not
+                # a session of its own: with the kernel's autogroups (sched_autogroup_enabled) a
+                # session is a scheduling group, and a replica alone in one got about half the CPU
+                # of the gateway's process with as many connections (bench/hotpath.py, 2 cores).
+                process_group=0,
             )
             assert process.stdin is not None
             with contextlib.suppress(BrokenPipeError):  # exited at once: `_wait_ready` says why
@@ -154,7 +170,11 @@ class ReuseportBackend(LocalBackend):
             return process
 
         started = time.monotonic()
-        process = await anyio.to_thread.run_sync(spawn)
+        try:
+            process = await anyio.to_thread.run_sync(spawn)
+        except BaseException:
+            self._slots.pop(rid, None)
+            raise
         worker = _Worker(process, sock, _Connections(sock), _process(process.pid))
         replica = Replica(
             rid,
@@ -170,11 +190,7 @@ class ReuseportBackend(LocalBackend):
             await self.stop(replica)
             raise
         replica.warm.update((t, n) for t, n, _ in warm)
-        # The others' kept-alive connections reconnect, and some come here (the gateway's own
-        # process does the same when the fleet sees this one serve).
-        for other in list(self._live.values()):
-            with contextlib.suppress(Unavailable, OSError, TimeoutError):
-                await asyncio.wait_for(other.handle.http.request("POST", "/rebalance"), 2.0)
+        # The others' kept-alive connections come over as the processes even out their counts.
         self._live[replica.id] = replica
         if worker.psutil is not None:
             worker.psutil.cpu_percent(None)  # the first reading only starts the measurement
@@ -184,6 +200,9 @@ class ReuseportBackend(LocalBackend):
         """SIGTERM (the replica drains), then its final counters join those of the replicas gone."""
         await super().stop(replica)
         self._live.pop(replica.id, None)
+        slot = self._slots.pop(replica.id, None)
+        if slot is not None:  # (a killed replica never emptied its slot)
+            vacate(self.shares, slot)
         worker: _Worker = replica.handle
         final = worker.socket.with_suffix(".counters.json")
         try:
