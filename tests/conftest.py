@@ -12,6 +12,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+# A test process makes hundreds of engines and keeps many alive (fixtures, modules, threads). Each
+# instance pool of the default 1000 slots maps ~2,000 areas and reserves ~65 GiB of address space,
+# so some 30 live engines reach vm.max_map_count (65,530) and wasmtime aborts the process making the
+# next one. 32 slots still put every small instance of a test in the pool; the pool's own tests set
+# theirs (test_instance_slots.py), and the benchmarks run the default.
+os.environ.setdefault("WASMINFER_INSTANCE_POOL", "32")
+
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS = Path(__file__).resolve().parent / "guests"
 

@@ -238,3 +238,39 @@ def test_a_deadline_holds_in_a_pooled_instance(engine: WasmEngine) -> None:
     assert len(outcome) == 1 and isinstance(outcome[0], WasmTrap) and outcome[0].kind == "timeout"
     inst.close()
     assert engine.pool is not None and engine.pool.live == 0
+
+
+FILL_MAPS = """
+import sys, wasmtime
+from wasminfer.runtime import Host, _pooling
+from wasminfer.runtime.handler import InvocationState
+from wasminfer.runtime import Manifest
+engines = []
+while True:  # engines kept alive, as a test process keeps many: each pool maps ~2 areas a slot
+    e = Host.new_engine(None, pool_slots=1000)
+    engines.append(e)
+    if e.pool is None:
+        break
+    assert len(engines) < 200, "the pools never reached vm.max_map_count"
+module = e.compile(bytes(wasmtime.wat2wasm(sys.argv[1])))
+inst = module.instantiate(memory_bytes=1 << 20, timeout_ms=5000, calls=(("peek", 1),))
+state = InvocationState("t", Manifest(), None, None, "x")
+print(len(engines), inst.pooled, inst.call("peek", (16,), state, timeout_ms=5000, nresults=1))
+"""
+
+
+def test_engines_past_the_map_limit_make_no_pool_instead_of_aborting(tmp_path: Path) -> None:
+    # wasmtime aborts the process when a pool's reservation fails; `room_for` declines the pool first.
+    import subprocess
+    import sys
+
+    limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+    proc = subprocess.run([sys.executable, "-c", FILL_MAPS, MEMORY_WAT], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    made, pooled, value = proc.stdout.split()
+    # every engine but the last got its pool: as many as fit under the limit with the headroom
+    assert 1 <= int(made) - 1 <= (limit - _pooling.MAPS_HEADROOM) // (1000 * _pooling.MAPS_PER_SLOT)
+    assert (pooled, int(value)) == ("False", INIT)  # the last one serves on demand
+    assert "no instance pool of 1000 slots" in proc.stderr
+    assert _pooling.room_for(2) and not _pooling.room_for(limit)

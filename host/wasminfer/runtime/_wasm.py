@@ -24,6 +24,7 @@ implement ourselves are in `_wasi.py`).
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ from wasminfer.runtime._engine import tls as _tls
 from wasminfer.runtime._output import OutputFn, capture_output, release_output
 from wasminfer.runtime._traps import GuestFault, Interrupted, WasmExit, WasmLinkError, WasmTrap, first_line
 from wasminfer.runtime._wasi import poll_oneoff
+
+log = logging.getLogger(__name__)
 
 WASM_PAGE = 65536
 #: Elements one table of an instance may hold (declared or grown to); past it `table.grow` fails.
@@ -223,6 +226,10 @@ class WasmEngine(Engine):
         try:
             self.cache.prepare("module")
             slots = _pooling.slots_from_env() if pool_slots is None else pool_slots
+            if slots > 0 and not _pooling.room_for(slots):
+                log.warning("no instance pool of %d slots: the process is near vm.max_map_count; "
+                            "every instance is made on demand", slots)
+                slots = 0
             #: The instance pool, None without one.
             self.pool = (_pooling.SlotPool(slots, MAX_TABLE_ELEMENTS, pool_keep_resident)
                          if slots > 0 else None)
