@@ -600,6 +600,35 @@ def test_infer_with_tensors_of_every_kind_equals_onnx_runtime_run_directly(host:
             assert bytes.fromhex(out["data"]) == want.astype(want.dtype.newbyteorder("<")).tobytes(), name
 
 
+HEADERS_GUEST = '''
+import numpy as np
+from wasminfer_guest import Request, Tensor, handler, infer
+
+@handler
+def handle(request: Request) -> list:
+    out = []
+    for n, words in ((3, ["a"]), (3, ["b"]), (4, ["a"]), (3, ["bc"]), (3, ["a", "b"]), (3, ["a"])):
+        got = infer("shapes", {"x": Tensor.of(np.arange(n, dtype=np.float32) + n, "float32"),
+                               "s": Tensor.text(words)})
+        out.append([got["x_out"].tolist(), got["s_out"].tolist()])
+    return out
+'''
+
+
+def test_answers_alike_and_unlike_the_one_before_are_read_whole(host: Host) -> None:
+    """The guest keeps the parse of the last answer's header (names, dtypes, shapes, sizes) and
+    reuses it for an answer whose header is the same bytes: any difference is parsed afresh."""
+    from onnx import TensorProto
+
+    host.deploy_model("shapes", _identity_model({"x": (TensorProto.FLOAT, ["N"]),
+                                                 "s": (TensorProto.STRING, ["M"])}))
+    host.deploy_function("headers", src(HEADERS_GUEST), {"models": ["shapes"]})
+    for _ in range(2):  # the second invocation starts with the first's last header
+        assert json.loads(host.invoke("headers", b"").body) == [
+            [[3, 4, 5], ["a"]], [[3, 4, 5], ["b"]], [[4, 5, 6, 7], ["a"]], [[3, 4, 5], ["bc"]],
+            [[3, 4, 5], ["a", "b"]], [[3, 4, 5], ["a"]]]
+
+
 FRAMES = '''
 import json, struct
 from wasminfer_guest import Request, handler
