@@ -652,11 +652,20 @@ def handle(request: Request) -> dict:
         "truncated": frame(b"a", 9, [1, 3], address(data), 12)[:-3],
         "strings": frame(b"a", 12, [2], address(data), 12),
         "string": frame(b"a", 12, [1], address(blob), 7),
+        "inline-short": frame(b"a", 9, [1, 3], 0, 12) + b"\\0" * 8,  # address 0: after the header
     }
     out = {}
     for name, f in cases.items():
         answer = _host.call(f)
         out[name] = [answer[0], json.loads(answer[1:])["message"]]
+    # one tensor in the frame, one by address, both read
+    from wasminfer_guest.inference import _outputs, answer
+    a, b = struct.pack("<3f", 1, 2, 3), struct.pack("<3f", 10, 20, 30)
+    spec = lambda name, where: (struct.pack("<I", 1) + name
+                                + struct.pack("<BB2qII", 9, 2, 1, 3, where, 12))
+    mixed = (b"i" + struct.pack("<I", 3) + b"add" + struct.pack("<I", 2) + spec(b"a", 0)
+             + spec(b"b", address(b)) + a)
+    out["mixed"] = _outputs(answer(_host.call(mixed)), 0)["y"].tolist()
     return out
 '''
 
@@ -673,6 +682,8 @@ def test_malformed_infer_frames_are_invalid_tensors_not_traps(host: Host) -> Non
         "truncated": [1, "infer: a malformed request frame"],
         "strings": [1, "infer: string tensor 'a' does not fill its shape"],  # three empty strings
         "string": [1, "infer: string tensor 'a' is malformed"],
+        "inline-short": [1, "infer: a malformed request frame"],
+        "mixed": [[11.0, 22.0, 33.0]],
     }
 
 

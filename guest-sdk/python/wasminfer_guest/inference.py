@@ -56,12 +56,13 @@ def infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor], raw: bool = False) -> Any:
     """One frame to the host: `op` (`i` for infer, or a decoder step's `d s` and handle), then a
-    header packed with `struct` in which each tensor's bytes are passed by address (the host copies
-    them straight out of the tensor's own `bytes`: numpy arrays became bytes with one copy in
-    `Tensor.of`). The answer is a header of the same kind and the outputs' bytes after it. The
-    frames (lengths u32, dims i64, little-endian; dtype: index in `DTYPES`):
+    header packed with `struct`, then the bytes of the small tensors. A tensor past `INLINE_BYTES`
+    is passed by address instead (the host copies it straight out of the tensor's own `bytes`:
+    numpy arrays became bytes with one copy in `Tensor.of`); address 0 means "after the header, in
+    order". The answer is a header of the same kind and the outputs' bytes after it. The frames
+    (lengths u32, dims i64, little-endian; dtype: index in `DTYPES`):
 
-        op  len(model) model  count  { len(name) name  dtype ndim dims...  address nbytes }...
+        op  len(model) model  count  { len(name) name  dtype ndim dims...  address nbytes }...  inline...
         0  count  { len(name) name  dtype ndim dims...  nbytes }...  data...
         1  <json {"kind", "message"}>
 
@@ -74,7 +75,8 @@ def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor], raw: bool 
     rt = _rt or _runtime()
     raw_model = model.encode("utf-8")
     parts = [op, _U32.pack(len(raw_model)), raw_model, _U32.pack(len(inputs))]
-    kept = []  # the inputs' bytes, alive until the host has read them
+    inline = []  # the small tensors' bytes, after the header
+    kept = []  # the large ones', alive until the host has read them
     for name, t in inputs.items():
         data = t.data
         dtype = t.dtype
@@ -82,19 +84,28 @@ def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor], raw: bool 
             data = b"".join([_U32.pack(len(e)) + e for e in (s.encode("utf-8") for s in t.data)])
         elif type(data) is not bytes:
             data = bytes(data)
-        kept.append(data)
+        if len(data) <= INLINE_BYTES:
+            inline.append(data)
+            where = 0
+        else:
+            kept.append(data)
+            where = rt.address(data)
         raw_name = name.encode("utf-8")
         shape = t.shape
         spec = _SPECS.get(len(shape)) or _spec(len(shape))
         parts += (_U32.pack(len(raw_name)), raw_name,
-                  spec.pack(_CODES[dtype], len(shape), *shape, rt.address(data), len(data)))
-    found = b._host.call(b"".join(parts))
+                  spec.pack(_CODES[dtype], len(shape), *shape, where, len(data)))
+    found = b._host.call(b"".join(parts + inline))
     del kept
     if raw:
         return answer(found)
     if not found:  # the host wrote it into the inbox, free while the handler runs
         return _outputs(rt.INBOX, rt.HEAD_BYTES)
     return _outputs(answer(found), 0)
+
+
+#: Input tensors up to this size travel inside the frame (one copy here saves the host a read).
+INLINE_BYTES = 16 << 10
 
 
 def answer(found: Any) -> memoryview:
