@@ -87,8 +87,10 @@ _TRAP_KINDS = {
 class GuestMemory:
     """Bounds-checked access to an instance's linear memory, inside a host import or outside.
 
-    Where the memory lies and its size are read once per stretch of host code (`WasmInstance.span`):
-    a host import makes several accesses, each of which used to cost two foreign calls.
+    Where the memory lies and its size are read once per stretch of host code (`WasmInstance.span`:
+    forgotten when a host import starts and around every guest call, the times guest code may have
+    grown the memory): a host import makes several accesses, each of which used to cost two foreign
+    calls.
     """
 
     __slots__ = ("_owner",)
@@ -171,7 +173,9 @@ def _make_callback(hf: HostFunc) -> Any:
     def callback(_env: Any, caller: Any, args: Any, _nargs: int) -> int:
         state = _tls.state
         try:
-            memory = GuestMemory(_tls.instance)
+            inst = _tls.instance
+            inst._span = None  # the guest may have grown its memory since the last host import
+            memory = GuestMemory(inst)
             if not nparams:
                 result = impl(state, memory)
             elif not any64:
@@ -536,9 +540,9 @@ class WasmInstance:
         return GuestMemory(self)
 
     def span(self) -> tuple[int, int]:
-        """(address, size) of the linear memory, read once after each guest call (host code in
-        between, the host imports' and the end of an invocation's, reuses it). Raises `GuestFault`
-        if the module exports no memory."""
+        """(address, size) of the linear memory, read again once guest code may have run (a host
+        import's accesses and those after a call reuse it). Raises `GuestFault` if the module
+        exports no memory."""
         mem = self._mem_ref
         if mem is None:
             raise GuestFault("the module exports no memory")
