@@ -121,6 +121,42 @@ def test_tensor_round_trips_every_dtype() -> None:
         Tensor.of([1.5], "int32")
 
 
+def test_tensor_of_rows_packs_what_the_array_module_packs() -> None:
+    """Rows of numbers are packed with `struct` (fast in the runtime); what it refuses goes the
+    `array` module's way, whose results and errors stay what they were."""
+    from wasminfer_guest import Tensor
+
+    rows = [[0.5, -1, 3.25e38], [float("inf"), True, 2]]
+    assert Tensor.of(rows, "float32").data == np.array(rows, dtype="<f4").tobytes()
+    assert Tensor.of([[1e39]], "float32").values().tolist() == [float("inf")]  # as array.array('f')
+    assert Tensor.of([[255, 0]], "uint8").data == b"\xff\x00"
+    assert Tensor.of([[1, 2], (3, 4)], "int64").tolist() == [[1, 2], [3, 4]]  # a tuple row: the general way
+    with pytest.raises(OverflowError):
+        Tensor.of([[256]], "uint8")
+    with pytest.raises(TypeError):
+        Tensor.of([[1.5, 2]], "int32")
+    with pytest.raises(ValueError, match="ragged"):
+        Tensor.of([[1, 2], [3, 4, 5]], "int32")
+
+
+def test_item_and_tolist_read_every_dtype() -> None:
+    from wasminfer_guest import Tensor
+
+    for dtype in ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+                  "float16", "float32", "float64"):
+        t = Tensor.of([[1, 2, 3], [4, 5, 6]], dtype)
+        assert (t.item(1, 2), t.item(0, 0), t.tolist()) == (6, 1, [[1, 2, 3], [4, 5, 6]]), dtype
+        assert type(t.item(1, 2)) is (float if dtype.startswith("float") else int), dtype
+    flags = Tensor.of([[True, False]], "bool")
+    assert (flags.item(0, 0), flags.item(0, 1), flags.tolist()) == (True, False, [[True, False]])
+    assert Tensor.text(["a", "b"], (1, 2)).item(0, 1) == "b"
+    assert Tensor.of([2.5], "float32").item() == 2.5
+    with pytest.raises(IndexError):
+        Tensor.of([[1, 2]], "int32").item(0, 2)
+    with pytest.raises(ValueError, match="needs an index"):
+        Tensor.of([1, 2], "int32").item()
+
+
 def test_sdk_cbor_is_the_hosts_tensor_encoding() -> None:
     from wasminfer_guest import Tensor, cbor
 

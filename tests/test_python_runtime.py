@@ -600,6 +600,35 @@ def test_infer_with_tensors_of_every_kind_equals_onnx_runtime_run_directly(host:
             assert bytes.fromhex(out["data"]) == want.astype(want.dtype.newbyteorder("<")).tobytes(), name
 
 
+HEADERS_GUEST = '''
+import numpy as np
+from wasminfer_guest import Request, Tensor, handler, infer
+
+@handler
+def handle(request: Request) -> list:
+    out = []
+    for n, words in ((3, ["a"]), (3, ["b"]), (4, ["a"]), (3, ["bc"]), (3, ["a", "b"]), (3, ["a"])):
+        got = infer("shapes", {"x": Tensor.of(np.arange(n, dtype=np.float32) + n, "float32"),
+                               "s": Tensor.text(words)})
+        out.append([got["x_out"].tolist(), got["s_out"].tolist()])
+    return out
+'''
+
+
+def test_answers_alike_and_unlike_the_one_before_are_read_whole(host: Host) -> None:
+    """The guest keeps the parse of the last answer's header (names, dtypes, shapes, sizes) and
+    reuses it for an answer whose header is the same bytes: any difference is parsed afresh."""
+    from onnx import TensorProto
+
+    host.deploy_model("shapes", _identity_model({"x": (TensorProto.FLOAT, ["N"]),
+                                                 "s": (TensorProto.STRING, ["M"])}))
+    host.deploy_function("headers", src(HEADERS_GUEST), {"models": ["shapes"]})
+    for _ in range(2):  # the second invocation starts with the first's last header
+        assert json.loads(host.invoke("headers", b"").body) == [
+            [[3, 4, 5], ["a"]], [[3, 4, 5], ["b"]], [[4, 5, 6, 7], ["a"]], [[3, 4, 5], ["bc"]],
+            [[3, 4, 5], ["a", "b"]], [[3, 4, 5], ["a"]]]
+
+
 FRAMES = '''
 import json, struct
 from wasminfer_guest import Request, handler
@@ -623,11 +652,20 @@ def handle(request: Request) -> dict:
         "truncated": frame(b"a", 9, [1, 3], address(data), 12)[:-3],
         "strings": frame(b"a", 12, [2], address(data), 12),
         "string": frame(b"a", 12, [1], address(blob), 7),
+        "inline-short": frame(b"a", 9, [1, 3], 0, 12) + b"\\0" * 8,  # address 0: after the header
     }
     out = {}
     for name, f in cases.items():
         answer = _host.call(f)
         out[name] = [answer[0], json.loads(answer[1:])["message"]]
+    # one tensor in the frame, one by address, both read
+    from wasminfer_guest.inference import _outputs, answer
+    a, b = struct.pack("<3f", 1, 2, 3), struct.pack("<3f", 10, 20, 30)
+    spec = lambda name, where: (struct.pack("<I", 1) + name
+                                + struct.pack("<BB2qII", 9, 2, 1, 3, where, 12))
+    mixed = (b"i" + struct.pack("<I", 3) + b"add" + struct.pack("<I", 2) + spec(b"a", 0)
+             + spec(b"b", address(b)) + a)
+    out["mixed"] = _outputs(answer(_host.call(mixed)), 0)["y"].tolist()
     return out
 '''
 
@@ -644,6 +682,8 @@ def test_malformed_infer_frames_are_invalid_tensors_not_traps(host: Host) -> Non
         "truncated": [1, "infer: a malformed request frame"],
         "strings": [1, "infer: string tensor 'a' does not fill its shape"],  # three empty strings
         "string": [1, "infer: string tensor 'a' is malformed"],
+        "inline-short": [1, "infer: a malformed request frame"],
+        "mixed": [[11.0, 22.0, 33.0]],
     }
 
 

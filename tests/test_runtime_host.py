@@ -338,3 +338,32 @@ def test_a_trap_carries_what_the_guest_wrote_to_stderr(host: Host, hostile_wasm:
     with pytest.raises(GuestTrap) as quiet:
         host.invoke("hostile", b"t")
     assert "stderr" not in quiet.value.message
+
+
+GROWS_BETWEEN_IMPORTS = """
+(module
+  (import "wasminfer" "output" (func $output (param i32 i32 i32 i32) (result i32)))
+  (import "wasminfer" "log" (func $log (param i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "before")
+  (data (i32.const 32) "text/plain")
+  (func (export "wasminfer_abi_v1"))
+  (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "wasminfer_handle") (param i32 i32 i32 i32) (result i32)
+    (call $log (i32.const 1) (i32.const 16) (i32.const 6))
+    (drop (memory.grow (i32.const 1)))
+    (i32.store (i32.const 65600) (i32.const 0x65726568))  ;; "here", in the page just grown
+    (call $output (i32.const 65600) (i32.const 4) (i32.const 32) (i32.const 10))))
+"""
+
+
+def test_memory_grown_between_two_host_imports_of_one_call_is_read(host: Host) -> None:
+    """The host reads where the guest's memory lies and its size once per host import: a page the
+    guest grew after the previous import is readable by the next."""
+    import wasmtime
+
+    host.deploy_function("grows", bytes(wasmtime.wat2wasm(GROWS_BETWEEN_IMPORTS)), Manifest(memory_mb=1))
+    for _ in range(2):  # the second call on the warm instance, grown already, grows again
+        out = host.invoke("grows", b"")
+        assert (out.body, out.content_type) == (b"here", "text/plain")
+    assert [line.message for line in host.logs("grows")][-2:] == ["before", "before"]

@@ -49,7 +49,7 @@ from typing import Any
 import _host  # the door, built into the runtime's interpreter
 
 from wasminfer_guest import export
-from wasminfer_guest.http import Reject, Request, Response
+from wasminfer_guest.http import _BYTES_LIKE, _JSON_LIKE, Reject, Request, Response
 from wasminfer_guest.inference import InferError
 
 ENTRY = "app"
@@ -308,7 +308,10 @@ def invoke() -> None:
 
 def _streams(result: Any) -> bool:
     """Whether a handler's result is an iterator of parts (a generator, `iter(...)`), not a body."""
-    return hasattr(result, "__next__") and not isinstance(result, bytes | bytearray | memoryview | str)
+    return hasattr(result, "__next__") and not isinstance(result, _BODIES)
+
+
+_BODIES = (bytes, bytearray, memoryview, str)  # a tuple: a union in `isinstance` is built per call
 
 
 def _stream(parts: Any) -> bytes:
@@ -319,9 +322,9 @@ def _stream(parts: Any) -> bytes:
         for part in parts:
             if isinstance(part, str):
                 data, kind = part.encode("utf-8"), b"text/plain; charset=utf-8"
-            elif isinstance(part, bytes | bytearray | memoryview):
+            elif isinstance(part, _BYTES_LIKE):
                 data, kind = bytes(part), b"application/octet-stream"
-            elif isinstance(part, dict | list):
+            elif isinstance(part, _JSON_LIKE):
                 data, kind = json.dumps(part, separators=(",", ":")).encode() + b"\n", b"application/x-ndjson"
             else:
                 raise TypeError(f"a streaming handler yields str, bytes, dict or list, not {type(part).__name__}")

@@ -42,7 +42,7 @@ def infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if not isinstance(tensor, Tensor):
             raise TypeError(f"input {name!r} is {type(tensor).__name__}, not a wasminfer_guest.Tensor")
     if b.IN_RUNTIME:
-        return _runtime_infer(model, inputs)
+        return runtime_call(b"i", model, inputs)
     if not b.IN_COMPONENT:
         if b.local_infer is None:
             raise RuntimeError("infer() outside a component needs a backend: wasminfer_guest.local.use()")
@@ -54,18 +54,15 @@ def infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {t.name: _from_wit(t) for t in outputs}
 
 
-def _runtime_infer(model: str, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return runtime_call(b"i", model, inputs)
-
-
 def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor], raw: bool = False) -> Any:
     """One frame to the host: `op` (`i` for infer, or a decoder step's `d s` and handle), then a
-    header packed with `struct` in which each tensor's bytes are passed by address (the host copies
-    them straight out of the tensor's own `bytes`: numpy arrays became bytes with one copy in
-    `Tensor.of`). The answer is a header of the same kind and the outputs' bytes after it. The
-    frames (lengths u32, dims i64, little-endian; dtype: index in `DTYPES`):
+    header packed with `struct`, then the bytes of the small tensors. A tensor past `INLINE_BYTES`
+    is passed by address instead (the host copies it straight out of the tensor's own `bytes`:
+    numpy arrays became bytes with one copy in `Tensor.of`); address 0 means "after the header, in
+    order". The answer is a header of the same kind and the outputs' bytes after it. The frames
+    (lengths u32, dims i64, little-endian; dtype: index in `DTYPES`):
 
-        op  len(model) model  count  { len(name) name  dtype ndim dims...  address nbytes }...
+        op  len(model) model  count  { len(name) name  dtype ndim dims...  address nbytes }...  inline...
         0  count  { len(name) name  dtype ndim dims...  nbytes }...  data...
         1  <json {"kind", "message"}>
 
@@ -75,42 +72,48 @@ def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor], raw: bool 
     name, or with `raw` the answer itself (`answer`: a decoder's next token is no tensor). Raises
     `InferError`.
     """
-    from wasminfer_guest._runtime import address
-
+    rt = _rt or _runtime()
     raw_model = model.encode("utf-8")
     parts = [op, _U32.pack(len(raw_model)), raw_model, _U32.pack(len(inputs))]
-    kept = []  # the inputs' bytes, alive until the host has read them
+    inline = []  # the small tensors' bytes, after the header
+    kept = []  # the large ones', alive until the host has read them
     for name, t in inputs.items():
         data = t.data
-        if t.dtype == "string":
+        dtype = t.dtype
+        if dtype == "string":
             data = b"".join([_U32.pack(len(e)) + e for e in (s.encode("utf-8") for s in t.data)])
         elif type(data) is not bytes:
             data = bytes(data)
-        kept.append(data)
+        if len(data) <= INLINE_BYTES:
+            inline.append(data)
+            where = 0
+        else:
+            kept.append(data)
+            where = rt.address(data)
         raw_name = name.encode("utf-8")
         shape = t.shape
-        parts.append(_U32.pack(len(raw_name)))
-        parts.append(raw_name)
-        parts.append(struct.pack(f"<BB{len(shape)}qII", _CODES[t.dtype], len(shape), *shape, address(data),
-                                 len(data)))
-    found = b._host.call(b"".join(parts))
+        spec = _SPECS.get(len(shape)) or _spec(len(shape))
+        parts += (_U32.pack(len(raw_name)), raw_name,
+                  spec.pack(_CODES[dtype], len(shape), *shape, where, len(data)))
+    found = b._host.call(b"".join(parts + inline))
     del kept
     if raw:
         return answer(found)
     if not found:  # the host wrote it into the inbox, free while the handler runs
-        from wasminfer_guest._runtime import HEAD_BYTES, INBOX_VIEW
+        return _outputs(rt.INBOX, rt.HEAD_BYTES)
+    return _outputs(answer(found), 0)
 
-        return _outputs(INBOX_VIEW, HEAD_BYTES)
-    return _outputs(memoryview(answer(found)), 0)
+
+#: Input tensors up to this size travel inside the frame (one copy here saves the host a read).
+INLINE_BYTES = 16 << 10
 
 
 def answer(found: Any) -> memoryview:
     """A door's answer (`0` and what follows), taken from the inbox when the door left `found`
     empty. Raises `InferError` for an error answer."""
     if not found:
-        from wasminfer_guest._runtime import HEAD_BYTES, INBOX_VIEW
-
-        return INBOX_VIEW[HEAD_BYTES:]
+        rt = _rt or _runtime()
+        return rt.INBOX_VIEW[rt.HEAD_BYTES:]
     if found[:1] != b"\x00":
         import json
 
@@ -119,8 +122,34 @@ def answer(found: Any) -> memoryview:
     return memoryview(found)
 
 
-def _outputs(buf: memoryview, offset: int) -> dict[str, Tensor]:
-    """The tensors of an answer that starts at `offset` of `buf`, each tensor's bytes copied once."""
+def _outputs(buf: Any, offset: int) -> dict[str, Tensor]:
+    """The tensors of an answer that starts at `offset` of `buf` (bytes, the inbox or a view of
+    either), each tensor's bytes copied once.
+
+    A function asks the same model the same question many times: the answer's header (names,
+    dtypes, shapes, sizes) is then the one before, byte for byte, and its parse is kept
+    (`_last_header`): one comparison instead of a parse.
+    """
+    global _last_header
+    header, specs = _last_header
+    view = memoryview(buf)
+    end = offset + len(header)
+    if not specs or view[offset:end] != header:
+        specs, end = _parse_header(view, offset)
+        _last_header = bytes(view[offset:end]), specs
+    offset = end
+    out: dict[str, Tensor] = {}
+    new = Tensor.__new__
+    for name, dtype, shape, nbytes in specs:
+        data = view[offset:offset + nbytes].tobytes()
+        offset += nbytes
+        t = out[name] = new(Tensor)
+        t.dtype, t.shape, t.data = dtype, shape, _strings(data) if dtype == "string" else data
+    return out
+
+
+def _parse_header(buf: memoryview, offset: int) -> tuple[list[tuple[str, str, tuple[int, ...], int]], int]:
+    """The specs of an answer's tensors, and where their data starts."""
     count, = _U32.unpack_from(buf, offset + 1)
     offset += 5
     specs = []
@@ -133,12 +162,28 @@ def _outputs(buf: memoryview, offset: int) -> dict[str, Tensor]:
         nbytes, = _U32.unpack_from(buf, offset + 8 * ndim)
         offset += 8 * ndim + 4
         specs.append((name, DTYPES[code], shape, nbytes))
-    out: dict[str, Tensor] = {}
-    for name, dtype, shape, nbytes in specs:
-        data = bytes(buf[offset:offset + nbytes])
-        offset += nbytes
-        out[name] = Tensor._trusted(dtype, shape, _strings(data) if dtype == "string" else data)
-    return out
+    return specs, offset
+
+
+_last_header: tuple[bytes, list[tuple[str, str, tuple[int, ...], int]]] = (b"", [])
+
+
+def _spec(ndim: int) -> struct.Struct:
+    """The Struct of one input tensor's spec after its name: dtype, ndim, dims, address, nbytes."""
+    spec = _SPECS[ndim] = struct.Struct(f"<BB{ndim}qII")
+    return spec
+
+
+_SPECS: dict[int, struct.Struct] = {}
+_rt: Any = None  # wasminfer_guest._runtime, once imported (it imports this module)
+
+
+def _runtime() -> Any:
+    global _rt
+    import wasminfer_guest._runtime as rt
+
+    _rt = rt
+    return rt
 
 
 def _strings(blob: bytes) -> list[str]:

@@ -67,7 +67,6 @@ _call_unchecked = bindings._wasmtime_func_call_unchecked
 # Host callbacks take plain addresses (c_void_p): ctypes builds no pointer objects per crossing.
 _RawCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_size_t)
-_caller_context = held("wasmtime_caller_context", ctypes.c_void_p, ctypes.c_void_p)
 # Our own handle on wasmtime_memory_data returning a plain address (wasmtime-py's returns a pointer
 # object, and its restype is shared with wasmtime-py, so it is not ours to change).
 _memory_data = held("wasmtime_memory_data", ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)
@@ -90,34 +89,27 @@ _TRAP_KINDS = {
 
 
 class GuestMemory:
-    """Bounds-checked access to an instance's linear memory.
+    """Bounds-checked access to an instance's linear memory, inside a host import or outside.
 
-    Inside a host import it is bound to the `caller` (the context is looked up only on first use);
-    outside, to the store's context.
+    Where the memory lies and its size are read once per stretch of host code (`WasmInstance.span`:
+    forgotten when a host import starts and around every guest call, the times guest code may have
+    grown the memory): a host import makes several accesses, each of which used to cost two foreign
+    calls.
     """
 
-    __slots__ = ("_caller", "_ctx", "_mem")
+    __slots__ = ("_owner",)
 
-    def __init__(self, ctx: Any, mem_ref: Any, caller: Any = None) -> None:
-        self._ctx = ctx
-        self._caller = caller
-        self._mem = mem_ref
-
-    def _context(self) -> Any:
-        if self._ctx is None:
-            if self._mem is None:
-                raise GuestFault("the module exports no memory")
-            self._ctx = _caller_context(self._caller)
-        return self._ctx
+    def __init__(self, owner: WasmInstance) -> None:
+        self._owner = owner
 
     def _base(self, ptr: int, length: int) -> int:
         if length < 0 or ptr < 0:
             raise GuestFault(f"negative pointer or length ({ptr}, {length})")
-        ctx = self._context()
-        size = _memory_data_size(ctx, self._mem)
+        owner = self._owner
+        data, size = owner._span or owner.span()
         if ptr + length > size:
             raise GuestFault(f"range [{ptr}, {ptr + length}) is outside guest memory of {size} bytes")
-        return _memory_data(ctx, self._mem) + ptr  # type: ignore[no-any-return]
+        return data + ptr
 
     def read(self, ptr: int, length: int) -> bytes:
         addr = self._base(ptr, length)
@@ -139,11 +131,12 @@ class GuestMemory:
         self.write(ptr, (value & _U32).to_bytes(4, "little"))
 
     def size(self) -> int:
-        return int(_memory_data_size(self._context(), self._mem))
+        owner = self._owner
+        return (owner._span or owner.span())[1]
 
     def exported(self) -> bool:
         """Whether the module exports a memory at all (every other method traps without one)."""
-        return self._mem is not None
+        return self._owner._mem_ref is not None
 
 
 # --- host imports ---------------------------------------------------------------------------------
@@ -184,7 +177,9 @@ def _make_callback(hf: HostFunc) -> Any:
     def callback(_env: Any, caller: Any, args: Any, _nargs: int) -> int:
         state = _tls.state
         try:
-            memory = GuestMemory(None, _tls.instance._mem_ref, caller)
+            inst = _tls.instance
+            inst._span = None  # the guest may have grown its memory since the last host import
+            memory = GuestMemory(inst)
             if not nparams:
                 result = impl(state, memory)
             elif not any64:
@@ -471,8 +466,8 @@ class WasmInstance:
         if mem is not None and mem.kind == _EXTERN_MEMORY:
             self._mem = mem.of.memory
         self._mem_ref = ctypes.addressof(self._mem) if self._mem is not None else None
-        #: The memory's size as last read, -1 once guest code may have changed it (see `call`).
-        self._size = -1
+        #: (address, size) of the linear memory, None once guest code may have moved or grown it.
+        self._span: tuple[int, int] | None = None
         self._args = (ffi.wasmtime_val_raw_t * 8)()
         self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
         self._trap_ref = ctypes.byref(self._trap)
@@ -586,11 +581,12 @@ class WasmInstance:
         tls.state = state
         tls.instance = self
         state.instance = self
+        self._span = None  # the guest may grow its memory (then read again, by its host imports too)
         try:
             err = _call_unchecked(self._ctx, func_ref, buf, max(len(args), nresults), self._trap_ref)
         finally:
             tls.state, tls.instance = outer
-            self._size = -1  # it may have grown (a host import may have read it meanwhile)
+            self._span = None
         if err or self._trap:
             self._raise_trap(err, state)
         return int(buf[0].i32) if nresults else 0
@@ -619,16 +615,24 @@ class WasmInstance:
     def memory(self) -> GuestMemory:
         if self._mem_ref is None:
             raise WasmLinkError("module exports no memory")
-        return GuestMemory(self._ctx, self._mem_ref)
+        return GuestMemory(self)
+
+    def span(self) -> tuple[int, int]:
+        """(address, size) of the linear memory, read again once guest code may have run (a host
+        import's accesses and those after a call reuse it). Raises `GuestFault` if the module
+        exports no memory."""
+        mem = self._mem_ref
+        if mem is None:
+            raise GuestFault("the module exports no memory")
+        ctx = self._ctx_addr
+        span = self._span = (int(_memory_data(ctx, mem)), int(_memory_data_size(ctx, mem)))
+        return span
 
     def memory_size(self) -> int:
-        """The linear memory's size in bytes: read once after each guest call (the end of an
-        invocation and the pool's growth check at release both ask)."""
-        size = self._size
-        if size < 0:
-            size = self._size = 0 if self._mem_ref is None else int(_memory_data_size(self._ctx_addr,
-                                                                                      self._mem_ref))
-        return size
+        """The linear memory's size in bytes (0 if it exports none)."""
+        if self._mem_ref is None:
+            return 0
+        return (self._span or self.span())[1]
 
     def at_memory_limit(self) -> bool:
         """True when the next `memory.grow` of even one page would be refused by the limit."""

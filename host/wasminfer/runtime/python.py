@@ -28,7 +28,6 @@ import importlib.util
 import io
 import json
 import marshal
-import math
 import os
 import posixpath
 import shutil
@@ -116,6 +115,7 @@ _FETCH = 0xFFFFFFFF  # the inbox head's body length when the request is too long
 _HEAD_IN = struct.Struct("<III20x")  # the inbox head as the host writes it: HEAD_BYTES of the guest
 _HEAD_OUT = struct.Struct("<IIIII")
 _ANSWER = struct.Struct("<II")
+_JOINED_BYTES = 4096
 _CALLS = (("host_alloc", 1), ("turn", 2), ("_initialize", 0), (CALL, 1))
 
 
@@ -124,7 +124,7 @@ class RuntimeUnavailable(InvalidModule):
 
 
 # --- the exchange of one guest call (what the door answers from) -------------------------------------
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     request: tuple[bytes, str] | None = None
     sources: dict[str, bytes] | None = None
@@ -227,6 +227,10 @@ _CODES = {dt: i for i, dt in enumerate(_NP_DTYPES)} | {np.dtype(d): i for i, d i
 _U32 = struct.Struct("<I")
 _BB = struct.Struct("<BB")
 _MAX_DIMS = 32
+#: An input tensor's spec after its name and dtype (dims, address, nbytes), by ndim.
+_IN_DIMS = tuple(struct.Struct(f"<{n}qII") for n in range(_MAX_DIMS + 1))
+#: An output tensor's spec after its name (dtype, ndim, dims, nbytes), by ndim.
+_OUT_SPECS = tuple(struct.Struct(f"<BB{n}qI") for n in range(_MAX_DIMS + 1))
 _INLINE_BYTES = 16 << 10  # outputs up to this size are copied into the answer's header
 
 
@@ -257,15 +261,16 @@ class _Outputs(_Answer):
     __slots__ = ()
 
     def __init__(self, outputs: dict[str, np.ndarray]) -> None:
-        head = [b"\x00", _U32.pack(len(outputs))]
-        small: list[bytes] = []
-        large: list[tuple[int, np.ndarray]] = []  # (index among the data, array)
+        head: list[bytes] = [b"\x00", _U32.pack(len(outputs))]
+        data: list[bytes | np.ndarray] = []  # in order; arrays past _INLINE_BYTES stay arrays
+        total = 0
         for name, arr in outputs.items():
             code = _CODES.get(arr.dtype)
             if code is None and arr.dtype.kind in "OUS":
                 code = _STRING
-                small.append(b"".join([_U32.pack(len(e)) + e for e in (str(v).encode() for v in arr.flat)]))
-                nbytes = len(small[-1])
+                blob = b"".join([_U32.pack(len(e)) + e for e in (str(v).encode() for v in arr.flat)])
+                nbytes = len(blob)
+                data.append(blob)
             else:
                 if code is None:  # another byte order: its little-endian twin
                     arr = arr.astype(arr.dtype.newbyteorder("<"))
@@ -273,23 +278,24 @@ class _Outputs(_Answer):
                     if code is None:
                         raise InvalidTensor(f"infer: output {name!r} is {arr.dtype}, unknown to guests")
                 nbytes = arr.nbytes
-                if nbytes <= _INLINE_BYTES:  # fewer writes beat one copy fewer
-                    small.append(arr.tobytes())
-                else:
-                    large.append((len(small), np.ascontiguousarray(arr)))
-                    small.append(b"")
+                # fewer writes beat one copy fewer
+                data.append(arr.tobytes() if nbytes <= _INLINE_BYTES else np.ascontiguousarray(arr))
             raw = name.encode("utf-8")
-            spec = struct.pack(f"<BB{arr.ndim}qI", code, arr.ndim, *arr.shape, nbytes)
-            head += [_U32.pack(len(raw)), raw, spec]
-        # the data in order: runs of bytes joined, each large array on its own
+            ndim = arr.ndim
+            spec = _OUT_SPECS[ndim] if ndim < len(_OUT_SPECS) else struct.Struct(f"<BB{ndim}qI")
+            head += (_U32.pack(len(raw)), raw, spec.pack(code, ndim, *arr.shape, nbytes))
+            total += nbytes
+        # the data in order: runs of bytes joined (the header with them), each large array on its own
+        self.nbytes = total + sum(map(len, head))
         self.chunks: list[bytes | np.ndarray] = []
-        run = b"".join(head)
-        start = 0
-        for index, arr in large:
-            self.chunks += [run + b"".join(small[start:index]), arr]
-            run, start = b"", index + 1
-        self.chunks.append(run + b"".join(small[start:]))
-        self.nbytes = sum(len(c) if isinstance(c, bytes) else c.nbytes for c in self.chunks)
+        run = head
+        for chunk in data:
+            if type(chunk) is bytes:
+                run.append(chunk)
+            else:
+                self.chunks += (b"".join(run), chunk)
+                run = []
+        self.chunks.append(b"".join(run))
 
 
 def _infer_error(state: InvocationState, kind: str, error: WasminferError) -> bytes:
@@ -385,53 +391,86 @@ def _decoder(state: InvocationState, mem: GuestMemory, payload: memoryview) -> b
 
 def _decode(state: InvocationState, mem: GuestMemory,
             payload: memoryview) -> tuple[str, dict[str, np.ndarray]]:
-    """The model and the named inputs of an infer (or decoder step) frame; each tensor's bytes are
-    copied once, out of the guest's memory, and counted in `state.boundary_bytes`. Raises
+    """The model and the named inputs of an infer (or decoder step) frame (see the SDK's
+    `inference.runtime_call`): a tensor at address 0 lies in the frame after its header, any other
+    is copied once out of the guest's memory and counted in `state.boundary_bytes`. Raises
     `InvalidTensor` for a malformed frame or tensor, `TensorTooLarge` past `max_tensor_bytes`."""
+    global _last_request
     max_tensor_bytes = state.manifest.max_tensor_bytes
-    try:
-        n, = _U32.unpack_from(payload, 0)
-        model = bytes(payload[4:4 + n]).decode("utf-8")
-        count, = _U32.unpack_from(payload, 4 + n)
-        offset = 8 + n
-        specs = []
-        for _ in range(count):
-            n, = _U32.unpack_from(payload, offset)
-            name = bytes(payload[offset + 4:offset + 4 + n]).decode("utf-8")
-            code, ndim = _BB.unpack_from(payload, offset + 4 + n)
-            offset += 6 + n
-            if ndim > _MAX_DIMS:
-                raise InvalidTensor(f"infer: tensor {name!r} has {ndim} dimensions, more than {_MAX_DIMS}")
-            shape = struct.unpack_from(f"<{ndim}q", payload, offset)
-            addr, nbytes = struct.unpack_from("<II", payload, offset + 8 * ndim)
-            offset += 8 * ndim + 8
-            specs.append((name, code, shape, addr, nbytes))
-    except (struct.error, UnicodeDecodeError):
-        raise InvalidTensor("infer: a malformed request frame") from None
+    parsed = _last_request
+    header = parsed[0]
+    if not header or payload[:len(header)] != header:  # a function asks alike: parse it once
+        parsed = _parse_request(payload)
+        _last_request = parsed
+    _, model, specs, offset = parsed
     inputs: dict[str, np.ndarray] = {}
     for name, code, shape, addr, nbytes in specs:
-        if code >= len(DTYPES):
-            raise InvalidTensor(f"infer: tensor {name!r} has unknown dtype code {code}")
-        if any(d < 0 for d in shape):
-            raise InvalidTensor(f"infer: tensor {name!r} has a negative dimension")
-        count = math.prod(shape)
-        need = nbytes if code == _STRING else count * _NP_DTYPES[code].itemsize
+        if code >= _STRING:
+            if code > _STRING:
+                raise InvalidTensor(f"infer: tensor {name!r} has unknown dtype code {code}")
+            dtype = None
+            need = nbytes
+        else:
+            dtype = _NP_DTYPES[code]
+            need = dtype.itemsize
+        count = 1
+        for d in shape:
+            if d < 0:
+                raise InvalidTensor(f"infer: tensor {name!r} has a negative dimension")
+            count *= d
+        if dtype is not None:
+            need *= count
         if need > max_tensor_bytes:
             raise TensorTooLarge(f"tensor {name!r} has {need} bytes of data; the limit is {max_tensor_bytes}")
         if nbytes != need:
             raise InvalidTensor(
                 f"infer: tensor {name!r} of shape {list(shape)} needs {need} bytes, not {nbytes}"
             )
-        try:
-            data = mem.read(addr, nbytes)
-        except GuestFault:
-            raise InvalidTensor(f"infer: tensor {name!r} lies outside the guest's memory") from None
-        state.boundary_bytes += nbytes
-        if code == _STRING:
-            inputs[name] = np.array(_strings(name, data, count), dtype=object).reshape(shape)
+        data: bytes | memoryview
+        if addr == 0:  # in the frame (which crossed whole already)
+            if offset + nbytes > len(payload):
+                raise InvalidTensor("infer: a malformed request frame")
+            data = payload[offset:offset + nbytes]
+            offset += nbytes
         else:
-            inputs[name] = np.frombuffer(data, _NP_DTYPES[code], count).reshape(shape)
+            try:
+                data = mem.read(addr, nbytes)
+            except GuestFault:
+                raise InvalidTensor(f"infer: tensor {name!r} lies outside the guest's memory") from None
+            state.boundary_bytes += nbytes
+        if dtype is None:
+            inputs[name] = np.array(_strings(name, bytes(data), count), dtype=object).reshape(shape)
+        else:
+            inputs[name] = np.frombuffer(data, dtype, count).reshape(shape)
     return model, inputs
+
+
+_Spec = tuple[str, int, tuple[int, ...], int, int]  # name, dtype code, shape, address, nbytes
+#: The last frame's header as parsed (header bytes, model, specs, where inline data starts): one
+#: per process, swapped whole, so threads that run other functions only cost each other a parse.
+_last_request: tuple[bytes, str, list[_Spec], int] = (b"", "", [], 0)
+
+
+def _parse_request(payload: memoryview) -> tuple[bytes, str, list[_Spec], int]:
+    try:
+        n, = _U32.unpack_from(payload, 0)
+        model = str(payload[4:4 + n], "utf-8")
+        count, = _U32.unpack_from(payload, 4 + n)
+        offset = 8 + n
+        specs: list[_Spec] = []
+        for _ in range(count):
+            n, = _U32.unpack_from(payload, offset)
+            name = str(payload[offset + 4:offset + 4 + n], "utf-8")
+            code, ndim = _BB.unpack_from(payload, offset + 4 + n)
+            offset += 6 + n
+            if ndim > _MAX_DIMS:
+                raise InvalidTensor(f"infer: tensor {name!r} has {ndim} dimensions, more than {_MAX_DIMS}")
+            spec = _IN_DIMS[ndim].unpack_from(payload, offset)
+            offset += 8 * ndim + 8
+            specs.append((name, code, spec[:ndim], spec[ndim], spec[ndim + 1]))
+    except (struct.error, UnicodeDecodeError):
+        raise InvalidTensor("infer: a malformed request frame") from None
+    return bytes(payload[:offset]), model, specs, offset
 
 
 def _strings(name: str, blob: bytes, count: int) -> list[str]:
@@ -788,7 +827,9 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
     inbox = e["inbox"]
     raw = content_type.encode("utf-8", "replace")
     ex = Exchange(answers=(inbox + _HEAD_IN.size, e["inbox_bytes"]))
-    if len(raw) + len(body) <= e["inbox_bytes"]:
+    if len(raw) + len(body) <= _JOINED_BYTES:  # one write: copying a small body costs less than a call
+        mem.write(inbox, b"".join((_HEAD_IN.pack(len(body), len(raw), 0), raw, body)))
+    elif len(raw) + len(body) <= e["inbox_bytes"]:
         mem.write(inbox, _HEAD_IN.pack(len(body), len(raw), 0) + raw)
         mem.write(inbox + _HEAD_IN.size + len(raw), body)
     else:  # the guest asks for it through the door
