@@ -96,13 +96,14 @@ def pooled_config(slots: int, table_elements: int,
 
 #: Memory areas a pool maps per slot (its memory and its guard; measured: 2,006 for 1000 slots).
 MAPS_PER_SLOT = 2
-#: Areas left to everything else (on-demand instances map two each, the allocator, libraries).
-MAPS_HEADROOM = 20_000
+#: Share of the limit left to everything else (on-demand instances map two areas each, threads,
+#: the allocator, libraries).
+MAPS_HEADROOM = 0.1
 
 
 def room_for(slots: int) -> bool:
     """Whether a pool of `slots` fits under the process's limit of memory areas (`vm.max_map_count`)
-    with `MAPS_HEADROOM` to spare. wasmtime aborts the whole process when a pool's reservation
+    with `MAPS_HEADROOM` of it to spare. wasmtime aborts the whole process when a pool's reservation
     fails, so this is checked before making one (True where the limit cannot be read)."""
     try:
         limit = int(Path("/proc/sys/vm/max_map_count").read_text())
@@ -110,7 +111,7 @@ def room_for(slots: int) -> bool:
             mapped = sum(1 for _ in maps)
     except (OSError, ValueError):
         return True
-    return mapped + slots * MAPS_PER_SLOT + MAPS_HEADROOM <= limit
+    return mapped + slots * MAPS_PER_SLOT <= limit * (1 - MAPS_HEADROOM)
 
 
 def is_pool_full(error: wasmtime.WasmtimeError) -> bool:
