@@ -4,7 +4,7 @@
     python bench/new_instance.py [-n 300] [--blocks 6]
 
 The digits example (built from source) on one `Host` per configuration, all in this process, its
-optimised code in: `on_demand` (no pool: `WASMINFER_INSTANCE_POOL=0`), `pooled` (the default:
+optimised code in: `on_demand` (no pool: `WASMINFER_INSTANCE_POOL=0`), `pooled` (opt-in,
 1000 slots, each keeping its first `_pooling.KEEP_RESIDENT_BYTES` resident), `pooled_keep_0` (the
 pool giving every page back when an instance closes); `--keep` adds other sizes. The
 configurations take turns in blocks of `n` repetitions, in alternating order, so that a noisy
@@ -89,7 +89,7 @@ def grow(wasm: WasmInstance, nbytes: int) -> None:
                                      ctypes.cast(wasm._mem_ref, ctypes.POINTER(ffi.wasmtime_memory_t)),
                                      nbytes // 65536, ctypes.byref(previous))
     assert not error, "the memory did not grow"
-    wasm._size = -1
+    wasm._span = None  # grown behind the instance's back: the span it read is stale
     ctypes.memset(wasm.memory()._base(size, nbytes), 1, nbytes)
 
 

