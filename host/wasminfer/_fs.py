@@ -8,6 +8,7 @@ store (the lowest layer) may use it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from collections.abc import Iterable
@@ -73,3 +74,16 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     renamed, and (with `sync_dir`; without, the caller fsyncs the folder once for several files)
     the folder fsynced. Raises `OSError`."""
     rename_into_place(write_temp(path.parent, (data,)), path, sync_dir=sync_dir)
+
+
+def map_shared(path: Path, size: int) -> mmap.mmap:
+    """The first `size` bytes of the file at `path` (created if needed, mode 0600, and extended to
+    `size` with zeros), mapped shared: what processes on one data folder exchange small counters
+    through. Raises `OSError`."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)

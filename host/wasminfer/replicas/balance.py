@@ -22,6 +22,8 @@ import os
 import struct
 from pathlib import Path
 
+from wasminfer._fs import map_shared
+
 SLOTS = 64  # processes on one port at most: the primary and `max_replicas - 1` replicas
 _FORMAT = f"<{SLOTS}I"
 _SIZE = struct.calcsize(_FORMAT)
@@ -37,13 +39,7 @@ class ConnectionShares:
         if not 0 <= slot < SLOTS:
             raise ValueError(f"connection share slot {slot}: give 0..{SLOTS - 1}")
         self.slot = slot
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < _SIZE:
-                os.ftruncate(fd, _SIZE)
-            self._map: mmap.mmap | None = mmap.mmap(fd, _SIZE)
-        finally:
-            os.close(fd)
+        self._map: mmap.mmap | None = map_shared(path, _SIZE)
 
     def publish(self, connections: int) -> int:
         """Records that this process holds `connections` client connections and returns how many of

@@ -15,10 +15,11 @@ equality is compared, so a torn read (a value half old, half new) costs one need
 from __future__ import annotations
 
 import mmap
-import os
 import random
 import struct
 from pathlib import Path
+
+from wasminfer._fs import map_shared
 
 _SIZE = 8
 _FORMAT = "<Q"
@@ -29,13 +30,7 @@ class ChangeMark:
 
     def __init__(self, path: Path) -> None:
         """Opens (creating if needed, mode 0600) the file at `path`. Raises `OSError`."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < _SIZE:
-                os.ftruncate(fd, _SIZE)
-            self._map: mmap.mmap | None = mmap.mmap(fd, _SIZE)
-        finally:
-            os.close(fd)
+        self._map: mmap.mmap | None = map_shared(path, _SIZE)
         self._random = random.Random()  # seeded from os.urandom: processes never draw the same values
 
     def value(self) -> int:
