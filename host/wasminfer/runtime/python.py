@@ -827,11 +827,13 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
     inbox = e["inbox"]
     raw = content_type.encode("utf-8", "replace")
     ex = Exchange(answers=(inbox + _HEAD_IN.size, e["inbox_bytes"]))
-    if len(raw) + len(body) <= _JOINED_BYTES:  # one write: copying a small body costs less than a call
-        mem.write(inbox, b"".join((_HEAD_IN.pack(len(body), len(raw), 0), raw, body)))
-    elif len(raw) + len(body) <= e["inbox_bytes"]:
-        mem.write(inbox, _HEAD_IN.pack(len(body), len(raw), 0) + raw)
-        mem.write(inbox + _HEAD_IN.size + len(raw), body)
+    if len(raw) + len(body) <= e["inbox_bytes"]:
+        head = _HEAD_IN.pack(len(body), len(raw), 0)
+        if len(raw) + len(body) <= _JOINED_BYTES:  # one write: copying a small body costs less than a call
+            mem.write(inbox, b"".join((head, raw, body)))
+        else:
+            mem.write(inbox, head + raw)
+            mem.write(inbox + _HEAD_IN.size + len(raw), body)
     else:  # the guest asks for it through the door
         mem.write(inbox, _HEAD_IN.pack(_FETCH, 0, 0))
         ex.request = (body, content_type)
