@@ -581,12 +581,11 @@ class WasmInstance:
         tls.state = state
         tls.instance = self
         state.instance = self
-        self._span = None  # the guest may grow its memory (then read again, by its host imports too)
         try:
             err = _call_unchecked(self._ctx, func_ref, buf, max(len(args), nresults), self._trap_ref)
         finally:
             tls.state, tls.instance = outer
-            self._span = None
+            self._span = None  # the guest may have grown its memory (each host import forgets it too)
         if err or self._trap:
             self._raise_trap(err, state)
         return int(buf[0].i32) if nresults else 0
