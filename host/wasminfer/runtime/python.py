@@ -261,23 +261,34 @@ class _Outputs(_Answer):
     __slots__ = ()
 
     def __init__(self, outputs: dict[str, np.ndarray]) -> None:
+        global _last_outputs
+        key = [(name, arr.dtype, arr.shape) for name, arr in outputs.items()]
+        known, header, nbytes = _last_outputs
+        if key == known:  # a model answers alike: the same header, only the bytes after it differ
+            self.nbytes = nbytes
+            self.chunks = [b"".join([header, *[arr.tobytes() for arr in outputs.values()]])]
+            return
         head: list[bytes] = [b"\x00", _U32.pack(len(outputs))]
+        cacheable = True
         data: list[bytes | np.ndarray] = []  # in order; arrays past _INLINE_BYTES stay arrays
         total = 0
         for name, arr in outputs.items():
             code = _CODES.get(arr.dtype)
             if code is None and arr.dtype.kind in "OUS":
+                cacheable = False  # its header holds the lengths of its strings
                 code = _STRING
                 blob = b"".join([_U32.pack(len(e)) + e for e in (str(v).encode() for v in arr.flat)])
                 nbytes = len(blob)
                 data.append(blob)
             else:
                 if code is None:  # another byte order: its little-endian twin
+                    cacheable = False
                     arr = arr.astype(arr.dtype.newbyteorder("<"))
                     code = _CODES.get(arr.dtype)
                     if code is None:
                         raise InvalidTensor(f"infer: output {name!r} is {arr.dtype}, unknown to guests")
                 nbytes = arr.nbytes
+                cacheable = cacheable and nbytes <= _INLINE_BYTES
                 # fewer writes beat one copy fewer
                 data.append(arr.tobytes() if nbytes <= _INLINE_BYTES else np.ascontiguousarray(arr))
             raw = name.encode("utf-8")
@@ -287,6 +298,8 @@ class _Outputs(_Answer):
             total += nbytes
         # the data in order: runs of bytes joined (the header with them), each large array on its own
         self.nbytes = total + sum(map(len, head))
+        if cacheable:
+            _last_outputs = (key, b"".join(head), self.nbytes)
         self.chunks: list[bytes | np.ndarray] = []
         run = head
         for chunk in data:
@@ -296,6 +309,11 @@ class _Outputs(_Answer):
                 self.chunks += (b"".join(run), chunk)
                 run = []
         self.chunks.append(b"".join(run))
+
+
+#: The last cacheable answer's outputs as (name, dtype, shape) and its header (and size): one per
+#: process, swapped whole, like `_last_request`. Only all-numeric answers of inline outputs qualify.
+_last_outputs: tuple[list[tuple[str, np.dtype[Any], tuple[int, ...]]] | None, bytes, int] = (None, b"", 0)
 
 
 def _infer_error(state: InvocationState, kind: str, error: WasminferError) -> bytes:
