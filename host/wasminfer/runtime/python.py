@@ -422,22 +422,9 @@ def _decode(state: InvocationState, mem: GuestMemory,
         _last_request = parsed
     _, model, specs, offset = parsed
     inputs: dict[str, np.ndarray] = {}
-    for name, code, shape, addr, nbytes in specs:
-        if code >= _STRING:
-            if code > _STRING:
-                raise InvalidTensor(f"infer: tensor {name!r} has unknown dtype code {code}")
-            dtype = None
-            need = nbytes
-        else:
-            dtype = _NP_DTYPES[code]
-            need = dtype.itemsize
-        count = 1
-        for d in shape:
-            if d < 0:
-                raise InvalidTensor(f"infer: tensor {name!r} has a negative dimension")
-            count *= d
-        if dtype is not None:
-            need *= count
+    for name, shape, addr, nbytes, dtype, count, need, problem in specs:
+        if problem:
+            raise InvalidTensor(problem)
         if need > max_tensor_bytes:
             raise TensorTooLarge(f"tensor {name!r} has {need} bytes of data; the limit is {max_tensor_bytes}")
         if nbytes != need:
@@ -459,11 +446,34 @@ def _decode(state: InvocationState, mem: GuestMemory,
         if dtype is None:
             inputs[name] = np.array(_strings(name, bytes(data), count), dtype=object).reshape(shape)
         else:
-            inputs[name] = np.frombuffer(data, dtype, count).reshape(shape)
+            inputs[name] = np.ndarray(shape, dtype, data)  # one call: frombuffer + reshape were two
     return model, inputs
 
 
-_Spec = tuple[str, int, tuple[int, ...], int, int]  # name, dtype code, shape, address, nbytes
+def _spec(name: str, code: int, shape: tuple[int, ...], addr: int, nbytes: int) -> _Spec:
+    """One input's spec with what follows from it alone: its numpy dtype (None: string), element
+    count and bytes needed, and the problem that refuses it (checked in the frame's order)."""
+    problem = ""
+    dtype = None
+    need = nbytes
+    if code > _STRING:
+        problem = f"infer: tensor {name!r} has unknown dtype code {code}"
+    elif code < _STRING:
+        dtype = _NP_DTYPES[code]
+        need = dtype.itemsize
+    count = 1
+    for d in shape:
+        if d < 0:
+            problem = problem or f"infer: tensor {name!r} has a negative dimension"
+            break
+        count *= d
+    if dtype is not None:
+        need *= count
+    return name, shape, addr, nbytes, dtype, count, need, problem
+
+
+#: name, shape, address, nbytes, numpy dtype (None: string), count, bytes needed, problem (or "")
+_Spec = tuple[str, tuple[int, ...], int, int, np.dtype[Any] | None, int, int, str]
 #: The last frame's header as parsed (header bytes, model, specs, where inline data starts): one
 #: per process, swapped whole, so threads that run other functions only cost each other a parse.
 _last_request: tuple[bytes, str, list[_Spec], int] = (b"", "", [], 0)
@@ -485,7 +495,7 @@ def _parse_request(payload: memoryview) -> tuple[bytes, str, list[_Spec], int]:
                 raise InvalidTensor(f"infer: tensor {name!r} has {ndim} dimensions, more than {_MAX_DIMS}")
             spec = _IN_DIMS[ndim].unpack_from(payload, offset)
             offset += 8 * ndim + 8
-            specs.append((name, code, spec[:ndim], spec[ndim], spec[ndim + 1]))
+            specs.append(_spec(name, code, spec[:ndim], spec[ndim], spec[ndim + 1]))
     except (struct.error, UnicodeDecodeError):
         raise InvalidTensor("infer: a malformed request frame") from None
     return bytes(payload[:offset]), model, specs, offset
