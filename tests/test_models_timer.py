@@ -120,3 +120,16 @@ def test_runs_on_two_threads_each_stop_at_their_own_deadline(until_model: bytes)
         assert results == {"early": stopped, "late": stopped,
                            "early next": [[700.0]], "late next": [[700.0]]}
     assert RUN_TIMER.pending() == 0
+
+
+def test_an_alarm_that_fired_without_being_disarmed_does_not_stop_the_next_run() -> None:
+    """A run left without its disarm (a BaseException on its way out) whose alarm then fired: the
+    thread's next arming gets RunOptions whose flag is not set."""
+    timer = RunTimer()
+    alarm = timer.arm(in_ms(-1))
+    stopped = alarm.options
+    wait_for(lambda: alarm.fired, "the timer fires an alarm past its deadline")
+    again = timer.arm(in_ms(60_000))
+    assert again is alarm and again.options is not stopped
+    assert (stopped.terminate, again.options.terminate, again.fired) == (True, False, False)
+    assert timer.disarm(again) is False

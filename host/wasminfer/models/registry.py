@@ -199,6 +199,9 @@ class _Model:
                             f"model {self.info.name!r} was stopped at the invocation's deadline"
                         ) from None
                     raise
+                except BaseException:
+                    RUN_TIMER.disarm(alarm)
+                    raise
                 RUN_TIMER.disarm(alarm)
             elapsed = time.perf_counter_ns() - started
         finally:

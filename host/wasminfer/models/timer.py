@@ -74,6 +74,8 @@ class RunTimer:
             if len(heap) > 2 * self._live + 1024:  # disarmed entries wait for their deadline: drop them
                 heap[:] = [entry for entry in heap if entry[2].armed and entry[2].generation == entry[3]]
                 heapq.heapify(heap)
+            if alarm.fired:  # fired and never disarmed (a run left by a BaseException): its flag is set
+                alarm.options = _run_options()
             generation = alarm.generation + 1
             alarm.generation = generation
             alarm.deadline_ns = deadline_ns
