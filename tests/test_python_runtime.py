@@ -629,6 +629,49 @@ def test_answers_alike_and_unlike_the_one_before_are_read_whole(host: Host) -> N
             [[3, 4, 5], ["a", "b"]], [[3, 4, 5], ["a"]]]
 
 
+HOST_HEADERS_GUEST = '''
+import numpy as np
+from wasminfer_guest import Request, Tensor, handler, infer
+
+@handler
+def handle(request: Request) -> list:
+    out = []
+    for model, n, kind in (("nums", 3, "int64"), ("nums", 3, "int64"), ("nums", 4, "int64"),
+                           ("nums", 3, "int32"), ("words", 3, "int64"), ("nums", 3, "int64"),
+                           ("nums", 5000, "int64"), ("nums", 3, "int64")):
+        x = Tensor.of(np.arange(n, dtype=np.float32) + n, "float32")
+        y = Tensor.of(np.arange(2, dtype=kind) - n, kind)
+        inputs = {"x": x, "y": y} if model == "nums" else {"x": x, "s": Tensor.text(["a"] * n)}
+        got = infer(model, inputs)
+        out.append({name: [t.dtype, list(t.shape), t.tolist()[:5]] for name, t in sorted(got.items())})
+    return out
+'''
+
+
+def test_the_host_writes_answers_alike_and_unlike_the_one_before_whole() -> None:
+    """The host keeps the header of the last all-numeric answer and reuses it for outputs of the same
+    names, dtypes and shapes: another shape, dtype or name, strings, or an output too large to
+    go inline, gets its header made afresh."""
+    from onnx import TensorProto as T
+
+    def values(n: int, kind: str) -> dict[str, list[Any]]:
+        return {"x_out": ["float32", [n], [float(v + n) for v in range(min(n, 5))]],
+                "y_out": [kind, [2], [-n, 1 - n]]}
+
+    with Host() as h:
+        for kind, code in (("int64", T.INT64), ("int32", T.INT32)):
+            h.deploy_model(f"nums-{kind}", _identity_model({"x": (T.FLOAT, ["N"]), "y": (code, [2])}))
+        h.deploy_model("words", _identity_model({"x": (T.FLOAT, ["N"]), "s": (T.STRING, ["N"])}))
+        guest = HOST_HEADERS_GUEST.replace("infer(model, inputs)",
+                                           "infer(model if model == 'words' else 'nums-' + kind, inputs)")
+        h.deploy_function("host-headers", src(guest), {"models": ["nums-int64", "nums-int32", "words"]})
+        expected = [values(3, "int64"), values(3, "int64"), values(4, "int64"), values(3, "int32"),
+                    {"s_out": ["string", [3], ["a"] * 3], "x_out": values(3, "int64")["x_out"]},
+                    values(3, "int64"), values(5000, "int64"), values(3, "int64")]
+        for _ in range(2):  # the second invocation starts with the first's last header
+            assert json.loads(h.invoke("host-headers", b"").body) == expected
+
+
 FRAMES = '''
 import json, struct
 from wasminfer_guest import Request, handler

@@ -72,9 +72,9 @@ def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor], raw: bool 
     name, or with `raw` the answer itself (`answer`: a decoder's next token is no tensor). Raises
     `InferError`.
     """
+    global _last_frame
     rt = _rt or _runtime()
-    raw_model = model.encode("utf-8")
-    parts = [op, _U32.pack(len(raw_model)), raw_model, _U32.pack(len(inputs))]
+    key: list[Any] = [op, model]  # what the frame's header is made of: the last one's is kept
     inline = []  # the small tensors' bytes, after the header
     kept = []  # the large ones', alive until the host has read them
     for name, t in inputs.items():
@@ -90,12 +90,13 @@ def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor], raw: bool 
         else:
             kept.append(data)
             where = rt.address(data)
-        raw_name = name.encode("utf-8")
         shape = t.shape
-        spec = _SPECS.get(len(shape)) or _spec(len(shape))
-        parts += (_U32.pack(len(raw_name)), raw_name,
-                  spec.pack(_CODES[dtype], len(shape), *shape, where, len(data)))
-    found = b._host.call(b"".join(parts + inline))
+        key += (name, dtype, shape if type(shape) is tuple else tuple(shape), where, len(data))
+    known, header = _last_frame
+    if key != known:  # a function asks alike: the same header, packed once
+        header = _header(key)
+        _last_frame = key, header
+    found = b._host.call(b"".join([header, *inline]))
     del kept
     if raw:
         return answer(found)
@@ -103,6 +104,22 @@ def runtime_call(op: bytes, model: str, inputs: Mapping[str, Tensor], raw: bool 
         return _outputs(rt.INBOX, rt.HEAD_BYTES)
     return _outputs(answer(found), 0)
 
+
+def _header(key: list[Any]) -> bytes:
+    """A request frame's header from `runtime_call`'s key: op, model, then per tensor its name,
+    dtype, shape, address and size."""
+    raw_model = key[1].encode("utf-8")
+    parts = [key[0], _U32.pack(len(raw_model)), raw_model, _U32.pack((len(key) - 2) // 5)]
+    for i in range(2, len(key), 5):
+        name, dtype, shape, where, nbytes = key[i:i + 5]
+        raw_name = name.encode("utf-8")
+        spec = _SPECS.get(len(shape)) or _spec(len(shape))
+        parts += (_U32.pack(len(raw_name)), raw_name,
+                  spec.pack(_CODES[dtype], len(shape), *shape, where, nbytes))
+    return b"".join(parts)
+
+
+_last_frame: tuple[list[Any] | None, bytes] = (None, b"")
 
 #: Input tensors up to this size travel inside the frame (one copy here saves the host a read).
 INLINE_BYTES = 16 << 10

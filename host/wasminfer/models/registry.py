@@ -169,9 +169,11 @@ class _Model:
     counters: Counters = field(default_factory=Counters)
     batcher: Batcher | None = None
 
-    def run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None = None) -> list[Any]:
+    def run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None = None, *,
+            inference: bool = False) -> list[Any]:
         """`session.run` in one of the model's run slots, stopped at `deadline_ns`
-        (`time.monotonic_ns()`) by the process' run timer; counted as a run when it succeeds.
+        (`time.monotonic_ns()`) by the process' run timer; counted as a run when it succeeds (and
+        as an inference too with `inference`: one lock for both).
 
         Raises `Timeout` if the deadline had passed already (nothing runs), passed while the call
         waited for a slot, or passed during the run; `TooManyRequests` if the model's queue is full;
@@ -180,36 +182,43 @@ class _Model:
         if deadline_ns is not None and time.monotonic_ns() >= deadline_ns:
             raise Timeout(f"model {self.info.name!r} was not run: the invocation's deadline had passed")
         slots = self.slots
-        slots.acquire(deadline_ns)
+        bounded = slots.slots != 0  # (an unbounded model's acquire and release do nothing)
+        if bounded:
+            slots.acquire(deadline_ns)
         try:
             started = time.perf_counter_ns()
-            results = self._run(feed, deadline_ns)
+            if deadline_ns is None:
+                results: list[Any] = self.session.run(self.output_names, feed)
+            else:
+                alarm = RUN_TIMER.arm(deadline_ns)
+                try:
+                    results = self.session.run(self.output_names, feed, alarm.options)
+                except Exception:  # ORT's exception types share no base but Exception
+                    if RUN_TIMER.disarm(alarm):
+                        raise Timeout(
+                            f"model {self.info.name!r} was stopped at the invocation's deadline"
+                        ) from None
+                    raise
+                except BaseException:
+                    RUN_TIMER.disarm(alarm)
+                    raise
+                RUN_TIMER.disarm(alarm)
             elapsed = time.perf_counter_ns() - started
         finally:
-            slots.release()
+            if bounded:
+                slots.release()
         # A racy average is fine: it only estimates a Retry-After.
         slots.mean_run_s += (elapsed / 1e9 - slots.mean_run_s) * 0.1
         counters = self.counters
+        now = time.monotonic()
         with counters.lock:
             counters.runs += 1
             counters.run_ns += elapsed
-            counters.run_rate.add(time.monotonic())
-        return results
-
-    def _run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None) -> list[Any]:
-        if deadline_ns is None:
-            results: list[Any] = self.session.run(self.output_names, feed)
-            return results
-        options = ort.RunOptions()
-        options.log_severity_level = 4  # a run stopped on purpose is no error for ORT to log
-        alarm = RUN_TIMER.arm(deadline_ns, options)
-        try:
-            results = self.session.run(self.output_names, feed, options)
-        except Exception:  # ORT's exception types share no base but Exception
-            if RUN_TIMER.disarm(alarm):
-                raise Timeout(f"model {self.info.name!r} was stopped at the invocation's deadline") from None
-            raise
-        RUN_TIMER.disarm(alarm)
+            counters.run_rate.add(now)
+            if inference:
+                counters.inferences += 1
+                counters.last_used = now
+                counters.inference_rate.add(now)
         return results
 
 
@@ -418,7 +427,7 @@ class ModelRegistry:
         if model.batcher is not None:
             return self._infer_batched(name, model, model.batcher, feed, deadline_ns, stack or ROWS)
         try:
-            results = model.run(feed, deadline_ns)
+            results = model.run(feed, deadline_ns, inference=True)
         except (Timeout, TooManyRequests):
             raise
         except Exception as exc:  # ORT's exception types share no base but Exception
@@ -426,11 +435,6 @@ class ModelRegistry:
                 counters.errors += 1
                 counters.last_used = time.monotonic()
             raise InferenceFailed(f"model {name!r} failed: {exc}") from exc
-        now = time.monotonic()
-        with counters.lock:
-            counters.inferences += 1
-            counters.last_used = now
-            counters.inference_rate.add(now)
         return dict(zip(model.output_names, results, strict=True))
 
     def _infer_batched(
