@@ -441,3 +441,21 @@ def test_the_example_chatbot_batches_with_the_options_it_is_served_with() -> Non
         stats = host.models.stats("tiny-gpt").batching
         assert stats is not None and stats.batch_size_sum == len(STREAMS) * 24
         assert TABLE.live() == live
+
+
+def test_a_states_first_step_does_not_wait_for_a_share_of_the_streams(masked: bytes) -> None:
+    with ModelRegistry() as models:
+        # 4 open states, 2 slots: a share is 2 steps, waited for up to 1 s; a prompt does not wait
+        models.load("tiny-gpt", masked, max_batch_size=8, max_queue_delay_us=PATIENT_US,
+                    max_concurrent_batches=2)
+        table = DecoderTable()
+        decoders = InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"), table)
+        handles = [decoders.open("tiny-gpt", "f") for _ in range(4)]
+        assert decoders.spec("tiny-gpt").steps.streams == 4
+        assert decoders.spec("tiny-gpt").first_steps.streams == 0
+        decoders.next_token(handles[0], {"input_ids": np.array([TOK.encode("Hi")])}, run_with(models))
+        stats = models.stats("tiny-gpt").batching
+        assert stats is not None and (stats.batches, stats.batch_size_sum) == (1, 1)
+        assert dict(stats.queue_delay_buckets)[25e-6] == 1  # it ran at once, in a free slot
+        decoders.close()
+    assert table.live() == 0

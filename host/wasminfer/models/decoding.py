@@ -136,6 +136,13 @@ class DecoderSpec:
         return self._steps
 
     @cached_property
+    def first_steps(self) -> Stack:
+        """How a state's first step (its prompt) shares a run: as `steps`, but without waiting for
+        a share of the streams, as it is no stream coming back and other prompts' lengths cannot
+        join it."""
+        return _Steps(self)
+
+    @cached_property
     def _steps(self) -> _Steps:
         return _Steps(self)
 

@@ -136,7 +136,8 @@ class DecoderTable:
               memory: TenantMemory) -> dict[str, np.ndarray]:
         """Under the state's lock."""
         spec = state.spec
-        outputs = run(spec.model, spec.feed(inputs, state.past, state.length, state.pad), spec.steps)
+        stack = spec.steps if state.past is not None else spec.first_steps
+        outputs = run(spec.model, spec.feed(inputs, state.past, state.length, state.pad), stack)
         _, past = spec.split(outputs)
         # A batched step's past is its row of the batch's present (a view, padding and all: counted
         # as its own), which the next batch of the same states runs on without a copy.
