@@ -36,10 +36,10 @@ leader waits, up to the delay, for its share even with a slot free. So 8 streams
 1-thread run slots step as two batches of 4 that take turns: one runs on one core while the other's
 guests choose, stream and come back on the other. Gathering every stream into one batch (the rule
 before: wait for as many rows as the queue's last batch had) left a core idle: the batch ran on one
-thread while the streams waited to join it (bench/stream.py at 8 streams, d_model 256: see
-docs/streaming.md). Running whoever comes back at once in a free slot forms no batches (1.7 rows a
-batch at 8 streams), and a batch of one row costs ~3x the CPU per row of a batch of four
-(tiny-gpt, d_model 256, 1 thread).
+thread while the streams waited to join it (docs/streaming.md). Running whoever comes back at once
+in a free slot, as requests that do not recur do, formed batches of 1.7-3.6 rows at 8 streams, and
+a run of one row of tiny-gpt (d_model 256, 1 thread) costs 1.4-3.2x the CPU per row of a run of
+four. A state's first step (its prompt) is no stream coming back and does not wait for a share.
 
 The delay bounds the queue, not the thread: a woken leader or follower still waits for a core and
 the GIL. Digits at c=32: every request left its queue within 2.5 ms, the end-to-end p99 was 5.7 ms;
