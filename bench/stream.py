@@ -12,6 +12,10 @@ dominate, as a real one would):
   a machine shared with other work, which takes cores but not this process' CPU time);
 - ratio: tokens_per_s against the limit's at the same concurrency (target at 8: >= 0.8).
 
+Each platform host's `run_plan` (the threads and concurrent runs its `tiny-gpt` was tuned to at
+load, by measurement: a figure depends on it) and the batched host's `mean_batch_size` are written
+beside the figures.
+
 The platform loads `tiny-gpt` with its `attention_mask` and batching (`--max-batch-size`, default
 32; `--max-concurrent-batches`, default the model's run slots): decoding steps of concurrent
 streams share runs, their pasts left-padded to the longest (models/decoding.py).
@@ -222,6 +226,7 @@ def main() -> None:
             h.deploy_function("chatbot", pysource.bundle_folder(CHATBOT), manifest, prewarm=max(streams))
             platform_round(h, max(streams), 4)  # warm: every instance has answered once
         limit_round(session, max(streams), 4)
+        plans = {key: h.models.get("tiny-gpt").run_plan for key, h in hosts.items()}
         for n in streams:
             results: dict[str, list[dict[str, float]]] = {key: [] for key in [*hosts, "limit"]}
             for _ in range(args.rounds):  # interleaved: a burst of load from elsewhere hits them all
@@ -245,6 +250,7 @@ def main() -> None:
                   f"{best_limit['tokens_per_s']:8.0f}, {best_limit['cpu_us_per_token']:.0f} µs; ratio "
                   f"{row['ratio']:.2f}{also}); ttft p50 "
                   f"{best_platform['ttft_ms_p50']:.2f} ms (limit {best_limit['ttft_ms_p50']:.2f})")
+        batched = host.models.stats("tiny-gpt").batching
         boundary = []
         for length in lengths:
             on_host = host_cache_step_bytes(host, length)
@@ -256,6 +262,10 @@ def main() -> None:
     result = {
         "model": {"d_model": args.d_model, "layers": args.layers, "vocab": TOKENIZER.VOCAB,
                   "attention_mask": True, **batching},
+        "run_plan": {key: {"intra_op_threads": plan.intra_op_threads,
+                           "max_concurrent_runs": plan.max_concurrent_runs, "chosen_by": plan.chosen_by}
+                     for key, plan in plans.items() if plan is not None},
+        "mean_batch_size": batched.mean_batch_size if batched is not None else None,
         "tokens_per_stream": args.tokens,
         "rounds": args.rounds,
         "loadavg": os.getloadavg(),

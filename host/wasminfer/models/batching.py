@@ -30,11 +30,16 @@ that makes a batch wait for its share of the callers (ceil(requests inside / run
 slot free formed bigger batches (the MLP at c=32: 12 rows where this rule makes 5) and cut the MLP's
 p99 at c=8 from 3.9 to 2.5 ms, but ran 2-18% slower (`bench/results/batching_policy.json`).
 
-Requests that recur (a decoder's steps: `Stack.recurring`, see `models/decoding.py`) wait, up to
-the delay, for as many rows as their queue's last batch had even with a slot free: the streams of a
-batch come back one by one, and the first back would otherwise run alone in the free slot, the
-next alone after it, and batches never form (bench/stream.py at 8 streams, one slot: 2.4 rows a
-batch, 5.3 with the rule).
+Requests that recur (a decoder's steps: `Stack.streams`, see `models/decoding.py`) are split
+across the run slots: a batch takes at most its *share*, ceil(streams / run slots) rows, and a
+leader waits, up to the delay, for its share even with a slot free. So 8 streams on a model of two
+1-thread run slots step as two batches of 4 that take turns: one runs on one core while the other's
+guests choose, stream and come back on the other. Gathering every stream into one batch (the rule
+before: wait for as many rows as the queue's last batch had) left a core idle: the batch ran on one
+thread while the streams waited to join it (docs/streaming.md). Running whoever comes back at once
+in a free slot, as requests that do not recur do, formed batches of 1.7-3.6 rows at 8 streams, and
+a run of one row of tiny-gpt (d_model 256, 1 thread) costs 1.4-3.2x the CPU per row of a run of
+four. A state's first step (its prompt) is no stream coming back and does not wait for a share.
 
 The delay bounds the queue, not the thread: a woken leader or follower still waits for a core and
 the GIL. Digits at c=32: every request left its queue within 2.5 ms, the end-to-end p99 was 5.7 ms;
@@ -259,13 +264,13 @@ class Stack(Protocol):
     outputs (every output has the batch's rows along axis 0, each request's `rows(feed)` of them
     from the row `join` gives it).
 
-    `recurring`: the requests of a batch come back for another (a decoder's streams, a step each):
-    a leader then waits, up to the delay, for as many rows as its queue's last batch had, even
-    with a run slot free, so that the streams keep stepping together instead of the first back
-    running alone in the free slot and the others after it.
+    `streams`: how many requests of this kind recur, each coming back for another run after its
+    batch (a decoder's streams, a step each); 0 when they do not. A batch of them then takes at
+    most its share of the streams, ceil(streams / run slots) rows, and waits for as many, up to the
+    delay, even with a run slot free (see the module docstring).
     """
 
-    recurring: bool
+    streams: int
 
     def rows(self, feed: Feed) -> int:
         """The request's rows; 0 if it cannot share a run."""
@@ -283,7 +288,7 @@ class Stack(Protocol):
 class _Rows:
     """Inputs of the same dtypes and dims after the first, concatenated along axis 0."""
 
-    recurring = False
+    streams = 0
 
     def rows(self, feed: Feed) -> int:
         rows = None
@@ -339,13 +344,12 @@ class _Request:
 class _Queue:
     """Requests of one signature; `leading` while one of them is the leader."""
 
-    __slots__ = ("pending", "rows", "leading", "cond", "expect")
+    __slots__ = ("pending", "rows", "leading", "cond")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.pending: list[_Request] = []
         self.rows = 0
         self.leading = False
-        self.expect = 0  # rows of its last batch, when its requests recur
         self.cond = threading.Condition(lock)
 
 
@@ -424,9 +428,10 @@ class Batcher:
         """Under the lock: queue the request (as its queue's leader if it has none), or take a run
         slot for it and return None when one is free and no request of its signature waits."""
         queue = None
-        if self._leaders or stack.recurring:  # else no queue has anyone in it: skip the signature
+        share = self._share(stack)
+        if self._leaders:  # else no queue has anyone in it: skip the signature
             queue = self._queues.get(stack.signature(feed))
-        if (queue is None or not queue.leading and queue.expect <= rows) and self._in_flight < self._slots:
+        if (queue is None or not queue.leading) and share <= rows and self._in_flight < self._slots:
             self._in_flight += 1
             self._record_alone(rows)
             return None
@@ -444,9 +449,15 @@ class Batcher:
             queue.leading = True
             self._leaders += 1
             request.state = _LEAD
-        elif queue.rows >= self._max_rows or self._in_flight < self._slots and queue.rows >= queue.expect:
+        elif queue.rows >= self._max_rows or self._in_flight < self._slots and queue.rows >= share:
             queue.cond.notify()
         return request
+
+    def _share(self, stack: Stack) -> int:
+        """The rows a batch of `stack`'s requests waits for and takes at most when they recur: its
+        share of the streams, split across the run slots; 0 when they do not recur."""
+        streams = stack.streams
+        return min(self._max_rows, -(-streams // max(1, self._slots))) if streams else 0
 
     # -- the leader ----------------------------------------------------------------------------------
     def _lead(self, me: _Request) -> None:
@@ -454,7 +465,7 @@ class Batcher:
         with self._lock:
             try:
                 while queue.rows < self._max_rows and not self._closed and (
-                        self._in_flight >= self._slots or queue.rows < queue.expect):
+                        self._in_flight >= self._slots or queue.rows < self._share(me.stack)):
                     remaining = queue.pending[0].enqueued + self._delay - time.monotonic()
                     if remaining <= 0:
                         break
@@ -472,16 +483,15 @@ class Batcher:
                 raise
             # FIFO: the leader's request is always the oldest, so it is always in its own batch.
             batch, rows, taken = [], 0, 0
+            most = self._share(me.stack) or self._max_rows
             for request in queue.pending:
-                if rows + request.rows > self._max_rows:
+                if rows + request.rows > most and taken:
                     break
                 rows += request.rows
                 taken += 1
             batch = queue.pending[:taken]
             del queue.pending[:taken]
             queue.rows -= rows
-            if me.stack.recurring:
-                queue.expect = rows
             self._in_flight += 1
             self._hand_over(queue)
             self._record(batch, rows)

@@ -133,7 +133,26 @@ class DecoderSpec:
     @cached_property
     def steps(self) -> Stack:
         """How this model's steps share a batched run (`ModelRegistry.infer`'s `stack`)."""
+        return self._steps
+
+    @cached_property
+    def first_steps(self) -> Stack:
+        """How a state's first step (its prompt) shares a run: as `steps`, but without waiting for
+        a share of the streams, as it is no stream coming back and other prompts' lengths cannot
+        join it."""
         return _Steps(self)
+
+    @cached_property
+    def _steps(self) -> _Steps:
+        return _Steps(self)
+
+    def count_stream(self, delta: int) -> None:
+        """A state of this spec was opened (+1) or freed (-1); the caller serialises these. With a
+        mask, every state's steps may share a run, so each counts among the streams a batch takes
+        its share of (`Stack.streams`); without, only states of equal lengths share one, and none
+        are counted (a batch would wait for rows that cannot join it)."""
+        if self.mask:
+            self._steps.streams += delta
 
     @cached_property
     def present_names(self) -> frozenset[str]:
@@ -181,14 +200,14 @@ def nbytes(past: Mapping[str, np.ndarray]) -> int:
 
 class _Steps:
     """Steps of one decoder model sharing a run (`batching.Stack`): one row each; with a mask, pasts
-    of different lengths left-padded to the longest; without, equal lengths only. Recurring: a
-    state that stepped in a batch comes back for the next step."""
-
-    recurring = True
+    of different lengths left-padded to the longest; without, equal lengths only. `streams`: the
+    open states of the spec (with a mask; `DecoderSpec.count_stream`), each of which comes back
+    for its next step after a batch."""
 
     def __init__(self, spec: DecoderSpec) -> None:
         self.spec = spec
         self.pasts = tuple(p for p, _ in spec.pairs)
+        self.streams = 0
 
     def rows(self, feed: Mapping[str, np.ndarray]) -> int:
         if not all(a.ndim and a.shape[0] == 1 for a in feed.values()):

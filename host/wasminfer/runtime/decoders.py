@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from wasminfer.errors import DecoderNotFound, InferLimitExceeded, InvalidTensor
-from wasminfer.models import ModelRegistry
+from wasminfer.models import ModelInfo, ModelRegistry
 from wasminfer.models.batching import Stack
 from wasminfer.models.decoding import DecoderSpec, nbytes
 from wasminfer.models.sampling import Sampler, Sampling
@@ -92,6 +92,7 @@ class DecoderTable:
                 handle = next(self._ids)
             self._states[handle] = _State(owner, spec, reservation, sampler)
             self.opened += 1
+            spec.count_stream(1)
         return handle
 
     def _get(self, owner: object, handle: int) -> _State:
@@ -135,7 +136,8 @@ class DecoderTable:
               memory: TenantMemory) -> dict[str, np.ndarray]:
         """Under the state's lock."""
         spec = state.spec
-        outputs = run(spec.model, spec.feed(inputs, state.past, state.length, state.pad), spec.steps)
+        stack = spec.steps if state.past is not None else spec.first_steps
+        outputs = run(spec.model, spec.feed(inputs, state.past, state.length, state.pad), stack)
         _, past = spec.split(outputs)
         # A batched step's past is its row of the batch's present (a view, padding and all: counted
         # as its own), which the next batch of the same states runs on without a copy.
@@ -182,6 +184,7 @@ class DecoderTable:
             if self._states.pop(handle, None) is None:
                 return
             self.freed += 1
+            state.spec.count_stream(-1)
         shared = _batch_of(state.past)
         state.past = None
         if shared is None:
@@ -196,6 +199,29 @@ class DecoderTable:
         for handle in mine:
             self.close(owner, handle)
         return len(mine)
+
+
+# One spec per loaded model of a registry, shared by every invocation's states: its steps' `Stack`
+# counts the model's open states, the streams a batch takes its share of (`batching.Stack.streams`).
+_SPECS: weakref.WeakKeyDictionary[ModelRegistry, dict[str, tuple[ModelInfo, DecoderSpec]]] = (
+    weakref.WeakKeyDictionary())
+_SPECS_LOCK = threading.Lock()
+
+
+def shared_spec(models: ModelRegistry, model: str) -> DecoderSpec:
+    """The `DecoderSpec` of `model` as `models` has it loaded now (a reload gets a new one). Raises
+    `ModelNotFound`, or `InvalidTensor` if the model is no decoder."""
+    info = models.get(model)
+    with _SPECS_LOCK:
+        specs = _SPECS.get(models)
+        if specs is None:
+            specs = _SPECS[models] = {}
+        found = specs.get(model)
+        if found is not None and found[0] is info:
+            return found[1]
+        spec = DecoderSpec.of(info)
+        specs[model] = (info, spec)
+        return spec
 
 
 def _batch_of(past: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
@@ -224,10 +250,9 @@ class InvocationDecoders:
 
     def spec(self, model: str) -> DecoderSpec:
         """Raises `ModelNotFound`, or `InvalidTensor` if the model is no decoder."""
-        info = self.models.get(model)
         spec = self._specs.get(model)
-        if spec is None or spec.model != info.name:
-            spec = self._specs[model] = DecoderSpec.of(info)
+        if spec is None:
+            spec = self._specs[model] = shared_spec(self.models, model)
         return spec
 
     def open(self, model: str, function: str, sampling: Sampling | None = None) -> int:
