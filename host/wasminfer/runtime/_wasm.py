@@ -530,22 +530,27 @@ class WasmInstance:
         if instance is None:  # on demand: no pool, not for a slot, or the pool is full
             instance = self._start(engine.engine, engine.address, None, timeout_ms, output, wasi_options)
         self._instance = instance
-        self._funcs: dict[str, Any] = {}
         ctx = self._ctx_addr = self.store.context
         handle = ctypes.addressof(instance)
-        mem = _export(ctx, handle, "memory")
-        self._mem: Any = mem.of.memory if mem is not None and mem.kind == _EXTERN_MEMORY else None
+        # The exports it uses, looked up once into one array (the memory first): the funcs' handles
+        # live in it for the instance's life.
+        externs: Any = (ffi.wasmtime_extern_t * (1 + len(calls)))()
+        self._externs = externs
+        base = ctypes.addressof(externs)
+        found = [_export_at(ctx, handle, name, base + i * _EXTERN_SIZE)
+                 for i, name in enumerate(("memory", *(name for name, _ in calls)))]
+        self._mem: Any = externs[0].of.memory if found[0] and externs[0].kind == _EXTERN_MEMORY else None
         self._mem_ref = ctypes.addressof(self._mem) if self._mem is not None else None
         #: (address, size) of the linear memory, None once guest code may have moved or grown it.
         self._span: tuple[int, int] | None = None
         self._args = (ffi.wasmtime_val_raw_t * 8)()
         self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
         self._trap_ref = ctypes.byref(self._trap)
-        funcs = self._funcs
-        for name, _ in calls:
-            ext = _export(ctx, handle, name)
-            if ext is not None and ext.kind == _EXTERN_FUNC:
-                funcs[name] = ext.of.func
+        funcs: dict[str, Any] = {}
+        self._funcs = funcs
+        for i, (name, _) in enumerate(calls, 1):
+            if found[i] and externs[i].kind == _EXTERN_FUNC:
+                funcs[name] = externs[i].of.func
         self._func_refs = {name: ctypes.byref(f) for name, f in funcs.items()}
 
     def _start(self, engine: wasmtime.Engine, address: int,
@@ -745,12 +750,15 @@ class WasmInstance:
 _NAMES: dict[str, bytes] = {}  # export names, encoded once
 
 
-def _export(ctx: int, instance: int, name: str) -> Any:
+_EXTERN_SIZE = ctypes.sizeof(ffi.wasmtime_extern_t)
+
+
+def _export_at(ctx: int, instance: int, name: str, address: int) -> bool:
+    """Looks export `name` up into the `wasmtime_extern_t` at `address`; whether there is one."""
     raw = _NAMES.get(name)
     if raw is None:
         raw = _NAMES.setdefault(name, name.encode())
-    item = ffi.wasmtime_extern_t()
-    return item if _export_get(ctx, instance, raw, len(raw), ctypes.addressof(item)) else None
+    return bool(_export_get(ctx, instance, raw, len(raw), address))
 
 
 def _preopen_has_mutable() -> bool:
