@@ -2,11 +2,12 @@
 
 It narrows wasmtime-py to what wasminfer uses for core modules: one linker on the process's `Engine`
 (`_engine.py`: epoch interruption, its ticker, the compile cache of `_cache.py`), `InstancePre` so a
-new instance is a fresh `Store` plus an instantiate, and host imports and guest calls through the C
-API's *unchecked* entry points (`wasmtime_linker_define_func_unchecked`,
-`wasmtime_func_call_unchecked`). wasmtime-py's safe paths cost ~17 µs per crossing; these cost
-~1.5 µs. What the safe paths check for us we check ourselves, once, at compile time: every export we
-call has the exact signature we call it with (`CompiledModule.require_func`).
+new instance is a fresh store plus an instantiate (both through the C API itself, `_store_new`), and
+host imports and guest calls through the C API's *unchecked* entry points
+(`wasmtime_linker_define_func_unchecked`, `wasmtime_func_call_unchecked`). wasmtime-py's safe paths
+cost ~17 µs per crossing; these cost ~1.5 µs. What the safe paths check for us we check ourselves,
+once, at compile time: every export we call has the exact signature we call it with
+(`CompiledModule.require_func`).
 
 Two rules keep the unchecked paths safe:
 - A host import never lets a Python exception escape into ctypes (which would print it and return
@@ -649,7 +650,7 @@ class WasmInstance:
         elif state.deadline_ns is None:
             state.deadline_ns = self.deadline_ns
         try:
-            set_epoch_deadline(self._ctx, state.slice_ticks())
+            set_epoch_deadline(self._ctx_addr, state.slice_ticks())
         except Interrupted as exc:
             raise WasmTrap(exc.kind, str(exc)) from None
         tls = _tls
