@@ -565,15 +565,15 @@ class WasmInstance:
         store = self.store = _Store(engine, address)
         _store_limiter(store.address, self.memory_limit, MAX_TABLE_ELEMENTS, 4, 4, 1)
         # Start functions run at instantiation: under the same deadline as a call (see `call`).
+        #: When the guest's WASI monotonic clock read 0 (to within microseconds): `poll_oneoff`'s
+        #: absolute monotonic times count from it.
+        self.clock_base_ns = now = time.monotonic_ns()
         start_state = CallState()
-        start_state.deadline_ns = self.deadline_ns = time.monotonic_ns() + timeout_ms * 1_000_000
+        start_state.deadline_ns = self.deadline_ns = now + timeout_ms * 1_000_000
         start_state.instance = self
         ctx = store.context
         set_epoch_deadline(ctx, start_state.slice_ticks())
         watch_epoch(store.address)
-        #: When the guest's WASI monotonic clock read 0 (to within microseconds): `poll_oneoff`'s
-        #: absolute monotonic times count from it.
-        self.clock_base_ns = time.monotonic_ns()
         if wasi_options is None:  # deny-all: nothing to set but the output
             config = _wasi_config_new()
             if output is not None:
