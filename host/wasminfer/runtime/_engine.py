@@ -178,10 +178,12 @@ def _on_epoch_deadline(_ctx: Any, _env: Any, delta: Any, _kind: Any) -> int:
         return int(error_new(f"interrupted: {exc}".encode("utf-8", "replace")) or 0)
 
 
-def watch_epoch(store: wasmtime.Store) -> None:
-    """Makes `_on_epoch_deadline` decide what happens at each epoch deadline of `store` (instead of
-    the default trap). Every store of ours is watched: cancels and deadlines hold for all."""
-    _set_epoch_callback(ctypes.cast(store.ptr(), ctypes.c_void_p), _on_epoch_deadline, None, no_finalizer)
+def watch_epoch(store: wasmtime.Store | int) -> None:
+    """Makes `_on_epoch_deadline` decide what happens at each epoch deadline of `store` (a wasmtime-py
+    `Store`, or the address of a `wasmtime_store_t`) instead of the default trap. Every store of ours
+    is watched: cancels and deadlines hold for all."""
+    address = store if isinstance(store, int) else ctypes.cast(store.ptr(), ctypes.c_void_p)
+    _set_epoch_callback(address, _on_epoch_deadline, None, no_finalizer)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import wasmtime
 
-from wasminfer.runtime._engine import DLL
+from wasminfer.runtime._engine import held
 
 # Receives what the guest writes to stdout/stderr: `(stream, data)`. Returning a negative errno
 # fails the guest's write with it (None: the whole write succeeded).
@@ -26,13 +26,12 @@ OutputFn = Callable[[str, bytes], int | None]
 
 _OutputCallback = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _set_stdout_custom, _set_stderr_custom = (
-    ctypes.CFUNCTYPE(None, ctypes.c_void_p, _OutputCallback, ctypes.c_void_p, ctypes.c_void_p)(
-        (name, DLL)
-    )
+    held(name, None, ctypes.c_void_p, _OutputCallback, ctypes.c_void_p, ctypes.c_void_p)
     for name in ("wasi_config_set_stdout_custom", "wasi_config_set_stderr_custom")
 )
 
-_output_sinks: dict[int, Callable[[bytes], int | None]] = {}  # by the id passed as the callback's data
+#: `(output, stream)` by the id passed as the callback's data.
+_output_sinks: dict[int, tuple[OutputFn, str]] = {}
 _output_ids = itertools.count(1)
 
 
@@ -42,22 +41,24 @@ def _write_output(sink_id: int | None, buf: int, size: int) -> int:
         sink = _output_sinks.get(sink_id or 0)
         if sink is None:
             return -errno.EBADF
-        result = sink(ctypes.string_at(buf, size) if size else b"")
+        output, stream = sink
+        result = output(stream, ctypes.string_at(buf, size) if size else b"")
         return size if result is None else result
     except BaseException:  # noqa: BLE001 - must never escape into ctypes
         return -errno.EIO
 
 
-def capture_output(wasi: wasmtime.WasiConfig, output: OutputFn) -> tuple[int, ...]:
-    """Sends what the guest writes to stdout/stderr to `output(stream, data)`.
+def capture_output(wasi: wasmtime.WasiConfig | int, output: OutputFn) -> tuple[int, ...]:
+    """Sends what the guest writes to stdout/stderr to `output(stream, data)`; `wasi` is a
+    `WasiConfig` or the address of a `wasi_config_t`.
 
     Use instead of `WasiConfig.stdout_custom` (see the module docstring). Returns the handles to give to
     `release_output` once the store is closed.
     """
     out_id, err_id = next(_output_ids), next(_output_ids)
-    _output_sinks[out_id] = lambda data: output("stdout", data)
-    _output_sinks[err_id] = lambda data: output("stderr", data)
-    config = ctypes.cast(wasi.ptr(), ctypes.c_void_p)
+    _output_sinks[out_id] = (output, "stdout")
+    _output_sinks[err_id] = (output, "stderr")
+    config = wasi if isinstance(wasi, int) else ctypes.cast(wasi.ptr(), ctypes.c_void_p)
     _set_stdout_custom(config, _write_output, out_id, None)
     _set_stderr_custom(config, _write_output, err_id, None)
     return out_id, err_id

@@ -2,11 +2,12 @@
 
 It narrows wasmtime-py to what wasminfer uses for core modules: one linker on the process's `Engine`
 (`_engine.py`: epoch interruption, its ticker, the compile cache of `_cache.py`), `InstancePre` so a
-new instance is a fresh `Store` plus an instantiate, and host imports and guest calls through the C
-API's *unchecked* entry points (`wasmtime_linker_define_func_unchecked`,
-`wasmtime_func_call_unchecked`). wasmtime-py's safe paths cost ~17 µs per crossing; these cost
-~1.5 µs. What the safe paths check for us we check ourselves, once, at compile time: every export we
-call has the exact signature we call it with (`CompiledModule.require_func`).
+new instance is a fresh store plus an instantiate (both through the C API itself, `_store_new`), and
+host imports and guest calls through the C API's *unchecked* entry points
+(`wasmtime_linker_define_func_unchecked`, `wasmtime_func_call_unchecked`). wasmtime-py's safe paths
+cost ~17 µs per crossing; these cost ~1.5 µs. What the safe paths check for us we check ourselves,
+once, at compile time: every export we call has the exact signature we call it with
+(`CompiledModule.require_func`).
 
 Two rules keep the unchecked paths safe:
 - A host import never lets a Python exception escape into ctypes (which would print it and return
@@ -38,6 +39,7 @@ from wasmtime import _ffi as ffi
 from wasminfer.runtime import _pooling
 from wasminfer.runtime._cache import load_fast
 from wasminfer.runtime._engine import (
+    DLL,
     CallState,
     Code,
     Engine,
@@ -74,6 +76,22 @@ _memory_data_size = held("wasmtime_memory_data_size", ctypes.c_size_t, ctypes.c_
 # (context, *instance, name, len, *item): a lookup that runs no guest code, so it keeps the GIL.
 _export_get = held("wasmtime_instance_export_get", ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p)
+
+# A new instance through the C API itself: wasmtime-py's `Store`, `set_limits`, `WasiConfig`,
+# `set_wasi` and `InstancePre.instantiate` wrap one foreign call each in Python layers (type checks,
+# pointer objects, a context manager) that cost more than the calls; a new digits instance spent
+# ~15 µs of its ~55 in them. None of these run guest code, so they keep the GIL; the instantiation
+# does run it (a start function) and releases the GIL like every call into the guest.
+_store_new = held("wasmtime_store_new", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+_store_context = held("wasmtime_store_context", ctypes.c_void_p, ctypes.c_void_p)
+_store_context_ptr = held("wasmtime_store_context", ctypes.POINTER(ffi.wasmtime_context_t), ctypes.c_void_p)
+_store_limiter = held("wasmtime_store_limiter", None, ctypes.c_void_p, *(ctypes.c_int64,) * 5)
+_store_delete = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(("wasmtime_store_delete", DLL))  # unmaps: lets go
+_wasi_config_new = held("wasi_config_new", ctypes.c_void_p)
+_set_wasi = held("wasmtime_context_set_wasi", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+# (instance_pre, context, *instance, **trap) -> error or NULL
+_pre_instantiate = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p)(("wasmtime_instance_pre_instantiate", DLL))
 
 _EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
@@ -231,6 +249,9 @@ class WasmEngine(Engine):
                          if slots > 0 else None)
             if self.pool is not None:
                 self.epoch_engines.append(self.pool.engine)
+            #: Addresses of the engines (`engine` and the pool's) for the C API.
+            self.address = engine_address(self.engine)
+            self.pool_address = engine_address(self.pool.engine) if self.pool is not None else 0
             self.linker = wasmtime.Linker(self.engine)
             self._callbacks: list[Any] = []  # keep ctypes callbacks alive for the engine's lifetime
             self.host_modules = {hf.module for hf in host_funcs} | {"wasi_snapshot_preview1"}
@@ -405,7 +426,7 @@ class CompiledModule:
         output: OutputFn | None = None,
         wasi: WasiOptions | None = None,
     ) -> WasmInstance:
-        return WasmInstance(self, memory_bytes, timeout_ms, calls, output, wasi or WasiOptions())
+        return WasmInstance(self, memory_bytes, timeout_ms, calls, output, wasi)
 
 
 @dataclass
@@ -419,8 +440,59 @@ class WasiOptions:
     preopens: list[tuple[str, str]] = field(default_factory=list)  # (host dir, guest path), read-only
 
 
+def _wasi_config(options: WasiOptions) -> wasmtime.WasiConfig:
+    wasi = wasmtime.WasiConfig()
+    if options.args:
+        wasi.argv = options.args
+    if options.env:
+        wasi.env = list(options.env.items())
+    if options.stdin_path:
+        wasi.stdin_file = options.stdin_path
+    elif options.stdin_bytes:
+        vec = ffi.wasm_byte_vec_t()
+        ffi.wasm_byte_vec_new(ctypes.byref(vec), len(options.stdin_bytes),
+                              ctypes.cast(ctypes.c_char_p(options.stdin_bytes),
+                                          ctypes.POINTER(ctypes.c_ubyte)))
+        ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))  # takes the vector
+    for host_dir, guest_dir in options.preopens:
+        wasi.preopen_dir(host_dir, guest_dir, fs_mutable=False) if _preopen_has_mutable() \
+            else wasi.preopen_dir(host_dir, guest_dir)
+    return wasi
+
+
+class _Store:
+    """A wasmtime store made and dropped through the C API (see `_store_new`): what `WasmInstance`
+    runs in. Idempotent `close()`, also on garbage collection."""
+
+    __slots__ = ("address", "context", "context_ptr", "engine")
+
+    def __init__(self, engine: wasmtime.Engine, engine_address: int) -> None:
+        self.engine = engine  # outlives the store
+        self.address: int = _store_new(engine_address, None, None)
+        self.context: int = _store_context(self.address)
+        #: The context as the pointer object wasmtime-py's prototypes (`_call_unchecked`) take.
+        self.context_ptr = _store_context_ptr(self.address)
+
+    def close(self) -> None:
+        address, self.address = self.address, 0
+        if address:
+            _store_delete(address)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _error(address: int) -> wasmtime.WasmtimeError:
+    """The error (or `ExitTrap`) a C API call returned, owned by the object from now on."""
+    return wasmtime.WasmtimeError._from_ptr(ctypes.cast(address, ctypes.POINTER(ffi.wasmtime_error_t)))
+
+
+def engine_address(engine: wasmtime.Engine) -> int:
+    return int(ctypes.cast(engine.ptr(), ctypes.c_void_p).value or 0)
+
+
 class WasmInstance:
-    """One live instance in its own `Store`, with its memory limit. Idempotent `close()`."""
+    """One live instance in its own store, with its memory limit. Idempotent `close()`."""
 
     def __init__(
         self,
@@ -429,7 +501,7 @@ class WasmInstance:
         timeout_ms: int,
         calls: Sequence[tuple[str, int]],
         output: OutputFn | None,
-        wasi_options: WasiOptions,
+        wasi_options: WasiOptions | None,
     ) -> None:
         self.compiled = compiled
         self.memory_limit = memory_bytes
@@ -441,14 +513,16 @@ class WasmInstance:
         self._output_ids: tuple[int, ...] = ()
         #: Whether it holds a slot of the engine's instance pool (`_pooling.py`), given back by `close`.
         self.pooled = False
-        pool = compiled.engine.pool
+        engine = compiled.engine
+        pool = engine.pool
         instance = None
         if pool is not None and memory_bytes <= _pooling.SLOT_MEMORY_BYTES and pool.take():
             try:
                 pre = compiled.pooled_pre()
                 self.pooled = pre is not None
                 if pre is not None:
-                    instance = self._start(pool.engine, pre, timeout_ms, output, wasi_options)
+                    instance = self._start(pool.engine, engine.pool_address, pre, timeout_ms, output,
+                                           wasi_options)
             except BaseException:
                 self.pooled = False
                 raise
@@ -456,83 +530,88 @@ class WasmInstance:
                 if not self.pooled:  # not for a slot, the slot was taken meanwhile, or it failed
                     pool.give()
         if instance is None:  # on demand: no pool, not for a slot, or the pool is full
-            instance = self._start(compiled.engine.engine, None, timeout_ms, output, wasi_options)
-        assert instance is not None
+            instance = self._start(engine.engine, engine.address, None, timeout_ms, output, wasi_options)
         self._instance = instance
-        self._funcs: dict[str, Any] = {}
-        self._mem: Any = None
-        ctx = self._ctx_addr = int(ctypes.cast(self._ctx, ctypes.c_void_p).value or 0)
-        handle = ctypes.addressof(instance._instance)
-        mem = _export(ctx, handle, "memory")
-        if mem is not None and mem.kind == _EXTERN_MEMORY:
-            self._mem = mem.of.memory
+        ctx = self._ctx_addr = self.store.context
+        handle = ctypes.addressof(instance)
+        # The exports it uses, looked up once into one array (the memory first): the funcs' handles
+        # live in it for the instance's life.
+        externs: Any = (ffi.wasmtime_extern_t * (1 + len(calls)))()
+        self._externs = externs
+        base = ctypes.addressof(externs)
+        found = [_export_at(ctx, handle, name, base + i * _EXTERN_SIZE)
+                 for i, name in enumerate(("memory", *(name for name, _ in calls)))]
+        self._mem: Any = externs[0].of.memory if found[0] and externs[0].kind == _EXTERN_MEMORY else None
         self._mem_ref = ctypes.addressof(self._mem) if self._mem is not None else None
         #: (address, size) of the linear memory, None once guest code may have moved or grown it.
         self._span: tuple[int, int] | None = None
         self._args = (ffi.wasmtime_val_raw_t * 8)()
         self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
         self._trap_ref = ctypes.byref(self._trap)
-        for name, _ in calls:
-            ext = _export(ctx, handle, name)
-            if ext is not None and ext.kind == _EXTERN_FUNC:
-                self._funcs[name] = ext.of.func
-        self._func_refs = {name: ctypes.byref(f) for name, f in self._funcs.items()}
+        funcs: dict[str, Any] = {}
+        self._funcs = funcs
+        for i, (name, _) in enumerate(calls, 1):
+            if found[i] and externs[i].kind == _EXTERN_FUNC:
+                funcs[name] = externs[i].of.func
+        self._func_refs = {name: ctypes.byref(f) for name, f in funcs.items()}
 
-    def _start(self, engine: wasmtime.Engine, pooled: tuple[wasmtime.Module, wasmtime.InstancePre] | None,
-               timeout_ms: int, output: OutputFn | None,
-               wasi_options: WasiOptions) -> wasmtime.Instance | None:
-        """Makes the store in `engine` and instantiates the module in it: `pooled` (from
-        `CompiledModule.pooled_pre`), else `CompiledModule.pre()`. Returns None when a pooled
-        instantiation found no slot left (`pooled` is then False and the caller starts it on demand).
+    def _start(self, engine: wasmtime.Engine, address: int,
+               pooled: tuple[wasmtime.Module, wasmtime.InstancePre] | None, timeout_ms: int,
+               output: OutputFn | None, wasi_options: WasiOptions | None) -> Any:
+        """Makes the store in `engine` (at `address`) and instantiates the module in it: `pooled`
+        (from `CompiledModule.pooled_pre`), else `CompiledModule.pre()`. Returns the instance
+        (a `wasmtime_instance_t`), or None when a pooled instantiation found no slot left (`pooled`
+        is then False and the caller starts it on demand).
         Raises `WasmTrap` (a start function trapped or timed out) or `WasmLinkError`."""
-        self.store = wasmtime.Store(engine)
-        self.store.set_limits(memory_size=self.memory_limit, table_elements=MAX_TABLE_ELEMENTS, instances=4,
-                              tables=4, memories=1)
+        store = self.store = _Store(engine, address)
+        _store_limiter(store.address, self.memory_limit, MAX_TABLE_ELEMENTS, 4, 4, 1)
         # Start functions run at instantiation: under the same deadline as a call (see `call`).
-        start_state = CallState()
-        start_state.deadline_ns = time.monotonic_ns() + timeout_ms * 1_000_000
-        start_state.instance = self
-        self.deadline_ns = start_state.deadline_ns
-        self.store.set_epoch_deadline(start_state.slice_ticks())
-        watch_epoch(self.store)
         #: When the guest's WASI monotonic clock read 0 (to within microseconds): `poll_oneoff`'s
         #: absolute monotonic times count from it.
-        self.clock_base_ns = time.monotonic_ns()
-        wasi = wasmtime.WasiConfig()
-        self._output_ids = capture_output(wasi, output) if output is not None else ()
-        if wasi_options.args:
-            wasi.argv = wasi_options.args
-        if wasi_options.env:
-            wasi.env = list(wasi_options.env.items())
-        if wasi_options.stdin_path:
-            wasi.stdin_file = wasi_options.stdin_path
-        elif wasi_options.stdin_bytes:
-            vec = ffi.wasm_byte_vec_t()
-            ffi.wasm_byte_vec_new(ctypes.byref(vec), len(wasi_options.stdin_bytes),
-                                  ctypes.cast(ctypes.c_char_p(wasi_options.stdin_bytes),
-                                              ctypes.POINTER(ctypes.c_ubyte)))
-            ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))  # takes the vector
-        for host_dir, guest_dir in wasi_options.preopens:
-            wasi.preopen_dir(host_dir, guest_dir, fs_mutable=False) if _preopen_has_mutable() \
-                else wasi.preopen_dir(host_dir, guest_dir)
-        self.store.set_wasi(wasi)
-        self._ctx = self.store._context()
+        self.clock_base_ns = now = time.monotonic_ns()
+        start_state = CallState()
+        start_state.deadline_ns = self.deadline_ns = now + timeout_ms * 1_000_000
+        start_state.instance = self
+        ctx = store.context
+        set_epoch_deadline(ctx, start_state.slice_ticks())
+        watch_epoch(store.address)
+        if wasi_options is None:  # deny-all: nothing to set but the output
+            config = _wasi_config_new()
+            if output is not None:
+                self._output_ids = capture_output(config, output)
+            error = _set_wasi(ctx, config)  # takes the config
+        else:
+            wasi = _wasi_config(wasi_options)
+            if output is not None:
+                self._output_ids = capture_output(wasi, output)
+            error = _set_wasi(ctx, ctypes.cast(wasi._consume(), ctypes.c_void_p))
+        self._ctx = store.context_ptr
         tls = _tls
         outer = getattr(tls, "state", None), getattr(tls, "instance", None)
         tls.state, tls.instance = start_state, self
+        instance = ffi.wasmtime_instance_t()
+        trap = ctypes.c_void_p()
         try:
+            if error:
+                raise _error(error)
             #: The code this instance runs (`CompiledModule.module` may be better by now).
             self.module, instance_pre = pooled if pooled is not None else self.compiled.pre()
-            return instance_pre.instantiate(self.store)
-        except wasmtime.Trap as trap:
+            error = _pre_instantiate(instance_pre.ptr(), ctx, ctypes.addressof(instance),
+                                     ctypes.addressof(trap))
+            if error:
+                raise _error(error)
+            if trap.value:
+                raise wasmtime.Trap._from_ptr(ctypes.cast(trap, ctypes.POINTER(ffi.wasm_trap_t)))
+            return instance
+        except wasmtime.Trap as exc:
             # Closed at once: a failed start still holds its instance (a pool slot) until then.
-            self.store.close()
+            store.close()
             self._drop_outputs()
             if isinstance(start_state.fault, Interrupted):
                 raise WasmTrap(start_state.fault.kind, str(start_state.fault)) from None
-            raise _to_wasm_trap(trap.trap_code, trap.message) from None
+            raise _to_wasm_trap(exc.trap_code, exc.message) from None
         except wasmtime.WasmtimeError as exc:
-            self.store.close()
+            store.close()
             self._drop_outputs()
             if isinstance(start_state.fault, Interrupted):
                 raise WasmTrap(start_state.fault.kind, str(start_state.fault)) from None
@@ -572,7 +651,7 @@ class WasmInstance:
         elif state.deadline_ns is None:
             state.deadline_ns = self.deadline_ns
         try:
-            set_epoch_deadline(self._ctx, state.slice_ticks())
+            set_epoch_deadline(self._ctx_addr, state.slice_ticks())
         except Interrupted as exc:
             raise WasmTrap(exc.kind, str(exc)) from None
         tls = _tls
@@ -673,12 +752,15 @@ class WasmInstance:
 _NAMES: dict[str, bytes] = {}  # export names, encoded once
 
 
-def _export(ctx: int, instance: int, name: str) -> Any:
+_EXTERN_SIZE = ctypes.sizeof(ffi.wasmtime_extern_t)
+
+
+def _export_at(ctx: int, instance: int, name: str, address: int) -> bool:
+    """Looks export `name` up into the `wasmtime_extern_t` at `address`; whether there is one."""
     raw = _NAMES.get(name)
     if raw is None:
         raw = _NAMES.setdefault(name, name.encode())
-    item = ffi.wasmtime_extern_t()
-    return item if _export_get(ctx, instance, raw, len(raw), ctypes.addressof(item)) else None
+    return bool(_export_get(ctx, instance, raw, len(raw), address))
 
 
 def _preopen_has_mutable() -> bool:

@@ -53,6 +53,7 @@ ABI_MARKER = "wasminfer_abi_v1"
 EXPORT_ALLOC = "wasminfer_alloc"
 EXPORT_HANDLE = "wasminfer_handle"
 CALLS = ((EXPORT_ALLOC, 1), (EXPORT_HANDLE, 4))
+_STARTING_CALLS = (*CALLS, ("_initialize", 0))
 
 E_INVALID_ARGUMENT = 1
 E_NOT_FOUND = 2
@@ -428,7 +429,7 @@ def instantiate(compiled: CompiledModule, manifest: Manifest, state: CallState,
     inst = compiled.instantiate(
         memory_bytes=manifest.memory_mb << 20,
         timeout_ms=manifest.timeout_ms,
-        calls=CALLS + (("_initialize", 0),),
+        calls=_STARTING_CALLS,
         output=output,
     )
     if inst.has("_initialize"):

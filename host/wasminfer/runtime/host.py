@@ -162,6 +162,8 @@ class DeployedFunction:
         # ends when the function is deleted.
         self._running: set[handler.InvocationState] = set()
         self._cancelled: WasminferError | None = None
+        #: What an instance's memory reservation names when it is refused.
+        self._reserving = f"an instance of function {name!r} (manifest key 'memory_mb' {manifest.memory_mb})"
         self.pool: InstancePool[_Instance] = InstancePool(
             name, self._create, self._destroy,
             max_instances=manifest.max_instances, max_queue=manifest.max_queue,
@@ -172,11 +174,8 @@ class DeployedFunction:
     def _create(self, reclaim: bool = True) -> _Instance:
         """Raises `MemoryQuotaExceeded` or `HostMemoryExhausted` when its `memory_mb` does not fit
         (after reclaiming the tenant's idle instances if `reclaim`), and what instantiating raises."""
-        memory = self.host.memory.reserve(
-            self.manifest.memory_mb << 20, "instances",
-            f"an instance of function {self.name!r} (manifest key 'memory_mb' {self.manifest.memory_mb})",
-            reclaim=reclaim,
-        )
+        memory = self.host.memory.reserve(self.manifest.memory_mb << 20, "instances", self._reserving,
+                                          reclaim=reclaim)
         try:
             return self._instantiate(memory)
         except BaseException:
