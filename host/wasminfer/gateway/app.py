@@ -135,6 +135,7 @@ def create_app(
     app = Gateway(
         routes=routes,
         direct=[invoke],
+        shared=state,
         middleware=middleware,
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
