@@ -4,6 +4,7 @@ error status the API names (400 401 403 404 409 413 415 422 429 500 503 504)."""
 from __future__ import annotations
 
 import ast
+import gc
 import json
 import threading
 import time
@@ -629,3 +630,20 @@ def test_gateway_never_imports_wasmtime_or_onnxruntime() -> None:
     assert not any(
         isinstance(n, ast.ImportFrom) and (n.module or "").startswith("starlette") for n in ast.walk(service)
     )
+
+
+# --- the collector: a server's app freezes what is alive once the store is loaded ------------------
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_server_app_freezes_what_is_alive_once_the_store_is_loaded(tmp_path: Path, freeze: bool) -> None:
+    gc.unfreeze()
+    p = Platform(tmp_path / "data")
+    try:
+        with TestClient(create_app(p, freeze_gc=freeze)) as c:
+            wait_ready(c)
+            assert c.get("/healthz").status_code == 200
+        # (the lifespan has ended: its load, and the freeze after it, are done)
+        frozen = gc.get_freeze_count()
+        assert (frozen > 10_000) if freeze else frozen == 0, frozen
+    finally:
+        gc.unfreeze()  # (the rest of this test process collects as usual)
+        p.close()
