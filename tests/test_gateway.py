@@ -4,10 +4,12 @@ error status the API names (400 401 403 404 409 413 415 422 429 500 503 504)."""
 from __future__ import annotations
 
 import ast
+import gc
 import json
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -629,3 +631,44 @@ def test_gateway_never_imports_wasmtime_or_onnxruntime() -> None:
     assert not any(
         isinstance(n, ast.ImportFrom) and (n.module or "").startswith("starlette") for n in ast.walk(service)
     )
+
+
+# --- the collector: a server's app freezes what is alive once the store is loaded ------------------
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_server_app_freezes_what_is_alive_once_the_store_is_loaded(tmp_path: Path, freeze: bool) -> None:
+    gc.unfreeze()
+    p = Platform(tmp_path / "data")
+    try:
+        with TestClient(create_app(p, freeze_gc=freeze)) as c:
+            wait_ready(c)
+            assert c.get("/healthz").status_code == 200
+        # (the lifespan has ended: its load, and the freeze after it, are done)
+        frozen = gc.get_freeze_count()
+        assert (frozen > 10_000) if freeze else frozen == 0, frozen
+    finally:
+        gc.unfreeze()  # (the rest of this test process collects as usual)
+        p.close()
+
+
+# --- the invoke route reads its headers in one pass: the first of each, as Starlette's `Headers` ---
+def test_the_guest_gets_the_first_content_type_or_octet_stream_without_one(
+    client: TestClient, add_model: bytes, build_guest: Callable[..., bytes]
+) -> None:
+    assert client.put("/v1/models/add", content=add_model, headers=ONNX).status_code == 201
+    r = client.put("/v1/functions/echo?models=add", content=build_guest("sdk_echo.c"), headers=WASM)
+    assert r.status_code == 201, r.text
+    body = encode_tensors({"a": np.ones((1, 3), np.float32), "b": np.ones((1, 3), np.float32)})
+    url = "/v1/functions/echo/invoke"
+    first_is_right = [("content-type", "application/cbor; model=add"), ("content-type", "text/plain")]
+    r = client.post(url, content=body, headers=first_is_right)
+    assert r.status_code == 200, r.text
+    assert decode_tensors(r.content)["y"].tolist() == [[2.0, 2.0, 2.0]]
+    assert r.headers["content-type"] == "application/cbor"
+    assert re.fullmatch(
+        r"queue;dur=[0-9.]+, start;dur=[0-9.]+, run;dur=[0-9.]+, infer;dur=[0-9.]+, total;dur=[0-9.]+",
+        r.headers["server-timing"],
+    ), r.headers["server-timing"]
+    r = client.post(url, content=body, headers=first_is_right[::-1])
+    assert "not 'text/plain'" in error(r, 500, "guest_error")
+    r = client.post(url, content=body, headers={"content-type": ""})
+    assert "not 'application/octet-stream'" in error(r, 500, "guest_error")

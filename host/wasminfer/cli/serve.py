@@ -218,12 +218,12 @@ def serve(
                 options=["--http", http, "--loop", loop],
             )
             sockets = [tcp, unix_socket(backend.primary_socket)]
-            gateway = create_app(platform, settings, scaling=scaling_config, backend=backend)
+            gateway = create_app(platform, settings, scaling=scaling_config, backend=backend, freeze_gc=True)
             app = ProcessApp(gateway, "primary")
             shares = ConnectionShares(backend.shares, 0)
             server_class = PortServer
         else:
-            app = create_app(platform, settings, scaling=scaling_config)
+            app = create_app(platform, settings, scaling=scaling_config, freeze_gc=True)
         server: Any = (server_class or uvicorn.Server)(
             uvicorn.Config(
                 app,

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from wasminfer.errors import Forbidden, Unauthorized
-from wasminfer.gateway.state import app_state
+from wasminfer.gateway.state import PRINCIPAL, app_state
 from wasminfer.service import DEFAULT_TENANT, Principal
 
 ADMIN, INVOKE, READ = "admin", "invoke", "read"
@@ -56,7 +56,7 @@ def scoped(scope: str, endpoint: Endpoint) -> Endpoint:
                 f"this API key lacks the {scope!r} scope needed for {request.method} "
                 f"{request.url.path} (it has: {', '.join(sorted(who.scopes)) or 'none'})"
             )
-        request.state.principal = who
+        request.scope[PRINCIPAL] = who
         return await endpoint(request)
 
     return guarded

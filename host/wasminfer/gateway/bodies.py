@@ -36,8 +36,13 @@ def _human(n: int) -> str:
 def check_length(request: Request, limit: int, what: str) -> None:
     """Raises `PayloadTooLarge` if the declared `Content-Length` is over `limit`, `BadRequest` if it
     is not a number."""
-    declared = request.headers.get("content-length")
-    if declared is None:
+    # The raw list, not `request.headers`: every invocation comes here, and the object and its
+    # lookup cost more than this scan.
+    for key, value in request.scope["headers"]:
+        if key == b"content-length":
+            declared = value.decode("latin-1")
+            break
+    else:
         return
     try:
         length = int(declared)

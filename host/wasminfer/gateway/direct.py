@@ -29,13 +29,17 @@ Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 class Gateway(Starlette):
-    """A Starlette app whose `direct` routes skip the middleware and the router (see the module)."""
+    """A Starlette app whose `direct` routes skip the middleware and the router (see the module).
 
-    def __init__(self, *, direct: Sequence[Route] = (), **kwargs: Any) -> None:
+    `shared`: what every request's handler shares, read from the request's scope (`scope["app"]`)
+    in one attribute lookup."""
+
+    def __init__(self, *, direct: Sequence[Route] = (), shared: Any = None, **kwargs: Any) -> None:
         """Takes Starlette's arguments. Raises `ValueError` for a direct route that is not among
         `routes`, an exception handler that is not a coroutine function, or one keyed by a status
         other than 500."""
         super().__init__(**kwargs)
+        self.shared = shared
         for r in direct:
             if r not in self.router.routes:
                 raise ValueError(f"direct route {r.path} is not one of the app's routes")

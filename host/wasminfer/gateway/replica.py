@@ -330,7 +330,7 @@ def serve_replica(
                 platform.refresh(name, tenant=tenant)
             except WasminferError as exc:
                 log.warning("could not load %s/%s before serving: %s", tenant, name, exc.message)
-        gateway = create_app(platform, settings, scaling=config, replica=True)
+        gateway = create_app(platform, settings, scaling=config, replica=True, freeze_gc=True)
         state = gateway.state.wasminfer
         public = ProcessApp(gateway, replica_id, forward=Forward(primary))
         sockets = [listen_socket(*listen), unix_socket(control)]

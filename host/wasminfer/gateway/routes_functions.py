@@ -10,6 +10,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from wasminfer import errors, pysource
 from wasminfer.errors import BadRequest, FunctionNotFound, InvalidManifest, WasminferError
@@ -224,9 +225,22 @@ async def rollback(request: Request, params: Params) -> Response:
     "-d @request.json",
 )  # fmt: skip
 async def invoke(request: Request, params: Params) -> Response:
-    if params["stream"] or (params["stream"] is None and streaming.wants_sse(request)):
+    # The headers this route reads, in one pass over the raw list: Starlette's `Headers` scans it
+    # again for each, and raises and catches a KeyError for each that is absent.
+    accept = prefer = False
+    content_type = None
+    for key, value in request.scope["headers"]:
+        if key == b"content-type":
+            if content_type is None:
+                content_type = value
+        elif key == b"accept":
+            accept = True
+        elif key == b"prefer":
+            prefer = True
+    stream = params["stream"]
+    if stream or (stream is None and accept and streaming.wants_sse(request)):
         return await _invoke_streamed(request, params)
-    if jobs.wants_async(request, params["async"]):
+    if (prefer or params["async"] is not None) and jobs.wants_async(request, params["async"]):
         return await jobs.invoke_async(request, params)
     started = time.perf_counter()
     st = app_state(request)
@@ -236,7 +250,9 @@ async def invoke(request: Request, params: Params) -> Response:
     gate = st.jobs.gate
     gate.enter()
     try:
-        return await _invoke_sync(request, body, started)
+        return await _invoke_sync(
+            request, body, started, content_type.decode("latin-1") if content_type else DEFAULT_CONTENT_TYPE
+        )
     finally:
         gate.exit()
 
@@ -256,10 +272,9 @@ async def _invoke_streamed(request: Request, params: Params) -> Response:
         gate.exit()
 
 
-async def _invoke_sync(request: Request, body: bytes, started: float) -> Response:
+async def _invoke_sync(request: Request, body: bytes, started: float, content_type: str) -> Response:
     st, who = app_state(request), principal(request)
-    name = request.path_params["name"]
-    content_type = request.headers.get("content-type") or DEFAULT_CONTENT_TYPE
+    name = request.scope["path_params"]["name"]
     try:
         result = await st.fleet.invoke(who.tenant, name, body, content_type)
     except FunctionNotFound:
@@ -285,7 +300,7 @@ async def _invoke_sync(request: Request, body: bytes, started: float) -> Respons
     # without its pass over them for a length and a type to add).
     return _Raw(body, [
         (b"content-type", ctype.encode("latin-1")),
-        (b"server-timing", f"{result.server_timing()}, total;dur={elapsed * 1000:.3f}".encode("latin-1")),
+        (b"server-timing", result.server_timing(elapsed * 1000)),
         (b"x-invocation-id", result.invocation_id.encode("latin-1")),
         (b"content-length", b"%d" % len(body)),
     ])  # fmt: skip
@@ -303,6 +318,11 @@ class _Raw(Response):
         self.background = None
         self.body = body
         self.raw_headers = raw_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # `Response.__call__` without what this one never has (a websocket scope, a background task).
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 @operation(

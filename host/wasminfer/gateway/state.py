@@ -31,14 +31,21 @@ class AppState:
     openapi: dict[str, Any] | None = None  # the app's OpenAPI document, made at its first request
 
 
+#: Where `auth.scoped` keeps the caller in the request's ASGI scope (a namespaced key, as ASGI
+#: extensions do: `request.state` would make an object and go through a Python `__setattr__`).
+PRINCIPAL = "wasminfer.principal"
+
+
 def app_state(request: Request) -> AppState:
-    state: AppState = request.app.state.wasminfer
+    # The app's own attribute (`Gateway.shared`), set with `app.state.wasminfer`: Starlette's
+    # `State` answers every read with a Python `__getattr__`, and a request reads it several times.
+    state: AppState = request.scope["app"].shared
     return state
 
 
 def principal(request: Request) -> Principal:
     """The caller, as `auth.scoped` found it."""
-    who: Principal = request.state.principal
+    who: Principal = request.scope[PRINCIPAL]
     return who
 
 

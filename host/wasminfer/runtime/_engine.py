@@ -1,7 +1,7 @@
 """The process's wasmtime engine, and how it holds guest calls to their deadlines.
 
 One `Engine` per process: the wasmtime `Engine` in the configuration the compile workers share
-(`_compiler.engine_config`), the epoch ticker that advances it every millisecond, and the compile
+(`_compiler.engine_config`), the epoch ticker that advances it (see `Engine._tick`), and the compile
 cache (`_cache.py`). Every store of either boundary (`_wasm.py`: core modules, `_component.py`:
 components) is watched by `watch_epoch`: at each epoch deadline `_on_epoch_deadline` looks at the
 call's `CallState` (its deadline, its cancel flag) and traps or grants the next slice.
@@ -42,6 +42,9 @@ TICK_S = 0.001  # epoch tick: timeouts fire within ~1-2 ms of their deadline
 #: A guest call's epoch deadline is at most this far ahead; when it passes, `_on_epoch_deadline`
 #: checks the call's own deadline and cancel flag and either traps or grants the next slice.
 SLICE_TICKS = 50
+#: A call whose deadline is nearer than this (ms) makes the ticker tick every ms until it passes
+#: (`_Urgency`): from one look at a call to the next, the lazy ticker lets at most two slices pass.
+NEAR_MS = 2 * SLICE_TICKS * TICK_S * 1000
 DLL = bindings.dll  # type: ignore[attr-defined]
 
 
@@ -110,6 +113,9 @@ class CallState:
             wake = self._wake
         if wake is not None:
             wake.set()
+        # The guest's epoch deadline is at most a slice ahead of an epoch that may lag: ticking
+        # every ms for a slice reaches it within one.
+        urgency.until(time.monotonic_ns() + SLICE_TICKS * _TICK_NS)
 
     def check(self) -> None:
         """Raises `Interrupted` if the call was cancelled or its deadline has passed."""
@@ -154,7 +160,45 @@ class CallState:
         left_ms = (deadline - time.monotonic_ns()) / 1e6
         if left_ms <= TICK_S * 500:
             raise Interrupted("timeout", "the deadline passed")
+        if left_ms < NEAR_MS:
+            urgency.until(deadline)
         return min(SLICE_TICKS, int(left_ms / (TICK_S * 1000)) + 1)
+
+
+_TICK_NS = int(TICK_S * 1e9)
+
+
+class _Urgency:
+    """Until when the epoch tickers must tick every millisecond (`Engine._tick`): past it, they
+    tick once a slice. Raised by calls whose deadline is near (`CallState.slice_ticks`) and by
+    cancels; each raise wakes the tickers that sleep a slice."""
+
+    def __init__(self) -> None:
+        self.until_ns = 0
+        self._lock = threading.Lock()
+        self._sleepers: weakref.WeakSet[threading.Event] = weakref.WeakSet()
+
+    def until(self, t_ns: int) -> None:
+        if t_ns <= self.until_ns:  # (the usual case once raised: no lock)
+            return
+        with self._lock:
+            if t_ns <= self.until_ns:
+                return
+            self.until_ns = t_ns
+            sleepers = list(self._sleepers)
+        for wake in sleepers:
+            wake.set()
+
+    def watch(self, wake: threading.Event) -> None:
+        with self._lock:
+            self._sleepers.add(wake)
+
+    def forget(self, wake: threading.Event) -> None:
+        with self._lock:
+            self._sleepers.discard(wake)
+
+
+urgency = _Urgency()
 
 
 tls = threading.local()
@@ -416,20 +460,33 @@ class Engine:
         self.tiering = Tiering(self._optimise)
         _compiler.compiler().prestart()  # a new module's compile then finds a worker running
         self._closed = threading.Event()
+        self._wake = threading.Event()
+        urgency.watch(self._wake)
+        self.ticker_wakes = 0  # how often the ticker woke (each time it took the GIL)
         self._ticker = threading.Thread(target=self._tick, name="wasminfer-epoch", daemon=True)
         self._ticker.start()
 
     def _tick(self) -> None:
-        # One epoch per elapsed millisecond of wall-clock time, however late the thread wakes
-        # (a sleep of 1 ms takes ~1.1 ms here), so deadlines are in real milliseconds. A plain
-        # sleep and an increment that keeps the GIL: `Event.wait` and wasmtime-py's own increment
-        # (which releases and retakes the GIL) cost an idle host 40 ms of CPU a second, this ~half.
-        start = time.monotonic()
+        # The epoch counts elapsed milliseconds of wall-clock time, however late the thread wakes
+        # (a sleep of 1 ms takes ~1.1 ms here), so deadlines are in real milliseconds. It is
+        # brought up to date every ms only while some call's deadline is near or a call was
+        # cancelled (`urgency`); otherwise once a slice (`SLICE_TICKS`): every wake takes the GIL,
+        # and 1,000 wakes a second cost a busy server ~4% of its CPU, and its event loop a hand-off
+        # of the GIL each. A call whose deadline is far only needs its slice to end (its epoch
+        # deadline is at most a slice ahead): it then ends within two, and the look at it then
+        # sees its deadline near. A plain sleep and an increment that keeps the GIL in the fast
+        # mode: `Event.wait` and wasmtime-py's own increment cost twice as much.
+        start = time.monotonic_ns()
         ticks = 0
-        closed, sleep, now = self._closed, time.sleep, time.monotonic
+        closed, wake, sleep, now = self._closed, self._wake, time.sleep, time.monotonic_ns
         while not closed.is_set():
-            sleep(TICK_S)
-            due = int((now() - start) / TICK_S)
+            if urgency.until_ns > now():
+                sleep(TICK_S)
+            else:
+                wake.wait(SLICE_TICKS * TICK_S)
+                wake.clear()
+            self.ticker_wakes += 1
+            due = (now() - start) // _TICK_NS
             while ticks < due:
                 for engine in self.epoch_engines:
                     _increment_epoch(engine.ptr())
@@ -448,6 +505,8 @@ class Engine:
         `Tiering.DRAIN_S`). Idempotent."""
         self.tiering.close()
         self._closed.set()
+        self._wake.set()
+        urgency.forget(self._wake)
 
     def __enter__(self) -> Self:
         return self

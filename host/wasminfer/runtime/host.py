@@ -68,9 +68,13 @@ class InvokeResult:
     invocation_id: str
     boundary_bytes: int = 0  # tensors and frames that crossed the guest's boundary (its infer calls)
 
-    def server_timing(self) -> str:
-        return (f"queue;dur={self.queue_us / 1000:.3f}, start;dur={self.start_us / 1000:.3f}, "
-                f"run;dur={self.run_us / 1000:.3f}, infer;dur={self.infer_us / 1000:.3f}")
+    def server_timing(self, total_ms: float) -> bytes:
+        """The `Server-Timing` header's value, with the whole request's `total_ms`."""
+        return _SERVER_TIMING % (self.queue_us / 1000, self.start_us / 1000, self.run_us / 1000,
+                                 self.infer_us / 1000, total_ms)
+
+
+_SERVER_TIMING = b"queue;dur=%.3f, start;dur=%.3f, run;dur=%.3f, infer;dur=%.3f, total;dur=%.3f"
 
 
 @dataclass(frozen=True)
