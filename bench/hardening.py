@@ -180,7 +180,7 @@ def deploy_spin(url: str, *, name: str = "spin", max_instances: int = 2, max_que
 
 def wait_optimised(url: str, name: str, timeout_s: float = 60.0) -> None:
     """Waits until `name` runs its optimised code: a new module answers first on fast-tier code
-    (`runtime._engine.Tiering`), a few times slower for a loop like spin's, and a calibration made
+    (`runtime._tiers.Tiering`), a few times slower for a loop like spin's, and a calibration made
     on it would overstate the work of every later request."""
     deadline = time.monotonic() + timeout_s
     while True:

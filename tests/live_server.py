@@ -155,7 +155,7 @@ def last_line(text: str) -> str:
 
 def wait_optimised(url: str, name: str, timeout_s: float = 600.0) -> None:
     """Waits until function `name` on the server at `url` runs its optimised code: a new module
-    answers on fast-tier code first (`runtime._engine.Tiering`), slower for a loop, and only the
+    answers on fast-tier code first (`runtime._tiers.Tiering`), slower for a loop, and only the
     optimised code goes into the compile cache. Raises `AssertionError` past `timeout_s`.
 
     The bound is long on purpose: the optimised compile runs in a background worker at nice 12, by

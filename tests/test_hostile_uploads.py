@@ -238,7 +238,7 @@ def test_invocations_and_deploys_go_on_while_a_compile_bomb_compiles(
     server: tuple[TestClient, Platform], canary_wasm: bytes
 ) -> None:
     client, platform = server
-    # The canary's optimised code may still compile behind its fast tier (`_engine.Tiering`): wait
+    # The canary's optimised code may still compile behind its fast tier (`_tiers.Tiering`): wait
     # for that to end, so that the worker found busy below is the bomb's.
     quiet_by = time.monotonic() + 60
     while compiling():

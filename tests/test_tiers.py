@@ -1,5 +1,5 @@
 """A new module answers on fast-tier code and the optimised code takes over behind it
-(`_engine.Tiering`): the same answers, the swap seen in the function's view, instances made on the
+(`_tiers.Tiering`): the same answers, the swap seen in the function's view, instances made on the
 fast code renewed, only optimised code in the compile cache, and an optimising compile that dies
 retried once, then reported while the function keeps serving.
 
@@ -22,7 +22,7 @@ import wasmtime
 from test_hostile_uploads import section
 from wasminfer.runtime import Host
 from wasminfer.runtime._compiler import compiler, engine_config
-from wasminfer.runtime._engine import Tiering
+from wasminfer.runtime._tiers import Tiering
 
 GUESTS = Path(__file__).resolve().parent / "guests"
 

@@ -81,7 +81,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 host.deploy_function(w.function, wasm, manifest)
                 fn = host.function(w.function)
                 # A function deployed a while ago runs its optimised code (the fast tier's serves only
-                # its first answers, `_engine.Tiering`): (a) and the warm figure are measured on that.
+                # its first answers, `_tiers.Tiering`): (a) and the warm figure are measured on that.
                 if not fn.compiled.code.wait(120):
                     raise RuntimeError(f"{name}: the optimised code did not come within 120 s")
                 for _ in range(5):

@@ -51,7 +51,7 @@ def _wasminfer(ctx: Context, name: str, counts: list[int]) -> dict[str, Any]:
                 server.invoke(fname, body, w.content_type)
                 deployed += 1
             # A new module answers on fast-tier code until its optimised code is compiled behind it
-            # (one background compile at a time, `_engine.Tiering`): measured once every function
+            # (one background compile at a time, `_tiers.Tiering`): measured once every function
             # runs the code it keeps (the swap renews its instance once idle).
             _wait_optimised(server, [f"{w.function}-{i}" for i in range(deployed)])
             # Idle instances that grew are renewed after `GrowthPolicy.shrink_idle_s` (1 s) by the

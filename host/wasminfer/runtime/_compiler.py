@@ -12,7 +12,7 @@ what a cache hit does anyway.
 Two tiers (`TIERS`): "optimised", the engine's own configuration, whose artefacts are cached; and
 "fast" (no Cranelift optimisations, the single-pass register allocator), ~2.5x less compile time for
 ~1.2-1.6x slower guest code, whose artefact comes back over the pipe (it is never cached, so nothing
-is written or fsynced on a new module's way to its first answer): `_engine.Tiering` answers with
+is written or fsynced on a new module's way to its first answer): `_tiers.Tiering` answers with
 it first and swaps the optimised code in behind it. Both load into the host's engine: neither
 setting is one wasmtime requires of a loaded artefact.
 

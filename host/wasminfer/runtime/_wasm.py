@@ -41,7 +41,6 @@ from wasminfer.runtime._cache import load_fast
 from wasminfer.runtime._engine import (
     DLL,
     CallState,
-    Code,
     Engine,
     ExternInfo,
     held,
@@ -51,6 +50,7 @@ from wasminfer.runtime._engine import (
 )
 from wasminfer.runtime._engine import tls as _tls
 from wasminfer.runtime._output import OutputFn, capture_output, release_output
+from wasminfer.runtime._tiers import Code
 from wasminfer.runtime._traps import GuestFault, Interrupted, WasmExit, WasmLinkError, WasmTrap, first_line
 from wasminfer.runtime._wasi import poll_oneoff
 

@@ -111,7 +111,7 @@ class _Instance:
         self.traffic_bytes = 0  # the largest request or response since it started
 
     def outdated(self) -> bool:
-        """Whether the optimised code of its module came after it started (see `_engine.Code`)."""
+        """Whether the optimised code of its module came after it started (see `_tiers.Code`)."""
         return isinstance(self.wasm, WasmInstance) and self.wasm.outdated()
 
     def growth(self) -> int:
