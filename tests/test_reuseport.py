@@ -271,6 +271,9 @@ def test_a_draining_replica_finishes_in_flight_and_a_killed_one_is_replaced(tmp_
     assert "Traceback" not in log.read_text()
 
 
+# Serial: the processes share their counts every 0.1 s, and beside other tests on a loaded machine
+# the count a close is decided on lags further behind the connections (closes past the bound seen once).
+@pytest.mark.serial
 def test_kept_alive_connections_piled_on_one_process_even_out(tmp_path: Path) -> None:
     """Six connections kept on the gateway's process, none on the replica (as the kernel's hash may
     leave a load generator's): the fuller process closes its surplus after a response, the clients
