@@ -131,9 +131,9 @@ class DecoderSpec:
         return self.past_names | {n for n, has in ((MASK, self.mask), (POSITIONS, self.positions)) if has}
 
     @cached_property
-    def steps(self) -> Stack:
+    def steps(self) -> _Steps:
         """How this model's steps share a batched run (`ModelRegistry.infer`'s `stack`)."""
-        return self._steps
+        return _Steps(self)
 
     @cached_property
     def first_steps(self) -> Stack:
@@ -142,17 +142,13 @@ class DecoderSpec:
         join it."""
         return _Steps(self)
 
-    @cached_property
-    def _steps(self) -> _Steps:
-        return _Steps(self)
-
     def count_stream(self, delta: int) -> None:
         """A state of this spec was opened (+1) or freed (-1); the caller serialises these. With a
         mask, every state's steps may share a run, so each counts among the streams a batch takes
         its share of (`Stack.streams`); without, only states of equal lengths share one, and none
         are counted (a batch would wait for rows that cannot join it)."""
         if self.mask:
-            self._steps.streams += delta
+            self.steps.streams += delta
 
     @cached_property
     def present_names(self) -> frozenset[str]:
