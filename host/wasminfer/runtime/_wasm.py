@@ -110,7 +110,7 @@ class GuestMemory:
     """Bounds-checked access to an instance's linear memory, inside a host import or outside.
 
     Where the memory lies and its size are read once per stretch of host code (`WasmInstance.span`:
-    forgotten when a host import starts and around every guest call, the times guest code may have
+    forgotten when a host import starts and after every guest call, the times guest code may have
     grown the memory): a host import makes several accesses, each of which used to cost two foreign
     calls.
     """
@@ -565,10 +565,10 @@ class WasmInstance:
         Raises `WasmTrap` (a start function trapped or timed out) or `WasmLinkError`."""
         store = self.store = _Store(engine, address)
         _store_limiter(store.address, self.memory_limit, MAX_TABLE_ELEMENTS, 4, 4, 1)
-        # Start functions run at instantiation: under the same deadline as a call (see `call`).
         #: When the guest's WASI monotonic clock read 0 (to within microseconds): `poll_oneoff`'s
         #: absolute monotonic times count from it.
         self.clock_base_ns = now = time.monotonic_ns()
+        # Start functions run at instantiation: under the same deadline as a call (see `call`).
         start_state = CallState()
         start_state.deadline_ns = self.deadline_ns = now + timeout_ms * 1_000_000
         start_state.instance = self
