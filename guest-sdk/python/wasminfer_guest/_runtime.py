@@ -56,7 +56,7 @@ import _host  # the door, built into the runtime's interpreter
 from wasminfer_guest import export
 from wasminfer_guest._packjson import pack as pack_json
 from wasminfer_guest._packjson import worth_packing
-from wasminfer_guest.http import _BYTES_LIKE, _JSON_LIKE, Reject, Request, Response
+from wasminfer_guest.http import _BYTES_LIKE, _JSON_ENCODE, _JSON_LIKE, JSON, Reject, Request, Response
 from wasminfer_guest.inference import InferError
 
 ENTRY = "app"
@@ -65,6 +65,7 @@ MAX_TRACEBACK = 16 << 10
 HEAD_BYTES = 32
 FETCH = 0xFFFFFFFF
 DONE, PACKED_JSON = 1, 2
+_JSON_TYPE = JSON.encode()
 #: Requests up to this size (content type and body) are written in place by the host. The buffer's
 #: pages are zeros in the snapshot: an instance pays only for those its requests touch.
 INBOX_BYTES = 1 << 20
@@ -298,6 +299,8 @@ def invoke() -> None:
             body, ctype, done = packed, b"", PACKED_JSON
         elif _streams(result):  # its parts went through the door: the response is the last, empty
             body, ctype = b"", _stream(result)
+        elif kind is dict or kind is list:  # `Response.of`'s JSON, without a Response between
+            body, ctype = _JSON_ENCODE(result).encode(), _JSON_TYPE
         else:
             response = Response.of(result)
             body = response.body
