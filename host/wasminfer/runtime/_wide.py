@@ -8,8 +8,10 @@ interpreter per instance, nearly every instruction a load or a store, a memory t
 and grows past 64 MiB (its default limit is 128 MiB), so it would move as it grows. On this engine
 memories get wasmtime's 64-bit defaults (4 GiB + 32 MiB of guard, `_compiler.engine_config(wide=True)`):
 its code has no bounds checks, and a memory grows in place. Its instances are few (each holds
-tens of MiB of the memory budget), so their reservations fit. Measured on the digits function in
-Python: `Host.invoke` 173 -> 163 µs (min), `json.loads` of the request 39.9 -> 35.8 µs.
+tens of MiB of the memory budget), so their reservations fit. Measured here (5 alternating runs
+each, medians of their minima): the digits function in Python, `Host.invoke` 173.9 -> 162.6 µs,
+`json.loads` of its request in the guest 39.4 -> 36.2 µs; a new instance to its first answer
+1.7-2.2 -> 1.1-1.5 ms (p50s).
 
 Made on first use (`_wasm.WasmEngine.wide`: the first Python function, or a build of the runtime),
 not with the process's engine: a host without Python functions makes no second engine, linker or
