@@ -97,6 +97,14 @@ _set_wasi = held("wasmtime_context_set_wasi", ctypes.c_void_p, ctypes.c_void_p, 
 _pre_instantiate = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_void_p)(("wasmtime_instance_pre_instantiate", DLL))
 
+# ctypes.memmove releases the GIL around every copy (a `CFUNCTYPE`), so each write into a guest's
+# memory from a host import was a hand-off of the GIL to another thread and a wait to get it back,
+# for copies of a few bytes (`held`'s reason). This one keeps it, for copies up to `HELD_COPY_BYTES`
+# (~0.1 ms at most); longer ones let go of it while they copy.
+_memmove_held = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
+    ctypes.cast(ctypes.memmove, ctypes.c_void_p).value or 0)
+HELD_COPY_BYTES = 1 << 20
+
 _EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
 
@@ -138,16 +146,17 @@ class GuestMemory:
         return ctypes.string_at(addr, length) if length else b""
 
     def write(self, ptr: int, data: bytes) -> None:
-        addr = self._base(ptr, len(data))
-        if data:
-            ctypes.memmove(addr, data, len(data))
+        n = len(data)
+        addr = self._base(ptr, n)
+        if n:
+            (_memmove_held if n <= HELD_COPY_BYTES else ctypes.memmove)(addr, data, n)
 
     def copy_in(self, ptr: int, source: int, length: int) -> None:
         """Copies `length` bytes from host address `source` (e.g. a numpy array's data) to `ptr`:
         what `write` does without first making the bytes an object of their own."""
         addr = self._base(ptr, length)
         if length:
-            ctypes.memmove(addr, source, length)
+            (_memmove_held if length <= HELD_COPY_BYTES else ctypes.memmove)(addr, source, length)
 
     def write_u32(self, ptr: int, value: int) -> None:
         self.write(ptr, (value & _U32).to_bytes(4, "little"))
