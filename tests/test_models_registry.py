@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -465,6 +466,27 @@ def test_runtime_failure_is_inference_failed(registry: ModelRegistry) -> None:
     assert registry.stats("two").errors == 1
 
 
+def test_runs_call_the_binding_and_answer_as_ort_s_wrapper_does(registry: ModelRegistry) -> None:
+    # The registry skips ORT's Python wrapper (`session.runner`): the same session answers the same
+    # through both, errors stay the registry's, and no run is retried on another provider.
+    registry.load("two", two_input_model())
+    model = registry._models["two"]
+    session = model.session
+    assert model.run_session == session._sess.run
+    assert session._enable_fallback is False
+    feed = {"a": np.arange(3, dtype=np.int64), "b": np.arange(3, dtype=np.int64) * 7,
+            "mask": np.array([True, False, True]), "text": np.array(["é", "x"])}
+    got = registry.infer("two", feed)
+    want = dict(zip(model.output_names, session.run(model.output_names, feed), strict=True))
+    assert list(got) == list(want) == model.output_names
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    np.testing.assert_array_equal(got["z"], [0, 8, 16])
+    with pytest.raises(InvalidTensor,
+                       match="^input 'mask' is missing; the model's inputs are 'a', 'b', 'mask', 'text'$"):
+        registry.infer("two", {k: v for k, v in feed.items() if k != "mask"})
+
+
 # --- lifecycle ----------------------------------------------------------------------------------
 def test_stats_count_runs_errors_and_rejections(registry: ModelRegistry) -> None:
     registry.load("add", add_model())
@@ -503,24 +525,24 @@ def test_unload_list_close(registry: ModelRegistry) -> None:
         registry.load("c-model", add_model())
 
 
-class _BlockingSession:
-    """Wraps a session: run() waits until released, to hold a call in flight."""
+class _BlockingRun:
+    """Wraps a model's run (`_Model.run_session`): waits until released, to hold a call in flight."""
 
-    def __init__(self, session: object) -> None:
-        self.session = session
+    def __init__(self, run: Any) -> None:
+        self.inner = run
         self.entered = threading.Event()
         self.release = threading.Event()
 
     def run(self, *args: object) -> object:
         self.entered.set()
         assert self.release.wait(10)
-        return self.session.run(*args)  # type: ignore[attr-defined]
+        return self.inner(*args)
 
 
 def test_reload_is_atomic_and_in_flight_calls_finish_on_the_old_session(registry: ModelRegistry) -> None:
     registry.load("add", add_model(1.0))
-    blocking = _BlockingSession(registry._models["add"].session)
-    registry._models["add"].session = blocking
+    blocking = _BlockingRun(registry._models["add"].run_session)
+    registry._models["add"].run_session = blocking.run
     x = np.zeros((1, 4), np.float32)
     result: list[np.ndarray] = []
     caller = threading.Thread(target=lambda: result.append(registry.infer("add", {"x": x})["y"]))

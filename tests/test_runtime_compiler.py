@@ -40,6 +40,21 @@ def test_a_compile_writes_an_artefact_the_engine_loads(tmp_path: Path) -> None:
         c.close()
 
 
+def test_a_wide_compile_loads_into_the_wide_engine_only(tmp_path: Path) -> None:
+    c = Compiler()
+    try:
+        for wide in (False, True):
+            c.compile("module", functions(3), tmp_path / f"{wide}.cwasm", timeout_s=60, wide=wide)
+        assert c.started == 1  # one worker compiles for both configurations
+        for wide in (False, True):
+            own, other = (wasmtime.Engine(engine_config(wide=w)) for w in (wide, not wide))
+            assert len(wasmtime.Module.deserialize_file(own, str(tmp_path / f"{wide}.cwasm")).exports) == 0
+            with pytest.raises(wasmtime.WasmtimeError, match="compiled with a memory reservation of"):
+                wasmtime.Module.deserialize_file(other, str(tmp_path / f"{wide}.cwasm"))
+    finally:
+        c.close()
+
+
 def test_invalid_bytes_are_a_compile_error_and_the_worker_lives_on(tmp_path: Path) -> None:
     c = Compiler()
     try:

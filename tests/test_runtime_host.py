@@ -367,3 +367,40 @@ def test_memory_grown_between_two_host_imports_of_one_call_is_read(host: Host) -
         out = host.invoke("grows", b"")
         assert (out.body, out.content_type) == (b"here", "text/plain")
     assert [line.message for line in host.logs("grows")][-2:] == ["before", "before"]
+
+
+def test_copies_into_guest_memory_keep_the_gil_up_to_a_bound_and_land_whole_either_side(host: Host) -> None:
+    """A host import's writes keep the GIL (a prototype of memmove with ctypes' Python-API flag,
+    where `ctypes.memmove` lets go of it for every copy) up to `HELD_COPY_BYTES`, and let go of it
+    past that; both land byte for byte, through `write` and `copy_in`."""
+    import ctypes
+
+    import wasmtime
+
+    from wasminfer.runtime import _wasm
+    from wasminfer.runtime._traps import GuestFault
+
+    assert type(_wasm._memmove_held)._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    assert not type(ctypes.memmove)._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    bound = _wasm.HELD_COPY_BYTES
+    pages = (2 * bound + 2 * 65536) // 65536
+    wat = f"""(module (memory (export "memory") {pages}) (func (export "wasminfer_abi_v1"))
+      (func (export "wasminfer_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "wasminfer_handle") (param i32 i32 i32 i32) (result i32) (i32.const 0)))"""
+    host.deploy_function("pages", bytes(wasmtime.wat2wasm(wat)), Manifest(memory_mb=8))
+    pool = host.function("pages").pool
+    inst, _ = pool.acquire(10)
+    try:
+        memory = inst.wasm.memory()
+        rng = np.random.default_rng(7)
+        for n in (1, bound, bound + 1):
+            data = rng.integers(0, 256, n, dtype=np.uint8)
+            memory.write(8, data.tobytes())
+            assert memory.read(8, n) == data.tobytes()
+            flipped = 255 - data
+            memory.copy_in(bound + 16, flipped.ctypes.data, n)
+            assert memory.read(bound + 16, n) == flipped.tobytes()
+        with pytest.raises(GuestFault, match="outside guest memory"):
+            memory.write(pages * 65536 - bound, bytes(bound + 1))
+    finally:
+        pool.release(inst, healthy=False)

@@ -75,7 +75,7 @@ from wasminfer.models.options import (
     bool_option,
     int_option,
 )
-from wasminfer.models.session import make_session
+from wasminfer.models.session import Run, make_session, runner
 from wasminfer.models.slots import RUN_SLOTS, ModelSlots, RunSlots
 from wasminfer.models.stats import Counters, ModelStats
 from wasminfer.models.timer import RUN_TIMER
@@ -168,6 +168,12 @@ class _Model:
     slots: ModelSlots
     counters: Counters = field(default_factory=Counters)
     batcher: Batcher | None = None
+    #: `session`'s run (`session.runner`): what `run` calls.
+    run_session: Run | None = None
+
+    def __post_init__(self) -> None:
+        if self.run_session is None:
+            self.run_session = runner(self.session)
 
     def run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None = None, *,
             inference: bool = False) -> list[Any]:
@@ -186,13 +192,15 @@ class _Model:
         if bounded:
             slots.acquire(deadline_ns)
         try:
+            run_session = self.run_session
+            assert run_session is not None
             started = time.perf_counter_ns()
             if deadline_ns is None:
-                results: list[Any] = self.session.run(self.output_names, feed)
+                results: list[Any] = run_session(self.output_names, feed, None)
             else:
                 alarm = RUN_TIMER.arm(deadline_ns)
                 try:
-                    results = self.session.run(self.output_names, feed, alarm.options)
+                    results = run_session(self.output_names, feed, alarm.options)
                 except Exception:  # ORT's exception types share no base but Exception
                     if RUN_TIMER.disarm(alarm):
                         raise Timeout(

@@ -27,12 +27,11 @@ WASMTIME_VERSION = "50.0.1"
 _FOLDERS = {"module": "modules", "component": "components"}
 
 
-def fingerprint() -> str:
+def fingerprint(wide: bool = False) -> str:
     """What an artefact's loading engine must share with the one that compiled it: the wasmtime
-    version and the engine configuration (`_compiler.engine_config`)."""
-    return hashlib.sha256(
-        f"wasmtime={WASMTIME_VERSION};{_compiler.CONFIG_FINGERPRINT}".encode()
-    ).hexdigest()[:16]
+    version and the engine configuration (`_compiler.engine_config`, `wide` or not)."""
+    config = _compiler.WIDE_CONFIG_FINGERPRINT if wide else _compiler.CONFIG_FINGERPRINT
+    return hashlib.sha256(f"wasmtime={WASMTIME_VERSION};{config}".encode()).hexdigest()[:16]
 
 
 class CompileCache:
@@ -115,8 +114,9 @@ def _deserialize(engine: wasmtime.Engine, kind: str, path: Path) -> Any:
 
 
 def compile_in_worker(engine: wasmtime.Engine, kind: str, wasm: bytes, out: Path | None,
-                      timeout_s: float) -> Any:
-    """Compiles a core module (`kind="module"`) or a component in a worker process and loads it.
+                      timeout_s: float, *, wide: bool = False) -> Any:
+    """Compiles a core module (`kind="module"`) or a component in a worker process and loads it
+    into `engine`, whose configuration is `_compiler.engine_config(wide=wide)`.
 
     Compiling cannot be interrupted: the worker bounds its time and memory (`_compiler.py`) and
     writes the artefact to `out` (the cache; a temporary file if None), which is then loaded like
@@ -126,7 +126,7 @@ def compile_in_worker(engine: wasmtime.Engine, kind: str, wasm: bytes, out: Path
             else contextlib.nullcontext(str(out.parent)) as folder:
         path = out if out is not None else Path(folder) / "artefact.cwasm"
         try:
-            _compiler.compiler().compile(kind, wasm, path, timeout_s)
+            _compiler.compiler().compile(kind, wasm, path, timeout_s, wide=wide)
             return _deserialize(engine, kind, path)
         except (_compiler.CompileError, wasmtime.WasmtimeError) as exc:
             raise WasmLinkError(first_line(str(exc))) from None

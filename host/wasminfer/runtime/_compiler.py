@@ -14,7 +14,8 @@ Two tiers (`TIERS`): "optimised", the engine's own configuration, whose artefact
 ~1.2-1.6x slower guest code, whose artefact comes back over the pipe (it is never cached, so nothing
 is written or fsynced on a new module's way to its first answer): `_tiers.Tiering` answers with
 it first and swaps the optimised code in behind it. Both load into the host's engine: neither
-setting is one wasmtime requires of a loaded artefact.
+setting is one wasmtime requires of a loaded artefact. The memory reservation is one: the Python
+runtime's engine (`_wide.py`) has its own (`engine_config(wide=True)`), which a job names.
 
 Workers stay alive between compiles (starting one costs an interpreter and `import wasmtime`,
 ~100-300 ms here: more than compiling a small guest), one per compile in flight (plus one kept for
@@ -71,9 +72,10 @@ REPLY_PIPE_BYTES = 512 << 10
 TIERS = ("fast", "optimised")
 
 
-def engine_config(tier: str = "optimised") -> wasmtime.Config:
+def engine_config(tier: str = "optimised", wide: bool = False) -> wasmtime.Config:
     """The configuration of every engine of wasminfer (see `_engine.Engine`); `tier="fast"` is the
-    compile workers' quick first tier (its code runs in the same engine)."""
+    compile workers' quick first tier (its code runs in the same engine); `wide`: the Python
+    runtime's engine (`_wide.py`), whose memories are reserved whole (no bounds checks)."""
     config = wasmtime.Config()
     config.epoch_interruption = True
     config.cranelift_opt_level = "speed" if tier == "optimised" else "none"
@@ -83,9 +85,11 @@ def engine_config(tier: str = "optimised") -> wasmtime.Config:
     config.wasm_threads = False
     config.shared_memory = False
     # Small virtual reservations: thousands of instances must fit in the address space and
-    # in vm.max_map_count; bounds checks are explicit instead (a few % on guest code).
-    config.memory_reservation = 64 << 20
-    config.memory_guard_size = 64 << 10
+    # in vm.max_map_count; bounds checks are explicit instead (a few % on guest code). The wide
+    # engine's are wasmtime's 64-bit defaults: a 32-bit address plus any offset lands in the
+    # reservation or its guard, so Cranelift emits no checks, and a memory never moves as it grows.
+    config.memory_reservation = (4 << 30) if wide else (64 << 20)
+    config.memory_guard_size = (32 << 20) if wide else (64 << 10)
     config.max_wasm_stack = 512 << 10
     config.wasm_component_model = True  # Python functions are components (runtime/_component.py)
     config.wasm_exceptions = True  # the Python runtime's CPython (runtime/python.py) throws and catches
@@ -103,6 +107,8 @@ def _cranelift_flag(config: wasmtime.Config, name: str, value: str) -> None:
 
 #: What `engine_config` sets (the optimised tier: the only one cached), for the names of artefacts.
 CONFIG_FINGERPRINT = "opt=speed;res=64M;guard=64K;stack=512K;cm;exn"
+#: The same for `engine_config(wide=True)`.
+WIDE_CONFIG_FINGERPRINT = "opt=speed;res=4G;guard=32M;stack=512K;cm;exn"
 
 
 class CompileError(Exception):
@@ -126,7 +132,7 @@ def _worker_main(memory_bytes: int, nice: int, keep_heap_bytes: int) -> None:
         os.nice(nice)
     except OSError:
         pass
-    engines = {tier: wasmtime.Engine(engine_config(tier)) for tier in TIERS}
+    engines: dict[tuple[str, bool], wasmtime.Engine] = {}  # by (tier, wide), made on first use
     heap = _Heap(keep_heap_bytes)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
@@ -138,7 +144,11 @@ def _worker_main(memory_bytes: int, nice: int, keep_heap_bytes: int) -> None:
         artefact = b""
         started, cpu = time.perf_counter(), time.process_time()
         try:
-            artefact = _compile(engines[job["tier"]], job["kind"], wasm)
+            config = (job["tier"], bool(job.get("wide")))
+            engine = engines.get(config)
+            if engine is None:
+                engine = engines[config] = wasmtime.Engine(engine_config(*config))
+            artefact = _compile(engine, job["kind"], wasm)
             compiled = time.perf_counter()
             if job["out"] is not None:
                 _write(artefact, Path(job["out"]))
@@ -232,11 +242,11 @@ class _Worker:
         self.timings: dict[str, float] = {}
 
     def compile(self, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
-                cancel: threading.Event | None = None) -> bytes:
+                cancel: threading.Event | None = None, wide: bool = False) -> bytes:
         proc = self.proc
         assert proc.stdin is not None and proc.stdout is not None
-        header = json.dumps({"kind": kind, "tier": tier, "out": None if out is None else str(out),
-                             "size": len(wasm)}).encode() + b"\n"
+        header = json.dumps({"kind": kind, "tier": tier, "wide": wide,
+                             "out": None if out is None else str(out), "size": len(wasm)}).encode() + b"\n"
         started = time.monotonic()
         deadline = started + timeout_s
         # Written as the worker reads it, under the same deadline: a worker that stopped reading
@@ -342,18 +352,20 @@ class Compiler:
         self.timings: dict[str, float] = {}
 
     def compile(self, kind: str, wasm: bytes, out: Path, timeout_s: float = DEFAULT_TIMEOUT_S,
-                cancel: threading.Event | None = None, *, background: bool = False) -> None:
+                cancel: threading.Event | None = None, *, background: bool = False,
+                wide: bool = False) -> None:
         """Compiles `wasm` (a core module, or a component if `kind == "component"`) in the optimised
         tier and writes the serialised artefact to `out`, atomically (fsynced): `out` holds a whole
         artefact or nothing. `background`: in the one worker kept for background compiles (at the
-        lowest priority; one such compile at a time), never one an upload is about to need.
+        lowest priority; one such compile at a time), never one an upload is about to need. `wide`:
+        for the wide engine (`engine_config(wide=True)`), the only one its artefact loads into.
 
         Raises `CompileError` if the bytes do not compile, if compiling takes longer than
         `timeout_s`, if `cancel` is set meanwhile (the worker is killed within ~50 ms);
         `CompilerCrashed` if the worker runs out of memory or dies.
         """
         try:
-            self._compile(kind, "optimised", wasm, out, timeout_s, cancel, background)
+            self._compile(kind, "optimised", wasm, out, timeout_s, cancel, background, wide)
         finally:
             # A background compile took no idle worker, so it owes none: prestarting here, while an
             # upload's compile holds the only idle worker, left a second idle worker (~15 MiB) for
@@ -376,21 +388,21 @@ class Compiler:
             return dict(self._busy)
 
     def _compile(self, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
-                 cancel: threading.Event | None, background: bool) -> bytes:
+                 cancel: threading.Event | None, background: bool, wide: bool = False) -> bytes:
         worker = self._take(background)
         pid = worker.proc.pid
         with self._lock:
             self._busy[pid] = tier
         try:
-            return self._run(worker, kind, tier, wasm, out, timeout_s, cancel)
+            return self._run(worker, kind, tier, wasm, out, timeout_s, cancel, wide)
         finally:
             with self._lock:
                 self._busy.pop(pid, None)
 
     def _run(self, worker: _Worker, kind: str, tier: str, wasm: bytes, out: Path | None, timeout_s: float,
-             cancel: threading.Event | None) -> bytes:
+             cancel: threading.Event | None, wide: bool) -> bytes:
         try:
-            artefact = worker.compile(kind, tier, wasm, out, timeout_s, cancel)
+            artefact = worker.compile(kind, tier, wasm, out, timeout_s, cancel, wide)
         except _Cancelled:
             self._discard(worker, out)
             raise CompileError("the compile was cancelled") from None
@@ -486,7 +498,7 @@ _compiler_lock = threading.Lock()
 
 
 def compiler() -> Compiler:
-    """The process' compiler (its workers are shared by every engine: they all have one config)."""
+    """The process' compiler (its workers are shared by every engine: each job names its config)."""
     global _compiler
     with _compiler_lock:
         if _compiler is None:

