@@ -155,6 +155,32 @@ def test_item_and_tolist_read_every_dtype() -> None:
         Tensor.of([[1, 2]], "int32").item(0, 2)
     with pytest.raises(ValueError, match="needs an index"):
         Tensor.of([1, 2], "int32").item()
+    # A 1-D tensor's item and a one-row matrix's tolist take short ways: the same answers and errors.
+    row = Tensor.of([7, 8, 9], "int64")
+    assert [row.item(i) for i in range(3)] == [7, 8, 9]
+    for bad in (3, -1):
+        with pytest.raises(IndexError, match=rf"^index \({bad},\) out of shape \[3\]$"):
+            row.item(bad)
+    with pytest.raises(IndexError, match=r"^index \(0, 0\) for shape \[3\]$"):
+        row.item(0, 0)
+    one = Tensor.of([[0.5, 0.25]], "float32")
+    listed = one.tolist()
+    assert listed == [[0.5, 0.25]] and listed is not one.tolist() and listed[0] is not one.tolist()[0]
+    assert Tensor.of([[1], [2]], "int32").tolist() == [[1], [2]]
+    assert Tensor.of([[[1, 2]]], "int32").tolist() == [[[1, 2]]]
+
+
+def test_request_media_type_is_the_content_type_without_parameters() -> None:
+    from wasminfer_guest import Request
+    from wasminfer_guest.http import _MEDIA_TYPES
+
+    assert Request(b"", "Application/JSON; charset=utf-8").media_type == "application/json"
+    assert Request(b"", "Application/JSON; charset=utf-8").media_type == "application/json"  # kept
+    assert Request(b"", " text/plain ").media_type == "text/plain"
+    assert Request(b"", "").media_type == ""
+    for i in range(100):  # kept up to a bound, right past it
+        assert Request(b"", f"x/y{i}; q=1").media_type == f"x/y{i}"
+    assert len(_MEDIA_TYPES) == 64
 
 
 def test_sdk_cbor_is_the_hosts_tensor_encoding() -> None:

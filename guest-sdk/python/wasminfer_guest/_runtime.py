@@ -9,8 +9,13 @@ An invocation crosses no door when it can help it: before calling `invoke` the h
 request into `INBOX` (a buffer made before the snapshot, so at the same address in every instance),
 and `invoke` leaves the addresses of the response's bytes in its head, which the host reads after
 the call. The head, in u32 words: [0] body length (`FETCH`: too long for the inbox, ask the door),
-[1] content type length, [2] 1 once a response is there, [3] [4] its body's address and length,
-[5] [6] its content type's. The content type and the body follow the head (`HEAD_BYTES`). Once
+[1] content type length, [2] `DONE` once a response is there, [3] [4] its body's address and
+length, [5] [6] its content type's. The content type and the body follow the head (`HEAD_BYTES`).
+A handler's dict or list with a run of floats near its top comes as `PACKED_JSON` in [2] instead
+(`_packjson.py`): its body is u32 n, n float64s (little-endian), then the JSON as a %-format, `%r`
+where each float goes and `%%` for a `%`, at most `MAX_PACKED` bytes in all; the host formats the
+floats in (`NaN`, `Infinity`, `-Infinity` as `json` writes them), which gives what
+`json.dumps(value, separators=(",", ":"))` gives, as `application/json` ([5] [6] unread). Once
 `invoke` has copied the request out, the host may write the answers of infer and of decoder steps
 there too. A handler that streams sends its parts through the door (`w`) as they come; its
 response in the head is then empty, with the first part's content type.
@@ -49,7 +54,9 @@ from typing import Any
 import _host  # the door, built into the runtime's interpreter
 
 from wasminfer_guest import export
-from wasminfer_guest.http import _BYTES_LIKE, _JSON_LIKE, Reject, Request, Response
+from wasminfer_guest._packjson import pack as pack_json
+from wasminfer_guest._packjson import worth_packing
+from wasminfer_guest.http import _BYTES_LIKE, _JSON_ENCODE, _JSON_LIKE, JSON, Reject, Request, Response
 from wasminfer_guest.inference import InferError
 
 ENTRY = "app"
@@ -57,6 +64,8 @@ FILES = "/fn"  # where the function's own files are (read-only)
 MAX_TRACEBACK = 16 << 10
 HEAD_BYTES = 32
 FETCH = 0xFFFFFFFF
+DONE, PACKED_JSON = 1, 2
+_JSON_TYPE = JSON.encode()
 #: Requests up to this size (content type and body) are written in place by the host. The buffer's
 #: pages are zeros in the snapshot: an instance pays only for those its requests touch.
 INBOX_BYTES = 1 << 20
@@ -283,8 +292,15 @@ def invoke() -> None:
     _kept = None
     try:
         result = export.registered()(_request())
-        if _streams(result):  # its parts went through the door: the response is the last, empty
+        kind = type(result)
+        done = DONE
+        packed = pack_json(result) if (kind is dict or kind is list) and worth_packing(result) else None
+        if packed is not None:
+            body, ctype, done = packed, b"", PACKED_JSON
+        elif _streams(result):  # its parts went through the door: the response is the last, empty
             body, ctype = b"", _stream(result)
+        elif kind is dict or kind is list:  # `Response.of`'s JSON, without a Response between
+            body, ctype = _JSON_ENCODE(result).encode(), _JSON_TYPE
         else:
             response = Response.of(result)
             body = response.body
@@ -294,7 +310,7 @@ def invoke() -> None:
         _kept = body, ctype
         head = _HEAD
         head[3], head[4], head[5], head[6] = address(body), len(body), address(ctype), len(ctype)
-        head[2] = 1
+        head[2] = done
     except InferError as exc:
         fail("infer", exc.message, infer_kind=exc.kind)
     except Reject as exc:

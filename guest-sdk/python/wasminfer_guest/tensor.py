@@ -138,14 +138,22 @@ class Tensor:
         """The elements as nested lists of the tensor's shape (a bare value for a scalar)."""
         values = self.values()
         flat = values.tolist() if type(values) is array.array else list(values)
-        if not self.shape:
+        shape = self.shape
+        if len(shape) == 2 and shape[0] == 1:  # a model's one row of outputs: no slicing
+            return [flat]
+        if not shape:
             return flat[0]
-        return _nest(flat, self.shape)
+        return _nest(flat, shape)
 
     def item(self, *index: int) -> Any:
         """One element by its index (`t.item(0, 3)`), or the only one of a scalar or 1-element tensor."""
         flat = 0
-        if not index:
+        shape = self.shape
+        if len(index) == 1 and len(shape) == 1:  # the common case, without the loop below
+            flat = index[0]
+            if not 0 <= flat < shape[0]:
+                raise IndexError(f"index {index} out of shape {list(shape)}")
+        elif not index:
             if self.size != 1:
                 raise ValueError(f"item() of a tensor of shape {list(self.shape)} needs an index")
         elif len(index) != len(self.shape):

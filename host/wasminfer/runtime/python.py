@@ -28,6 +28,7 @@ import importlib.util
 import io
 import json
 import marshal
+import math
 import os
 import posixpath
 import shutil
@@ -36,6 +37,7 @@ import sys
 import threading
 import time
 import zipfile
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -900,10 +902,13 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
         raise GuestError((message or f"function {state.function!r} failed")
                          + where_raised(str(f.get("traceback", ""))))
     done, body_addr, body_len, ctype_addr, ctype_len = _HEAD_OUT.unpack(mem.read(inbox + 8, 20))
-    if status != 0 or not done:
+    if status != 0 or done not in (_DONE, _PACKED_JSON):
         state.discard = True
         raise GuestError(f"function {state.function!r}: the runtime failed (status {status})")
-    _output(state, mem, body_addr, body_len, ctype_addr, ctype_len)
+    if done == _PACKED_JSON:
+        _json_output(state, mem, body_addr, body_len)
+    else:
+        _output(state, mem, body_addr, body_len, ctype_addr, ctype_len)
     state.discard = inst.memory_size() + WASM_PAGE > inst.memory_limit
     return not state.discard
 
@@ -926,6 +931,81 @@ def _output(state: InvocationState, mem: GuestMemory, body_addr: int, body_len: 
         state.discard = True
         raise GuestError(f"function {state.function!r}: its response lies outside its memory") from None
     state.content_type = ctype or DEFAULT_CONTENT_TYPE
+
+
+# --- JSON responses whose floats the host writes (`wasminfer_guest/_packjson.py`) ----------------------
+_DONE, _PACKED_JSON = 1, 2  # the inbox head's word [2] after a response: `_runtime.DONE`, `PACKED_JSON`
+#: The most a guest may pack (the SDK's `MAX_PACKED`; larger values it writes as JSON itself): what
+#: one response costs the host stays small, whatever the guest sends.
+MAX_PACKED_BYTES = 64 << 10
+
+
+class _JsonFloat(float):
+    """A float whose `repr` is what `json` writes for it: `NaN`, `Infinity`, `-Infinity` too."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        if math.isfinite(self):
+            return float.__repr__(self)
+        return "NaN" if self != self else "Infinity" if self > 0 else "-Infinity"
+
+
+def render_packed_json(data: bytes) -> bytes:
+    """The JSON of a frame packed as `_packjson.pack` packs it: u32 n, n float64s, then the JSON
+    as a %-format with `%r` for each float (and `%%` for a `%`). Raises `ValueError` if the
+    floats run past the frame, the format holds any other conversion, or its `%r` are not as
+    many as the floats."""
+    if len(data) < 4:
+        raise ValueError(f"{len(data)} bytes, shorter than its count of floats")
+    n = int.from_bytes(data[:4], "little")
+    start = 4 + 8 * n
+    if start > len(data):
+        raise ValueError(f"{n} floats do not fit in its {len(data)} bytes")
+    text = data[start:]
+    # The guest writes the format: anything but %% and %r (a width, a mapping key) is refused
+    # before Python's % would act on it.
+    rest = text.replace(b"%%", b"")
+    places = rest.count(b"%r")
+    if places != n:
+        raise ValueError(f"its JSON has {places} places for floats, not {n}")
+    if b"%" in rest.replace(b"%r", b""):
+        raise ValueError("its JSON holds a '%' that is neither '%%' nor a float's '%r'")
+    floats = array("d", data[4:start])
+    if sys.byteorder != "little":
+        floats.byteswap()
+    values = tuple(floats)
+    if not math.isfinite(sum(values)):  # a NaN or an infinity among them (or a sum past the range)
+        values = tuple(map(_JsonFloat, values))
+    return text % values
+
+
+def _json_output(state: InvocationState, mem: GuestMemory, body_addr: int, body_len: int) -> None:
+    """Takes a dict or list the guest packed and writes its floats into its JSON. Raises
+    `GuestError` if the packed bytes are too many, not in the guest's memory or malformed (see
+    `render_packed_json`), `OutputLimitExceeded` if the JSON is over the limit."""
+    if body_len > MAX_PACKED_BYTES:
+        state.discard = True
+        raise GuestError(f"function {state.function!r}: its packed JSON response is {body_len} bytes; "
+                         f"at most {MAX_PACKED_BYTES} are accepted")
+    try:
+        packed = mem.read(body_addr, body_len)
+    except GuestFault:
+        state.discard = True
+        raise GuestError(f"function {state.function!r}: its response lies outside its memory") from None
+    try:
+        body = render_packed_json(packed)
+    except ValueError as exc:
+        state.discard = True
+        raise GuestError(f"function {state.function!r}: its packed JSON response is malformed: {exc}"
+                         ) from None
+    try:
+        state.check_output(len(body))
+    except OutputLimitExceeded:
+        state.discard = True
+        raise
+    state.output = body
+    state.content_type = "application/json"
 
 
 __all__ = ["DEFAULT_MEMORY_MB", "HOST_FUNCS", "MAGIC", "NAME", "PythonFunction", "PythonRuntime",
