@@ -37,7 +37,6 @@ import sys
 import threading
 import time
 import zipfile
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -964,17 +963,15 @@ def render_packed_json(data: bytes) -> bytes:
         raise ValueError(f"{n} floats do not fit in its {len(data)} bytes")
     text = data[start:]
     # The guest writes the format: anything but %% and %r (a width, a mapping key) is refused
-    # before Python's % would act on it.
-    rest = text.replace(b"%%", b"")
+    # before Python's % would act on it. Once the %% pairs are gone (paired from the left, as %
+    # pairs them), every % left must begin a %r.
+    rest = text.replace(b"%%", b"") if b"%%" in text else text
     places = rest.count(b"%r")
     if places != n:
         raise ValueError(f"its JSON has {places} places for floats, not {n}")
-    if b"%" in rest.replace(b"%r", b""):
+    if rest.count(b"%") != places:
         raise ValueError("its JSON holds a '%' that is neither '%%' nor a float's '%r'")
-    floats = array("d", data[4:start])
-    if sys.byteorder != "little":
-        floats.byteswap()
-    values = tuple(floats)
+    values: tuple[float, ...] = struct.unpack_from(f"<{n}d", data, 4)
     if not math.isfinite(sum(values)):  # a NaN or an infinity among them (or a sum past the range)
         values = tuple(map(_JsonFloat, values))
     return text % values
