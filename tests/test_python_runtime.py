@@ -224,14 +224,16 @@ def test_functions_share_no_state(add_model: bytes) -> None:
 
 def test_a_new_engine_loads_the_runtime_without_building_it() -> None:
     with Host() as h:
-        assert h.engine.epoch_engines == [h.engine.engine]  # no wide engine before the runtime
+        # No wide engine before the runtime (the instance pool's, with WASMINFER_INSTANCE_POOL set).
+        narrow = [h.engine.engine, *([h.engine.pool.engine] if h.engine.pool is not None else [])]
+        assert h.engine.epoch_engines == narrow
         started = compiler().started
         rt = python.runtime(h.engine)
         assert rt.build_s == 0.0
         assert rt.module.from_cache
         assert compiler().started == started  # nothing compiled
         wide = h.engine.wide()
-        assert (rt.module.wide, h.engine.epoch_engines) == (wide, [h.engine.engine, wide.engine])
+        assert (rt.module.wide, h.engine.epoch_engines) == (wide, [*narrow, wide.engine])
         assert (python.runtime_cache_dir() / rt.key / "runtime.cwasm").is_file()
 
 
@@ -257,7 +259,10 @@ def test_python_instances_run_in_the_wide_engine_and_grow_in_place(host: Host, h
     native = host.function("native")
     c_inst, _ = native.pool.acquire(timeout_s=30)
     try:
-        assert c_inst.wasm.store.engine is host.engine.engine
+        # The process's engine, or its instance pool's (with WASMINFER_INSTANCE_POOL set).
+        pool = host.engine.pool
+        home = pool.engine if c_inst.wasm.pooled and pool is not None else host.engine.engine
+        assert c_inst.wasm.store.engine is home
         assert c_inst.wasm.compiled.wide is None
     finally:
         native.pool.release(c_inst, True)
