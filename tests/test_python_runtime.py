@@ -237,6 +237,27 @@ def test_a_new_engine_loads_the_runtime_without_building_it() -> None:
         assert (python.runtime_cache_dir() / rt.key / "runtime.cwasm").is_file()
 
 
+def test_pruning_removes_other_versions_runtimes_but_not_the_kept_one_nor_one_in_use(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    monkeypatch.setenv("WASMINFER_CACHE", str(tmp_path))
+    root = python.runtime_cache_dir()
+    for key, nbytes in (("current", 10), ("old", 1000), ("busy", 7)):
+        (root / key / "lib").mkdir(parents=True)
+        (root / key / "lib" / "python315.zip").write_bytes(b"z" * nbytes)
+    (root / "old" / "link").symlink_to(root / "current" / "lib" / "python315.zip")  # not counted
+    (root / "notes.txt").write_text("not a runtime")
+    with open(root / "busy.lock", "wb") as lock:  # being built or loaded by another process
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert python.prune_runtimes("current") == [(root / "old", 1000)]
+        assert sorted(p.name for p in root.iterdir()) == ["busy", "busy.lock", "current", "notes.txt",
+                                                         "old.lock"]
+    assert python.prune_runtimes("current") == [(root / "busy", 7)]
+    assert python.prune_runtimes("current") == []
+    assert (root / "current" / "lib" / "python315.zip").read_bytes() == b"z" * 10
+
+
 def test_python_instances_run_in_the_wide_engine_and_grow_in_place(host: Host, hostile_wasm: bytes) -> None:
     wide = host.engine.wide()
     assert wide.fingerprint == fingerprint(wide=True) != host.engine.fingerprint == fingerprint()

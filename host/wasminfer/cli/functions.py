@@ -31,7 +31,11 @@ from wasminfer.manifest import MANIFEST_KEYS
 
 
 @app.command("python-runtime")
-def python_runtime() -> None:
+def python_runtime(
+    prune: Annotated[bool, typer.Option(
+        help="Then remove the runtimes other versions built (~360 MB each); stop their servers first.",
+    )] = False,
+) -> None:
     """Build the Python runtime (Python functions as source) now instead of at its first use: once
     per machine, minutes; then it loads in milliseconds from $WASMINFER_CACHE/python-runtime."""
     from wasminfer.runtime import Host, python
@@ -40,6 +44,12 @@ def python_runtime() -> None:
         rt = python.runtime(host.engine, progress=progress)
     what = f"built in {rt.build_s:.0f} s" if rt.build_s else "already built"
     err.print(f"python runtime {rt.key}: {what} ({python.runtime_cache_dir() / rt.key})", highlight=False)
+    if prune:
+        removed = python.prune_runtimes(rt.key)
+        for path, nbytes in removed:
+            err.print(f"removed {path} ({size(nbytes)})", highlight=False)
+        freed = size(sum(n for _, n in removed))
+        err.print(f"pruned {len(removed)} other runtime(s), {freed}", highlight=False)
 
 
 @app.command()

