@@ -111,7 +111,7 @@ def pack(value: Any) -> bytes | None:
 
 
 def _scalar(x: Any) -> str:
-    """What the loops below do not handle themselves."""
+    """What `_items` does not handle itself."""
     if x is None:
         return "null"
     if x is True:
@@ -123,8 +123,9 @@ def _scalar(x: Any) -> str:
     raise _Unfit
 
 
-# The two loops inline the common kinds (a call costs more than the work for most items), and
-# end each item with ",": the last becomes the closing bracket.
+# One loop for both kinds of container (`_items`): it inlines the common kinds of item (a call costs
+# more than the work for most of them) and ends each item with ",", the last of which becomes the
+# closing bracket.
 def _array(items: list[Any] | tuple[Any, ...], out: list[str], floats: list[float], depth: int) -> None:
     if depth >= MAX_DEPTH:
         raise _Unfit
@@ -136,22 +137,8 @@ def _array(items: list[Any] | tuple[Any, ...], out: list[str], floats: list[floa
         out.append(_runs[n] if n < len(_runs) else "[" + ",".join([HOLE] * n) + "]")
         floats += items
         return
-    put, texts = out.append, _texts
-    put("[")
-    for x in items:
-        t = type(x)
-        if t is str:
-            put(texts[x])
-        elif t is float:
-            put(HOLE)
-            floats.append(x)
-        elif t is dict:
-            _map(x, out, floats, depth + 1)
-        elif t is list or t is tuple:
-            _array(x, out, floats, depth + 1)
-        else:
-            put(_scalar(x))
-        put(",")
+    out.append("[")
+    _items(items, False, out, floats, depth)
     out[-1] = "]"
 
 
@@ -161,12 +148,20 @@ def _map(d: dict[Any, Any], out: list[str], floats: list[float], depth: int) -> 
     if not d:
         out.append("{}")
         return
+    out.append("{")
+    _items(d.items(), True, out, floats, depth)
+    out[-1] = "}"
+
+
+def _items(items: Any, keyed: bool, out: list[str], floats: list[float], depth: int) -> None:
+    """The items of a list or tuple, or with `keyed` the (key, value) pairs of a dict."""
     put, texts, keys = out.append, _texts, _keys
-    put("{")
-    for k, x in d.items():
-        if type(k) is not str:
-            raise _Unfit
-        put(keys[k])
+    for x in items:
+        if keyed:
+            k, x = x
+            if type(k) is not str:
+                raise _Unfit
+            put(keys[k])
         t = type(x)
         if t is str:
             put(texts[x])
@@ -180,4 +175,3 @@ def _map(d: dict[Any, Any], out: list[str], floats: list[float], depth: int) -> 
         else:
             put(_scalar(x))
         put(",")
-    out[-1] = "}"
