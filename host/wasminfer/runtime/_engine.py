@@ -49,6 +49,11 @@ NEAR_MS = 2 * SLICE_TICKS * TICK_S * 1000
 DLL = bindings.dll  # type: ignore[attr-defined]
 
 
+def engine_address(engine: wasmtime.Engine) -> int:
+    """The address of `engine` for the C API's prototypes of our own (`held`)."""
+    return int(ctypes.cast(engine.ptr(), ctypes.c_void_p).value or 0)
+
+
 def held(name: str, restype: Any, *argtypes: Any) -> Any:
     """Our own prototype of a C API function that keeps the GIL through the call (`PYFUNCTYPE`).
 

@@ -46,6 +46,7 @@ from wasminfer.runtime._engine import (
     CallState,
     Engine,
     ExternInfo,
+    engine_address,
     held,
     no_finalizer,
     set_epoch_deadline,
@@ -521,10 +522,6 @@ class _Store:
 def _error(address: int) -> wasmtime.WasmtimeError:
     """The error (or `ExitTrap`) a C API call returned, owned by the object from now on."""
     return wasmtime.WasmtimeError._from_ptr(ctypes.cast(address, ctypes.POINTER(ffi.wasmtime_error_t)))
-
-
-def engine_address(engine: wasmtime.Engine) -> int:
-    return int(ctypes.cast(engine.ptr(), ctypes.c_void_p).value or 0)
 
 
 class WasmInstance:

@@ -23,12 +23,11 @@ told so. Its instances never take a pool slot.
 
 from __future__ import annotations
 
-import ctypes
-
 import wasmtime
 
 from wasminfer.runtime import _compiler
 from wasminfer.runtime._cache import fingerprint
+from wasminfer.runtime._engine import engine_address
 
 
 class WideEngine:
@@ -37,7 +36,7 @@ class WideEngine:
 
     def __init__(self) -> None:
         self.engine = wasmtime.Engine(_compiler.engine_config(wide=True))
-        self.address = int(ctypes.cast(self.engine.ptr(), ctypes.c_void_p).value or 0)
+        self.address = engine_address(self.engine)
         self.linker = wasmtime.Linker(self.engine)
         #: Names what compiled for it (`_cache.fingerprint`): what loads into no other engine.
         self.fingerprint = fingerprint(wide=True)
