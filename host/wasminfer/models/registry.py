@@ -169,11 +169,10 @@ class _Model:
     counters: Counters = field(default_factory=Counters)
     batcher: Batcher | None = None
     #: `session`'s run (`session.runner`): what `run` calls.
-    run_session: Run | None = None
+    run_session: Run = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.run_session is None:
-            self.run_session = runner(self.session)
+        self.run_session = runner(self.session)
 
     def run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None = None, *,
             inference: bool = False) -> list[Any]:
@@ -193,7 +192,6 @@ class _Model:
             slots.acquire(deadline_ns)
         try:
             run_session = self.run_session
-            assert run_session is not None
             started = time.perf_counter_ns()
             if deadline_ns is None:
                 results: list[Any] = run_session(self.output_names, feed, None)
