@@ -483,9 +483,10 @@ def results_md(s: dict[str, Any], results: Path) -> str:
         parts += [
             "## Cold start",
             "",
-            f"Time to the first answer, median of {cs['repetitions']} (ms); speedup = the baseline's "
-            "median / wasminfer's. (a), (b), (c) in-process on a `Host`; `_http` through the gateway "
-            "and its store. `(b) request` is the first request to a just deployed function, "
+            f"Time to the first answer, median of {cs['repetitions']} (ms; of "
+            f"{cs.get('instance_repetitions', cs['repetitions'])} for `warm` and (a)); speedup = the "
+            "baseline's median / wasminfer's. (a), (b), (c) in-process on a `Host`; `_http` through the "
+            "gateway and its store. `(b) request` is the first request to a just deployed function, "
             "its deploy (compile, prewarm) done beforehand.",
             "",
         ]
