@@ -286,18 +286,29 @@ def test_kept_alive_connections_piled_on_one_process_even_out(tmp_path: Path) ->
         answered: Counter[str] = Counter()
         clients = [pinned(url, "primary", {}, answered) for _ in range(6)]
         closes: Counter[str] = Counter()
+        # Where each client's connection was last answered, and whether that answer closed it. A
+        # client answered elsewhere with no close before is a connection the server dropped idle
+        # (uvicorn's keep-alive timeout, passed while the other clients were being pinned on a
+        # loaded machine): it moved too, by the kernel's hash, with no close to count.
+        last = ["primary"] * len(clients)
+        reopened = [False] * len(clients)
+        dropped_idle = 0
         rounds = 0
         try:
             while True:  # a round: one request on every connection
                 rounds += 1
                 spread: Counter[str] = Counter()
                 closed = 0
-                for client in clients:
+                for i, client in enumerate(clients):
                     r = client.post(INVOKE, content=sleeps(0))
                     assert (r.status_code, r.content) == (200, b"ok"), r.text
-                    spread[r.headers["wasminfer-replica"]] += 1
-                    if r.headers.get("connection") == "close":
-                        closes[r.headers["wasminfer-replica"]] += 1
+                    who = r.headers["wasminfer-replica"]
+                    spread[who] += 1
+                    if who != last[i] and not reopened[i]:
+                        dropped_idle += 1
+                    last[i], reopened[i] = who, r.headers.get("connection") == "close"
+                    if reopened[i]:
+                        closes[who] += 1
                         closed += 1
                 if spread == {"primary": 3, replica["id"]: 3} and not closed:
                     break
@@ -305,8 +316,10 @@ def test_kept_alive_connections_piled_on_one_process_even_out(tmp_path: Path) ->
         finally:
             for client in clients:
                 client.close()
-        # Three had to move, each by a close on the gateway's process; a spread already even closes
-        # nothing, so the closes stop once it is (a reconnection lands by hash: a few more than 3).
-        assert closes["primary"] >= 3, closes
+        # Three had to move, each by a close on the gateway's process (or dropped idle); a spread
+        # already even closes nothing, so the closes stop once it is (a reconnection lands by hash:
+        # a few more than 3).
+        assert closes["primary"] + dropped_idle >= 3, (closes, dropped_idle)
+        assert closes["primary"] >= 1, closes
         assert closes.total() < 60, closes
     assert "Traceback" not in log.read_text()
