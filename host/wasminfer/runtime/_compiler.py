@@ -72,6 +72,14 @@ REPLY_PIPE_BYTES = 512 << 10
 TIERS = ("fast", "optimised")
 
 
+#: (memory reservation, guard) by `wide`. Small virtual reservations: thousands of instances must fit
+#: in the address space and in vm.max_map_count; bounds checks are explicit instead (a few % on guest
+#: code). The wide engine's are wasmtime's 64-bit defaults: a 32-bit address plus any offset lands in
+#: the reservation or its guard, so Cranelift emits no checks, and a memory never moves as it grows.
+_MEMORY = {False: (64 << 20, 64 << 10), True: (4 << 30, 32 << 20)}
+_MAX_WASM_STACK = 512 << 10
+
+
 def engine_config(tier: str = "optimised", wide: bool = False) -> wasmtime.Config:
     """The configuration of every engine of wasminfer (see `_engine.Engine`); `tier="fast"` is the
     compile workers' quick first tier (its code runs in the same engine); `wide`: the Python
@@ -84,13 +92,10 @@ def engine_config(tier: str = "optimised", wide: bool = False) -> wasmtime.Confi
         _cranelift_flag(config, "regalloc_algorithm", "single_pass")
     config.wasm_threads = False
     config.shared_memory = False
-    # Small virtual reservations: thousands of instances must fit in the address space and
-    # in vm.max_map_count; bounds checks are explicit instead (a few % on guest code). The wide
-    # engine's are wasmtime's 64-bit defaults: a 32-bit address plus any offset lands in the
-    # reservation or its guard, so Cranelift emits no checks, and a memory never moves as it grows.
-    config.memory_reservation = (4 << 30) if wide else (64 << 20)
-    config.memory_guard_size = (32 << 20) if wide else (64 << 10)
-    config.max_wasm_stack = 512 << 10
+    reservation, guard = _MEMORY[wide]
+    config.memory_reservation = reservation
+    config.memory_guard_size = guard
+    config.max_wasm_stack = _MAX_WASM_STACK
     config.wasm_component_model = True  # Python functions are components (runtime/_component.py)
     config.wasm_exceptions = True  # the Python runtime's CPython (runtime/python.py) throws and catches
     return config
@@ -105,10 +110,22 @@ def _cranelift_flag(config: wasmtime.Config, name: str, value: str) -> None:
                                            ctypes.c_char_p(value.encode()))
 
 
+def _fingerprint(wide: bool) -> str:
+    reservation, guard = _MEMORY[wide]
+    return f"opt=speed;res={_size(reservation)};guard={_size(guard)};stack={_size(_MAX_WASM_STACK)};cm;exn"
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
 #: What `engine_config` sets (the optimised tier: the only one cached), for the names of artefacts.
-CONFIG_FINGERPRINT = "opt=speed;res=64M;guard=64K;stack=512K;cm;exn"
+CONFIG_FINGERPRINT = _fingerprint(False)
 #: The same for `engine_config(wide=True)`.
-WIDE_CONFIG_FINGERPRINT = "opt=speed;res=4G;guard=32M;stack=512K;cm;exn"
+WIDE_CONFIG_FINGERPRINT = _fingerprint(True)
 
 
 class CompileError(Exception):
