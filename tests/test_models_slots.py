@@ -22,7 +22,16 @@ from wasminfer.errors import BadRequest, Timeout, TooManyRequests
 from wasminfer.examples import tiny_gpt_model
 from wasminfer.models import ModelRegistry
 from wasminfer.models.slots import RunSlots
-from wasminfer.models.tuning import FREE_DIM, Measurement, choose, sample_feed, thread_candidates
+from wasminfer.models.tuning import (
+    BATCH_BUDGET_S,
+    BATCH_ROWS,
+    FREE_DIM,
+    Measurement,
+    batch_row_time,
+    choose,
+    sample_feed,
+    thread_candidates,
+)
 
 
 class Held:
@@ -343,14 +352,15 @@ def test_the_plan_of_a_tiny_model_is_shown_and_given_options_are_kept(add_model:
         assert both.options()["intra_op_threads"] == 1 and both.max_concurrent_runs == 5
 
 
-def matmul_model() -> bytes:
-    """y = x @ w, x float32 [256, 1024] (fixed), w 1024 x 1024: ~270 M multiply-adds a run, whatever
-    the values, so a run of zeros takes milliseconds: never tiny."""
+def matmul_model(x: tuple[int | str, ...] = (256, 1024)) -> bytes:
+    """y = x @ w, x float32 [256, 1024] (fixed) by default, w 1024 x 1024: ~270 M multiply-adds a
+    run, whatever the values, so a run of zeros takes milliseconds: never tiny. `x` ("batch", 256,
+    1024): the same per row of a batch dimension."""
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         "matmul",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 1024])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 1024])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x))],
         [numpy_helper.from_array(np.full((1024, 1024), 0.5, dtype=np.float32), "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -375,6 +385,39 @@ def test_a_model_that_is_not_tiny_is_bounded_and_measured() -> None:
         assert registry.get("mm").intra_op_threads == chosen.intra_op_threads
         x = np.ones((256, 1024), dtype=np.float32)
         assert registry.infer("mm", {"x": x})["y"][0, 0] == 512.0
+
+
+def test_a_model_that_can_batch_has_a_stacked_run_timed_and_one_that_cannot_has_none() -> None:
+    """The plan says what a row costs in a run of BATCH_ROWS stacked rows, next to a lone run, for a
+    model with a batch dimension; a fixed first dimension (nothing to stack along) measures none."""
+    with ModelRegistry(run_slots=RunSlots(2)) as registry:
+        fixed = registry.load("fixed", matmul_model()).run_plan
+        assert fixed is not None and fixed.chosen_by == "measured" and fixed.batch_row_ms is None
+        assert fixed.to_dict()["batch"] is None
+
+        plan = registry.load("rows", matmul_model(("batch", 256, 1024))).run_plan
+        assert plan is not None and plan.chosen_by == "measured" and plan.run_ms is not None, plan
+        if 3 * BATCH_ROWS * plan.run_ms / 1e3 > BATCH_BUDGET_S:  # a machine this slow: over the budget
+            assert plan.batch_row_ms is None
+            return
+        assert plan.batch_row_ms is not None and 0 < plan.batch_row_ms
+        view = plan.to_dict()["batch"]
+        assert view["rows"] == BATCH_ROWS and view["row_ms"] == round(plan.batch_row_ms, 4)
+        assert view["row_vs_run"] == round(plan.batch_row_ms / plan.run_ms, 3)
+
+
+def test_batch_row_time_runs_the_sample_stacked() -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def run(feed: Mapping[str, np.ndarray]) -> object:
+        seen.append(feed["x"].shape)
+        assert not feed["x"].any()
+        return None
+
+    sample = {"x": np.zeros((1, 7), np.float32)}
+    assert batch_row_time(run, sample) >= 0
+    assert seen == [(BATCH_ROWS, 7)] * 3  # a first run, then the fastest of two
+    assert sample["x"].shape == (1, 7)
 
 
 def test_choose_measures_each_split_of_the_cores_and_keeps_one_of_them(add_model: bytes) -> None:

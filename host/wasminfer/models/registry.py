@@ -313,8 +313,8 @@ class ModelRegistry:
 
         inputs = [tensor_spec(arg, declared_rank, "input") for arg in session.get_inputs()]
         outputs = [tensor_spec(arg, declared_rank, "output") for arg in session.get_outputs()]
+        problem = no_batch_dimension(inputs, outputs)
         if batching is not None:
-            problem = no_batch_dimension(inputs, outputs)
             if problem:
                 raise BadRequest(
                     f"model {name!r} cannot batch: {problem}; batching needs a dynamic first (batch) "
@@ -325,7 +325,8 @@ class ModelRegistry:
         if intra_op_threads is not None:
             plan = given_plan(session, intra, inputs, output_names, cores)
         else:
-            session, plan = tuned(session, valid.data, inter, inputs, output_names, cores, session_s, arena)
+            session, plan = tuned(session, valid.data, inter, inputs, output_names, cores, session_s, arena,
+                                  batchable=problem is None)
         del valid
         if max_concurrent_runs is not None:
             plan = dataclasses.replace(
