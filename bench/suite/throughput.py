@@ -113,7 +113,7 @@ def run(ctx: Context) -> dict[str, Any]:
         for name in ctx.workloads:
             w = workloads.WORKLOADS[name]
             progress(f"throughput {name}: deploying to wasminfer")
-            view = server.client.put_model(name, ctx.model_path(name).read_bytes())
+            view = server.client.put_model(name, ctx.model_path(name).read_bytes(), **w.model_options)
             plans[name] = {"run_plan": view.get("run_plan"), "options": view.get("options")}
             progress(f"throughput {name}: {plan_text(plans[name])}")
             server.client.put_function(w.function, ctx.function(name), w.manifest())
@@ -140,6 +140,8 @@ def run(ctx: Context) -> dict[str, Any]:
                 baseline.close()
             stats = server.client.model(name).get("stats") or {}
             plans[name]["peak_runs_in_flight"] = stats.get("peak_runs_in_flight")
+            if stats.get("inferences") and stats.get("runs") and stats.get("batching"):
+                plans[name]["mean_rows_per_run"] = round(stats["inferences"] / stats["runs"], 2)
     ray_info: dict[str, Any] = {}
     if ctx.ray:
         ray_rows, ray_info = run_ray(ctx, cs, dur, gen)
@@ -307,6 +309,14 @@ def plan_text(entry: dict[str, Any]) -> str:
         )
     if plan.get("skipped"):
         text += "; skipped " + "; ".join(plan["skipped"])
+    if plan.get("batch"):
+        batch = plan["batch"]
+        text += f"; a row of {batch['rows']} stacked {batch['row_ms']:.2f} ms ({batch['row_vs_run']}× a run)"
+    size = (entry.get("options") or {}).get("max_batch_size")
+    if size:
+        text += f"; dynamic batching up to {size} rows, {entry['options'].get('max_queue_delay_us')} µs"
+    if entry.get("mean_rows_per_run"):
+        text += f" ({entry['mean_rows_per_run']} requests a run on average)"
     if plan["max_concurrent_runs"] and entry.get("peak_runs_in_flight") is not None:
         text += f"; at most {entry['peak_runs_in_flight']} in flight"
     return text

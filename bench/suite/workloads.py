@@ -18,7 +18,7 @@ import importlib.util
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -239,6 +239,9 @@ class Workload:
     body_maker: Callable[[], bytes]
     kind: str  # what the model is, for the report
     stage: Callable[[Path], Path] | None = None  # makes the folder to deploy, when `source` is not all of it
+    #: The model's load options where the throughput scenario deploys it (`PUT /v1/models`), as its
+    #: user would set them: dynamic batching where the run plan's `batch` says it saves.
+    model_options: dict[str, int] = field(default_factory=dict)
 
     @property
     def language(self) -> str:
@@ -389,6 +392,9 @@ WORKLOADS: dict[str, Workload] = {
             _text_body,
             "all-MiniLM-L6-v2 (6-layer BERT, 87 MB) + logistic head, WordPiece in a Python guest",
             _stage_minilm,
+            # A row of a 4-row batch costs 0.75 of a lone run at this input's 22 tokens (run_plan.batch;
+            # docs/models.md); the batcher stacks requests of the same length only.
+            {"max_batch_size": 8, "max_queue_delay_us": 2000},
         ),
     )
 }
