@@ -125,15 +125,17 @@ class Decoder:
         no inputs and no token was chosen yet, or the model has no single ids input or logits
         output), and what sending the part raises (`TypeError` for a part of another type)."""
         self._check_open()
-        rt = inference._rt or inference._runtime()
-        if inputs is not None:
-            if send is not None:
-                rt.door(b"w", rt.part_frame(send))
-            found = runtime_call(b"dn" + self._handle_bytes, self.model, inputs, raw=True)
-        elif send is None:
+        if send is not None:
+            rt = inference._rt or inference._runtime()
+            if inputs is None:
+                found = answer(_door(b"p" + self._handle_bytes + rt.part_frame(send)))
+                self.steps += 1
+                return int.from_bytes(found[1:5], "little")
+            rt.door(b"w", rt.part_frame(send))
+        if inputs is None:
             found = answer(_door(b"n" + self._handle_bytes))
         else:
-            found = answer(_door(b"p" + self._handle_bytes + rt.part_frame(send)))
+            found = runtime_call(b"dn" + self._handle_bytes, self.model, inputs, raw=True)
         self.steps += 1
         return int.from_bytes(found[1:5], "little")
 
