@@ -13,8 +13,9 @@ dominate, as a real one would):
 - ratio: tokens_per_s against the limit's at the same concurrency (target at 8: >= 0.8).
 
 Each platform host's `run_plan` (the threads and concurrent runs its `tiny-gpt` was tuned to at
-load, by measurement: a figure depends on it) and the batched host's `mean_batch_size` are written
-beside the figures.
+load, by measurement, or given: `--intra-op-threads`, `--max-concurrent-runs`; a figure depends on
+it, and the measured choice differs between loads on a busy machine) and the batched host's
+`mean_batch_size` are written beside the figures.
 
 The platform loads `tiny-gpt` with its `attention_mask` and batching (`--max-batch-size`, default
 32; `--max-concurrent-batches`, default the model's run slots): decoding steps of concurrent
@@ -203,6 +204,10 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=32, help="tiny-gpt's batching on the platform")
     ap.add_argument("--max-concurrent-batches", type=int, default=None,
                     help="default: the model's run slots (see docs/models.md)")
+    ap.add_argument("--intra-op-threads", type=int, default=None,
+                    help="tiny-gpt's threads per run on the platform (default: measured at load)")
+    ap.add_argument("--max-concurrent-runs", type=int, default=None,
+                    help="tiny-gpt's runs at once on the platform (default: measured at load)")
     ap.add_argument("--compare-unbatched", action="store_true",
                     help="also measure the platform with tiny-gpt not batching")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -215,6 +220,9 @@ def main() -> None:
     manifest = {"models": ["tiny-gpt"], "memory_mb": 128, "timeout_ms": 600_000, "max_infer_calls": 100_000,
                 "max_instances": max(streams)}
     batching = {"max_batch_size": args.max_batch_size, "max_concurrent_batches": args.max_concurrent_batches}
+    # a run plan given, not measured at load: the one measured differs from one load to the next
+    plan = {k: v for k, v in (("intra_op_threads", args.intra_op_threads),
+                              ("max_concurrent_runs", args.max_concurrent_runs)) if v is not None}
     rows: list[dict[str, Any]] = []
     with Host() as host, Host() as unbatched:
         hosts = {"platform": host}
@@ -222,7 +230,7 @@ def main() -> None:
             hosts["platform_unbatched"] = unbatched
         print("deploying chatbot (the Python runtime is built first if it is not cached)", file=sys.stderr)
         for key, h in hosts.items():
-            h.deploy_model("tiny-gpt", model, **(batching if key == "platform" else {}))
+            h.deploy_model("tiny-gpt", model, **plan, **(batching if key == "platform" else {}))
             h.deploy_function("chatbot", pysource.bundle_folder(CHATBOT), manifest, prewarm=max(streams))
             platform_round(h, max(streams), 4)  # warm: every instance has answered once
         limit_round(session, max(streams), 4)

@@ -19,7 +19,7 @@ import sampling_reference
 from test_decoders import reference
 from test_streaming import parse_sse
 from wasminfer import pysource
-from wasminfer.errors import GuestRejected, InvalidSampling
+from wasminfer.errors import GuestError, GuestRejected, InvalidSampling, OutputLimitExceeded
 from wasminfer.examples import EXAMPLES, tiny_gpt_model
 from wasminfer.gateway import create_app
 from wasminfer.manifest import Manifest
@@ -171,4 +171,67 @@ def test_the_host_checks_the_sampling_a_guest_sends_and_feeds_back_its_tokens(ho
         want.append(sampling_reference.choose(out["logits"][0, -1], sampler, rng))
         ids = np.array([[want[-1]]], np.int64)
     assert got == {"ids": want, "steps": 10}
+    assert TABLE.live() == live
+
+
+SENDS = '''
+from wasminfer_guest import Decoder, Tensor, handler
+
+@handler
+def sends(request):
+    what, n = request.text().split()
+    with Decoder("tiny-gpt") as d:
+        first = "[" if what == "with-inputs" else None  # sent, then the prompt's step
+        token = d.next_token({"input_ids": Tensor.of([[40, 41, 42]], "int64")}, send=first)
+        if what == "yields":
+            yield "<"
+        for _ in range(int(n)):
+            part = {"bytes": bytes([token]), "bad": object()}.get(what, f"{token},")
+            token = d.next_token(send=part)
+        if what == "yields":
+            yield ">"
+'''
+
+
+def _greedy_ids(n: int) -> list[int]:
+    session = ort.InferenceSession(tiny_gpt_model(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    past = {i.name: np.zeros((1, 4, 0, 16), np.float32)
+            for i in session.get_inputs() if i.name != "input_ids"}
+    ids, got = np.array([[40, 41, 42]], np.int64), []
+    for _ in range(n):
+        out = dict(zip(names, session.run(None, {"input_ids": ids, **past}), strict=True))
+        past = {name: out["present" + name[4:]] for name in past}
+        got.append(int(out["logits"][0, -1].argmax()))
+        ids = np.array([[got[-1]]], np.int64)
+    return got
+
+
+def test_a_part_sent_with_a_step_streams_in_order_with_the_yielded_ones(host: Host) -> None:
+    host.deploy_function("sends", pysource.bundle(SENDS.encode(), pysource.PYTHON),
+                         Manifest.from_dict(CHATBOT.manifest()))
+    ids = _greedy_ids(6)
+    parts: list[bytes] = []
+    r = host.invoke("sends", b"yields 5", stream=OutputStream(lambda chunk, _t: parts.append(chunk)))
+    assert parts == [b"<", *[f"{t},".encode() for t in ids[:5]], b">"] and r.body == b""
+    r = host.invoke("sends", b"with-inputs 5")  # not streamed: every part, sent or yielded, in order
+    assert (r.body, r.content_type) == (("[" + "".join(f"{t}," for t in ids[:5])).encode(),
+                                        "text/plain; charset=utf-8")
+    r = host.invoke("sends", b"bytes 3")  # the first part's kind is the answer's, none yielded
+    assert (r.body, r.content_type) == (bytes(ids[:3]), "application/octet-stream")
+
+
+def test_a_part_sent_with_a_step_counts_against_the_output_limit(host: Host) -> None:
+    manifest = {**CHATBOT.manifest(), "max_output_bytes": 3}
+    host.deploy_function("sends-3", pysource.bundle(SENDS.encode(), pysource.PYTHON),
+                         Manifest.from_dict(manifest))
+    live = TABLE.live()
+    assert host.invoke("sends-3", b"bytes 3").body == bytes(_greedy_ids(3))  # obeyed: 3 bytes
+    with pytest.raises(OutputLimitExceeded) as err:  # violated: the fourth byte, before its step runs
+        host.invoke("sends-3", b"bytes 4")
+    assert err.value.message == ("function 'sends-3' produced 4 bytes of output (its output limit of 3 "
+                                 "bytes, manifest key 'max_output_bytes')")
+    with pytest.raises(GuestError, match="TypeError: a part of a streamed answer is str, bytes, dict "
+                                         "or list, not object"):
+        host.invoke("sends-3", b"bad 1")
     assert TABLE.live() == live

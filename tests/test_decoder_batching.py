@@ -170,6 +170,14 @@ def test_a_batch_of_the_last_ones_rows_runs_on_its_present_and_other_rows_are_co
     assert not joined["past_key_0"][0, :, :2].any()
     assert np.array_equal(joined["past_value_1"][1], present[1])
     assert joined[MASK].tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    # rows of equal lengths, one padded by 2 in its batch and one its own: trimmed, none padded
+    solo_past = np.random.default_rng(2).normal(size=(1, 4, 3, 16)).astype(np.float32)
+    solo_feed = spec.feed({"input_ids": np.array([[8]])}, {p: solo_past for p, _ in spec.pairs}, 3, 0)
+    even, even_starts = spec.steps.join([feeds[0], solo_feed])
+    assert even["past_value_0"].shape == (2, 4, 3, 16) and even_starts == [0, 1]
+    assert np.array_equal(even["past_value_0"][0], present[0, :, 2:])
+    assert np.array_equal(even["past_value_0"][1], solo_past[0])
+    assert even[MASK].tolist() == [[1, 1, 1, 1]] * 2 and even[POSITIONS].tolist() == [[3], [3]]
     # and the batch's rows are what each state's run alone gives (within the rounding of a sum
     # over more terms, the padding's being zeros): its past and the new position, after padding
     batch = dict(zip(names, session.run(None, joined), strict=True))

@@ -5,7 +5,8 @@ Request (JSON): {"prompt": "...", "max_new_tokens": 32, "temperature": 0, "top_k
 answer is the text, each token sent as it is chosen (invoke with ?stream=1 or Accept:
 text/event-stream to see them come). The model's past key/values stay on the host between steps (a
 `Decoder`), which also chooses each token (`Sampling`: greedy, or temperature, top-k, top-p with a
-seed), so a step crosses one token id each way; the tokenizer runs here.
+seed), so a step crosses one token id each way, with the text of the token before it (`send`);
+the tokenizer runs here.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ def _tokens(prompt: list[int], count: int, s: Sampling, eos: int) -> Iterator[st
         return
     with Decoder(MODEL, s) as decoder:
         token = decoder.next_token({"input_ids": Tensor.of([prompt], "int64")})
-        for i in range(count):
+        for _ in range(count - 1):
             if token == eos:
                 return
+            # one crossing per token: this token's text goes out with the step that feeds it back
+            token = decoder.next_token(send=tokenizer.decode(token))
+        if token != eos:
             yield tokenizer.decode(token)
-            if i + 1 < count:
-                token = decoder.next_token()  # the host feeds the token it chose back in

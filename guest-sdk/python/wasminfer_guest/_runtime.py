@@ -28,8 +28,10 @@ out of linear memory in bulk by the host. A frame is one op byte and its payload
     c                     -> <header> <code>...                  (load: the compiled modules)
     r                     -> u32 len(ctype), ctype, body         (a request too long for the inbox)
     w u32 len(ctype), ctype, part -> b""                         (one part, sent at once if streamed)
-    d o <model>           -> 0 u32 handle | 1 <json error>       (open a decoder state)
+    d o <sampling> <model> -> 0 u32 handle | 1 <json error>      (open a decoder state)
     d s u32 handle <infer request> -> as i                       (one decoder step)
+    d n u32 handle [<infer request>] -> 0 u32 token | as i's 1   (a step that chooses the next token)
+    d p u32 handle <as w's> -> as d n                           (a part, then d n on the token chosen last)
     d c u32 handle        -> 0 | 1 <json error>                  (close a decoder state)
     l level, message      -> b""                                 (a log line)
     i <infer request>     -> 0 <tensors> | 1 <json error>       (infer, see `inference.py`)
@@ -288,8 +290,9 @@ def _request() -> Request:
 
 def invoke() -> None:
     """Runs one request through the registered handler."""
-    global _kept
+    global _kept, _first_type
     _kept = None
+    _first_type = b""
     try:
         result = export.registered()(_request())
         kind = type(result)
@@ -331,26 +334,37 @@ _BODIES = (bytes, bytearray, memoryview, str)  # a tuple: a union in `isinstance
 
 
 def _stream(parts: Any) -> bytes:
-    """Sends each part as it comes: str as UTF-8 text, bytes as they are, dict or list as a JSON
-    line. Returns the answer's content type: the first part's kind."""
-    ctype = b""
+    """Sends each part as it comes (`part_frame`). Returns the answer's content type: the first
+    part's kind."""
     try:
         for part in parts:
-            if isinstance(part, str):
-                data, kind = part.encode("utf-8"), b"text/plain; charset=utf-8"
-            elif isinstance(part, _BYTES_LIKE):
-                data, kind = bytes(part), b"application/octet-stream"
-            elif isinstance(part, _JSON_LIKE):
-                data, kind = json.dumps(part, separators=(",", ":")).encode() + b"\n", b"application/x-ndjson"
-            else:
-                raise TypeError(f"a streaming handler yields str, bytes, dict or list, not {type(part).__name__}")
-            ctype = ctype or kind
-            door(b"w", _u32(len(ctype)) + ctype + data)
+            door(b"w", part_frame(part))
     finally:
         close = getattr(parts, "close", None)
         if close is not None:  # now, in this invocation: its `with` blocks free their host state
             close()
-    return ctype or b"text/plain; charset=utf-8"
+    return _first_type or _TEXT_TYPE
+
+
+_TEXT_TYPE = b"text/plain; charset=utf-8"
+_first_type = b""  # the kind of the invocation's first part (b"": none sent yet); `invoke` resets it
+
+
+def part_frame(part: Any) -> bytes:
+    """A `w` frame's payload for one part of a streamed answer: str as UTF-8 text, bytes as they
+    are, dict or list as a JSON line, each with the first part's content type (a `Decoder` step
+    sends one along too). Raises `TypeError` for any other part."""
+    global _first_type
+    if isinstance(part, str):
+        data, kind = part.encode("utf-8"), _TEXT_TYPE
+    elif isinstance(part, _BYTES_LIKE):
+        data, kind = bytes(part), b"application/octet-stream"
+    elif isinstance(part, _JSON_LIKE):
+        data, kind = json.dumps(part, separators=(",", ":")).encode() + b"\n", b"application/x-ndjson"
+    else:
+        raise TypeError(f"a part of a streamed answer is str, bytes, dict or list, not {type(part).__name__}")
+    ctype = _first_type = _first_type or kind
+    return _u32(len(ctype)) + ctype + data
 
 
 validate, load, invoke = _flushed(validate), _flushed(load), _flushed(invoke)

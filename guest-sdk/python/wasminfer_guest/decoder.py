@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wasminfer_guest import _bindings as b
+from wasminfer_guest import inference
 from wasminfer_guest.inference import InferError, answer, runtime_call
 from wasminfer_guest.tensor import Tensor
 
@@ -114,13 +115,23 @@ class Decoder:
         self.steps += 1
         return out
 
-    def next_token(self, inputs: Mapping[str, Tensor] | None = None) -> int:
+    def next_token(self, inputs: Mapping[str, Tensor] | None = None, *, send: Any = None) -> int:
         """Runs a step on `inputs` (the prompt's ids, say) or, without them, on the token the host
         chose last (fed as a [1, 1] tensor to the model's one input that is not a past), and returns
         the next token id, chosen on the host from the last row of the model's `logits` output with
-        the decoder's `Sampling`. Raises `InferError` (also when there are no inputs and no token
-        was chosen yet, or the model has no single ids input or logits output)."""
+        the decoder's `Sampling`. `send` (unless None): a part of the answer sent before the step,
+        as a streaming handler's yield sends it (the text of the token before, say); without
+        `inputs` the part and the step cross in one frame. Raises `InferError` (also when there are
+        no inputs and no token was chosen yet, or the model has no single ids input or logits
+        output), and what sending the part raises (`TypeError` for a part of another type)."""
         self._check_open()
+        if send is not None:
+            rt = inference._rt or inference._runtime()
+            if inputs is None:
+                found = answer(_door(b"p" + self._handle_bytes + rt.part_frame(send)))
+                self.steps += 1
+                return int.from_bytes(found[1:5], "little")
+            rt.door(b"w", rt.part_frame(send))
         if inputs is None:
             found = answer(_door(b"n" + self._handle_bytes))
         else:

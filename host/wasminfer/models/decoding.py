@@ -245,27 +245,22 @@ def _base(a: np.ndarray) -> np.ndarray:
 
 def _cohort(feeds: Sequence[Mapping[str, np.ndarray]], pasts: tuple[str, ...]) -> list[int] | None:
     """The row of each feed in the arrays whose rows its pasts are, if every past of every feed is a
-    row of one array per past name, the same row for each of its pasts, and the feeds are all
-    of their rows; else None."""
-    rows: list[int] | None = None
+    row of one array per past name and the feeds are all of their rows; else None. A state's pasts
+    are rows of one run's presents, sliced at one row (`DecoderTable`), so the first past's row is
+    each feed's row (an address is ~2 µs to ask numpy for: once per feed, not once per past)."""
     for p in pasts:
-        arrays = [f[p] for f in feeds]
-        base = arrays[0].base
-        if not isinstance(base, np.ndarray) or base.ndim != 4 or base.shape[0] != len(arrays):
+        base = feeds[0][p].base
+        if not isinstance(base, np.ndarray) or base.ndim != 4 or base.shape[0] != len(feeds):
             return None
-        start, stride = base.ctypes.data, base.strides[0]
-        mine = []
-        for a in arrays:
-            if a.base is not base or a.shape != (1, *base.shape[1:]):
+        row_shape = (1, *base.shape[1:])
+        for f in feeds:
+            a = f[p]
+            if a.base is not base or a.shape != row_shape:
                 return None
-            mine.append((a.ctypes.data - start) // stride)
-        if rows is None:
-            if sorted(mine) != list(range(len(arrays))):
-                return None
-            rows = mine
-        elif mine != rows:
-            return None
-    return rows
+    first = _base(feeds[0][pasts[0]])
+    start, stride = first.ctypes.data, first.strides[0]
+    rows = [(f[pasts[0]].ctypes.data - start) // stride for f in feeds]
+    return rows if sorted(rows) == list(range(len(feeds))) else None
 
 
 def _padded(feeds: Sequence[Mapping[str, np.ndarray]], pasts: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -276,6 +271,11 @@ def _padded(feeds: Sequence[Mapping[str, np.ndarray]], pasts: tuple[str, ...]) -
     own = [int(m.sum()) - seq for m in masks]  # each row's past without its padding
     longest = max(own)
     joined: dict[str, np.ndarray] = {}
+    if min(own) == longest:  # no row needs padding: one concatenation per past, not a copy per row
+        for p in pasts:
+            joined[p] = np.concatenate([f[p][:, :, f[p].shape[2] - longest:] for f in feeds])
+        joined[MASK] = np.ones((len(feeds), longest + seq), _INT64)
+        return joined
     for p in pasts:
         first = feeds[0][p]
         out = np.zeros((len(feeds), first.shape[1], longest, first.shape[3]), first.dtype)

@@ -189,9 +189,7 @@ def _answer(state: CallState, mem: GuestMemory, ex: Exchange, frame: bytes) -> b
     if op == b"d" and isinstance(state, InvocationState):
         return _decoder(state, mem, payload)
     if op == b"w" and isinstance(state, InvocationState):
-        n = int.from_bytes(payload[:4], "little")
-        ctype = bytes(payload[4:4 + min(n, 1024)]).decode("utf-8", "replace").strip()
-        state.write_chunk(bytes(payload[4 + n:]), ctype)
+        _write_part(state, payload)
         return b""
     if op == b"l":  # log lines while validating an upload go nowhere
         if isinstance(state, InvocationState):
@@ -211,6 +209,14 @@ def _answer(state: CallState, mem: GuestMemory, ex: Exchange, frame: bytes) -> b
         ex.addresses.update({str(k): int(v) for k, v in json.loads(bytes(payload)).items()})
         return b""
     raise GuestFault(f"unexpected frame {bytes(op)!r} through the door")
+
+
+def _write_part(state: InvocationState, payload: memoryview) -> None:
+    """A `w` frame's part (u32 len(ctype), ctype, bytes): see `InvocationState.write_chunk`, whose
+    errors it raises (they end the guest)."""
+    n = int.from_bytes(payload[:4], "little")
+    ctype = bytes(payload[4:4 + min(n, 1024)]).decode("utf-8", "replace").strip()
+    state.write_chunk(bytes(payload[4 + n:]), ctype)
 
 
 def _log(state: InvocationState, payload: memoryview) -> None:
@@ -349,8 +355,9 @@ def _infer(state: InvocationState, mem: GuestMemory, payload: memoryview) -> byt
 
 
 def _decoder(state: InvocationState, mem: GuestMemory, payload: memoryview) -> bytes | _Answer:
-    """The `d` frames: open (with the state's sampling), step, next token and close a decoder state
-    (`runtime.decoders`); a step's tensors cross as infer's do, a next token's answer is its id."""
+    """The `d` frames: open (with the state's sampling), step, next token (`p`: after a part of the
+    answer, as a `w` frame writes it) and close a decoder state (`runtime.decoders`); a step's
+    tensors cross as infer's do, a next token's answer is its id."""
     op, rest = bytes(payload[:1]), payload[1:]
     if op == b"o":
         model = bytes(rest[FRAME.size:]).decode("utf-8", "replace")
@@ -376,7 +383,10 @@ def _decoder(state: InvocationState, mem: GuestMemory, payload: memoryview) -> b
         except DecoderNotFound as exc:
             return _infer_error(state, "invalid-argument", exc)
         return b"\x00"
-    if op not in (b"s", b"n"):
+    if op == b"p":  # one crossing per streamed token: the last one's text, then the next step
+        _write_part(state, rest[4:])
+        op, rest = b"n", rest[:4]
+    elif op not in (b"s", b"n"):
         raise GuestFault(f"unexpected decoder frame {op!r} through the door")
     limit_err = state.count_infer("ran {} inferences and decoder steps")
     if limit_err is not None:
