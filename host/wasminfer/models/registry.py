@@ -75,6 +75,7 @@ from wasminfer.models.options import (
     bool_option,
     int_option,
 )
+from wasminfer.models.padding import padded_stack
 from wasminfer.models.session import Run, make_session, runner
 from wasminfer.models.slots import RUN_SLOTS, ModelSlots, RunSlots
 from wasminfer.models.stats import Counters, ModelStats
@@ -168,6 +169,7 @@ class _Model:
     slots: ModelSlots
     counters: Counters = field(default_factory=Counters)
     batcher: Batcher | None = None
+    stack: Stack = ROWS  # how its batcher joins requests (`padding.py` for a masked sequence model)
     #: `session`'s run (`session.runner`): what `run` calls.
     run_session: Run = field(init=False)
 
@@ -368,6 +370,7 @@ class ModelRegistry:
                 if slots is None:  # the model's run slots: a batched run takes one
                     slots = plan.max_concurrent_runs or default_slots(plan.intra_op_threads)
                 loaded.batcher = Batcher(batching, loaded.run, loaded.counters.batching, slots=slots)
+                loaded.stack = padded_stack(inputs, outputs) or ROWS
             self._models = {**self._models, name: loaded}
         if previous is not None and previous.batcher is not None:
             previous.batcher.close()  # its waiting requests run now, on the old session
@@ -432,7 +435,7 @@ class ModelRegistry:
                 counters.last_used = time.monotonic()
             raise
         if model.batcher is not None:
-            return self._infer_batched(name, model, model.batcher, feed, deadline_ns, stack or ROWS)
+            return self._infer_batched(name, model, model.batcher, feed, deadline_ns, stack or model.stack)
         try:
             results = model.run(feed, deadline_ns, inference=True)
         except (Timeout, TooManyRequests):
