@@ -393,7 +393,7 @@ WORKLOADS: dict[str, Workload] = {
             "all-MiniLM-L6-v2 (6-layer BERT, 87 MB) + logistic head, WordPiece in a Python guest",
             _stage_minilm,
             # A row of a 4-row batch costs 0.75 of a lone run at this input's 22 tokens (run_plan.batch;
-            # docs/models.md); the batcher stacks requests of the same length only.
+            # docs/models.md); texts of other lengths would share runs too, padded under the mask.
             {"max_batch_size": 8, "max_queue_delay_us": 2000},
         ),
     )
