@@ -14,7 +14,8 @@ It stays short: a model whose run takes under `TINY_RUN_S` is not measured and n
 thread, or the threads given, and every caller runs at once: measured in-process on digits, a 9 µs
 run, two run slots cost 46% of its throughput at 16 callers, the hand-off of a slot between Python
 threads costing more than the run). The whole measurement stops at `BUDGET_S`: each candidate gets a
-share, and one for which not even one round fits is skipped and listed. A candidate with more than
+share, and one for which not even one round fits (`MIN_ROUNDS` for one that needs a session of its
+own: a single run swings by more than `TIE`) is skipped and listed. A candidate with more than
 one thread needs a session of its own: while it is measured the model is held twice in memory.
 Models whose inputs are strings or whose sample input fails to run keep one thread and a run per
 core. Given threads (and no given runs) are timed too, so that a tiny model is never bounded.
@@ -52,6 +53,7 @@ __all__ = [
     "BATCH_ROWS",
     "BUDGET_S",
     "FREE_DIM",
+    "MIN_ROUNDS",
     "TIE",
     "TINY_RUN_S",
     "Measurement",
@@ -70,6 +72,8 @@ TINY_RUN_S = 0.001
 BUDGET_S = 0.5
 #: Throughputs this close to the best count as equal.
 TIE = 0.05
+#: The fewest rounds a candidate that needs its own session is measured with.
+MIN_ROUNDS = 3
 #: The size given to a free dimension after the first in the sample input (e.g. a sequence length).
 FREE_DIM = 64
 #: Rows stacked for the batching measurement, and the most it may take.
@@ -203,10 +207,13 @@ def choose(
         # `threads` threads at best 1/threads of it; a new session costs its making and a warm-up run.
         estimate = single if threads == 1 else single / threads
         setup = 0.0 if threads == 1 else session_s + single
-        if setup + estimate > share:
+        rounds = min(8, int((share - setup) / max(estimate, 1e-9)))
+        # A candidate with a session of its own gets MIN_ROUNDS or none: one or two runs swing by more
+        # than TIE, which then chose 2 threads for open-nsfw on one run (52.6 against 54.1 runs/s at
+        # 1 x 2, a tie) and served it at 0.68x the limit, its runs using 1.5 of 2 cores.
+        if rounds < (1 if threads == 1 else MIN_ROUNDS):
             skipped.append(f"{threads} thread(s) x {concurrent} run(s): over the budget of {budget_s:g} s")
             continue
-        rounds = max(1, min(8, int((share - setup) / max(estimate, 1e-9))))
         run = run_with(threads)
         if threads != 1:
             run(feed)  # its first run
