@@ -328,7 +328,7 @@ class ModelRegistry:
             plan = given_plan(session, intra, inputs, output_names, cores)
         else:
             session, plan = tuned(session, valid.data, inter, inputs, output_names, cores, session_s, arena,
-                                  batchable=problem is None)
+                                  batchable=problem is None, batched=batching is not None)
         del valid
         if max_concurrent_runs is not None:
             plan = dataclasses.replace(
