@@ -26,9 +26,11 @@ from wasminfer.models.tuning import (
     BATCH_BUDGET_S,
     BATCH_ROWS,
     FREE_DIM,
+    TIE,
     Measurement,
     batch_row_time,
     choose,
+    pick,
     sample_feed,
     thread_candidates,
 )
@@ -404,6 +406,18 @@ def test_a_model_that_can_batch_has_a_stacked_run_timed_and_one_that_cannot_has_
         view = plan.to_dict()["batch"]
         assert view["rows"] == BATCH_ROWS and view["row_ms"] == round(plan.batch_row_ms, 4)
         assert view["row_vs_run"] == round(plan.batch_row_ms / plan.run_ms, 3)
+
+
+def test_a_tie_goes_to_more_runs_at_once_and_for_a_batching_model_to_more_threads() -> None:
+    runs = Measurement(1, 2, 200, 2.0)  # 100 runs/s, 1 thread x 2 runs
+    threads = Measurement(2, 1, 103, 1.0)  # 103 runs/s: within TIE of it
+    assert pick([runs, threads]) is runs and pick([threads, runs]) is runs
+    assert pick([runs, threads], batched=True) is threads
+    faster = Measurement(2, 1, 120, 1.0)  # past the tie: the faster one, batching or not
+    assert pick([runs, faster]) is faster and pick([runs, faster], batched=True) is faster
+    slower = Measurement(2, 1, 90, 1.0)
+    assert pick([runs, slower], batched=True) is runs
+    assert (1 - TIE) * 103 < 100 < 103 and 100 < (1 - TIE) * 120
 
 
 def test_batch_row_time_runs_the_sample_stacked() -> None:

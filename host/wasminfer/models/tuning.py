@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,7 @@ __all__ = [
     "batch_row_time",
     "choose",
     "given_plan",
+    "pick",
     "run_time",
     "sample_feed",
     "tuned",
@@ -229,15 +230,21 @@ def choose(
     if not measurements:  # not even one round fits: a run per core, as the slots' default
         elapsed = time.perf_counter() - started
         return RunPlan(1, cores, "default: over the budget", single * 1e3, (), elapsed, tuple(skipped))
-    best = max(m.runs_per_second for m in measurements)
-    chosen = max(
-        (m for m in measurements if m.runs_per_second >= best * (1 - TIE)),
-        key=lambda m: (m.intra_op_threads if batched else m.concurrent_runs, m.runs_per_second),
-    )
+    chosen = pick(measurements, batched)
     return RunPlan(
         chosen.intra_op_threads, chosen.concurrent_runs, "measured", single * 1e3, tuple(measurements),
         time.perf_counter() - started, tuple(skipped),
     )  # fmt: skip
+
+
+def pick(measurements: Sequence[Measurement], batched: bool = False) -> Measurement:
+    """The measurement with the most runs per second; within `TIE` of it, the one with more runs at
+    once (`batched`: with more threads, see `choose`)."""
+    best = max(m.runs_per_second for m in measurements)
+    return max(
+        (m for m in measurements if m.runs_per_second >= best * (1 - TIE)),
+        key=lambda m: (m.intra_op_threads if batched else m.concurrent_runs, m.runs_per_second),
+    )
 
 
 def run_time(run: Run, feed: Mapping[str, np.ndarray], tiny_run_s: float = TINY_RUN_S) -> float:
