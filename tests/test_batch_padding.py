@@ -66,6 +66,15 @@ def alone(model: bytes, f: dict[str, np.ndarray]) -> Any:
     return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(["pooled"], f)[0]
 
 
+def batched(model: bytes, feeds: list[dict[str, np.ndarray]], rows: int, delay_us: int = 1_000_000) -> Any:
+    """Each feed from its own thread into `model` loaded with batches of `rows` (or the delay):
+    the outcomes, and the batcher's stats."""
+    with ModelRegistry() as registry:
+        registry.load("enc", model, batching=always_wait(rows, delay_us))
+        outcomes = infer_at_once(registry, "enc", feeds)
+        return outcomes, registry.stats("enc").batching
+
+
 def spec(name: str, shape: list[int | str | None], dtype: str = "int64") -> TensorSpec:
     return TensorSpec(name, dtype, shape)
 
@@ -74,10 +83,7 @@ def test_requests_of_different_lengths_share_a_run_and_get_their_own_answers() -
     model = encoder()
     rng = np.random.default_rng(1)
     feeds = [feed(rng, rows, length) for rows, length in [(1, 3), (2, 5), (1, 8), (1, 6)]]
-    with ModelRegistry() as registry:
-        registry.load("enc", model, batching=always_wait(5))
-        outcomes = infer_at_once(registry, "enc", feeds)
-        stats = registry.stats("enc").batching
+    outcomes, stats = batched(model, feeds, 5)
     for outcome, f in zip(outcomes, feeds, strict=True):
         assert outcome.error is None and outcome.result is not None
         got, want = outcome.result["pooled"], alone(model, f)
@@ -90,10 +96,7 @@ def test_lengths_in_different_buckets_do_not_share_a_run() -> None:
     model = encoder()
     rng = np.random.default_rng(2)
     feeds = [feed(rng, 1, 4), feed(rng, 1, 4), feed(rng, 1, 20), feed(rng, 1, 20)]
-    with ModelRegistry() as registry:
-        registry.load("enc", model, batching=always_wait(2, 200_000))
-        outcomes = infer_at_once(registry, "enc", feeds)
-        stats = registry.stats("enc").batching
+    outcomes, stats = batched(model, feeds, 2, 200_000)
     for outcome, f in zip(outcomes, feeds, strict=True):
         assert outcome.result is not None
         np.testing.assert_allclose(outcome.result["pooled"], alone(model, f), rtol=1e-6, atol=1e-6)
@@ -141,10 +144,7 @@ def test_a_per_token_output_keeps_equal_lengths_batching_only() -> None:
     model = encoder(per_token=True)
     rng = np.random.default_rng(3)
     feeds = [feed(rng, 1, 3), feed(rng, 1, 5)]
-    with ModelRegistry() as registry:
-        registry.load("enc", model, batching=always_wait(2, 200_000))
-        outcomes = infer_at_once(registry, "enc", feeds)
-        stats = registry.stats("enc").batching
+    outcomes, stats = batched(model, feeds, 2, 200_000)
     for outcome, f in zip(outcomes, feeds, strict=True):
         assert outcome.result is not None
         assert outcome.result["tokens"].shape == (1, f["input_ids"].shape[1], HIDDEN)
