@@ -26,14 +26,13 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from wasminfer.models.batching import Feed
 from wasminfer.models.inputs import TensorSpec
 
 __all__ = ["MASK", "MIN_BUCKET", "PaddedRows", "padded_stack"]
 
 MASK = "attention_mask"
 MIN_BUCKET = 8
-
-Feed = dict[str, np.ndarray]
 
 
 class PaddedRows:
@@ -64,9 +63,9 @@ class PaddedRows:
         for feed in feeds:
             starts.append(start)
             for name, array in feed.items():
-                rows, length = array.shape
+                rows, length = array.shape  # the same for every input of the feed (`rows`)
                 joined[name][start:start + rows, :length] = array
-            start += next(iter(feed.values())).shape[0]
+            start += rows
         return joined, starts
 
 
