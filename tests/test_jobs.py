@@ -250,13 +250,14 @@ def test_cancel_stops_what_has_not_started(platform: Platform, add_model: bytes,
         # the invoke job is submitted and cancelled (a 300 ms loop could end first on a loaded machine).
         slow = QUERY.replace("timeout_ms=300", "timeout_ms=3000")
         assert c.put(f"/v1/functions/hostile?{slow}", content=hostile_wasm, headers=WASM).status_code == 201
+        # The new version answers before the batch goes in: an item that meets the old one being
+        # replaced goes back to the queue for a moment, and the one worker may take the invoke job.
+        assert c.post("/v1/functions/hostile/invoke", content=b"e").status_code == 200
         runner = c.app.state.wasminfer.jobs.runner  # type: ignore[attr-defined]
         batch = submit_batch(c, [b"l", b"e1", b"e2", b"e3", b"e4"]).json()
         deadline = time.monotonic() + 10
         pool = platform.host().function("hostile").pool
-        # The batch's first item, `l`, runs: in flight and in the guest. In flight alone is not
-        # enough: an attempt that found the function busy (its new version still settling) goes back
-        # to the queue for a moment, and the one worker then took the invoke job (a CI run under load).
+        # The batch's first item, `l`, runs: in flight and in the guest.
         while runner.stats()["items_in_flight"] == 0 or pool.stats()["busy"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.005)
@@ -289,6 +290,9 @@ def test_an_invoke_job_that_started_cannot_be_cancelled(
         # A 3 s loop: surely still running when the cancel comes (300 ms could end first under load).
         slow = QUERY.replace("timeout_ms=300", "timeout_ms=3000")
         assert c.put(f"/v1/functions/hostile?{slow}", content=hostile_wasm, headers=WASM).status_code == 201
+        # The new version answers before the batch goes in: an item that meets the old one being
+        # replaced goes back to the queue for a moment, and the one worker may take the invoke job.
+        assert c.post("/v1/functions/hostile/invoke", content=b"e").status_code == 200
         runner = c.app.state.wasminfer.jobs.runner  # type: ignore[attr-defined]
         job = c.post("/v1/functions/hostile/invoke?async=1", content=b"l").json()
         deadline = time.monotonic() + 10
