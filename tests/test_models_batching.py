@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from wasminfer import examples
-from wasminfer.errors import BadRequest, InferenceFailed, InvalidTensor, ModelNotFound
+from wasminfer.errors import BadRequest, InferenceFailed, InvalidTensor, ModelNotFound, Timeout
 from wasminfer.models import BatchingConfig, ModelRegistry
 from wasminfer.models.batching import ROWS, BatchCounters, Batcher, Feed
 
@@ -648,7 +648,9 @@ class Turns:
     def until(self, runs: int, queued: int) -> None:
         """Until `runs` runs started and `queued` rows wait (synchronised on the batcher's state)."""
         signature = self.stack.signature(self.feeds[0])
+        deadline = time.monotonic() + 10
         while len(self.ran) < runs or getattr(self.batcher._queues.get(signature), "rows", 0) != queued:
+            assert time.monotonic() < deadline, f"runs {self.ran}, not {runs} with {queued} row(s) queued"
             time.sleep(0.001)
 
     def finish(self) -> None:
@@ -695,6 +697,56 @@ def test_requests_that_do_not_recur_run_at_once_in_a_free_slot_and_take_all_that
     t.until(runs=3, queued=0)
     t.finish()
     assert t.ran == [1, 1, 3]
+
+
+def test_while_every_slot_is_busy_a_batch_grows_past_the_delay_until_one_frees() -> None:
+    # The delay (1 ms) passes long before the slot frees: sent off then, [1, 2] would only have
+    # waited for the slot, and 3 would have made a batch of its own.
+    t = Turns(slots=1, streams=0, delay_us=1000)
+    t.call(0)
+    t.until(runs=1, queued=0)
+    t.call(1, 2)
+    t.until(runs=1, queued=2)
+    time.sleep(0.1)
+    t.call(3)
+    t.until(runs=1, queued=3)
+    assert t.ran == [1]
+    t.gates[0].set()
+    t.until(runs=2, queued=0)
+    t.finish()
+    assert t.ran == [1, 3]
+
+
+def test_a_request_waiting_for_a_busy_slot_fails_at_its_deadline() -> None:
+    session = ort.InferenceSession(rowwise_model(), providers=["CPUExecutionProvider"])
+    release = threading.Event()
+
+    def run(feed: Feed, deadline_ns: int | None) -> list[Any]:
+        if deadline_ns is not None and time.monotonic_ns() >= deadline_ns:
+            raise Timeout("past its deadline")  # as the registry's run does
+        release.wait(30)
+        return list(session.run(None, feed))
+
+    batcher = Batcher(BatchingConfig(8, 1000), run, BatchCounters(), slots=1)
+    rng = np.random.default_rng(5)
+    busy = threading.Thread(target=batcher.infer, args=(rowwise_feed(rng, 1),))
+    busy.start()  # takes the one slot until `release`
+    while not batcher._in_flight:
+        time.sleep(0.001)
+    outcome: list[BaseException] = []
+
+    def late() -> None:
+        try:
+            batcher.infer(rowwise_feed(rng, 1), time.monotonic_ns() + 50_000_000)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=late)
+    waiter.start()
+    waiter.join(10)  # the slot is still taken: only its deadline can end its wait
+    assert not waiter.is_alive() and len(outcome) == 1 and isinstance(outcome[0], Timeout)
+    release.set()
+    busy.join(10)
 
 
 def test_one_slot_makes_a_recurring_batch_wait_for_every_stream_and_fewer_streams_wait_for_fewer() -> None:

@@ -371,8 +371,8 @@ def results_md(s: dict[str, Any], results: Path) -> str:
             "## Throughput",
             "",
             f"Closed loop, {tp['duration_s']:.0f} s per run, generator `{tp['generator']}`, concurrency "
-            f"{tp['concurrency']}; medians of {tp.get('rounds_at_16', 3)} alternating rounds at concurrency 16, "
-            "one run elsewhere. "
+            f"{tp['concurrency']}; medians of {tp.get('rounds_at_16', 3)} alternating rounds at "
+            "concurrency 16, one run elsewhere. "
             "`cores`: CPU seconds of the system's processes per second (the limit: this process); "
             "`cpu ms`: per invocation. `inv/s` and `cpu ms` count 2xx answers only; `429s` are "
             "requests admission control refused (a full queue answers 429 with Retry-After), which "

@@ -25,7 +25,8 @@ _PARAMS = (
     Param("max_batch_size", "integer", "dynamic batching: the most rows one batched run takes (0 or 1: "
           "off; needs a dynamic first dimension on every input and output)",
           default=0, minimum=0, maximum=1024, nullable=True),
-    Param("max_queue_delay_us", "integer", "dynamic batching: the longest a request waits for others, µs",
+    Param("max_queue_delay_us", "integer",
+          "dynamic batching: the longest a request waits for others while a run slot is free, µs",
           default=2000, minimum=0, maximum=1_000_000, nullable=True),
     Param("max_concurrent_batches", "integer", "dynamic batching: batched runs in flight before a new one "
           "waits to grow (default: the model's concurrent runs; 0: always wait for a full batch or the "

@@ -415,9 +415,10 @@ class ModelRegistry:
         `Timeout`; so does a call made after it.
 
         uint8 arrays are accepted (and cast) for bool inputs, the form bool takes on the wire.
-        On a batching model the call may wait up to its `max_queue_delay_us` to share a run with
-        others; outputs are then views into the batch's outputs. `stack` says how this call shares
-        a run (default: its rows stacked along axis 0; a decoder's step: `DecoderSpec.steps`).
+        On a batching model the call may wait to share a run with others (`batching.py`: up to
+        its `max_queue_delay_us` with a run slot free, until one frees otherwise); outputs are
+        then views into the batch's outputs. `stack` says how this call shares a run (default:
+        its rows stacked along axis 0; a decoder's step: `DecoderSpec.steps`).
 
         Raises `ModelNotFound`; `InvalidTensor` for a missing or unexpected input name, a dtype
         other than the model's, or a shape that does not fit the model's (with the expected shape in
