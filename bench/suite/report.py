@@ -661,15 +661,18 @@ def why_missed(s: dict[str, Any], results: Path) -> str:
             out.append(
                 f"{head} {ms['new_function']:.1f} ms against the baseline's {ms['baseline']:.0f} ms, of "
                 f"which the first request {ms['new_function_request']:.2f} ms: the rest is compiling a "
-                "module no cache has seen (Cranelift, optimising, in the host's niced compile worker "
-                "process, which on a busy machine waits behind everything else) and instantiating it. "
-                "The baseline's "
+                "module no cache has seen (Cranelift's fast tier: no optimisations, the single-pass "
+                "register allocator, in the host's niced compile worker, the optimised code swapped in "
+                "behind it) and instantiating it. The baseline's "
                 "figure leaves out its own build (image build and push), so the comparison is strict; "
                 "counted from the first request of a deployed function, as for the baseline, the "
-                f"speedup is {sp['new_function_request']:.0f}×. What would close it: a fast compiler tier "
-                "for a module's first use (Winch, which this wasmtime-py 50 build lacks: `unknown "
-                "strategy: winch`), or Cranelift without optimisation while the optimised code compiles "
-                "in the background."
+                f"speedup is {sp['new_function_request']:.0f}×. The compile is the rest: on this VM a host "
+                "at rest compiles the fast tier in about twice its back-to-back time (cold caches on both "
+                "compile threads), and no engine setting but epoch interruption, which deadlines need, "
+                "moves it. What would close it: compiling less per new function, e.g. the C SDK's shared "
+                "code (formatting, CBOR, JSON, malloc: ~60% of digits' code) as a module of its own, "
+                "compiled once and linked to each function at instantiation (Winch, a faster tier, is "
+                "not in this wasmtime-py build: `unknown strategy: winch`)."
             )
         elif "(a)" in t["target"] and cs:
             w = cs["workloads"][m]
