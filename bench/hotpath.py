@@ -1,7 +1,7 @@
 """The invoke hot path (`just bench-hotpath`): small-model invocations through `wasminfer serve`
 against the container-per-function baseline, and where the server's GIL time goes.
 
-In one run, back to back, wrk at concurrency 1, 16 and 64 against:
+In one run, side by side, wrk at concurrency 1, 16 and 64 against:
 
 - `baseline`: `bench/suite/baseline_server.py digits` (Starlette + uvicorn, one process for the
   function, its own ONNX Runtime session);
@@ -10,10 +10,15 @@ In one run, back to back, wrk at concurrency 1, 16 and 64 against:
 - `wasminfer-2r`: the same with `--reuseport-replicas 2` (two processes accepting on the gateway's
   port), when this `wasminfer serve` has that option; otherwise reported as not available.
 
-Every system starts alone on its own port, serves its warm-up, goes quiet, then runs its loads;
-CPU per invocation is the user + system time of the server's processes (and their children: the
-replicas) during wrk's counting window (`suite.loadgen`); each row's `processes` gives, per process
-taking connections, its cores over the window and its client connections halfway through it. Then
+Every system starts on its own port (the wasminfer ones each on a copy of one prepared data folder)
+and serves its warm-up; then, all of them up and the others idle, each load runs in turn, at
+concurrency 16 in `--rounds` rounds (default 3) whose order rotates. A 5-s load of one system swings
+by ±20-30% on these shared machines (digits ÷ baseline was 1.83, 1.94 and 1.38 in three single-round
+runs of unchanged code), so a target's ratio is the median over the rounds of each round's ratio,
+as in the throughput scenario. CPU per invocation is the user + system time of the server's
+processes (and their children: the replicas) during wrk's counting window (`suite.loadgen`); each
+row's `processes` gives, per process taking connections, its cores over the window and its client
+connections halfway through it. Then
 py-spy samples the one-process server's threads *while they hold the GIL* (`--gil`) during a
 concurrency-16 digits load: the top frames by self and total share are `profile_after`.
 `--profile-before PATH` profiles a server run from another copy of the package (e.g.
@@ -36,6 +41,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -334,46 +340,40 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    def at(system: str, function: str, c: int, key: str) -> float | None:
-        for r in rows:
-            if (r["system"], r["function"], r["concurrency"]) == (system, function, c):
-                value = r["per_s"] if key == "per_s" else r[key]
-                return float(value) if value is not None else None
-        return None
+    """The targets' ratios at concurrency 16: the median over the rounds of each round's ratio
+    (the systems measured side by side, as the throughput scenario does); CPU per invocation: the
+    median over the rounds."""
+
+    def values(system: str, function: str, c: int, key: str) -> dict[int, float]:
+        return {
+            int(r.get("round", 0)): float(r[key])
+            for r in rows
+            if (r["system"], r["function"], r["concurrency"]) == (system, function, c) and r[key] is not None
+        }
+
+    def paired(a: tuple[str, str], b: tuple[str, str], key: str = "per_s") -> float | None:
+        va, vb = values(*a, 16, key), values(*b, 16, key)
+        each = [x for rnd in sorted(va.keys() & vb.keys()) if (x := ratio(va[rnd], vb[rnd])) is not None]
+        return round(statistics.median(each), 3) if each else None
 
     out: dict[str, Any] = {
-        "digits_vs_baseline_c16": ratio(
-            at("wasminfer", "digits", 16, "per_s"), at("baseline", "digits", 16, "per_s")
-        ),
-        "digits_py_vs_baseline_c16": ratio(
-            at("wasminfer", "digits-py", 16, "per_s"), at("baseline", "digits", 16, "per_s")
-        ),
-        "replicas2_vs_1_c16": ratio(
-            at("wasminfer-2r", "digits", 16, "per_s"), at("wasminfer", "digits", 16, "per_s")
-        ),
-        "digits_p99_vs_baseline_c16": ratio(
-            at("wasminfer", "digits", 16, "p99_ms"), at("baseline", "digits", 16, "p99_ms")
-        ),
+        "digits_vs_baseline_c16": paired(("wasminfer", "digits"), ("baseline", "digits")),
+        "digits_py_vs_baseline_c16": paired(("wasminfer", "digits-py"), ("baseline", "digits")),
+        "replicas2_vs_1_c16": paired(("wasminfer-2r", "digits"), ("wasminfer", "digits")),
+        "digits_p99_vs_baseline_c16": paired(("wasminfer", "digits"), ("baseline", "digits"), "p99_ms"),
         # The same with the two processes on the port (the issue's probe reached 2x that way): not
         # targets of their own, the comparison a host with a spare core would see.
-        "digits_2r_vs_baseline_c16": ratio(
-            at("wasminfer-2r", "digits", 16, "per_s"), at("baseline", "digits", 16, "per_s")
-        ),
-        "digits_py_2r_vs_baseline_c16": ratio(
-            at("wasminfer-2r", "digits-py", 16, "per_s"), at("baseline", "digits", 16, "per_s")
-        ),
-        "replicas2_vs_1_py_c16": ratio(
-            at("wasminfer-2r", "digits-py", 16, "per_s"), at("wasminfer", "digits-py", 16, "per_s")
-        ),
-        "digits_2r_p99_vs_baseline_c16": ratio(
-            at("wasminfer-2r", "digits", 16, "p99_ms"), at("baseline", "digits", 16, "p99_ms")
-        ),
+        "digits_2r_vs_baseline_c16": paired(("wasminfer-2r", "digits"), ("baseline", "digits")),
+        "digits_py_2r_vs_baseline_c16": paired(("wasminfer-2r", "digits-py"), ("baseline", "digits")),
+        "replicas2_vs_1_py_c16": paired(("wasminfer-2r", "digits-py"), ("wasminfer", "digits-py")),
+        "digits_2r_p99_vs_baseline_c16": paired(("wasminfer-2r", "digits"), ("baseline", "digits"), "p99_ms"),
     }
     cpu: dict[str, dict[str, float | None]] = {}
     for r in rows:
-        cpu.setdefault(f"{r['system']}/{r['function']}", {})[f"c{r['concurrency']}"] = r[
-            "cpu_ms_per_invocation"
-        ]
+        key, c = f"{r['system']}/{r['function']}", r["concurrency"]
+        if f"c{c}" not in cpu.setdefault(key, {}):
+            each = values(r["system"], r["function"], c, "cpu_ms_per_invocation").values()
+            cpu[key][f"c{c}"] = round(statistics.median(each), 4) if each else None
     out["cpu_ms_per_invocation"] = cpu
     verdicts = {}
     for key, (op, target) in TARGETS.items():
@@ -409,6 +409,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--no-python", action="store_true", help="leave digits-py out")
     ap.add_argument(
+        "--rounds", type=int, help="rounds at concurrency 16, in a rotating order (default 3, quick 1)"
+    )
+    ap.add_argument(
         "--profile-seconds", type=float, default=5.0, help="py-spy's sampling time (0: no profile)"
     )
     ap.add_argument(
@@ -423,6 +426,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     duration = args.duration or (2.0 if args.quick else 5.0)
+    rounds = args.rounds or (1 if args.quick else 3)
     warmup = 1.0
     command = " ".join(["python", "bench/hotpath.py", *sys.argv[1:]])
     load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -465,67 +469,53 @@ def main() -> None:
             finally:
                 server.stop()
 
-        if not args.profile_only:
-            model = workloads.prepare(["digits"], work / "models")["digits"]
-            baseline = BaselineProcess("digits", model, log)
-            try:
+        servers: list[tuple[str, list[int], dict[str, str]]] = []  # (system, pids, fn -> url)
+        started: list[Server] = []
+        baseline: BaselineProcess | None = None
+        why_not = replicas_unavailable()
+        result["replicas2"] = "measured" if why_not is None else f"not available: {why_not}"
+        try:
+            if not args.profile_only:
+                model = workloads.prepare(["digits"], work / "models")["digits"]
+                baseline = BaselineProcess("digits", model, log)
                 baseline.wait_ready()
                 warm(baseline.url, body, ctype)
-                for c in args.concurrency:
-                    rows.append(
-                        measure(
-                            "baseline",
-                            "digits",
-                            baseline.pids,
-                            baseline.url,
-                            body,
-                            ctype,
-                            c,
-                            duration,
-                            warmup,
-                        )
-                    )
-            finally:
-                baseline.close()
-
-        systems: list[tuple[str, tuple[str, ...]]] = [("wasminfer", ())]
-        why_not = replicas_unavailable()
-        if why_not is None and not args.profile_only:
-            systems.append(("wasminfer-2r", (REPLICAS_OPTION, "2")))
-        result["replicas2"] = "measured" if why_not is None else f"not available: {why_not}"
-        for name, extra in systems:
-            server = start_wasminfer(name, data, log, *extra)
-            try:
+                servers.append(("baseline", baseline.pids, {"digits": baseline.url}))
+            systems: list[tuple[str, tuple[str, ...]]] = [("wasminfer", ())]
+            if why_not is None and not args.profile_only:
+                systems.append(("wasminfer-2r", (REPLICAS_OPTION, "2")))
+            for name, extra in systems:
+                # Every system runs from a copy of the prepared folder: they are all up at once.
+                copy = work / f"data-{name}"
+                shutil.copytree(data, copy, symlinks=True)
+                server = start_wasminfer(name, copy, log, *extra)
+                started.append(server)
                 for fn in functions:
                     warm(server.urls[fn], body, ctype)
-                if not args.profile_only:
-                    for fn in functions:
-                        for c in args.concurrency:
-                            rows.append(
-                                measure(
-                                    name,
-                                    fn,
-                                    [server.proc.pid],
-                                    server.urls[fn],
-                                    body,
-                                    ctype,
-                                    c,
-                                    duration,
-                                    warmup,
-                                )
-                            )
-                if name == "wasminfer" and args.profile_seconds:
-                    progress(f"profiling this checkout's server (py-spy, {args.profile_seconds:g} s)")
-                    result["profile_after"] = profile(
-                        server.proc.pid,
-                        server.urls["digits"],
-                        body,
-                        ctype,
-                        args.profile_seconds,
-                        raw / "after.txt",
-                    )
-            finally:
+                servers.append((name, [server.proc.pid], {fn: server.urls[fn] for fn in functions}))
+            loads = [(name, pids, fn, url) for name, pids, urls in servers for fn, url in urls.items()]
+            for c in args.concurrency if not args.profile_only else []:
+                for rnd in range(rounds if c == 16 else 1):
+                    shift = rnd % len(loads)
+                    for name, pids, fn, url in loads[shift:] + loads[:shift]:
+                        row = measure(name, fn, pids, url, body, ctype, c, duration, warmup)
+                        rows.append({**row, "round": rnd})
+            if args.profile_seconds:
+                server = started[0]
+                progress(f"profiling this checkout's server (py-spy, {args.profile_seconds:g} s)")
+                result["profile_after"] = profile(
+                    server.proc.pid,
+                    server.urls["digits"],
+                    body,
+                    ctype,
+                    args.profile_seconds,
+                    raw / "after.txt",
+                )
+        finally:
+            for server in started:
                 server.stop()
+            if baseline is not None:
+                baseline.close()
 
     summary = summarize(rows) if rows else {}
     if rows:
@@ -535,6 +525,7 @@ def main() -> None:
         "command": command,
         "quick": args.quick,
         "duration_s": duration,
+        "rounds_at_16": rounds,
         "machine": {
             **machine(),
             "load_average_at_start": load_at_start,
