@@ -18,9 +18,9 @@ runs of unchanged code), so a target's ratio is the median over the rounds of ea
 as in the throughput scenario. CPU per invocation is the user + system time of the server's
 processes (and their children: the replicas) during wrk's counting window (`suite.loadgen`); each
 row's `processes` gives, per process taking connections, its cores over the window and its client
-connections halfway through it. Then
-py-spy samples the one-process server's threads *while they hold the GIL* (`--gil`) during a
-concurrency-16 digits load: the top frames by self and total share are `profile_after`.
+connections halfway through it. Then py-spy samples the one-process server's threads *while they
+hold the GIL* (`--gil`) during a concurrency-16 digits load: the top frames by self and total share
+are `profile_after`.
 `--profile-before PATH` profiles a server run from another copy of the package (e.g.
 `/work/main/host`, the code before a change) as `profile_before`; without it the previous results
 file's `profile_before` is kept.
