@@ -46,6 +46,10 @@ SLICE_TICKS = 50
 #: A call whose deadline is nearer than this (ms) makes the ticker tick every ms until it passes
 #: (`_Urgency`): from one look at a call to the next, the lazy ticker lets at most two slices pass.
 NEAR_MS = 2 * SLICE_TICKS * TICK_S * 1000
+#: How long past such a deadline (ticks) the ticker keeps ticking every ms: the call's epoch deadline
+#: lies up to a tick after its deadline, and a ticker gone lazy at the deadline itself brought that
+#: tick a slice (50 ms) late (overshoots of ~50 ms, seen under load in CI).
+URGENT_PAST_TICKS = 2
 DLL = bindings.dll  # type: ignore[attr-defined]
 
 
@@ -167,10 +171,7 @@ class CallState:
         if left_ms <= TICK_S * 500:
             raise Interrupted("timeout", "the deadline passed")
         if left_ms < NEAR_MS:
-            # Past the deadline by two ticks: the epoch deadline returned below lies up to a tick
-            # after it, and a ticker gone lazy at the deadline itself would bring that tick a slice
-            # late (overshoots of ~50 ms, seen under load in CI).
-            urgency.until(deadline + 2 * _TICK_NS)
+            urgency.until(deadline + URGENT_PAST_TICKS * _TICK_NS)
         return min(SLICE_TICKS, int(left_ms / (TICK_S * 1000)) + 1)
 
 
