@@ -114,6 +114,7 @@ def serve(
     import uvicorn
 
     from wasminfer.gateway import Settings, create_app, guarded_protocol
+    from wasminfer.gateway.express import Express
     from wasminfer.replicas.reuseport import reuseport_supported
     from wasminfer.runtime.memory import MemorySettings
     from wasminfer.scaling import ScalingConfig
@@ -220,10 +221,12 @@ def serve(
             sockets = [tcp, unix_socket(backend.primary_socket)]
             gateway = create_app(platform, settings, scaling=scaling_config, backend=backend, freeze_gc=True)
             app = ProcessApp(gateway, "primary")
+            express = Express(gateway.state.wasminfer, app)
             shares = ConnectionShares(backend.shares, 0)
             server_class = PortServer
         else:
             app = create_app(platform, settings, scaling=scaling_config, freeze_gc=True)
+            express = Express(app.state.wasminfer)
         server: Any = (server_class or uvicorn.Server)(
             uvicorn.Config(
                 app,
@@ -234,7 +237,7 @@ def serve(
                 # X-Forwarded-For rewrites the client address, which only the access log reads: a
                 # layer around every request for nothing when it is off.
                 proxy_headers=access_log,
-                http=guarded_protocol(settings) if http in ("auto", "httptools") else http,
+                http=guarded_protocol(settings, express) if http in ("auto", "httptools") else http,
                 loop=loop,
                 timeout_graceful_shutdown=10,
             )

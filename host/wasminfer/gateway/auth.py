@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from wasminfer.errors import Forbidden, Unauthorized
 from wasminfer.gateway.state import PRINCIPAL, app_state
-from wasminfer.service import DEFAULT_TENANT, Principal
+from wasminfer.service import DEFAULT_TENANT, Platform, Principal
 
 ADMIN, INVOKE, READ = "admin", "invoke", "read"
 PUBLIC = None  # the scope of a route anyone may call
@@ -29,10 +29,14 @@ OPEN_ACCESS = Principal(DEFAULT_TENANT, frozenset({ADMIN}))
 
 def authenticate(request: Request) -> Principal:
     """The caller of `request`. Raises `Unauthorized` for a missing, malformed or unknown key."""
-    platform = app_state(request).platform
+    return authenticate_header(app_state(request).platform, request.headers.get("authorization"))
+
+
+def authenticate_header(platform: Platform, header: str | None) -> Principal:
+    """The caller whose request has `header` as its (first) Authorization header, None: none.
+    Raises `Unauthorized` for a missing, malformed or unknown key."""
     if platform.open_access:
         return OPEN_ACCESS
-    header = request.headers.get("authorization")
     if header is None:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer KEY'")
     scheme, _, key = header.partition(" ")

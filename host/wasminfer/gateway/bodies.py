@@ -19,6 +19,9 @@ from wasminfer import sniff
 from wasminfer.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from wasminfer.gateway.state import app_state
 
+#: What an invocation's body is called in its errors.
+REQUEST_BODY = "request body"
+
 
 def _too_large(what: str, limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(
@@ -109,11 +112,16 @@ async def _next_chunk(receive: Receive, idle_s: float, what: str, received: int)
         async with asyncio.timeout(idle_s):
             message = await pending
     except TimeoutError:
-        raise RequestTimeout(
-            f"no bytes of the {what} came for {idle_s:g} s (after {received} bytes); "
-            "send it without pausing"
-        ) from None
+        raise body_timed_out(what, idle_s, received) from None
     return _chunk(message)
+
+
+def body_timed_out(what: str, idle_s: float, received: int) -> RequestTimeout:
+    """The error of a body whose next bytes did not come within `idle_s`, after `received` bytes
+    (here, and in the express lane: `gateway.connections`)."""
+    return RequestTimeout(
+        f"no bytes of the {what} came for {idle_s:g} s (after {received} bytes); send it without pausing"
+    )
 
 
 def _chunk(message: Message) -> tuple[bytes, bool]:

@@ -1,13 +1,18 @@
-"""The server's guard on connections: a header read timeout and a cap on the connections one client
-address may hold, as a small subclass of uvicorn's httptools protocol; and its responses written
-in one piece.
+"""The server's protocol: a header read timeout and a cap on the connections one client address may
+hold, as a small subclass of uvicorn's httptools protocol; its responses written in one piece; and
+the invoke route's express lane.
 
 uvicorn closes a kept-alive connection that stays idle (`timeout_keep_alive`), but a request that
 has started is never timed out: a client sending a header line every few seconds (slowloris) holds
-its connection, and its socket, forever. Here a timer starts when a connection opens and when a
-request's first byte comes on a kept-alive one; if the request line and headers are not complete
-within `Settings.header_timeout_s`, the client gets a 408 and the connection is closed. (A body is
-timed where it is read, `gateway.bodies`, so that its 408 comes through the error mapping.)
+its connection, and its socket, forever. Here a timer starts when a connection opens, and on a
+kept-alive one at the end of the read that brought a request's first bytes when its headers did not
+all come in it; if the request line and headers are not complete within `Settings.header_timeout_s`,
+the client gets a 408 and the connection is closed. (A body is timed where it is read,
+`gateway.bodies`, so that its 408 comes through the error mapping.)
+
+The express lane (`gateway.express`): a synchronous invocation whose whole request came in one read
+is answered from the parser's callbacks, without uvicorn's ASGI cycle and task; any request the lane
+does not take, or passes back, goes on as uvicorn's own.
 
 The same subclass writes a response in one piece (`CoalescingTransport`): uvicorn writes a
 response's status line and headers, then its body, each with a `send` of its own, and each `send`
@@ -23,14 +28,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from wasminfer.errors import RequestTimeout, TooManyRequests, WasminferError
-from wasminfer.gateway.errors import error_body
+from wasminfer.gateway.bodies import REQUEST_BODY, body_timed_out
+from wasminfer.gateway.errors import error_body, error_response
 from wasminfer.gateway.settings import Settings
+from wasminfer.syntax import NAME_REGEX
+
+if TYPE_CHECKING:
+    from wasminfer.gateway.express import Express
+
+_INVOKE_HEAD, _INVOKE_TAIL = b"/v1/functions/", b"/invoke"
+# A function's name as the express lane takes it from the path (no escapes): any other goes the
+# general way, which decodes it and answers (no such function can exist).
+_NAME = re.compile(NAME_REGEX.encode())
 
 
 class CoalescingTransport:
@@ -119,16 +135,23 @@ class ConnectionLimits:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header timeout and a per-address connection cap. Use a
-    subclass made by `guarded_protocol`, which gives it its `limits`."""
+    """uvicorn's httptools protocol with a header timeout, a per-address connection cap and the
+    invoke route's express lane (`gateway.express`). Use a subclass made by `guarded_protocol`,
+    which gives it its `limits` and its `express` (None: every request goes the general way)."""
 
     limits: ConnectionLimits
+    express: Express | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
         self._request_started = False  # bytes of a request came, its headers are not complete
         self._counted: str | None = None  # the address this connection counts against
+        # An express request whose body is coming: its function's name, Content-Type and
+        # Authorization header, and the body's pieces.
+        self._express_request: tuple[str, bytes | None, bytes | None] = ("", None, None)
+        self._express_body: list[bytes] | None = None
+        self._body_timer: asyncio.TimerHandle | None = None  # while the rest of its body is to come
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -150,6 +173,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        self._disarm_body_timer()
+        self._express_body = None
         address, self._counted = self._counted, None
         if address is not None:
             left = self.limits.open.get(address, 1) - 1
@@ -161,14 +186,137 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # A request on a kept-alive connection: its clock starts at the end of this read (in
+        # `data_received`) unless its headers complete in it, as most do: no timer to make and
+        # cancel for each of those.
         self._request_started = True
-        if self._header_timer is None:  # a request on a kept-alive connection: its clock starts now
-            self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
         self._request_started = False
         self._disarm_header_timer()
+        if self.express is None or not self._takes_express():
+            super().on_headers_complete()
+
+    # -- the express lane (gateway.express) -----------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._request_started and self._header_timer is None:
+            self._arm_header_timer()
+        if self._express_body is not None:  # the rest of its body is to come
+            if self.transport.is_closing():  # (a malformed rest: uvicorn answered 400 and closed)
+                self._express_body = None
+            else:  # it must come as the general path's would: each next piece within the timeout
+                self._arm_body_timer()
+
+    def on_body(self, body: bytes) -> None:
+        if self._express_body is not None:
+            self._express_body.append(body)
+        else:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._express_body is not None:
+            self._serve_express()
+        else:
+            super().on_message_complete()
+
+    def _takes_express(self) -> bool:
+        """Whether the request whose headers just came goes the express way (see `gateway.express`:
+        the lane's conditions on the request's line and headers, checked here where the parser has
+        them; those on the caller and the function, `Express.serve` checks)."""
+        url = self.url
+        if not (url.startswith(_INVOKE_HEAD) and url.endswith(_INVOKE_TAIL)) or self.root_path:
+            return False
+        name = url[len(_INVOKE_HEAD):-len(_INVOKE_TAIL)]
+        if _NAME.fullmatch(name) is None:
+            return False
+        if self.parser.get_method() != b"POST" or self.client is None or self.expect_100_continue:
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False  # a pipelined request waits for the one before, the general way
+        if self.limit_concurrency is not None or self.access_log or self.parser.should_upgrade():
+            return False
+        length = authorization = content_type = None
+        for key, value in self.headers:
+            if key == b"content-length":
+                if length is not None or not value.isdigit():
+                    return False
+                length = int(value)
+            elif key == b"content-type":
+                if content_type is None:
+                    content_type = value
+            elif key == b"authorization":
+                if authorization is None:
+                    authorization = value
+            elif key == b"transfer-encoding" or key == b"prefer" or (
+                    key == b"accept" and b"event-stream" in value.lower()):
+                return False  # a body in chunks; maybe a job or a stream: the route decides
+        assert self.express is not None
+        if length is not None and length > self.express.max_body:
+            return False
+        self._express_request = (name.decode("ascii"), content_type, authorization)
+        self._express_body = []
+        return True
+
+    def _serve_express(self) -> None:
+        assert self.express is not None and self._express_body is not None
+        self._disarm_body_timer()
+        chunks, self._express_body = self._express_body, None
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        answer = self.express.serve(*self._express_request, body)
+        if answer is None:
+            self._to_general(body)
+            super().on_message_complete()
+            return
+        status, headers, out, close = answer
+        keep_alive = not close and self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        self._write_response(status, headers, out, close, keep_alive)
+
+    def _write_response(
+        self, status: int, headers: list[tuple[bytes, bytes]], out: bytes, close: bool, keep_alive: bool
+    ) -> None:
+        """Writes a response as uvicorn would (its default headers first; `close`: the headers say
+        `Connection: close` already), and closes the connection after it unless `keep_alive`."""
+        lines = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            lines += [name, b": ", value, b"\r\n"]
+        for name, value in headers:
+            lines += [name, b": ", value, b"\r\n"]
+        if not keep_alive and not close:  # (`close`: the headers say so already)
+            lines.append(b"connection: close\r\n")
+        lines += [b"\r\n", out]
+        self.transport.write(b"".join(lines))
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+
+    def _to_general(self, body: bytes) -> None:
+        """The express request goes the general way, its body complete: uvicorn's cycle and ASGI
+        task."""
         super().on_headers_complete()
+        if body:
+            super().on_body(body)
+
+    def _arm_body_timer(self) -> None:
+        assert self.express is not None
+        self._disarm_body_timer()
+        self._body_timer = self.loop.call_later(self.express.body_timeout_s, self._body_too_slow)
+
+    def _disarm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_too_slow(self) -> None:
+        """The express request's next bytes did not come in time: the general path's 408."""
+        self._body_timer = None
+        chunks, self._express_body = self._express_body, None
+        if chunks is None or self.transport.is_closing():
+            return
+        assert self.express is not None
+        exc = body_timed_out(REQUEST_BODY, self.express.body_timeout_s, sum(map(len, chunks)))
+        r = error_response(exc)
+        self._write_response(r.status_code, list(r.raw_headers), bytes(r.body), True, False)
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._headers_too_slow)
@@ -216,7 +364,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def guarded_protocol(settings: Settings) -> type[GuardedHttpToolsProtocol]:
-    """A protocol class for `uvicorn.Config(http=...)` holding one server's limits and counts."""
+def guarded_protocol(settings: Settings, express: Express | None = None) -> type[GuardedHttpToolsProtocol]:
+    """A protocol class for `uvicorn.Config(http=...)` holding one server's limits and counts, and
+    its express lane (`gateway.express`; None, or `Settings.express` off: none)."""
     limits = ConnectionLimits.from_settings(settings)
-    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
+    lane = express if settings.express else None
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits, "express": lane})

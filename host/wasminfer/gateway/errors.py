@@ -48,10 +48,15 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
 
 
+def internal_error_response() -> Response:
+    """What a client gets for an exception no handler knows (a bug: no detail)."""
+    return JSONResponse(error_body("internal", "internal server error"), status_code=500)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # Starlette re-raises after this handler answers, so the server logs the traceback as well.
     log.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path)
-    return JSONResponse(error_body("internal", "internal server error"), status_code=500)
+    return internal_error_response()
 
 
 EXCEPTION_HANDLERS: Mapping[type[Exception], ExceptionHandler] = {

@@ -36,6 +36,7 @@ from wasminfer.errors import WasminferError
 from wasminfer.gateway.app import create_app
 from wasminfer.gateway.connections import guarded_protocol
 from wasminfer.gateway.errors import error_body
+from wasminfer.gateway.express import Express
 from wasminfer.gateway.settings import Settings
 from wasminfer.gateway.state import AppState
 from wasminfer.replicas import instance_stats
@@ -102,20 +103,13 @@ class ProcessApp:
             await self.app(scope, receive, send)
             return
         here = self.forward is None or answered_here(scope)
-        tag = self._tag
-        close = self.draining
-        if self.surplus > 0 and scope.get("client") is not None:  # (None: the unix sockets')
-            self.surplus -= 1
-            close = True
+        close = self.closes(scope.get("client") is not None)  # (None: the unix sockets')
 
         async def tagged(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
                 if here:
-                    headers.append(tag)
-                    prefix = self._id_prefix
-                    if prefix:
-                        headers = [(k, prefix + v) if k == b"x-invocation-id" else (k, v) for k, v in headers]
+                    headers = self.tagged(headers)
                 if close or self.draining:  # uvicorn closes the connection after this response
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
@@ -126,6 +120,24 @@ class ProcessApp:
         else:
             assert self.forward is not None
             await self.forward(scope, receive, tagged)
+
+
+    def closes(self, from_client: bool) -> bool:
+        """Whether the connection of a request arriving now is closed after its response (draining,
+        or one of the `surplus`; `from_client`: on a client connection, not a unix socket)."""
+        if self.surplus > 0 and from_client:
+            self.surplus -= 1
+            return True
+        return self.draining
+
+    def tagged(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The headers of a response this process made, with its `Wasminfer-Replica` tag (and, in a
+        replica, its id in front of the invocation id)."""
+        headers.append(self._tag)
+        prefix = self._id_prefix
+        if prefix:
+            headers = [(k, prefix + v) if k == b"x-invocation-id" else (k, v) for k, v in headers]
+        return headers
 
 
 class _ClientGone(Exception):
@@ -334,13 +346,14 @@ def serve_replica(
         state = gateway.state.wasminfer
         public = ProcessApp(gateway, replica_id, forward=Forward(primary))
         sockets = [listen_socket(*listen), unix_socket(control)]
+        protocol = guarded_protocol(settings, Express(state, public))
         server = ReplicaServer(
             uvicorn.Config(
                 _BySocket(public, control_app(state)),
                 lifespan="on",
                 log_level=log_level,
                 access_log=False,
-                http=guarded_protocol(settings) if http in ("auto", "httptools") else http,
+                http=protocol if http in ("auto", "httptools") else http,
                 loop=loop,
                 timeout_graceful_shutdown=30,
             )

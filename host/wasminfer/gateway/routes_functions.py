@@ -16,12 +16,19 @@ from wasminfer import errors, pysource
 from wasminfer.errors import BadRequest, FunctionNotFound, InvalidManifest, WasminferError
 from wasminfer.gateway import routes_jobs as jobs
 from wasminfer.gateway import streaming
-from wasminfer.gateway.bodies import declared_media_type, limited_stream, read_body, sniffed_media_type
+from wasminfer.gateway.bodies import (
+    REQUEST_BODY,
+    declared_media_type,
+    limited_stream,
+    read_body,
+    sniffed_media_type,
+)
 from wasminfer.gateway.routing import BINARY, Body, Params, QueryGroup, Reply, operation
-from wasminfer.gateway.state import app_state, principal, run_admin
+from wasminfer.gateway.state import AppState, app_state, principal, run_admin
 from wasminfer.manifest import MANIFEST_KEYS, Manifest
 from wasminfer.params import Param
 from wasminfer.parsing import Limits, loads_json
+from wasminfer.replicas import InvokeResult
 from wasminfer.syntax import is_header_value
 
 WASM = "application/wasm"
@@ -245,7 +252,7 @@ async def invoke(request: Request, params: Params) -> Response:
     started = time.perf_counter()
     st = app_state(request)
     # Read before the gate: a body that trickles in must not hold async work back while it does.
-    body = await read_body(request, st.settings.max_invoke_bytes, "request body")
+    body = await read_body(request, st.settings.max_invoke_bytes, REQUEST_BODY)
     # Synchronous invocations come first: while one is in flight, async work starts no new items.
     gate = st.jobs.gate
     gate.enter()
@@ -263,7 +270,7 @@ async def _invoke_streamed(request: Request, params: Params) -> Response:
                          "or the stream (?stream, Accept: text/event-stream)")
     started = time.perf_counter()
     st = app_state(request)
-    body = await read_body(request, st.settings.max_invoke_bytes, "request body")
+    body = await read_body(request, st.settings.max_invoke_bytes, REQUEST_BODY)
     gate = st.jobs.gate
     gate.enter()
     try:
@@ -277,16 +284,27 @@ async def _invoke_sync(request: Request, body: bytes, started: float, content_ty
     name = request.scope["path_params"]["name"]
     try:
         result = await st.fleet.invoke(who.tenant, name, body, content_type)
-    except FunctionNotFound:
-        raise  # not counted per function: any name would become a metric label
-    except WasminferError as exc:
-        st.metrics.invoked(who.tenant, name, exc.code, time.perf_counter() - started)
+    except Exception as exc:
+        count_failure(st, who.tenant, name, exc, started)
         raise
-    except Exception:
-        st.metrics.invoked(who.tenant, name, "internal", time.perf_counter() - started)
-        raise
+    return _Raw(*answer(st, who.tenant, name, result, started))
+
+
+def count_failure(st: AppState, tenant: str, name: str, exc: Exception, started: float) -> None:
+    """Counts a synchronous invocation that raised `exc` (here and in the express lane)."""
+    if isinstance(exc, FunctionNotFound):
+        return  # not counted per function: any name would become a metric label
+    code = exc.code if isinstance(exc, WasminferError) else "internal"
+    st.metrics.invoked(tenant, name, code, time.perf_counter() - started)
+
+
+def answer(
+    st: AppState, tenant: str, name: str, result: InvokeResult, started: float
+) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Counts a synchronous invocation that answered, and gives its response's body and headers as
+    they are written (here and in the express lane)."""
     elapsed = time.perf_counter() - started
-    st.metrics.invoked(who.tenant, name, "ok", elapsed, result.run_us / 1e6, result.cold)
+    st.metrics.invoked(tenant, name, "ok", elapsed, result.run_us / 1e6, result.cold)
     # A guest picks its response's content type; only a plain header value may reach the client (no
     # CR/LF, nothing outside printable ASCII): anything else would corrupt or split the response.
     ctype = result.content_type
@@ -298,12 +316,12 @@ async def _invoke_sync(request: Request, body: bytes, started: float, content_ty
     body = result.body
     # The headers as they go on the wire (what Starlette's `Response(headers=...)` makes of them,
     # without its pass over them for a length and a type to add).
-    return _Raw(body, [
+    return body, [
         (b"content-type", ctype.encode("latin-1")),
         (b"server-timing", result.server_timing(elapsed * 1000)),
         (b"x-invocation-id", result.invocation_id.encode("latin-1")),
         (b"content-length", b"%d" % len(body)),
-    ])  # fmt: skip
+    ]  # fmt: skip
 
 
 # Content types a guest chose that `is_header_value` passed: most guests answer with one or two.

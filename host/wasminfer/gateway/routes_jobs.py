@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from wasminfer import errors
 from wasminfer.errors import UnsupportedMediaType
-from wasminfer.gateway.bodies import media_type, read_body
+from wasminfer.gateway.bodies import REQUEST_BODY, media_type, read_body
 from wasminfer.gateway.routing import Body, Params, Reply, operation
 from wasminfer.gateway.state import app_state, principal, run_admin
 from wasminfer.jobs import BULK_TYPES, CBOR, JSONL, STATUSES
@@ -82,7 +82,7 @@ async def invoke_async(request: Request, params: Params) -> Response:
     """An invocation as a job (`routes_functions.invoke` declares it)."""
     st, who = app_state(request), principal(request)
     options = _options(request, params)
-    body = await read_body(request, st.settings.max_invoke_bytes, "request body")
+    body = await read_body(request, st.settings.max_invoke_bytes, REQUEST_BODY)
     content_type = request.headers.get("content-type") or DEFAULT_CONTENT_TYPE
     view, created = await run_admin(
         request,

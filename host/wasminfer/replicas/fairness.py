@@ -66,6 +66,7 @@ class FairLimiter:
         self._waiting = 0
         self._timer: asyncio.TimerHandle | None = None
         self.waits_total = 0  # acquisitions that had to queue
+        self._alone_cap = tenant_cap(total, 1, self.contended, self.reserve)
 
     @property
     def total_tokens(self) -> int:
@@ -84,16 +85,31 @@ class FairLimiter:
     def try_acquire(self, tenant: str) -> bool:
         """Takes a thread for `tenant` if it may have one now without waiting (nobody of its own
         waits before it); False otherwise, and nothing changed but the tenant's last-seen time."""
-        now = self._clock()
-        t = self._tenants.get(tenant)
+        t = self._may_run(tenant)
         if t is None:
-            t = self._tenants[tenant] = _Tenant(now)
+            return False
+        t.held += 1
+        self._in_use += 1
+        return True
+
+    def may_run(self, tenant: str) -> bool:
+        """Whether `tenant` could take a thread now (`try_acquire`'s test, which marks it active),
+        without taking one: for a call that runs to its end on the event loop before anything
+        else moves (an inline invocation), so that nobody could see the thread held."""
+        return self._may_run(tenant) is not None
+
+    def _may_run(self, tenant: str) -> _Tenant | None:
+        now = self._clock()
+        tenants = self._tenants
+        t = tenants.get(tenant)
+        if t is None:
+            t = tenants[tenant] = _Tenant(now)
         t.seen = now
-        if not t.waiters and self._in_use < self.total and t.held < self._cap(now):
-            t.held += 1
-            self._in_use += 1
-            return True
-        return False
+        if t.waiters or self._in_use >= self.total:
+            return None
+        # A tenant alone (the usual case) has the cap of one: no pass over the tenants for it.
+        cap = self._alone_cap if len(tenants) == 1 else self._cap(now)
+        return t if t.held < cap else None
 
     async def acquire(self, tenant: str) -> None:
         """Waits until `tenant` may hold one more thread, and takes it."""

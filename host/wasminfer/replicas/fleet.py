@@ -100,6 +100,13 @@ class _Gate:
                 self.waiters.remove(waiter)
             raise
 
+    def try_acquire(self, m: Manifest) -> bool:
+        """A slot if one is free and nobody is queued for one (no waiting, no refusal)."""
+        if self.active < m.max_concurrency and not self.waiters:
+            self.active += 1
+            return True
+        return False
+
     def release(self) -> None:
         while self.waiters:
             waiter = self.waiters.popleft()
@@ -248,25 +255,67 @@ class Fleet:
             if gate is not None:
                 gate.release()
             raise self._host_full()
-        replica.outstanding += 1
-        replica.tenants[tenant] += 1
+        self._enter(replica, tenant)
         try:
             return await primary.stream(tenant, name, body, content_type, stream)
         finally:
-            replica.outstanding -= 1
-            replica.tenants[tenant] -= 1
-            if not replica.tenants[tenant]:
-                replica.tenants.pop(tenant)  # (dict.pop: Counter's own __delitem__ is Python)
+            self._leave(replica, tenant)
             if gate is not None:
                 gate.release()
+
+    def invoke_now(self, tenant: str, name: str, body: bytes, content_type: str) -> InvokeResult | None:
+        """`invoke` run to its end on the calling thread, the event loop's, without waiting for
+        anything (the express lane, `gateway.express`): when the gateway's own replica is the only
+        one requests go to, this process' copy of the function is current, its `max_concurrency`
+        has a slot free with nobody queued, the tenant is under the replica's capacity, and the
+        inline policy runs the function inline. Otherwise None, having done nothing: `invoke`
+        then decides (it queues, refuses or routes). Counted as `invoke` counts. Raises what
+        `invoke` raises once the invocation runs."""
+        primary = self._primary
+        serving = self._serving
+        if primary is None or len(serving) != 1:
+            return None
+        replica = serving[0]
+        if replica.backend is not primary or replica.tenants[tenant] >= replica.capacity:
+            return None
+        if self.follower is not None and not self.follower.fresh(tenant, name):
+            return None
+        try:
+            fn = self.platform.deployed(name, tenant=tenant)
+        except WasminferError:  # (no such function, the store still loading): `invoke` raises it
+            return None
+        m = fn.manifest
+        key = (tenant, name)
+        gate: _Gate | None = None
+        if m.max_concurrency:
+            gate = self._gates.get(key)
+            if gate is None:
+                gate = self._gates[key] = _Gate()
+            if not gate.try_acquire(m):
+                return None
+        self._enter(replica, tenant)
+        started = time.perf_counter()
+        try:
+            result = primary.route_now(tenant, name, body, content_type, fn)
+        except MemoryQuotaExceeded:  # (as in `_route`: no saturation of the host)
+            raise
+        except TooManyRequests:
+            self._waits_us.append((time.perf_counter() - started) * 1e6)  # saturated: counts
+            raise
+        finally:
+            self._leave(replica, tenant)
+            if gate is not None:
+                gate.release()
+        if result is not None:
+            self._routed(key, replica, started, result)
+        return result
 
     async def _route(self, key: Key, fn: Any, body: bytes, content_type: str) -> InvokeResult:
         tenant, name = key
         tried: Replica | None = None
         while True:
             replica = self._pick(key, tried)
-            replica.outstanding += 1
-            replica.tenants[tenant] += 1
+            self._enter(replica, tenant)
             started = time.perf_counter()
             try:
                 deployment = "" if replica.holds_all else deployment_digest(fn)
@@ -285,18 +334,31 @@ class Fleet:
                 self._waits_us.append((time.perf_counter() - started) * 1e6)  # saturated: counts
                 raise
             finally:
-                replica.outstanding -= 1
-                replica.tenants[tenant] -= 1
-                if not replica.tenants[tenant]:
-                    replica.tenants.pop(tenant)  # (dict.pop: Counter's own __delitem__ is Python)
-            elapsed_us = (time.perf_counter() - started) * 1e6
-            self._in_flight_s += elapsed_us / 1e6
-            # Everything but running: thread hand-off, waiting for an instance, the hop to a replica.
-            self._waits_us.append(max(0.0, elapsed_us - result.run_us - result.start_us))
-            self._hot[key] += 1
-            if not replica.holds_all:
-                replica.warm.add(key)
+                self._leave(replica, tenant)
+            self._routed(key, replica, started, result)
             return result
+
+    @staticmethod
+    def _enter(replica: Replica, tenant: str) -> None:
+        replica.outstanding += 1
+        replica.tenants[tenant] += 1
+
+    @staticmethod
+    def _leave(replica: Replica, tenant: str) -> None:
+        replica.outstanding -= 1
+        replica.tenants[tenant] -= 1
+        if not replica.tenants[tenant]:
+            replica.tenants.pop(tenant)  # (dict.pop: Counter's own __delitem__ is Python)
+
+    def _routed(self, key: Key, replica: Replica, started: float, result: InvokeResult) -> None:
+        """Counts an invocation `replica` answered, started at `started` (`time.perf_counter()`)."""
+        elapsed_us = (time.perf_counter() - started) * 1e6
+        self._in_flight_s += elapsed_us / 1e6
+        # Everything but running: thread hand-off, waiting for an instance, the hop to a replica.
+        self._waits_us.append(max(0.0, elapsed_us - result.run_us - result.start_us))
+        self._hot[key] += 1
+        if not replica.holds_all:
+            replica.warm.add(key)
 
     def _pick(self, key: Key, avoid: Replica | None = None) -> Replica:
         tenant = key[0]

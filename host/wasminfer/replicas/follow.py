@@ -34,6 +34,11 @@ class StoreFollower:
         self._followed: dict[Key, int] = {}  # the mark each function was last synced at
         self._refreshing: dict[Key, asyncio.Task[None]] = {}
 
+    def fresh(self, tenant: str, name: str) -> bool:
+        """Whether this process' copy of function `name` is the store's current one as far as the
+        last change mark says (`follow` would return at once)."""
+        return self._followed.get((tenant, name)) == self.changes.value()
+
     async def follow(self, tenant: str, name: str) -> None:
         """Makes this process' copy of function `name` the store's current one if the mark moved
         since it was last synced (`Platform.refresh`, on a worker thread; concurrent callers share

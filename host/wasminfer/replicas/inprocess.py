@@ -3,14 +3,15 @@
 It holds every deployed function warm (a deploy prewarms it here first), so the router never needs
 to send it a deployment digest. Its invocations run on the gateway's worker threads, shared fairly
 between tenants (`FairLimiter`), or, for functions whose invocations are short, on the event loop
-itself (`InlinePolicy`), holding a thread of the tenant's share all the same: the shares stay what
-they count.
+itself (`InlinePolicy`) when the tenant could take one of those threads: the shares stay what they
+count.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import psutil
 
@@ -79,28 +80,43 @@ class InProcessBackend(ReplicaBackend):
     async def route(
         self, replica: Replica, tenant: str, name: str, deployment: str, body: bytes, content_type: str
     ) -> InvokeResult:
+        result = self.route_now(tenant, name, body, content_type)
+        if result is not None:
+            return result
         key = (tenant, name)
         inline = self.inline
         fn = self.platform.deployed(name, tenant=tenant)
-        measure = inline.measures(key)  # a thread's CPU clock is a system call: not every time
-        if inline.decide(key, fn) and self.limiter.try_acquire(tenant):
-            inline.inline_total += 1
-            started, blocked = time.perf_counter(), blocked_ns()
-            cpu = time.thread_time() if measure else 0.0
-            try:
-                return self.platform.invoke(name, body, content_type, tenant=tenant)
-            finally:
-                self.limiter.release(tenant)
-                inline.observe(
-                    key, fn, (time.thread_time() - cpu) * 1e6 if measure else None,
-                    (time.perf_counter() - started) * 1e6, (blocked_ns() - blocked) / 1e3,
-                )
-        cost = _Cost(measure)
+        cost = _Cost(inline.measures(key))  # a thread's CPU clock is a system call: not every time
         try:
             return await self.limiter.run_sync(tenant, self._invoke, tenant, name, body, content_type, cost)
         finally:
             if cost.ran:
                 inline.observe(key, fn, cost.cpu_us, blocked_us=cost.blocked_us)
+
+    def route_now(self, tenant: str, name: str, body: bytes, content_type: str,
+                  fn: Any = None) -> InvokeResult | None:
+        """The invocation run inline, on the calling thread (the event loop's), when the inline policy
+        says so and the tenant could take a thread of its share now (`FairLimiter.may_run`: nothing
+        else runs on the loop until it returns, so it takes none); None, having done nothing, when
+        it runs on a worker thread instead (`route`). Raises what `Platform.invoke` raises. `fn`:
+        the function's `DeployedFunction`, when the caller has it."""
+        key = (tenant, name)
+        inline = self.inline
+        if fn is None:
+            fn = self.platform.deployed(name, tenant=tenant)
+        if not inline.decide(key, fn) or not self.limiter.may_run(tenant):
+            return None
+        measure = inline.measures(key)  # a thread's CPU clock is a system call: not every time
+        inline.inline_total += 1
+        started, blocked = time.perf_counter(), blocked_ns()
+        cpu = time.thread_time() if measure else 0.0
+        try:
+            return self.platform.invoke(name, body, content_type, tenant=tenant)
+        finally:
+            inline.observe(
+                key, fn, (time.thread_time() - cpu) * 1e6 if measure else None,
+                (time.perf_counter() - started) * 1e6, (blocked_ns() - blocked) / 1e3,
+            )
 
     def _invoke(
         self, tenant: str, name: str, body: bytes, content_type: str, cost: _Cost
