@@ -193,7 +193,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._request_started = False
-        self._disarm_header_timer()
+        if self._header_timer is not None:
+            self._disarm_header_timer()
         if self.express is None or not self._takes_express():
             super().on_headers_complete()
 
@@ -260,7 +261,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _serve_express(self) -> None:
         assert self.express is not None and self._express_body is not None
-        self._disarm_body_timer()
+        if self._body_timer is not None:
+            self._disarm_body_timer()
         chunks, self._express_body = self._express_body, None
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         answer = self.express.serve(*self._express_request, body)

@@ -46,7 +46,9 @@ class SyncGate:
         self.hold_s = hold_s
         self.recent_s = recent_s
         self.recent_cap = max(1, self.cores // 2) if recent_cap is None else recent_cap
-        self._cond = threading.Condition(threading.Lock())
+        # Taken as `with self._lock` (C), not `with self._cond` (two Python calls each time).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._sync = 0
         self._async = 0
         self._cap = 1  # the `cap` of the last `acquire`
@@ -58,12 +60,12 @@ class SyncGate:
 
     # --- the synchronous side ---------------------------------------------------------------------
     def enter(self) -> None:
-        with self._cond:
+        with self._lock:
             self._sync += 1
             self.sync_total += 1
 
     def exit(self) -> None:
-        with self._cond:
+        with self._lock:
             self._sync -= 1
             if self._sync == 0:
                 self._last_sync = time.monotonic()
@@ -98,7 +100,7 @@ class SyncGate:
 
     def acquire(self, cap: int) -> bool:
         """Waits until one more async item may run and takes its slot; False once closed."""
-        with self._cond:
+        with self._lock:
             waited = False
             self._cap = cap
             while not self._closed:
@@ -113,7 +115,7 @@ class SyncGate:
             return False
 
     def release(self) -> None:
-        with self._cond:
+        with self._lock:
             self._async -= 1
             # The releasing worker takes its slot again at once; wake another only if there is room
             # for both (waking one per item to find no room would cost a thread switch per item).
@@ -121,12 +123,12 @@ class SyncGate:
                 self._cond.notify()
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._cond.notify_all()
 
     def stats(self) -> dict[str, int]:
-        with self._cond:
+        with self._lock:
             return {
                 "sync_in_flight": self._sync,
                 "async_in_flight": self._async,

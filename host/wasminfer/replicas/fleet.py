@@ -293,7 +293,10 @@ class Fleet:
                 gate = self._gates[key] = _Gate()
             if not gate.try_acquire(m):
                 return None
-        self._enter(replica, tenant)
+        # `_enter`, `_leave` and `_routed`, written out: this is every small invocation's path.
+        tenants = replica.tenants
+        replica.outstanding += 1
+        tenants[tenant] += 1
         started = time.perf_counter()
         try:
             result = primary.route_now(tenant, name, body, content_type, fn)
@@ -303,11 +306,19 @@ class Fleet:
             self._waits_us.append((time.perf_counter() - started) * 1e6)  # saturated: counts
             raise
         finally:
-            self._leave(replica, tenant)
+            replica.outstanding -= 1
+            left = tenants[tenant] - 1
+            if left:
+                tenants[tenant] = left
+            else:
+                tenants.pop(tenant)
             if gate is not None:
                 gate.release()
         if result is not None:
-            self._routed(key, replica, started, result)
+            elapsed_us = (time.perf_counter() - started) * 1e6
+            self._in_flight_s += elapsed_us / 1e6
+            self._waits_us.append(max(0.0, elapsed_us - result.run_us - result.start_us))
+            self._hot[key] += 1  # (the primary holds every function: no `warm` to add)
         return result
 
     async def _route(self, key: Key, fn: Any, body: bytes, content_type: str) -> InvokeResult:

@@ -87,7 +87,9 @@ class InstancePool(Generic[T]):
         self._live = 0
         self._busy = 0
         self._waiters: deque[_Waiter] = deque()
-        self._cond = threading.Condition(threading.Lock())
+        # Taken as `with self._lock` (C), not `with self._cond` (two Python calls each time).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._closed = False
         self.created_total = 0
         self.discarded_total = 0
@@ -114,7 +116,7 @@ class InstancePool(Generic[T]):
         time in request-seconds, as of `at` (`time.monotonic()`), and the most requests there were at
         once since the previous call. The difference of two readings' integrals over the difference
         of their times is the average concurrency in between."""
-        with self._cond:
+        with self._lock:
             self._account()
             peak, self._demand_peak = self._demand_peak, self._busy + len(self._waiters)
             return self._demand_area, self._demand_at, peak
@@ -127,7 +129,7 @@ class InstancePool(Generic[T]):
         Raises `TooManyRequests` if `max_queue` callers already wait or none frees up within
         `timeout_s`, `Unavailable` if the pool is closed, and whatever `create` raises.
         """
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise Unavailable(f"function {self.name!r} is being replaced or removed; retry")
             self._account()
@@ -149,7 +151,7 @@ class InstancePool(Generic[T]):
                 self._waiters.append(waiter)
         if waiter is not None:
             waiter.event.wait(timeout_s)
-            with self._cond:
+            with self._lock:
                 if not waiter.done:
                     self._account()
                     self._waiters.remove(waiter)
@@ -165,13 +167,13 @@ class InstancePool(Generic[T]):
         try:
             inst = self._create()
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._account()
                 self._live -= 1
                 self._busy -= 1
                 self._wake_for_slot()
             raise
-        with self._cond:
+        with self._lock:
             self.created_total += 1
         return inst, True
 
@@ -196,7 +198,7 @@ class InstancePool(Generic[T]):
         if healthy and self._must_renew(inst, self.policy.reset_bytes, outdated=used):
             renewed = self._renewed(inst)
             if renewed is None:
-                with self._cond:
+                with self._lock:
                     self._account()
                     self._busy -= 1
                     self._live -= 1
@@ -205,7 +207,7 @@ class InstancePool(Generic[T]):
                         self._wake_for_slot()
                 return
             inst = renewed
-        with self._cond:
+        with self._lock:
             self._account()
             self._busy -= 1
             if healthy and not self._closed:
@@ -238,7 +240,7 @@ class InstancePool(Generic[T]):
             fresh = self._renew(inst)
         except Exception:  # noqa: BLE001 - the slot is freed; the next acquire says why, if it still fails
             return None
-        with self._cond:
+        with self._lock:
             self.renewed_total += 1
         return fresh
 
@@ -250,7 +252,7 @@ class InstancePool(Generic[T]):
             return 0
         limit = self.policy.shrink_idle_s if idle_s is None else idle_s
         now = time.monotonic()
-        with self._cond:
+        with self._lock:
             grown = [(inst, at) for inst, at in self._idle
                      if now - at > limit and self._must_renew(inst, 0)]
             if not grown:
@@ -261,7 +263,7 @@ class InstancePool(Generic[T]):
         renewed = 0
         for inst, at in grown:
             fresh = self._renewed(inst)
-            with self._cond:
+            with self._lock:
                 if fresh is None:
                     self._live -= 1
                     if not self._closed:
@@ -273,7 +275,7 @@ class InstancePool(Generic[T]):
         return renewed
 
     def _put_back(self, inst: T, idle_since: float) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed:
                 self._live -= 1
             elif self._waiters:
@@ -299,14 +301,14 @@ class InstancePool(Generic[T]):
         create = create or self._create
         made = 0
         while True:
-            with self._cond:
+            with self._lock:
                 if self._closed or self._live >= min(count, self.max_instances):
                     return made
                 self._live += 1
             try:
                 inst = create()
             except BaseException:
-                with self._cond:
+                with self._lock:
                     self._live -= 1
                 raise
             self.release_new(inst)
@@ -314,7 +316,7 @@ class InstancePool(Generic[T]):
 
     def release_new(self, inst: T) -> None:
         """Adds a freshly created (pre-warmed) instance, counted live by the caller, to the pool."""
-        with self._cond:
+        with self._lock:
             self.created_total += 1
             self._account()
             self._busy += 1
@@ -326,7 +328,7 @@ class InstancePool(Generic[T]):
         """Destroys instances idle for longer than `idle_s`, keeping at least `keep` live."""
         now = time.monotonic()
         victims: list[T] = []
-        with self._cond:
+        with self._lock:
             survivors = []
             # oldest first: the LIFO list keeps the least recently used at the front
             for inst, at in self._idle:
@@ -344,7 +346,7 @@ class InstancePool(Generic[T]):
     def reclaim_idle(self, count: int) -> int:
         """Destroys up to `count` idle instances, least recently used first, whatever their idle
         time (to make room in the tenant's memory quota for another instance)."""
-        with self._cond:
+        with self._lock:
             victims = [inst for inst, _ in self._idle[:count]]
             del self._idle[:len(victims)]
             self._live -= len(victims)
@@ -354,7 +356,7 @@ class InstancePool(Generic[T]):
         return len(victims)
 
     def stats(self) -> dict[str, int]:
-        with self._cond:
+        with self._lock:
             return {
                 "live": self._live,
                 "idle": len(self._idle),
@@ -369,7 +371,7 @@ class InstancePool(Generic[T]):
 
     def close(self) -> None:
         """Destroys idle instances now; busy ones are destroyed when released. Idempotent."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             victims = [inst for inst, _ in self._idle]
             self._idle.clear()
