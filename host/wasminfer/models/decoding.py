@@ -190,8 +190,13 @@ class DecoderSpec:
         return mine, {past: outputs[pres] for past, pres in self.pairs}
 
 
+# The helpers a step runs through are written as plain loops: a generator expression costs a frame
+# of its own per step, and every stream's every token runs them under the GIL.
 def nbytes(past: Mapping[str, np.ndarray]) -> int:
-    return sum(int(a.nbytes) for a in past.values())
+    total = 0
+    for a in past.values():
+        total += a.nbytes
+    return total
 
 
 class _Steps:
@@ -206,18 +211,27 @@ class _Steps:
         self.streams = 0
 
     def rows(self, feed: Mapping[str, np.ndarray]) -> int:
-        if not all(a.ndim and a.shape[0] == 1 for a in feed.values()):
-            return 0
-        # padding goes along the past's third dimension: [batch, heads, positions, head size]
-        return 0 if self.spec.mask and any(feed[p].ndim != 4 for p in self.pasts) else 1
+        for a in feed.values():
+            if not a.ndim or a.shape[0] != 1:
+                return 0
+        if self.spec.mask:  # padding goes along the past's third dimension: [batch, heads, positions, size]
+            for p in self.pasts:
+                if feed[p].ndim != 4:
+                    return 0
+        return 1
 
     def signature(self, feed: Mapping[str, np.ndarray]) -> Hashable:
         spec = self.spec
-        mine = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in feed.items()
-                            if n not in spec.host_names))
+        host = spec.host_names
+        mine = []
+        for n, a in feed.items():
+            if n not in host:
+                mine.append((n, a.dtype.str, a.shape[1:]))
+        if len(mine) > 1:
+            mine.sort()
         # with a mask, pasts of any length share a run; without, only those of equal shapes
-        pasts = () if spec.mask else tuple(feed[p].shape for p in self.pasts)
-        return ("decoder", spec.model, self.pasts, mine, pasts)
+        pasts = () if spec.mask else tuple([feed[p].shape for p in self.pasts])
+        return ("decoder", spec.model, self.pasts, tuple(mine), pasts)
 
     def join(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], list[int]]:
         rows = _cohort(feeds, self.pasts)
