@@ -601,6 +601,7 @@ class Recurring:
 
     def __init__(self, streams: int) -> None:
         self.streams = streams
+        self.cohorts: dict[int, tuple[Hashable, int]] = {}  # by the feed's id: what a test says of each
 
     def rows(self, feed: Feed) -> int:
         return ROWS.rows(feed)
@@ -610,6 +611,9 @@ class Recurring:
 
     def join(self, feeds: Sequence[Feed]) -> tuple[Feed, list[int]]:
         return ROWS.join(feeds)
+
+    def cohort(self, feed: Feed) -> tuple[Hashable, int] | None:
+        return self.cohorts.get(id(feed))
 
 
 class Turns:
@@ -624,6 +628,7 @@ class Turns:
             for gate in self.gates:
                 gate.set()
         self.ran: list[int] = []
+        self.members: list[list[int]] = []
         self.stack = Recurring(streams)
         self.batcher = Batcher(BatchingConfig(8, delay_us), self._run, BatchCounters(), slots=slots)
         rng = np.random.default_rng(4)
@@ -634,6 +639,8 @@ class Turns:
     def _run(self, feed: Feed, _deadline_ns: int | None) -> list[Any]:
         i = len(self.ran)
         self.ran.append(len(feed["x"]))
+        self.members.append(sorted(  # which feeds' rows the run holds
+            j for j, f in enumerate(self.feeds) if any(np.array_equal(row, f["x"][0]) for row in feed["x"])))
         self.gates[i].wait(30)
         return list(self.session.run(None, feed))
 
@@ -683,6 +690,44 @@ def test_recurring_requests_are_split_across_the_run_slots_in_batches_of_their_s
     assert t.ran == [2, 2, 2]
     t.finish()
     assert t.ran == [2, 2, 2, 2] and sorted(t.results) == list(range(8))
+
+
+def test_a_recurring_batch_waits_for_its_own_cohort_and_takes_it_first() -> None:
+    """Requests 0 and 2 ran together last (cohort A), 1 and 3 too (B); they come back interleaved.
+    Each batch is its cohort again (a decoder's steps then run on their batch's present as it is,
+    with no copy), not the first two to arrive."""
+    t = Turns(slots=2, streams=4, delay_us=1_000_000)
+    for i in range(4):
+        t.stack.cohorts[id(t.feeds[i])] = ("AB"[i % 2], 2)
+    t.call(0)
+    t.until(runs=0, queued=1)
+    t.call(1)  # two rows wait, a share's worth, but of two cohorts: A's leader waits for its own
+    t.until(runs=0, queued=2)
+    t.call(2)
+    t.until(runs=1, queued=1)
+    t.call(3)
+    t.until(runs=2, queued=0)
+    t.finish()
+    assert t.members == [[0, 2], [1, 3]]
+
+
+def test_a_cohort_short_of_a_member_runs_after_the_delay_with_rows_of_no_cohort_only() -> None:
+    """A stream of cohort A ended: its other row waits the delay for it, then runs with the oldest
+    rows of no cohort (a state whose last step ran alone) up to its share; cohort B's rows are not
+    taken from B, which then runs as it ran before."""
+    t = Turns(slots=2, streams=4, delay_us=50_000, gated=False)
+    t.stack.cohorts[id(t.feeds[0])] = ("A", 2)
+    t.stack.cohorts[id(t.feeds[1])] = ("B", 2)
+    t.stack.cohorts[id(t.feeds[2])] = ("B", 2)
+    t.call(0)
+    t.until(runs=0, queued=1)
+    t.call(1)
+    t.until(runs=0, queued=2)
+    t.call(3)  # no cohort
+    t.until(runs=0, queued=3)
+    t.call(2)
+    t.finish()
+    assert sorted(map(sorted, t.members)) == [[0, 3], [1, 2]]
 
 
 def test_requests_that_do_not_recur_run_at_once_in_a_free_slot_and_take_all_that_wait() -> None:

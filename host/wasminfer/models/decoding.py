@@ -233,6 +233,14 @@ class _Steps:
         pasts = () if spec.mask else tuple([feed[p].shape for p in self.pasts])
         return ("decoder", spec.model, self.pasts, tuple(mine), pasts)
 
+    def cohort(self, feed: Mapping[str, np.ndarray]) -> tuple[Hashable, int] | None:
+        """The batch whose present this step's past is a row of (every past of a state comes from
+        the same run: its first one says), and its rows; None for a state's own past."""
+        base = feed[self.pasts[0]].base
+        if isinstance(base, np.ndarray) and base.ndim == 4 and base.shape[0] > 1:
+            return id(base), base.shape[0]  # (alive while this step waits: its past is a view of it)
+        return None
+
     def join(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], list[int]]:
         rows = _cohort(feeds, self.pasts)
         if rows is not None:  # exactly the rows of one batch's present: run on it as it is

@@ -54,6 +54,9 @@ class PaddedRows:
         bucket = max(MIN_BUCKET, 1 << max(0, length - 1).bit_length())
         return ("padded", bucket, tuple((name, array.dtype) for name, array in feed.items()))
 
+    def cohort(self, feed: Feed) -> tuple[Hashable, int] | None:
+        return None  # (no recurring requests)
+
     def join(self, feeds: Sequence[Feed]) -> tuple[Feed, list[int]]:
         first = feeds[0]
         longest = max(next(iter(f.values())).shape[1] for f in feeds)
