@@ -10,8 +10,9 @@ all come in it; if the request line and headers are not complete within `Setting
 the client gets a 408 and the connection is closed. (A body is timed where it is read,
 `gateway.bodies`, so that its 408 comes through the error mapping.)
 
-The express lane (`gateway.express`): a synchronous invocation whose whole request came in one read
-is answered from the parser's callbacks, without uvicorn's ASGI cycle and task; any request the lane
+The express lane (`gateway.express`): a synchronous invocation is answered from the parser's
+callbacks once its body is complete, without uvicorn's ASGI cycle and task (a body that comes in
+pieces is held, each piece within `body_timeout_s` or the general path's 408); any request the lane
 does not take, or passes back, goes on as uvicorn's own.
 
 The same subclass writes a response in one piece (`CoalescingTransport`): uvicorn writes a

@@ -18,7 +18,8 @@ inline policy's short functions, with room under every admission bound and nothi
 Everything else, and every request that would be refused before it reaches the function (no key,
 a wrong key, an unknown function, a body over the limit, a server still loading), takes the
 general path: uvicorn, `gateway.direct`, the route and its handlers, which then answer as always.
-A request passed on has had nothing done for it.
+A request passed on has had nothing done for it (but a moment in the jobs gate's count, when the
+fleet passes it back).
 
 Once the function runs here, what the general path does is done the same, by the same code: the
 jobs gate held around it, the metrics (`routes_functions.count_failure`, `answer`), Server-Timing,

@@ -521,13 +521,9 @@ class Batcher:
     def _lead(self, me: _Request) -> None:
         queue = me.queue
         with self._lock:
-            share = self._share(me.stack)
-            # A recurring request's batch waits for its own cohort (the rows it ran with last, at most
-            # its share): run together again, their pasts need no copy (see the module doc).
-            queue.want = (me.cohort, min(share, me.cohort_rows)) if me.cohort is not None else None
             try:
                 while queue.rows < self._max_rows and not self._closed and (
-                        self._in_flight >= self._slots or not queue.gathered(share)):
+                        self._in_flight >= self._slots or not self._gathered(me)):
                     if self._slots and self._in_flight >= self._slots:
                         # Every run slot busy: the batch grows until one frees up (the delay does not
                         # apply), but no request waits past its deadline.
@@ -548,8 +544,9 @@ class Batcher:
                 queue.take_out(me)
                 self._hand_over(queue)
                 raise
-            want, queue.want = queue.want, None
-            batch, rows = self._pick(queue, share or self._max_rows, None if want is None else want[0])
+            queue.want = None
+            share = self._share(me.stack)
+            batch, rows = self._pick(queue, share or self._max_rows, me.cohort if share else None)
             self._in_flight += 1
             self._hand_over(queue)
             self._record(batch, rows)
@@ -560,6 +557,16 @@ class Batcher:
             for request in batch:
                 if request is not me:
                     request.wake.release()
+
+    def _gathered(self, leader: _Request) -> bool:
+        """Under the lock: whether `leader` has the rows it waits for, its share (of the streams now)
+        of any, or of its own cohort, at most as many as the cohort has: run together again, their
+        pasts need no copy (see the module doc). Sets the queue's `want` for `_enqueue` to see."""
+        share = self._share(leader.stack)
+        queue = leader.queue
+        queue.want = (leader.cohort, min(share, leader.cohort_rows)) if leader.cohort is not None and share \
+            else None
+        return queue.gathered(share)
 
     def _pick(self, queue: _Queue, most: int, cohort: Hashable | None) -> tuple[list[_Request], int]:
         """Under the lock: takes a batch of at most `most` rows out of `queue`, oldest first (the
