@@ -39,6 +39,7 @@ pytestmark = pytest.mark.integration
 KEYS = {"admin": "admin-secret", "reader": "reader-secret"}
 MAX_BODY = 4096
 BODY_TIMEOUT_S = 1.0
+KEEP_ALIVE_S = 1
 
 
 @dataclass
@@ -67,7 +68,8 @@ def server(data: Path, express: bool) -> Iterator[Server]:
     lane = Express(app.state.wasminfer)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                            http=guarded_protocol(settings, lane), lifespan="on")
+                            http=guarded_protocol(settings, lane), lifespan="on",
+                            timeout_keep_alive=KEEP_ALIVE_S)
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -259,6 +261,38 @@ def test_a_kept_alive_connection_serves_request_after_request(servers: dict[str,
             assert (r.status_code, r.content) == (200, b"e%d" % i)  # (hostile.wat's echo: the body)
             assert "x-invocation-id" in r.headers and r.headers["server-timing"].startswith("queue;dur=")
     assert on.express.served - before == 20
+
+
+def read_response(conn: socket.socket) -> bytes:
+    """One response of a kept-alive connection (its headers, and its body by Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("key", ["on", "off"])
+def test_a_kept_alive_connection_is_closed_once_idle_for_the_keep_alive_timeout(
+    servers: dict[str, Server], key: str
+) -> None:
+    """Requests every half timeout keep it open past the timeout; idle for the timeout after the
+    last answer, it is closed (uvicorn's `timeout_keep_alive`, here 1 s; the lane times its own)."""
+    s = servers[key]
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as conn:
+        started = time.monotonic()
+        for i in range(5):
+            conn.sendall(request("h", b"e%d" % i, ADMIN, close=False))
+            assert read_response(conn).endswith(b"e%d" % i)
+            time.sleep(KEEP_ALIVE_S / 2)
+        assert time.monotonic() - started > 2 * KEEP_ALIVE_S  # open all along: each request reset it
+        last = time.monotonic()
+        assert conn.recv(65536) == b""  # closed by the server, idle
+        idle = time.monotonic() - last
+    assert KEEP_ALIVE_S * 0.4 <= idle < KEEP_ALIVE_S + 5, idle
 
 
 def test_invocations_the_lane_answers_are_counted_in_the_metrics(servers: dict[str, Server]) -> None:

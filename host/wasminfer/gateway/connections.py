@@ -153,6 +153,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._express_request: tuple[str, bytes | None, bytes | None] = ("", None, None)
         self._express_body: list[bytes] | None = None
         self._body_timer: asyncio.TimerHandle | None = None  # while the rest of its body is to come
+        # The keep-alive timeout after express responses: uvicorn arms and cancels a timer for each
+        # response; here one timer checks when the connection went idle (None: busy since).
+        self._idle_since: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -175,6 +179,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
         self._disarm_body_timer()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._express_body = None
         address, self._counted = self._counted, None
         if address is not None:
@@ -201,6 +208,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # -- the express lane (gateway.express) -----------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        self._idle_since = None
         super().data_received(data)
         if self._request_started and self._header_timer is None:
             self._arm_header_timer()
@@ -291,7 +299,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(lines))
         if not keep_alive:
             self.transport.close()
-        self.on_response_complete()
+        # uvicorn's `on_response_complete` for a request of the lane, which is never pipelined and
+        # never pauses reading: the count, and the keep-alive timeout from now.
+        self.server_state.total_requests += 1
+        if keep_alive:
+            self._idle_since = self.loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """uvicorn's keep-alive timeout, for a connection whose last response was the lane's: closed
+        once it has been idle that long (a request since, of either path, takes it over)."""
+        self._idle_timer = None
+        since = self._idle_since
+        if since is None or self.transport.is_closing():
+            return  # busy: the response that ends it times the connection again
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._idle_check)
+        elif self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
 
     def _to_general(self, body: bytes) -> None:
         """The express request goes the general way, its body complete: uvicorn's cycle and ASGI
