@@ -26,7 +26,7 @@ import pytest
 import wasmtime
 from starlette.testclient import TestClient
 
-from conftest import GUESTS
+from conftest import GUESTS, comparable_headers
 from live_server import live_server, wait_optimised
 from wasminfer.gateway import Settings, create_app
 from wasminfer.replicas.inline import (
@@ -111,16 +111,7 @@ def apps(tmp_path: Path, hostile_wasm: bytes, add_model: bytes) -> Iterator[dict
 
 def comparable(r: httpx.Response) -> tuple[int, list[tuple[str, str]], bytes]:
     """Status, headers and body, with what differs per request made equal."""
-    headers = []
-    for name, value in sorted(r.headers.multi_items()):
-        if name == "date":
-            continue
-        if name == "server-timing":
-            value = re.sub(r"dur=[0-9.]+", "dur=N", value)
-        if name == "x-invocation-id":
-            value = "ID" if re.fullmatch(r"[0-9a-f]+", value) else value
-        headers.append((name, value))
-    return r.status_code, headers, r.content
+    return r.status_code, comparable_headers(r.headers.multi_items()), r.content
 
 
 # What each request must get: (name, function and query, body, headers, status, error code, whether
