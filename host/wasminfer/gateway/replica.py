@@ -121,7 +121,6 @@ class ProcessApp:
             assert self.forward is not None
             await self.forward(scope, receive, tagged)
 
-
     def closes(self, from_client: bool) -> bool:
         """Whether the connection of a request arriving now is closed after its response (draining,
         or one of the `surplus`; `from_client`: on a client connection, not a unix socket)."""

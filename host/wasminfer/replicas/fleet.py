@@ -216,9 +216,7 @@ class Fleet:
         key = (tenant, name)
         if not m.max_concurrency:
             return await self._route(key, fn, body, content_type)
-        gate = self._gates.get(key)
-        if gate is None:
-            gate = self._gates[key] = _Gate()
+        gate = self._gate(key)
         try:
             await gate.acquire(name, m)
         except TooManyRequests:
@@ -242,9 +240,7 @@ class Fleet:
         m = fn.manifest
         gate: _Gate | None = None
         if m.max_concurrency:
-            gate = self._gates.get((tenant, name))
-            if gate is None:
-                gate = self._gates[(tenant, name)] = _Gate()
+            gate = self._gate((tenant, name))
             try:
                 await gate.acquire(name, m)
             except TooManyRequests:
@@ -288,15 +284,10 @@ class Fleet:
         key = (tenant, name)
         gate: _Gate | None = None
         if m.max_concurrency:
-            gate = self._gates.get(key)
-            if gate is None:
-                gate = self._gates[key] = _Gate()
+            gate = self._gate(key)
             if not gate.try_acquire(m):
                 return None
-        # `_enter`, `_leave` and `_routed`, written out: this is every small invocation's path.
-        tenants = replica.tenants
-        replica.outstanding += 1
-        tenants[tenant] += 1
+        self._enter(replica, tenant)
         started = time.perf_counter()
         try:
             result = primary.route_now(tenant, name, body, content_type, fn)
@@ -306,19 +297,11 @@ class Fleet:
             self._waits_us.append((time.perf_counter() - started) * 1e6)  # saturated: counts
             raise
         finally:
-            replica.outstanding -= 1
-            left = tenants[tenant] - 1
-            if left:
-                tenants[tenant] = left
-            else:
-                tenants.pop(tenant)
+            self._leave(replica, tenant)
             if gate is not None:
                 gate.release()
         if result is not None:
-            elapsed_us = (time.perf_counter() - started) * 1e6
-            self._in_flight_s += elapsed_us / 1e6
-            self._waits_us.append(max(0.0, elapsed_us - result.run_us - result.start_us))
-            self._hot[key] += 1  # (the primary holds every function: no `warm` to add)
+            self._routed(key, replica, started, result)
         return result
 
     async def _route(self, key: Key, fn: Any, body: bytes, content_type: str) -> InvokeResult:
@@ -348,6 +331,13 @@ class Fleet:
                 self._leave(replica, tenant)
             self._routed(key, replica, started, result)
             return result
+
+    def _gate(self, key: Key) -> _Gate:
+        """The `max_concurrency` gate of function `key`, made at its first use."""
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate()
+        return gate
 
     @staticmethod
     def _enter(replica: Replica, tenant: str) -> None:

@@ -93,13 +93,8 @@ class InlinePolicy:
     def decide(self, key: tuple[str, str], fn: Any) -> bool:
         """Whether the next invocation of `fn` (the `DeployedFunction` of `key`) runs inline."""
         mode = self.mode
-        if mode == "never":
+        if mode == "never" or (mode == "auto" and not self.short(key, fn)):
             return False
-        if mode == "auto":  # `short`, written out: every invocation asks
-            learned = self._learned.get(key)
-            if (learned is None or learned.fn() is not fn or learned.waits or learned.samples < MIN_SAMPLES
-                    or learned.mean_us > self.max_us or learned.cooldown_until > self._clock()):
-                return False
         return eligible(fn)
 
     def short(self, key: tuple[str, str], fn: Any) -> bool:

@@ -80,12 +80,12 @@ class InProcessBackend(ReplicaBackend):
     async def route(
         self, replica: Replica, tenant: str, name: str, deployment: str, body: bytes, content_type: str
     ) -> InvokeResult:
-        result = self.route_now(tenant, name, body, content_type)
+        fn = self.platform.deployed(name, tenant=tenant)
+        result = self.route_now(tenant, name, body, content_type, fn)
         if result is not None:
             return result
         key = (tenant, name)
         inline = self.inline
-        fn = self.platform.deployed(name, tenant=tenant)
         cost = _Cost(inline.measures(key))  # a thread's CPU clock is a system call: not every time
         try:
             return await self.limiter.run_sync(tenant, self._invoke, tenant, name, body, content_type, cost)
@@ -93,17 +93,16 @@ class InProcessBackend(ReplicaBackend):
             if cost.ran:
                 inline.observe(key, fn, cost.cpu_us, blocked_us=cost.blocked_us)
 
-    def route_now(self, tenant: str, name: str, body: bytes, content_type: str,
-                  fn: Any = None) -> InvokeResult | None:
+    def route_now(
+        self, tenant: str, name: str, body: bytes, content_type: str, fn: Any
+    ) -> InvokeResult | None:
         """The invocation run inline, on the calling thread (the event loop's), when the inline policy
         says so and the tenant could take a thread of its share now (`FairLimiter.may_run`: nothing
         else runs on the loop until it returns, so it takes none); None, having done nothing, when
         it runs on a worker thread instead (`route`). Raises what `Platform.invoke` raises. `fn`:
-        the function's `DeployedFunction`, when the caller has it."""
+        the function's `DeployedFunction`."""
         key = (tenant, name)
         inline = self.inline
-        if fn is None:
-            fn = self.platform.deployed(name, tenant=tenant)
         if not inline.decide(key, fn) or not self.limiter.may_run(tenant):
             return None
         measure = inline.measures(key)  # a thread's CPU clock is a system call: not every time
