@@ -90,7 +90,7 @@ def _make_callback(hf: ComponentHostFunc) -> Any:
     impl = hf.impl
 
     def callback(_env: Any, _ctx: Any, _ty: Any, args: int, nargs: int, results: int, nresults: int) -> int:
-        state = getattr(tls, "state", None)
+        state = tls.state
         try:
             if state is None:
                 raise RuntimeError("called outside an invocation")
@@ -294,7 +294,7 @@ class ComponentInstance:
         self._ctx = self.store._context()
         self._ctx_addr = ctypes.cast(self._ctx, ctypes.c_void_p).value
         self._funcs: dict[str, tuple[Any, ComponentFunc]] = {}
-        outer = getattr(tls, "state", None)
+        outer = tls.state
         tls.state = start_state
         try:
             self._instance = compiled.linker.linker.instantiate(self.store, compiled.component)

@@ -210,7 +210,7 @@ def _make_callback(hf: HostFunc) -> Any:
     def callback(_env: Any, caller: Any, args: Any, _nargs: int) -> int:
         state = _tls.state
         try:
-            inst = _tls.instance
+            inst: WasmInstance = _tls.instance  # type: ignore[assignment]  # set for the call's length
             inst._span = None  # the guest may have grown its memory since the last host import
             memory = GuestMemory(inst)
             if not nparams:
@@ -621,7 +621,7 @@ class WasmInstance:
             error = _set_wasi(ctx, ctypes.cast(wasi._consume(), ctypes.c_void_p))
         self._ctx = store.context_ptr
         tls = _tls
-        outer = getattr(tls, "state", None), getattr(tls, "instance", None)
+        outer = tls.state, tls.instance
         tls.state, tls.instance = start_state, self
         instance = ffi.wasmtime_instance_t()
         trap = ctypes.c_void_p()
@@ -691,7 +691,7 @@ class WasmInstance:
         tls = _tls
         # A host import may call back into its guest (the Python runtime's door allocates its
         # answer with the guest's allocator): the outer call's state comes back afterwards.
-        outer = getattr(tls, "state", None), getattr(tls, "instance", None)
+        outer = tls.state, tls.instance
         tls.state = state
         tls.instance = self
         state.instance = self
