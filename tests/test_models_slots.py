@@ -488,3 +488,39 @@ def test_a_decoders_sample_has_an_empty_past_so_a_masked_decoder_is_measured(mas
         assert not plan.chosen_by.startswith("default: the sample input did not run"), plan.chosen_by
     finally:
         registry.close()
+
+
+def test_a_batched_decoder_is_measured_at_one_thread_a_run_per_core(add_model: bytes) -> None:
+    """`steps`: only the one-thread split is measured (the others are listed as skipped, why with
+    them), and it is chosen; the same model without batching is measured at every split."""
+    runs: list[int] = []
+
+    def run_with(threads: int) -> Callable[[Mapping[str, np.ndarray]], object]:
+        session = ort.InferenceSession(add_model, providers=["CPUExecutionProvider"])
+        return lambda f: runs.append(threads) or session.run(None, dict(f))
+
+    sample = sample_feed(_specs(add_model))
+    assert sample is not None
+    plan = choose(run_with, sample, 2, tiny_run_s=0.0, budget_s=5.0, batched=True, steps=True)
+    assert (plan.intra_op_threads, plan.max_concurrent_runs, plan.chosen_by) == (1, 2, "measured")
+    assert [(m.intra_op_threads, m.concurrent_runs) for m in plan.measurements] == [(1, 2)]
+    assert plan.skipped == ("2 thread(s) x 1 run(s): a batched decoder runs one thread a run",)
+    assert set(runs) == {1}
+
+    registry = ModelRegistry()
+    try:
+        # big enough to be measured (a run of ~2 ms; the default tiny-gpt is under TINY_RUN_S)
+        model = tiny_gpt_model(d_model=256, layers=4, heads=4, attention_mask=True)
+        batched = registry.load("gpt", model, max_batch_size=8).run_plan
+        plain = registry.load("gpt-plain", model).run_plan
+    finally:
+        registry.close()
+    assert batched is not None and plain is not None
+    assert batched.chosen_by == "measured" and batched.intra_op_threads == 1
+    assert {m.intra_op_threads for m in batched.measurements} == {1}
+    # a run per core; with more than one core the other splits are listed as skipped
+    skipped = [s for s in batched.skipped if "a batched decoder runs one thread a run" in s]
+    assert bool(skipped) == (batched.max_concurrent_runs > 1)
+    assert not any("batched decoder" in s for s in plain.skipped)
+    if batched.max_concurrent_runs > 1 and plain.chosen_by == "measured":
+        assert {m.intra_op_threads for m in plain.measurements} > {1}

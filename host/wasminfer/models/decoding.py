@@ -31,18 +31,12 @@ import numpy as np
 
 from wasminfer.errors import InvalidTensor
 from wasminfer.models.batching import Stack
-from wasminfer.models.inputs import TensorSpec
+from wasminfer.models.inputs import TensorSpec, present_names
 from wasminfer.models.registry import ModelInfo
 
 #: Inputs the host makes for each step when a decoder model has them.
 MASK, POSITIONS = "attention_mask", "position_ids"
 _INT64 = np.dtype(np.int64)
-
-
-def _present_names(past: str) -> tuple[str, ...]:
-    if past.startswith("past_key_values"):
-        return ("present" + past[len("past_key_values"):],)
-    return ("present" + past[len("past"):],)
 
 
 def _empty(spec: TensorSpec, model: str) -> np.ndarray:
@@ -79,10 +73,10 @@ class DecoderSpec:
         for spec in info.inputs:
             if not spec.name.startswith("past"):
                 continue
-            present = next((n for n in _present_names(spec.name) if n in outputs), None)
+            present = next((n for n in present_names(spec.name) if n in outputs), None)
             if present is None:
                 raise InvalidTensor(f"model {info.name!r}: input {spec.name!r} has no output "
-                                    f"{_present_names(spec.name)[0]!r} to take the next step's past from")
+                                    f"{present_names(spec.name)[0]!r} to take the next step's past from")
             pairs.append((spec.name, present))
             first[spec.name] = _empty(spec, info.name)
         if not pairs:

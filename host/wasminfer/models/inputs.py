@@ -9,7 +9,7 @@ model expects instead of an ORT message, and converts the few dtype differences 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -17,7 +17,8 @@ import numpy as np
 
 from wasminfer.errors import InvalidModel, InvalidTensor
 
-__all__ = ["InputCheck", "TensorSpec", "check_inputs", "compile_check", "tensor_spec"]
+__all__ = ["InputCheck", "TensorSpec", "check_inputs", "compile_check", "has_decoder_pairs", "present_names",
+           "tensor_spec"]
 
 # ORT type string -> numpy dtype name (TensorSpec.dtype). "string" tensors are object arrays of str.
 _ORT_TYPES = {
@@ -74,6 +75,21 @@ def tensor_spec(arg: Any, declared_rank: Mapping[str, bool], kind: str) -> Tenso
     if not shape and not declared_rank.get(arg.name, True):
         shape = None
     return TensorSpec(arg.name, dtype, shape)
+
+
+def present_names(past: str) -> tuple[str, ...]:
+    """The output names that carry a decoder's past input `past` to its next step (past_key_0 ->
+    present_key_0; Hugging Face's past_key_values.0.key -> present.0.key)."""
+    if past.startswith("past_key_values"):
+        return ("present" + past[len("past_key_values"):],)
+    return ("present" + past[len("past"):],)
+
+
+def has_decoder_pairs(inputs: Iterable[TensorSpec], output_names: Iterable[str]) -> bool:
+    """Whether some input is a past with its present output: what `DecoderSpec.of` looks for."""
+    outputs = set(output_names)
+    return any(spec.name.startswith("past") and any(n in outputs for n in present_names(spec.name))
+               for spec in inputs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,15 @@ one thread needs a session of its own: while it is measured the model is held tw
 Models whose inputs are strings or whose sample input fails to run keep one thread and a run per
 core. Given threads (and no given runs) are timed too, so that a tiny model is never bounded.
 
+A decoder loaded with batching (inputs named past… with their present… outputs: a model
+`DecoderSpec` can step) is measured at one thread only, a run per core: its runs at load are steps,
+one new token per stream, whose small matrices split poorly over threads, and two runs at once let
+one cohort's step run while the other's streams do their host work (with the batcher's cohorts, see
+batching.py). tiny-gpt's 8 streams in `just bench-stream`, plans given and measured in turn: 0.77-0.86
+of the limit at 1 thread x 2 runs in five runs, 0.67-0.74 at 2 x 1 in five; 0.73-0.74 against
+0.63-0.68 at 32 streams. The sample input (a prefill of `FREE_DIM` tokens) measured 2 x 1 faster as
+often as not, and chose it: a prefill is not what such a model runs under load.
+
 A model that can batch (a dynamic first dimension on every input and output) also has one run of
 `BATCH_ROWS` sample rows stacked timed, within `BATCH_BUDGET_S`: `batch_row_ms`, a row's share of
 it, against `run_ms` says what dynamic batching (`max_batch_size`, opt-in as in Triton: stacking
@@ -49,7 +58,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from wasminfer.models.inputs import TensorSpec
+from wasminfer.models.inputs import TensorSpec, has_decoder_pairs
 from wasminfer.models.session import make_session
 
 __all__ = [
@@ -194,13 +203,15 @@ def choose(
     budget_s: float = BUDGET_S,
     tiny_run_s: float = TINY_RUN_S,
     batched: bool = False,
+    steps: bool = False,
 ) -> RunPlan:
     """Measure and choose. `run_with(t)` gives a function running the model with `t` intra-op threads
     (making the session for it when it is first asked; `session_s`: what making one took).
     `batched`: the model batches, so a tie goes to more threads (its runs are batches, bigger than
     the sample, which split over threads better, and concurrent requests join them rather than
     running beside them: tiny-gpt's 8 streams made ~25% more tokens/s at 2 threads x 1 than at
-    1 x 2). Raises what a run raises."""
+    1 x 2). `steps`: the model is a batched decoder, measured at one thread only (see the module's
+    docstring). Raises what a run raises."""
     started = time.perf_counter()
     single = run_time(run_with(1), feed, tiny_run_s)
     if single < tiny_run_s:
@@ -208,6 +219,10 @@ def choose(
     measurements: list[Measurement] = []
     skipped: list[str] = []
     candidates = thread_candidates(cores)
+    if steps:
+        skipped.extend(f"{t} thread(s) x {max(1, cores // t)} run(s): a batched decoder runs one thread a run"
+                       for t in candidates[1:])
+        candidates = candidates[:1]
     for i, threads in enumerate(candidates):
         left = budget_s - (time.perf_counter() - started)
         share = left / (len(candidates) - i)
@@ -352,7 +367,8 @@ def tuned(
         return lambda feed: made.run(output_names, feed)
 
     try:
-        plan = choose(run_with, feed, cores, session_s=session_s, batched=batched)
+        steps = batched and has_decoder_pairs(inputs, output_names)
+        plan = choose(run_with, feed, cores, session_s=session_s, batched=batched, steps=steps)
     except Exception as exc:  # ORT's exception types share no base but Exception
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         return session, RunPlan(1, cores, f"default: the sample input did not run ({reason})")
