@@ -558,6 +558,30 @@ def test_sdk_round_trips_tensors_through_the_host(echo_host: Host, rows: int) ->
     assert "2 input tensor(s) for add" in lines
 
 
+def test_requests_in_and_past_the_inbox_alternate_on_one_instance(echo_host: Host) -> None:
+    """A request that fits the SDK's inbox (4096 bytes with its content type) is written there with
+    no `wasminfer_alloc` call (tests/test_runtime_host.py shows the host's side), a bigger one is
+    allocated and freed: requests just inside, just past and far past it, alternating on the same
+    instance, all answer right. (Whether the SDK wrongly freed the inbox is not seen here: zig's
+    malloc takes such a free without a fault or a wrong answer.)"""
+    fn = echo_host.function("echo")
+    rng = np.random.default_rng(7)
+    rows = {"small": 3, "edge": 0, "past": 0, "big": 2000}
+    # the largest request that still fits: rows of 24 bytes (a and b) plus the map's heads and the type
+    head = len(encode_tensors({"a": np.zeros((0, 3), np.float32), "b": np.zeros((0, 3), np.float32)}))
+    rows["edge"] = (4096 - len(ADD) - head - 8) // 24
+    rows["past"] = rows["edge"] + 1
+    for _ in range(20):
+        for name, n in rows.items():
+            a, b = (rng.standard_normal((n, 3)).astype(np.float32) for _ in range(2))
+            body = encode_tensors({"a": a, "b": b})
+            assert (len(body) + len(ADD) <= 4096) == (name in ("small", "edge"))
+            out = decode_tensors(echo_host.invoke("echo", body, ADD).body)
+            np.testing.assert_array_equal(out["y"], a + b)
+    idle = [inst for inst, _ in fn.pool._idle]
+    assert idle and all(inst.wasm.inbox is not None and inst.wasm.inbox[1] == 4096 for inst in idle)
+
+
 @pytest.mark.slow
 def test_sdk_passes_infer_errors_on(echo_host: Host) -> None:
     wrong = np.zeros((2, 4), np.float32)

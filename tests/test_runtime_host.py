@@ -254,6 +254,67 @@ def test_wrong_export_signature_rejected(host: Host) -> None:
         host.deploy_function("bad", bytes(wasm))
 
 
+# A handler with an inbox at 1024 of 256 bytes: `wasminfer_alloc` counts its calls and gives 8192;
+# `wasminfer_handle` answers the address its request came at and the allocations so far (2 x u32).
+INBOX_WAT = """(module
+  (import "wasminfer" "output" (func $output (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $allocs (mut i32) (i32.const 0))
+  (func (export "wasminfer_abi_v1"))
+  (func (export "wasminfer_inbox") (result i32) (i32.const INBOX))
+  (func (export "wasminfer_inbox_size") (result i32) (i32.const SIZE))
+  (func (export "wasminfer_alloc") (param i32) (result i32)
+    (global.set $allocs (i32.add (global.get $allocs) (i32.const 1))) (i32.const 8192))
+  (func (export "wasminfer_handle") (param $b i32) (param $bl i32) (param $c i32) (param $cl i32) (result i32)
+    (i32.store (i32.const 512) (local.get $b))
+    (i32.store (i32.const 516) (global.get $allocs))
+    (drop (call $output (i32.const 512) (i32.const 8) (i32.const 0) (i32.const 0)))
+    (i32.const 0)))"""
+
+
+def _inbox_wasm(inbox: int = 1024, size: int = 256) -> bytes:
+    import wasmtime
+
+    return bytes(wasmtime.wat2wasm(INBOX_WAT.replace("INBOX", str(inbox)).replace("SIZE", str(size))))
+
+
+def test_a_request_that_fits_the_inbox_is_written_there_and_a_bigger_one_is_allocated(host: Host) -> None:
+    host.deploy_function("inbox", _inbox_wasm(), Manifest(max_instances=1))
+
+    def at(body: bytes) -> tuple[int, int]:
+        out = host.invoke("inbox", body, "text/plain").body
+        return int.from_bytes(out[:4], "little"), int.from_bytes(out[4:], "little")
+
+    fits = 256 - len("text/plain")
+    assert at(b"x" * fits) == (1024, 0)  # body and content type fill the inbox exactly: no alloc
+    assert at(b"x" * (fits + 1)) == (8192, 1)  # one byte more: allocated
+    assert at(b"") == (1024, 1) and at(b"y" * 10) == (1024, 1)
+    assert host.function("inbox").pool.stats()["created_total"] == 1  # one instance served them all
+    # a capacity of 0: no inbox, every request allocated
+    host.deploy_function("no-inbox", _inbox_wasm(size=0), Manifest(max_instances=1))
+    assert host.invoke("no-inbox", b"x", "text/plain").body[:4] == (8192).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize(("inbox", "size", "match"), [
+    (65536 - 100, 256, "an inbox must lie inside"),  # runs past the memory's end
+    (0, 256, "an inbox must lie inside"),  # the null address
+])
+def test_an_inbox_outside_memory_is_refused_at_upload(host: Host, inbox: int, size: int, match: str) -> None:
+    with pytest.raises(InvalidModule, match=match):
+        host.deploy_function("bad", _inbox_wasm(inbox, size))
+    with pytest.raises(FunctionNotFound):
+        host.function("bad")
+
+
+def test_an_inbox_needs_both_exports(host: Host) -> None:
+    wat = INBOX_WAT.replace('(func (export "wasminfer_inbox_size") (result i32) (i32.const SIZE))', "")
+    import wasmtime
+
+    wasm = bytes(wasmtime.wat2wasm(wat.replace("INBOX", "1024")))
+    with pytest.raises(InvalidModule, match="must export both 'wasminfer_inbox' and 'wasminfer_inbox_size'"):
+        host.deploy_function("bad", wasm)
+
+
 def test_initial_memory_over_limit_rejected_at_upload(host: Host, hostile_wasm: bytes) -> None:
     import wasmtime
 

@@ -1205,7 +1205,18 @@ static inline const char *wasminfer_json_numbers(const char *s, size_t len, doub
 /* wasminfer_alloc: one byte more than asked, so that the content type can be NUL-terminated. */
 static inline void *wasminfer_alloc_request(size_t size) { return size == SIZE_MAX ? NULL : malloc(size + 1); }
 
-/* wasminfer_handle: runs the handler on the buffer from wasminfer_alloc_request, then frees it. */
+/* The inbox (ABI.md): a request of up to WASMINFER_INBOX_BYTES (body and content type) is written
+ * here by the host, with no wasminfer_alloc call; a bigger one is allocated. Zeroed memory (.bss):
+ * it costs the module no bytes and an instance only the pages a request touches. Define
+ * WASMINFER_INBOX_BYTES as 0 before including this header to go without one. */
+#ifndef WASMINFER_INBOX_BYTES
+#define WASMINFER_INBOX_BYTES 4096
+#endif
+#if WASMINFER_INBOX_BYTES > 0
+static uint8_t wasminfer__inbox[WASMINFER_INBOX_BYTES + 1]; /* + 1: the content type's NUL */
+#endif
+
+/* wasminfer_handle: runs the handler on the request's buffer, then frees it (unless it is the inbox). */
 static inline int wasminfer_dispatch(wasminfer_handler handler, uint8_t *buf, size_t body_len, char *ctype,
                                      size_t ctype_len) {
     wasminfer_request req = {buf, body_len, "", 0};
@@ -1215,9 +1226,21 @@ static inline int wasminfer_dispatch(wasminfer_handler handler, uint8_t *buf, si
         req.content_type_len = ctype_len;
     }
     int status = handler(&req);
+#if WASMINFER_INBOX_BYTES > 0
+    if (buf != wasminfer__inbox) free(buf);
+#else
     free(buf);
+#endif
     return status;
 }
+
+#if WASMINFER_INBOX_BYTES > 0
+#define WASMINFER__INBOX_EXPORTS                                                                    \
+    WASMINFER_EXPORT("wasminfer_inbox") void *wasminfer_inbox(void) { return wasminfer__inbox; }   \
+    WASMINFER_EXPORT("wasminfer_inbox_size") size_t wasminfer_inbox_size(void) { return WASMINFER_INBOX_BYTES; }
+#else
+#define WASMINFER__INBOX_EXPORTS
+#endif
 
 /* Defines the module's exports around `handler` (int handler(const wasminfer_request *)). Use it
  * in exactly one .c file of the function. */
@@ -1229,6 +1252,7 @@ static inline int wasminfer_dispatch(wasminfer_handler handler, uint8_t *buf, si
     WASMINFER_EXPORT("wasminfer_handle")                                                            \
     int wasminfer_handle(uint8_t *body, size_t body_len, char *ctype, size_t ctype_len) {           \
         return wasminfer_dispatch(handler, body, body_len, ctype, ctype_len);                       \
-    }
+    }                                                                                               \
+    WASMINFER__INBOX_EXPORTS
 
 #endif /* WASMINFER_H */

@@ -542,6 +542,9 @@ class WasmInstance:
         # Per-instance state of host interfaces (e.g. wasi-nn graph handles), keyed by interface and
         # created lazily by them; values with a `close()` are closed with the instance.
         self.host_state: dict[str, Any] = {}
+        #: A handler module's request inbox, `(address, capacity)` (handler.instantiate); None: each
+        #: request is written where `wasminfer_alloc` says.
+        self.inbox: tuple[int, int] | None = None
         self._mem_ref = None
         self._output_ids: tuple[int, ...] = ()
         #: Whether it holds a slot of the engine's instance pool (`_pooling.py`), given back by `close`.

@@ -52,8 +52,12 @@ NAME = "handler"
 ABI_MARKER = "wasminfer_abi_v1"
 EXPORT_ALLOC = "wasminfer_alloc"
 EXPORT_HANDLE = "wasminfer_handle"
+#: Optional: a buffer the guest keeps for requests, so that one that fits needs no `wasminfer_alloc`
+#: call (ABI.md, "The inbox"); asked for once per instance.
+EXPORT_INBOX = "wasminfer_inbox"
+EXPORT_INBOX_SIZE = "wasminfer_inbox_size"
 CALLS = ((EXPORT_ALLOC, 1), (EXPORT_HANDLE, 4))
-_STARTING_CALLS = (*CALLS, ("_initialize", 0))
+_STARTING_CALLS = (*CALLS, ("_initialize", 0), (EXPORT_INBOX, 0), (EXPORT_INBOX_SIZE, 0))
 
 E_INVALID_ARGUMENT = 1
 E_NOT_FOUND = 2
@@ -422,6 +426,12 @@ def validate(compiled: CompiledModule) -> None:
     compiled.require_func(EXPORT_HANDLE, ("i32",) * 4, ("i32",))
     if "_initialize" in compiled.exports:
         compiled.require_func("_initialize", (), ())
+    inbox = [name for name in (EXPORT_INBOX, EXPORT_INBOX_SIZE) if name in compiled.exports]
+    if inbox and len(inbox) != 2:
+        raise WasmLinkError(f"a handler module that exports {inbox[0]!r} must export both "
+                            f"{EXPORT_INBOX!r} and {EXPORT_INBOX_SIZE!r}")
+    for name in inbox:
+        compiled.require_func(name, (), ("i32",))
 
 
 def instantiate(compiled: CompiledModule, manifest: Manifest, state: CallState,
@@ -432,13 +442,28 @@ def instantiate(compiled: CompiledModule, manifest: Manifest, state: CallState,
         calls=_STARTING_CALLS,
         output=output,
     )
-    if inst.has("_initialize"):
-        try:
+    try:
+        if inst.has("_initialize"):
             inst.call("_initialize", (), state, manifest.timeout_ms, nresults=0)
-        except BaseException:
-            inst.close()
-            raise
+        if inst.has(EXPORT_INBOX):
+            inst.inbox = _inbox(inst, state)
+    except BaseException:
+        inst.close()
+        raise
     return inst
+
+
+def _inbox(inst: WasmInstance, state: CallState) -> tuple[int, int] | None:
+    """The instance's request inbox `(address, capacity)`, None for a capacity of 0. Raises
+    `WasmLinkError` for a range outside its memory as it is now (a memory never shrinks)."""
+    address = inst.call(EXPORT_INBOX, (), state) & 0xFFFFFFFF
+    capacity = inst.call(EXPORT_INBOX_SIZE, (), state) & 0xFFFFFFFF
+    if capacity == 0:
+        return None
+    if address == 0 or address + capacity > inst.memory_size():
+        raise WasmLinkError(f"{EXPORT_INBOX} and {EXPORT_INBOX_SIZE} give bytes {address}-{address + capacity} "
+                            f"of a memory of {inst.memory_size()}: an inbox must lie inside it")
+    return address, capacity
 
 
 def invoke(inst: WasmInstance, body: bytes, content_type: str, state: InvocationState) -> bool:
@@ -451,7 +476,12 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
     ctype = content_type.encode("utf-8", "replace")
     total = len(body) + len(ctype)
     try:
-        ptr = inst.call(EXPORT_ALLOC, (total,), state, m.timeout_ms)
+        inbox = inst.inbox
+        if inbox is not None and total <= inbox[1]:
+            ptr = inbox[0]  # the call's deadline starts here (`call` with a timeout sets it)
+            state.deadline_ns = inst.deadline_ns = time.monotonic_ns() + m.timeout_ms * 1_000_000
+        else:
+            ptr = inst.call(EXPORT_ALLOC, (total,), state, m.timeout_ms)
         if ptr == 0 and total > 0:
             state.alloc_failed = True
             raise MemoryLimitExceeded.exceeded(
