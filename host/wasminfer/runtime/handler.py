@@ -461,8 +461,9 @@ def _inbox(inst: WasmInstance, state: CallState) -> tuple[int, int] | None:
     if capacity == 0:
         return None
     if address == 0 or address + capacity > inst.memory_size():
-        raise WasmLinkError(f"{EXPORT_INBOX} and {EXPORT_INBOX_SIZE} give bytes {address}-{address + capacity} "
-                            f"of a memory of {inst.memory_size()}: an inbox must lie inside it")
+        raise WasmLinkError(f"{EXPORT_INBOX} and {EXPORT_INBOX_SIZE} give bytes {address}-"
+                            f"{address + capacity} of a memory of {inst.memory_size()}: an inbox must lie "
+                            "inside it")
     return address, capacity
 
 
