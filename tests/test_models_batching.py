@@ -711,6 +711,48 @@ def test_a_recurring_batch_waits_for_its_own_cohort_and_takes_it_first() -> None
     assert t.members == [[0, 2], [1, 3]]
 
 
+def test_a_cohort_back_whole_runs_in_a_free_slot_while_the_leader_waits_for_its_own() -> None:
+    """Cohort A's leader (request 0) waits for A's other row; B comes back whole meanwhile and a slot
+    is free: B runs at once, on the thread of its oldest request, not after A (one leader per queue
+    held it back: a decoder's two cohorts coupled at every step)."""
+    t = Turns(slots=2, streams=4, delay_us=1_000_000)
+    for i in range(4):
+        t.stack.cohorts[id(t.feeds[i])] = ("AB"[i % 2], 2)
+    t.call(0)
+    t.until(runs=0, queued=1)
+    t.call(1)
+    t.until(runs=0, queued=2)
+    t.call(3)
+    t.until(runs=1, queued=1)
+    assert t.members == [[1, 3]]
+    t.call(2)
+    t.until(runs=2, queued=0)
+    t.finish()
+    assert t.members == [[1, 3], [0, 2]]
+
+
+def test_a_slot_that_frees_goes_to_a_cohort_back_whole_while_the_leader_waits_for_its_own() -> None:
+    """Both slots busy (cohorts C and D) while A's leader waits and B comes back whole; when C's run
+    ends, the slot goes to B, not to a leader still short of its cohort."""
+    t = Turns(slots=2, streams=4, delay_us=1_000_000)
+    for i, cohort in enumerate("ABABCCDD"):
+        t.stack.cohorts[id(t.feeds[i])] = (cohort, 2)
+    t.call(4, 5)
+    t.until(runs=1, queued=0)
+    t.call(6, 7)
+    t.until(runs=2, queued=0)
+    t.call(0)
+    t.until(runs=2, queued=1)
+    t.call(1, 3)
+    t.until(runs=2, queued=3)  # B whole, but no slot free
+    t.gates[0].set()  # C's run ends
+    t.until(runs=3, queued=1)
+    assert t.members[2] == [1, 3]
+    t.call(2)
+    t.finish()
+    assert t.members == [[4, 5], [6, 7], [1, 3], [0, 2]]
+
+
 def test_a_cohort_short_of_a_member_runs_after_the_delay_with_rows_of_no_cohort_only() -> None:
     """A stream of cohort A ended: its other row waits the delay for it, then runs with the oldest
     rows of no cohort (a state whose last step ran alone) up to its share; cohort B's rows are not
