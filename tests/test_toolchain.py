@@ -50,6 +50,8 @@ def test_builds_a_small_handler_module(function: Path, tmp_path: Path) -> None:
         "wasminfer_abi_v1": "FuncType",
         "wasminfer_alloc": "FuncType",
         "wasminfer_handle": "FuncType",
+        "wasminfer_inbox": "FuncType",  # the request inbox (guest-sdk/ABI.md)
+        "wasminfer_inbox_size": "FuncType",
     }
     assert imports == ["wasminfer.output"]  # only what the function uses
     assert out.stat().st_size < 64 << 10  # no debug info
