@@ -209,9 +209,10 @@ def choose(
     (making the session for it when it is first asked; `session_s`: what making one took).
     `batched`: the model batches, so a tie goes to more threads (its runs are batches, bigger than
     the sample, which split over threads better, and concurrent requests join them rather than
-    running beside them: tiny-gpt's 8 streams made ~25% more tokens/s at 2 threads x 1 than at
-    1 x 2). `steps`: the model is a batched decoder, measured at one thread only (see the module's
-    docstring). Raises what a run raises."""
+    running beside them; tiny-gpt's 8 streams made ~25% more tokens/s at 2 threads x 1 than at
+    1 x 2 before the batcher's cohorts, and 7-15% fewer since: see `steps`). `steps`: the model is
+    a batched decoder, measured at one thread only (see the module's docstring). Raises what a run
+    raises."""
     started = time.perf_counter()
     single = run_time(run_with(1), feed, tiny_run_s)
     if single < tiny_run_s:
