@@ -11,7 +11,7 @@ dominate, as a real one would):
 - cpu_us_per_token: the process' CPU time over the round per token (steadier than tokens_per_s on
   a machine shared with other work, which takes cores but not this process' CPU time);
 - ratio: tokens_per_s against the limit's at the same concurrency (target at 8: >= 0.8): the
-  median of the rounds' own ratios (`ratios`; `--rounds`, default 7, each round the platform then
+  median of the rounds' own ratios (`ratios`; `--rounds`, default 21, each round the platform then
   the limit), the other figures those of the round of median tokens/s.
 
 Each platform host's `run_plan` (the threads and concurrent runs its `tiny-gpt` was tuned to at
@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="16,64,256")
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=7,
+    ap.add_argument("--rounds", type=int, default=21,
                     help="rounds per figure, interleaved; the ratio is the median of the rounds' own")
     ap.add_argument("--max-batch-size", type=int, default=32, help="tiny-gpt's batching on the platform")
     ap.add_argument("--max-concurrent-batches", type=int, default=None,
@@ -254,6 +254,8 @@ def main() -> None:
                 row[key] = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
             # Each round's platform against the limit's beside it, and their median: a round lasts a
             # fraction of a second, and the limit alone swung 2,200-3,900 tok/s between rounds here.
+            # 21 rounds, not 7: seven rounds' ratios at 8 streams spread over 0.59-0.93, and their
+            # median moved by ~0.1 between runs of unchanged code.
             row["ratios"] = paired(results["platform"], results["limit"])
             row["ratio"] = statistics.median(row["ratios"])
             also = ""
