@@ -753,6 +753,34 @@ def test_a_slot_that_frees_goes_to_a_cohort_back_whole_while_the_leader_waits_fo
     assert t.members == [[4, 5], [6, 7], [1, 3], [0, 2]]
 
 
+def test_a_runner_interrupted_before_it_woke_puts_its_batch_back() -> None:
+    """`_abandon` of a request made the runner of a cohort's batch (`_RUN`) while it slept (its
+    thread interrupted in `wake.acquire()`): the others of the batch are pending again, counted as
+    before, and the slot it held is free; the queue's leader is told. Driven on the batcher's state
+    directly, on the test's thread: no thread sleeps here."""
+    from wasminfer.models import batching
+
+    t = Turns(slots=2, streams=4, delay_us=1_000_000)
+    for i in range(4):
+        t.stack.cohorts[id(t.feeds[i])] = ("AB"[i % 2], 2)
+    b = t.batcher
+    with b._lock:
+        leader = b._enqueue(t.feeds[0], t.stack, 1, None)
+        assert leader is not None and leader.state == batching._LEAD
+        leader.queue.want = ("A", 2)  # as the waiting leader sets it (`_gathered`)
+        first = b._enqueue(t.feeds[1], t.stack, 1, None)
+        last = b._enqueue(t.feeds[3], t.stack, 1, None)  # B is whole: its batch starts
+    assert first is not None and last is not None
+    queue = leader.queue
+    assert first.state == batching._RUN and first.batch == ([first, last], 2) and b._in_flight == 1
+    assert queue.pending == [leader] and queue.rows == 1 and queue.cohorts == {"A": 1}
+    b._abandon(first)
+    assert first.batch is None and b._in_flight == 0
+    # in arrival order again: the leader first, as `_pick` expects of it
+    assert queue.pending == [leader, last] and queue.rows == 2 and queue.cohorts == {"A": 1, "B": 1}
+    assert last.state == batching._WAITING and queue.leading
+
+
 def test_a_cohort_short_of_a_member_runs_after_the_delay_with_rows_of_no_cohort_only() -> None:
     """A stream of cohort A ended: its other row waits the delay for it, then runs with the oldest
     rows of no cohort (a state whose last step ran alone) up to its share; cohort B's rows are not

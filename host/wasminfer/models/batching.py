@@ -688,7 +688,7 @@ class Batcher:
                 others = [r for r in request.batch[0] if r is not request]
                 request.batch = None
                 self._in_flight -= 1
-                queue.pending[:0] = others
+                queue.pending = sorted([*queue.pending, *others], key=lambda r: r.enqueued)  # arrival order
                 for other in others:
                     queue.rows += other.rows
                     if other.cohort is not None:
