@@ -394,6 +394,12 @@ class _Queue:
         self.pending.remove(request)
         self.forget(request)
 
+    def count(self, request: _Request) -> None:
+        """Counts a request put in `pending` (under the batcher's lock): `forget`'s inverse."""
+        self.rows += request.rows
+        if request.cohort is not None:
+            self.cohorts[request.cohort] = self.cohorts.get(request.cohort, 0) + request.rows
+
     def forget(self, request: _Request) -> None:
         """Counts a request taken out of `pending` as gone (under the batcher's lock)."""
         self.rows -= request.rows
@@ -522,13 +528,12 @@ class Batcher:
                     self._prune()
                 queue = self._queues[signature] = _Queue(self._lock)
         request = _Request(feed, stack, rows, queue, deadline_ns)
-        queue.pending.append(request)
-        queue.rows += rows
         if share:
             cohort = stack.cohort(feed)
             if cohort is not None:
-                request.cohort, request.cohort_rows = key, _ = cohort
-                queue.cohorts[key] = queue.cohorts.get(key, 0) + rows
+                request.cohort, request.cohort_rows = cohort
+        queue.pending.append(request)
+        queue.count(request)
         if not queue.leading:
             queue.leading = True
             self._leaders += 1
@@ -545,16 +550,7 @@ class Batcher:
         them behind a leader that waits for its own cohort (one leader per queue: at 8 streams on
         two slots a cohort came back whole while the leader waited for the other in ~22% of the
         batches)."""
-        batch: list[_Request] = []
-        rows = 0
-        for request in queue.pending:
-            if request.cohort == cohort and rows + request.rows <= share:
-                rows += request.rows
-                batch.append(request)
-        taken = set(map(id, batch))
-        queue.pending[:] = [r for r in queue.pending if id(r) not in taken]
-        for request in batch:
-            queue.forget(request)
+        batch, rows = self._pick(queue, share, cohort, fill=False)
         self._in_flight += 1
         self._record(batch, rows)
         runner = batch[0]
@@ -625,10 +621,11 @@ class Batcher:
             else None
         return queue.gathered(share)
 
-    def _pick(self, queue: _Queue, most: int, cohort: Hashable | None) -> tuple[list[_Request], int]:
+    def _pick(self, queue: _Queue, most: int, cohort: Hashable | None,
+              fill: bool = True) -> tuple[list[_Request], int]:
         """Under the lock: takes a batch of at most `most` rows out of `queue`, oldest first (the
         leader's request is the oldest, so it is always in its own batch); with a `cohort`, that
-        cohort's requests first."""
+        cohort's requests first, then (`fill`) others up to `most`."""
         pending = queue.pending
         batch: list[_Request] = []
         rows = 0
@@ -647,7 +644,7 @@ class Batcher:
             # Short of its share (a member was late past the delay, or its stream ended): the oldest
             # of no cohort, then of others. Left to wait for their own cohorts, those made batches
             # of 2-3 rows at 8 streams; joining them, batches stay at the share.
-            for none_first in (True, False):
+            for none_first in (True, False) if fill else ():
                 for request in pending:
                     if rows + request.rows <= most and (
                             request.cohort is None if none_first else request.cohort not in (None, cohort)):
@@ -690,9 +687,7 @@ class Batcher:
                 self._in_flight -= 1
                 queue.pending = sorted([*queue.pending, *others], key=lambda r: r.enqueued)  # arrival order
                 for other in others:
-                    queue.rows += other.rows
-                    if other.cohort is not None:
-                        queue.cohorts[other.cohort] = queue.cohorts.get(other.cohort, 0) + other.rows
+                    queue.count(other)
                 if others and not queue.leading:
                     queue.leading = True
                     self._leaders += 1
