@@ -666,6 +666,11 @@ class WasmInstance:
         """Whether its module has better code now than this instance runs (see `Code`)."""
         return self.module is not self.compiled.module
 
+    def start_deadline(self, state: CallState, timeout_ms: int) -> None:
+        """The deadline of `state`'s guest calls on this instance: `timeout_ms` from now (what `call`
+        with a timeout does before it calls)."""
+        state.deadline_ns = self.deadline_ns = time.monotonic_ns() + timeout_ms * 1_000_000
+
     def call(self, name: str, args: Sequence[int], state: CallState, timeout_ms: int | None = None,
              nresults: int = 1) -> int:
         """Calls export `name` (whose signature `require_func` checked) with i32 args.
@@ -684,7 +689,7 @@ class WasmInstance:
         for i, a in enumerate(args):
             buf[i].i32 = a
         if timeout_ms is not None:
-            state.deadline_ns = self.deadline_ns = time.monotonic_ns() + timeout_ms * 1_000_000
+            self.start_deadline(state, timeout_ms)
         elif state.deadline_ns is None:
             state.deadline_ns = self.deadline_ns
         try:

@@ -479,8 +479,8 @@ def invoke(inst: WasmInstance, body: bytes, content_type: str, state: Invocation
     try:
         inbox = inst.inbox
         if inbox is not None and total <= inbox[1]:
-            ptr = inbox[0]  # the call's deadline starts here (`call` with a timeout sets it)
-            state.deadline_ns = inst.deadline_ns = time.monotonic_ns() + m.timeout_ms * 1_000_000
+            ptr = inbox[0]
+            inst.start_deadline(state, m.timeout_ms)  # as the alloc call would have
         else:
             ptr = inst.call(EXPORT_ALLOC, (total,), state, m.timeout_ms)
         if ptr == 0 and total > 0:
