@@ -291,10 +291,8 @@ class Fleet:
         started = time.perf_counter()
         try:
             result = primary.route_now(tenant, name, body, content_type, fn)
-        except MemoryQuotaExceeded:  # (as in `_route`: no saturation of the host)
-            raise
-        except TooManyRequests:
-            self._waits_us.append((time.perf_counter() - started) * 1e6)  # saturated: counts
+        except TooManyRequests as exc:
+            self._refused(exc, started)
             raise
         finally:
             self._leave(replica, tenant)
@@ -320,12 +318,8 @@ class Fleet:
                     raise
                 tried = replica  # it never got the request: once more, elsewhere
                 continue
-            except MemoryQuotaExceeded:
-                # A tenant at its own memory quota is no saturation of the host: another replica
-                # would only hand it a fresh budget.
-                raise
-            except TooManyRequests:
-                self._waits_us.append((time.perf_counter() - started) * 1e6)  # saturated: counts
+            except TooManyRequests as exc:
+                self._refused(exc, started)
                 raise
             finally:
                 self._leave(replica, tenant)
@@ -350,6 +344,13 @@ class Fleet:
         replica.tenants[tenant] -= 1
         if not replica.tenants[tenant]:
             replica.tenants.pop(tenant)  # (dict.pop: Counter's own __delitem__ is Python)
+
+    def _refused(self, exc: TooManyRequests, started: float) -> None:
+        """Counts a 429 of an invocation started at `started` as a wait of a saturated host, unless
+        it is a tenant at its own memory quota: no saturation of the host (another replica would
+        only hand it a fresh budget)."""
+        if not isinstance(exc, MemoryQuotaExceeded):
+            self._waits_us.append((time.perf_counter() - started) * 1e6)
 
     def _routed(self, key: Key, replica: Replica, started: float, result: InvokeResult) -> None:
         """Counts an invocation `replica` answered, started at `started` (`time.perf_counter()`)."""
