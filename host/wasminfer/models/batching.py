@@ -719,6 +719,29 @@ class Batcher:
         counters.size_counts[bisect.bisect_left(BATCH_SIZE_BUCKETS, rows)] += 1
         counters.delay_counts[0] += 1
 
+    @property
+    def slots(self) -> int:
+        """The resolved `max_concurrent_batches`."""
+        return self._slots
+
+    @property
+    def delay(self) -> float:
+        """`max_queue_delay_us`, in seconds."""
+        return self._delay
+
+    def record_joined(self, requests: int, rows: int, waits: Sequence[float]) -> None:
+        """Counts a batch of `requests` that its caller joined and ran itself (a decoder's step loop,
+        `runtime.decoders`), each having waited `waits` seconds, among this model's batches."""
+        with self._lock:
+            counters = self._counters
+            counters.batches += 1
+            counters.batched_requests += requests
+            counters.size_sum += rows
+            counters.size_counts[bisect.bisect_left(BATCH_SIZE_BUCKETS, rows)] += 1
+            for waited in waits:
+                counters.delay_sum += waited
+                counters.delay_counts[bisect.bisect_left(QUEUE_DELAY_BUCKETS, waited)] += 1
+
     def _record(self, batch: list[_Request], rows: int) -> None:
         counters = self._counters
         counters.batches += 1

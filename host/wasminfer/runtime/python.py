@@ -402,7 +402,7 @@ def _decoder(state: InvocationState, mem: GuestMemory, payload: memoryview) -> b
     answer: _Answer
     try:
         if op == b"n" or inputs is None:  # (an `s` frame always has inputs)
-            token = state.decoder_states().next_token(handle, inputs, state.run_model)
+            token = state.decoder_states().next_token(handle, inputs, state.run_model, state.deadline_ns)
             answer = _Answer(b"\x00" + _U32.pack(token))
         else:
             spec, outputs = state.decoder_states().step(handle, inputs, state.run_model)

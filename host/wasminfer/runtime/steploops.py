@@ -1,0 +1,166 @@
+"""Decoder steps run ahead of their guests: a model's step loops (`StepLoop`, one per run slot), which
+run together the next steps that `DecoderTable.next_token` queues (`runtime.decoders`; docs/streaming.md,
+"Steps run ahead")."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from wasminfer.models.decoding import DecoderSpec
+from wasminfer.models.joined import JoinedRuns
+
+
+class Ahead:
+    """A state's next step, queued in its `StepLoop` before the guest asks for it."""
+
+    __slots__ = ("loop", "feed", "deadline_ns", "queued", "done", "outputs")
+
+    def __init__(self, loop: StepLoop, feed: dict[str, np.ndarray], deadline_ns: int | None) -> None:
+        self.loop = loop
+        self.feed = feed
+        self.deadline_ns = deadline_ns
+        self.queued = time.monotonic()
+        self.done = threading.Lock()  # released by the loop once the step ran (or failed)
+        self.done.acquire()
+        self.outputs: dict[str, np.ndarray] | None = None  # None: its batch failed
+
+    def result(self) -> dict[str, np.ndarray] | None:
+        """The step's outputs, once run; None if its batch failed (then the caller runs the step
+        alone, which fails alone if the step is what fails, as the batcher does)."""
+        self.done.acquire()
+        return self.outputs
+
+    def drop(self) -> dict[str, np.ndarray] | None:
+        """Drops the step: out of its loop's queue if it is still there; else its outputs once run
+        (None if its batch failed)."""
+        return None if self.loop.discard(self) else self.result()
+
+
+class StepLoop:
+    """A thread of its own running together the steps its states queue ahead of their guests.
+
+    A stream's next step is known as soon as its token is chosen -- the step on that token -- so it
+    is queued then (`next_token`, `submit`), and runs while the guest turns the token into text and
+    streams it; the guest, coming back for the next token, takes the step's outputs. The loop runs
+    whatever its states queued as one batch when every one of its `members` has queued (a cohort
+    back whole: run on its present as it is, `DecoderSpec.steps`), or `delay` after the first, on
+    a thread of its own, one batch at a time. A model has one loop per run slot, and its streams
+    are spread across them (`StepLoops`).
+
+    Measured (bench/stream.py, 8 streams): the steps' host work -- queueing, joining, the run,
+    splitting -- done once per batch on the loop's thread rather than on each stream's, where every
+    stream's thread had to come back, take the interpreter lock in turn and lead or wait."""
+
+    def __init__(self, runs: JoinedRuns, spec: DecoderSpec, loops: int) -> None:
+        self.runs = runs
+        self.steps = spec.steps
+        self.loops = loops
+        self.members = 0  # streams whose steps this loop runs (`StepLoops.assign` / `leave`)
+        self._pending: list[Ahead] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._running = False
+
+    def submit(self, feed: dict[str, np.ndarray], deadline_ns: int | None) -> Ahead:
+        ahead = Ahead(self, feed, deadline_ns)
+        with self._cond:
+            self._pending.append(ahead)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._loop, name="wasminfer-step-loop", daemon=True).start()
+            elif len(self._pending) == 1 or len(self._pending) >= self._share():
+                self._cond.notify()  # the first starts the delay; the share ends it
+        return ahead
+
+    def _share(self) -> int:
+        """The rows a batch waits for: this loop's share of the model's open streams (as the
+        batcher's is, `Batcher._share`), at most `max_batch_size`."""
+        return min(self.runs.max_rows, max(1, -(-self.steps.streams // self.loops)))
+
+    def discard(self, ahead: Ahead) -> bool:
+        """Takes `ahead` out of the queue; False if a batch took it already (it runs all the same)."""
+        with self._cond:
+            try:
+                self._pending.remove(ahead)
+            except ValueError:
+                return False
+            return True
+
+    def _take(self) -> list[Ahead] | None:
+        """Waits for a batch: every member's step, or what is queued `delay` after the first; None
+        when nothing is left to run (the thread then ends: the next `submit` starts another)."""
+        with self._cond:
+            pending = self._pending
+            while True:
+                if not pending:
+                    if not self._cond.wait(1.0) and not self._pending:
+                        self._running = False
+                        return None
+                    continue
+                left = pending[0].queued + self.runs.delay - time.monotonic()
+                if len(pending) >= self._share() or left <= 0:
+                    break
+                self._cond.wait(left)
+            batch = pending[:self.runs.max_rows]
+            del pending[:len(batch)]
+            return batch
+
+    def poke(self) -> None:
+        """A stream left: the share a batch waits for may be smaller now."""
+        with self._cond:
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self._run(batch)
+            del batch  # (not held while the next one gathers: its feeds' pasts are batches' presents)
+
+    def _run(self, batch: list[Ahead]) -> None:
+        try:
+            now_ns = time.monotonic_ns()
+            # those past their deadline run alone on their guests' asking, and fail there
+            live = [a for a in batch if a.deadline_ns is None or a.deadline_ns > now_ns]
+            if live:
+                feed, starts = self.steps.join([a.feed for a in live])
+                deadlines = [a.deadline_ns for a in live if a.deadline_ns is not None]
+                now = time.monotonic()
+                outputs = self.runs.run(feed, min(deadlines) if deadlines else None,
+                                        [now - a.queued for a in live], len(live))
+                for ahead, start in zip(live, starts, strict=True):
+                    ahead.outputs = {name: out[start:start + 1] for name, out in outputs.items()}
+        except BaseException:  # noqa: BLE001 - each step reruns alone on its own thread, and fails there
+            for ahead in batch:
+                ahead.outputs = None
+        finally:
+            for ahead in batch:
+                ahead.feed = None  # type: ignore[assignment]  # its past: the rows of an older batch
+                ahead.done.release()
+
+
+class StepLoops:
+    """The step loops of one decoder spec (one per run slot of its model), and which stream is on
+    which: a stream joins the loop with the fewest, and stays."""
+
+    def __init__(self, runs: JoinedRuns, spec: DecoderSpec) -> None:
+        n = max(1, runs.slots)
+        self.loops = [StepLoop(runs, spec, n) for _ in range(n)]
+        self._lock = threading.Lock()
+
+    def assign(self) -> StepLoop:
+        with self._lock:
+            loop = min(self.loops, key=lambda lo: lo.members)
+            loop.members += 1
+            return loop
+
+    def leave(self, loop: StepLoop) -> None:
+        with self._lock:
+            loop.members -= 1
+        loop.poke()
+
+
+__all__ = ["Ahead", "StepLoop", "StepLoops"]
