@@ -629,6 +629,7 @@ class Turns:
                 gate.set()
         self.ran: list[int] = []
         self.members: list[list[int]] = []
+        self.lock = threading.Lock()
         self.stack = Recurring(streams)
         self.batcher = Batcher(BatchingConfig(8, delay_us), self._run, BatchCounters(), slots=slots)
         rng = np.random.default_rng(4)
@@ -637,10 +638,12 @@ class Turns:
         self.threads: list[threading.Thread] = []
 
     def _run(self, feed: Feed, _deadline_ns: int | None) -> list[Any]:
-        i = len(self.ran)
-        self.ran.append(len(feed["x"]))
-        self.members.append(sorted(  # which feeds' rows the run holds
-            j for j, f in enumerate(self.feeds) if any(np.array_equal(row, f["x"][0]) for row in feed["x"])))
+        members = sorted(  # which feeds' rows the run holds
+            j for j, f in enumerate(self.feeds) if any(np.array_equal(row, f["x"][0]) for row in feed["x"]))
+        with self.lock:  # `until` sees a run in `ran` only once its members are there too
+            i = len(self.ran)
+            self.members.append(members)
+            self.ran.append(len(feed["x"]))
         self.gates[i].wait(30)
         return list(self.session.run(None, feed))
 
