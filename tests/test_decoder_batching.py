@@ -542,6 +542,8 @@ def test_a_step_queued_ahead_past_its_deadline_runs_alone_on_the_guests_asking(m
         table = DecoderTable()
         d = InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"), table)
         h = d.open("tiny-gpt", "f")
+        other = InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"), table)
+        other.open("tiny-gpt", "f")  # (a state alone in its loop steps as it asks: nothing ahead)
         run = run_with(models)
         first = d.next_token(h, {"input_ids": np.array([TOK.encode("Hi")])}, run, deadline_ns=1)
         settle(table)
@@ -550,6 +552,7 @@ def test_a_step_queued_ahead_past_its_deadline_runs_alone_on_the_guests_asking(m
         # the guest's `run` (here with no deadline) runs it when asked: the token of a plain decoding
         tokens = [first, d.next_token(h, None, run)]
         d.close()
+        other.close()
         plain = DecoderTable()
         p = InvocationDecoders(object(), models, MemoryBudget.unlimited().tenant("t"), plain)
         hp = p.open("tiny-gpt", "f")
@@ -565,9 +568,28 @@ def test_a_models_step_loops_end_when_its_streams_do(masked: bytes) -> None:
     before = loops()
     with ModelRegistry() as models:
         models.load("tiny-gpt", masked, max_batch_size=4, max_queue_delay_us=2000, max_concurrent_batches=2)
-        _decode_all_at_once_and_check_each_against_its_reference(models, masked, STREAMS[:2])
+        _decode_all_at_once_and_check_each_against_its_reference(models, masked, STREAMS)
         mine = loops() - before
         assert mine  # a thread per run slot its streams went to, alive a while after their last step
         for thread in mine:
             thread.join(timeout=10)
             assert not thread.is_alive()
+
+
+def test_a_state_alone_in_its_loop_steps_as_it_asks_and_one_with_company_runs_ahead(masked: bytes) -> None:
+    with ModelRegistry() as models:
+        models.load("tiny-gpt", masked, max_batch_size=4, max_queue_delay_us=2000, max_concurrent_batches=1)
+        table = DecoderTable()
+        memory = MemoryBudget.unlimited().tenant("t")
+        run = run_with(models)
+        one = InvocationDecoders(object(), models, memory, table)
+        h = one.open("tiny-gpt", "f")
+        one.next_token(h, {"input_ids": np.array([TOK.encode("Hi")])}, run)
+        assert table._states[h].ahead is None  # alone: nothing to share a run with
+        two = InvocationDecoders(object(), models, memory, table)
+        two.open("tiny-gpt", "f")
+        one.next_token(h, None, run)
+        assert table._states[h].ahead is not None  # with company: its next step queued, to run with theirs
+        two.close()
+        one.close()
+        assert table.live() == 0

@@ -111,9 +111,9 @@ class DecoderTable:
             return len(self._states)
 
     def open(self, owner: object, spec: DecoderSpec, memory: TenantMemory,
-             sampling: Sampling | None = None) -> int:
+             sampling: Sampling | None = None, loops: StepLoops | None = None) -> int:
         """A new empty state of `spec`'s model for `owner`, choosing tokens with `sampling` (greedy
-        if None); returns its handle."""
+        if None), its steps run ahead in one of `loops` (see `next_token`); returns its handle."""
         sampler = Sampler(sampling or Sampling())
         reservation = memory.reserve(0, "decoders", f"a decoder state of model {spec.model!r}")
         with self._lock:
@@ -121,9 +121,11 @@ class DecoderTable:
             if handle > _MAX_HANDLE:  # two billion opened in one process: start over past the live ones
                 self._ids = itertools.count(max(self._states, default=0) + 1)
                 handle = next(self._ids)
-            self._states[handle] = _State(owner, spec, memory, reservation, sampler)
+            state = self._states[handle] = _State(owner, spec, memory, reservation, sampler)
             self.opened += 1
             spec.count_stream(1)
+        if loops is not None:
+            state.loops, state.loop = loops, loops.assign()
         return handle
 
     def _get(self, owner: object, handle: int) -> _State:
@@ -146,19 +148,21 @@ class DecoderTable:
             return state.spec, self._step(owner, handle, state, inputs, run, memory)
 
     def next_token(self, owner: object, handle: int, inputs: Mapping[str, np.ndarray] | None, run: Run,
-                   memory: TenantMemory, loops: StepLoops | None = None,
-                   deadline_ns: int | None = None) -> int:
+                   memory: TenantMemory, deadline_ns: int | None = None) -> int:
         """A step of state `handle` on `inputs`, or without them on the token chosen last (fed to the
         model's one input besides its past); returns the next token, drawn by the state's sampler
         from the last row of the step's logits. Raises what `step` raises, `InvalidTensor` without
         inputs before any token was chosen, for a model whose ids input or logits output cannot be
         told (`DecoderSpec.token_ids`, `last_logits`: the state is then unchanged or stepped).
 
-        With `loops` (a model loaded with batching), the step on the token chosen is queued at once
-        in the state's `StepLoop` (by `deadline_ns`), to run while the guest turns the token into
-        text; a next token without inputs takes it, any other call on the state drops it. A step
-        run ahead is counted against the memory quota, and among the invocation's inferences, when
-        the guest takes it."""
+        On a state opened with step loops (a model loaded with batching) whose loop has other
+        states too, the step on the token chosen is queued at once in that `StepLoop` (by
+        `deadline_ns`), to run with theirs while the guest turns the token into text; a next token
+        without inputs takes it, any other call on the state drops it. A step run ahead is counted
+        against the memory quota, and among the invocation's inferences, when the guest takes it.
+        Alone in its loop, a state steps as it asks (a thread of the loop's between would cost a
+        lone stream more than running its step meanwhile saves: 0.51-0.55 of the limit at one
+        stream against 0.59-0.65, `bench/stream.py`)."""
         state = self._get(owner, handle)
         with state.lock:
             spec = state.spec
@@ -176,11 +180,9 @@ class DecoderTable:
                     inputs = spec.token_ids(state.token)
                 outputs = self._step(owner, handle, state, inputs, run, memory)
             token = state.token = state.sampler.next(spec.last_logits(outputs))
-            if loops is not None and spec.ids is not None:
-                if state.loop is None:
-                    state.loops, state.loop = loops, loops.assign()
-                assert state.loop is not None
-                state.ahead = state.loop.submit(
+            loop = state.loop
+            if loop is not None and loop.members > 1 and spec.ids is not None:
+                state.ahead = loop.submit(
                     spec.feed(spec.token_ids(token), state.past, state.length, state.pad), deadline_ns)
             return token
 
@@ -338,7 +340,6 @@ class InvocationDecoders:
         self.table = table
         self.handles: set[int] = set()
         self._specs: dict[str, DecoderSpec] = {}
-        self._loops: dict[str, StepLoops | None] = {}
 
     def spec(self, model: str) -> DecoderSpec:
         """Raises `ModelNotFound`, or `InvalidTensor` if the model is no decoder."""
@@ -354,7 +355,7 @@ class InvocationDecoders:
         if len(self.handles) >= MAX_PER_INVOCATION:
             raise InferLimitExceeded(f"function {function!r} holds {len(self.handles)} decoder states: at "
                                      f"most {MAX_PER_INVOCATION} per invocation; close some")
-        handle = self.table.open(self.owner, spec, self.memory, sampling)
+        handle = self.table.open(self.owner, spec, self.memory, sampling, step_loops(self.models, spec))
         self.handles.add(handle)
         return handle
 
@@ -369,15 +370,9 @@ class InvocationDecoders:
 
     def next_token(self, handle: int, inputs: Mapping[str, np.ndarray] | None, run: Run,
                    deadline_ns: int | None = None) -> int:
-        """See `DecoderTable.next_token`: its steps run ahead in the model's step loops, if it batches."""
-        state = self.table._get(self.owner, handle)
-        model = state.spec.model
-        if model in self._loops:
-            loops = self._loops[model]
-        else:
-            loops = self._loops[model] = step_loops(self.models, state.spec)
+        """See `DecoderTable.next_token`."""
         try:
-            return self.table.next_token(self.owner, handle, inputs, run, self.memory, loops, deadline_ns)
+            return self.table.next_token(self.owner, handle, inputs, run, self.memory, deadline_ns)
         except BaseException:
             self._forget_freed(handle)
             raise

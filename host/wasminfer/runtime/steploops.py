@@ -54,11 +54,10 @@ class StepLoop:
     splitting -- done once per batch on the loop's thread rather than on each stream's, where every
     stream's thread had to come back, take the interpreter lock in turn and lead or wait."""
 
-    def __init__(self, runs: JoinedRuns, spec: DecoderSpec, loops: int) -> None:
+    def __init__(self, runs: JoinedRuns, spec: DecoderSpec) -> None:
         self.runs = runs
         self.steps = spec.steps
-        self.loops = loops
-        self.members = 0  # streams whose steps this loop runs (`StepLoops.assign` / `leave`)
+        self.members = 0  # open states whose steps this loop runs (`StepLoops.assign` / `leave`)
         self._pending: list[Ahead] = []
         self._cond = threading.Condition(threading.Lock())
         self._running = False
@@ -75,9 +74,8 @@ class StepLoop:
         return ahead
 
     def _share(self) -> int:
-        """The rows a batch waits for: this loop's share of the model's open streams (as the
-        batcher's is, `Batcher._share`), at most `max_batch_size`."""
-        return min(self.runs.max_rows, max(1, -(-self.steps.streams // self.loops)))
+        """The rows a batch waits for: a step of each of its members, at most `max_batch_size`."""
+        return min(self.runs.max_rows, max(1, self.members))
 
     def discard(self, ahead: Ahead) -> bool:
         """Takes `ahead` out of the queue; False if a batch took it already (it runs all the same)."""
@@ -147,8 +145,7 @@ class StepLoops:
     which: a stream joins the loop with the fewest, and stays."""
 
     def __init__(self, runs: JoinedRuns, spec: DecoderSpec) -> None:
-        n = max(1, runs.slots)
-        self.loops = [StepLoop(runs, spec, n) for _ in range(n)]
+        self.loops = [StepLoop(runs, spec) for _ in range(max(1, runs.slots))]
         self._lock = threading.Lock()
 
     def assign(self) -> StepLoop:
