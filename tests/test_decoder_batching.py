@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import pytest
 import sampling_reference
 from test_decoders import chatbot_module
 from test_decoders import reference as decoders_reference
-from wasminfer.errors import DecoderNotFound, InvalidTensor
+from wasminfer.errors import DecoderNotFound, InvalidTensor, Timeout
 from wasminfer.examples import EXAMPLES, tiny_gpt_model
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelRegistry
@@ -592,4 +593,33 @@ def test_a_state_alone_in_its_loop_steps_as_it_asks_and_one_with_company_runs_ah
         assert table._states[h].ahead is not None  # with company: its next step queued, to run with theirs
         two.close()
         one.close()
+        assert table.live() == 0
+
+
+def test_a_step_queued_ahead_whose_deadline_comes_while_it_waits_for_its_batch_ends_at_it(
+    masked: bytes,
+) -> None:
+    with ModelRegistry() as models:
+        # a batch waits (up to 1 s) for a step of each state of its loop; the other one never asks
+        models.load("tiny-gpt", masked, max_batch_size=2, max_queue_delay_us=PATIENT_US,
+                    max_concurrent_batches=1)
+        table = DecoderTable()
+        memory = MemoryBudget.unlimited().tenant("t")
+        d, idle = (InvocationDecoders(object(), models, memory, table) for _ in range(2))
+        h = d.open("tiny-gpt", "f")
+        idle.open("tiny-gpt", "f")
+        deadline = time.monotonic_ns() + 300_000_000
+
+        def run(model: str, inputs: Mapping[str, np.ndarray], stack: Stack | None = None,
+                /) -> dict[str, np.ndarray]:  # as an invocation's run_model: under its deadline
+            return models.infer(model, inputs, deadline_ns=deadline, stack=stack)
+
+        d.next_token(h, {"input_ids": np.array([TOK.encode("Hi")])}, run, deadline)  # (a free slot: at once)
+        ahead = table._states[h].ahead
+        assert ahead is not None  # queued, waiting for the idle one's step
+        with pytest.raises(Timeout):
+            d.next_token(h, None, run, deadline)
+        assert time.monotonic_ns() - deadline < 300_000_000  # at the deadline, not after the batch's delay
+        d.close()
+        idle.close()
         assert table.live() == 0

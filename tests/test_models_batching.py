@@ -890,3 +890,30 @@ def test_recurring_requests_wait_no_longer_than_the_delay_for_the_missing_ones()
     assert t.ran == [1]
     assert delay_s * 0.9 <= waited <= delay_s + 5  # a loaded machine: the bound is what is tested
     t.finish()
+
+
+def test_a_leader_waiting_for_its_share_with_a_slot_free_waits_no_longer_than_its_deadline() -> None:
+    """A recurring request's batch waits for its share even with a run slot free, up to the delay;
+    a request whose deadline comes first stops waiting then (and its run fails at once)."""
+    session = ort.InferenceSession(rowwise_model(), providers=["CPUExecutionProvider"])
+    calls: list[int | None] = []
+
+    def run(feed: Feed, deadline_ns: int | None) -> list[Any]:
+        calls.append(deadline_ns)
+        if deadline_ns is not None and time.monotonic_ns() >= deadline_ns:
+            raise Timeout("past the deadline")
+        return list(session.run(None, feed))
+
+    batcher = Batcher(BatchingConfig(8, 1_000_000), run, BatchCounters(), slots=2)
+    feed = rowwise_feed(np.random.default_rng(5), 1)
+    stack = Recurring(streams=4)  # a share of 2: it waits for another, which never comes
+    deadline = time.monotonic_ns() + 100_000_000
+    with pytest.raises(Timeout):
+        batcher.infer(feed, deadline, stack)
+    assert time.monotonic_ns() - deadline < 500_000_000  # not the delay's whole second
+    assert calls == [deadline]
+    # without a deadline it waits out the delay, then runs
+    t0 = time.monotonic()
+    out = Batcher(BatchingConfig(8, 200_000), run, BatchCounters(), slots=2).infer(feed, None, stack)
+    assert time.monotonic() - t0 >= 0.19
+    np.testing.assert_array_equal(out[0], session.run(None, feed)[0])

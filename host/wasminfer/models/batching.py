@@ -577,8 +577,11 @@ class Batcher:
                         # Every run slot busy: the batch grows until one frees up (the delay does not
                         # apply), but no request waits past its deadline.
                         remaining = _until_earliest_deadline(queue.pending)
-                    else:
+                    else:  # the delay, or an earlier deadline of a request waiting
                         remaining = queue.pending[0].enqueued + self._delay - time.monotonic()
+                        until = _until_earliest_deadline(queue.pending)
+                        if until is not None and until < remaining:
+                            remaining = until
                     if remaining is not None and remaining <= 0:
                         break
                     self._waiting_leaders += 1

@@ -28,9 +28,15 @@ class Ahead:
         self.outputs: dict[str, np.ndarray] | None = None  # None: its batch failed
 
     def result(self) -> dict[str, np.ndarray] | None:
-        """The step's outputs, once run; None if its batch failed (then the caller runs the step
-        alone, which fails alone if the step is what fails, as the batcher does)."""
-        self.done.acquire()
+        """The step's outputs, once run; None if its batch failed, or if its deadline came while it
+        was still queued (then the caller runs the step alone, which fails alone if the step is
+        what fails, as the batcher does, or with the deadline's error)."""
+        if self.deadline_ns is None:
+            self.done.acquire()
+        elif not self.done.acquire(timeout=max(0.0, (self.deadline_ns - time.monotonic_ns()) / 1e9)):
+            if self.loop.discard(self):
+                return None
+            self.done.acquire()  # in a run, which its deadline (the earliest of the batch's) stops
         return self.outputs
 
     def drop(self) -> dict[str, np.ndarray] | None:
@@ -70,8 +76,13 @@ class StepLoop:
         with self._cond:
             self._pending.append(ahead)
             if not self._running:
+                try:
+                    threading.Thread(target=self._loop, name="wasminfer-step-loop", daemon=True).start()
+                except RuntimeError:  # no thread to be had: the guest's asking runs it
+                    self._pending.remove(ahead)
+                    ahead.done.release()
+                    return ahead
                 self._running = True
-                threading.Thread(target=self._loop, name="wasminfer-step-loop", daemon=True).start()
             elif len(self._pending) == 1 or len(self._pending) >= self._share():
                 self._cond.notify()  # the first starts the delay; the share ends it
         return ahead
