@@ -83,8 +83,8 @@ class _State:
             return
         _, past = self.spec.split(outputs)
         batch = _batch_of(past)
-        if batch is not None:
-            held = self.account.reserve(0, "decoders", "a decoder step run ahead and dropped")
+        if batch is not None:  # (a reservation of none grown unchecked: a close cannot be refused)
+            held = Reservation(self.account, 0, "decoders")
             held.resize(nbytes(past))
             weakref.finalize(batch, held.release)
 
