@@ -21,7 +21,8 @@ it, and the measured choice differs between loads on a busy machine) and the bat
 
 The platform loads `tiny-gpt` with its `attention_mask` and batching (`--max-batch-size`, default
 32; `--max-concurrent-batches`, default the model's run slots): decoding steps of concurrent
-streams share runs, their pasts left-padded to the longest (models/decoding.py).
+streams share runs, their pasts left-padded to the longest (models/decoding.py), each stream's next
+step queued as soon as its token is chosen and run in the model's step loops (runtime/steploops.py).
 `--compare-unbatched` also measures the same chatbot on a host whose `tiny-gpt` does not batch
 (`platform_unbatched`, `ratio_unbatched`), rounds interleaved with the others. The limit runs the
 same model (mask and positions fed: all ones, from the past's length) with one session per process
