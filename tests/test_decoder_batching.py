@@ -623,3 +623,35 @@ def test_a_step_queued_ahead_whose_deadline_comes_while_it_waits_for_its_batch_e
         d.close()
         idle.close()
         assert table.live() == 0
+
+
+def test_states_opened_and_never_stepped_stop_holding_back_the_steps_of_the_others(masked: bytes) -> None:
+    from wasminfer.runtime import steploops
+
+    delay_s = 0.1
+    with ModelRegistry() as models:
+        # one loop; a batch waits up to 100 ms for a step of each of its active members
+        models.load("tiny-gpt", masked, max_batch_size=8, max_queue_delay_us=int(delay_s * 1e6),
+                    max_concurrent_batches=1)
+        table = DecoderTable()
+        memory = MemoryBudget.unlimited().tenant("t")
+        run = run_with(models)
+        stream = InvocationDecoders(object(), models, memory, table)
+        h = stream.open("tiny-gpt", "f")
+        idle = InvocationDecoders(object(), models, memory, table)  # another invocation's, never stepped
+        for _ in range(3):
+            idle.open("tiny-gpt", "f")
+        stream.next_token(h, {"input_ids": np.array([TOK.encode("Hi")])}, run)
+        times = []
+        for _ in range(30):
+            t0 = time.monotonic()
+            stream.next_token(h, None, run)
+            times.append(time.monotonic() - t0)
+        # while new, the idle ones are waited for (each step waits out the delay) ...
+        assert times[0] >= delay_s * 0.9
+        # ... until they have queued nothing for IDLE_RUNS runs and the delay each: then not at all
+        waited = sum(t >= delay_s * 0.9 for t in times)
+        assert waited <= steploops.IDLE_RUNS + 1 and max(times[-20:]) < delay_s / 2, times
+        idle.close()
+        stream.close()
+        assert table.live() == 0

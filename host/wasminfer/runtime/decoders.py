@@ -69,8 +69,7 @@ class _State:
     pad: int = 0
     token: int | None = None  # the one `next_token` chose last
     ahead: Ahead | None = None  # the step on `token`, queued before the guest asked for it
-    loops: StepLoops | None = None  # where its steps run ahead, and on which `loop`
-    loop: StepLoop | None = None
+    loop: StepLoop | None = None  # where its steps run ahead (one of its model's `StepLoops`)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def drop_ahead(self) -> None:
@@ -90,8 +89,8 @@ class _State:
 
     def leave_loop(self) -> None:
         self.drop_ahead()
-        if self.loop is not None and self.loops is not None:
-            self.loops.leave(self.loop)
+        if self.loop is not None:
+            self.loop.leave(self)
         self.loop = None
 
 
@@ -125,7 +124,7 @@ class DecoderTable:
             self.opened += 1
             spec.count_stream(1)
         if loops is not None:
-            state.loops, state.loop = loops, loops.assign()
+            state.loop = loops.assign(state)
         return handle
 
     def _get(self, owner: object, handle: int) -> _State:
@@ -183,7 +182,7 @@ class DecoderTable:
             loop = state.loop
             if loop is not None and loop.members > 1 and spec.ids is not None:
                 state.ahead = loop.submit(
-                    spec.feed(spec.token_ids(token), state.past, state.length, state.pad), deadline_ns)
+                    spec.feed(spec.token_ids(token), state.past, state.length, state.pad), deadline_ns, state)
             return token
 
     def _step(self, owner: object, handle: int, state: _State, inputs: Mapping[str, np.ndarray], run: Run,

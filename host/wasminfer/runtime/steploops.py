@@ -12,6 +12,11 @@ import numpy as np
 from wasminfer.models.decoding import DecoderSpec
 from wasminfer.models.joined import JoinedRuns
 
+#: A loop's member that has queued no step for this many of its runs (their time and the delay each),
+#: and at least `IDLE_MIN_S` seconds, is not waited for until it queues one again.
+IDLE_RUNS = 4
+IDLE_MIN_S = 0.05
+
 
 class Ahead:
     """A state's next step, queued in its `StepLoop` before the guest asks for it."""
@@ -51,9 +56,12 @@ class StepLoop:
     A stream's next step is known as soon as its token is chosen -- the step on that token -- so it
     is queued then (`next_token`, `submit`), and runs while the guest turns the token into text and
     streams it; the guest, coming back for the next token, takes the step's outputs. The loop runs
-    whatever its states queued as one batch when every one of its `members` has queued (a cohort
-    back whole: run on its present as it is, `DecoderSpec.steps`), or `delay` after the first, on
-    a thread of its own, one batch at a time. A model has one loop per run slot, and its streams
+    whatever its states queued as one batch when every one of its active members has queued (a
+    cohort back whole: run on its present as it is, `DecoderSpec.steps`), or `delay` after the
+    first, on a thread of its own, one batch at a time. A member is active from when it joins (its
+    state opened) until it has queued nothing for `IDLE_RUNS` runs and at least `IDLE_MIN_S`: a
+    state opened and never stepped (a guest's, or a tenant's on purpose) would otherwise make every
+    batch of the model wait the whole delay. A model has one loop per run slot, and its streams
     are spread across them (`StepLoops`).
 
     Measured (`bench/stream.py`, 21 rounds, three runs each, old and new code alternating): at 8
@@ -66,14 +74,33 @@ class StepLoop:
     def __init__(self, runs: JoinedRuns, spec: DecoderSpec) -> None:
         self.runs = runs
         self.steps = spec.steps
-        self.members = 0  # open states whose steps this loop runs (`StepLoops.assign` / `leave`)
+        # open states whose steps this loop runs (`StepLoops.assign` / `leave`), each with when it
+        # joined or last queued a step
+        self._members: dict[object, float] = {}
         self._pending: list[Ahead] = []
+        self._run_s = 0.0  # the last batch's run
         self._cond = threading.Condition(threading.Lock())
         self._running = False
 
-    def submit(self, feed: dict[str, np.ndarray], deadline_ns: int | None) -> Ahead:
+    @property
+    def members(self) -> int:
+        return len(self._members)
+
+    def join(self, member: object) -> None:
+        with self._cond:
+            self._members[member] = time.monotonic()
+
+    def leave(self, member: object) -> None:
+        """`member` left: the share a batch waits for may be smaller now."""
+        with self._cond:
+            self._members.pop(member, None)
+            self._cond.notify()
+
+    def submit(self, feed: dict[str, np.ndarray], deadline_ns: int | None, member: object) -> Ahead:
+        """Queues `member`'s step on `feed`, to run by `deadline_ns`."""
         ahead = Ahead(self, feed, deadline_ns)
         with self._cond:
+            self._members[member] = ahead.queued
             self._pending.append(ahead)
             if not self._running:
                 try:
@@ -88,8 +115,14 @@ class StepLoop:
         return ahead
 
     def _share(self) -> int:
-        """The rows a batch waits for: a step of each of its members, at most `max_batch_size`."""
-        return min(self.runs.max_rows, max(1, self.members))
+        """Under the lock: the rows a batch waits for, a step of each active member (see the class
+        doc), at most `max_batch_size`."""
+        since = time.monotonic() - max(IDLE_MIN_S, IDLE_RUNS * (self._run_s + self.runs.delay))
+        active = 0
+        for last in self._members.values():
+            if last >= since:
+                active += 1
+        return min(self.runs.max_rows, max(1, active))
 
     def discard(self, ahead: Ahead) -> bool:
         """Takes `ahead` out of the queue; False if a batch took it already (it runs all the same)."""
@@ -119,11 +152,6 @@ class StepLoop:
             del pending[:len(batch)]
             return batch
 
-    def poke(self) -> None:
-        """A stream left: the share a batch waits for may be smaller now."""
-        with self._cond:
-            self._cond.notify()
-
     def _loop(self) -> None:
         while True:
             batch = self._take()
@@ -143,6 +171,7 @@ class StepLoop:
                 now = time.monotonic()
                 outputs = self.runs.run(feed, min(deadlines) if deadlines else None,
                                         [now - a.queued for a in live], len(live))
+                self._run_s = time.monotonic() - now
                 for ahead, start in zip(live, starts, strict=True):
                     ahead.outputs = {name: out[start:start + 1] for name, out in outputs.items()}
         except BaseException:  # noqa: BLE001 - each step reruns alone on its own thread, and fails there
@@ -162,16 +191,11 @@ class StepLoops:
         self.loops = [StepLoop(runs, spec) for _ in range(max(1, runs.slots))]
         self._lock = threading.Lock()
 
-    def assign(self) -> StepLoop:
+    def assign(self, member: object) -> StepLoop:
         with self._lock:
             loop = min(self.loops, key=lambda lo: lo.members)
-            loop.members += 1
+            loop.join(member)
             return loop
 
-    def leave(self, loop: StepLoop) -> None:
-        with self._lock:
-            loop.members -= 1
-        loop.poke()
 
-
-__all__ = ["Ahead", "StepLoop", "StepLoops"]
+__all__ = ["IDLE_MIN_S", "IDLE_RUNS", "Ahead", "StepLoop", "StepLoops"]
