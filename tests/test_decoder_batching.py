@@ -636,7 +636,8 @@ def test_states_opened_and_never_stepped_stop_holding_back_the_steps_of_the_othe
         table = DecoderTable()
         memory = MemoryBudget.unlimited().tenant("t")
         run = run_with(models)
-        stream = InvocationDecoders(object(), models, memory, table)
+        waits: list[int] = []
+        stream = InvocationDecoders(object(), models, memory, table, waited=waits.append)
         h = stream.open("tiny-gpt", "f")
         idle = InvocationDecoders(object(), models, memory, table)  # another invocation's, never stepped
         for _ in range(3):
@@ -652,6 +653,8 @@ def test_states_opened_and_never_stepped_stop_holding_back_the_steps_of_the_othe
         # ... until they have queued nothing for IDLE_RUNS runs and the delay each: then not at all
         waited = sum(t >= delay_s * 0.9 for t in times)
         assert waited <= steploops.IDLE_RUNS + 1 and max(times[-20:]) < delay_s / 2, times
+        # the waits for the steps run ahead are the invocation's inference time
+        assert len(waits) == len(times) and sum(waits) / 1e9 >= waited * delay_s * 0.9
         idle.close()
         stream.close()
         assert table.live() == 0

@@ -732,28 +732,25 @@ class Batcher:
         """`max_queue_delay_us`, in seconds."""
         return self._delay
 
-    def record_joined(self, requests: int, rows: int, waits: Sequence[float]) -> None:
-        """Counts a batch of `requests` that its caller joined and ran itself (a decoder's step loop,
-        `runtime.decoders`), each having waited `waits` seconds, among this model's batches."""
+    def record_joined(self, rows: int, waits: Sequence[float]) -> None:
+        """Counts a batch of `rows` rows that its caller joined and ran itself (a decoder's step
+        loop, `runtime.steploops`), of requests that waited `waits` seconds, among this model's."""
         with self._lock:
-            counters = self._counters
-            counters.batches += 1
-            counters.batched_requests += requests
-            counters.size_sum += rows
-            counters.size_counts[bisect.bisect_left(BATCH_SIZE_BUCKETS, rows)] += 1
-            for waited in waits:
-                counters.delay_sum += waited
-                counters.delay_counts[bisect.bisect_left(QUEUE_DELAY_BUCKETS, waited)] += 1
+            self._count(rows, waits)
 
     def _record(self, batch: list[_Request], rows: int) -> None:
+        """Under the lock: counts `batch`, starting now."""
+        now = time.monotonic()
+        self._count(rows, [now - request.enqueued for request in batch])
+
+    def _count(self, rows: int, waits: Sequence[float]) -> None:
+        """Under the lock: a batch of `rows` rows, of requests that waited `waits` seconds."""
         counters = self._counters
         counters.batches += 1
-        counters.batched_requests += len(batch)
+        counters.batched_requests += len(waits)
         counters.size_sum += rows
         counters.size_counts[bisect.bisect_left(BATCH_SIZE_BUCKETS, rows)] += 1
-        now = time.monotonic()
-        for request in batch:
-            waited = now - request.enqueued
+        for waited in waits:
             counters.delay_sum += waited
             counters.delay_counts[bisect.bisect_left(QUEUE_DELAY_BUCKETS, waited)] += 1
 

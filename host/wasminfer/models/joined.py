@@ -4,7 +4,6 @@ slots, counted among its runs, inferences and batches as its batcher's are."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -35,15 +34,8 @@ class JoinedRuns:
         """Runs `feed` (`rows` rows, of requests that waited `waits` seconds) by `deadline_ns`.
         Raises `Timeout` and what ORT raises."""
         model = self._model
-        self._batcher.record_joined(len(waits), rows, waits)
-        results = model.run(feed, deadline_ns)
-        now = time.monotonic()
-        counters = model.counters
-        with counters.lock:
-            counters.inferences += len(waits)
-            counters.last_used = now
-            counters.inference_rate.add(now, len(waits))
-        return dict(zip(model.output_names, results, strict=True))
+        self._batcher.record_joined(rows, waits)
+        return dict(zip(model.output_names, model.run(feed, deadline_ns, inferences=len(waits)), strict=True))
 
 
 __all__ = ["JoinedRuns"]

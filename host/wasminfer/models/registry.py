@@ -163,10 +163,10 @@ class _Model:
         self.run_session = runner(self.session)
 
     def run(self, feed: Mapping[str, np.ndarray], deadline_ns: int | None = None, *,
-            inference: bool = False) -> list[Any]:
+            inferences: int = 0) -> list[Any]:
         """`session.run` in one of the model's run slots, stopped at `deadline_ns`
         (`time.monotonic_ns()`) by the process' run timer; counted as a run when it succeeds (and
-        as an inference too with `inference`: one lock for both).
+        as `inferences` inferences too: one lock for both).
 
         Raises `Timeout` if the deadline had passed already (nothing runs), passed while the call
         waited for a slot, or passed during the run; `TooManyRequests` if the model's queue is full;
@@ -209,10 +209,10 @@ class _Model:
             counters.runs += 1
             counters.run_ns += elapsed
             counters.run_rate.add(now)
-            if inference:
-                counters.inferences += 1
+            if inferences:
+                counters.inferences += inferences
                 counters.last_used = now
-                counters.inference_rate.add(now)
+                counters.inference_rate.add(now, inferences)
         return results
 
 
@@ -424,7 +424,7 @@ class ModelRegistry:
         if model.batcher is not None:
             return self._infer_batched(name, model, model.batcher, feed, deadline_ns, stack or model.stack)
         try:
-            results = model.run(feed, deadline_ns, inference=True)
+            results = model.run(feed, deadline_ns, inferences=1)
         except (Timeout, TooManyRequests):
             raise
         except Exception as exc:  # ORT's exception types share no base but Exception

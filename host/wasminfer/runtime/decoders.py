@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -147,7 +148,8 @@ class DecoderTable:
             return state.spec, self._step(owner, handle, state, inputs, run, memory)
 
     def next_token(self, owner: object, handle: int, inputs: Mapping[str, np.ndarray] | None, run: Run,
-                   memory: TenantMemory, deadline_ns: int | None = None) -> int:
+                   memory: TenantMemory, deadline_ns: int | None = None,
+                   waited: Callable[[int], None] | None = None) -> int:
         """A step of state `handle` on `inputs`, or without them on the token chosen last (fed to the
         model's one input besides its past); returns the next token, drawn by the state's sampler
         from the last row of the step's logits. Raises what `step` raises, `InvalidTensor` without
@@ -158,7 +160,9 @@ class DecoderTable:
         states too, the step on the token chosen is queued at once in that `StepLoop` (by
         `deadline_ns`), to run with theirs while the guest turns the token into text; a next token
         without inputs takes it, any other call on the state drops it. A step run ahead is counted
-        against the memory quota, and among the invocation's inferences, when the guest takes it.
+        against the memory quota, and among the invocation's inferences, when the guest takes it;
+        `waited` is told the nanoseconds the guest waited for it (its run, as far as the guest's own
+        work did not hide it).
         Alone in its loop, a state steps as it asks (a thread of the loop's between would cost a
         lone stream more than running its step meanwhile saves: 0.51-0.55 of the limit at one
         stream against 0.59-0.65, `bench/stream.py`)."""
@@ -168,7 +172,12 @@ class DecoderTable:
             if inputs is not None:
                 state.drop_ahead()
             ahead, state.ahead = state.ahead, None
-            outputs = ahead.result() if ahead is not None else None
+            outputs = None
+            if ahead is not None:
+                t0 = time.perf_counter_ns()
+                outputs = ahead.result()
+                if waited is not None:
+                    waited(time.perf_counter_ns() - t0)
             if outputs is not None:  # (a step on one token: it adds one position)
                 self._commit(owner, handle, state, outputs, 1, memory)
             else:  # none ahead, or its batch failed: run it here
@@ -332,11 +341,14 @@ class InvocationDecoders:
     """The decoder states of one invocation (its `InvocationState.decoders`)."""
 
     def __init__(self, owner: object, models: ModelRegistry, memory: TenantMemory,
-                 table: DecoderTable = TABLE) -> None:
+                 table: DecoderTable = TABLE, waited: Callable[[int], None] | None = None) -> None:
+        """`waited`: told how long each next token waited for its step run ahead (the invocation's
+        inference time, as its `run` counts its own)."""
         self.owner = owner
         self.models = models
         self.memory = memory
         self.table = table
+        self.waited = waited
         self.handles: set[int] = set()
         self._specs: dict[str, DecoderSpec] = {}
 
@@ -371,7 +383,8 @@ class InvocationDecoders:
                    deadline_ns: int | None = None) -> int:
         """See `DecoderTable.next_token`."""
         try:
-            return self.table.next_token(self.owner, handle, inputs, run, self.memory, deadline_ns)
+            return self.table.next_token(self.owner, handle, inputs, run, self.memory, deadline_ns,
+                                         self.waited)
         except BaseException:
             self._forget_freed(handle)
             raise

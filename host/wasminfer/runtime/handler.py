@@ -166,13 +166,17 @@ class InvocationState(CallState):
         finally:
             self.infer_ns += time.perf_counter_ns() - t0
 
+    def _waited(self, ns: int) -> None:
+        """Time a decoder's next token waited for its step run ahead: inference, as `run_model`'s."""
+        self.infer_ns += ns
+
     def decoder_states(self) -> InvocationDecoders:
         """The invocation's decoder states (`runtime.decoders`), made on first use."""
         if self.decoders is None:
             if self.models is None:
                 raise InferenceFailed("decoder states need the host's model registry")
             memory = self.memory or MemoryBudget.unlimited().tenant("default")
-            self.decoders = InvocationDecoders(self, self.models, memory)
+            self.decoders = InvocationDecoders(self, self.models, memory, waited=self._waited)
         return self.decoders
 
     def check_output(self, nbytes: int) -> None:
