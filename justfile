@@ -45,6 +45,11 @@ bench-stream *ARGS:
 bench-newfn *ARGS:
     {{python}} bench/newfn_breakdown.py --http {{ARGS}}
 
+# Probe of issue 18's design change: digits with the C SDK as a module compiled once per host, against
+# digits as built today (compile, instantiation, same answers): bench/results/sdk_split_probe.json.
+bench-sdk-split *ARGS:
+    {{python}} bench/sdk_split_probe.py {{ARGS}}
+
 # HTTP gateway benchmark: invocations/s and latency over loopback vs in-process.
 bench-gateway:
     {{python}} bench/gateway.py
