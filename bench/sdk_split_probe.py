@@ -8,8 +8,10 @@ The digits example is built twice from the same `functions/digits/main.c`:
 - `whole`: as the platform builds it today (`toolchain.build`), the SDK inlined into the module;
 - `split`: against `bench/guests/sdk_split/fn/wasminfer.h`, whose SDK calls are imports from a
   module "wasminfer_sdk" (`bench/guests/sdk_split/sdk_lib.c`, built here too). The two modules share
-  one memory made by the host: the function's stack at [0, 64 KiB), the SDK's data from 64 KiB,
-  the function's data from 128 KiB; the SDK runs on a stack of its own (`sdk_init`).
+  one memory, the SDK's (the function imports it and exports it again, so the host finds it where
+  it looks now; it is grown to the function's minimum before the function is instantiated): the
+  function's stack at [0, 64 KiB), the SDK's data from 64 KiB, the function's data from 128 KiB;
+  the SDK runs on a stack of its own (`sdk_init`).
 
 For each it measures, interleaved, each on a module no cache has seen (`unique_module`):
 - `code_bytes`: the module's code section;
@@ -77,7 +79,7 @@ def build_split(tmp: Path) -> tuple[bytes, bytes]:
     types = tmp / "types"
     types.mkdir()
     (types / "wasminfer_types.h").write_text(text[:cut] + "\n#endif\n")
-    sdk = _zig(["-I", str(HEADER.parent), "-Wl,--import-memory", f"-Wl,--global-base={SDK_BASE}",
+    sdk = _zig(["-I", str(HEADER.parent), "-Wl,--export-memory", f"-Wl,--global-base={SDK_BASE}",
                 "-Wl,-z,stack-size=16", str(SPLIT / "sdk_lib.c")], tmp / "sdk.wasm")
     fn = _zig(["-I", str(SPLIT / "fn"), "-I", str(types), "-I", str(HEADER.parent), "-Wl,--import-memory",
                "-Wl,--export-memory", f"-Wl,--global-base={FN_BASE}", f"-Wl,-z,stack-size={FN_STACK}",
@@ -155,10 +157,13 @@ class Harness:
         if self.sdk is None:
             inst = wasmtime.Instance(store, self.fn, [host[i.name] for i in self.fn.imports])
         else:
-            mem.append(wasmtime.Memory(store, wasmtime.MemoryType(wasmtime.Limits(FN_BASE >> 16 | 1, None))))
-            sdk = wasmtime.Instance(store, self.sdk, [mem[0] if i.name == "memory" else host[i.name]
-                                                      for i in self.sdk.imports])
+            sdk = wasmtime.Instance(store, self.sdk, [host[i.name] for i in self.sdk.imports])
             sx = sdk.exports(store)
+            memory = sx["memory"]
+            need = next(i.type.limits.min for i in self.fn.imports if i.name == "memory")
+            if memory.size(store) < need:
+                memory.grow(store, need - memory.size(store))
+            mem.append(memory)
             sx["_initialize"](store)
             sx["sdk_init"](store)
             inst = wasmtime.Instance(store, self.fn, [mem[0] if i.name == "memory" else sx[i.name]

@@ -2,7 +2,7 @@
  * digits example makes, exported under "sdk_*" names. A function built against `wasminfer.h` in
  * this folder imports them from "wasminfer_sdk" instead of compiling them into its own module.
  *
- * Memory layout (both modules share one memory, the host's): the function's stack at [0, 64 KiB)
+ * Memory layout (both modules share one memory, this module's): the function's stack at [0, 64 KiB)
  * (zig links with --stack-first), this module's data from 64 KiB (--global-base), the function's
  * data from 128 KiB. This module's own stack is `sdk_stack` below: `sdk_init` points its
  * __stack_pointer there, away from the 16 bytes zig's link gave it. */
