@@ -20,7 +20,9 @@ For each it measures, interleaved, each on a module no cache has seen (`unique_m
 - `worker_ms`: the fast tier through a compile worker (pipe in, compile, artefact back, loaded),
   as a deploy does;
 - `instantiate_us`: a new instance (for `split`: the SDK's and the function's, linked in one
-  store; wasmtime-py's plain `Instance`, not the runtime's pooled path, for both);
+  store; wasmtime-py's plain `Instance`, not the runtime's pooled path, for both), and
+  `instantiate_pre_us` from an `InstancePre` as the runtime does (for `split`: the SDK's, then the
+  function linked per store, since an `InstancePre` cannot hold a store's exports);
 - `invoke_us`: one request through the same plain harness (host imports in Python: the real codec
   and ONNX Runtime session), both alike.
 It checks that both answer every request of a small set (a digit as JSON and as bytes, and three
@@ -239,6 +241,57 @@ def run_checks(builds: dict[str, tuple[bytes, bytes | None]], n: int) -> dict[st
     return {b: {f"{k}_us": statistics.median(v) * 1e6 for k, v in t.items()} for b, t in times.items()}
 
 
+def instantiate_pre(builds: dict[str, tuple[bytes, bytes | None]], n: int) -> dict[str, dict[str, float]]:
+    """A new instance as the runtime makes one today, from an `InstancePre` (host imports that do
+    nothing; wasmtime-py's wrappers, not the runtime's ctypes). A split build takes the SDK's
+    instance from its `InstancePre`, then links the function per store: an `InstancePre` cannot hold
+    another store's exports."""
+    engine = wasmtime.Engine(engine_config())
+    i32 = wasmtime.ValType.i32()
+    linker = wasmtime.Linker(engine)
+    for name, (p, r) in {"infer": (6, 1), "infer_result": (2, 1), "output": (4, 1), "error": (2, 0),
+                         "last_error": (2, 1)}.items():
+        linker.define_func("wasminfer", name, wasmtime.FuncType([i32] * p, [i32] * r), lambda *_a: 0)
+
+    def maker(wasm: bytes, sdk: bytes | None) -> Callable[[], None]:
+        module = wasmtime.Module(engine, wasm)
+        if sdk is None:
+            pre = linker.instantiate_pre(module)
+
+            def whole() -> None:
+                store = wasmtime.Store(engine)
+                store.set_epoch_deadline(1 << 40)
+                pre.instantiate(store).exports(store)["_initialize"](store)
+            return whole
+        sdk_pre = linker.instantiate_pre(wasmtime.Module(engine, sdk))
+        pages = next(i.type.limits.min for i in module.imports if i.name == "memory")
+
+        def split() -> None:
+            store = wasmtime.Store(engine)
+            store.set_epoch_deadline(1 << 40)
+            si = sdk_pre.instantiate(store)
+            sx = si.exports(store)
+            sx["_initialize"](store)
+            sx["sdk_init"](store)
+            memory = sx["memory"]
+            if memory.size(store) < pages:
+                memory.grow(store, pages - memory.size(store))
+            per_store = wasmtime.Linker(engine)
+            per_store.define_instance(store, "wasminfer_sdk", si)
+            per_store.define(store, "env", "memory", memory)
+            per_store.instantiate(store, module).exports(store)["_initialize"](store)
+        return split
+
+    makers = {b: maker(wasm, sdk) for b, (wasm, sdk) in builds.items()}
+    times: dict[str, list[float]] = {b: [] for b in builds}
+    for _ in range(20 * n):
+        for build, make in makers.items():
+            t = time.perf_counter()
+            make()
+            times[build].append(time.perf_counter() - t)
+    return {b: {"instantiate_pre_us": statistics.median(v) * 1e6} for b, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=15, help="repetitions (medians of them)")
@@ -254,11 +307,13 @@ def main() -> None:
         rows[b].update(r)
     for b, r in run_checks(builds, args.n).items():
         rows[b].update(r)
+    for b, r in instantiate_pre(builds, args.n).items():
+        rows[b].update(r)
     cols = ("module_bytes", "code_bytes", "fast_ms", "fast_seq_ms", "worker_ms", "instantiate_us",
-            "invoke_us")
-    print(f"{'build':<20}" + "".join(f"{c:>15}" for c in cols))
+            "instantiate_pre_us", "invoke_us")
+    print(f"{'build':<20}" + "".join(f"{c:>19}" for c in cols))
     for b, r in rows.items():
-        print(f"{b:<20}" + "".join(f"{r[c]:>15.2f}" if c in r else f"{'':>15}" for c in cols))
+        print(f"{b:<20}" + "".join(f"{r[c]:>19.2f}" if c in r else f"{'':>19}" for c in cols))
     ratios = {k: rows["whole"][k] / rows["split"][k]
               for k in ("code_bytes", "fast_ms", "fast_seq_ms", "worker_ms")}
     print("whole / split: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
