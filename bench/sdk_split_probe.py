@@ -52,6 +52,7 @@ from suite.systems import unique_module
 from wasminfer import examples, toolchain
 from wasminfer.models.codec import decode_tensors, encode_tensors
 from wasminfer.runtime._compiler import Compiler, engine_config
+from wasminfer.runtime._snapshot import sections
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ROOT / "bench" / "guests" / "sdk_split"
@@ -90,24 +91,7 @@ def build_split(tmp: Path) -> tuple[bytes, bytes]:
 
 
 def code_bytes(wasm: bytes) -> int:
-    i = 8
-    while i < len(wasm):
-        sid, (size, i) = wasm[i], _leb(wasm, i + 1)
-        if sid == 10:
-            return size
-        i += size
-    return 0
-
-
-def _leb(b: bytes, i: int) -> tuple[int, int]:
-    r = s = 0
-    while True:
-        x = b[i]
-        i += 1
-        r |= (x & 0x7F) << s
-        s += 7
-        if x < 0x80:
-            return r, i
+    return next((size for sid, _start, size in sections(wasm) if sid == 10), 0)
 
 
 class Harness:
