@@ -42,7 +42,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 import wasmtime
 
@@ -53,6 +52,7 @@ from wasminfer import examples, toolchain
 from wasminfer.models.codec import decode_tensors, encode_tensors
 from wasminfer.runtime._compiler import Compiler, engine_config
 from wasminfer.runtime._snapshot import sections
+from wasminfer.runtime.handler import HOST_FUNCS
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ROOT / "bench" / "guests" / "sdk_split"
@@ -66,6 +66,15 @@ REQUESTS = [
     ("application/json", b'{"pixels": [1, 2, 3]}'),
     ("application/octet-stream", bytes([30] * 64)),
 ]
+#: The handler ABI's imports: (params, results), all i32, as the runtime defines them.
+IMPORT_ARITY = {hf.name: (len(hf.params), len(hf.results)) for hf in HOST_FUNCS}
+
+
+def import_type(name: str) -> wasmtime.FuncType:
+    """A fresh type each time: wasmtime ties a function type to the first engine it is used with."""
+    params, results = IMPORT_ARITY[name]
+    i32 = wasmtime.ValType.i32()
+    return wasmtime.FuncType([i32] * params, [i32] * results)
 
 
 def _zig(args: list[str], out: Path) -> bytes:
@@ -94,6 +103,23 @@ def code_bytes(wasm: bytes) -> int:
     return next((size for sid, _start, size in sections(wasm) if sid == 10), 0)
 
 
+def memory_pages(module: wasmtime.Module) -> int:
+    """The minimum size (pages) of the memory a split function imports."""
+    return next(i.type.limits.min for i in module.imports if i.name == "memory")
+
+
+def link_sdk(store: wasmtime.Store, sdk: wasmtime.Instance, pages: int) -> dict[str, Any]:
+    """Starts a split build's SDK instance: its memory grown to `pages`, its data set up, its
+    own stack in place. Returns its exports."""
+    sx = dict(sdk.exports(store))
+    memory = sx["memory"]
+    if memory.size(store) < pages:
+        memory.grow(store, pages - memory.size(store))
+    sx["_initialize"](store)
+    sx["sdk_init"](store)
+    return sx
+
+
 class Harness:
     """A module (or the SDK and a module) instantiated with the handler ABI's host imports done in
     Python: enough to compare the two builds' answers and instantiation, nothing of the runtime."""
@@ -102,6 +128,7 @@ class Harness:
                  session: ort.InferenceSession) -> None:
         self.engine, self.fn, self.sdk, self.session = engine, fn, sdk, session
         self.names = [o.name for o in session.get_outputs()]
+        self.pages = memory_pages(fn) if sdk is not None else 0
 
     def instantiate(self) -> Callable[[bytes, bytes], tuple[int, bytes | None, bytes | None]]:
         store = wasmtime.Store(self.engine)
@@ -133,27 +160,18 @@ class Harness:
         def error(p: int, n: int) -> None:
             out["error"] = read(p, n)
 
-        i32 = wasmtime.ValType.i32()
-        impls: dict[str, tuple[int, int, Callable[..., Any]]] = {
-            "infer": (6, 1, infer), "infer_result": (2, 1, infer_result), "output": (4, 1, output),
-            "error": (2, 0, error), "last_error": (2, 1, lambda _b, _c: 0),
+        impls: dict[str, Callable[..., Any]] = {
+            "infer": infer, "infer_result": infer_result, "output": output, "error": error,
+            "last_error": lambda _b, _c: 0,
         }
-        host = {name: wasmtime.Func(store, wasmtime.FuncType([i32] * p, [i32] * r), f)
-                for name, (p, r, f) in impls.items()}
+        host = {name: wasmtime.Func(store, import_type(name), f) for name, f in impls.items()}
         if self.sdk is None:
             inst = wasmtime.Instance(store, self.fn, [host[i.name] for i in self.fn.imports])
         else:
             sdk = wasmtime.Instance(store, self.sdk, [host[i.name] for i in self.sdk.imports])
-            sx = sdk.exports(store)
-            memory = sx["memory"]
-            need = next(i.type.limits.min for i in self.fn.imports if i.name == "memory")
-            if memory.size(store) < need:
-                memory.grow(store, need - memory.size(store))
-            mem.append(memory)
-            sx["_initialize"](store)
-            sx["sdk_init"](store)
-            inst = wasmtime.Instance(store, self.fn, [mem[0] if i.name == "memory" else sx[i.name]
-                                                      for i in self.fn.imports])
+            sx = link_sdk(store, sdk, self.pages)
+            mem.append(sx["memory"])
+            inst = wasmtime.Instance(store, self.fn, [sx[i.name] for i in self.fn.imports])
         ex = inst.exports(store)
         if not mem:
             mem.append(ex["memory"])
@@ -231,11 +249,9 @@ def instantiate_pre(builds: dict[str, tuple[bytes, bytes | None]], n: int) -> di
     instance from its `InstancePre`, then links the function per store: an `InstancePre` cannot hold
     another store's exports."""
     engine = wasmtime.Engine(engine_config())
-    i32 = wasmtime.ValType.i32()
     linker = wasmtime.Linker(engine)
-    for name, (p, r) in {"infer": (6, 1), "infer_result": (2, 1), "output": (4, 1), "error": (2, 0),
-                         "last_error": (2, 1)}.items():
-        linker.define_func("wasminfer", name, wasmtime.FuncType([i32] * p, [i32] * r), lambda *_a: 0)
+    for name in IMPORT_ARITY:
+        linker.define_func("wasminfer", name, import_type(name), lambda *_a: 0)
 
     def maker(wasm: bytes, sdk: bytes | None) -> Callable[[], None]:
         module = wasmtime.Module(engine, wasm)
@@ -248,21 +264,16 @@ def instantiate_pre(builds: dict[str, tuple[bytes, bytes | None]], n: int) -> di
                 pre.instantiate(store).exports(store)["_initialize"](store)
             return whole
         sdk_pre = linker.instantiate_pre(wasmtime.Module(engine, sdk))
-        pages = next(i.type.limits.min for i in module.imports if i.name == "memory")
+        pages = memory_pages(module)
 
         def split() -> None:
             store = wasmtime.Store(engine)
             store.set_epoch_deadline(1 << 40)
             si = sdk_pre.instantiate(store)
-            sx = si.exports(store)
-            sx["_initialize"](store)
-            sx["sdk_init"](store)
-            memory = sx["memory"]
-            if memory.size(store) < pages:
-                memory.grow(store, pages - memory.size(store))
+            sx = link_sdk(store, si, pages)
             per_store = wasmtime.Linker(engine)
             per_store.define_instance(store, "wasminfer_sdk", si)
-            per_store.define(store, "env", "memory", memory)
+            per_store.define(store, "env", "memory", sx["memory"])
             per_store.instantiate(store, module).exports(store)["_initialize"](store)
         return split
 
@@ -303,8 +314,8 @@ def main() -> None:
     print("whole / split: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "sdk_split_probe.json"
-    path.write_text(json.dumps({"rows": rows, "whole_over_split": ratios, "repetitions": args.n,
-                                "numpy": np.__version__}, indent=2) + "\n")
+    path.write_text(json.dumps({"rows": rows, "whole_over_split": ratios, "repetitions": args.n},
+                               indent=2) + "\n")
     print(f"wrote {path}")
 
 
