@@ -352,6 +352,7 @@ _WAITING, _LEAD, _DONE, _FAILED, _ALONE, _RUN = range(6)  # _RUN: run the batch 
 # Queues (one per signature) are kept while idle, saving a Condition per batch; past this many
 # the idle ones are dropped.
 _MAX_IDLE_QUEUES = 64
+_NO_WAIT = (0.0,)  # the waits of a batch of one request that ran at once
 
 
 class _Request:
@@ -518,7 +519,7 @@ class Batcher:
             queue = self._queues.get(stack.signature(feed))
         if (queue is None or not queue.leading) and share <= rows and self._in_flight < self._slots:
             self._in_flight += 1
-            self._record_alone(rows)
+            self._count(rows, _NO_WAIT)  # a batch of one request that did not wait
             return None
         if queue is None:
             signature = stack.signature(feed)
@@ -712,15 +713,6 @@ class Batcher:
         for signature, queue in list(self._queues.items()):
             if not queue.leading:
                 del self._queues[signature]
-
-    def _record_alone(self, rows: int) -> None:
-        """Under the lock: a batch of one request that did not wait."""
-        counters = self._counters
-        counters.batches += 1
-        counters.batched_requests += 1
-        counters.size_sum += rows
-        counters.size_counts[bisect.bisect_left(BATCH_SIZE_BUCKETS, rows)] += 1
-        counters.delay_counts[0] += 1
 
     @property
     def slots(self) -> int:
