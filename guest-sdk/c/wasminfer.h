@@ -1,8 +1,10 @@
 /*
  * wasminfer.h — the C (and Zig) guest SDK for the wasminfer handler ABI v1 (guest-sdk/ABI.md).
  *
- * One header, nothing to link: every function is `static inline`; the three exports come from
- * one macro, used in exactly one .c file of the function.
+ * One header, nothing to link: the three exports come from one macro, used in exactly one .c file
+ * of the function. The SDK's code is either `static inline` in the function (`sdk="static"`), or, by
+ * default when `wasminfer build` builds a handler module, imported from the SDK module that the host
+ * ships and links ("wasminfer_sdk_v1", see "the API: where its code lives" below).
  *
  *     #include "wasminfer.h"
  *
@@ -174,6 +176,63 @@ typedef struct wasminfer_buf {
     size_t len, cap;
     int oom;    /* set once an append failed; every later append is a no-op */
 } wasminfer_buf;
+
+/* ---- the API: where its code lives ----------------------------------------------------------- */
+
+/* Every call below is, by default, `static inline`: compiled into the function (one header, nothing
+ * to link). Two other builds (docs/sdk-module.md):
+ * - WASMINFER_SDK_MODULE (`wasminfer build`'s default for handler modules): the calls are imports
+ *   from the SDK module "wasminfer_sdk_v1", which the host compiles once and links into every such
+ *   function's instances; the function's own module holds only its own code (~2 KB instead of ~20).
+ *   The variadic calls (wasminfer_snprintf, _fail, _log, _buf_printf) stay in the function, as
+ *   small shims over wasminfer_vsnprintf.
+ * - WASMINFER_SDK_BUILD: the SDK module itself (guest-sdk/c/sdk_module.c) defines and exports them.
+ * Memory the SDK allocates (outputs, buffers, requests) is freed by the SDK's calls
+ * (wasminfer_outputs_free, wasminfer_buf_free), never by the function's own free(). */
+#define WASMINFER_SDK_MODULE_NAME "wasminfer_sdk_v1"
+#if defined(WASMINFER_SDK_MODULE) && defined(__wasm__)
+#define WASMINFER_API(name) __attribute__((import_module(WASMINFER_SDK_MODULE_NAME), import_name(#name)))
+#elif defined(WASMINFER_SDK_BUILD)
+#define WASMINFER_API(name) __attribute__((export_name(#name)))
+#else
+#define WASMINFER_API(name) static inline
+#endif
+
+WASMINFER_API(wasminfer_vsnprintf) int wasminfer_vsnprintf(char *buf, size_t cap, const char *fmt, va_list ap);
+WASMINFER_API(wasminfer_error) void wasminfer_error(const char *msg);
+WASMINFER_API(wasminfer_fail_str) int wasminfer_fail_str(int status, const char *msg);
+WASMINFER_API(wasminfer_log_str) void wasminfer_log_str(int level, const char *msg);
+WASMINFER_API(wasminfer_buf_reserve) int wasminfer_buf_reserve(wasminfer_buf *b, size_t extra);
+WASMINFER_API(wasminfer_buf_append) void wasminfer_buf_append(wasminfer_buf *b, const void *p, size_t n);
+WASMINFER_API(wasminfer_buf_puts) void wasminfer_buf_puts(wasminfer_buf *b, const char *s);
+WASMINFER_API(wasminfer_buf_free) void wasminfer_buf_free(wasminfer_buf *b);
+WASMINFER_API(wasminfer_output) int wasminfer_output(const void *body, size_t len, const char *ctype);
+WASMINFER_API(wasminfer_output_str) int wasminfer_output_str(const char *body, const char *ctype);
+WASMINFER_API(wasminfer_output_buf) int wasminfer_output_buf(const wasminfer_buf *b, const char *ctype);
+WASMINFER_API(wasminfer_output_chunk) int wasminfer_output_chunk(const void *body, size_t len, const char *ctype);
+WASMINFER_API(wasminfer_media_type_is) int wasminfer_media_type_is(const char *ctype, const char *type);
+WASMINFER_API(wasminfer_media_type_param) int wasminfer_media_type_param(const char *ctype, const char *name, char *val, size_t cap);
+WASMINFER_API(wasminfer_dtype_size) size_t wasminfer_dtype_size(int dtype);
+WASMINFER_API(wasminfer_cbor_size) size_t wasminfer_cbor_size(const wasminfer_tensor *t, size_t n);
+WASMINFER_API(wasminfer_cbor_encode) const char *wasminfer_cbor_encode(const wasminfer_tensor *t, size_t n, uint8_t *out, size_t cap, size_t *len);
+WASMINFER_API(wasminfer_cbor_decode) const char *wasminfer_cbor_decode(uint8_t *buf, size_t len, wasminfer_tensor *out, size_t cap, size_t *count);
+WASMINFER_API(wasminfer_last_error) size_t wasminfer_last_error(char *msg, size_t cap);
+WASMINFER_API(wasminfer_outputs_free) void wasminfer_outputs_free(wasminfer_outputs *out);
+WASMINFER_API(wasminfer_infer) int wasminfer_infer(const char *model, const wasminfer_tensor *inputs, size_t n, wasminfer_outputs *out);
+WASMINFER_API(wasminfer_decoder_open) int32_t wasminfer_decoder_open(const char *model);
+WASMINFER_API(wasminfer_decoder_step) int wasminfer_decoder_step(int32_t handle, const char *model, const wasminfer_tensor *inputs, size_t n, wasminfer_outputs *out);
+WASMINFER_API(wasminfer_decoder_close) int wasminfer_decoder_close(int32_t handle);
+WASMINFER_API(wasminfer_outputs_get) const wasminfer_tensor *wasminfer_outputs_get(const wasminfer_outputs *out, const char *name);
+WASMINFER_API(wasminfer_tensor_count) size_t wasminfer_tensor_count(const wasminfer_tensor *t);
+WASMINFER_API(wasminfer_json_str) void wasminfer_json_str(wasminfer_buf *b, const char *s);
+WASMINFER_API(wasminfer_json_num) void wasminfer_json_num(wasminfer_buf *b, double x);
+WASMINFER_API(wasminfer_json_f32_array) void wasminfer_json_f32_array(wasminfer_buf *b, const float *x, size_t n);
+WASMINFER_API(wasminfer_json_member) int wasminfer_json_member(const char *json, size_t len, const char *key, const char **val, size_t *val_len);
+WASMINFER_API(wasminfer_json_numbers) const char *wasminfer_json_numbers(const char *s, size_t len, double *out, size_t cap, size_t *count);
+WASMINFER_API(wasminfer_alloc_request) void *wasminfer_alloc_request(size_t size);
+WASMINFER_API(wasminfer_free_request) void wasminfer_free_request(void *buf);
+
+#if !(defined(WASMINFER_SDK_MODULE) && defined(__wasm__)) /* the SDK's code, unless it is imported */
 
 /* ---- formatting: snprintf without libc's printf --------------------------------------------- */
 
@@ -439,7 +498,7 @@ static inline int wasminfer__bad_format(wasminfer__sink *s) {
 }
 
 WASMINFER__SMALL
-static inline int wasminfer_vsnprintf(char *buf, size_t cap, const char *fmt, va_list ap) {
+WASMINFER_API(wasminfer_vsnprintf) int wasminfer_vsnprintf(char *buf, size_t cap, const char *fmt, va_list ap) {
     wasminfer__sink s;
     s.buf = buf;
     s.cap = cap;
@@ -567,53 +626,21 @@ static inline int wasminfer_vsnprintf(char *buf, size_t cap, const char *fmt, va
     return s.len > INT_MAX ? -1 : (int)s.len;
 }
 
-static inline int wasminfer_snprintf(char *buf, size_t cap, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static inline int wasminfer_snprintf(char *buf, size_t cap, const char *fmt, ...) {
-    va_list ap;
-    int n;
-    va_start(ap, fmt);
-    n = wasminfer_vsnprintf(buf, cap, fmt, ap);
-    va_end(ap);
-    return n;
-}
-
 /* ---- messages: error, log ------------------------------------------------------------------- */
 
-static inline void wasminfer_error(const char *msg) { wasminfer__error(msg, strlen(msg)); }
+WASMINFER_API(wasminfer_error) void wasminfer_error(const char *msg) { wasminfer__error(msg, strlen(msg)); }
 
 /* Sets the error message and returns `status` (never 0), for `return wasminfer_fail_str(...)`. */
-static inline int wasminfer_fail_str(int status, const char *msg) {
+WASMINFER_API(wasminfer_fail_str) int wasminfer_fail_str(int status, const char *msg) {
     wasminfer_error(msg);
     return status ? status : WASMINFER_FAILED;
 }
 
-static inline int wasminfer_fail(int status, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static inline int wasminfer_fail(int status, const char *fmt, ...) {
-    char msg[WASMINFER_MSG_MAX];
-    va_list ap;
-    va_start(ap, fmt);
-    wasminfer_vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    return wasminfer_fail_str(status, msg);
-}
-
-static inline void wasminfer_log_str(int level, const char *msg) { wasminfer__log(level, msg, strlen(msg)); }
-
-static inline void wasminfer_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static inline void wasminfer_log(int level, const char *fmt, ...) {
-    char msg[WASMINFER_MSG_MAX];
-    va_list ap;
-    va_start(ap, fmt);
-    wasminfer_vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    wasminfer_log_str(level, msg);
-}
+WASMINFER_API(wasminfer_log_str) void wasminfer_log_str(int level, const char *msg) { wasminfer__log(level, msg, strlen(msg)); }
 
 /* ---- growable buffer ------------------------------------------------------------------------ */
 
-static inline int wasminfer_buf_reserve(wasminfer_buf *b, size_t extra) {
+WASMINFER_API(wasminfer_buf_reserve) int wasminfer_buf_reserve(wasminfer_buf *b, size_t extra) {
     if (b->oom) return 0;
     if (extra <= b->cap - b->len) return 1;
     size_t cap = b->cap ? b->cap : 256;
@@ -628,26 +655,13 @@ static inline int wasminfer_buf_reserve(wasminfer_buf *b, size_t extra) {
     return 1;
 }
 
-static inline void wasminfer_buf_append(wasminfer_buf *b, const void *p, size_t n) {
+WASMINFER_API(wasminfer_buf_append) void wasminfer_buf_append(wasminfer_buf *b, const void *p, size_t n) {
     if (n && wasminfer_buf_reserve(b, n)) { memcpy(b->data + b->len, p, n); b->len += n; }
 }
 
-static inline void wasminfer_buf_puts(wasminfer_buf *b, const char *s) { wasminfer_buf_append(b, s, strlen(s)); }
+WASMINFER_API(wasminfer_buf_puts) void wasminfer_buf_puts(wasminfer_buf *b, const char *s) { wasminfer_buf_append(b, s, strlen(s)); }
 
-static inline void wasminfer_buf_printf(wasminfer_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static inline void wasminfer_buf_printf(wasminfer_buf *b, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    int n = wasminfer_vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    if (n < 0 || !wasminfer_buf_reserve(b, (size_t)n + 1)) return;
-    va_start(ap, fmt);
-    wasminfer_vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    b->len += (size_t)n;
-}
-
-static inline void wasminfer_buf_free(wasminfer_buf *b) {
+WASMINFER_API(wasminfer_buf_free) void wasminfer_buf_free(wasminfer_buf *b) {
     free(b->data);
     b->data = NULL;
     b->len = b->cap = 0;
@@ -656,16 +670,16 @@ static inline void wasminfer_buf_free(wasminfer_buf *b) {
 
 /* ---- response ------------------------------------------------------------------------------- */
 
-static inline int wasminfer_output(const void *body, size_t len, const char *ctype) {
+WASMINFER_API(wasminfer_output) int wasminfer_output(const void *body, size_t len, const char *ctype) {
     return wasminfer__output(body, len, ctype, strlen(ctype));
 }
 
-static inline int wasminfer_output_str(const char *body, const char *ctype) {
+WASMINFER_API(wasminfer_output_str) int wasminfer_output_str(const char *body, const char *ctype) {
     return wasminfer_output(body, strlen(body), ctype);
 }
 
 /* Sends the buffer (or fails with WASMINFER_E_NOMEM if building it ran out of memory); keeps it. */
-static inline int wasminfer_output_buf(const wasminfer_buf *b, const char *ctype) {
+WASMINFER_API(wasminfer_output_buf) int wasminfer_output_buf(const wasminfer_buf *b, const char *ctype) {
     if (b->oom) return wasminfer_fail_str(WASMINFER_E_NOMEM, "out of memory while building the response");
     /* both arms of one pointer type: Zig's translate-c refuses `char *` vs `""` in a conditional */
     return wasminfer_output(b->data ? (const void *)b->data : (const void *)"", b->len, ctype);
@@ -673,7 +687,7 @@ static inline int wasminfer_output_buf(const wasminfer_buf *b, const char *ctype
 
 /* Sends one part of the response now (a streamed invocation gets it at once; a plain one gets the
  * parts joined, followed by what wasminfer_output set). Returns 0. */
-static inline int wasminfer_output_chunk(const void *body, size_t len, const char *ctype) {
+WASMINFER_API(wasminfer_output_chunk) int wasminfer_output_chunk(const void *body, size_t len, const char *ctype) {
     return wasminfer__output_chunk(body, len, ctype, strlen(ctype));
 }
 
@@ -683,7 +697,7 @@ static inline int wasminfer__lower(int c) { return c >= 'A' && c <= 'Z' ? c + 32
 static inline int wasminfer__space(int c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
 
 /* 1 if the media type of `ctype` (before any ';' parameters) is `type`, ignoring case and spaces. */
-static inline int wasminfer_media_type_is(const char *ctype, const char *type) {
+WASMINFER_API(wasminfer_media_type_is) int wasminfer_media_type_is(const char *ctype, const char *type) {
     while (wasminfer__space(*ctype)) ctype++;
     size_t n = strlen(type), i;
     for (i = 0; i < n; i++)
@@ -694,7 +708,7 @@ static inline int wasminfer_media_type_is(const char *ctype, const char *type) {
 
 /* Copies the value of parameter `name` (e.g. "width" in "image/x-raw-rgb; width=320") into
  * `val[0..cap)` (NUL-terminated, quotes removed). Returns 1 if found and it fit, else 0. */
-static inline int wasminfer_media_type_param(const char *ctype, const char *name, char *val, size_t cap) {
+WASMINFER_API(wasminfer_media_type_param) int wasminfer_media_type_param(const char *ctype, const char *name, char *val, size_t cap) {
     size_t n = strlen(name);
     const char *p = strchr(ctype, ';');
     while (p) {
@@ -724,7 +738,7 @@ static inline int wasminfer_media_type_param(const char *ctype, const char *name
 /* ---- CBOR: named tensors (ABI.md, "Tensor encoding") ---------------------------------------- */
 
 /* Element size of a dtype, 0 if the dtype is not one of ABI.md's typed-array tags. */
-static inline size_t wasminfer_dtype_size(int dtype) {
+WASMINFER_API(wasminfer_dtype_size) size_t wasminfer_dtype_size(int dtype) {
     switch (dtype) {
     case WASMINFER_U8: case WASMINFER_I8: return 1;
     case WASMINFER_U16: case WASMINFER_I16: case WASMINFER_F16: return 2;
@@ -781,7 +795,7 @@ static inline const char *wasminfer__check_inputs(const wasminfer_tensor *t, siz
 }
 
 /* Bytes that wasminfer_cbor_encode will write; 0 if a tensor is invalid. */
-static inline size_t wasminfer_cbor_size(const wasminfer_tensor *t, size_t n) {
+WASMINFER_API(wasminfer_cbor_size) size_t wasminfer_cbor_size(const wasminfer_tensor *t, size_t n) {
     size_t size = wasminfer__head_size(n), i;
     int d;
     if (wasminfer__check_inputs(t, n, &i)) return 0;
@@ -795,7 +809,7 @@ static inline size_t wasminfer_cbor_size(const wasminfer_tensor *t, size_t n) {
 }
 
 /* Encodes `n` tensors as one CBOR map into out[0..cap); sets *len. NULL or why not. */
-static inline const char *wasminfer_cbor_encode(const wasminfer_tensor *t, size_t n, uint8_t *out, size_t cap,
+WASMINFER_API(wasminfer_cbor_encode) const char *wasminfer_cbor_encode(const wasminfer_tensor *t, size_t n, uint8_t *out, size_t cap,
                                                 size_t *len) {
     size_t i;
     int d;
@@ -838,7 +852,7 @@ static inline int wasminfer__read_head(uint8_t **p, const uint8_t *end, int majo
  * their own already-read CBOR heads) so that each tensor's data is aligned for its dtype; `buf`
  * is no longer valid CBOR afterwards. Never reads or writes outside buf[0..len).
  * Returns NULL, or why the input was rejected. */
-static inline const char *wasminfer_cbor_decode(uint8_t *buf, size_t len, wasminfer_tensor *out, size_t cap,
+WASMINFER_API(wasminfer_cbor_decode) const char *wasminfer_cbor_decode(uint8_t *buf, size_t len, wasminfer_tensor *out, size_t cap,
                                                 size_t *count) {
     uint8_t *p = buf;
     const uint8_t *end = buf + len;
@@ -889,13 +903,13 @@ static inline const char *wasminfer_cbor_decode(uint8_t *buf, size_t len, wasmin
 /* ---- inference ------------------------------------------------------------------------------ */
 
 /* Copies the host's last infer error into msg[0..cap) (NUL-terminated); returns its full length. */
-static inline size_t wasminfer_last_error(char *msg, size_t cap) {
+WASMINFER_API(wasminfer_last_error) size_t wasminfer_last_error(char *msg, size_t cap) {
     int32_t n = wasminfer__last_error(msg, cap ? cap - 1 : 0);
     if (cap) msg[n < 0 ? 0 : (size_t)n < cap - 1 ? (size_t)n : cap - 1] = '\0';
     return n < 0 ? 0 : (size_t)n;
 }
 
-static inline void wasminfer_outputs_free(wasminfer_outputs *out) {
+WASMINFER_API(wasminfer_outputs_free) void wasminfer_outputs_free(wasminfer_outputs *out) {
     free(out->buf_);
     out->buf_ = NULL;
     out->count = 0;
@@ -975,7 +989,7 @@ static inline int wasminfer__run(const char *model, int32_t decoder, const wasmi
     return 0;
 }
 
-static inline int wasminfer_infer(const char *model, const wasminfer_tensor *inputs, size_t n,
+WASMINFER_API(wasminfer_infer) int wasminfer_infer(const char *model, const wasminfer_tensor *inputs, size_t n,
                                   wasminfer_outputs *out) {
     return wasminfer__run(model, 0, inputs, n, out);
 }
@@ -984,7 +998,7 @@ static inline int wasminfer_infer(const char *model, const wasminfer_tensor *inp
 
 /* Opens a decoder state of `model` (whose inputs named past* pair with its outputs named present*).
  * Returns its handle (> 0), or a WASMINFER_E_* status with the error message set. */
-static inline int32_t wasminfer_decoder_open(const char *model) {
+WASMINFER_API(wasminfer_decoder_open) int32_t wasminfer_decoder_open(const char *model) {
     int32_t rc = wasminfer__decoder_open(model, strlen(model));
     if (rc > 0) return rc;
     return -wasminfer__fail_host("decoder_open", model, rc);
@@ -992,19 +1006,19 @@ static inline int32_t wasminfer_decoder_open(const char *model) {
 
 /* One step: the model on `inputs` plus the state's past; the outputs other than present*. Returns
  * 0 or a WASMINFER_E_* status, as wasminfer_infer does. */
-static inline int wasminfer_decoder_step(int32_t handle, const char *model, const wasminfer_tensor *inputs,
+WASMINFER_API(wasminfer_decoder_step) int wasminfer_decoder_step(int32_t handle, const char *model, const wasminfer_tensor *inputs,
                                          size_t n, wasminfer_outputs *out) {
     return wasminfer__run(model, handle, inputs, n, out);
 }
 
 /* Frees the state now (the host frees it at the end of the invocation anyway). */
-static inline int wasminfer_decoder_close(int32_t handle) {
+WASMINFER_API(wasminfer_decoder_close) int wasminfer_decoder_close(int32_t handle) {
     int32_t rc = wasminfer__decoder_close(handle);
     return rc < 0 ? (int)-rc : 0;
 }
 
 /* The output tensor called `name`, or NULL. */
-static inline const wasminfer_tensor *wasminfer_outputs_get(const wasminfer_outputs *out, const char *name) {
+WASMINFER_API(wasminfer_outputs_get) const wasminfer_tensor *wasminfer_outputs_get(const wasminfer_outputs *out, const char *name) {
     size_t n = strlen(name), i;
     for (i = 0; i < out->count; i++)
         if (out->tensors[i].name_len == n && memcmp(out->tensors[i].name, name, n) == 0) return &out->tensors[i];
@@ -1012,7 +1026,7 @@ static inline const wasminfer_tensor *wasminfer_outputs_get(const wasminfer_outp
 }
 
 /* Number of elements of a tensor. */
-static inline size_t wasminfer_tensor_count(const wasminfer_tensor *t) {
+WASMINFER_API(wasminfer_tensor_count) size_t wasminfer_tensor_count(const wasminfer_tensor *t) {
     size_t esize = wasminfer_dtype_size(t->dtype);
     return esize ? t->nbytes / esize : 0;
 }
@@ -1020,7 +1034,7 @@ static inline size_t wasminfer_tensor_count(const wasminfer_tensor *t) {
 /* ---- JSON ----------------------------------------------------------------------------------- */
 
 /* Appends `s` as a JSON string (quoted, escaped). */
-static inline void wasminfer_json_str(wasminfer_buf *b, const char *s) {
+WASMINFER_API(wasminfer_json_str) void wasminfer_json_str(wasminfer_buf *b, const char *s) {
     wasminfer_buf_append(b, "\"", 1);
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
@@ -1035,7 +1049,7 @@ static inline void wasminfer_json_str(wasminfer_buf *b, const char *s) {
 }
 
 /* Appends a number as %.9g: 9 significant digits (enough to round-trip a float32); NaN/inf become null. */
-static inline void wasminfer_json_num(wasminfer_buf *b, double x) {
+WASMINFER_API(wasminfer_json_num) void wasminfer_json_num(wasminfer_buf *b, double x) {
     char text[32];
     wasminfer__sink s = {text, sizeof text, 0};
     if (x != x || x - x != 0) {
@@ -1046,7 +1060,7 @@ static inline void wasminfer_json_num(wasminfer_buf *b, double x) {
     wasminfer_buf_append(b, text, s.len);
 }
 
-static inline void wasminfer_json_f32_array(wasminfer_buf *b, const float *x, size_t n) {
+WASMINFER_API(wasminfer_json_f32_array) void wasminfer_json_f32_array(wasminfer_buf *b, const float *x, size_t n) {
     size_t i;
     wasminfer_buf_append(b, "[", 1);
     for (i = 0; i < n; i++) {
@@ -1073,7 +1087,7 @@ static inline const char *wasminfer__json_string_end(const char *p, const char *
 /* Finds member `key` of the top-level JSON object in json[0..len) (keys compared as written,
  * without unescaping). Returns 1 and sets val[0..*val_len) to its raw value; 0 if absent; -1 if the
  * text is not an object. The value itself is not validated: parse it with the readers below. */
-static inline int wasminfer_json_member(const char *json, size_t len, const char *key, const char **val,
+WASMINFER_API(wasminfer_json_member) int wasminfer_json_member(const char *json, size_t len, const char *key, const char **val,
                                         size_t *val_len) {
     const char *p = wasminfer__json_ws(json, json + len), *end = json + len;
     size_t klen = strlen(key);
@@ -1180,7 +1194,7 @@ static inline int wasminfer__json_number(const char **p, const char *end, double
 
 /* Parses `[n, n, ...]` (a JSON array of numbers, whitespace around) from s[0..len) into
  * out[0..cap) and sets *count. Returns NULL, or why the text was rejected. */
-static inline const char *wasminfer_json_numbers(const char *s, size_t len, double *out, size_t cap,
+WASMINFER_API(wasminfer_json_numbers) const char *wasminfer_json_numbers(const char *s, size_t len, double *out, size_t cap,
                                                  size_t *count) {
     const char *p = wasminfer__json_ws(s, s + len), *end = s + len;
     *count = 0;
@@ -1200,10 +1214,65 @@ static inline const char *wasminfer_json_numbers(const char *s, size_t len, doub
     return wasminfer__json_ws(p + 1, end) == end ? NULL : "trailing text after the array";
 }
 
-/* ---- the handler glue ----------------------------------------------------------------------- */
+/* ---- requests ------------------------------------------------------------------------------ */
 
 /* wasminfer_alloc: one byte more than asked, so that the content type can be NUL-terminated. */
-static inline void *wasminfer_alloc_request(size_t size) { return size == SIZE_MAX ? NULL : malloc(size + 1); }
+WASMINFER_API(wasminfer_alloc_request) void *wasminfer_alloc_request(size_t size) { return size == SIZE_MAX ? NULL : malloc(size + 1); }
+
+/* Frees a request that wasminfer_alloc_request gave (with the allocator that gave it). */
+WASMINFER_API(wasminfer_free_request) void wasminfer_free_request(void *buf) { free(buf); }
+
+#endif /* the SDK's code */
+
+/* ---- variadic calls: in every function, over wasminfer_vsnprintf ---------------------------------- */
+
+static inline int wasminfer_snprintf(char *buf, size_t cap, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static inline int wasminfer_snprintf(char *buf, size_t cap, const char *fmt, ...) {
+    va_list ap;
+    int n;
+    va_start(ap, fmt);
+    n = wasminfer_vsnprintf(buf, cap, fmt, ap);
+    va_end(ap);
+    return n;
+}
+
+static inline int wasminfer_fail(int status, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static inline int wasminfer_fail(int status, const char *fmt, ...) {
+    char msg[WASMINFER_MSG_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    wasminfer_vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return wasminfer_fail_str(status, msg);
+}
+
+static inline void wasminfer_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static inline void wasminfer_log(int level, const char *fmt, ...) {
+    char msg[WASMINFER_MSG_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    wasminfer_vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    wasminfer_log_str(level, msg);
+}
+
+static inline void wasminfer_buf_printf(wasminfer_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static inline void wasminfer_buf_printf(wasminfer_buf *b, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = wasminfer_vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || !wasminfer_buf_reserve(b, (size_t)n + 1)) return;
+    va_start(ap, fmt);
+    wasminfer_vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+/* ---- the handler glue ----------------------------------------------------------------------- */
+
 
 /* The inbox (ABI.md): a request of up to WASMINFER_INBOX_BYTES (body and content type) is written
  * here by the host, with no wasminfer_alloc call; a bigger one is allocated. Zeroed memory (.bss):
@@ -1227,9 +1296,9 @@ static inline int wasminfer_dispatch(wasminfer_handler handler, uint8_t *buf, si
     }
     int status = handler(&req);
 #if WASMINFER_INBOX_BYTES > 0
-    if (buf != wasminfer__inbox) free(buf);
+    if (buf != wasminfer__inbox) wasminfer_free_request(buf);
 #else
-    free(buf);
+    wasminfer_free_request(buf);
 #endif
     return status;
 }

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from wasminfer._fs import atomic_write
 from wasminfer.locations import cache_root, guest_sdk_path
+from wasminfer.runtime._sdk import SDK_WASM
 
-__all__ = ["BuildError", "build", "default_cache_dir", "guest_sdk_dir"]
+__all__ = ["SDK_MODULE_WASM", "BuildError", "build", "build_sdk_module", "default_cache_dir", "guest_sdk_dir"]
 
 Progress = Callable[[str], None]
 
@@ -34,6 +35,20 @@ _RECIPE = "wasminfer-build-1"
 _PAGE = 64 << 10
 _COMPILE_TIMEOUT_S = 900  # the very first zig run on a machine builds wasi-libc (~30 s, more when slow)
 _LANGUAGES = {".c": "c", ".py": "python"}  # source suffix → language, in order of preference
+
+
+#: The C SDK compiled as a module of its own ("wasminfer_sdk_v1", guest-sdk/c/sdk_module.c), shipped
+#: with the host like a libc: functions built with `sdk="module"` import their SDK calls from it, and
+#: the runtime links it into their instances (docs/sdk-module.md). `build_sdk_module` rebuilds it;
+#: a test checks the shipped bytes are what the pinned zig makes of the sources.
+SDK_MODULE_WASM = SDK_WASM
+# The memory layout the two modules agree on (zig links every module with --stack-first: a module's
+# stack starts at address 0): the function's stack below SDK_BASE, the SDK's data (and its own stack,
+# sdk_module.c) from SDK_BASE, the function's data from FUNCTION_BASE.
+SDK_BASE = 64 << 10
+FUNCTION_BASE = 128 << 10
+#: The largest stack of a function built against the SDK module: what lies below the SDK's data.
+SDK_MODULE_MAX_STACK = SDK_BASE
 
 
 class BuildError(Exception):
@@ -75,11 +90,13 @@ class _Flags:
     initial_memory: int | None
     stack_size: int
     exec_model: str = "reactor"  # reactor: handler modules; command: WASI programs with `_start`
+    sdk: str = "static"  # static: the SDK compiled into the function; module: imported (SDK_MODULE_WASM)
 
     def key(self) -> str:
         key = f"{self.opt} initial-memory={self.initial_memory} stack-size={self.stack_size}"
         # reactor builds keep the cache keys they had before the option existed
-        return key if self.exec_model == "reactor" else f"{key} exec-model={self.exec_model}"
+        key = key if self.exec_model == "reactor" else f"{key} exec-model={self.exec_model}"
+        return key if self.sdk == "static" else f"{key} sdk={self.sdk}"
 
 
 def _find_sources(source: Path) -> _Sources:
@@ -109,6 +126,11 @@ def _c_command(src: _Sources, out: Path, sdk: Path, flags: _Flags) -> list[str]:
     # allows at instantiation. With a small stack and no --initial-memory, the linker sizes the
     # initial memory to hold just the stack and the static data.
     memory = [] if flags.initial_memory is None else [f"-Wl,--initial-memory={flags.initial_memory}"]
+    if flags.sdk == "module":  # the SDK's calls are imports; its memory is the one the function uses
+        memory += ["-DWASMINFER_SDK_MODULE", "-Wl,--import-memory", "-Wl,--export-memory",
+                   f"-Wl,--global-base={FUNCTION_BASE}"]
+    elif flags.sdk == "sdk-build":  # the SDK module itself (build_sdk_module)
+        memory += ["-Wl,--export-memory", f"-Wl,--global-base={SDK_BASE}"]
     return [
         sys.executable, "-m", "ziglang", "cc",
         "-target", "wasm32-wasi",
@@ -270,6 +292,7 @@ def build(
     stack_size: int = 64 << 10,
     progress: Progress | None = None,
     exec_model: str = "reactor",
+    sdk: str | None = None,
 ) -> Path:
     """Compiles a function — one `.c` file, or every `.c` file of a folder — to a handler module;
     or a Python function — one `.py` file, or a folder with `app.py` (its other files, such as data
@@ -283,6 +306,11 @@ def build(
     linker pick the smallest such size (128 KiB for the examples). Larger is only waste: the heap
     grows beyond it (zig's malloc takes every block from `memory.grow`).
 
+    `sdk` (C only): "module" builds a handler module whose SDK calls are imports from the SDK module
+    (`SDK_MODULE_WASM`, linked by the host): its own code is ~10× smaller, so a new function compiles
+    that much sooner; "static" compiles the SDK into it (one module, no import). The default (None)
+    is "module" for a handler module whose stack fits `SDK_MODULE_MAX_STACK`, else "static".
+
     Results are cached in `cache_dir` (default `default_cache_dir()`), keyed by the sources, the SDK
     (C headers; for Python the SDK and the WIT world), the flags and the toolchain's version. A
     `manifest.json` in the folder is ignored. Returns `out` if given (written atomically), else the
@@ -290,7 +318,8 @@ def build(
 
     Raises `BuildError` if the sources or the SDK are missing, the toolchain is not installed, or the
     compiler fails (the exception carries its stderr), or a command build of non-C sources;
-    `ValueError` for impossible sizes or an unknown `exec_model`.
+    `ValueError` for impossible sizes, an unknown `exec_model` or `sdk`, or `sdk="module"` for a
+    command or a stack above `SDK_MODULE_MAX_STACK`.
     """
     report = progress or (lambda _msg: None)
     if stack_size % 16 or stack_size <= 0:
@@ -305,8 +334,23 @@ def build(
     src = _find_sources(source)
     if exec_model != "reactor" and src.language != "c":
         raise BuildError(f"cannot build {source} as a WASI command: only C sources build as commands")
+    fits = exec_model == "reactor" and stack_size <= SDK_MODULE_MAX_STACK
+    if sdk is None:
+        sdk = "module" if fits and src.language == "c" else "static"
+    elif sdk not in ("module", "static"):
+        raise ValueError(f"sdk must be 'module' or 'static', not {sdk!r}")
+    elif sdk == "module" and not fits:
+        raise ValueError(f"sdk='module' builds handler modules with a stack of at most "
+                         f"{SDK_MODULE_MAX_STACK} bytes, not a {exec_model} with {stack_size}")
+    if src.language != "c":
+        sdk = "static"
+    flags = _Flags(opt, initial_memory, stack_size, exec_model, sdk)
+    return _build(source, src, flags, out, cache_dir, report)
+
+
+def _build(source: Path, src: _Sources, flags: _Flags, out: Path | None, cache_dir: Path | None,
+           report: Progress) -> Path:
     sdk = guest_sdk_dir()
-    flags = _Flags(opt, initial_memory, stack_size, exec_model)
     cached = (cache_dir or default_cache_dir()) / f"{_cache_key(src, sdk, flags)}.wasm"
     if cached.is_file():
         report(f"{source.name}: up to date ({cached.stat().st_size} bytes, cached)")
@@ -324,3 +368,29 @@ def build(
         return cached
     _write_atomically(Path(out), cached.read_bytes())
     return Path(out)
+
+
+def build_sdk_module(out: Path | None = None, *, cache_dir: Path | None = None,
+                     progress: Progress | None = None) -> Path:
+    """Compiles guest-sdk/c/sdk_module.c to the SDK module (what `SDK_MODULE_WASM` ships): its data
+    from `SDK_BASE`, its memory exported, the 16 bytes of stack zig's link gives it unused (it runs
+    on its own, sdk_module.c). Cached like `build`; returns `out` if given, else the cached path.
+    Raises `BuildError` if it does not build or its data does not end below `FUNCTION_BASE`."""
+    source = guest_sdk_dir() / "c" / "sdk_module.c"
+    src = _Sources("c", source.parent, (source,), ())
+    flags = _Flags("-O2", None, 16, "reactor", "sdk-build")
+    path = _build(source, src, flags, out, cache_dir, progress or (lambda _msg: None))
+    pages = _memory_min_pages(path.read_bytes())
+    if pages * _PAGE > FUNCTION_BASE:
+        raise BuildError(f"the SDK module needs {pages} pages of memory: its data must end below "
+                         f"{FUNCTION_BASE} bytes, where functions put theirs")
+    return path
+
+
+def _memory_min_pages(wasm: bytes) -> int:
+    """The minimum of the memory a module exports, in pages (0 if it exports none)."""
+    import wasmtime
+
+    module = wasmtime.Module(wasmtime.Engine(), wasm)
+    return max((int(e.type.limits.min) for e in module.exports if isinstance(e.type, wasmtime.MemoryType)),
+               default=0)

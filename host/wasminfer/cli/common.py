@@ -96,11 +96,14 @@ def size(n: int) -> str:
     return f"{n} bytes"
 
 
-def build_with_progress(source: Path, out_path: Path | None = None, *, command: bool = False) -> Path:
-    """Builds with a spinner: a handler module, or a WASI command (`command`, C only); a Python
-    function's folder into a component. Raises `toolchain.BuildError`."""
+def build_with_progress(source: Path, out_path: Path | None = None, *, command: bool = False,
+                        static_sdk: bool = False) -> Path:
+    """Builds with a spinner: a handler module (against the SDK module unless `static_sdk`), or a
+    WASI command (`command`, C only); a Python function's folder into a component. Raises
+    `toolchain.BuildError`."""
     from wasminfer.toolchain import build
 
     # The first build on a machine also compiles zig's wasi-libc: about 30 s with nothing to show.
     with spinner(f"building {source.name} (the first build takes ~30 s)") as progress:
-        return build(source, out_path, progress=progress, exec_model="command" if command else "reactor")
+        return build(source, out_path, progress=progress, exec_model="command" if command else "reactor",
+                     sdk="static" if static_sdk else None)

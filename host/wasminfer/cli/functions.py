@@ -62,11 +62,16 @@ def build(
         bool, typer.Option("--command", help="C only: a WASI command (main() on stdin/stdout) instead of a "
                                              "handler module.")
     ] = False,
+    static_sdk: Annotated[
+        bool, typer.Option("--static-sdk", help="C only: compile the SDK into the module instead of "
+                                                "importing it from the SDK module the host links "
+                                                "(guest-sdk/ABI.md, \"Building\").")
+    ] = False,
 ) -> None:
     """Compile a function to WebAssembly: C to a wasm32-wasi handler module (zig cc from PyPI), or a
     WASI command with --command; Python to a component (componentize-py, 10-30 s). Python functions
     need no build to deploy: `deploy function` sends their source."""
-    path = build_with_progress(source, output, command=command)
+    path = build_with_progress(source, output, command=command, static_sdk=static_sdk)
     err.print(f"built {path} ({path.stat().st_size} bytes)")
 
 

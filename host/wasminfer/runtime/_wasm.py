@@ -39,7 +39,7 @@ import wasmtime
 from wasmtime import _bindings as bindings
 from wasmtime import _ffi as ffi
 
-from wasminfer.runtime import _pooling
+from wasminfer.runtime import _pooling, _sdk
 from wasminfer.runtime._cache import load_fast
 from wasminfer.runtime._engine import (
     DLL,
@@ -54,6 +54,8 @@ from wasminfer.runtime._engine import (
 )
 from wasminfer.runtime._engine import tls as _tls
 from wasminfer.runtime._output import OutputFn, capture_output, release_output
+from wasminfer.runtime._sdk import export_get as _export_get
+from wasminfer.runtime._sdk import pre_instantiate as _pre_instantiate
 from wasminfer.runtime._tiers import Code
 from wasminfer.runtime._traps import GuestFault, Interrupted, WasmExit, WasmLinkError, WasmTrap, first_line
 from wasminfer.runtime._wasi import poll_oneoff
@@ -78,9 +80,6 @@ _RawCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_
 # object, and its restype is shared with wasmtime-py, so it is not ours to change).
 _memory_data = held("wasmtime_memory_data", ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)
 _memory_data_size = held("wasmtime_memory_data_size", ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)
-# (context, *instance, name, len, *item): a lookup that runs no guest code, so it keeps the GIL.
-_export_get = held("wasmtime_instance_export_get", ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p)
 
 # A new instance through the C API itself: wasmtime-py's `Store`, `set_limits`, `WasiConfig`,
 # `set_wasi` and `InstancePre.instantiate` wrap one foreign call each in Python layers (type checks,
@@ -94,9 +93,6 @@ _store_limiter = held("wasmtime_store_limiter", None, ctypes.c_void_p, *(ctypes.
 _store_delete = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(("wasmtime_store_delete", DLL))  # unmaps: lets go
 _wasi_config_new = held("wasi_config_new", ctypes.c_void_p)
 _set_wasi = held("wasmtime_context_set_wasi", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-# (instance_pre, context, *instance, **trap) -> error or NULL
-_pre_instantiate = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p)(("wasmtime_instance_pre_instantiate", DLL))
 
 # ctypes.memmove releases the GIL around every copy (a `CFUNCTYPE`), so each write into a guest's
 # memory from a host import was a hand-off of the GIL to another thread and a wait to get it back,
@@ -275,6 +271,8 @@ class WasmEngine(Engine):
                 self._link(linker)
             self._wide: WideEngine | None = None
             self._wide_lock = threading.Lock()
+            self._sdk: CompiledModule | None = None
+            self._sdk_lock = threading.Lock()
         except BaseException:
             self.close()  # the ticker
             raise
@@ -298,6 +296,16 @@ class WasmEngine(Engine):
                 self.epoch_engines.append(wide.engine)
                 self._wide = wide
             return self._wide
+
+    def sdk(self) -> CompiledModule:
+        """The SDK module (`_sdk.py`) compiled in this engine, on the first call: the code every
+        function built against it links to, compiled once per engine (and cached on disk as any
+        module's code)."""
+        with self._sdk_lock:
+            if self._sdk is None:
+                wasm = _sdk.SDK_WASM.read_bytes()
+                self._sdk = self.compile(wasm)
+            return self._sdk
 
     def _define(self, linker: wasmtime.Linker, hf: HostFunc) -> None:
         ty = wasmtime.FuncType([_VALTYPES[p] for p in hf.params], [_VALTYPES[r] for r in hf.results])
@@ -371,6 +379,8 @@ class CompiledModule:
         first = self.code.module
         self.imports = [_extern_info(i.module, i.name or "", i.type) for i in first.imports]
         self.exports = {e.name: _extern_info("", e.name, e.type) for e in first.exports}
+        #: How its imports are met when it is built against the SDK module (`_sdk.py`), else None.
+        self.sdk_plan = _sdk.Plan(self.imports) if _sdk.imports_sdk(self.imports) else None
 
     @property
     def module(self) -> wasmtime.Module:
@@ -385,8 +395,13 @@ class CompiledModule:
     def unknown_imports(self) -> list[str]:
         """Imports the host does not provide, as `module.name` strings."""
         out = []
+        if self.sdk_plan is not None:
+            out += _sdk.unknown_sdk_imports(self.imports, self.engine.sdk().exports)
         for imp in self.imports:
             if imp.module == "wasi_snapshot_preview1":
+                continue
+            if self.sdk_plan is not None and (imp.module == _sdk.SDK_MODULE
+                                              or (imp.module, imp.name) == _sdk.MEMORY_IMPORT):
                 continue
             hf = self.engine.host_imports.get((imp.module, imp.name))
             if hf is None or imp.kind != "func" or imp.params != hf.params or imp.results != hf.results:
@@ -433,7 +448,7 @@ class CompiledModule:
         when the module does not fit a slot (found once per code, when its copy fails to load), or
         belongs to the wide engine."""
         pool = self.engine.pool
-        if pool is None or self.wide is not None:
+        if pool is None or self.wide is not None or self.sdk_plan is not None:
             return None
         code = self.code
         module = code.module
@@ -631,7 +646,13 @@ class WasmInstance:
         try:
             if error:
                 raise _error(error)
-            #: The code this instance runs (`CompiledModule.module` may be better by now).
+            plan = self.compiled.sdk_plan
+            if plan is not None:  # two instances: the SDK's, then the function's
+                #: The code this instance runs (`CompiledModule.module` may be better by now).
+                self.module = self.compiled.module
+                _sdk.instantiate(ctx, self.compiled.engine.sdk().pre()[1], self.module, plan,
+                                 self.compiled.engine.linker, instance)
+                return instance
             self.module, instance_pre = pooled if pooled is not None else self.compiled.pre()
             error = _pre_instantiate(instance_pre.ptr(), ctx, ctypes.addressof(instance),
                                      ctypes.addressof(trap))
