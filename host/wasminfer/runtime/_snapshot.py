@@ -22,6 +22,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from wasminfer.runtime import _binary
+from wasminfer.runtime._binary import leb as _leb
+from wasminfer.runtime._binary import name as _name
+
 _SECTION_IMPORT, _SECTION_MEMORY, _SECTION_GLOBAL, _SECTION_EXPORT = 2, 5, 6, 7
 _SECTION_DATA, _SECTION_DATA_COUNT = 11, 12
 _PAGE = 65536
@@ -31,17 +35,6 @@ _MAX_SEGMENTS = 50_000  # below the engines' limit of 100 000 data segments
 
 class SnapshotError(Exception):
     """The module is not one this snapshotter can rewrite."""
-
-
-def _leb(data: bytes | memoryview, i: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[i]
-        i += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return result, i
 
 
 def _u32(value: int) -> bytes:
@@ -67,11 +60,6 @@ def _sleb32(value: int) -> bytes:
             return bytes(out)
 
 
-def _name(data: bytes, i: int) -> tuple[str, int]:
-    n, i = _leb(data, i)
-    return data[i:i + n].decode("utf-8"), i + n
-
-
 def _enc_name(name: str) -> bytes:
     raw = name.encode()
     return _u32(len(raw)) + raw
@@ -81,12 +69,7 @@ def sections(wasm: bytes) -> Iterator[tuple[int, int, int]]:
     """(section id, start of its payload, payload length) of every section of a core module."""
     if wasm[:8] != b"\0asm\x01\x00\x00\x00":
         raise SnapshotError("not a core WebAssembly module")
-    i = 8
-    while i < len(wasm):
-        sid = wasm[i]
-        size, i = _leb(wasm, i + 1)
-        yield sid, i, size
-        i += size
+    yield from _binary.sections(wasm)
 
 
 def _section(sid: int, payload: bytes) -> bytes:
