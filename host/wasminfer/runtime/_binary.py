@@ -1,12 +1,14 @@
 """Reading a core module's binary: its sections, and its imports and exports with their types.
 
-Why not wasmtime-py's `Module.imports` / `.exports`: each item is a handful of wrapper objects
-(`ImportType`, `FuncType`, one `ValType` per parameter) made through ctypes, ~60 µs per import. A C
-function built against the SDK module imports ~20 calls, and reading them that way was ~1.4 ms of
-a new function's ~5 ms deploy (py-spy, `CompiledModule.__init__`). Read from the bytes here, the
-same facts cost ~0.1 ms. The bytes read are those wasmtime has just compiled, so they are well
-formed; what this reader does not know (GC types, memory64, tags, ...) makes `externs` return None
-and the caller asks wasmtime as before.
+Why not wasmtime-py's `Module.imports` / `.exports`:
+- each item is a handful of wrapper objects (`ImportType`, `FuncType`, one `ValType` per parameter)
+  made through ctypes: for digits built against the SDK module (17 imports, 7 exports) 231 µs,
+  against 49 µs here (timeit), on the way to a new function's first answer (~4.4 ms in-process);
+- the wasmtime-py build the host runs aborts the whole process when it describes a v128 value type
+  (`support for v128 is not implemented`), and any upload may declare one.
+The bytes read are those wasmtime has just compiled, so they are well formed; what this reader does
+not take (GC types, memory64, tags, ...) makes `externs` return None, and the host refuses the
+upload (`_wasm.CompiledModule`).
 """
 
 from __future__ import annotations
