@@ -122,3 +122,14 @@ def test_a_command_function_keeps_no_instance_between_calls(tmp_path: Path,
         slot = h.function("tool").pool._idle[0][0]
         assert slot.growth() == 0 and not hasattr(slot.wasm, "memory_size")
         assert h.function("tool").pool.stats()["renewed_total"] == 0
+
+
+def test_freed_memory_is_given_back_at_most_once_a_second() -> None:
+    # runtime/_malloc.py: malloc_trim after idle instances are renewed or dropped, rate-limited
+    # because it holds each allocator arena's lock while it walks it.
+    from wasminfer.runtime import _malloc, release_freed_memory
+
+    assert release_freed_memory(force=True)  # glibc here: it runs
+    assert not release_freed_memory()  # within MIN_INTERVAL_S of the last
+    _malloc._last -= _malloc.MIN_INTERVAL_S
+    assert release_freed_memory()

@@ -121,7 +121,7 @@ def breakdown(ctx: Context, name: str, n: int = 40) -> dict[str, float]:
     import psutil
 
     from wasminfer.manifest import Manifest
-    from wasminfer.runtime import Host
+    from wasminfer.runtime import Host, release_freed_memory
 
     def pss() -> float:
         gc.collect()
@@ -145,9 +145,11 @@ def breakdown(ctx: Context, name: str, n: int = 40) -> dict[str, float]:
             host.function(f"f{i}").compiled.code.wait(120)
         for i in range(n):  # what the instance controller does to idle pools (runtime/pool.py)
             host.function(f"f{i}").pool.shrink_idle(0)
+        release_freed_memory(force=True)  # and then (runtime/_malloc.py)
         warm = pss()
         for i in range(n):
             host.function(f"f{i}").pool.reap_idle(-1, 0)
+        release_freed_memory(force=True)
         cold = pss()
     return {
         "function_kib": round((cold - before) / n / 1024, 1),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wasminfer.manifest import Manifest
-from wasminfer.runtime import DeployedFunction
+from wasminfer.runtime import DeployedFunction, release_freed_memory
 from wasminfer.scaling import MONOTONIC, Bounds, Clock, DecisionLog, InstanceAutoscaler, InstancePolicy
 from wasminfer.service import Platform
 
@@ -111,7 +111,10 @@ class InstanceController:
         keep = max(decision.desired, m.min_instances)
         if live > keep:
             reaped = fn.pool.reap_idle(m.idle_timeout_s, keep)
-        fn.pool.shrink_idle()  # the memory the survivors grew goes back too, not only their count
+        # The memory the survivors grew goes back too, not only their count; and what the C
+        # allocator kept of the instances dropped (`release_freed_memory`, at most once a second).
+        if fn.pool.shrink_idle() or reaped:
+            release_freed_memory()
         if made or reaped:
             reason = decision.reason
             if made:

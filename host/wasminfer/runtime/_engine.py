@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import wasmtime
 from wasmtime import _bindings as bindings
 
-from wasminfer.runtime import _compiler, _malloc
+from wasminfer.runtime import _compiler
 from wasminfer.runtime._cache import CompileCache, fingerprint
 from wasminfer.runtime._tiers import Tiering
 from wasminfer.runtime._traps import Interrupted
@@ -317,7 +317,6 @@ class Engine:
         # One configuration, shared with the compile workers (`_compiler.py`): their artefacts load
         # only into an engine configured alike.
         config = _compiler.engine_config()
-        _malloc.apply()  # large freed blocks go back to the system (see there)
         self.fingerprint = fingerprint()
         #: Wall-clock limit of compiling one upload (in a worker process, see `_compiler.py`).
         self.compile_timeout_s = _compiler.DEFAULT_TIMEOUT_S

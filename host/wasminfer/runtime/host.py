@@ -39,6 +39,7 @@ from wasminfer.errors import (
 from wasminfer.manifest import Manifest
 from wasminfer.models import ModelInfo, ModelRegistry
 from wasminfer.runtime import command, component, handler, python, wasi_nn
+from wasminfer.runtime._malloc import trim as release_freed_memory
 from wasminfer.runtime._traps import WasmLinkError, WasmTrap
 from wasminfer.runtime._wasm import CompiledModule, WasmEngine, WasmInstance
 from wasminfer.runtime.logs import LogBuffer, LogLine, StreamSplitter, Tail
@@ -647,13 +648,21 @@ class Host:
         return freed
 
     def shrink_idle(self) -> int:
-        """Renews idle instances that grew (see `GrowthPolicy`); returns how many."""
-        return sum(f.pool.shrink_idle() for f in self.functions())
+        """Renews idle instances that grew (see `GrowthPolicy`), then gives what the C allocator
+        kept of them back to the system (`release_freed_memory`); returns how many."""
+        renewed = sum(f.pool.shrink_idle() for f in self.functions())
+        if renewed:
+            release_freed_memory()
+        return renewed
 
     def reap_idle(self) -> int:
-        """Destroys instances idle past their function's `idle_timeout_s` (keeping `min_instances`)."""
-        return sum(f.pool.reap_idle(f.manifest.idle_timeout_s, f.manifest.min_instances)
-                   for f in self.functions())
+        """Destroys instances idle past their function's `idle_timeout_s` (keeping `min_instances`),
+        then gives what the C allocator kept of them back (`release_freed_memory`)."""
+        reaped = sum(f.pool.reap_idle(f.manifest.idle_timeout_s, f.manifest.min_instances)
+                     for f in self.functions())
+        if reaped:
+            release_freed_memory()
+        return reaped
 
     def close(self) -> None:
         if self._closed:
