@@ -15,11 +15,12 @@
 #include "wasminfer.h"
 
 /* This module's stack. zig's link puts every module's stack at address 0 (--stack-first), where the
- * function's is: the host calls wasminfer_sdk_init once per instance, before anything else, and it
- * moves this module's __stack_pointer here. */
+ * function's is: this constructor, the first to run in `_initialize` (which the host calls once per
+ * instance, before anything else), moves this module's __stack_pointer here. Neither `_initialize`
+ * nor the linker's __wasm_call_ctors keeps a frame on the stack that would put it back. */
 static char wasminfer__sdk_stack[32 << 10] __attribute__((aligned(16)));
 
-WASMINFER_EXPORT("wasminfer_sdk_init") void wasminfer_sdk_init(void) {
+__attribute__((constructor(101))) static void wasminfer__sdk_stack_init(void) {
     void *top = wasminfer__sdk_stack + sizeof wasminfer__sdk_stack;
     __asm__ volatile("local.get %0\n\tglobal.set __stack_pointer" ::"r"(top));
 }

@@ -9,8 +9,8 @@ SDK module, which the host compiles once per engine (`WasmEngine.sdk`) from the 
 
 An instance of such a function (`instantiate`, from `_wasm.WasmInstance._start`):
 1. the SDK's instance, from its `InstancePre` (its imports are the host's, resolved once);
-2. its `_initialize` and `wasminfer_sdk_init` (which moves the SDK's stack off the function's), under
-   the instance's start deadline like any start code;
+2. its `_initialize` (whose first constructor moves the SDK's stack off the function's), under the
+   instance's start deadline like any start code;
 3. its memory grown to the function's declared minimum (the SDK's own is two pages);
 4. the function's instance, with its imports taken one by one: the SDK's exports by name from the
    instance of step 1, the memory, and anything else (WASI, host imports) from the engine's linker.
@@ -38,8 +38,9 @@ SDK_MODULE = "wasminfer_sdk_v1"
 SDK_WASM = Path(__file__).with_name("wasminfer_sdk_v1.wasm")
 #: The function's memory import: the SDK's memory (zig's name for an imported memory).
 MEMORY_IMPORT = ("env", "memory")
-#: The SDK's exports run once per instance before the function's.
-SDK_STARTS = ("_initialize", "wasminfer_sdk_init")
+#: The SDK's exports run once per instance before the function's (its `_initialize` also moves its
+#: stack off the function's, sdk_module.c).
+SDK_STARTS = ("_initialize",)
 
 _EXTERN_SIZE = ctypes.sizeof(ffi.wasmtime_extern_t)
 _PAGE = 65536
