@@ -227,3 +227,19 @@ def test_toolchain_sdk_options(tmp_path: Path) -> None:
         toolchain.build(folder, cache_dir=cache, exec_model="command", sdk="module")
     with pytest.raises(ValueError, match="'module' or 'static'"):
         toolchain.build(folder, cache_dir=cache, sdk="shared")
+
+
+def test_a_function_whose_memory_starts_past_the_sdks_gets_it_grown(tmp_path: Path) -> None:
+    # The SDK module's initial memory holds a small function's data; a function declaring more
+    # (here 2 MiB) has the shared memory grown to it before its instance is made.
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "main.c").write_text(PROBE)
+    wasm = toolchain.build(folder, cache_dir=tmp_path / "cache", initial_memory=2 << 20).read_bytes()
+    assert f"{SDK_IMPORT}.wasminfer_output_buf" in _imports(wasm)
+    with Host(cache_dir=tmp_path / "host") as h:
+        h.deploy_function("big", wasm, Manifest(memory_mb=8))
+        assert json.loads(h.invoke("big", b"?", "e/f").body) == {"calls": 1, "echo": "e/f"}
+        assert h.invoke("big", b"g1").body == b"grown"
+        with pytest.raises(InvalidModule):  # the same module under a limit below its initial memory
+            h.deploy_function("small", wasm, Manifest(memory_mb=1))
