@@ -17,7 +17,14 @@ import pytest
 import wasmtime
 
 from wasminfer import toolchain
-from wasminfer.errors import GuestTrap, InvalidModule, MemoryLimitExceeded, Timeout, WasminferError
+from wasminfer.errors import (
+    GuestTrap,
+    InvalidManifest,
+    InvalidModule,
+    MemoryLimitExceeded,
+    Timeout,
+    WasminferError,
+)
 from wasminfer.runtime import Host, Manifest
 
 pytestmark = pytest.mark.slow  # zig builds
@@ -241,5 +248,6 @@ def test_a_function_whose_memory_starts_past_the_sdks_gets_it_grown(tmp_path: Pa
         h.deploy_function("big", wasm, Manifest(memory_mb=8))
         assert json.loads(h.invoke("big", b"?", "e/f").body) == {"calls": 1, "echo": "e/f"}
         assert h.invoke("big", b"g1").body == b"grown"
-        with pytest.raises(InvalidModule):  # the same module under a limit below its initial memory
+        # the same module under a limit below its initial memory: refused at upload, as ever
+        with pytest.raises(InvalidManifest, match="2.00 MiB of initial memory"):
             h.deploy_function("small", wasm, Manifest(memory_mb=1))
