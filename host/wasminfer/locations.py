@@ -6,7 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_root", "guest_sdk_path"]
+__all__ = ["SDK_MODULE_WASM", "cache_root", "guest_sdk_path"]
+
+#: The C SDK module the host ships and links into functions built against it ("wasminfer_sdk_v1",
+#: built from guest-sdk/c/sdk_module.c by `toolchain.build_sdk_module`; docs/sdk-module.md).
+SDK_MODULE_WASM = Path(__file__).resolve().parent / "runtime" / "wasminfer_sdk_v1.wasm"
 
 
 def cache_root() -> Path:

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wasminfer._fs import atomic_write
-from wasminfer.locations import cache_root, guest_sdk_path
-from wasminfer.runtime._sdk import SDK_WASM
+from wasminfer.locations import SDK_MODULE_WASM, cache_root, guest_sdk_path
 
 __all__ = ["SDK_MODULE_WASM", "BuildError", "build", "build_sdk_module", "default_cache_dir", "guest_sdk_dir"]
 
@@ -37,11 +36,10 @@ _COMPILE_TIMEOUT_S = 900  # the very first zig run on a machine builds wasi-libc
 _LANGUAGES = {".c": "c", ".py": "python"}  # source suffix → language, in order of preference
 
 
-#: The C SDK compiled as a module of its own ("wasminfer_sdk_v1", guest-sdk/c/sdk_module.c), shipped
-#: with the host like a libc: functions built with `sdk="module"` import their SDK calls from it, and
-#: the runtime links it into their instances (docs/sdk-module.md). `build_sdk_module` rebuilds it;
-#: a test checks the shipped bytes are what the pinned zig makes of the sources.
-SDK_MODULE_WASM = SDK_WASM
+# `SDK_MODULE_WASM` (locations.py) is the C SDK compiled as a module of its own, shipped with the host
+# like a libc: functions built with `sdk="module"` import their SDK calls from it, and the runtime
+# links it into their instances (docs/sdk-module.md). `build_sdk_module` rebuilds it; a test checks
+# the shipped bytes are what the pinned zig makes of the sources.
 # The memory layout the two modules agree on (zig links every module with --stack-first: a module's
 # stack starts at address 0): the function's stack below SDK_BASE, the SDK's data (and its own stack,
 # sdk_module.c) from SDK_BASE, the function's data from FUNCTION_BASE.
@@ -400,8 +398,8 @@ def build_sdk_module(out: Path | None = None, *, cache_dir: Path | None = None,
 
 def _memory_min_pages(wasm: bytes) -> int:
     """The minimum of the memory a module exports, in pages (0 if it exports none)."""
-    import wasmtime
+    from wasminfer.runtime._binary import externs
 
-    module = wasmtime.Module(wasmtime.Engine(), wasm)
-    return max((int(e.type.limits.min) for e in module.exports if isinstance(e.type, wasmtime.MemoryType)),
-               default=0)
+    read = externs(wasm)
+    memory = read[1].get("memory") if read is not None else None
+    return memory.min_pages if memory is not None else 0

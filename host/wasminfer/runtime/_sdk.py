@@ -11,7 +11,8 @@ An instance of such a function (`instantiate`, from `_wasm.WasmInstance._start`)
 1. the SDK's instance, from its `InstancePre` (its imports are the host's, resolved once);
 2. its `_initialize` (whose first constructor moves the SDK's stack off the function's), under the
    instance's start deadline like any start code;
-3. its memory grown to the function's declared minimum (the SDK's own is two pages);
+3. its memory grown to the function's declared minimum, when the SDK's initial 256 KiB do not
+   hold it;
 4. the function's instance, with its imports taken one by one: the SDK's exports by name from the
    instance of step 1, the memory, and anything else (WASI, host imports) from the engine's linker.
    An `InstancePre` cannot hold step 1's exports (they belong to one store), hence one
@@ -24,18 +25,18 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import wasmtime
 from wasmtime import _ffi as ffi
 
+from wasminfer.locations import SDK_MODULE_WASM
 from wasminfer.runtime._engine import DLL, ExternInfo, held
 
 #: The import module of the SDK's calls (guest-sdk/c/wasminfer.h, WASMINFER_SDK_MODULE_NAME).
 SDK_MODULE = "wasminfer_sdk_v1"
 #: The SDK module the host links, built from guest-sdk/c/sdk_module.c (`toolchain.build_sdk_module`).
-SDK_WASM = Path(__file__).with_name("wasminfer_sdk_v1.wasm")
+SDK_WASM = SDK_MODULE_WASM
 #: The function's memory import: the SDK's memory (zig's name for an imported memory).
 MEMORY_IMPORT = ("env", "memory")
 #: The SDK's exports run once per instance before the function's (its `_initialize` also moves its
@@ -43,7 +44,6 @@ MEMORY_IMPORT = ("env", "memory")
 SDK_STARTS = ("_initialize",)
 
 _EXTERN_SIZE = ctypes.sizeof(ffi.wasmtime_extern_t)
-_PAGE = 65536
 
 # The instantiation's C API calls, which `_wasm.py` uses too (see there why through the C API).
 # (context, *instance, name, len, *item): a lookup that runs no guest code, so it keeps the GIL.
@@ -67,6 +67,12 @@ _func_call = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_void_p)(("wasmtime_func_call", DLL))
 
 
+def from_sdk(imp: ExternInfo) -> bool:
+    """Whether an import of a module built against the SDK module is met by it: one of its calls,
+    or its memory."""
+    return imp.module == SDK_MODULE or (imp.module, imp.name) == MEMORY_IMPORT
+
+
 def imports_sdk(imports: Sequence[ExternInfo]) -> bool:
     """Whether a module with these imports is built against the SDK module."""
     return any(imp.module == SDK_MODULE for imp in imports)
@@ -76,13 +82,14 @@ def unknown_sdk_imports(imports: Sequence[ExternInfo], sdk_exports: dict[str, Ex
     """The imports from the SDK module (and of its memory) that it does not provide as imported, as
     `module.name` strings."""
     out = []
-    for imp in imports:
+    for imp in filter(from_sdk, imports):
         if imp.module == SDK_MODULE:
             ext = sdk_exports.get(imp.name)
-            if (ext is None or ext.kind != "func" or ext.params != imp.params or ext.results != imp.results
-                    or imp.name in SDK_STARTS):
-                out.append(f"{imp.module}.{imp.name}")
-        elif (imp.module, imp.name) == MEMORY_IMPORT and imp.kind != "memory":
+            met = (ext is not None and ext.kind == "func" and ext.params == imp.params
+                   and ext.results == imp.results and imp.name not in SDK_STARTS)
+        else:
+            met = imp.kind == "memory"
+        if not met:
             out.append(f"{imp.module}.{imp.name}")
     return out
 

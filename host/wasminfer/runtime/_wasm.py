@@ -300,11 +300,13 @@ class WasmEngine(Engine):
     def sdk(self) -> CompiledModule:
         """The SDK module (`_sdk.py`) compiled in this engine, on the first call: the code every
         function built against it links to, compiled once per engine (and cached on disk as any
-        module's code)."""
+        module's code). Each new instance of such a function asks: no lock once it is there."""
+        sdk = self._sdk
+        if sdk is not None:
+            return sdk
         with self._sdk_lock:
             if self._sdk is None:
-                wasm = _sdk.SDK_WASM.read_bytes()
-                self._sdk = self.compile(wasm)
+                self._sdk = self.compile(_sdk.SDK_WASM.read_bytes())
             return self._sdk
 
     def _define(self, linker: wasmtime.Linker, hf: HostFunc) -> None:
@@ -410,8 +412,7 @@ class CompiledModule:
         for imp in self.imports:
             if imp.module == "wasi_snapshot_preview1":
                 continue
-            if self.sdk_plan is not None and (imp.module == _sdk.SDK_MODULE
-                                              or (imp.module, imp.name) == _sdk.MEMORY_IMPORT):
+            if self.sdk_plan is not None and _sdk.from_sdk(imp):  # checked above
                 continue
             hf = self.engine.host_imports.get((imp.module, imp.name))
             if hf is None or imp.kind != "func" or imp.params != hf.params or imp.results != hf.results:
