@@ -7,9 +7,10 @@ data folder (so the lane's own count, `Express.served`, can be read): one with t
 only difference between them is the lane. Each case is sent to both over a raw socket; status,
 headers (but the values that differ per request: the date, Server-Timing's figures, the
 invocation id) and body must be the same, and the lane must have answered the request exactly when
-it should: an invocation that runs, yes; anything refused before the function runs (no key, a wrong
-key, an unknown function, a body over the limit), anything that may be a job or a stream, a body
-sent in pieces or in chunks, and a function that runs on threads, no (the general path answers).
+it should: an invocation, yes, whether it runs inline or later on a thread (a function whose model
+batches), and so an unknown function's 404; anything refused before the lane looks for the function
+(no key, a wrong key, a body over the limit), anything that may be a job or a stream, and a body sent
+in chunks, no (the general path answers).
 Guests: tests/guests/hostile.wat, whose first body byte picks a behaviour.
 """
 
@@ -98,6 +99,9 @@ def servers(
             s.put("/v1/functions/h?models=add&timeout_ms=300&memory_mb=4", hostile_wasm, "application/wasm")
             s.put("/v1/functions/one?max_concurrency=1&memory_mb=4", hostile_wasm, "application/wasm")
             s.put("/v1/functions/batching?models=addb&memory_mb=4", hostile_wasm, "application/wasm")
+            # not inline either (its model batches), and it times out: an answer that comes later
+            s.put("/v1/functions/slow?models=addb&timeout_ms=400&memory_mb=4", hostile_wasm,
+                  "application/wasm")
         yield {"on": on, "off": off}
 
 
@@ -166,7 +170,7 @@ CASES: list[tuple[str, bytes, int, bool]] = [
     ("stack overflow", request("h", b"r", ADMIN), 500, True),
     ("max_concurrency with room", request("one", b"eok", ADMIN), 200, True),
     ("HTTP/1.0", request("h", b"ehello", ADMIN, version="1.0", close=False), 200, True),
-    ("unknown function", request("nope", b"e", ADMIN), 404, False),
+    ("unknown function", request("nope", b"e", ADMIN), 404, True),
     ("no key", request("h", b"e"), 401, False),
     ("unknown key", request("h", b"e", "Authorization: Bearer wrong"), 401, False),
     ("malformed key", request("h", b"e", "Authorization: Basic x"), 401, False),
@@ -181,7 +185,7 @@ CASES: list[tuple[str, bytes, int, bool]] = [
      False),
     ("a name in capitals", request("H", b"e", ADMIN), 404, False),
     ("a name with an escape", request("h", b"e", ADMIN, target="/v1/functions/%68/invoke"), 200, False),
-    ("a model that batches: on threads", request("batching", b"ehi", ADMIN), 200, False),
+    ("a model that batches: later, on a thread", request("batching", b"ehi", ADMIN), 200, True),
 ]  # fmt: skip
 
 
@@ -238,6 +242,74 @@ def test_pipelined_requests_are_answered_in_order(servers: dict[str, Server]) ->
         assert [(a[0], a[2][:5]) for a in answers[key]][::2] == [(200, b"eone"), (200, b"ethre")], key
         assert answers[key][1][0] == 500
     assert answers["on"] == answers["off"]
+
+
+def test_requests_pipelined_behind_one_answered_later_keep_their_order(servers: dict[str, Server]) -> None:
+    """A request the lane answers later (on a thread) first, then one it answers inline and one the
+    general path answers, in one write: they wait for it, and come back in order."""
+    raw = (request("slow", b"l", ADMIN, close=False) + request("h", b"etwo", ADMIN, close=False)
+           + request("h", b"ethree", ADMIN, target="/v1/functions/h/invoke?async=0", close=False)
+           + request("batching", b"efour", ADMIN))
+    answers = {}
+    for key, s in servers.items():
+        answers[key] = responses(exchange(s.port, raw))
+        later = [(a[0], a[2][:5]) for a in answers[key]][1:]
+        assert later == [(200, b"etwo"), (200, b"ethre"), (200, b"efour")], key
+        assert answers[key][0][0] == 504, key
+    assert answers["on"] == answers["off"]
+
+
+def test_a_request_answered_later_leaves_the_event_loop_free(servers: dict[str, Server]) -> None:
+    """Pairs with the inline cases: a guest that runs until its 400 ms timeout on a thread, while
+    requests on other connections are answered; its own answer is the lane's, with keep-alive."""
+    on = servers["on"]
+    before = on.express.served
+    with socket.create_connection(("127.0.0.1", on.port), timeout=30) as slow:
+        started = time.monotonic()
+        slow.sendall(request("slow", b"l", ADMIN, close=False))
+        quick = []
+        for i in range(5):
+            t = time.monotonic()
+            assert responses(exchange(on.port, request("h", b"e%d" % i, ADMIN)))[0][0] == 200
+            quick.append(time.monotonic() - t)
+        answer = read_response(slow)
+        waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 504 ") and b"connection: close" not in answer.lower()
+        slow.sendall(request("h", b"eagain", ADMIN))  # the same connection serves on
+        assert read_response(slow).endswith(b"eagain")
+    assert waited >= 0.35 and max(quick) < waited, (quick, waited)
+    assert on.express.served - before == 7
+
+
+def test_a_client_gone_before_its_later_answer_leaves_the_server_serving(servers: dict[str, Server]) -> None:
+    on = servers["on"]
+    before = on.express.served
+    with socket.create_connection(("127.0.0.1", on.port), timeout=30) as conn:
+        conn.sendall(request("slow", b"l", ADMIN, close=False))
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while on.express.served == before:  # it still runs to its timeout, and is counted
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert responses(exchange(on.port, request("batching", b"estill", ADMIN)))[0][2] == b"estill"
+
+
+def test_a_request_answered_later_finishes_at_a_graceful_shutdown(tmp_path: Path, hostile_wasm: bytes,
+                                                                  add_model: bytes) -> None:
+    """The server is told to stop while a request of the lane runs on a thread: it waits for it, and
+    the client gets its answer with `connection: close`."""
+    got: list[bytes] = []
+    with server(tmp_path, True) as s:
+        s.put("/v1/models/addb?max_batch_size=4", add_model, "application/octet-stream")
+        s.put("/v1/functions/slow?models=addb&timeout_ms=600&memory_mb=4", hostile_wasm, "application/wasm")
+        conn = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        conn.sendall(request("slow", b"l", ADMIN, close=False))
+        reader = threading.Thread(target=lambda: got.append(read_response(conn)))
+        reader.start()
+        time.sleep(0.2)  # running on its thread when the server is told to stop
+    reader.join(30)
+    conn.close()
+    assert got and got[0].startswith(b"HTTP/1.1 504 ") and b"connection: close" in got[0].lower()
 
 
 def test_a_kept_alive_connection_serves_request_after_request(servers: dict[str, Server]) -> None:

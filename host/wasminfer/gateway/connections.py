@@ -11,16 +11,22 @@ the client gets a 408 and the connection is closed. (A body is timed where it is
 `gateway.bodies`, so that its 408 comes through the error mapping.)
 
 The express lane (`gateway.express`): a synchronous invocation is answered from the parser's
-callbacks once its body is complete, without uvicorn's ASGI cycle and task (a body that comes in
-pieces is held, each piece within `body_timeout_s` or the general path's 408); any request the lane
-does not take, or passes back, goes on as uvicorn's own.
+callbacks once its body is complete, without uvicorn's ASGI cycle (a body that comes in pieces is
+held, each piece within `body_timeout_s` or the general path's 408), or, when it does not run on the
+event loop, by a task that writes its answer once it has run, a `PendingExpress` standing in for
+uvicorn's cycle meanwhile; any request the lane does not take, or passes back, goes on as
+uvicorn's own.
 
 The same subclass writes a response in one piece (`CoalescingTransport`): uvicorn writes a
 response's status line and headers, then its body, each with a `send` of its own, and each `send`
 on a socket is a system call that, on loopback, also runs the receiving side's TCP path. Writes
 made during one turn of the event loop go out together at the end of it: one system call per
 response instead of two (for a small invocation, about a fifth of the server's CPU time went to
-the two: `bench/hotpath.py`'s profile).
+the two: `bench/hotpath.py`'s profile). The express lane's responses are one piece already, but
+they wait for the end of the turn too: written at once (a transport write in the parser's
+callback), digits at concurrency 16 took 0.127 ms of server CPU per invocation against 0.100 and
+lost a quarter of its throughput (each answer then wakes its client before the turn has read the
+other connections' requests).
 
 `guarded_protocol(settings)` is what `uvicorn.Config(http=...)` takes (`wasminfer serve` uses it).
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +49,7 @@ from wasminfer.gateway.settings import Settings
 from wasminfer.syntax import NAME_REGEX
 
 if TYPE_CHECKING:
-    from wasminfer.gateway.express import Express
+    from wasminfer.gateway.express import Answer, Express
 
 _INVOKE_HEAD, _INVOKE_TAIL = b"/v1/functions/", b"/invoke"
 # A function's name as the express lane takes it from the path (no escapes): any other goes the
@@ -115,6 +122,24 @@ class CoalescingTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+class PendingExpress:
+    """An express request answered later (`Express.later`), standing where uvicorn keeps a request's
+    cycle (`protocol.cycle`) until its answer is written: uvicorn then queues the connection's next
+    requests behind it as behind one of its own, marks it `disconnected` when the client goes, and
+    clears `keep_alive` at the server's shutdown."""
+
+    __slots__ = ("keep_alive", "response_complete", "disconnected", "message_event")
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.response_complete = False
+        self.disconnected = False
+        self.message_event = self  # (uvicorn sets it when the connection is lost: nothing waits)
+
+    def set(self) -> None:
+        pass
 
 
 @dataclass
@@ -193,7 +218,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's, but the request's ASGI scope is made only when it goes the general way
+        # (`_general_headers`): an express request never needs it.
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         # A request on a kept-alive connection: its clock starts at the end of this read (in
         # `data_received`) unless its headers complete in it, as most do: no timer to make and
         # cancel for each of those.
@@ -204,7 +233,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._header_timer is not None:
             self._disarm_header_timer()
         if self.express is None or not self._takes_express():
-            super().on_headers_complete()
+            self._general_headers()
+
+    def _general_headers(self) -> None:
+        """uvicorn's `on_headers_complete`, after its `on_message_begin` has made the request's scope
+        (keeping what the parser's callbacks gathered since)."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        self.scope["headers"] = headers
+        super().on_headers_complete()
 
     # -- the express lane (gateway.express) -----------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -279,15 +317,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._to_general(body)
             super().on_message_complete()
             return
-        status, headers, out, close = answer
-        keep_alive = not close and self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        self._write_response(status, headers, out, close, keep_alive)
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        if type(answer) is tuple:
+            status, headers, out, close = answer
+            self._write_response(status, headers, out, close, keep_alive and not close)
+            return
+        # Answered later (`Express.later`): the connection's next request waits behind it.
+        pending = self.cycle = PendingExpress(keep_alive)  # type: ignore[assignment]
+        task = self.loop.create_task(self._answer_later(answer, pending))  # type: ignore[arg-type]
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _answer_later(self, answer: Coroutine[Any, Any, Answer], pending: PendingExpress) -> None:
+        """Writes the answer of an express request run in a task, as uvicorn ends a request's cycle:
+        then the requests that came meanwhile (pipelined, queued behind `pending`) go on."""
+        try:
+            status, headers, out, close = await answer
+        except BaseException:  # cancelled (the server's shutdown gave up waiting)
+            pending.response_complete = True
+            self.transport.close()
+            raise
+        pending.response_complete = True
+        if pending.disconnected or self.transport.is_closing():
+            return
+        keep_alive = pending.keep_alive and not close  # (`shutdown` clears it meanwhile)
+        self._write_response(status, headers, out, close, keep_alive, uvicorn_ends=True)
 
     def _write_response(
-        self, status: int, headers: list[tuple[bytes, bytes]], out: bytes, close: bool, keep_alive: bool
+        self, status: int, headers: list[tuple[bytes, bytes]], out: bytes, close: bool, keep_alive: bool,
+        uvicorn_ends: bool = False,
     ) -> None:
         """Writes a response as uvicorn would (its default headers first; `close`: the headers say
-        `Connection: close` already), and closes the connection after it unless `keep_alive`."""
+        `Connection: close` already), and closes the connection after it unless `keep_alive`.
+        `uvicorn_ends`: uvicorn's `on_response_complete` follows (a request answered later: its
+        keep-alive timeout, and the pipelined requests queued behind it)."""
         lines = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             lines += [name, b": ", value, b"\r\n"]
@@ -299,8 +362,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(lines))
         if not keep_alive:
             self.transport.close()
-        # uvicorn's `on_response_complete` for a request of the lane, which is never pipelined and
-        # never pauses reading: the count, and the keep-alive timeout from now.
+        if uvicorn_ends:
+            self.on_response_complete()
+            return
+        # uvicorn's `on_response_complete` for a request the lane answered at once, which is never
+        # pipelined and never pauses reading: the count, and the keep-alive timeout from now.
         self.server_state.total_requests += 1
         if keep_alive:
             self._idle_since = self.loop.time()
@@ -323,7 +389,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _to_general(self, body: bytes) -> None:
         """The express request goes the general way, its body complete: uvicorn's cycle and ASGI
         task."""
-        super().on_headers_complete()
+        self._general_headers()
         if body:
             super().on_body(body)
 

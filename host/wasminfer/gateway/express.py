@@ -13,13 +13,20 @@ the general path's 408, `bodies.body_timed_out`), no `Transfer-Encoding`, no `Ex
 and no `Accept` naming `text/event-stream` (so: no job, no stream), on a client connection with no
 earlier request still being answered, on a server that keeps no access log (`wasminfer serve
 --access-log` logs every request the general way); from a caller whose key is valid and has the
-`invoke` scope; for a function that `Fleet.invoke_now` can run to its end on the event loop (the
-inline policy's short functions, with room under every admission bound and nothing queued).
-Everything else, and every request that would be refused before it reaches the function (no key,
-a wrong key, an unknown function, a body over the limit, a server still loading), takes the
-general path: uvicorn, `gateway.direct`, the route and its handlers, which then answer as always.
-A request passed on has had nothing done for it (but a moment in the jobs gate's count, when the
-fleet passes it back).
+`invoke` scope. Those requests (no key, a wrong key, a body over the limit) and every other take the
+general path: uvicorn, `gateway.direct`, the route and its handlers, which then answer as always. A
+request passed on has had nothing done for it.
+
+How the lane runs one:
+- inline, when `Fleet.invoke_now` can run it to its end on the event loop (the inline policy's short
+  functions, with room under every admission bound and nothing queued): answered in the parser's
+  callback;
+- otherwise `Express.later`, in a task of its own, awaits `Fleet.invoke` as the route would: the
+  same admission (queued, refused, sent to a worker thread or to a replica), and the same errors for
+  an unknown function or a server still loading. The connection's next request waits behind it
+  (`connections.PendingExpress`). This is most of a Python function's or a large model's requests,
+  and every function's first ones (the inline policy has not learned them yet): uvicorn's cycle,
+  Starlette's request and the route's layers cost more than the thread hand-off.
 
 Once the function runs here, what the general path does is done the same, by the same code: the
 jobs gate held around it, the metrics (`routes_functions.count_failure`, `answer`), Server-Timing,
@@ -33,17 +40,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from wasminfer.errors import WasminferError
 from wasminfer.gateway.auth import INVOKE, authenticate_header
 from wasminfer.gateway.errors import error_response, internal_error_response
 from wasminfer.gateway.routes_functions import DEFAULT_CONTENT_TYPE, answer, count_failure
 from wasminfer.gateway.state import AppState
+from wasminfer.replicas import InvokeResult
 
 log = logging.getLogger("wasminfer.gateway")
 
 Headers = list[tuple[bytes, bytes]]
+#: A response as the protocol writes it: status, headers, body, and whether to close after it.
+Answer = tuple[int, Headers, bytes, bool]
 
 
 class ProcessTags(Protocol):
@@ -65,11 +76,12 @@ class Express:
         self.served = 0  # requests answered here (the rest went the general way)
 
     def serve(self, name: str, content_type: bytes | None, authorization: bytes | None,
-              body: bytes) -> tuple[int, Headers, bytes, bool] | None:
+              body: bytes) -> Answer | Coroutine[Any, Any, Answer] | None:
         """The answer to `POST /v1/functions/{name}/invoke` with `body` and these headers (the first of
         each; the protocol has checked the others): status, headers (after the server's default
-        ones), body and whether to close the connection after it; or None, having done nothing,
-        for the general path. Never raises."""
+        ones), body and whether to close the connection after it; for an invocation that does not
+        run on the event loop, a coroutine that answers once it has run (`later`); or None, having
+        done nothing, for the general path. Never raises."""
         started = time.perf_counter()
         st = self.state
         key = None if authorization is None else authorization.decode("latin-1")
@@ -85,30 +97,51 @@ class Express:
         try:
             result = st.fleet.invoke_now(who.tenant, name, body, ctype)
         except Exception as exc:
-            count_failure(st, who.tenant, name, exc, started)
-            if isinstance(exc, WasminferError):
-                response = error_response(exc)
-            else:  # a bug: logged with its traceback, answered as the general path's 500
-                log.exception("unexpected %s on POST /v1/functions/%s/invoke", type(exc).__name__, name)
-                response = internal_error_response()
-            self.served += 1
-            headers = list(response.raw_headers)
-            # an error's own `Connection: close` (a 408's)
-            close = any(k == b"connection" and b"close" in v.lower() for k, v in headers)
-            return self._finish(response.status_code, headers, bytes(response.body), close)
+            return self._failed(exc, who.tenant, name, started)
         finally:
             gate.exit()
         if result is None:
-            return None
+            return self.later(who.tenant, name, body, ctype, started)
+        return self._answered(who.tenant, name, result, started)
+
+    async def later(self, tenant: str, name: str, body: bytes, ctype: str, started: float) -> Answer:
+        """What the route's `_invoke_sync` does, for an invocation `Fleet.invoke_now` did not run: the
+        fleet's admission (queued, refused or routed to a replica or a worker thread), its answer or
+        its error, counted the same. Raises only `asyncio.CancelledError`."""
+        st = self.state
+        gate = st.jobs.gate
+        gate.enter()
+        try:
+            result = await st.fleet.invoke(tenant, name, body, ctype)
+        except Exception as exc:
+            return self._failed(exc, tenant, name, started)
+        finally:
+            gate.exit()
+        return self._answered(tenant, name, result, started)
+
+    def _answered(self, tenant: str, name: str, result: InvokeResult, started: float) -> Answer:
         self.served += 1
-        out, answer_headers = answer(st, who.tenant, name, result, started)
+        out, answer_headers = answer(self.state, tenant, name, result, started)
         if self.process is None:
             return 200, answer_headers, out, False
         return self._finish(200, answer_headers, out, False)
 
+    def _failed(self, exc: Exception, tenant: str, name: str, started: float) -> Answer:
+        count_failure(self.state, tenant, name, exc, started)
+        if isinstance(exc, WasminferError):
+            response = error_response(exc)
+        else:  # a bug: logged with its traceback, answered as the general path's 500
+            log.exception("unexpected %s on POST /v1/functions/%s/invoke", type(exc).__name__, name)
+            response = internal_error_response()
+        self.served += 1
+        headers = list(response.raw_headers)
+        # an error's own `Connection: close` (a 408's)
+        close = any(k == b"connection" and b"close" in v.lower() for k, v in headers)
+        return self._finish(response.status_code, headers, bytes(response.body), close)
+
     def _finish(
         self, status: int, headers: Headers, body: bytes, close: bool
-    ) -> tuple[int, Headers, bytes, bool]:
+    ) -> Answer:
         process = self.process
         if process is not None:
             headers = process.tagged(headers)

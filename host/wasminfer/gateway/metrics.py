@@ -140,13 +140,7 @@ class Metrics:
     ) -> None:
         if outcome == "ok" and run_s is not None:
             tally = self._tallies.get((tenant, function))
-            if tally is None:
-                if (tenant, function) not in self._ok:  # its series appear with its first success
-                    self._ok[(tenant, function)] = (
-                        self.invocations.labels(tenant, function, "ok"),
-                        self.latency.labels(tenant, function),
-                        self.run.labels(tenant, function),
-                    )
+            if tally is None:  # (its series are made by `flush`: a new function's first answer waits less)
                 tally = self._tallies[(tenant, function)] = _OkTally()
             tally.count += 1
             tally.latency_sum += seconds
@@ -168,7 +162,12 @@ class Metrics:
         `function_stats` do first)."""
         tallies, self._tallies = self._tallies, {}
         for key, tally in tallies.items():
-            count, latency, run = self._ok[key]
+            children = self._ok.get(key)
+            if children is None:  # its first successes: its series appear now
+                children = self._ok[key] = (
+                    self.invocations.labels(*key, "ok"), self.latency.labels(*key), self.run.labels(*key)
+                )
+            count, latency, run = children
             count.inc(tally.count)
             _observed(latency, tally.latency_sum, tally.latency)
             _observed(run, tally.run_sum, tally.run)

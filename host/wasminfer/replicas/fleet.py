@@ -272,7 +272,7 @@ class Fleet:
         if primary is None or len(serving) != 1:
             return None
         replica = serving[0]
-        if replica.backend is not primary or replica.tenants[tenant] >= replica.capacity:
+        if replica.backend is not primary or replica.tenants.get(tenant, 0) >= replica.capacity:
             return None
         if self.follower is not None and not self.follower.fresh(tenant, name):
             return None
@@ -336,14 +336,18 @@ class Fleet:
     @staticmethod
     def _enter(replica: Replica, tenant: str) -> None:
         replica.outstanding += 1
-        replica.tenants[tenant] += 1
+        tenants = replica.tenants  # (dict.get: a Counter's missing key is a Python `__missing__`)
+        tenants[tenant] = tenants.get(tenant, 0) + 1
 
     @staticmethod
     def _leave(replica: Replica, tenant: str) -> None:
         replica.outstanding -= 1
-        replica.tenants[tenant] -= 1
-        if not replica.tenants[tenant]:
-            replica.tenants.pop(tenant)  # (dict.pop: Counter's own __delitem__ is Python)
+        tenants = replica.tenants
+        left = tenants[tenant] - 1
+        if left:
+            tenants[tenant] = left
+        else:
+            tenants.pop(tenant)  # (dict.pop: Counter's own __delitem__ is Python)
 
     def _refused(self, exc: TooManyRequests, started: float) -> None:
         """Counts a 429 of an invocation started at `started` as a wait of a saturated host, unless
@@ -368,7 +372,7 @@ class Fleet:
         n = len(serving)
         if n == 1 and avoid is None:
             only = serving[0]
-            if only.tenants[tenant] < only.capacity:
+            if only.tenants.get(tenant, 0) < only.capacity:
                 return only
             raise self._host_full()
         if avoid is not None:

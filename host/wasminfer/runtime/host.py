@@ -230,6 +230,18 @@ class DeployedFunction:
         with self._lock:
             self._running.discard(state)
 
+    def finish(self, state: handler.InvocationState, error: WasminferError | None, cold: bool,
+               run_us: float) -> None:
+        """`end` and `count` of an invocation, under one hold of the lock."""
+        with self._lock:
+            self._running.discard(state)
+            c = self.counters
+            c.invocations += 1
+            c.cold_starts += int(cold)
+            c.run_us_total += run_us
+            if error is not None:
+                c.errors[error.code] = c.errors.get(error.code, 0) + 1
+
     def cancel(self, error: WasminferError) -> int:
         """Ends every guest call of this function in flight, and any started later, with `error`
         (see `CallState.cancel`). Returns how many were in flight."""
@@ -257,15 +269,6 @@ class DeployedFunction:
             return self.pool.prewarm(min(count, stats["live"] + room), lambda: self._create(reclaim=False))
         except MEMORY_REFUSALS:  # another reservation took the room meanwhile
             return max(0, self.pool.stats()["live"] - stats["live"])
-
-    def count(self, error: WasminferError | None, cold: bool, run_us: float) -> None:
-        with self._lock:
-            c = self.counters
-            c.invocations += 1
-            c.cold_starts += int(cold)
-            c.run_us_total += run_us
-            if error is not None:
-                c.errors[error.code] = c.errors.get(error.code, 0) + 1
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -594,7 +597,8 @@ class Host:
             raise
         finally:
             t2 = time.perf_counter_ns()
-            fn.end(state)
+            run_us = (t2 - t1) / 1000
+            fn.finish(state, error, cold, run_us)
             if stream is not None:
                 stream.detach()
             if state.decoders is not None:  # the invocation's decoder states end with it
@@ -602,8 +606,6 @@ class Host:
             inst.stdout.flush()
             inst.stderr.flush()
             fn.pool.release(inst, healthy)
-            run_us = (t2 - t1) / 1000
-            fn.count(error, cold, run_us)
             if error is not None:
                 fn.logs.append("host", f"invocation failed: {error.code}: {error.message}", "error",
                                invocation_id)
