@@ -218,6 +218,24 @@ def test_a_background_compile_starts_no_upload_worker_ahead(tmp_path: Path) -> N
         c.close()
 
 
+def test_the_background_worker_started_ahead_is_the_one_background_compiles_use(tmp_path: Path) -> None:
+    """`prestart_background` (a server's warm-up): once, whatever the calls; the next background
+    compile finds it running and starts none; an upload's compile does not take it."""
+    c = Compiler()
+    try:
+        c.prestart_background()
+        c.prestart_background()
+        assert c.started == 1 and c.idle() == []
+        c.compile("module", functions(2), tmp_path / "bg.cwasm", timeout_s=60, background=True)
+        assert c.started == 1 and (tmp_path / "bg.cwasm").stat().st_size > 0
+        c.compile("module", functions(3), tmp_path / "upload.cwasm", timeout_s=60)
+        assert c.started == 2 and len(c.idle()) == 1  # its own worker: the background one stays
+    finally:
+        c.close()
+    c.prestart_background()  # closed: starts nothing
+    assert c.started == 2
+
+
 def test_a_compile_reports_what_the_worker_spent(tmp_path: Path) -> None:
     """The reply carries the worker's own clock (for bench/newfn_breakdown.py): the compile, the
     artefact's write (none for the fast tier, which comes back over the pipe) and the round trip."""

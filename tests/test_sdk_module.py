@@ -26,6 +26,7 @@ from wasminfer.errors import (
     WasminferError,
 )
 from wasminfer.runtime import Host, Manifest
+from wasminfer.service import Platform
 
 pytestmark = pytest.mark.slow  # zig builds
 
@@ -251,3 +252,21 @@ def test_a_function_whose_memory_starts_past_the_sdks_gets_it_grown(tmp_path: Pa
         # the same module under a limit below its initial memory: refused at upload, as ever
         with pytest.raises(InvalidManifest, match="2.00 MiB of initial memory"):
             h.deploy_function("small", wasm, Manifest(memory_mb=1))
+
+
+def test_a_server_compiles_the_sdk_module_before_the_first_upload(tmp_path: Path, builds: dict[str, bytes],
+                                                                  digits_model: bytes) -> None:
+    """`Platform.warm_up` (what `wasminfer serve` does once its store is loaded): the SDK module is
+    compiled with no function deployed, and the first split function's upload finds it there."""
+    with Platform(tmp_path / "data") as platform:
+        platform.start()
+        engine = platform._engine
+        assert engine._sdk is None  # nothing stored needed it
+        platform.warm_up().join(120)
+        sdk = engine._sdk
+        assert sdk is not None
+        platform.put_model("digits", digits_model)
+        platform.put_function("digits", builds["digits-split"], {"models": ["digits"]})
+        assert engine._sdk is sdk
+        answer = platform.invoke("digits", json.dumps({"pixels": [0.0] * 64}).encode(), "application/json")
+        assert json.loads(answer.body)["label"] in range(10)

@@ -263,6 +263,26 @@ class Platform:
             )
             return report
 
+    def warm_up(self) -> threading.Thread:
+        """Does, on a daemon thread, what a new server's first uploads would otherwise wait for or
+        meet (`WasmEngine.warm_up`): compiles the C SDK module that handler functions link to
+        (`runtime/_sdk.py`, once per engine: ~12 ms of the first upload to a fresh server here; a
+        disk-cache hit after a restart), and starts the worker of background compiles (whose start
+        took a core for ~0.2 s a second after the first upload, in the middle of the next ones). A
+        failure is logged: the first upload then compiles it, and says why if it cannot. Returns
+        the thread."""
+
+        def run() -> None:
+            try:
+                self._engine.warm_up()
+            except Exception:  # noqa: BLE001 - a daemon's failure: logged, the upload retries
+                if not self._closed:
+                    log.exception("could not compile the SDK module ahead of the first upload")
+
+        thread = threading.Thread(target=run, name="wasminfer-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     def _load_functions(self, jobs: list[tuple[Host, FunctionVersion]], report: LoadReport,
                         progress: Progress) -> threading.Event:
         """Loads `jobs` on up to `LOAD_THREADS` daemon threads; the event is set when all are done."""

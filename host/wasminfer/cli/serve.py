@@ -219,13 +219,14 @@ def serve(
                 options=["--http", http, "--loop", loop],
             )
             sockets = [tcp, unix_socket(backend.primary_socket)]
-            gateway = create_app(platform, settings, scaling=scaling_config, backend=backend, freeze_gc=True)
+            gateway = create_app(platform, settings, scaling=scaling_config, backend=backend, freeze_gc=True,
+                                 warm_up=True)
             app = ProcessApp(gateway, "primary")
             express = Express(gateway.state.wasminfer, app)
             shares = ConnectionShares(backend.shares, 0)
             server_class = PortServer
         else:
-            app = create_app(platform, settings, scaling=scaling_config, freeze_gc=True)
+            app = create_app(platform, settings, scaling=scaling_config, freeze_gc=True, warm_up=True)
             express = Express(app.state.wasminfer)
         server: Any = (server_class or uvicorn.Server)(
             uvicorn.Config(

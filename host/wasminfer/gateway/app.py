@@ -43,6 +43,7 @@ def create_app(
     job_settings: JobSettings | None = None,
     replica: bool = False,
     freeze_gc: bool = False,
+    warm_up: bool = False,
 ) -> Starlette:
     """The gateway over `platform`. At startup it loads the store (`platform.start()`) on a worker
     thread without waiting for it: `/healthz` answers at once, `/readyz` and the API answer 503 until
@@ -58,6 +59,9 @@ def create_app(
 
     `replica`: the app of a replica process that takes its own connections (`gateway.replica`):
     it runs no jobs (the gateway's process does) and follows deploys through the store.
+
+    `warm_up` (a server's app): once the store is loaded, what a first upload would wait for is
+    compiled in the background (`Platform.warm_up`).
 
     `freeze_gc` (a server process's app): once the store is loaded, what is alive then (the imported
     libraries, the loaded functions and models) is moved out of the cyclic collector's sight
@@ -127,9 +131,12 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tasks:
             if not platform.ready:
-                tasks.start_soon(_load, platform, freeze_gc)
-            elif freeze_gc:
-                _freeze_gc()
+                tasks.start_soon(_load, platform, freeze_gc, warm_up)
+            else:
+                if freeze_gc:
+                    _freeze_gc()
+                if warm_up:
+                    platform.warm_up()
             await fleet.start()
             if not replica:
                 state.jobs.start()
@@ -154,10 +161,12 @@ def create_app(
     return app
 
 
-async def _load(platform: Platform, freeze_gc: bool) -> None:
+async def _load(platform: Platform, freeze_gc: bool, warm_up: bool) -> None:
     await anyio.to_thread.run_sync(platform.start)
     if freeze_gc:
         _freeze_gc()
+    if warm_up:
+        platform.warm_up()
 
 
 def _freeze_gc() -> None:

@@ -460,6 +460,16 @@ class Compiler:
             self.started += 1
         self._give_back(_Worker(self.memory_bytes))
 
+    def prestart_background(self) -> None:
+        """Starts the worker kept for background compiles unless it runs already: the first optimised
+        compile would start it, and its interpreter's start (~100-300 ms of a core) would meet a new
+        server's first uploads and requests."""
+        with self._lock:
+            if self._background is not None or self._closed:
+                return
+            self.started += 1
+        self._give_back(_Worker(self.memory_bytes, background=True))
+
     def idle(self) -> list[int]:
         """The process ids of the idle workers."""
         with self._lock:

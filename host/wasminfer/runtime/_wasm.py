@@ -39,7 +39,7 @@ import wasmtime
 from wasmtime import _bindings as bindings
 from wasmtime import _ffi as ffi
 
-from wasminfer.runtime import _binary, _pooling, _sdk
+from wasminfer.runtime import _binary, _compiler, _pooling, _sdk
 from wasminfer.runtime._cache import load_fast
 from wasminfer.runtime._engine import (
     DLL,
@@ -308,6 +308,13 @@ class WasmEngine(Engine):
             if self._sdk is None:
                 self._sdk = self.compile(_sdk.SDK_WASM.read_bytes())
             return self._sdk
+
+    def warm_up(self) -> None:
+        """Does now what a new server's first upload would otherwise wait for, or meet: compiles the
+        SDK module (`sdk`), and starts the compile worker of the optimised tier (`Tiering`).
+        Raises what compiling the SDK module raises."""
+        _compiler.compiler().prestart_background()
+        self.sdk()
 
     def _define(self, linker: wasmtime.Linker, hf: HostFunc) -> None:
         ty = wasmtime.FuncType([_VALTYPES[p] for p in hf.params], [_VALTYPES[r] for r in hf.results])
