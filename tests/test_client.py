@@ -26,6 +26,7 @@ from wasminfer.errors import (
     WasminferError,
 )
 from wasminfer.gateway import create_app
+from wasminfer.manifest import Manifest
 from wasminfer.service import Platform, parse_keys
 
 
@@ -36,6 +37,31 @@ def client(tmp_path: Path) -> Iterator[Client]:
     with TestClient(create_app(p)) as http:
         yield Client("http://testserver", "k", http=http)
     p.close()
+
+
+@pytest.mark.parametrize(
+    ("manifest", "raw"),
+    [
+        ({}, True),
+        ({"models": ["add"], "memory_mb": 8, "env": {"K": "a=b"}, "args": ["x", "y"]}, True),
+        ({"args": ["a,b"], "env": {"K": "1,2"}}, False),  # commas: the query would split them
+        ({"idempotent": True}, False),  # a boolean
+    ],
+)
+def test_an_upload_carries_its_manifest_in_the_query_when_it_can(
+    client: Client, add_model: bytes, hostile_wasm: bytes, manifest: dict, raw: bool
+) -> None:
+    """The bytes alone as the body with the manifest in the query, else multipart: the same version
+    stored either way."""
+    sent: list[str] = []
+    http = client._http
+    send = http.send
+    http.send = lambda request, **kw: (sent.append(request.headers["content-type"]), send(request, **kw))[1]
+    client.put_model("add", add_model)
+    stored = client.put_function("f", hostile_wasm, manifest)["manifest"]
+    assert sent[-1] == "application/wasm" if raw else sent[-1].startswith("multipart/form-data")
+    assert stored == Manifest.from_dict(manifest).to_dict()
+    del http.send
 
 
 def test_lazy_export() -> None:

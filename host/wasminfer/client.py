@@ -56,6 +56,36 @@ def _server_timing(header: str) -> dict[str, float]:
     return timings
 
 
+_DEFAULT_MANIFEST = Manifest().to_dict()
+
+
+def _manifest_query(m: Mapping[str, Any]) -> dict[str, list[str]] | None:
+    """Manifest `m` as the query parameters of an upload whose body is the bytes alone (what the
+    server reads back with `Manifest.from_query`): its keys that differ from the defaults; or None
+    when they cannot carry it as it is (a comma inside an argument, a boolean, a manifest the server
+    would refuse: multipart/form-data then carries it, and the server's answer says what is wrong)."""
+    try:
+        want = Manifest.from_dict(m)
+    except WasminferError:
+        return None
+    query: dict[str, list[str]] = {}
+    for key, value in want.to_dict().items():
+        if value == _DEFAULT_MANIFEST[key]:
+            continue
+        if isinstance(value, dict):
+            query[key] = [f"{k}={v}" for k, v in value.items()]
+        elif isinstance(value, list):
+            query[key] = [str(v) for v in value]
+        elif isinstance(value, bool) or value is None:
+            return None
+        else:
+            query[key] = [str(value)]
+    try:
+        return query if Manifest.from_query(query) == want else None
+    except WasminferError:
+        return None
+
+
 class Client:
     """A wasminfer server at `url`, with API key `key` (None: no Authorization header).
 
@@ -151,13 +181,17 @@ class Client:
         (`pysource.bundle_folder`), with its manifest as a new version of `name`."""
         m = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest or {})
         data = wasm.read_bytes() if isinstance(wasm, Path) else wasm
-        part = (f"{name}.zip", data, "application/zip") if data[:4] == b"PK\x03\x04" \
-            else (f"{name}.wasm", data, "application/wasm")
+        media_type = "application/zip" if data[:4] == b"PK\x03\x04" else "application/wasm"
+        query = _manifest_query(m)
+        if query is not None:  # the bytes as the body (no multipart to frame and parse: ~0.6 ms less)
+            result: dict[str, Any] = self._json("PUT", f"/v1/functions/{name}", content=data, params=query,
+                                                headers={"content-type": media_type})
+            return result
         files = {
-            "wasm": part,
+            "wasm": (f"{name}.{media_type[12:]}", data, media_type),
             "manifest": (None, json.dumps(m), "application/json"),
         }
-        result: dict[str, Any] = self._json("PUT", f"/v1/functions/{name}", files=files)
+        result = self._json("PUT", f"/v1/functions/{name}", files=files)
         return result
 
     def functions(self) -> list[dict[str, Any]]:
