@@ -5,7 +5,7 @@ A C function's module used to carry the whole SDK (printf, JSON, CBOR, malloc: ~
 of code), compiled again for every new function before its first answer. Built with `sdk="module"`
 (`toolchain.build`'s default for handler modules) it imports those calls, and the memory, from the
 SDK module, which the host compiles once per engine (`WasmEngine.sdk`) from the bytes it ships
-(`SDK_WASM`, rebuilt from guest-sdk/c/sdk_module.c by `toolchain.build_sdk_module`).
+(`locations.SDK_MODULE_WASM`, rebuilt from guest-sdk/c/sdk_module.c by `toolchain.build_sdk_module`).
 
 An instance of such a function (`instantiate`, from `_wasm.WasmInstance._start`):
 1. the SDK's instance, from its `InstancePre` (its imports are the host's, resolved once);
@@ -30,13 +30,10 @@ from typing import Any
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from wasminfer.locations import SDK_MODULE_WASM
 from wasminfer.runtime._engine import DLL, ExternInfo, held
 
 #: The import module of the SDK's calls (guest-sdk/c/wasminfer.h, WASMINFER_SDK_MODULE_NAME).
 SDK_MODULE = "wasminfer_sdk_v1"
-#: The SDK module the host links, built from guest-sdk/c/sdk_module.c (`toolchain.build_sdk_module`).
-SDK_WASM = SDK_MODULE_WASM
 #: The function's memory import: the SDK's memory (zig's name for an imported memory).
 MEMORY_IMPORT = ("env", "memory")
 #: The SDK's exports run once per instance before the function's (its `_initialize` also moves its

@@ -39,6 +39,7 @@ import wasmtime
 from wasmtime import _bindings as bindings
 from wasmtime import _ffi as ffi
 
+from wasminfer.locations import SDK_MODULE_WASM
 from wasminfer.runtime import _binary, _compiler, _pooling, _sdk
 from wasminfer.runtime._cache import load_fast
 from wasminfer.runtime._engine import (
@@ -306,7 +307,7 @@ class WasmEngine(Engine):
             return sdk
         with self._sdk_lock:
             if self._sdk is None:
-                self._sdk = self.compile(_sdk.SDK_WASM.read_bytes())
+                self._sdk = self.compile(SDK_MODULE_WASM.read_bytes())
             return self._sdk
 
     def warm_up(self) -> None:
