@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -70,6 +71,40 @@ def live_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def app_server(platform: Any, settings: Any = None, ready_timeout_s: float = 60.0,
+               **uvicorn_options: Any) -> Iterator[str]:
+    """`platform` served as `wasminfer serve` serves it (`create_app`, the guarded protocol with its
+    express lane) by a real uvicorn on a free loopback port, in a thread of this process, so that the
+    test can look at the platform too; yields the server's URL. The caller owns the platform (starts
+    and closes it). `uvicorn_options` go to `uvicorn.Config` (e.g. `timeout_keep_alive`)."""
+    import threading
+
+    import uvicorn
+
+    from wasminfer.gateway import Settings, create_app, guarded_protocol
+    from wasminfer.gateway.express import Express
+
+    settings = settings or Settings()
+    app = create_app(platform, settings)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                            http=guarded_protocol(settings, Express(app.state.wasminfer)), lifespan="on",
+                            **uvicorn_options)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def wasminfer(

@@ -1,4 +1,5 @@
-"""`wasminfer.Client` against the in-process app: results, and server errors rebuilt as their types."""
+"""`wasminfer.Client` against a real server (uvicorn on loopback, in this process): results, server errors
+rebuilt as their types, its connections."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from starlette.testclient import TestClient
+import urllib3
 
 import wasminfer
+from live_server import app_server
 from wasminfer.client import Client, error_from_response
 from wasminfer.errors import (
     Conflict,
@@ -25,7 +26,6 @@ from wasminfer.errors import (
     Unauthorized,
     WasminferError,
 )
-from wasminfer.gateway import create_app
 from wasminfer.manifest import Manifest
 from wasminfer.service import Platform, parse_keys
 
@@ -34,9 +34,11 @@ from wasminfer.service import Platform, parse_keys
 def client(tmp_path: Path) -> Iterator[Client]:
     p = Platform(tmp_path / "data", keys=parse_keys("k:admin"))
     p.start()
-    with TestClient(create_app(p)) as http:
-        yield Client("http://testserver", "k", http=http)
-    p.close()
+    try:
+        with app_server(p) as url, Client(url, "k") as c:
+            yield c
+    finally:
+        p.close()
 
 
 @pytest.mark.parametrize(
@@ -54,14 +56,15 @@ def test_an_upload_carries_its_manifest_in_the_query_when_it_can(
     """The bytes alone as the body with the manifest in the query, else multipart: the same version
     stored either way."""
     sent: list[str] = []
-    http = client._http
-    send = http.send
-    http.send = lambda request, **kw: (sent.append(request.headers["content-type"]), send(request, **kw))[1]
+    pool = client._pool
+    urlopen = pool.urlopen
+    pool.urlopen = lambda method, url, **kw: (  # type: ignore[method-assign]
+        sent.append(kw["headers"].get("content-type", "")), urlopen(method, url, **kw))[1]
     client.put_model("add", add_model)
     stored = client.put_function("f", hostile_wasm, manifest)["manifest"]
     assert sent[-1] == "application/wasm" if raw else sent[-1].startswith("multipart/form-data")
     assert stored == Manifest.from_dict(manifest).to_dict()
-    del http.send
+    del pool.urlopen
 
 
 def test_lazy_export() -> None:
@@ -106,7 +109,7 @@ def test_errors_come_back_as_their_types(client: Client, hostile_wasm: bytes) ->
     with pytest.raises(Timeout):
         client.invoke("f", b"l")
     with pytest.raises(Unauthorized):
-        Client(client.url, "wrong", http=client._http).functions()
+        Client(client.url, "wrong").functions()
 
 
 def test_too_many_requests_carries_retry_after(client: Client, hostile_wasm: bytes) -> None:
@@ -138,13 +141,71 @@ def test_too_many_requests_carries_retry_after(client: Client, hostile_wasm: byt
 
 
 def test_unknown_code_falls_back_to_the_status() -> None:
-    r = httpx.Response(409, json={"error": {"code": "brand_new", "message": "m"}})
+    r = urllib3.HTTPResponse(b'{"error": {"code": "brand_new", "message": "m"}}', status=409,
+                             headers={"content-type": "application/json"})
     err = error_from_response(r)
     assert isinstance(err, Conflict) and err.code == "brand_new" and err.message == "m"
-    plain = error_from_response(httpx.Response(502, text="bad gateway"))
+    plain = error_from_response(urllib3.HTTPResponse(b"bad gateway", status=502))
     assert type(plain) is WasminferError and plain.status == 502 and "bad gateway" in plain.message
 
 
 def test_unreachable_server() -> None:
     with Client("http://127.0.0.1:9", timeout=2) as c, pytest.raises(ServerUnreachable, match="cannot reach"):
         c.health()
+
+
+def test_calls_share_kept_alive_connections_across_threads(
+    tmp_path: Path, add_model: bytes, hostile_wasm: bytes
+) -> None:
+    """One Client used by 8 threads at once: every answer right, and the pool keeps no more
+    connections than threads called at the same time."""
+    p = Platform(tmp_path / "data", keys=parse_keys("k:admin"))
+    p.start()
+    try:
+        with app_server(p) as url, Client(url, "k") as client:
+            client.put_model("add", add_model)
+            client.put_function("h", hostile_wasm, {"models": ["add"], "memory_mb": 4})
+            wrong: list[bytes] = []
+
+            def calls(i: int) -> None:
+                for j in range(20):
+                    body = f"g{i}-{j}".encode()
+                    got = client.invoke("h", body, "text/plain").body
+                    if got != body:
+                        wrong.append(got)
+
+            threads = [threading.Thread(target=calls, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert wrong == []
+            assert 1 <= client._pool.num_connections <= 8
+    finally:
+        p.close()
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused(tmp_path: Path, hostile_wasm: bytes) -> None:
+    """uvicorn closes a kept-alive connection idle past its keep-alive timeout: the next call notices
+    it before sending (no request lost on a dead socket, no error) and opens a new one."""
+    p = Platform(tmp_path / "data", keys=parse_keys("k:admin"))
+    p.start()
+    try:
+        with app_server(p, timeout_keep_alive=1) as url, Client(url, "k") as client:
+            client.put_function("h", hostile_wasm, {"memory_mb": 4})
+            assert client.invoke("h", b"gone", "text/plain").body == b"gone"
+            first = local_ports(client)
+            assert client.invoke("h", b"gtwo", "text/plain").body == b"gtwo"
+            assert local_ports(client) == first  # kept alive between calls
+            time.sleep(1.6)  # past the server's keep-alive timeout: it has closed the connection
+            assert client.invoke("h", b"gagain", "text/plain").body == b"gagain"
+            second = local_ports(client)
+            assert len(second) == 1 and second != first
+    finally:
+        p.close()
+
+
+def local_ports(client: Client) -> list[int]:
+    """The local ports of the client's idle connections (each a TCP connection of its own)."""
+    idle = [c for c in list(client._pool.pool.queue) if c is not None and c.sock is not None]  # type: ignore[union-attr]
+    return sorted(c.sock.getsockname()[1] for c in idle)

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
+from live_server import app_server
 from wasminfer import cli
 from wasminfer.client import Client
 from wasminfer.digests import model_digest
@@ -439,10 +440,8 @@ def test_cli_deploys_with_options_and_sets_them(
     runner = CliRunner()
     with Platform(tmp_path / "data") as p:
         p.start()
-        with TestClient(create_app(p)) as http:
-            monkeypatch.setattr(
-                cli.common, "client", lambda url, key: Client("http://testserver", key, http=http)
-            )
+        with app_server(p) as served:
+            monkeypatch.setattr(cli.common, "client", lambda url, key: Client(served, key))
 
             def run(*args: str) -> str:
                 result = runner.invoke(cli.app, list(args))

@@ -177,14 +177,27 @@ def test_a_cancelled_stream_stops_the_guest_at_its_next_part(build_guest: Callab
 
 
 
-def test_client_invoke_stream_yields_the_parts_then_raises_the_error_event(client: TestClient) -> None:
+def test_client_invoke_stream_yields_the_parts_then_raises_the_error_event(
+    tmp_path: Path, build_guest: Callable[..., bytes]
+) -> None:
+    """Over a real server: the parts as they come, the error event raised as its type; a stream
+    left before its end (the error, a caller that stops reading) does not spoil the next call."""
+    from live_server import app_server
     from wasminfer.client import Client
     from wasminfer.errors import GuestError
 
-    api = Client(str(client.base_url), http=client)
-    got: list[str] = []
-    with pytest.raises(GuestError, match="gave up"):
-        for part in api.invoke_stream("parts", b"fail 2"):
-            got.append(part)
-    assert got == ["part 0\n", "part 1\n"]
-    assert list(api.invoke_stream("parts", b"2 final")) == ["part 0\n", "part 1\n", "final\n"]
+    with Platform(tmp_path / "data") as platform:
+        platform.start()
+        with app_server(platform) as url, Client(url) as api:
+            manifest = {"max_output_bytes": 200, "timeout_ms": 1000}
+            api.put_function("parts", build_guest("stream_parts.c"), manifest)
+            got: list[str] = []
+            with pytest.raises(GuestError, match="gave up"):
+                for part in api.invoke_stream("parts", b"fail 2"):
+                    got.append(part)
+            assert got == ["part 0\n", "part 1\n"]
+            assert list(api.invoke_stream("parts", b"2 final")) == ["part 0\n", "part 1\n", "final\n"]
+            stream = api.invoke_stream("parts", b"5 final")
+            assert next(stream) == "part 0\n"
+            stream.close()  # stopped reading after the first part
+            assert list(api.invoke_stream("parts", b"1 final")) == ["part 0\n", "final\n"]
