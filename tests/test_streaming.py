@@ -184,7 +184,7 @@ def test_client_invoke_stream_yields_the_parts_then_raises_the_error_event(
     left before its end (the error, a caller that stops reading) does not spoil the next call."""
     from live_server import app_server
     from wasminfer.client import Client
-    from wasminfer.errors import GuestError
+    from wasminfer.errors import FunctionNotFound, GuestError
 
     with Platform(tmp_path / "data") as platform:
         platform.start()
@@ -201,3 +201,6 @@ def test_client_invoke_stream_yields_the_parts_then_raises_the_error_event(
             assert next(stream) == "part 0\n"
             stream.close()  # stopped reading after the first part
             assert list(api.invoke_stream("parts", b"1 final")) == ["part 0\n", "final\n"]
+            with pytest.raises(FunctionNotFound, match="'nope' does not exist"):  # refused before streaming
+                next(api.invoke_stream("nope", b"1"))
+            assert list(api.invoke_stream("parts", b"0 final")) == ["final\n"]

@@ -154,8 +154,7 @@ class Client:
         finished = False
         try:
             if response.status >= 400:
-                response.read()
-                raise error_from_response(response)
+                raise error_from_http(response.status, response.read(), response.headers.get("retry-after"))
             pending = b""
             for chunk in response.read_chunked() if response.chunked else response.stream(1 << 16):
                 pending += chunk
