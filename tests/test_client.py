@@ -209,3 +209,27 @@ def local_ports(client: Client) -> list[int]:
     """The local ports of the client's idle connections (each a TCP connection of its own)."""
     idle = [c for c in list(client._pool.pool.queue) if c is not None and c.sock is not None]  # type: ignore[union-attr]
     return sorted(c.sock.getsockname()[1] for c in idle)
+
+
+def test_the_environment_s_proxy_carries_the_calls_and_no_proxy_bypasses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$http_proxy names the proxy every call goes through (the request's target in absolute form),
+    as httpx took it; $no_proxy lists the hosts reached directly. The "proxy" here is the server
+    itself (uvicorn routes an absolute-form target by its path), reached for a host that does not
+    resolve, so an answer proves the call went through the proxy."""
+    p = Platform(tmp_path / "data", keys=parse_keys("k:admin"))
+    p.start()
+    try:
+        with app_server(p) as url:
+            monkeypatch.setenv("http_proxy", url)
+            monkeypatch.delenv("no_proxy", raising=False)
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            with Client("http://wasminfer.invalid:8000", "k", timeout=5) as c:
+                assert c.health() == {"status": "ok"} and c.functions() == []
+            monkeypatch.setenv("no_proxy", "wasminfer.invalid")
+            with Client("http://wasminfer.invalid:8000", "k", timeout=5) as c, \
+                    pytest.raises(ServerUnreachable, match="cannot reach"):
+                c.health()  # direct: the name does not resolve
+    finally:
+        p.close()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import urllib3
 from urllib3.exceptions import HTTPError as TransportError
@@ -107,15 +108,22 @@ class Client:
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL of a wasminfer server: {url!r}")
-        self._prefix = parts.path  # a server behind a proxy under a path
         self._headers = {"authorization": f"Bearer {key}"} if key else {}
-        self._pool = urllib3.connection_from_url(
-            self.url, maxsize=self.MAX_IDLE_CONNECTIONS, retries=False,
-            timeout=urllib3.Timeout(connect=timeout, read=timeout),
-        )
+        options: dict[str, Any] = {"maxsize": self.MAX_IDLE_CONNECTIONS, "retries": False,
+                                   "timeout": urllib3.Timeout(connect=timeout, read=timeout)}
+        # The environment's proxy for this URL ($http_proxy, $https_proxy, $no_proxy), as httpx took it.
+        proxy = None if proxy_bypass(parts.hostname) else getproxies().get(parts.scheme)
+        self._pool: urllib3.ProxyManager | urllib3.HTTPConnectionPool
+        if proxy:  # the manager sends each request through the proxy: absolute targets
+            self._pool, self._base = urllib3.ProxyManager(proxy, **options), self.url
+        else:  # the server's own pool: targets are paths (under the URL's, for a server behind one)
+            self._pool, self._base = urllib3.connection_from_url(self.url, **options), parts.path
 
     def close(self) -> None:
-        self._pool.close()
+        if isinstance(self._pool, urllib3.ProxyManager):
+            self._pool.clear()
+        else:
+            self._pool.close()
 
     def __enter__(self) -> Client:
         return self
@@ -126,7 +134,7 @@ class Client:
     # --- plumbing -----------------------------------------------------------------------------------
     def _send(self, method: str, path: str, body: bytes | None, params: Mapping[str, Any] | None,
               headers: Mapping[str, str] | None, stream: bool) -> urllib3.BaseHTTPResponse:
-        target = self._prefix + path
+        target = self._base + path
         if params:
             target += "?" + urlencode(params, doseq=True)
         try:
@@ -155,14 +163,18 @@ class Client:
         try:
             if response.status >= 400:
                 raise error_from_http(response.status, response.read(), response.headers.get("retry-after"))
-            pending = b""
+            pending: list[bytes] = []  # the start of a line not ended yet
             for chunk in response.read_chunked() if response.chunked else response.stream(1 << 16):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    yield line.rstrip(b"\r").decode()
+                *lines, rest = chunk.split(b"\n")
+                if lines:
+                    lines[0] = b"".join((*pending, lines[0]))
+                    pending = []
+                    for line in lines:
+                        yield line.rstrip(b"\r").decode()
+                if rest:
+                    pending.append(rest)
             if pending:
-                yield pending.rstrip(b"\r").decode()
+                yield b"".join(pending).rstrip(b"\r").decode()
             finished = True
         except TransportError as exc:
             raise ServerUnreachable(f"cannot reach the wasminfer server at {self.url}: {exc}") from None
