@@ -13,8 +13,10 @@
 (a), (b), (c) run in-process on a `Host` (the runtime isolated: no HTTP, no store); (b) and (c) are
 also measured through the gateway (`*_http`: PUT the model, PUT the function, POST the first
 request, with the store's durable writes), which is what a user waits for. Every figure is the
-median of repetitions; speedups divide the baseline's median by wasminfer's. Each new function
-of (b) and (c) comes to a host at rest (`SETTLE_S` after the previous one).
+median of repetitions; speedups divide the baseline's median by wasminfer's. The repetitions of
+the baseline, (b) and (c) are taken in rounds (a baseline process start, then each of wasminfer's),
+so that a machine whose speed drifts weighs on both sides of a ratio alike. Each new function of (b)
+and (c) comes to a host at rest (`SETTLE_S` after the previous one).
 
 The Python functions (text-classifier, minilm) are left out: they run on the Python runtime, whose
 cold starts (a new function's source to its first answer, a new instance) bench/python_guest.py
@@ -71,21 +73,17 @@ def run(ctx: Context) -> dict[str, Any]:
     for name in applicable(ctx):
         w = workloads.WORKLOADS[name]
         model_path, wasm, body = ctx.model_path(name), ctx.function(name), w.body()
+        model_bytes = model_path.read_bytes()
         reference = w.handler(workloads.session(model_path))(body, w.content_type)
         manifest = Manifest.from_dict(w.manifest())
         samples: dict[str, list[float]] = {k: [] for k in ("baseline", *FIGURES, "warm")}
 
-        progress(f"coldstart {name}: baseline process starts ×{n}")
-        for _ in range(n):
-            seconds, answer = systems.baseline_cold_start(name, model_path)
-            check_agreement("the baseline", name, answer, reference)
-            samples["baseline"].append(seconds)
-
-        progress(f"coldstart {name}: wasminfer in-process (a), (b), (c) ×{n}")
         engine = Host.new_engine(None)
         try:
-            with Host(engine=engine) as host:
-                host.deploy_model(name, model_path.read_bytes())
+            with Host(engine=engine) as host, \
+                    systems.WasminferServer(ctx.work / f"coldstart-{name}" / "data") as server:
+                progress(f"coldstart {name}: wasminfer in-process (a) ×{instance_reps(ctx)}")
+                host.deploy_model(name, model_bytes)
                 host.deploy_function(w.function, wasm, manifest)
                 fn = host.function(w.function)
                 # A function deployed a while ago runs its optimised code (the fast tier's serves only
@@ -104,56 +102,23 @@ def run(ctx: Context) -> dict[str, Any]:
                     samples["new_instance"].append(time.perf_counter() - t0)
                     assert r.cold, "the pool still had an instance"
                     check_agreement("wasminfer", name, r.body, reference)
-                for i in range(n):  # (b)
-                    fresh = systems.unique_module(wasm)
-                    time.sleep(SETTLE_S)
-                    t0 = time.perf_counter()
-                    host.deploy_function(f"{w.function}-new-{i}", fresh, manifest)
-                    t1 = time.perf_counter()
-                    r = host.invoke(f"{w.function}-new-{i}", body, w.content_type)
-                    t2 = time.perf_counter()
-                    check_agreement("wasminfer", name, r.body, reference)
-                    samples["new_function"].append(t2 - t0)
-                    samples["new_function_request"].append(t2 - t1)
-                    host.remove_function(f"{w.function}-new-{i}")
-            for _ in range(n):  # (c): a host (a tenant's, sharing the engine) without the model
-                model, fresh = systems.unique_model(model_path.read_bytes()), systems.unique_module(wasm)
-                with Host(engine=engine) as host:
-                    time.sleep(SETTLE_S)
-                    t0 = time.perf_counter()
-                    host.deploy_model(name, model)
-                    host.deploy_function(w.function, fresh, manifest)
-                    r = host.invoke(w.function, body, w.content_type)
-                    samples["new_function_new_model"].append(time.perf_counter() - t0)
-                    check_agreement("wasminfer", name, r.body, reference)
+                client = server.client
+                client.put_model(name, model_bytes)
+                # The rest in rounds, each a baseline process start then every wasminfer figure, so
+                # that the machine's speed, which drifts by tens of per cent over minutes on a shared
+                # VM (the baseline's median went from 175 to 305 ms between runs of one afternoon),
+                # weighs on both sides of each ratio alike.
+                for i in range(n):
+                    progress(f"coldstart {name}: round {i + 1}/{n}: baseline, (b), (c), in-process and http")
+                    seconds, answer = systems.baseline_cold_start(name, model_path)
+                    check_agreement("the baseline", name, answer, reference)
+                    samples["baseline"].append(seconds)
+                    _new_function(samples, host, w, wasm, manifest, body, reference, i)
+                    _new_function_http(samples, client, w, wasm, manifest, body, reference, i)
+                    _new_model(samples, engine, w, wasm, model_bytes, manifest, body, reference)
+                    _new_model_http(samples, client, w, wasm, model_bytes, manifest, body, reference)
         finally:
             engine.close()
-
-        progress(f"coldstart {name}: wasminfer through the gateway (b), (c) ×{n}")
-        with systems.WasminferServer(ctx.work / f"coldstart-{name}" / "data") as server:
-            client = server.client
-            client.put_model(name, model_path.read_bytes())
-            for i in range(n):
-                fname = f"{w.function}-new-{i}"
-                fresh = systems.unique_module(wasm)
-                time.sleep(SETTLE_S)
-                t0 = time.perf_counter()
-                client.put_function(fname, fresh, manifest)
-                answer = client.invoke(fname, body, w.content_type).body
-                samples["new_function_http"].append(time.perf_counter() - t0)
-                check_agreement("wasminfer", name, answer, reference)
-                client.delete_function(fname)
-            for _ in range(n):
-                model, fresh = systems.unique_model(model_path.read_bytes()), systems.unique_module(wasm)
-                client.delete_model(name)
-                time.sleep(SETTLE_S)
-                t0 = time.perf_counter()
-                client.put_model(name, model)
-                client.put_function(w.function, fresh, manifest)
-                answer = client.invoke(w.function, body, w.content_type).body
-                samples["new_function_new_model_http"].append(time.perf_counter() - t0)
-                check_agreement("wasminfer", name, answer, reference)
-                client.delete_function(w.function)
 
         med = {k: systems.median(v) for k, v in samples.items()}
         base = med["baseline"]
@@ -171,6 +136,69 @@ def run(ctx: Context) -> dict[str, Any]:
     result = {"repetitions": n, "instance_repetitions": instance_reps(ctx), "workloads": results}
     write_result(ctx, "coldstart", result)
     return result
+
+
+def _new_function(samples: dict[str, list[float]], host: Any, w: Any, wasm: bytes, manifest: Any,
+                  body: bytes, reference: Any, i: int) -> None:
+    """(b) in-process: a module no cache has seen deployed next to its loaded model, then its first
+    request (`new_function_request` alone too)."""
+    fresh = systems.unique_module(wasm)
+    time.sleep(SETTLE_S)
+    t0 = time.perf_counter()
+    host.deploy_function(f"{w.function}-new-{i}", fresh, manifest)
+    t1 = time.perf_counter()
+    r = host.invoke(f"{w.function}-new-{i}", body, w.content_type)
+    t2 = time.perf_counter()
+    check_agreement("wasminfer", w.name, r.body, reference)
+    samples["new_function"].append(t2 - t0)
+    samples["new_function_request"].append(t2 - t1)
+    host.remove_function(f"{w.function}-new-{i}")
+
+
+def _new_function_http(samples: dict[str, list[float]], client: Any, w: Any, wasm: bytes, manifest: Any,
+                       body: bytes, reference: Any, i: int) -> None:
+    """(b) through the gateway: PUT the function, POST its first request."""
+    fname = f"{w.function}-new-{i}"
+    fresh = systems.unique_module(wasm)
+    time.sleep(SETTLE_S)
+    t0 = time.perf_counter()
+    client.put_function(fname, fresh, manifest)
+    answer = client.invoke(fname, body, w.content_type).body
+    samples["new_function_http"].append(time.perf_counter() - t0)
+    check_agreement("wasminfer", w.name, answer, reference)
+    client.delete_function(fname)
+
+
+def _new_model(samples: dict[str, list[float]], engine: Any, w: Any, wasm: bytes, model: bytes,
+               manifest: Any, body: bytes, reference: Any) -> None:
+    """(c) in-process: a host (a tenant's, sharing the engine) without the model: the model's load,
+    then (b)."""
+    from wasminfer.runtime import Host
+
+    model, fresh = systems.unique_model(model), systems.unique_module(wasm)
+    with Host(engine=engine) as host:
+        time.sleep(SETTLE_S)
+        t0 = time.perf_counter()
+        host.deploy_model(w.name, model)
+        host.deploy_function(w.function, fresh, manifest)
+        r = host.invoke(w.function, body, w.content_type)
+        samples["new_function_new_model"].append(time.perf_counter() - t0)
+        check_agreement("wasminfer", w.name, r.body, reference)
+
+
+def _new_model_http(samples: dict[str, list[float]], client: Any, w: Any, wasm: bytes, model: bytes,
+                    manifest: Any, body: bytes, reference: Any) -> None:
+    """(c) through the gateway: PUT the model (deleted first), PUT the function, POST."""
+    model, fresh = systems.unique_model(model), systems.unique_module(wasm)
+    client.delete_model(w.name)
+    time.sleep(SETTLE_S)
+    t0 = time.perf_counter()
+    client.put_model(w.name, model)
+    client.put_function(w.function, fresh, manifest)
+    answer = client.invoke(w.function, body, w.content_type).body
+    samples["new_function_new_model_http"].append(time.perf_counter() - t0)
+    check_agreement("wasminfer", w.name, answer, reference)
+    client.delete_function(w.function)
 
 
 def table(result: dict[str, Any]) -> str:
