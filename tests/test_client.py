@@ -3,6 +3,7 @@ rebuilt as their types, its connections."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -233,3 +234,27 @@ def test_the_environment_s_proxy_carries_the_calls_and_no_proxy_bypasses_it(
                 c.health()  # direct: the name does not resolve
     finally:
         p.close()
+
+
+def test_the_readme_s_python_example_runs_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README.md's Python block, run as written (its URL made this server's), next to the files its
+    commands make: digits.onnx and digits.wasm."""
+    from wasminfer import examples, toolchain
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "digits.onnx").write_bytes(examples.digits_model())
+    (tmp_path / "digits.wasm").write_bytes(toolchain.build(root / "functions" / "digits").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    p = Platform(tmp_path / "data")
+    p.start()
+    try:
+        with app_server(p) as url:
+            printed: list[object] = []
+            code = block.replace('"http://127.0.0.1:8000"', repr(url))
+            assert code != block, "the README's block no longer names the default URL"
+            exec(compile(code, "README.md", "exec"), {"print": printed.append})
+    finally:
+        p.close()
+    assert len(printed) == 1 and json.loads(printed[0])["label"] in range(10)  # type: ignore[arg-type]
