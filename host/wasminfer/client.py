@@ -162,7 +162,8 @@ class Client:
         finished = False
         try:
             if response.status >= 400:
-                raise error_from_http(response.status, response.read(), response.headers.get("retry-after"))
+                response.read(cache_content=True)  # kept: `data` is what the error is read from
+                raise error_from_response(response)
             pending: list[bytes] = []  # the start of a line not ended yet
             for chunk in response.read_chunked() if response.chunked else response.stream(1 << 16):
                 *lines, rest = chunk.split(b"\n")

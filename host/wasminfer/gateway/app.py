@@ -133,10 +133,7 @@ def create_app(
             if not platform.ready:
                 tasks.start_soon(_load, platform, freeze_gc, warm_up)
             else:
-                if freeze_gc:
-                    _freeze_gc()
-                if warm_up:
-                    platform.warm_up()
+                _loaded(platform, freeze_gc, warm_up)
             await fleet.start()
             if not replica:
                 state.jobs.start()
@@ -163,6 +160,11 @@ def create_app(
 
 async def _load(platform: Platform, freeze_gc: bool, warm_up: bool) -> None:
     await anyio.to_thread.run_sync(platform.start)
+    _loaded(platform, freeze_gc, warm_up)
+
+
+def _loaded(platform: Platform, freeze_gc: bool, warm_up: bool) -> None:
+    """What follows the store's load (see `create_app`'s `freeze_gc` and `warm_up`)."""
     if freeze_gc:
         _freeze_gc()
     if warm_up:
